@@ -1,0 +1,79 @@
+"""The project's own description of an MoE decoder: what every importer produces."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Hyper-parameters of a decoder-only MoE transformer with SwiGLU experts."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    expert_intermediate: int
+    max_positions: int
+    rope_theta: float
+    norm_eps: float
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Expert:
+    """One SwiGLU expert: down(silu(gate(x)) * up(x)). Weights are [out, in] float32."""
+
+    w_gate: np.ndarray
+    w_up: np.ndarray
+    w_down: np.ndarray
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    wq: np.ndarray
+    wk: np.ndarray
+    wv: np.ndarray
+    wo: np.ndarray
+    ffn_norm: np.ndarray
+    router: np.ndarray  # [num_experts, hidden]
+    experts: list[Expert] = field(default_factory=list)
+
+
+@dataclass
+class MoEModel:
+    config: MoEConfig
+    embed: np.ndarray  # [vocab, hidden]
+    layers: list[Layer]
+    final_norm: np.ndarray
+    lm_head: np.ndarray  # [vocab, hidden]; the same array as embed when tied
+
+    def parameter_counts(self) -> dict:
+        experts = sum(e.w_gate.size + e.w_up.size + e.w_down.size for l in self.layers for e in l.experts)
+        trunk = self.embed.size + self.final_norm.size
+        if not self.config.tie_embeddings:
+            trunk += self.lm_head.size
+        for l in self.layers:
+            trunk += sum(a.size for a in (l.attn_norm, l.wq, l.wk, l.wv, l.wo, l.ffn_norm, l.router))
+        return {"total": experts + trunk, "experts": experts, "trunk": trunk}

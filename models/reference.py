@@ -1,0 +1,113 @@
+"""NumPy reference executor: the numerical ground truth for every compiled path.
+
+Decodes one token at a time with a KV cache, in float32, in the same order of operations as
+the C runtime (RMSNorm → attention → residual → RMSNorm → router → top-k SwiGLU experts).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import MoEConfig, MoEModel
+
+
+def rope_tables(cfg: MoEConfig, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape [positions, head_dim/2] (rotate-half convention, as HF Llama/Mixtral)."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / cfg.head_dim))
+    ang = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x: [heads, head_dim]; cos/sin: [head_dim/2]."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def route(router_logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax over all experts, pick top-k (ties → lower index), optionally renormalise."""
+    p = np.exp(router_logits - router_logits.max())
+    p /= p.sum()
+    idx = np.argsort(-p, kind="stable")[:top_k]
+    w = p[idx]
+    if normalize:
+        w = w / w.sum()
+    return idx, w.astype(np.float32)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class ReferenceExecutor:
+    """Token-by-token decoder over a MoEModel (expert weights as given: float or dequantized)."""
+
+    def __init__(self, model: MoEModel, max_positions: int | None = None):
+        self.model = model
+        cfg = model.config
+        self.max_positions = max_positions or cfg.max_positions
+        self.cos, self.sin = rope_tables(cfg, self.max_positions)
+        self.reset()
+
+    def reset(self) -> None:
+        cfg = self.model.config
+        shape = (cfg.num_layers, self.max_positions, cfg.num_kv_heads, cfg.head_dim)
+        self.k_cache = np.zeros(shape, np.float32)
+        self.v_cache = np.zeros(shape, np.float32)
+        self.pos = 0
+        self.trace: list[list[np.ndarray]] = []  # per token: per layer, selected expert ids
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token at the next position; return the logits [vocab] (float32)."""
+        m, cfg = self.model, self.model.config
+        if not 0 <= token < cfg.vocab_size:
+            raise ValueError(f"token id {token} out of range [0, {cfg.vocab_size})")
+        if self.pos >= self.max_positions:
+            raise ValueError(f"context full: {self.max_positions} positions")
+        t = self.pos
+        x = m.embed[token].astype(np.float32)
+        group = cfg.num_heads // cfg.num_kv_heads
+        chosen = []
+        for li, layer in enumerate(m.layers):
+            xn = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+            q = (layer.wq @ xn).reshape(cfg.num_heads, cfg.head_dim)
+            k = (layer.wk @ xn).reshape(cfg.num_kv_heads, cfg.head_dim)
+            v = (layer.wv @ xn).reshape(cfg.num_kv_heads, cfg.head_dim)
+            q = apply_rope(q, self.cos[t], self.sin[t])
+            self.k_cache[li, t] = apply_rope(k, self.cos[t], self.sin[t])
+            self.v_cache[li, t] = v
+            keys = self.k_cache[li, : t + 1]  # [t+1, kv_heads, d]
+            vals = self.v_cache[li, : t + 1]
+            out = np.empty((cfg.num_heads, cfg.head_dim), np.float32)
+            for h in range(cfg.num_heads):
+                s = keys[:, h // group, :] @ q[h] / np.sqrt(cfg.head_dim)
+                p = np.exp(s - s.max())
+                out[h] = (p / p.sum()) @ vals[:, h // group, :]
+            x = x + layer.wo @ out.reshape(-1)
+            xn = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
+            idx, w = route(layer.router @ xn, cfg.top_k, cfg.norm_topk_prob)
+            chosen.append(idx)
+            for e, we in zip(idx, w):
+                ex = layer.experts[e]
+                x = x + we * (ex.w_down @ (silu(ex.w_gate @ xn) * (ex.w_up @ xn)))
+        self.trace.append(chosen)
+        self.pos += 1
+        return (m.lm_head @ rms_norm(x, m.final_norm, cfg.norm_eps)).astype(np.float32)
+
+    def greedy(self, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
+        """Prefill `prompt`, then greedily generate n_new tokens. Returns (tokens, logits per new token)."""
+        logits = None
+        for tok in prompt:
+            logits = self.step(tok)
+        out, all_logits = [], []
+        for _ in range(n_new):
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            all_logits.append(logits)
+            logits = self.step(nxt)
+        return out, np.stack(all_logits)
