@@ -1,0 +1,52 @@
+"""Board descriptions: the TVM target, toolchain, RAM and storage of each device EdgeMoE compiles for."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+import tvm
+
+
+class UnknownTargetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TargetDesc:
+    name: str
+    description: str
+    tvm_target: dict
+    os: str
+    cc: str
+    kernel_library: str
+    ram_bytes: int | None
+    storage: dict
+
+    def resolved_tvm_target(self) -> dict:
+        """The TVM target dict with 'native' triple/cpu replaced by what LLVM detects on this machine."""
+        from tvm.target import codegen
+
+        t = dict(self.tvm_target)
+        if t.get("mtriple") == "native":
+            # LLVM reports a vendor-specific triple (x86_64-conda-linux-gnu) that drops -mcpu; use the plain one.
+            arch = codegen.llvm_get_system_triple().split("-")[0]
+            t["mtriple"] = f"{arch}-linux-gnu"
+        if t.get("mcpu") == "native":
+            t["mcpu"] = codegen.llvm_get_system_cpu()
+        return t
+
+    def tvm(self) -> tvm.target.Target:
+        return tvm.target.Target(self.resolved_tvm_target())
+
+
+def available() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".json"))
+
+
+def load_target(name: str) -> TargetDesc:
+    path = resources.files(__name__) / f"{name}.json"
+    if not path.is_file():
+        raise UnknownTargetError(f"unknown target {name!r}; available targets: {', '.join(available())}")
+    d = json.loads(path.read_text())
+    return TargetDesc(**d)

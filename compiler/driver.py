@@ -1,0 +1,93 @@
+"""The compile flow: import → quantize → pack the expert image → lower kernels → emit the artifact."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..models import load_model
+from ..targets import load_target
+from .expert_image import ExpertWeights, write_image
+from .lower import build_kernels
+from .quantize import DEFAULT_GROUP, check_bits, quantize
+from .trunk_file import write_trunk
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class CompileOptions:
+    target: str = "host"
+    expert_bits: int = 4
+    group: int = DEFAULT_GROUP
+    max_seq: int | None = None  # context the artifact supports; default: min(model maximum, 2048)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptions, log=print) -> dict:
+    """Compile the checkpoint in model_dir into an artifact directory; returns the manifest."""
+    t0 = time.time()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_bits(opts.expert_bits)
+    target = load_target(opts.target)
+    model = load_model(model_dir)
+    cfg = model.config
+    max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = model.parameter_counts()
+    log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers × {cfg.num_experts} experts (top-{cfg.top_k}), "
+        f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
+
+    experts = [
+        [
+            ExpertWeights(
+                quantize(e.w_gate, opts.expert_bits, opts.group),
+                quantize(e.w_up, opts.expert_bits, opts.group),
+                quantize(e.w_down, opts.expert_bits, opts.group),
+            )
+            for e in layer.experts
+        ]
+        for layer in model.layers
+    ]
+    records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group)
+    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq)
+    log(f"wrote experts.bin ({len(records)} records of {records[0].length} bytes, INT{opts.expert_bits}, "
+        f"group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB)")
+
+    kernels = build_kernels(cfg, [opts.expert_bits], opts.group, target, out_dir)
+    log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']})")
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out_dir / name)
+
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    manifest = {
+        "format": "edgemoe-artifact",
+        "version": MANIFEST_VERSION,
+        "model": {"source": str(model_dir), "config": cfg.to_dict(), "parameters": counts},
+        "target": target.name,
+        "max_seq": max_seq,
+        "quantization": {"scheme": "symmetric group-wise, fp16 scales, codes packed in uint32",
+                         "expert_bits": opts.expert_bits, "group": opts.group},
+        "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
+                    "image_bytes": files["experts.bin"]["bytes"]},
+        "trunk_bytes": trunk_bytes,
+        "kernels": kernels,
+        "files": files,
+        "compile_seconds": round(time.time() - t0, 2),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"artifact written to {out_dir} in {manifest['compile_seconds']} s")
+    return manifest

@@ -1,0 +1,135 @@
+"""The expert image: every expert's quantized weights in one file, one sequential read per expert.
+
+Layout (little-endian; docs/FORMAT.md is the normative description):
+  [0, 4096)        header (HEADER_FMT) padded with zeros
+  table            num_records × 64-byte records (RECORD_FMT), ordered by (layer, expert)
+  data             each record's bytes at a 4096-aligned offset, length padded to 4096
+Within a record: gate codes, gate scales, up codes, up scales, down codes, down scales, each
+64-byte aligned (the TVM kernels use aligned vector loads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .binfmt import ArtifactFormatError, align_up, crc32, pack, size, unpack
+from .quantize import QuantizedMatrix
+
+MAGIC = b"EMOEXPRT"
+VERSION = 1
+ALIGN = 4096
+PART_ALIGN = 64
+# magic, version, header_bytes, layers, experts, records, record_bytes, align, hidden, inter, group,
+# table_offset, data_offset, file_bytes, table_crc, header_crc
+HEADER_FMT = "8sIIIIIIIIIIQQQII"
+# layer, expert, bits, crc32, offset, length, part offsets ×6, payload_bytes, reserved
+RECORD_FMT = "IIIIQQ6III"
+RECORD_BYTES = 64
+PART_NAMES = ("gate_q", "gate_s", "up_q", "up_s", "down_q", "down_s")
+assert size(RECORD_FMT) == RECORD_BYTES
+
+
+@dataclass
+class ExpertWeights:
+    """One expert's three quantized matrices."""
+
+    gate: QuantizedMatrix
+    up: QuantizedMatrix
+    down: QuantizedMatrix
+
+    def parts(self) -> list[np.ndarray]:
+        return [self.gate.packed, self.gate.scales, self.up.packed, self.up.scales, self.down.packed, self.down.scales]
+
+
+@dataclass
+class Record:
+    layer: int
+    expert: int
+    bits: int
+    crc: int
+    offset: int
+    length: int
+    part_offsets: tuple[int, ...]
+    payload_bytes: int
+
+
+def _record_payload(w: ExpertWeights) -> tuple[bytes, list[int]]:
+    out = bytearray()
+    offsets = []
+    for arr in w.parts():
+        out += bytes(align_up(len(out), PART_ALIGN) - len(out))
+        offsets.append(len(out))
+        out += np.ascontiguousarray(arr).tobytes()
+    return bytes(out), offsets
+
+
+def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int) -> list[Record]:
+    """Write experts[layer][expert] to `path`; return the record table."""
+    n_layers, n_experts = len(experts), len(experts[0])
+    n = n_layers * n_experts
+    table_offset = ALIGN
+    data_offset = align_up(table_offset + n * RECORD_BYTES, ALIGN)
+    records, blobs, pos = [], [], data_offset
+    for li, layer in enumerate(experts):
+        for ei, w in enumerate(layer):
+            payload, offs = _record_payload(w)
+            length = align_up(len(payload), ALIGN)
+            blob = payload + bytes(length - len(payload))
+            records.append(Record(li, ei, w.gate.bits, crc32(blob), pos, length, tuple(offs), len(payload)))
+            blobs.append(blob)
+            pos += length
+    table = b"".join(
+        pack(RECORD_FMT, r.layer, r.expert, r.bits, r.crc, r.offset, r.length, *r.part_offsets, r.payload_bytes, 0)
+        for r in records
+    )
+    head = pack(HEADER_FMT[:-1], MAGIC, VERSION, ALIGN, n_layers, n_experts, n, RECORD_BYTES, ALIGN,
+                hidden, inter, group, table_offset, data_offset, pos, crc32(table))
+    head += pack("I", crc32(head))
+    with open(path, "wb") as f:
+        f.write(head + bytes(ALIGN - len(head)))
+        f.write(table + bytes(data_offset - table_offset - len(table)))
+        for blob in blobs:
+            f.write(blob)
+    return records
+
+
+@dataclass
+class ImageHeader:
+    num_layers: int
+    num_experts: int
+    hidden: int
+    inter: int
+    group: int
+    data_offset: int
+    file_bytes: int
+
+
+def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
+    """Read and check the header and the record table (not the records' data)."""
+    path = Path(path)
+    data = path.read_bytes()[: 2 * ALIGN]
+    hsize = size(HEADER_FMT)
+    if len(data) < hsize:
+        raise ArtifactFormatError(f"{path}: truncated header ({len(data)} bytes)")
+    (magic, version, _hb, nl, ne, nr, rb, _al, hidden, inter, group, toff, doff, fbytes, tcrc, hcrc) = unpack(HEADER_FMT, data)
+    if magic != MAGIC:
+        raise ArtifactFormatError(f"{path}: not an EdgeMoE expert image (magic {magic!r})")
+    if version != VERSION:
+        raise ArtifactFormatError(f"{path}: expert image version {version}, this tool reads {VERSION}; recompile the model")
+    if crc32(data[: hsize - 4]) != hcrc:
+        raise ArtifactFormatError(f"{path}: header checksum mismatch (corrupted header)")
+    actual = path.stat().st_size
+    if actual < fbytes:
+        raise ArtifactFormatError(f"{path}: truncated: {actual} bytes, header says {fbytes}")
+    with open(path, "rb") as f:
+        f.seek(toff)
+        table = f.read(nr * rb)
+    if crc32(table) != tcrc:
+        raise ArtifactFormatError(f"{path}: record table checksum mismatch")
+    recs = []
+    for i in range(nr):
+        v = unpack(RECORD_FMT, table, i * rb)
+        recs.append(Record(v[0], v[1], v[2], v[3], v[4], v[5], tuple(v[6:12]), v[12]))
+    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes), recs

@@ -1,0 +1,152 @@
+"""TVM tensor-expression definitions of every kernel the decode loop calls.
+
+Each builder returns a TIR PrimFunc whose parameters are (inputs..., outputs...). The C runtime
+calls them through TVM's FFI packed-call ABI by name, so the names here are the runtime's
+contract: see runtime_c/kernels.c. Quantized expert kernels read the packed layout of
+compiler/quantize.py and dequantize in registers; no float copy of an expert is ever made.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import te
+
+from ..models import MoEConfig
+
+F32 = "float32"
+
+
+def _named(f: te.Tensor, args: list[te.Tensor], name: str) -> tvm.tirx.PrimFunc:
+    return te.create_prim_func(args).with_attr("global_symbol", name)
+
+
+def rmsnorm(h: int, eps: float, name: str = "em_rmsnorm") -> tvm.tirx.PrimFunc:
+    x = te.placeholder((h,), F32, name="x")
+    w = te.placeholder((h,), F32, name="w")
+    k = te.reduce_axis((0, h), name="k")
+    ss = te.compute((1,), lambda _: te.sum(x[k] * x[k], axis=k), name="ss")
+    inv = te.compute((1,), lambda _: 1.0 / te.sqrt(ss[0] / h + tvm.tirx.const(eps, F32)), name="inv")
+    y = te.compute((h,), lambda i: x[i] * inv[0] * w[i], name="y")
+    return _named(y, [x, w, y], name)
+
+
+def matvec(n: int, k: int, name: str, residual: bool = False) -> tvm.tirx.PrimFunc:
+    """y = W x (+ r): a float32 trunk projection, optionally with the residual add fused."""
+    w = te.placeholder((n, k), F32, name="w")
+    x = te.placeholder((k,), F32, name="x")
+    r = te.reduce_axis((0, k), name="r")
+    acc = te.compute((n,), lambda i: te.sum(w[i, r] * x[r], axis=r), name="acc")
+    if not residual:
+        return _named(acc, [w, x, acc], name)
+    res = te.placeholder((n,), F32, name="res")
+    y = te.compute((n,), lambda i: res[i] + acc[i], name="y")
+    return _named(y, [w, x, res, y], name)
+
+
+def rope(cfg: MoEConfig, name: str = "em_rope") -> tvm.tirx.PrimFunc:
+    """Split the fused qkv vector into q, k (both rotated) and v, writing k and v in place in the cache row."""
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    half = d // 2
+    qkv = te.placeholder((hq * d + 2 * hkv * d,), F32, name="qkv")
+    cos = te.placeholder((half,), F32, name="cos")
+    sin = te.placeholder((half,), F32, name="sin")
+
+    def rotated(base):
+        def f(h, i):
+            j = tvm.tirx.indexmod(i, half)
+            a = qkv[base + h * d + j]
+            b = qkv[base + h * d + j + half]
+            return tvm.tirx.Select(i < half, a * cos[j] - b * sin[j], b * cos[j] + a * sin[j])
+
+        return f
+
+    q = te.compute((hq, d), rotated(0), name="q")
+    k = te.compute((hkv, d), rotated(hq * d), name="k")
+    v = te.compute((hkv, d), lambda h, i: qkv[hq * d + hkv * d + h * d + i], name="v")
+    return _named(q, [qkv, cos, sin, q, k, v], name)
+
+
+def attention(cfg: MoEConfig, name: str = "em_attention") -> tvm.tirx.PrimFunc:
+    """Single-query attention over the first n cache rows ([n, kv_heads, head_dim]); n is symbolic."""
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    group = hq // hkv
+    n = te.var("n", "int64")
+    q = te.placeholder((hq, d), F32, name="q")
+    kc = te.placeholder((n, hkv, d), F32, name="kc")
+    vc = te.placeholder((n, hkv, d), F32, name="vc")
+    scale = tvm.tirx.const(1.0 / d**0.5, F32)
+    rd = te.reduce_axis((0, d), name="rd")
+    s = te.compute((hq, n), lambda h, t: te.sum(q[h, rd] * kc[t, h // group, rd] * scale, axis=rd), name="s")
+    rt = te.reduce_axis((0, n), name="rt")
+    mx = te.compute((hq,), lambda h: te.max(s[h, rt], axis=rt), name="mx")
+    e = te.compute((hq, n), lambda h, t: te.exp(s[h, t] - mx[h]), name="e")
+    rz = te.reduce_axis((0, n), name="rz")
+    z = te.compute((hq,), lambda h: te.sum(e[h, rz], axis=rz), name="z")
+    rv = te.reduce_axis((0, n), name="rv")
+    o = te.compute((hq, d), lambda h, i: te.sum(e[h, rv] * vc[rv, h // group, i] / z[h], axis=rv), name="o")
+    return _named(o, [q, kc, vc, o], name)
+
+
+def _dequant(packed: te.Tensor, scales: te.Tensor, bits: int, group: int):
+    per = 32 // bits
+    mask = tvm.tirx.const((1 << bits) - 1, "uint32")
+    offset = 1 << (bits - 1)
+
+    def w(row, col):
+        word = packed[row, col // per]
+        code = (word >> ((col % per) * bits).astype("uint32")) & mask
+        return (code.astype("int32") - offset).astype(F32) * scales[row, col // group].astype(F32)
+
+    return w
+
+
+def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tensor, te.Tensor]:
+    return (
+        te.placeholder((n, k * bits // 32), "uint32", name=name + "_q"),
+        te.placeholder((n, k // group), "float16", name=name + "_s"),
+    )
+
+
+def expert_gate_up(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
+    """h = silu(Wg x) * (Wu x) with Wg, Wu packed at `bits`."""
+    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
+    x = te.placeholder((hdim,), F32, name="x")
+    gq, gs = _qweight("gate", idim, hdim, bits, group)
+    uq, us = _qweight("up", idim, hdim, bits, group)
+    wg, wu = _dequant(gq, gs, bits, group), _dequant(uq, us, bits, group)
+    rg = te.reduce_axis((0, hdim), name="rg")
+    ru = te.reduce_axis((0, hdim), name="ru")
+    g = te.compute((idim,), lambda i: te.sum(wg(i, rg) * x[rg], axis=rg), name="g")
+    u = te.compute((idim,), lambda i: te.sum(wu(i, ru) * x[ru], axis=ru), name="u")
+    h = te.compute((idim,), lambda i: g[i] / (1.0 + te.exp(-g[i])) * u[i], name="h")
+    return _named(h, [x, gq, gs, uq, us, h], f"em_expert_gate_up_w{bits}")
+
+
+def expert_down(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
+    """y = r + weight * (Wd h): the down projection with the router weight and residual fused."""
+    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
+    h = te.placeholder((idim,), F32, name="h")
+    dq, ds = _qweight("down", hdim, idim, bits, group)
+    res = te.placeholder((hdim,), F32, name="res")
+    weight = te.placeholder((1,), F32, name="weight")
+    wd = _dequant(dq, ds, bits, group)
+    r = te.reduce_axis((0, idim), name="r")
+    acc = te.compute((hdim,), lambda i: te.sum(wd(i, r) * h[r], axis=r), name="acc")
+    y = te.compute((hdim,), lambda i: res[i] + weight[0] * acc[i], name="y")
+    return _named(y, [h, dq, ds, res, weight, y], f"em_expert_down_w{bits}")
+
+
+def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int) -> dict[str, tvm.tirx.PrimFunc]:
+    """Every kernel one decode step needs, by the symbol the C runtime looks up."""
+    qkv_rows = cfg.q_dim + 2 * cfg.kv_dim
+    funcs = [
+        rmsnorm(cfg.hidden_size, cfg.norm_eps),
+        matvec(qkv_rows, cfg.hidden_size, "em_qkv"),
+        rope(cfg),
+        attention(cfg),
+        matvec(cfg.hidden_size, cfg.q_dim, "em_o_proj", residual=True),
+        matvec(cfg.num_experts, cfg.hidden_size, "em_router"),
+        matvec(cfg.vocab_size, cfg.hidden_size, "em_lm_head"),
+    ]
+    for b in sorted(set(expert_bits)):
+        funcs += [expert_gate_up(cfg, b, group), expert_down(cfg, b, group)]
+    return {str(f.attrs["global_symbol"]): f for f in funcs}

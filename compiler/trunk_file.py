@@ -1,0 +1,82 @@
+"""The trunk file: model hyper-parameters and every resident (non-expert) tensor.
+
+Layout (little-endian; docs/FORMAT.md is the normative description):
+  [0, 256)   header (HEADER_FMT) padded with zeros
+  table      num_tensors × 96-byte entries (TENSOR_FMT)
+  data       each tensor 64-byte aligned
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..models import MoEModel
+from ..models.reference import rope_tables
+from .binfmt import align_up, crc32, pack, size
+
+MAGIC = b"EMOTRUNK"
+VERSION = 1
+HEADER_BYTES = 256
+TENSOR_ALIGN = 64
+# magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
+# inter, max_positions, rope_theta, norm_eps, flags, bos, eos, n_tensors, table_offset,
+# data_offset, file_bytes, table_crc, data_crc, header_crc
+HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQIII"
+TENSOR_FMT = "48sII4IQQII"
+TENSOR_BYTES = 96
+FLAG_NORM_TOPK = 1
+FLAG_TIED_EMBEDDINGS = 2
+DTYPE_F32 = 0
+assert size(TENSOR_FMT) == TENSOR_BYTES
+
+
+def trunk_tensors(model: MoEModel, max_positions: int) -> list[tuple[str, np.ndarray]]:
+    """The resident tensors in file order, under the names runtime_c/artifact.c looks up."""
+    cos, sin = rope_tables(model.config, max_positions)
+    out = [("embed", model.embed)]
+    for i, l in enumerate(model.layers):
+        out += [
+            (f"layers.{i}.attn_norm", l.attn_norm),
+            (f"layers.{i}.wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0)),
+            (f"layers.{i}.wo", l.wo),
+            (f"layers.{i}.ffn_norm", l.ffn_norm),
+            (f"layers.{i}.router", l.router),
+        ]
+    out += [("final_norm", model.final_norm), ("rope_cos", cos), ("rope_sin", sin)]
+    if not model.config.tie_embeddings:
+        out.append(("lm_head", model.lm_head))
+    return out
+
+
+def write_trunk(path: Path, model: MoEModel, max_positions: int) -> int:
+    """Write the trunk file; return its size in bytes."""
+    cfg = model.config
+    tensors = [(n, np.ascontiguousarray(a, dtype=np.float32)) for n, a in trunk_tensors(model, max_positions)]
+    table_offset = HEADER_BYTES
+    data_offset = align_up(table_offset + len(tensors) * TENSOR_BYTES, TENSOR_ALIGN)
+    entries, data, pos = [], bytearray(), 0
+    for name, a in tensors:
+        pad = align_up(pos, TENSOR_ALIGN) - pos
+        data += bytes(pad)
+        pos += pad
+        raw = a.tobytes()
+        shape = list(a.shape) + [0] * (4 - a.ndim)
+        entries.append(pack(TENSOR_FMT, name.encode(), DTYPE_F32, a.ndim, *shape, data_offset + pos, len(raw), crc32(raw), 0))
+        data += raw
+        pos += len(raw)
+    table = b"".join(entries)
+    flags = (FLAG_NORM_TOPK if cfg.norm_topk_prob else 0) | (FLAG_TIED_EMBEDDINGS if cfg.tie_embeddings else 0)
+    file_bytes = data_offset + len(data)
+    head = pack(HEADER_FMT[:-1], MAGIC, VERSION, HEADER_BYTES, cfg.vocab_size, cfg.hidden_size, cfg.num_layers,
+                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.expert_intermediate,
+                max_positions, cfg.rope_theta, cfg.norm_eps, flags,
+                -1 if cfg.bos_token_id is None else cfg.bos_token_id,
+                -1 if cfg.eos_token_id is None else cfg.eos_token_id,
+                len(tensors), table_offset, data_offset, file_bytes, crc32(table), crc32(bytes(data)))
+    head += pack("I", crc32(head))
+    with open(path, "wb") as f:
+        f.write(head + bytes(HEADER_BYTES - len(head)))
+        f.write(table + bytes(data_offset - table_offset - len(table)))
+        f.write(data)
+    return file_bytes

@@ -1,0 +1,163 @@
+"""ctypes bindings to the C runtime (libedgemoe.so), built from runtime_c/ with CMake on first use."""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "runtime"
+
+STATUS_NAMES = {-1: "io", -2: "format", -3: "budget", -4: "argument", -5: "kernel", -6: "nomem"}
+
+
+class EdgeMoEError(RuntimeError):
+    """A failure reported by the C runtime; `kind` is io, format, budget, argument, kernel or nomem."""
+
+    def __init__(self, code: int, message: str):
+        self.code = code
+        self.kind = STATUS_NAMES.get(code, "unknown")
+        super().__init__(message)
+
+
+class _Params(ctypes.Structure):
+    _fields_ = [("artifact_dir", ctypes.c_char_p), ("memory_budget", ctypes.c_uint64),
+                ("max_seq", ctypes.c_uint32), ("verify_checksums", ctypes.c_int)]
+
+
+_STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
+                "trunk_bytes", "expert_cache_bytes"]
+
+
+class _Stats(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in _STAT_FIELDS] + [("cache_slots", ctypes.c_uint32),
+                                                               ("record_bytes", ctypes.c_uint32)]
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in ("vocab_size", "hidden_size", "num_layers", "num_experts", "top_k",
+                                               "max_seq")] + [("bos_token_id", ctypes.c_int32),
+                                                              ("eos_token_id", ctypes.c_int32)]
+
+
+def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR) -> Path:
+    """Configure and build runtime_c with CMake; returns the path of libedgemoe.so."""
+    build_dir = Path(build_dir)
+    for cmd in (["cmake", "-S", str(REPO_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"],
+                ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the C runtime failed: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    return build_dir / "libedgemoe.so"
+
+
+_lib = None
+_lib_lock = threading.Lock()
+
+
+def library() -> ctypes.CDLL:
+    """The loaded runtime: $EDGEMOE_RUNTIME_LIB, else build/runtime/libedgemoe.so (built if missing)."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            path = os.environ.get("EDGEMOE_RUNTIME_LIB")
+            path = Path(path) if path else DEFAULT_BUILD_DIR / "libedgemoe.so"
+            if not path.is_file():
+                path = build_runtime()
+            # RTLD_GLOBAL: the artifact's kernels.so resolves the runtime's TVM shim symbols against it.
+            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            lib.em_open.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p,
+                                    ctypes.c_size_t]
+            lib.em_min_budget.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64),
+                                          ctypes.c_char_p, ctypes.c_size_t]
+            lib.em_close.argtypes = [ctypes.c_void_p]
+            lib.em_reset.argtypes = [ctypes.c_void_p]
+            lib.em_prefill.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_size_t]
+            lib.em_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_float)]
+            lib.em_logits.argtypes = [ctypes.c_void_p]
+            lib.em_logits.restype = ctypes.POINTER(ctypes.c_float)
+            lib.em_stats_get.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Stats)]
+            lib.em_model_info_get.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Info)]
+            lib.em_error.argtypes = [ctypes.c_void_p]
+            lib.em_error.restype = ctypes.c_char_p
+            _lib = lib
+        return _lib
+
+
+def min_budget(artifact_dir: str | Path, max_seq: int = 0) -> int:
+    """The smallest memory budget (bytes) the artifact can run with at this context length."""
+    lib, out, err = library(), ctypes.c_uint64(), ctypes.create_string_buffer(1024)
+    rc = lib.em_min_budget(str(artifact_dir).encode(), max_seq, ctypes.byref(out), err, len(err))
+    if rc:
+        raise EdgeMoEError(rc, err.value.decode())
+    return out.value
+
+
+class Session:
+    """An open artifact in the C runtime. Use as a context manager or call close()."""
+
+    def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True):
+        self._lib = library()
+        params = _Params(str(artifact_dir).encode(), memory_budget, max_seq, int(verify))
+        handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
+        rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
+        if rc:
+            raise EdgeMoEError(rc, err.value.decode())
+        self._h = handle
+        info = _Info()
+        self._lib.em_model_info_get(self._h, ctypes.byref(info))
+        self.info = {n: getattr(info, n) for n, _ in _Info._fields_}
+
+    def _check(self, rc: int) -> None:
+        if rc:
+            raise EdgeMoEError(rc, self._lib.em_error(self._h).decode())
+
+    def _logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self._lib.em_logits(self._h), (self.info["vocab_size"],)).copy()
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Feed the tokens; returns the logits after the last one."""
+        arr = (ctypes.c_int32 * len(tokens))(*tokens)
+        self._check(self._lib.em_prefill(self._h, arr, len(tokens)))
+        return self._logits()
+
+    def decode_step(self, token: int) -> np.ndarray:
+        self._check(self._lib.em_decode_step(self._h, token, None))
+        return self._logits()
+
+    def generate(self, prompt: list[int], n_new: int, stop_token: int | None = None) -> list[int]:
+        """Greedy generation of up to n_new tokens after the prompt."""
+        logits, out = self.prefill(prompt), []
+        for _ in range(n_new):
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            if nxt == stop_token:
+                break
+            logits = self.decode_step(nxt)
+        return out
+
+    def reset(self) -> None:
+        self._lib.em_reset(self._h)
+
+    def stats(self) -> dict:
+        st = _Stats()
+        self._lib.em_stats_get(self._h, ctypes.byref(st))
+        return {n: getattr(st, n) for n, _ in _Stats._fields_}
+
+    def close(self) -> None:
+        if self._h:
+            self._lib.em_close(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()

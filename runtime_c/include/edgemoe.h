@@ -1,0 +1,76 @@
+/* EdgeMoE runtime: runs a compiled MoE artifact with the trunk resident in RAM and experts
+ * read from storage into a fixed-size expert cache.
+ *
+ * Every function returning int returns EM_OK (0) or a negative em_status; the message of the
+ * last failure is em_error(session) (or the err buffer of em_open). Nothing is allocated after
+ * em_open. A session is used by one thread at a time. */
+#ifndef EDGEMOE_H
+#define EDGEMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  EM_OK = 0,
+  EM_ERR_IO = -1,          /* a file could not be opened or read */
+  EM_ERR_FORMAT = -2,      /* an artifact file is corrupted, truncated or of another version */
+  EM_ERR_BUDGET = -3,      /* the memory budget is below the minimum */
+  EM_ERR_ARGUMENT = -4,    /* a bad argument: token out of range, context full, ... */
+  EM_ERR_KERNEL = -5,      /* a TVM-generated kernel reported an error or could not be loaded */
+  EM_ERR_NOMEM = -6        /* the operating system refused an allocation */
+} em_status;
+
+typedef struct em_session em_session;
+
+typedef struct {
+  const char* artifact_dir;  /* directory with trunk.bin, experts.bin, kernels.so */
+  uint64_t memory_budget;    /* bytes for trunk + KV cache + buffers + expert cache; 0 = every expert resident */
+  uint32_t max_seq;          /* context length to allocate; 0 = the artifact's maximum */
+  int verify_checksums;      /* check each expert record's CRC-32 when it is read */
+} em_params;
+
+typedef struct {
+  uint64_t tokens;           /* decode steps run (prompt and generated) */
+  uint64_t expert_hits;      /* expert uses served from the cache */
+  uint64_t expert_misses;    /* expert uses that had to be read from storage */
+  uint64_t bytes_read;       /* bytes read from the expert image */
+  uint64_t read_ns;          /* time spent reading experts */
+  uint64_t compute_ns;       /* time spent in kernels */
+  uint64_t memory_bytes;     /* bytes the session allocated (<= budget) */
+  uint64_t trunk_bytes;      /* of which resident trunk weights */
+  uint64_t expert_cache_bytes; /* of which expert cache slots */
+  uint32_t cache_slots;      /* number of expert cache slots */
+  uint32_t record_bytes;     /* bytes of one expert record (one read) */
+} em_stats;
+
+typedef struct {
+  uint32_t vocab_size, hidden_size, num_layers, num_experts, top_k, max_seq;
+  int32_t bos_token_id, eos_token_id;
+} em_model_info;
+
+void em_default_params(em_params* p);
+int em_open(const em_params* p, em_session** out, char* err, size_t err_len);
+void em_close(em_session* s);
+
+/* Smallest budget this artifact can run with at max_seq (trunk + KV + buffers + one layer's top-k experts). */
+int em_min_budget(const char* artifact_dir, uint32_t max_seq, uint64_t* out, char* err, size_t err_len);
+
+int em_model_info_get(const em_session* s, em_model_info* out);
+/* Forget the context (KV cache); the expert cache and statistics stay. */
+void em_reset(em_session* s);
+/* Feed n tokens; on success the logits after the last one are in em_logits(s). */
+int em_prefill(em_session* s, const int32_t* tokens, size_t n);
+/* Feed one token at the next position; logits[vocab_size] may be NULL. */
+int em_decode_step(em_session* s, int32_t token, float* logits);
+const float* em_logits(const em_session* s);
+int em_stats_get(const em_session* s, em_stats* out);
+const char* em_error(const em_session* s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

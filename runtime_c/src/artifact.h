@@ -1,0 +1,52 @@
+/* Reading the artifact's binary files: trunk.bin (hyper-parameters + resident tensors) and the
+ * header and record table of experts.bin. Formats: docs/FORMAT.md. */
+#ifndef EM_ARTIFACT_H
+#define EM_ARTIFACT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+  uint32_t vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k, inter, max_positions;
+  float rope_theta, norm_eps;
+  uint32_t flags;
+  int32_t bos, eos;
+  uint32_t n_tensors;
+  uint64_t table_offset, data_offset, file_bytes;
+  uint32_t table_crc, data_crc;
+} em_trunk_header;
+
+enum { EM_TRUNK_FLAG_NORM_TOPK = 1, EM_TRUNK_FLAG_TIED = 2 };
+
+typedef struct {
+  char name[49];
+  uint32_t dtype, ndim;
+  uint32_t shape[4];
+  uint64_t offset, nbytes; /* offset from the start of the file */
+  uint32_t crc;
+} em_tensor_entry;
+
+typedef struct {
+  uint32_t layer, expert, bits, crc;
+  uint64_t offset, length;
+  uint32_t part_offset[6]; /* gate_q, gate_s, up_q, up_s, down_q, down_s within the record */
+  uint32_t payload_bytes;
+} em_record;
+
+typedef struct {
+  uint32_t layers, experts, n_records, align, hidden, inter, group;
+  uint64_t table_offset, data_offset, file_bytes;
+  uint32_t table_crc;
+} em_image_header;
+
+/* Each returns 0 or a negative em_status with a message in err. */
+int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err, size_t n);
+int em_read_trunk_table(int fd, const char* path, const em_trunk_header* h, em_tensor_entry* entries, char* err, size_t n);
+int em_read_image_header(int fd, const char* path, em_image_header* h, char* err, size_t n);
+/* records[h->n_records], stored at index layer * experts + expert */
+int em_read_image_table(int fd, const char* path, const em_image_header* h, em_record* records, char* err, size_t n);
+
+/* pread the whole range or fail (a short read is an error). */
+int em_pread_all(int fd, void* buf, uint64_t len, uint64_t offset);
+
+#endif

@@ -1,0 +1,98 @@
+#include "kernels.h"
+
+#include <dlfcn.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "edgemoe.h"
+#include "tvm_backend.h"
+
+static int resolve(void* lib, const char* name, em_ffi_fn* out, int required, char* err, size_t n) {
+  char sym[96];
+  snprintf(sym, sizeof sym, "__tvm_ffi_%s", name);
+  void* p = dlsym(lib, sym);
+  if (!p && required) {
+    snprintf(err, n, "kernel library lacks %s; recompile the artifact", sym);
+    return EM_ERR_KERNEL;
+  }
+  memcpy(out, &p, sizeof p); /* object pointer → function pointer, as POSIX dlsym requires */
+  return EM_OK;
+}
+
+/* Points a weak function-pointer variable of the generated code at our implementation. */
+static void hook(void* lib, const char* var, void* fn) {
+  void** slot = (void**)dlsym(lib, var);
+  if (slot) *slot = fn;
+}
+
+int em_kernels_load(em_kernels* k, const char* path, char* err, size_t n) {
+  memset(k, 0, sizeof *k);
+  k->lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!k->lib) {
+    snprintf(err, n, "cannot load kernels %s: %s", path, dlerror());
+    return EM_ERR_KERNEL;
+  }
+  hook(k->lib, "__TVMBackendAllocWorkspace", (void*)em_workspace_alloc);
+  hook(k->lib, "__TVMBackendFreeWorkspace", (void*)em_workspace_free);
+  hook(k->lib, "__TVMBackendParallelLaunch", (void*)em_parallel_launch_serial);
+  struct {
+    const char* name;
+    em_ffi_fn* fn;
+  } trunk[] = {{"em_rmsnorm", &k->rmsnorm}, {"em_qkv", &k->qkv},         {"em_rope", &k->rope},
+               {"em_attention", &k->attention}, {"em_o_proj", &k->o_proj}, {"em_router", &k->router},
+               {"em_lm_head", &k->lm_head}};
+  for (size_t i = 0; i < sizeof trunk / sizeof trunk[0]; i++)
+    if (resolve(k->lib, trunk[i].name, trunk[i].fn, 1, err, n)) return EM_ERR_KERNEL;
+  for (int b = 1; b <= EM_MAX_BITS; b++) {
+    char name[64];
+    snprintf(name, sizeof name, "em_expert_gate_up_w%d", b);
+    resolve(k->lib, name, &k->gate_up[b], 0, err, n);
+    snprintf(name, sizeof name, "em_expert_down_w%d", b);
+    resolve(k->lib, name, &k->down[b], 0, err, n);
+  }
+  return EM_OK;
+}
+
+void em_kernels_unload(em_kernels* k) {
+  if (k->lib) dlclose(k->lib);
+  k->lib = NULL;
+}
+
+static em_arg make_arg(void* data, em_dl_dtype dtype, int ndim, int64_t d0, int64_t d1, int64_t d2) {
+  em_arg a;
+  memset(&a, 0, sizeof a);
+  a.shape[0] = d0, a.shape[1] = d1, a.shape[2] = d2;
+  a.t.data = data;
+  a.t.device.device_type = 1; /* kDLCPU */
+  a.t.ndim = ndim;
+  a.t.dtype = dtype;
+  return a;
+}
+
+em_arg em_f32(void* data, int ndim, int64_t d0, int64_t d1, int64_t d2) {
+  em_dl_dtype f32 = {2, 32, 1};
+  return make_arg(data, f32, ndim, d0, d1, d2);
+}
+
+em_arg em_typed(void* data, em_dl_dtype dtype, int ndim, int64_t d0, int64_t d1) {
+  return make_arg(data, dtype, ndim, d0, d1, 0);
+}
+
+#define EM_MAX_ARGS 8
+
+int em_kernel_call(em_ffi_fn fn, const char* name, em_arg* args, int n_args, char* err, size_t n) {
+  em_ffi_any packed[EM_MAX_ARGS];
+  em_ffi_any result;
+  memset(packed, 0, sizeof packed);
+  memset(&result, 0, sizeof result);
+  for (int i = 0; i < n_args; i++) {
+    args[i].t.shape = args[i].shape; /* the em_arg may have been copied since it was made */
+    packed[i].type_index = EM_FFI_TYPE_DLTENSOR_PTR;
+    packed[i].v.v_ptr = &args[i].t;
+  }
+  if (fn(NULL, packed, n_args, &result) != 0) {
+    snprintf(err, n, "kernel %s failed: %s", name, em_take_kernel_error());
+    return EM_ERR_KERNEL;
+  }
+  return EM_OK;
+}

@@ -1,0 +1,33 @@
+/* The TVM-generated kernels of an artifact (kernels.so), resolved by name, and a call helper. */
+#ifndef EM_KERNELS_H
+#define EM_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tvm_abi.h"
+
+#define EM_MAX_BITS 8
+
+typedef struct {
+  void* lib;
+  em_ffi_fn rmsnorm, qkv, rope, attention, o_proj, router, lm_head;
+  em_ffi_fn gate_up[EM_MAX_BITS + 1], down[EM_MAX_BITS + 1]; /* by expert bitwidth; NULL if not compiled */
+} em_kernels;
+
+int em_kernels_load(em_kernels* k, const char* path, char* err, size_t n);
+void em_kernels_unload(em_kernels* k);
+
+/* A tensor argument: a DLTensor with its own shape storage. */
+typedef struct {
+  em_dl_tensor t;
+  int64_t shape[3];
+} em_arg;
+
+em_arg em_f32(void* data, int ndim, int64_t d0, int64_t d1, int64_t d2);
+em_arg em_typed(void* data, em_dl_dtype dtype, int ndim, int64_t d0, int64_t d1);
+
+/* Calls fn(args...). 0 or a negative em_status with the kernel's message in err. */
+int em_kernel_call(em_ffi_fn fn, const char* name, em_arg* args, int n_args, char* err, size_t n);
+
+#endif

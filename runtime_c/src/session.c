@@ -1,0 +1,532 @@
+/* The decode loop: one token through every layer, calling the TVM-generated kernels, with the
+ * experts each layer's router selects fetched into the expert cache from storage.
+ * Everything the session uses is allocated once, in em_open, within the memory budget. */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "artifact.h"
+#include "crc32.h"
+#include "edgemoe.h"
+#include "expert_cache.h"
+#include "kernels.h"
+#include "storage.h"
+#include "tvm_backend.h"
+
+#define ALIGN_BUF 64
+#define ALIGN_PAGE 4096
+#define ERR_LEN 512
+
+typedef struct {
+  float *attn_norm, *wqkv, *wo, *ffn_norm, *router;
+} layer_weights;
+
+struct em_session {
+  em_trunk_header th;
+  em_image_header ih;
+  em_record* records; /* [layers * experts] */
+  layer_weights* lw;  /* [layers] */
+  em_kernels k;
+  em_storage* experts;
+  em_expert_cache cache;
+  em_arena arena;
+  int verify;
+
+  uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
+  float *embed, *final_norm, *lm_head, *rope_cos, *rope_sin;
+  float *x, *x2, *xn, *qkv, *q, *att, *h, *router_logits, *logits, *expert_weight;
+  float *k_cache, *v_cache; /* [layers][max_seq][kv_dim] */
+  uint32_t max_seq, pos, q_dim, kv_dim;
+  uint64_t record_bytes;
+
+  em_stats st;
+  char err[ERR_LEN];
+};
+
+/* ---- memory plan ------------------------------------------------------------------------ */
+
+typedef struct {
+  uint64_t trunk, kv, buffers, arena, meta, fixed; /* fixed = everything but the expert slots */
+  uint64_t per_slot;                               /* one slot plus its bookkeeping */
+} memory_plan;
+
+static uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
+
+static uint64_t max_record_bytes(const em_record* r, uint32_t n) {
+  uint64_t m = 0;
+  for (uint32_t i = 0; i < n; i++)
+    if (r[i].length > m) m = r[i].length;
+  return m;
+}
+
+static memory_plan plan_memory(const em_trunk_header* th, const em_image_header* ih, uint64_t record_bytes,
+                               uint32_t max_seq) {
+  memory_plan p;
+  uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
+  uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim, q_dim, th->inter,
+                       th->experts, th->vocab, 1};
+  p.trunk = align_up(th->file_bytes - th->data_offset, ALIGN_PAGE);
+  p.kv = align_up(2ull * th->layers * max_seq * kv_dim * sizeof(float), ALIGN_PAGE);
+  p.buffers = 0;
+  for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++) p.buffers += align_up(floats[i] * sizeof(float), ALIGN_BUF);
+  p.buffers = align_up(p.buffers, ALIGN_PAGE);
+  /* attention keeps scores and their exponentials, [heads, n] each, in workspace */
+  p.arena = align_up(2ull * th->heads * max_seq * sizeof(float) + 4 * ALIGN_BUF, ALIGN_PAGE);
+  p.meta = align_up((uint64_t)ih->n_records * (sizeof(em_record) + sizeof(int32_t)) + th->layers * sizeof(layer_weights),
+                    ALIGN_BUF);
+  p.fixed = p.trunk + p.kv + p.buffers + p.arena + p.meta;
+  p.per_slot = record_bytes + sizeof(int32_t) + sizeof(uint64_t);
+  return p;
+}
+
+/* ---- opening -------------------------------------------------------------------------- */
+
+void em_default_params(em_params* p) {
+  memset(p, 0, sizeof *p);
+  p->verify_checksums = 1;
+}
+
+typedef struct {
+  char trunk[1024], image[1024], kernels[1024];
+} artifact_paths;
+
+static int artifact_paths_make(const char* dir, artifact_paths* ap, char* err, size_t n) {
+  if (!dir || !*dir) {
+    snprintf(err, n, "no artifact directory given");
+    return EM_ERR_ARGUMENT;
+  }
+  if (snprintf(ap->trunk, sizeof ap->trunk, "%s/trunk.bin", dir) >= (int)sizeof ap->trunk ||
+      snprintf(ap->image, sizeof ap->image, "%s/experts.bin", dir) >= (int)sizeof ap->image ||
+      snprintf(ap->kernels, sizeof ap->kernels, "%s/kernels.so", dir) >= (int)sizeof ap->kernels) {
+    snprintf(err, n, "artifact path too long: %s", dir);
+    return EM_ERR_ARGUMENT;
+  }
+  return EM_OK;
+}
+
+/* Reads the headers and the record table of an artifact (files stay closed afterwards). */
+static int read_headers(const artifact_paths* ap, em_trunk_header* th, em_image_header* ih, em_record** records,
+                        char* err, size_t n) {
+  int rc = EM_OK;
+  int tfd = open(ap->trunk, O_RDONLY), ifd = open(ap->image, O_RDONLY);
+  *records = NULL;
+  if (tfd < 0 || ifd < 0) {
+    snprintf(err, n, "cannot open %s: %s (is this an edgemoe-compile output directory?)", tfd < 0 ? ap->trunk : ap->image,
+             strerror(errno));
+    rc = EM_ERR_IO;
+  }
+  if (!rc) rc = em_read_trunk_header(tfd, ap->trunk, th, err, n);
+  if (!rc) rc = em_read_image_header(ifd, ap->image, ih, err, n);
+  if (!rc && (ih->layers != th->layers || ih->experts != th->experts || ih->hidden != th->hidden ||
+              ih->inter != th->inter)) {
+    snprintf(err, n, "%s and %s describe different models; recompile the artifact", ap->trunk, ap->image);
+    rc = EM_ERR_FORMAT;
+  }
+  if (!rc) {
+    *records = (em_record*)calloc(ih->n_records, sizeof(em_record));
+    rc = *records ? em_read_image_table(ifd, ap->image, ih, *records, err, n) : EM_ERR_NOMEM;
+  }
+  if (tfd >= 0) close(tfd);
+  if (ifd >= 0) close(ifd);
+  if (rc) free(*records), *records = NULL;
+  return rc;
+}
+
+static void format_mib(char* out, size_t n, uint64_t bytes) {
+  snprintf(out, n, "%llu bytes (%.2f MiB)", (unsigned long long)bytes, bytes / 1048576.0);
+}
+
+int em_min_budget(const char* artifact_dir, uint32_t max_seq, uint64_t* out, char* err, size_t err_len) {
+  artifact_paths ap;
+  em_trunk_header th;
+  em_image_header ih;
+  em_record* records;
+  int rc = artifact_paths_make(artifact_dir, &ap, err, err_len);
+  if (!rc) rc = read_headers(&ap, &th, &ih, &records, err, err_len);
+  if (rc) return rc;
+  if (!max_seq || max_seq > th.max_positions) max_seq = th.max_positions;
+  memory_plan p = plan_memory(&th, &ih, max_record_bytes(records, ih.n_records), max_seq);
+  *out = p.fixed + th.top_k * p.per_slot;
+  free(records);
+  return EM_OK;
+}
+
+static float* tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name, uint32_t rows,
+                     uint32_t cols) {
+  for (uint32_t i = 0; i < n_tensors; i++) {
+    if (strcmp(t[i].name, name) != 0) continue;
+    uint32_t want_ndim = cols ? 2 : 1;
+    if (t[i].dtype != 0 || t[i].ndim != want_ndim || t[i].shape[0] != rows || (cols && t[i].shape[1] != cols)) {
+      snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' has an unexpected type or shape; recompile the artifact", name);
+      return NULL;
+    }
+    return (float*)(s->block + (t[i].offset - s->th.data_offset));
+  }
+  snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
+  return NULL;
+}
+
+/* Loads the trunk data region into the block and points the weight pointers into it. */
+static int load_trunk(em_session* s, const char* path) {
+  const em_trunk_header* th = &s->th;
+  int rc = EM_OK;
+  int fd = open(path, O_RDONLY);
+  em_tensor_entry* t = (em_tensor_entry*)calloc(th->n_tensors, sizeof *t);
+  if (fd < 0 || !t) {
+    snprintf(s->err, ERR_LEN, "cannot read %s", path);
+    rc = EM_ERR_IO;
+  }
+  if (!rc) rc = em_read_trunk_table(fd, path, th, t, s->err, ERR_LEN);
+  uint64_t data_bytes = th->file_bytes - th->data_offset;
+  if (!rc && em_pread_all(fd, s->block, data_bytes, th->data_offset) != 0) {
+    snprintf(s->err, ERR_LEN, "%s: read failed", path);
+    rc = EM_ERR_IO;
+  }
+  if (!rc && em_crc32(0, s->block, data_bytes) != th->data_crc) {
+    snprintf(s->err, ERR_LEN, "%s: trunk weights checksum mismatch (corrupted file); re-copy or recompile", path);
+    rc = EM_ERR_FORMAT;
+  }
+  if (!rc) {
+    uint32_t nt = th->n_tensors, H = th->hidden;
+    int ok = (s->embed = tensor(s, t, nt, "embed", th->vocab, H)) &&
+             (s->final_norm = tensor(s, t, nt, "final_norm", H, 0)) &&
+             (s->rope_cos = tensor(s, t, nt, "rope_cos", th->max_positions, th->head_dim / 2)) &&
+             (s->rope_sin = tensor(s, t, nt, "rope_sin", th->max_positions, th->head_dim / 2));
+    s->lm_head = (th->flags & EM_TRUNK_FLAG_TIED) ? s->embed : (ok ? tensor(s, t, nt, "lm_head", th->vocab, H) : NULL);
+    ok = ok && s->lm_head;
+    for (uint32_t l = 0; ok && l < th->layers; l++) {
+      char name[64];
+      layer_weights* w = &s->lw[l];
+#define LAYER_TENSOR(field, suffix, rows, cols) \
+  (snprintf(name, sizeof name, "layers.%u." suffix, l), (w->field = tensor(s, t, nt, name, rows, cols)) != NULL)
+      ok = LAYER_TENSOR(attn_norm, "attn_norm", H, 0) && LAYER_TENSOR(wqkv, "wqkv", s->q_dim + 2 * s->kv_dim, H) &&
+           LAYER_TENSOR(wo, "wo", H, s->q_dim) && LAYER_TENSOR(ffn_norm, "ffn_norm", H, 0) &&
+           LAYER_TENSOR(router, "router", th->experts, H);
+#undef LAYER_TENSOR
+    }
+    if (!ok) rc = EM_ERR_FORMAT;
+  }
+  if (fd >= 0) close(fd);
+  free(t);
+  return rc;
+}
+
+/* Hands out consecutive 64-byte-aligned float buffers from the block. */
+static float* carve(uint8_t** cursor, uint64_t count) {
+  float* p = (float*)*cursor;
+  *cursor += align_up(count * sizeof(float), ALIGN_BUF);
+  return p;
+}
+
+int em_open(const em_params* params, em_session** out, char* err, size_t err_len) {
+  *out = NULL;
+  em_crc32(0, NULL, 0); /* build the CRC tables before any other thread could */
+  artifact_paths ap;
+  int rc = artifact_paths_make(params->artifact_dir, &ap, err, err_len);
+  if (rc) return rc;
+  em_session* s = (em_session*)calloc(1, sizeof *s);
+  if (!s) {
+    snprintf(err, err_len, "out of memory");
+    return EM_ERR_NOMEM;
+  }
+  rc = read_headers(&ap, &s->th, &s->ih, &s->records, err, err_len);
+  if (rc) {
+    free(s);
+    return rc;
+  }
+  const em_trunk_header* th = &s->th;
+  s->max_seq = params->max_seq && params->max_seq < th->max_positions ? params->max_seq : th->max_positions;
+  s->q_dim = th->heads * th->head_dim;
+  s->kv_dim = th->kv_heads * th->head_dim;
+  s->verify = params->verify_checksums;
+  s->record_bytes = max_record_bytes(s->records, s->ih.n_records);
+  memory_plan p = plan_memory(th, &s->ih, s->record_bytes, s->max_seq);
+  uint64_t min_budget = p.fixed + th->top_k * p.per_slot;
+  uint64_t n_slots = s->ih.n_records;
+  if (params->memory_budget) {
+    if (params->memory_budget < min_budget) {
+      char have[64], need[64];
+      format_mib(have, sizeof have, params->memory_budget);
+      format_mib(need, sizeof need, min_budget);
+      snprintf(err, err_len,
+               "memory budget %s is below the minimum %s for this artifact at a context of %u tokens "
+               "(trunk + KV cache + buffers + %u experts of one layer); raise the budget or lower max_seq",
+               have, need, s->max_seq, th->top_k);
+      free(s->records);
+      free(s);
+      return EM_ERR_BUDGET;
+    }
+    n_slots = (params->memory_budget - p.fixed) / p.per_slot;
+    if (n_slots > s->ih.n_records) n_slots = s->ih.n_records;
+  }
+  uint64_t slot_bytes_total = n_slots * align_up(s->record_bytes, ALIGN_PAGE);
+  uint64_t block_bytes = p.trunk + p.kv + p.buffers + p.arena + slot_bytes_total;
+  void* block = NULL;
+  uint8_t* meta = NULL;
+  if (posix_memalign(&block, ALIGN_PAGE, block_bytes) != 0 ||
+      !(meta = (uint8_t*)malloc(em_cache_meta_bytes((uint32_t)n_slots, s->ih.n_records))) ||
+      !(s->lw = (layer_weights*)calloc(th->layers, sizeof(layer_weights)))) {
+    snprintf(err, err_len, "cannot allocate %llu bytes", (unsigned long long)block_bytes);
+    free(block);
+    free(meta);
+    free(s->records);
+    free(s);
+    return EM_ERR_NOMEM;
+  }
+  s->block = (uint8_t*)block;
+  memset(s->block + p.trunk, 0, p.kv + p.buffers + p.arena); /* touch now: the budget is real memory */
+
+  uint8_t* cur = s->block + p.trunk;
+  s->k_cache = carve(&cur, (uint64_t)th->layers * s->max_seq * s->kv_dim);
+  s->v_cache = carve(&cur, (uint64_t)th->layers * s->max_seq * s->kv_dim);
+  cur = s->block + p.trunk + p.kv;
+  s->x = carve(&cur, th->hidden);
+  s->x2 = carve(&cur, th->hidden);
+  s->xn = carve(&cur, th->hidden);
+  s->qkv = carve(&cur, s->q_dim + 2 * s->kv_dim);
+  s->q = carve(&cur, s->q_dim);
+  s->att = carve(&cur, s->q_dim);
+  s->h = carve(&cur, th->inter);
+  s->router_logits = carve(&cur, th->experts);
+  s->logits = carve(&cur, th->vocab);
+  s->expert_weight = carve(&cur, 1);
+  s->arena.base = s->block + p.trunk + p.kv + p.buffers;
+  s->arena.size = p.arena;
+  em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, (uint32_t)n_slots,
+                align_up(s->record_bytes, ALIGN_PAGE), meta, s->ih.n_records);
+
+  rc = load_trunk(s, ap.trunk);
+  if (!rc) rc = em_kernels_load(&s->k, ap.kernels, s->err, ERR_LEN);
+  if (!rc && !(s->experts = em_storage_open_file(ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
+  for (uint32_t i = 0; !rc && i < s->ih.n_records; i++) {
+    uint32_t b = s->records[i].bits;
+    if (b > EM_MAX_BITS || !s->k.gate_up[b] || !s->k.down[b]) {
+      snprintf(s->err, ERR_LEN, "expert record %u is %u-bit but kernels.so has no %u-bit expert kernels; recompile",
+               i, b, b);
+      rc = EM_ERR_FORMAT;
+    }
+  }
+  if (rc) {
+    snprintf(err, err_len, "%s", s->err);
+    em_close(s);
+    return rc;
+  }
+  s->st.memory_bytes = p.fixed + n_slots * p.per_slot;
+  s->st.trunk_bytes = p.trunk;
+  s->st.expert_cache_bytes = slot_bytes_total;
+  s->st.cache_slots = (uint32_t)n_slots;
+  s->st.record_bytes = (uint32_t)s->record_bytes;
+  *out = s;
+  return EM_OK;
+}
+
+void em_close(em_session* s) {
+  if (!s) return;
+  if (s->experts) s->experts->close(s->experts);
+  em_kernels_unload(&s->k);
+  free(s->cache.slot_used_at); /* the bookkeeping allocation starts with this array */
+  free(s->block);
+  free(s->records);
+  free(s->lw);
+  free(s);
+}
+
+/* ---- decoding ------------------------------------------------------------------------- */
+
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+#define CALL(fn, name, ...)                                                           \
+  do {                                                                                \
+    em_arg args_[] = {__VA_ARGS__};                                                   \
+    int rc_ = em_kernel_call(fn, name, args_, (int)(sizeof args_ / sizeof args_[0]), s->err, ERR_LEN); \
+    if (rc_) return rc_;                                                              \
+  } while (0)
+
+/* The expert's record, resident in a cache slot: from the cache, or read from storage now. */
+static int fetch_expert(em_session* s, uint32_t layer, uint32_t expert, uint8_t** out) {
+  uint32_t ri = layer * s->th.experts + expert;
+  const em_record* r = &s->records[ri];
+  int32_t slot = em_cache_find(&s->cache, ri);
+  if (slot >= 0) {
+    s->st.expert_hits++;
+    *out = em_cache_slot(&s->cache, slot);
+    return EM_OK;
+  }
+  s->st.expert_misses++;
+  slot = em_cache_claim(&s->cache, ri);
+  uint8_t* dst = em_cache_slot(&s->cache, slot);
+  uint64_t t0 = now_ns();
+  int rc = s->experts->read(s->experts, dst, r->length, r->offset);
+  s->st.read_ns += now_ns() - t0;
+  if (rc) {
+    em_cache_release(&s->cache, slot);
+    snprintf(s->err, ERR_LEN, "reading expert record %u (layer %u, expert %u, %llu bytes at offset %llu) failed: %s",
+             ri, layer, expert, (unsigned long long)r->length, (unsigned long long)r->offset,
+             rc == -EIO ? "short read (file truncated?)" : strerror(-rc));
+    return EM_ERR_IO;
+  }
+  s->st.bytes_read += r->length;
+  if (s->verify && em_crc32(0, dst, r->length) != r->crc) {
+    em_cache_release(&s->cache, slot);
+    snprintf(s->err, ERR_LEN,
+             "expert record %u (layer %u, expert %u) failed its checksum: experts.bin is corrupted; "
+             "re-copy or recompile the artifact", ri, layer, expert);
+    return EM_ERR_FORMAT;
+  }
+  *out = dst;
+  return EM_OK;
+}
+
+/* Softmax over the router logits, the top-k experts (ties: lower index) and their weights. */
+static void select_experts(const em_session* s, uint32_t* idx, float* w) {
+  uint32_t E = s->th.experts, K = s->th.top_k;
+  const float* l = s->router_logits;
+  float mx = l[0], total = 0.0f, chosen = 0.0f;
+  for (uint32_t e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+  for (uint32_t e = 0; e < E; e++) total += expf(l[e] - mx);
+  for (uint32_t k = 0; k < K; k++) {
+    int best = -1;
+    for (uint32_t e = 0; e < E; e++) {
+      int taken = 0;
+      for (uint32_t j = 0; j < k; j++) taken |= idx[j] == e;
+      if (!taken && (best < 0 || l[e] > l[best])) best = (int)e;
+    }
+    idx[k] = (uint32_t)best;
+    w[k] = expf(l[best] - mx);
+    chosen += w[k];
+  }
+  float denom = (s->th.flags & EM_TRUNK_FLAG_NORM_TOPK) ? chosen : total;
+  for (uint32_t k = 0; k < K; k++) w[k] /= denom;
+}
+
+static void swap(float** a, float** b) {
+  float* t = *a;
+  *a = *b;
+  *b = t;
+}
+
+static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weight) {
+  uint8_t* rec;
+  int rc = fetch_expert(s, layer, expert, &rec);
+  if (rc) return rc;
+  const em_record* r = &s->records[layer * s->th.experts + expert];
+  int64_t H = s->th.hidden, I = s->th.inter, G = s->ih.group, b = r->bits;
+  em_dl_dtype u32 = {1, 32, 1}, f16 = {2, 16, 1};
+  uint8_t* part[6];
+  for (int i = 0; i < 6; i++) part[i] = rec + r->part_offset[i];
+  *s->expert_weight = weight;
+  CALL(s->k.gate_up[b], "em_expert_gate_up", em_f32(s->xn, 1, H, 0, 0), em_typed(part[0], u32, 2, I, H * b / 32),
+       em_typed(part[1], f16, 2, I, H / G), em_typed(part[2], u32, 2, I, H * b / 32),
+       em_typed(part[3], f16, 2, I, H / G), em_f32(s->h, 1, I, 0, 0));
+  CALL(s->k.down[b], "em_expert_down", em_f32(s->h, 1, I, 0, 0), em_typed(part[4], u32, 2, H, I * b / 32),
+       em_typed(part[5], f16, 2, H, I / G), em_f32(s->x, 1, H, 0, 0), em_f32(s->expert_weight, 1, 1, 0, 0),
+       em_f32(s->x2, 1, H, 0, 0));
+  swap(&s->x, &s->x2);
+  return EM_OK;
+}
+
+static int forward(em_session* s, int32_t token, int want_logits) {
+  const em_trunk_header* th = &s->th;
+  if (token < 0 || (uint32_t)token >= th->vocab) {
+    snprintf(s->err, ERR_LEN, "token id %d out of range [0, %u)", token, th->vocab);
+    return EM_ERR_ARGUMENT;
+  }
+  if (s->pos >= s->max_seq) {
+    snprintf(s->err, ERR_LEN, "context full: %u tokens (open with a larger max_seq, or reset)", s->max_seq);
+    return EM_ERR_ARGUMENT;
+  }
+  int64_t H = th->hidden, hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos;
+  uint64_t t_start = now_ns(), read_before = s->st.read_ns;
+  em_arena_bind(&s->arena);
+  memcpy(s->x, s->embed + (uint64_t)token * H, H * sizeof(float));
+  for (uint32_t l = 0; l < th->layers; l++) {
+    const layer_weights* w = &s->lw[l];
+    float* kc = s->k_cache + (uint64_t)l * s->max_seq * s->kv_dim;
+    float* vc = s->v_cache + (uint64_t)l * s->max_seq * s->kv_dim;
+    CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(w->attn_norm, 1, H, 0, 0),
+         em_f32(s->xn, 1, H, 0, 0));
+    CALL(s->k.qkv, "em_qkv", em_f32(w->wqkv, 2, s->q_dim + 2 * s->kv_dim, H, 0), em_f32(s->xn, 1, H, 0, 0),
+         em_f32(s->qkv, 1, s->q_dim + 2 * s->kv_dim, 0, 0));
+    CALL(s->k.rope, "em_rope", em_f32(s->qkv, 1, s->q_dim + 2 * s->kv_dim, 0, 0),
+         em_f32(s->rope_cos + pos * (d / 2), 1, d / 2, 0, 0), em_f32(s->rope_sin + pos * (d / 2), 1, d / 2, 0, 0),
+         em_f32(s->q, 2, hq, d, 0), em_f32(kc + pos * s->kv_dim, 2, hkv, d, 0),
+         em_f32(vc + pos * s->kv_dim, 2, hkv, d, 0));
+    CALL(s->k.attention, "em_attention", em_f32(s->q, 2, hq, d, 0), em_f32(kc, 3, pos + 1, hkv, d),
+         em_f32(vc, 3, pos + 1, hkv, d), em_f32(s->att, 2, hq, d, 0));
+    CALL(s->k.o_proj, "em_o_proj", em_f32(w->wo, 2, H, s->q_dim, 0), em_f32(s->att, 1, s->q_dim, 0, 0),
+         em_f32(s->x, 1, H, 0, 0), em_f32(s->x2, 1, H, 0, 0));
+    swap(&s->x, &s->x2);
+    CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(w->ffn_norm, 1, H, 0, 0),
+         em_f32(s->xn, 1, H, 0, 0));
+    CALL(s->k.router, "em_router", em_f32(w->router, 2, th->experts, H, 0), em_f32(s->xn, 1, H, 0, 0),
+         em_f32(s->router_logits, 1, th->experts, 0, 0));
+    uint32_t idx[64];
+    float wts[64];
+    select_experts(s, idx, wts);
+    for (uint32_t k = 0; k < th->top_k; k++) {
+      int rc = run_expert(s, l, idx[k], wts[k]);
+      if (rc) return rc;
+    }
+  }
+  if (want_logits) {
+    CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(s->final_norm, 1, H, 0, 0),
+         em_f32(s->xn, 1, H, 0, 0));
+    CALL(s->k.lm_head, "em_lm_head", em_f32(s->lm_head, 2, th->vocab, H, 0), em_f32(s->xn, 1, H, 0, 0),
+         em_f32(s->logits, 1, th->vocab, 0, 0));
+  }
+  s->pos++;
+  s->st.tokens++;
+  s->st.compute_ns += (now_ns() - t_start) - (s->st.read_ns - read_before);
+  return EM_OK;
+}
+
+int em_decode_step(em_session* s, int32_t token, float* logits) {
+  int rc = forward(s, token, 1);
+  if (!rc && logits) memcpy(logits, s->logits, s->th.vocab * sizeof(float));
+  return rc;
+}
+
+int em_prefill(em_session* s, const int32_t* tokens, size_t n) {
+  if (n == 0) {
+    snprintf(s->err, ERR_LEN, "empty prompt");
+    return EM_ERR_ARGUMENT;
+  }
+  for (size_t i = 0; i < n; i++) {
+    int rc = forward(s, tokens[i], i + 1 == n);
+    if (rc) return rc;
+  }
+  return EM_OK;
+}
+
+void em_reset(em_session* s) { s->pos = 0; }
+
+const float* em_logits(const em_session* s) { return s->logits; }
+
+int em_stats_get(const em_session* s, em_stats* out) {
+  *out = s->st;
+  return EM_OK;
+}
+
+int em_model_info_get(const em_session* s, em_model_info* out) {
+  out->vocab_size = s->th.vocab;
+  out->hidden_size = s->th.hidden;
+  out->num_layers = s->th.layers;
+  out->num_experts = s->th.experts;
+  out->top_k = s->th.top_k;
+  out->max_seq = s->max_seq;
+  out->bos_token_id = s->th.bos;
+  out->eos_token_id = s->th.eos;
+  return EM_OK;
+}
+
+const char* em_error(const em_session* s) { return s ? s->err : "no session"; }

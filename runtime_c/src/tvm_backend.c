@@ -1,0 +1,71 @@
+#include "tvm_backend.h"
+
+#include <string.h>
+
+static EM_THREAD_LOCAL em_arena* bound_arena;
+static EM_THREAD_LOCAL char kernel_error[512];
+
+void em_arena_bind(em_arena* arena) { bound_arena = arena; }
+
+void* em_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits) {
+  (void)device_type, (void)device_id, (void)dtype_code, (void)dtype_bits;
+  em_arena* a = bound_arena;
+  if (!a || a->n_live == EM_ARENA_MAX_LIVE) return NULL;
+  size_t start = (size_t)((((uintptr_t)(a->base + a->top) + 63) & ~(uintptr_t)63) - (uintptr_t)a->base);
+  if (nbytes > a->size || start > a->size - nbytes) return NULL;
+  a->live_start[a->n_live] = start;
+  a->live_end[a->n_live++] = start + (size_t)nbytes;
+  a->top = start + (size_t)nbytes;
+  if (a->top > a->high_water) a->high_water = a->top;
+  return a->base + start;
+}
+
+int em_workspace_free(int device_type, int device_id, void* ptr) {
+  (void)device_type, (void)device_id;
+  em_arena* a = bound_arena;
+  if (!a) return -1;
+  size_t off = (size_t)((uint8_t*)ptr - a->base);
+  /* Generated code frees in reverse order of allocation; anything freed out of order is
+     released when the allocations above it are. */
+  for (int i = a->n_live - 1; i >= 0; i--) {
+    if (a->live_start[i] != off) continue;
+    a->live_start[i] = (size_t)-1;
+    while (a->n_live > 0 && a->live_start[a->n_live - 1] == (size_t)-1) a->n_live--;
+    a->top = a->n_live ? a->live_end[a->n_live - 1] : 0;
+    return 0;
+  }
+  return -1;
+}
+
+int em_parallel_launch_serial(em_parallel_lambda f, void* cdata, int num_task) {
+  (void)num_task;
+  em_parallel_env env = {NULL, 1};
+  return f(0, &env, cdata);
+}
+
+void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int32_t num_parts) {
+  size_t n = 0;
+  kernel_error[0] = 0;
+  const char* head[2] = {kind ? kind : "Error", ": "};
+  for (int i = 0; i < 2; i++) {
+    size_t l = strlen(head[i]);
+    if (n + l >= sizeof kernel_error) l = sizeof kernel_error - n - 1;
+    memcpy(kernel_error + n, head[i], l);
+    n += l;
+  }
+  for (int32_t i = 0; i < num_parts; i++) {
+    if (!parts[i]) continue;
+    size_t l = strlen(parts[i]);
+    if (n + l >= sizeof kernel_error) l = sizeof kernel_error - n - 1;
+    memcpy(kernel_error + n, parts[i], l);
+    n += l;
+  }
+  kernel_error[n] = 0;
+}
+
+const char* em_take_kernel_error(void) {
+  static EM_THREAD_LOCAL char copy[sizeof kernel_error];
+  memcpy(copy, kernel_error, sizeof copy);
+  kernel_error[0] = 0;
+  return copy;
+}

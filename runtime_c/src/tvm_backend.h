@@ -1,0 +1,42 @@
+/* The few functions TVM-generated kernels call back into: error reporting, workspace
+ * allocation (from a fixed arena, never malloc) and parallel launch. */
+#ifndef EM_TVM_BACKEND_H
+#define EM_TVM_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tvm_abi.h"
+
+#if defined(__GNUC__)
+#define EM_THREAD_LOCAL __thread
+#else
+#define EM_THREAD_LOCAL
+#endif
+
+#define EM_ARENA_MAX_LIVE 16
+
+typedef struct {
+  uint8_t* base;
+  size_t size, top;
+  size_t live_start[EM_ARENA_MAX_LIVE]; /* live allocations, in allocation order; start = -1 once freed */
+  size_t live_end[EM_ARENA_MAX_LIVE];
+  int n_live;
+  size_t high_water;
+} em_arena;
+
+/* Kernel workspace requests on this thread are served from `arena` until the next bind. */
+void em_arena_bind(em_arena* arena);
+
+void* em_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits);
+int em_workspace_free(int device_type, int device_id, void* ptr);
+/* Runs the tasks of a parallel loop one after another on the calling thread. */
+int em_parallel_launch_serial(em_parallel_lambda f, void* cdata, int num_task);
+
+/* The message of the last kernel error on this thread ("" if none); cleared by the call. */
+const char* em_take_kernel_error(void);
+
+/* The symbol the generated code calls on an argument-check failure. */
+void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int32_t num_parts);
+
+#endif
