@@ -72,8 +72,8 @@ def library() -> ctypes.CDLL:
             lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             lib.em_open.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p,
                                     ctypes.c_size_t]
-            lib.em_min_budget.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64),
-                                          ctypes.c_char_p, ctypes.c_size_t]
+            lib.em_budget_bytes.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                                            ctypes.POINTER(ctypes.c_uint64), ctypes.c_char_p, ctypes.c_size_t]
             lib.em_close.argtypes = [ctypes.c_void_p]
             lib.em_reset.argtypes = [ctypes.c_void_p]
             lib.em_prefill.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_size_t]
@@ -88,10 +88,11 @@ def library() -> ctypes.CDLL:
         return _lib
 
 
-def min_budget(artifact_dir: str | Path, max_seq: int = 0) -> int:
-    """The smallest memory budget (bytes) the artifact can run with at this context length."""
+def budget_bytes(artifact_dir: str | Path, max_seq: int = 0, cache_slots: int = 0) -> int:
+    """The memory budget (bytes) that gives `cache_slots` expert slots at this context length;
+    cache_slots=0 gives the minimum the artifact can run with (one layer's top-k experts)."""
     lib, out, err = library(), ctypes.c_uint64(), ctypes.create_string_buffer(1024)
-    rc = lib.em_min_budget(str(artifact_dir).encode(), max_seq, ctypes.byref(out), err, len(err))
+    rc = lib.em_budget_bytes(str(artifact_dir).encode(), max_seq, cache_slots, ctypes.byref(out), err, len(err))
     if rc:
         raise EdgeMoEError(rc, err.value.decode())
     return out.value
@@ -101,6 +102,7 @@ class Session:
     """An open artifact in the C runtime. Use as a context manager or call close()."""
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True):
+        self._h = None
         self._lib = library()
         params = _Params(str(artifact_dir).encode(), memory_budget, max_seq, int(verify))
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)

@@ -56,8 +56,10 @@ void em_default_params(em_params* p);
 int em_open(const em_params* p, em_session** out, char* err, size_t err_len);
 void em_close(em_session* s);
 
-/* Smallest budget this artifact can run with at max_seq (trunk + KV + buffers + one layer's top-k experts). */
-int em_min_budget(const char* artifact_dir, uint32_t max_seq, uint64_t* out, char* err, size_t err_len);
+/* The budget that gives this artifact n_slots expert cache slots at max_seq (0 = the artifact's maximum).
+ * n_slots = 0 asks for the minimum: trunk + KV cache + buffers + one layer's top-k experts. */
+int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, uint32_t n_slots, uint64_t* out, char* err,
+                    size_t err_len);
 
 int em_model_info_get(const em_session* s, em_model_info* out);
 /* Forget the context (KV cache); the expert cache and statistics stay. */

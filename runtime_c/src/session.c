@@ -142,7 +142,8 @@ static void format_mib(char* out, size_t n, uint64_t bytes) {
   snprintf(out, n, "%llu bytes (%.2f MiB)", (unsigned long long)bytes, bytes / 1048576.0);
 }
 
-int em_min_budget(const char* artifact_dir, uint32_t max_seq, uint64_t* out, char* err, size_t err_len) {
+int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, uint32_t n_slots, uint64_t* out, char* err,
+                    size_t err_len) {
   artifact_paths ap;
   em_trunk_header th;
   em_image_header ih;
@@ -152,7 +153,7 @@ int em_min_budget(const char* artifact_dir, uint32_t max_seq, uint64_t* out, cha
   if (rc) return rc;
   if (!max_seq || max_seq > th.max_positions) max_seq = th.max_positions;
   memory_plan p = plan_memory(&th, &ih, max_record_bytes(records, ih.n_records), max_seq);
-  *out = p.fixed + th.top_k * p.per_slot;
+  *out = p.fixed + (n_slots ? n_slots : th.top_k) * p.per_slot;
   free(records);
   return EM_OK;
 }

@@ -1,0 +1,118 @@
+"""Command-line entry points: edgemoe-compile and edgemoe-run."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .units import fmt_bytes, parse_bytes
+
+
+class _Bytes(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        try:
+            return value if isinstance(value, int) else parse_bytes(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+@click.command("edgemoe-compile")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Artifact directory to write.")
+@click.option("--target", default="host", show_default=True, help="Board description in targets/.")
+@click.option("--bits", "expert_bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="Expert weight bitwidth (uniform).")
+@click.option("--group", default=32, show_default=True, help="Quantization group size along the input dimension.")
+@click.option("--max-seq", type=int, default=None, help="Longest context the artifact supports [model max, ≤ 2048].")
+def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq):
+    """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
+    from .compiler.driver import CompileOptions, compile_model
+    from .models import ModelImportError
+    from .targets import UnknownTargetError
+
+    try:
+        compile_model(model_dir, out_dir, CompileOptions(target, int(expert_bits), group, max_seq),
+                      log=lambda m: click.echo(m, err=True))
+    except (ModelImportError, UnknownTargetError, ValueError) as e:
+        raise click.ClickException(str(e))
+
+
+def _load_tokenizer(artifact: Path):
+    from tokenizers import Tokenizer
+
+    path = artifact / "tokenizer.json"
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found: pass --tokens with token ids instead of --prompt")
+    return Tokenizer.from_file(str(path))
+
+
+@click.command("edgemoe-run")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", help="Text to continue (uses the artifact's tokenizer.json).")
+@click.option("--tokens", help="Comma-separated token ids to continue, instead of --prompt.")
+@click.option("-n", "n_new", default=64, show_default=True, help="Tokens to generate (greedy).")
+@click.option("--budget", type=_Bytes(), default=None,
+              help="Memory budget for the runtime (trunk + KV cache + buffers + expert cache), e.g. 24MiB. "
+                   "Default: every expert resident.")
+@click.option("--cache-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Instead of --budget: a budget whose expert cache holds this fraction of all experts.")
+@click.option("--max-seq", type=int, default=0, help="Context to allocate [artifact maximum].")
+@click.option("--no-verify", is_flag=True, help="Skip the CRC-32 check of each expert record read.")
+def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no_verify):
+    """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
+    from .runtime import EdgeMoEError, Session, budget_bytes
+
+    if (prompt is None) == (tokens is None):
+        raise click.UsageError("give exactly one of --prompt or --tokens")
+    if budget is not None and cache_fraction is not None:
+        raise click.UsageError("give --budget or --cache-fraction, not both")
+    tok = _load_tokenizer(artifact) if prompt is not None else None
+    try:
+        ids = tok.encode(prompt).ids if tok else [int(t) for t in tokens.split(",")]
+    except ValueError:
+        raise click.UsageError(f"--tokens must be comma-separated integers, got {tokens!r}")
+    if not ids:
+        raise click.UsageError("the prompt encodes to no tokens")
+    try:
+        if cache_fraction is not None:
+            import json
+
+            n_records = json.loads((artifact / "manifest.json").read_text())["experts"]["records"]
+            budget = budget_bytes(artifact, max_seq, max(1, round(cache_fraction * n_records)))
+        with Session(artifact, memory_budget=budget or 0, max_seq=max_seq, verify=not no_verify) as s:
+            t0 = time.perf_counter()
+            logits = s.prefill(ids)
+            t1 = time.perf_counter()
+            out = []
+            for _ in range(n_new):
+                nxt = int(logits.argmax())
+                out.append(nxt)
+                if nxt == s.info["eos_token_id"]:
+                    break
+                logits = s.decode_step(nxt)
+            t2 = time.perf_counter()
+            st = s.stats()
+    except EdgeMoEError as e:
+        raise click.ClickException(str(e))
+    click.echo((prompt + tok.decode(out)) if tok else ",".join(map(str, out)))
+    uses = st["expert_hits"] + st["expert_misses"]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    click.echo("", err=True)
+    click.echo(f"prefill: {len(ids)} tokens in {t1 - t0:.3f} s ({len(ids) / (t1 - t0):.1f} tok/s)", err=True)
+    click.echo(f"decode: {len(out)} tokens in {t2 - t1:.3f} s ({len(out) / max(t2 - t1, 1e-9):.1f} tok/s)", err=True)
+    click.echo(f"memory: runtime {fmt_bytes(st['memory_bytes'])} (trunk {fmt_bytes(st['trunk_bytes'])}, "
+               f"expert cache {st['cache_slots']} slots = {fmt_bytes(st['expert_cache_bytes'])}); "
+               f"process peak RSS {fmt_bytes(peak_rss)}", err=True)
+    click.echo(f"expert cache: hit rate {st['expert_hits'] / max(uses, 1):.1%} ({st['expert_hits']} hits, "
+               f"{st['expert_misses']} misses); read {fmt_bytes(st['bytes_read'] / max(st['tokens'], 1))}/token, "
+               f"I/O {st['read_ns'] / 1e6:.1f} ms, compute {st['compute_ns'] / 1e6:.1f} ms", err=True)
+
+
+def main():  # pragma: no cover - `python -m edgemoe.cli`
+    sys.exit(run_cmd())

@@ -1,0 +1,90 @@
+"""Shared fixtures: models and artifacts are built once per test session and reused."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINED_MODEL = REPO / "models" / "zoo" / "mixtral-mini"
+DATA_DIR = Path(os.environ.get("EDGEMOE_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def runtime_lib():
+    """The C runtime, built from runtime_c/ for this test session (CMake)."""
+    from edgemoe import runtime
+
+    runtime.build_runtime()
+    return runtime.library()
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory) -> Path:
+    """A random-weight Mixtral built by transformers from a config and saved as safetensors."""
+    import torch
+    import transformers
+
+    cfg = transformers.MixtralConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(1234)
+    model = transformers.MixtralForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny_mixtral")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    from edgemoe.models import load_model
+
+    if not (TRAINED_MODEL / "model.safetensors").is_file():
+        pytest.fail(f"bundled model missing at {TRAINED_MODEL}")
+    return load_model(TRAINED_MODEL)
+
+
+def _compile(tmp_path_factory, model_dir: Path, bits: int, name: str) -> Path:
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp(name)
+    compile_model(model_dir, out, CompileOptions(expert_bits=bits, max_seq=256), log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifact_int4(tmp_path_factory, runtime_lib) -> Path:
+    return _compile(tmp_path_factory, TRAINED_MODEL, 4, "mini_int4")
+
+
+@pytest.fixture(scope="session")
+def artifact_int8(tmp_path_factory, runtime_lib) -> Path:
+    return _compile(tmp_path_factory, TRAINED_MODEL, 8, "mini_int8")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(TRAINED_MODEL / "tokenizer.json"))
+
+
+PROMPTS = [
+    "ROMEO:\nWhat light through yonder window",
+    "The history of the city begins in",
+    "To create a list in Python, use",
+]
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random inputs every run; the seed is printed on failure for reproduction."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    request.node.user_properties.append(("seed", seed))
+    print(f"random seed {seed}")
+    return np.random.default_rng(seed)

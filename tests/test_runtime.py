@@ -1,0 +1,155 @@
+"""The C runtime end to end: TVM kernels, expert reads from the image file, the memory budget."""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from edgemoe.compiler.driver import CompileOptions, compile_model
+from edgemoe.compiler.expert_image import read_table
+from edgemoe.compiler.quantize import with_quantized_experts
+from edgemoe.models import load_model
+from edgemoe.models.reference import ReferenceExecutor
+from edgemoe.runtime import DEFAULT_BUILD_DIR, EdgeMoEError, Session, budget_bytes
+
+from conftest import PROMPTS
+
+N_NEW = 64
+# Overhead of a process outside the runtime's budget: executable, libc, kernels.so, stack, page tables.
+PROCESS_OVERHEAD = 8 << 20
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_mixtral_dir, tmp_path_factory, runtime_lib):
+    out = tmp_path_factory.mktemp("tiny_int4")
+    compile_model(tiny_mixtral_dir, out, CompileOptions(expert_bits=4, max_seq=64), log=lambda m: None)
+    return out
+
+
+def test_logits_match_reference_on_random_model(tiny_mixtral_dir, tiny_artifact, rng):
+    ref = ReferenceExecutor(with_quantized_experts(load_model(tiny_mixtral_dir), 4), 64)
+    tokens = rng.integers(0, 160, 48).tolist()
+    with Session(tiny_artifact) as s:
+        got = np.stack([s.decode_step(t) for t in tokens])
+    want = np.stack([ref.step(t) for t in tokens])
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def reference_int4(trained_model):
+    return with_quantized_experts(trained_model, 4)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_trained_model_greedy_tokens_equal_reference(artifact_int4, reference_int4, tokenizer, prompt):
+    ids = tokenizer.encode(prompt).ids
+    ref_tokens, ref_logits = ReferenceExecutor(reference_int4, 256).greedy(ids, N_NEW)
+    with Session(artifact_int4) as s:
+        logits = [s.prefill(ids)]
+        tokens = []
+        for _ in range(N_NEW):
+            tokens.append(int(logits[-1].argmax()))
+            logits.append(s.decode_step(tokens[-1]))
+    assert tokens == ref_tokens
+    diff = np.abs(np.stack(logits[:N_NEW]) - ref_logits).max()
+    assert diff <= 1e-3, diff
+
+
+def test_quarter_budget_gives_identical_tokens_and_forces_reads(artifact_int4, tokenizer):
+    ids = tokenizer.encode(PROMPTS[0]).ids
+    with Session(artifact_int4) as full:
+        want = full.generate(ids, N_NEW)
+        full_stats = full.stats()
+    n_records = len(read_table(artifact_int4 / "experts.bin")[1])
+    quarter = n_records // 4
+    with Session(artifact_int4, memory_budget=budget_bytes(artifact_int4, 0, quarter)) as s:
+        got = s.generate(ids, N_NEW)
+        st = s.stats()
+    assert got == want
+    assert st["cache_slots"] == quarter
+    assert full_stats["expert_misses"] <= n_records  # every expert read at most once when all fit
+    assert st["expert_misses"] > full_stats["expert_misses"]
+    assert st["bytes_read"] == st["expert_misses"] * st["record_bytes"]
+    assert st["memory_bytes"] <= budget_bytes(artifact_int4, 0, quarter)
+
+
+def test_peak_rss_stays_within_budget(artifact_int4, tokenizer):
+    """The C tool's whole-process peak RSS under a quarter budget (the runtime reads experts, not mmaps them)."""
+    n_records = len(read_table(artifact_int4 / "experts.bin")[1])
+    budget = budget_bytes(artifact_int4, 0, n_records // 4)
+    ids = ",".join(map(str, tokenizer.encode(PROMPTS[1]).ids))
+    proc = subprocess.run([str(DEFAULT_BUILD_DIR / "edgemoe_run"), str(artifact_int4), "--tokens", ids, "-n", "32",
+                           "--budget", str(budget)], capture_output=True, text=True, check=True)
+    stats = dict(line.split("=") for line in proc.stdout.splitlines()[1:])
+    assert int(stats["memory_bytes"]) <= budget
+    assert int(stats["expert_misses"]) > 0
+    assert int(stats["peak_rss_bytes"]) <= budget + PROCESS_OVERHEAD, stats
+
+
+def test_budget_below_minimum_is_refused_naming_it(artifact_int4):
+    minimum = budget_bytes(artifact_int4)
+    with pytest.raises(EdgeMoEError, match=f"below the minimum {minimum} bytes") as e:
+        Session(artifact_int4, memory_budget=minimum - 1)
+    assert e.value.kind == "budget"
+    with Session(artifact_int4, memory_budget=minimum) as s:  # the minimum itself runs
+        s.generate([1, 2, 3], 4)
+
+
+def test_out_of_range_token_and_full_context(tiny_artifact):
+    with Session(tiny_artifact, max_seq=4) as s:
+        with pytest.raises(EdgeMoEError, match="token id 160 out of range"):
+            s.decode_step(160)
+        s.prefill([1, 2, 3, 4])
+        with pytest.raises(EdgeMoEError, match="context full"):
+            s.decode_step(5)
+
+
+def _first_expert_used(model_dir, token):
+    ex = ReferenceExecutor(load_model(model_dir), 4)
+    ex.step(token)
+    return int(ex.trace[0][0][0])
+
+
+def test_corrupted_expert_record_is_refused_naming_it(tiny_mixtral_dir, tiny_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    _, records = read_table(art / "experts.bin")
+    expert = _first_expert_used(tiny_mixtral_dir, 7)
+    rec = records[expert]  # layer 0
+    with open(art / "experts.bin", "r+b") as f:
+        f.seek(rec.offset + 100)
+        b = f.read(1)
+        f.seek(rec.offset + 100)
+        f.write(bytes([b[0] ^ 0x55]))
+    with Session(art) as s:
+        with pytest.raises(EdgeMoEError, match=f"expert record {expert} \\(layer 0, expert {expert}\\) failed its checksum"):
+            s.decode_step(7)
+
+
+def test_truncated_image_is_refused_at_open(tiny_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    size = (art / "experts.bin").stat().st_size
+    with open(art / "experts.bin", "r+b") as f:
+        f.truncate(size - 4096)
+    with pytest.raises(EdgeMoEError, match="experts.bin: truncated"):
+        Session(art)
+
+
+@pytest.mark.parametrize("name,offset", [("trunk.bin", 20), ("trunk.bin", 4000), ("experts.bin", 17)])
+def test_corrupted_header_or_trunk_is_refused(tiny_artifact, tmp_path, name, offset):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    with open(art / name, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(EdgeMoEError, match="checksum mismatch") as e:
+        Session(art)
+    assert e.value.kind == "format"
+
+
+def test_missing_artifact_is_named(tmp_path, runtime_lib):
+    with pytest.raises(EdgeMoEError, match="cannot open .*trunk.bin"):
+        Session(tmp_path)
