@@ -10,6 +10,7 @@ import tvm
 from ..models import MoEConfig
 from ..targets import TargetDesc
 from .kernels import decode_kernels
+from .schedules import schedule
 
 
 class ToolchainError(RuntimeError):
@@ -19,7 +20,7 @@ class ToolchainError(RuntimeError):
 def build_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, target: TargetDesc, out_dir: Path) -> dict:
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so."""
     funcs = decode_kernels(cfg, expert_bits, group)
-    exe = tvm.compile(tvm.IRModule(funcs), target=target.tvm())
+    exe = tvm.compile(schedule(tvm.IRModule(funcs)), target=target.tvm())
     obj = out_dir / "kernels.o"
     exe.mod.write_to_file(str(obj))
     info = {"object": obj.name, "symbols": sorted(funcs), "tvm_target": target.resolved_tvm_target()}

@@ -4,6 +4,7 @@ import pytest
 import tvm
 
 from edgemoe.compiler import kernels
+from edgemoe.compiler.schedules import schedule
 from edgemoe.compiler.quantize import quantize
 from edgemoe.models import MoEConfig
 from edgemoe.models.reference import apply_rope, rms_norm, silu
@@ -16,7 +17,7 @@ CFG = MoEConfig("mixtral", vocab_size=300, hidden_size=128, num_layers=1, num_he
 @pytest.fixture(scope="module")
 def mod():
     funcs = kernels.decode_kernels(CFG, [4, 8], 32)
-    return tvm.compile(tvm.IRModule(funcs), target=load_target("host").tvm()).mod
+    return tvm.compile(schedule(tvm.IRModule(funcs)), target=load_target("host").tvm()).mod
 
 
 def call(mod, name, *inputs, outs):

@@ -91,7 +91,8 @@ int em_kernel_call(em_ffi_fn fn, const char* name, em_arg* args, int n_args, cha
     packed[i].v.v_ptr = &args[i].t;
   }
   if (fn(NULL, packed, n_args, &result) != 0) {
-    snprintf(err, n, "kernel %s failed: %s", name, em_take_kernel_error());
+    const char* why = em_take_kernel_error();
+    snprintf(err, n, "kernel %s failed: %s", name, *why ? why : "no detail (another TVM runtime in this process took it)");
     return EM_ERR_KERNEL;
   }
   return EM_OK;

@@ -1,5 +1,6 @@
 #include "tvm_backend.h"
 
+#include <stdio.h>
 #include <string.h>
 
 static EM_THREAD_LOCAL em_arena* bound_arena;
@@ -10,9 +11,12 @@ void em_arena_bind(em_arena* arena) { bound_arena = arena; }
 void* em_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits) {
   (void)device_type, (void)device_id, (void)dtype_code, (void)dtype_bits;
   em_arena* a = bound_arena;
-  if (!a || a->n_live == EM_ARENA_MAX_LIVE) return NULL;
-  size_t start = (size_t)((((uintptr_t)(a->base + a->top) + 63) & ~(uintptr_t)63) - (uintptr_t)a->base);
-  if (nbytes > a->size || start > a->size - nbytes) return NULL;
+  size_t start = a ? (size_t)((((uintptr_t)(a->base + a->top) + 63) & ~(uintptr_t)63) - (uintptr_t)a->base) : 0;
+  if (!a || a->n_live == EM_ARENA_MAX_LIVE || nbytes > a->size || start > a->size - nbytes) {
+    snprintf(kernel_error, sizeof kernel_error, "workspace request of %llu bytes does not fit the %llu-byte arena",
+             (unsigned long long)nbytes, (unsigned long long)(a ? a->size - a->top : 0));
+    return NULL;
+  }
   a->live_start[a->n_live] = start;
   a->live_end[a->n_live++] = start + (size_t)nbytes;
   a->top = start + (size_t)nbytes;

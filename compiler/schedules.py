@@ -1,0 +1,41 @@
+"""Default CPU schedules for the decode kernels (the hand schedule used when no tuning record exists).
+
+Every matrix-vector block (a spatial row loop over a reduction) is split along the reduction into
+`lanes` independent partial sums (rfactor) computed as one vector, then summed: LLVM emits vector
+FMAs with the dequantization of `lanes` packed codes done side by side. Measured on the 2-core
+AVX-512 host for a 320×256 INT4 gate/up pair: 161 µs unscheduled → 14.5 µs (lanes 16).
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir
+
+GEMV_BLOCKS = ("g", "u", "acc")  # names used by compiler/kernels.py for row × reduction blocks
+DEFAULT_LANES = 16
+
+
+def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int) -> None:
+    row, red = sch.get_loops(block)
+    extent = int(sch.get(red).extent)
+    while lanes > 1 and extent % lanes:
+        lanes //= 2
+    if lanes == 1:
+        return
+    _, inner = sch.split(red, [None, lanes])
+    partial = sch.rfactor(inner, factor_axis=1)
+    sch.vectorize(sch.get_loops(partial)[-1])
+    # Sum each row's partials right after computing them: the partial buffer shrinks to one
+    # vector on the stack instead of a [rows, lanes] workspace allocation.
+    sch.reverse_compute_at(block, sch.get_loops(partial)[0])
+
+
+def schedule(mod: tvm.IRModule, lanes: int = DEFAULT_LANES) -> tvm.IRModule:
+    sch = s_tir.Schedule(mod)
+    for gv in mod.get_global_vars():
+        for name in GEMV_BLOCKS:
+            try:
+                block = sch.get_sblock(name, func_name=gv.name_hint)
+            except s_tir.ScheduleError:  # this kernel has no such block
+                continue
+            _vectorize_reduction(sch, block, lanes)
+    return sch.mod
