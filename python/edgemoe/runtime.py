@@ -24,13 +24,22 @@ class EdgeMoEError(RuntimeError):
         super().__init__(message)
 
 
+PREDICTORS = {"none": 0, "path-table": 1, "next-router": 2, "wrong": 3}
+EVICTIONS = {"lru": 0, "fifo": 1, "edgemoe": 2}
+STORAGES = {"pread": 0, "mmap": 1}
+
+
 class _Params(ctypes.Structure):
     _fields_ = [("artifact_dir", ctypes.c_char_p), ("memory_budget", ctypes.c_uint64),
-                ("max_seq", ctypes.c_uint32), ("verify_checksums", ctypes.c_int)]
+                ("max_seq", ctypes.c_uint32), ("verify_checksums", ctypes.c_int), ("storage", ctypes.c_int),
+                ("direct_io", ctypes.c_int), ("emulate_bandwidth", ctypes.c_double),
+                ("emulate_latency", ctypes.c_double), ("loader_thread", ctypes.c_int), ("predictor", ctypes.c_int),
+                ("prefetch_experts", ctypes.c_uint32), ("eviction", ctypes.c_int)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
-                "trunk_bytes", "expert_cache_bytes"]
+                "trunk_bytes", "expert_cache_bytes", "stall_ns", "prefetch_issued", "prefetch_used",
+                "prefetch_wasted", "predicted", "predicted_hits"]
 
 
 class _Stats(ctypes.Structure):
@@ -98,13 +107,33 @@ def budget_bytes(artifact_dir: str | Path, max_seq: int = 0, cache_slots: int = 
     return out.value
 
 
-class Session:
-    """An open artifact in the C runtime. Use as a context manager or call close()."""
+def _choice(table: dict, value: str, what: str) -> int:
+    if value not in table:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(table)}")
+    return table[value]
 
-    def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True):
+
+class Session:
+    """An open artifact in the C runtime. Use as a context manager or call close().
+
+    memory_budget: bytes for everything the runtime allocates (0 = every expert resident).
+    storage: "pread" (direct_io: O_DIRECT) or "mmap"; emulate=(bandwidth B/s, latency s) stretches
+    each expert read to that device's speed. loader_thread reads experts on a second thread, which
+    prefetching needs; predictor: none, path-table, next-router or wrong (a test of robustness);
+    eviction: lru, fifo or edgemoe.
+    """
+
+    def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
+                 storage: str = "pread", direct_io: bool = False, emulate: tuple[float, float] | None = None,
+                 loader_thread: bool = True, predictor: str = "next-router", prefetch_experts: int = 0,
+                 eviction: str = "lru"):
         self._h = None
         self._lib = library()
-        params = _Params(str(artifact_dir).encode(), memory_budget, max_seq, int(verify))
+        bandwidth, latency = emulate or (0.0, 0.0)
+        params = _Params(str(artifact_dir).encode(), memory_budget, max_seq, int(verify),
+                         _choice(STORAGES, storage, "storage"), int(direct_io), bandwidth, latency, int(loader_thread),
+                         _choice(PREDICTORS, predictor, "predictor"), prefetch_experts,
+                         _choice(EVICTIONS, eviction, "eviction policy"))
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

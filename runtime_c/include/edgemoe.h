@@ -26,11 +26,37 @@ typedef enum {
 
 typedef struct em_session em_session;
 
+typedef enum {
+  EM_EVICT_LRU = 0,     /* least recently used */
+  EM_EVICT_FIFO = 1,    /* first loaded */
+  EM_EVICT_EDGEMOE = 2  /* EdgeMoE: highest -f(i,j) / ((S - i + I) mod S) first */
+} em_eviction;
+
+typedef enum {
+  EM_PREDICT_NONE = 0,        /* no prefetching: every miss is read on demand */
+  EM_PREDICT_PATH_TABLE = 1,  /* the paper's table: next-layer expert probabilities given this layer's experts */
+  EM_PREDICT_NEXT_ROUTER = 2, /* the next layer's router applied to the current hidden state */
+  EM_PREDICT_WRONG = 3        /* the experts the next router ranks lowest: for testing that output never depends on it */
+} em_predictor;
+
+typedef enum {
+  EM_STORAGE_PREAD = 0,  /* pread(2); with direct_io, O_DIRECT so the page cache does not hide the storage */
+  EM_STORAGE_MMAP = 1    /* copy out of a read-only mapping of the image */
+} em_storage_kind;
+
 typedef struct {
   const char* artifact_dir;  /* directory with trunk.bin, experts.bin, kernels.so */
   uint64_t memory_budget;    /* bytes for trunk + KV cache + buffers + expert cache; 0 = every expert resident */
   uint32_t max_seq;          /* context length to allocate; 0 = the artifact's maximum */
   int verify_checksums;      /* check each expert record's CRC-32 when it is read */
+  em_storage_kind storage;
+  int direct_io;             /* EM_STORAGE_PREAD: open with O_DIRECT */
+  double emulate_bandwidth;  /* > 0: make each read take at least latency + bytes / bandwidth (bytes/s) */
+  double emulate_latency;    /* seconds per read request, with emulate_bandwidth */
+  int loader_thread;         /* read experts on a loader thread (needed for prefetching) */
+  em_predictor predictor;
+  uint32_t prefetch_experts; /* experts to prefetch per layer; 0 = top-k */
+  em_eviction eviction;
 } em_params;
 
 typedef struct {
@@ -43,6 +69,12 @@ typedef struct {
   uint64_t memory_bytes;     /* bytes the session allocated (<= budget) */
   uint64_t trunk_bytes;      /* of which resident trunk weights */
   uint64_t expert_cache_bytes; /* of which expert cache slots */
+  uint64_t stall_ns;         /* time the decode loop waited for an expert to arrive */
+  uint64_t prefetch_issued;  /* expert reads started ahead of need */
+  uint64_t prefetch_used;    /* of which the expert was used before eviction */
+  uint64_t prefetch_wasted;  /* of which the expert was evicted unused */
+  uint64_t predicted;        /* experts a layer really selected, where a prediction was made */
+  uint64_t predicted_hits;   /* of which the predictor had named */
   uint32_t cache_slots;      /* number of expert cache slots */
   uint32_t record_bytes;     /* bytes of one expert record (one read) */
 } em_stats;

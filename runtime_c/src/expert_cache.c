@@ -1,47 +1,92 @@
 #include "expert_cache.h"
 
+#include <math.h>
+
 size_t em_cache_meta_bytes(uint32_t n_slots, uint32_t n_records) {
-  return (size_t)n_slots * (sizeof(int32_t) + sizeof(uint64_t)) + (size_t)n_records * sizeof(int32_t);
+  return (size_t)n_slots * sizeof(em_slot) + (size_t)n_records * sizeof(int32_t);
 }
 
 void em_cache_init(em_expert_cache* c, uint8_t* slots, uint32_t n_slots, uint64_t slot_bytes, void* meta,
-                   uint32_t n_records) {
+                   uint32_t layers, uint32_t experts_per_layer, em_eviction policy, const float* frequency) {
   c->slots = slots;
   c->n_slots = n_slots;
   c->slot_bytes = slot_bytes;
-  c->slot_used_at = (uint64_t*)meta;
-  c->slot_record = (int32_t*)(c->slot_used_at + n_slots);
-  c->record_slot = c->slot_record + n_slots;
-  c->n_records = n_records;
+  c->slot = (em_slot*)meta;
+  c->record_slot = (int32_t*)(c->slot + n_slots);
+  c->layers = layers;
+  c->experts_per_layer = experts_per_layer;
+  c->n_records = layers * experts_per_layer;
+  c->policy = policy;
+  c->frequency = frequency;
   c->clock = 0;
-  for (uint32_t i = 0; i < n_slots; i++) c->slot_record[i] = -1, c->slot_used_at[i] = 0;
-  for (uint32_t i = 0; i < n_records; i++) c->record_slot[i] = -1;
+  for (uint32_t i = 0; i < n_slots; i++) {
+    em_slot empty = {-1, EM_SLOT_FREE, 0, 0, 0, 0};
+    c->slot[i] = empty;
+  }
+  for (uint32_t i = 0; i < c->n_records; i++) c->record_slot[i] = -1;
 }
 
-int32_t em_cache_find(em_expert_cache* c, uint32_t record) {
-  int32_t s = c->record_slot[record];
-  if (s >= 0) c->slot_used_at[s] = ++c->clock;
-  return s;
+void em_cache_touch(em_expert_cache* c, int32_t slot) {
+  c->slot[slot].used_at = ++c->clock;
+  c->slot[slot].prefetched = 0;
 }
 
-int32_t em_cache_claim(em_expert_cache* c, uint32_t record) {
-  int32_t victim = 0;
+/* EdgeMoE's eviction score L(i, j) = -f(i, j) / ((S - i + I) mod S) for expert j of layer i at
+ * current layer I of S; the highest is evicted first. Experts of the current layer (distance 0)
+ * score -inf: they are about to be used. */
+static double edgemoe_score(const em_expert_cache* c, uint32_t record, uint32_t current_layer) {
+  uint32_t S = c->layers, i = record / c->experts_per_layer;
+  uint32_t dist = (S - i + current_layer) % S;
+  if (dist == 0) return -INFINITY;
+  double f = c->frequency ? c->frequency[record] : 0.0;
+  return -f / (double)dist;
+}
+
+int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_layer, int prefetch,
+                       int* evicted_prefetch) {
+  int32_t victim = -1;
+  double best = 0.0;
+  *evicted_prefetch = 0;
   for (uint32_t i = 0; i < c->n_slots; i++) {
-    if (c->slot_record[i] < 0) {
+    const em_slot* s = &c->slot[i];
+    if (s->state == EM_SLOT_FREE) {
       victim = (int32_t)i;
       break;
     }
-    if (c->slot_used_at[i] < c->slot_used_at[victim]) victim = (int32_t)i;
+    if (s->state != EM_SLOT_READY || s->pins) continue;
+    double score; /* higher = evict sooner */
+    switch (c->policy) {
+      case EM_EVICT_FIFO: score = -(double)s->loaded_at; break;
+      case EM_EVICT_EDGEMOE: score = edgemoe_score(c, (uint32_t)s->record, current_layer); break;
+      default: score = -(double)s->used_at; break;
+    }
+    if (victim < 0 || score > best) victim = (int32_t)i, best = score;
   }
-  if (c->slot_record[victim] >= 0) c->record_slot[c->slot_record[victim]] = -1;
-  c->slot_record[victim] = (int32_t)record;
+  if (victim < 0) return -1;
+  em_slot* v = &c->slot[victim];
+  if (v->record >= 0) {
+    *evicted_prefetch = v->prefetched;
+    c->record_slot[v->record] = -1;
+  }
+  v->record = (int32_t)record;
+  v->state = EM_SLOT_LOADING;
+  v->prefetched = (uint8_t)(prefetch != 0);
+  v->pins = 0;
   c->record_slot[record] = victim;
-  c->slot_used_at[victim] = ++c->clock;
   return victim;
 }
 
+void em_cache_ready(em_expert_cache* c, int32_t slot) {
+  em_slot* s = &c->slot[slot];
+  s->state = EM_SLOT_READY;
+  s->loaded_at = s->used_at = ++c->clock;
+}
+
 void em_cache_release(em_expert_cache* c, int32_t slot) {
-  if (c->slot_record[slot] >= 0) c->record_slot[c->slot_record[slot]] = -1;
-  c->slot_record[slot] = -1;
-  c->slot_used_at[slot] = 0;
+  em_slot* s = &c->slot[slot];
+  if (s->record >= 0) c->record_slot[s->record] = -1;
+  s->record = -1;
+  s->state = EM_SLOT_FREE;
+  s->prefetched = 0;
+  s->pins = 0;
 }

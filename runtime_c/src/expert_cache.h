@@ -1,30 +1,51 @@
-/* A fixed set of equally sized slots holding expert records, with least-recently-used eviction. */
+/* A fixed set of equally sized slots holding expert records, and the policy that picks which
+ * slot to reuse. Not synchronised: the loader (loader.c) calls it under its lock. */
 #ifndef EM_EXPERT_CACHE_H
 #define EM_EXPERT_CACHE_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+#include "edgemoe.h"
+
+typedef enum { EM_SLOT_FREE = 0, EM_SLOT_LOADING, EM_SLOT_READY } em_slot_state;
+
 typedef struct {
-  uint8_t* slots;          /* n_slots * slot_bytes, 4096-aligned */
+  int32_t record;      /* record held or being loaded, -1 = none */
+  uint8_t state;       /* em_slot_state */
+  uint8_t prefetched;  /* loaded by a prefetch and not used since */
+  uint16_t pins;       /* users computing with it right now: never evicted while > 0 */
+  uint64_t used_at;    /* clock of the last use (LRU) */
+  uint64_t loaded_at;  /* clock when it was filled (FIFO) */
+} em_slot;
+
+typedef struct {
+  uint8_t* slots; /* n_slots * slot_bytes, 4096-aligned */
   uint32_t n_slots;
   uint64_t slot_bytes;
-  int32_t* slot_record;    /* record held by each slot, -1 = free */
-  uint64_t* slot_used_at;  /* clock value of the slot's last use */
-  int32_t* record_slot;    /* slot holding each record, -1 = not resident */
-  uint32_t n_records;
+  em_slot* slot;        /* [n_slots] */
+  int32_t* record_slot; /* [n_records]: slot holding or loading each record, -1 = none */
+  uint32_t n_records, experts_per_layer, layers;
+  em_eviction policy;
+  const float* frequency; /* [layers * experts]: activation frequency f(i, j), for EM_EVICT_EDGEMOE */
   uint64_t clock;
 } em_expert_cache;
 
-/* Bytes of bookkeeping em_cache_init places in `meta` for these sizes. */
 size_t em_cache_meta_bytes(uint32_t n_slots, uint32_t n_records);
 void em_cache_init(em_expert_cache* c, uint8_t* slots, uint32_t n_slots, uint64_t slot_bytes, void* meta,
-                   uint32_t n_records);
-/* Slot holding `record` (marked used now), or -1. */
-int32_t em_cache_find(em_expert_cache* c, uint32_t record);
-/* A slot to load `record` into: a free one, else the least recently used; it now belongs to `record`. */
-int32_t em_cache_claim(em_expert_cache* c, uint32_t record);
-/* Forget what a slot holds (after a failed load). */
+                   uint32_t layers, uint32_t experts_per_layer, em_eviction policy, const float* frequency);
+
+/* Slot holding or loading `record`, or -1. */
+static inline int32_t em_cache_lookup(const em_expert_cache* c, uint32_t record) { return c->record_slot[record]; }
+/* Marks a slot used now (and its prefetch, if any, used). */
+void em_cache_touch(em_expert_cache* c, int32_t slot);
+/* Claims a slot for `record` (state LOADING): a free slot, else the policy's victim among READY,
+ * unpinned slots, judged at `current_layer`. -1 if every slot is loading or pinned.
+ * *evicted_prefetch is set when the victim held a prefetched expert nobody used. */
+int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_layer, int prefetch,
+                       int* evicted_prefetch);
+void em_cache_ready(em_expert_cache* c, int32_t slot);
+/* Frees a slot (after a failed load). */
 void em_cache_release(em_expert_cache* c, int32_t slot);
 static inline uint8_t* em_cache_slot(const em_expert_cache* c, int32_t slot) {
   return c->slots + (uint64_t)slot * c->slot_bytes;

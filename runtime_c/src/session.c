@@ -14,14 +14,18 @@
 #include "artifact.h"
 #include "crc32.h"
 #include "edgemoe.h"
+#include "clock.h"
 #include "expert_cache.h"
 #include "kernels.h"
+#include "loader.h"
+#include "predictor.h"
 #include "storage.h"
 #include "tvm_backend.h"
 
 #define ALIGN_BUF 64
 #define ALIGN_PAGE 4096
 #define ERR_LEN 512
+#define MAX_TOP_K 64
 
 typedef struct {
   float *attn_norm, *wqkv, *wo, *ffn_norm, *router;
@@ -35,12 +39,20 @@ struct em_session {
   em_kernels k;
   em_storage* experts;
   em_expert_cache cache;
+  em_loader loader;
+  int loader_ready;
   em_arena arena;
-  int verify;
+  em_predictor predictor;
+  uint32_t n_predict;     /* experts prefetched per layer */
+  const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
+  const float* frequency;  /* [layers][experts] */
+  uint32_t* predicted;    /* [layers][n_predict]: the last prediction made for each layer */
+  uint8_t* has_prediction; /* [layers] */
 
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
   float *embed, *final_norm, *lm_head, *rope_cos, *rope_sin;
   float *x, *x2, *xn, *qkv, *q, *att, *h, *router_logits, *logits, *expert_weight;
+  float *pred_xn, *pred_scores; /* the next-router predictor's own buffers */
   float *k_cache, *v_cache; /* [layers][max_seq][kv_dim] */
   uint32_t max_seq, pos, q_dim, kv_dim;
   uint64_t record_bytes;
@@ -70,7 +82,7 @@ static memory_plan plan_memory(const em_trunk_header* th, const em_image_header*
   memory_plan p;
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim, q_dim, th->inter,
-                       th->experts, th->vocab, 1};
+                       th->experts, th->vocab, 1, th->hidden, th->experts};
   p.trunk = align_up(th->file_bytes - th->data_offset, ALIGN_PAGE);
   p.kv = align_up(2ull * th->layers * max_seq * kv_dim * sizeof(float), ALIGN_PAGE);
   p.buffers = 0;
@@ -78,10 +90,13 @@ static memory_plan plan_memory(const em_trunk_header* th, const em_image_header*
   p.buffers = align_up(p.buffers, ALIGN_PAGE);
   /* attention keeps scores and their exponentials, [heads, n] each, in workspace */
   p.arena = align_up(2ull * th->heads * max_seq * sizeof(float) + 4 * ALIGN_BUF, ALIGN_PAGE);
-  p.meta = align_up((uint64_t)ih->n_records * (sizeof(em_record) + sizeof(int32_t)) + th->layers * sizeof(layer_weights),
+  /* records; per record: cache and loader bookkeeping; per layer: weights and predictions */
+  p.meta = align_up((uint64_t)ih->n_records * sizeof(em_record) + em_cache_meta_bytes(0, ih->n_records) +
+                        em_loader_meta_bytes(0, ih->n_records) +
+                        th->layers * (sizeof(layer_weights) + 1 + th->experts * sizeof(uint32_t)),
                     ALIGN_BUF);
   p.fixed = p.trunk + p.kv + p.buffers + p.arena + p.meta;
-  p.per_slot = record_bytes + sizeof(int32_t) + sizeof(uint64_t);
+  p.per_slot = record_bytes + em_cache_meta_bytes(1, 0) + em_loader_meta_bytes(1, 0);
   return p;
 }
 
@@ -90,6 +105,9 @@ static memory_plan plan_memory(const em_trunk_header* th, const em_image_header*
 void em_default_params(em_params* p) {
   memset(p, 0, sizeof *p);
   p->verify_checksums = 1;
+  p->loader_thread = 1;
+  p->predictor = EM_PREDICT_NEXT_ROUTER;
+  p->eviction = EM_EVICT_LRU;
 }
 
 typedef struct {
@@ -158,8 +176,10 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, uint32_t n_slots
   return EM_OK;
 }
 
-static float* tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name, uint32_t rows,
-                     uint32_t cols) {
+/* The named float32 tensor of shape [rows] or [rows, cols] in the loaded trunk; NULL (with the
+ * reason in s->err unless `optional`) if absent or of another shape. */
+static float* find_tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name,
+                          uint32_t rows, uint32_t cols, int optional) {
   for (uint32_t i = 0; i < n_tensors; i++) {
     if (strcmp(t[i].name, name) != 0) continue;
     uint32_t want_ndim = cols ? 2 : 1;
@@ -169,8 +189,13 @@ static float* tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors
     }
     return (float*)(s->block + (t[i].offset - s->th.data_offset));
   }
-  snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
+  if (!optional) snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
   return NULL;
+}
+
+static float* tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name, uint32_t rows,
+                     uint32_t cols) {
+  return find_tensor(s, t, n_tensors, name, rows, cols, 0);
 }
 
 /* Loads the trunk data region into the block and points the weight pointers into it. */
@@ -212,6 +237,9 @@ static int load_trunk(em_session* s, const char* path) {
 #undef LAYER_TENSOR
     }
     if (!ok) rc = EM_ERR_FORMAT;
+    /* written by the compiler's profiling pass (edgemoe-compile --calibration) */
+    s->path_table = find_tensor(s, t, nt, "profile.path_table", th->layers * th->experts, th->experts, 1);
+    s->frequency = find_tensor(s, t, nt, "profile.frequency", th->layers, th->experts, 1);
   }
   if (fd >= 0) close(fd);
   free(t);
@@ -242,11 +270,19 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     return rc;
   }
   const em_trunk_header* th = &s->th;
+  if (th->top_k > MAX_TOP_K) {
+    snprintf(err, err_len, "top-k %u exceeds this runtime's limit of %d", th->top_k, MAX_TOP_K);
+    free(s->records);
+    free(s);
+    return EM_ERR_FORMAT;
+  }
   s->max_seq = params->max_seq && params->max_seq < th->max_positions ? params->max_seq : th->max_positions;
   s->q_dim = th->heads * th->head_dim;
   s->kv_dim = th->kv_heads * th->head_dim;
-  s->verify = params->verify_checksums;
   s->record_bytes = max_record_bytes(s->records, s->ih.n_records);
+  s->predictor = params->loader_thread ? params->predictor : EM_PREDICT_NONE; /* prefetching needs the thread */
+  s->n_predict = params->prefetch_experts ? params->prefetch_experts : th->top_k;
+  if (s->n_predict > th->experts) s->n_predict = th->experts;
   memory_plan p = plan_memory(th, &s->ih, s->record_bytes, s->max_seq);
   uint64_t min_budget = p.fixed + th->top_k * p.per_slot;
   uint64_t n_slots = s->ih.n_records;
@@ -268,10 +304,12 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   }
   uint64_t slot_bytes_total = n_slots * align_up(s->record_bytes, ALIGN_PAGE);
   uint64_t block_bytes = p.trunk + p.kv + p.buffers + p.arena + slot_bytes_total;
+  size_t cache_meta = em_cache_meta_bytes((uint32_t)n_slots, s->ih.n_records);
+  size_t loader_meta = em_loader_meta_bytes((uint32_t)n_slots, s->ih.n_records);
   void* block = NULL;
   uint8_t* meta = NULL;
   if (posix_memalign(&block, ALIGN_PAGE, block_bytes) != 0 ||
-      !(meta = (uint8_t*)malloc(em_cache_meta_bytes((uint32_t)n_slots, s->ih.n_records))) ||
+      !(meta = (uint8_t*)malloc(align_up(cache_meta, ALIGN_BUF) + loader_meta + th->layers * (s->n_predict * 4 + 1))) ||
       !(s->lw = (layer_weights*)calloc(th->layers, sizeof(layer_weights)))) {
     snprintf(err, err_len, "cannot allocate %llu bytes", (unsigned long long)block_bytes);
     free(block);
@@ -297,14 +335,27 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->router_logits = carve(&cur, th->experts);
   s->logits = carve(&cur, th->vocab);
   s->expert_weight = carve(&cur, 1);
+  s->pred_xn = carve(&cur, th->hidden);
+  s->pred_scores = carve(&cur, th->experts);
   s->arena.base = s->block + p.trunk + p.kv + p.buffers;
   s->arena.size = p.arena;
-  em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, (uint32_t)n_slots,
-                align_up(s->record_bytes, ALIGN_PAGE), meta, s->ih.n_records);
+  s->predicted = (uint32_t*)(meta + align_up(cache_meta, ALIGN_BUF) + loader_meta);
+  s->has_prediction = (uint8_t*)(s->predicted + (size_t)th->layers * s->n_predict);
+  memset(s->has_prediction, 0, th->layers);
 
   rc = load_trunk(s, ap.trunk);
+  if (!rc && s->predictor == EM_PREDICT_PATH_TABLE && !s->path_table) {
+    snprintf(s->err, ERR_LEN, "the path-table predictor needs an artifact compiled with calibration text (--calibration)");
+    rc = EM_ERR_ARGUMENT;
+  }
+  if (!rc && params->eviction == EM_EVICT_EDGEMOE && !s->frequency) {
+    snprintf(s->err, ERR_LEN, "EdgeMoE eviction needs expert frequencies: compile with calibration text (--calibration)");
+    rc = EM_ERR_ARGUMENT;
+  }
+  em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, (uint32_t)n_slots,
+                align_up(s->record_bytes, ALIGN_PAGE), meta, th->layers, th->experts, params->eviction, s->frequency);
   if (!rc) rc = em_kernels_load(&s->k, ap.kernels, s->err, ERR_LEN);
-  if (!rc && !(s->experts = em_storage_open_file(ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
+  if (!rc && !(s->experts = em_storage_open(params, ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
   for (uint32_t i = 0; !rc && i < s->ih.n_records; i++) {
     uint32_t b = s->records[i].bits;
     if (b > EM_MAX_BITS || !s->k.gate_up[b] || !s->k.down[b]) {
@@ -312,6 +363,11 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
                i, b, b);
       rc = EM_ERR_FORMAT;
     }
+  }
+  if (!rc) {
+    rc = em_loader_init(&s->loader, s->experts, &s->cache, s->records, th->experts, params->verify_checksums,
+                        params->loader_thread, &s->st, meta + align_up(cache_meta, ALIGN_BUF), s->err, ERR_LEN);
+    s->loader_ready = 1;
   }
   if (rc) {
     snprintf(err, err_len, "%s", s->err);
@@ -329,9 +385,10 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
 
 void em_close(em_session* s) {
   if (!s) return;
+  if (s->loader_ready) em_loader_stop(&s->loader);
   if (s->experts) s->experts->close(s->experts);
   em_kernels_unload(&s->k);
-  free(s->cache.slot_used_at); /* the bookkeeping allocation starts with this array */
+  free(s->cache.slot); /* the bookkeeping allocation starts with the slot array */
   free(s->block);
   free(s->records);
   free(s->lw);
@@ -340,74 +397,73 @@ void em_close(em_session* s) {
 
 /* ---- decoding ------------------------------------------------------------------------- */
 
-static uint64_t now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-#define CALL(fn, name, ...)                                                           \
-  do {                                                                                \
-    em_arg args_[] = {__VA_ARGS__};                                                   \
+#define CALL(fn, name, ...)                                                                              \
+  do {                                                                                                   \
+    em_arg args_[] = {__VA_ARGS__};                                                                      \
     int rc_ = em_kernel_call(fn, name, args_, (int)(sizeof args_ / sizeof args_[0]), s->err, ERR_LEN); \
-    if (rc_) return rc_;                                                              \
+    if (rc_) return rc_;                                                                                 \
   } while (0)
 
-/* The expert's record, resident in a cache slot: from the cache, or read from storage now. */
-static int fetch_expert(em_session* s, uint32_t layer, uint32_t expert, uint8_t** out) {
-  uint32_t ri = layer * s->th.experts + expert;
-  const em_record* r = &s->records[ri];
-  int32_t slot = em_cache_find(&s->cache, ri);
-  if (slot >= 0) {
-    s->st.expert_hits++;
-    *out = em_cache_slot(&s->cache, slot);
-    return EM_OK;
-  }
-  s->st.expert_misses++;
-  slot = em_cache_claim(&s->cache, ri);
-  uint8_t* dst = em_cache_slot(&s->cache, slot);
-  uint64_t t0 = now_ns();
-  int rc = s->experts->read(s->experts, dst, r->length, r->offset);
-  s->st.read_ns += now_ns() - t0;
-  if (rc) {
-    em_cache_release(&s->cache, slot);
-    snprintf(s->err, ERR_LEN, "reading expert record %u (layer %u, expert %u, %llu bytes at offset %llu) failed: %s",
-             ri, layer, expert, (unsigned long long)r->length, (unsigned long long)r->offset,
-             rc == -EIO ? "short read (file truncated?)" : strerror(-rc));
-    return EM_ERR_IO;
-  }
-  s->st.bytes_read += r->length;
-  if (s->verify && em_crc32(0, dst, r->length) != r->crc) {
-    em_cache_release(&s->cache, slot);
-    snprintf(s->err, ERR_LEN,
-             "expert record %u (layer %u, expert %u) failed its checksum: experts.bin is corrupted; "
-             "re-copy or recompile the artifact", ri, layer, expert);
-    return EM_ERR_FORMAT;
-  }
-  *out = dst;
-  return EM_OK;
+static uint32_t record_of(const em_session* s, uint32_t layer, uint32_t expert) {
+  return layer * s->th.experts + expert;
 }
 
-/* Softmax over the router logits, the top-k experts (ties: lower index) and their weights. */
+/* The router's top-k experts for the current xn, and their weights. */
 static void select_experts(const em_session* s, uint32_t* idx, float* w) {
   uint32_t E = s->th.experts, K = s->th.top_k;
   const float* l = s->router_logits;
   float mx = l[0], total = 0.0f, chosen = 0.0f;
   for (uint32_t e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
   for (uint32_t e = 0; e < E; e++) total += expf(l[e] - mx);
-  for (uint32_t k = 0; k < K; k++) {
-    int best = -1;
-    for (uint32_t e = 0; e < E; e++) {
-      int taken = 0;
-      for (uint32_t j = 0; j < k; j++) taken |= idx[j] == e;
-      if (!taken && (best < 0 || l[e] > l[best])) best = (int)e;
-    }
-    idx[k] = (uint32_t)best;
-    w[k] = expf(l[best] - mx);
-    chosen += w[k];
-  }
+  em_top_n(l, E, K, 0, idx);
+  for (uint32_t k = 0; k < K; k++) chosen += w[k] = expf(l[idx[k]] - mx);
   float denom = (s->th.flags & EM_TRUNK_FLAG_NORM_TOPK) ? chosen : total;
   for (uint32_t k = 0; k < K; k++) w[k] /= denom;
+}
+
+/* Predicts the experts of `layer` and starts loading them. `x` is the residual stream now;
+ * `selected` the experts the layer before chose (for the path table). */
+static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, const uint32_t* selected,
+                                uint32_t n_selected) {
+  uint32_t E = s->th.experts, H = s->th.hidden, prev = (layer + s->th.layers - 1) % s->th.layers;
+  uint32_t* guess = s->predicted + (size_t)layer * s->n_predict;
+  switch (s->predictor) {
+    case EM_PREDICT_PATH_TABLE:
+      if (!selected) return EM_OK;
+      em_path_scores(s->path_table, E, prev, selected, n_selected, s->pred_scores);
+      em_top_n(s->pred_scores, E, s->n_predict, 0, guess);
+      break;
+    case EM_PREDICT_NEXT_ROUTER:
+    case EM_PREDICT_WRONG:
+      CALL(s->k.rmsnorm, "em_rmsnorm", em_f32((void*)x, 1, H, 0, 0), em_f32(s->lw[layer].ffn_norm, 1, H, 0, 0),
+           em_f32(s->pred_xn, 1, H, 0, 0));
+      CALL(s->k.router, "em_router", em_f32(s->lw[layer].router, 2, E, H, 0), em_f32(s->pred_xn, 1, H, 0, 0),
+           em_f32(s->pred_scores, 1, E, 0, 0));
+      em_top_n(s->pred_scores, E, s->n_predict, s->predictor == EM_PREDICT_WRONG, guess);
+      break;
+    default:
+      return EM_OK;
+  }
+  uint32_t records[MAX_TOP_K * 4];
+  uint32_t n = s->n_predict < MAX_TOP_K * 4 ? s->n_predict : MAX_TOP_K * 4;
+  for (uint32_t i = 0; i < n; i++) records[i] = record_of(s, layer, guess[i]);
+  em_loader_prefetch(&s->loader, records, n, prev);
+  s->has_prediction[layer] = 1;
+  return EM_OK;
+}
+
+/* Counts how many of the layer's chosen experts its last prediction named. */
+static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx) {
+  if (!s->has_prediction[layer]) return;
+  const uint32_t* guess = s->predicted + (size_t)layer * s->n_predict;
+  for (uint32_t k = 0; k < s->th.top_k; k++)
+    for (uint32_t j = 0; j < s->n_predict; j++)
+      if (guess[j] == idx[k]) {
+        s->st.predicted_hits++;
+        break;
+      }
+  s->st.predicted += s->th.top_k;
+  s->has_prediction[layer] = 0;
 }
 
 static void swap(float** a, float** b) {
@@ -417,10 +473,11 @@ static void swap(float** a, float** b) {
 }
 
 static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weight) {
+  uint32_t ri = record_of(s, layer, expert);
   uint8_t* rec;
-  int rc = fetch_expert(s, layer, expert, &rec);
+  int rc = em_loader_wait(&s->loader, ri, layer, &rec, s->err, ERR_LEN);
   if (rc) return rc;
-  const em_record* r = &s->records[layer * s->th.experts + expert];
+  const em_record* r = &s->records[ri];
   int64_t H = s->th.hidden, I = s->th.inter, G = s->ih.group, b = r->bits;
   em_dl_dtype u32 = {1, 32, 1}, f16 = {2, 16, 1};
   uint8_t* part[6];
@@ -432,8 +489,35 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
   CALL(s->k.down[b], "em_expert_down", em_f32(s->h, 1, I, 0, 0), em_typed(part[4], u32, 2, H, I * b / 32),
        em_typed(part[5], f16, 2, H, I / G), em_f32(s->x, 1, H, 0, 0), em_f32(s->expert_weight, 1, 1, 0, 0),
        em_f32(s->x2, 1, H, 0, 0));
+  em_loader_release(&s->loader, ri);
   swap(&s->x, &s->x2);
   return EM_OK;
+}
+
+/* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
+ * next layer's predicted experts, then run the chosen ones as they arrive. */
+static int moe_layer(em_session* s, uint32_t l) {
+  const em_trunk_header* th = &s->th;
+  int64_t H = th->hidden;
+  CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(s->lw[l].ffn_norm, 1, H, 0, 0),
+       em_f32(s->xn, 1, H, 0, 0));
+  CALL(s->k.router, "em_router", em_f32(s->lw[l].router, 2, th->experts, H, 0), em_f32(s->xn, 1, H, 0, 0),
+       em_f32(s->router_logits, 1, th->experts, 0, 0));
+  uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
+  float wts[MAX_TOP_K];
+  select_experts(s, idx, wts);
+  score_prediction(s, l, idx);
+  for (uint32_t k = 0; k < th->top_k; k++) records[k] = record_of(s, l, idx[k]);
+  int rc = em_loader_need(&s->loader, records, th->top_k, l, s->err, ERR_LEN);
+  if (rc) return rc;
+  /* The next-router predictor has no hidden state for the next token's first layer: it predicts
+     that one from the token's embedding instead (see forward). */
+  if (l + 1 < th->layers || s->predictor == EM_PREDICT_PATH_TABLE)
+    rc = predict_and_prefetch(s, (l + 1) % th->layers, s->x, idx, th->top_k);
+  for (uint32_t k = 0; !rc && k < th->top_k; k++) rc = run_expert(s, l, idx[k], wts[k]);
+  if (rc) /* unpin what an error left pinned, so the session stays usable */
+    for (uint32_t k = 0; k < th->top_k; k++) em_loader_release(&s->loader, records[k]);
+  return rc;
 }
 
 static int forward(em_session* s, int32_t token, int want_logits) {
@@ -447,9 +531,15 @@ static int forward(em_session* s, int32_t token, int want_logits) {
     return EM_ERR_ARGUMENT;
   }
   int64_t H = th->hidden, hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos;
-  uint64_t t_start = now_ns(), read_before = s->st.read_ns;
+  em_stats before, after;
+  uint64_t t_start = em_now_ns();
+  em_loader_stats(&s->loader, &before);
   em_arena_bind(&s->arena);
   memcpy(s->x, s->embed + (uint64_t)token * H, H * sizeof(float));
+  if (s->predictor == EM_PREDICT_NEXT_ROUTER || s->predictor == EM_PREDICT_WRONG) {
+    int rc = predict_and_prefetch(s, 0, s->x, NULL, 0);
+    if (rc) return rc;
+  }
   for (uint32_t l = 0; l < th->layers; l++) {
     const layer_weights* w = &s->lw[l];
     float* kc = s->k_cache + (uint64_t)l * s->max_seq * s->kv_dim;
@@ -467,17 +557,8 @@ static int forward(em_session* s, int32_t token, int want_logits) {
     CALL(s->k.o_proj, "em_o_proj", em_f32(w->wo, 2, H, s->q_dim, 0), em_f32(s->att, 1, s->q_dim, 0, 0),
          em_f32(s->x, 1, H, 0, 0), em_f32(s->x2, 1, H, 0, 0));
     swap(&s->x, &s->x2);
-    CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(w->ffn_norm, 1, H, 0, 0),
-         em_f32(s->xn, 1, H, 0, 0));
-    CALL(s->k.router, "em_router", em_f32(w->router, 2, th->experts, H, 0), em_f32(s->xn, 1, H, 0, 0),
-         em_f32(s->router_logits, 1, th->experts, 0, 0));
-    uint32_t idx[64];
-    float wts[64];
-    select_experts(s, idx, wts);
-    for (uint32_t k = 0; k < th->top_k; k++) {
-      int rc = run_expert(s, l, idx[k], wts[k]);
-      if (rc) return rc;
-    }
+    int rc = moe_layer(s, l);
+    if (rc) return rc;
   }
   if (want_logits) {
     CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(s->final_norm, 1, H, 0, 0),
@@ -486,8 +567,9 @@ static int forward(em_session* s, int32_t token, int want_logits) {
          em_f32(s->logits, 1, th->vocab, 0, 0));
   }
   s->pos++;
+  em_loader_stats(&s->loader, &after);
   s->st.tokens++;
-  s->st.compute_ns += (now_ns() - t_start) - (s->st.read_ns - read_before);
+  s->st.compute_ns += (em_now_ns() - t_start) - (after.stall_ns - before.stall_ns);
   return EM_OK;
 }
 
@@ -514,7 +596,7 @@ void em_reset(em_session* s) { s->pos = 0; }
 const float* em_logits(const em_session* s) { return s->logits; }
 
 int em_stats_get(const em_session* s, em_stats* out) {
-  *out = s->st;
+  em_loader_stats((em_loader*)&s->loader, out);
   return EM_OK;
 }
 

@@ -1,9 +1,12 @@
-#define _XOPEN_SOURCE 700
+/* POSIX file backends: pread (optionally O_DIRECT) and mmap. */
+#define _GNU_SOURCE /* O_DIRECT */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "artifact.h"
@@ -12,31 +15,88 @@
 typedef struct {
   em_storage base;
   int fd;
-} file_storage;
+} pread_storage;
 
-static int file_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
-  return em_pread_all(((file_storage*)self)->fd, dst, len, offset);
+static int pread_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
+  return em_pread_all(((pread_storage*)self)->fd, dst, len, offset);
 }
 
-static void file_close(em_storage* self) {
-  close(((file_storage*)self)->fd);
+static void pread_close(em_storage* self) {
+  close(((pread_storage*)self)->fd);
   free(self);
 }
 
-em_storage* em_storage_open_file(const char* path, char* err, size_t err_len) {
-  int fd = open(path, O_RDONLY);
-  if (fd < 0) {
-    snprintf(err, err_len, "cannot open %s: %s", path, strerror(errno));
+em_storage* em_storage_open_pread(const char* path, int direct_io, char* err, size_t err_len) {
+  int flags = O_RDONLY;
+#ifdef O_DIRECT
+  if (direct_io) flags |= O_DIRECT;
+#else
+  if (direct_io) {
+    snprintf(err, err_len, "O_DIRECT is not available on this system");
     return NULL;
   }
-  file_storage* s = (file_storage*)calloc(1, sizeof *s);
+#endif
+  int fd = open(path, flags);
+  if (fd < 0) {
+    snprintf(err, err_len, "cannot open %s%s: %s", path, direct_io ? " with O_DIRECT" : "", strerror(errno));
+    return NULL;
+  }
+  pread_storage* s = (pread_storage*)calloc(1, sizeof *s);
   if (!s) {
     close(fd);
     snprintf(err, err_len, "out of memory");
     return NULL;
   }
-  s->base.read = file_read;
-  s->base.close = file_close;
+  s->base.read = pread_read;
+  s->base.close = pread_close;
+  s->fd = fd;
+  return &s->base;
+}
+
+typedef struct {
+  em_storage base;
+  const uint8_t* map;
+  uint64_t size;
+  int fd;
+} mmap_storage;
+
+static int mmap_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
+  mmap_storage* s = (mmap_storage*)self;
+  /* The mapping's length was fixed at open; a file truncated since reads as a short read. */
+  struct stat st;
+  if (offset > s->size || len > s->size - offset || fstat(s->fd, &st) != 0 || (uint64_t)st.st_size < offset + len)
+    return -EIO;
+  memcpy(dst, s->map + offset, len);
+  return 0;
+}
+
+static void mmap_close(em_storage* self) {
+  mmap_storage* s = (mmap_storage*)self;
+  munmap((void*)s->map, s->size);
+  close(s->fd);
+  free(s);
+}
+
+em_storage* em_storage_open_mmap(const char* path, char* err, size_t err_len) {
+  int fd = open(path, O_RDONLY);
+  struct stat st;
+  if (fd < 0 || fstat(fd, &st) != 0) {
+    snprintf(err, err_len, "cannot open %s: %s", path, strerror(errno));
+    if (fd >= 0) close(fd);
+    return NULL;
+  }
+  void* map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+  mmap_storage* s = map == MAP_FAILED ? NULL : (mmap_storage*)calloc(1, sizeof *s);
+  if (!s) {
+    snprintf(err, err_len, "cannot map %s: %s", path, strerror(errno));
+    if (map != MAP_FAILED) munmap(map, (size_t)st.st_size);
+    close(fd);
+    return NULL;
+  }
+  s->base.read = mmap_read;
+  s->base.close = mmap_close;
+  s->map = (const uint8_t*)map;
+  s->size = (uint64_t)st.st_size;
   s->fd = fd;
   return &s->base;
 }

@@ -22,22 +22,72 @@ static void test_crc32(void) {
   CHECK(em_crc32(em_crc32(0, "12345", 5), "6789", 4) == 0xCBF43926u);
 }
 
+/* Fills slots with records 0..n-1 of a 2-layer x 4-expert model, all ready. */
+static void fill(em_expert_cache* c, uint32_t n) {
+  int wasted;
+  for (uint32_t r = 0; r < n; r++) em_cache_ready(c, em_cache_claim(c, r, 0, 0, &wasted));
+}
+
 static void test_lru(void) {
   static uint8_t slots[3 * 16];
   static uint64_t meta[64];
   em_expert_cache c;
-  em_cache_init(&c, slots, 3, 16, meta, 10);
-  CHECK(em_cache_find(&c, 4) == -1);
-  int32_t a = em_cache_claim(&c, 4), b = em_cache_claim(&c, 5), d = em_cache_claim(&c, 6);
-  CHECK(a != b && b != d && a != d);
-  CHECK(em_cache_find(&c, 4) == a); /* 4 is now the most recent; 5 the least */
-  int32_t e = em_cache_claim(&c, 7);
-  CHECK(e == b);
-  CHECK(em_cache_find(&c, 5) == -1);
-  CHECK(em_cache_find(&c, 6) == d);
-  em_cache_release(&c, d);
-  CHECK(em_cache_find(&c, 6) == -1);
-  CHECK(em_cache_claim(&c, 8) == d); /* a released slot is reused before any eviction */
+  int wasted;
+  em_cache_init(&c, slots, 3, 16, meta, 2, 4, EM_EVICT_LRU, NULL);
+  CHECK(em_cache_lookup(&c, 4) == -1);
+  fill(&c, 3);
+  em_cache_touch(&c, em_cache_lookup(&c, 0)); /* 0 most recent; 1 least */
+  int32_t s1 = em_cache_lookup(&c, 1);
+  CHECK(em_cache_claim(&c, 5, 0, 0, &wasted) == s1);
+  CHECK(em_cache_lookup(&c, 1) == -1 && em_cache_lookup(&c, 5) == s1);
+  em_cache_ready(&c, s1);
+  int32_t s2 = em_cache_lookup(&c, 2);
+  em_cache_release(&c, s2);
+  CHECK(em_cache_claim(&c, 6, 0, 0, &wasted) == s2); /* a freed slot is reused before any eviction */
+  /* loading and pinned slots are never victims */
+  c.slot[em_cache_lookup(&c, 0)].pins = 1;
+  CHECK(em_cache_claim(&c, 7, 0, 0, &wasted) == s1); /* 6 is loading, 0 pinned: 5 goes */
+  c.slot[s1].pins = 1;
+  CHECK(em_cache_claim(&c, 8, 0, 0, &wasted) == -1); /* loading or pinned, every one */
+}
+
+static void test_fifo_and_prefetch_accounting(void) {
+  static uint8_t slots[2 * 16];
+  static uint64_t meta[64];
+  em_expert_cache c;
+  int wasted;
+  em_cache_init(&c, slots, 2, 16, meta, 2, 4, EM_EVICT_FIFO, NULL);
+  em_cache_ready(&c, em_cache_claim(&c, 0, 0, 1, &wasted)); /* prefetched, never used */
+  em_cache_ready(&c, em_cache_claim(&c, 1, 0, 0, &wasted));
+  em_cache_touch(&c, em_cache_lookup(&c, 0)); /* used: LRU would keep it, FIFO still evicts it */
+  int32_t s0 = em_cache_lookup(&c, 0);
+  CHECK(em_cache_claim(&c, 2, 0, 0, &wasted) == s0 && wasted == 0);
+  em_cache_ready(&c, s0);
+  em_cache_ready(&c, em_cache_claim(&c, 3, 0, 1, &wasted)); /* evicts 1 */
+  CHECK(em_cache_lookup(&c, 1) == -1);
+  CHECK(em_cache_claim(&c, 4, 0, 0, &wasted) == s0 && wasted == 0); /* 2 is older than 3 */
+  em_cache_ready(&c, s0);
+  CHECK(em_cache_claim(&c, 5, 0, 0, &wasted) >= 0 && wasted == 1); /* 3 evicted unused */
+}
+
+static void test_edgemoe_score(void) {
+  /* S = 4 layers x 2 experts; f: expert 1 of each layer is three times as frequent as expert 0 */
+  static const float freq[8] = {0.25f, 0.75f, 0.25f, 0.75f, 0.25f, 0.75f, 0.25f, 0.75f};
+  static uint8_t slots[4 * 16];
+  static uint64_t meta[64];
+  em_expert_cache c;
+  int wasted;
+  em_cache_init(&c, slots, 4, 16, meta, 4, 2, EM_EVICT_EDGEMOE, freq);
+  /* resident: (layer 0, e1), (layer 1, e0), (layer 1, e1), (layer 3, e1); current layer I = 1 */
+  uint32_t rec[4] = {1, 2, 3, 7};
+  for (int i = 0; i < 4; i++) em_cache_ready(&c, em_cache_claim(&c, rec[i], 1, 0, &wasted));
+  /* L = -f / ((S - i + I) mod S): layer 0 → dist 1 → -0.75; layer 3 → dist 2 → -0.375; layer 1 → -inf */
+  int32_t victim = em_cache_lookup(&c, 7);
+  CHECK(em_cache_claim(&c, 4, 1, 0, &wasted) == victim);
+  em_cache_ready(&c, victim);
+  /* now (2,e0) with f .25, dist 3 → -0.083 beats (0,e1) at -0.75 */
+  int32_t v2 = em_cache_lookup(&c, 4);
+  CHECK(em_cache_claim(&c, 6, 1, 0, &wasted) == v2);
 }
 
 static void test_arena(void) {
@@ -60,8 +110,10 @@ static void test_arena(void) {
 int main(void) {
   test_crc32();
   test_lru();
+  test_fifo_and_prefetch_accounting();
+  test_edgemoe_score();
   test_arena();
   if (failures) return 1;
-  printf("3 passed, 0 failed\n");
+  printf("5 passed, 0 failed\n");
   return 0;
 }

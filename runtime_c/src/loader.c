@@ -1,0 +1,261 @@
+#define _POSIX_C_SOURCE 200809L
+#include "loader.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "clock.h"
+#include "crc32.h"
+
+size_t em_loader_meta_bytes(uint32_t n_slots, uint32_t n_records) {
+  return (size_t)n_slots * sizeof(em_load_request) + (size_t)n_records * sizeof(int32_t);
+}
+
+static void* loader_main(void* arg);
+
+int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, const em_record* records,
+                   uint32_t experts_per_layer, int verify, int threaded, em_stats* stats, void* meta, char* err,
+                   size_t n) {
+  memset(l, 0, sizeof *l);
+  l->storage = storage;
+  l->cache = cache;
+  l->records = records;
+  l->experts_per_layer = experts_per_layer;
+  l->verify = verify;
+  l->threaded = threaded;
+  l->stats = stats;
+  l->queue = (em_load_request*)meta;
+  l->q_cap = cache->n_slots;
+  l->failed = (int32_t*)(l->queue + l->q_cap);
+  for (uint32_t i = 0; i < cache->n_records; i++) l->failed[i] = 0;
+  pthread_mutex_init(&l->lock, NULL);
+  pthread_cond_init(&l->work, NULL);
+  pthread_cond_init(&l->done, NULL);
+  if (threaded) {
+    int rc = pthread_create(&l->thread, NULL, loader_main, l);
+    if (rc) {
+      snprintf(err, n, "cannot start the loader thread: %s", strerror(rc));
+      return EM_ERR_NOMEM;
+    }
+    l->started = 1;
+  }
+  return EM_OK;
+}
+
+void em_loader_stop(em_loader* l) {
+  if (l->started) {
+    pthread_mutex_lock(&l->lock);
+    l->stop = 1;
+    pthread_cond_signal(&l->work);
+    pthread_mutex_unlock(&l->lock);
+    pthread_join(l->thread, NULL);
+    l->started = 0;
+  }
+  pthread_cond_destroy(&l->work);
+  pthread_cond_destroy(&l->done);
+  pthread_mutex_destroy(&l->lock);
+}
+
+/* Reads and checks one record into its slot; runs without the lock (the slot is LOADING: only
+ * the reader touches its memory). */
+static int read_record(em_loader* l, int32_t record, int32_t slot, uint64_t* ns) {
+  const em_record* r = &l->records[record];
+  uint8_t* dst = em_cache_slot(l->cache, slot);
+  uint64_t t0 = em_now_ns();
+  int rc = l->storage->read(l->storage, dst, r->length, r->offset);
+  *ns = em_now_ns() - t0;
+  if (!rc && l->verify && em_crc32(0, dst, r->length) != r->crc) rc = EM_LOAD_CHECKSUM;
+  return rc;
+}
+
+/* Records the outcome of a read, under the lock. */
+static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint64_t ns) {
+  l->stats->read_ns += ns;
+  if (rc == 0) {
+    l->stats->bytes_read += l->records[record].length;
+    em_cache_ready(l->cache, slot);
+  } else {
+    l->failed[record] = rc;
+    em_cache_release(l->cache, slot);
+  }
+  pthread_cond_broadcast(&l->done);
+}
+
+static void* loader_main(void* arg) {
+  em_loader* l = (em_loader*)arg;
+  pthread_mutex_lock(&l->lock);
+  for (;;) {
+    while (!l->stop && l->q_len == 0) pthread_cond_wait(&l->work, &l->lock);
+    if (l->stop) break;
+    em_load_request req = l->queue[l->q_head];
+    l->q_head = (l->q_head + 1) % l->q_cap;
+    l->q_len--;
+    pthread_mutex_unlock(&l->lock);
+    uint64_t ns;
+    int rc = read_record(l, req.record, req.slot, &ns);
+    pthread_mutex_lock(&l->lock);
+    finish_load(l, req.record, req.slot, rc, ns);
+  }
+  pthread_mutex_unlock(&l->lock);
+  return NULL;
+}
+
+/* Queues a load; demand loads go ahead of prefetches. Called with the lock held; the queue never
+ * overflows since every entry owns a distinct LOADING slot. */
+static void enqueue(em_loader* l, int32_t record, int32_t slot, int demand) {
+  em_load_request req = {record, slot, (uint8_t)demand};
+  if (demand) {
+    l->q_head = (l->q_head + l->q_cap - 1) % l->q_cap;
+    l->queue[l->q_head] = req;
+  } else {
+    l->queue[(l->q_head + l->q_len) % l->q_cap] = req;
+  }
+  l->q_len++;
+  pthread_cond_signal(&l->work);
+}
+
+static void format_failure(const em_loader* l, uint32_t record, int rc, char* err, size_t n) {
+  const em_record* r = &l->records[record];
+  if (rc == EM_LOAD_CHECKSUM)
+    snprintf(err, n,
+             "expert record %u (layer %u, expert %u) failed its checksum: experts.bin is corrupted; "
+             "re-copy or recompile the artifact", record, r->layer, r->expert);
+  else
+    snprintf(err, n, "reading expert record %u (layer %u, expert %u, %llu bytes at offset %llu) failed: %s", record,
+             r->layer, r->expert, (unsigned long long)r->length, (unsigned long long)r->offset,
+             rc == -EIO ? "short read (file truncated?)" : strerror(-rc));
+}
+
+/* Claims a slot for a demand load of `record`, waiting while every slot is loading. Lock held. */
+static int32_t claim_for_demand(em_loader* l, uint32_t record, uint32_t layer) {
+  for (;;) {
+    int wasted;
+    int32_t slot = em_cache_claim(l->cache, record, layer, 0, &wasted);
+    if (slot >= 0) {
+      l->stats->prefetch_wasted += (uint64_t)wasted;
+      return slot;
+    }
+    if (!l->threaded) return -1; /* nothing in flight can free a slot */
+    uint64_t t0 = em_now_ns();
+    pthread_cond_wait(&l->done, &l->lock);
+    l->stats->stall_ns += em_now_ns() - t0;
+  }
+}
+
+/* Moves a queued prefetch of `record` to the front of the queue: the decode loop needs it now. */
+static void promote(em_loader* l, uint32_t record) {
+  for (uint32_t i = 0; i < l->q_len; i++) {
+    uint32_t at = (l->q_head + i) % l->q_cap;
+    if (l->queue[at].record != (int32_t)record) continue;
+    em_load_request req = l->queue[at];
+    for (uint32_t j = i; j > 0; j--)
+      l->queue[(l->q_head + j) % l->q_cap] = l->queue[(l->q_head + j - 1) % l->q_cap];
+    req.demand = 1;
+    l->queue[l->q_head] = req;
+    return;
+  }
+}
+
+/* Starts a demand load of a record that is not resident. Lock held; without a loader thread the
+ * read happens here. */
+static int demand_load(em_loader* l, uint32_t record, uint32_t layer, char* err, size_t errn) {
+  int32_t slot = claim_for_demand(l, record, layer);
+  if (slot < 0) {
+    snprintf(err, errn, "no expert cache slot can be freed for record %u (every slot is pinned)", record);
+    return EM_ERR_BUDGET;
+  }
+  l->cache->slot[slot].pins = 1;
+  l->failed[record] = 0;
+  if (l->threaded) {
+    enqueue(l, (int32_t)record, slot, 1);
+    return EM_OK;
+  }
+  uint64_t ns;
+  pthread_mutex_unlock(&l->lock);
+  int rc = read_record(l, (int32_t)record, slot, &ns);
+  pthread_mutex_lock(&l->lock);
+  l->stats->stall_ns += ns;
+  finish_load(l, (int32_t)record, slot, rc, ns);
+  if (rc) format_failure(l, record, rc, err, errn);
+  return rc ? (rc == EM_LOAD_CHECKSUM ? EM_ERR_FORMAT : EM_ERR_IO) : EM_OK;
+}
+
+int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, char* err, size_t errn) {
+  int rc = EM_OK;
+  pthread_mutex_lock(&l->lock);
+  for (uint32_t i = 0; i < n && rc == EM_OK; i++) {
+    int32_t slot = em_cache_lookup(l->cache, records[i]);
+    if (slot >= 0) { /* resident, or a prefetch of it is in flight: the predictor was right */
+      em_slot* s = &l->cache->slot[slot];
+      l->stats->expert_hits++;
+      l->stats->prefetch_used += s->prefetched;
+      em_cache_touch(l->cache, slot);
+      s->pins++;
+      if (s->state == EM_SLOT_LOADING) promote(l, records[i]);
+    } else {
+      l->stats->expert_misses++;
+      rc = demand_load(l, records[i], layer, err, errn);
+    }
+  }
+  pthread_mutex_unlock(&l->lock);
+  return rc;
+}
+
+int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data, char* err, size_t errn) {
+  int rc = EM_OK, retried = 0;
+  uint64_t t0 = 0;
+  pthread_mutex_lock(&l->lock);
+  for (;;) {
+    int32_t slot = em_cache_lookup(l->cache, record);
+    if (slot >= 0 && l->cache->slot[slot].state == EM_SLOT_READY) {
+      *data = em_cache_slot(l->cache, slot);
+      break;
+    }
+    if (slot < 0) { /* its load failed (and released the slot) */
+      int why = l->failed[record];
+      if (retried) {
+        format_failure(l, record, why, err, errn);
+        rc = why == EM_LOAD_CHECKSUM ? EM_ERR_FORMAT : EM_ERR_IO;
+        break;
+      }
+      retried = 1; /* the failed read may have been a prefetch: read it once more on demand */
+      rc = demand_load(l, record, layer, err, errn);
+      if (rc) break;
+      continue;
+    }
+    if (!t0) t0 = em_now_ns();
+    pthread_cond_wait(&l->done, &l->lock);
+  }
+  if (t0) l->stats->stall_ns += em_now_ns() - t0;
+  pthread_mutex_unlock(&l->lock);
+  return rc;
+}
+
+void em_loader_release(em_loader* l, uint32_t record) {
+  pthread_mutex_lock(&l->lock);
+  int32_t slot = em_cache_lookup(l->cache, record);
+  if (slot >= 0 && l->cache->slot[slot].pins) l->cache->slot[slot].pins--;
+  pthread_mutex_unlock(&l->lock);
+}
+
+void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer) {
+  if (!l->threaded) return;
+  pthread_mutex_lock(&l->lock);
+  for (uint32_t i = 0; i < n; i++) {
+    if (em_cache_lookup(l->cache, records[i]) >= 0) continue;
+    int wasted;
+    int32_t slot = em_cache_claim(l->cache, records[i], layer, 1, &wasted);
+    if (slot < 0) break;
+    l->stats->prefetch_wasted += (uint64_t)wasted;
+    l->stats->prefetch_issued++;
+    enqueue(l, (int32_t)records[i], slot, 0);
+  }
+  pthread_mutex_unlock(&l->lock);
+}
+
+void em_loader_stats(em_loader* l, em_stats* out) {
+  pthread_mutex_lock(&l->lock);
+  *out = *l->stats;
+  pthread_mutex_unlock(&l->lock);
+}

@@ -1,0 +1,64 @@
+/* Getting expert records into cache slots: on demand for the expert the decode loop needs now,
+ * and ahead of need for the experts a predictor names, on a loader thread that reads while the
+ * decode thread computes. All cache bookkeeping happens under the loader's lock. */
+#ifndef EM_LOADER_H
+#define EM_LOADER_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "artifact.h"
+#include "edgemoe.h"
+#include "expert_cache.h"
+#include "storage.h"
+
+typedef struct {
+  int32_t record, slot;
+  uint8_t demand; /* 1: the decode loop is waiting for it; 0: a prefetch */
+} em_load_request;
+
+typedef struct {
+  em_storage* storage;
+  em_expert_cache* cache;
+  const em_record* records;
+  uint32_t experts_per_layer;
+  int verify;
+  int threaded;
+  em_stats* stats; /* counters shared with the session, updated under the lock */
+
+  pthread_t thread;
+  pthread_mutex_t lock;
+  pthread_cond_t work; /* the queue got a request, or stop */
+  pthread_cond_t done; /* a load finished (ready or failed) */
+  int started, stop;
+  em_load_request* queue; /* ring buffer of n_slots requests: at most one in flight per slot */
+  uint32_t q_head, q_len, q_cap;
+  int32_t* failed; /* [records]: error of the record's last failed load, 0 = none */
+} em_loader;
+
+enum { EM_LOAD_CHECKSUM = -100000 }; /* failure code: the record read back did not match its CRC-32 */
+
+/* Bytes of bookkeeping em_loader_init places in `meta`. */
+size_t em_loader_meta_bytes(uint32_t n_slots, uint32_t n_records);
+int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, const em_record* records,
+                   uint32_t experts_per_layer, int verify, int threaded, em_stats* stats, void* meta, char* err,
+                   size_t n);
+void em_loader_stop(em_loader* l);
+
+/* Declares that the decode loop needs these records (one layer's selected experts) now: each is
+ * pinned so nothing evicts it; one not resident is claimed a slot and read on demand (queued ahead
+ * of prefetches on the loader thread, or read right here without one). `layer` is the layer being
+ * computed, for the eviction policy. */
+int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, char* err, size_t errn);
+/* Waits until a needed record is resident and gives its data. */
+int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data, char* err, size_t errn);
+/* Unpins a needed record once computed with. */
+void em_loader_release(em_loader* l, uint32_t record);
+/* Starts loading these records (most wanted first) into slots the policy can spare; skips any that
+ * are resident or in flight and stops when no slot can be claimed. No-op without a loader thread. */
+void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer);
+/* A copy of the shared counters. */
+void em_loader_stats(em_loader* l, em_stats* out);
+
+#endif
