@@ -12,6 +12,7 @@ from ..models import load_model
 from ..targets import load_target
 from .expert_image import ExpertWeights, write_image
 from .lower import build_kernels
+from .profile import profile_routing, tokenize_file
 from .quantize import DEFAULT_GROUP, check_bits, quantize
 from .trunk_file import write_trunk
 
@@ -24,6 +25,8 @@ class CompileOptions:
     expert_bits: int = 4
     group: int = DEFAULT_GROUP
     max_seq: int | None = None  # context the artifact supports; default: min(model maximum, 2048)
+    calibration: Path | None = None  # text for profiling expert routing (predictor tables, eviction frequencies)
+    calibration_tokens: int = 8192
 
 
 def _sha256(path: Path) -> str:
@@ -59,8 +62,13 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         ]
         for layer in model.layers
     ]
+    profile = None
+    if opts.calibration is not None:
+        tokens = tokenize_file(model_dir / "tokenizer.json", opts.calibration, opts.calibration_tokens)
+        profile = profile_routing(model, tokens)
+        log(f"profiled expert routing on {len(tokens)} calibration tokens from {opts.calibration}")
     records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group)
-    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq)
+    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, profile)
     log(f"wrote experts.bin ({len(records)} records of {records[0].length} bytes, INT{opts.expert_bits}, "
         f"group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB)")
 
@@ -84,6 +92,9 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
                     "image_bytes": files["experts.bin"]["bytes"]},
         "trunk_bytes": trunk_bytes,
+        "profile": None if profile is None else {
+            "calibration": str(opts.calibration), "tokens": int(profile.selected.shape[0]),
+            "expert_frequency": profile.frequency.round(4).tolist()},
         "kernels": kernels,
         "files": files,
         "compile_seconds": round(time.time() - t0, 2),

@@ -31,8 +31,9 @@ DTYPE_F32 = 0
 assert size(TENSOR_FMT) == TENSOR_BYTES
 
 
-def trunk_tensors(model: MoEModel, max_positions: int) -> list[tuple[str, np.ndarray]]:
-    """The resident tensors in file order, under the names runtime_c/artifact.c looks up."""
+def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tuple[str, np.ndarray]]:
+    """The resident tensors in file order, under the names runtime_c/src/session.c looks up;
+    with a RoutingProfile, also the predictor's path table and the expert frequencies."""
     cos, sin = rope_tables(model.config, max_positions)
     out = [("embed", model.embed)]
     for i, l in enumerate(model.layers):
@@ -46,13 +47,17 @@ def trunk_tensors(model: MoEModel, max_positions: int) -> list[tuple[str, np.nda
     out += [("final_norm", model.final_norm), ("rope_cos", cos), ("rope_sin", sin)]
     if not model.config.tie_embeddings:
         out.append(("lm_head", model.lm_head))
+    if profile is not None:
+        cfg = model.config
+        out.append(("profile.path_table", profile.path_table().reshape(cfg.num_layers * cfg.num_experts, -1)))
+        out.append(("profile.frequency", profile.frequency))
     return out
 
 
-def write_trunk(path: Path, model: MoEModel, max_positions: int) -> int:
+def write_trunk(path: Path, model: MoEModel, max_positions: int, profile=None) -> int:
     """Write the trunk file; return its size in bytes."""
     cfg = model.config
-    tensors = [(n, np.ascontiguousarray(a, dtype=np.float32)) for n, a in trunk_tensors(model, max_positions)]
+    tensors = [(n, np.ascontiguousarray(a, dtype=np.float32)) for n, a in trunk_tensors(model, max_positions, profile)]
     table_offset = HEADER_BYTES
     data_offset = align_up(table_offset + len(tensors) * TENSOR_BYTES, TENSOR_ALIGN)
     entries, data, pos = [], bytearray(), 0

@@ -111,3 +111,51 @@ class ReferenceExecutor:
             all_logits.append(logits)
             logits = self.step(nxt)
         return out, np.stack(all_logits)
+
+
+def forward_sequence(model: MoEModel, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-sequence causal forward pass (batched, for profiling and perplexity).
+
+    Returns (logits [T, vocab], selected experts [T, layers, top_k]); numerically the same model
+    as ReferenceExecutor.step, computed as matrix products over the sequence.
+    """
+    cfg = model.config
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+    T, d = len(tokens), cfg.head_dim
+    cos, sin = rope_tables(cfg, T)
+    group = cfg.num_heads // cfg.num_kv_heads
+    mask = np.triu(np.full((T, T), -np.inf, np.float32), k=1)
+    x = model.embed[tokens].astype(np.float32)
+    selected = np.zeros((T, cfg.num_layers, cfg.top_k), np.int32)
+    for li, layer in enumerate(model.layers):
+        xn = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+        q = (xn @ layer.wq.T).reshape(T, cfg.num_heads, d)
+        k = (xn @ layer.wk.T).reshape(T, cfg.num_kv_heads, d)
+        v = (xn @ layer.wv.T).reshape(T, cfg.num_kv_heads, d)
+        q = apply_rope(q, cos[:, None, :], sin[:, None, :])
+        k = apply_rope(k, cos[:, None, :], sin[:, None, :])
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + mask
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        x = x + np.einsum("htu,uhd->thd", p, v).reshape(T, -1) @ layer.wo.T
+        xn = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
+        logits = xn @ layer.router.T
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        idx = np.argsort(-probs, axis=-1, kind="stable")[:, : cfg.top_k]
+        w = np.take_along_axis(probs, idx, axis=-1)
+        if cfg.norm_topk_prob:
+            w = w / w.sum(axis=-1, keepdims=True)
+        selected[:, li] = idx
+        out = np.zeros_like(x)
+        for e, ex in enumerate(layer.experts):
+            rows, slot = np.nonzero(idx == e)
+            if len(rows) == 0:
+                continue
+            xe = xn[rows]
+            out[rows] += w[rows, slot][:, None] * ((silu(xe @ ex.w_gate.T) * (xe @ ex.w_up.T)) @ ex.w_down.T)
+        x = x + out
+    return (rms_norm(x, model.final_norm, cfg.norm_eps) @ model.lm_head.T).astype(np.float32), selected

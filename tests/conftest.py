@@ -49,11 +49,18 @@ def trained_model():
     return load_model(TRAINED_MODEL)
 
 
+# Calibration text for profiling routing: part of the training data, never the held-out text.
+CALIBRATION = DATA_DIR / "tinyshakespeare.txt"
+
+
 def _compile(tmp_path_factory, model_dir: Path, bits: int, name: str) -> Path:
     from edgemoe.compiler.driver import CompileOptions, compile_model
 
+    if not CALIBRATION.is_file():
+        pytest.fail(f"calibration text {CALIBRATION} missing: set EDGEMOE_DATA_DIR to the shared data folder")
     out = tmp_path_factory.mktemp(name)
-    compile_model(model_dir, out, CompileOptions(expert_bits=bits, max_seq=256), log=lambda m: None)
+    opts = CompileOptions(expert_bits=bits, max_seq=256, calibration=CALIBRATION, calibration_tokens=4096)
+    compile_model(model_dir, out, opts, log=lambda m: None)
     return out
 
 

@@ -62,7 +62,7 @@ def test_quarter_budget_gives_identical_tokens_and_forces_reads(artifact_int4, t
         full_stats = full.stats()
     n_records = len(read_table(artifact_int4 / "experts.bin")[1])
     quarter = n_records // 4
-    with Session(artifact_int4, memory_budget=budget_bytes(artifact_int4, 0, quarter)) as s:
+    with Session(artifact_int4, memory_budget=budget_bytes(artifact_int4, 0, quarter), predictor="none") as s:
         got = s.generate(ids, N_NEW)
         st = s.stats()
     assert got == want
@@ -79,7 +79,8 @@ def test_peak_rss_stays_within_budget(artifact_int4, tokenizer):
     budget = budget_bytes(artifact_int4, 0, n_records // 4)
     ids = ",".join(map(str, tokenizer.encode(PROMPTS[1]).ids))
     proc = subprocess.run([str(DEFAULT_BUILD_DIR / "edgemoe_run"), str(artifact_int4), "--tokens", ids, "-n", "32",
-                           "--budget", str(budget)], capture_output=True, text=True, check=True)
+                           "--budget", str(budget), "--predictor", "next-router"], capture_output=True, text=True,
+                          check=True)
     stats = dict(line.split("=") for line in proc.stdout.splitlines()[1:])
     assert int(stats["memory_bytes"]) <= budget
     assert int(stats["expert_misses"]) > 0

@@ -30,16 +30,19 @@ class _Bytes(click.ParamType):
               help="Expert weight bitwidth (uniform).")
 @click.option("--group", default=32, show_default=True, help="Quantization group size along the input dimension.")
 @click.option("--max-seq", type=int, default=None, help="Longest context the artifact supports [model max, ≤ 2048].")
-def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq):
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Text to profile expert routing on: enables the path-table predictor and EdgeMoE eviction.")
+@click.option("--calibration-tokens", default=8192, show_default=True, help="Tokens of calibration text to use.")
+def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq, calibration, calibration_tokens):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
     from .compiler.driver import CompileOptions, compile_model
     from .models import ModelImportError
     from .targets import UnknownTargetError
 
     try:
-        compile_model(model_dir, out_dir, CompileOptions(target, int(expert_bits), group, max_seq),
-                      log=lambda m: click.echo(m, err=True))
-    except (ModelImportError, UnknownTargetError, ValueError) as e:
+        opts = CompileOptions(target, int(expert_bits), group, max_seq, calibration, calibration_tokens)
+        compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True))
+    except (ModelImportError, UnknownTargetError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
 
 
@@ -50,6 +53,25 @@ def _load_tokenizer(artifact: Path):
     if not path.is_file():
         raise click.ClickException(f"{path} not found: pass --tokens with token ids instead of --prompt")
     return Tokenizer.from_file(str(path))
+
+
+def _storage_emulation(spec: str) -> tuple[float, float]:
+    """(bandwidth B/s, latency s) from a target name or "MBPS,MS"."""
+    from .targets import UnknownTargetError, load_target
+
+    if "," in spec:
+        try:
+            mbps, ms = (float(v) for v in spec.split(","))
+        except ValueError:
+            raise click.UsageError(f"--emulate-storage {spec!r}: give MB/s,ms such as 45,1")
+        return mbps * 1e6, ms * 1e-3
+    try:
+        st = load_target(spec).storage
+    except UnknownTargetError as e:
+        raise click.UsageError(str(e))
+    if not st.get("read_bandwidth_bytes_per_s"):
+        raise click.UsageError(f"target {spec!r} describes no storage speed to emulate")
+    return float(st["read_bandwidth_bytes_per_s"]), float(st.get("read_latency_s") or 0.0)
 
 
 @click.command("edgemoe-run")
@@ -64,7 +86,18 @@ def _load_tokenizer(artifact: Path):
               help="Instead of --budget: a budget whose expert cache holds this fraction of all experts.")
 @click.option("--max-seq", type=int, default=0, help="Context to allocate [artifact maximum].")
 @click.option("--no-verify", is_flag=True, help="Skip the CRC-32 check of each expert record read.")
-def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no_verify):
+@click.option("--predictor", type=click.Choice(["none", "path-table", "next-router", "wrong"]), default="next-router",
+              show_default=True, help="How next-layer experts are predicted for prefetching.")
+@click.option("--eviction", type=click.Choice(["lru", "fifo", "edgemoe"]), default="lru", show_default=True)
+@click.option("--prefetch", "prefetch_experts", default=0, help="Experts to prefetch per layer [top-k].")
+@click.option("--no-loader-thread", is_flag=True, help="Read experts on the decode thread (no prefetching).")
+@click.option("--storage", type=click.Choice(["pread", "mmap"]), default="pread", show_default=True)
+@click.option("--direct-io", is_flag=True, help="Open the expert image with O_DIRECT (bypass the page cache).")
+@click.option("--emulate-storage", metavar="TARGET|MBPS,MS",
+              help="Stretch each expert read to a device's speed: a target name (its storage entry) "
+                   "or bandwidth in MB/s and latency in ms, e.g. 45,1.")
+def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no_verify, predictor, eviction,
+            prefetch_experts, no_loader_thread, storage, direct_io, emulate_storage):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
     from .runtime import EdgeMoEError, Session, budget_bytes
 
@@ -85,7 +118,10 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
 
             n_records = json.loads((artifact / "manifest.json").read_text())["experts"]["records"]
             budget = budget_bytes(artifact, max_seq, max(1, round(cache_fraction * n_records)))
-        with Session(artifact, memory_budget=budget or 0, max_seq=max_seq, verify=not no_verify) as s:
+        emulate = _storage_emulation(emulate_storage) if emulate_storage else None
+        with Session(artifact, memory_budget=budget or 0, max_seq=max_seq, verify=not no_verify, storage=storage,
+                     direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread, predictor=predictor,
+                     prefetch_experts=prefetch_experts, eviction=eviction) as s:
             t0 = time.perf_counter()
             logits = s.prefill(ids)
             t1 = time.perf_counter()
@@ -111,7 +147,12 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
                f"process peak RSS {fmt_bytes(peak_rss)}", err=True)
     click.echo(f"expert cache: hit rate {st['expert_hits'] / max(uses, 1):.1%} ({st['expert_hits']} hits, "
                f"{st['expert_misses']} misses); read {fmt_bytes(st['bytes_read'] / max(st['tokens'], 1))}/token, "
-               f"I/O {st['read_ns'] / 1e6:.1f} ms, compute {st['compute_ns'] / 1e6:.1f} ms", err=True)
+               f"I/O {st['read_ns'] / 1e6:.1f} ms, stalled {st['stall_ns'] / 1e6:.1f} ms, "
+               f"compute {st['compute_ns'] / 1e6:.1f} ms", err=True)
+    if st["predicted"]:
+        click.echo(f"prediction ({predictor}): {st['predicted_hits'] / st['predicted']:.1%} of chosen experts "
+                   f"predicted; prefetches {st['prefetch_issued']} issued, {st['prefetch_used']} used, "
+                   f"{st['prefetch_wasted']} evicted unused", err=True)
 
 
 def main():  # pragma: no cover - `python -m edgemoe.cli`

@@ -1,5 +1,7 @@
 /* edgemoe_run: greedy generation from token ids on the device, no Python.
  *   edgemoe_run ARTIFACT_DIR --tokens 1,2,3 [-n 64] [--budget BYTES] [--max-seq N] [--no-verify]
+ *               [--predictor none|path-table|next-router|wrong] [--eviction lru|fifo|edgemoe]
+ *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS]
  * Prints the generated token ids on one line, then the statistics as key=value lines. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,7 +12,9 @@
 
 static int usage(void) {
   fprintf(stderr,
-          "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget BYTES] [--max-seq N] [--no-verify]\n");
+          "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget BYTES] [--max-seq N] [--no-verify]\n"
+          "       [--predictor none|path-table|next-router|wrong] [--eviction lru|fifo|edgemoe]\n"
+          "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS]\n");
   return 2;
 }
 
@@ -24,6 +28,12 @@ static size_t parse_tokens(const char* s, int32_t* out, size_t cap) {
     s = *end == ',' ? end + 1 : end;
   }
   return n;
+}
+
+static int lookup(const char* value, const char* const* names, int n) {
+  for (int i = 0; i < n; i++)
+    if (!strcmp(value, names[i])) return i;
+  return -1;
 }
 
 static int argmax(const float* v, uint32_t n) {
@@ -47,7 +57,26 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--budget") && i + 1 < argc) p.memory_budget = strtoull(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--max-seq") && i + 1 < argc) p.max_seq = (uint32_t)strtoul(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--no-verify")) p.verify_checksums = 0;
-    else return usage();
+    else if (!strcmp(argv[i], "--no-loader-thread")) p.loader_thread = 0;
+    else if (!strcmp(argv[i], "--mmap")) p.storage = EM_STORAGE_MMAP;
+    else if (!strcmp(argv[i], "--direct-io")) p.direct_io = 1;
+    else if (!strcmp(argv[i], "--emulate") && i + 1 < argc) {
+      double mbps, ms;
+      if (sscanf(argv[++i], "%lf,%lf", &mbps, &ms) != 2) return usage();
+      p.emulate_bandwidth = mbps * 1e6;
+      p.emulate_latency = ms * 1e-3;
+    } else if (!strcmp(argv[i], "--predictor") && i + 1 < argc) {
+      static const char* const names[] = {"none", "path-table", "next-router", "wrong"};
+      int v = lookup(argv[++i], names, 4);
+      if (v < 0) return usage();
+      p.predictor = (em_predictor)v;
+    } else if (!strcmp(argv[i], "--eviction") && i + 1 < argc) {
+      static const char* const names[] = {"lru", "fifo", "edgemoe"};
+      int v = lookup(argv[++i], names, 3);
+      if (v < 0) return usage();
+      p.eviction = (em_eviction)v;
+    } else
+      return usage();
   }
   if (n_prompt == 0) return usage();
   char err[512];
@@ -74,14 +103,16 @@ int main(int argc, char** argv) {
   em_stats_get(s, &st);
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
+#define U(x) (unsigned long long)(x)
   printf("tokens=%llu\nexpert_hits=%llu\nexpert_misses=%llu\nbytes_read=%llu\nread_ns=%llu\ncompute_ns=%llu\n"
-         "memory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\nrecord_bytes=%u\n"
-         "peak_rss_bytes=%llu\n",
-         (unsigned long long)st.tokens, (unsigned long long)st.expert_hits, (unsigned long long)st.expert_misses,
-         (unsigned long long)st.bytes_read, (unsigned long long)st.read_ns, (unsigned long long)st.compute_ns,
-         (unsigned long long)st.memory_bytes, (unsigned long long)st.trunk_bytes,
-         (unsigned long long)st.expert_cache_bytes, st.cache_slots, st.record_bytes,
-         (unsigned long long)ru.ru_maxrss * 1024ull);
+         "stall_ns=%llu\nprefetch_issued=%llu\nprefetch_used=%llu\nprefetch_wasted=%llu\npredicted=%llu\n"
+         "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
+         "record_bytes=%u\npeak_rss_bytes=%llu\n",
+         U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
+         U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
+         U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
+         st.record_bytes, U(ru.ru_maxrss) * 1024ull);
+#undef U
   em_close(s);
   return 0;
 }

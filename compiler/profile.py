@@ -1,0 +1,63 @@
+"""Profiling on calibration text: expert activation traces, and the tables the runtime's
+predictor and eviction policy read (stored in trunk.bin as profile.* tensors)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..models import MoEModel
+from ..models.reference import forward_sequence
+
+WINDOW = 256
+
+
+@dataclass
+class RoutingProfile:
+    selected: np.ndarray  # [tokens, layers, top_k] experts chosen, tokens in text order
+    num_experts: int
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """[layers, experts]: fraction of tokens that route to each expert."""
+        t, layers, _ = self.selected.shape
+        f = np.zeros((layers, self.num_experts), np.float32)
+        for l in range(layers):
+            np.add.at(f[l], self.selected[:, l].ravel(), 1.0)
+        return f / t
+
+    def path_table(self) -> np.ndarray:
+        """[layers, experts, experts]: entry [l, j, e] = P(e chosen at the next layer | j chosen at layer l).
+        The layer after the last is the first layer of the next token."""
+        t, layers, k = self.selected.shape
+        E = self.num_experts
+        counts = np.zeros((layers, E, E), np.float64)
+        for l in range(layers):
+            cur = self.selected[:-1, l] if l == layers - 1 else self.selected[:, l]
+            nxt = self.selected[1:, 0] if l == layers - 1 else self.selected[:, l + 1]
+            for a in range(k):
+                for b in range(k):
+                    np.add.at(counts[l], (cur[:, a], nxt[:, b]), 1.0)
+        seen = counts.sum(axis=2, keepdims=True) / k
+        return (counts / np.maximum(seen, 1.0)).astype(np.float32)
+
+
+def tokenize_file(tokenizer_path: Path, text_path: Path, max_tokens: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    if not Path(text_path).is_file():
+        raise FileNotFoundError(f"calibration text {text_path} not found")
+    if not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"{tokenizer_path} not found: calibration needs the model's tokenizer.json")
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    # read only as much text as the token budget needs (≈ 4 characters per token, with margin)
+    with open(text_path, encoding="utf-8", errors="replace") as f:
+        text = f.read(max_tokens * 8)
+    return np.asarray(tok.encode(text).ids[:max_tokens], dtype=np.int64)
+
+
+def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW) -> RoutingProfile:
+    """Routes every calibration token through the float model, in windows of `window` tokens."""
+    chunks = [forward_sequence(model, tokens[i : i + window])[1] for i in range(0, len(tokens), window)]
+    return RoutingProfile(np.concatenate(chunks), model.config.num_experts)

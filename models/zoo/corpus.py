@@ -1,0 +1,178 @@
+"""Text corpus for the bundled reference MoE (``mixtral-mini``).
+
+Three English sources, each split deterministically into a training part and a
+held-out part:
+
+* ``tinyshakespeare.txt``  -- Shakespeare (public domain), from the shared data folder.
+* ``wikitext-2-valid.txt`` -- WikiText-2 raw validation split (CC BY-SA), shared data folder.
+* Python 3.11 documentation sources (``*.rst.txt``, PSF licence) from the Debian package
+  ``python3.11-doc``, fetched with ``apt-get download`` into a cache folder
+  (``models/zoo/.corpus/``, git-ignored) and unpacked with ``dpkg-deb -x``.  A fixed,
+  ordered subset of about 2.2 MB is used so the three sources stay roughly balanced.
+
+Split rule: each source is cut into chunks of about ``CHUNK_BYTES`` bytes at line
+boundaries; chunk number ``i`` is held out when ``i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1``
+(every 20th chunk, i.e. 5%), the rest is training text.
+
+``wikitext-2-test.txt`` is never part of the training text; :func:`wikitext2_test_text`
+returns it for evaluation only.
+
+The shared data folder is ``$EDGEMOE_DATA_DIR`` if set, else ``<repo>/../shared/data``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".corpus"
+
+CHUNK_BYTES = 4096
+HOLDOUT_EVERY = 20
+
+PYDOC_PACKAGE = "python3.11-doc"
+PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
+# Prose-heavy parts first, then the library reference fills the budget.  Order is fixed.
+PYDOC_DIRS = ["tutorial", "reference", "howto", "faq", "extending", "using", "library"]
+PYDOC_BUDGET_BYTES = 2_200_000
+
+SOURCES = ("shakespeare", "wikitext2_valid", "python_docs")
+
+
+class CorpusError(RuntimeError):
+    """A corpus file or package is missing."""
+
+
+def data_dir(path: str | os.PathLike | None = None) -> Path:
+    """The shared data folder: ``path``, else ``$EDGEMOE_DATA_DIR``, else ``<repo>/../shared/data``."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("EDGEMOE_DATA_DIR")
+    return Path(env) if env else DEFAULT_DATA_DIR
+
+
+def _read_data_file(name: str, path: str | os.PathLike | None = None) -> str:
+    f = data_dir(path) / name
+    if not f.is_file():
+        raise CorpusError(
+            f"missing corpus file {f} (set EDGEMOE_DATA_DIR or pass data_dir to the folder "
+            f"holding tinyshakespeare.txt, wikitext-2-valid.txt, wikitext-2-test.txt)"
+        )
+    return f.read_text(encoding="utf-8")
+
+
+def _pydoc_root(cache_dir: Path) -> Path:
+    """Unpack (fetching if needed) python3.11-doc into ``cache_dir`` and return its _sources dir."""
+    root = cache_dir / "pydoc" / PYDOC_SOURCES
+    if root.is_dir():
+        return root
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    debs = sorted(cache_dir.glob(f"{PYDOC_PACKAGE}_*.deb"))
+    if not debs:
+        cmd = ["apt-get", "download", PYDOC_PACKAGE]
+        r = subprocess.run(cmd, cwd=cache_dir, capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update"], capture_output=True, text=True)
+            r = subprocess.run(cmd, cwd=cache_dir, capture_output=True, text=True)
+        debs = sorted(cache_dir.glob(f"{PYDOC_PACKAGE}_*.deb"))
+        if not debs:
+            raise CorpusError(
+                f"could not fetch Debian package {PYDOC_PACKAGE} into {cache_dir} "
+                f"(`apt-get download {PYDOC_PACKAGE}` failed: {r.stderr.strip()[-300:]})"
+            )
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(cache_dir / "pydoc")], check=True)
+    if not root.is_dir():
+        raise CorpusError(f"{debs[-1]} has no {PYDOC_SOURCES}")
+    return root
+
+
+def python_docs_files(cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The fixed, ordered subset of python3.11-doc ``.rst.txt`` files used for the corpus."""
+    root = _pydoc_root(Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+    chosen, total = [], 0
+    for d in PYDOC_DIRS:
+        for f in sorted(glob.glob(str(root / d / "**" / "*.txt"), recursive=True)):
+            size = os.path.getsize(f)
+            if total + size > PYDOC_BUDGET_BYTES:
+                return chosen
+            chosen.append(Path(f))
+            total += size
+    return chosen
+
+
+def _python_docs_text(cache_dir=None) -> str:
+    parts = [f.read_text(encoding="utf-8").strip("\n") + "\n" for f in python_docs_files(cache_dir)]
+    return "\n".join(parts)
+
+
+def chunks(text: str, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+    """Cut ``text`` into pieces of about ``chunk_bytes`` characters, ending at line ends."""
+    out, cur, n = [], [], 0
+    for line in text.splitlines(keepends=True):
+        cur.append(line)
+        n += len(line)
+        if n >= chunk_bytes:
+            out.append("".join(cur))
+            cur, n = [], 0
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def split(text: str) -> tuple[str, str]:
+    """(train, held_out): every ``HOLDOUT_EVERY``-th chunk is held out."""
+    train, held = [], []
+    for i, c in enumerate(chunks(text)):
+        (held if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 else train).append(c)
+    return "".join(train), "".join(held)
+
+
+def source_texts(data_path=None, cache_dir=None) -> dict[str, str]:
+    """Full text of each training source, keyed by name (see ``SOURCES``)."""
+    return {
+        "shakespeare": _read_data_file("tinyshakespeare.txt", data_path),
+        "wikitext2_valid": _read_data_file("wikitext-2-valid.txt", data_path),
+        "python_docs": _python_docs_text(cache_dir),
+    }
+
+
+def train_texts(data_path=None, cache_dir=None) -> dict[str, str]:
+    """Training part of each source."""
+    return {k: split(v)[0] for k, v in source_texts(data_path, cache_dir).items()}
+
+
+def heldout_texts(data_path=None, cache_dir=None) -> dict[str, str]:
+    """Held-out part of each source (never trained on)."""
+    return {k: split(v)[1] for k, v in source_texts(data_path, cache_dir).items()}
+
+
+def train_text(data_path=None, cache_dir=None) -> str:
+    """All training text, sources joined in ``SOURCES`` order."""
+    return "\n\n".join(train_texts(data_path, cache_dir).values())
+
+
+def heldout_text(data_path=None, cache_dir=None) -> str:
+    """All held-out text, sources joined in ``SOURCES`` order."""
+    return "\n\n".join(heldout_texts(data_path, cache_dir).values())
+
+
+def wikitext2_test_text(data_path=None, max_bytes: int | None = None) -> str:
+    """WikiText-2 test split (evaluation only), optionally cut to the first ``max_bytes`` characters
+    at a line end."""
+    text = _read_data_file("wikitext-2-test.txt", data_path)
+    if max_bytes is not None and len(text) > max_bytes:
+        cut = text.rfind("\n", 0, max_bytes)
+        text = text[: cut + 1 if cut > 0 else max_bytes]
+    return text
+
+
+if __name__ == "__main__":
+    for name, full in source_texts().items():
+        tr, ho = split(full)
+        print(f"{name:16s} total {len(full):>9,d}  train {len(tr):>9,d}  held-out {len(ho):>8,d}")
+    print(f"python docs files: {len(python_docs_files())}")
+    print(f"wikitext-2 test: {len(wikitext2_test_text()):,d} chars")

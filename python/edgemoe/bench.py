@@ -1,0 +1,170 @@
+"""edgemoe-bench: side-by-side measurements in one run (docs/BENCHMARKS.md records what it printed)."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from .units import fmt_bytes
+
+
+@dataclass
+class RunConfig:
+    name: str
+    budget_fraction: float | None  # expert cache as a fraction of all experts; None = all resident
+    predictor: str = "none"
+    eviction: str = "lru"
+    loader_thread: bool = True
+    warm: bool = False  # run the workload once first, so every expert it needs is resident (IO-FREE)
+    extra: dict = field(default_factory=dict)
+
+
+def pipeline_configs(fraction: float) -> list[RunConfig]:
+    """IO-FREE, IO-EXP and EdgeMoE with each technique switchable (design brief §6)."""
+    return [
+        RunConfig("IO-FREE (all experts resident)", None, warm=True),
+        RunConfig("IO-EXP (on demand, no cache reuse, no prediction)", 0.0, loader_thread=False),
+        RunConfig(f"cache {fraction:.0%}, LRU, no prediction", fraction, loader_thread=False),
+        RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, no prediction", fraction, eviction="edgemoe",
+                  loader_thread=False),
+        RunConfig(f"cache {fraction:.0%}, LRU, path-table prefetch", fraction, predictor="path-table"),
+        RunConfig(f"cache {fraction:.0%}, LRU, next-router prefetch", fraction, predictor="next-router"),
+        RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, next-router prefetch", fraction, predictor="next-router",
+                  eviction="edgemoe"),
+        RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, path-table prefetch", fraction, predictor="path-table",
+                  eviction="edgemoe"),
+    ]
+
+
+def _budget(artifact: Path, fraction: float | None, n_records: int, max_seq: int) -> int:
+    from .runtime import budget_bytes
+
+    if fraction is None:
+        return 0
+    return budget_bytes(artifact, max_seq, max(0, round(fraction * n_records)))  # 0 slots asks for the minimum
+
+
+def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, emulate, max_seq: int,
+               n_records: int) -> dict:
+    """Greedy-decodes n_new tokens after the prompt; per-token decode times and the runtime's counters."""
+    from .runtime import Session
+
+    with Session(artifact, memory_budget=_budget(artifact, cfg.budget_fraction, n_records, max_seq), max_seq=max_seq,
+                 emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
+                 eviction=cfg.eviction) as s:
+        if cfg.warm:
+            s.generate(prompt, n_new)
+            s.reset()
+        before = s.stats()
+        logits = s.prefill(prompt)
+        times, tokens = [], []
+        for _ in range(n_new):
+            tokens.append(int(logits.argmax()))
+            t0 = time.perf_counter()
+            logits = s.decode_step(tokens[-1])
+            times.append(time.perf_counter() - t0)
+        st = s.stats()
+    d = {k: st[k] - before[k] for k in st if k not in ("memory_bytes", "trunk_bytes", "expert_cache_bytes",
+                                                       "cache_slots", "record_bytes")}
+    d.update({k: st[k] for k in ("memory_bytes", "cache_slots", "record_bytes")})
+    n = max(d["tokens"], 1)
+    uses = d["expert_hits"] + d["expert_misses"]
+    return {
+        "config": cfg.name, "tokens": tokens, "ms_per_token": 1e3 * statistics.median(times),
+        "hit_rate": d["expert_hits"] / max(uses, 1),
+        "prediction_rate": d["predicted_hits"] / d["predicted"] if d["predicted"] else None,
+        "bytes_read_per_token": d["bytes_read"] / n, "stall_ms_per_token": d["stall_ns"] / 1e6 / n,
+        "compute_ms_per_token": d["compute_ns"] / 1e6 / n, "prefetch_used": d["prefetch_used"],
+        "prefetch_wasted": d["prefetch_wasted"], "prefetch_issued": d["prefetch_issued"],
+        "memory_bytes": d["memory_bytes"], "cache_slots": d["cache_slots"],
+    }
+
+
+def floor_ms(result: dict, free_ms: float, bandwidth: float | None) -> float:
+    """The decode-time floor: the larger of all-resident compute time and the reads it must do ÷ bandwidth."""
+    io = result["bytes_read_per_token"] / bandwidth * 1e3 if bandwidth else 0.0
+    return max(free_ms, io)
+
+
+@click.group("edgemoe-bench")
+def bench_cmd():
+    """Benchmarks of the compiled model in the C runtime."""
+
+
+@bench_cmd.command("pipeline")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", default="The history of the city begins in", show_default=True)
+@click.option("-n", "n_new", default=64, show_default=True)
+@click.option("--fraction", default=0.25, show_default=True, help="Expert cache as a fraction of all experts.")
+@click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
+@click.option("--max-seq", default=256, show_default=True)
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def pipeline_cmd(artifact, prompt, n_new, fraction, storage, max_seq, json_out):
+    """IO-FREE vs IO-EXP vs EdgeMoE expert management, side by side on emulated storage."""
+    from tokenizers import Tokenizer
+
+    from .cli import _storage_emulation
+
+    emulate = _storage_emulation(storage)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    n_records = manifest["experts"]["records"]
+    ids = Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(prompt).ids
+    results = []
+    with click.progressbar(pipeline_configs(fraction), label="configurations", file=click.get_text_stream("stderr"),
+                           item_show_func=lambda c: c.name if c else "") as bar:
+        for cfg in bar:
+            if cfg.predictor == "path-table" and not manifest.get("profile"):
+                continue  # compiled without calibration text
+            results.append(run_config(artifact, cfg, ids, n_new, emulate, max_seq, n_records))
+    free = results[0]["ms_per_token"]
+    same = all(r["tokens"] == results[0]["tokens"] for r in results)
+    click.echo(f"artifact {artifact} (INT{manifest['quantization']['expert_bits']}, record "
+               f"{fmt_bytes(manifest['experts']['record_bytes'])}), storage {storage} "
+               f"({emulate[0] / 1e6:.0f} MB/s, {emulate[1] * 1e3:.2f} ms), {n_new} tokens, "
+               f"identical tokens in every configuration: {same}")
+    click.echo("| configuration | ms/token | × IO-FREE | floor ms | × floor | cache hit | prediction | read/token "
+               "| stall ms/token | slots |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        fl = floor_ms(r, free, emulate[0])
+        pred = f"{r['prediction_rate']:.1%}" if r["prediction_rate"] is not None else "-"
+        click.echo(f"| {r['config']} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / free:.2f} | {fl:.2f} | "
+                   f"{r['ms_per_token'] / fl:.2f} | {r['hit_rate']:.1%} | {pred} | "
+                   f"{fmt_bytes(r['bytes_read_per_token'])} | {r['stall_ms_per_token']:.2f} | {r['cache_slots']} |")
+    if json_out:
+        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "results": results}, indent=1))
+
+
+@bench_cmd.command("predictors")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Held-out text (never used for training or calibration), e.g. WikiText-2 test.")
+@click.option("--tokens", "n_tokens", default=1024, show_default=True)
+@click.option("--window", default=256, show_default=True, help="Context per pass (the KV cache is reset between).")
+@click.option("--fraction", default=0.25, show_default=True, help="Expert cache as a fraction of all experts.")
+def predictors_cmd(artifact, text_path, n_tokens, window, fraction):
+    """Next-layer prediction hit rate of each predictor over held-out text."""
+    from tokenizers import Tokenizer
+
+    from .runtime import Session, budget_bytes
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    ids = tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens]
+    budget = budget_bytes(artifact, window, max(1, round(fraction * manifest["experts"]["records"])))
+    names = ["next-router", "path-table", "wrong"] if manifest.get("profile") else ["next-router", "wrong"]
+    click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts")
+    click.echo("| predictor | experts predicted | prefetches used | prefetches wasted | cache hit |")
+    click.echo("|---|---|---|---|---|")
+    for name in names:
+        with Session(artifact, memory_budget=budget, max_seq=window, predictor=name) as s:
+            for i in range(0, len(ids), window):
+                s.reset()
+                s.prefill(ids[i : i + window])
+            st = s.stats()
+        click.echo(f"| {name} | {st['predicted_hits'] / max(st['predicted'], 1):.1%} | {st['prefetch_used']} | "
+                   f"{st['prefetch_wasted']} | {st['expert_hits'] / max(st['expert_hits'] + st['expert_misses'], 1):.1%} |")

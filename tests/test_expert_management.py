@@ -1,0 +1,138 @@
+"""Expert management: the loader thread, predictors, eviction policies and storage backends.
+
+The output never depends on them: every configuration must give the tokens of the plain run."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from edgemoe.compiler.expert_image import read_table
+from edgemoe.runtime import DEFAULT_BUILD_DIR, REPO_ROOT, EdgeMoEError, Session, budget_bytes
+
+from conftest import PROMPTS
+
+N_NEW = 48
+
+
+@pytest.fixture(scope="module")
+def quarter_budget(artifact_int4):
+    return budget_bytes(artifact_int4, 0, len(read_table(artifact_int4 / "experts.bin")[1]) // 4)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return tokenizer.encode(PROMPTS[1]).ids
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(artifact_int4, prompt_ids):
+    with Session(artifact_int4, loader_thread=False, predictor="none") as s:
+        return s.generate(prompt_ids, N_NEW)
+
+
+CONFIGS = [
+    dict(predictor="none", eviction="lru", loader_thread=False),
+    dict(predictor="none", eviction="fifo"),
+    dict(predictor="next-router", eviction="lru"),
+    dict(predictor="next-router", eviction="edgemoe"),
+    dict(predictor="path-table", eviction="edgemoe"),
+    dict(predictor="path-table", eviction="lru", prefetch_experts=4),
+    dict(predictor="wrong", eviction="lru"),
+    dict(predictor="next-router", eviction="lru", storage="mmap"),
+    dict(predictor="next-router", eviction="lru", direct_io=True),
+    dict(predictor="next-router", eviction="edgemoe", emulate=(1.7e9, 1e-4)),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_tokens_never_depend_on_management(artifact_int4, quarter_budget, prompt_ids, plain_tokens, cfg):
+    with Session(artifact_int4, memory_budget=quarter_budget, **cfg) as s:
+        assert s.generate(prompt_ids, N_NEW) == plain_tokens
+        st = s.stats()
+    assert st["expert_misses"] > 0  # the budget really forces reads
+    if cfg.get("predictor", "none") != "none":
+        assert st["prefetch_issued"] > 0 and st["predicted"] > 0
+        assert st["prefetch_used"] + st["prefetch_wasted"] <= st["prefetch_issued"]
+
+
+def test_wrong_predictions_are_counted_as_misses(artifact_int4, quarter_budget, prompt_ids):
+    """The deliberately wrong predictor names the experts the router ranks lowest: it must be (nearly) never right."""
+    rates = {}
+    for pred in ("next-router", "wrong"):
+        with Session(artifact_int4, memory_budget=quarter_budget, predictor=pred) as s:
+            s.generate(prompt_ids, N_NEW)
+            st = s.stats()
+        rates[pred] = st["predicted_hits"] / st["predicted"]
+    assert rates["wrong"] < 0.05 < rates["next-router"]
+
+
+def test_prefetching_reduces_stalls_on_slow_storage(artifact_int4, quarter_budget, prompt_ids):
+    """Same budget and storage: the share of experts found resident when needed rises with prediction."""
+    hit = {}
+    for pred in ("none", "next-router"):
+        with Session(artifact_int4, memory_budget=quarter_budget, predictor=pred, emulate=(250e6, 2e-4)) as s:
+            s.generate(prompt_ids, 24)
+            st = s.stats()
+        hit[pred] = st["expert_hits"] / (st["expert_hits"] + st["expert_misses"])
+    assert hit["next-router"] > hit["none"]
+
+
+def test_path_table_needs_calibration(tiny_artifact_uncalibrated):
+    with pytest.raises(EdgeMoEError, match="compile with calibration text"):
+        Session(tiny_artifact_uncalibrated, predictor="path-table")
+    with pytest.raises(EdgeMoEError, match="compile with calibration text"):
+        Session(tiny_artifact_uncalibrated, eviction="edgemoe")
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact_uncalibrated(tiny_mixtral_dir, tmp_path_factory, runtime_lib):
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("tiny_uncal")
+    compile_model(tiny_mixtral_dir, out, CompileOptions(expert_bits=8, max_seq=64), log=lambda m: None)
+    return out
+
+
+FAILED_READ_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from edgemoe.runtime import Session, EdgeMoEError
+    art, budget, predictor = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    with Session(art, memory_budget=budget, predictor=predictor, loader_thread=predictor != "sync") as s:
+        s.prefill([5, 6, 7])
+        os.truncate(os.path.join(art, "experts.bin"), 8192)  # the storage fails under the running session
+        try:
+            for t in range(40):
+                s.decode_step(10 + t)
+        except EdgeMoEError as e:
+            print("ERROR", e.kind, e)
+            sys.exit(0)
+    print("NO ERROR")
+""")
+
+
+@pytest.mark.parametrize("predictor", ["next-router", "none", "sync"])
+def test_failed_read_ends_the_step_with_an_error_not_a_hang(artifact_int4, quarter_budget, tmp_path, predictor):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact_int4, art)
+    proc = subprocess.run([sys.executable, "-c", FAILED_READ_SCRIPT, str(art), str(quarter_budget), predictor],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR io" in proc.stdout and "short read" in proc.stdout, proc.stdout
+
+
+def test_loader_thread_is_clean_under_thread_sanitizer(artifact_int4, quarter_budget, prompt_ids):
+    build = REPO_ROOT / "build" / "tsan"
+    for cmd in (["cmake", "-S", str(REPO_ROOT), "-B", str(build), "-DEM_SANITIZE=thread", "-DCMAKE_BUILD_TYPE=Debug"],
+                ["cmake", "--build", str(build), "--target", "edgemoe_run", "-j", "2"]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    for pred in ("next-router", "path-table"):
+        proc = subprocess.run([str(build / "edgemoe_run"), str(artifact_int4), "--tokens", ",".join(map(str, prompt_ids)),
+                               "-n", "24", "--budget", str(quarter_budget), "--predictor", pred, "--eviction", "edgemoe",
+                               "--emulate", "500,0.05"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "ThreadSanitizer" not in proc.stderr, proc.stderr
+        stats = dict(line.split("=") for line in proc.stdout.splitlines()[1:])
+        assert int(stats["prefetch_issued"]) > 0
