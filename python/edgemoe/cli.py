@@ -157,3 +157,43 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
 
 def main():  # pragma: no cover - `python -m edgemoe.cli`
     sys.exit(run_cmd())
+
+
+@click.command("edgemoe-eval")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Held-out text to score.")
+@click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Tokens of the text to score.")
+@click.option("--window", default=256, show_default=True, help="Context per window (non-overlapping).")
+@click.option("--bits", type=click.Choice(["4", "8"]), default=None,
+              help="For a model directory: score it with its experts quantized to this bitwidth.")
+def eval_cmd(path, text_path, n_tokens, window, bits):
+    """Perplexity of PATH over held-out text: a model directory (NumPy reference, float or --bits)
+    or a compiled artifact (the C runtime)."""
+    from tokenizers import Tokenizer
+
+    from .evaluate import perplexity_artifact, perplexity_reference
+
+    tok_path = path / "tokenizer.json"
+    if not tok_path.is_file():
+        raise click.ClickException(f"{tok_path} not found: the text must be tokenized with the model's tokenizer")
+    text = text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]
+    ids = Tokenizer.from_file(str(tok_path)).encode(text).ids[:n_tokens]
+
+    def progress(items):
+        with click.progressbar(items, label="windows", file=click.get_text_stream("stderr")) as bar:
+            yield from bar
+
+    if (path / "manifest.json").is_file():
+        r, what = perplexity_artifact(path, ids, window, progress), f"artifact {path} (C runtime)"
+    else:
+        from .compiler.quantize import with_quantized_experts
+        from .models import load_model
+
+        model = load_model(path)
+        if bits:
+            model = with_quantized_experts(model, int(bits))
+        r = perplexity_reference(model, ids, window, progress)
+        what = f"model {path} ({'INT' + bits + ' experts' if bits else 'float'}, NumPy reference)"
+    click.echo(f"{what}: perplexity {r['perplexity']:.3f} (mean NLL {r['nll']:.4f}) over {r['tokens']} tokens "
+               f"of {text_path.name}")
