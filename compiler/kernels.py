@@ -87,6 +87,8 @@ def attention(cfg: MoEConfig, name: str = "em_attention") -> tvm.tirx.PrimFunc:
 
 
 def _dequant(packed: te.Tensor, scales: te.Tensor, bits: int, group: int):
+    if bits == 8:
+        return lambda row, col: packed[row, col].astype(F32) * scales[row, col // group].astype(F32)
     per = 32 // bits
     mask = tvm.tirx.const((1 << bits) - 1, "uint32")
     offset = 1 << (bits - 1)
@@ -100,8 +102,10 @@ def _dequant(packed: te.Tensor, scales: te.Tensor, bits: int, group: int):
 
 
 def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tensor, te.Tensor]:
+    codes = te.placeholder((n, k), "int8", name=name + "_q") if bits == 8 else \
+        te.placeholder((n, k * bits // 32), "uint32", name=name + "_q")
     return (
-        te.placeholder((n, k * bits // 32), "uint32", name=name + "_q"),
+        codes,
         te.placeholder((n, k // group), "float16", name=name + "_s"),
     )
 

@@ -168,3 +168,71 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction):
             st = s.stats()
         click.echo(f"| {name} | {st['predicted_hits'] / max(st['predicted'], 1):.1%} | {st['prefetch_used']} | "
                    f"{st['prefetch_wasted']} | {st['expert_hits'] / max(st['expert_hits'] + st['expert_misses'], 1):.1%} |")
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Best memcpy rate over a buffer far beyond the caches, counting bytes read plus written."""
+    import numpy as np
+
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2 * nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@bench_cmd.command("kernels")
+@click.option("--shapes", default="256x320,4096x14336", show_default=True,
+              help="Comma-separated HIDDENxINTERMEDIATE expert shapes (the default: the bundled model, Mixtral-8x7B).")
+@click.option("--bits", "bits_list", default="4,8", show_default=True)
+@click.option("--target", default="host", show_default=True)
+@click.option("--number", default=20, show_default=True, help="Calls per timing (TVM time_evaluator).")
+def kernels_cmd(shapes, bits_list, target, number):
+    """Expert GEMV kernels: µs, GB/s of packed weights, and ratios to memcpy and NumPy float32, in one run."""
+    import numpy as np
+    import tvm
+
+    from .compiler import kernels
+    from .compiler.quantize import quantize
+    from .compiler.schedules import schedule
+    from .models import MoEConfig
+    from .targets import load_target
+
+    tgt = load_target(target).tvm()
+    bw = copy_bandwidth()
+    rng = np.random.default_rng(0)
+    click.echo(f"memcpy bandwidth (read + write): {bw / 1e9:.1f} GB/s")
+    click.echo("| kernel | H×I | bits | µs | GB/s weights | × memcpy | NumPy fp32 µs | × NumPy |")
+    click.echo("|---|---|---|---|---|---|---|---|")
+    for shape in shapes.split(","):
+        H, I = (int(v) for v in shape.lower().split("x"))
+        cfg = MoEConfig("bench", 8, H, 1, 1, 1, H, 1, 1, I, 8, 1e4, 1e-5)
+        for bits in (int(b) for b in bits_list.split(",")):
+            funcs = {f"em_expert_gate_up_w{bits}": kernels.expert_gate_up(cfg, bits, 32),
+                     f"em_expert_down_w{bits}": kernels.expert_down(cfg, bits, 32)}
+            mod = tvm.compile(schedule(tvm.IRModule(funcs)), target=tgt).mod
+            gq, uq = (quantize(rng.standard_normal((I, H), np.float32) * 0.02, bits) for _ in range(2))
+            dq = quantize(rng.standard_normal((H, I), np.float32) * 0.02, bits)
+            T = tvm.runtime.tensor
+            x, h, res = (T(rng.standard_normal(n).astype(np.float32)) for n in (H, I, H))
+            cases = {
+                "gate_up": (funcs and f"em_expert_gate_up_w{bits}",
+                            [x, T(gq.packed), T(gq.scales), T(uq.packed), T(uq.scales), T(np.zeros(I, np.float32))],
+                            [gq, uq], (2 * I, H)),
+                "down": (f"em_expert_down_w{bits}",
+                         [h, T(dq.packed), T(dq.scales), res, T(np.ones(1, np.float32)), T(np.zeros(H, np.float32))],
+                         [dq], (H, I)),
+            }
+            for name, (sym, args, mats, (rows, cols)) in cases.items():
+                t = min(mod.time_evaluator(sym, tvm.cpu(), number=number, repeat=3)(*args).results)
+                wbytes = sum(m.packed.nbytes + m.scales.nbytes for m in mats)
+                wf = rng.standard_normal((rows, cols), np.float32)
+                v = rng.standard_normal(cols, np.float32)
+                tn = min(_timed(lambda: wf @ v) for _ in range(number))
+                click.echo(f"| {name} | {H}×{I} | {bits} | {t * 1e6:.1f} | {wbytes / t / 1e9:.2f} | "
+                           f"{wbytes / t / bw:.2f} | {tn * 1e6:.1f} | {tn / t:.2f} |")

@@ -479,14 +479,16 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
   if (rc) return rc;
   const em_record* r = &s->records[ri];
   int64_t H = s->th.hidden, I = s->th.inter, G = s->ih.group, b = r->bits;
-  em_dl_dtype u32 = {1, 32, 1}, f16 = {2, 16, 1};
+  /* codes: int8 [rows, cols] at 8 bits, else uint32 words of 32/b codes (docs/FORMAT.md) */
+  em_dl_dtype codes = b == 8 ? (em_dl_dtype){0, 8, 1} : (em_dl_dtype){1, 32, 1}, f16 = {2, 16, 1};
+  int64_t per_word = b == 8 ? 1 : 32 / b;
   uint8_t* part[6];
   for (int i = 0; i < 6; i++) part[i] = rec + r->part_offset[i];
   *s->expert_weight = weight;
-  CALL(s->k.gate_up[b], "em_expert_gate_up", em_f32(s->xn, 1, H, 0, 0), em_typed(part[0], u32, 2, I, H * b / 32),
-       em_typed(part[1], f16, 2, I, H / G), em_typed(part[2], u32, 2, I, H * b / 32),
+  CALL(s->k.gate_up[b], "em_expert_gate_up", em_f32(s->xn, 1, H, 0, 0), em_typed(part[0], codes, 2, I, H / per_word),
+       em_typed(part[1], f16, 2, I, H / G), em_typed(part[2], codes, 2, I, H / per_word),
        em_typed(part[3], f16, 2, I, H / G), em_f32(s->h, 1, I, 0, 0));
-  CALL(s->k.down[b], "em_expert_down", em_f32(s->h, 1, I, 0, 0), em_typed(part[4], u32, 2, H, I * b / 32),
+  CALL(s->k.down[b], "em_expert_down", em_f32(s->h, 1, I, 0, 0), em_typed(part[4], codes, 2, H, I / per_word),
        em_typed(part[5], f16, 2, H, I / G), em_f32(s->x, 1, H, 0, 0), em_f32(s->expert_weight, 1, 1, 0, 0),
        em_f32(s->x2, 1, H, 0, 0));
   em_loader_release(&s->loader, ri);
