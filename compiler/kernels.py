@@ -11,6 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
+from .quantize import code_centre
 
 F32 = "float32"
 
@@ -91,12 +92,12 @@ def _dequant(packed: te.Tensor, scales: te.Tensor, bits: int, group: int):
         return lambda row, col: packed[row, col].astype(F32) * scales[row, col // group].astype(F32)
     per = 32 // bits
     mask = tvm.tirx.const((1 << bits) - 1, "uint32")
-    offset = 1 << (bits - 1)
+    centre = tvm.tirx.const(code_centre(bits), F32)
 
     def w(row, col):
         word = packed[row, col // per]
         code = (word >> ((col % per) * bits).astype("uint32")) & mask
-        return (code.astype("int32") - offset).astype(F32) * scales[row, col // group].astype(F32)
+        return (code.astype(F32) - centre) * scales[row, col // group].astype(F32)
 
     return w
 

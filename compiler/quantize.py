@@ -1,10 +1,15 @@
 """Group-wise symmetric weight quantization and bit packing for expert matrices.
 
 A weight matrix W [N, K] (rows = outputs) is split along K into groups of `group` values; each
-group gets one float16 scale = max|w| / (2^(b-1) - 1) and integer codes q in [-2^(b-1), 2^(b-1)-1].
-Below 8 bits, codes are stored offset by 2^(b-1) (unsigned) and packed little-endian into uint32
-words, 32/b codes per word: code k of a row sits in word k // (32/b) at bit (k % (32/b)) * b.
-8-bit codes are plain int8 [N, K] (packing them buys nothing and measured 3-5x slower to unpack).
+group gets one float16 scale s and one integer code per weight:
+
+* 8 bits: int8 codes q in [-127, 127], s = max|w| / 127, w ≈ q·s; stored as int8 [N, K]
+  (packing them into words buys nothing and measured 3-5x slower to unpack).
+* b < 8 bits: unsigned codes u in [0, 2^b - 1] around the centre c = (2^b - 1) / 2,
+  s = max|w| / c, w ≈ (u - c)·s: all 2^b levels, symmetric (at 2 bits: ±0.5s, ±1.5s).
+  Packed little-endian into uint32 words, 32/b codes per word: code k of a row sits in word
+  k // (32/b) at bit (k % (32/b))·b.
+
 The TVM kernels read these layouts directly and dequantize in registers.
 """
 from __future__ import annotations
@@ -13,8 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 4, 8)
 DEFAULT_GROUP = 32
+
+
+def code_centre(bits: int) -> float:
+    """The code that stands for zero: 0 for int8 codes, (2^b - 1) / 2 for unsigned b-bit codes."""
+    return 0.0 if bits == 8 else ((1 << bits) - 1) / 2.0
+
+
+def _max_level(bits: int) -> float:
+    return 127.0 if bits == 8 else code_centre(bits)
 
 
 @dataclass
@@ -30,19 +44,23 @@ class QuantizedMatrix:
         return n, self.packed.shape[1] * self.packed.dtype.itemsize * 8 // self.bits
 
     def codes(self) -> np.ndarray:
-        """Signed integer codes [N, K]."""
+        """The stored integer codes [N, K] (signed at 8 bits, unsigned below)."""
         if self.bits == 8:
             return self.packed.astype(np.int32)
         per = 32 // self.bits
         shifts = (np.arange(per, dtype=np.uint32) * self.bits)[None, None, :]
         mask = np.uint32((1 << self.bits) - 1)
         u = (self.packed[:, :, None] >> shifts) & mask
-        return u.reshape(self.packed.shape[0], -1).astype(np.int32) - (1 << (self.bits - 1))
+        return u.reshape(self.packed.shape[0], -1).astype(np.int32)
 
     def dequantize(self) -> np.ndarray:
         n, k = self.shape
         s = self.scales.astype(np.float32).repeat(self.group, axis=1)
-        return (self.codes().astype(np.float32) * s).reshape(n, k)
+        return ((self.codes().astype(np.float32) - np.float32(code_centre(self.bits))) * s).reshape(n, k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes
 
 
 def check_bits(bits: int) -> None:
@@ -55,15 +73,15 @@ def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP) -> QuantizedM
     n, k = w.shape
     if k % group or (k * bits) % 32:
         raise ValueError(f"input size {k} must be a multiple of the group size {group} and of {32 // bits}")
-    qmax = (1 << (bits - 1)) - 1
     g = w.astype(np.float32).reshape(n, k // group, group)
-    amax = np.abs(g).max(axis=2)
-    scales = (amax / qmax).astype(np.float16)
+    scales = (np.abs(g).max(axis=2) / _max_level(bits)).astype(np.float16)
     s32 = scales.astype(np.float32)[:, :, None]  # round with the scale the kernel will see
-    q = np.clip(np.rint(g / np.where(s32 > 0, s32, 1.0)), -qmax - 1, qmax).astype(np.int32).reshape(n, k)
+    levels = g / np.where(s32 > 0, s32, 1.0)
     if bits == 8:
-        return QuantizedMatrix(bits, group, q.astype(np.int8), np.ascontiguousarray(scales))
-    u = (q + (1 << (bits - 1))).astype(np.uint32)
+        q = np.clip(np.rint(levels), -127, 127).astype(np.int8).reshape(n, k)
+        return QuantizedMatrix(bits, group, q, np.ascontiguousarray(scales))
+    centre = code_centre(bits)
+    u = np.clip(np.rint(levels + centre), 0, (1 << bits) - 1).astype(np.uint32).reshape(n, k)
     per = 32 // bits
     shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
     packed = np.bitwise_or.reduce(u.reshape(n, k // per, per) << shifts, axis=2).astype(np.uint32)

@@ -16,7 +16,7 @@ CFG = MoEConfig("mixtral", vocab_size=300, hidden_size=128, num_layers=1, num_he
 
 @pytest.fixture(scope="module")
 def mod():
-    funcs = kernels.decode_kernels(CFG, [4, 8], 32)
+    funcs = kernels.decode_kernels(CFG, [2, 4, 8], 32)
     return tvm.compile(schedule(tvm.IRModule(funcs)), target=load_target("host").tvm()).mod
 
 
@@ -74,7 +74,7 @@ def test_attention_any_length(mod, rng, n):
     assert rel(o, ref) < 1e-5
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_expert_kernels_fuse_dequantization(mod, rng, bits):
     g, u = (quantize(f32(rng, 96, 128) * 0.05, bits) for _ in range(2))
     d = quantize(f32(rng, 128, 96) * 0.05, bits)

@@ -26,7 +26,7 @@ class _Bytes(click.ParamType):
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Artifact directory to write.")
 @click.option("--target", default="host", show_default=True, help="Board description in targets/.")
-@click.option("--bits", "expert_bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+@click.option("--bits", "expert_bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True,
               help="Expert weight bitwidth (uniform).")
 @click.option("--group", default=32, show_default=True, help="Quantization group size along the input dimension.")
 @click.option("--max-seq", type=int, default=None, help="Longest context the artifact supports [model max, ≤ 2048].")
@@ -165,7 +165,7 @@ def main():  # pragma: no cover - `python -m edgemoe.cli`
               help="Held-out text to score.")
 @click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Tokens of the text to score.")
 @click.option("--window", default=256, show_default=True, help="Context per window (non-overlapping).")
-@click.option("--bits", type=click.Choice(["4", "8"]), default=None,
+@click.option("--bits", type=click.Choice(["2", "4", "8"]), default=None,
               help="For a model directory: score it with its experts quantized to this bitwidth.")
 def eval_cmd(path, text_path, n_tokens, window, bits):
     """Perplexity of PATH over held-out text: a model directory (NumPy reference, float or --bits)
