@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..models import load_model
 from ..targets import load_target
 from .expert_image import ExpertWeights, write_image
@@ -27,6 +29,20 @@ class CompileOptions:
     max_seq: int | None = None  # context the artifact supports; default: min(model maximum, 2048)
     calibration: Path | None = None  # text for profiling expert routing (predictor tables, eviction frequencies)
     calibration_tokens: int = 8192
+    bit_plan: list[list[int]] | None = None  # bits per [layer][expert]; overrides expert_bits
+
+
+def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
+    """Bits of each [layer][expert]: the options' plan, checked, or the uniform bitwidth."""
+    if opts.bit_plan is None:
+        check_bits(opts.expert_bits)
+        return [[opts.expert_bits] * cfg.num_experts for _ in range(cfg.num_layers)]
+    plan = [[int(b) for b in row] for row in opts.bit_plan]
+    if len(plan) != cfg.num_layers or any(len(row) != cfg.num_experts for row in plan):
+        raise ValueError(f"bit plan must be {cfg.num_layers} layers × {cfg.num_experts} experts")
+    for b in {b for row in plan for b in row}:
+        check_bits(b)
+    return plan
 
 
 def _sha256(path: Path) -> str:
@@ -41,10 +57,10 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     """Compile the checkpoint in model_dir into an artifact directory; returns the manifest."""
     t0 = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    check_bits(opts.expert_bits)
     target = load_target(opts.target)
     model = load_model(model_dir)
     cfg = model.config
+    plan = expert_bit_plan(cfg, opts)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = model.parameter_counts()
@@ -53,15 +69,12 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
 
     experts = [
         [
-            ExpertWeights(
-                quantize(e.w_gate, opts.expert_bits, opts.group),
-                quantize(e.w_up, opts.expert_bits, opts.group),
-                quantize(e.w_down, opts.expert_bits, opts.group),
-            )
-            for e in layer.experts
+            ExpertWeights(*(quantize(w, plan[li][ei], opts.group) for w in (e.w_gate, e.w_up, e.w_down)))
+            for ei, e in enumerate(layer.experts)
         ]
-        for layer in model.layers
+        for li, layer in enumerate(model.layers)
     ]
+    bits_used = sorted({b for row in plan for b in row})
     profile = None
     if opts.calibration is not None:
         tokens = tokenize_file(model_dir / "tokenizer.json", opts.calibration, opts.calibration_tokens)
@@ -69,10 +82,11 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         log(f"profiled expert routing on {len(tokens)} calibration tokens from {opts.calibration}")
     records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group)
     trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, profile)
-    log(f"wrote experts.bin ({len(records)} records of {records[0].length} bytes, INT{opts.expert_bits}, "
-        f"group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB)")
+    average_bits = float(np.mean(plan))
+    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
+        f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB)")
 
-    kernels = build_kernels(cfg, [opts.expert_bits], opts.group, target, out_dir)
+    kernels = build_kernels(cfg, bits_used, opts.group, target, out_dir)
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']})")
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -87,8 +101,9 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "model": {"source": str(model_dir), "config": cfg.to_dict(), "parameters": counts},
         "target": target.name,
         "max_seq": max_seq,
-        "quantization": {"scheme": "symmetric group-wise, fp16 scales, codes packed in uint32",
-                         "expert_bits": opts.expert_bits, "group": opts.group},
+        "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,
+                         "expert_bits": bits_used[0] if len(bits_used) == 1 else None,
+                         "average_bits": average_bits, "bit_plan": plan},
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
                     "image_bytes": files["experts.bin"]["bytes"]},
         "trunk_bytes": trunk_bytes,

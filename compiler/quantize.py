@@ -88,15 +88,23 @@ def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP) -> QuantizedM
     return QuantizedMatrix(bits, group, np.ascontiguousarray(packed), np.ascontiguousarray(scales))
 
 
-def with_quantized_experts(model, bits: int, group: int = DEFAULT_GROUP):
-    """A copy of `model` whose experts hold the dequantized values of their `bits` quantization:
-    the float model the compiled artifact computes, for the NumPy reference executor."""
+def with_quantized_experts(model, bits, group: int = DEFAULT_GROUP):
+    """A copy of `model` whose experts hold the dequantized values of their quantization (`bits`: one
+    bitwidth, or a plan of bits per [layer][expert]): the float model a compiled artifact computes,
+    for the NumPy reference executor."""
     from dataclasses import replace
 
     from ..models import Expert
 
-    def q(w):
-        return quantize(w, bits, group).dequantize()
+    def plan(li, ei):
+        return bits if isinstance(bits, int) else bits[li][ei]
 
-    layers = [replace(l, experts=[Expert(q(e.w_gate), q(e.w_up), q(e.w_down)) for e in l.experts]) for l in model.layers]
+    def q(w, b):
+        return quantize(w, b, group).dequantize()
+
+    layers = [
+        replace(l, experts=[Expert(*(q(w, plan(li, ei)) for w in (e.w_gate, e.w_up, e.w_down)))
+                            for ei, e in enumerate(l.experts)])
+        for li, l in enumerate(model.layers)
+    ]
     return replace(model, layers=layers)

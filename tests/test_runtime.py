@@ -62,7 +62,7 @@ def test_quarter_budget_gives_identical_tokens_and_forces_reads(artifact_int4, t
         full_stats = full.stats()
     n_records = len(read_table(artifact_int4 / "experts.bin")[1])
     quarter = n_records // 4
-    with Session(artifact_int4, memory_budget=budget_bytes(artifact_int4, 0, quarter), predictor="none") as s:
+    with Session(artifact_int4, memory_budget=budget_bytes(artifact_int4, 0, 0.25), predictor="none") as s:
         got = s.generate(ids, N_NEW)
         st = s.stats()
     assert got == want
@@ -70,13 +70,12 @@ def test_quarter_budget_gives_identical_tokens_and_forces_reads(artifact_int4, t
     assert full_stats["expert_misses"] <= n_records  # every expert read at most once when all fit
     assert st["expert_misses"] > full_stats["expert_misses"]
     assert st["bytes_read"] == st["expert_misses"] * st["record_bytes"]
-    assert st["memory_bytes"] <= budget_bytes(artifact_int4, 0, quarter)
+    assert st["memory_bytes"] <= budget_bytes(artifact_int4, 0, 0.25)
 
 
 def test_peak_rss_stays_within_budget(artifact_int4, tokenizer):
     """The C tool's whole-process peak RSS under a quarter budget (the runtime reads experts, not mmaps them)."""
-    n_records = len(read_table(artifact_int4 / "experts.bin")[1])
-    budget = budget_bytes(artifact_int4, 0, n_records // 4)
+    budget = budget_bytes(artifact_int4, 0, 0.25)
     ids = ",".join(map(str, tokenizer.encode(PROMPTS[1]).ids))
     proc = subprocess.run([str(DEFAULT_BUILD_DIR / "edgemoe_run"), str(artifact_int4), "--tokens", ids, "-n", "32",
                            "--budget", str(budget), "--predictor", "next-router"], capture_output=True, text=True,
@@ -94,6 +93,27 @@ def test_budget_below_minimum_is_refused_naming_it(artifact_int4):
     assert e.value.kind == "budget"
     with Session(artifact_int4, memory_budget=minimum) as s:  # the minimum itself runs
         s.generate([1, 2, 3], 4)
+
+
+def test_mixed_bit_plan_matches_reference_and_uses_sized_slots(tiny_mixtral_dir, tmp_path, rng, runtime_lib):
+    plan = [[2, 4, 8, 4], [8, 2, 2, 4]]
+    compile_model(tiny_mixtral_dir, tmp_path, CompileOptions(bit_plan=plan, max_seq=64), log=lambda m: None)
+    _, records = read_table(tmp_path / "experts.bin")
+    assert [r.bits for r in records] == [b for row in plan for b in row]
+    assert len({r.length for r in records}) == 3
+    ref = ReferenceExecutor(with_quantized_experts(load_model(tiny_mixtral_dir), plan), 64)
+    tokens = rng.integers(0, 160, 40).tolist()
+    want = np.stack([ref.step(t) for t in tokens])
+    for fraction in (0.0, 0.5, 1.0):
+        with Session(tmp_path, memory_budget=budget_bytes(tmp_path, 0, fraction)) as s:
+            got = np.stack([s.decode_step(t) for t in tokens])
+            st = s.stats()
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+        assert st["memory_bytes"] <= budget_bytes(tmp_path, 0, fraction)
+    # the minimum holds top-k (2) slots of each of the three sizes, not 6 of the largest
+    sizes = sorted({r.length for r in records})
+    assert st["cache_slots"] == 8 and budget_bytes(tmp_path) < budget_bytes(tmp_path, 0, 1.0)
+    assert budget_bytes(tmp_path, 0, 1.0) - budget_bytes(tmp_path) < 6 * sizes[-1] + 2 * sum(sizes)
 
 
 def test_out_of_range_token_and_full_context(tiny_artifact):

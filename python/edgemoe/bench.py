@@ -40,20 +40,12 @@ def pipeline_configs(fraction: float) -> list[RunConfig]:
     ]
 
 
-def _budget(artifact: Path, fraction: float | None, n_records: int, max_seq: int) -> int:
-    from .runtime import budget_bytes
-
-    if fraction is None:
-        return 0
-    return budget_bytes(artifact, max_seq, max(0, round(fraction * n_records)))  # 0 slots asks for the minimum
-
-
-def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, emulate, max_seq: int,
-               n_records: int) -> dict:
+def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, emulate, max_seq: int) -> dict:
     """Greedy-decodes n_new tokens after the prompt; per-token decode times and the runtime's counters."""
-    from .runtime import Session
+    from .runtime import Session, budget_bytes
 
-    with Session(artifact, memory_budget=_budget(artifact, cfg.budget_fraction, n_records, max_seq), max_seq=max_seq,
+    budget = 0 if cfg.budget_fraction is None else budget_bytes(artifact, max_seq, cfg.budget_fraction)
+    with Session(artifact, memory_budget=budget, max_seq=max_seq,
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
                  eviction=cfg.eviction) as s:
         if cfg.warm:
@@ -111,7 +103,6 @@ def pipeline_cmd(artifact, prompt, n_new, fraction, storage, max_seq, json_out):
 
     emulate = _storage_emulation(storage)
     manifest = json.loads((artifact / "manifest.json").read_text())
-    n_records = manifest["experts"]["records"]
     ids = Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(prompt).ids
     results = []
     with click.progressbar(pipeline_configs(fraction), label="configurations", file=click.get_text_stream("stderr"),
@@ -119,11 +110,11 @@ def pipeline_cmd(artifact, prompt, n_new, fraction, storage, max_seq, json_out):
         for cfg in bar:
             if cfg.predictor == "path-table" and not manifest.get("profile"):
                 continue  # compiled without calibration text
-            results.append(run_config(artifact, cfg, ids, n_new, emulate, max_seq, n_records))
+            results.append(run_config(artifact, cfg, ids, n_new, emulate, max_seq))
     free = results[0]["ms_per_token"]
     same = all(r["tokens"] == results[0]["tokens"] for r in results)
-    click.echo(f"artifact {artifact} (INT{manifest['quantization']['expert_bits']}, record "
-               f"{fmt_bytes(manifest['experts']['record_bytes'])}), storage {storage} "
+    click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average, "
+               f"largest record {fmt_bytes(manifest['experts']['record_bytes'])}), storage {storage} "
                f"({emulate[0] / 1e6:.0f} MB/s, {emulate[1] * 1e3:.2f} ms), {n_new} tokens, "
                f"identical tokens in every configuration: {same}")
     click.echo("| configuration | ms/token | × IO-FREE | floor ms | × floor | cache hit | prediction | read/token "
@@ -155,7 +146,7 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction):
     manifest = json.loads((artifact / "manifest.json").read_text())
     tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
     ids = tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens]
-    budget = budget_bytes(artifact, window, max(1, round(fraction * manifest["experts"]["records"])))
+    budget = budget_bytes(artifact, window, fraction)
     names = ["next-router", "path-table", "wrong"] if manifest.get("profile") else ["next-router", "wrong"]
     click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts")
     click.echo("| predictor | experts predicted | prefetches used | prefetches wasted | cache hit |")

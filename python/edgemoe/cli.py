@@ -114,10 +114,7 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
         raise click.UsageError("the prompt encodes to no tokens")
     try:
         if cache_fraction is not None:
-            import json
-
-            n_records = json.loads((artifact / "manifest.json").read_text())["experts"]["records"]
-            budget = budget_bytes(artifact, max_seq, max(1, round(cache_fraction * n_records)))
+            budget = budget_bytes(artifact, max_seq, cache_fraction)
         emulate = _storage_emulation(emulate_storage) if emulate_storage else None
         with Session(artifact, memory_budget=budget or 0, max_seq=max_seq, verify=not no_verify, storage=storage,
                      direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread, predictor=predictor,

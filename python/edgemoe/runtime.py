@@ -81,7 +81,7 @@ def library() -> ctypes.CDLL:
             lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             lib.em_open.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p,
                                     ctypes.c_size_t]
-            lib.em_budget_bytes.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+            lib.em_budget_bytes.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_double,
                                             ctypes.POINTER(ctypes.c_uint64), ctypes.c_char_p, ctypes.c_size_t]
             lib.em_close.argtypes = [ctypes.c_void_p]
             lib.em_reset.argtypes = [ctypes.c_void_p]
@@ -97,11 +97,12 @@ def library() -> ctypes.CDLL:
         return _lib
 
 
-def budget_bytes(artifact_dir: str | Path, max_seq: int = 0, cache_slots: int = 0) -> int:
-    """The memory budget (bytes) that gives `cache_slots` expert slots at this context length;
-    cache_slots=0 gives the minimum the artifact can run with (one layer's top-k experts)."""
+def budget_bytes(artifact_dir: str | Path, max_seq: int = 0, expert_fraction: float = 0.0) -> int:
+    """The memory budget (bytes) whose expert cache holds this fraction of the expert bytes at this
+    context length (0 = the artifact's maximum); expert_fraction=0 gives the minimum the artifact
+    can run with (one layer's top-k experts)."""
     lib, out, err = library(), ctypes.c_uint64(), ctypes.create_string_buffer(1024)
-    rc = lib.em_budget_bytes(str(artifact_dir).encode(), max_seq, cache_slots, ctypes.byref(out), err, len(err))
+    rc = lib.em_budget_bytes(str(artifact_dir).encode(), max_seq, expert_fraction, ctypes.byref(out), err, len(err))
     if rc:
         raise EdgeMoEError(rc, err.value.decode())
     return out.value

@@ -76,7 +76,7 @@ typedef struct {
   uint64_t predicted;        /* experts a layer really selected, where a prediction was made */
   uint64_t predicted_hits;   /* of which the predictor had named */
   uint32_t cache_slots;      /* number of expert cache slots */
-  uint32_t record_bytes;     /* bytes of one expert record (one read) */
+  uint32_t record_bytes;     /* bytes of the largest expert record (one read) */
 } em_stats;
 
 typedef struct {
@@ -88,9 +88,10 @@ void em_default_params(em_params* p);
 int em_open(const em_params* p, em_session** out, char* err, size_t err_len);
 void em_close(em_session* s);
 
-/* The budget that gives this artifact n_slots expert cache slots at max_seq (0 = the artifact's maximum).
- * n_slots = 0 asks for the minimum: trunk + KV cache + buffers + one layer's top-k experts. */
-int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, uint32_t n_slots, uint64_t* out, char* err,
+/* The budget whose expert cache holds this fraction of the artifact's expert bytes, at max_seq
+ * (0 = the artifact's maximum); never less than the minimum, which expert_fraction = 0 asks for:
+ * trunk + KV cache + buffers + one layer's top-k experts (per record size class). */
+int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fraction, uint64_t* out, char* err,
                     size_t err_len);
 
 int em_model_info_get(const em_session* s, em_model_info* out);

@@ -6,12 +6,25 @@ size_t em_cache_meta_bytes(uint32_t n_slots, uint32_t n_records) {
   return (size_t)n_slots * sizeof(em_slot) + (size_t)n_records * sizeof(int32_t);
 }
 
-void em_cache_init(em_expert_cache* c, uint8_t* slots, uint32_t n_slots, uint64_t slot_bytes, void* meta,
-                   uint32_t layers, uint32_t experts_per_layer, em_eviction policy, const float* frequency) {
+void em_cache_init(em_expert_cache* c, uint8_t* slots, const em_size_class* classes, uint32_t n_classes,
+                   const uint8_t* record_class, void* meta, uint32_t layers, uint32_t experts_per_layer,
+                   em_eviction policy, const float* frequency) {
+  uint32_t n_slots = 0;
+  uint64_t offset = 0;
   c->slots = slots;
-  c->n_slots = n_slots;
-  c->slot_bytes = slot_bytes;
+  c->n_classes = n_classes;
+  c->record_class = record_class;
   c->slot = (em_slot*)meta;
+  for (uint32_t k = 0; k < n_classes; k++) {
+    c->classes[k] = classes[k];
+    c->classes[k].first = n_slots;
+    for (uint32_t i = 0; i < classes[k].count; i++, n_slots++) {
+      em_slot empty = {offset, -1, EM_SLOT_FREE, 0, (uint8_t)k, 0, 0, 0};
+      c->slot[n_slots] = empty;
+      offset += classes[k].slot_bytes;
+    }
+  }
+  c->n_slots = n_slots;
   c->record_slot = (int32_t*)(c->slot + n_slots);
   c->layers = layers;
   c->experts_per_layer = experts_per_layer;
@@ -19,10 +32,6 @@ void em_cache_init(em_expert_cache* c, uint8_t* slots, uint32_t n_slots, uint64_
   c->policy = policy;
   c->frequency = frequency;
   c->clock = 0;
-  for (uint32_t i = 0; i < n_slots; i++) {
-    em_slot empty = {-1, EM_SLOT_FREE, 0, 0, 0, 0};
-    c->slot[i] = empty;
-  }
   for (uint32_t i = 0; i < c->n_records; i++) c->record_slot[i] = -1;
 }
 
@@ -46,8 +55,9 @@ int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_lay
                        int* evicted_prefetch) {
   int32_t victim = -1;
   double best = 0.0;
+  const em_size_class* k = &c->classes[c->record_class[record]];
   *evicted_prefetch = 0;
-  for (uint32_t i = 0; i < c->n_slots; i++) {
+  for (uint32_t i = k->first; i < k->first + k->count; i++) {
     const em_slot* s = &c->slot[i];
     if (s->state == EM_SLOT_FREE) {
       victim = (int32_t)i;

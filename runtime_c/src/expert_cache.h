@@ -1,5 +1,7 @@
-/* A fixed set of equally sized slots holding expert records, and the policy that picks which
- * slot to reuse. Not synchronised: the loader (loader.c) calls it under its lock. */
+/* A fixed set of slots holding expert records, and the policy that picks which slot to reuse.
+ * Records of different sizes (experts at different bitwidths) live in slots of their own size
+ * class, so a small expert never occupies a large slot. Not synchronised: the loader (loader.c)
+ * calls it under its lock. */
 #ifndef EM_EXPERT_CACHE_H
 #define EM_EXPERT_CACHE_H
 
@@ -10,19 +12,31 @@
 
 typedef enum { EM_SLOT_FREE = 0, EM_SLOT_LOADING, EM_SLOT_READY } em_slot_state;
 
+#define EM_MAX_SIZE_CLASSES 4
+
 typedef struct {
+  uint64_t slot_bytes; /* every slot of the class holds this many bytes */
+  uint32_t first;      /* index of its first slot; its slots are consecutive */
+  uint32_t count;
+} em_size_class;
+
+typedef struct {
+  uint64_t offset;     /* of its memory from the start of the slot region */
   int32_t record;      /* record held or being loaded, -1 = none */
   uint8_t state;       /* em_slot_state */
   uint8_t prefetched;  /* loaded by a prefetch and not used since */
+  uint8_t size_class;
   uint16_t pins;       /* users computing with it right now: never evicted while > 0 */
   uint64_t used_at;    /* clock of the last use (LRU) */
   uint64_t loaded_at;  /* clock when it was filled (FIFO) */
 } em_slot;
 
 typedef struct {
-  uint8_t* slots; /* n_slots * slot_bytes, 4096-aligned */
+  uint8_t* slots; /* every class's slots, one after another, 4096-aligned */
   uint32_t n_slots;
-  uint64_t slot_bytes;
+  em_size_class classes[EM_MAX_SIZE_CLASSES];
+  uint32_t n_classes;
+  const uint8_t* record_class; /* [n_records]: size class of each record */
   em_slot* slot;        /* [n_slots] */
   int32_t* record_slot; /* [n_records]: slot holding or loading each record, -1 = none */
   uint32_t n_records, experts_per_layer, layers;
@@ -32,8 +46,10 @@ typedef struct {
 } em_expert_cache;
 
 size_t em_cache_meta_bytes(uint32_t n_slots, uint32_t n_records);
-void em_cache_init(em_expert_cache* c, uint8_t* slots, uint32_t n_slots, uint64_t slot_bytes, void* meta,
-                   uint32_t layers, uint32_t experts_per_layer, em_eviction policy, const float* frequency);
+/* classes[].count slots of classes[].slot_bytes each (first is filled in); slot memory at `slots`. */
+void em_cache_init(em_expert_cache* c, uint8_t* slots, const em_size_class* classes, uint32_t n_classes,
+                   const uint8_t* record_class, void* meta, uint32_t layers, uint32_t experts_per_layer,
+                   em_eviction policy, const float* frequency);
 
 /* Slot holding or loading `record`, or -1. */
 static inline int32_t em_cache_lookup(const em_expert_cache* c, uint32_t record) { return c->record_slot[record]; }
@@ -48,7 +64,7 @@ void em_cache_ready(em_expert_cache* c, int32_t slot);
 /* Frees a slot (after a failed load). */
 void em_cache_release(em_expert_cache* c, int32_t slot);
 static inline uint8_t* em_cache_slot(const em_expert_cache* c, int32_t slot) {
-  return c->slots + (uint64_t)slot * c->slot_bytes;
+  return c->slots + c->slot[slot].offset;
 }
 
 #endif

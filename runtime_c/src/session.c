@@ -65,39 +65,98 @@ struct em_session {
 
 typedef struct {
   uint64_t trunk, kv, buffers, arena, meta, fixed; /* fixed = everything but the expert slots */
-  uint64_t per_slot;                               /* one slot plus its bookkeeping */
+  em_size_class classes[EM_MAX_SIZE_CLASSES];      /* distinct record sizes, ascending; .count = records */
+  uint32_t n_classes;
+  uint64_t per_slot[EM_MAX_SIZE_CLASSES];          /* one slot of the class plus its bookkeeping */
+  uint64_t min_slots[EM_MAX_SIZE_CLASSES];         /* a layer's top-k could all be of one class */
+  uint64_t min_cache, all_experts;                 /* bytes of expert slots: the least, and for every record */
 } memory_plan;
 
 static uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
-static uint64_t max_record_bytes(const em_record* r, uint32_t n) {
-  uint64_t m = 0;
-  for (uint32_t i = 0; i < n; i++)
-    if (r[i].length > m) m = r[i].length;
-  return m;
+/* Sorts the records' lengths into size classes (at most EM_MAX_SIZE_CLASSES); -1 if too many. */
+static int size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t* n_out, uint8_t* record_class) {
+  uint32_t k = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    uint32_t j = 0;
+    while (j < k && out[j].slot_bytes != r[i].length) j++;
+    if (j == k) {
+      if (k == EM_MAX_SIZE_CLASSES) return -1;
+      out[k].slot_bytes = r[i].length, out[k].count = 0, out[k].first = 0;
+      k++;
+    }
+    out[j].count++;
+  }
+  for (uint32_t a = 1; a < k; a++) /* ascending by size, for a stable class numbering */
+    for (uint32_t b = a; b > 0 && out[b].slot_bytes < out[b - 1].slot_bytes; b--) {
+      em_size_class t = out[b];
+      out[b] = out[b - 1];
+      out[b - 1] = t;
+    }
+  for (uint32_t i = 0; record_class && i < n; i++)
+    for (uint32_t j = 0; j < k; j++)
+      if (out[j].slot_bytes == r[i].length) record_class[i] = (uint8_t)j;
+  *n_out = k;
+  return 0;
 }
 
-static memory_plan plan_memory(const em_trunk_header* th, const em_image_header* ih, uint64_t record_bytes,
-                               uint32_t max_seq) {
-  memory_plan p;
+static int plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records,
+                       uint32_t max_seq, memory_plan* p, char* err, size_t n) {
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim, q_dim, th->inter,
                        th->experts, th->vocab, 1, th->hidden, th->experts};
-  p.trunk = align_up(th->file_bytes - th->data_offset, ALIGN_PAGE);
-  p.kv = align_up(2ull * th->layers * max_seq * kv_dim * sizeof(float), ALIGN_PAGE);
-  p.buffers = 0;
-  for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++) p.buffers += align_up(floats[i] * sizeof(float), ALIGN_BUF);
-  p.buffers = align_up(p.buffers, ALIGN_PAGE);
+  if (size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
+    snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
+    return EM_ERR_FORMAT;
+  }
+  p->trunk = align_up(th->file_bytes - th->data_offset, ALIGN_PAGE);
+  p->kv = align_up(2ull * th->layers * max_seq * kv_dim * sizeof(float), ALIGN_PAGE);
+  p->buffers = 0;
+  for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)
+    p->buffers += align_up(floats[i] * sizeof(float), ALIGN_BUF);
+  p->buffers = align_up(p->buffers, ALIGN_PAGE);
   /* attention keeps scores and their exponentials, [heads, n] each, in workspace */
-  p.arena = align_up(2ull * th->heads * max_seq * sizeof(float) + 4 * ALIGN_BUF, ALIGN_PAGE);
-  /* records; per record: cache and loader bookkeeping; per layer: weights and predictions */
-  p.meta = align_up((uint64_t)ih->n_records * sizeof(em_record) + em_cache_meta_bytes(0, ih->n_records) +
-                        em_loader_meta_bytes(0, ih->n_records) +
-                        th->layers * (sizeof(layer_weights) + 1 + th->experts * sizeof(uint32_t)),
-                    ALIGN_BUF);
-  p.fixed = p.trunk + p.kv + p.buffers + p.arena + p.meta;
-  p.per_slot = record_bytes + em_cache_meta_bytes(1, 0) + em_loader_meta_bytes(1, 0);
-  return p;
+  p->arena = align_up(2ull * th->heads * max_seq * sizeof(float) + 4 * ALIGN_BUF, ALIGN_PAGE);
+  /* records and their size classes; per record: cache and loader bookkeeping; per layer: weights
+     and predictions */
+  p->meta = align_up((uint64_t)ih->n_records * (sizeof(em_record) + 1) + em_cache_meta_bytes(0, ih->n_records) +
+                         em_loader_meta_bytes(0, ih->n_records) +
+                         th->layers * (sizeof(layer_weights) + 1 + th->experts * sizeof(uint32_t)),
+                     ALIGN_BUF);
+  p->fixed = p->trunk + p->kv + p->buffers + p->arena + p->meta;
+  p->min_cache = p->all_experts = 0;
+  for (uint32_t c = 0; c < p->n_classes; c++) {
+    p->per_slot[c] = p->classes[c].slot_bytes + em_cache_meta_bytes(1, 0) + em_loader_meta_bytes(1, 0);
+    p->min_slots[c] = p->classes[c].count < th->top_k ? p->classes[c].count : th->top_k;
+    p->min_cache += p->min_slots[c] * p->per_slot[c];
+    p->all_experts += p->classes[c].count * p->per_slot[c];
+  }
+  return EM_OK;
+}
+
+/* Slots per size class for a budget (0 = every record resident): each class its share of the
+ * expert cache in proportion to its bytes of experts, never below its minimum; if the minimums
+ * overdraw the budget, the classes furthest above their share give slots back. */
+static void slots_for_budget(const memory_plan* p, uint64_t budget, uint64_t* slots) {
+  uint64_t cache = budget ? budget - p->fixed : p->all_experts, used = 0;
+  for (uint32_t c = 0; c < p->n_classes; c++) {
+    double share = (double)(p->classes[c].count * p->per_slot[c]) / (double)p->all_experts;
+    slots[c] = (uint64_t)((double)cache * share / (double)p->per_slot[c] + 1e-6);
+    if (slots[c] < p->min_slots[c]) slots[c] = p->min_slots[c];
+    if (slots[c] > p->classes[c].count) slots[c] = p->classes[c].count;
+    used += slots[c] * p->per_slot[c];
+  }
+  while (used > cache) {
+    int worst = -1;
+    double worst_ratio = 0.0;
+    for (uint32_t c = 0; c < p->n_classes; c++) {
+      double ratio = (double)slots[c] / (double)p->classes[c].count;
+      if (slots[c] > p->min_slots[c] && (worst < 0 || ratio > worst_ratio)) worst = (int)c, worst_ratio = ratio;
+    }
+    if (worst < 0) break; /* at the minimum everywhere: the caller checked the budget covers it */
+    slots[worst]--;
+    used -= p->per_slot[worst];
+  }
 }
 
 /* ---- opening -------------------------------------------------------------------------- */
@@ -160,7 +219,7 @@ static void format_mib(char* out, size_t n, uint64_t bytes) {
   snprintf(out, n, "%llu bytes (%.2f MiB)", (unsigned long long)bytes, bytes / 1048576.0);
 }
 
-int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, uint32_t n_slots, uint64_t* out, char* err,
+int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fraction, uint64_t* out, char* err,
                     size_t err_len) {
   artifact_paths ap;
   em_trunk_header th;
@@ -170,9 +229,12 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, uint32_t n_slots
   if (!rc) rc = read_headers(&ap, &th, &ih, &records, err, err_len);
   if (rc) return rc;
   if (!max_seq || max_seq > th.max_positions) max_seq = th.max_positions;
-  memory_plan p = plan_memory(&th, &ih, max_record_bytes(records, ih.n_records), max_seq);
-  *out = p.fixed + (n_slots ? n_slots : th.top_k) * p.per_slot;
+  memory_plan p;
+  rc = plan_memory(&th, &ih, records, max_seq, &p, err, err_len);
   free(records);
+  if (rc) return rc;
+  uint64_t cache = (uint64_t)(expert_fraction * (double)p.all_experts);
+  *out = p.fixed + (cache > p.min_cache ? cache : p.min_cache);
   return EM_OK;
 }
 
@@ -279,13 +341,17 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->max_seq = params->max_seq && params->max_seq < th->max_positions ? params->max_seq : th->max_positions;
   s->q_dim = th->heads * th->head_dim;
   s->kv_dim = th->kv_heads * th->head_dim;
-  s->record_bytes = max_record_bytes(s->records, s->ih.n_records);
   s->predictor = params->loader_thread ? params->predictor : EM_PREDICT_NONE; /* prefetching needs the thread */
   s->n_predict = params->prefetch_experts ? params->prefetch_experts : th->top_k;
   if (s->n_predict > th->experts) s->n_predict = th->experts;
-  memory_plan p = plan_memory(th, &s->ih, s->record_bytes, s->max_seq);
-  uint64_t min_budget = p.fixed + th->top_k * p.per_slot;
-  uint64_t n_slots = s->ih.n_records;
+  memory_plan p;
+  rc = plan_memory(th, &s->ih, s->records, s->max_seq, &p, err, err_len);
+  if (rc) {
+    free(s->records);
+    free(s);
+    return rc;
+  }
+  uint64_t min_budget = p.fixed + p.min_cache;
   if (params->memory_budget) {
     if (params->memory_budget < min_budget) {
       char have[64], need[64];
@@ -299,17 +365,24 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
       free(s);
       return EM_ERR_BUDGET;
     }
-    n_slots = (params->memory_budget - p.fixed) / p.per_slot;
-    if (n_slots > s->ih.n_records) n_slots = s->ih.n_records;
   }
-  uint64_t slot_bytes_total = n_slots * align_up(s->record_bytes, ALIGN_PAGE);
+  uint64_t slots[EM_MAX_SIZE_CLASSES], n_slots = 0, slot_bytes_total = 0, slot_meta_total = 0;
+  slots_for_budget(&p, params->memory_budget, slots);
+  for (uint32_t c = 0; c < p.n_classes; c++) {
+    n_slots += slots[c];
+    slot_bytes_total += slots[c] * p.classes[c].slot_bytes;
+    slot_meta_total += slots[c] * (p.per_slot[c] - p.classes[c].slot_bytes);
+    if (p.classes[c].slot_bytes > s->record_bytes) s->record_bytes = p.classes[c].slot_bytes;
+    p.classes[c].count = (uint32_t)slots[c]; /* from here on: slots of the class */
+  }
   uint64_t block_bytes = p.trunk + p.kv + p.buffers + p.arena + slot_bytes_total;
   size_t cache_meta = em_cache_meta_bytes((uint32_t)n_slots, s->ih.n_records);
   size_t loader_meta = em_loader_meta_bytes((uint32_t)n_slots, s->ih.n_records);
   void* block = NULL;
   uint8_t* meta = NULL;
   if (posix_memalign(&block, ALIGN_PAGE, block_bytes) != 0 ||
-      !(meta = (uint8_t*)malloc(align_up(cache_meta, ALIGN_BUF) + loader_meta + th->layers * (s->n_predict * 4 + 1))) ||
+      !(meta = (uint8_t*)malloc(align_up(cache_meta, ALIGN_BUF) + loader_meta +
+                                th->layers * (s->n_predict * 4 + 1) + s->ih.n_records)) ||
       !(s->lw = (layer_weights*)calloc(th->layers, sizeof(layer_weights)))) {
     snprintf(err, err_len, "cannot allocate %llu bytes", (unsigned long long)block_bytes);
     free(block);
@@ -342,6 +415,10 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->predicted = (uint32_t*)(meta + align_up(cache_meta, ALIGN_BUF) + loader_meta);
   s->has_prediction = (uint8_t*)(s->predicted + (size_t)th->layers * s->n_predict);
   memset(s->has_prediction, 0, th->layers);
+  uint8_t* record_class = s->has_prediction + th->layers;
+  em_size_class unused[EM_MAX_SIZE_CLASSES];
+  uint32_t n_classes;
+  size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
 
   rc = load_trunk(s, ap.trunk);
   if (!rc && s->predictor == EM_PREDICT_PATH_TABLE && !s->path_table) {
@@ -352,8 +429,8 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     snprintf(s->err, ERR_LEN, "EdgeMoE eviction needs expert frequencies: compile with calibration text (--calibration)");
     rc = EM_ERR_ARGUMENT;
   }
-  em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, (uint32_t)n_slots,
-                align_up(s->record_bytes, ALIGN_PAGE), meta, th->layers, th->experts, params->eviction, s->frequency);
+  em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, p.classes, p.n_classes, record_class, meta,
+                th->layers, th->experts, params->eviction, s->frequency);
   if (!rc) rc = em_kernels_load(&s->k, ap.kernels, s->err, ERR_LEN);
   if (!rc && !(s->experts = em_storage_open(params, ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
   for (uint32_t i = 0; !rc && i < s->ih.n_records; i++) {
@@ -374,7 +451,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     em_close(s);
     return rc;
   }
-  s->st.memory_bytes = p.fixed + n_slots * p.per_slot;
+  s->st.memory_bytes = p.fixed + slot_bytes_total + slot_meta_total;
   s->st.trunk_bytes = p.trunk;
   s->st.expert_cache_bytes = slot_bytes_total;
   s->st.cache_slots = (uint32_t)n_slots;

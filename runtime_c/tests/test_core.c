@@ -22,6 +22,14 @@ static void test_crc32(void) {
   CHECK(em_crc32(em_crc32(0, "12345", 5), "6789", 4) == 0xCBF43926u);
 }
 
+static uint8_t one_class[64]; /* every record in size class 0 */
+
+static void init_uniform(em_expert_cache* c, uint8_t* slots, uint32_t n_slots, void* meta, uint32_t layers,
+                         uint32_t experts, em_eviction policy, const float* freq) {
+  em_size_class k = {16, 0, n_slots};
+  em_cache_init(c, slots, &k, 1, one_class, meta, layers, experts, policy, freq);
+}
+
 /* Fills slots with records 0..n-1 of a 2-layer x 4-expert model, all ready. */
 static void fill(em_expert_cache* c, uint32_t n) {
   int wasted;
@@ -33,7 +41,7 @@ static void test_lru(void) {
   static uint64_t meta[64];
   em_expert_cache c;
   int wasted;
-  em_cache_init(&c, slots, 3, 16, meta, 2, 4, EM_EVICT_LRU, NULL);
+  init_uniform(&c, slots, 3, meta, 2, 4, EM_EVICT_LRU, NULL);
   CHECK(em_cache_lookup(&c, 4) == -1);
   fill(&c, 3);
   em_cache_touch(&c, em_cache_lookup(&c, 0)); /* 0 most recent; 1 least */
@@ -56,7 +64,7 @@ static void test_fifo_and_prefetch_accounting(void) {
   static uint64_t meta[64];
   em_expert_cache c;
   int wasted;
-  em_cache_init(&c, slots, 2, 16, meta, 2, 4, EM_EVICT_FIFO, NULL);
+  init_uniform(&c, slots, 2, meta, 2, 4, EM_EVICT_FIFO, NULL);
   em_cache_ready(&c, em_cache_claim(&c, 0, 0, 1, &wasted)); /* prefetched, never used */
   em_cache_ready(&c, em_cache_claim(&c, 1, 0, 0, &wasted));
   em_cache_touch(&c, em_cache_lookup(&c, 0)); /* used: LRU would keep it, FIFO still evicts it */
@@ -77,7 +85,7 @@ static void test_edgemoe_score(void) {
   static uint64_t meta[64];
   em_expert_cache c;
   int wasted;
-  em_cache_init(&c, slots, 4, 16, meta, 4, 2, EM_EVICT_EDGEMOE, freq);
+  init_uniform(&c, slots, 4, meta, 4, 2, EM_EVICT_EDGEMOE, freq);
   /* resident: (layer 0, e1), (layer 1, e0), (layer 1, e1), (layer 3, e1); current layer I = 1 */
   uint32_t rec[4] = {1, 2, 3, 7};
   for (int i = 0; i < 4; i++) em_cache_ready(&c, em_cache_claim(&c, rec[i], 1, 0, &wasted));
@@ -88,6 +96,25 @@ static void test_edgemoe_score(void) {
   /* now (2,e0) with f .25, dist 3 → -0.083 beats (0,e1) at -0.75 */
   int32_t v2 = em_cache_lookup(&c, 4);
   CHECK(em_cache_claim(&c, 6, 1, 0, &wasted) == v2);
+}
+
+static void test_size_classes(void) {
+  /* records 0-3 are small (class 0, 8-byte slots), 4-7 large (class 1, 32-byte slots) */
+  static const uint8_t record_class[8] = {0, 0, 0, 0, 1, 1, 1, 1};
+  static uint8_t slots[2 * 8 + 2 * 32];
+  static uint64_t meta[64];
+  em_size_class k[2] = {{8, 0, 2}, {32, 0, 2}};
+  em_expert_cache c;
+  int wasted;
+  em_cache_init(&c, slots, k, 2, record_class, meta, 2, 4, EM_EVICT_LRU, NULL);
+  int32_t a = em_cache_claim(&c, 0, 0, 0, &wasted), b = em_cache_claim(&c, 1, 0, 0, &wasted);
+  em_cache_ready(&c, a);
+  em_cache_ready(&c, b);
+  int32_t big = em_cache_claim(&c, 5, 0, 0, &wasted);
+  CHECK(big >= 2 && em_cache_slot(&c, big) == slots + 16); /* a large slot, though small ones are older */
+  em_cache_ready(&c, big);
+  int32_t small = em_cache_claim(&c, 2, 0, 0, &wasted);
+  CHECK(small == a && em_cache_slot(&c, small) == slots); /* small evicts small (LRU: 0) */
 }
 
 static void test_arena(void) {
@@ -112,8 +139,9 @@ int main(void) {
   test_lru();
   test_fifo_and_prefetch_accounting();
   test_edgemoe_score();
+  test_size_classes();
   test_arena();
   if (failures) return 1;
-  printf("5 passed, 0 failed\n");
+  printf("6 passed, 0 failed\n");
   return 0;
 }
