@@ -5,13 +5,14 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..models import load_model
 from ..targets import load_target
+from .bitplan import default_cache_dir, search_plan
 from .expert_image import ExpertWeights, write_image
 from .lower import build_kernels
 from .profile import profile_routing, tokenize_file
@@ -30,6 +31,7 @@ class CompileOptions:
     calibration: Path | None = None  # text for profiling expert routing (predictor tables, eviction frequencies)
     calibration_tokens: int = 8192
     bit_plan: list[list[int]] | None = None  # bits per [layer][expert]; overrides expert_bits
+    tolerance: float | None = None  # search a per-expert bit plan within this relative perplexity loss
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
@@ -60,6 +62,22 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     target = load_target(opts.target)
     model = load_model(model_dir)
     cfg = model.config
+    calib_tokens = None
+    if opts.calibration is not None:
+        calib_tokens = tokenize_file(model_dir / "tokenizer.json", opts.calibration, opts.calibration_tokens)
+    searched = None
+    if opts.tolerance is not None:
+        if calib_tokens is None:
+            raise ValueError("--tolerance needs calibration text (--calibration) to measure expert sensitivity on")
+        cut = len(calib_tokens) * 3 // 4  # the search sees 3/4; the plan is checked on the rest
+        log(f"searching a bit plan within {100 * opts.tolerance:.2f}% perplexity loss "
+            f"({cut} search tokens, {len(calib_tokens) - cut} check tokens)")
+        searched = search_plan(model, calib_tokens[:cut], calib_tokens[cut:], opts.tolerance, opts.group,
+                               default_cache_dir(), log=log)
+        if searched.heldout_loss > opts.tolerance:
+            log(f"warning: the plan loses {100 * searched.heldout_loss:.2f}% on check tokens, over the tolerance by "
+                f"{100 * (searched.heldout_loss - opts.tolerance):.2f} points")
+        opts = replace(opts, bit_plan=searched.plan)
     plan = expert_bit_plan(cfg, opts)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,10 +94,9 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     ]
     bits_used = sorted({b for row in plan for b in row})
     profile = None
-    if opts.calibration is not None:
-        tokens = tokenize_file(model_dir / "tokenizer.json", opts.calibration, opts.calibration_tokens)
-        profile = profile_routing(model, tokens)
-        log(f"profiled expert routing on {len(tokens)} calibration tokens from {opts.calibration}")
+    if calib_tokens is not None:
+        profile = profile_routing(model, calib_tokens)
+        log(f"profiled expert routing on {len(calib_tokens)} calibration tokens from {opts.calibration}")
     records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group)
     trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, profile)
     average_bits = float(np.mean(plan))
@@ -107,6 +124,7 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
                     "image_bytes": files["experts.bin"]["bytes"]},
         "trunk_bytes": trunk_bytes,
+        "bit_plan_search": searched.to_dict() if searched else None,
         "profile": None if profile is None else {
             "calibration": str(opts.calibration), "tokens": int(profile.selected.shape[0]),
             "expert_frequency": profile.frequency.round(4).tolist()},

@@ -235,6 +235,24 @@ def window_nll(model, windows: list[np.ndarray], batch_size: int = 16, collect_r
 # --------------------------------------------------------------------------- training
 
 
+def per_layer_balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss taken per layer and averaged (1.0 when balanced).
+
+    transformers' Mixtral ``aux_loss`` pools the router logits of all layers before balancing,
+    which only balances expert *slots* across layers: an expert can die in one layer while
+    its namesake in another layer takes up the slack. Expert offloading needs every layer's
+    experts used, so each layer is balanced on its own."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        n_experts = probs.shape[-1]
+        assigned = torch.nn.functional.one_hot(chosen, n_experts).float().sum(1).mean(0) / top_k
+        losses.append(n_experts * (assigned * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+
 def train(args, log: Logger) -> dict:
     from transformers import MixtralForCausalLM
 
@@ -284,11 +302,12 @@ def train(args, log: Logger) -> dict:
             g["lr"] = lr
         x = batches.next()
         # no ``labels``: the model would shift them and drop each window's last target; the LM
-        # loss is taken here on all SEQ_LEN targets, the router's load-balancing loss is added.
+        # loss is taken here on all SEQ_LEN targets, plus a load-balancing loss per layer.
         outp = model(input_ids=x[:, :-1])
         lm_loss = torch.nn.functional.cross_entropy(
             outp.logits.float().reshape(-1, VOCAB_SIZE), x[:, 1:].reshape(-1))
-        loss = lm_loss + model.config.router_aux_loss_coef * outp.aux_loss
+        aux = per_layer_balance_loss(outp.router_logits, model.config.num_experts_per_tok)
+        loss = lm_loss + model.config.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -306,7 +325,7 @@ def train(args, log: Logger) -> dict:
             now = time.time()
             tps = (tokens - tok_last) / (now - t_last)
             t_last, tok_last = now, tokens
-            log(f"step {step:5d}/{max_steps} loss {li:.4f} ema {ema:.4f} aux {outp.aux_loss.item():.4f} "
+            log(f"step {step:5d}/{max_steps} loss {li:.4f} ema {ema:.4f} aux {aux.item():.4f} "
                 f"lr {lr:.2e} gnorm {gnorm.item():.2f} epoch {batches.epoch} tokens {tokens:,d} "
                 f"tok/s {tps:.0f} elapsed {(now - t_train) / 60:.1f} min")
         if args.eval_every and step % args.eval_every == 0:

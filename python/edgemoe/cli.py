@@ -21,6 +21,17 @@ class _Bytes(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def _percent(text: str) -> float:
+    """'1%' or '1' -> 0.01: tolerances are always given in percent."""
+    try:
+        value = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a percentage; write e.g. --tolerance 1%") from None
+    if not 0 < value < 100:
+        raise click.BadParameter(f"tolerance {value}% is outside (0%, 100%); write e.g. --tolerance 1%")
+    return value / 100.0
+
+
 @click.command("edgemoe-compile")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -33,14 +44,19 @@ class _Bytes(click.ParamType):
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Text to profile expert routing on: enables the path-table predictor and EdgeMoE eviction.")
 @click.option("--calibration-tokens", default=8192, show_default=True, help="Tokens of calibration text to use.")
-def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq, calibration, calibration_tokens):
+@click.option("--tolerance", default=None, metavar="P%",
+              help="Choose each expert's bitwidth (INT8/4/2) by measured sensitivity so perplexity rises at most "
+                   "P% over the float model (needs --calibration); overrides --bits.")
+def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq, calibration, calibration_tokens, tolerance):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
     from .compiler.driver import CompileOptions, compile_model
     from .models import ModelImportError
     from .targets import UnknownTargetError
 
     try:
-        opts = CompileOptions(target, int(expert_bits), group, max_seq, calibration, calibration_tokens)
+        tol = None if tolerance is None else _percent(tolerance)
+        opts = CompileOptions(target, int(expert_bits), group, max_seq, calibration, calibration_tokens,
+                              tolerance=tol)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True))
     except (ModelImportError, UnknownTargetError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))

@@ -1,0 +1,178 @@
+"""Expert-wise bitwidth adaptation (EdgeMoE §4): choose a bitwidth per expert from its measured
+sensitivity so the model's loss stays within a tolerance while the expert bytes shrink.
+
+Loss is the relative increase of perplexity over the float model, measured with the NumPy
+reference on calibration tokens (the search) and on tokens the search never saw (the check).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..models import Expert, MoEModel
+from ..models.reference import forward_sequence
+from .quantize import DEFAULT_GROUP, quantize
+
+LEVELS = (8, 4, 2)  # from the most to the least precise
+
+
+class ToleranceError(ValueError):
+    """Even the most precise bitwidth loses more than the tolerance."""
+
+
+def mean_nll(model: MoEModel, tokens: np.ndarray, window: int = 256) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(tokens) - 1, window):
+        w = tokens[i : i + window]
+        if len(w) < 2:
+            continue
+        logits, _ = forward_sequence(model, w)
+        m = logits.max(axis=-1, keepdims=True)
+        logz = np.log(np.exp(logits - m).sum(axis=-1)) + m[:, 0]
+        total += float((logz[:-1] - logits[np.arange(len(w) - 1), w[1:]]).sum())
+        count += len(w) - 1
+    return total / count
+
+
+class PlanEvaluator:
+    """Scores bit plans: dequantized experts are computed once per (expert, bitwidth) and reused."""
+
+    def __init__(self, model: MoEModel, tokens: np.ndarray, group: int = DEFAULT_GROUP):
+        self.model, self.tokens, self.group = model, tokens, group
+        self._experts: dict[tuple[int, int, int], Expert] = {}
+        self.float_nll = mean_nll(model, tokens)
+        self.evaluations = 0
+
+    def expert(self, layer: int, idx: int, bits: int) -> Expert:
+        key = (layer, idx, bits)
+        if key not in self._experts:
+            e = self.model.layers[layer].experts[idx]
+            self._experts[key] = Expert(*(quantize(w, bits, self.group).dequantize() for w in (e.w_gate, e.w_up, e.w_down)))
+        return self._experts[key]
+
+    def model_for(self, plan) -> MoEModel:
+        layers = [replace(l, experts=[self.expert(li, ei, int(plan[li][ei])) for ei in range(len(l.experts))])
+                  for li, l in enumerate(self.model.layers)]
+        return replace(self.model, layers=layers)
+
+    def loss(self, plan, tokens: np.ndarray | None = None) -> float:
+        """Relative perplexity increase of the plan over the float model."""
+        self.evaluations += 1
+        if tokens is None:
+            return math.exp(mean_nll(self.model_for(plan), self.tokens) - self.float_nll) - 1.0
+        return math.exp(mean_nll(self.model_for(plan), tokens) - mean_nll(self.model, tokens)) - 1.0
+
+
+def uniform(model: MoEModel, bits: int) -> list[list[int]]:
+    return [[bits] * model.config.num_experts for _ in range(model.config.num_layers)]
+
+
+def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None = None) -> np.ndarray:
+    """[layers, experts]: loss increase when that expert alone drops from `high` to `low` bits (the
+    paper's procedure), cached on disk by model, calibration tokens and bitwidths."""
+    cfg = ev.model.config
+    key = hashlib.sha256(
+        ev.tokens.tobytes() + ev.model.embed[:8].tobytes() + ev.model.layers[-1].experts[-1].w_down[:4].tobytes()
+        + f"{high},{low},{ev.group}".encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"sensitivity-{key}.json" if cache_dir else None
+    if path and path.is_file():
+        return np.array(json.loads(path.read_text()))
+    base = uniform(ev.model, high)
+    base_loss = ev.loss(base)
+    out = np.zeros((cfg.num_layers, cfg.num_experts))
+    for l in range(cfg.num_layers):
+        for e in range(cfg.num_experts):
+            plan = [row[:] for row in base]
+            plan[l][e] = low
+            out[l, e] = ev.loss(plan) - base_loss
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out.tolist()))
+    return out
+
+
+def _lower_while_within(ev: PlanEvaluator, plan, order: list[tuple[int, int]], low: int, tolerance: float):
+    """The paper's search: the K least sensitive experts (in `order`) at `low`, the largest K whose
+    calibration loss stays within the tolerance (binary search; loss grows with K)."""
+    def with_k(k):
+        p = [row[:] for row in plan]
+        for l, e in order[:k]:
+            p[l][e] = low
+        return p
+
+    lo, hi = 0, len(order)  # loss(with_k(lo)) is within tolerance
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ev.loss(with_k(mid)) <= tolerance:
+            lo = mid
+        else:
+            hi = mid - 1
+    return with_k(lo), lo
+
+
+@dataclass
+class BitPlan:
+    plan: list[list[int]]
+    tolerance: float
+    calibration_loss: float
+    heldout_loss: float
+    average_bits: float
+    steps: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"tolerance": self.tolerance, "calibration_loss": self.calibration_loss,
+                "heldout_loss": self.heldout_loss, "average_bits": self.average_bits, "plan": self.plan,
+                "steps": self.steps}
+
+
+def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float,
+                group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print) -> BitPlan:
+    """Three-level plan: the most compact uniform bitwidth within the tolerance sets the ceiling;
+    then, by sensitivity, experts move down one level at a time while the loss stays within it.
+    Verified on held-out tokens; if the check fails, the lowered set shrinks until it passes."""
+    ev = PlanEvaluator(model, calibration, group)
+    steps = []
+    uniform_loss = {b: ev.loss(uniform(model, b)) for b in LEVELS}
+    steps += [f"uniform INT{b}: calibration loss {100 * uniform_loss[b]:+.2f}%" for b in LEVELS]
+    within = [b for b in LEVELS if uniform_loss[b] <= tolerance]
+    if not within:
+        raise ToleranceError(f"even uniform INT{LEVELS[0]} loses {100 * uniform_loss[LEVELS[0]]:.2f}% perplexity on "
+                             f"calibration text, over the tolerance {100 * tolerance:.2f}% by "
+                             f"{100 * (uniform_loss[LEVELS[0]] - tolerance):.2f} points")
+    high = min(within)
+    plan = uniform(model, high)
+    for low in [b for b in LEVELS if b < high]:
+        cur = min(b for row in plan for b in row)
+        sens = sensitivity(ev, cur, low, cache_dir)
+        order = sorted(((l, e) for l in range(len(plan)) for e in range(len(plan[0])) if plan[l][e] == cur),
+                       key=lambda le: sens[le])
+        plan, k = _lower_while_within(ev, plan, order, low, tolerance)
+        steps.append(f"INT{cur} → INT{low}: {k} of {len(order)} experts")
+        if k == 0:
+            break
+    cal = ev.loss(plan)
+    held = ev.loss(plan, heldout)
+    while held > tolerance and any(b < high for row in plan for b in row):
+        # the held-out check failed: raise the lowered experts back, most sensitive first
+        lowered = [(l, e) for l in range(len(plan)) for e in range(len(plan[0])) if plan[l][e] < high]
+        sens = sensitivity(ev, high, min(plan[l][e] for l, e in lowered), cache_dir)
+        lowered.sort(key=lambda le: -sens[le])
+        for l, e in lowered[: max(1, len(lowered) // 4)]:
+            plan[l][e] = high
+        cal, held = ev.loss(plan), ev.loss(plan, heldout)
+        steps.append(f"held-out check over tolerance: raised {max(1, len(lowered) // 4)} experts back to INT{high}")
+    avg = float(np.mean(plan))
+    steps.append(f"{ev.evaluations} plan evaluations")
+    for s in steps:
+        log(s)
+    return BitPlan(plan, tolerance, cal, held, avg, steps)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGEMOE_CACHE_DIR", Path.home() / ".cache" / "edgemoe"))
