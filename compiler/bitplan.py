@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import Expert, MoEModel
-from ..models.reference import forward_sequence
+from ..evaluate import perplexity_reference
 from .quantize import DEFAULT_GROUP, quantize
 
 LEVELS = (8, 4, 2)  # from the most to the least precise
@@ -26,18 +26,8 @@ class ToleranceError(ValueError):
     """Even the most precise bitwidth loses more than the tolerance."""
 
 
-def mean_nll(model: MoEModel, tokens: np.ndarray, window: int = 256) -> float:
-    total, count = 0.0, 0
-    for i in range(0, len(tokens) - 1, window):
-        w = tokens[i : i + window]
-        if len(w) < 2:
-            continue
-        logits, _ = forward_sequence(model, w)
-        m = logits.max(axis=-1, keepdims=True)
-        logz = np.log(np.exp(logits - m).sum(axis=-1)) + m[:, 0]
-        total += float((logz[:-1] - logits[np.arange(len(w) - 1), w[1:]]).sum())
-        count += len(w) - 1
-    return total / count
+def mean_nll(model: MoEModel, tokens: np.ndarray) -> float:
+    return perplexity_reference(model, tokens)["nll"]
 
 
 class PlanEvaluator:
@@ -125,8 +115,12 @@ class BitPlan:
     average_bits: float
     steps: list[str] = field(default_factory=list)
 
+    @property
+    def met(self) -> bool:
+        return self.heldout_loss <= self.tolerance
+
     def to_dict(self) -> dict:
-        return {"tolerance": self.tolerance, "calibration_loss": self.calibration_loss,
+        return {"tolerance": self.tolerance, "met": self.met, "calibration_loss": self.calibration_loss,
                 "heldout_loss": self.heldout_loss, "average_bits": self.average_bits, "plan": self.plan,
                 "steps": self.steps}
 
@@ -158,15 +152,25 @@ def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, t
             break
     cal = ev.loss(plan)
     held = ev.loss(plan, heldout)
-    while held > tolerance and any(b < high for row in plan for b in row):
-        # the held-out check failed: raise the lowered experts back, most sensitive first
+    while held > tolerance:
         lowered = [(l, e) for l in range(len(plan)) for e in range(len(plan[0])) if plan[l][e] < high]
-        sens = sensitivity(ev, high, min(plan[l][e] for l, e in lowered), cache_dir)
-        lowered.sort(key=lambda le: -sens[le])
-        for l, e in lowered[: max(1, len(lowered) // 4)]:
-            plan[l][e] = high
+        if lowered:
+            # the check failed: raise the lowered experts back, most sensitive first
+            sens = sensitivity(ev, high, min(plan[l][e] for l, e in lowered), cache_dir)
+            lowered.sort(key=lambda le: -sens[le])
+            for l, e in lowered[: max(1, len(lowered) // 4)]:
+                plan[l][e] = high
+            steps.append(f"check over tolerance ({100 * held:.2f}%): raised {max(1, len(lowered) // 4)} experts "
+                         f"back to INT{high}")
+        elif high < LEVELS[0]:
+            high = min(b for b in LEVELS if b > high)
+            plan = uniform(model, high)
+            steps.append(f"check over tolerance ({100 * held:.2f}%): uniform INT{high}")
+        else:
+            steps.append(f"check over tolerance even at uniform INT{high}: {100 * held:.2f}% "
+                         f"(+{100 * (held - tolerance):.2f} points)")
+            break
         cal, held = ev.loss(plan), ev.loss(plan, heldout)
-        steps.append(f"held-out check over tolerance: raised {max(1, len(lowered) // 4)} experts back to INT{high}")
     avg = float(np.mean(plan))
     steps.append(f"{ev.evaluations} plan evaluations")
     for s in steps:

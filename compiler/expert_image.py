@@ -65,6 +65,25 @@ def _record_payload(w: ExpertWeights) -> tuple[bytes, list[int]]:
     return bytes(out), offsets
 
 
+def record_length(hidden: int, inter: int, bits: int, group: int) -> int:
+    """Bytes one expert occupies in the image at `bits` (payload laid out as _record_payload does)."""
+    scale_bytes = 2  # fp16
+    parts = []
+    for rows, cols in ((inter, hidden), (inter, hidden), (hidden, inter)):
+        parts += [rows * cols * bits // 8, rows * (cols // group) * scale_bytes]
+    n = 0
+    for nbytes in parts:
+        n = align_up(n, PART_ALIGN) + nbytes
+    return align_up(n, ALIGN)
+
+
+def image_bytes(plan: list[list[int]], hidden: int, inter: int, group: int) -> int:
+    """Size of the expert image for a bit plan (bits per [layer][expert])."""
+    n = sum(len(row) for row in plan)
+    data = sum(record_length(hidden, inter, b, group) for row in plan for b in row)
+    return align_up(ALIGN + n * RECORD_BYTES, ALIGN) + data
+
+
 def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int) -> list[Record]:
     """Write experts[layer][expert] to `path`; return the record table."""
     n_layers, n_experts = len(experts), len(experts[0])

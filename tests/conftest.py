@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINED_MODEL = REPO / "models" / "zoo" / "mixtral-mini"
+TRAINED_MODEL = Path(os.environ.get("EDGEMOE_TEST_MODEL", REPO / "models" / "zoo" / "mixtral-mini"))
 DATA_DIR = Path(os.environ.get("EDGEMOE_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
@@ -50,14 +50,14 @@ def trained_model():
 
 
 # Calibration text for profiling routing: part of the training data, never the held-out text.
-CALIBRATION = DATA_DIR / "tinyshakespeare.txt"
+CALIBRATION = TRAINED_MODEL / "calibration.txt"
 
 
 def _compile(tmp_path_factory, model_dir: Path, bits: int, name: str) -> Path:
     from edgemoe.compiler.driver import CompileOptions, compile_model
 
     if not CALIBRATION.is_file():
-        pytest.fail(f"calibration text {CALIBRATION} missing: set EDGEMOE_DATA_DIR to the shared data folder")
+        pytest.fail(f"calibration text {CALIBRATION} missing: it ships with the bundled model")
     out = tmp_path_factory.mktemp(name)
     opts = CompileOptions(expert_bits=bits, max_seq=256, calibration=CALIBRATION, calibration_tokens=4096)
     compile_model(model_dir, out, opts, log=lambda m: None)

@@ -33,6 +33,7 @@ DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".corpus"
 
 CHUNK_BYTES = 4096
 HOLDOUT_EVERY = 20
+CALIBRATION_BYTES = 16384
 
 PYDOC_PACKAGE = "python3.11-doc"
 PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
@@ -158,6 +159,17 @@ def train_text(data_path=None, cache_dir=None) -> str:
 def heldout_text(data_path=None, cache_dir=None) -> str:
     """All held-out text, sources joined in ``SOURCES`` order."""
     return "\n\n".join(heldout_texts(data_path, cache_dir).values())
+
+
+def calibration_text(data_path=None, cache_dir=None, per_source: int = CALIBRATION_BYTES) -> str:
+    """Calibration text shipped with the model (profiling routing, bit-plan search): the first
+    training chunks of each source, about ``per_source`` characters each. Training text only, so
+    held-out measurements stay clean."""
+    parts = []
+    for text in train_texts(data_path, cache_dir).values():
+        cut = text.rfind("\n", 0, per_source)
+        parts.append(text[: cut + 1])
+    return "\n".join(parts)
 
 
 def wikitext2_test_text(data_path=None, max_bytes: int | None = None) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from .cli import _Bytes
 from .units import fmt_bytes
 
 
@@ -20,7 +21,7 @@ class RunConfig:
     eviction: str = "lru"
     loader_thread: bool = True
     warm: bool = False  # run the workload once first, so every expert it needs is resident (IO-FREE)
-    extra: dict = field(default_factory=dict)
+    budget: int | None = None  # bytes; overrides budget_fraction
 
 
 def pipeline_configs(fraction: float) -> list[RunConfig]:
@@ -44,7 +45,10 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
     """Greedy-decodes n_new tokens after the prompt; per-token decode times and the runtime's counters."""
     from .runtime import Session, budget_bytes
 
-    budget = 0 if cfg.budget_fraction is None else budget_bytes(artifact, max_seq, cfg.budget_fraction)
+    if cfg.budget is not None:
+        budget = cfg.budget
+    else:
+        budget = 0 if cfg.budget_fraction is None else budget_bytes(artifact, max_seq, cfg.budget_fraction)
     with Session(artifact, memory_budget=budget, max_seq=max_seq,
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
                  eviction=cfg.eviction) as s:
@@ -227,3 +231,95 @@ def kernels_cmd(shapes, bits_list, target, number):
                 tn = min(_timed(lambda: wf @ v) for _ in range(number))
                 click.echo(f"| {name} | {H}×{I} | {bits} | {t * 1e6:.1f} | {wbytes / t / 1e9:.2f} | "
                            f"{wbytes / t / bw:.2f} | {tn * 1e6:.1f} | {tn / t:.2f} |")
+
+
+@bench_cmd.command("bitplans")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Text the search measures sensitivity on (3/4) and checks plans on (1/4).")
+@click.option("--calibration-tokens", default=4096, show_default=True)
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Held-out text for the perplexity column (never seen by training or the search).")
+@click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Held-out tokens to score.")
+@click.option("--tolerances", default="0.5,1,2,5", show_default=True, help="Percent perplexity loss allowed.")
+@click.option("--greedy-tokens", default=32, show_default=True, help="Tokens generated per prompt for agreement.")
+def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens, tolerances, greedy_tokens):
+    """Uniform INT8/4/2 against searched per-expert plans: bits, image size, held-out perplexity, greedy agreement."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from .compiler.bitplan import LEVELS, default_cache_dir, search_plan, uniform
+    from .compiler.expert_image import image_bytes
+    from .compiler.profile import tokenize_file
+    from .compiler.quantize import DEFAULT_GROUP, with_quantized_experts
+    from .evaluate import greedy_agreement, perplexity_reference
+    from .models import load_model
+    from .models.reference import ReferenceExecutor
+
+    model = load_model(model_dir)
+    cfg = model.config
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    calib = tokenize_file(model_dir / "tokenizer.json", calibration, calibration_tokens)
+    cut = len(calib) * 3 // 4
+    held = np.asarray(tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens])
+    prompts = [tok.encode(p).ids for p in BITPLAN_PROMPTS]
+
+    def greedy(m):
+        return [ReferenceExecutor(m).greedy(p, greedy_tokens)[0] for p in prompts]
+
+    float_ppl = perplexity_reference(model, held)["perplexity"]
+    float_greedy = greedy(model)
+    plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
+    for t in (float(v) for v in tolerances.split(",")):
+        click.echo(f"searching a plan within {t}% ...", err=True)
+        found = search_plan(model, calib[:cut], calib[cut:], t / 100, DEFAULT_GROUP, default_cache_dir(),
+                            log=lambda m: click.echo(f"  {m}", err=True))
+        plans.append((f"tolerance {t}%", found.plan, found))
+    click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {float_ppl:.3f} over "
+               f"{len(held)} tokens of {text_path.name}; search on {cut} / check on {len(calib) - cut} tokens of "
+               f"{calibration.name}; greedy agreement over {len(prompts)} prompts × {greedy_tokens} tokens")
+    click.echo("| plan | INT8/4/2 experts | avg bits | image | held-out ppl | Δ ppl | check loss | greedy agreement |")
+    click.echo("|---|---|---|---|---|---|---|---|")
+    for name, plan, found in plans:
+        qmodel = with_quantized_experts(model, plan)
+        ppl = perplexity_reference(qmodel, held)["perplexity"]
+        agree = [greedy_agreement(a, b)["agreement"] for a, b in zip(float_greedy, greedy(qmodel))]
+        counts = "/".join(str(sum(row.count(b) for row in plan)) for b in LEVELS)
+        check = f"{100 * found.heldout_loss:+.2f}%" if found else "-"
+        click.echo(f"| {name} | {counts} | {np.mean(plan):.2f} | "
+                   f"{fmt_bytes(image_bytes(plan, cfg.hidden_size, cfg.expert_intermediate, DEFAULT_GROUP))} | "
+                   f"{ppl:.3f} | {100 * (ppl / float_ppl - 1):+.2f}% | {check} | {np.mean(agree):.1%} |")
+
+
+BITPLAN_PROMPTS = ["ROMEO:\n", "The history of the city begins in", "To create a list in Python, use",
+                   "KING HENRY:\nWhat say you", "The album was released in"]
+
+
+@bench_cmd.command("budget")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--budget", "nbytes", type=_Bytes(), required=True, help="Memory budget for every artifact, e.g. 8MiB.")
+@click.option("--prompt", default="The history of the city begins in", show_default=True)
+@click.option("-n", "n_new", default=64, show_default=True)
+@click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
+@click.option("--predictor", default="next-router", show_default=True)
+@click.option("--eviction", default="lru", show_default=True)
+@click.option("--max-seq", default=256, show_default=True)
+def budget_cmd(artifacts, nbytes, prompt, n_new, storage, predictor, eviction, max_seq):
+    """Artifacts side by side at one memory budget (e.g. a searched bit plan against uniform INT4)."""
+    from tokenizers import Tokenizer
+
+    from .cli import _storage_emulation
+
+    emulate = _storage_emulation(storage)
+    click.echo(f"budget {fmt_bytes(nbytes)}, storage {storage} ({emulate[0] / 1e6:.0f} MB/s, "
+               f"{emulate[1] * 1e3:.2f} ms), predictor {predictor}, eviction {eviction}, {n_new} tokens")
+    click.echo("| artifact | avg bits | cache slots | ms/token | cache hit | read/token | stall ms/token |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for art in artifacts:
+        manifest = json.loads((art / "manifest.json").read_text())
+        ids = Tokenizer.from_file(str(art / "tokenizer.json")).encode(prompt).ids
+        cfg = RunConfig(str(art), None, predictor=predictor, eviction=eviction, budget=nbytes)
+        r = run_config(art, cfg, ids, n_new, emulate, max_seq)
+        click.echo(f"| {art} | {manifest['quantization']['average_bits']:.2f} | {r['cache_slots']} | "
+                   f"{r['ms_per_token']:.2f} | {r['hit_rate']:.1%} | {fmt_bytes(r['bytes_read_per_token'])} | "
+                   f"{r['stall_ms_per_token']:.2f} |")

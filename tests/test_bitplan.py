@@ -1,0 +1,77 @@
+"""Per-expert bit plans: the search honours the tolerance on tokens it never saw, image sizes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemoe.compiler.bitplan import LEVELS, PlanEvaluator, ToleranceError, search_plan, uniform
+from edgemoe.compiler.expert_image import ExpertWeights, image_bytes, record_length, write_image
+from edgemoe.compiler.quantize import quantize
+from edgemoe.models.reference import ReferenceExecutor
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A random Mixtral with weights large enough that its experts shape its predictions."""
+    import torch
+    import transformers
+
+    from edgemoe.models import load_model
+
+    cfg = transformers.MixtralConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=1024,
+        initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(7)
+    out = tmp_path_factory.mktemp("sharp_mixtral")
+    transformers.MixtralForCausalLM(cfg).save_pretrained(out)
+    return load_model(out)
+
+
+@pytest.fixture(scope="module")
+def text_tokens(small_model):
+    """Text sampled from the float model itself: any change to the model raises the loss on it in
+    expectation (cross-entropy ≥ entropy), so losses measure the damage quantization does. Seeded:
+    INT8's true loss is so small that some samples of this length would show it negative."""
+    rng = np.random.default_rng(1234)
+    ex, tokens = ReferenceExecutor(small_model), [0]
+    for _ in range(767):
+        logits = ex.step(tokens[-1])
+        p = np.exp(logits - logits.max())
+        tokens.append(int(rng.choice(len(p), p=p / p.sum())))
+    return np.asarray(tokens)
+
+
+def test_emitted_plan_stays_within_tolerance_on_check_tokens(small_model, text_tokens, tmp_path):
+    search, check = text_tokens[:512], text_tokens[512:]
+    ev = PlanEvaluator(small_model, search)
+    int4, int2 = ev.loss(uniform(small_model, 4)), ev.loss(uniform(small_model, 2))
+    assert 0 < int4 < int2
+    tolerance = (int4 * int2) ** 0.5  # INT4 fits, INT2 does not: the plan must mix levels
+    found = search_plan(small_model, search, check, tolerance, cache_dir=tmp_path, log=lambda m: None)
+    assert {b for row in found.plan for b in row} <= set(LEVELS)
+    assert found.heldout_loss == pytest.approx(PlanEvaluator(small_model, check).loss(found.plan), rel=1e-9)
+    assert found.met and found.heldout_loss <= tolerance, found.steps
+    assert 2 < found.average_bits < 4, found.steps
+    assert list(tmp_path.glob("sensitivity-*.json")), "sensitivities are cached on disk"
+
+
+def test_a_tolerance_no_bitwidth_meets_is_refused_with_the_gap(small_model, text_tokens):
+    tokens = text_tokens
+    int8 = PlanEvaluator(small_model, tokens).loss(uniform(small_model, 8))
+    assert int8 > 0
+    with pytest.raises(ToleranceError, match="over the tolerance"):
+        search_plan(small_model, tokens, tokens, int8 / 2, log=lambda m: None)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_image_size_formula_matches_the_written_image(bits, rng, tmp_path):
+    hidden, inter, group = 64, 96, 32
+
+    def q(rows, cols):
+        return quantize(rng.standard_normal((rows, cols)).astype(np.float32), bits, group)
+
+    experts = [[ExpertWeights(q(inter, hidden), q(inter, hidden), q(hidden, inter)) for _ in range(3)]]
+    records = write_image(tmp_path / "e.bin", experts, hidden, inter, group)
+    assert all(r.length == record_length(hidden, inter, bits, group) for r in records)
+    assert (tmp_path / "e.bin").stat().st_size == image_bytes([[bits] * 3], hidden, inter, group)
