@@ -96,8 +96,8 @@ def tiny_artifact_uncalibrated(tiny_mixtral_dir, tmp_path_factory, runtime_lib):
 FAILED_READ_SCRIPT = textwrap.dedent("""
     import os, sys
     from edgemoe.runtime import Session, EdgeMoEError
-    art, budget, predictor = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    with Session(art, memory_budget=budget, predictor=predictor, loader_thread=predictor != "sync") as s:
+    art, budget, predictor, thread = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "thread"
+    with Session(art, memory_budget=budget, predictor=predictor, loader_thread=thread) as s:
         s.prefill([5, 6, 7])
         os.truncate(os.path.join(art, "experts.bin"), 8192)  # the storage fails under the running session
         try:
@@ -110,13 +110,13 @@ FAILED_READ_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("predictor", ["next-router", "none", "sync"])
-def test_failed_read_ends_the_step_with_an_error_not_a_hang(artifact_int4, quarter_budget, tmp_path, predictor):
+@pytest.mark.parametrize("predictor,loader", [("next-router", "thread"), ("none", "thread"), ("none", "inline")])
+def test_failed_read_ends_the_step_with_an_error_not_a_hang(artifact_int4, quarter_budget, tmp_path, predictor, loader):
     import shutil
 
     art = tmp_path / "art"
     shutil.copytree(artifact_int4, art)
-    proc = subprocess.run([sys.executable, "-c", FAILED_READ_SCRIPT, str(art), str(quarter_budget), predictor],
+    proc = subprocess.run([sys.executable, "-c", FAILED_READ_SCRIPT, str(art), str(quarter_budget), predictor, loader],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "ERROR io" in proc.stdout and "short read" in proc.stdout, proc.stdout

@@ -422,7 +422,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
 
   rc = load_trunk(s, ap.trunk);
   if (!rc && s->predictor == EM_PREDICT_PATH_TABLE && !s->path_table) {
-    snprintf(s->err, ERR_LEN, "the path-table predictor needs an artifact compiled with calibration text (--calibration)");
+    snprintf(s->err, ERR_LEN, "the path-table predictor needs the routing profile: compile with calibration text (--calibration)");
     rc = EM_ERR_ARGUMENT;
   }
   if (!rc && params->eviction == EM_EVICT_EDGEMOE && !s->frequency) {
