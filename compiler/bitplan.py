@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -176,7 +175,3 @@ def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, t
     for s in steps:
         log(s)
     return BitPlan(plan, tolerance, cal, held, avg, steps)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEMOE_CACHE_DIR", Path.home() / ".cache" / "edgemoe"))

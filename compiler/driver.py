@@ -12,9 +12,11 @@ import numpy as np
 
 from ..models import load_model
 from ..targets import load_target
-from .bitplan import default_cache_dir, search_plan
+from .bitplan import search_plan
+from .cache import cache_dir
 from .expert_image import ExpertWeights, write_image
 from .lower import build_kernels
+from .tuning import TuningStore
 from .profile import profile_routing, tokenize_file
 from .quantize import DEFAULT_GROUP, check_bits, quantize
 from .trunk_file import write_trunk
@@ -32,6 +34,8 @@ class CompileOptions:
     calibration_tokens: int = 8192
     bit_plan: list[list[int]] | None = None  # bits per [layer][expert]; overrides expert_bits
     tolerance: float | None = None  # search a per-expert bit plan within this relative perplexity loss
+    tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
+    tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
@@ -55,8 +59,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptions, log=print) -> dict:
-    """Compile the checkpoint in model_dir into an artifact directory; returns the manifest."""
+def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptions, log=print, progress=None) -> dict:
+    """Compile the checkpoint in model_dir into an artifact directory; returns the manifest.
+    `progress` wraps an iterable of tuning jobs (a progress bar) when opts.tune is set."""
     t0 = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     target = load_target(opts.target)
@@ -73,7 +78,7 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         log(f"searching a bit plan within {100 * opts.tolerance:.2f}% perplexity loss "
             f"({cut} search tokens, {len(calib_tokens) - cut} check tokens)")
         searched = search_plan(model, calib_tokens[:cut], calib_tokens[cut:], opts.tolerance, opts.group,
-                               default_cache_dir(), log=log)
+                               cache_dir(), log=log)
         if searched.heldout_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.heldout_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.heldout_loss - opts.tolerance):.2f} points")
@@ -103,8 +108,12 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
         f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB)")
 
-    kernels = build_kernels(cfg, bits_used, opts.group, target, out_dir)
-    log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']})")
+    store = TuningStore(target, opts.tuning_dir)
+    kernels = build_kernels(cfg, bits_used, opts.group, target, out_dir, store, opts.tune, progress)
+    sources = [v["from"] for v in kernels["schedules"].values()]
+    log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
+        f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "
+        f"{sources.count('default')} default")
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (model_dir / name).is_file():

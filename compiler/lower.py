@@ -10,20 +10,32 @@ import tvm
 from ..models import MoEConfig
 from ..targets import TargetDesc
 from .kernels import decode_kernels
-from .schedules import schedule
+from .schedules import DEFAULT_LANES, schedule
+from .tuning import TuningStore, lanes_for, tunable, tune
 
 
 class ToolchainError(RuntimeError):
     pass
 
 
-def build_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, target: TargetDesc, out_dir: Path) -> dict:
-    """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so."""
+def build_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, target: TargetDesc, out_dir: Path,
+                  store: TuningStore | None = None, tune_missing: bool = False, progress=None) -> dict:
+    """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
+    Schedules come from the tuning store where it has a record; with `tune_missing`, kernels
+    without one are tuned first (and recorded, so the next compile does not tune again)."""
     funcs = decode_kernels(cfg, expert_bits, group)
-    exe = tvm.compile(schedule(tvm.IRModule(funcs)), target=target.tvm())
+    tuned_now = {}
+    if store is not None and tune_missing:
+        tuned_now = tune(funcs, target, store, progress=progress)
+    lanes = lanes_for(funcs, store) if store is not None else {}
+    exe = tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=target.tvm())
     obj = out_dir / "kernels.o"
     exe.mod.write_to_file(str(obj))
-    info = {"object": obj.name, "symbols": sorted(funcs), "tvm_target": target.resolved_tvm_target()}
+    info = {"object": obj.name, "symbols": sorted(funcs), "tvm_target": target.resolved_tvm_target(),
+            "schedules": {n: {"lanes": lanes.get(n, DEFAULT_LANES),
+                              "from": "tuned now" if n in tuned_now else "tuning record" if n in lanes else "default"}
+                          for n in sorted(tunable(funcs))},
+            "tuning_store": str(store.path) if store is not None else None}
     if target.kernel_library == "shared":
         cc = shutil.which(target.cc)
         if cc is None:

@@ -29,13 +29,25 @@ def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int) -> None:
     sch.reverse_compute_at(block, sch.get_loops(partial)[0])
 
 
-def schedule(mod: tvm.IRModule, lanes: int = DEFAULT_LANES) -> tvm.IRModule:
+def has_gemv_blocks(func: tvm.tirx.PrimFunc) -> bool:
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    return any(_block(sch, name, "main") is not None for name in GEMV_BLOCKS)
+
+
+def _block(sch: s_tir.Schedule, name: str, func_name: str):
+    try:
+        return sch.get_sblock(name, func_name=func_name)
+    except s_tir.ScheduleError:  # this kernel has no such block
+        return None
+
+
+def schedule(mod: tvm.IRModule, lanes: dict[str, int] | None = None) -> tvm.IRModule:
+    """Vectorize every matrix-vector block; `lanes` gives tuned lane counts by kernel name
+    (kernels not in it get DEFAULT_LANES)."""
     sch = s_tir.Schedule(mod)
     for gv in mod.get_global_vars():
         for name in GEMV_BLOCKS:
-            try:
-                block = sch.get_sblock(name, func_name=gv.name_hint)
-            except s_tir.ScheduleError:  # this kernel has no such block
-                continue
-            _vectorize_reduction(sch, block, lanes)
+            block = _block(sch, name, gv.name_hint)
+            if block is not None:
+                _vectorize_reduction(sch, block, (lanes or {}).get(gv.name_hint, DEFAULT_LANES))
     return sch.mod

@@ -14,10 +14,12 @@ CFG = MoEConfig("mixtral", vocab_size=300, hidden_size=128, num_layers=1, num_he
                 num_experts=4, top_k=2, expert_intermediate=96, max_positions=64, rope_theta=10000.0, norm_eps=1e-5)
 
 
-@pytest.fixture(scope="module")
-def mod():
+@pytest.fixture(scope="module", params=["default", 4, 64], ids=lambda p: f"lanes-{p}")
+def mod(request):
+    """The kernels with the hand default schedule and with the tuner's extreme lane counts."""
     funcs = kernels.decode_kernels(CFG, [2, 4, 8], 32)
-    return tvm.compile(schedule(tvm.IRModule(funcs)), target=load_target("host").tvm()).mod
+    lanes = None if request.param == "default" else {n: request.param for n in funcs}
+    return tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=load_target("host").tvm()).mod
 
 
 def call(mod, name, *inputs, outs):

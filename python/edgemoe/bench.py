@@ -248,7 +248,8 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
     import numpy as np
     from tokenizers import Tokenizer
 
-    from .compiler.bitplan import LEVELS, default_cache_dir, search_plan, uniform
+    from .compiler.bitplan import LEVELS, search_plan, uniform
+    from .compiler.cache import cache_dir
     from .compiler.expert_image import image_bytes
     from .compiler.profile import tokenize_file
     from .compiler.quantize import DEFAULT_GROUP, with_quantized_experts
@@ -272,7 +273,7 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
     plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
     for t in (float(v) for v in tolerances.split(",")):
         click.echo(f"searching a plan within {t}% ...", err=True)
-        found = search_plan(model, calib[:cut], calib[cut:], t / 100, DEFAULT_GROUP, default_cache_dir(),
+        found = search_plan(model, calib[:cut], calib[cut:], t / 100, DEFAULT_GROUP, cache_dir(),
                             log=lambda m: click.echo(f"  {m}", err=True))
         plans.append((f"tolerance {t}%", found.plan, found))
     click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {float_ppl:.3f} over "
@@ -323,3 +324,41 @@ def budget_cmd(artifacts, nbytes, prompt, n_new, storage, predictor, eviction, m
         click.echo(f"| {art} | {manifest['quantization']['average_bits']:.2f} | {r['cache_slots']} | "
                    f"{r['ms_per_token']:.2f} | {r['hit_rate']:.1%} | {fmt_bytes(r['bytes_read_per_token'])} | "
                    f"{r['stall_ms_per_token']:.2f} |")
+
+
+@bench_cmd.command("llamacpp")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--llama-cpp", "tree", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A built llama.cpp source tree (its convert_hf_to_gguf.py, build/bin/llama-bench, llama-quantize).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/gguf"),
+              show_default=True, help="Where the GGUF files are written (reused when present).")
+@click.option("-n", "n_new", default=64, show_default=True)
+@click.option("--threads", default="1,2", show_default=True, help="llama.cpp thread counts to run.")
+def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
+    """Whole-model decode, all experts resident: EdgeMoE artifacts against llama-bench on GGUFs of
+    the same model at the nearest bit width, in one run."""
+    from . import llamacpp
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    f16 = llamacpp.convert(tree, model_dir, work_dir / f"{model_dir.name}-f16.gguf")
+    click.echo(f"model {model_dir}; {n_new} decode tokens; EdgeMoE: one thread, IO-FREE (every expert resident "
+               f"after a warm-up run); llama.cpp: llama-bench -p 0 -n {n_new}")
+    click.echo("| expert bits | EdgeMoE tok/s | llama.cpp format | " + " | ".join(
+        f"llama.cpp {t} thread{'s' if t != '1' else ''} tok/s | × llama.cpp ({t}t)" for t in threads.split(",")) + " |")
+    click.echo("|---|---|---|" + "---|---|" * len(threads.split(",")))
+    for art in artifacts:
+        manifest = json.loads((art / "manifest.json").read_text())
+        bits = manifest["quantization"]["expert_bits"]
+        if bits is None:
+            raise click.ClickException(f"{art} mixes expert bitwidths; compare artifacts of one bitwidth")
+        ids = [1] + list(range(10, 18))
+        r = run_config(art, RunConfig("IO-FREE", None, warm=True), ids, n_new, None, min(256, 2 * n_new + 16))
+        ours = 1e3 / r["ms_per_token"]
+        gtype = llamacpp.GGUF_TYPES[bits]
+        gguf = llamacpp.quantize(tree, f16, gtype)
+        cells = []
+        for t in threads.split(","):
+            theirs = llamacpp.bench_decode(tree, gguf, n_new, int(t))
+            cells += [f"{theirs:.0f}", f"{ours / theirs:.2f}"]
+        click.echo(f"| INT{bits} | {ours:.0f} | {gtype} | " + " | ".join(cells) + " |")

@@ -47,19 +47,61 @@ def _percent(text: str) -> float:
 @click.option("--tolerance", default=None, metavar="P%",
               help="Choose each expert's bitwidth (INT8/4/2) by measured sensitivity so perplexity rises at most "
                    "P% over the float model (needs --calibration); overrides --bits.")
-def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq, calibration, calibration_tokens, tolerance):
+@click.option("--tune", is_flag=True, help="Tune kernels that have no record in the tuning store for this target "
+                                           "(on this machine) and record them; later compiles reuse the records.")
+def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq, calibration, calibration_tokens, tolerance,
+                tune):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
     from .compiler.driver import CompileOptions, compile_model
+    from .compiler.tuning import TuningError
     from .models import ModelImportError
     from .targets import UnknownTargetError
 
     try:
         tol = None if tolerance is None else _percent(tolerance)
         opts = CompileOptions(target, int(expert_bits), group, max_seq, calibration, calibration_tokens,
-                              tolerance=tol)
-        compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True))
-    except (ModelImportError, UnknownTargetError, ValueError, FileNotFoundError) as e:
+                              tolerance=tol, tune=tune)
+        compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=_tuning_bar)
+    except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
+
+
+def _tuning_bar(jobs):
+    with click.progressbar(jobs, label="tuning kernels", file=click.get_text_stream("stderr"),
+                           item_show_func=lambda j: f"{j[0]} lanes {j[2]}" if j else "") as bar:
+        yield from bar
+
+
+@click.command("edgemoe-tune")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", default="host", show_default=True, help="Board description in targets/ (run it there).")
+@click.option("--bits", "bits_list", default="2,4,8", show_default=True, help="Expert bitwidths to tune kernels for.")
+@click.option("--group", default=32, show_default=True)
+@click.option("--retune", is_flag=True, help="Tune again kernels that already have a record.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Tuning store folder [default: $EDGEMOE_CACHE_DIR/tuning or ~/.cache/edgemoe/tuning].")
+def tune_cmd(model_dir, target, bits_list, group, retune, store_dir):
+    """Tune the decode kernels of MODEL_DIR's shapes on this machine into the tuning store."""
+    from .compiler.kernels import decode_kernels
+    from .compiler.schedules import DEFAULT_LANES
+    from .compiler.tuning import TuningError, TuningStore, kernel_key, tunable, tune
+    from .models import ModelImportError, load_model
+    from .targets import UnknownTargetError, load_target
+
+    try:
+        tgt = load_target(target)
+        cfg = load_model(model_dir).config
+        funcs = decode_kernels(cfg, [int(b) for b in bits_list.split(",")], group)
+        store = TuningStore(tgt, store_dir)
+        tuned = tune(funcs, tgt, store, retune=retune, progress=_tuning_bar)
+    except (ModelImportError, UnknownTargetError, TuningError, ValueError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"tuning store {store.path}: {len(tuned)} kernels tuned now")
+    click.echo(f"| kernel | lanes | µs | default ({DEFAULT_LANES} lanes) µs |")
+    click.echo("|---|---|---|---|")
+    for name, func in tunable(funcs).items():
+        rec = store.records[kernel_key(name, func)]
+        click.echo(f"| {name} | {rec['lanes']} | {rec['us']:.2f} | {rec['default_us']:.2f} |")
 
 
 def _load_tokenizer(artifact: Path):

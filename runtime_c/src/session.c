@@ -24,7 +24,7 @@
 
 #define ALIGN_BUF 64
 #define ALIGN_PAGE 4096
-#define ERR_LEN 512
+#define ERR_LEN 1280 /* room for a path (up to 1024) and the message */
 #define MAX_TOP_K 64
 
 typedef struct {
@@ -267,7 +267,7 @@ static int load_trunk(em_session* s, const char* path) {
   int fd = open(path, O_RDONLY);
   em_tensor_entry* t = (em_tensor_entry*)calloc(th->n_tensors, sizeof *t);
   if (fd < 0 || !t) {
-    snprintf(s->err, ERR_LEN, "cannot read %s", path);
+    snprintf(s->err, ERR_LEN, "cannot open %s: %s", path, fd < 0 ? strerror(errno) : "out of memory");
     rc = EM_ERR_IO;
   }
   if (!rc) rc = em_read_trunk_table(fd, path, th, t, s->err, ERR_LEN);

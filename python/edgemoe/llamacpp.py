@@ -1,0 +1,69 @@
+"""llama.cpp as the baseline: convert a model directory to GGUF with llama.cpp's own converter,
+quantize it with llama-quantize, and time decoding with llama-bench.
+
+llama.cpp is not a dependency; point these helpers at a built llama.cpp tree (see
+docs/BENCHMARKS.md for how it is built here).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# llama.cpp's converter recognises a BPE pre-tokenizer by hashing its output on a probe string and
+# knows only published tokenizers. The bundled model's is byte-level BPE with GPT-2's split regex,
+# which is what the converter calls "gpt-2"; llama-bench never tokenizes text anyway.
+_CONVERT = """
+import runpy, sys
+tree = sys.argv.pop(1)
+sys.path[:0] = [tree, tree + "/gguf-py"]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+runpy.run_path(tree + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+GGUF_TYPES = {8: "Q8_0", 4: "Q4_0", 2: "Q2_K"}  # nearest llama.cpp format per expert bitwidth
+
+
+class LlamaCppError(RuntimeError):
+    pass
+
+
+def _tool(tree: Path, name: str) -> Path:
+    for p in (tree / "build" / "bin" / name, tree / "bin" / name):
+        if p.is_file():
+            return p
+    raise LlamaCppError(f"{name} not found under {tree}/build/bin: build llama.cpp there first "
+                        f"(cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target {name})")
+
+
+def _run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LlamaCppError(f"{' '.join(map(str, cmd[:3]))} … failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def convert(tree: Path, model_dir: Path, out: Path) -> Path:
+    """The model as an F16 GGUF (skipped when `out` exists)."""
+    if not out.is_file():
+        _run([sys.executable, "-c", _CONVERT, str(tree), str(model_dir), "--outtype", "f16", "--outfile", str(out)])
+    return out
+
+
+def quantize(tree: Path, f16: Path, gguf_type: str) -> Path:
+    out = f16.with_name(f16.stem.replace("-f16", "") + f"-{gguf_type.lower()}.gguf")
+    if not out.is_file():
+        _run([str(_tool(tree, "llama-quantize")), str(f16), str(out), gguf_type])
+    return out
+
+
+def bench_decode(tree: Path, gguf: Path, n_tokens: int, threads: int, repetitions: int = 5) -> float:
+    """llama-bench's decode rate (tokens/s) for n_tokens generated from an empty context."""
+    out = _run([str(_tool(tree, "llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(n_tokens),
+                "-t", str(threads), "-r", str(repetitions), "-o", "json"])
+    rows = [r for r in json.loads(out) if r.get("n_gen") == n_tokens]
+    if not rows:
+        raise LlamaCppError(f"llama-bench printed no decode result for {gguf}")
+    return float(rows[0]["avg_ts"])
