@@ -18,7 +18,7 @@ from .binfmt import ArtifactFormatError, align_up, crc32, pack, size, unpack
 from .quantize import QuantizedMatrix
 
 MAGIC = b"EMOEXPRT"
-VERSION = 1
+VERSION = 2  # 2: sub-8-bit codes interleaved over words (quantize.py)
 ALIGN = 4096
 PART_ALIGN = 64
 # magic, version, header_bytes, layers, experts, records, record_bytes, align, hidden, inter, group,

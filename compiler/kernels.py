@@ -11,7 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .quantize import code_centre
+from .quantize import code_centre, interleave
 
 F32 = "float32"
 
@@ -87,19 +87,30 @@ def attention(cfg: MoEConfig, name: str = "em_attention") -> tvm.tirx.PrimFunc:
     return _named(o, [q, kc, vc, o], name)
 
 
-def _dequant(packed: te.Tensor, scales: te.Tensor, bits: int, group: int):
+def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int, vec: te.Tensor, name: str):
+    """row -> sum_c W[row, c] · vec[c] for a quantized W (quantize.py's layout), dequantizing in
+    registers. The reduction is written over (block, shift, lane) so that the lane axis, which
+    the schedule vectorizes, walks consecutive words and consecutive columns: contiguous loads,
+    one scale per vector."""
     if bits == 8:
-        return lambda row, col: packed[row, col].astype(F32) * scales[row, col // group].astype(F32)
-    per = 32 // bits
+        lanes = interleave(8, k, group)
+        rt, ri = te.reduce_axis((0, k // lanes), name=name + "_t"), te.reduce_axis((0, lanes), name=name + "_i")
+        return lambda row: te.sum(packed[row, rt * lanes + ri].astype(F32) *
+                                  scales[row, rt * lanes // group].astype(F32) * vec[rt * lanes + ri], axis=[rt, ri])
+    per, lanes = 32 // bits, interleave(bits, k, group)
     mask = tvm.tirx.const((1 << bits) - 1, "uint32")
     centre = tvm.tirx.const(code_centre(bits), F32)
+    rt = te.reduce_axis((0, k // (lanes * per)), name=name + "_t")
+    rj = te.reduce_axis((0, per), name=name + "_j")
+    ri = te.reduce_axis((0, lanes), name=name + "_i")
 
-    def w(row, col):
-        word = packed[row, col // per]
-        code = (word >> ((col % per) * bits).astype("uint32")) & mask
-        return (code.astype(F32) - centre) * scales[row, col // group].astype(F32)
+    def dot(row):
+        col = rt * (lanes * per) + rj * lanes  # first column of this vector of `lanes` codes
+        code = (packed[row, rt * lanes + ri] >> (rj * bits).astype("uint32")) & mask
+        w = (code.astype("int32").astype(F32) - centre) * scales[row, col // group].astype(F32)
+        return te.sum(w * vec[col + ri], axis=[rt, rj, ri])
 
-    return w
+    return dot
 
 
 def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tensor, te.Tensor]:
@@ -117,11 +128,8 @@ def expert_gate_up(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
     x = te.placeholder((hdim,), F32, name="x")
     gq, gs = _qweight("gate", idim, hdim, bits, group)
     uq, us = _qweight("up", idim, hdim, bits, group)
-    wg, wu = _dequant(gq, gs, bits, group), _dequant(uq, us, bits, group)
-    rg = te.reduce_axis((0, hdim), name="rg")
-    ru = te.reduce_axis((0, hdim), name="ru")
-    g = te.compute((idim,), lambda i: te.sum(wg(i, rg) * x[rg], axis=rg), name="g")
-    u = te.compute((idim,), lambda i: te.sum(wu(i, ru) * x[ru], axis=ru), name="u")
+    g = te.compute((idim,), _row_dot(gq, gs, bits, group, hdim, x, "rg"), name="g")
+    u = te.compute((idim,), _row_dot(uq, us, bits, group, hdim, x, "ru"), name="u")
     h = te.compute((idim,), lambda i: g[i] / (1.0 + te.exp(-g[i])) * u[i], name="h")
     return _named(h, [x, gq, gs, uq, us, h], f"em_expert_gate_up_w{bits}")
 
@@ -133,9 +141,7 @@ def expert_down(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
     dq, ds = _qweight("down", hdim, idim, bits, group)
     res = te.placeholder((hdim,), F32, name="res")
     weight = te.placeholder((1,), F32, name="weight")
-    wd = _dequant(dq, ds, bits, group)
-    r = te.reduce_axis((0, idim), name="r")
-    acc = te.compute((hdim,), lambda i: te.sum(wd(i, r) * h[r], axis=r), name="acc")
+    acc = te.compute((hdim,), _row_dot(dq, ds, bits, group, idim, h, "r"), name="acc")
     y = te.compute((hdim,), lambda i: res[i] + weight[0] * acc[i], name="y")
     return _named(y, [h, dq, ds, res, weight, y], f"em_expert_down_w{bits}")
 

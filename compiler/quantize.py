@@ -7,8 +7,11 @@ group gets one float16 scale s and one integer code per weight:
   (packing them into words buys nothing and measured 3-5x slower to unpack).
 * b < 8 bits: unsigned codes u in [0, 2^b - 1] around the centre c = (2^b - 1) / 2,
   s = max|w| / c, w ≈ (u - c)·s: all 2^b levels, symmetric (at 2 bits: ±0.5s, ±1.5s).
-  Packed little-endian into uint32 words, 32/b codes per word: code k of a row sits in word
-  k // (32/b) at bit (k % (32/b))·b.
+  Packed into uint32 words, p = 32/b codes per word, interleaved over L words (interleave()):
+  a row is cut into blocks of L·p columns; column t·L·p + j·L + i sits in word t·L + i at bit j·b.
+  One vector load of L words then yields, shift by shift, the codes of L consecutive columns, so
+  the kernel's SIMD lanes multiply contiguous activations and never gather (measured in
+  docs/BENCHMARKS.md against the plain order, column k in word k // p).
 
 The TVM kernels read these layouts directly and dequantize in registers.
 """
@@ -20,6 +23,19 @@ import numpy as np
 
 SUPPORTED_BITS = (2, 4, 8)
 DEFAULT_GROUP = 32
+MAX_INTERLEAVE = 16  # words: one 512-bit vector of uint32; narrower SIMD splits it into several loads
+
+
+def interleave(bits: int, k: int, group: int) -> int:
+    """Words per interleaved block for a row of k codes at `bits` < 8: the widest L <= 16 with
+    L dividing the group (a block's L consecutive columns share one scale) and L·(32/bits)
+    dividing k. At 8 bits (one int8 code per column, plain order) the same rule gives the
+    kernel's vector width."""
+    per = 1 if bits == 8 else 32 // bits
+    lanes = MAX_INTERLEAVE
+    while lanes > 1 and (group % lanes or k % (lanes * per)):
+        lanes //= 2
+    return lanes
 
 
 def code_centre(bits: int) -> float:
@@ -47,11 +63,12 @@ class QuantizedMatrix:
         """The stored integer codes [N, K] (signed at 8 bits, unsigned below)."""
         if self.bits == 8:
             return self.packed.astype(np.int32)
-        per = 32 // self.bits
-        shifts = (np.arange(per, dtype=np.uint32) * self.bits)[None, None, :]
-        mask = np.uint32((1 << self.bits) - 1)
-        u = (self.packed[:, :, None] >> shifts) & mask
-        return u.reshape(self.packed.shape[0], -1).astype(np.int32)
+        n, k = self.shape
+        per, lanes = 32 // self.bits, interleave(self.bits, k, self.group)
+        shifts = (np.arange(per, dtype=np.uint32) * self.bits)[None, None, :, None]
+        words = self.packed.reshape(n, k // (lanes * per), 1, lanes)  # [row, block, ., word]
+        u = (words >> shifts) & np.uint32((1 << self.bits) - 1)  # [row, block, shift, word]
+        return u.reshape(n, k).astype(np.int32)
 
     def dequantize(self) -> np.ndarray:
         n, k = self.shape
@@ -82,9 +99,10 @@ def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP) -> QuantizedM
         return QuantizedMatrix(bits, group, q, np.ascontiguousarray(scales))
     centre = code_centre(bits)
     u = np.clip(np.rint(levels + centre), 0, (1 << bits) - 1).astype(np.uint32).reshape(n, k)
-    per = 32 // bits
-    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
-    packed = np.bitwise_or.reduce(u.reshape(n, k // per, per) << shifts, axis=2).astype(np.uint32)
+    per, lanes = 32 // bits, interleave(bits, k, group)
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :, None]
+    blocks = u.reshape(n, k // (lanes * per), per, lanes) << shifts  # [row, block, shift, word]
+    packed = np.bitwise_or.reduce(blocks, axis=2).reshape(n, k // per).astype(np.uint32)
     return QuantizedMatrix(bits, group, np.ascontiguousarray(packed), np.ascontiguousarray(scales))
 
 

@@ -12,10 +12,13 @@ from tvm import s_tir
 
 GEMV_BLOCKS = ("g", "u", "acc")  # names used by compiler/kernels.py for row × reduction blocks
 DEFAULT_LANES = 16
+# Kernels reading at least this many weight bytes split their rows over the runtime's compute
+# threads; below it, waking the threads costs more than it saves.
+PARALLEL_MIN_BYTES = 256 << 10
 
 
-def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int) -> None:
-    row, red = sch.get_loops(block)
+def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
+    red = sch.get_loops(block)[-1]  # the innermost reduction: contiguous in memory (kernels.py)
     extent = int(sch.get(red).extent)
     while lanes > 1 and extent % lanes:
         lanes //= 2
@@ -26,7 +29,22 @@ def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int) -> None:
     sch.vectorize(sch.get_loops(partial)[-1])
     # Sum each row's partials right after computing them: the partial buffer shrinks to one
     # vector on the stack instead of a [rows, lanes] workspace allocation.
-    sch.reverse_compute_at(block, sch.get_loops(partial)[0])
+    rows = sch.get_loops(partial)[0]
+    sch.reverse_compute_at(block, rows)
+    if parallel:
+        sch.parallel(rows)
+
+
+def _weight_bytes(func: tvm.tirx.PrimFunc) -> int:
+    """Bytes of the kernel's largest static-shape parameter: its weight matrix."""
+    sizes = [0]
+    for p in func.params:
+        if all(isinstance(d, tvm.tirx.IntImm) for d in p.shape):
+            n = 1
+            for d in p.shape:
+                n *= int(d)
+            sizes.append(n * tvm.DataType(str(p.dtype)).bits // 8)
+    return max(sizes)
 
 
 def has_gemv_blocks(func: tvm.tirx.PrimFunc) -> bool:
@@ -42,12 +60,13 @@ def _block(sch: s_tir.Schedule, name: str, func_name: str):
 
 
 def schedule(mod: tvm.IRModule, lanes: dict[str, int] | None = None) -> tvm.IRModule:
-    """Vectorize every matrix-vector block; `lanes` gives tuned lane counts by kernel name
-    (kernels not in it get DEFAULT_LANES)."""
+    """Vectorize every matrix-vector block, and spread the rows of large ones over threads;
+    `lanes` gives tuned lane counts by kernel name (kernels not in it get DEFAULT_LANES)."""
     sch = s_tir.Schedule(mod)
     for gv in mod.get_global_vars():
+        parallel = _weight_bytes(mod[gv]) >= PARALLEL_MIN_BYTES
         for name in GEMV_BLOCKS:
             block = _block(sch, name, gv.name_hint)
             if block is not None:
-                _vectorize_reduction(sch, block, (lanes or {}).get(gv.name_hint, DEFAULT_LANES))
+                _vectorize_reduction(sch, block, (lanes or {}).get(gv.name_hint, DEFAULT_LANES), parallel)
     return sch.mod

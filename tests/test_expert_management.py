@@ -122,7 +122,7 @@ def test_failed_read_ends_the_step_with_an_error_not_a_hang(artifact_int4, quart
     assert "ERROR io" in proc.stdout and "short read" in proc.stdout, proc.stdout
 
 
-def test_loader_thread_is_clean_under_thread_sanitizer(artifact_int4, quarter_budget, prompt_ids):
+def test_loader_and_compute_threads_are_clean_under_thread_sanitizer(artifact_int4, quarter_budget, prompt_ids):
     build = REPO_ROOT / "build" / "tsan"
     for cmd in (["cmake", "-S", str(REPO_ROOT), "-B", str(build), "-DEM_SANITIZE=thread", "-DCMAKE_BUILD_TYPE=Debug"],
                 ["cmake", "--build", str(build), "--target", "edgemoe_run", "-j", "2"]):
@@ -130,7 +130,7 @@ def test_loader_thread_is_clean_under_thread_sanitizer(artifact_int4, quarter_bu
     for pred in ("next-router", "path-table"):
         proc = subprocess.run([str(build / "edgemoe_run"), str(artifact_int4), "--tokens", ",".join(map(str, prompt_ids)),
                                "-n", "24", "--budget", str(quarter_budget), "--predictor", pred, "--eviction", "edgemoe",
-                               "--emulate", "500,0.05"], capture_output=True, text=True, timeout=300)
+                               "--emulate", "500,0.05", "--threads", "2"], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "ThreadSanitizer" not in proc.stderr, proc.stderr
         stats = dict(line.split("=") for line in proc.stdout.splitlines()[1:])

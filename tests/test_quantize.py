@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from edgemoe.compiler.quantize import quantize
+from edgemoe.compiler.quantize import interleave, quantize
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -18,17 +18,23 @@ def test_round_trip_error_is_within_half_a_step(bits, rng):
     assert np.abs(q.dequantize()).max() <= np.abs(w).max() * 1.001  # the extreme levels reach max|w|
 
 
-def test_int4_packing_layout():
-    """Code k of a row sits in word k // 8 at bits 4 * (k % 8); code u stands for (u - 7.5) * scale."""
-    w = np.zeros((1, 32), np.float32)
-    w[0, :8] = np.arange(-3, 5, dtype=np.float32)  # amax 4 → scale 4 / 7.5
+@pytest.mark.parametrize("k,lanes", [(128, 16), (320, 8), (96, 4)])
+def test_int4_packing_is_interleaved(k, lanes):
+    """Column t·8L + j·L + i sits in word t·L + i at bits 4j (L words interleaved); code u stands
+    for (u - 7.5) * scale."""
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((2, k)).astype(np.float32)
+    w[1, 5] = 4 * np.abs(w[1, :32]).max()  # the top level of its group
     q = quantize(w, 4, 32)
-    codes = q.codes()[0]
-    word0 = int(q.packed[0, 0])
-    for k in range(8):
-        assert (word0 >> (4 * k)) & 0xF == codes[k]
-    assert codes[7] == 15  # +4 is the top level
-    assert np.isclose(q.dequantize()[0, 7], 4.0, rtol=1e-3)
+    assert interleave(4, k, 32) == lanes
+    codes = q.codes()
+    for row in range(2):
+        for col in range(k):
+            t, rest = divmod(col, 8 * lanes)
+            j, i = divmod(rest, lanes)
+            assert (int(q.packed[row, t * lanes + i]) >> (4 * j)) & 0xF == codes[row, col]
+    assert codes[1, 5] == 15
+    assert np.isclose(q.dequantize()[1, 5], w[1, 5], rtol=1e-3)
 
 
 def test_int2_levels_are_symmetric():

@@ -252,7 +252,6 @@ def per_layer_balance_loss(router_logits, top_k: int) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-
 def train(args, log: Logger) -> dict:
     from transformers import MixtralForCausalLM
 

@@ -154,8 +154,10 @@ def _storage_emulation(spec: str) -> tuple[float, float]:
 @click.option("--emulate-storage", metavar="TARGET|MBPS,MS",
               help="Stretch each expert read to a device's speed: a target name (its storage entry) "
                    "or bandwidth in MB/s and latency in ms, e.g. 45,1.")
+@click.option("--threads", default=1, show_default=True, help="Compute threads for the kernels' parallel loops "
+                                                              "(the loader thread is extra).")
 def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no_verify, predictor, eviction,
-            prefetch_experts, no_loader_thread, storage, direct_io, emulate_storage):
+            prefetch_experts, no_loader_thread, storage, direct_io, emulate_storage, threads):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
     from .runtime import EdgeMoEError, Session, budget_bytes
 
@@ -176,7 +178,7 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
         emulate = _storage_emulation(emulate_storage) if emulate_storage else None
         with Session(artifact, memory_budget=budget or 0, max_seq=max_seq, verify=not no_verify, storage=storage,
                      direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread, predictor=predictor,
-                     prefetch_experts=prefetch_experts, eviction=eviction) as s:
+                     prefetch_experts=prefetch_experts, eviction=eviction, threads=threads) as s:
             t0 = time.perf_counter()
             logits = s.prefill(ids)
             t1 = time.perf_counter()

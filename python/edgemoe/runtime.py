@@ -34,7 +34,7 @@ class _Params(ctypes.Structure):
                 ("max_seq", ctypes.c_uint32), ("verify_checksums", ctypes.c_int), ("storage", ctypes.c_int),
                 ("direct_io", ctypes.c_int), ("emulate_bandwidth", ctypes.c_double),
                 ("emulate_latency", ctypes.c_double), ("loader_thread", ctypes.c_int), ("predictor", ctypes.c_int),
-                ("prefetch_experts", ctypes.c_uint32), ("eviction", ctypes.c_int)]
+                ("prefetch_experts", ctypes.c_uint32), ("eviction", ctypes.c_int), ("compute_threads", ctypes.c_uint32)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
@@ -127,14 +127,14 @@ class Session:
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
                  storage: str = "pread", direct_io: bool = False, emulate: tuple[float, float] | None = None,
                  loader_thread: bool = True, predictor: str = "next-router", prefetch_experts: int = 0,
-                 eviction: str = "lru"):
+                 eviction: str = "lru", threads: int = 1):
         self._h = None
         self._lib = library()
         bandwidth, latency = emulate or (0.0, 0.0)
         params = _Params(str(artifact_dir).encode(), memory_budget, max_seq, int(verify),
                          _choice(STORAGES, storage, "storage"), int(direct_io), bandwidth, latency, int(loader_thread),
                          _choice(PREDICTORS, predictor, "predictor"), prefetch_experts,
-                         _choice(EVICTIONS, eviction, "eviction policy"))
+                         _choice(EVICTIONS, eviction, "eviction policy"), threads)
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

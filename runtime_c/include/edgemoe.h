@@ -57,6 +57,7 @@ typedef struct {
   em_predictor predictor;
   uint32_t prefetch_experts; /* experts to prefetch per layer; 0 = top-k */
   em_eviction eviction;
+  uint32_t compute_threads;  /* threads running the kernels' parallel loops, the caller included; 0 = 1 */
 } em_params;
 
 typedef struct {

@@ -13,6 +13,8 @@
 
 #define TRUNK_HEADER_CRC_AT 112
 #define IMAGE_HEADER_CRC_AT 76
+#define TRUNK_VERSION 1
+#define IMAGE_VERSION 2 /* 2: sub-8-bit codes interleaved over words (docs/FORMAT.md) */
 #define TENSOR_ENTRY_BYTES 96
 #define RECORD_ENTRY_BYTES 64
 
@@ -54,8 +56,8 @@ static int check_size(int fd, const char* path, uint64_t expected, char* err, si
 }
 
 /* Reads a fixed header of `len` bytes whose CRC-32 is stored right after it, and checks magic and version. */
-static int read_checked_header(int fd, const char* path, const char* magic, const char* what, uint8_t* b, size_t len,
-                               char* err, size_t n) {
+static int read_checked_header(int fd, const char* path, const char* magic, uint32_t version, const char* what,
+                               uint8_t* b, size_t len, char* err, size_t n) {
   if (em_pread_all(fd, b, len + 4, 0) != 0) {
     snprintf(err, n, "%s: truncated header; recompile the model", path);
     return EM_ERR_FORMAT;
@@ -64,9 +66,9 @@ static int read_checked_header(int fd, const char* path, const char* magic, cons
     snprintf(err, n, "%s: not an EdgeMoE %s (bad magic)", path, what);
     return EM_ERR_FORMAT;
   }
-  if (le32(b + 8) != 1) {
-    snprintf(err, n, "%s: %s format version %u, this runtime reads version 1; recompile the model", path, what,
-             le32(b + 8));
+  if (le32(b + 8) != version) {
+    snprintf(err, n, "%s: %s format version %u, this runtime reads version %u; recompile the model", path, what,
+             le32(b + 8), version);
     return EM_ERR_FORMAT;
   }
   if (em_crc32(0, b, len) != le32(b + len)) {
@@ -96,7 +98,7 @@ static int read_checked_table(int fd, const char* path, const char* what, uint64
 
 int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err, size_t n) {
   uint8_t b[TRUNK_HEADER_CRC_AT + 4];
-  int rc = read_checked_header(fd, path, "EMOTRUNK", "trunk file", b, TRUNK_HEADER_CRC_AT, err, n);
+  int rc = read_checked_header(fd, path, "EMOTRUNK", TRUNK_VERSION, "trunk file", b, TRUNK_HEADER_CRC_AT, err, n);
   if (rc) return rc;
   h->vocab = le32(b + 16);
   h->hidden = le32(b + 20);
@@ -155,7 +157,7 @@ int em_read_trunk_table(int fd, const char* path, const em_trunk_header* h, em_t
 
 int em_read_image_header(int fd, const char* path, em_image_header* h, char* err, size_t n) {
   uint8_t b[IMAGE_HEADER_CRC_AT + 4];
-  int rc = read_checked_header(fd, path, "EMOEXPRT", "expert image", b, IMAGE_HEADER_CRC_AT, err, n);
+  int rc = read_checked_header(fd, path, "EMOEXPRT", IMAGE_VERSION, "expert image", b, IMAGE_HEADER_CRC_AT, err, n);
   if (rc) return rc;
   h->layers = le32(b + 16);
   h->experts = le32(b + 20);

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "edgemoe.h"
+#include "thread_pool.h"
 #include "tvm_backend.h"
 
 static int resolve(void* lib, const char* name, em_ffi_fn* out, int required, char* err, size_t n) {
@@ -34,7 +35,7 @@ int em_kernels_load(em_kernels* k, const char* path, char* err, size_t n) {
   }
   hook(k->lib, "__TVMBackendAllocWorkspace", (void*)em_workspace_alloc);
   hook(k->lib, "__TVMBackendFreeWorkspace", (void*)em_workspace_free);
-  hook(k->lib, "__TVMBackendParallelLaunch", (void*)em_parallel_launch_serial);
+  hook(k->lib, "__TVMBackendParallelLaunch", (void*)em_parallel_launch);
   struct {
     const char* name;
     em_ffi_fn* fn;

@@ -20,6 +20,7 @@
 #include "loader.h"
 #include "predictor.h"
 #include "storage.h"
+#include "thread_pool.h"
 #include "tvm_backend.h"
 
 #define ALIGN_BUF 64
@@ -42,6 +43,7 @@ struct em_session {
   em_loader loader;
   int loader_ready;
   em_arena arena;
+  em_pool* pool; /* compute threads for the kernels' parallel loops */
   em_predictor predictor;
   uint32_t n_predict;     /* experts prefetched per layer */
   const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
@@ -441,6 +443,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
       rc = EM_ERR_FORMAT;
     }
   }
+  if (!rc) rc = em_pool_create((int)(params->compute_threads ? params->compute_threads : 1), &s->pool, s->err, ERR_LEN);
   if (!rc) {
     rc = em_loader_init(&s->loader, s->experts, &s->cache, s->records, th->experts, params->verify_checksums,
                         params->loader_thread, &s->st, meta + align_up(cache_meta, ALIGN_BUF), s->err, ERR_LEN);
@@ -463,6 +466,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
 void em_close(em_session* s) {
   if (!s) return;
   if (s->loader_ready) em_loader_stop(&s->loader);
+  em_pool_destroy(s->pool);
   if (s->experts) s->experts->close(s->experts);
   em_kernels_unload(&s->k);
   free(s->cache.slot); /* the bookkeeping allocation starts with the slot array */
@@ -614,6 +618,7 @@ static int forward(em_session* s, int32_t token, int want_logits) {
   uint64_t t_start = em_now_ns();
   em_loader_stats(&s->loader, &before);
   em_arena_bind(&s->arena);
+  em_pool_bind(s->pool);
   memcpy(s->x, s->embed + (uint64_t)token * H, H * sizeof(float));
   if (s->predictor == EM_PREDICT_NEXT_ROUTER || s->predictor == EM_PREDICT_WRONG) {
     int rc = predict_and_prefetch(s, 0, s->x, NULL, 0);

@@ -41,12 +41,6 @@ int em_workspace_free(int device_type, int device_id, void* ptr) {
   return -1;
 }
 
-int em_parallel_launch_serial(em_parallel_lambda f, void* cdata, int num_task) {
-  (void)num_task;
-  em_parallel_env env = {NULL, 1};
-  return f(0, &env, cdata);
-}
-
 void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int32_t num_parts) {
   size_t n = 0;
   kernel_error[0] = 0;

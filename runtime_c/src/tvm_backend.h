@@ -1,5 +1,5 @@
 /* The few functions TVM-generated kernels call back into: error reporting, workspace
- * allocation (from a fixed arena, never malloc) and parallel launch. */
+ * allocation (from a fixed arena, never malloc); parallel launch is in thread_pool.h. */
 #ifndef EM_TVM_BACKEND_H
 #define EM_TVM_BACKEND_H
 
@@ -30,8 +30,6 @@ void em_arena_bind(em_arena* arena);
 
 void* em_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits);
 int em_workspace_free(int device_type, int device_id, void* ptr);
-/* Runs the tasks of a parallel loop one after another on the calling thread. */
-int em_parallel_launch_serial(em_parallel_lambda f, void* cdata, int num_task);
 
 /* The message of the last kernel error on this thread ("" if none); cleared by the call. */
 const char* em_take_kernel_error(void);

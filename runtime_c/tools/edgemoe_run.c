@@ -1,7 +1,7 @@
 /* edgemoe_run: greedy generation from token ids on the device, no Python.
  *   edgemoe_run ARTIFACT_DIR --tokens 1,2,3 [-n 64] [--budget BYTES] [--max-seq N] [--no-verify]
  *               [--predictor none|path-table|next-router|wrong] [--eviction lru|fifo|edgemoe]
- *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS]
+ *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]
  * Prints the generated token ids on one line, then the statistics as key=value lines. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,7 +14,7 @@ static int usage(void) {
   fprintf(stderr,
           "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget BYTES] [--max-seq N] [--no-verify]\n"
           "       [--predictor none|path-table|next-router|wrong] [--eviction lru|fifo|edgemoe]\n"
-          "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS]\n");
+          "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]\n");
   return 2;
 }
 
@@ -92,6 +92,8 @@ int main(int argc, char** argv) {
       int v = lookup(argv[++i], names, 3);
       if (v < 0) return usage();
       p.eviction = (em_eviction)v;
+    } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
+      p.compute_threads = (uint32_t)strtoul(argv[++i], NULL, 10);
     } else
       return usage();
   }

@@ -1,0 +1,137 @@
+#include "thread_pool.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "edgemoe.h"
+#include "tvm_backend.h"
+
+struct em_pool {
+  pthread_mutex_t mu;
+  pthread_cond_t start, done;
+  pthread_t* workers;
+  int threads, started;
+  /* The loop being run; `generation` counts launches so a worker runs each one once. */
+  em_parallel_lambda f;
+  void* cdata;
+  unsigned long generation;
+  int pending; /* worker tasks not yet finished */
+  int failed;
+  char error[512];
+  int stop;
+};
+
+typedef struct {
+  em_pool* pool;
+  int task_id;
+} worker_arg;
+
+static EM_THREAD_LOCAL em_pool* bound_pool;
+
+void em_pool_bind(em_pool* pool) { bound_pool = pool; }
+
+static void run_task(em_pool* p, em_parallel_lambda f, void* cdata, int task_id) {
+  em_parallel_env env = {NULL, p->threads};
+  if (f(task_id, &env, cdata) == 0) return;
+  const char* msg = em_take_kernel_error();
+  pthread_mutex_lock(&p->mu);
+  if (!p->failed) snprintf(p->error, sizeof p->error, "%s", msg[0] ? msg : "parallel task failed");
+  p->failed = 1;
+  pthread_mutex_unlock(&p->mu);
+}
+
+static void* worker_main(void* argp) {
+  worker_arg a = *(worker_arg*)argp;
+  free(argp);
+  em_pool* p = a.pool;
+  unsigned long seen = 0;
+  pthread_mutex_lock(&p->mu);
+  for (;;) {
+    while (!p->stop && p->generation == seen) pthread_cond_wait(&p->start, &p->mu);
+    if (p->stop) break;
+    seen = p->generation;
+    em_parallel_lambda f = p->f;
+    void* cdata = p->cdata;
+    pthread_mutex_unlock(&p->mu);
+    run_task(p, f, cdata, a.task_id);
+    pthread_mutex_lock(&p->mu);
+    if (--p->pending == 0) pthread_cond_signal(&p->done);
+  }
+  pthread_mutex_unlock(&p->mu);
+  return NULL;
+}
+
+int em_pool_create(int threads, em_pool** out, char* err, size_t n) {
+  *out = NULL;
+  if (threads < 1) threads = 1;
+  em_pool* p = (em_pool*)calloc(1, sizeof *p);
+  if (p) p->workers = (pthread_t*)calloc((size_t)threads, sizeof(pthread_t));
+  if (!p || !p->workers) {
+    free(p);
+    snprintf(err, n, "out of memory creating a %d-thread compute pool", threads);
+    return EM_ERR_NOMEM;
+  }
+  p->threads = threads;
+  pthread_mutex_init(&p->mu, NULL);
+  pthread_cond_init(&p->start, NULL);
+  pthread_cond_init(&p->done, NULL);
+  for (int i = 1; i < threads; i++) {
+    worker_arg* a = (worker_arg*)malloc(sizeof *a);
+    if (a) *a = (worker_arg){p, i};
+    if (!a || pthread_create(&p->workers[i], NULL, worker_main, a) != 0) {
+      free(a);
+      em_pool_destroy(p);
+      snprintf(err, n, "cannot start compute thread %d of %d (lower the thread count)", i, threads);
+      return EM_ERR_NOMEM;
+    }
+    p->started = i;
+  }
+  *out = p;
+  return EM_OK;
+}
+
+void em_pool_destroy(em_pool* p) {
+  if (!p) return;
+  pthread_mutex_lock(&p->mu);
+  p->stop = 1;
+  pthread_cond_broadcast(&p->start);
+  pthread_mutex_unlock(&p->mu);
+  for (int i = 1; i <= p->started; i++) pthread_join(p->workers[i], NULL);
+  pthread_cond_destroy(&p->start);
+  pthread_cond_destroy(&p->done);
+  pthread_mutex_destroy(&p->mu);
+  free(p->workers);
+  free(p);
+}
+
+int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task) {
+  (void)num_task; /* generated code passes 0 ("all"); the pool decides */
+  em_pool* p = bound_pool;
+  if (!p || p->threads == 1) {
+    em_parallel_env env = {NULL, 1};
+    return f(0, &env, cdata);
+  }
+  pthread_mutex_lock(&p->mu);
+  p->f = f;
+  p->cdata = cdata;
+  p->failed = 0;
+  p->pending = p->threads - 1;
+  p->generation++;
+  pthread_cond_broadcast(&p->start);
+  pthread_mutex_unlock(&p->mu);
+
+  run_task(p, f, cdata, 0);
+
+  pthread_mutex_lock(&p->mu);
+  while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
+  int failed = p->failed;
+  char msg[sizeof p->error];
+  memcpy(msg, p->error, sizeof msg);
+  pthread_mutex_unlock(&p->mu);
+  if (!failed) return 0;
+  const char* parts[1] = {msg};
+  TVMFFIErrorSetRaisedFromCStrParts("ParallelTaskError", parts, 1);
+  return -1;
+}
