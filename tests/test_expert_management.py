@@ -56,14 +56,16 @@ def test_tokens_never_depend_on_management(artifact_int4, quarter_budget, prompt
 
 
 def test_wrong_predictions_are_counted_as_misses(artifact_int4, quarter_budget, prompt_ids):
-    """The deliberately wrong predictor names the experts the router ranks lowest: it must be (nearly) never right."""
+    """The deliberately wrong predictor names the experts the router ranks lowest: it must score well below
+    a random guess (top-k of E experts: k/E of guesses are used), and the next-layer router well above it."""
+    chance = 2 / 8  # mixtral-mini routes each token to 2 of 8 experts
     rates = {}
     for pred in ("next-router", "wrong"):
         with Session(artifact_int4, memory_budget=quarter_budget, predictor=pred) as s:
             s.generate(prompt_ids, N_NEW)
             st = s.stats()
         rates[pred] = st["predicted_hits"] / st["predicted"]
-    assert rates["wrong"] < 0.05 < rates["next-router"]
+    assert rates["wrong"] < chance / 2 and rates["next-router"] > 2 * chance
 
 
 def test_prefetching_reduces_stalls_on_slow_storage(artifact_int4, quarter_budget, prompt_ids):
