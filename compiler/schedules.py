@@ -1,9 +1,11 @@
 """Default CPU schedules for the decode kernels (the hand schedule used when no tuning record exists).
 
-Every matrix-vector block (a spatial row loop over a reduction) is split along the reduction into
-`lanes` independent partial sums (rfactor) computed as one vector, then summed: LLVM emits vector
-FMAs with the dequantization of `lanes` packed codes done side by side. Measured on the 2-core
-AVX-512 host for a 320×256 INT4 gate/up pair: 161 µs unscheduled → 14.5 µs (lanes 16).
+Every matrix-vector block (a spatial row loop over a reduction) is split along its innermost
+reduction axis into `lanes` independent partial sums (rfactor) computed as one vector, then summed:
+LLVM emits vector FMAs with the dequantization of `lanes` packed codes done side by side. For
+sub-8-bit weights that axis is the interleave of the packing (quantize.interleave: word i of a
+block holds column i of each of its bit fields), so the lanes read consecutive words and a lane
+count above the interleave width is cut down to it.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class RunConfig:
     loader_thread: bool = True
     warm: bool = False  # run the workload once first, so every expert it needs is resident (IO-FREE)
     budget: int | None = None  # bytes; overrides budget_fraction
+    threads: int = 1  # compute threads for the kernels' parallel loops
 
 
 def pipeline_configs(fraction: float) -> list[RunConfig]:
@@ -51,7 +53,7 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
         budget = 0 if cfg.budget_fraction is None else budget_bytes(artifact, max_seq, cfg.budget_fraction)
     with Session(artifact, memory_budget=budget, max_seq=max_seq,
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
-                 eviction=cfg.eviction) as s:
+                 eviction=cfg.eviction, threads=cfg.threads) as s:
         if cfg.warm:
             s.generate(prompt, n_new)
             s.reset()
@@ -151,7 +153,8 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction):
     tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
     ids = tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens]
     budget = budget_bytes(artifact, window, fraction)
-    names = ["next-router", "path-table", "wrong"] if manifest.get("profile") else ["next-router", "wrong"]
+    # "none" is the baseline: the same cache with demand reads only.
+    names = ["none", "next-router", "path-table", "wrong"] if manifest.get("profile") else ["none", "next-router", "wrong"]
     click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts")
     click.echo("| predictor | experts predicted | prefetches used | prefetches wasted | cache hit |")
     click.echo("|---|---|---|---|---|")
@@ -161,7 +164,8 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction):
                 s.reset()
                 s.prefill(ids[i : i + window])
             st = s.stats()
-        click.echo(f"| {name} | {st['predicted_hits'] / max(st['predicted'], 1):.1%} | {st['prefetch_used']} | "
+        predicted = f"{st['predicted_hits'] / st['predicted']:.1%}" if st["predicted"] else "–"
+        click.echo(f"| {name} | {predicted} | {st['prefetch_used']} | "
                    f"{st['prefetch_wasted']} | {st['expert_hits'] / max(st['expert_hits'] + st['expert_misses'], 1):.1%} |")
 
 
@@ -194,14 +198,16 @@ def kernels_cmd(shapes, bits_list, target, number):
 
     from .compiler import kernels
     from .compiler.quantize import quantize
-    from .compiler.schedules import schedule
+    from .compiler.schedules import PARALLEL_MIN_BYTES, schedule
     from .models import MoEConfig
     from .targets import load_target
 
     tgt = load_target(target).tvm()
     bw = copy_bandwidth()
     rng = np.random.default_rng(0)
-    click.echo(f"memcpy bandwidth (read + write): {bw / 1e9:.1f} GB/s")
+    click.echo(f"memcpy bandwidth (read + write, one thread): {bw / 1e9:.1f} GB/s; TVM runtime threads: "
+               f"{os.environ.get('TVM_NUM_THREADS', os.cpu_count())} (kernels with ≥ {PARALLEL_MIN_BYTES >> 10} KiB "
+               f"of weights run their row loop in parallel)")
     click.echo("| kernel | H×I | bits | µs | GB/s weights | × memcpy | NumPy fp32 µs | × NumPy |")
     click.echo("|---|---|---|---|---|---|---|---|")
     for shape in shapes.split(","):
@@ -237,7 +243,8 @@ def kernels_cmd(shapes, bits_list, target, number):
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Text the search measures sensitivity on (3/4) and checks plans on (1/4).")
-@click.option("--calibration-tokens", default=4096, show_default=True)
+@click.option("--calibration-tokens", default=8192, show_default=True,
+              help="As edgemoe-compile: the search sees 3/4 of them, the check the rest.")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Held-out text for the perplexity column (never seen by training or the search).")
 @click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Held-out tokens to score.")
@@ -342,23 +349,22 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
 
     work_dir.mkdir(parents=True, exist_ok=True)
     f16 = llamacpp.convert(tree, model_dir, work_dir / f"{model_dir.name}-f16.gguf")
-    click.echo(f"model {model_dir}; {n_new} decode tokens; EdgeMoE: one thread, IO-FREE (every expert resident "
-               f"after a warm-up run); llama.cpp: llama-bench -p 0 -n {n_new}")
-    click.echo("| expert bits | EdgeMoE tok/s | llama.cpp format | " + " | ".join(
-        f"llama.cpp {t} thread{'s' if t != '1' else ''} tok/s | × llama.cpp ({t}t)" for t in threads.split(",")) + " |")
-    click.echo("|---|---|---|" + "---|---|" * len(threads.split(",")))
+    counts = [int(t) for t in threads.split(",")]
+    click.echo(f"model {model_dir}; {n_new} decode tokens; EdgeMoE: IO-FREE (every expert resident after a warm-up "
+               f"run); llama.cpp: llama-bench -p 0 -n {n_new}; both at the same thread count")
+    click.echo("| expert bits | llama.cpp format | threads | EdgeMoE tok/s | llama.cpp tok/s | × llama.cpp |")
+    click.echo("|---|---|---|---|---|---|")
     for art in artifacts:
         manifest = json.loads((art / "manifest.json").read_text())
         bits = manifest["quantization"]["expert_bits"]
         if bits is None:
             raise click.ClickException(f"{art} mixes expert bitwidths; compare artifacts of one bitwidth")
-        ids = [1] + list(range(10, 18))
-        r = run_config(art, RunConfig("IO-FREE", None, warm=True), ids, n_new, None, min(256, 2 * n_new + 16))
-        ours = 1e3 / r["ms_per_token"]
         gtype = llamacpp.GGUF_TYPES[bits]
         gguf = llamacpp.quantize(tree, f16, gtype)
-        cells = []
-        for t in threads.split(","):
-            theirs = llamacpp.bench_decode(tree, gguf, n_new, int(t))
-            cells += [f"{theirs:.0f}", f"{ours / theirs:.2f}"]
-        click.echo(f"| INT{bits} | {ours:.0f} | {gtype} | " + " | ".join(cells) + " |")
+        ids = [1] + list(range(10, 18))
+        for t in counts:
+            r = run_config(art, RunConfig("IO-FREE", None, warm=True, threads=t), ids, n_new, None,
+                           min(256, 2 * n_new + 16))
+            ours = 1e3 / r["ms_per_token"]
+            theirs = llamacpp.bench_decode(tree, gguf, n_new, t)
+            click.echo(f"| INT{bits} | {gtype} | {t} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} |")

@@ -73,7 +73,7 @@ typedef struct {
   uint64_t stall_ns;         /* time the decode loop waited for an expert to arrive */
   uint64_t prefetch_issued;  /* expert reads started ahead of need */
   uint64_t prefetch_used;    /* of which the expert was used before eviction */
-  uint64_t prefetch_wasted;  /* of which the expert was evicted unused */
+  uint64_t prefetch_wasted;  /* of which the expert was evicted unused, or cancelled unread */
   uint64_t predicted;        /* experts a layer really selected, where a prediction was made */
   uint64_t predicted_hits;   /* of which the predictor had named */
   uint32_t cache_slots;      /* number of expert cache slots */

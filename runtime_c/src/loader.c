@@ -181,9 +181,30 @@ static int demand_load(em_loader* l, uint32_t record, uint32_t layer, char* err,
   return rc ? (rc == EM_LOAD_CHECKSUM ? EM_ERR_FORMAT : EM_ERR_IO) : EM_OK;
 }
 
+/* Drops queued prefetches of `layer`'s experts that its routing did not choose: once a layer has
+ * routed they can only be useful a whole pass later, and reading them now would hold up the reads
+ * that the next layers wait for. Their slots are freed. Lock held. */
+static void cancel_stale_prefetches(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer) {
+  uint32_t kept = 0;
+  for (uint32_t i = 0; i < l->q_len; i++) {
+    em_load_request req = l->queue[(l->q_head + i) % l->q_cap];
+    int stale = !req.demand && l->records[req.record].layer == layer;
+    for (uint32_t k = 0; stale && k < n; k++)
+      if ((uint32_t)req.record == records[k]) stale = 0;
+    if (stale) {
+      em_cache_release(l->cache, req.slot);
+      l->stats->prefetch_wasted++;
+    } else {
+      l->queue[(l->q_head + kept++) % l->q_cap] = req;
+    }
+  }
+  l->q_len = kept;
+}
+
 int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, char* err, size_t errn) {
   int rc = EM_OK;
   pthread_mutex_lock(&l->lock);
+  cancel_stale_prefetches(l, records, n, layer);
   for (uint32_t i = 0; i < n && rc == EM_OK; i++) {
     int32_t slot = em_cache_lookup(l->cache, records[i]);
     if (slot >= 0) { /* resident, or a prefetch of it is in flight: the predictor was right */

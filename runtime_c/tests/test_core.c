@@ -89,13 +89,17 @@ static void test_edgemoe_score(void) {
   /* resident: (layer 0, e1), (layer 1, e0), (layer 1, e1), (layer 3, e1); current layer I = 1 */
   uint32_t rec[4] = {1, 2, 3, 7};
   for (int i = 0; i < 4; i++) em_cache_ready(&c, em_cache_claim(&c, rec[i], 1, 0, &wasted));
-  /* L = -f / ((S - i + I) mod S): layer 0 → dist 1 → -0.75; layer 3 → dist 2 → -0.375; layer 1 → -inf */
-  int32_t victim = em_cache_lookup(&c, 7);
-  CHECK(em_cache_claim(&c, 4, 1, 0, &wasted) == victim);
+  /* d = layers until layer i runs again: layer 3 → 2 (-0.375), layer 0 → 3 (-0.25), layer 1 → 4:
+     (1,e0) at -0.0625 goes first, then (1,e1) at -0.1875 */
+  int32_t victim = em_cache_lookup(&c, 2);
+  CHECK(em_cache_claim(&c, 4, 1, 0, &wasted) == victim); /* (2,e0): d 1 */
   em_cache_ready(&c, victim);
-  /* now (2,e0) with f .25, dist 3 → -0.083 beats (0,e1) at -0.75 */
-  int32_t v2 = em_cache_lookup(&c, 4);
+  int32_t v2 = em_cache_lookup(&c, 3);
   CHECK(em_cache_claim(&c, 6, 1, 0, &wasted) == v2);
+  em_cache_ready(&c, v2);
+  /* left: (0,e1) -0.25, (2,e0) -0.25, (3,e1) -0.375, (3,e0) -0.125: the rarer expert of layer 3 goes */
+  int32_t v3 = em_cache_lookup(&c, 6);
+  CHECK(em_cache_claim(&c, 5, 1, 0, &wasted) == v3);
 }
 
 static void test_size_classes(void) {
