@@ -13,7 +13,8 @@ struct em_pool {
   pthread_cond_t start, done;
   pthread_t* workers;
   int threads, started;
-  /* The loop being run; `generation` counts launches so a worker runs each one once. */
+  /* The loop being run; `generation` counts launches so a worker runs each one once.
+   * generation, pending and stop are read without the lock while spinning: atomics. */
   em_parallel_lambda f;
   void* cdata;
   unsigned long generation;
@@ -22,6 +23,19 @@ struct em_pool {
   char error[512];
   int stop;
 };
+
+/* A decode step launches a parallel loop every few tens of microseconds; waking a thread blocked
+ * on a condition variable takes about as long, so both sides spin this many pauses first. */
+#define SPIN_PAUSES 4096
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_PAUSE() __builtin_ia32_pause()
+#elif defined(__aarch64__) || defined(__arm__)
+#define CPU_PAUSE() __asm__ __volatile__("yield")
+#else
+#define CPU_PAUSE() ((void)0)
+#endif
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
 
 typedef struct {
   em_pool* pool;
@@ -47,19 +61,20 @@ static void* worker_main(void* argp) {
   free(argp);
   em_pool* p = a.pool;
   unsigned long seen = 0;
-  pthread_mutex_lock(&p->mu);
   for (;;) {
-    while (!p->stop && p->generation == seen) pthread_cond_wait(&p->start, &p->mu);
-    if (p->stop) break;
-    seen = p->generation;
-    em_parallel_lambda f = p->f;
-    void* cdata = p->cdata;
-    pthread_mutex_unlock(&p->mu);
-    run_task(p, f, cdata, a.task_id);
+    for (int i = 0; i < SPIN_PAUSES && LOAD(p->generation) == seen && !LOAD(p->stop); i++) CPU_PAUSE();
     pthread_mutex_lock(&p->mu);
-    if (--p->pending == 0) pthread_cond_signal(&p->done);
+    while (!LOAD(p->stop) && LOAD(p->generation) == seen) pthread_cond_wait(&p->start, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+    if (LOAD(p->stop)) break;
+    seen = LOAD(p->generation); /* acquire: f and cdata were written before it */
+    run_task(p, p->f, p->cdata, a.task_id);
+    if (__atomic_sub_fetch(&p->pending, 1, __ATOMIC_ACQ_REL) == 0) {
+      pthread_mutex_lock(&p->mu);
+      pthread_cond_signal(&p->done);
+      pthread_mutex_unlock(&p->mu);
+    }
   }
-  pthread_mutex_unlock(&p->mu);
   return NULL;
 }
 
@@ -95,7 +110,7 @@ int em_pool_create(int threads, em_pool** out, char* err, size_t n) {
 void em_pool_destroy(em_pool* p) {
   if (!p) return;
   pthread_mutex_lock(&p->mu);
-  p->stop = 1;
+  STORE(p->stop, 1);
   pthread_cond_broadcast(&p->start);
   pthread_mutex_unlock(&p->mu);
   for (int i = 1; i <= p->started; i++) pthread_join(p->workers[i], NULL);
@@ -117,15 +132,16 @@ int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task) {
   p->f = f;
   p->cdata = cdata;
   p->failed = 0;
-  p->pending = p->threads - 1;
-  p->generation++;
+  STORE(p->pending, p->threads - 1);
+  STORE(p->generation, p->generation + 1);
   pthread_cond_broadcast(&p->start);
   pthread_mutex_unlock(&p->mu);
 
   run_task(p, f, cdata, 0);
 
+  for (int i = 0; i < SPIN_PAUSES && LOAD(p->pending) > 0; i++) CPU_PAUSE();
   pthread_mutex_lock(&p->mu);
-  while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
+  while (LOAD(p->pending) > 0) pthread_cond_wait(&p->done, &p->mu);
   int failed = p->failed;
   char msg[sizeof p->error];
   memcpy(msg, p->error, sizeof msg);
