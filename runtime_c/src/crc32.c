@@ -1,8 +1,12 @@
 #include "crc32.h"
 
-/* Slicing-by-4 table-driven CRC-32; the tables are built on first use. */
-static uint32_t table[4][256];
-static int table_ready = 0;
+#include <pthread.h>
+
+/* Slicing-by-8 table-driven CRC-32 (the zlib polynomial, as Python's binascii.crc32): eight
+ * bytes per step through eight 256-entry tables. Every expert read is checked, so this runs on
+ * the load path: slicing-by-4 checked about 1.1 GB/s here, slower than a phone's flash. */
+static uint32_t table[8][256];
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
 static void build_tables(void) {
   for (uint32_t i = 0; i < 256; i++) {
@@ -11,19 +15,23 @@ static void build_tables(void) {
     table[0][i] = c;
   }
   for (uint32_t i = 0; i < 256; i++)
-    for (int t = 1; t < 4; t++) table[t][i] = (table[t - 1][i] >> 8) ^ table[0][table[t - 1][i] & 0xFF];
-  table_ready = 1;
+    for (int t = 1; t < 8; t++) table[t][i] = (table[t - 1][i] >> 8) ^ table[0][table[t - 1][i] & 0xFF];
+}
+
+static uint32_t le32(const uint8_t* p) {
+  return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
 uint32_t em_crc32(uint32_t crc, const void* data, size_t n) {
-  if (!table_ready) build_tables();
+  pthread_once(&tables_once, build_tables);
   const uint8_t* p = (const uint8_t*)data;
   crc = ~crc;
-  while (n >= 4) {
-    crc ^= (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-    crc = table[3][crc & 0xFF] ^ table[2][(crc >> 8) & 0xFF] ^ table[1][(crc >> 16) & 0xFF] ^ table[0][crc >> 24];
-    p += 4;
-    n -= 4;
+  while (n >= 8) {
+    uint32_t lo = crc ^ le32(p), hi = le32(p + 4);
+    crc = table[7][lo & 0xFF] ^ table[6][(lo >> 8) & 0xFF] ^ table[5][(lo >> 16) & 0xFF] ^ table[4][lo >> 24] ^
+          table[3][hi & 0xFF] ^ table[2][(hi >> 8) & 0xFF] ^ table[1][(hi >> 16) & 0xFF] ^ table[0][hi >> 24];
+    p += 8;
+    n -= 8;
   }
   while (n--) crc = table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
   return ~crc;
