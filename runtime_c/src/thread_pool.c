@@ -63,9 +63,11 @@ static void* worker_main(void* argp) {
   unsigned long seen = 0;
   for (;;) {
     for (int i = 0; i < SPIN_PAUSES && LOAD(p->generation) == seen && !LOAD(p->stop); i++) CPU_PAUSE();
-    pthread_mutex_lock(&p->mu);
-    while (!LOAD(p->stop) && LOAD(p->generation) == seen) pthread_cond_wait(&p->start, &p->mu);
-    pthread_mutex_unlock(&p->mu);
+    if (LOAD(p->generation) == seen && !LOAD(p->stop)) { /* nothing came while spinning: sleep */
+      pthread_mutex_lock(&p->mu);
+      while (!LOAD(p->stop) && LOAD(p->generation) == seen) pthread_cond_wait(&p->start, &p->mu);
+      pthread_mutex_unlock(&p->mu);
+    }
     if (LOAD(p->stop)) break;
     seen = LOAD(p->generation); /* acquire: f and cdata were written before it */
     run_task(p, p->f, p->cdata, a.task_id);
