@@ -209,7 +209,7 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
     if st["predicted"]:
         click.echo(f"prediction ({predictor}): {st['predicted_hits'] / st['predicted']:.1%} of chosen experts "
                    f"predicted; prefetches {st['prefetch_issued']} issued, {st['prefetch_used']} used, "
-                   f"{st['prefetch_wasted']} evicted unused", err=True)
+                   f"{st['prefetch_wasted']} evicted or cancelled unused", err=True)
 
 
 def main():  # pragma: no cover - `python -m edgemoe.cli`
