@@ -16,7 +16,7 @@ import numpy as np
 
 from ..models import Expert, MoEModel
 from ..evaluate import perplexity_reference
-from .quantize import DEFAULT_GROUP, quantize
+from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, quantize, quantized_model
 
 LEVELS = (8, 4, 2)  # from the most to the least precise
 
@@ -30,10 +30,14 @@ def mean_nll(model: MoEModel, tokens: np.ndarray) -> float:
 
 
 class PlanEvaluator:
-    """Scores bit plans: dequantized experts are computed once per (expert, bitwidth) and reused."""
+    """Scores bit plans against the float model: dequantized experts are computed once per (expert,
+    bitwidth) and reused; the trunk is quantized as the artifact will store it (`trunk_bits`), so
+    the loss measured is the artifact's."""
 
-    def __init__(self, model: MoEModel, tokens: np.ndarray, group: int = DEFAULT_GROUP):
-        self.model, self.tokens, self.group = model, tokens, group
+    def __init__(self, model: MoEModel, tokens: np.ndarray, group: int = DEFAULT_GROUP,
+                 trunk_bits: int = DEFAULT_TRUNK_BITS):
+        self.model, self.tokens, self.group, self.trunk_bits = model, tokens, group, trunk_bits
+        self._trunk = quantized_model(model, None, trunk_bits, group)
         self._experts: dict[tuple[int, int, int], Expert] = {}
         self.float_nll = mean_nll(model, tokens)
         self.evaluations = 0
@@ -47,8 +51,8 @@ class PlanEvaluator:
 
     def model_for(self, plan) -> MoEModel:
         layers = [replace(l, experts=[self.expert(li, ei, int(plan[li][ei])) for ei in range(len(l.experts))])
-                  for li, l in enumerate(self.model.layers)]
-        return replace(self.model, layers=layers)
+                  for li, l in enumerate(self._trunk.layers)]
+        return replace(self._trunk, layers=layers)
 
     def loss(self, plan, tokens: np.ndarray | None = None) -> float:
         """Relative perplexity increase of the plan over the float model."""
@@ -68,7 +72,7 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     cfg = ev.model.config
     key = hashlib.sha256(
         ev.tokens.tobytes() + ev.model.embed[:8].tobytes() + ev.model.layers[-1].experts[-1].w_down[:4].tobytes()
-        + f"{high},{low},{ev.group}".encode()).hexdigest()[:24]
+        + f"{high},{low},{ev.group},{ev.trunk_bits}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"sensitivity-{key}.json" if cache_dir else None
     if path and path.is_file():
         return np.array(json.loads(path.read_text()))
@@ -125,11 +129,12 @@ class BitPlan:
 
 
 def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float,
-                group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print) -> BitPlan:
+                group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
+                trunk_bits: int = DEFAULT_TRUNK_BITS) -> BitPlan:
     """Three-level plan: the most compact uniform bitwidth within the tolerance sets the ceiling;
     then, by sensitivity, experts move down one level at a time while the loss stays within it.
     Verified on held-out tokens; if the check fails, the lowered set shrinks until it passes."""
-    ev = PlanEvaluator(model, calibration, group)
+    ev = PlanEvaluator(model, calibration, group, trunk_bits)
     steps = []
     uniform_loss = {b: ev.loss(uniform(model, b)) for b in LEVELS}
     steps += [f"uniform INT{b}: calibration loss {100 * uniform_loss[b]:+.2f}%" for b in LEVELS]

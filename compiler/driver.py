@@ -18,7 +18,7 @@ from .expert_image import ExpertWeights, write_image
 from .lower import build_kernels
 from .tuning import TuningStore
 from .profile import profile_routing, tokenize_file
-from .quantize import DEFAULT_GROUP, check_bits, quantize
+from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, quantize
 from .trunk_file import write_trunk
 
 MANIFEST_VERSION = 1
@@ -28,6 +28,7 @@ MANIFEST_VERSION = 1
 class CompileOptions:
     target: str = "host"
     expert_bits: int = 4
+    trunk_bits: int = DEFAULT_TRUNK_BITS  # attention projections and embedding / LM head; 32 = float32
     group: int = DEFAULT_GROUP
     max_seq: int | None = None  # context the artifact supports; default: min(model maximum, 2048)
     calibration: Path | None = None  # text for profiling expert routing (predictor tables, eviction frequencies)
@@ -65,6 +66,7 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     t0 = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     target = load_target(opts.target)
+    check_trunk_bits(opts.trunk_bits)
     model = load_model(model_dir)
     cfg = model.config
     calib_tokens = None
@@ -78,7 +80,7 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         log(f"searching a bit plan within {100 * opts.tolerance:.2f}% perplexity loss "
             f"({cut} search tokens, {len(calib_tokens) - cut} check tokens)")
         searched = search_plan(model, calib_tokens[:cut], calib_tokens[cut:], opts.tolerance, opts.group,
-                               cache_dir(), log=log)
+                               cache_dir(), log=log, trunk_bits=opts.trunk_bits)
         if searched.heldout_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.heldout_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.heldout_loss - opts.tolerance):.2f} points")
@@ -103,13 +105,14 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         profile = profile_routing(model, calib_tokens)
         log(f"profiled expert routing on {len(calib_tokens)} calibration tokens from {opts.calibration}")
     records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group)
-    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, profile)
+    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, profile)
     average_bits = float(np.mean(plan))
     log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
-        f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB)")
+        f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
+        f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'})")
 
     store = TuningStore(target, opts.tuning_dir)
-    kernels = build_kernels(cfg, bits_used, opts.group, target, out_dir, store, opts.tune, progress)
+    kernels = build_kernels(cfg, bits_used, opts.trunk_bits, opts.group, target, out_dir, store, opts.tune, progress)
     sources = [v["from"] for v in kernels["schedules"].values()]
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
         f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "
@@ -129,7 +132,7 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "max_seq": max_seq,
         "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,
                          "expert_bits": bits_used[0] if len(bits_used) == 1 else None,
-                         "average_bits": average_bits, "bit_plan": plan},
+                         "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits},
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
                     "image_bytes": files["experts.bin"]["bytes"]},
         "trunk_bytes": trunk_bytes,

@@ -11,7 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .quantize import code_centre, interleave
+from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave
 
 F32 = "float32"
 
@@ -30,17 +30,24 @@ def rmsnorm(h: int, eps: float, name: str = "em_rmsnorm") -> tvm.tirx.PrimFunc:
     return _named(y, [x, w, y], name)
 
 
-def matvec(n: int, k: int, name: str, residual: bool = False) -> tvm.tirx.PrimFunc:
-    """y = W x (+ r): a float32 trunk projection, optionally with the residual add fused."""
-    w = te.placeholder((n, k), F32, name="w")
+def matvec(n: int, k: int, name: str, residual: bool = False, bits: int = 32, group: int = 32) -> tvm.tirx.PrimFunc:
+    """y = W x (+ r): a trunk projection, optionally with the residual add fused. W is float32
+    [n, k] (bits 32) or packed at `bits` like an expert matrix (codes, scales)."""
     x = te.placeholder((k,), F32, name="x")
-    r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((n,), lambda i: te.sum(w[i, r] * x[r], axis=r), name="acc")
+    if bits == 32:
+        w = te.placeholder((n, k), F32, name="w")
+        r = te.reduce_axis((0, k), name="r")
+        acc = te.compute((n,), lambda i: te.sum(w[i, r] * x[r], axis=r), name="acc")
+        weights = [w]
+    else:
+        codes, scales = _qweight("w", n, k, bits, group)
+        acc = te.compute((n,), _row_dot(codes, scales, bits, group, k, x, "r"), name="acc")
+        weights = [codes, scales]
     if not residual:
-        return _named(acc, [w, x, acc], name)
+        return _named(acc, [*weights, x, acc], name)
     res = te.placeholder((n,), F32, name="res")
     y = te.compute((n,), lambda i: res[i] + acc[i], name="y")
-    return _named(y, [w, x, res, y], name)
+    return _named(y, [*weights, x, res, y], name)
 
 
 def rope(cfg: MoEConfig, name: str = "em_rope") -> tvm.tirx.PrimFunc:
@@ -146,17 +153,19 @@ def expert_down(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
     return _named(y, [h, dq, ds, res, weight, y], f"em_expert_down_w{bits}")
 
 
-def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int) -> dict[str, tvm.tirx.PrimFunc]:
-    """Every kernel one decode step needs, by the symbol the C runtime looks up."""
+def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int,
+                   trunk_bits: int = DEFAULT_TRUNK_BITS) -> dict[str, tvm.tirx.PrimFunc]:
+    """Every kernel one decode step needs, by the symbol the C runtime looks up. The trunk's
+    projections read weights at `trunk_bits`; the router always reads float32."""
     qkv_rows = cfg.q_dim + 2 * cfg.kv_dim
     funcs = [
         rmsnorm(cfg.hidden_size, cfg.norm_eps),
-        matvec(qkv_rows, cfg.hidden_size, "em_qkv"),
+        matvec(qkv_rows, cfg.hidden_size, "em_qkv", bits=trunk_bits, group=group),
         rope(cfg),
         attention(cfg),
-        matvec(cfg.hidden_size, cfg.q_dim, "em_o_proj", residual=True),
+        matvec(cfg.hidden_size, cfg.q_dim, "em_o_proj", residual=True, bits=trunk_bits, group=group),
         matvec(cfg.num_experts, cfg.hidden_size, "em_router"),
-        matvec(cfg.vocab_size, cfg.hidden_size, "em_lm_head"),
+        matvec(cfg.vocab_size, cfg.hidden_size, "em_lm_head", bits=trunk_bits, group=group),
     ]
     for b in sorted(set(expert_bits)):
         funcs += [expert_gate_up(cfg, b, group), expert_down(cfg, b, group)]

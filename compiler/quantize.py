@@ -1,4 +1,4 @@
-"""Group-wise symmetric weight quantization and bit packing for expert matrices.
+"""Group-wise symmetric weight quantization and bit packing for expert and trunk matrices.
 
 A weight matrix W [N, K] (rows = outputs) is split along K into groups of `group` values; each
 group gets one float16 scale s and one integer code per weight:
@@ -23,6 +23,11 @@ import numpy as np
 
 SUPPORTED_BITS = (2, 4, 8)
 DEFAULT_GROUP = 32
+# The trunk's matrices (attention projections, embedding / LM head) are stored at this many bits
+# unless told otherwise; 32 keeps them float32. The router and norms always stay float32: they are
+# tiny, and a routing flip changes which experts run.
+TRUNK_BITS = (4, 8, 32)
+DEFAULT_TRUNK_BITS = 8
 MAX_INTERLEAVE = 16  # words: one 512-bit vector of uint32; narrower SIMD splits it into several loads
 
 
@@ -106,23 +111,36 @@ def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP) -> QuantizedM
     return QuantizedMatrix(bits, group, np.ascontiguousarray(packed), np.ascontiguousarray(scales))
 
 
-def with_quantized_experts(model, bits, group: int = DEFAULT_GROUP):
-    """A copy of `model` whose experts hold the dequantized values of their quantization (`bits`: one
-    bitwidth, or a plan of bits per [layer][expert]): the float model a compiled artifact computes,
-    for the NumPy reference executor."""
+def check_trunk_bits(bits: int) -> None:
+    if bits not in TRUNK_BITS:
+        raise ValueError(f"unsupported trunk bitwidth {bits}; supported: {', '.join(map(str, TRUNK_BITS))} "
+                         "(32 = float32)")
+
+
+def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP):
+    """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
+    NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
+    [layer][expert]; None leaves them float) and the trunk matrices at `trunk_bits`."""
     from dataclasses import replace
 
     from ..models import Expert
 
-    def plan(li, ei):
-        return bits if isinstance(bits, int) else bits[li][ei]
+    check_trunk_bits(trunk_bits)
 
     def q(w, b):
-        return quantize(w, b, group).dequantize()
+        return w if b == 32 else quantize(w, b, group).dequantize()
+
+    def expert_plan(li, ei):
+        if expert_bits is None:
+            return 32
+        return expert_bits if isinstance(expert_bits, int) else expert_bits[li][ei]
 
     layers = [
-        replace(l, experts=[Expert(*(q(w, plan(li, ei)) for w in (e.w_gate, e.w_up, e.w_down)))
-                            for ei, e in enumerate(l.experts)])
+        replace(l, wq=q(l.wq, trunk_bits), wk=q(l.wk, trunk_bits), wv=q(l.wv, trunk_bits), wo=q(l.wo, trunk_bits),
+                experts=[Expert(*(q(w, expert_plan(li, ei)) for w in (e.w_gate, e.w_up, e.w_down)))
+                         for ei, e in enumerate(l.experts)])
         for li, l in enumerate(model.layers)
     ]
-    return replace(model, layers=layers)
+    embed = q(model.embed, trunk_bits)
+    lm_head = embed if model.config.tie_embeddings else q(model.lm_head, trunk_bits)
+    return replace(model, embed=embed, layers=layers, lm_head=lm_head)

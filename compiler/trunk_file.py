@@ -1,5 +1,9 @@
 """The trunk file: model hyper-parameters and every resident (non-expert) tensor.
 
+The projection matrices (attention qkv and output, embedding / LM head) are stored quantized at
+the artifact's trunk bitwidth in the experts' packed layout, as two tensors: NAME (the codes, with
+the bitwidth in its table entry) and NAME.scales; norms, the router and the tables stay float32.
+
 Layout (little-endian; docs/FORMAT.md is the normative description):
   [0, 256)   header (HEADER_FMT) padded with zeros
   table      num_tensors × 96-byte entries (TENSOR_FMT)
@@ -14,20 +18,23 @@ import numpy as np
 from ..models import MoEModel
 from ..models.reference import rope_tables
 from .binfmt import align_up, crc32, pack, size
+from .quantize import quantize
 
 MAGIC = b"EMOTRUNK"
-VERSION = 1
+VERSION = 2
 HEADER_BYTES = 256
 TENSOR_ALIGN = 64
 # magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
 # inter, max_positions, rope_theta, norm_eps, flags, bos, eos, n_tensors, table_offset,
 # data_offset, file_bytes, table_crc, data_crc, header_crc
 HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQIII"
+# name, dtype, ndim, shape[4], offset, bytes, crc, bits (of a quantized matrix's codes; 0 otherwise)
 TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
 FLAG_NORM_TOPK = 1
 FLAG_TIED_EMBEDDINGS = 2
-DTYPE_F32 = 0
+DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.uint32): 3}
+QUANTIZED = ("embed", "wqkv", "wo", "lm_head")  # the matrices stored at the trunk bitwidth (name or suffix)
 assert size(TENSOR_FMT) == TENSOR_BYTES
 
 
@@ -54,20 +61,33 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
     return out
 
 
-def write_trunk(path: Path, model: MoEModel, max_positions: int, profile=None) -> int:
-    """Write the trunk file; return its size in bytes."""
+def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int) -> list[tuple[str, np.ndarray, int]]:
+    """(name, array as stored, bits): the projection matrices quantized at `bits` (32 keeps float32)."""
+    out = []
+    for name, a in tensors:
+        if bits != 32 and name.rsplit(".", 1)[-1] in QUANTIZED:
+            q = quantize(a, bits, group)
+            out += [(name, q.packed, bits), (name + ".scales", q.scales, 0)]
+        else:
+            out.append((name, np.ascontiguousarray(a, dtype=np.float32), 0))
+    return out
+
+
+def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, group: int, profile=None) -> int:
+    """Write the trunk file with its matrices at `bits`; return its size in bytes."""
     cfg = model.config
-    tensors = [(n, np.ascontiguousarray(a, dtype=np.float32)) for n, a in trunk_tensors(model, max_positions, profile)]
+    tensors = _stored(trunk_tensors(model, max_positions, profile), bits, group)
     table_offset = HEADER_BYTES
     data_offset = align_up(table_offset + len(tensors) * TENSOR_BYTES, TENSOR_ALIGN)
     entries, data, pos = [], bytearray(), 0
-    for name, a in tensors:
+    for name, a, a_bits in tensors:
         pad = align_up(pos, TENSOR_ALIGN) - pos
         data += bytes(pad)
         pos += pad
         raw = a.tobytes()
         shape = list(a.shape) + [0] * (4 - a.ndim)
-        entries.append(pack(TENSOR_FMT, name.encode(), DTYPE_F32, a.ndim, *shape, data_offset + pos, len(raw), crc32(raw), 0))
+        entries.append(pack(TENSOR_FMT, name.encode(), DTYPES[a.dtype], a.ndim, *shape, data_offset + pos, len(raw),
+                            crc32(raw), a_bits))
         data += raw
         pos += len(raw)
     table = b"".join(entries)

@@ -17,7 +17,7 @@ CFG = MoEConfig("mixtral", vocab_size=300, hidden_size=128, num_layers=1, num_he
 @pytest.fixture(scope="module", params=["default", 4, 64], ids=lambda p: f"lanes-{p}")
 def mod(request):
     """The kernels with the hand default schedule and with the tuner's extreme lane counts."""
-    funcs = kernels.decode_kernels(CFG, [2, 4, 8], 32)
+    funcs = kernels.decode_kernels(CFG, [2, 4, 8], 32, trunk_bits=32)
     lanes = None if request.param == "default" else {n: request.param for n in funcs}
     return tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=load_target("host").tvm()).mod
 
@@ -48,6 +48,17 @@ def test_matvec(mod, rng, name, rows):
     w, x = f32(rng, rows, 128), f32(rng, 128)
     (y,) = call(mod, name, w, x, outs=[(rows,)])
     assert rel(y, w @ x) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_quantized_trunk_matvec(rng, bits, residual):
+    """The trunk's projections at a quantized bitwidth: codes and scales in, dequantized in registers."""
+    f = kernels.matvec(192, 128, "qmv", residual=residual, bits=bits, group=32)
+    mod = tvm.compile(schedule(tvm.IRModule({"qmv": f})), target=load_target("host").tvm()).mod
+    w, x, r = quantize(f32(rng, 192, 128), bits), f32(rng, 128), f32(rng, 192)
+    (y,) = call(mod, "qmv", w.packed, w.scales, x, *([r] if residual else []), outs=[(192,)])
+    assert rel(y, (r if residual else 0) + w.dequantize() @ x) < 1e-5
 
 
 def test_o_proj_adds_residual(mod, rng):

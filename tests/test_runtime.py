@@ -7,7 +7,7 @@ import pytest
 
 from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.compiler.expert_image import read_table
-from edgemoe.compiler.quantize import with_quantized_experts
+from edgemoe.compiler.quantize import quantized_model
 from edgemoe.models import load_model
 from edgemoe.models.reference import ReferenceExecutor
 from edgemoe.runtime import DEFAULT_BUILD_DIR, EdgeMoEError, Session, budget_bytes
@@ -26,10 +26,22 @@ def tiny_artifact(tiny_mixtral_dir, tmp_path_factory, runtime_lib):
     return out
 
 
-def test_logits_match_reference_on_random_model(tiny_mixtral_dir, tiny_artifact, rng):
-    ref = ReferenceExecutor(with_quantized_experts(load_model(tiny_mixtral_dir), 4), 64)
+@pytest.fixture(scope="module", params=[4, 8, 32], ids=lambda b: f"trunk{b}")
+def tiny_artifact_trunk(request, tiny_mixtral_dir, tiny_artifact, tmp_path_factory, runtime_lib):
+    """The random model (untied embedding and LM head) with its trunk matrices at each bitwidth."""
+    if request.param == CompileOptions().trunk_bits:
+        return tiny_artifact, request.param
+    out = tmp_path_factory.mktemp(f"tiny_trunk{request.param}")
+    compile_model(tiny_mixtral_dir, out, CompileOptions(expert_bits=4, trunk_bits=request.param, max_seq=64),
+                  log=lambda m: None)
+    return out, request.param
+
+
+def test_logits_match_reference_on_random_model(tiny_mixtral_dir, tiny_artifact_trunk, rng):
+    artifact, trunk_bits = tiny_artifact_trunk
+    ref = ReferenceExecutor(quantized_model(load_model(tiny_mixtral_dir), 4, trunk_bits), 64)
     tokens = rng.integers(0, 160, 48).tolist()
-    with Session(tiny_artifact) as s:
+    with Session(artifact) as s:
         got = np.stack([s.decode_step(t) for t in tokens])
     want = np.stack([ref.step(t) for t in tokens])
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
@@ -37,7 +49,7 @@ def test_logits_match_reference_on_random_model(tiny_mixtral_dir, tiny_artifact,
 
 @pytest.fixture(scope="module")
 def reference_int4(trained_model):
-    return with_quantized_experts(trained_model, 4)
+    return quantized_model(trained_model, 4)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -114,7 +126,7 @@ def test_mixed_bit_plan_matches_reference_and_uses_sized_slots(tiny_mixtral_dir,
     _, records = read_table(tmp_path / "experts.bin")
     assert [r.bits for r in records] == [b for row in plan for b in row]
     assert len({r.length for r in records}) == 3
-    ref = ReferenceExecutor(with_quantized_experts(load_model(tiny_mixtral_dir), plan), 64)
+    ref = ReferenceExecutor(quantized_model(load_model(tiny_mixtral_dir), plan), 64)
     tokens = rng.integers(0, 160, 40).tolist()
     want = np.stack([ref.step(t) for t in tokens])
     for fraction in (0.0, 0.5, 1.0):

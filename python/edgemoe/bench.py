@@ -259,7 +259,7 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
     from .compiler.cache import cache_dir
     from .compiler.expert_image import image_bytes
     from .compiler.profile import tokenize_file
-    from .compiler.quantize import DEFAULT_GROUP, with_quantized_experts
+    from .compiler.quantize import DEFAULT_GROUP, quantized_model
     from .evaluate import greedy_agreement, perplexity_reference
     from .models import load_model
     from .models.reference import ReferenceExecutor
@@ -289,7 +289,7 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
     click.echo("| plan | INT8/4/2 experts | avg bits | image | held-out ppl | Δ ppl | check loss | greedy agreement |")
     click.echo("|---|---|---|---|---|---|---|---|")
     for name, plan, found in plans:
-        qmodel = with_quantized_experts(model, plan)
+        qmodel = quantized_model(model, plan)
         ppl = perplexity_reference(qmodel, held)["perplexity"]
         agree = [greedy_agreement(a, b)["agreement"] for a, b in zip(float_greedy, greedy(qmodel))]
         counts = "/".join(str(sum(row.count(b) for row in plan)) for b in LEVELS)
@@ -352,8 +352,9 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
     counts = [int(t) for t in threads.split(",")]
     click.echo(f"model {model_dir}; {n_new} decode tokens; EdgeMoE: IO-FREE (every expert resident after a warm-up "
                f"run); llama.cpp: llama-bench -p 0 -n {n_new}; both at the same thread count")
-    click.echo("| expert bits | llama.cpp format | threads | EdgeMoE tok/s | llama.cpp tok/s | × llama.cpp |")
-    click.echo("|---|---|---|---|---|---|")
+    click.echo("| expert bits | trunk | llama.cpp format | EdgeMoE / GGUF bytes | threads | EdgeMoE tok/s | "
+               "llama.cpp tok/s | × llama.cpp |")
+    click.echo("|---|---|---|---|---|---|---|---|")
     for art in artifacts:
         manifest = json.loads((art / "manifest.json").read_text())
         bits = manifest["quantization"]["expert_bits"]
@@ -361,10 +362,15 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
             raise click.ClickException(f"{art} mixes expert bitwidths; compare artifacts of one bitwidth")
         gtype = llamacpp.GGUF_TYPES[bits]
         gguf = llamacpp.quantize(tree, f16, gtype)
+        trunk_bits = manifest["quantization"].get("trunk_bits", 32)
+        trunk = "float32" if trunk_bits == 32 else f"INT{trunk_bits}"
+        sizes = f"{fmt_bytes(manifest['trunk_bytes'] + manifest['experts']['image_bytes'])} / " \
+                f"{fmt_bytes(gguf.stat().st_size)}"
         ids = [1] + list(range(10, 18))
         for t in counts:
             r = run_config(art, RunConfig("IO-FREE", None, warm=True, threads=t), ids, n_new, None,
                            min(256, 2 * n_new + 16))
             ours = 1e3 / r["ms_per_token"]
             theirs = llamacpp.bench_decode(tree, gguf, n_new, t)
-            click.echo(f"| INT{bits} | {gtype} | {t} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} |")
+            click.echo(f"| INT{bits} | {trunk} | {gtype} | {sizes} | {t} | {ours:.0f} | {theirs:.0f} | "
+                       f"{ours / theirs:.2f} |")

@@ -39,6 +39,8 @@ def _percent(text: str) -> float:
 @click.option("--target", default="host", show_default=True, help="Board description in targets/.")
 @click.option("--bits", "expert_bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True,
               help="Expert weight bitwidth (uniform).")
+@click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
+              help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
 @click.option("--group", default=32, show_default=True, help="Quantization group size along the input dimension.")
 @click.option("--max-seq", type=int, default=None, help="Longest context the artifact supports [model max, ≤ 2048].")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -49,8 +51,8 @@ def _percent(text: str) -> float:
                    "P% over the float model (needs --calibration); overrides --bits.")
 @click.option("--tune", is_flag=True, help="Tune kernels that have no record in the tuning store for this target "
                                            "(on this machine) and record them; later compiles reuse the records.")
-def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq, calibration, calibration_tokens, tolerance,
-                tune):
+def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
+                tolerance, tune):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
     from .compiler.driver import CompileOptions, compile_model
     from .compiler.tuning import TuningError
@@ -59,8 +61,8 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, group, max_seq, calibra
 
     try:
         tol = None if tolerance is None else _percent(tolerance)
-        opts = CompileOptions(target, int(expert_bits), group, max_seq, calibration, calibration_tokens,
-                              tolerance=tol, tune=tune)
+        opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
+                              calibration_tokens, tolerance=tol, tune=tune)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=_tuning_bar)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
@@ -76,11 +78,13 @@ def _tuning_bar(jobs):
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", default="host", show_default=True, help="Board description in targets/ (run it there).")
 @click.option("--bits", "bits_list", default="2,4,8", show_default=True, help="Expert bitwidths to tune kernels for.")
+@click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
+              help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
 @click.option("--group", default=32, show_default=True)
 @click.option("--retune", is_flag=True, help="Tune again kernels that already have a record.")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Tuning store folder [default: $EDGEMOE_CACHE_DIR/tuning or ~/.cache/edgemoe/tuning].")
-def tune_cmd(model_dir, target, bits_list, group, retune, store_dir):
+def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir):
     """Tune the decode kernels of MODEL_DIR's shapes on this machine into the tuning store."""
     from .compiler.kernels import decode_kernels
     from .compiler.schedules import DEFAULT_LANES
@@ -91,7 +95,7 @@ def tune_cmd(model_dir, target, bits_list, group, retune, store_dir):
     try:
         tgt = load_target(target)
         cfg = load_model(model_dir).config
-        funcs = decode_kernels(cfg, [int(b) for b in bits_list.split(",")], group)
+        funcs = decode_kernels(cfg, [int(b) for b in bits_list.split(",")], group, int(trunk_bits))
         store = TuningStore(tgt, store_dir)
         tuned = tune(funcs, tgt, store, retune=retune, progress=_tuning_bar)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError) as e:
@@ -223,8 +227,11 @@ def main():  # pragma: no cover - `python -m edgemoe.cli`
 @click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Tokens of the text to score.")
 @click.option("--window", default=256, show_default=True, help="Context per window (non-overlapping).")
 @click.option("--bits", type=click.Choice(["2", "4", "8"]), default=None,
-              help="For a model directory: score it with its experts quantized to this bitwidth.")
-def eval_cmd(path, text_path, n_tokens, window, bits):
+              help="For a model directory: score it with its experts quantized to this bitwidth (and the trunk "
+                   "to --trunk-bits), as an artifact would store it.")
+@click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
+              help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
+def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits):
     """Perplexity of PATH over held-out text: a model directory (NumPy reference, float or --bits)
     or a compiled artifact (the C runtime)."""
     from tokenizers import Tokenizer
@@ -244,13 +251,14 @@ def eval_cmd(path, text_path, n_tokens, window, bits):
     if (path / "manifest.json").is_file():
         r, what = perplexity_artifact(path, ids, window, progress), f"artifact {path} (C runtime)"
     else:
-        from .compiler.quantize import with_quantized_experts
+        from .compiler.quantize import quantized_model
         from .models import load_model
 
         model = load_model(path)
         if bits:
-            model = with_quantized_experts(model, int(bits))
+            model = quantized_model(model, int(bits), int(trunk_bits))
         r = perplexity_reference(model, ids, window, progress)
-        what = f"model {path} ({'INT' + bits + ' experts' if bits else 'float'}, NumPy reference)"
+        kind = f"INT{bits} experts, trunk {'float32' if trunk_bits == '32' else 'INT' + trunk_bits}" if bits else "float"
+        what = f"model {path} ({kind}, NumPy reference)"
     click.echo(f"{what}: perplexity {r['perplexity']:.3f} (mean NLL {r['nll']:.4f}) over {r['tokens']} tokens "
                f"of {text_path.name}")

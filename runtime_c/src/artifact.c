@@ -13,7 +13,7 @@
 
 #define TRUNK_HEADER_CRC_AT 112
 #define IMAGE_HEADER_CRC_AT 76
-#define TRUNK_VERSION 1
+#define TRUNK_VERSION 2
 #define IMAGE_VERSION 2 /* 2: sub-8-bit codes interleaved over words (docs/FORMAT.md) */
 #define TENSOR_ENTRY_BYTES 96
 #define RECORD_ENTRY_BYTES 64
@@ -146,6 +146,7 @@ int em_read_trunk_table(int fd, const char* path, const em_trunk_header* h, em_t
     d->offset = le64(e + 72);
     d->nbytes = le64(e + 80);
     d->crc = le32(e + 88);
+    d->bits = le32(e + 92);
     if (d->offset < h->data_offset || d->offset + d->nbytes > h->file_bytes || d->offset % 64) {
       snprintf(err, n, "%s: tensor '%s' lies outside the data region", path, d->name);
       rc = EM_ERR_FORMAT;

@@ -24,6 +24,7 @@ typedef struct {
   uint32_t shape[4];
   uint64_t offset, nbytes; /* offset from the start of the file */
   uint32_t crc;
+  uint32_t bits; /* of a quantized matrix's codes; 0 for a plain tensor */
 } em_tensor_entry;
 
 typedef struct {

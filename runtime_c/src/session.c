@@ -18,6 +18,7 @@
 #include "expert_cache.h"
 #include "kernels.h"
 #include "loader.h"
+#include "matrix.h"
 #include "predictor.h"
 #include "storage.h"
 #include "thread_pool.h"
@@ -29,7 +30,8 @@
 #define MAX_TOP_K 64
 
 typedef struct {
-  float *attn_norm, *wqkv, *wo, *ffn_norm, *router;
+  float *attn_norm, *ffn_norm;
+  em_matrix wqkv, wo, router;
 } layer_weights;
 
 struct em_session {
@@ -52,7 +54,8 @@ struct em_session {
   uint8_t* has_prediction; /* [layers] */
 
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
-  float *embed, *final_norm, *lm_head, *rope_cos, *rope_sin;
+  em_matrix embed, lm_head;
+  float *final_norm, *rope_cos, *rope_sin;
   float *x, *x2, *xn, *qkv, *q, *att, *h, *router_logits, *logits, *expert_weight;
   float *pred_xn, *pred_scores; /* the next-router predictor's own buffers */
   float *k_cache, *v_cache; /* [layers][max_seq][kv_dim] */
@@ -240,26 +243,60 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
   return EM_OK;
 }
 
+static const em_tensor_entry* entry(const em_tensor_entry* t, uint32_t n_tensors, const char* name) {
+  for (uint32_t i = 0; i < n_tensors; i++)
+    if (strcmp(t[i].name, name) == 0) return &t[i];
+  return NULL;
+}
+
+static void* data_of(em_session* s, const em_tensor_entry* e) { return s->block + (e->offset - s->th.data_offset); }
+
+static int shape_is(const em_tensor_entry* e, uint32_t dtype, uint32_t rows, uint32_t cols) {
+  return e->dtype == dtype && e->ndim == (cols ? 2u : 1u) && e->shape[0] == rows && (!cols || e->shape[1] == cols) &&
+         e->nbytes == (uint64_t)rows * (cols ? cols : 1) * (dtype == 0 || dtype == 3 ? 4 : dtype == 1 ? 2 : 1);
+}
+
 /* The named float32 tensor of shape [rows] or [rows, cols] in the loaded trunk; NULL (with the
  * reason in s->err unless `optional`) if absent or of another shape. */
 static float* find_tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name,
                           uint32_t rows, uint32_t cols, int optional) {
-  for (uint32_t i = 0; i < n_tensors; i++) {
-    if (strcmp(t[i].name, name) != 0) continue;
-    uint32_t want_ndim = cols ? 2 : 1;
-    if (t[i].dtype != 0 || t[i].ndim != want_ndim || t[i].shape[0] != rows || (cols && t[i].shape[1] != cols)) {
-      snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' has an unexpected type or shape; recompile the artifact", name);
-      return NULL;
-    }
-    return (float*)(s->block + (t[i].offset - s->th.data_offset));
-  }
-  if (!optional) snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
+  const em_tensor_entry* e = entry(t, n_tensors, name);
+  if (e && shape_is(e, 0, rows, cols)) return (float*)data_of(s, e);
+  if (e) snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' has an unexpected type or shape; recompile the artifact", name);
+  else if (!optional) snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
   return NULL;
 }
 
 static float* tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name, uint32_t rows,
                      uint32_t cols) {
   return find_tensor(s, t, n_tensors, name, rows, cols, 0);
+}
+
+/* The named [rows, cols] matrix: float32, or quantized codes with their NAME.scales (docs/FORMAT.md). */
+static int matrix(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name, uint32_t rows,
+                  uint32_t cols, em_matrix* m) {
+  const em_tensor_entry* e = entry(t, n_tensors, name);
+  if (!e) {
+    snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
+    return 0;
+  }
+  memset(m, 0, sizeof *m);
+  m->rows = rows, m->cols = cols, m->bits = e->bits ? e->bits : 32, m->codes = data_of(s, e);
+  int ok = m->bits == 32 ? shape_is(e, 0, rows, cols)
+           : m->bits == 8 ? shape_is(e, 2, rows, cols)
+           : (m->bits == 2 || m->bits == 4) && cols % (32 / m->bits) == 0 && shape_is(e, 3, rows, cols / (32 / m->bits));
+  if (ok && m->bits != 32) {
+    char scales_name[64];
+    snprintf(scales_name, sizeof scales_name, "%s.scales", name);
+    const em_tensor_entry* se = entry(t, n_tensors, scales_name);
+    uint32_t groups = se && se->ndim == 2 ? se->shape[1] : 0;
+    ok = groups && cols % groups == 0 && shape_is(se, 1, rows, groups);
+    if (ok) m->scales = (const uint16_t*)data_of(s, se), m->group = cols / groups;
+  }
+  if (!ok)
+    snprintf(s->err, ERR_LEN, "trunk.bin: matrix '%s' has an unexpected type, bitwidth or shape; recompile the artifact",
+             name);
+  return ok;
 }
 
 /* Loads the trunk data region into the block and points the weight pointers into it. */
@@ -284,21 +321,24 @@ static int load_trunk(em_session* s, const char* path) {
   }
   if (!rc) {
     uint32_t nt = th->n_tensors, H = th->hidden;
-    int ok = (s->embed = tensor(s, t, nt, "embed", th->vocab, H)) &&
+    int ok = matrix(s, t, nt, "embed", th->vocab, H, &s->embed) &&
              (s->final_norm = tensor(s, t, nt, "final_norm", H, 0)) &&
              (s->rope_cos = tensor(s, t, nt, "rope_cos", th->max_positions, th->head_dim / 2)) &&
              (s->rope_sin = tensor(s, t, nt, "rope_sin", th->max_positions, th->head_dim / 2));
-    s->lm_head = (th->flags & EM_TRUNK_FLAG_TIED) ? s->embed : (ok ? tensor(s, t, nt, "lm_head", th->vocab, H) : NULL);
-    ok = ok && s->lm_head;
+    if (th->flags & EM_TRUNK_FLAG_TIED)
+      s->lm_head = s->embed;
+    else
+      ok = ok && matrix(s, t, nt, "lm_head", th->vocab, H, &s->lm_head);
     for (uint32_t l = 0; ok && l < th->layers; l++) {
       char name[64];
       layer_weights* w = &s->lw[l];
-#define LAYER_TENSOR(field, suffix, rows, cols) \
-  (snprintf(name, sizeof name, "layers.%u." suffix, l), (w->field = tensor(s, t, nt, name, rows, cols)) != NULL)
-      ok = LAYER_TENSOR(attn_norm, "attn_norm", H, 0) && LAYER_TENSOR(wqkv, "wqkv", s->q_dim + 2 * s->kv_dim, H) &&
-           LAYER_TENSOR(wo, "wo", H, s->q_dim) && LAYER_TENSOR(ffn_norm, "ffn_norm", H, 0) &&
-           LAYER_TENSOR(router, "router", th->experts, H);
-#undef LAYER_TENSOR
+#define LAYER_NAME(suffix) (snprintf(name, sizeof name, "layers.%u." suffix, l), name)
+      ok = (w->attn_norm = tensor(s, t, nt, LAYER_NAME("attn_norm"), H, 0)) &&
+           (w->ffn_norm = tensor(s, t, nt, LAYER_NAME("ffn_norm"), H, 0)) &&
+           matrix(s, t, nt, LAYER_NAME("wqkv"), s->q_dim + 2 * s->kv_dim, H, &w->wqkv) &&
+           matrix(s, t, nt, LAYER_NAME("wo"), H, s->q_dim, &w->wo) &&
+           matrix(s, t, nt, LAYER_NAME("router"), th->experts, H, &w->router);
+#undef LAYER_NAME
     }
     if (!ok) rc = EM_ERR_FORMAT;
     /* written by the compiler's profiling pass (edgemoe-compile --calibration) */
@@ -485,6 +525,16 @@ void em_close(em_session* s) {
     if (rc_) return rc_;                                                                                 \
   } while (0)
 
+/* y = W x (+ res) through a matrix-vector kernel, whatever W's storage. */
+static int matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y) {
+  em_arg args[5];
+  int n = em_matrix_args(w, args);
+  args[n++] = em_f32(x, 1, w->cols, 0, 0);
+  if (res) args[n++] = em_f32(res, 1, w->rows, 0, 0);
+  args[n++] = em_f32(y, 1, w->rows, 0, 0);
+  return em_kernel_call(fn, name, args, n, s->err, ERR_LEN);
+}
+
 static uint32_t record_of(const em_session* s, uint32_t layer, uint32_t expert) {
   return layer * s->th.experts + expert;
 }
@@ -515,13 +565,14 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
       em_top_n(s->pred_scores, E, s->n_predict, 0, guess);
       break;
     case EM_PREDICT_NEXT_ROUTER:
-    case EM_PREDICT_WRONG:
+    case EM_PREDICT_WRONG: {
       CALL(s->k.rmsnorm, "em_rmsnorm", em_f32((void*)x, 1, H, 0, 0), em_f32(s->lw[layer].ffn_norm, 1, H, 0, 0),
            em_f32(s->pred_xn, 1, H, 0, 0));
-      CALL(s->k.router, "em_router", em_f32(s->lw[layer].router, 2, E, H, 0), em_f32(s->pred_xn, 1, H, 0, 0),
-           em_f32(s->pred_scores, 1, E, 0, 0));
+      int rc = matvec(s, s->k.router, "em_router", &s->lw[layer].router, s->pred_xn, NULL, s->pred_scores);
+      if (rc) return rc;
       em_top_n(s->pred_scores, E, s->n_predict, s->predictor == EM_PREDICT_WRONG, guess);
       break;
+    }
     default:
       return EM_OK;
   }
@@ -559,19 +610,27 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
   int rc = em_loader_wait(&s->loader, ri, layer, &rec, s->err, ERR_LEN);
   if (rc) return rc;
   const em_record* r = &s->records[ri];
-  int64_t H = s->th.hidden, I = s->th.inter, G = s->ih.group, b = r->bits;
-  /* codes: int8 [rows, cols] at 8 bits, else uint32 words of 32/b codes (docs/FORMAT.md) */
-  em_dl_dtype codes = b == 8 ? (em_dl_dtype){0, 8, 1} : (em_dl_dtype){1, 32, 1}, f16 = {2, 16, 1};
-  int64_t per_word = b == 8 ? 1 : 32 / b;
-  uint8_t* part[6];
+  uint32_t H = s->th.hidden, I = s->th.inter, G = s->ih.group, b = r->bits;
+  const uint8_t* part[6];
   for (int i = 0; i < 6; i++) part[i] = rec + r->part_offset[i];
+  em_matrix gate = {part[0], (const uint16_t*)part[1], b, I, H, G}, up = {part[2], (const uint16_t*)part[3], b, I, H, G},
+            down = {part[4], (const uint16_t*)part[5], b, H, I, G};
+  em_arg a[8];
+  int n = 0;
+  a[n++] = em_f32(s->xn, 1, H, 0, 0);
+  n += em_matrix_args(&gate, a + n);
+  n += em_matrix_args(&up, a + n);
+  a[n++] = em_f32(s->h, 1, I, 0, 0);
+  rc = em_kernel_call(s->k.gate_up[b], "em_expert_gate_up", a, n, s->err, ERR_LEN);
   *s->expert_weight = weight;
-  CALL(s->k.gate_up[b], "em_expert_gate_up", em_f32(s->xn, 1, H, 0, 0), em_typed(part[0], codes, 2, I, H / per_word),
-       em_typed(part[1], f16, 2, I, H / G), em_typed(part[2], codes, 2, I, H / per_word),
-       em_typed(part[3], f16, 2, I, H / G), em_f32(s->h, 1, I, 0, 0));
-  CALL(s->k.down[b], "em_expert_down", em_f32(s->h, 1, I, 0, 0), em_typed(part[4], codes, 2, H, I / per_word),
-       em_typed(part[5], f16, 2, H, I / G), em_f32(s->x, 1, H, 0, 0), em_f32(s->expert_weight, 1, 1, 0, 0),
-       em_f32(s->x2, 1, H, 0, 0));
+  n = 0;
+  a[n++] = em_f32(s->h, 1, I, 0, 0);
+  n += em_matrix_args(&down, a + n);
+  a[n++] = em_f32(s->x, 1, H, 0, 0);
+  a[n++] = em_f32(s->expert_weight, 1, 1, 0, 0);
+  a[n++] = em_f32(s->x2, 1, H, 0, 0);
+  if (!rc) rc = em_kernel_call(s->k.down[b], "em_expert_down", a, n, s->err, ERR_LEN);
+  if (rc) return rc;
   em_loader_release(&s->loader, ri);
   swap(&s->x, &s->x2);
   return EM_OK;
@@ -584,14 +643,14 @@ static int moe_layer(em_session* s, uint32_t l) {
   int64_t H = th->hidden;
   CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(s->lw[l].ffn_norm, 1, H, 0, 0),
        em_f32(s->xn, 1, H, 0, 0));
-  CALL(s->k.router, "em_router", em_f32(s->lw[l].router, 2, th->experts, H, 0), em_f32(s->xn, 1, H, 0, 0),
-       em_f32(s->router_logits, 1, th->experts, 0, 0));
+  int rc = matvec(s, s->k.router, "em_router", &s->lw[l].router, s->xn, NULL, s->router_logits);
+  if (rc) return rc;
   uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
   float wts[MAX_TOP_K];
   select_experts(s, idx, wts);
   score_prediction(s, l, idx);
   for (uint32_t k = 0; k < th->top_k; k++) records[k] = record_of(s, l, idx[k]);
-  int rc = em_loader_need(&s->loader, records, th->top_k, l, s->err, ERR_LEN);
+  rc = em_loader_need(&s->loader, records, th->top_k, l, s->err, ERR_LEN);
   if (rc) return rc;
   /* The next-router predictor has no hidden state for the next token's first layer: it predicts
      that one from the token's embedding instead (see forward). */
@@ -619,7 +678,7 @@ static int forward(em_session* s, int32_t token, int want_logits) {
   em_loader_stats(&s->loader, &before);
   em_arena_bind(&s->arena);
   em_pool_bind(s->pool);
-  memcpy(s->x, s->embed + (uint64_t)token * H, H * sizeof(float));
+  em_matrix_row(&s->embed, (uint32_t)token, s->x);
   if (s->predictor == EM_PREDICT_NEXT_ROUTER || s->predictor == EM_PREDICT_WRONG) {
     int rc = predict_and_prefetch(s, 0, s->x, NULL, 0);
     if (rc) return rc;
@@ -630,25 +689,25 @@ static int forward(em_session* s, int32_t token, int want_logits) {
     float* vc = s->v_cache + (uint64_t)l * s->max_seq * s->kv_dim;
     CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(w->attn_norm, 1, H, 0, 0),
          em_f32(s->xn, 1, H, 0, 0));
-    CALL(s->k.qkv, "em_qkv", em_f32(w->wqkv, 2, s->q_dim + 2 * s->kv_dim, H, 0), em_f32(s->xn, 1, H, 0, 0),
-         em_f32(s->qkv, 1, s->q_dim + 2 * s->kv_dim, 0, 0));
+    int rc = matvec(s, s->k.qkv, "em_qkv", &w->wqkv, s->xn, NULL, s->qkv);
+    if (rc) return rc;
     CALL(s->k.rope, "em_rope", em_f32(s->qkv, 1, s->q_dim + 2 * s->kv_dim, 0, 0),
          em_f32(s->rope_cos + pos * (d / 2), 1, d / 2, 0, 0), em_f32(s->rope_sin + pos * (d / 2), 1, d / 2, 0, 0),
          em_f32(s->q, 2, hq, d, 0), em_f32(kc + pos * s->kv_dim, 2, hkv, d, 0),
          em_f32(vc + pos * s->kv_dim, 2, hkv, d, 0));
     CALL(s->k.attention, "em_attention", em_f32(s->q, 2, hq, d, 0), em_f32(kc, 3, pos + 1, hkv, d),
          em_f32(vc, 3, pos + 1, hkv, d), em_f32(s->att, 2, hq, d, 0));
-    CALL(s->k.o_proj, "em_o_proj", em_f32(w->wo, 2, H, s->q_dim, 0), em_f32(s->att, 1, s->q_dim, 0, 0),
-         em_f32(s->x, 1, H, 0, 0), em_f32(s->x2, 1, H, 0, 0));
+    rc = matvec(s, s->k.o_proj, "em_o_proj", &w->wo, s->att, s->x, s->x2);
+    if (rc) return rc;
     swap(&s->x, &s->x2);
-    int rc = moe_layer(s, l);
+    rc = moe_layer(s, l);
     if (rc) return rc;
   }
   if (want_logits) {
     CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(s->final_norm, 1, H, 0, 0),
          em_f32(s->xn, 1, H, 0, 0));
-    CALL(s->k.lm_head, "em_lm_head", em_f32(s->lm_head, 2, th->vocab, H, 0), em_f32(s->xn, 1, H, 0, 0),
-         em_f32(s->logits, 1, th->vocab, 0, 0));
+    int rc = matvec(s, s->k.lm_head, "em_lm_head", &s->lm_head, s->xn, NULL, s->logits);
+    if (rc) return rc;
   }
   s->pos++;
   em_loader_stats(&s->loader, &after);

@@ -1,0 +1,62 @@
+#include "matrix.h"
+
+#include <string.h>
+
+float em_f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13); /* inf, nan */
+  } else if (exp) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (!man) {
+    bits = sign;
+  } else { /* subnormal: shift the mantissa up to an implicit leading one */
+    exp = 113;
+    while (!(man & 0x400u)) man <<= 1, exp--;
+    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* Words per interleaved block: must agree with compiler/quantize.py interleave(). */
+static uint32_t interleave(uint32_t bits, uint32_t k, uint32_t group) {
+  uint32_t per = bits == 8 ? 1 : 32 / bits, lanes = 16;
+  while (lanes > 1 && (group % lanes || k % (lanes * per))) lanes /= 2;
+  return lanes;
+}
+
+void em_matrix_row(const em_matrix* m, uint32_t r, float* out) {
+  uint32_t K = m->cols;
+  if (m->bits == 32) {
+    memcpy(out, (const float*)m->codes + (uint64_t)r * K, K * sizeof(float));
+    return;
+  }
+  const uint16_t* scale = m->scales + (uint64_t)r * (K / m->group);
+  if (m->bits == 8) {
+    const int8_t* q = (const int8_t*)m->codes + (uint64_t)r * K;
+    for (uint32_t c = 0; c < K; c++) out[c] = (float)q[c] * em_f16_to_f32(scale[c / m->group]);
+    return;
+  }
+  /* column t·L·p + j·L + i is in word t·L + i at bit j·bits */
+  uint32_t b = m->bits, per = 32 / b, L = interleave(b, K, m->group), mask = (1u << b) - 1;
+  float centre = (float)mask / 2.0f;
+  const uint32_t* w = (const uint32_t*)m->codes + (uint64_t)r * (K / per);
+  for (uint32_t c = 0; c < K; c++) {
+    uint32_t t = c / (L * per), j = c % (L * per) / L, i = c % L;
+    uint32_t code = (w[t * L + i] >> (j * b)) & mask;
+    out[c] = ((float)code - centre) * em_f16_to_f32(scale[c / m->group]);
+  }
+}
+
+int em_matrix_args(const em_matrix* m, em_arg* out) {
+  if (m->bits == 32) {
+    out[0] = em_f32((void*)m->codes, 2, m->rows, m->cols, 0);
+    return 1;
+  }
+  em_dl_dtype codes = m->bits == 8 ? (em_dl_dtype){0, 8, 1} : (em_dl_dtype){1, 32, 1}, f16 = {2, 16, 1};
+  out[0] = em_typed((void*)m->codes, codes, 2, m->rows, m->bits == 8 ? m->cols : m->cols * m->bits / 32);
+  out[1] = em_typed((void*)m->scales, f16, 2, m->rows, m->cols / m->group);
+  return 2;
+}
