@@ -35,9 +35,10 @@ class PlanEvaluator:
     the loss measured is the artifact's."""
 
     def __init__(self, model: MoEModel, tokens: np.ndarray, group: int = DEFAULT_GROUP,
-                 trunk_bits: int = DEFAULT_TRUNK_BITS):
-        self.model, self.tokens, self.group, self.trunk_bits = model, tokens, group, trunk_bits
-        self._trunk = quantized_model(model, None, trunk_bits, group)
+                 trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows"):
+        self.model, self.tokens, self.group, self.trunk_bits, self.layout = model, tokens, group, trunk_bits, layout
+        self._trunk = replace(quantized_model(model, None, trunk_bits, group, layout),
+                              expert_act_group=group if layout == "tiles" else None)
         self._experts: dict[tuple[int, int, int], Expert] = {}
         self.float_nll = mean_nll(model, tokens)
         self.evaluations = 0
@@ -72,7 +73,7 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     cfg = ev.model.config
     key = hashlib.sha256(
         ev.tokens.tobytes() + ev.model.embed[:8].tobytes() + ev.model.layers[-1].experts[-1].w_down[:4].tobytes()
-        + f"{high},{low},{ev.group},{ev.trunk_bits}".encode()).hexdigest()[:24]
+        + f"{high},{low},{ev.group},{ev.trunk_bits},{ev.layout}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"sensitivity-{key}.json" if cache_dir else None
     if path and path.is_file():
         return np.array(json.loads(path.read_text()))
@@ -130,11 +131,11 @@ class BitPlan:
 
 def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float,
                 group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
-                trunk_bits: int = DEFAULT_TRUNK_BITS) -> BitPlan:
+                trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows") -> BitPlan:
     """Three-level plan: the most compact uniform bitwidth within the tolerance sets the ceiling;
     then, by sensitivity, experts move down one level at a time while the loss stays within it.
     Verified on held-out tokens; if the check fails, the lowered set shrinks until it passes."""
-    ev = PlanEvaluator(model, calibration, group, trunk_bits)
+    ev = PlanEvaluator(model, calibration, group, trunk_bits, layout)
     steps = []
     uniform_loss = {b: ev.loss(uniform(model, b)) for b in LEVELS}
     steps += [f"uniform INT{b}: calibration loss {100 * uniform_loss[b]:+.2f}%" for b in LEVELS]

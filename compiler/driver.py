@@ -35,6 +35,7 @@ class CompileOptions:
     calibration_tokens: int = 8192
     bit_plan: list[list[int]] | None = None  # bits per [layer][expert]; overrides expert_bits
     tolerance: float | None = None  # search a per-expert bit plan within this relative perplexity loss
+    int_dot: bool | None = None  # integer-dot kernels (tiles layout); None: wherever the target and shapes allow
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
     tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
 
@@ -50,6 +51,28 @@ def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
     for b in {b for row in plan for b in row}:
         check_bits(b)
     return plan
+
+
+def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> str:
+    """"tiles" (integer-dot kernels) when the target has the instruction and every quantized matrix
+    fits the layout; otherwise "rows" (float-dequantizing kernels). Asking for int_dot where it
+    cannot run is an error."""
+    from . import int_dot
+    from .quantize import tiles_fit
+
+    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
+    shapes = [(idim, hdim, b) for b in bits_used] + [(hdim, idim, b) for b in bits_used]
+    if opts.trunk_bits != 32:
+        shapes += [(r, k, opts.trunk_bits) for r, k in ((cfg.q_dim + 2 * cfg.kv_dim, hdim), (hdim, cfg.q_dim),
+                                                         (cfg.vocab_size, hdim))]
+    why_not = None
+    if not int_dot.supported(target.tvm()):
+        why_not = f"target {target.name} lacks {int_dot.ISA_FEATURE}"
+    elif not all(tiles_fit(n, k, b, opts.group) for n, k, b in shapes):
+        why_not = "a weight matrix's rows are not a multiple of 16 (or the group is not whole words)"
+    if opts.int_dot and why_not:
+        raise ValueError(f"integer-dot kernels unavailable: {why_not}; compile without --int-dot")
+    return "tiles" if opts.int_dot is not False and why_not is None else "rows"
 
 
 def _sha256(path: Path) -> str:
@@ -79,13 +102,16 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         cut = len(calib_tokens) * 3 // 4  # the search sees 3/4; the plan is checked on the rest
         log(f"searching a bit plan within {100 * opts.tolerance:.2f}% perplexity loss "
             f"({cut} search tokens, {len(calib_tokens) - cut} check tokens)")
+        layout = weight_layout(cfg, target, opts, [8, 4, 2])
         searched = search_plan(model, calib_tokens[:cut], calib_tokens[cut:], opts.tolerance, opts.group,
-                               cache_dir(), log=log, trunk_bits=opts.trunk_bits)
+                               cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=layout)
         if searched.heldout_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.heldout_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.heldout_loss - opts.tolerance):.2f} points")
         opts = replace(opts, bit_plan=searched.plan)
     plan = expert_bit_plan(cfg, opts)
+    bits_used = sorted({b for row in plan for b in row})
+    layout = weight_layout(cfg, target, opts, bits_used)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = model.parameter_counts()
@@ -94,25 +120,27 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
 
     experts = [
         [
-            ExpertWeights(*(quantize(w, plan[li][ei], opts.group) for w in (e.w_gate, e.w_up, e.w_down)))
+            ExpertWeights(*(quantize(w, plan[li][ei], opts.group, layout) for w in (e.w_gate, e.w_up, e.w_down)))
             for ei, e in enumerate(layer.experts)
         ]
         for li, layer in enumerate(model.layers)
     ]
-    bits_used = sorted({b for row in plan for b in row})
     profile = None
     if calib_tokens is not None:
         profile = profile_routing(model, calib_tokens)
         log(f"profiled expert routing on {len(calib_tokens)} calibration tokens from {opts.calibration}")
-    records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group)
-    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, profile)
+    records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group,
+                          layout)
+    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout, profile)
     average_bits = float(np.mean(plan))
     log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
         f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
-        f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'})")
+        f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "
+        f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels")
 
     store = TuningStore(target, opts.tuning_dir)
-    kernels = build_kernels(cfg, bits_used, opts.trunk_bits, opts.group, target, out_dir, store, opts.tune, progress)
+    kernels = build_kernels(cfg, bits_used, opts.trunk_bits, layout, opts.group, target, out_dir, store, opts.tune,
+                            progress)
     sources = [v["from"] for v in kernels["schedules"].values()]
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
         f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "
@@ -132,7 +160,8 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "max_seq": max_seq,
         "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,
                          "expert_bits": bits_used[0] if len(bits_used) == 1 else None,
-                         "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits},
+                         "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits,
+                         "layout": layout},
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
                     "image_bytes": files["experts.bin"]["bytes"]},
         "trunk_bytes": trunk_bytes,

@@ -18,12 +18,13 @@ from .binfmt import ArtifactFormatError, align_up, crc32, pack, size, unpack
 from .quantize import QuantizedMatrix
 
 MAGIC = b"EMOEXPRT"
-VERSION = 2  # 2: sub-8-bit codes interleaved over words (quantize.py)
+VERSION = 3  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py)
 ALIGN = 4096
 PART_ALIGN = 64
 # magic, version, header_bytes, layers, experts, records, record_bytes, align, hidden, inter, group,
-# table_offset, data_offset, file_bytes, table_crc, header_crc
-HEADER_FMT = "8sIIIIIIIIIIQQQII"
+# table_offset, data_offset, file_bytes, table_crc, layout, header_crc
+HEADER_FMT = "8sIIIIIIIIIIQQQIII"
+LAYOUT_CODES = {"rows": 0, "tiles": 1}
 # layer, expert, bits, crc32, offset, length, part offsets ×6, payload_bytes, reserved
 RECORD_FMT = "IIIIQQ6III"
 RECORD_BYTES = 64
@@ -84,8 +85,9 @@ def image_bytes(plan: list[list[int]], hidden: int, inter: int, group: int) -> i
     return align_up(ALIGN + n * RECORD_BYTES, ALIGN) + data
 
 
-def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int) -> list[Record]:
-    """Write experts[layer][expert] to `path`; return the record table."""
+def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int,
+                layout: str = "rows") -> list[Record]:
+    """Write experts[layer][expert] (all quantized in `layout`) to `path`; return the record table."""
     n_layers, n_experts = len(experts), len(experts[0])
     n = n_layers * n_experts
     table_offset = ALIGN
@@ -104,7 +106,7 @@ def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, int
         for r in records
     )
     head = pack(HEADER_FMT[:-1], MAGIC, VERSION, ALIGN, n_layers, n_experts, n, RECORD_BYTES, ALIGN,
-                hidden, inter, group, table_offset, data_offset, pos, crc32(table))
+                hidden, inter, group, table_offset, data_offset, pos, crc32(table), LAYOUT_CODES[layout])
     head += pack("I", crc32(head))
     with open(path, "wb") as f:
         f.write(head + bytes(ALIGN - len(head)))
@@ -123,6 +125,7 @@ class ImageHeader:
     group: int
     data_offset: int
     file_bytes: int
+    layout: str
 
 
 def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
@@ -132,7 +135,8 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     hsize = size(HEADER_FMT)
     if len(data) < hsize:
         raise ArtifactFormatError(f"{path}: truncated header ({len(data)} bytes)")
-    (magic, version, _hb, nl, ne, nr, rb, _al, hidden, inter, group, toff, doff, fbytes, tcrc, hcrc) = unpack(HEADER_FMT, data)
+    (magic, version, _hb, nl, ne, nr, rb, _al, hidden, inter, group, toff, doff, fbytes, tcrc, layout,
+     hcrc) = unpack(HEADER_FMT, data)
     if magic != MAGIC:
         raise ArtifactFormatError(f"{path}: not an EdgeMoE expert image (magic {magic!r})")
     if version != VERSION:
@@ -151,4 +155,7 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     for i in range(nr):
         v = unpack(RECORD_FMT, table, i * rb)
         recs.append(Record(v[0], v[1], v[2], v[3], v[4], v[5], tuple(v[6:12]), v[12]))
-    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes), recs
+    layouts = {v: k for k, v in LAYOUT_CODES.items()}
+    if layout not in layouts:
+        raise ArtifactFormatError(f"{path}: unknown weight layout {layout}; recompile the model")
+    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout]), recs

@@ -153,20 +153,36 @@ def expert_down(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
     return _named(y, [h, dq, ds, res, weight, y], f"em_expert_down_w{bits}")
 
 
-def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int,
-                   trunk_bits: int = DEFAULT_TRUNK_BITS) -> dict[str, tvm.tirx.PrimFunc]:
-    """Every kernel one decode step needs, by the symbol the C runtime looks up. The trunk's
-    projections read weights at `trunk_bits`; the router always reads float32."""
-    qkv_rows = cfg.q_dim + 2 * cfg.kv_dim
+def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
+                   layout: str = "rows") -> dict[str, tvm.tirx.PrimFunc]:
+    """Every kernel one decode step needs, by the symbol the C runtime looks up. Quantized weights
+    in the "rows" layout get the float-dequantizing kernels here; in the "tiles" layout, the
+    integer-dot kernels of int_dot.py. The router always reads float32."""
+    from . import int_dot
+    from .schedules import PARALLEL_MIN_BYTES
+
+    hdim, idim, qkv_rows = cfg.hidden_size, cfg.expert_intermediate, cfg.q_dim + 2 * cfg.kv_dim
+    tiles = layout == "tiles"
+
+    def trunk_matvec(n, k, name, residual=False):
+        if tiles and trunk_bits != 32:
+            return int_dot.matvec(n, k, trunk_bits, group, name, residual,
+                                  parallel=n * k * trunk_bits // 8 >= PARALLEL_MIN_BYTES)
+        return matvec(n, k, name, residual, bits=trunk_bits, group=group)
+
     funcs = [
-        rmsnorm(cfg.hidden_size, cfg.norm_eps),
-        matvec(qkv_rows, cfg.hidden_size, "em_qkv", bits=trunk_bits, group=group),
+        rmsnorm(hdim, cfg.norm_eps),
+        trunk_matvec(qkv_rows, hdim, "em_qkv"),
         rope(cfg),
         attention(cfg),
-        matvec(cfg.hidden_size, cfg.q_dim, "em_o_proj", residual=True, bits=trunk_bits, group=group),
-        matvec(cfg.num_experts, cfg.hidden_size, "em_router"),
-        matvec(cfg.vocab_size, cfg.hidden_size, "em_lm_head", bits=trunk_bits, group=group),
+        trunk_matvec(hdim, cfg.q_dim, "em_o_proj", residual=True),
+        matvec(cfg.num_experts, hdim, "em_router"),
+        trunk_matvec(cfg.vocab_size, hdim, "em_lm_head"),
     ]
     for b in sorted(set(expert_bits)):
-        funcs += [expert_gate_up(cfg, b, group), expert_down(cfg, b, group)]
+        if tiles:
+            parallel = 2 * idim * hdim * b // 8 >= PARALLEL_MIN_BYTES
+            funcs += [int_dot.expert_gate_up(cfg, b, group, parallel), int_dot.expert_down(cfg, b, group, parallel)]
+        else:
+            funcs += [expert_gate_up(cfg, b, group), expert_down(cfg, b, group)]
     return {str(f.attrs["global_symbol"]): f for f in funcs}

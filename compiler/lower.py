@@ -18,12 +18,12 @@ class ToolchainError(RuntimeError):
     pass
 
 
-def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, group: int, target: TargetDesc,
+def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layout: str, group: int, target: TargetDesc,
                   out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None) -> dict:
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
     Schedules come from the tuning store where it has a record; with `tune_missing`, kernels
     without one are tuned first (and recorded, so the next compile does not tune again)."""
-    funcs = decode_kernels(cfg, expert_bits, group, trunk_bits)
+    funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout)
     tuned_now = {}
     if store is not None and tune_missing:
         tuned_now = tune(funcs, target, store, progress=progress)

@@ -13,7 +13,17 @@ group gets one float16 scale s and one integer code per weight:
   the kernel's SIMD lanes multiply contiguous activations and never gather (measured in
   docs/BENCHMARKS.md against the plain order, column k in word k // p).
 
-The TVM kernels read these layouts directly and dequantize in registers.
+That is the "rows" layout, read by the kernels that dequantize to float in registers. The
+"tiles" layout is read by the integer-dot kernels (compiler/int_dot.py), which quantize the
+activation to int8 and multiply it with the codes in int32 (AVX-512 VNNI `vpdpbusd`: unsigned
+byte × signed byte, four products summed per 32-bit lane):
+
+* codes are unsigned at every bitwidth, u = q + 128 at 8 bits, so one centre c applies;
+* 16 rows form a tile; words are [N/16, K·b/32, 16]: word (t, w, i) holds row 16t + i, columns
+  [w·p, (w+1)·p); byte m of the word holds, in its bit field j (b bits at bit j·b of the byte),
+  column w·p + 4j + m. Masking field j of a vector of 16 words yields 16 rows × 4 consecutive
+  columns as bytes, which is what one vpdpbusd consumes;
+* scales are float16 [N/16, K/G, 16], so a tile's 16 scales of a group are one vector load.
 """
 from __future__ import annotations
 
@@ -43,9 +53,22 @@ def interleave(bits: int, k: int, group: int) -> int:
     return lanes
 
 
-def code_centre(bits: int) -> float:
-    """The code that stands for zero: 0 for int8 codes, (2^b - 1) / 2 for unsigned b-bit codes."""
-    return 0.0 if bits == 8 else ((1 << bits) - 1) / 2.0
+LAYOUTS = ("rows", "tiles")
+TILE_ROWS = 16
+
+
+def code_centre(bits: int, layout: str = "rows") -> float:
+    """The code that stands for zero: 0 for signed int8 codes (rows layout), 128 for unsigned ones
+    (tiles layout), (2^b - 1) / 2 for unsigned b-bit codes."""
+    if bits == 8:
+        return 0.0 if layout == "rows" else 128.0
+    return ((1 << bits) - 1) / 2.0
+
+
+def tiles_fit(n: int, k: int, bits: int, group: int) -> bool:
+    """Whether an [n, k] matrix can be stored in the tiles layout: whole tiles of rows, and each
+    group made of whole words."""
+    return n % TILE_ROWS == 0 and group % (32 // bits) == 0 and group % 4 == 0 and k % group == 0
 
 
 def _max_level(bits: int) -> float:
@@ -56,29 +79,44 @@ def _max_level(bits: int) -> float:
 class QuantizedMatrix:
     bits: int
     group: int
-    packed: np.ndarray  # uint32 [N, K * bits / 32], or int8 [N, K] for 8 bits
-    scales: np.ndarray  # float16 [N, K / group]
+    packed: np.ndarray  # rows: uint32 [N, K * bits / 32], or int8 [N, K] for 8 bits; tiles: uint32 [N/16, K*bits/32, 16]
+    scales: np.ndarray  # rows: float16 [N, K / group]; tiles: float16 [N/16, K / group, 16]
+    layout: str = "rows"
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.layout == "tiles":
+            return self.packed.shape[0] * TILE_ROWS, self.packed.shape[1] * 32 // self.bits
         n = self.packed.shape[0]
         return n, self.packed.shape[1] * self.packed.dtype.itemsize * 8 // self.bits
 
     def codes(self) -> np.ndarray:
-        """The stored integer codes [N, K] (signed at 8 bits, unsigned below)."""
+        """The stored integer codes [N, K] (signed at 8 bits in the rows layout, unsigned otherwise)."""
+        n, k = self.shape
+        if self.layout == "tiles":
+            per, fields = 32 // self.bits, 8 // self.bits
+            shifts = (np.arange(fields, dtype=np.uint32)[:, None] * self.bits + np.arange(4, dtype=np.uint32)[None] * 8)
+            words = self.packed.transpose(0, 2, 1)[..., None, None]  # [tile, row, word, field, byte]
+            u = (words >> shifts) & np.uint32((1 << self.bits) - 1)
+            return u.reshape(n, k).astype(np.int32)
         if self.bits == 8:
             return self.packed.astype(np.int32)
-        n, k = self.shape
         per, lanes = 32 // self.bits, interleave(self.bits, k, self.group)
         shifts = (np.arange(per, dtype=np.uint32) * self.bits)[None, None, :, None]
         words = self.packed.reshape(n, k // (lanes * per), 1, lanes)  # [row, block, ., word]
         u = (words >> shifts) & np.uint32((1 << self.bits) - 1)  # [row, block, shift, word]
         return u.reshape(n, k).astype(np.int32)
 
+    def row_scales(self) -> np.ndarray:
+        """float16 [N, K / group] whatever the layout."""
+        if self.layout == "tiles":
+            return self.scales.transpose(0, 2, 1).reshape(-1, self.scales.shape[1])
+        return self.scales
+
     def dequantize(self) -> np.ndarray:
         n, k = self.shape
-        s = self.scales.astype(np.float32).repeat(self.group, axis=1)
-        return ((self.codes().astype(np.float32) - np.float32(code_centre(self.bits))) * s).reshape(n, k)
+        s = self.row_scales().astype(np.float32).repeat(self.group, axis=1)
+        return ((self.codes().astype(np.float32) - np.float32(code_centre(self.bits, self.layout))) * s).reshape(n, k)
 
     @property
     def nbytes(self) -> int:
@@ -90,15 +128,24 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"unsupported expert bitwidth {bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
 
 
-def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP) -> QuantizedMatrix:
+def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP, layout: str = "rows") -> QuantizedMatrix:
     check_bits(bits)
     n, k = w.shape
     if k % group or (k * bits) % 32:
         raise ValueError(f"input size {k} must be a multiple of the group size {group} and of {32 // bits}")
+    if layout == "tiles" and not tiles_fit(n, k, bits, group):
+        raise ValueError(f"a [{n}, {k}] matrix at {bits} bits, group {group}, does not fit the tiles layout "
+                         f"(rows a multiple of {TILE_ROWS}, groups of whole words)")
     g = w.astype(np.float32).reshape(n, k // group, group)
     scales = (np.abs(g).max(axis=2) / _max_level(bits)).astype(np.float16)
     s32 = scales.astype(np.float32)[:, :, None]  # round with the scale the kernel will see
     levels = g / np.where(s32 > 0, s32, 1.0)
+    if layout == "tiles":
+        centre = code_centre(bits, layout)
+        u = np.clip(np.rint(levels + centre), centre - _max_level(bits) if bits == 8 else 0, (1 << bits) - 1)
+        return QuantizedMatrix(bits, group, _pack_tiles(u.astype(np.uint32).reshape(n, k), bits),
+                               np.ascontiguousarray(scales.reshape(n // TILE_ROWS, TILE_ROWS, -1).transpose(0, 2, 1)),
+                               layout)
     if bits == 8:
         q = np.clip(np.rint(levels), -127, 127).astype(np.int8).reshape(n, k)
         return QuantizedMatrix(bits, group, q, np.ascontiguousarray(scales))
@@ -111,16 +158,28 @@ def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP) -> QuantizedM
     return QuantizedMatrix(bits, group, np.ascontiguousarray(packed), np.ascontiguousarray(scales))
 
 
+def _pack_tiles(u: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [N, K] into the tiles layout's words [N/16, K·bits/32, 16]."""
+    n, k = u.shape
+    per, fields = 32 // bits, 8 // bits
+    by_field = u.reshape(n, k // per, fields, 4)  # [row, word, field j, byte m]: column word·p + 4j + m
+    shifts = np.arange(fields, dtype=np.uint32)[:, None] * bits + np.arange(4, dtype=np.uint32)[None] * 8
+    words = np.bitwise_or.reduce((by_field << shifts).reshape(n, k // per, -1), axis=2).astype(np.uint32)
+    return np.ascontiguousarray(words.reshape(n // TILE_ROWS, TILE_ROWS, k // per).transpose(0, 2, 1))
+
+
 def check_trunk_bits(bits: int) -> None:
     if bits not in TRUNK_BITS:
         raise ValueError(f"unsupported trunk bitwidth {bits}; supported: {', '.join(map(str, TRUNK_BITS))} "
                          "(32 = float32)")
 
 
-def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP):
+def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP,
+                    layout: str = "rows"):
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
     NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
-    [layer][expert]; None leaves them float) and the trunk matrices at `trunk_bits`."""
+    [layer][expert]; None leaves them float) and the trunk matrices at `trunk_bits`. With the
+    tiles layout the artifact's kernels also quantize their inputs, and so does the reference."""
     from dataclasses import replace
 
     from ..models import Expert
@@ -143,4 +202,17 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     ]
     embed = q(model.embed, trunk_bits)
     lm_head = embed if model.config.tie_embeddings else q(model.lm_head, trunk_bits)
-    return replace(model, embed=embed, layers=layers, lm_head=lm_head)
+    tiles = layout == "tiles"
+    return replace(model, embed=embed, layers=layers, lm_head=lm_head,
+                   trunk_act_group=group if tiles and trunk_bits != 32 else None,
+                   expert_act_group=group if tiles and expert_bits is not None else None)
+
+
+def artifact_model(model, artifact_dir):
+    """quantized_model() with the quantization an artifact's manifest records: the float model's
+    reference for that artifact."""
+    import json
+    from pathlib import Path
+
+    q = json.loads((Path(artifact_dir) / "manifest.json").read_text())["quantization"]
+    return quantized_model(model, q["bit_plan"], q["trunk_bits"], q["group"], q["layout"])

@@ -1,7 +1,7 @@
 """The trunk file: model hyper-parameters and every resident (non-expert) tensor.
 
 The projection matrices (attention qkv and output, embedding / LM head) are stored quantized at
-the artifact's trunk bitwidth in the experts' packed layout, as two tensors: NAME (the codes, with
+the artifact's trunk bitwidth in the experts' packed layout (rows or tiles), as two tensors: NAME (the codes, with
 the bitwidth in its table entry) and NAME.scales; norms, the router and the tables stay float32.
 
 Layout (little-endian; docs/FORMAT.md is the normative description):
@@ -33,6 +33,7 @@ TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
 FLAG_NORM_TOPK = 1
 FLAG_TIED_EMBEDDINGS = 2
+FLAG_TILES = 4  # the quantized matrices are in the tiles layout (quantize.py)
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.uint32): 3}
 QUANTIZED = ("embed", "wqkv", "wo", "lm_head")  # the matrices stored at the trunk bitwidth (name or suffix)
 assert size(TENSOR_FMT) == TENSOR_BYTES
@@ -61,22 +62,23 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
     return out
 
 
-def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int) -> list[tuple[str, np.ndarray, int]]:
+def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int, layout: str) -> list[tuple[str, np.ndarray, int]]:
     """(name, array as stored, bits): the projection matrices quantized at `bits` (32 keeps float32)."""
     out = []
     for name, a in tensors:
         if bits != 32 and name.rsplit(".", 1)[-1] in QUANTIZED:
-            q = quantize(a, bits, group)
+            q = quantize(a, bits, group, layout)
             out += [(name, q.packed, bits), (name + ".scales", q.scales, 0)]
         else:
             out.append((name, np.ascontiguousarray(a, dtype=np.float32), 0))
     return out
 
 
-def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, group: int, profile=None) -> int:
-    """Write the trunk file with its matrices at `bits`; return its size in bytes."""
+def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, group: int, layout: str = "rows",
+                profile=None) -> int:
+    """Write the trunk file with its matrices at `bits` in `layout`; return its size in bytes."""
     cfg = model.config
-    tensors = _stored(trunk_tensors(model, max_positions, profile), bits, group)
+    tensors = _stored(trunk_tensors(model, max_positions, profile), bits, group, layout)
     table_offset = HEADER_BYTES
     data_offset = align_up(table_offset + len(tensors) * TENSOR_BYTES, TENSOR_ALIGN)
     entries, data, pos = [], bytearray(), 0
@@ -91,7 +93,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
         data += raw
         pos += len(raw)
     table = b"".join(entries)
-    flags = (FLAG_NORM_TOPK if cfg.norm_topk_prob else 0) | (FLAG_TIED_EMBEDDINGS if cfg.tie_embeddings else 0)
+    flags = (FLAG_NORM_TOPK if cfg.norm_topk_prob else 0) | (FLAG_TIED_EMBEDDINGS if cfg.tie_embeddings else 0) | \
+        (FLAG_TILES if layout == "tiles" and bits != 32 else 0)
     file_bytes = data_offset + len(data)
     head = pack(HEADER_FMT[:-1], MAGIC, VERSION, HEADER_BYTES, cfg.vocab_size, cfg.hidden_size, cfg.num_layers,
                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.expert_intermediate,

@@ -68,6 +68,10 @@ class MoEModel:
     layers: list[Layer]
     final_norm: np.ndarray
     lm_head: np.ndarray  # [vocab, hidden]; the same array as embed when tied
+    # Integer-dot kernels quantize each input of a quantized matmul to int8 per group of this many
+    # values (None: inputs stay float32); separately for the trunk projections and the experts.
+    trunk_act_group: int | None = None
+    expert_act_group: int | None = None
 
     def parameter_counts(self) -> dict:
         experts = sum(e.w_gate.size + e.w_up.size + e.w_down.size for l in self.layers for e in l.experts)

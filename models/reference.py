@@ -44,6 +44,25 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def quantize_activation(x: np.ndarray, group: int | None) -> np.ndarray:
+    """x (float32 [..., k]) as an integer-dot kernel sees it: int8 codes per group of `group`,
+    scale max|x| / 127, rounded half to even (compiler/int_dot.py), dequantized; x itself if group is None."""
+    if group is None:
+        return x
+    g = x.astype(np.float32).reshape(*x.shape[:-1], -1, group)
+    amax = np.abs(g).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
+    q = np.rint(g * inv.astype(np.float32))
+    return (q * (amax / np.float32(127))).reshape(x.shape).astype(np.float32)
+
+
+def expert_ffn(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
+    """down(silu(gate(x)) * up(x)) for rows of xn."""
+    xa = quantize_activation(xn, act_group)
+    h = silu(xa @ ex.w_gate.T) * (xa @ ex.w_up.T)
+    return quantize_activation(h, act_group) @ ex.w_down.T
+
+
 class ReferenceExecutor:
     """Token-by-token decoder over a MoEModel (expert weights as given: float or dequantized)."""
 
@@ -74,7 +93,7 @@ class ReferenceExecutor:
         group = cfg.num_heads // cfg.num_kv_heads
         chosen = []
         for li, layer in enumerate(m.layers):
-            xn = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+            xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), m.trunk_act_group)
             q = (layer.wq @ xn).reshape(cfg.num_heads, cfg.head_dim)
             k = (layer.wk @ xn).reshape(cfg.num_kv_heads, cfg.head_dim)
             v = (layer.wv @ xn).reshape(cfg.num_kv_heads, cfg.head_dim)
@@ -88,16 +107,16 @@ class ReferenceExecutor:
                 s = keys[:, h // group, :] @ q[h] / np.sqrt(cfg.head_dim)
                 p = np.exp(s - s.max())
                 out[h] = (p / p.sum()) @ vals[:, h // group, :]
-            x = x + layer.wo @ out.reshape(-1)
+            x = x + layer.wo @ quantize_activation(out.reshape(-1), m.trunk_act_group)
             xn = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
             idx, w = route(layer.router @ xn, cfg.top_k, cfg.norm_topk_prob)
             chosen.append(idx)
             for e, we in zip(idx, w):
-                ex = layer.experts[e]
-                x = x + we * (ex.w_down @ (silu(ex.w_gate @ xn) * (ex.w_up @ xn)))
+                x = x + we * expert_ffn(layer.experts[e], xn, m.expert_act_group)
         self.trace.append(chosen)
         self.pos += 1
-        return (m.lm_head @ rms_norm(x, m.final_norm, cfg.norm_eps)).astype(np.float32)
+        xn = quantize_activation(rms_norm(x, m.final_norm, cfg.norm_eps), m.trunk_act_group)
+        return (m.lm_head @ xn).astype(np.float32)
 
     def greedy(self, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
         """Prefill `prompt`, then greedily generate n_new tokens. Returns (tokens, logits per new token)."""
@@ -130,7 +149,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray) -> tuple[np.ndarray, n
     x = model.embed[tokens].astype(np.float32)
     selected = np.zeros((T, cfg.num_layers, cfg.top_k), np.int32)
     for li, layer in enumerate(model.layers):
-        xn = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+        xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), model.trunk_act_group)
         q = (xn @ layer.wq.T).reshape(T, cfg.num_heads, d)
         k = (xn @ layer.wk.T).reshape(T, cfg.num_kv_heads, d)
         v = (xn @ layer.wv.T).reshape(T, cfg.num_kv_heads, d)
@@ -140,7 +159,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray) -> tuple[np.ndarray, n
         s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + mask
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
-        x = x + np.einsum("htu,uhd->thd", p, v).reshape(T, -1) @ layer.wo.T
+        x = x + quantize_activation(np.einsum("htu,uhd->thd", p, v).reshape(T, -1), model.trunk_act_group) @ layer.wo.T
         xn = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
         logits = xn @ layer.router.T
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -155,7 +174,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray) -> tuple[np.ndarray, n
             rows, slot = np.nonzero(idx == e)
             if len(rows) == 0:
                 continue
-            xe = xn[rows]
-            out[rows] += w[rows, slot][:, None] * ((silu(xe @ ex.w_gate.T) * (xe @ ex.w_up.T)) @ ex.w_down.T)
+            out[rows] += w[rows, slot][:, None] * expert_ffn(ex, xn[rows], model.expert_act_group)
         x = x + out
-    return (rms_norm(x, model.final_norm, cfg.norm_eps) @ model.lm_head.T).astype(np.float32), selected
+    xn = quantize_activation(rms_norm(x, model.final_norm, cfg.norm_eps), model.trunk_act_group)
+    return (xn @ model.lm_head.T).astype(np.float32), selected

@@ -1,7 +1,7 @@
 """Perplexity harness: the C runtime's perplexity equals the reference's on the same quantized weights."""
 import numpy as np
 
-from edgemoe.compiler.quantize import quantized_model
+from edgemoe.compiler.quantize import artifact_model
 from edgemoe.evaluate import greedy_agreement, perplexity_artifact, perplexity_reference, windows
 from edgemoe.models import load_model
 
@@ -11,7 +11,7 @@ def test_artifact_perplexity_equals_reference(tiny_mixtral_dir, rng, tmp_path, r
 
     compile_model(tiny_mixtral_dir, tmp_path, CompileOptions(expert_bits=8, max_seq=64), log=lambda m: None)
     tokens = rng.integers(0, 160, 150)
-    ref = perplexity_reference(quantized_model(load_model(tiny_mixtral_dir), 8), tokens, window=64)
+    ref = perplexity_reference(artifact_model(load_model(tiny_mixtral_dir), tmp_path), tokens, window=64)
     got = perplexity_artifact(tmp_path, tokens, window=64)
     assert ref["tokens"] == got["tokens"] == 147  # 3 windows (64, 64, 22), each scoring all but its first token
     assert abs(ref["nll"] - got["nll"]) < 1e-5

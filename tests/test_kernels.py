@@ -7,7 +7,7 @@ from edgemoe.compiler import kernels
 from edgemoe.compiler.schedules import schedule
 from edgemoe.compiler.quantize import quantize
 from edgemoe.models import MoEConfig
-from edgemoe.models.reference import apply_rope, rms_norm, silu
+from edgemoe.models.reference import apply_rope, quantize_activation, rms_norm, silu
 from edgemoe.targets import load_target
 
 CFG = MoEConfig("mixtral", vocab_size=300, hidden_size=128, num_layers=1, num_heads=8, num_kv_heads=2, head_dim=16,
@@ -98,3 +98,57 @@ def test_expert_kernels_fuse_dequantization(mod, rng, bits):
     (y,) = call(mod, f"em_expert_down_w{bits}", h_ref, d.packed, d.scales, res, np.array([0.375], np.float32),
                 outs=[(128,)])
     assert rel(y, res + 0.375 * (d.dequantize() @ h_ref)) < 1e-5
+
+
+def _vnni_or_skip():
+    from edgemoe.compiler import int_dot
+
+    if not int_dot.supported(load_target("host").tvm()):
+        pytest.skip(f"this CPU lacks {int_dot.ISA_FEATURE}: the integer-dot kernels cannot run here")
+
+
+@pytest.fixture(scope="module")
+def int_dot_mod():
+    _vnni_or_skip()
+    funcs = kernels.decode_kernels(CFG_TILES, [2, 4, 8], 32, trunk_bits=8, layout="tiles")
+    return tvm.compile(schedule(tvm.IRModule(funcs)), target=load_target("host").tvm()).mod
+
+
+# rows of every matrix a multiple of 16 (the tiles layout)
+CFG_TILES = MoEConfig("mixtral", vocab_size=320, hidden_size=128, num_layers=1, num_heads=8, num_kv_heads=2,
+                      head_dim=16, num_experts=4, top_k=2, expert_intermediate=96, max_positions=64,
+                      rope_theta=10000.0, norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int_dot_expert_kernels(int_dot_mod, rng, bits):
+    """Against NumPy on the same codes with the input rounded to int8 as the kernel does: equal up
+    to float summation order."""
+    g, u = (quantize(f32(rng, 96, 128) * 0.05, bits, layout="tiles") for _ in range(2))
+    d = quantize(f32(rng, 128, 96) * 0.05, bits, layout="tiles")
+    x, res = f32(rng, 128), f32(rng, 128)
+    (h,) = call(int_dot_mod, f"em_expert_gate_up_w{bits}", x, g.packed, g.scales, u.packed, u.scales, outs=[(96,)])
+    xa = quantize_activation(x, 32)
+    h_ref = silu(g.dequantize() @ xa) * (u.dequantize() @ xa)
+    assert rel(h, h_ref) < 1e-5
+    (y,) = call(int_dot_mod, f"em_expert_down_w{bits}", h_ref, d.packed, d.scales, res, np.array([0.375], np.float32),
+                outs=[(128,)])
+    assert rel(y, res + 0.375 * (d.dequantize() @ quantize_activation(h_ref, 32))) < 1e-5
+    # and within int8 input rounding of the unrounded product
+    assert rel(h, silu(g.dequantize() @ x) * (u.dequantize() @ x)) < 0.05
+
+
+@pytest.mark.parametrize("name,rows,residual", [("em_qkv", 128 + 2 * 32, False), ("em_o_proj", 128, True),
+                                                ("em_lm_head", 320, False)])
+def test_int_dot_trunk_matvec(int_dot_mod, rng, name, rows, residual):
+    w, x, r = quantize(f32(rng, rows, 128), 8, layout="tiles"), f32(rng, 128), f32(rng, rows)
+    (y,) = call(int_dot_mod, name, w.packed, w.scales, x, *([r] if residual else []), outs=[(rows,)])
+    assert rel(y, (r if residual else 0) + w.dequantize() @ quantize_activation(x, 32)) < 1e-5
+
+
+def test_tiles_layout_holds_the_same_weights(rng):
+    for bits in (2, 4, 8):
+        w = f32(rng, 48, 64)
+        assert np.array_equal(quantize(w, bits).dequantize(), quantize(w, bits, layout="tiles").dequantize())
+    with pytest.raises(ValueError, match="tiles layout"):
+        quantize(f32(rng, 40, 64), 4, layout="tiles")

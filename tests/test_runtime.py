@@ -1,4 +1,5 @@
 """The C runtime end to end: TVM kernels, expert reads from the image file, the memory budget."""
+import json
 import shutil
 import subprocess
 
@@ -7,7 +8,7 @@ import pytest
 
 from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.compiler.expert_image import read_table
-from edgemoe.compiler.quantize import quantized_model
+from edgemoe.compiler.quantize import artifact_model
 from edgemoe.models import load_model
 from edgemoe.models.reference import ReferenceExecutor
 from edgemoe.runtime import DEFAULT_BUILD_DIR, EdgeMoEError, Session, budget_bytes
@@ -26,20 +27,23 @@ def tiny_artifact(tiny_mixtral_dir, tmp_path_factory, runtime_lib):
     return out
 
 
-@pytest.fixture(scope="module", params=[4, 8, 32], ids=lambda b: f"trunk{b}")
-def tiny_artifact_trunk(request, tiny_mixtral_dir, tiny_artifact, tmp_path_factory, runtime_lib):
-    """The random model (untied embedding and LM head) with its trunk matrices at each bitwidth."""
-    if request.param == CompileOptions().trunk_bits:
-        return tiny_artifact, request.param
-    out = tmp_path_factory.mktemp(f"tiny_trunk{request.param}")
-    compile_model(tiny_mixtral_dir, out, CompileOptions(expert_bits=4, trunk_bits=request.param, max_seq=64),
-                  log=lambda m: None)
-    return out, request.param
+@pytest.fixture(scope="module", params=[(8, None), (4, None), (32, None), (8, False)],
+                ids=lambda p: f"trunk{p[0]}" + ("-float-kernels" if p[1] is False else ""))
+def tiny_artifact_variant(request, tiny_mixtral_dir, tiny_artifact, tmp_path_factory, runtime_lib):
+    """The random model (untied embedding and LM head) with its trunk matrices at each bitwidth, and
+    with the float-dequantizing kernels where the integer-dot ones would be chosen."""
+    trunk_bits, int_dot = request.param
+    if (trunk_bits, int_dot) == (CompileOptions().trunk_bits, None):
+        return tiny_artifact
+    out = tmp_path_factory.mktemp(f"tiny_trunk{trunk_bits}")
+    compile_model(tiny_mixtral_dir, out, CompileOptions(expert_bits=4, trunk_bits=trunk_bits, int_dot=int_dot,
+                                                        max_seq=64), log=lambda m: None)
+    return out
 
 
-def test_logits_match_reference_on_random_model(tiny_mixtral_dir, tiny_artifact_trunk, rng):
-    artifact, trunk_bits = tiny_artifact_trunk
-    ref = ReferenceExecutor(quantized_model(load_model(tiny_mixtral_dir), 4, trunk_bits), 64)
+def test_logits_match_reference_on_random_model(tiny_mixtral_dir, tiny_artifact_variant, rng):
+    artifact = tiny_artifact_variant
+    ref = ReferenceExecutor(artifact_model(load_model(tiny_mixtral_dir), artifact), 64)
     tokens = rng.integers(0, 160, 48).tolist()
     with Session(artifact) as s:
         got = np.stack([s.decode_step(t) for t in tokens])
@@ -48,8 +52,8 @@ def test_logits_match_reference_on_random_model(tiny_mixtral_dir, tiny_artifact_
 
 
 @pytest.fixture(scope="module")
-def reference_int4(trained_model):
-    return quantized_model(trained_model, 4)
+def reference_int4(trained_model, artifact_int4):
+    return artifact_model(trained_model, artifact_int4)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -63,8 +67,15 @@ def test_trained_model_greedy_tokens_equal_reference(artifact_int4, reference_in
             tokens.append(int(logits[-1].argmax()))
             logits.append(s.decode_step(tokens[-1]))
     assert tokens == ref_tokens
-    diff = np.abs(np.stack(logits[:N_NEW]) - ref_logits).max()
-    assert diff <= 1e-3, diff
+    diff = np.abs(np.stack(logits[:N_NEW]) - ref_logits)
+    if json.loads((artifact_int4 / "manifest.json").read_text())["quantization"]["layout"] == "rows":
+        assert diff.max() <= 1e-3, diff.max()
+    else:
+        # Integer-dot kernels round each input to int8 codes. The C runtime and NumPy sum in different
+        # orders, so a value within an ulp of a rounding boundary can take the neighbouring code in
+        # one of them; through the KV cache that offset persists (measured: under 1% of the mean
+        # logit on these prompts). The tokens above must still be identical.
+        assert diff.mean() <= 0.02 * np.abs(ref_logits).mean(), diff.mean()
 
 
 def test_compute_threads_give_identical_logits(artifact_int4, tokenizer):
@@ -126,7 +137,7 @@ def test_mixed_bit_plan_matches_reference_and_uses_sized_slots(tiny_mixtral_dir,
     _, records = read_table(tmp_path / "experts.bin")
     assert [r.bits for r in records] == [b for row in plan for b in row]
     assert len({r.length for r in records}) == 3
-    ref = ReferenceExecutor(quantized_model(load_model(tiny_mixtral_dir), plan), 64)
+    ref = ReferenceExecutor(artifact_model(load_model(tiny_mixtral_dir), tmp_path), 64)
     tokens = rng.integers(0, 160, 40).tolist()
     want = np.stack([ref.step(t) for t in tokens])
     for fraction in (0.0, 0.5, 1.0):

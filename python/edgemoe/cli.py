@@ -49,10 +49,12 @@ def _percent(text: str) -> float:
 @click.option("--tolerance", default=None, metavar="P%",
               help="Choose each expert's bitwidth (INT8/4/2) by measured sensitivity so perplexity rises at most "
                    "P% over the float model (needs --calibration); overrides --bits.")
+@click.option("--int-dot/--no-int-dot", default=None,
+              help="Integer-dot kernels (int8 activations, AVX-512 VNNI) [default: where the target has them].")
 @click.option("--tune", is_flag=True, help="Tune kernels that have no record in the tuning store for this target "
                                            "(on this machine) and record them; later compiles reuse the records.")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, tune):
+                tolerance, int_dot, tune):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
     from .compiler.driver import CompileOptions, compile_model
     from .compiler.tuning import TuningError
@@ -62,7 +64,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     try:
         tol = None if tolerance is None else _percent(tolerance)
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
-                              calibration_tokens, tolerance=tol, tune=tune)
+                              calibration_tokens, tolerance=tol, int_dot=int_dot, tune=tune)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=_tuning_bar)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))

@@ -12,9 +12,9 @@
 #include "edgemoe.h"
 
 #define TRUNK_HEADER_CRC_AT 112
-#define IMAGE_HEADER_CRC_AT 76
+#define IMAGE_HEADER_CRC_AT 80
 #define TRUNK_VERSION 2
-#define IMAGE_VERSION 2 /* 2: sub-8-bit codes interleaved over words (docs/FORMAT.md) */
+#define IMAGE_VERSION 3 /* 2: sub-8-bit codes interleaved over words; 3: layout field (docs/FORMAT.md) */
 #define TENSOR_ENTRY_BYTES 96
 #define RECORD_ENTRY_BYTES 64
 
@@ -171,6 +171,11 @@ int em_read_image_header(int fd, const char* path, em_image_header* h, char* err
   h->data_offset = le64(b + 56);
   h->file_bytes = le64(b + 64);
   h->table_crc = le32(b + 72);
+  h->layout = le32(b + 76);
+  if (h->layout > EM_LAYOUT_TILES) {
+    snprintf(err, n, "%s: unknown weight layout %u; recompile the model", path, h->layout);
+    return EM_ERR_FORMAT;
+  }
   if (le32(b + 28) != RECORD_ENTRY_BYTES || h->n_records != h->layers * h->experts || h->align == 0) {
     snprintf(err, n, "%s: inconsistent header (%u records for %u layers x %u experts)", path, h->n_records, h->layers,
              h->experts);

@@ -16,7 +16,11 @@ typedef struct {
   uint32_t table_crc, data_crc;
 } em_trunk_header;
 
-enum { EM_TRUNK_FLAG_NORM_TOPK = 1, EM_TRUNK_FLAG_TIED = 2 };
+enum { EM_TRUNK_FLAG_NORM_TOPK = 1, EM_TRUNK_FLAG_TIED = 2, EM_TRUNK_FLAG_TILES = 4 };
+
+/* How quantized matrices are laid out (compiler/quantize.py): rows for the float-dequantizing
+ * kernels, 16-row tiles for the integer-dot kernels. */
+enum { EM_LAYOUT_ROWS = 0, EM_LAYOUT_TILES = 1 };
 
 typedef struct {
   char name[49];
@@ -37,7 +41,7 @@ typedef struct {
 typedef struct {
   uint32_t layers, experts, n_records, align, hidden, inter, group;
   uint64_t table_offset, data_offset, file_bytes;
-  uint32_t table_crc;
+  uint32_t table_crc, layout;
 } em_image_header;
 
 /* Each returns 0 or a negative em_status with a message in err. */

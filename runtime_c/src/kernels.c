@@ -75,8 +75,8 @@ em_arg em_f32(void* data, int ndim, int64_t d0, int64_t d1, int64_t d2) {
   return make_arg(data, f32, ndim, d0, d1, d2);
 }
 
-em_arg em_typed(void* data, em_dl_dtype dtype, int ndim, int64_t d0, int64_t d1) {
-  return make_arg(data, dtype, ndim, d0, d1, 0);
+em_arg em_typed(void* data, em_dl_dtype dtype, int ndim, int64_t d0, int64_t d1, int64_t d2) {
+  return make_arg(data, dtype, ndim, d0, d1, d2);
 }
 
 #define EM_MAX_ARGS 8

@@ -25,7 +25,7 @@ typedef struct {
 } em_arg;
 
 em_arg em_f32(void* data, int ndim, int64_t d0, int64_t d1, int64_t d2);
-em_arg em_typed(void* data, em_dl_dtype dtype, int ndim, int64_t d0, int64_t d1);
+em_arg em_typed(void* data, em_dl_dtype dtype, int ndim, int64_t d0, int64_t d1, int64_t d2);
 
 /* Calls fn(args...). 0 or a negative em_status with the kernel's message in err. */
 int em_kernel_call(em_ffi_fn fn, const char* name, em_arg* args, int n_args, char* err, size_t n);

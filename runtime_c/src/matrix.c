@@ -27,10 +27,28 @@ static uint32_t interleave(uint32_t bits, uint32_t k, uint32_t group) {
   return lanes;
 }
 
+/* Tiles layout: word (t, w, i) holds row 16t + i; its byte m, bit field j, holds column w·p + 4j + m. */
+static void tiled_row(const em_matrix* m, uint32_t r, float* out) {
+  uint32_t K = m->cols, b = m->bits, per = 32 / b, words = K / per, groups = K / m->group, mask = (1u << b) - 1;
+  uint32_t t = r / EM_TILE_ROWS, i = r % EM_TILE_ROWS;
+  float centre = b == 8 ? 128.0f : (float)mask / 2.0f;
+  const uint32_t* w = (const uint32_t*)m->codes + (uint64_t)t * words * EM_TILE_ROWS + i;
+  const uint16_t* scale = m->scales + (uint64_t)t * groups * EM_TILE_ROWS + i;
+  for (uint32_t c = 0; c < K; c++) {
+    uint32_t within = c % per, j = within / 4, byte = within % 4;
+    uint32_t code = (w[(c / per) * EM_TILE_ROWS] >> (8 * byte + j * b)) & mask;
+    out[c] = ((float)code - centre) * em_f16_to_f32(scale[(c / m->group) * EM_TILE_ROWS]);
+  }
+}
+
 void em_matrix_row(const em_matrix* m, uint32_t r, float* out) {
   uint32_t K = m->cols;
   if (m->bits == 32) {
     memcpy(out, (const float*)m->codes + (uint64_t)r * K, K * sizeof(float));
+    return;
+  }
+  if (m->tiled) {
+    tiled_row(m, r, out);
     return;
   }
   const uint16_t* scale = m->scales + (uint64_t)r * (K / m->group);
@@ -55,8 +73,14 @@ int em_matrix_args(const em_matrix* m, em_arg* out) {
     out[0] = em_f32((void*)m->codes, 2, m->rows, m->cols, 0);
     return 1;
   }
-  em_dl_dtype codes = m->bits == 8 ? (em_dl_dtype){0, 8, 1} : (em_dl_dtype){1, 32, 1}, f16 = {2, 16, 1};
-  out[0] = em_typed((void*)m->codes, codes, 2, m->rows, m->bits == 8 ? m->cols : m->cols * m->bits / 32);
-  out[1] = em_typed((void*)m->scales, f16, 2, m->rows, m->cols / m->group);
+  em_dl_dtype i8 = {0, 8, 1}, u32 = {1, 32, 1}, f16 = {2, 16, 1};
+  if (m->tiled) {
+    out[0] = em_typed((void*)m->codes, u32, 3, m->rows / EM_TILE_ROWS, m->cols * m->bits / 32, EM_TILE_ROWS);
+    out[1] = em_typed((void*)m->scales, f16, 3, m->rows / EM_TILE_ROWS, m->cols / m->group, EM_TILE_ROWS);
+  } else {
+    out[0] = m->bits == 8 ? em_typed((void*)m->codes, i8, 2, m->rows, m->cols, 0)
+                          : em_typed((void*)m->codes, u32, 2, m->rows, m->cols * m->bits / 32, 0);
+    out[1] = em_typed((void*)m->scales, f16, 2, m->rows, m->cols / m->group, 0);
+  }
   return 2;
 }

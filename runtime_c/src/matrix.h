@@ -1,5 +1,5 @@
-/* A weight matrix of the trunk as trunk.bin stores it: float32, or quantized in the experts'
- * packed layout (docs/FORMAT.md) with float16 group scales. */
+/* A weight matrix as the artifact stores it: float32, or quantized codes with float16 group
+ * scales in the rows or the tiles layout (docs/FORMAT.md). */
 #ifndef EM_MATRIX_H
 #define EM_MATRIX_H
 
@@ -8,10 +8,15 @@
 #include "kernels.h"
 
 typedef struct {
-  const void* codes;      /* bits 32: float32 [rows, cols]; 8: int8 [rows, cols]; 2/4: uint32 [rows, cols·bits/32] */
-  const uint16_t* scales; /* float16 [rows, cols / group]; NULL for float32 */
+  /* bits 32: float32 [rows, cols]. Rows layout: int8 [rows, cols] at 8 bits, uint32 [rows, cols·bits/32]
+     below. Tiles layout: uint32 [rows/16, cols·bits/32, 16] at every bitwidth. */
+  const void* codes;
+  const uint16_t* scales; /* float16 [rows, cols / group], tiles: [rows/16, cols / group, 16]; NULL for float32 */
   uint32_t bits, rows, cols, group;
+  uint32_t tiled; /* tiles layout */
 } em_matrix;
+
+#define EM_TILE_ROWS 16
 
 /* Row r of m, dequantized into out[cols] (the embedding lookup). */
 void em_matrix_row(const em_matrix* m, uint32_t r, float* out);

@@ -251,9 +251,17 @@ static const em_tensor_entry* entry(const em_tensor_entry* t, uint32_t n_tensors
 
 static void* data_of(em_session* s, const em_tensor_entry* e) { return s->block + (e->offset - s->th.data_offset); }
 
-static int shape_is(const em_tensor_entry* e, uint32_t dtype, uint32_t rows, uint32_t cols) {
-  return e->dtype == dtype && e->ndim == (cols ? 2u : 1u) && e->shape[0] == rows && (!cols || e->shape[1] == cols) &&
-         e->nbytes == (uint64_t)rows * (cols ? cols : 1) * (dtype == 0 || dtype == 3 ? 4 : dtype == 1 ? 2 : 1);
+static const uint32_t DTYPE_BYTES[] = {4, 2, 1, 4}; /* float32, float16, int8, uint32 (docs/FORMAT.md) */
+
+/* Whether the entry holds `dtype` with exactly the shape dims[0..ndim). */
+static int shape_is(const em_tensor_entry* e, uint32_t dtype, uint32_t ndim, const uint32_t* dims) {
+  uint64_t count = 1;
+  if (e->dtype != dtype || e->ndim != ndim) return 0;
+  for (uint32_t i = 0; i < ndim; i++) {
+    if (e->shape[i] != dims[i]) return 0;
+    count *= dims[i];
+  }
+  return e->nbytes == count * DTYPE_BYTES[dtype];
 }
 
 /* The named float32 tensor of shape [rows] or [rows, cols] in the loaded trunk; NULL (with the
@@ -261,7 +269,8 @@ static int shape_is(const em_tensor_entry* e, uint32_t dtype, uint32_t rows, uin
 static float* find_tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name,
                           uint32_t rows, uint32_t cols, int optional) {
   const em_tensor_entry* e = entry(t, n_tensors, name);
-  if (e && shape_is(e, 0, rows, cols)) return (float*)data_of(s, e);
+  uint32_t dims[2] = {rows, cols};
+  if (e && shape_is(e, 0, cols ? 2 : 1, dims)) return (float*)data_of(s, e);
   if (e) snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' has an unexpected type or shape; recompile the artifact", name);
   else if (!optional) snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
   return NULL;
@@ -270,6 +279,23 @@ static float* find_tensor(em_session* s, const em_tensor_entry* t, uint32_t n_te
 static float* tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name, uint32_t rows,
                      uint32_t cols) {
   return find_tensor(s, t, n_tensors, name, rows, cols, 0);
+}
+
+/* Whether codes and scales entries have the shapes of m's bits and layout (m->group is set from
+ * the scales); docs/FORMAT.md. */
+static int quantized_shapes(const em_tensor_entry* codes, const em_tensor_entry* scales, em_matrix* m) {
+  uint32_t b = m->bits, rows = m->rows, cols = m->cols;
+  if (!(b == 2 || b == 4 || b == 8) || cols % (32 / b) || !scales || scales->ndim != (m->tiled ? 3u : 2u)) return 0;
+  uint32_t groups = scales->shape[1];
+  if (!groups || cols % groups) return 0;
+  m->group = cols / groups;
+  if (m->tiled) {
+    uint32_t tiles = rows / EM_TILE_ROWS, code_dims[3] = {tiles, cols * b / 32, EM_TILE_ROWS},
+             scale_dims[3] = {tiles, groups, EM_TILE_ROWS};
+    return rows % EM_TILE_ROWS == 0 && shape_is(codes, 3, 3, code_dims) && shape_is(scales, 1, 3, scale_dims);
+  }
+  uint32_t code_dims[2] = {rows, b == 8 ? cols : cols * b / 32}, scale_dims[2] = {rows, groups};
+  return shape_is(codes, b == 8 ? 2 : 3, 2, code_dims) && shape_is(scales, 1, 2, scale_dims);
 }
 
 /* The named [rows, cols] matrix: float32, or quantized codes with their NAME.scales (docs/FORMAT.md). */
@@ -282,16 +308,17 @@ static int matrix(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, c
   }
   memset(m, 0, sizeof *m);
   m->rows = rows, m->cols = cols, m->bits = e->bits ? e->bits : 32, m->codes = data_of(s, e);
-  int ok = m->bits == 32 ? shape_is(e, 0, rows, cols)
-           : m->bits == 8 ? shape_is(e, 2, rows, cols)
-           : (m->bits == 2 || m->bits == 4) && cols % (32 / m->bits) == 0 && shape_is(e, 3, rows, cols / (32 / m->bits));
-  if (ok && m->bits != 32) {
+  int ok;
+  if (m->bits == 32) {
+    uint32_t dims[2] = {rows, cols};
+    ok = shape_is(e, 0, 2, dims);
+  } else {
     char scales_name[64];
     snprintf(scales_name, sizeof scales_name, "%s.scales", name);
     const em_tensor_entry* se = entry(t, n_tensors, scales_name);
-    uint32_t groups = se && se->ndim == 2 ? se->shape[1] : 0;
-    ok = groups && cols % groups == 0 && shape_is(se, 1, rows, groups);
-    if (ok) m->scales = (const uint16_t*)data_of(s, se), m->group = cols / groups;
+    m->tiled = (s->th.flags & EM_TRUNK_FLAG_TILES) != 0;
+    ok = quantized_shapes(e, se, m);
+    if (ok) m->scales = (const uint16_t*)data_of(s, se);
   }
   if (!ok)
     snprintf(s->err, ERR_LEN, "trunk.bin: matrix '%s' has an unexpected type, bitwidth or shape; recompile the artifact",
@@ -613,8 +640,10 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
   uint32_t H = s->th.hidden, I = s->th.inter, G = s->ih.group, b = r->bits;
   const uint8_t* part[6];
   for (int i = 0; i < 6; i++) part[i] = rec + r->part_offset[i];
-  em_matrix gate = {part[0], (const uint16_t*)part[1], b, I, H, G}, up = {part[2], (const uint16_t*)part[3], b, I, H, G},
-            down = {part[4], (const uint16_t*)part[5], b, H, I, G};
+  uint32_t tiled = s->ih.layout == EM_LAYOUT_TILES;
+  em_matrix gate = {part[0], (const uint16_t*)part[1], b, I, H, G, tiled},
+            up = {part[2], (const uint16_t*)part[3], b, I, H, G, tiled},
+            down = {part[4], (const uint16_t*)part[5], b, H, I, G, tiled};
   em_arg a[8];
   int n = 0;
   a[n++] = em_f32(s->xn, 1, H, 0, 0);
