@@ -191,13 +191,18 @@ def _timed(fn) -> float:
 @click.option("--bits", "bits_list", default="4,8", show_default=True)
 @click.option("--target", default="host", show_default=True)
 @click.option("--number", default=20, show_default=True, help="Calls per timing (TVM time_evaluator).")
-def kernels_cmd(shapes, bits_list, target, number):
-    """Expert GEMV kernels: µs, GB/s of packed weights, and ratios to memcpy and NumPy float32, in one run."""
+@click.option("--llama-cpp", "tree", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A built llama.cpp tree with build/bin/test-backend-ops: adds ggml's kernel on the shapes its "
+                   "perf suite has.")
+def kernels_cmd(shapes, bits_list, target, number, tree):
+    """Expert GEMV kernels, both formulations: µs, GB/s of packed weights, and ratios to memcpy, NumPy
+    float32 and llama.cpp, in one run."""
     import numpy as np
     import tvm
 
-    from .compiler import kernels
-    from .compiler.quantize import quantize
+    from . import llamacpp
+    from .compiler import int_dot, kernels
+    from .compiler.quantize import quantize, tiles_fit
     from .compiler.schedules import PARALLEL_MIN_BYTES, schedule
     from .models import MoEConfig
     from .targets import load_target
@@ -207,36 +212,45 @@ def kernels_cmd(shapes, bits_list, target, number):
     rng = np.random.default_rng(0)
     click.echo(f"memcpy bandwidth (read + write, one thread): {bw / 1e9:.1f} GB/s; TVM runtime threads: "
                f"{os.environ.get('TVM_NUM_THREADS', os.cpu_count())} (kernels with ≥ {PARALLEL_MIN_BYTES >> 10} KiB "
-               f"of weights run their row loop in parallel)")
-    click.echo("| kernel | H×I | bits | µs | GB/s weights | × memcpy | NumPy fp32 µs | × NumPy |")
-    click.echo("|---|---|---|---|---|---|---|---|")
+               f"of weights run their row loop in parallel); llama.cpp: test-backend-ops perf, CPU backend, "
+               f"{max(1, (os.cpu_count() or 2) // 2)} thread(s)")
+    click.echo("| kernel | H×I | bits | formulation | µs | GB/s weights | × memcpy | NumPy fp32 µs | × NumPy | "
+               "llama.cpp µs | × llama.cpp |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
+    T = tvm.runtime.tensor
     for shape in shapes.split(","):
         H, I = (int(v) for v in shape.lower().split("x"))
         cfg = MoEConfig("bench", 8, H, 1, 1, 1, H, 1, 1, I, 8, 1e4, 1e-5)
         for bits in (int(b) for b in bits_list.split(",")):
-            funcs = {f"em_expert_gate_up_w{bits}": kernels.expert_gate_up(cfg, bits, 32),
-                     f"em_expert_down_w{bits}": kernels.expert_down(cfg, bits, 32)}
-            mod = tvm.compile(schedule(tvm.IRModule(funcs)), target=tgt).mod
-            gq, uq = (quantize(rng.standard_normal((I, H), np.float32) * 0.02, bits) for _ in range(2))
-            dq = quantize(rng.standard_normal((H, I), np.float32) * 0.02, bits)
-            T = tvm.runtime.tensor
-            x, h, res = (T(rng.standard_normal(n).astype(np.float32)) for n in (H, I, H))
-            cases = {
-                "gate_up": (funcs and f"em_expert_gate_up_w{bits}",
-                            [x, T(gq.packed), T(gq.scales), T(uq.packed), T(uq.scales), T(np.zeros(I, np.float32))],
-                            [gq, uq], (2 * I, H)),
-                "down": (f"em_expert_down_w{bits}",
-                         [h, T(dq.packed), T(dq.scales), res, T(np.ones(1, np.float32)), T(np.zeros(H, np.float32))],
-                         [dq], (H, I)),
-            }
-            for name, (sym, args, mats, (rows, cols)) in cases.items():
-                t = min(mod.time_evaluator(sym, tvm.cpu(), number=number, repeat=3)(*args).results)
-                wbytes = sum(m.packed.nbytes + m.scales.nbytes for m in mats)
-                wf = rng.standard_normal((rows, cols), np.float32)
-                v = rng.standard_normal(cols, np.float32)
-                tn = min(_timed(lambda: wf @ v) for _ in range(number))
-                click.echo(f"| {name} | {H}×{I} | {bits} | {t * 1e6:.1f} | {wbytes / t / 1e9:.2f} | "
-                           f"{wbytes / t / bw:.2f} | {tn * 1e6:.1f} | {tn / t:.2f} |")
+            ggml = {} if tree is None else {"down": llamacpp.matvec_us(tree, llamacpp.GGUF_TYPES[bits], H, I)}
+            forms = [("float dequant", "rows", kernels)]
+            if int_dot.supported(tgt) and tiles_fit(I, H, bits, 32) and tiles_fit(H, I, bits, 32):
+                forms.append(("int8 dot", "tiles", int_dot))
+            for form, layout, lib in forms:
+                funcs = {f"em_expert_gate_up_w{bits}": lib.expert_gate_up(cfg, bits, 32),
+                         f"em_expert_down_w{bits}": lib.expert_down(cfg, bits, 32)}
+                mod = tvm.compile(schedule(tvm.IRModule(funcs)), target=tgt).mod
+                gq, uq = (quantize(rng.standard_normal((I, H), np.float32) * 0.02, bits, layout=layout) for _ in range(2))
+                dq = quantize(rng.standard_normal((H, I), np.float32) * 0.02, bits, layout=layout)
+                x, h, res = (T(rng.standard_normal(n).astype(np.float32)) for n in (H, I, H))
+                cases = {
+                    "gate_up": (f"em_expert_gate_up_w{bits}",
+                                [x, T(gq.packed), T(gq.scales), T(uq.packed), T(uq.scales), T(np.zeros(I, np.float32))],
+                                [gq, uq], (2 * I, H)),
+                    "down": (f"em_expert_down_w{bits}",
+                             [h, T(dq.packed), T(dq.scales), res, T(np.ones(1, np.float32)), T(np.zeros(H, np.float32))],
+                             [dq], (H, I)),
+                }
+                for name, (sym, args, mats, (rows, cols)) in cases.items():
+                    t = min(mod.time_evaluator(sym, tvm.cpu(), number=number, repeat=3)(*args).results)
+                    wbytes = sum(m.packed.nbytes + m.scales.nbytes for m in mats)
+                    wf = rng.standard_normal((rows, cols), np.float32)
+                    v = rng.standard_normal(cols, np.float32)
+                    tn = min(_timed(lambda: wf @ v) for _ in range(number))
+                    tl = ggml.get(name)
+                    theirs = f"{tl:.1f} | {tl / 1e6 / t:.2f}" if tl else "– | –"
+                    click.echo(f"| {name} | {H}×{I} | {bits} | {form} | {t * 1e6:.1f} | {wbytes / t / 1e9:.2f} | "
+                               f"{wbytes / t / bw:.2f} | {tn * 1e6:.1f} | {tn / t:.2f} | {theirs} |")
 
 
 @bench_cmd.command("bitplans")

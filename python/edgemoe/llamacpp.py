@@ -67,3 +67,18 @@ def bench_decode(tree: Path, gguf: Path, n_tokens: int, threads: int, repetition
     if not rows:
         raise LlamaCppError(f"llama-bench printed no decode result for {gguf}")
     return float(rows[0]["avg_ts"])
+
+
+def matvec_us(tree: Path, gguf_type: str, rows: int, cols: int) -> float | None:
+    """µs per call of ggml's CPU matrix-vector product of a [rows, cols] `gguf_type` matrix with a
+    float32 vector, from llama.cpp's own `test-backend-ops perf` (which also quantizes the vector,
+    as ggml does in a model) on half the CPUs (test-backend-ops' fixed choice); None if its perf
+    suite has no case of that shape."""
+    exe = _tool(tree, "test-backend-ops")
+    ggml_type = gguf_type.lower().replace("_k", "_K")  # ggml's names: q4_0, q8_0, q2_K
+    pattern = f"type_a={ggml_type},type_b=f32,m={rows},n=1,k={cols},"
+    out = _run([str(exe), "perf", "-b", "CPU", "-o", "MUL_MAT", "-p", pattern.replace("(", r"\(")])
+    for line in out.splitlines():
+        if pattern in line and "us/run" in line:
+            return float(line.split("us/run")[0].split("-")[-1])
+    return None
