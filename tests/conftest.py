@@ -95,3 +95,22 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"random seed {seed}")
     return np.random.default_rng(seed)
+
+
+def assert_matches_reference(got: np.ndarray, want: np.ndarray, artifact: Path, tol: float) -> None:
+    """Runtime logits `got` against the NumPy reference `want` for the same quantized weights.
+
+    With float-dequantizing kernels (rows layout) both compute the same float arithmetic in other
+    orders: within `tol` of the largest logit. Integer-dot kernels (tiles layout) round each input
+    vector to int8 codes; the runtime and NumPy reach those inputs by different summation orders,
+    so a value within an ulp of a rounding boundary can take the neighbouring code in one of them,
+    and through the KV cache the offset persists. There the mean deviation must stay within 2% of
+    the mean logit (measured: under 1%)."""
+    import json
+
+    layout = json.loads((artifact / "manifest.json").read_text())["quantization"]["layout"]
+    diff = np.abs(got - want)
+    if layout == "rows":
+        assert diff.max() <= tol * max(1.0, np.abs(want).max()), diff.max()
+    else:
+        assert diff.mean() <= 0.02 * np.abs(want).mean(), (diff.mean(), np.abs(want).mean())

@@ -1,4 +1,6 @@
 """Perplexity harness: the C runtime's perplexity equals the reference's on the same quantized weights."""
+import json
+
 import numpy as np
 
 from edgemoe.compiler.quantize import artifact_model
@@ -14,7 +16,10 @@ def test_artifact_perplexity_equals_reference(tiny_mixtral_dir, rng, tmp_path, r
     ref = perplexity_reference(artifact_model(load_model(tiny_mixtral_dir), tmp_path), tokens, window=64)
     got = perplexity_artifact(tmp_path, tokens, window=64)
     assert ref["tokens"] == got["tokens"] == 147  # 3 windows (64, 64, 22), each scoring all but its first token
-    assert abs(ref["nll"] - got["nll"]) < 1e-5
+    # float-dequantizing kernels: the same arithmetic; integer-dot kernels: int8 input codes that can
+    # round the other way near a boundary (see conftest.assert_matches_reference)
+    layout = json.loads((tmp_path / "manifest.json").read_text())["quantization"]["layout"]
+    assert abs(ref["nll"] - got["nll"]) < (1e-5 if layout == "rows" else 1e-3)
 
 
 def test_windows_and_agreement():

@@ -143,29 +143,35 @@ def pipeline_cmd(artifact, prompt, n_new, fraction, storage, max_seq, json_out):
 @click.option("--tokens", "n_tokens", default=1024, show_default=True)
 @click.option("--window", default=256, show_default=True, help="Context per pass (the KV cache is reset between).")
 @click.option("--fraction", default=0.25, show_default=True, help="Expert cache as a fraction of all experts.")
-def predictors_cmd(artifact, text_path, n_tokens, window, fraction):
+@click.option("--prefetch", "prefetch_counts", default="0", show_default=True,
+              help="Comma-separated experts to predict and prefetch per layer (0 = top-k).")
+def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts):
     """Next-layer prediction hit rate of each predictor over held-out text."""
     from tokenizers import Tokenizer
 
     from .runtime import Session, budget_bytes
 
     manifest = json.loads((artifact / "manifest.json").read_text())
+    top_k = manifest["model"]["config"]["top_k"]
     tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
     ids = tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens]
     budget = budget_bytes(artifact, window, fraction)
     # "none" is the baseline: the same cache with demand reads only.
-    names = ["none", "next-router", "path-table", "wrong"] if manifest.get("profile") else ["none", "next-router", "wrong"]
-    click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts")
-    click.echo("| predictor | experts predicted | prefetches used | prefetches wasted | cache hit |")
-    click.echo("|---|---|---|---|---|")
-    for name in names:
-        with Session(artifact, memory_budget=budget, max_seq=window, predictor=name) as s:
+    names = ["next-router", "path-table", "wrong"] if manifest.get("profile") else ["next-router", "wrong"]
+    runs = [("none", 0)] + [(n, int(c) or top_k) for c in prefetch_counts.split(",") for n in names]
+    click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts; "
+               f"each layer uses {top_k} experts")
+    click.echo("| predictor | experts named per layer | experts predicted | prefetches used | prefetches wasted | "
+               "cache hit |")
+    click.echo("|---|---|---|---|---|---|")
+    for name, count in runs:
+        with Session(artifact, memory_budget=budget, max_seq=window, predictor=name, prefetch_experts=count) as s:
             for i in range(0, len(ids), window):
                 s.reset()
                 s.prefill(ids[i : i + window])
             st = s.stats()
         predicted = f"{st['predicted_hits'] / st['predicted']:.1%}" if st["predicted"] else "–"
-        click.echo(f"| {name} | {predicted} | {st['prefetch_used']} | "
+        click.echo(f"| {name} | {count if name != 'none' else '–'} | {predicted} | {st['prefetch_used']} | "
                    f"{st['prefetch_wasted']} | {st['expert_hits'] / max(st['expert_hits'] + st['expert_misses'], 1):.1%} |")
 
 
@@ -264,22 +270,28 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
 @click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Held-out tokens to score.")
 @click.option("--tolerances", default="0.5,1,2,5", show_default=True, help="Percent perplexity loss allowed.")
 @click.option("--greedy-tokens", default=32, show_default=True, help="Tokens generated per prompt for agreement.")
-def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens, tolerances, greedy_tokens):
+@click.option("--target", default="host", show_default=True,
+              help="Score plans as edgemoe-compile would build them for this target (trunk INT8, its kernels).")
+def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens, tolerances, greedy_tokens, target):
     """Uniform INT8/4/2 against searched per-expert plans: bits, image size, held-out perplexity, greedy agreement."""
     import numpy as np
     from tokenizers import Tokenizer
 
     from .compiler.bitplan import LEVELS, search_plan, uniform
     from .compiler.cache import cache_dir
+    from .compiler.driver import CompileOptions, weight_layout
     from .compiler.expert_image import image_bytes
     from .compiler.profile import tokenize_file
     from .compiler.quantize import DEFAULT_GROUP, quantized_model
     from .evaluate import greedy_agreement, perplexity_reference
     from .models import load_model
     from .models.reference import ReferenceExecutor
+    from .targets import load_target
 
     model = load_model(model_dir)
     cfg = model.config
+    opts = CompileOptions(target=target)
+    layout = weight_layout(cfg, load_target(target), opts, list(LEVELS))
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     calib = tokenize_file(model_dir / "tokenizer.json", calibration, calibration_tokens)
     cut = len(calib) * 3 // 4
@@ -295,15 +307,16 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
     for t in (float(v) for v in tolerances.split(",")):
         click.echo(f"searching a plan within {t}% ...", err=True)
         found = search_plan(model, calib[:cut], calib[cut:], t / 100, DEFAULT_GROUP, cache_dir(),
-                            log=lambda m: click.echo(f"  {m}", err=True))
+                            log=lambda m: click.echo(f"  {m}", err=True), trunk_bits=opts.trunk_bits, layout=layout)
         plans.append((f"tolerance {t}%", found.plan, found))
     click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {float_ppl:.3f} over "
                f"{len(held)} tokens of {text_path.name}; search on {cut} / check on {len(calib) - cut} tokens of "
-               f"{calibration.name}; greedy agreement over {len(prompts)} prompts × {greedy_tokens} tokens")
+               f"{calibration.name}; greedy agreement over {len(prompts)} prompts × {greedy_tokens} tokens; "
+               f"plans scored as compiled for {target}: trunk INT{opts.trunk_bits}, {layout} layout")
     click.echo("| plan | INT8/4/2 experts | avg bits | image | held-out ppl | Δ ppl | check loss | greedy agreement |")
     click.echo("|---|---|---|---|---|---|---|---|")
     for name, plan, found in plans:
-        qmodel = quantized_model(model, plan)
+        qmodel = quantized_model(model, plan, opts.trunk_bits, DEFAULT_GROUP, layout)
         ppl = perplexity_reference(qmodel, held)["perplexity"]
         agree = [greedy_agreement(a, b)["agreement"] for a, b in zip(float_greedy, greedy(qmodel))]
         counts = "/".join(str(sum(row.count(b) for row in plan)) for b in LEVELS)
