@@ -10,7 +10,10 @@ instead quantize the input vector once per call to int8, one scale per group of 
 where u are the unsigned codes and c their centre (quantize.py's tiles layout). The inner sum is
 AVX-512 VNNI's `vpdpbusd` (64 byte products, summed four at a time into 16 int32 lanes): for a
 tile of 16 rows it takes one vector of words per 4, 8 or 16 columns (INT8/4/2), masked to bytes.
-c · Σ q depends on the group alone, so it is computed once per call, not per row.
+c · Σ q depends on the group alone, so it is computed once per call, not per row. On Arm
+(`dotprod`: Cortex-A76/A78/X1 and later) the instruction is `sdot`, signed × signed over 4 int32
+lanes: a tile is done as four vectors of 4 rows, and 8-bit codes are flipped to signed bytes
+(u XOR 0x80 = u − 128) so their centre becomes 0; 2- and 4-bit codes are small enough as they are.
 
 The kernels are written directly in TIR (TVMScript) rather than as tensor expressions to be
 scheduled: the vector types, the two interleaved accumulation chains and the intrinsic are the
@@ -19,6 +22,8 @@ exactly like the float kernels (same arguments, float32 input and output).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -26,49 +31,78 @@ from tvm.script import tirx as T
 from ..models import MoEConfig
 from .quantize import TILE_ROWS, code_centre
 
-ISA_FEATURE = "avx512vnni"
-VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # (int32x16 acc, u8x64, s8x64) -> int32x16
-LANES = 16  # int32 lanes of one 512-bit vector: one per row of a tile
-assert LANES == TILE_ROWS
+
+
+@dataclass(frozen=True)
+class Isa:
+    """An int8 dot-product instruction: acc[lane] += Σ_{m<4} a[4·lane + m] · b[4·lane + m]."""
+
+    name: str
+    feature: str  # LLVM target feature that provides it
+    lanes: int  # int32 lanes per vector
+    intrinsic: str
+    signed_codes: bool  # the weight operand is signed (8-bit codes are flipped to u − 128)
+
+
+ISAS = (
+    Isa("AVX-512 VNNI", "avx512vnni", 16, "llvm.x86.avx512.vpdpbusd.512", False),  # u8 weights × s8 inputs
+    Isa("Arm dotprod", "dotprod", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8", True),  # s8 × s8
+)
+
+
+def isa_for(target: tvm.target.Target) -> Isa | None:
+    """The dot-product instruction `target` has, if any."""
+    from tvm.target import codegen
+
+    arch = str(target.attrs.get("mtriple", "")).split("-")[0]
+    for isa in ISAS:
+        if (arch == "aarch64") == (isa.feature == "dotprod") and codegen.target_has_features(isa.feature, target):
+            return isa
+    return None
 
 
 def supported(target: tvm.target.Target) -> bool:
-    """Whether `target` has the integer dot-product instruction these kernels use."""
-    from tvm.target import codegen
-
-    return bool(codegen.target_has_features(ISA_FEATURE, target))
+    return isa_for(target) is not None
 
 
-def _vec(value, dtype: str):
-    return tirx.Broadcast(tirx.const(value, dtype), LANES)
+def _vec(value, dtype: str, lanes: int):
+    return tirx.Broadcast(tirx.const(value, dtype), lanes)
 
 
-def _group_dot(W, X4, t, g, bits: int, group: int):
-    """int32x16: Σ over the columns of group g of u · q, for the 16 rows of tile t. Two independent
-    accumulation chains keep the vpdpbusd latency off the critical path."""
-    per, fields = 32 // bits, 8 // bits
+def centre(isa: Isa, bits: int) -> float:
+    """The code for zero as the instruction sees it (after the flip of 8-bit codes to signed)."""
+    return 0.0 if bits == 8 and isa.signed_codes else code_centre(bits, "tiles")
+
+
+def _group_dot(isa: Isa, W, X4, t, g, sub: int, bits: int, group: int):
+    """int32 × lanes: Σ over the columns of group g of code · q, for rows sub·lanes … of tile t.
+    Two independent accumulation chains keep the instruction's latency off the critical path."""
+    per, fields, lanes = 32 // bits, 8 // bits, isa.lanes
     words = group // per
     mask = 0xFFFFFFFF if bits == 8 else ((1 << bits) - 1) * 0x01010101
-    chains: list = [_vec(0, "int32"), _vec(0, "int32")]
+    chains: list = [_vec(0, "int32", lanes), _vec(0, "int32", lanes)]
     n = 0
     for w in range(words):
-        word = W.vload([t, g * words + w, 0], f"uint32x{LANES}")
+        word = W.vload([t, g * words + w, sub * lanes], f"uint32x{lanes}")
         for j in range(fields):
-            codes = word if bits == 8 else (word >> _vec(j * bits, "uint32")) & _vec(mask, "uint32")
-            # 4 activation codes (columns w·p + 4j .. + 3 of the group), as one int32, to every lane
-            act = tirx.Broadcast(X4[g * (group // 4) + w * (per // 4) + j], LANES)
-            chains[n % 2] = tirx.call_llvm_pure_intrin(f"int32x{LANES}", VPDPBUSD, chains[n % 2],
-                                                       tirx.reinterpret("int8x64", codes),
-                                                       tirx.reinterpret("int8x64", act))
+            if bits == 8:
+                codes = word ^ _vec(0x80808080, "uint32", lanes) if isa.signed_codes else word
+            else:
+                codes = (word >> _vec(j * bits, "uint32", lanes)) & _vec(mask, "uint32", lanes)
+            # 4 input codes (columns w·p + 4j … + 3 of the group), as one int32, to every lane
+            act = tirx.Broadcast(X4[g * (group // 4) + w * (per // 4) + j], lanes)
+            chains[n % 2] = tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsic, chains[n % 2],
+                                                       tirx.reinterpret(f"int8x{4 * lanes}", codes),
+                                                       tirx.reinterpret(f"int8x{4 * lanes}", act))
             n += 1
     return chains[0] + chains[1]
 
 
-def _quantize_input(x, k: int, group: int, centre: float):
+def _quantize_input(k: int, group: int, centre: float):
     """A macro: x (float32 [k]) → q (int8, also seen 4 per int32), s_x, and c · Σ q per group."""
 
     @T.macro
-    def body(xq, xs, xc):
+    def body(x, xq, xs, xc):
         for g in range(k // group):
             amax = T.decl_buffer((1,), "float32", scope="local")
             total = T.decl_buffer((1,), "int32", scope="local")
@@ -88,113 +122,118 @@ def _quantize_input(x, k: int, group: int, centre: float):
     return body
 
 
-def matvec(n: int, k: int, bits: int, group: int, name: str, residual: bool = False,
+def _accumulate(isa: Isa, bits: int, group: int, ng: int):
+    """A macro: out[16 rows of tile t] += Σ_g s_w · s_x · (dot − c · Σ q), a vector of lanes rows at a time."""
+    lanes = isa.lanes
+    f32, f16 = f"float32x{lanes}", f"float16x{lanes}"
+
+    def dot(W, X4, t, g, sub):
+        return _group_dot(isa, W, X4, t, g, sub, bits, group)
+
+    @T.macro
+    def body(out, W, S, X4, xs, xc, t):
+        for sub in T.unroll(TILE_ROWS // lanes):
+            for g in range(ng):
+                out[T.ramp(t * TILE_ROWS + sub * lanes, 1, lanes)] = \
+                    out.vload([t * TILE_ROWS + sub * lanes], f32) + \
+                    T.Cast(f32, S.vload([t, g, sub * lanes], f16)) * T.Broadcast(xs[g], lanes) * \
+                    (T.Cast(f32, dot(W, X4, t, g, sub)) - T.Broadcast(xc[g], lanes))
+
+    return body
+
+
+def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual: bool = False,
            parallel: bool = True) -> tvm.tirx.PrimFunc:
     """y = W x (+ res) with W in the tiles layout: (codes, scales, x, [res], y), as kernels.matvec."""
-    nt, ng, centre = n // TILE_ROWS, k // group, code_centre(bits, "tiles")
+    nt, ng = n // TILE_ROWS, k // group
     loop = T.parallel if parallel else T.serial
-
-    def dot(W, X4, t, g):
-        return _group_dot(W, X4, t, g, bits, group)
+    quantize_input, accumulate = _quantize_input(k, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
 
     @T.prim_func
-    def plain(W: T.Buffer((nt, k * bits // 32, LANES), "uint32"), S: T.Buffer((nt, ng, LANES), "float16"),
+    def plain(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"), S: T.Buffer((nt, ng, TILE_ROWS), "float16"),
               x: T.Buffer((k,), "float32"), y: T.Buffer((n,), "float32")):
         T.func_attr({"global_symbol": name, "tir.noalias": True})
         xq = T.decl_buffer((k,), "int8")
         X4 = T.decl_buffer((k // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
         xc = T.decl_buffer((ng,), "float32")
-        _quantize_input(x, k, group, centre)(xq, xs, xc)
+        quantize_input(x, xq, xs, xc)
         for t in loop(nt):
-            y[T.ramp(t * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            for g in range(ng):
-                y[T.ramp(t * LANES, 1, LANES)] = y.vload([t * LANES], "float32x16") + \
-                    T.Cast("float32x16", S.vload([t, g, 0], "float16x16")) * T.Broadcast(xs[g], LANES) * \
-                    (T.Cast("float32x16", dot(W, X4, t, g)) - T.Broadcast(xc[g], LANES))
+            for i in range(TILE_ROWS):
+                y[t * TILE_ROWS + i] = T.float32(0)
+            accumulate(y, W, S, X4, xs, xc, t)
 
     @T.prim_func
-    def with_residual(W: T.Buffer((nt, k * bits // 32, LANES), "uint32"), S: T.Buffer((nt, ng, LANES), "float16"),
-                      x: T.Buffer((k,), "float32"), res: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
+    def with_residual(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"),
+                      S: T.Buffer((nt, ng, TILE_ROWS), "float16"), x: T.Buffer((k,), "float32"),
+                      res: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
         T.func_attr({"global_symbol": name, "tir.noalias": True})
         xq = T.decl_buffer((k,), "int8")
         X4 = T.decl_buffer((k // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
         xc = T.decl_buffer((ng,), "float32")
-        _quantize_input(x, k, group, centre)(xq, xs, xc)
+        quantize_input(x, xq, xs, xc)
         for t in loop(nt):
-            y[T.ramp(t * LANES, 1, LANES)] = res.vload([t * LANES], "float32x16")
-            for g in range(ng):
-                y[T.ramp(t * LANES, 1, LANES)] = y.vload([t * LANES], "float32x16") + \
-                    T.Cast("float32x16", S.vload([t, g, 0], "float16x16")) * T.Broadcast(xs[g], LANES) * \
-                    (T.Cast("float32x16", dot(W, X4, t, g)) - T.Broadcast(xc[g], LANES))
+            for i in range(TILE_ROWS):
+                y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i]
+            accumulate(y, W, S, X4, xs, xc, t)
 
     return with_residual if residual else plain
 
 
-def expert_gate_up(cfg: MoEConfig, bits: int, group: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
+def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
     """h = silu(Wg x) * (Wu x), Wg and Wu in the tiles layout; x is quantized once for both."""
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
-    nt, ng, kw, centre = idim // TILE_ROWS, hdim // group, hdim * bits // 32, code_centre(bits, "tiles")
+    nt, ng, kw = idim // TILE_ROWS, hdim // group, hdim * bits // 32
     loop = T.parallel if parallel else T.serial
-
-    def dot(W, X4, t, g):
-        return _group_dot(W, X4, t, g, bits, group)
+    quantize_input, accumulate = _quantize_input(hdim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
 
     @T.prim_func
-    def f(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, LANES), "uint32"),
-          GS: T.Buffer((nt, ng, LANES), "float16"), UW: T.Buffer((nt, kw, LANES), "uint32"),
-          US: T.Buffer((nt, ng, LANES), "float16"), h: T.Buffer((idim,), "float32")):
+    def f(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+          GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+          US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer((idim,), "float32")):
         T.func_attr({"global_symbol": f"em_expert_gate_up_w{bits}", "tir.noalias": True})
         xq = T.decl_buffer((hdim,), "int8")
         X4 = T.decl_buffer((hdim // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
         xc = T.decl_buffer((ng,), "float32")
         gate = T.decl_buffer((idim,), "float32")
-        _quantize_input(x, hdim, group, centre)(xq, xs, xc)
+        quantize_input(x, xq, xs, xc)
         for t in loop(nt):
-            gate[T.ramp(t * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            h[T.ramp(t * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            for g in range(ng):
-                gate[T.ramp(t * LANES, 1, LANES)] = gate.vload([t * LANES], "float32x16") + \
-                    T.Cast("float32x16", GS.vload([t, g, 0], "float16x16")) * T.Broadcast(xs[g], LANES) * \
-                    (T.Cast("float32x16", dot(GW, X4, t, g)) - T.Broadcast(xc[g], LANES))
-                h[T.ramp(t * LANES, 1, LANES)] = h.vload([t * LANES], "float32x16") + \
-                    T.Cast("float32x16", US.vload([t, g, 0], "float16x16")) * T.Broadcast(xs[g], LANES) * \
-                    (T.Cast("float32x16", dot(UW, X4, t, g)) - T.Broadcast(xc[g], LANES))
-            for i in range(LANES):
-                h[t * LANES + i] = gate[t * LANES + i] / (T.float32(1) + T.exp(-gate[t * LANES + i])) * \
-                    h[t * LANES + i]
+            for i in range(TILE_ROWS):
+                gate[t * TILE_ROWS + i] = T.float32(0)
+                h[t * TILE_ROWS + i] = T.float32(0)
+            accumulate(gate, GW, GS, X4, xs, xc, t)
+            accumulate(h, UW, US, X4, xs, xc, t)
+            for i in range(TILE_ROWS):
+                h[t * TILE_ROWS + i] = gate[t * TILE_ROWS + i] / (T.float32(1) + T.exp(-gate[t * TILE_ROWS + i])) * \
+                    h[t * TILE_ROWS + i]
 
     return f
 
 
-def expert_down(cfg: MoEConfig, bits: int, group: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
+def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
     """y = res + weight · (Wd h), Wd in the tiles layout: the router weight and residual fused."""
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
-    nt, ng, kw, centre = hdim // TILE_ROWS, idim // group, idim * bits // 32, code_centre(bits, "tiles")
+    nt, ng, kw = hdim // TILE_ROWS, idim // group, idim * bits // 32
     loop = T.parallel if parallel else T.serial
-
-    def dot(W, X4, t, g):
-        return _group_dot(W, X4, t, g, bits, group)
+    quantize_input, accumulate = _quantize_input(idim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
 
     @T.prim_func
-    def f(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, LANES), "uint32"),
-          DS: T.Buffer((nt, ng, LANES), "float16"), res: T.Buffer((hdim,), "float32"),
+    def f(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+          DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), res: T.Buffer((hdim,), "float32"),
           weight: T.Buffer((1,), "float32"), y: T.Buffer((hdim,), "float32")):
         T.func_attr({"global_symbol": f"em_expert_down_w{bits}", "tir.noalias": True})
         xq = T.decl_buffer((idim,), "int8")
         X4 = T.decl_buffer((idim // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
         xc = T.decl_buffer((ng,), "float32")
-        _quantize_input(h, idim, group, centre)(xq, xs, xc)
+        quantize_input(h, xq, xs, xc)
         for g in range(ng):
-            xs[g] = xs[g] * weight[0]  # fold the router weight into the activation scale
+            xs[g] = xs[g] * weight[0]  # fold the router weight into the input scale
         for t in loop(nt):
-            y[T.ramp(t * LANES, 1, LANES)] = res.vload([t * LANES], "float32x16")
-            for g in range(ng):
-                y[T.ramp(t * LANES, 1, LANES)] = y.vload([t * LANES], "float32x16") + \
-                    T.Cast("float32x16", DS.vload([t, g, 0], "float16x16")) * T.Broadcast(xs[g], LANES) * \
-                    (T.Cast("float32x16", dot(DW, X4, t, g)) - T.Broadcast(xc[g], LANES))
+            for i in range(TILE_ROWS):
+                y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i]
+            accumulate(y, DW, DS, X4, xs, xc, t)
 
     return f

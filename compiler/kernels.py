@@ -154,19 +154,22 @@ def expert_down(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
 
 
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
-                   layout: str = "rows") -> dict[str, tvm.tirx.PrimFunc]:
+                   layout: str = "rows", target: tvm.target.Target | None = None) -> dict[str, tvm.tirx.PrimFunc]:
     """Every kernel one decode step needs, by the symbol the C runtime looks up. Quantized weights
     in the "rows" layout get the float-dequantizing kernels here; in the "tiles" layout, the
-    integer-dot kernels of int_dot.py. The router always reads float32."""
+    integer-dot kernels of int_dot.py for `target`'s instruction. The router always reads float32."""
     from . import int_dot
     from .schedules import PARALLEL_MIN_BYTES
 
     hdim, idim, qkv_rows = cfg.hidden_size, cfg.expert_intermediate, cfg.q_dim + 2 * cfg.kv_dim
     tiles = layout == "tiles"
+    isa = int_dot.isa_for(target) if tiles and target is not None else None
+    if tiles and isa is None:
+        raise ValueError(f"the tiles layout needs a target with an int8 dot-product instruction; got {target}")
 
     def trunk_matvec(n, k, name, residual=False):
         if tiles and trunk_bits != 32:
-            return int_dot.matvec(n, k, trunk_bits, group, name, residual,
+            return int_dot.matvec(isa, n, k, trunk_bits, group, name, residual,
                                   parallel=n * k * trunk_bits // 8 >= PARALLEL_MIN_BYTES)
         return matvec(n, k, name, residual, bits=trunk_bits, group=group)
 
@@ -182,7 +185,8 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     for b in sorted(set(expert_bits)):
         if tiles:
             parallel = 2 * idim * hdim * b // 8 >= PARALLEL_MIN_BYTES
-            funcs += [int_dot.expert_gate_up(cfg, b, group, parallel), int_dot.expert_down(cfg, b, group, parallel)]
+            funcs += [int_dot.expert_gate_up(isa, cfg, b, group, parallel),
+                      int_dot.expert_down(isa, cfg, b, group, parallel)]
         else:
             funcs += [expert_gate_up(cfg, b, group), expert_down(cfg, b, group)]
     return {str(f.attrs["global_symbol"]): f for f in funcs}

@@ -23,7 +23,7 @@ def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layou
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
     Schedules come from the tuning store where it has a record; with `tune_missing`, kernels
     without one are tuned first (and recorded, so the next compile does not tune again)."""
-    funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout)
+    funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm())
     tuned_now = {}
     if store is not None and tune_missing:
         tuned_now = tune(funcs, target, store, progress=progress)

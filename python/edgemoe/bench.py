@@ -233,8 +233,9 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
             if int_dot.supported(tgt) and tiles_fit(I, H, bits, 32) and tiles_fit(H, I, bits, 32):
                 forms.append(("int8 dot", "tiles", int_dot))
             for form, layout, lib in forms:
-                funcs = {f"em_expert_gate_up_w{bits}": lib.expert_gate_up(cfg, bits, 32),
-                         f"em_expert_down_w{bits}": lib.expert_down(cfg, bits, 32)}
+                extra = (int_dot.isa_for(tgt),) if lib is int_dot else ()
+                funcs = {f"em_expert_gate_up_w{bits}": lib.expert_gate_up(*extra, cfg, bits, 32),
+                         f"em_expert_down_w{bits}": lib.expert_down(*extra, cfg, bits, 32)}
                 mod = tvm.compile(schedule(tvm.IRModule(funcs)), target=tgt).mod
                 gq, uq = (quantize(rng.standard_normal((I, H), np.float32) * 0.02, bits, layout=layout) for _ in range(2))
                 dq = quantize(rng.standard_normal((H, I), np.float32) * 0.02, bits, layout=layout)

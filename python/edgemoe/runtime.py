@@ -53,11 +53,15 @@ class _Info(ctypes.Structure):
                                                               ("eos_token_id", ctypes.c_int32)]
 
 
-def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR) -> Path:
-    """Configure and build runtime_c with CMake; returns the path of libedgemoe.so."""
+def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR, target=None) -> Path:
+    """Configure and build runtime_c with CMake; returns the path of libedgemoe.so. With a
+    TargetDesc whose triple is not this machine's, cross-compile with the target's C compiler."""
     build_dir = Path(build_dir)
-    for cmd in (["cmake", "-S", str(REPO_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"],
-                ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)]):
+    configure = ["cmake", "-S", str(REPO_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
+    if target is not None:
+        arch = target.resolved_tvm_target()["mtriple"].split("-")[0]
+        configure += [f"-DCMAKE_C_COMPILER={target.cc}", "-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={arch}"]
+    for cmd in (configure, ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the C runtime failed: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")

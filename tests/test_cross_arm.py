@@ -1,0 +1,51 @@
+"""The Arm path end to end on this x86 machine: kernels compiled by TVM for Raspberry Pi 4
+(Cortex-A72: float-dequantizing kernels) and Raspberry Pi 5 (Cortex-A76: `sdot` integer-dot
+kernels), the C runtime cross-compiled with aarch64-linux-gnu-gcc, run under qemu-user, against
+the NumPy reference of the same artifact."""
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from edgemoe.compiler.driver import CompileOptions, compile_model
+from edgemoe.compiler.quantize import artifact_model
+from edgemoe.models.reference import ReferenceExecutor
+from edgemoe.runtime import REPO_ROOT, build_runtime
+from edgemoe.targets import load_target
+
+from conftest import PROMPTS, TRAINED_MODEL
+
+QEMU = "qemu-aarch64"
+SYSROOT = "/usr/aarch64-linux-gnu"
+N_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def arm_runtime():
+    target = load_target("rpi5")
+    missing = [t for t in (QEMU, target.cc) if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: apt-get install qemu-user gcc-aarch64-linux-gnu "
+                    "(.ci/run does)")
+    build = REPO_ROOT / "build" / "runtime-aarch64"
+    build_runtime(build, target)
+    return build / "edgemoe_run"
+
+
+@pytest.mark.parametrize("target,layout", [("rpi4", "rows"), ("rpi5", "tiles")])
+def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tmp_path, target, layout):
+    compile_model(TRAINED_MODEL, tmp_path, CompileOptions(target=target, expert_bits=4, max_seq=128),
+                  log=lambda m: None)
+    ref = ReferenceExecutor(artifact_model(trained_model, tmp_path), 128)
+    assert json.loads((tmp_path / "manifest.json").read_text())["quantization"]["layout"] == layout
+    for prompt in PROMPTS[:2]:
+        ids = tokenizer.encode(prompt).ids
+        ref.reset()
+        want, _ = ref.greedy(ids, N_NEW)
+        proc = subprocess.run([QEMU, "-L", SYSROOT, str(arm_runtime), str(tmp_path), "--tokens",
+                               ",".join(map(str, ids)), "-n", str(N_NEW)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        got = [int(t) for t in proc.stdout.splitlines()[0].split(",")]
+        assert got == want, (prompt, got, want)
