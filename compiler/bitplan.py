@@ -129,23 +129,10 @@ class BitPlan:
                 "steps": self.steps}
 
 
-def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float,
-                group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
-                trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows") -> BitPlan:
-    """Three-level plan: the most compact uniform bitwidth within the tolerance sets the ceiling;
-    then, by sensitivity, experts move down one level at a time while the loss stays within it.
-    Verified on held-out tokens; if the check fails, the lowered set shrinks until it passes."""
-    ev = PlanEvaluator(model, calibration, group, trunk_bits, layout)
-    steps = []
-    uniform_loss = {b: ev.loss(uniform(model, b)) for b in LEVELS}
-    steps += [f"uniform INT{b}: calibration loss {100 * uniform_loss[b]:+.2f}%" for b in LEVELS]
-    within = [b for b in LEVELS if uniform_loss[b] <= tolerance]
-    if not within:
-        raise ToleranceError(f"even uniform INT{LEVELS[0]} loses {100 * uniform_loss[LEVELS[0]]:.2f}% perplexity on "
-                             f"calibration text, over the tolerance {100 * tolerance:.2f}% by "
-                             f"{100 * (uniform_loss[LEVELS[0]] - tolerance):.2f} points")
-    high = min(within)
-    plan = uniform(model, high)
+def _descend(ev: PlanEvaluator, high: int, tolerance: float, cache_dir: Path | None, steps: list[str]):
+    """From uniform `high`, move experts down one level at a time, least sensitive first, while the
+    calibration loss stays within the tolerance."""
+    plan = uniform(ev.model, high)
     for low in [b for b in LEVELS if b < high]:
         cur = min(b for row in plan for b in row)
         sens = sensitivity(ev, cur, low, cache_dir)
@@ -155,27 +142,55 @@ def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, t
         steps.append(f"INT{cur} → INT{low}: {k} of {len(order)} experts")
         if k == 0:
             break
-    cal = ev.loss(plan)
+    return plan
+
+
+def _check(ev: PlanEvaluator, plan, high: int, heldout: np.ndarray, tolerance: float, cache_dir: Path | None,
+           steps: list[str]):
+    """Measure the plan on the check tokens; while over the tolerance, raise a quarter of the lowered
+    experts (the most sensitive) back to `high`. Returns the plan and its check loss."""
     held = ev.loss(plan, heldout)
     while held > tolerance:
         lowered = [(l, e) for l in range(len(plan)) for e in range(len(plan[0])) if plan[l][e] < high]
-        if lowered:
-            # the check failed: raise the lowered experts back, most sensitive first
-            sens = sensitivity(ev, high, min(plan[l][e] for l, e in lowered), cache_dir)
-            lowered.sort(key=lambda le: -sens[le])
-            for l, e in lowered[: max(1, len(lowered) // 4)]:
-                plan[l][e] = high
-            steps.append(f"check over tolerance ({100 * held:.2f}%): raised {max(1, len(lowered) // 4)} experts "
-                         f"back to INT{high}")
-        elif high < LEVELS[0]:
-            high = min(b for b in LEVELS if b > high)
-            plan = uniform(model, high)
-            steps.append(f"check over tolerance ({100 * held:.2f}%): uniform INT{high}")
-        else:
-            steps.append(f"check over tolerance even at uniform INT{high}: {100 * held:.2f}% "
-                         f"(+{100 * (held - tolerance):.2f} points)")
+        if not lowered:
             break
-        cal, held = ev.loss(plan), ev.loss(plan, heldout)
+        sens = sensitivity(ev, high, min(plan[l][e] for l, e in lowered), cache_dir)
+        lowered.sort(key=lambda le: -sens[le])
+        n = max(1, len(lowered) // 4)
+        for l, e in lowered[:n]:
+            plan[l][e] = high
+        steps.append(f"check over tolerance ({100 * held:.2f}%): raised {n} experts back to INT{high}")
+        held = ev.loss(plan, heldout)
+    return plan, held
+
+
+def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float,
+                group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
+                trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows") -> BitPlan:
+    """Three-level plan: the most compact uniform bitwidth within the tolerance sets the ceiling;
+    then, by sensitivity, experts move down one level at a time while the loss stays within it.
+    Verified on held-out tokens; if the check fails, the lowered set shrinks until it passes, and
+    if even the uniform ceiling fails the check, the search starts again from the next level up
+    (so a 1% plan can mix INT8 and INT4 when uniform INT4 is just over 1%)."""
+    ev = PlanEvaluator(model, calibration, group, trunk_bits, layout)
+    steps = []
+    uniform_loss = {b: ev.loss(uniform(model, b)) for b in LEVELS}
+    steps += [f"uniform INT{b}: calibration loss {100 * uniform_loss[b]:+.2f}%" for b in LEVELS]
+    ceilings = sorted(b for b in LEVELS if uniform_loss[b] <= tolerance)
+    if not ceilings:
+        raise ToleranceError(f"even uniform INT{LEVELS[0]} loses {100 * uniform_loss[LEVELS[0]]:.2f}% perplexity on "
+                             f"calibration text, over the tolerance {100 * tolerance:.2f}% by "
+                             f"{100 * (uniform_loss[LEVELS[0]] - tolerance):.2f} points")
+    ceilings += [b for b in sorted(LEVELS) if b > ceilings[-1]]  # fall-backs when a check fails
+    for high in ceilings:
+        plan, held = _check(ev, _descend(ev, high, tolerance, cache_dir, steps), high, heldout, tolerance,
+                            cache_dir, steps)
+        if held <= tolerance:
+            break
+        steps.append(f"check over tolerance even at uniform INT{high}: {100 * held:.2f}% "
+                     f"(+{100 * (held - tolerance):.2f} points)" + ("" if high == LEVELS[0] else "; starting again "
+                                                                     "from the next level up"))
+    cal = ev.loss(plan)
     avg = float(np.mean(plan))
     steps.append(f"{ev.evaluations} plan evaluations")
     for s in steps:
