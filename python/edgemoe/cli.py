@@ -88,6 +88,7 @@ def _tuning_bar(jobs):
               help="Tuning store folder [default: $EDGEMOE_CACHE_DIR/tuning or ~/.cache/edgemoe/tuning].")
 def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir):
     """Tune the decode kernels of MODEL_DIR's shapes on this machine into the tuning store."""
+    from .compiler.driver import CompileOptions, weight_layout
     from .compiler.kernels import decode_kernels
     from .compiler.schedules import DEFAULT_LANES
     from .compiler.tuning import TuningError, TuningStore, kernel_key, tunable, tune
@@ -97,7 +98,10 @@ def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir)
     try:
         tgt = load_target(target)
         cfg = load_model(model_dir).config
-        funcs = decode_kernels(cfg, [int(b) for b in bits_list.split(",")], group, int(trunk_bits))
+        bits = [int(b) for b in bits_list.split(",")]
+        # the kernels edgemoe-compile would build: integer-dot ones are fixed; the rest are tuned
+        layout = weight_layout(cfg, tgt, CompileOptions(target, trunk_bits=int(trunk_bits), group=group), bits)
+        funcs = decode_kernels(cfg, bits, group, int(trunk_bits), layout, tgt.tvm())
         store = TuningStore(tgt, store_dir)
         tuned = tune(funcs, tgt, store, retune=retune, progress=_tuning_bar)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError) as e:
