@@ -147,19 +147,22 @@ def _descend(ev: PlanEvaluator, high: int, tolerance: float, cache_dir: Path | N
 
 def _check(ev: PlanEvaluator, plan, high: int, heldout: np.ndarray, tolerance: float, cache_dir: Path | None,
            steps: list[str]):
-    """Measure the plan on the check tokens; while over the tolerance, raise a quarter of the lowered
-    experts (the most sensitive) back to `high`. Returns the plan and its check loss."""
+    """Measure the plan on the check tokens; while over the tolerance, move a quarter of the experts
+    at the lowest level (the most sensitive first) one level up, towards `high`. Returns the plan
+    and its check loss."""
     held = ev.loss(plan, heldout)
     while held > tolerance:
-        lowered = [(l, e) for l in range(len(plan)) for e in range(len(plan[0])) if plan[l][e] < high]
-        if not lowered:
+        lowest = min(b for row in plan for b in row)
+        if lowest >= high:
             break
-        sens = sensitivity(ev, high, min(plan[l][e] for l, e in lowered), cache_dir)
-        lowered.sort(key=lambda le: -sens[le])
-        n = max(1, len(lowered) // 4)
-        for l, e in lowered[:n]:
-            plan[l][e] = high
-        steps.append(f"check over tolerance ({100 * held:.2f}%): raised {n} experts back to INT{high}")
+        up = min(b for b in LEVELS if b > lowest)
+        at_lowest = [(l, e) for l in range(len(plan)) for e in range(len(plan[0])) if plan[l][e] == lowest]
+        sens = sensitivity(ev, up, lowest, cache_dir)
+        at_lowest.sort(key=lambda le: -sens[le])
+        n = max(1, len(at_lowest) // 4)
+        for l, e in at_lowest[:n]:
+            plan[l][e] = up
+        steps.append(f"check over tolerance ({100 * held:.2f}%): raised {n} experts from INT{lowest} to INT{up}")
         held = ev.loss(plan, heldout)
     return plan, held
 
