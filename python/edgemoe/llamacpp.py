@@ -60,13 +60,14 @@ def quantize(tree: Path, f16: Path, gguf_type: str) -> Path:
 
 
 def bench_decode(tree: Path, gguf: Path, n_tokens: int, threads: int, repetitions: int = 5) -> float:
-    """llama-bench's decode rate (tokens/s) for n_tokens generated from an empty context."""
+    """llama-bench's decode rate (tokens/s) for n_tokens generated from an empty context: the best of
+    its repetitions (this machine is shared; the best is the least disturbed)."""
     out = _run([str(_tool(tree, "llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(n_tokens),
                 "-t", str(threads), "-r", str(repetitions), "-o", "json"])
     rows = [r for r in json.loads(out) if r.get("n_gen") == n_tokens]
     if not rows:
         raise LlamaCppError(f"llama-bench printed no decode result for {gguf}")
-    return float(rows[0]["avg_ts"])
+    return float(max(rows[0].get("samples_ts") or [rows[0]["avg_ts"]]))
 
 
 def matvec_us(tree: Path, gguf_type: str, rows: int, cols: int) -> float | None:
