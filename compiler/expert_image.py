@@ -71,7 +71,7 @@ def record_length(hidden: int, inter: int, bits: int, group: int) -> int:
     scale_bytes = 2  # fp16
     parts = []
     for rows, cols in ((inter, hidden), (inter, hidden), (hidden, inter)):
-        parts += [rows * cols * bits // 8, rows * (cols // group) * scale_bytes]
+        parts += [rows * cols * bits // 8, 0 if bits == 16 else rows * (cols // group) * scale_bytes]
     n = 0
     for nbytes in parts:
         n = align_up(n, PART_ALIGN) + nbytes

@@ -99,6 +99,9 @@ def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int
     registers. The reduction is written over (block, shift, lane) so that the lane axis, which
     the schedule vectorizes, walks consecutive words and consecutive columns: contiguous loads,
     one scale per vector."""
+    if bits == 16:
+        r = te.reduce_axis((0, k), name=name + "_k")
+        return lambda row: te.sum(packed[row, r].astype(F32) * vec[r], axis=r)
     if bits == 8:
         lanes = interleave(8, k, group)
         rt, ri = te.reduce_axis((0, k // lanes), name=name + "_t"), te.reduce_axis((0, lanes), name=name + "_i")
@@ -120,7 +123,10 @@ def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int
     return dot
 
 
-def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tensor, te.Tensor]:
+def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tensor, ...]:
+    """The kernel parameters of an [n, k] weight at `bits`: (codes, scales), or (float16 weights,)."""
+    if bits == 16:
+        return (te.placeholder((n, k), "float16", name=name + "_h"),)
     codes = te.placeholder((n, k), "int8", name=name + "_q") if bits == 8 else \
         te.placeholder((n, k * bits // 32), "uint32", name=name + "_q")
     return (
@@ -133,24 +139,23 @@ def expert_gate_up(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
     """h = silu(Wg x) * (Wu x) with Wg, Wu packed at `bits`."""
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
     x = te.placeholder((hdim,), F32, name="x")
-    gq, gs = _qweight("gate", idim, hdim, bits, group)
-    uq, us = _qweight("up", idim, hdim, bits, group)
-    g = te.compute((idim,), _row_dot(gq, gs, bits, group, hdim, x, "rg"), name="g")
-    u = te.compute((idim,), _row_dot(uq, us, bits, group, hdim, x, "ru"), name="u")
+    gw, uw = _qweight("gate", idim, hdim, bits, group), _qweight("up", idim, hdim, bits, group)
+    g = te.compute((idim,), _row_dot(gw[0], gw[-1], bits, group, hdim, x, "rg"), name="g")
+    u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
     h = te.compute((idim,), lambda i: g[i] / (1.0 + te.exp(-g[i])) * u[i], name="h")
-    return _named(h, [x, gq, gs, uq, us, h], f"em_expert_gate_up_w{bits}")
+    return _named(h, [x, *gw, *uw, h], f"em_expert_gate_up_w{bits}")
 
 
 def expert_down(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
     """y = r + weight * (Wd h): the down projection with the router weight and residual fused."""
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
     h = te.placeholder((idim,), F32, name="h")
-    dq, ds = _qweight("down", hdim, idim, bits, group)
+    dw = _qweight("down", hdim, idim, bits, group)
     res = te.placeholder((hdim,), F32, name="res")
     weight = te.placeholder((1,), F32, name="weight")
-    acc = te.compute((hdim,), _row_dot(dq, ds, bits, group, idim, h, "r"), name="acc")
+    acc = te.compute((hdim,), _row_dot(dw[0], dw[-1], bits, group, idim, h, "r"), name="acc")
     y = te.compute((hdim,), lambda i: res[i] + weight[0] * acc[i], name="y")
-    return _named(y, [h, dq, ds, res, weight, y], f"em_expert_down_w{bits}")
+    return _named(y, [h, *dw, res, weight, y], f"em_expert_down_w{bits}")
 
 
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,

@@ -13,6 +13,8 @@ group gets one float16 scale s and one integer code per weight:
   the kernel's SIMD lanes multiply contiguous activations and never gather (measured in
   docs/BENCHMARKS.md against the plain order, column k in word k // p).
 
+* 16 bits: the weights as float16 [N, K], no scales (no quantization beyond the cast).
+
 That is the "rows" layout, read by the kernels that dequantize to float in registers. The
 "tiles" layout is read by the integer-dot kernels (compiler/int_dot.py), which quantize the
 activation to int8 and multiply it with the codes in int32 (AVX-512 VNNI `vpdpbusd`: unsigned
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 4, 8, 16)  # 16: float16 weights
 DEFAULT_GROUP = 32
 # The trunk's matrices (attention projections, embedding / LM head) are stored at this many bits
 # unless told otherwise; 32 keeps them float32. The router and norms always stay float32: they are
@@ -68,7 +70,7 @@ def code_centre(bits: int, layout: str = "rows") -> float:
 def tiles_fit(n: int, k: int, bits: int, group: int) -> bool:
     """Whether an [n, k] matrix can be stored in the tiles layout: whole tiles of rows, and each
     group made of whole words."""
-    return n % TILE_ROWS == 0 and group % (32 // bits) == 0 and group % 4 == 0 and k % group == 0
+    return bits <= 8 and n % TILE_ROWS == 0 and group % (32 // bits) == 0 and group % 4 == 0 and k % group == 0
 
 
 def _max_level(bits: int) -> float:
@@ -87,6 +89,8 @@ class QuantizedMatrix:
     def shape(self) -> tuple[int, int]:
         if self.layout == "tiles":
             return self.packed.shape[0] * TILE_ROWS, self.packed.shape[1] * 32 // self.bits
+        if self.bits == 16:
+            return self.packed.shape
         n = self.packed.shape[0]
         return n, self.packed.shape[1] * self.packed.dtype.itemsize * 8 // self.bits
 
@@ -114,6 +118,8 @@ class QuantizedMatrix:
         return self.scales
 
     def dequantize(self) -> np.ndarray:
+        if self.bits == 16:
+            return self.packed.astype(np.float32)
         n, k = self.shape
         s = self.row_scales().astype(np.float32).repeat(self.group, axis=1)
         return ((self.codes().astype(np.float32) - np.float32(code_centre(self.bits, self.layout))) * s).reshape(n, k)
@@ -131,6 +137,10 @@ def check_bits(bits: int) -> None:
 def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP, layout: str = "rows") -> QuantizedMatrix:
     check_bits(bits)
     n, k = w.shape
+    if bits == 16:
+        if layout != "rows":
+            raise ValueError("float16 weights are stored in the rows layout only")
+        return QuantizedMatrix(16, group, np.ascontiguousarray(w, dtype=np.float16), np.zeros((n, 0), np.float16))
     if k % group or (k * bits) % 32:
         raise ValueError(f"input size {k} must be a multiple of the group size {group} and of {32 // bits}")
     if layout == "tiles" and not tiles_fit(n, k, bits, group):

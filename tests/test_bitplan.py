@@ -64,7 +64,7 @@ def test_a_tolerance_no_bitwidth_meets_is_refused_with_the_gap(small_model, text
         search_plan(small_model, tokens, tokens, int8 / 2, log=lambda m: None)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
 def test_image_size_formula_matches_the_written_image(bits, rng, tmp_path):
     hidden, inter, group = 64, 96, 32
 

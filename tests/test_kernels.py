@@ -17,7 +17,7 @@ CFG = MoEConfig("mixtral", vocab_size=300, hidden_size=128, num_layers=1, num_he
 @pytest.fixture(scope="module", params=["default", 4, 64], ids=lambda p: f"lanes-{p}")
 def mod(request):
     """The kernels with the hand default schedule and with the tuner's extreme lane counts."""
-    funcs = kernels.decode_kernels(CFG, [2, 4, 8], 32, trunk_bits=32)
+    funcs = kernels.decode_kernels(CFG, [2, 4, 8, 16], 32, trunk_bits=32)
     lanes = None if request.param == "default" else {n: request.param for n in funcs}
     return tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=load_target("host").tvm()).mod
 
@@ -87,15 +87,20 @@ def test_attention_any_length(mod, rng, n):
     assert rel(o, ref) < 1e-5
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+def weight_args(q):
+    """A weight's kernel parameters: codes and scales, or the float16 weights alone."""
+    return [q.packed] if q.bits == 16 else [q.packed, q.scales]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
 def test_expert_kernels_fuse_dequantization(mod, rng, bits):
     g, u = (quantize(f32(rng, 96, 128) * 0.05, bits) for _ in range(2))
     d = quantize(f32(rng, 128, 96) * 0.05, bits)
     x, res = f32(rng, 128), f32(rng, 128)
-    (h,) = call(mod, f"em_expert_gate_up_w{bits}", x, g.packed, g.scales, u.packed, u.scales, outs=[(96,)])
+    (h,) = call(mod, f"em_expert_gate_up_w{bits}", x, *weight_args(g), *weight_args(u), outs=[(96,)])
     h_ref = silu(g.dequantize() @ x) * (u.dequantize() @ x)
     assert rel(h, h_ref) < 1e-5
-    (y,) = call(mod, f"em_expert_down_w{bits}", h_ref, d.packed, d.scales, res, np.array([0.375], np.float32),
+    (y,) = call(mod, f"em_expert_down_w{bits}", h_ref, *weight_args(d), res, np.array([0.375], np.float32),
                 outs=[(128,)])
     assert rel(y, res + 0.375 * (d.dequantize() @ h_ref)) < 1e-5
 

@@ -122,6 +122,16 @@ def test_budget_below_minimum_is_refused_naming_it(artifact_int4):
         s.generate([1, 2, 3], 4)
 
 
+def test_float16_experts_match_reference(tiny_mixtral_dir, tmp_path, rng, runtime_lib):
+    compile_model(tiny_mixtral_dir, tmp_path, CompileOptions(expert_bits=16, max_seq=64), log=lambda m: None)
+    ref = ReferenceExecutor(artifact_model(load_model(tiny_mixtral_dir), tmp_path), 64)
+    tokens = rng.integers(0, 160, 24).tolist()
+    want = np.stack([ref.step(t) for t in tokens])
+    with Session(tmp_path, memory_budget=budget_bytes(tmp_path, 0, 0.5)) as s:
+        got = np.stack([s.decode_step(t) for t in tokens])
+    assert_matches_reference(got, want, tmp_path, 1e-4)
+
+
 def test_mixed_bit_plan_matches_reference_and_uses_sized_slots(tiny_mixtral_dir, tmp_path, rng, runtime_lib):
     plan = [[2, 4, 8, 4], [8, 2, 2, 4]]
     compile_model(tiny_mixtral_dir, tmp_path, CompileOptions(bit_plan=plan, max_seq=64), log=lambda m: None)

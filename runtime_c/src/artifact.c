@@ -202,7 +202,7 @@ int em_read_image_table(int fd, const char* path, const em_image_header* h, em_r
     r->payload_bytes = le32(e + 56);
     int bad = r->layer * h->experts + r->expert != i || r->offset % h->align || r->offset < h->data_offset ||
               r->offset + r->length > h->file_bytes || r->payload_bytes > r->length;
-    for (int k = 0; k < 6; k++) bad |= r->part_offset[k] % 64 || r->part_offset[k] >= r->payload_bytes;
+    for (int k = 0; k < 6; k++) bad |= r->part_offset[k] % 64 || r->part_offset[k] > r->payload_bytes; /* float16: no scales */
     if (bad) {
       snprintf(err, n, "%s: record %u (layer %u, expert %u) is out of order, misaligned or outside the file", path, i,
                r->layer, r->expert);

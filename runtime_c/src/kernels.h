@@ -7,7 +7,7 @@
 
 #include "tvm_abi.h"
 
-#define EM_MAX_BITS 8
+#define EM_MAX_BITS 16
 
 typedef struct {
   void* lib;

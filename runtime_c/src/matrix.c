@@ -47,6 +47,11 @@ void em_matrix_row(const em_matrix* m, uint32_t r, float* out) {
     memcpy(out, (const float*)m->codes + (uint64_t)r * K, K * sizeof(float));
     return;
   }
+  if (m->bits == 16) {
+    const uint16_t* h = (const uint16_t*)m->codes + (uint64_t)r * K;
+    for (uint32_t c = 0; c < K; c++) out[c] = em_f16_to_f32(h[c]);
+    return;
+  }
   if (m->tiled) {
     tiled_row(m, r, out);
     return;
@@ -69,11 +74,15 @@ void em_matrix_row(const em_matrix* m, uint32_t r, float* out) {
 }
 
 int em_matrix_args(const em_matrix* m, em_arg* out) {
+  em_dl_dtype i8 = {0, 8, 1}, u32 = {1, 32, 1}, f16 = {2, 16, 1};
   if (m->bits == 32) {
     out[0] = em_f32((void*)m->codes, 2, m->rows, m->cols, 0);
     return 1;
   }
-  em_dl_dtype i8 = {0, 8, 1}, u32 = {1, 32, 1}, f16 = {2, 16, 1};
+  if (m->bits == 16) {
+    out[0] = em_typed((void*)m->codes, f16, 2, m->rows, m->cols, 0);
+    return 1;
+  }
   if (m->tiled) {
     out[0] = em_typed((void*)m->codes, u32, 3, m->rows / EM_TILE_ROWS, m->cols * m->bits / 32, EM_TILE_ROWS);
     out[1] = em_typed((void*)m->scales, f16, 3, m->rows / EM_TILE_ROWS, m->cols / m->group, EM_TILE_ROWS);

@@ -8,8 +8,8 @@
 #include "kernels.h"
 
 typedef struct {
-  /* bits 32: float32 [rows, cols]. Rows layout: int8 [rows, cols] at 8 bits, uint32 [rows, cols·bits/32]
-     below. Tiles layout: uint32 [rows/16, cols·bits/32, 16] at every bitwidth. */
+  /* bits 32: float32 [rows, cols]; 16: float16 [rows, cols] (no scales). Rows layout: int8 [rows, cols]
+     at 8 bits, uint32 [rows, cols·bits/32] below. Tiles layout: uint32 [rows/16, cols·bits/32, 16]. */
   const void* codes;
   const uint16_t* scales; /* float16 [rows, cols / group], tiles: [rows/16, cols / group, 16]; NULL for float32 */
   uint32_t bits, rows, cols, group;
@@ -21,7 +21,7 @@ typedef struct {
 /* Row r of m, dequantized into out[cols] (the embedding lookup). */
 void em_matrix_row(const em_matrix* m, uint32_t r, float* out);
 
-/* The matrix's kernel arguments into out: 1 (float32 weights) or 2 (codes, scales); returns how many. */
+/* The matrix's kernel arguments into out: 1 (float32 or float16 weights) or 2 (codes, scales); returns how many. */
 int em_matrix_args(const em_matrix* m, em_arg* out);
 
 float em_f16_to_f32(uint16_t h);
