@@ -33,6 +33,13 @@ from .quantize import TILE_ROWS, code_centre
 
 
 
+# Kernels reading at least this many weight bytes split their tiles over the compute threads. These
+# kernels run at memory speed on one core (~30 GB/s here), so below ~2 MiB (~60 µs) waking a second
+# thread costs more than it saves: with the float kernels' 256 KiB the bundled model decoded at 4618
+# tok/s on 2 threads against 5384 on 1 (its 1 MiB LM head was the only kernel split).
+PARALLEL_MIN_BYTES = 2 << 20
+
+
 @dataclass(frozen=True)
 class Isa:
     """An int8 dot-product instruction: acc[lane] += Σ_{m<4} a[4·lane + m] · b[4·lane + m]."""

@@ -164,7 +164,6 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     in the "rows" layout get the float-dequantizing kernels here; in the "tiles" layout, the
     integer-dot kernels of int_dot.py for `target`'s instruction. The router always reads float32."""
     from . import int_dot
-    from .schedules import PARALLEL_MIN_BYTES
 
     hdim, idim, qkv_rows = cfg.hidden_size, cfg.expert_intermediate, cfg.q_dim + 2 * cfg.kv_dim
     tiles = layout == "tiles"
@@ -175,7 +174,7 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     def trunk_matvec(n, k, name, residual=False):
         if tiles and trunk_bits != 32:
             return int_dot.matvec(isa, n, k, trunk_bits, group, name, residual,
-                                  parallel=n * k * trunk_bits // 8 >= PARALLEL_MIN_BYTES)
+                                  parallel=n * k * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES)
         return matvec(n, k, name, residual, bits=trunk_bits, group=group)
 
     funcs = [
@@ -189,7 +188,7 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     ]
     for b in sorted(set(expert_bits)):
         if tiles:
-            parallel = 2 * idim * hdim * b // 8 >= PARALLEL_MIN_BYTES
+            parallel = 2 * idim * hdim * b // 8 >= int_dot.PARALLEL_MIN_BYTES
             funcs += [int_dot.expert_gate_up(isa, cfg, b, group, parallel),
                       int_dot.expert_down(isa, cfg, b, group, parallel)]
         else:
