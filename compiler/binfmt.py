@@ -4,10 +4,18 @@ from __future__ import annotations
 import struct
 import zlib
 
+import crc32c as _crc32c
+
 
 def crc32(data: bytes | memoryview) -> int:
     """CRC-32 (IEEE 802.3, as zlib); runtime_c/crc32.c computes the same."""
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def crc32c(data: bytes | memoryview) -> int:
+    """CRC-32C (Castagnoli) of an expert record: the runtime checks it on every load with the CPU's
+    CRC instruction (runtime_c/crc32.c em_crc32c)."""
+    return _crc32c.crc32c(data) & 0xFFFFFFFF
 
 
 def align_up(n: int, a: int) -> int:

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .binfmt import ArtifactFormatError, align_up, crc32, pack, size, unpack
+from .binfmt import ArtifactFormatError, align_up, crc32, crc32c, pack, size, unpack
 from .quantize import QuantizedMatrix
 
 MAGIC = b"EMOEXPRT"
-VERSION = 3  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py)
+VERSION = 4  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records
 ALIGN = 4096
 PART_ALIGN = 64
 # magic, version, header_bytes, layers, experts, records, record_bytes, align, hidden, inter, group,
 # table_offset, data_offset, file_bytes, table_crc, layout, header_crc
 HEADER_FMT = "8sIIIIIIIIIIQQQIII"
 LAYOUT_CODES = {"rows": 0, "tiles": 1}
-# layer, expert, bits, crc32, offset, length, part offsets ×6, payload_bytes, reserved
+# layer, expert, bits, crc32c, offset, length, part offsets ×6, payload_bytes, reserved
 RECORD_FMT = "IIIIQQ6III"
 RECORD_BYTES = 64
 PART_NAMES = ("gate_q", "gate_s", "up_q", "up_s", "down_q", "down_s")
@@ -98,7 +98,7 @@ def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, int
             payload, offs = _record_payload(w)
             length = align_up(len(payload), ALIGN)
             blob = payload + bytes(length - len(payload))
-            records.append(Record(li, ei, w.gate.bits, crc32(blob), pos, length, tuple(offs), len(payload)))
+            records.append(Record(li, ei, w.gate.bits, crc32c(blob), pos, length, tuple(offs), len(payload)))
             blobs.append(blob)
             pos += length
     table = b"".join(

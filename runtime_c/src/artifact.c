@@ -14,7 +14,7 @@
 #define TRUNK_HEADER_CRC_AT 112
 #define IMAGE_HEADER_CRC_AT 80
 #define TRUNK_VERSION 2
-#define IMAGE_VERSION 3 /* 2: sub-8-bit codes interleaved over words; 3: layout field (docs/FORMAT.md) */
+#define IMAGE_VERSION 4 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records (docs/FORMAT.md) */
 #define TENSOR_ENTRY_BYTES 96
 #define RECORD_ENTRY_BYTES 64
 

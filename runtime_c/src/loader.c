@@ -65,7 +65,7 @@ static int read_record(em_loader* l, int32_t record, int32_t slot, uint64_t* ns)
   uint64_t t0 = em_now_ns();
   int rc = l->storage->read(l->storage, dst, r->length, r->offset);
   *ns = em_now_ns() - t0;
-  if (!rc && l->verify && em_crc32(0, dst, r->length) != r->crc) rc = EM_LOAD_CHECKSUM;
+  if (!rc && l->verify && em_crc32c(0, dst, r->length) != r->crc) rc = EM_LOAD_CHECKSUM;
   return rc;
 }
 
