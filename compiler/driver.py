@@ -68,6 +68,8 @@ def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> st
     why_not = None
     if not int_dot.supported(target.tvm()):
         why_not = f"target {target.name} has none of {', '.join(i.feature for i in int_dot.ISAS)}"
+    elif 16 in bits_used:
+        why_not = "float16 experts have no tiles layout"
     elif not all(tiles_fit(n, k, b, opts.group) for n, k, b in shapes):
         why_not = "a weight matrix's rows are not a multiple of 16 (or the group is not whole words)"
     if opts.int_dot and why_not:
