@@ -8,15 +8,22 @@ from pathlib import Path
 import numpy as np
 
 from ..models import MoEModel
-from ..models.reference import forward_sequence
+from ..models.reference import forward_sequence, rms_norm
 
 WINDOW = 256
+# The fit corrects the next layer's own router and is pulled towards it: penalty RIDGE per
+# calibration token on the correction, so a short calibration text changes the router little.
+RIDGE = 0.5
 
 
 @dataclass
 class RoutingProfile:
     selected: np.ndarray  # [tokens, layers, top_k] experts chosen, tokens in text order
     num_experts: int
+    # [layers, experts, hidden + 1]: per layer, a linear map (weights, then bias) from the state the
+    # runtime has when it predicts that layer (the previous layer's output; layer 0: the token's
+    # embedding), RMS-normalised with the layer's ffn_norm, to that layer's router logits
+    fitted_router: np.ndarray | None = None
 
     @property
     def frequency(self) -> np.ndarray:
@@ -58,6 +65,30 @@ def tokenize_file(tokenizer_path: Path, text_path: Path, max_tokens: int) -> np.
 
 
 def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW) -> RoutingProfile:
-    """Routes every calibration token through the float model, in windows of `window` tokens."""
-    chunks = [forward_sequence(model, tokens[i : i + window])[1] for i in range(0, len(tokens), window)]
-    return RoutingProfile(np.concatenate(chunks), model.config.num_experts)
+    """Routes every calibration token through the float model, in windows of `window` tokens, and
+    fits the fitted-router predictor: each layer's router, plus a ridge least-squares correction,
+    from the normalised state the runtime has one layer earlier to that layer's router logits. The
+    router alone on that state misses what the layer's attention adds; the correction learns its
+    average effect."""
+    cfg = model.config
+    H, E = cfg.hidden_size, cfg.num_experts
+    gram = np.zeros((cfg.num_layers, H + 1, H + 1))
+    cross = np.zeros((cfg.num_layers, H + 1, E))
+    chunks = []
+    for i in range(0, len(tokens), window):
+        trace: dict = {}
+        chunks.append(forward_sequence(model, tokens[i : i + window], trace)[1])
+        sources = [trace["embed"]] + trace["layer_out"][:-1]
+        for l, layer in enumerate(model.layers):
+            z = rms_norm(sources[l], layer.ffn_norm, cfg.norm_eps).astype(np.float64)
+            z = np.hstack([z, np.ones((len(z), 1))])
+            gram[l] += z.T @ z
+            cross[l] += z.T @ trace["router_logits"][l]
+    fitted = []
+    for l, layer in enumerate(model.layers):
+        router = np.vstack([layer.router.T, np.zeros((1, E))])  # [H + 1, E]: weights, no bias
+        # minimise |Z (router + D) - Y|^2 + RIDGE·T·|D|^2 over the correction D
+        d = np.linalg.solve(gram[l] + RIDGE * len(tokens) * np.eye(H + 1), cross[l] - gram[l] @ router)
+        fitted.append((router + d).T)
+    fitted = np.stack(fitted)
+    return RoutingProfile(np.concatenate(chunks), E, fitted.astype(np.float32))

@@ -132,11 +132,13 @@ class ReferenceExecutor:
         return out, np.stack(all_logits)
 
 
-def forward_sequence(model: MoEModel, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Whole-sequence causal forward pass (batched, for profiling and perplexity).
 
     Returns (logits [T, vocab], selected experts [T, layers, top_k]); numerically the same model
-    as ReferenceExecutor.step, computed as matrix products over the sequence.
+    as ReferenceExecutor.step, computed as matrix products over the sequence. With a `trace` dict,
+    also records the token embeddings ("embed" [T, H]), each layer's output ("layer_out") and
+    router logits ("router_logits"), [T, ...] per layer.
     """
     cfg = model.config
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -148,6 +150,8 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray) -> tuple[np.ndarray, n
     mask = np.triu(np.full((T, T), -np.inf, np.float32), k=1)
     x = model.embed[tokens].astype(np.float32)
     selected = np.zeros((T, cfg.num_layers, cfg.top_k), np.int32)
+    if trace is not None:
+        trace.update(embed=x, layer_out=[], router_logits=[])
     for li, layer in enumerate(model.layers):
         xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), model.trunk_act_group)
         q = (xn @ layer.wq.T).reshape(T, cfg.num_heads, d)
@@ -176,5 +180,8 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray) -> tuple[np.ndarray, n
                 continue
             out[rows] += w[rows, slot][:, None] * expert_ffn(ex, xn[rows], model.expert_act_group)
         x = x + out
+        if trace is not None:
+            trace["layer_out"].append(x)
+            trace["router_logits"].append(logits)
     xn = quantize_activation(rms_norm(x, model.final_norm, cfg.norm_eps), model.trunk_act_group)
     return (xn @ model.lm_head.T).astype(np.float32), selected

@@ -38,6 +38,7 @@ CONFIGS = [
     dict(predictor="path-table", eviction="edgemoe"),
     dict(predictor="path-table", eviction="lru", prefetch_experts=4),
     dict(predictor="wrong", eviction="lru"),
+    dict(predictor="fitted-router", eviction="edgemoe"),
     dict(predictor="next-router", eviction="lru", storage="mmap"),
     dict(predictor="next-router", eviction="lru", direct_io=True),
     dict(predictor="next-router", eviction="edgemoe", emulate=(1.7e9, 1e-4)),
@@ -80,8 +81,9 @@ def test_prefetching_reduces_stalls_on_slow_storage(artifact_int4, quarter_budge
 
 
 def test_path_table_needs_calibration(tiny_artifact_uncalibrated):
-    with pytest.raises(EdgeMoEError, match="compile with calibration text"):
-        Session(tiny_artifact_uncalibrated, predictor="path-table")
+    for predictor in ("path-table", "fitted-router"):
+        with pytest.raises(EdgeMoEError, match="compile with calibration text"):
+            Session(tiny_artifact_uncalibrated, predictor=predictor)
     with pytest.raises(EdgeMoEError, match="compile with calibration text"):
         Session(tiny_artifact_uncalibrated, eviction="edgemoe")
 
@@ -137,3 +139,23 @@ def test_loader_and_compute_threads_are_clean_under_thread_sanitizer(artifact_in
         assert "ThreadSanitizer" not in proc.stderr, proc.stderr
         stats = dict(line.split("=") for line in proc.stdout.splitlines()[1:])
         assert int(stats["prefetch_issued"]) > 0
+
+
+def test_fitted_router_fits_its_calibration_text(artifact_int4, quarter_budget):
+    """The fitted map corrects the next layer's router towards what that layer really routes: on
+    the calibration text it was fitted on it must name more of the experts than the router alone.
+    (On unseen text it helps as far as the calibration text resembles it: docs/BENCHMARKS.md §4.)"""
+    from conftest import CALIBRATION
+
+    from edgemoe.compiler.profile import tokenize_file
+
+    ids = tokenize_file(artifact_int4 / "tokenizer.json", CALIBRATION, 512).tolist()
+    rates = {}
+    for pred in ("next-router", "fitted-router"):
+        with Session(artifact_int4, memory_budget=quarter_budget, predictor=pred, max_seq=256) as s:
+            for i in range(0, len(ids), 256):
+                s.reset()
+                s.prefill(ids[i : i + 256])
+            st = s.stats()
+        rates[pred] = st["predicted_hits"] / st["predicted"]
+    assert rates["fitted-router"] > rates["next-router"], rates

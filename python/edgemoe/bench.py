@@ -157,7 +157,8 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
     ids = tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens]
     budget = budget_bytes(artifact, window, fraction)
     # "none" is the baseline: the same cache with demand reads only.
-    names = ["next-router", "path-table", "wrong"] if manifest.get("profile") else ["next-router", "wrong"]
+    names = ["next-router", "fitted-router", "path-table", "wrong"] if manifest.get("profile") else \
+        ["next-router", "wrong"]
     runs = [("none", 0)] + [(n, int(c) or top_k) for c in prefetch_counts.split(",") for n in names]
     click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts; "
                f"each layer uses {top_k} experts")

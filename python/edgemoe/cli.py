@@ -154,7 +154,8 @@ def _storage_emulation(spec: str) -> tuple[float, float]:
               help="Instead of --budget: a budget whose expert cache holds this fraction of all experts.")
 @click.option("--max-seq", type=int, default=0, help="Context to allocate [artifact maximum].")
 @click.option("--no-verify", is_flag=True, help="Skip the CRC-32 check of each expert record read.")
-@click.option("--predictor", type=click.Choice(["none", "path-table", "next-router", "wrong"]), default="next-router",
+@click.option("--predictor", type=click.Choice(["none", "path-table", "next-router", "fitted-router", "wrong"]),
+              default="next-router",
               show_default=True, help="How next-layer experts are predicted for prefetching.")
 @click.option("--eviction", type=click.Choice(["lru", "fifo", "edgemoe"]), default="lru", show_default=True)
 @click.option("--prefetch", "prefetch_experts", default=0, help="Experts to prefetch per layer [top-k].")

@@ -24,7 +24,7 @@ class EdgeMoEError(RuntimeError):
         super().__init__(message)
 
 
-PREDICTORS = {"none": 0, "path-table": 1, "next-router": 2, "wrong": 3}
+PREDICTORS = {"none": 0, "path-table": 1, "next-router": 2, "wrong": 3, "fitted-router": 4}
 EVICTIONS = {"lru": 0, "fifo": 1, "edgemoe": 2}
 STORAGES = {"pread": 0, "mmap": 1}
 

@@ -36,7 +36,8 @@ typedef enum {
   EM_PREDICT_NONE = 0,        /* no prefetching: every miss is read on demand */
   EM_PREDICT_PATH_TABLE = 1,  /* the paper's table: next-layer expert probabilities given this layer's experts */
   EM_PREDICT_NEXT_ROUTER = 2, /* the next layer's router applied to the current hidden state */
-  EM_PREDICT_WRONG = 3        /* the experts the next router ranks lowest: for testing that output never depends on it */
+  EM_PREDICT_WRONG = 3,       /* the experts the next router ranks lowest: for testing that output never depends on it */
+  EM_PREDICT_FITTED_ROUTER = 4 /* a linear map fitted on calibration text from the current state to the next router's logits */
 } em_predictor;
 
 typedef enum {

@@ -50,6 +50,7 @@ struct em_session {
   uint32_t n_predict;     /* experts prefetched per layer */
   const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
   const float* frequency;  /* [layers][experts] */
+  const float *fitted_router, *fitted_bias; /* [layers][experts][hidden], [layers][experts]: fitted-router predictor */
   uint32_t* predicted;    /* [layers][n_predict]: the last prediction made for each layer */
   uint8_t* has_prediction; /* [layers] */
 
@@ -371,6 +372,8 @@ static int load_trunk(em_session* s, const char* path) {
     /* written by the compiler's profiling pass (edgemoe-compile --calibration) */
     s->path_table = find_tensor(s, t, nt, "profile.path_table", th->layers * th->experts, th->experts, 1);
     s->frequency = find_tensor(s, t, nt, "profile.frequency", th->layers, th->experts, 1);
+    s->fitted_router = find_tensor(s, t, nt, "profile.fitted_router", th->layers * th->experts, H, 1);
+    s->fitted_bias = find_tensor(s, t, nt, "profile.fitted_router_bias", th->layers, th->experts, 1);
   }
   if (fd >= 0) close(fd);
   free(t);
@@ -490,6 +493,10 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
 
   rc = load_trunk(s, ap.trunk);
+  if (!rc && s->predictor == EM_PREDICT_FITTED_ROUTER && !(s->fitted_router && s->fitted_bias)) {
+    snprintf(s->err, ERR_LEN, "the fitted-router predictor needs the routing profile: compile with calibration text (--calibration)");
+    rc = EM_ERR_ARGUMENT;
+  }
   if (!rc && s->predictor == EM_PREDICT_PATH_TABLE && !s->path_table) {
     snprintf(s->err, ERR_LEN, "the path-table predictor needs the routing profile: compile with calibration text (--calibration)");
     rc = EM_ERR_ARGUMENT;
@@ -579,6 +586,11 @@ static void select_experts(const em_session* s, uint32_t* idx, float* w) {
   for (uint32_t k = 0; k < K; k++) w[k] /= denom;
 }
 
+/* Predictors that read the residual stream (rather than the path table). */
+static int uses_hidden_state(em_predictor p) {
+  return p == EM_PREDICT_NEXT_ROUTER || p == EM_PREDICT_FITTED_ROUTER || p == EM_PREDICT_WRONG;
+}
+
 /* Predicts the experts of `layer` and starts loading them. `x` is the residual stream now;
  * `selected` the experts the layer before chose (for the path table). */
 static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, const uint32_t* selected,
@@ -592,11 +604,16 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
       em_top_n(s->pred_scores, E, s->n_predict, 0, guess);
       break;
     case EM_PREDICT_NEXT_ROUTER:
+    case EM_PREDICT_FITTED_ROUTER:
     case EM_PREDICT_WRONG: {
       CALL(s->k.rmsnorm, "em_rmsnorm", em_f32((void*)x, 1, H, 0, 0), em_f32(s->lw[layer].ffn_norm, 1, H, 0, 0),
            em_f32(s->pred_xn, 1, H, 0, 0));
-      int rc = matvec(s, s->k.router, "em_router", &s->lw[layer].router, s->pred_xn, NULL, s->pred_scores);
+      int fitted = s->predictor == EM_PREDICT_FITTED_ROUTER;
+      em_matrix fit = {s->fitted_router + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
+      int rc = matvec(s, s->k.router, "em_router", fitted ? &fit : &s->lw[layer].router, s->pred_xn, NULL,
+                      s->pred_scores);
       if (rc) return rc;
+      for (uint32_t e = 0; fitted && e < E; e++) s->pred_scores[e] += s->fitted_bias[(size_t)layer * E + e];
       em_top_n(s->pred_scores, E, s->n_predict, s->predictor == EM_PREDICT_WRONG, guess);
       break;
     }
@@ -692,7 +709,7 @@ static int moe_layer(em_session* s, uint32_t l) {
      attention): measured on held-out text, 82% of the next layer's experts named against 70% from
      the state before this layer's experts (docs/BENCHMARKS.md §4). The next token's first layer
      is predicted from its embedding instead (see forward). */
-  if (l + 1 < th->layers && (s->predictor == EM_PREDICT_NEXT_ROUTER || s->predictor == EM_PREDICT_WRONG))
+  if (l + 1 < th->layers && uses_hidden_state(s->predictor))
     rc = predict_and_prefetch(s, l + 1, s->x, NULL, 0);
   return rc;
 }
@@ -714,7 +731,7 @@ static int forward(em_session* s, int32_t token, int want_logits) {
   em_arena_bind(&s->arena);
   em_pool_bind(s->pool);
   em_matrix_row(&s->embed, (uint32_t)token, s->x);
-  if (s->predictor == EM_PREDICT_NEXT_ROUTER || s->predictor == EM_PREDICT_WRONG) {
+  if (uses_hidden_state(s->predictor)) {
     int rc = predict_and_prefetch(s, 0, s->x, NULL, 0);
     if (rc) return rc;
   }

@@ -83,8 +83,8 @@ int main(int argc, char** argv) {
       p.emulate_bandwidth = mbps * 1e6;
       p.emulate_latency = ms * 1e-3;
     } else if (!strcmp(argv[i], "--predictor") && i + 1 < argc) {
-      static const char* const names[] = {"none", "path-table", "next-router", "wrong"};
-      int v = lookup(argv[++i], names, 4);
+      static const char* const names[] = {"none", "path-table", "next-router", "wrong", "fitted-router"};
+      int v = lookup(argv[++i], names, 5);
       if (v < 0) return usage();
       p.predictor = (em_predictor)v;
     } else if (!strcmp(argv[i], "--eviction") && i + 1 < argc) {
