@@ -13,7 +13,7 @@
 static int usage(void) {
   fprintf(stderr,
           "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget BYTES] [--max-seq N] [--no-verify]\n"
-          "       [--predictor none|path-table|next-router|wrong] [--eviction lru|fifo|edgemoe]\n"
+          "       [--predictor none|path-table|next-router|fitted-router|wrong] [--eviction lru|fifo|edgemoe]\n"
           "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]\n");
   return 2;
 }
