@@ -40,6 +40,8 @@ def pipeline_configs(fraction: float) -> list[RunConfig]:
                   eviction="edgemoe"),
         RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, path-table prefetch", fraction, predictor="path-table",
                   eviction="edgemoe"),
+        RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, fitted-router prefetch", fraction,
+                  predictor="fitted-router", eviction="edgemoe"),
     ]
 
 
@@ -114,7 +116,7 @@ def pipeline_cmd(artifact, prompt, n_new, fraction, storage, max_seq, json_out):
     with click.progressbar(pipeline_configs(fraction), label="configurations", file=click.get_text_stream("stderr"),
                            item_show_func=lambda c: c.name if c else "") as bar:
         for cfg in bar:
-            if cfg.predictor == "path-table" and not manifest.get("profile"):
+            if cfg.predictor in ("path-table", "fitted-router") and not manifest.get("profile"):
                 continue  # compiled without calibration text
             results.append(run_config(artifact, cfg, ids, n_new, emulate, max_seq))
     free = results[0]["ms_per_token"]
