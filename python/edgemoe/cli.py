@@ -238,7 +238,9 @@ def main():  # pragma: no cover - `python -m edgemoe.cli`
                    "to --trunk-bits), as an artifact would store it.")
 @click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
               help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
-def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits):
+@click.option("--target", default="host", show_default=True,
+              help="With --bits: the board whose kernels to reproduce (integer-dot kernels round activations).")
+def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits, target):
     """Perplexity of PATH over held-out text: a model directory (NumPy reference, float or --bits)
     or a compiled artifact (the C runtime)."""
     from tokenizers import Tokenizer
@@ -258,14 +260,23 @@ def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits):
     if (path / "manifest.json").is_file():
         r, what = perplexity_artifact(path, ids, window, progress), f"artifact {path} (C runtime)"
     else:
+        from .compiler.driver import CompileOptions, weight_layout
         from .compiler.quantize import quantized_model
         from .models import load_model
+        from .targets import UnknownTargetError, load_target
 
         model = load_model(path)
+        layout = None
         if bits:
-            model = quantized_model(model, int(bits), int(trunk_bits))
+            try:
+                opts = CompileOptions(target, int(bits), int(trunk_bits))
+                layout = weight_layout(model.config, load_target(target), opts, [int(bits)])
+            except UnknownTargetError as e:
+                raise click.ClickException(str(e))
+            model = quantized_model(model, int(bits), int(trunk_bits), opts.group, layout)
         r = perplexity_reference(model, ids, window, progress)
-        kind = f"INT{bits} experts, trunk {'float32' if trunk_bits == '32' else 'INT' + trunk_bits}" if bits else "float"
+        kind = (f"INT{bits} experts, trunk {'float32' if trunk_bits == '32' else 'INT' + trunk_bits}, "
+                f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels for {target}") if bits else "float"
         what = f"model {path} ({kind}, NumPy reference)"
     click.echo(f"{what}: perplexity {r['perplexity']:.3f} (mean NLL {r['nll']:.4f}) over {r['tokens']} tokens "
                f"of {text_path.name}")
