@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ def pipeline_cmd(artifact, prompt, n_new, fraction, storage, max_seq, json_out):
     manifest = json.loads((artifact / "manifest.json").read_text())
     ids = Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(prompt).ids
     results = []
-    with click.progressbar(pipeline_configs(fraction), label="configurations", file=click.get_text_stream("stderr"),
+    with click.progressbar(pipeline_configs(fraction), label="configurations", file=sys.stderr,
                            item_show_func=lambda c: c.name if c else "") as bar:
         for cfg in bar:
             if cfg.predictor in ("path-table", "fitted-router") and not manifest.get("profile"):

@@ -71,7 +71,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
 
 
 def _tuning_bar(jobs):
-    with click.progressbar(jobs, label="tuning kernels", file=click.get_text_stream("stderr"),
+    with click.progressbar(jobs, label="tuning kernels", file=sys.stderr,
                            item_show_func=lambda j: f"{j[0]} lanes {j[2]}" if j else "") as bar:
         yield from bar
 
@@ -254,7 +254,7 @@ def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits, target):
     ids = Tokenizer.from_file(str(tok_path)).encode(text).ids[:n_tokens]
 
     def progress(items):
-        with click.progressbar(items, label="windows", file=click.get_text_stream("stderr")) as bar:
+        with click.progressbar(items, label="windows", file=sys.stderr) as bar:
             yield from bar
 
     if (path / "manifest.json").is_file():
