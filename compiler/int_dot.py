@@ -156,10 +156,8 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
     loop = T.parallel if parallel else T.serial
     quantize_input, accumulate = _quantize_input(k, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
 
-    @T.prim_func
-    def plain(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"), S: T.Buffer((nt, ng, TILE_ROWS), "float16"),
-              x: T.Buffer((k,), "float32"), y: T.Buffer((n,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
+    @T.macro
+    def body(W, S, x, res, y):
         xq = T.decl_buffer((k,), "int8")
         X4 = T.decl_buffer((k // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
@@ -167,23 +165,24 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
         quantize_input(x, xq, xs, xc)
         for t in loop(nt):
             for i in range(TILE_ROWS):
-                y[t * TILE_ROWS + i] = T.float32(0)
+                if residual:
+                    y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i]
+                else:
+                    y[t * TILE_ROWS + i] = T.float32(0)
             accumulate(y, W, S, X4, xs, xc, t)
+
+    @T.prim_func
+    def plain(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"), S: T.Buffer((nt, ng, TILE_ROWS), "float16"),
+              x: T.Buffer((k,), "float32"), y: T.Buffer((n,), "float32")):
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
+        body(W, S, x, y, y)  # no residual: the res argument is never read
 
     @T.prim_func
     def with_residual(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"),
                       S: T.Buffer((nt, ng, TILE_ROWS), "float16"), x: T.Buffer((k,), "float32"),
                       res: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
         T.func_attr({"global_symbol": name, "tir.noalias": True})
-        xq = T.decl_buffer((k,), "int8")
-        X4 = T.decl_buffer((k // 4,), "int32", data=xq.data)
-        xs = T.decl_buffer((ng,), "float32")
-        xc = T.decl_buffer((ng,), "float32")
-        quantize_input(x, xq, xs, xc)
-        for t in loop(nt):
-            for i in range(TILE_ROWS):
-                y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i]
-            accumulate(y, W, S, X4, xs, xc, t)
+        body(W, S, x, res, y)
 
     return with_residual if residual else plain
 
