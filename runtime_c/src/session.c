@@ -609,9 +609,13 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
       CALL(s->k.rmsnorm, "em_rmsnorm", em_f32((void*)x, 1, H, 0, 0), em_f32(s->lw[layer].ffn_norm, 1, H, 0, 0),
            em_f32(s->pred_xn, 1, H, 0, 0));
       int fitted = s->predictor == EM_PREDICT_FITTED_ROUTER;
-      em_matrix fit = {s->fitted_router + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
-      int rc = matvec(s, s->k.router, "em_router", fitted ? &fit : &s->lw[layer].router, s->pred_xn, NULL,
-                      s->pred_scores);
+      const em_matrix* router = &s->lw[layer].router;
+      em_matrix fit;
+      if (fitted) {
+        fit = (em_matrix){s->fitted_router + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
+        router = &fit;
+      }
+      int rc = matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
       if (rc) return rc;
       for (uint32_t e = 0; fitted && e < E; e++) s->pred_scores[e] += s->fitted_bias[(size_t)layer * E + e];
       em_top_n(s->pred_scores, E, s->n_predict, s->predictor == EM_PREDICT_WRONG, guess);
