@@ -14,6 +14,8 @@ c · Σ q depends on the group alone, so it is computed once per call, not per r
 (`dotprod`: Cortex-A76/A78/X1 and later) the instruction is `sdot`, signed × signed over 4 int32
 lanes: a tile is done as four vectors of 4 rows, and 8-bit codes are flipped to signed bytes
 (u XOR 0x80 = u − 128) so their centre becomes 0; 2- and 4-bit codes are small enough as they are.
+Armv8.0 cores without dotprod (Cortex-A53/A72) get the same sums from widening multiplies
+(`smull` to int16, `saddlp` and `addp` to int32), as llama.cpp's kernels do there.
 
 The kernels are written directly in TIR (TVMScript) rather than as tensor expressions to be
 scheduled: the vector types, the two interleaved accumulation chains and the intrinsic are the
@@ -42,28 +44,32 @@ PARALLEL_MIN_BYTES = 2 << 20
 
 @dataclass(frozen=True)
 class Isa:
-    """An int8 dot-product instruction: acc[lane] += Σ_{m<4} a[4·lane + m] · b[4·lane + m]."""
+    """An int8 dot product of 4-byte groups: acc[lane] += Σ_{m<4} a[4·lane + m] · b[4·lane + m]:
+    one instruction (`intrinsic`), or, on Arm without dotprod, widening multiplies (intrinsic None)."""
 
     name: str
+    arch: str  # the target triple's architecture
     feature: str  # LLVM target feature that provides it
     lanes: int  # int32 lanes per vector
-    intrinsic: str
+    intrinsic: str | None
     signed_codes: bool  # the weight operand is signed (8-bit codes are flipped to u − 128)
 
 
 ISAS = (
-    Isa("AVX-512 VNNI", "avx512vnni", 16, "llvm.x86.avx512.vpdpbusd.512", False),  # u8 weights × s8 inputs
-    Isa("Arm dotprod", "dotprod", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8", True),  # s8 × s8
+    Isa("AVX-512 VNNI", "x86_64", "avx512vnni", 16, "llvm.x86.avx512.vpdpbusd.512", False),  # u8 weights × s8 inputs
+    Isa("Arm dotprod", "aarch64", "dotprod", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8", True),  # s8 × s8
+    # Armv8.0 (Cortex-A53/A72): smull s8 × s8 → s16, pairwise widening adds; the same sums, six instructions
+    Isa("Arm NEON", "aarch64", "neon", 4, None, True),
 )
 
 
 def isa_for(target: tvm.target.Target) -> Isa | None:
-    """The dot-product instruction `target` has, if any."""
+    """The first (fastest) int8 dot product `target` has, if any."""
     from tvm.target import codegen
 
     arch = str(target.attrs.get("mtriple", "")).split("-")[0]
     for isa in ISAS:
-        if (arch == "aarch64") == (isa.feature == "dotprod") and codegen.target_has_features(isa.feature, target):
+        if arch == isa.arch and codegen.target_has_features(isa.feature, target):
             return isa
     return None
 
@@ -98,11 +104,26 @@ def _group_dot(isa: Isa, W, X4, t, g, sub: int, bits: int, group: int):
                 codes = (word >> _vec(j * bits, "uint32", lanes)) & _vec(mask, "uint32", lanes)
             # 4 input codes (columns w·p + 4j … + 3 of the group), as one int32, to every lane
             act = tirx.Broadcast(X4[g * (group // 4) + w * (per // 4) + j], lanes)
-            chains[n % 2] = tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsic, chains[n % 2],
-                                                       tirx.reinterpret(f"int8x{4 * lanes}", codes),
-                                                       tirx.reinterpret(f"int8x{4 * lanes}", act))
+            chains[n % 2] = _dot4(isa, chains[n % 2], codes, act)
             n += 1
     return chains[0] + chains[1]
+
+
+def _dot4(isa: Isa, acc, codes, act):
+    """acc + (per int32 lane: the sum of its 4 byte products), codes and act as uint32/int32 vectors."""
+    lanes = isa.lanes
+    if isa.intrinsic is not None:
+        return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsic, acc, tirx.reinterpret(f"int8x{4 * lanes}", codes),
+                                          tirx.reinterpret(f"int8x{4 * lanes}", act))
+    # NEON without dotprod (4 lanes): bytes of lanes 0-1 and 2-3 multiplied to int16 (smull), pairs
+    # summed to int32 (saddlp), then adjacent pairs of those (addp): lane i = Σ of its 4 products.
+    halves = []
+    for h in range(2):
+        c = tirx.reinterpret("int8x8", tirx.Shuffle([codes], [2 * h, 2 * h + 1]))
+        x = tirx.reinterpret("int8x8", tirx.Shuffle([act], [2 * h, 2 * h + 1]))
+        prod = tirx.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16", c, x)
+        halves.append(tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", prod))
+    return acc + tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.addp.v4i32", halves[0], halves[1])
 
 
 def _quantize_input(k: int, group: int, centre: float):

@@ -22,13 +22,27 @@ def test_compile_writes_a_manifest_naming_its_choices(compiled):
 
 @pytest.mark.parametrize("args,message", [
     (["--target", "no-such-board"], "unknown target 'no-such-board'"),
-    (["--target", "rpi4", "--int-dot"], "integer-dot kernels unavailable: target rpi4"),
     (["--bits", "16", "--int-dot"], "float16 experts have no tiles layout"),
     (["--trunk-bits", "3"], "Invalid value for '--trunk-bits'"),
 ])
 def test_compile_refuses_bad_options_naming_them(tiny_mixtral_dir, tmp_path, args, message):
     r = CliRunner().invoke(compile_cmd, [str(tiny_mixtral_dir), "-o", str(tmp_path / "out"), *args])
     assert r.exit_code != 0 and message in r.output, r.output
+
+
+def test_int_dot_is_refused_where_the_target_has_no_dot_product(tiny_mixtral_dir):
+    """An x86 CPU without AVX-512 VNNI (Haswell): the float kernels are chosen, and asking for the
+    integer-dot ones is an error that says why."""
+    from edgemoe.compiler.driver import CompileOptions, weight_layout
+    from edgemoe.models import load_model
+    from edgemoe.targets import TargetDesc
+
+    haswell = TargetDesc("haswell", "AVX2, no VNNI", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
+                         "linux", "cc", "shared", None, {})
+    cfg = load_model(tiny_mixtral_dir).config
+    assert weight_layout(cfg, haswell, CompileOptions(), [4]) == "rows"
+    with pytest.raises(ValueError, match="target haswell has none of avx512vnni, dotprod, neon"):
+        weight_layout(cfg, haswell, CompileOptions(int_dot=True), [4])
 
 
 def test_run_reports_speed_memory_and_cache(compiled):

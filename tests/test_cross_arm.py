@@ -1,7 +1,8 @@
 """The Arm path end to end on this x86 machine: kernels compiled by TVM for Raspberry Pi 4
-(Cortex-A72: float-dequantizing kernels) and Raspberry Pi 5 (Cortex-A76: `sdot` integer-dot
-kernels), the C runtime cross-compiled with aarch64-linux-gnu-gcc, run under qemu-user, against
-the NumPy reference of the same artifact."""
+(Cortex-A72, Armv8.0: integer-dot kernels from widening multiplies, and the float-dequantizing
+kernels) and Raspberry Pi 5 (Cortex-A76: `sdot` integer-dot kernels), the C runtime
+cross-compiled with aarch64-linux-gnu-gcc, run under qemu-user, against the NumPy reference of
+the same artifact."""
 import json
 import shutil
 import subprocess
@@ -33,9 +34,10 @@ def arm_runtime():
     return build / "edgemoe_run"
 
 
-@pytest.mark.parametrize("target,layout", [("rpi4", "rows"), ("rpi5", "tiles")])
-def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tmp_path, target, layout):
-    compile_model(TRAINED_MODEL, tmp_path, CompileOptions(target=target, expert_bits=4, max_seq=128),
+@pytest.mark.parametrize("target,int_dot,layout", [("rpi4", None, "tiles"), ("rpi4", False, "rows"),
+                                                  ("rpi5", None, "tiles")])
+def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tmp_path, target, int_dot, layout):
+    compile_model(TRAINED_MODEL, tmp_path, CompileOptions(target=target, expert_bits=4, max_seq=128, int_dot=int_dot),
                   log=lambda m: None)
     ref = ReferenceExecutor(artifact_model(trained_model, tmp_path), 128)
     assert json.loads((tmp_path / "manifest.json").read_text())["quantization"]["layout"] == layout
