@@ -15,7 +15,8 @@ c · Σ q depends on the group alone, so it is computed once per call, not per r
 lanes: a tile is done as four vectors of 4 rows, and 8-bit codes are flipped to signed bytes
 (u XOR 0x80 = u − 128) so their centre becomes 0; 2- and 4-bit codes are small enough as they are.
 Armv8.0 cores without dotprod (Cortex-A53/A72) get the same sums from widening multiplies
-(`smull` to int16, `saddlp` and `addp` to int32), as llama.cpp's kernels do there.
+(`smull` to int16, `saddlp` and `addp` to int32), as llama.cpp's kernels do there; x86 without
+VNNI from `pmaddubsw` and `pmaddwd` on |x| and the codes carrying x's sign.
 
 The kernels are written directly in TIR (TVMScript) rather than as tensor expressions to be
 scheduled: the vector types, the two interleaved accumulation chains and the intrinsic are the
@@ -60,6 +61,9 @@ ISAS = (
     Isa("Arm dotprod", "aarch64", "dotprod", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8", True),  # s8 × s8
     # Armv8.0 (Cortex-A53/A72): smull s8 × s8 → s16, pairwise widening adds; the same sums, six instructions
     Isa("Arm NEON", "aarch64", "neon", 4, None, True),
+    # x86 without VNNI (Haswell and later): |x| · (code with x's sign), u8 × s8 pairs → s16 (pmaddubsw,
+    # no saturation as |x|, |code| ≤ 127), pairs → s32 (pmaddwd)
+    Isa("AVX2", "x86_64", "avx2", 8, None, True),
 )
 
 
@@ -112,6 +116,12 @@ def _group_dot(isa: Isa, W, X4, t, g, sub: int, bits: int, group: int):
 def _dot4(isa: Isa, acc, codes, act):
     """acc + (per int32 lane: the sum of its 4 byte products), codes and act as uint32/int32 vectors."""
     lanes = isa.lanes
+    if isa.intrinsic is None and isa.arch == "x86_64":
+        c, x = tirx.reinterpret("int8x32", codes), tirx.reinterpret("int8x32", act)
+        magnitude = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", x, x)  # |x|
+        signed = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", c, x)  # code · sign(x)
+        pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", magnitude, signed)
+        return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, _vec(1, "int16", 16))
     if isa.intrinsic is not None:
         return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsic, acc, tirx.reinterpret(f"int8x{4 * lanes}", codes),
                                           tirx.reinterpret(f"int8x{4 * lanes}", act))

@@ -31,18 +31,18 @@ def test_compile_refuses_bad_options_naming_them(tiny_mixtral_dir, tmp_path, arg
 
 
 def test_int_dot_is_refused_where_the_target_has_no_dot_product(tiny_mixtral_dir):
-    """An x86 CPU without AVX-512 VNNI (Haswell): the float kernels are chosen, and asking for the
+    """A baseline x86-64 CPU (SSE2, no AVX2): the float kernels are chosen, and asking for the
     integer-dot ones is an error that says why."""
     from edgemoe.compiler.driver import CompileOptions, weight_layout
     from edgemoe.models import load_model
     from edgemoe.targets import TargetDesc
 
-    haswell = TargetDesc("haswell", "AVX2, no VNNI", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
-                         "linux", "cc", "shared", None, {})
+    old = TargetDesc("x86-64-v1", "SSE2 only", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"},
+                     "linux", "cc", "shared", None, {})
     cfg = load_model(tiny_mixtral_dir).config
-    assert weight_layout(cfg, haswell, CompileOptions(), [4]) == "rows"
-    with pytest.raises(ValueError, match="target haswell has none of avx512vnni, dotprod, neon"):
-        weight_layout(cfg, haswell, CompileOptions(int_dot=True), [4])
+    assert weight_layout(cfg, old, CompileOptions(), [4]) == "rows"
+    with pytest.raises(ValueError, match="target x86-64-v1 has none of avx512vnni, dotprod, neon, avx2"):
+        weight_layout(cfg, old, CompileOptions(int_dot=True), [4])
 
 
 def test_run_reports_speed_memory_and_cache(compiled):

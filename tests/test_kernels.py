@@ -105,19 +105,24 @@ def test_expert_kernels_fuse_dequantization(mod, rng, bits):
     assert rel(y, res + 0.375 * (d.dequantize() @ h_ref)) < 1e-5
 
 
-def _vnni_or_skip():
+def runs_here(target) -> bool:
+    """Whether code built for `target` (an x86 TargetDesc) runs on this CPU."""
     from edgemoe.compiler import int_dot
+    from tvm.target import codegen
 
-    if not int_dot.supported(load_target("host").tvm()):
-        pytest.skip("this CPU has no int8 dot-product instruction the integer-dot kernels use")
+    isa = int_dot.isa_for(target.tvm())
+    host = load_target("host").tvm()
+    return isa is not None and isa.arch == "x86_64" and bool(codegen.target_has_features(isa.feature, host))
 
 
-@pytest.fixture(scope="module")
-def int_dot_mod():
-    _vnni_or_skip()
-    funcs = kernels.decode_kernels(CFG_TILES, [2, 4, 8], 32, trunk_bits=8, layout="tiles",
-                                   target=load_target("host").tvm())
-    return tvm.compile(schedule(tvm.IRModule(funcs)), target=load_target("host").tvm()).mod
+@pytest.fixture(scope="module", params=["host", "x86-avx2"])
+def int_dot_mod(request):
+    """The integer-dot kernels for this CPU's instruction, and for AVX2 (the x86 fallback without VNNI)."""
+    target = load_target(request.param)
+    if not runs_here(target):
+        pytest.skip(f"integer-dot kernels for {request.param} cannot run on this CPU")
+    funcs = kernels.decode_kernels(CFG_TILES, [2, 4, 8], 32, trunk_bits=8, layout="tiles", target=target.tvm())
+    return tvm.compile(schedule(tvm.IRModule(funcs)), target=target.tvm()).mod
 
 
 # rows of every matrix a multiple of 16 (the tiles layout)

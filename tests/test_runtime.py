@@ -122,6 +122,24 @@ def test_budget_below_minimum_is_refused_naming_it(artifact_int4):
         s.generate([1, 2, 3], 4)
 
 
+def test_avx2_integer_dot_kernels_match_reference(tiny_mixtral_dir, tmp_path, rng, runtime_lib):
+    """The x86 fallback without VNNI (pmaddubsw/pmaddwd), run on this CPU when it has AVX2."""
+    from test_kernels import runs_here
+
+    from edgemoe.targets import load_target
+
+    if not runs_here(load_target("x86-avx2")):
+        pytest.skip("this CPU has no AVX2")
+    compile_model(tiny_mixtral_dir, tmp_path, CompileOptions(target="x86-avx2", expert_bits=4, max_seq=64),
+                  log=lambda m: None)
+    ref = ReferenceExecutor(artifact_model(load_model(tiny_mixtral_dir), tmp_path), 64)
+    tokens = rng.integers(0, 160, 32).tolist()
+    want = np.stack([ref.step(t) for t in tokens])
+    with Session(tmp_path) as s:
+        got = np.stack([s.decode_step(t) for t in tokens])
+    assert_matches_reference(got, want, tmp_path, 1e-4)
+
+
 def test_float16_experts_match_reference(tiny_mixtral_dir, tmp_path, rng, runtime_lib):
     compile_model(tiny_mixtral_dir, tmp_path, CompileOptions(expert_bits=16, max_seq=64), log=lambda m: None)
     ref = ReferenceExecutor(artifact_model(load_model(tiny_mixtral_dir), tmp_path), 64)
