@@ -16,9 +16,10 @@ import numpy as np
 
 from ..models import Expert, MoEModel
 from ..evaluate import perplexity_reference
-from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, quantize, quantized_model
+from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, compiled_trunk, quantize
 
 LEVELS = (8, 4, 2)  # from the most to the least precise
+ROUNDING = "searched-scales/gptq-1"  # part of the sensitivity cache key: change it when rounding.py rounds differently
 
 
 class ToleranceError(ValueError):
@@ -35,10 +36,10 @@ class PlanEvaluator:
     the loss measured is the artifact's."""
 
     def __init__(self, model: MoEModel, tokens: np.ndarray, group: int = DEFAULT_GROUP,
-                 trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows"):
+                 trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None):
         self.model, self.tokens, self.group, self.trunk_bits, self.layout = model, tokens, group, trunk_bits, layout
-        self._trunk = replace(quantized_model(model, None, trunk_bits, group, layout),
-                              expert_act_group=group if layout == "tiles" else None)
+        self.moments = moments  # profile.ExpertMoments: experts rounded against calibration inputs
+        self._trunk = compiled_trunk(model, trunk_bits, group, layout)
         self._experts: dict[tuple[int, int, int], Expert] = {}
         self.float_nll = mean_nll(model, tokens)
         self.evaluations = 0
@@ -47,7 +48,9 @@ class PlanEvaluator:
         key = (layer, idx, bits)
         if key not in self._experts:
             e = self.model.layers[layer].experts[idx]
-            self._experts[key] = Expert(*(quantize(w, bits, self.group).dequantize() for w in (e.w_gate, e.w_up, e.w_down)))
+            grams = self.moments.grams(layer, idx) if self.moments is not None else (None,) * 3
+            self._experts[key] = Expert(*(quantize(w, bits, self.group, gram=g).dequantize()
+                                          for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
         return self._experts[key]
 
     def model_for(self, plan) -> MoEModel:
@@ -73,7 +76,9 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     cfg = ev.model.config
     key = hashlib.sha256(
         ev.tokens.tobytes() + ev.model.embed[:8].tobytes() + ev.model.layers[-1].experts[-1].w_down[:4].tobytes()
-        + f"{high},{low},{ev.group},{ev.trunk_bits},{ev.layout}".encode()).hexdigest()[:24]
+        + f"{high},{low},{ev.group},{ev.trunk_bits},{ev.layout},{ROUNDING}".encode()
+        + (b"" if ev.moments is None else ev.moments.rows.tobytes() + ev.moments.down[-1, -1, :4].tobytes())
+    ).hexdigest()[:24]
     path = Path(cache_dir) / f"sensitivity-{key}.json" if cache_dir else None
     if path and path.is_file():
         return np.array(json.loads(path.read_text()))
@@ -169,13 +174,15 @@ def _check(ev: PlanEvaluator, plan, high: int, heldout: np.ndarray, tolerance: f
 
 def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float,
                 group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
-                trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows") -> BitPlan:
+                trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None) -> BitPlan:
     """Three-level plan: the most compact uniform bitwidth within the tolerance sets the ceiling;
     then, by sensitivity, experts move down one level at a time while the loss stays within it.
     Verified on held-out tokens; if the check fails, the lowered set shrinks until it passes, and
     if even the uniform ceiling fails the check, the search starts again from the next level up
-    (so a 1% plan can mix INT8 and INT4 when uniform INT4 is just over 1%)."""
-    ev = PlanEvaluator(model, calibration, group, trunk_bits, layout)
+    (so a 1% plan can mix INT8 and INT4 when uniform INT4 is just over 1%). With `moments`
+    (profile.ExpertMoments, gathered on the search's tokens) experts are rounded as the compiler
+    will round them."""
+    ev = PlanEvaluator(model, calibration, group, trunk_bits, layout, moments)
     steps = []
     uniform_loss = {b: ev.loss(uniform(model, b)) for b in LEVELS}
     steps += [f"uniform INT{b}: calibration loss {100 * uniform_loss[b]:+.2f}%" for b in LEVELS]

@@ -17,8 +17,8 @@ from .cache import cache_dir
 from .expert_image import ExpertWeights, write_image
 from .lower import build_kernels
 from .tuning import TuningStore
-from .profile import profile_routing, tokenize_file
-from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, quantize
+from .profile import expert_moments, profile_routing, tokenize_file
+from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, compiled_trunk, quantize
 from .trunk_file import write_trunk
 
 MANIFEST_VERSION = 1
@@ -97,16 +97,21 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     calib_tokens = None
     if opts.calibration is not None:
         calib_tokens = tokenize_file(model_dir / "tokenizer.json", opts.calibration, opts.calibration_tokens)
-    searched = None
+    searched = moments = None
+    if opts.tolerance is not None and calib_tokens is None:
+        raise ValueError("--tolerance needs calibration text (--calibration) to measure expert sensitivity on")
+    if calib_tokens is not None:
+        # With a search, the check tokens stay unseen by the rounding too.
+        cut = len(calib_tokens) * 3 // 4 if opts.tolerance is not None else len(calib_tokens)
+        search_layout = weight_layout(cfg, target, opts, [8, 4, 2])
+        moments = expert_moments(compiled_trunk(model, opts.trunk_bits, opts.group, search_layout), calib_tokens[:cut])
+        log(f"measured expert inputs on {cut} calibration tokens (the quantizer rounds against them)")
     if opts.tolerance is not None:
-        if calib_tokens is None:
-            raise ValueError("--tolerance needs calibration text (--calibration) to measure expert sensitivity on")
-        cut = len(calib_tokens) * 3 // 4  # the search sees 3/4; the plan is checked on the rest
         log(f"searching a bit plan within {100 * opts.tolerance:.2f}% perplexity loss "
             f"({cut} search tokens, {len(calib_tokens) - cut} check tokens)")
-        layout = weight_layout(cfg, target, opts, [8, 4, 2])
         searched = search_plan(model, calib_tokens[:cut], calib_tokens[cut:], opts.tolerance, opts.group,
-                               cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=layout)
+                               cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
+                               moments=moments)
         if searched.heldout_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.heldout_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.heldout_loss - opts.tolerance):.2f} points")
@@ -120,13 +125,12 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers × {cfg.num_experts} experts (top-{cfg.top_k}), "
         f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
 
-    experts = [
-        [
-            ExpertWeights(*(quantize(w, plan[li][ei], opts.group, layout) for w in (e.w_gate, e.w_up, e.w_down)))
-            for ei, e in enumerate(layer.experts)
-        ]
-        for li, layer in enumerate(model.layers)
-    ]
+    def stored(li, ei, e):
+        grams = moments.grams(li, ei) if moments is not None else (None,) * 3
+        return ExpertWeights(*(quantize(w, plan[li][ei], opts.group, layout, g)
+                               for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
+
+    experts = [[stored(li, ei, e) for ei, e in enumerate(layer.experts)] for li, layer in enumerate(model.layers)]
     profile = None
     if calib_tokens is not None:
         profile = profile_routing(model, calib_tokens)
@@ -161,6 +165,7 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "target": target.name,
         "max_seq": max_seq,
         "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,
+                         "rounding": "calibrated (GPTQ)" if moments is not None else "searched scales",
                          "expert_bits": bits_used[0] if len(bits_used) == 1 else None,
                          "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits,
                          "layout": layout},

@@ -159,3 +159,40 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     if layout not in layouts:
         raise ArtifactFormatError(f"{path}: unknown weight layout {layout}; recompile the model")
     return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout]), recs
+
+
+
+def _matrix(blob: bytes, offsets: tuple[int, int], rows: int, cols: int, bits: int, group: int,
+            layout: str) -> QuantizedMatrix:
+    """The QuantizedMatrix [rows, cols] whose codes and scales start at `offsets` in a record's payload."""
+    from .quantize import TILE_ROWS
+
+    if bits == 16:
+        shapes = (np.float16, (rows, cols)), (np.float16, (rows, 0))
+    elif layout == "tiles":
+        shapes = ((np.uint32, (rows // TILE_ROWS, cols * bits // 32, TILE_ROWS)),
+                  (np.float16, (rows // TILE_ROWS, cols // group, TILE_ROWS)))
+    elif bits == 8:
+        shapes = (np.int8, (rows, cols)), (np.float16, (rows, cols // group))
+    else:
+        shapes = (np.uint32, (rows, cols * bits // 32)), (np.float16, (rows, cols // group))
+    codes, scales = (np.frombuffer(blob, dtype, int(np.prod(shape)), at).reshape(shape)
+                     for (dtype, shape), at in zip(shapes, offsets))
+    return QuantizedMatrix(bits, group, codes, scales, layout)
+
+
+def read_experts(path: Path) -> list[list[ExpertWeights]]:
+    """Every expert as stored, [layer][expert], each record's checksum verified."""
+    head, recs = read_table(path)
+    experts = [[None] * head.num_experts for _ in range(head.num_layers)]
+    shapes = ((head.inter, head.hidden), (head.inter, head.hidden), (head.hidden, head.inter))
+    with open(path, "rb") as f:
+        for r in recs:
+            f.seek(r.offset)
+            blob = f.read(r.length)
+            if len(blob) != r.length or crc32c(blob) != r.crc:
+                raise ArtifactFormatError(f"{path}: expert {r.layer}/{r.expert}: record checksum mismatch (corrupted)")
+            experts[r.layer][r.expert] = ExpertWeights(*(
+                _matrix(blob, r.part_offsets[2 * i : 2 * i + 2], rows, cols, r.bits, head.group, head.layout)
+                for i, (rows, cols) in enumerate(shapes)))
+    return experts

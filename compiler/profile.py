@@ -1,5 +1,6 @@
 """Profiling on calibration text: expert activation traces, and the tables the runtime's
-predictor and eviction policy read (stored in trunk.bin as profile.* tensors)."""
+predictor and eviction policy read (stored in trunk.bin as profile.* tensors); the moments of each
+expert's inputs, which the quantizer rounds against (rounding.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import MoEModel
-from ..models.reference import forward_sequence, rms_norm
+from ..models.reference import expert_hidden, forward_sequence, quantize_activation, rms_norm
 
 WINDOW = 256
 # The fit corrects the next layer's own router and is pulled towards it: penalty RIDGE per
@@ -92,3 +93,41 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW) -
         fitted.append((router + d).T)
     fitted = np.stack(fitted)
     return RoutingProfile(np.concatenate(chunks), E, fitted.astype(np.float32))
+
+
+@dataclass
+class ExpertMoments:
+    """Per expert, the Gram matrices XᵀX of what its matrices multiply on calibration text: the
+    normalised MoE input (gate and up) and the SwiGLU product (down), over the tokens routed to it."""
+
+    gate_up: np.ndarray  # float64 [layers, experts, hidden, hidden]
+    down: np.ndarray  # float64 [layers, experts, inter, inter]
+    rows: np.ndarray  # [layers, experts]: calibration tokens each expert saw
+
+    def grams(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The Gram matrices for (gate, up, down) of one expert."""
+        return self.gate_up[layer, expert], self.gate_up[layer, expert], self.down[layer, expert]
+
+
+def expert_moments(model: MoEModel, tokens: np.ndarray, window: int = WINDOW) -> ExpertMoments:
+    """Runs the calibration tokens through `model` and sums, per expert, the outer products of the
+    inputs its three matrices see (as the artifact's kernels see them: with the model's activation
+    rounding)."""
+    cfg = model.config
+    L, E, H, I = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate
+    gate_up, down, rows = np.zeros((L, E, H, H)), np.zeros((L, E, I, I)), np.zeros((L, E), np.int64)
+    for i in range(0, len(tokens), window):
+        trace: dict = {}
+        selected = forward_sequence(model, tokens[i : i + window], trace)[1]
+        for l, layer in enumerate(model.layers):
+            for e, ex in enumerate(layer.experts):
+                routed = np.nonzero((selected[:, l] == e).any(axis=1))[0]
+                if len(routed) == 0:
+                    continue
+                xn = trace["ffn_in"][l][routed]
+                xa = quantize_activation(xn, model.expert_act_group).astype(np.float64)
+                h = expert_hidden(ex, xn, model.expert_act_group).astype(np.float64)
+                gate_up[l, e] += xa.T @ xa
+                down[l, e] += h.T @ h
+                rows[l, e] += len(routed)
+    return ExpertMoments(gate_up, down, rows)

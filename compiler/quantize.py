@@ -3,10 +3,13 @@
 A weight matrix W [N, K] (rows = outputs) is split along K into groups of `group` values; each
 group gets one float16 scale s and one integer code per weight:
 
-* 8 bits: int8 codes q in [-127, 127], s = max|w| / 127, w ≈ q·s; stored as int8 [N, K]
+* 8 bits: int8 codes q in [-127, 127], w ≈ q·s; stored as int8 [N, K]
   (packing them into words buys nothing and measured 3-5x slower to unpack).
 * b < 8 bits: unsigned codes u in [0, 2^b - 1] around the centre c = (2^b - 1) / 2,
-  s = max|w| / c, w ≈ (u - c)·s: all 2^b levels, symmetric (at 2 bits: ±0.5s, ±1.5s).
+  w ≈ (u - c)·s: all 2^b levels, symmetric (at 2 bits: ±0.5s, ±1.5s).
+
+How s and the codes are chosen (a searched scale per group; with calibration, the rounding that
+minimises the output error) is rounding.py's part; this module stores the result.
   Packed into uint32 words, p = 32/b codes per word, interleaved over L words (interleave()):
   a row is cut into blocks of L·p columns; column t·L·p + j·L + i sits in word t·L + i at bit j·b.
   One vector load of L words then yields, shift by shift, the codes of L consecutive columns, so
@@ -32,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from .rounding import round_to_levels
 
 SUPPORTED_BITS = (2, 4, 8, 16)  # 16: float16 weights
 DEFAULT_GROUP = 32
@@ -71,10 +76,6 @@ def tiles_fit(n: int, k: int, bits: int, group: int) -> bool:
     """Whether an [n, k] matrix can be stored in the tiles layout: whole tiles of rows, and each
     group made of whole words."""
     return bits <= 8 and n % TILE_ROWS == 0 and group % (32 // bits) == 0 and group % 4 == 0 and k % group == 0
-
-
-def _max_level(bits: int) -> float:
-    return 127.0 if bits == 8 else code_centre(bits)
 
 
 @dataclass
@@ -134,7 +135,10 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"unsupported expert bitwidth {bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
 
 
-def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP, layout: str = "rows") -> QuantizedMatrix:
+def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP, layout: str = "rows",
+             gram: np.ndarray | None = None) -> QuantizedMatrix:
+    """w [N, K] at `bits` in `layout`; with `gram` (the inputs' XᵀX on calibration text) the rounding
+    minimises the output error instead of the weight error (rounding.py)."""
     check_bits(bits)
     n, k = w.shape
     if bits == 16:
@@ -146,21 +150,15 @@ def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP, layout: str =
     if layout == "tiles" and not tiles_fit(n, k, bits, group):
         raise ValueError(f"a [{n}, {k}] matrix at {bits} bits, group {group}, does not fit the tiles layout "
                          f"(rows a multiple of {TILE_ROWS}, groups of whole words)")
-    g = w.astype(np.float32).reshape(n, k // group, group)
-    scales = (np.abs(g).max(axis=2) / _max_level(bits)).astype(np.float16)
-    s32 = scales.astype(np.float32)[:, :, None]  # round with the scale the kernel will see
-    levels = g / np.where(s32 > 0, s32, 1.0)
+    scales, levels = round_to_levels(w, bits, group, gram)
     if layout == "tiles":
-        centre = code_centre(bits, layout)
-        u = np.clip(np.rint(levels + centre), centre - _max_level(bits) if bits == 8 else 0, (1 << bits) - 1)
-        return QuantizedMatrix(bits, group, _pack_tiles(u.astype(np.uint32).reshape(n, k), bits),
+        u = (levels + code_centre(bits, layout)).astype(np.uint32)
+        return QuantizedMatrix(bits, group, _pack_tiles(u, bits),
                                np.ascontiguousarray(scales.reshape(n // TILE_ROWS, TILE_ROWS, -1).transpose(0, 2, 1)),
                                layout)
     if bits == 8:
-        q = np.clip(np.rint(levels), -127, 127).astype(np.int8).reshape(n, k)
-        return QuantizedMatrix(bits, group, q, np.ascontiguousarray(scales))
-    centre = code_centre(bits)
-    u = np.clip(np.rint(levels + centre), 0, (1 << bits) - 1).astype(np.uint32).reshape(n, k)
+        return QuantizedMatrix(bits, group, levels.astype(np.int8), np.ascontiguousarray(scales))
+    u = (levels + code_centre(bits)).astype(np.uint32)
     per, lanes = 32 // bits, interleave(bits, k, group)
     shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :, None]
     blocks = u.reshape(n, k // (lanes * per), per, lanes) << shifts  # [row, block, shift, word]
@@ -185,29 +183,31 @@ def check_trunk_bits(bits: int) -> None:
 
 
 def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP,
-                    layout: str = "rows"):
+                    layout: str = "rows", moments=None):
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
     NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
-    [layer][expert]; None leaves them float) and the trunk matrices at `trunk_bits`. With the
-    tiles layout the artifact's kernels also quantize their inputs, and so does the reference."""
+    [layer][expert]; None leaves them float), rounded against `moments` (profile.ExpertMoments) when
+    given, and the trunk matrices at `trunk_bits`. With the tiles layout the artifact's kernels also
+    quantize their inputs, and so does the reference."""
     from dataclasses import replace
 
     from ..models import Expert
 
     check_trunk_bits(trunk_bits)
 
-    def q(w, b):
-        return w if b == 32 else quantize(w, b, group).dequantize()
+    def q(w, b, gram=None):
+        return w if b == 32 else quantize(w, b, group, gram=gram).dequantize()
 
-    def expert_plan(li, ei):
+    def expert(li, ei, e):
         if expert_bits is None:
-            return 32
-        return expert_bits if isinstance(expert_bits, int) else expert_bits[li][ei]
+            return e
+        b = expert_bits if isinstance(expert_bits, int) else expert_bits[li][ei]
+        grams = moments.grams(li, ei) if moments is not None else (None,) * 3
+        return Expert(*(q(w, b, g) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
     layers = [
         replace(l, wq=q(l.wq, trunk_bits), wk=q(l.wk, trunk_bits), wv=q(l.wv, trunk_bits), wo=q(l.wo, trunk_bits),
-                experts=[Expert(*(q(w, expert_plan(li, ei)) for w in (e.w_gate, e.w_up, e.w_down)))
-                         for ei, e in enumerate(l.experts)])
+                experts=[expert(li, ei, e) for ei, e in enumerate(l.experts)])
         for li, l in enumerate(model.layers)
     ]
     embed = q(model.embed, trunk_bits)
@@ -218,11 +218,29 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
                    expert_act_group=group if tiles and expert_bits is not None else None)
 
 
+def compiled_trunk(model, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP, layout: str = "rows"):
+    """The model as an artifact computes it, experts still float: trunk matrices at `trunk_bits` and,
+    with the tiles layout, every quantized matmul's input rounded as the integer-dot kernels round it."""
+    from dataclasses import replace
+
+    return replace(quantized_model(model, None, trunk_bits, group, layout),
+                   expert_act_group=group if layout == "tiles" else None)
+
+
 def artifact_model(model, artifact_dir):
-    """quantized_model() with the quantization an artifact's manifest records: the float model's
-    reference for that artifact."""
+    """The float model with what an artifact stores in place of its weights: the experts as read
+    back from its experts.bin, the trunk quantized as its manifest records. The reference for that
+    artifact's runtime."""
     import json
+    from dataclasses import replace
     from pathlib import Path
 
+    from ..models import Expert
+    from .expert_image import read_experts
+
     q = json.loads((Path(artifact_dir) / "manifest.json").read_text())["quantization"]
-    return quantized_model(model, q["bit_plan"], q["trunk_bits"], q["group"], q["layout"])
+    ref = compiled_trunk(model, q["trunk_bits"], q["group"], q["layout"])
+    stored = read_experts(Path(artifact_dir) / "experts.bin")
+    layers = [replace(l, experts=[Expert(*(m.dequantize() for m in (w.gate, w.up, w.down))) for w in row])
+              for l, row in zip(ref.layers, stored)]
+    return replace(ref, layers=layers)

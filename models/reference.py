@@ -56,11 +56,15 @@ def quantize_activation(x: np.ndarray, group: int | None) -> np.ndarray:
     return (q * (amax / np.float32(127))).reshape(x.shape).astype(np.float32)
 
 
+def expert_hidden(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
+    """silu(gate(x)) * up(x) for rows of xn, rounded as the down projection's kernel reads it."""
+    xa = quantize_activation(xn, act_group)
+    return quantize_activation(silu(xa @ ex.w_gate.T) * (xa @ ex.w_up.T), act_group)
+
+
 def expert_ffn(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
     """down(silu(gate(x)) * up(x)) for rows of xn."""
-    xa = quantize_activation(xn, act_group)
-    h = silu(xa @ ex.w_gate.T) * (xa @ ex.w_up.T)
-    return quantize_activation(h, act_group) @ ex.w_down.T
+    return expert_hidden(ex, xn, act_group) @ ex.w_down.T
 
 
 class ReferenceExecutor:
@@ -137,8 +141,8 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
 
     Returns (logits [T, vocab], selected experts [T, layers, top_k]); numerically the same model
     as ReferenceExecutor.step, computed as matrix products over the sequence. With a `trace` dict,
-    also records the token embeddings ("embed" [T, H]), each layer's output ("layer_out") and
-    router logits ("router_logits"), [T, ...] per layer.
+    also records the token embeddings ("embed" [T, H]), each layer's normalised MoE input
+    ("ffn_in"), output ("layer_out") and router logits ("router_logits"), [T, ...] per layer.
     """
     cfg = model.config
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -151,7 +155,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
     x = model.embed[tokens].astype(np.float32)
     selected = np.zeros((T, cfg.num_layers, cfg.top_k), np.int32)
     if trace is not None:
-        trace.update(embed=x, layer_out=[], router_logits=[])
+        trace.update(embed=x, ffn_in=[], layer_out=[], router_logits=[])
     for li, layer in enumerate(model.layers):
         xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), model.trunk_act_group)
         q = (xn @ layer.wq.T).reshape(T, cfg.num_heads, d)
@@ -181,6 +185,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
             out[rows] += w[rows, slot][:, None] * expert_ffn(ex, xn[rows], model.expert_act_group)
         x = x + out
         if trace is not None:
+            trace["ffn_in"].append(xn)
             trace["layer_out"].append(x)
             trace["router_logits"].append(logits)
     xn = quantize_activation(rms_norm(x, model.final_norm, cfg.norm_eps), model.trunk_act_group)

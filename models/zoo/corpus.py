@@ -23,6 +23,7 @@ The shared data folder is ``$EDGEMOE_DATA_DIR`` if set, else ``<repo>/../shared/
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import subprocess
 from pathlib import Path
@@ -34,6 +35,7 @@ DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".corpus"
 CHUNK_BYTES = 4096
 HOLDOUT_EVERY = 20
 CALIBRATION_BYTES = 16384
+CALIBRATION_PIECE_BYTES = 1024
 
 PYDOC_PACKAGE = "python3.11-doc"
 PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
@@ -162,14 +164,16 @@ def heldout_text(data_path=None, cache_dir=None) -> str:
 
 
 def calibration_text(data_path=None, cache_dir=None, per_source: int = CALIBRATION_BYTES) -> str:
-    """Calibration text shipped with the model (profiling routing, bit-plan search): the first
-    training chunks of each source, about ``per_source`` characters each. Training text only, so
+    """Calibration text shipped with the model (profiling routing, rounding experts, bit-plan
+    search): the first training text of each source, about ``per_source`` characters each, dealt out
+    in pieces of about ``CALIBRATION_PIECE_BYTES`` round robin over the sources, so that whatever
+    prefix the compiler reads (``--calibration-tokens``) covers every source. Training text only, so
     held-out measurements stay clean."""
-    parts = []
+    pieces = []
     for text in train_texts(data_path, cache_dir).values():
         cut = text.rfind("\n", 0, per_source)
-        parts.append(text[: cut + 1])
-    return "\n".join(parts)
+        pieces.append(chunks(text[: cut + 1], CALIBRATION_PIECE_BYTES))
+    return "".join(p for turn in itertools.zip_longest(*pieces, fillvalue="") for p in turn)
 
 
 def wikitext2_test_text(data_path=None, max_bytes: int | None = None) -> str:

@@ -286,8 +286,8 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
     from .compiler.cache import cache_dir
     from .compiler.driver import CompileOptions, weight_layout
     from .compiler.expert_image import image_bytes
-    from .compiler.profile import tokenize_file
-    from .compiler.quantize import DEFAULT_GROUP, quantized_model
+    from .compiler.profile import expert_moments, tokenize_file
+    from .compiler.quantize import DEFAULT_GROUP, compiled_trunk, quantized_model
     from .evaluate import greedy_agreement, perplexity_reference
     from .models import load_model
     from .models.reference import ReferenceExecutor
@@ -308,20 +308,23 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
 
     float_ppl = perplexity_reference(model, held)["perplexity"]
     float_greedy = greedy(model)
+    moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), calib[:cut])
     plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
     for t in (float(v) for v in tolerances.split(",")):
         click.echo(f"searching a plan within {t}% ...", err=True)
         found = search_plan(model, calib[:cut], calib[cut:], t / 100, DEFAULT_GROUP, cache_dir(),
-                            log=lambda m: click.echo(f"  {m}", err=True), trunk_bits=opts.trunk_bits, layout=layout)
+                            log=lambda m: click.echo(f"  {m}", err=True), trunk_bits=opts.trunk_bits, layout=layout,
+                            moments=moments)
         plans.append((f"tolerance {t}%", found.plan, found))
     click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {float_ppl:.3f} over "
                f"{len(held)} tokens of {text_path.name}; search on {cut} / check on {len(calib) - cut} tokens of "
                f"{calibration.name}; greedy agreement over {len(prompts)} prompts × {greedy_tokens} tokens; "
-               f"plans scored as compiled for {target}: trunk INT{opts.trunk_bits}, {layout} layout")
+               f"plans scored as compiled for {target}: trunk INT{opts.trunk_bits}, {layout} layout, experts "
+               f"rounded against their inputs on the search tokens")
     click.echo("| plan | INT8/4/2 experts | avg bits | image | held-out ppl | Δ ppl | check loss | greedy agreement |")
     click.echo("|---|---|---|---|---|---|---|---|")
     for name, plan, found in plans:
-        qmodel = quantized_model(model, plan, opts.trunk_bits, DEFAULT_GROUP, layout)
+        qmodel = quantized_model(model, plan, opts.trunk_bits, DEFAULT_GROUP, layout, moments)
         ppl = perplexity_reference(qmodel, held)["perplexity"]
         agree = [greedy_agreement(a, b)["agreement"] for a, b in zip(float_greedy, greedy(qmodel))]
         counts = "/".join(str(sum(row.count(b) for row in plan)) for b in LEVELS)

@@ -240,7 +240,11 @@ def main():  # pragma: no cover - `python -m edgemoe.cli`
               help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
 @click.option("--target", default="host", show_default=True,
               help="With --bits: the board whose kernels to reproduce (integer-dot kernels round activations).")
-def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits, target):
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --bits: round experts against their inputs on this text, as edgemoe-compile "
+                   "--calibration does (else: searched scales only).")
+@click.option("--calibration-tokens", default=8192, show_default=True)
+def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits, target, calibration, calibration_tokens):
     """Perplexity of PATH over held-out text: a model directory (NumPy reference, float or --bits)
     or a compiled artifact (the C runtime)."""
     from tokenizers import Tokenizer
@@ -261,7 +265,7 @@ def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits, target):
         r, what = perplexity_artifact(path, ids, window, progress), f"artifact {path} (C runtime)"
     else:
         from .compiler.driver import CompileOptions, weight_layout
-        from .compiler.quantize import quantized_model
+        from .compiler.quantize import compiled_trunk, quantized_model
         from .models import load_model
         from .targets import UnknownTargetError, load_target
 
@@ -273,9 +277,15 @@ def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits, target):
                 layout = weight_layout(model.config, load_target(target), opts, [int(bits)])
             except UnknownTargetError as e:
                 raise click.ClickException(str(e))
-            model = quantized_model(model, int(bits), int(trunk_bits), opts.group, layout)
+            moments = None
+            if calibration is not None:
+                from .compiler.profile import expert_moments, tokenize_file
+
+                moments = expert_moments(compiled_trunk(model, int(trunk_bits), opts.group, layout),
+                                         tokenize_file(tok_path, calibration, calibration_tokens))
+            model = quantized_model(model, int(bits), int(trunk_bits), opts.group, layout, moments)
         r = perplexity_reference(model, ids, window, progress)
-        kind = (f"INT{bits} experts, trunk {'float32' if trunk_bits == '32' else 'INT' + trunk_bits}, "
+        kind = (f"INT{bits} experts{' rounded on ' + calibration.name if calibration else ''}, trunk {'float32' if trunk_bits == '32' else 'INT' + trunk_bits}, "
                 f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels for {target}") if bits else "float"
         what = f"model {path} ({kind}, NumPy reference)"
     click.echo(f"{what}: perplexity {r['perplexity']:.3f} (mean NLL {r['nll']:.4f}) over {r['tokens']} tokens "
