@@ -21,9 +21,11 @@ RIDGE = 0.5
 class RoutingProfile:
     selected: np.ndarray  # [tokens, layers, top_k] experts chosen, tokens in text order
     num_experts: int
-    # [layers, experts, hidden + 1]: per layer, a linear map (weights, then bias) from the state the
-    # runtime has when it predicts that layer (the previous layer's output; layer 0: the token's
-    # embedding), RMS-normalised with the layer's ffn_norm, to that layer's router logits
+    # [layers, experts, 2 * hidden + 1]: per layer, a linear map to that layer's router logits from
+    # what the runtime has when it predicts that layer: the current state (the previous layer's
+    # output; layer 0: the token's embedding) RMS-normalised with the layer's ffn_norm (weights
+    # [:hidden]), and the MoE input the layer saw at the previous token (zeros at the first;
+    # weights [hidden:2·hidden]); then the bias
     fitted_router: np.ndarray | None = None
 
     @property
@@ -66,15 +68,17 @@ def tokenize_file(tokenizer_path: Path, text_path: Path, max_tokens: int) -> np.
 
 
 def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW) -> RoutingProfile:
-    """Routes every calibration token through the float model, in windows of `window` tokens, and
-    fits the fitted-router predictor: each layer's router, plus a ridge least-squares correction,
-    from the normalised state the runtime has one layer earlier to that layer's router logits. The
-    router alone on that state misses what the layer's attention adds; the correction learns its
-    average effect."""
+    """Routes every calibration token through the float model, in windows of `window` tokens (each
+    a fresh context), and fits the fitted-router predictor: each layer's router plus a ridge
+    least-squares correction, from the normalised state the runtime has one layer earlier and the
+    layer's MoE input at the previous token, to that layer's router logits. The router alone on
+    the earlier state misses what the layer's attention adds; that depends on the context, which
+    the layer's previous input stands for (measured: docs/BENCHMARKS.md §4)."""
     cfg = model.config
     H, E = cfg.hidden_size, cfg.num_experts
-    gram = np.zeros((cfg.num_layers, H + 1, H + 1))
-    cross = np.zeros((cfg.num_layers, H + 1, E))
+    F = 2 * H + 1
+    gram = np.zeros((cfg.num_layers, F, F))
+    cross = np.zeros((cfg.num_layers, F, E))
     chunks = []
     for i in range(0, len(tokens), window):
         trace: dict = {}
@@ -82,18 +86,19 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW) -
         sources = [trace["embed"]] + trace["layer_out"][:-1]
         for l, layer in enumerate(model.layers):
             z = rms_norm(sources[l], layer.ffn_norm, cfg.norm_eps).astype(np.float64)
-            z = np.hstack([z, np.ones((len(z), 1))])
+            previous = np.vstack([np.zeros((1, H)), trace["ffn_in"][l][:-1]])
+            z = np.hstack([z, previous, np.ones((len(z), 1))])
             gram[l] += z.T @ z
             cross[l] += z.T @ trace["router_logits"][l]
     fitted = []
     for l, layer in enumerate(model.layers):
-        router = np.vstack([layer.router.T, np.zeros((1, E))])  # [H + 1, E]: weights, no bias
+        router = np.zeros((F, E))
+        router[:H] = layer.router.T  # the plain next router: current state only, no bias
         # minimise |Z (router + D) - Y|^2 + RIDGE·T·|D|^2 over the correction D
-        d = np.linalg.solve(gram[l] + RIDGE * len(tokens) * np.eye(H + 1), cross[l] - gram[l] @ router)
+        d = np.linalg.solve(gram[l] + RIDGE * len(tokens) * np.eye(F), cross[l] - gram[l] @ router)
         fitted.append((router + d).T)
     fitted = np.stack(fitted)
     return RoutingProfile(np.concatenate(chunks), E, fitted.astype(np.float32))
-
 
 @dataclass
 class ExpertMoments:

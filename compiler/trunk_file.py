@@ -60,8 +60,10 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         out.append(("profile.path_table", profile.path_table().reshape(cfg.num_layers * cfg.num_experts, -1)))
         out.append(("profile.frequency", profile.frequency))
         if profile.fitted_router is not None:
-            out.append(("profile.fitted_router", profile.fitted_router[:, :, :-1].reshape(-1, cfg.hidden_size)))
-            out.append(("profile.fitted_router_bias", profile.fitted_router[:, :, -1]))
+            H, fit = cfg.hidden_size, profile.fitted_router
+            out.append(("profile.fitted_router", fit[:, :, :H].reshape(-1, H)))
+            out.append(("profile.fitted_router_prev", fit[:, :, H : 2 * H].reshape(-1, H)))
+            out.append(("profile.fitted_router_bias", fit[:, :, -1]))
     return out
 
 

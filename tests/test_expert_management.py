@@ -159,3 +159,36 @@ def test_fitted_router_fits_its_calibration_text(artifact_int4, quarter_budget):
             st = s.stats()
         rates[pred] = st["predicted_hits"] / st["predicted"]
     assert rates["fitted-router"] > rates["next-router"], rates
+
+
+def test_fitted_router_in_the_runtime_names_what_numpy_names(artifact_int4, trained_model, quarter_budget):
+    """The runtime applies the fitted map as the compiler fitted it: to the normalised current state
+    and to the layer's MoE input at the previous token (kept per layer, zero after a reset). Its hit
+    rate on held-out text is the NumPy one on the same windows, up to the quantized trunk."""
+    import numpy as np
+    from conftest import CALIBRATION, DATA_DIR
+
+    from edgemoe.compiler.profile import profile_routing, tokenize_file
+    from edgemoe.models.reference import forward_sequence, rms_norm
+
+    cfg = trained_model.config
+    fit = profile_routing(trained_model, tokenize_file(artifact_int4 / "tokenizer.json", CALIBRATION, 4096)).fitted_router
+    held = tokenize_file(artifact_int4 / "tokenizer.json", DATA_DIR / "wikitext-2-test.txt", 512)
+    named = total = 0
+    for i in range(0, len(held), 256):
+        trace: dict = {}
+        selected = forward_sequence(trained_model, held[i : i + 256], trace)[1]
+        sources = [trace["embed"]] + trace["layer_out"][:-1]
+        for l, layer in enumerate(trained_model.layers):
+            z = rms_norm(sources[l], layer.ffn_norm, cfg.norm_eps)
+            previous = np.vstack([np.zeros((1, cfg.hidden_size)), trace["ffn_in"][l][:-1]])
+            scores = np.hstack([z, previous, np.ones((len(z), 1))]) @ fit[l].T
+            guess = np.argsort(-scores, axis=1)[:, : cfg.top_k]
+            named += sum(len(set(g) & set(s)) for g, s in zip(guess, selected[:, l]))
+            total += selected[:, l].size
+    with Session(artifact_int4, memory_budget=quarter_budget, predictor="fitted-router", max_seq=256) as s:
+        for i in range(0, len(held), 256):
+            s.reset()
+            s.prefill(held[i : i + 256].tolist())
+        st = s.stats()
+    assert abs(st["predicted_hits"] / st["predicted"] - named / total) < 0.02, (st, named / total)

@@ -50,7 +50,9 @@ struct em_session {
   uint32_t n_predict;     /* experts prefetched per layer */
   const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
   const float* frequency;  /* [layers][experts] */
-  const float *fitted_router, *fitted_bias; /* [layers][experts][hidden], [layers][experts]: fitted-router predictor */
+  /* fitted-router predictor: [layers][experts][hidden] on the current state, the same on the layer's
+     previous-token MoE input, and [layers][experts] bias */
+  const float *fitted_router, *fitted_prev, *fitted_bias;
   uint32_t* predicted;    /* [layers][n_predict]: the last prediction made for each layer */
   uint8_t* has_prediction; /* [layers] */
 
@@ -58,7 +60,8 @@ struct em_session {
   em_matrix embed, lm_head;
   float *final_norm, *rope_cos, *rope_sin;
   float *x, *x2, *xn, *qkv, *q, *att, *h, *router_logits, *logits, *expert_weight;
-  float *pred_xn, *pred_scores; /* the next-router predictor's own buffers */
+  float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
+  float* prev_xn; /* [layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
   float *k_cache, *v_cache; /* [layers][max_seq][kv_dim] */
   uint32_t max_seq, pos, q_dim, kv_dim;
   uint64_t record_bytes;
@@ -110,7 +113,8 @@ static int plan_memory(const em_trunk_header* th, const em_image_header* ih, con
                        uint32_t max_seq, memory_plan* p, char* err, size_t n) {
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim, q_dim, th->inter,
-                       th->experts, th->vocab, 1, th->hidden, th->experts};
+                       th->experts, th->vocab, 1, th->hidden, th->experts, th->experts,
+                       (uint64_t)th->layers * th->hidden};
   if (size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
     return EM_ERR_FORMAT;
@@ -373,6 +377,7 @@ static int load_trunk(em_session* s, const char* path) {
     s->path_table = find_tensor(s, t, nt, "profile.path_table", th->layers * th->experts, th->experts, 1);
     s->frequency = find_tensor(s, t, nt, "profile.frequency", th->layers, th->experts, 1);
     s->fitted_router = find_tensor(s, t, nt, "profile.fitted_router", th->layers * th->experts, H, 1);
+    s->fitted_prev = find_tensor(s, t, nt, "profile.fitted_router_prev", th->layers * th->experts, H, 1);
     s->fitted_bias = find_tensor(s, t, nt, "profile.fitted_router_bias", th->layers, th->experts, 1);
   }
   if (fd >= 0) close(fd);
@@ -482,6 +487,8 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->expert_weight = carve(&cur, 1);
   s->pred_xn = carve(&cur, th->hidden);
   s->pred_scores = carve(&cur, th->experts);
+  s->pred_prev = carve(&cur, th->experts);
+  s->prev_xn = carve(&cur, (uint64_t)th->layers * th->hidden);
   s->arena.base = s->block + p.trunk + p.kv + p.buffers;
   s->arena.size = p.arena;
   s->predicted = (uint32_t*)(meta + align_up(cache_meta, ALIGN_BUF) + loader_meta);
@@ -493,8 +500,9 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
 
   rc = load_trunk(s, ap.trunk);
-  if (!rc && s->predictor == EM_PREDICT_FITTED_ROUTER && !(s->fitted_router && s->fitted_bias)) {
-    snprintf(s->err, ERR_LEN, "the fitted-router predictor needs the routing profile: compile with calibration text (--calibration)");
+  if (!rc && s->predictor == EM_PREDICT_FITTED_ROUTER && !(s->fitted_router && s->fitted_prev && s->fitted_bias)) {
+    snprintf(s->err, ERR_LEN, "the fitted-router predictor needs the routing profile of this version: compile with "
+             "calibration text (--calibration)");
     rc = EM_ERR_ARGUMENT;
   }
   if (!rc && s->predictor == EM_PREDICT_PATH_TABLE && !s->path_table) {
@@ -610,14 +618,18 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
            em_f32(s->pred_xn, 1, H, 0, 0));
       int fitted = s->predictor == EM_PREDICT_FITTED_ROUTER;
       const em_matrix* router = &s->lw[layer].router;
-      em_matrix fit;
+      em_matrix fit, fit_prev;
       if (fitted) {
         fit = (em_matrix){s->fitted_router + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
+        fit_prev = (em_matrix){s->fitted_prev + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
         router = &fit;
       }
       int rc = matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
+      if (!rc && fitted)
+        rc = matvec(s, s->k.router, "em_router", &fit_prev, s->prev_xn + (size_t)layer * H, NULL, s->pred_prev);
       if (rc) return rc;
-      for (uint32_t e = 0; fitted && e < E; e++) s->pred_scores[e] += s->fitted_bias[(size_t)layer * E + e];
+      for (uint32_t e = 0; fitted && e < E; e++)
+        s->pred_scores[e] += s->pred_prev[e] + s->fitted_bias[(size_t)layer * E + e];
       em_top_n(s->pred_scores, E, s->n_predict, s->predictor == EM_PREDICT_WRONG, guess);
       break;
     }
@@ -693,6 +705,8 @@ static int moe_layer(em_session* s, uint32_t l) {
   int64_t H = th->hidden;
   CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(s->lw[l].ffn_norm, 1, H, 0, 0),
        em_f32(s->xn, 1, H, 0, 0));
+  /* this layer has been predicted for this token; its input now stands for the context at the next */
+  memcpy(s->prev_xn + (size_t)l * H, s->xn, H * sizeof(float));
   int rc = matvec(s, s->k.router, "em_router", &s->lw[l].router, s->xn, NULL, s->router_logits);
   if (rc) return rc;
   uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
@@ -790,7 +804,10 @@ int em_prefill(em_session* s, const int32_t* tokens, size_t n) {
   return EM_OK;
 }
 
-void em_reset(em_session* s) { s->pos = 0; }
+void em_reset(em_session* s) {
+  s->pos = 0;
+  memset(s->prev_xn, 0, (size_t)s->th.layers * s->th.hidden * sizeof(float));
+}
 
 const float* em_logits(const em_session* s) { return s->logits; }
 
