@@ -163,17 +163,30 @@ def heldout_text(data_path=None, cache_dir=None) -> str:
     return "\n\n".join(heldout_texts(data_path, cache_dir).values())
 
 
+def _deal(texts, piece_bytes: int = CALIBRATION_PIECE_BYTES) -> str:
+    """The texts cut into pieces of about ``piece_bytes`` characters, dealt out round robin, so
+    that any prefix of the result covers every text."""
+    pieces = [chunks(t, piece_bytes) for t in texts]
+    return "".join(p for turn in itertools.zip_longest(*pieces, fillvalue="") for p in turn)
+
+
 def calibration_text(data_path=None, cache_dir=None, per_source: int = CALIBRATION_BYTES) -> str:
     """Calibration text shipped with the model (profiling routing, rounding experts, bit-plan
-    search): the first training text of each source, about ``per_source`` characters each, dealt out
-    in pieces of about ``CALIBRATION_PIECE_BYTES`` round robin over the sources, so that whatever
-    prefix the compiler reads (``--calibration-tokens``) covers every source. Training text only, so
-    held-out measurements stay clean."""
-    pieces = []
+    search): the first training text of each source, about ``per_source`` characters each, dealt
+    out in pieces of about ``CALIBRATION_PIECE_BYTES``, so that whatever prefix the compiler reads
+    (``--calibration-tokens``) covers every source. Training text only, so held-out measurements
+    stay clean."""
+    firsts = []
     for text in train_texts(data_path, cache_dir).values():
         cut = text.rfind("\n", 0, per_source)
-        pieces.append(chunks(text[: cut + 1], CALIBRATION_PIECE_BYTES))
-    return "".join(p for turn in itertools.zip_longest(*pieces, fillvalue="") for p in turn)
+        firsts.append(text[: cut + 1])
+    return _deal(firsts)
+
+
+def heldout_mix_text(data_path=None, cache_dir=None) -> str:
+    """All held-out text (never trained on, never in the calibration text), dealt out like the
+    calibration text so that a prefix scores every source."""
+    return _deal(heldout_texts(data_path, cache_dir).values())
 
 
 def wikitext2_test_text(data_path=None, max_bytes: int | None = None) -> str:
@@ -187,6 +200,13 @@ def wikitext2_test_text(data_path=None, max_bytes: int | None = None) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Corpus statistics; optionally write the held-out mix.")
+    ap.add_argument("--write-heldout", metavar="PATH", help="write heldout_mix_text() to PATH")
+    args = ap.parse_args()
+    if args.write_heldout:
+        Path(args.write_heldout).write_text(heldout_mix_text(), encoding="utf-8")
     for name, full in source_texts().items():
         tr, ho = split(full)
         print(f"{name:16s} total {len(full):>9,d}  train {len(tr):>9,d}  held-out {len(ho):>8,d}")
