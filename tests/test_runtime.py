@@ -228,3 +228,17 @@ def test_corrupted_header_or_trunk_is_refused(tiny_artifact, tmp_path, name, off
 def test_missing_artifact_is_named(tmp_path, runtime_lib):
     with pytest.raises(EdgeMoEError, match="cannot open .*trunk.bin"):
         Session(tmp_path)
+
+
+def test_defaults_are_the_best_the_routing_profile_allows(tiny_artifact, artifact_int4):
+    """By default the runtime predicts with the fitted router and evicts by EdgeMoE's score where the
+    artifact was compiled with calibration text, and falls back to the next router and LRU where not;
+    without a loader thread there is nothing to prefetch with."""
+    with Session(artifact_int4) as s:
+        assert (s.info["predictor"], s.info["eviction"]) == ("fitted-router", "edgemoe")
+    with Session(tiny_artifact) as s:
+        assert (s.info["predictor"], s.info["eviction"]) == ("next-router", "lru")
+    with Session(artifact_int4, loader_thread=False) as s:
+        assert s.info["predictor"] == "none"
+    with pytest.raises(EdgeMoEError, match="needs the routing profile"):
+        Session(tiny_artifact, predictor="fitted-router")

@@ -154,10 +154,12 @@ def _storage_emulation(spec: str) -> tuple[float, float]:
               help="Instead of --budget: a budget whose expert cache holds this fraction of all experts.")
 @click.option("--max-seq", type=int, default=0, help="Context to allocate [artifact maximum].")
 @click.option("--no-verify", is_flag=True, help="Skip the CRC-32 check of each expert record read.")
-@click.option("--predictor", type=click.Choice(["none", "path-table", "next-router", "fitted-router", "wrong"]),
-              default="next-router",
-              show_default=True, help="How next-layer experts are predicted for prefetching.")
-@click.option("--eviction", type=click.Choice(["lru", "fifo", "edgemoe"]), default="lru", show_default=True)
+@click.option("--predictor", type=click.Choice(["auto", "none", "path-table", "next-router", "fitted-router", "wrong"]),
+              default="auto", show_default=True,
+              help="How next-layer experts are predicted for prefetching; auto: fitted-router where the artifact "
+                   "was compiled with calibration text, else next-router.")
+@click.option("--eviction", type=click.Choice(["auto", "lru", "fifo", "edgemoe"]), default="auto", show_default=True,
+              help="auto: edgemoe where the artifact was compiled with calibration text, else lru.")
 @click.option("--prefetch", "prefetch_experts", default=0, help="Experts to prefetch per layer [top-k].")
 @click.option("--no-loader-thread", is_flag=True, help="Read experts on the decode thread (no prefetching).")
 @click.option("--storage", type=click.Choice(["pread", "mmap"]), default="pread", show_default=True)
@@ -201,7 +203,7 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
                     break
                 logits = s.decode_step(nxt)
             t2 = time.perf_counter()
-            st = s.stats()
+            st, chosen = s.stats(), (s.info["predictor"], s.info["eviction"])
     except EdgeMoEError as e:
         raise click.ClickException(str(e))
     click.echo((prompt + tok.decode(out)) if tok else ",".join(map(str, out)))
@@ -216,9 +218,9 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
     click.echo(f"expert cache: hit rate {st['expert_hits'] / max(uses, 1):.1%} ({st['expert_hits']} hits, "
                f"{st['expert_misses']} misses); read {fmt_bytes(st['bytes_read'] / max(st['tokens'], 1))}/token, "
                f"I/O {st['read_ns'] / 1e6:.1f} ms, stalled {st['stall_ns'] / 1e6:.1f} ms, "
-               f"compute {st['compute_ns'] / 1e6:.1f} ms", err=True)
+               f"compute {st['compute_ns'] / 1e6:.1f} ms; {chosen[1]} eviction", err=True)
     if st["predicted"]:
-        click.echo(f"prediction ({predictor}): {st['predicted_hits'] / st['predicted']:.1%} of chosen experts "
+        click.echo(f"prediction ({chosen[0]}): {st['predicted_hits'] / st['predicted']:.1%} of chosen experts "
                    f"predicted; prefetches {st['prefetch_issued']} issued, {st['prefetch_used']} used, "
                    f"{st['prefetch_wasted']} evicted or cancelled unused", err=True)
 

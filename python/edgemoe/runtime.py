@@ -24,8 +24,10 @@ class EdgeMoEError(RuntimeError):
         super().__init__(message)
 
 
-PREDICTORS = {"none": 0, "path-table": 1, "next-router": 2, "wrong": 3, "fitted-router": 4}
-EVICTIONS = {"lru": 0, "fifo": 1, "edgemoe": 2}
+# "auto" (the default): fitted-router and EdgeMoE eviction where the artifact has a routing
+# profile, else next-router and LRU; Session.info says what was chosen.
+PREDICTORS = {"none": 0, "path-table": 1, "next-router": 2, "wrong": 3, "fitted-router": 4, "auto": 5}
+EVICTIONS = {"lru": 0, "fifo": 1, "edgemoe": 2, "auto": 3}
 STORAGES = {"pread": 0, "mmap": 1}
 
 
@@ -50,7 +52,8 @@ class _Stats(ctypes.Structure):
 class _Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint32) for n in ("vocab_size", "hidden_size", "num_layers", "num_experts", "top_k",
                                                "max_seq")] + [("bos_token_id", ctypes.c_int32),
-                                                              ("eos_token_id", ctypes.c_int32)]
+                                                              ("eos_token_id", ctypes.c_int32),
+                                                              ("predictor", ctypes.c_int), ("eviction", ctypes.c_int)]
 
 
 def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR, target=None) -> Path:
@@ -124,14 +127,15 @@ class Session:
     memory_budget: bytes for everything the runtime allocates (0 = every expert resident).
     storage: "pread" (direct_io: O_DIRECT) or "mmap"; emulate=(bandwidth B/s, latency s) stretches
     each expert read to that device's speed. loader_thread reads experts on a second thread, which
-    prefetching needs; predictor: none, path-table, next-router or wrong (a test of robustness);
-    eviction: lru, fifo or edgemoe.
+    prefetching needs; predictor: auto, none, path-table, next-router, fitted-router or wrong (a test
+    of robustness); eviction: auto, lru, fifo or edgemoe. info["predictor"] and info["eviction"]
+    name the ones in use.
     """
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
                  storage: str = "pread", direct_io: bool = False, emulate: tuple[float, float] | None = None,
-                 loader_thread: bool = True, predictor: str = "next-router", prefetch_experts: int = 0,
-                 eviction: str = "lru", threads: int = 1):
+                 loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
+                 eviction: str = "auto", threads: int = 1):
         self._h = None
         self._lib = library()
         bandwidth, latency = emulate or (0.0, 0.0)
@@ -147,6 +151,8 @@ class Session:
         info = _Info()
         self._lib.em_model_info_get(self._h, ctypes.byref(info))
         self.info = {n: getattr(info, n) for n, _ in _Info._fields_}
+        self.info["predictor"] = {v: k for k, v in PREDICTORS.items()}[info.predictor]
+        self.info["eviction"] = {v: k for k, v in EVICTIONS.items()}[info.eviction]
 
     def _check(self, rc: int) -> None:
         if rc:

@@ -29,7 +29,8 @@ typedef struct em_session em_session;
 typedef enum {
   EM_EVICT_LRU = 0,     /* least recently used */
   EM_EVICT_FIFO = 1,    /* first loaded */
-  EM_EVICT_EDGEMOE = 2  /* EdgeMoE: highest -f(i,j) / ((S - i + I) mod S) first */
+  EM_EVICT_EDGEMOE = 2, /* EdgeMoE: highest -f(i,j) / ((S - i + I) mod S) first */
+  EM_EVICT_AUTO = 3     /* EdgeMoE where the artifact has expert frequencies, else LRU (the default) */
 } em_eviction;
 
 typedef enum {
@@ -37,7 +38,9 @@ typedef enum {
   EM_PREDICT_PATH_TABLE = 1,  /* the paper's table: next-layer expert probabilities given this layer's experts */
   EM_PREDICT_NEXT_ROUTER = 2, /* the next layer's router applied to the current hidden state */
   EM_PREDICT_WRONG = 3,       /* the experts the next router ranks lowest: for testing that output never depends on it */
-  EM_PREDICT_FITTED_ROUTER = 4 /* a linear map fitted on calibration text from the current state to the next router's logits */
+  EM_PREDICT_FITTED_ROUTER = 4, /* a linear map fitted on calibration text to the next router's logits, from the
+                                   current state and the next layer's input at the previous token */
+  EM_PREDICT_AUTO = 5           /* fitted-router where the artifact has its tables, else next-router (the default) */
 } em_predictor;
 
 typedef enum {
@@ -84,6 +87,8 @@ typedef struct {
 typedef struct {
   uint32_t vocab_size, hidden_size, num_layers, num_experts, top_k, max_seq;
   int32_t bos_token_id, eos_token_id;
+  em_predictor predictor; /* in use, after resolving EM_PREDICT_AUTO (none without a loader thread) */
+  em_eviction eviction;   /* in use, after resolving EM_EVICT_AUTO */
 } em_model_info;
 
 void em_default_params(em_params* p);

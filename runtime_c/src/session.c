@@ -46,7 +46,8 @@ struct em_session {
   int loader_ready;
   em_arena arena;
   em_pool* pool; /* compute threads for the kernels' parallel loops */
-  em_predictor predictor;
+  em_predictor predictor; /* resolved: never EM_PREDICT_AUTO */
+  em_eviction eviction;   /* resolved: never EM_EVICT_AUTO */
   uint32_t n_predict;     /* experts prefetched per layer */
   const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
   const float* frequency;  /* [layers][experts] */
@@ -175,8 +176,8 @@ void em_default_params(em_params* p) {
   memset(p, 0, sizeof *p);
   p->verify_checksums = 1;
   p->loader_thread = 1;
-  p->predictor = EM_PREDICT_NEXT_ROUTER;
-  p->eviction = EM_EVICT_LRU;
+  p->predictor = EM_PREDICT_AUTO;
+  p->eviction = EM_EVICT_AUTO;
 }
 
 typedef struct {
@@ -500,7 +501,12 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
 
   rc = load_trunk(s, ap.trunk);
-  if (!rc && s->predictor == EM_PREDICT_FITTED_ROUTER && !(s->fitted_router && s->fitted_prev && s->fitted_bias)) {
+  /* The defaults: the best predictor and eviction the artifact's routing profile allows
+     (docs/BENCHMARKS.md §§3-4). */
+  int has_fit = s->fitted_router && s->fitted_prev && s->fitted_bias;
+  if (s->predictor == EM_PREDICT_AUTO) s->predictor = has_fit ? EM_PREDICT_FITTED_ROUTER : EM_PREDICT_NEXT_ROUTER;
+  s->eviction = params->eviction == EM_EVICT_AUTO ? (s->frequency ? EM_EVICT_EDGEMOE : EM_EVICT_LRU) : params->eviction;
+  if (!rc && s->predictor == EM_PREDICT_FITTED_ROUTER && !has_fit) {
     snprintf(s->err, ERR_LEN, "the fitted-router predictor needs the routing profile of this version: compile with "
              "calibration text (--calibration)");
     rc = EM_ERR_ARGUMENT;
@@ -509,12 +515,12 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     snprintf(s->err, ERR_LEN, "the path-table predictor needs the routing profile: compile with calibration text (--calibration)");
     rc = EM_ERR_ARGUMENT;
   }
-  if (!rc && params->eviction == EM_EVICT_EDGEMOE && !s->frequency) {
+  if (!rc && s->eviction == EM_EVICT_EDGEMOE && !s->frequency) {
     snprintf(s->err, ERR_LEN, "EdgeMoE eviction needs expert frequencies: compile with calibration text (--calibration)");
     rc = EM_ERR_ARGUMENT;
   }
   em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, p.classes, p.n_classes, record_class, meta,
-                th->layers, th->experts, params->eviction, s->frequency);
+                th->layers, th->experts, s->eviction, s->frequency);
   if (!rc) rc = em_kernels_load(&s->k, ap.kernels, s->err, ERR_LEN);
   if (!rc && !(s->experts = em_storage_open(params, ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
   for (uint32_t i = 0; !rc && i < s->ih.n_records; i++) {
@@ -825,6 +831,8 @@ int em_model_info_get(const em_session* s, em_model_info* out) {
   out->max_seq = s->max_seq;
   out->bos_token_id = s->th.bos;
   out->eos_token_id = s->th.eos;
+  out->predictor = s->predictor;
+  out->eviction = s->eviction;
   return EM_OK;
 }
 

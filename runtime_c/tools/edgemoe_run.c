@@ -1,6 +1,6 @@
 /* edgemoe_run: greedy generation from token ids on the device, no Python.
  *   edgemoe_run ARTIFACT_DIR --tokens 1,2,3 [-n 64] [--budget BYTES] [--max-seq N] [--no-verify]
- *               [--predictor none|path-table|next-router|wrong] [--eviction lru|fifo|edgemoe]
+ *               [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]
  *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]
  * Prints the generated token ids on one line, then the statistics as key=value lines. */
 #include <stdio.h>
@@ -13,7 +13,7 @@
 static int usage(void) {
   fprintf(stderr,
           "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget BYTES] [--max-seq N] [--no-verify]\n"
-          "       [--predictor none|path-table|next-router|fitted-router|wrong] [--eviction lru|fifo|edgemoe]\n"
+          "       [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]\n"
           "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]\n");
   return 2;
 }
@@ -83,13 +83,13 @@ int main(int argc, char** argv) {
       p.emulate_bandwidth = mbps * 1e6;
       p.emulate_latency = ms * 1e-3;
     } else if (!strcmp(argv[i], "--predictor") && i + 1 < argc) {
-      static const char* const names[] = {"none", "path-table", "next-router", "wrong", "fitted-router"};
-      int v = lookup(argv[++i], names, 5);
+      static const char* const names[] = {"none", "path-table", "next-router", "wrong", "fitted-router", "auto"};
+      int v = lookup(argv[++i], names, 6);
       if (v < 0) return usage();
       p.predictor = (em_predictor)v;
     } else if (!strcmp(argv[i], "--eviction") && i + 1 < argc) {
-      static const char* const names[] = {"lru", "fifo", "edgemoe"};
-      int v = lookup(argv[++i], names, 3);
+      static const char* const names[] = {"lru", "fifo", "edgemoe", "auto"};
+      int v = lookup(argv[++i], names, 4);
       if (v < 0) return usage();
       p.eviction = (em_eviction)v;
     } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
