@@ -11,8 +11,8 @@ matrix). Columns are rounded left to right and each column's rounding error is s
 columns not yet rounded, in proportion to how the inputs correlate (GPTQ: Frantar et al., "GPTQ:
 Accurate Post-Training Quantization for Generative Pre-trained Transformers", ICLR 2023); a
 group's scale is chosen when its first column is reached, weighting each input by its mean square.
-Measured on the bundled model (docs/BENCHMARKS.md §5): WikiText-2 perplexity loss of all experts at
-INT2 +14.0% (max|w| scales) → +9.6% (scale search) → +4.0% (calibrated); INT4 +0.78% → +0.51%.
+Measured on the bundled model (docs/BENCHMARKS.md §5): WikiText-2 perplexity change with all experts
+at INT2 +14.0% (max|w| scales) → +9.7% (scale search) → +3.7% (calibrated); INT4 +0.78% → −0.20%.
 """
 from __future__ import annotations
 
