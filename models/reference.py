@@ -136,13 +136,16 @@ class ReferenceExecutor:
         return out, np.stack(all_logits)
 
 
-def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = None, first_layer: int = 0,
+                     hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Whole-sequence causal forward pass (batched, for profiling and perplexity).
 
     Returns (logits [T, vocab], selected experts [T, layers, top_k]); numerically the same model
     as ReferenceExecutor.step, computed as matrix products over the sequence. With a `trace` dict,
     also records the token embeddings ("embed" [T, H]), each layer's normalised MoE input
     ("ffn_in"), output ("layer_out") and router logits ("router_logits"), [T, ...] per layer.
+    With first_layer > 0, starts there from `hidden` (the residual stream entering that layer: the
+    "layer_out" of the one before); the earlier layers' selected experts are left zero.
     """
     cfg = model.config
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -152,11 +155,12 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
     cos, sin = rope_tables(cfg, T)
     group = cfg.num_heads // cfg.num_kv_heads
     mask = np.triu(np.full((T, T), -np.inf, np.float32), k=1)
-    x = model.embed[tokens].astype(np.float32)
+    x = model.embed[tokens].astype(np.float32) if first_layer == 0 else hidden
     selected = np.zeros((T, cfg.num_layers, cfg.top_k), np.int32)
     if trace is not None:
         trace.update(embed=x, ffn_in=[], layer_out=[], router_logits=[])
-    for li, layer in enumerate(model.layers):
+    for li in range(first_layer, cfg.num_layers):
+        layer = model.layers[li]
         xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), model.trunk_act_group)
         q = (xn @ layer.wq.T).reshape(T, cfg.num_heads, d)
         k = (xn @ layer.wk.T).reshape(T, cfg.num_kv_heads, d)

@@ -75,3 +75,14 @@ def test_image_size_formula_matches_the_written_image(bits, rng, tmp_path):
     records = write_image(tmp_path / "e.bin", experts, hidden, inter, group)
     assert all(r.length == record_length(hidden, inter, bits, group) for r in records)
     assert (tmp_path / "e.bin").stat().st_size == image_bytes([[bits] * 3], hidden, inter, group)
+
+
+def test_loss_from_a_layer_equals_the_whole_run(small_model, text_tokens):
+    """Sensitivities reuse the base plan's layer inputs below the changed layer: same value."""
+    ev = PlanEvaluator(small_model, text_tokens[:300])
+    base = uniform(small_model, 4)
+    inputs = ev.layer_inputs(base)
+    for layer in range(small_model.config.num_layers):
+        plan = [row[:] for row in base]
+        plan[layer][1] = 2
+        assert ev.loss_from(plan, layer, inputs) == ev.loss(plan)

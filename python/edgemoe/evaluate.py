@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+WINDOW = 256  # tokens per non-overlapping scoring window
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Negative log-likelihood of each target under each row of logits."""
     m = logits.max(axis=-1, keepdims=True)
     logz = np.log(np.exp(logits - m).sum(axis=-1)) + m[:, 0]
@@ -21,19 +24,19 @@ def windows(tokens: list[int] | np.ndarray, window: int) -> list[np.ndarray]:
     return [t[i : i + window] for i in range(0, len(t) - 1, window) if len(t[i : i + window]) > 1]
 
 
-def perplexity_reference(model, tokens, window: int = 256, progress=None) -> dict:
+def perplexity_reference(model, tokens, window: int = WINDOW, progress=None) -> dict:
     """Perplexity of a MoEModel (float or with dequantized experts) with the batched NumPy reference."""
     from .models.reference import forward_sequence
 
     total, count = 0.0, 0
     for w in progress(windows(tokens, window)) if progress else windows(tokens, window):
         logits, _ = forward_sequence(model, w)
-        total += float(_nll(logits[:-1], w[1:]).sum())
+        total += float(token_nll(logits[:-1], w[1:]).sum())
         count += len(w) - 1
     return {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count)}
 
 
-def perplexity_artifact(artifact: Path, tokens, window: int = 256, progress=None, **session_kw) -> dict:
+def perplexity_artifact(artifact: Path, tokens, window: int = WINDOW, progress=None, **session_kw) -> dict:
     """Perplexity of a compiled artifact, token by token through the C runtime."""
     from .runtime import Session
 
@@ -42,7 +45,7 @@ def perplexity_artifact(artifact: Path, tokens, window: int = 256, progress=None
         for w in progress(windows(tokens, window)) if progress else windows(tokens, window):
             s.reset()
             logits = np.stack([s.decode_step(int(t)) for t in w[:-1]])
-            total += float(_nll(logits, w[1:]).sum())
+            total += float(token_nll(logits, w[1:]).sum())
             count += len(w) - 1
     return {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count)}
 
