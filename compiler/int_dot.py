@@ -9,7 +9,8 @@ instead quantize the input vector once per call to int8, one scale per group of 
 
 where u are the unsigned codes and c their centre (quantize.py's tiles layout). The inner sum is
 AVX-512 VNNI's `vpdpbusd` (64 byte products, summed four at a time into 16 int32 lanes): for a
-tile of 16 rows it takes one vector of words per 4, 8 or 16 columns (INT8/4/2), masked to bytes.
+tile of 16 rows it takes one vector of words per 4, 8 or 16 columns (INT8/4/2), masked to bytes
+(INT3: a vector of each plane's words, the high plane's bit shifted above the low plane's two).
 c · Σ q depends on the group alone, so it is computed once per call, not per row. On Arm
 (`dotprod`: Cortex-A76/A78/X1 and later) the instruction is `sdot`, signed × signed over 4 int32
 lanes: a tile is done as four vectors of 4 rows, and 8-bit codes are flipped to signed bytes
@@ -32,7 +33,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..models import MoEConfig
-from .quantize import TILE_ROWS, code_centre
+from .quantize import TILE_ROWS, code_centre, planes
 
 
 
@@ -91,25 +92,37 @@ def centre(isa: Isa, bits: int) -> float:
     return 0.0 if bits == 8 and isa.signed_codes else code_centre(bits, "tiles")
 
 
-def _group_dot(isa: Isa, W, X4, t, g, sub: int, bits: int, group: int):
+def _group_dot(isa: Isa, W, X4, t, g, sub: int, bits: int, group: int, k: int):
     """int32 × lanes: Σ over the columns of group g of code · q, for rows sub·lanes … of tile t.
-    Two independent accumulation chains keep the instruction's latency off the critical path."""
-    per, fields, lanes = 32 // bits, 8 // bits, isa.lanes
-    words = group // per
-    mask = 0xFFFFFFFF if bits == 8 else ((1 << bits) - 1) * 0x01010101
+    Each step takes 4 consecutive columns: one byte of each lane's word, masked out of its bit
+    field (for INT3, the low plane's field with the high plane's bit above it). Two independent
+    accumulation chains keep the instruction's latency off the critical path."""
+    lanes = isa.lanes
     chains: list = [_vec(0, "int32", lanes), _vec(0, "int32", lanes)]
-    n = 0
-    for w in range(words):
-        word = W.vload([t, g * words + w, sub * lanes], f"uint32x{lanes}")
-        for j in range(fields):
-            if bits == 8:
-                codes = word ^ _vec(0x80808080, "uint32", lanes) if isa.signed_codes else word
+    words: dict = {}
+
+    def word(first, b, index):  # word `index` of group g in the b-bit plane starting at word `first`
+        if (first, index) not in words:
+            words[first, index] = W.vload([t, first + g * (group * b // 32) + index, sub * lanes], f"uint32x{lanes}")
+        return words[first, index]
+
+    for quad in range(group // 4):
+        col = 4 * quad  # within the group
+        codes, first, low = None, 0, 0
+        for b in planes(bits):
+            per = 32 // b
+            w = word(first, b, col // per)
+            if b == 8:
+                field = w ^ _vec(0x80808080, "uint32", lanes) if isa.signed_codes else w
             else:
-                codes = (word >> _vec(j * bits, "uint32", lanes)) & _vec(mask, "uint32", lanes)
-            # 4 input codes (columns w·p + 4j … + 3 of the group), as one int32, to every lane
-            act = tirx.Broadcast(X4[g * (group // 4) + w * (per // 4) + j], lanes)
-            chains[n % 2] = _dot4(isa, chains[n % 2], codes, act)
-            n += 1
+                mask = _vec(((1 << b) - 1) * 0x01010101, "uint32", lanes)
+                field = (w >> _vec(col % per // 4 * b, "uint32", lanes)) & mask
+            if low:
+                field = field << _vec(low, "uint32", lanes)
+            codes = field if codes is None else codes | field
+            first, low = first + k * b // 32, low + b
+        # the 4 input codes of these columns, as one int32, to every lane
+        chains[quad % 2] = _dot4(isa, chains[quad % 2], codes, tirx.Broadcast(X4[g * (group // 4) + quad], lanes))
     return chains[0] + chains[1]
 
 
@@ -166,7 +179,7 @@ def _accumulate(isa: Isa, bits: int, group: int, ng: int):
     f32, f16 = f"float32x{lanes}", f"float16x{lanes}"
 
     def dot(W, X4, t, g, sub):
-        return _group_dot(isa, W, X4, t, g, sub, bits, group)
+        return _group_dot(isa, W, X4, t, g, sub, bits, group, ng * group)
 
     @T.macro
     def body(out, W, S, X4, xs, xc, t):

@@ -11,7 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave
+from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave, planes
 
 F32 = "float32"
 
@@ -107,8 +107,9 @@ def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int
         rt, ri = te.reduce_axis((0, k // lanes), name=name + "_t"), te.reduce_axis((0, lanes), name=name + "_i")
         return lambda row: te.sum(packed[row, rt * lanes + ri].astype(F32) *
                                   scales[row, rt * lanes // group].astype(F32) * vec[rt * lanes + ri], axis=[rt, ri])
-    per, lanes = 32 // bits, interleave(bits, k, group)
-    mask = tvm.tirx.const((1 << bits) - 1, "uint32")
+    # column rt·L·p + rj·L + ri, p the codes per word of the narrowest plane (quantize.planes); a
+    # plane of b bits holds it in word rt·L·p/per_b + rj // per_b · L + ri at bit (rj % per_b)·b
+    lanes, per = interleave(bits, k, group), 32 // min(planes(bits))
     centre = tvm.tirx.const(code_centre(bits), F32)
     rt = te.reduce_axis((0, k // (lanes * per)), name=name + "_t")
     rj = te.reduce_axis((0, per), name=name + "_j")
@@ -116,7 +117,15 @@ def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int
 
     def dot(row):
         col = rt * (lanes * per) + rj * lanes  # first column of this vector of `lanes` codes
-        code = (packed[row, rt * lanes + ri] >> (rj * bits).astype("uint32")) & mask
+        code, first, low = None, 0, 0
+        for b in planes(bits):
+            per_b = 32 // b
+            block = rt if per_b == per else rt * (per // per_b) + rj // per_b
+            field = rj if per_b == per else rj % per_b
+            part = (packed[row, first + block * lanes + ri] >> (field * b).astype("uint32")) & \
+                tvm.tirx.const((1 << b) - 1, "uint32")
+            code = part if code is None else code | (part << tvm.tirx.const(low, "uint32"))
+            first, low = first + k * b // 32, low + b
         w = (code.astype("int32").astype(F32) - centre) * scales[row, col // group].astype(F32)
         return te.sum(w * vec[col + ri], axis=[rt, rj, ri])
 

@@ -16,6 +16,14 @@ minimises the output error) is rounding.py's part; this module stores the result
   the kernel's SIMD lanes multiply contiguous activations and never gather (measured in
   docs/BENCHMARKS.md against the plain order, column k in word k // p).
 
+* 3 bits: codes u in [0, 7] (centre 3.5) do not divide a word, so they are stored as two bit
+  planes (planes()), each packed exactly as a matrix of its own width: the low two bits of every
+  code as INT2 codes, then the high bit as INT1 codes, u = low + 4·high. The words of the low
+  plane come first along a row (rows) or a tile (tiles), then those of the high plane; both
+  planes of a rows-layout matrix use the one interleave of the narrower plane, so word i of a
+  block holds column i in both. 3 bits per weight exactly, and a kernel reads both planes with
+  the same vector loads as INT2 and INT1 would.
+
 * 16 bits: the weights as float16 [N, K], no scales (no quantization beyond the cast).
 
 That is the "rows" layout, read by the kernels that dequantize to float in registers. The
@@ -38,7 +46,7 @@ import numpy as np
 
 from .rounding import round_to_levels
 
-SUPPORTED_BITS = (2, 4, 8, 16)  # 16: float16 weights
+SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16: float16 weights
 DEFAULT_GROUP = 32
 # The trunk's matrices (attention projections, embedding / LM head) are stored at this many bits
 # unless told otherwise; 32 keeps them float32. The router and norms always stay float32: they are
@@ -48,12 +56,18 @@ DEFAULT_TRUNK_BITS = 8
 MAX_INTERLEAVE = 16  # words: one 512-bit vector of uint32; narrower SIMD splits it into several loads
 
 
+def planes(bits: int) -> tuple[int, ...]:
+    """The bit planes a `bits`-wide code is stored as, least significant first: (bits,) for every
+    width that divides a word, (2, 1) for 3 bits."""
+    return (2, 1) if bits == 3 else (bits,)
+
+
 def interleave(bits: int, k: int, group: int) -> int:
     """Words per interleaved block for a row of k codes at `bits` < 8: the widest L <= 16 with
-    L dividing the group (a block's L consecutive columns share one scale) and L·(32/bits)
-    dividing k. At 8 bits (one int8 code per column, plain order) the same rule gives the
-    kernel's vector width."""
-    per = 1 if bits == 8 else 32 // bits
+    L dividing the group (a block's L consecutive columns share one scale) and L·(32/b)
+    dividing k, b the narrowest plane. At 8 bits (one int8 code per column, plain order) the
+    same rule gives the kernel's vector width."""
+    per = 1 if bits == 8 else 32 // min(planes(bits))
     lanes = MAX_INTERLEAVE
     while lanes > 1 and (group % lanes or k % (lanes * per)):
         lanes //= 2
@@ -74,8 +88,9 @@ def code_centre(bits: int, layout: str = "rows") -> float:
 
 def tiles_fit(n: int, k: int, bits: int, group: int) -> bool:
     """Whether an [n, k] matrix can be stored in the tiles layout: whole tiles of rows, and each
-    group made of whole words."""
-    return bits <= 8 and n % TILE_ROWS == 0 and group % (32 // bits) == 0 and group % 4 == 0 and k % group == 0
+    group made of whole words of every plane."""
+    return (bits <= 8 and n % TILE_ROWS == 0 and group % (32 // min(planes(bits))) == 0 and group % 4 == 0
+            and k % group == 0)
 
 
 @dataclass
@@ -98,19 +113,17 @@ class QuantizedMatrix:
     def codes(self) -> np.ndarray:
         """The stored integer codes [N, K] (signed at 8 bits in the rows layout, unsigned otherwise)."""
         n, k = self.shape
-        if self.layout == "tiles":
-            per, fields = 32 // self.bits, 8 // self.bits
-            shifts = (np.arange(fields, dtype=np.uint32)[:, None] * self.bits + np.arange(4, dtype=np.uint32)[None] * 8)
-            words = self.packed.transpose(0, 2, 1)[..., None, None]  # [tile, row, word, field, byte]
-            u = (words >> shifts) & np.uint32((1 << self.bits) - 1)
-            return u.reshape(n, k).astype(np.int32)
-        if self.bits == 8:
+        if self.layout == "rows" and self.bits == 8:
             return self.packed.astype(np.int32)
-        per, lanes = 32 // self.bits, interleave(self.bits, k, self.group)
-        shifts = (np.arange(per, dtype=np.uint32) * self.bits)[None, None, :, None]
-        words = self.packed.reshape(n, k // (lanes * per), 1, lanes)  # [row, block, ., word]
-        u = (words >> shifts) & np.uint32((1 << self.bits) - 1)  # [row, block, shift, word]
-        return u.reshape(n, k).astype(np.int32)
+        u, first, low = np.zeros((n, k), np.int32), 0, 0
+        for b in planes(self.bits):
+            words = k * b // 32
+            if self.layout == "tiles":
+                u += _unpack_tiles(self.packed[:, first : first + words], b) << low
+            else:
+                u += _unpack_rows(self.packed[:, first : first + words], b, interleave(self.bits, k, self.group)) << low
+            first, low = first + words, low + b
+        return u
 
     def row_scales(self) -> np.ndarray:
         """float16 [N, K / group] whatever the layout."""
@@ -145,35 +158,58 @@ def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP, layout: str =
         if layout != "rows":
             raise ValueError("float16 weights are stored in the rows layout only")
         return QuantizedMatrix(16, group, np.ascontiguousarray(w, dtype=np.float16), np.zeros((n, 0), np.float16))
-    if k % group or (k * bits) % 32:
-        raise ValueError(f"input size {k} must be a multiple of the group size {group} and of {32 // bits}")
+    per = 32 // min(planes(bits))
+    if k % group or k % per:
+        raise ValueError(f"input size {k} must be a multiple of the group size {group} and of {per}")
     if layout == "tiles" and not tiles_fit(n, k, bits, group):
         raise ValueError(f"a [{n}, {k}] matrix at {bits} bits, group {group}, does not fit the tiles layout "
                          f"(rows a multiple of {TILE_ROWS}, groups of whole words)")
     scales, levels = round_to_levels(w, bits, group, gram)
     if layout == "tiles":
-        u = (levels + code_centre(bits, layout)).astype(np.uint32)
-        return QuantizedMatrix(bits, group, _pack_tiles(u, bits),
-                               np.ascontiguousarray(scales.reshape(n // TILE_ROWS, TILE_ROWS, -1).transpose(0, 2, 1)),
-                               layout)
-    if bits == 8:
+        scales = scales.reshape(n // TILE_ROWS, TILE_ROWS, -1).transpose(0, 2, 1)
+    elif bits == 8:
         return QuantizedMatrix(bits, group, levels.astype(np.int8), np.ascontiguousarray(scales))
-    u = (levels + code_centre(bits)).astype(np.uint32)
-    per, lanes = 32 // bits, interleave(bits, k, group)
+    u = (levels + code_centre(bits, layout)).astype(np.uint32)
+    words, low = [], 0
+    for b in planes(bits):
+        plane = (u >> np.uint32(low)) & np.uint32((1 << b) - 1)
+        words.append(_pack_tiles(plane, b) if layout == "tiles" else _pack_rows(plane, b, interleave(bits, k, group)))
+        low += b
+    return QuantizedMatrix(bits, group, np.ascontiguousarray(np.concatenate(words, axis=1)),
+                           np.ascontiguousarray(scales), layout)
+
+
+def _pack_rows(u: np.ndarray, bits: int, lanes: int) -> np.ndarray:
+    """Unsigned b-bit codes [N, K] into the rows layout's words [N, K·b/32], interleaved over `lanes`."""
+    n, k = u.shape
+    per = 32 // bits
     shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :, None]
     blocks = u.reshape(n, k // (lanes * per), per, lanes) << shifts  # [row, block, shift, word]
-    packed = np.bitwise_or.reduce(blocks, axis=2).reshape(n, k // per).astype(np.uint32)
-    return QuantizedMatrix(bits, group, np.ascontiguousarray(packed), np.ascontiguousarray(scales))
+    return np.bitwise_or.reduce(blocks, axis=2).reshape(n, k // per).astype(np.uint32)
+
+
+def _unpack_rows(words: np.ndarray, bits: int, lanes: int) -> np.ndarray:
+    n, per = words.shape[0], 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :, None]
+    u = (words.reshape(n, -1, 1, lanes) >> shifts) & np.uint32((1 << bits) - 1)  # [row, block, shift, word]
+    return u.reshape(n, -1).astype(np.int32)
 
 
 def _pack_tiles(u: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned codes [N, K] into the tiles layout's words [N/16, K·bits/32, 16]."""
+    """Unsigned b-bit codes [N, K] into the tiles layout's words [N/16, K·b/32, 16]."""
     n, k = u.shape
     per, fields = 32 // bits, 8 // bits
     by_field = u.reshape(n, k // per, fields, 4)  # [row, word, field j, byte m]: column word·p + 4j + m
     shifts = np.arange(fields, dtype=np.uint32)[:, None] * bits + np.arange(4, dtype=np.uint32)[None] * 8
     words = np.bitwise_or.reduce((by_field << shifts).reshape(n, k // per, -1), axis=2).astype(np.uint32)
     return np.ascontiguousarray(words.reshape(n // TILE_ROWS, TILE_ROWS, k // per).transpose(0, 2, 1))
+
+
+def _unpack_tiles(words: np.ndarray, bits: int) -> np.ndarray:
+    fields = 8 // bits
+    shifts = np.arange(fields, dtype=np.uint32)[:, None] * bits + np.arange(4, dtype=np.uint32)[None] * 8
+    u = (words.transpose(0, 2, 1)[..., None, None] >> shifts) & np.uint32((1 << bits) - 1)  # [tile, row, word, field, byte]
+    return u.reshape(words.shape[0] * TILE_ROWS, -1).astype(np.int32)
 
 
 def check_trunk_bits(bits: int) -> None:

@@ -37,7 +37,8 @@ def arm_runtime():
 @pytest.mark.parametrize("target,int_dot,layout", [("rpi4", None, "tiles"), ("rpi4", False, "rows"),
                                                   ("rpi5", None, "tiles")])
 def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tmp_path, target, int_dot, layout):
-    compile_model(TRAINED_MODEL, tmp_path, CompileOptions(target=target, expert_bits=4, max_seq=128, int_dot=int_dot),
+    plan = [[(2, 3, 4, 8)[(layer + e) % 4] for e in range(8)] for layer in range(6)]  # every expert width
+    compile_model(TRAINED_MODEL, tmp_path, CompileOptions(target=target, bit_plan=plan, max_seq=128, int_dot=int_dot),
                   log=lambda m: None)
     ref = ReferenceExecutor(artifact_model(trained_model, tmp_path), 128)
     assert json.loads((tmp_path / "manifest.json").read_text())["quantization"]["layout"] == layout

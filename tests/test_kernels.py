@@ -17,7 +17,7 @@ CFG = MoEConfig("mixtral", vocab_size=300, hidden_size=128, num_layers=1, num_he
 @pytest.fixture(scope="module", params=["default", 4, 64], ids=lambda p: f"lanes-{p}")
 def mod(request):
     """The kernels with the hand default schedule and with the tuner's extreme lane counts."""
-    funcs = kernels.decode_kernels(CFG, [2, 4, 8, 16], 32, trunk_bits=32)
+    funcs = kernels.decode_kernels(CFG, [2, 3, 4, 8, 16], 32, trunk_bits=32)
     lanes = None if request.param == "default" else {n: request.param for n in funcs}
     return tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=load_target("host").tvm()).mod
 
@@ -92,7 +92,7 @@ def weight_args(q):
     return [q.packed] if q.bits == 16 else [q.packed, q.scales]
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
 def test_expert_kernels_fuse_dequantization(mod, rng, bits):
     g, u = (quantize(f32(rng, 96, 128) * 0.05, bits) for _ in range(2))
     d = quantize(f32(rng, 128, 96) * 0.05, bits)
@@ -121,7 +121,7 @@ def int_dot_mod(request):
     target = load_target(request.param)
     if not runs_here(target):
         pytest.skip(f"integer-dot kernels for {request.param} cannot run on this CPU")
-    funcs = kernels.decode_kernels(CFG_TILES, [2, 4, 8], 32, trunk_bits=8, layout="tiles", target=target.tvm())
+    funcs = kernels.decode_kernels(CFG_TILES, [2, 3, 4, 8], 32, trunk_bits=8, layout="tiles", target=target.tvm())
     return tvm.compile(schedule(tvm.IRModule(funcs)), target=target.tvm()).mod
 
 
@@ -131,7 +131,7 @@ CFG_TILES = MoEConfig("mixtral", vocab_size=320, hidden_size=128, num_layers=1, 
                       rope_theta=10000.0, norm_eps=1e-5)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_int_dot_expert_kernels(int_dot_mod, rng, bits):
     """Against NumPy on the same codes with the input rounded to int8 as the kernel does: equal up
     to float summation order."""
@@ -158,7 +158,7 @@ def test_int_dot_trunk_matvec(int_dot_mod, rng, name, rows, residual):
 
 
 def test_tiles_layout_holds_the_same_weights(rng):
-    for bits in (2, 4, 8):
+    for bits in (2, 3, 4, 8):
         w = f32(rng, 48, 64)
         assert np.array_equal(quantize(w, bits).dequantize(), quantize(w, bits, layout="tiles").dequantize())
     with pytest.raises(ValueError, match="tiles layout"):

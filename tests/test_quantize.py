@@ -5,7 +5,7 @@ import pytest
 from edgemoe.compiler.quantize import interleave, quantize
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_round_trip_rounds_to_the_nearest_level_within_the_clip(bits, rng):
     w = (rng.standard_normal((48, 128)) * 0.05).astype(np.float32)
     q = quantize(w, bits, 32)
@@ -20,7 +20,7 @@ def test_round_trip_rounds_to_the_nearest_level_within_the_clip(bits, rng):
     assert codes.min() >= lo and codes.max() <= hi
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_searched_scales_never_lose_to_the_max_scale(bits, rng):
     """Each group's squared error is at most that of s = max|w| / top level (computed here
     independently); at 2 bits clipping the largest weights cuts the error substantially."""
@@ -55,6 +55,37 @@ def test_int4_packing_is_interleaved(k, lanes):
     assert np.isclose(q.dequantize()[1, 5], 7.5 * float(q.scales[1, 0]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["rows", "tiles"])
+def test_int3_codes_are_two_bit_planes(layout):
+    """INT3: the low two bits of each code packed as an INT2 matrix, then the high bit as an INT1
+    matrix; rows: both planes interleaved over L = interleave(3) words (column t·L·p + j·L + i in
+    word t·L + i at bit j·b); tiles: byte m, field j of word w holds column w·p + 4j + m."""
+    rng = np.random.default_rng(3)
+    k = 320
+    w = rng.standard_normal((16, k)).astype(np.float32)
+    q = quantize(w, 3, 32, layout)
+    codes = q.codes()
+    assert codes.min() == 0 and codes.max() == 7
+    lanes = interleave(3, k, 32)
+    assert lanes == 2  # 320 columns: blocks of L·32 must divide them
+    for row in range(16):
+        for col in range(k):
+            low, high = 0, 0
+            for b, first in ((2, 0), (1, k * 2 // 32)):
+                per = 32 // b
+                if layout == "rows":
+                    t, rest = divmod(col, per * lanes)
+                    j, i = divmod(rest, lanes)
+                    v = (int(q.packed[row, first + t * lanes + i]) >> (b * j)) & ((1 << b) - 1)
+                else:
+                    word, within = divmod(col, per)
+                    j, m = divmod(within, 4)
+                    v = (int(q.packed[row // 16, first + word, row % 16]) >> (8 * m + b * j)) & ((1 << b) - 1)
+                low, high = (v, high) if b == 2 else (low, v)
+            assert low + 4 * high == codes[row, col]
+    assert np.allclose(q.dequantize(), (codes - 3.5) * q.row_scales().astype(np.float32).repeat(32, axis=1))
+
+
 def test_int2_levels_are_symmetric():
     w = np.array([[-1.5, -0.5, 0.5, 1.5] * 8], np.float32)
     q = quantize(w, 2, 32)
@@ -65,5 +96,7 @@ def test_int2_levels_are_symmetric():
 def test_bad_shapes_and_bits_are_refused():
     with pytest.raises(ValueError, match="multiple of the group size"):
         quantize(np.zeros((4, 40), np.float32), 4, 32)
-    with pytest.raises(ValueError, match="unsupported expert bitwidth 3"):
-        quantize(np.zeros((4, 64), np.float32), 3, 32)
+    with pytest.raises(ValueError, match="unsupported expert bitwidth 5"):
+        quantize(np.zeros((4, 64), np.float32), 5, 32)
+    with pytest.raises(ValueError, match="multiple of the group size 16 and of 32"):
+        quantize(np.zeros((4, 48), np.float32), 3, 16)  # the high plane needs whole 32-column words

@@ -13,7 +13,7 @@ def correlated_inputs(rng, rows, k):
     return (rng.standard_normal((rows, 8)) @ basis + 0.3 * rng.standard_normal((rows, k))) * rng.uniform(0.2, 3, k)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_calibrated_rounding_cuts_the_output_error_on_unseen_inputs(bits, rng):
     k = 128
     w = (rng.standard_normal((64, k)) * 0.05).astype(np.float32)

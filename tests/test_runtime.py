@@ -149,12 +149,14 @@ def test_float16_experts_match_reference(tiny_mixtral_dir, tmp_path, rng, runtim
     assert_matches_reference(got, want, tmp_path, 1e-4)
 
 
-def test_mixed_bit_plan_matches_reference_and_uses_sized_slots(tiny_mixtral_dir, tmp_path, rng, runtime_lib):
-    plan = [[2, 4, 8, 4], [8, 2, 2, 4]]
-    compile_model(tiny_mixtral_dir, tmp_path, CompileOptions(bit_plan=plan, max_seq=64), log=lambda m: None)
+@pytest.mark.parametrize("int_dot", [None, False], ids=["tiles", "rows"])
+def test_mixed_bit_plan_matches_reference_and_uses_sized_slots(tiny_mixtral_dir, tmp_path, rng, runtime_lib, int_dot):
+    plan = [[2, 4, 8, 3], [8, 3, 2, 4]]
+    compile_model(tiny_mixtral_dir, tmp_path, CompileOptions(bit_plan=plan, max_seq=64, int_dot=int_dot),
+                  log=lambda m: None)
     _, records = read_table(tmp_path / "experts.bin")
     assert [r.bits for r in records] == [b for row in plan for b in row]
-    assert len({r.length for r in records}) == 3
+    assert len({r.length for r in records}) == 3  # INT2 and INT3 records both pad to 2 pages here
     ref = ReferenceExecutor(artifact_model(load_model(tiny_mixtral_dir), tmp_path), 64)
     tokens = rng.integers(0, 160, 40).tolist()
     want = np.stack([ref.step(t) for t in tokens])

@@ -37,7 +37,7 @@ def _percent(text: str) -> float:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Artifact directory to write.")
 @click.option("--target", default="host", show_default=True, help="Board description in targets/.")
-@click.option("--bits", "expert_bits", type=click.Choice(["2", "4", "8", "16"]), default="4", show_default=True,
+@click.option("--bits", "expert_bits", type=click.Choice(["2", "3", "4", "8", "16"]), default="4", show_default=True,
               help="Expert weight bitwidth (uniform; 16 = float16).")
 @click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
               help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
@@ -79,7 +79,7 @@ def _tuning_bar(jobs):
 @click.command("edgemoe-tune")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", default="host", show_default=True, help="Board description in targets/ (run it there).")
-@click.option("--bits", "bits_list", default="2,4,8", show_default=True, help="Expert bitwidths to tune kernels for.")
+@click.option("--bits", "bits_list", default="2,3,4,8", show_default=True, help="Expert bitwidths to tune kernels for.")
 @click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
               help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
 @click.option("--group", default=32, show_default=True)
@@ -235,7 +235,7 @@ def main():  # pragma: no cover - `python -m edgemoe.cli`
               help="Held-out text to score.")
 @click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Tokens of the text to score.")
 @click.option("--window", default=256, show_default=True, help="Context per window (non-overlapping).")
-@click.option("--bits", type=click.Choice(["2", "4", "8", "16"]), default=None,
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8", "16"]), default=None,
               help="For a model directory: score it with its experts quantized to this bitwidth (and the trunk "
                    "to --trunk-bits), as an artifact would store it.")
 @click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
