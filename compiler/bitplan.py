@@ -19,7 +19,7 @@ from ..evaluate import WINDOW, perplexity_reference, token_nll, windows
 from ..models.reference import forward_sequence
 from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, compiled_trunk, quantize
 
-LEVELS = (8, 4, 2)  # from the most to the least precise
+LEVELS = (8, 4, 3, 2)  # from the most to the least precise
 ROUNDING = "searched-scales/gptq-1"  # part of the sensitivity cache key: change it when rounding.py rounds differently
 
 
@@ -119,29 +119,56 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     return out
 
 
-def _lower_while_within(ev: PlanEvaluator, plan, order: list[tuple[int, int]], low: int, tolerance: float):
-    """The paper's search: the K least sensitive experts (in `order`) at `low`, the largest K whose
-    calibration loss stays within the tolerance (binary search; loss grows with K)."""
-    def with_k(k):
-        p = [row[:] for row in plan]
-        for l, e in order[:k]:
-            p[l][e] = low
-        return p
+BASE = 4  # sensitivities are measured one expert at a time with every other expert here (the paper's middle level)
 
-    lo, hi = 0, len(order)  # loss(with_k(lo)) is within tolerance
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ev.loss(with_k(mid)) <= tolerance:
-            lo = mid
-        else:
-            hi = mid - 1
-    return with_k(lo), lo
+
+def sensitivities(ev: PlanEvaluator, cache_dir: Path | None = None) -> dict[int, np.ndarray]:
+    """Bits → [layers, experts] loss change when that expert alone moves from BASE to those bits."""
+    return {b: sensitivity(ev, BASE, b, cache_dir) for b in LEVELS if b != BASE}
+
+
+def plan_path(sens: dict[int, np.ndarray]) -> tuple[list[list[int]], list[tuple[float, int, int, int]]]:
+    """The plans worth considering, from the most precise to the most compact: (start, moves).
+
+    Taking the measured sensitivities as additive, the plan that minimises loss + λ·bits for a
+    given λ puts each expert on the lower convex hull of its (bits, loss) points; as λ grows,
+    experts step down their hulls one move at a time, and every bit saved costs the least loss
+    there is left to pay for it. `start` (λ = 0) has each expert at its least-loss bitwidth (the
+    fewer bits on a tie); `moves` are (loss per bit saved, layer, expert, new bits) in the order λ
+    reaches them. The paper's "K least sensitive experts to the low bitwidth" is this path with
+    two levels."""
+    layers, experts = next(iter(sens.values())).shape
+    start = [[0] * experts for _ in range(layers)]
+    moves = []
+    for l in range(layers):
+        for e in range(experts):
+            points = sorted(((b, 0.0 if b == BASE else float(sens[b][l, e])) for b in LEVELS), key=lambda p: p[0])
+            bits, loss = min(points, key=lambda p: (p[1], p[0]))
+            start[l][e] = bits
+            while True:
+                below = [(q_loss - loss) / (bits - q) for q, q_loss in points if q < bits]
+                if not below:
+                    break
+                slope = min(below)
+                bits, loss = min(((q, q_loss) for q, q_loss in points
+                                  if q < bits and (q_loss - loss) / (bits - q) == slope), key=lambda p: p[0])
+                moves.append((slope, l, e, bits))
+    moves.sort(key=lambda m: m[0])  # stable: one expert's moves keep their order (their slopes only grow)
+    return start, moves
+
+
+def _plan_at(start, moves, k: int) -> list[list[int]]:
+    plan = [row[:] for row in start]
+    for _, l, e, bits in moves[:k]:
+        plan[l][e] = bits
+    return plan
 
 
 @dataclass
 class BitPlan:
     plan: list[list[int]]
-    tolerance: float
+    tolerance: float | None
+    max_bits: float | None
     calibration_loss: float
     heldout_loss: float
     average_bits: float
@@ -149,83 +176,65 @@ class BitPlan:
 
     @property
     def met(self) -> bool:
-        return self.heldout_loss <= self.tolerance
+        return ((self.tolerance is None or self.heldout_loss <= self.tolerance)
+                and (self.max_bits is None or self.average_bits <= self.max_bits + 1e-9))
 
     def to_dict(self) -> dict:
-        return {"tolerance": self.tolerance, "met": self.met, "calibration_loss": self.calibration_loss,
-                "heldout_loss": self.heldout_loss, "average_bits": self.average_bits, "plan": self.plan,
-                "steps": self.steps}
+        return {"tolerance": self.tolerance, "max_bits": self.max_bits, "met": self.met,
+                "calibration_loss": self.calibration_loss, "heldout_loss": self.heldout_loss,
+                "average_bits": self.average_bits, "plan": self.plan, "steps": self.steps}
 
 
-def _descend(ev: PlanEvaluator, high: int, tolerance: float, cache_dir: Path | None, steps: list[str]):
-    """From uniform `high`, move experts down one level at a time, least sensitive first, while the
-    calibration loss stays within the tolerance."""
-    plan = uniform(ev.model, high)
-    for low in [b for b in LEVELS if b < high]:
-        cur = min(b for row in plan for b in row)
-        sens = sensitivity(ev, cur, low, cache_dir)
-        order = sorted(((l, e) for l in range(len(plan)) for e in range(len(plan[0])) if plan[l][e] == cur),
-                       key=lambda le: sens[le])
-        plan, k = _lower_while_within(ev, plan, order, low, tolerance)
-        steps.append(f"INT{cur} → INT{low}: {k} of {len(order)} experts")
-        if k == 0:
-            break
-    return plan
-
-
-def _check(ev: PlanEvaluator, plan, high: int, heldout: np.ndarray, tolerance: float, cache_dir: Path | None,
-           steps: list[str]):
-    """Measure the plan on the check tokens; while over the tolerance, move a quarter of the experts
-    at the lowest level (the most sensitive first) one level up, towards `high`. Returns the plan
-    and its check loss."""
-    held = ev.loss(plan, heldout)
-    while held > tolerance:
-        lowest = min(b for row in plan for b in row)
-        if lowest >= high:
-            break
-        up = min(b for b in LEVELS if b > lowest)
-        at_lowest = [(l, e) for l in range(len(plan)) for e in range(len(plan[0])) if plan[l][e] == lowest]
-        sens = sensitivity(ev, up, lowest, cache_dir)
-        at_lowest.sort(key=lambda le: -sens[le])
-        n = max(1, len(at_lowest) // 4)
-        for l, e in at_lowest[:n]:
-            plan[l][e] = up
-        steps.append(f"check over tolerance ({100 * held:.2f}%): raised {n} experts from INT{lowest} to INT{up}")
-        held = ev.loss(plan, heldout)
-    return plan, held
-
-
-def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float,
+def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float | None = None,
                 group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
-                trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None) -> BitPlan:
-    """Three-level plan: the most compact uniform bitwidth within the tolerance sets the ceiling;
-    then, by sensitivity, experts move down one level at a time while the loss stays within it.
-    Verified on held-out tokens; if the check fails, the lowered set shrinks until it passes, and
-    if even the uniform ceiling fails the check, the search starts again from the next level up
-    (so a 1% plan can mix INT8 and INT4 when uniform INT4 is just over 1%). With `moments`
-    (profile.ExpertMoments, gathered on the search's tokens) experts are rounded as the compiler
-    will round them."""
+                trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None,
+                max_bits: float | None = None) -> BitPlan:
+    """A per-expert plan over LEVELS along plan_path(): with `tolerance`, the most compact plan whose
+    loss on the search tokens stays within it (binary search along the path; loss grows along it),
+    then checked on held-out tokens, stepping back towards precision while the check fails; with
+    `max_bits` (average bits per expert weight), the first plan on the path that small, and with
+    both, the more compact of the two. With `moments` (profile.ExpertMoments, gathered on the
+    search's tokens) experts are rounded as the compiler will round them."""
+    if tolerance is None and max_bits is None:
+        raise ValueError("a bit plan search needs a tolerance, a bits target, or both")
+    if max_bits is not None and max_bits < min(LEVELS):
+        raise ValueError(f"an average of {max_bits} bits is below the narrowest expert bitwidth INT{min(LEVELS)}")
     ev = PlanEvaluator(model, calibration, group, trunk_bits, layout, moments)
-    steps = []
-    uniform_loss = {b: ev.loss(uniform(model, b)) for b in LEVELS}
-    steps += [f"uniform INT{b}: calibration loss {100 * uniform_loss[b]:+.2f}%" for b in LEVELS]
-    ceilings = sorted(b for b in LEVELS if uniform_loss[b] <= tolerance)
-    if not ceilings:
-        raise ToleranceError(f"even uniform INT{LEVELS[0]} loses {100 * uniform_loss[LEVELS[0]]:.2f}% perplexity on "
-                             f"calibration text, over the tolerance {100 * tolerance:.2f}% by "
-                             f"{100 * (uniform_loss[LEVELS[0]] - tolerance):.2f} points")
-    ceilings += [b for b in sorted(LEVELS) if b > ceilings[-1]]  # fall-backs when a check fails
-    for high in ceilings:
-        plan, held = _check(ev, _descend(ev, high, tolerance, cache_dir, steps), high, heldout, tolerance,
-                            cache_dir, steps)
-        if held <= tolerance:
-            break
-        steps.append(f"check over tolerance even at uniform INT{high}: {100 * held:.2f}% "
-                     f"(+{100 * (held - tolerance):.2f} points)" + ("" if high == LEVELS[0] else "; starting again "
-                                                                     "from the next level up"))
-    cal = ev.loss(plan)
-    avg = float(np.mean(plan))
-    steps.append(f"{ev.evaluations} plan evaluations")
-    for s in steps:
-        log(s)
-    return BitPlan(plan, tolerance, cal, held, avg, steps)
+    steps = [f"uniform INT{b}: calibration loss {100 * ev.loss(uniform(model, b)):+.2f}%" for b in LEVELS]
+    start, moves = plan_path(sensitivities(ev, cache_dir))
+    steps.append(f"{len(moves)} moves from {np.mean(start):.2f} to {np.mean(_plan_at(start, moves, len(moves))):.2f} "
+                 "average bits, by loss per bit saved")
+    lowest = 0  # the check never steps back past this move (the bits target)
+    if max_bits is not None:
+        lowest = next(k for k in range(len(moves) + 1) if np.mean(_plan_at(start, moves, k)) <= max_bits + 1e-9)
+    k = lowest
+    if tolerance is not None:
+        if ev.loss(start) > tolerance:
+            raise ToleranceError(f"even the most precise plan ({np.mean(start):.2f} bits) loses "
+                                 f"{100 * ev.loss(start):.2f}% perplexity on calibration text, over the tolerance "
+                                 f"{100 * tolerance:.2f}% by {100 * (ev.loss(start) - tolerance):.2f} points")
+        lo, hi = 0, len(moves)  # loss(plan at lo) is within tolerance
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ev.loss(_plan_at(start, moves, mid)) <= tolerance:
+                lo = mid
+            else:
+                hi = mid - 1
+        steps.append(f"within {100 * tolerance:.2f}% on the search tokens: {lo} moves")
+        k = max(lo, lowest)
+    held = ev.loss(_plan_at(start, moves, k), heldout)
+    while tolerance is not None and held > tolerance and k > lowest:
+        back = max(1, (k - lowest) // 8)
+        steps.append(f"check over tolerance ({100 * held:.2f}%) at {k} moves: {back} back")
+        k -= back
+        held = ev.loss(_plan_at(start, moves, k), heldout)
+    plan = _plan_at(start, moves, k)
+    found = BitPlan(plan, tolerance, max_bits, ev.loss(plan), held, float(np.mean(plan)), steps)
+    steps.append(f"{k} moves: {found.average_bits:.2f} bits, loss {100 * found.calibration_loss:+.2f}% on search "
+                 f"tokens, {100 * held:+.2f}% on check tokens ({ev.evaluations} plan evaluations)")
+    if not found.met:
+        steps.append(f"check over tolerance even at {found.average_bits:.2f} bits: {100 * held:.2f}% "
+                     f"(+{100 * (held - tolerance):.2f} points)")
+    for line in steps:
+        log(line)
+    return found

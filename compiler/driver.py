@@ -12,7 +12,7 @@ import numpy as np
 
 from ..models import load_model
 from ..targets import load_target
-from .bitplan import search_plan
+from .bitplan import LEVELS, search_plan
 from .cache import cache_dir
 from .expert_image import ExpertWeights, write_image
 from .lower import build_kernels
@@ -35,6 +35,7 @@ class CompileOptions:
     calibration_tokens: int = 8192
     bit_plan: list[list[int]] | None = None  # bits per [layer][expert]; overrides expert_bits
     tolerance: float | None = None  # search a per-expert bit plan within this relative perplexity loss
+    max_bits: float | None = None  # search a per-expert bit plan this small (average bits per expert weight)
     int_dot: bool | None = None  # integer-dot kernels (tiles layout); None: wherever the target and shapes allow
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
     tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
@@ -98,21 +99,24 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     if opts.calibration is not None:
         calib_tokens = tokenize_file(model_dir / "tokenizer.json", opts.calibration, opts.calibration_tokens)
     searched = moments = None
-    if opts.tolerance is not None and calib_tokens is None:
-        raise ValueError("--tolerance needs calibration text (--calibration) to measure expert sensitivity on")
+    search = opts.tolerance is not None or opts.max_bits is not None
+    if search and calib_tokens is None:
+        raise ValueError("--tolerance and --max-bits need calibration text (--calibration) to measure expert "
+                         "sensitivity on")
     if calib_tokens is not None:
         # With a search, the check tokens stay unseen by the rounding too.
-        cut = len(calib_tokens) * 3 // 4 if opts.tolerance is not None else len(calib_tokens)
-        search_layout = weight_layout(cfg, target, opts, [8, 4, 2])
+        cut = len(calib_tokens) * 3 // 4 if search else len(calib_tokens)
+        search_layout = weight_layout(cfg, target, opts, list(LEVELS))
         moments = expert_moments(compiled_trunk(model, opts.trunk_bits, opts.group, search_layout), calib_tokens[:cut])
         log(f"measured expert inputs on {cut} calibration tokens (the quantizer rounds against them)")
-    if opts.tolerance is not None:
-        log(f"searching a bit plan within {100 * opts.tolerance:.2f}% perplexity loss "
-            f"({cut} search tokens, {len(calib_tokens) - cut} check tokens)")
+    if search:
+        goals = ([f"within {100 * opts.tolerance:.2f}% perplexity loss"] if opts.tolerance is not None else []) + \
+            ([f"at most {opts.max_bits} bits on average"] if opts.max_bits is not None else [])
+        log(f"searching a bit plan {' and '.join(goals)} ({cut} search tokens, {len(calib_tokens) - cut} check tokens)")
         searched = search_plan(model, calib_tokens[:cut], calib_tokens[cut:], opts.tolerance, opts.group,
                                cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
-                               moments=moments)
-        if searched.heldout_loss > opts.tolerance:
+                               moments=moments, max_bits=opts.max_bits)
+        if opts.tolerance is not None and searched.heldout_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.heldout_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.heldout_loss - opts.tolerance):.2f} points")
         opts = replace(opts, bit_plan=searched.plan)

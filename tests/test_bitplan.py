@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgemoe.compiler.bitplan import LEVELS, PlanEvaluator, ToleranceError, search_plan, uniform
+from edgemoe.compiler.bitplan import LEVELS, PlanEvaluator, ToleranceError, plan_path, search_plan, uniform
 from edgemoe.compiler.expert_image import ExpertWeights, image_bytes, record_length, write_image
 from edgemoe.compiler.quantize import quantize
 from edgemoe.models.reference import ReferenceExecutor
@@ -56,6 +56,29 @@ def test_emitted_plan_stays_within_tolerance_on_check_tokens(small_model, text_t
     assert list(tmp_path.glob("sensitivity-*.json")), "sensitivities are cached on disk"
 
 
+def test_a_bits_target_is_met_and_a_looser_one_loses_no_more(small_model, text_tokens, tmp_path):
+    search, check = text_tokens[:512], text_tokens[512:]
+    tight = search_plan(small_model, search, check, max_bits=2.5, cache_dir=tmp_path, log=lambda m: None)
+    loose = search_plan(small_model, search, check, max_bits=3.5, cache_dir=tmp_path, log=lambda m: None)
+    for found, target in ((tight, 2.5), (loose, 3.5)):
+        assert found.met and target - 0.5 < found.average_bits <= target, found.steps
+    assert loose.calibration_loss < tight.calibration_loss
+    with pytest.raises(ValueError, match="below the narrowest"):
+        search_plan(small_model, search, check, max_bits=1.5, log=lambda m: None)
+
+
+def test_plan_path_follows_each_experts_lower_hull():
+    """Two experts, sensitivities from INT4: expert 0 gains from INT8 and INT3 costs little, so it
+    starts at INT8 and its cheapest bits go first; expert 1's INT3 point lies above its hull
+    (INT4 → INT2 costs less per bit), so it skips INT3."""
+    sens = {8: np.array([[-0.04, 0.0]]), 3: np.array([[0.015, 0.05]]), 2: np.array([[0.05, 0.06]])}
+    start, moves = plan_path(sens)
+    assert start == [[8, 4]]
+    # expert 0: 8→4 costs 0.04/4 = 0.01 per bit (8→3 0.011), 4→3 0.015, 3→2 0.035; expert 1: 4→2 0.03
+    assert [(l, e, b) for _, l, e, b in moves] == [(0, 0, 4), (0, 0, 3), (0, 1, 2), (0, 0, 2)]
+    assert [round(s, 6) for s, *_ in moves] == [0.01, 0.015, 0.03, 0.035]
+
+
 def test_a_tolerance_no_bitwidth_meets_is_refused_with_the_gap(small_model, text_tokens):
     tokens = text_tokens
     int8 = PlanEvaluator(small_model, tokens).loss(uniform(small_model, 8))
@@ -64,7 +87,7 @@ def test_a_tolerance_no_bitwidth_meets_is_refused_with_the_gap(small_model, text
         search_plan(small_model, tokens, tokens, int8 / 2, log=lambda m: None)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
 def test_image_size_formula_matches_the_written_image(bits, rng, tmp_path):
     hidden, inter, group = 64, 96, 32
 

@@ -270,15 +270,15 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
               help="Text the search measures sensitivity on (3/4) and checks plans on (1/4).")
 @click.option("--calibration-tokens", default=8192, show_default=True,
               help="As edgemoe-compile: the search sees 3/4 of them, the check the rest.")
-@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Held-out text for the perplexity column (never seen by training or the search).")
-@click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Held-out tokens to score.")
+@click.option("--text", "text_paths", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              multiple=True, help="Held-out text for a perplexity column (never seen by the search); repeatable.")
+@click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Held-out tokens to score per text.")
 @click.option("--tolerances", default="0.5,1,2,5", show_default=True, help="Percent perplexity loss allowed.")
 @click.option("--greedy-tokens", default=32, show_default=True, help="Tokens generated per prompt for agreement.")
 @click.option("--target", default="host", show_default=True,
               help="Score plans as edgemoe-compile would build them for this target (trunk INT8, its kernels).")
-def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens, tolerances, greedy_tokens, target):
-    """Uniform INT8/4/2 against searched per-expert plans: bits, image size, held-out perplexity, greedy agreement."""
+def bitplans_cmd(model_dir, calibration, calibration_tokens, text_paths, n_tokens, tolerances, greedy_tokens, target):
+    """Uniform INT8/4/3/2 against searched per-expert plans: bits, image size, held-out perplexity, greedy agreement."""
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -300,13 +300,13 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     calib = tokenize_file(model_dir / "tokenizer.json", calibration, calibration_tokens)
     cut = len(calib) * 3 // 4
-    held = np.asarray(tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens])
+    held = [tokenize_file(model_dir / "tokenizer.json", p, n_tokens) for p in text_paths]
     prompts = [tok.encode(p).ids for p in BITPLAN_PROMPTS]
 
     def greedy(m):
         return [ReferenceExecutor(m).greedy(p, greedy_tokens)[0] for p in prompts]
 
-    float_ppl = perplexity_reference(model, held)["perplexity"]
+    float_ppl = [perplexity_reference(model, h)["perplexity"] for h in held]
     float_greedy = greedy(model)
     moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), calib[:cut])
     plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
@@ -316,22 +316,26 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_path, n_tokens
                             log=lambda m: click.echo(f"  {m}", err=True), trunk_bits=opts.trunk_bits, layout=layout,
                             moments=moments)
         plans.append((f"tolerance {t}%", found.plan, found))
-    click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {float_ppl:.3f} over "
-               f"{len(held)} tokens of {text_path.name}; search on {cut} / check on {len(calib) - cut} tokens of "
+    texts = ", ".join(f"{p:.3f} over {len(h)} tokens of {t.name}" for p, h, t in zip(float_ppl, held, text_paths))
+    click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {texts}; "
+               f"search on {cut} / check on {len(calib) - cut} tokens of "
                f"{calibration.name}; greedy agreement over {len(prompts)} prompts × {greedy_tokens} tokens; "
                f"plans scored as compiled for {target}: trunk INT{opts.trunk_bits}, {layout} layout, experts "
                f"rounded against their inputs on the search tokens")
-    click.echo("| plan | INT8/4/2 experts | avg bits | image | held-out ppl | Δ ppl | check loss | greedy agreement |")
-    click.echo("|---|---|---|---|---|---|---|---|")
+    columns = "".join(f" {t.name} ppl | Δ |" for t in text_paths)
+    click.echo(f"| plan | INT{'/'.join(map(str, LEVELS))} experts | avg bits | image |{columns} check loss | "
+               "greedy agreement |")
+    click.echo("|---|---|---|---|" + "---|---|" * len(held) + "---|---|")
     for name, plan, found in plans:
         qmodel = quantized_model(model, plan, opts.trunk_bits, DEFAULT_GROUP, layout, moments)
-        ppl = perplexity_reference(qmodel, held)["perplexity"]
+        ppl = [perplexity_reference(qmodel, h)["perplexity"] for h in held]
         agree = [greedy_agreement(a, b)["agreement"] for a, b in zip(float_greedy, greedy(qmodel))]
         counts = "/".join(str(sum(row.count(b) for row in plan)) for b in LEVELS)
         check = f"{100 * found.heldout_loss:+.2f}%" if found else "-"
+        scores = "".join(f" {p:.3f} | {100 * (p / f - 1):+.2f}% |" for p, f in zip(ppl, float_ppl))
         click.echo(f"| {name} | {counts} | {np.mean(plan):.2f} | "
-                   f"{fmt_bytes(image_bytes(plan, cfg.hidden_size, cfg.expert_intermediate, DEFAULT_GROUP))} | "
-                   f"{ppl:.3f} | {100 * (ppl / float_ppl - 1):+.2f}% | {check} | {np.mean(agree):.1%} |")
+                   f"{fmt_bytes(image_bytes(plan, cfg.hidden_size, cfg.expert_intermediate, DEFAULT_GROUP))} |"
+                   f"{scores} {check} | {np.mean(agree):.1%} |")
 
 
 BITPLAN_PROMPTS = ["ROMEO:\n", "The history of the city begins in", "To create a list in Python, use",

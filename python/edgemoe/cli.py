@@ -47,14 +47,18 @@ def _percent(text: str) -> float:
               help="Text to profile expert routing on: enables the path-table predictor and EdgeMoE eviction.")
 @click.option("--calibration-tokens", default=8192, show_default=True, help="Tokens of calibration text to use.")
 @click.option("--tolerance", default=None, metavar="P%",
-              help="Choose each expert's bitwidth (INT8/4/2) by measured sensitivity so perplexity rises at most "
+              help="Choose each expert's bitwidth (INT8/4/3/2) by measured sensitivity so perplexity rises at most "
                    "P% over the float model (needs --calibration); overrides --bits.")
+@click.option("--max-bits", type=float, default=None, metavar="B",
+              help="Choose each expert's bitwidth so the experts average at most B bits per weight, losing as "
+                   "little as the measured sensitivities allow (needs --calibration; with --tolerance, the more "
+                   "compact of the two plans); overrides --bits.")
 @click.option("--int-dot/--no-int-dot", default=None,
               help="Integer-dot kernels (int8 activations, AVX-512 VNNI) [default: where the target has them].")
 @click.option("--tune", is_flag=True, help="Tune kernels that have no record in the tuning store for this target "
                                            "(on this machine) and record them; later compiles reuse the records.")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, int_dot, tune):
+                tolerance, max_bits, int_dot, tune):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
     from .compiler.driver import CompileOptions, compile_model
     from .compiler.tuning import TuningError
@@ -64,7 +68,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     try:
         tol = None if tolerance is None else _percent(tolerance)
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
-                              calibration_tokens, tolerance=tol, int_dot=int_dot, tune=tune)
+                              calibration_tokens, tolerance=tol, max_bits=max_bits, int_dot=int_dot, tune=tune)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=_tuning_bar)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
