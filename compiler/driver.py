@@ -36,6 +36,7 @@ class CompileOptions:
     bit_plan: list[list[int]] | None = None  # bits per [layer][expert]; overrides expert_bits
     tolerance: float | None = None  # search a per-expert bit plan within this relative perplexity loss
     max_bits: float | None = None  # search a per-expert bit plan this small (average bits per expert weight)
+    search_text: Path | None = None  # text the search scores plans on; default: the calibration text
     int_dot: bool | None = None  # integer-dot kernels (tiles layout); None: wherever the target and shapes allow
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
     tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
@@ -103,17 +104,22 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     if search and calib_tokens is None:
         raise ValueError("--tolerance and --max-bits need calibration text (--calibration) to measure expert "
                          "sensitivity on")
+    search_tokens = calib_tokens
+    if search and opts.search_text is not None:
+        search_tokens = tokenize_file(model_dir / "tokenizer.json", opts.search_text, opts.calibration_tokens)
     if calib_tokens is not None:
-        # With a search, the check tokens stay unseen by the rounding too.
-        cut = len(calib_tokens) * 3 // 4 if search else len(calib_tokens)
+        # The search's last quarter checks its plan: tokens the rounding must not see either.
+        cut = len(search_tokens) * 3 // 4 if search else len(search_tokens)
+        fit = calib_tokens[:cut] if search_tokens is calib_tokens else calib_tokens
         search_layout = weight_layout(cfg, target, opts, list(LEVELS))
-        moments = expert_moments(compiled_trunk(model, opts.trunk_bits, opts.group, search_layout), calib_tokens[:cut])
-        log(f"measured expert inputs on {cut} calibration tokens (the quantizer rounds against them)")
+        moments = expert_moments(compiled_trunk(model, opts.trunk_bits, opts.group, search_layout), fit)
+        log(f"measured expert inputs on {len(fit)} calibration tokens (the quantizer rounds against them)")
     if search:
         goals = ([f"within {100 * opts.tolerance:.2f}% perplexity loss"] if opts.tolerance is not None else []) + \
             ([f"at most {opts.max_bits} bits on average"] if opts.max_bits is not None else [])
-        log(f"searching a bit plan {' and '.join(goals)} ({cut} search tokens, {len(calib_tokens) - cut} check tokens)")
-        searched = search_plan(model, calib_tokens[:cut], calib_tokens[cut:], opts.tolerance, opts.group,
+        log(f"searching a bit plan {' and '.join(goals)} ({cut} search tokens, {len(search_tokens) - cut} check "
+            f"tokens of {opts.search_text or opts.calibration})")
+        searched = search_plan(model, search_tokens[:cut], search_tokens[cut:], opts.tolerance, opts.group,
                                cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
                                moments=moments, max_bits=opts.max_bits)
         if opts.tolerance is not None and searched.heldout_loss > opts.tolerance:
@@ -176,7 +182,8 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
                     "image_bytes": files["experts.bin"]["bytes"]},
         "trunk_bytes": trunk_bytes,
-        "bit_plan_search": searched.to_dict() if searched else None,
+        "bit_plan_search": None if searched is None else {
+            **searched.to_dict(), "text": str(opts.search_text or opts.calibration)},
         "profile": None if profile is None else {
             "calibration": str(opts.calibration), "tokens": int(profile.selected.shape[0]),
             "expert_frequency": profile.frequency.round(4).tolist()},

@@ -109,3 +109,48 @@ def test_loss_from_a_layer_equals_the_whole_run(small_model, text_tokens):
         plan = [row[:] for row in base]
         plan[layer][1] = 2
         assert ev.loss_from(plan, layer, inputs) == ev.loss(plan)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tiny_mixtral_dir, tmp_path_factory):
+    """The tiny Mixtral with a character-level tokenizer of its 160-token vocabulary, so the
+    compiler can read calibration and search text for it."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from conftest import CALIBRATION
+
+    out = tmp_path_factory.mktemp("tiny_tok")
+    for f in tiny_mixtral_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([CALIBRATION.read_text(encoding="utf-8")],
+                            trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>"]))
+    assert tok.get_vocab_size() <= 160
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def test_compile_with_a_bits_target_and_a_search_text(tiny_with_tokenizer, tmp_path):
+    import json
+
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.compiler.expert_image import read_table
+
+    from conftest import CALIBRATION, TRAINED_MODEL
+
+    search = TRAINED_MODEL / "search.txt"
+    opts = CompileOptions(calibration=CALIBRATION, calibration_tokens=600, max_bits=3.0, search_text=search,
+                          max_seq=64)
+    lines = []
+    compile_model(tiny_with_tokenizer, tmp_path, opts, log=lines.append)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    plan = m["quantization"]["bit_plan"]
+    assert m["quantization"]["average_bits"] == np.mean(plan) <= 3.0
+    assert m["bit_plan_search"]["text"] == str(search) and m["bit_plan_search"]["max_bits"] == 3.0
+    assert [r.bits for r in read_table(tmp_path / "experts.bin")[1]] == [b for row in plan for b in row]
+    assert any("check tokens of" in line and "search.txt" in line for line in lines)
+    with pytest.raises(ValueError, match="--calibration"):
+        compile_model(tiny_with_tokenizer, tmp_path / "x", CompileOptions(max_bits=3.0), log=lambda m: None)

@@ -14,6 +14,10 @@ Split rule: each source is cut into chunks of about ``CHUNK_BYTES`` bytes at lin
 boundaries; chunk number ``i`` is held out when ``i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1``
 (every 20th chunk, i.e. 5%), the rest is training text.
 
+The held-out chunks of each source are dealt in turn to two texts: :func:`search_text` (shipped
+as ``search.txt``, what the bit-plan search scores plans on) and :func:`heldout_mix_text`
+(evaluation only). Neither is trained on, and neither overlaps the other.
+
 ``wikitext-2-test.txt`` is never part of the training text; :func:`wikitext2_test_text`
 returns it for evaluation only.
 
@@ -183,10 +187,33 @@ def calibration_text(data_path=None, cache_dir=None, per_source: int = CALIBRATI
     return _deal(firsts)
 
 
+def _heldout_halves(data_path=None, cache_dir=None) -> tuple[list[str], list[str]]:
+    """Each source's held-out chunks, alternately: (for the bit-plan search, for evaluation)."""
+    search, evaluation = [], []
+    for text in source_texts(data_path, cache_dir).values():
+        held = [c for i, c in enumerate(chunks(text)) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+        search.append("".join(held[0::2]))
+        evaluation.append("".join(held[1::2]))
+    return search, evaluation
+
+
+def search_text(data_path=None, cache_dir=None, per_source: int = CALIBRATION_BYTES) -> str:
+    """Text shipped for the bit-plan search (``edgemoe-compile --search-text``): about ``per_source``
+    characters of each source's search half of the held-out chunks, dealt out like the calibration
+    text. Not trained on: a small model is more fragile on text it has memorised (uniform INT3 costs
+    it 3.4% perplexity on its training text, 1.2% on held-out text), so a search scored on training
+    text ranks experts by damage that unseen text does not see."""
+    firsts = []
+    for text in _heldout_halves(data_path, cache_dir)[0]:
+        cut = text.rfind("\n", 0, per_source)
+        firsts.append(text[: cut + 1])
+    return _deal(firsts)
+
+
 def heldout_mix_text(data_path=None, cache_dir=None) -> str:
-    """All held-out text (never trained on, never in the calibration text), dealt out like the
-    calibration text so that a prefix scores every source."""
-    return _deal(heldout_texts(data_path, cache_dir).values())
+    """The evaluation half of the held-out chunks (never trained on, never in the calibration or
+    search text), dealt out like the calibration text so that a prefix scores every source."""
+    return _deal(_heldout_halves(data_path, cache_dir)[1])
 
 
 def wikitext2_test_text(data_path=None, max_bytes: int | None = None) -> str:
@@ -202,11 +229,14 @@ def wikitext2_test_text(data_path=None, max_bytes: int | None = None) -> str:
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Corpus statistics; optionally write the held-out mix.")
-    ap.add_argument("--write-heldout", metavar="PATH", help="write heldout_mix_text() to PATH")
+    ap = argparse.ArgumentParser(description="Corpus statistics; optionally write the held-out texts.")
+    ap.add_argument("--write-heldout", metavar="PATH", help="write heldout_mix_text() (evaluation) to PATH")
+    ap.add_argument("--write-search", metavar="PATH", help="write search_text() (the bit-plan search's) to PATH")
     args = ap.parse_args()
     if args.write_heldout:
         Path(args.write_heldout).write_text(heldout_mix_text(), encoding="utf-8")
+    if args.write_search:
+        Path(args.write_search).write_text(search_text(), encoding="utf-8")
     for name, full in source_texts().items():
         tr, ho = split(full)
         print(f"{name:16s} total {len(full):>9,d}  train {len(tr):>9,d}  held-out {len(ho):>8,d}")

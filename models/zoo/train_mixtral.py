@@ -265,6 +265,7 @@ def train(args, log: Logger) -> dict:
     tok = train_tokenizer(texts)
     save_tokenizer(tok, out)
     (out / "calibration.txt").write_text(corpus.calibration_text(args.data_dir, args.cache_dir), encoding="utf-8")
+    (out / "search.txt").write_text(corpus.search_text(args.data_dir, args.cache_dir), encoding="utf-8")
     stream = token_stream(tok, texts)
     log(f"tokenizer trained in {time.time() - t0:.1f}s; train stream {len(stream):,d} tokens "
         f"({sum(len(t) for t in texts.values()):,d} chars)")

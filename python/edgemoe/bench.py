@@ -267,17 +267,22 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
 @bench_cmd.command("bitplans")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Text the search measures sensitivity on (3/4) and checks plans on (1/4).")
+              help="Text the experts are rounded against (and, without --search-text, the search's).")
+@click.option("--search-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="As edgemoe-compile: text the search measures sensitivity on (3/4) and checks plans on (1/4).")
 @click.option("--calibration-tokens", default=8192, show_default=True,
-              help="As edgemoe-compile: the search sees 3/4 of them, the check the rest.")
+              help="As edgemoe-compile: tokens of each text to read.")
 @click.option("--text", "text_paths", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               multiple=True, help="Held-out text for a perplexity column (never seen by the search); repeatable.")
 @click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Held-out tokens to score per text.")
 @click.option("--tolerances", default="0.5,1,2,5", show_default=True, help="Percent perplexity loss allowed.")
+@click.option("--max-bits", "bit_targets", default="3", show_default=True,
+              help="Average-bits targets to search plans for (as edgemoe-compile --max-bits); '' for none.")
 @click.option("--greedy-tokens", default=32, show_default=True, help="Tokens generated per prompt for agreement.")
 @click.option("--target", default="host", show_default=True,
               help="Score plans as edgemoe-compile would build them for this target (trunk INT8, its kernels).")
-def bitplans_cmd(model_dir, calibration, calibration_tokens, text_paths, n_tokens, tolerances, greedy_tokens, target):
+def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_paths, n_tokens, tolerances,
+                 bit_targets, greedy_tokens, target):
     """Uniform INT8/4/3/2 against searched per-expert plans: bits, image size, held-out perplexity, greedy agreement."""
     import numpy as np
     from tokenizers import Tokenizer
@@ -299,7 +304,9 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_paths, n_token
     layout = weight_layout(cfg, load_target(target), opts, list(LEVELS))
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     calib = tokenize_file(model_dir / "tokenizer.json", calibration, calibration_tokens)
-    cut = len(calib) * 3 // 4
+    search = calib if search_text is None else tokenize_file(model_dir / "tokenizer.json", search_text,
+                                                             calibration_tokens)
+    cut = len(search) * 3 // 4
     held = [tokenize_file(model_dir / "tokenizer.json", p, n_tokens) for p in text_paths]
     prompts = [tok.encode(p).ids for p in BITPLAN_PROMPTS]
 
@@ -308,20 +315,23 @@ def bitplans_cmd(model_dir, calibration, calibration_tokens, text_paths, n_token
 
     float_ppl = [perplexity_reference(model, h)["perplexity"] for h in held]
     float_greedy = greedy(model)
-    moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), calib[:cut])
+    fit = calib[:cut] if search_text is None else calib  # as edgemoe-compile: the check tokens stay unseen
+    moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), fit)
     plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
-    for t in (float(v) for v in tolerances.split(",")):
-        click.echo(f"searching a plan within {t}% ...", err=True)
-        found = search_plan(model, calib[:cut], calib[cut:], t / 100, DEFAULT_GROUP, cache_dir(),
+    goals = [(f"tolerance {t}%", {"tolerance": float(t) / 100}) for t in tolerances.split(",") if t] + \
+        [(f"≤ {b} bits", {"max_bits": float(b)}) for b in bit_targets.split(",") if b]
+    for name, goal in goals:
+        click.echo(f"searching a plan: {name} ...", err=True)
+        found = search_plan(model, search[:cut], search[cut:], group=DEFAULT_GROUP, cache_dir=cache_dir(),
                             log=lambda m: click.echo(f"  {m}", err=True), trunk_bits=opts.trunk_bits, layout=layout,
-                            moments=moments)
-        plans.append((f"tolerance {t}%", found.plan, found))
+                            moments=moments, **goal)
+        plans.append((name, found.plan, found))
     texts = ", ".join(f"{p:.3f} over {len(h)} tokens of {t.name}" for p, h, t in zip(float_ppl, held, text_paths))
     click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {texts}; "
-               f"search on {cut} / check on {len(calib) - cut} tokens of "
-               f"{calibration.name}; greedy agreement over {len(prompts)} prompts × {greedy_tokens} tokens; "
-               f"plans scored as compiled for {target}: trunk INT{opts.trunk_bits}, {layout} layout, experts "
-               f"rounded against their inputs on the search tokens")
+               f"experts rounded on {len(fit)} tokens of {calibration.name}; search on {cut} / check on "
+               f"{len(search) - cut} tokens of {(search_text or calibration).name}; greedy agreement over "
+               f"{len(prompts)} prompts × {greedy_tokens} tokens; plans scored as compiled for {target}: trunk "
+               f"INT{opts.trunk_bits}, {layout} layout")
     columns = "".join(f" {t.name} ppl | Δ |" for t in text_paths)
     click.echo(f"| plan | INT{'/'.join(map(str, LEVELS))} experts | avg bits | image |{columns} check loss | "
                "greedy agreement |")

@@ -53,12 +53,15 @@ def _percent(text: str) -> float:
               help="Choose each expert's bitwidth so the experts average at most B bits per weight, losing as "
                    "little as the measured sensitivities allow (needs --calibration; with --tolerance, the more "
                    "compact of the two plans); overrides --bits.")
+@click.option("--search-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Text the bit-plan search scores plans on (3/4) and checks them on (1/4): best text the model "
+                   "was not trained on [default: the calibration text].")
 @click.option("--int-dot/--no-int-dot", default=None,
               help="Integer-dot kernels (int8 activations, AVX-512 VNNI) [default: where the target has them].")
 @click.option("--tune", is_flag=True, help="Tune kernels that have no record in the tuning store for this target "
                                            "(on this machine) and record them; later compiles reuse the records.")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, max_bits, int_dot, tune):
+                tolerance, max_bits, search_text, int_dot, tune):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
     from .compiler.driver import CompileOptions, compile_model
     from .compiler.tuning import TuningError
@@ -68,7 +71,8 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     try:
         tol = None if tolerance is None else _percent(tolerance)
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
-                              calibration_tokens, tolerance=tol, max_bits=max_bits, int_dot=int_dot, tune=tune)
+                              calibration_tokens, tolerance=tol, max_bits=max_bits, search_text=search_text,
+                              int_dot=int_dot, tune=tune)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=_tuning_bar)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))

@@ -23,7 +23,7 @@ conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 runpy.run_path(tree + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
-GGUF_TYPES = {8: "Q8_0", 4: "Q4_0", 2: "Q2_K"}  # nearest llama.cpp format per expert bitwidth
+GGUF_TYPES = {8: "Q8_0", 4: "Q4_0", 3: "Q3_K", 2: "Q2_K"}  # nearest llama.cpp format per expert bitwidth
 
 
 class LlamaCppError(RuntimeError):
