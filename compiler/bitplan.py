@@ -1,8 +1,11 @@
-"""Expert-wise bitwidth adaptation (EdgeMoE §4): choose a bitwidth per expert from its measured
-sensitivity so the model's loss stays within a tolerance while the expert bytes shrink.
+"""Expert-wise bitwidth adaptation (EdgeMoE §4): choose a bitwidth per expert (INT8/4/3/2) from its
+measured sensitivity so the model's loss stays within a tolerance, or the experts within a size,
+while the expert bytes shrink.
 
 Loss is the relative increase of perplexity over the float model, measured with the NumPy
-reference on calibration tokens (the search) and on tokens the search never saw (the check).
+reference on search tokens and on check tokens the search never saw. Both should be text the
+model was not trained on (the compiler's --search-text): a model is more fragile on text it has
+memorised, and a search scored there favours experts by damage that unseen text does not see.
 """
 from __future__ import annotations
 
@@ -169,38 +172,38 @@ class BitPlan:
     plan: list[list[int]]
     tolerance: float | None
     max_bits: float | None
-    calibration_loss: float
-    heldout_loss: float
+    search_loss: float
+    check_loss: float
     average_bits: float
     steps: list[str] = field(default_factory=list)
 
     @property
     def met(self) -> bool:
-        return ((self.tolerance is None or self.heldout_loss <= self.tolerance)
+        return ((self.tolerance is None or self.check_loss <= self.tolerance)
                 and (self.max_bits is None or self.average_bits <= self.max_bits + 1e-9))
 
     def to_dict(self) -> dict:
         return {"tolerance": self.tolerance, "max_bits": self.max_bits, "met": self.met,
-                "calibration_loss": self.calibration_loss, "heldout_loss": self.heldout_loss,
+                "search_loss": self.search_loss, "check_loss": self.check_loss,
                 "average_bits": self.average_bits, "plan": self.plan, "steps": self.steps}
 
 
-def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, tolerance: float | None = None,
+def search_plan(model: MoEModel, search: np.ndarray, check: np.ndarray, tolerance: float | None = None,
                 group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
                 trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None,
                 max_bits: float | None = None) -> BitPlan:
     """A per-expert plan over LEVELS along plan_path(): with `tolerance`, the most compact plan whose
     loss on the search tokens stays within it (binary search along the path; loss grows along it),
-    then checked on held-out tokens, stepping back towards precision while the check fails; with
+    then measured on the check tokens, stepping back towards precision while that fails; with
     `max_bits` (average bits per expert weight), the first plan on the path that small, and with
-    both, the more compact of the two. With `moments` (profile.ExpertMoments, gathered on the
-    search's tokens) experts are rounded as the compiler will round them."""
+    both, the more compact of the two. With `moments` (profile.ExpertMoments, gathered on
+    calibration tokens that exclude the check's) experts are rounded as the compiler will round them."""
     if tolerance is None and max_bits is None:
         raise ValueError("a bit plan search needs a tolerance, a bits target, or both")
     if max_bits is not None and max_bits < min(LEVELS):
         raise ValueError(f"an average of {max_bits} bits is below the narrowest expert bitwidth INT{min(LEVELS)}")
-    ev = PlanEvaluator(model, calibration, group, trunk_bits, layout, moments)
-    steps = [f"uniform INT{b}: calibration loss {100 * ev.loss(uniform(model, b)):+.2f}%" for b in LEVELS]
+    ev = PlanEvaluator(model, search, group, trunk_bits, layout, moments)
+    steps = [f"uniform INT{b}: loss {100 * ev.loss(uniform(model, b)):+.2f}% on search tokens" for b in LEVELS]
     start, moves = plan_path(sensitivities(ev, cache_dir))
     steps.append(f"{len(moves)} moves from {np.mean(start):.2f} to {np.mean(_plan_at(start, moves, len(moves))):.2f} "
                  "average bits, by loss per bit saved")
@@ -211,7 +214,7 @@ def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, t
     if tolerance is not None:
         if ev.loss(start) > tolerance:
             raise ToleranceError(f"even the most precise plan ({np.mean(start):.2f} bits) loses "
-                                 f"{100 * ev.loss(start):.2f}% perplexity on calibration text, over the tolerance "
+                                 f"{100 * ev.loss(start):.2f}% perplexity on the search text, over the tolerance "
                                  f"{100 * tolerance:.2f}% by {100 * (ev.loss(start) - tolerance):.2f} points")
         lo, hi = 0, len(moves)  # loss(plan at lo) is within tolerance
         while lo < hi:
@@ -222,19 +225,19 @@ def search_plan(model: MoEModel, calibration: np.ndarray, heldout: np.ndarray, t
                 hi = mid - 1
         steps.append(f"within {100 * tolerance:.2f}% on the search tokens: {lo} moves")
         k = max(lo, lowest)
-    held = ev.loss(_plan_at(start, moves, k), heldout)
-    while tolerance is not None and held > tolerance and k > lowest:
+    checked = ev.loss(_plan_at(start, moves, k), check)
+    while tolerance is not None and checked > tolerance and k > lowest:
         back = max(1, (k - lowest) // 8)
-        steps.append(f"check over tolerance ({100 * held:.2f}%) at {k} moves: {back} back")
+        steps.append(f"check over tolerance ({100 * checked:.2f}%) at {k} moves: {back} back")
         k -= back
-        held = ev.loss(_plan_at(start, moves, k), heldout)
+        checked = ev.loss(_plan_at(start, moves, k), check)
     plan = _plan_at(start, moves, k)
-    found = BitPlan(plan, tolerance, max_bits, ev.loss(plan), held, float(np.mean(plan)), steps)
-    steps.append(f"{k} moves: {found.average_bits:.2f} bits, loss {100 * found.calibration_loss:+.2f}% on search "
-                 f"tokens, {100 * held:+.2f}% on check tokens ({ev.evaluations} plan evaluations)")
+    found = BitPlan(plan, tolerance, max_bits, ev.loss(plan), checked, float(np.mean(plan)), steps)
+    steps.append(f"{k} moves: {found.average_bits:.2f} bits, loss {100 * found.search_loss:+.2f}% on search "
+                 f"tokens, {100 * checked:+.2f}% on check tokens ({ev.evaluations} plan evaluations)")
     if not found.met:
-        steps.append(f"check over tolerance even at {found.average_bits:.2f} bits: {100 * held:.2f}% "
-                     f"(+{100 * (held - tolerance):.2f} points)")
+        steps.append(f"check over tolerance even at {found.average_bits:.2f} bits: {100 * checked:.2f}% "
+                     f"(+{100 * (checked - tolerance):.2f} points)")
     for line in steps:
         log(line)
     return found

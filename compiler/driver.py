@@ -122,9 +122,9 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         searched = search_plan(model, search_tokens[:cut], search_tokens[cut:], opts.tolerance, opts.group,
                                cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
                                moments=moments, max_bits=opts.max_bits)
-        if opts.tolerance is not None and searched.heldout_loss > opts.tolerance:
-            log(f"warning: the plan loses {100 * searched.heldout_loss:.2f}% on check tokens, over the tolerance by "
-                f"{100 * (searched.heldout_loss - opts.tolerance):.2f} points")
+        if opts.tolerance is not None and searched.check_loss > opts.tolerance:
+            log(f"warning: the plan loses {100 * searched.check_loss:.2f}% on check tokens, over the tolerance by "
+                f"{100 * (searched.check_loss - opts.tolerance):.2f} points")
         opts = replace(opts, bit_plan=searched.plan)
     plan = expert_bit_plan(cfg, opts)
     bits_used = sorted({b for row in plan for b in row})

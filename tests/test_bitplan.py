@@ -50,8 +50,8 @@ def test_emitted_plan_stays_within_tolerance_on_check_tokens(small_model, text_t
     tolerance = (int4 * int2) ** 0.5  # INT4 fits, INT2 does not: the plan must mix levels
     found = search_plan(small_model, search, check, tolerance, cache_dir=tmp_path, log=lambda m: None)
     assert {b for row in found.plan for b in row} <= set(LEVELS)
-    assert found.heldout_loss == pytest.approx(PlanEvaluator(small_model, check).loss(found.plan), rel=1e-9)
-    assert found.met and found.heldout_loss <= tolerance, found.steps
+    assert found.check_loss == pytest.approx(PlanEvaluator(small_model, check).loss(found.plan), rel=1e-9)
+    assert found.met and found.check_loss <= tolerance, found.steps
     assert 2 < found.average_bits < 4, found.steps
     assert list(tmp_path.glob("sensitivity-*.json")), "sensitivities are cached on disk"
 
@@ -62,7 +62,7 @@ def test_a_bits_target_is_met_and_a_looser_one_loses_no_more(small_model, text_t
     loose = search_plan(small_model, search, check, max_bits=3.5, cache_dir=tmp_path, log=lambda m: None)
     for found, target in ((tight, 2.5), (loose, 3.5)):
         assert found.met and target - 0.5 < found.average_bits <= target, found.steps
-    assert loose.calibration_loss < tight.calibration_loss
+    assert loose.search_loss < tight.search_loss
     with pytest.raises(ValueError, match="below the narrowest"):
         search_plan(small_model, search, check, max_bits=1.5, log=lambda m: None)
 

@@ -341,7 +341,7 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
         ppl = [perplexity_reference(qmodel, h)["perplexity"] for h in held]
         agree = [greedy_agreement(a, b)["agreement"] for a, b in zip(float_greedy, greedy(qmodel))]
         counts = "/".join(str(sum(row.count(b) for row in plan)) for b in LEVELS)
-        check = f"{100 * found.heldout_loss:+.2f}%" if found else "-"
+        check = f"{100 * found.check_loss:+.2f}%" if found else "-"
         scores = "".join(f" {p:.3f} | {100 * (p / f - 1):+.2f}% |" for p, f in zip(ppl, float_ppl))
         click.echo(f"| {name} | {counts} | {np.mean(plan):.2f} | "
                    f"{fmt_bytes(image_bytes(plan, cfg.hidden_size, cfg.expert_intermediate, DEFAULT_GROUP))} |"
