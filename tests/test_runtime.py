@@ -168,8 +168,25 @@ def test_mixed_bit_plan_matches_reference_and_uses_sized_slots(tiny_mixtral_dir,
         assert st["memory_bytes"] <= budget_bytes(tmp_path, 0, fraction)
     # the minimum holds top-k (2) slots of each of the three sizes, not 6 of the largest
     sizes = sorted({r.length for r in records})
+
     assert st["cache_slots"] == 8 and budget_bytes(tmp_path) < budget_bytes(tmp_path, 0, 1.0)
     assert budget_bytes(tmp_path, 0, 1.0) - budget_bytes(tmp_path) < 6 * sizes[-1] + 2 * sum(sizes)
+
+
+def test_a_budget_with_four_record_sizes_leaves_no_slot_unbought(tmp_path, runtime_lib):
+    """Each size class gets its share of the cache, rounded down to whole slots; what that leaves
+    over buys more slots, so less than one slot (of the largest size, with its bookkeeping) stays
+    unused at any budget. Before, each of the four classes could strand most of a slot."""
+    from conftest import TRAINED_MODEL
+
+    plan = [[(2, 3, 4, 8)[(layer + e) % 4] for e in range(8)] for layer in range(6)]
+    compile_model(TRAINED_MODEL, tmp_path, CompileOptions(bit_plan=plan, max_seq=64), log=lambda m: None)
+    largest = max(r.length for r in read_table(tmp_path / "experts.bin")[1])
+    lo, hi = budget_bytes(tmp_path), budget_bytes(tmp_path, 0, 1.0)
+    for budget in np.linspace(lo, hi, 12)[1:-1].astype(int):
+        with Session(tmp_path, memory_budget=int(budget), predictor="none") as s:
+            left = int(budget) - s.stats()["memory_bytes"]
+        assert 0 <= left < largest + 4096, (budget, left)
 
 
 def test_out_of_range_token_and_full_context(tiny_artifact):

@@ -147,7 +147,8 @@ static int plan_memory(const em_trunk_header* th, const em_image_header* ih, con
 
 /* Slots per size class for a budget (0 = every record resident): each class its share of the
  * expert cache in proportion to its bytes of experts, never below its minimum; if the minimums
- * overdraw the budget, the classes furthest above their share give slots back. */
+ * overdraw the budget, the classes furthest above their share give slots back; what rounding
+ * leaves over buys more slots. */
 static void slots_for_budget(const memory_plan* p, uint64_t budget, uint64_t* slots) {
   uint64_t cache = budget ? budget - p->fixed : p->all_experts, used = 0;
   for (uint32_t c = 0; c < p->n_classes; c++) {
@@ -167,6 +168,20 @@ static void slots_for_budget(const memory_plan* p, uint64_t budget, uint64_t* sl
     if (worst < 0) break; /* at the minimum everywhere: the caller checked the budget covers it */
     slots[worst]--;
     used -= p->per_slot[worst];
+  }
+  /* Rounding down leaves up to a slot per class unused: hand what is left, a slot at a time, to
+   * the class with the fewest slots for its records among those a slot still fits. */
+  for (;;) {
+    int best = -1;
+    double best_ratio = 0.0;
+    for (uint32_t c = 0; c < p->n_classes; c++) {
+      double ratio = (double)slots[c] / (double)p->classes[c].count;
+      if (slots[c] < p->classes[c].count && used + p->per_slot[c] <= cache && (best < 0 || ratio < best_ratio))
+        best = (int)c, best_ratio = ratio;
+    }
+    if (best < 0) break;
+    slots[best]++;
+    used += p->per_slot[best];
   }
 }
 
