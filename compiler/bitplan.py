@@ -122,6 +122,15 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     return out
 
 
+def split_tokens(calibration: np.ndarray, search: np.ndarray | None = None):
+    """(rounding, search, check) tokens for a search: the search text (default: the calibration
+    text) cut 3/4 for the search and 1/4 for the check, and the calibration tokens the experts are
+    rounded against, less any the check uses (the check must be unseen by the rounding too)."""
+    text = calibration if search is None else search
+    cut = len(text) * 3 // 4
+    return (calibration[:cut] if search is None else calibration), text[:cut], text[cut:]
+
+
 BASE = 4  # sensitivities are measured one expert at a time with every other expert here (the paper's middle level)
 
 

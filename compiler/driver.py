@@ -12,7 +12,7 @@ import numpy as np
 
 from ..models import load_model
 from ..targets import load_target
-from .bitplan import LEVELS, search_plan
+from .bitplan import LEVELS, search_plan, split_tokens
 from .cache import cache_dir
 from .expert_image import ExpertWeights, write_image
 from .lower import build_kernels
@@ -104,22 +104,21 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     if search and calib_tokens is None:
         raise ValueError("--tolerance and --max-bits need calibration text (--calibration) to measure expert "
                          "sensitivity on")
-    search_tokens = calib_tokens
-    if search and opts.search_text is not None:
-        search_tokens = tokenize_file(model_dir / "tokenizer.json", opts.search_text, opts.calibration_tokens)
     if calib_tokens is not None:
-        # The search's last quarter checks its plan: tokens the rounding must not see either.
-        cut = len(search_tokens) * 3 // 4 if search else len(search_tokens)
-        fit = calib_tokens[:cut] if search_tokens is calib_tokens else calib_tokens
+        fit = calib_tokens
+        if search:
+            text = None if opts.search_text is None else \
+                tokenize_file(model_dir / "tokenizer.json", opts.search_text, opts.calibration_tokens)
+            fit, search_tokens, check_tokens = split_tokens(calib_tokens, text)
         search_layout = weight_layout(cfg, target, opts, list(LEVELS))
         moments = expert_moments(compiled_trunk(model, opts.trunk_bits, opts.group, search_layout), fit)
         log(f"measured expert inputs on {len(fit)} calibration tokens (the quantizer rounds against them)")
     if search:
         goals = ([f"within {100 * opts.tolerance:.2f}% perplexity loss"] if opts.tolerance is not None else []) + \
             ([f"at most {opts.max_bits} bits on average"] if opts.max_bits is not None else [])
-        log(f"searching a bit plan {' and '.join(goals)} ({cut} search tokens, {len(search_tokens) - cut} check "
-            f"tokens of {opts.search_text or opts.calibration})")
-        searched = search_plan(model, search_tokens[:cut], search_tokens[cut:], opts.tolerance, opts.group,
+        log(f"searching a bit plan {' and '.join(goals)} ({len(search_tokens)} search tokens, {len(check_tokens)} "
+            f"check tokens of {opts.search_text or opts.calibration})")
+        searched = search_plan(model, search_tokens, check_tokens, opts.tolerance, opts.group,
                                cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
                                moments=moments, max_bits=opts.max_bits)
         if opts.tolerance is not None and searched.check_loss > opts.tolerance:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgemoe.compiler.bitplan import LEVELS, PlanEvaluator, ToleranceError, plan_path, search_plan, uniform
+from edgemoe.compiler.bitplan import (LEVELS, PlanEvaluator, ToleranceError, plan_path, search_plan,
+                                      split_tokens, uniform)
 from edgemoe.compiler.expert_image import ExpertWeights, image_bytes, record_length, write_image
 from edgemoe.compiler.quantize import quantize
 from edgemoe.models.reference import ReferenceExecutor
@@ -65,6 +66,14 @@ def test_a_bits_target_is_met_and_a_looser_one_loses_no_more(small_model, text_t
     assert loose.search_loss < tight.search_loss
     with pytest.raises(ValueError, match="below the narrowest"):
         search_plan(small_model, search, check, max_bits=1.5, log=lambda m: None)
+
+
+def test_check_tokens_are_unseen_by_the_rounding_and_the_search():
+    calib, other = np.arange(8), np.arange(100, 108)
+    fit, search, check = split_tokens(calib)
+    assert list(fit) == list(search) == list(range(6)) and list(check) == [6, 7]
+    fit, search, check = split_tokens(calib, other)
+    assert list(fit) == list(calib) and list(search) == list(range(100, 106)) and list(check) == [106, 107]
 
 
 def test_plan_path_follows_each_experts_lower_hull():

@@ -287,7 +287,7 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
     import numpy as np
     from tokenizers import Tokenizer
 
-    from .compiler.bitplan import LEVELS, search_plan, uniform
+    from .compiler.bitplan import LEVELS, search_plan, split_tokens, uniform
     from .compiler.cache import cache_dir
     from .compiler.driver import CompileOptions, weight_layout
     from .compiler.expert_image import image_bytes
@@ -304,9 +304,8 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
     layout = weight_layout(cfg, load_target(target), opts, list(LEVELS))
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     calib = tokenize_file(model_dir / "tokenizer.json", calibration, calibration_tokens)
-    search = calib if search_text is None else tokenize_file(model_dir / "tokenizer.json", search_text,
-                                                             calibration_tokens)
-    cut = len(search) * 3 // 4
+    fit, search, check = split_tokens(calib, None if search_text is None else tokenize_file(
+        model_dir / "tokenizer.json", search_text, calibration_tokens))
     held = [tokenize_file(model_dir / "tokenizer.json", p, n_tokens) for p in text_paths]
     prompts = [tok.encode(p).ids for p in BITPLAN_PROMPTS]
 
@@ -315,21 +314,20 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
 
     float_ppl = [perplexity_reference(model, h)["perplexity"] for h in held]
     float_greedy = greedy(model)
-    fit = calib[:cut] if search_text is None else calib  # as edgemoe-compile: the check tokens stay unseen
     moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), fit)
     plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
     goals = [(f"tolerance {t}%", {"tolerance": float(t) / 100}) for t in tolerances.split(",") if t] + \
         [(f"≤ {b} bits", {"max_bits": float(b)}) for b in bit_targets.split(",") if b]
     for name, goal in goals:
         click.echo(f"searching a plan: {name} ...", err=True)
-        found = search_plan(model, search[:cut], search[cut:], group=DEFAULT_GROUP, cache_dir=cache_dir(),
+        found = search_plan(model, search, check, group=DEFAULT_GROUP, cache_dir=cache_dir(),
                             log=lambda m: click.echo(f"  {m}", err=True), trunk_bits=opts.trunk_bits, layout=layout,
                             moments=moments, **goal)
         plans.append((name, found.plan, found))
     texts = ", ".join(f"{p:.3f} over {len(h)} tokens of {t.name}" for p, h, t in zip(float_ppl, held, text_paths))
     click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {texts}; "
-               f"experts rounded on {len(fit)} tokens of {calibration.name}; search on {cut} / check on "
-               f"{len(search) - cut} tokens of {(search_text or calibration).name}; greedy agreement over "
+               f"experts rounded on {len(fit)} tokens of {calibration.name}; search on {len(search)} / check on "
+               f"{len(check)} tokens of {(search_text or calibration).name}; greedy agreement over "
                f"{len(prompts)} prompts × {greedy_tokens} tokens; plans scored as compiled for {target}: trunk "
                f"INT{opts.trunk_bits}, {layout} layout")
     columns = "".join(f" {t.name} ppl | Δ |" for t in text_paths)
