@@ -130,11 +130,17 @@ def chunks(text: str, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
     return out
 
 
-def split(text: str) -> tuple[str, str]:
-    """(train, held_out): every ``HOLDOUT_EVERY``-th chunk is held out."""
+def _split_chunks(text: str) -> tuple[list[str], list[str]]:
+    """(train, held_out) chunks: every ``HOLDOUT_EVERY``-th chunk is held out."""
     train, held = [], []
     for i, c in enumerate(chunks(text)):
         (held if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 else train).append(c)
+    return train, held
+
+
+def split(text: str) -> tuple[str, str]:
+    """(train, held_out) text: every ``HOLDOUT_EVERY``-th chunk is held out."""
+    train, held = _split_chunks(text)
     return "".join(train), "".join(held)
 
 
@@ -180,18 +186,19 @@ def calibration_text(data_path=None, cache_dir=None, per_source: int = CALIBRATI
     out in pieces of about ``CALIBRATION_PIECE_BYTES``, so that whatever prefix the compiler reads
     (``--calibration-tokens``) covers every source. Training text only, so held-out measurements
     stay clean."""
-    firsts = []
-    for text in train_texts(data_path, cache_dir).values():
-        cut = text.rfind("\n", 0, per_source)
-        firsts.append(text[: cut + 1])
-    return _deal(firsts)
+    return _deal(_first_lines(t, per_source) for t in train_texts(data_path, cache_dir).values())
+
+
+def _first_lines(text: str, n: int) -> str:
+    """The whole lines of ``text`` within its first ``n`` characters."""
+    return text[: text.rfind("\n", 0, n) + 1]
 
 
 def _heldout_halves(data_path=None, cache_dir=None) -> tuple[list[str], list[str]]:
     """Each source's held-out chunks, alternately: (for the bit-plan search, for evaluation)."""
     search, evaluation = [], []
     for text in source_texts(data_path, cache_dir).values():
-        held = [c for i, c in enumerate(chunks(text)) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+        held = _split_chunks(text)[1]
         search.append("".join(held[0::2]))
         evaluation.append("".join(held[1::2]))
     return search, evaluation
@@ -203,11 +210,7 @@ def search_text(data_path=None, cache_dir=None, per_source: int = CALIBRATION_BY
     text. Not trained on: a small model is more fragile on text it has memorised (uniform INT3 costs
     it 3.4% perplexity on its training text, 1.2% on held-out text), so a search scored on training
     text ranks experts by damage that unseen text does not see."""
-    firsts = []
-    for text in _heldout_halves(data_path, cache_dir)[0]:
-        cut = text.rfind("\n", 0, per_source)
-        firsts.append(text[: cut + 1])
-    return _deal(firsts)
+    return _deal(_first_lines(t, per_source) for t in _heldout_halves(data_path, cache_dir)[0])
 
 
 def heldout_mix_text(data_path=None, cache_dir=None) -> str:
