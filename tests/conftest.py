@@ -7,11 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import _no_outside_reads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = Path(os.environ.get("EDGEMOE_TEST_MODEL", REPO / "models" / "zoo" / "mixtral-mini"))
-DATA_DIR = Path(os.environ.get("EDGEMOE_DATA_DIR", REPO.parent / "shared" / "data"))
+# The text corpora ship with the repository (data/README.md: sources and licences).
+DATA_DIR = Path(os.environ.get("EDGEMOE_DATA_DIR", REPO / "data"))
+
+
+def pytest_configure(config):
+    """Fail any test that opens a file beside the checkout (e.g. ../shared): see _no_outside_reads."""
+    if not config.pluginmanager.has_plugin("edgemoe-no-outside-reads"):
+        _no_outside_reads.register(config)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@
 Three English sources, each split deterministically into a training part and a
 held-out part:
 
-* ``tinyshakespeare.txt``  -- Shakespeare (public domain), from the shared data folder.
-* ``wikitext-2-valid.txt`` -- WikiText-2 raw validation split (CC BY-SA), shared data folder.
+* ``tinyshakespeare.txt``  -- Shakespeare (public domain), from the data folder.
+* ``wikitext-2-valid.txt`` -- WikiText-2 raw validation split (CC BY-SA 3.0), data folder.
 * Python 3.11 documentation sources (``*.rst.txt``, PSF licence) from the Debian package
   ``python3.11-doc``, fetched with ``apt-get download`` into a cache folder
   (``models/zoo/.corpus/``, git-ignored) and unpacked with ``dpkg-deb -x``.  A fixed,
@@ -21,7 +21,10 @@ as ``search.txt``, what the bit-plan search scores plans on) and :func:`heldout_
 ``wikitext-2-test.txt`` is never part of the training text; :func:`wikitext2_test_text`
 returns it for evaluation only.
 
-The shared data folder is ``$EDGEMOE_DATA_DIR`` if set, else ``<repo>/../shared/data``.
+The data folder is ``$EDGEMOE_DATA_DIR`` if set, else ``<repo>/data`` (shipped with the
+repository; ``data/README.md`` names each file's source and licence).  It is found from this
+file's location, so it works from the checkout and from an editable install (``pip install -e``);
+a wheel install has no ``<repo>/data`` and needs ``$EDGEMOE_DATA_DIR`` or ``data_dir``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import subprocess
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_DATA_DIR = REPO_ROOT / "data"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".corpus"
 
 CHUNK_BYTES = 4096
@@ -55,7 +58,7 @@ class CorpusError(RuntimeError):
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The shared data folder: ``path``, else ``$EDGEMOE_DATA_DIR``, else ``<repo>/../shared/data``."""
+    """The data folder: ``path``, else ``$EDGEMOE_DATA_DIR``, else ``<repo>/data``."""
     if path is not None:
         return Path(path)
     env = os.environ.get("EDGEMOE_DATA_DIR")

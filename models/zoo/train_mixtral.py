@@ -476,7 +476,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=250, help="held-out probe every N steps (0: never)")
-    p.add_argument("--data-dir", help="shared data folder (default $EDGEMOE_DATA_DIR or <repo>/../shared/data)")
+    p.add_argument("--data-dir", help="data folder (default $EDGEMOE_DATA_DIR or <repo>/data)")
     p.add_argument("--cache-dir", help="python3.11-doc cache folder (default models/zoo/.corpus)")
     args = p.parse_args(argv)
 
