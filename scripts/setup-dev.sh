@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a Debian/Ubuntu machine, then EdgeMoE itself (editable)
+# with its test extras. Safe to re-run: a system package is installed only when it is missing.
+#
+#   bash scripts/setup-dev.sh && python -m pytest
+#
+# System packages: cmake and a C toolchain (the C runtime); qemu-user, gcc-aarch64-linux-gnu and
+# libc6-dev-arm64-cross (the Arm targets are tested by cross-compiling the runtime and running it
+# under qemu); clang and libclang-rt-14-dev (fuzzing and sanitizer builds of the runtime).
+# Python packages: torch (pinned, first, so nothing pulls another build in), then the project
+# with its [test] extras. PYTHON selects the interpreter (default: python, else python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+
+# package name, then how to tell it is there: "cmd:NAME" (a command on PATH) or "deb" (dpkg).
+REQUIRED=(
+  "cmake cmd:cmake"
+  "build-essential cmd:cc"
+  "build-essential cmd:make"
+  "qemu-user cmd:qemu-aarch64"
+  "gcc-aarch64-linux-gnu cmd:aarch64-linux-gnu-gcc"
+  "libc6-dev-arm64-cross deb"
+  "clang cmd:clang"
+  "libclang-rt-14-dev deb"
+)
+
+have_deb() {
+  command -v dpkg-query >/dev/null &&
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+}
+
+missing=()
+for entry in "${REQUIRED[@]}"; do
+  read -r pkg check <<<"$entry"
+  case "$check" in
+    cmd:*) command -v "${check#cmd:}" >/dev/null && continue ;;
+    deb) have_deb "$pkg" && continue ;;
+  esac
+  [[ " ${missing[*]-} " == *" $pkg "* ]] || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+  if ! command -v apt-get >/dev/null; then
+    echo "setup-dev: missing ${missing[*]} and no apt-get here: install them with your package manager" >&2
+    exit 1
+  fi
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "setup-dev: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+    SUDO=sudo
+  fi
+  echo "setup-dev: installing ${missing[*]}"
+  # Try without refreshing the package lists first (fast when they are fresh), then refresh.
+  $SUDO apt-get install -y -qq "${missing[@]}" ||
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}"; }
+fi
+
+PYTHON=${PYTHON:-$(command -v python >/dev/null && echo python || echo python3)}
+"$PYTHON" -m pip install -q torch==2.13.0
+"$PYTHON" -m pip install -q -e ".[test]"
