@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +21,8 @@ from .lower import build_kernels
 from .tuning import TuningStore
 from .profile import expert_moments, profile_routing, tokenize_file
 from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, compiled_trunk, quantize
-from .trunk_file import write_trunk
+from .cpu_features import elf_machine, feature_names, required_features
+from .trunk_file import ArtifactIdentity, write_trunk
 
 MANIFEST_VERSION = 1
 
@@ -87,11 +90,48 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """An output directory is new, empty or an earlier artifact (which the compile replaces whole)."""
+    if out_dir.exists() and (not out_dir.is_dir() or
+                             (any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file())):
+        raise ValueError(f"{out_dir} exists and is not an EdgeMoE artifact (no manifest.json); choose a new output "
+                         "directory or remove it (nothing in it was changed)")
+
+
+def _publish(work: Path, out_dir: Path) -> None:
+    """Moves a finished artifact from its working directory into place: out_dir changes from the
+    old artifact (if any) to the new one by renames, never holding a partial one."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    os.rename(work, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptions, log=print, progress=None) -> dict:
     """Compile the checkpoint in model_dir into an artifact directory; returns the manifest.
-    `progress` wraps an iterable of tuning jobs (a progress bar) when opts.tune is set."""
-    t0 = time.time()
+    `progress` wraps an iterable of tuning jobs (a progress bar) when opts.tune is set.
+    The artifact is written into a working directory beside out_dir and renamed into place when
+    complete: a failed or interrupted compile leaves out_dir as it was."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        manifest = _compile_into(model_dir, work, opts, log, progress)
+        _publish(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(f"artifact written to {out_dir} in {manifest['compile_seconds']} s")
+    return manifest
+
+
+def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, progress) -> dict:
+    t0 = time.time()
     target = load_target(opts.target)
     check_trunk_bits(opts.trunk_bits)
     model = load_model(model_dir)
@@ -129,7 +169,6 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     bits_used = sorted({b for row in plan for b in row})
     layout = weight_layout(cfg, target, opts, bits_used)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts = model.parameter_counts()
     log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers × {cfg.num_experts} experts (top-{cfg.top_k}), "
         f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
@@ -144,15 +183,7 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     if calib_tokens is not None:
         profile = profile_routing(model, calib_tokens)
         log(f"profiled expert routing on {len(calib_tokens)} calibration tokens from {opts.calibration}")
-    records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group,
-                          layout)
-    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout, profile)
-    average_bits = float(np.mean(plan))
-    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
-        f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
-        f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "
-        f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels")
-
+    # kernels before the weights: trunk.bin records their digest, machine and CPU features
     store = TuningStore(target, opts.tuning_dir)
     kernels = build_kernels(cfg, bits_used, opts.trunk_bits, layout, opts.group, target, out_dir, store, opts.tune,
                             progress)
@@ -160,6 +191,20 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
         f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "
         f"{sources.count('default')} default")
+    tvm_target = target.tvm()
+    identity = ArtifactIdentity(
+        compile_id=os.urandom(16),
+        kernels_sha256=bytes.fromhex(_sha256(out_dir / kernels["library"])) if "library" in kernels else bytes(32),
+        machine=elf_machine(tvm_target), cpu_features=required_features(tvm_target))
+    records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group,
+                          layout, identity.compile_id)
+    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout, profile,
+                              identity)
+    average_bits = float(np.mean(plan))
+    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
+        f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
+        f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "
+        f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels")
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (model_dir / name).is_file():
@@ -172,6 +217,8 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "version": MANIFEST_VERSION,
         "model": {"source": str(model_dir), "config": cfg.to_dict(), "parameters": counts},
         "target": target.name,
+        "compile_id": identity.compile_id.hex(),
+        "cpu_features": feature_names(identity.cpu_features),
         "max_seq": max_seq,
         "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,
                          "rounding": "calibrated (GPTQ)" if moments is not None else "searched scales",
@@ -191,5 +238,4 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         "compile_seconds": round(time.time() - t0, 2),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"artifact written to {out_dir} in {manifest['compile_seconds']} s")
     return manifest

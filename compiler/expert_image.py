@@ -18,12 +18,13 @@ from .binfmt import ArtifactFormatError, align_up, crc32, crc32c, pack, size, un
 from .quantize import QuantizedMatrix
 
 MAGIC = b"EMOEXPRT"
-VERSION = 4  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records
+VERSION = 5  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records;
+# 5: the compile id (every file of one compile carries it)
 ALIGN = 4096
 PART_ALIGN = 64
 # magic, version, header_bytes, layers, experts, records, record_bytes, align, hidden, inter, group,
-# table_offset, data_offset, file_bytes, table_crc, layout, header_crc
-HEADER_FMT = "8sIIIIIIIIIIQQQIII"
+# table_offset, data_offset, file_bytes, table_crc, layout, compile_id, header_crc
+HEADER_FMT = "8sIIIIIIIIIIQQQII16sI"
 LAYOUT_CODES = {"rows": 0, "tiles": 1}
 # layer, expert, bits, crc32c, offset, length, part offsets ×6, payload_bytes, reserved
 RECORD_FMT = "IIIIQQ6III"
@@ -86,8 +87,9 @@ def image_bytes(plan: list[list[int]], hidden: int, inter: int, group: int) -> i
 
 
 def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int,
-                layout: str = "rows") -> list[Record]:
-    """Write experts[layer][expert] (all quantized in `layout`) to `path`; return the record table."""
+                layout: str = "rows", compile_id: bytes = bytes(16)) -> list[Record]:
+    """Write experts[layer][expert] (all quantized in `layout`) to `path`; return the record table.
+    `compile_id` (16 bytes) ties the image to the trunk.bin of the same compile."""
     n_layers, n_experts = len(experts), len(experts[0])
     n = n_layers * n_experts
     table_offset = ALIGN
@@ -106,7 +108,7 @@ def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, int
         for r in records
     )
     head = pack(HEADER_FMT[:-1], MAGIC, VERSION, ALIGN, n_layers, n_experts, n, RECORD_BYTES, ALIGN,
-                hidden, inter, group, table_offset, data_offset, pos, crc32(table), LAYOUT_CODES[layout])
+                hidden, inter, group, table_offset, data_offset, pos, crc32(table), LAYOUT_CODES[layout], compile_id)
     head += pack("I", crc32(head))
     with open(path, "wb") as f:
         f.write(head + bytes(ALIGN - len(head)))
@@ -126,6 +128,7 @@ class ImageHeader:
     data_offset: int
     file_bytes: int
     layout: str
+    compile_id: bytes
 
 
 def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
@@ -135,11 +138,11 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     hsize = size(HEADER_FMT)
     if len(data) < hsize:
         raise ArtifactFormatError(f"{path}: truncated header ({len(data)} bytes)")
-    (magic, version, _hb, nl, ne, nr, rb, _al, hidden, inter, group, toff, doff, fbytes, tcrc, layout,
+    (magic, version, _hb, nl, ne, nr, rb, _al, hidden, inter, group, toff, doff, fbytes, tcrc, layout, compile_id,
      hcrc) = unpack(HEADER_FMT, data)
     if magic != MAGIC:
         raise ArtifactFormatError(f"{path}: not an EdgeMoE expert image (magic {magic!r})")
-    if version != VERSION:
+    if len(data) >= 12 and version != VERSION:
         raise ArtifactFormatError(f"{path}: expert image version {version}, this tool reads {VERSION}; recompile the model")
     if crc32(data[: hsize - 4]) != hcrc:
         raise ArtifactFormatError(f"{path}: header checksum mismatch (corrupted header)")
@@ -158,7 +161,7 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     layouts = {v: k for k, v in LAYOUT_CODES.items()}
     if layout not in layouts:
         raise ArtifactFormatError(f"{path}: unknown weight layout {layout}; recompile the model")
-    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout]), recs
+    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout], compile_id), recs
 
 
 

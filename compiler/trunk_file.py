@@ -11,6 +11,7 @@ Layout (little-endian; docs/FORMAT.md is the normative description):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,13 @@ from .binfmt import align_up, crc32, pack, size
 from .quantize import quantize
 
 MAGIC = b"EMOTRUNK"
-VERSION = 2
+VERSION = 3  # 3: compile id, the kernels' SHA-256, their machine and CPU features
 HEADER_BYTES = 256
 TENSOR_ALIGN = 64
 # magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
 # inter, max_positions, rope_theta, norm_eps, flags, bos, eos, n_tensors, table_offset,
-# data_offset, file_bytes, table_crc, data_crc, header_crc
-HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQIII"
+# data_offset, file_bytes, table_crc, data_crc, compile_id, kernels_sha256, machine, cpu_features, header_crc
+HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIII"
 # name, dtype, ndim, shape[4], offset, bytes, crc, bits (of a quantized matrix's codes; 0 otherwise)
 TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
@@ -79,8 +80,20 @@ def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int, layout
     return out
 
 
+@dataclass(frozen=True)
+class ArtifactIdentity:
+    """What ties an artifact's files together and to the machine that may run them: a compile id
+    (in every file's header), kernels.so's SHA-256 (checked before it is loaded), the kernels'
+    ELF machine and the CPU features they need (compiler/cpu_features.py)."""
+
+    compile_id: bytes = bytes(16)
+    kernels_sha256: bytes = bytes(32)
+    machine: int = 0
+    cpu_features: int = 0
+
+
 def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, group: int, layout: str = "rows",
-                profile=None) -> int:
+                profile=None, identity: ArtifactIdentity = ArtifactIdentity()) -> int:
     """Write the trunk file with its matrices at `bits` in `layout`; return its size in bytes."""
     cfg = model.config
     tensors = _stored(trunk_tensors(model, max_positions, profile), bits, group, layout)
@@ -106,7 +119,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
                 max_positions, cfg.rope_theta, cfg.norm_eps, flags,
                 -1 if cfg.bos_token_id is None else cfg.bos_token_id,
                 -1 if cfg.eos_token_id is None else cfg.eos_token_id,
-                len(tensors), table_offset, data_offset, file_bytes, crc32(table), crc32(bytes(data)))
+                len(tensors), table_offset, data_offset, file_bytes, crc32(table), crc32(bytes(data)),
+                identity.compile_id, identity.kernels_sha256, identity.machine, identity.cpu_features)
     head += pack("I", crc32(head))
     with open(path, "wb") as f:
         f.write(head + bytes(HEADER_BYTES - len(head)))

@@ -36,7 +36,8 @@ class _Params(ctypes.Structure):
                 ("max_seq", ctypes.c_uint32), ("verify_checksums", ctypes.c_int), ("storage", ctypes.c_int),
                 ("direct_io", ctypes.c_int), ("emulate_bandwidth", ctypes.c_double),
                 ("emulate_latency", ctypes.c_double), ("loader_thread", ctypes.c_int), ("predictor", ctypes.c_int),
-                ("prefetch_experts", ctypes.c_uint32), ("eviction", ctypes.c_int), ("compute_threads", ctypes.c_uint32)]
+                ("prefetch_experts", ctypes.c_uint32), ("eviction", ctypes.c_int), ("compute_threads", ctypes.c_uint32),
+                ("inject_faults", ctypes.c_char_p)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
@@ -46,7 +47,8 @@ _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns
 
 class _Stats(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in _STAT_FIELDS] + [("cache_slots", ctypes.c_uint32),
-                                                               ("record_bytes", ctypes.c_uint32)]
+                                                               ("record_bytes", ctypes.c_uint32),
+                                                               ("read_retries", ctypes.c_uint64)]
 
 
 class _Info(ctypes.Structure):
@@ -129,20 +131,22 @@ class Session:
     each expert read to that device's speed. loader_thread reads experts on a second thread, which
     prefetching needs; predictor: auto, none, path-table, next-router, fitted-router or wrong (a test
     of robustness); eviction: auto, lru, fifo or edgemoe. info["predictor"] and info["eviction"]
-    name the ones in use.
+    name the ones in use. inject_faults (testing) makes chosen expert reads fail, e.g. "eio@3,corrupt@7"
+    (runtime_c/src/storage.h).
     """
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
                  storage: str = "pread", direct_io: bool = False, emulate: tuple[float, float] | None = None,
                  loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
-                 eviction: str = "auto", threads: int = 1):
+                 eviction: str = "auto", threads: int = 1, inject_faults: str | None = None):
         self._h = None
         self._lib = library()
         bandwidth, latency = emulate or (0.0, 0.0)
         params = _Params(str(artifact_dir).encode(), memory_budget, max_seq, int(verify),
                          _choice(STORAGES, storage, "storage"), int(direct_io), bandwidth, latency, int(loader_thread),
                          _choice(PREDICTORS, predictor, "predictor"), prefetch_experts,
-                         _choice(EVICTIONS, eviction, "eviction policy"), threads)
+                         _choice(EVICTIONS, eviction, "eviction policy"), threads,
+                         inject_faults.encode() if inject_faults else None)
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

@@ -50,7 +50,9 @@ typedef enum {
 
 typedef struct {
   const char* artifact_dir;  /* directory with trunk.bin, experts.bin, kernels.so */
-  uint64_t memory_budget;    /* bytes for trunk + KV cache + buffers + expert cache; 0 = every expert resident */
+  uint64_t memory_budget;    /* bytes for trunk + KV cache + buffers + expert cache; 0 = every expert resident.
+                                It bounds what the session allocates (em_stats.memory_bytes); the process adds
+                                its code, kernels.so, thread stacks and libc's own (docs/FORMAT.md, "Memory"). */
   uint32_t max_seq;          /* context length to allocate; 0 = the artifact's maximum */
   int verify_checksums;      /* check each expert record's CRC-32 when it is read */
   em_storage_kind storage;
@@ -62,6 +64,8 @@ typedef struct {
   uint32_t prefetch_experts; /* experts to prefetch per layer; 0 = top-k */
   em_eviction eviction;
   uint32_t compute_threads;  /* threads running the kernels' parallel loops, the caller included; 0 = 1 */
+  const char* inject_faults; /* testing: faults injected into expert reads, e.g. "eio@3,corrupt@7*2,delay@9:50"
+                                (storage.h em_storage_inject_faults); NULL = none */
 } em_params;
 
 typedef struct {
@@ -82,6 +86,7 @@ typedef struct {
   uint64_t predicted_hits;   /* of which the predictor had named */
   uint32_t cache_slots;      /* number of expert cache slots */
   uint32_t record_bytes;     /* bytes of the largest expert record (one read) */
+  uint64_t read_retries;     /* expert reads that failed once and were read again */
 } em_stats;
 
 typedef struct {

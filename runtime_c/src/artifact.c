@@ -2,6 +2,7 @@
 #include "artifact.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,12 +12,24 @@
 #include "crc32.h"
 #include "edgemoe.h"
 
-#define TRUNK_HEADER_CRC_AT 112
-#define IMAGE_HEADER_CRC_AT 80
-#define TRUNK_VERSION 2
-#define IMAGE_VERSION 4 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records (docs/FORMAT.md) */
+#define TRUNK_HEADER_CRC_AT 168
+#define IMAGE_HEADER_CRC_AT 96
+#define TRUNK_VERSION 3 /* 3: compile id, kernels' SHA-256, machine and CPU features */
+#define IMAGE_VERSION 5 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id */
 #define TENSOR_ENTRY_BYTES 96
 #define RECORD_ENTRY_BYTES 64
+#define TENSOR_ALIGN 64
+#define PART_ALIGN 64
+
+/* What this runtime accepts of a model's shapes. Generous for every published MoE, and small
+ * enough that every size the session derives from them (KV cache, buffers, tables) fits 64 bits. */
+#define MAX_LAYERS (1u << 10)
+#define MAX_EXPERTS (1u << 12)
+#define MAX_HIDDEN (1u << 16)
+#define MAX_INTER (1u << 18)
+#define MAX_VOCAB (1u << 22)
+#define MAX_POSITIONS (1u << 22)
+#define MAX_ATTN_DIM (1u << 16) /* heads x head_dim, kv_heads x head_dim */
 
 static uint32_t le32(const uint8_t* p) {
   return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
@@ -29,17 +42,45 @@ static float lef32(const uint8_t* p) {
   return f;
 }
 
+/* Whether [offset, offset + len) lies within [lo, hi), without overflow. */
+static int range_within(uint64_t offset, uint64_t len, uint64_t lo, uint64_t hi) {
+  return offset >= lo && offset <= hi && len <= hi - offset;
+}
+
 int em_pread_all(int fd, void* buf, uint64_t len, uint64_t offset) {
   uint8_t* p = (uint8_t*)buf;
   while (len > 0) {
-    ssize_t got = pread(fd, p, (size_t)len, (off_t)offset);
+    ssize_t got = pread(fd, p, len > (1u << 30) ? (1u << 30) : (size_t)len, (off_t)offset);
     if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) return got < 0 ? -errno : -EIO; /* 0 = end of file: shorter than the table says */
+    if (got < 0) return -errno;
+    if (got == 0) return EM_READ_SHORT;
     p += got;
     len -= (uint64_t)got;
     offset += (uint64_t)got;
   }
   return 0;
+}
+
+const char* em_read_error(int code) {
+  return code == EM_READ_SHORT ? "the file ends before it (truncated?)" : strerror(-code);
+}
+
+int em_open_file(const char* path, char* err, size_t n) {
+  /* O_NONBLOCK: opening a FIFO must not wait for a writer; cleared below for a regular file. */
+  int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  struct stat st;
+  if (fd < 0) {
+    snprintf(err, n, "cannot open %s: %s (is this an edgemoe-compile output directory?)", path, strerror(errno));
+    return EM_ERR_IO;
+  }
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    snprintf(err, n, "%s: %s; an artifact's files are regular files written by edgemoe-compile", path,
+             S_ISDIR(st.st_mode) ? "is a directory" : "is not a regular file (a FIFO, socket or device?)");
+    close(fd);
+    return EM_ERR_IO;
+  }
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  return fd;
 }
 
 static uint64_t file_size(int fd) {
@@ -58,9 +99,17 @@ static int check_size(int fd, const char* path, uint64_t expected, char* err, si
 /* Reads a fixed header of `len` bytes whose CRC-32 is stored right after it, and checks magic and version. */
 static int read_checked_header(int fd, const char* path, const char* magic, uint32_t version, const char* what,
                                uint8_t* b, size_t len, char* err, size_t n) {
-  if (em_pread_all(fd, b, len + 4, 0) != 0) {
+  int rc = em_pread_all(fd, b, len + 4, 0);
+  if (rc == EM_READ_SHORT && file_size(fd) >= 12 && em_pread_all(fd, b, 12, 0) == 0 && !memcmp(b, magic, 8) &&
+      le32(b + 8) != version)
+    rc = 0; /* a shorter header of another version: say so below */
+  if (rc == EM_READ_SHORT) {
     snprintf(err, n, "%s: truncated header; recompile the model", path);
     return EM_ERR_FORMAT;
+  }
+  if (rc) {
+    snprintf(err, n, "%s: reading the header failed: %s", path, em_read_error(rc));
+    return EM_ERR_IO;
   }
   if (memcmp(b, magic, 8) != 0) {
     snprintf(err, n, "%s: not an EdgeMoE %s (bad magic)", path, what);
@@ -78,22 +127,31 @@ static int read_checked_header(int fd, const char* path, const char* magic, uint
   return EM_OK;
 }
 
-/* Reads a table of `count` entries of `entry_bytes` at `offset` and checks its CRC-32; the caller frees *out. */
+/* Reads a table of `count` entries of `entry_bytes` at `offset` (already checked to lie within the
+ * file) and checks its CRC-32; the caller frees *out. */
 static int read_checked_table(int fd, const char* path, const char* what, uint64_t offset, uint32_t count,
                               size_t entry_bytes, uint32_t crc, uint8_t** out, char* err, size_t n) {
   size_t bytes = (size_t)count * entry_bytes;
-  *out = (uint8_t*)malloc(bytes);
+  *out = (uint8_t*)malloc(bytes ? bytes : 1);
   if (!*out) {
     snprintf(err, n, "out of memory reading %s", path);
     return EM_ERR_NOMEM;
   }
-  if (em_pread_all(fd, *out, bytes, offset) != 0 || em_crc32(0, *out, bytes) != crc) {
+  int rc = em_pread_all(fd, *out, bytes, offset);
+  if (rc && rc != EM_READ_SHORT) {
+    snprintf(err, n, "%s: reading the %s table failed: %s", path, what, em_read_error(rc));
+    rc = EM_ERR_IO;
+  } else if (rc || em_crc32(0, *out, bytes) != crc) {
     snprintf(err, n, "%s: %s table truncated or corrupted (checksum mismatch)", path, what);
-    free(*out);
-    *out = NULL;
-    return EM_ERR_FORMAT;
+    rc = EM_ERR_FORMAT;
   }
-  return EM_OK;
+  if (rc) free(*out), *out = NULL;
+  return rc;
+}
+
+static int bad_header(const char* path, const char* why, char* err, size_t n) {
+  snprintf(err, n, "%s: inconsistent header (%s); recompile the artifact", path, why);
+  return EM_ERR_FORMAT;
 }
 
 int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err, size_t n) {
@@ -121,13 +179,28 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
   h->file_bytes = le64(b + 96);
   h->table_crc = le32(b + 104);
   h->data_crc = le32(b + 108);
-  if (h->heads == 0 || h->kv_heads == 0 || h->heads % h->kv_heads || h->top_k == 0 || h->top_k > h->experts ||
-      h->n_tensors == 0 || h->n_tensors > 4096 || h->data_offset > h->file_bytes) {
-    snprintf(err, n, "%s: inconsistent hyper-parameters in the header", path);
-    return EM_ERR_FORMAT;
-  }
+  memcpy(h->compile_id, b + 112, 16);
+  memcpy(h->kernels_sha256, b + 128, 32);
+  h->machine = le32(b + 160);
+  h->cpu_features = le32(b + 164);
+  if (!h->vocab || h->vocab > MAX_VOCAB || !h->hidden || h->hidden > MAX_HIDDEN || !h->layers ||
+      h->layers > MAX_LAYERS || !h->experts || h->experts > MAX_EXPERTS || !h->inter || h->inter > MAX_INTER ||
+      !h->max_positions || h->max_positions > MAX_POSITIONS)
+    return bad_header(path, "a model dimension is zero or beyond this runtime's limits", err, n);
+  if (!h->heads || !h->kv_heads || h->heads % h->kv_heads || !h->head_dim || h->head_dim % 2 ||
+      (uint64_t)h->heads * h->head_dim > MAX_ATTN_DIM)
+    return bad_header(path, "attention heads", err, n);
+  if (!h->top_k || h->top_k > h->experts) return bad_header(path, "top-k", err, n);
+  if (h->bos < -1 || h->bos >= (int32_t)h->vocab || h->eos < -1 || h->eos >= (int32_t)h->vocab)
+    return bad_header(path, "BOS or EOS id outside the vocabulary", err, n);
+  if (!h->n_tensors || h->n_tensors > 16 * MAX_LAYERS + 64 || h->table_offset < TRUNK_HEADER_CRC_AT + 4 ||
+      !range_within(h->table_offset, (uint64_t)h->n_tensors * TENSOR_ENTRY_BYTES, 0, h->data_offset) ||
+      h->data_offset > h->file_bytes)
+    return bad_header(path, "tensor table or data region outside the file", err, n);
   return check_size(fd, path, h->file_bytes, err, n);
 }
+
+static const uint32_t DTYPE_BYTES[] = {4, 2, 1, 4}; /* float32, float16, int8, uint32 (docs/FORMAT.md) */
 
 int em_read_trunk_table(int fd, const char* path, const em_trunk_header* h, em_tensor_entry* entries, char* err,
                         size_t n) {
@@ -147,7 +220,19 @@ int em_read_trunk_table(int fd, const char* path, const em_trunk_header* h, em_t
     d->nbytes = le64(e + 80);
     d->crc = le32(e + 88);
     d->bits = le32(e + 92);
-    if (d->offset < h->data_offset || d->offset + d->nbytes > h->file_bytes || d->offset % 64) {
+    /* the bytes must be exactly the shape's: every dimension <= 2^32, so a product of four is
+       checked by division, not trusted */
+    int ok = d->dtype < 4 && d->ndim >= 1 && d->ndim <= 4;
+    uint64_t count = ok ? DTYPE_BYTES[d->dtype] : 0;
+    for (uint32_t k = 0; ok && k < d->ndim; k++) {
+      ok = d->shape[k] && count <= UINT64_MAX / d->shape[k];
+      count *= d->shape[k];
+    }
+    if (!ok || count != d->nbytes) {
+      snprintf(err, n, "%s: tensor '%s' has an invalid type or shape for its %llu bytes; recompile the artifact", path,
+               d->name, (unsigned long long)d->nbytes);
+      rc = EM_ERR_FORMAT;
+    } else if (!range_within(d->offset, d->nbytes, h->data_offset, h->file_bytes) || d->offset % TENSOR_ALIGN) {
       snprintf(err, n, "%s: tensor '%s' lies outside the data region", path, d->name);
       rc = EM_ERR_FORMAT;
     }
@@ -172,16 +257,44 @@ int em_read_image_header(int fd, const char* path, em_image_header* h, char* err
   h->file_bytes = le64(b + 64);
   h->table_crc = le32(b + 72);
   h->layout = le32(b + 76);
+  memcpy(h->compile_id, b + 80, 16);
   if (h->layout > EM_LAYOUT_TILES) {
     snprintf(err, n, "%s: unknown weight layout %u; recompile the model", path, h->layout);
     return EM_ERR_FORMAT;
   }
-  if (le32(b + 28) != RECORD_ENTRY_BYTES || h->n_records != h->layers * h->experts || h->align == 0) {
+  if (!h->layers || h->layers > MAX_LAYERS || !h->experts || h->experts > MAX_EXPERTS ||
+      h->n_records != h->layers * h->experts || le32(b + 28) != RECORD_ENTRY_BYTES) {
     snprintf(err, n, "%s: inconsistent header (%u records for %u layers x %u experts)", path, h->n_records, h->layers,
              h->experts);
     return EM_ERR_FORMAT;
   }
+  if (!h->hidden || h->hidden > MAX_HIDDEN || !h->inter || h->inter > MAX_INTER)
+    return bad_header(path, "hidden or intermediate size", err, n);
+  if (!h->group || h->hidden % h->group || h->inter % h->group)
+    return bad_header(path, "quantization group does not divide the hidden and intermediate sizes", err, n);
+  if (h->align < PART_ALIGN || h->align > (1u << 24) || (h->align & (h->align - 1)))
+    return bad_header(path, "record alignment", err, n);
+  if (h->table_offset < IMAGE_HEADER_CRC_AT + 4 ||
+      !range_within(h->table_offset, (uint64_t)h->n_records * RECORD_ENTRY_BYTES, 0, h->data_offset) ||
+      h->data_offset > h->file_bytes)
+    return bad_header(path, "record table or data region outside the file", err, n);
   return check_size(fd, path, h->file_bytes, err, n);
+}
+
+/* Bytes of the six parts of an expert record at `bits` (gate codes, gate scales, up codes, up
+ * scales, down codes, down scales): what the kernels read for the model's shapes; 0 if the
+ * bitwidth is not one the format defines for the layout. */
+static int part_sizes(const em_image_header* h, uint32_t bits, uint64_t size[6]) {
+  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8 || (bits == 16 && h->layout == EM_LAYOUT_ROWS))) return 0;
+  uint64_t H = h->hidden, I = h->inter, G = h->group;
+  uint64_t shapes[3][2] = {{I, H}, {I, H}, {H, I}};
+  for (int m = 0; m < 3; m++) {
+    uint64_t rows = shapes[m][0], cols = shapes[m][1];
+    if (rows * cols * bits % 8) return 0;
+    size[2 * m] = rows * cols * bits / 8;
+    size[2 * m + 1] = bits == 16 ? 0 : rows * (cols / G) * 2; /* float16 scales per group */
+  }
+  return 1;
 }
 
 int em_read_image_table(int fd, const char* path, const em_image_header* h, em_record* records, char* err, size_t n) {
@@ -200,12 +313,26 @@ int em_read_image_table(int fd, const char* path, const em_image_header* h, em_r
     r->length = le64(e + 24);
     for (int k = 0; k < 6; k++) r->part_offset[k] = le32(e + 32 + 4 * k);
     r->payload_bytes = le32(e + 56);
-    int bad = r->layer * h->experts + r->expert != i || r->offset % h->align || r->offset < h->data_offset ||
-              r->offset + r->length > h->file_bytes || r->payload_bytes > r->length;
-    for (int k = 0; k < 6; k++) bad |= r->part_offset[k] % 64 || r->part_offset[k] > r->payload_bytes; /* float16: no scales */
-    if (bad) {
-      snprintf(err, n, "%s: record %u (layer %u, expert %u) is out of order, misaligned or outside the file", path, i,
-               r->layer, r->expert);
+    const char* why = NULL;
+    uint64_t size[6];
+    if (r->layer >= h->layers || r->expert >= h->experts || r->layer * h->experts + r->expert != i)
+      why = "is out of order";
+    else if (!part_sizes(h, r->bits, size))
+      why = "has a bitwidth the format does not define for this layout";
+    else if (r->length % h->align || r->length < r->payload_bytes || r->length - r->payload_bytes >= h->align)
+      why = "has a length that is not its payload padded to the alignment";
+    else if (r->offset % h->align || !range_within(r->offset, r->length, h->data_offset, h->file_bytes))
+      why = "is misaligned or lies outside the file";
+    for (uint64_t k = 0, end = 0; !why && k < 6; k++) {
+      /* each part where the previous one ended (or later), aligned, and whole within the payload */
+      if (r->part_offset[k] % PART_ALIGN || r->part_offset[k] < end ||
+          !range_within(r->part_offset[k], size[k], 0, r->payload_bytes))
+        why = "has a part that overlaps another or does not fit its payload for the model's shapes";
+      end = r->part_offset[k] + size[k];
+    }
+    if (why) {
+      snprintf(err, n, "%s: record %u (layer %u, expert %u, %u-bit) %s; recompile the artifact", path, i, r->layer,
+               r->expert, r->bits, why);
       rc = EM_ERR_FORMAT;
     }
   }

@@ -14,6 +14,10 @@ typedef struct {
   uint32_t n_tensors;
   uint64_t table_offset, data_offset, file_bytes;
   uint32_t table_crc, data_crc;
+  uint8_t compile_id[16];      /* the same in experts.bin: the files come from one compile */
+  uint8_t kernels_sha256[32];  /* of kernels.so, checked before it is loaded */
+  uint32_t machine;            /* ELF e_machine of the kernels */
+  uint32_t cpu_features;       /* generated/cpu_features.h bits the kernels need */
 } em_trunk_header;
 
 enum { EM_TRUNK_FLAG_NORM_TOPK = 1, EM_TRUNK_FLAG_TIED = 2, EM_TRUNK_FLAG_TILES = 4 };
@@ -42,16 +46,28 @@ typedef struct {
   uint32_t layers, experts, n_records, align, hidden, inter, group;
   uint64_t table_offset, data_offset, file_bytes;
   uint32_t table_crc, layout;
+  uint8_t compile_id[16];
 } em_image_header;
 
-/* Each returns 0 or a negative em_status with a message in err. */
+/* Every size, count and offset these read is checked, overflow-safe, against the file's size and
+ * against what the model's shapes allow, before anything is allocated or read from it.
+ * Each returns 0 or a negative em_status with a message in err. */
 int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err, size_t n);
 int em_read_trunk_table(int fd, const char* path, const em_trunk_header* h, em_tensor_entry* entries, char* err, size_t n);
 int em_read_image_header(int fd, const char* path, em_image_header* h, char* err, size_t n);
 /* records[h->n_records], stored at index layer * experts + expert */
 int em_read_image_table(int fd, const char* path, const em_image_header* h, em_record* records, char* err, size_t n);
 
-/* pread the whole range or fail (a short read is an error). */
+/* A read that found the end of the file before the bytes the artifact says are there. */
+#define EM_READ_SHORT (-100001)
+
+/* pread the whole range: 0, -errno, or EM_READ_SHORT. */
 int em_pread_all(int fd, void* buf, uint64_t len, uint64_t offset);
+/* The message for a failed read's code. */
+const char* em_read_error(int code);
+
+/* Opens an artifact file for reading: a descriptor, or a negative em_status with the reason in err
+ * (missing, a directory, a FIFO or device rather than a regular file, no permission). Never blocks. */
+int em_open_file(const char* path, char* err, size_t n);
 
 #endif

@@ -1,10 +1,15 @@
+#define _POSIX_C_SOURCE 200809L
 #include "kernels.h"
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "artifact.h"
 #include "edgemoe.h"
+#include "sha256.h"
 #include "thread_pool.h"
 #include "tvm_backend.h"
 
@@ -26,13 +31,48 @@ static void hook(void* lib, const char* var, void* fn) {
   if (slot) *slot = fn;
 }
 
-int em_kernels_load(em_kernels* k, const char* path, char* err, size_t n) {
-  memset(k, 0, sizeof *k);
-  k->lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-  if (!k->lib) {
-    snprintf(err, n, "cannot load kernels %s: %s", path, dlerror());
-    return EM_ERR_KERNEL;
+/* SHA-256 of the open file. */
+static int digest_file(int fd, const char* path, uint8_t out[32], char* err, size_t n) {
+  uint8_t buf[1 << 14];
+  em_sha256 c;
+  em_sha256_init(&c);
+  for (uint64_t at = 0;;) {
+    ssize_t got = pread(fd, buf, sizeof buf, (off_t)at);
+    if (got < 0) {
+      snprintf(err, n, "reading %s failed: %s", path, em_read_error(-errno));
+      return EM_ERR_IO;
+    }
+    if (got == 0) break;
+    em_sha256_update(&c, buf, (size_t)got);
+    at += (uint64_t)got;
   }
+  em_sha256_final(&c, out);
+  return EM_OK;
+}
+
+int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], char* err, size_t n) {
+  memset(k, 0, sizeof *k);
+  int fd = em_open_file(path, err, n);
+  if (fd < 0) return fd;
+  uint8_t digest[32];
+  int rc = digest_file(fd, path, digest, err, n);
+  if (!rc && memcmp(digest, sha256, 32) != 0) {
+    snprintf(err, n, "%s does not match the SHA-256 trunk.bin records for it (modified, truncated or from another "
+             "compile); not loading it: re-copy the artifact whole or recompile it", path);
+    rc = EM_ERR_KERNEL;
+  }
+  if (!rc) {
+    /* load the very file just hashed (its descriptor), not whatever the path names by now */
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+    k->lib = dlopen(access(self, R_OK) == 0 ? self : path, RTLD_NOW | RTLD_LOCAL);
+    if (!k->lib) {
+      snprintf(err, n, "cannot load kernels %s: %s", path, dlerror());
+      rc = EM_ERR_KERNEL;
+    }
+  }
+  close(fd);
+  if (rc) return rc;
   hook(k->lib, "__TVMBackendAllocWorkspace", (void*)em_workspace_alloc);
   hook(k->lib, "__TVMBackendFreeWorkspace", (void*)em_workspace_free);
   hook(k->lib, "__TVMBackendParallelLaunch", (void*)em_parallel_launch);

@@ -15,7 +15,9 @@ typedef struct {
   em_ffi_fn gate_up[EM_MAX_BITS + 1], down[EM_MAX_BITS + 1]; /* by expert bitwidth; NULL if not compiled */
 } em_kernels;
 
-int em_kernels_load(em_kernels* k, const char* path, char* err, size_t n);
+/* Loads kernels.so after checking that its SHA-256 is `sha256` (the digest trunk.bin records):
+ * a modified, truncated or swapped library is refused before any of its code runs. */
+int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], char* err, size_t n);
 void em_kernels_unload(em_kernels* k);
 
 /* A tensor argument: a DLTensor with its own shape storage. */

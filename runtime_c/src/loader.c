@@ -58,20 +58,29 @@ void em_loader_stop(em_loader* l) {
 }
 
 /* Reads and checks one record into its slot; runs without the lock (the slot is LOADING: only
- * the reader touches its memory). */
-static int read_record(em_loader* l, int32_t record, int32_t slot, uint64_t* ns) {
+ * the reader touches its memory). A failed read or checksum is read once more: storage that failed
+ * once (an I/O error, an interrupted call, a bit flipped on the way) often reads right the second
+ * time; a fault that persists fails both. */
+static int read_record(em_loader* l, int32_t record, int32_t slot, uint64_t* ns, int* retried) {
   const em_record* r = &l->records[record];
   uint8_t* dst = em_cache_slot(l->cache, slot);
   uint64_t t0 = em_now_ns();
-  int rc = l->storage->read(l->storage, dst, r->length, r->offset);
+  int rc = 0;
+  *retried = 0;
+  for (int attempt = 0; attempt < 2; attempt++) {
+    rc = l->storage->read(l->storage, dst, r->length, r->offset);
+    if (!rc && l->verify && em_crc32c(0, dst, r->length) != r->crc) rc = EM_LOAD_CHECKSUM;
+    if (!rc) break;
+    *retried += attempt == 0;
+  }
   *ns = em_now_ns() - t0;
-  if (!rc && l->verify && em_crc32c(0, dst, r->length) != r->crc) rc = EM_LOAD_CHECKSUM;
   return rc;
 }
 
 /* Records the outcome of a read, under the lock. */
-static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint64_t ns) {
+static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint64_t ns, int retried) {
   l->stats->read_ns += ns;
+  l->stats->read_retries += (uint64_t)retried;
   if (rc == 0) {
     l->stats->bytes_read += l->records[record].length;
     em_cache_ready(l->cache, slot);
@@ -93,9 +102,10 @@ static void* loader_main(void* arg) {
     l->q_len--;
     pthread_mutex_unlock(&l->lock);
     uint64_t ns;
-    int rc = read_record(l, req.record, req.slot, &ns);
+    int retried;
+    int rc = read_record(l, req.record, req.slot, &ns, &retried);
     pthread_mutex_lock(&l->lock);
-    finish_load(l, req.record, req.slot, rc, ns);
+    finish_load(l, req.record, req.slot, rc, ns, retried);
   }
   pthread_mutex_unlock(&l->lock);
   return NULL;
@@ -122,9 +132,9 @@ static void format_failure(const em_loader* l, uint32_t record, int rc, char* er
              "expert record %u (layer %u, expert %u) failed its checksum: experts.bin is corrupted; "
              "re-copy or recompile the artifact", record, r->layer, r->expert);
   else
-    snprintf(err, n, "reading expert record %u (layer %u, expert %u, %llu bytes at offset %llu) failed: %s", record,
-             r->layer, r->expert, (unsigned long long)r->length, (unsigned long long)r->offset,
-             rc == -EIO ? "short read (file truncated?)" : strerror(-rc));
+    snprintf(err, n, "reading expert record %u (layer %u, expert %u, %llu bytes at offset %llu) failed twice: %s",
+             record, r->layer, r->expert, (unsigned long long)r->length, (unsigned long long)r->offset,
+             em_read_error(rc));
 }
 
 /* Claims a slot for a demand load of `record`, waiting while every slot is loading. Lock held. */
@@ -172,11 +182,12 @@ static int demand_load(em_loader* l, uint32_t record, uint32_t layer, char* err,
     return EM_OK;
   }
   uint64_t ns;
+  int retried;
   pthread_mutex_unlock(&l->lock);
-  int rc = read_record(l, (int32_t)record, slot, &ns);
+  int rc = read_record(l, (int32_t)record, slot, &ns, &retried);
   pthread_mutex_lock(&l->lock);
   l->stats->stall_ns += ns;
-  finish_load(l, (int32_t)record, slot, rc, ns);
+  finish_load(l, (int32_t)record, slot, rc, ns, retried);
   if (rc) format_failure(l, record, rc, err, errn);
   return rc ? (rc == EM_LOAD_CHECKSUM ? EM_ERR_FORMAT : EM_ERR_IO) : EM_OK;
 }
@@ -203,9 +214,10 @@ static void cancel_stale_prefetches(em_loader* l, const uint32_t* records, uint3
 
 int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, char* err, size_t errn) {
   int rc = EM_OK;
+  uint32_t i;
   pthread_mutex_lock(&l->lock);
   cancel_stale_prefetches(l, records, n, layer);
-  for (uint32_t i = 0; i < n && rc == EM_OK; i++) {
+  for (i = 0; i < n && rc == EM_OK; i++) {
     int32_t slot = em_cache_lookup(l->cache, records[i]);
     if (slot >= 0) { /* resident, or a prefetch of it is in flight: the predictor was right */
       em_slot* s = &l->cache->slot[slot];
@@ -218,6 +230,11 @@ int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t l
       l->stats->expert_misses++;
       rc = demand_load(l, records[i], layer, err, errn);
     }
+  }
+  /* a failure leaves nothing pinned (the failed record's slot was freed): the session stays usable */
+  for (uint32_t j = 0; rc != EM_OK && j + 1 < i; j++) {
+    int32_t slot = em_cache_lookup(l->cache, records[j]);
+    if (slot >= 0 && l->cache->slot[slot].pins) l->cache->slot[slot].pins--;
   }
   pthread_mutex_unlock(&l->lock);
   return rc;

@@ -49,7 +49,7 @@ void em_loader_stop(em_loader* l);
 /* Declares that the decode loop needs these records (one layer's selected experts) now: each is
  * pinned so nothing evicts it; one not resident is claimed a slot and read on demand (queued ahead
  * of prefetches on the loader thread, or read right here without one). `layer` is the layer being
- * computed, for the eviction policy. */
+ * computed, for the eviction policy. On failure none of them is left pinned. */
 int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, char* err, size_t errn);
 /* Waits until a needed record is resident and gives its data. */
 int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data, char* err, size_t errn);

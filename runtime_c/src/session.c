@@ -15,6 +15,7 @@
 #include "crc32.h"
 #include "edgemoe.h"
 #include "clock.h"
+#include "cpu_check.h"
 #include "expert_cache.h"
 #include "kernels.h"
 #include "loader.h"
@@ -216,26 +217,29 @@ static int artifact_paths_make(const char* dir, artifact_paths* ap, char* err, s
 /* Reads the headers and the record table of an artifact (files stay closed afterwards). */
 static int read_headers(const artifact_paths* ap, em_trunk_header* th, em_image_header* ih, em_record** records,
                         char* err, size_t n) {
-  int rc = EM_OK;
-  int tfd = open(ap->trunk, O_RDONLY), ifd = open(ap->image, O_RDONLY);
+  int rc = EM_OK, ifd = -1;
+  int tfd = em_open_file(ap->trunk, err, n);
   *records = NULL;
-  if (tfd < 0 || ifd < 0) {
-    snprintf(err, n, "cannot open %s: %s (is this an edgemoe-compile output directory?)", tfd < 0 ? ap->trunk : ap->image,
-             strerror(errno));
-    rc = EM_ERR_IO;
-  }
-  if (!rc) rc = em_read_trunk_header(tfd, ap->trunk, th, err, n);
+  if (tfd < 0) return tfd;
+  rc = em_read_trunk_header(tfd, ap->trunk, th, err, n);
+  if (!rc && (ifd = em_open_file(ap->image, err, n)) < 0) rc = ifd;
   if (!rc) rc = em_read_image_header(ifd, ap->image, ih, err, n);
+  if (!rc && memcmp(th->compile_id, ih->compile_id, sizeof th->compile_id) != 0) {
+    snprintf(err, n, "%s and %s come from different compiles; copy the artifact directory whole or recompile it",
+             ap->trunk, ap->image);
+    rc = EM_ERR_FORMAT;
+  }
   if (!rc && (ih->layers != th->layers || ih->experts != th->experts || ih->hidden != th->hidden ||
               ih->inter != th->inter)) {
     snprintf(err, n, "%s and %s describe different models; recompile the artifact", ap->trunk, ap->image);
     rc = EM_ERR_FORMAT;
   }
-  if (!rc) {
+  if (!rc) { /* the table was checked to lie within the file: this is bounded by the file's size */
     *records = (em_record*)calloc(ih->n_records, sizeof(em_record));
     rc = *records ? em_read_image_table(ifd, ap->image, ih, *records, err, n) : EM_ERR_NOMEM;
+    if (rc == EM_ERR_NOMEM) snprintf(err, n, "out of memory reading %s", ap->image);
   }
-  if (tfd >= 0) close(tfd);
+  close(tfd);
   if (ifd >= 0) close(ifd);
   if (rc) free(*records), *records = NULL;
   return rc;
@@ -251,6 +255,10 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
   em_trunk_header th;
   em_image_header ih;
   em_record* records;
+  if (!(expert_fraction >= 0.0 && expert_fraction <= 1.0)) {
+    snprintf(err, err_len, "expert fraction %g is not within [0, 1]", expert_fraction);
+    return EM_ERR_ARGUMENT;
+  }
   int rc = artifact_paths_make(artifact_dir, &ap, err, err_len);
   if (!rc) rc = read_headers(&ap, &th, &ih, &records, err, err_len);
   if (rc) return rc;
@@ -350,18 +358,16 @@ static int matrix(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, c
 /* Loads the trunk data region into the block and points the weight pointers into it. */
 static int load_trunk(em_session* s, const char* path) {
   const em_trunk_header* th = &s->th;
-  int rc = EM_OK;
-  int fd = open(path, O_RDONLY);
+  int fd = em_open_file(path, s->err, ERR_LEN);
+  if (fd < 0) return fd;
   em_tensor_entry* t = (em_tensor_entry*)calloc(th->n_tensors, sizeof *t);
-  if (fd < 0 || !t) {
-    snprintf(s->err, ERR_LEN, "cannot open %s: %s", path, fd < 0 ? strerror(errno) : "out of memory");
-    rc = EM_ERR_IO;
-  }
-  if (!rc) rc = em_read_trunk_table(fd, path, th, t, s->err, ERR_LEN);
+  int rc = t ? em_read_trunk_table(fd, path, th, t, s->err, ERR_LEN) : EM_ERR_NOMEM;
+  if (!t) snprintf(s->err, ERR_LEN, "out of memory reading %s", path);
   uint64_t data_bytes = th->file_bytes - th->data_offset;
-  if (!rc && em_pread_all(fd, s->block, data_bytes, th->data_offset) != 0) {
-    snprintf(s->err, ERR_LEN, "%s: read failed", path);
-    rc = EM_ERR_IO;
+  int read_rc = rc ? 0 : em_pread_all(fd, s->block, data_bytes, th->data_offset);
+  if (read_rc) {
+    snprintf(s->err, ERR_LEN, "%s: reading the trunk weights failed: %s", path, em_read_error(read_rc));
+    rc = read_rc == EM_READ_SHORT ? EM_ERR_FORMAT : EM_ERR_IO;
   }
   if (!rc && em_crc32(0, s->block, data_bytes) != th->data_crc) {
     snprintf(s->err, ERR_LEN, "%s: trunk weights checksum mismatch (corrupted file); re-copy or recompile", path);
@@ -396,7 +402,7 @@ static int load_trunk(em_session* s, const char* path) {
     s->fitted_prev = find_tensor(s, t, nt, "profile.fitted_router_prev", th->layers * th->experts, H, 1);
     s->fitted_bias = find_tensor(s, t, nt, "profile.fitted_router_bias", th->layers, th->experts, 1);
   }
-  if (fd >= 0) close(fd);
+  close(fd);
   free(t);
   return rc;
 }
@@ -408,11 +414,29 @@ static float* carve(uint8_t** cursor, uint64_t count) {
   return p;
 }
 
+/* Refuses parameters out of range rather than reading them as something else. */
+static int check_params(const em_params* p, char* err, size_t n) {
+  const char* why = NULL;
+  if ((unsigned)p->storage > EM_STORAGE_MMAP) why = "storage is not an em_storage_kind";
+  else if ((unsigned)p->predictor > EM_PREDICT_AUTO) why = "predictor is not an em_predictor";
+  else if ((unsigned)p->eviction > EM_EVICT_AUTO) why = "eviction is not an em_eviction";
+  else if (!(p->emulate_bandwidth >= 0.0) || !(p->emulate_bandwidth < 1e15))
+    why = "emulate_bandwidth must be a finite number of bytes/s >= 0 (0 = no emulation)";
+  else if (!(p->emulate_latency >= 0.0) || !(p->emulate_latency < 1e3))
+    why = "emulate_latency must be a finite number of seconds >= 0";
+  else if (p->emulate_latency > 0.0 && p->emulate_bandwidth == 0.0)
+    why = "emulate_latency needs emulate_bandwidth > 0";
+  else if (p->compute_threads > 1024) why = "compute_threads is above 1024";
+  if (why) snprintf(err, n, "bad parameter: %s", why);
+  return why ? EM_ERR_ARGUMENT : EM_OK;
+}
+
 int em_open(const em_params* params, em_session** out, char* err, size_t err_len) {
   *out = NULL;
   em_crc32(0, NULL, 0); /* build the CRC tables before any other thread could */
   artifact_paths ap;
-  int rc = artifact_paths_make(params->artifact_dir, &ap, err, err_len);
+  int rc = check_params(params, err, err_len);
+  if (!rc) rc = artifact_paths_make(params->artifact_dir, &ap, err, err_len);
   if (rc) return rc;
   em_session* s = (em_session*)calloc(1, sizeof *s);
   if (!s) {
@@ -536,7 +560,8 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   }
   em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, p.classes, p.n_classes, record_class, meta,
                 th->layers, th->experts, s->eviction, s->frequency);
-  if (!rc) rc = em_kernels_load(&s->k, ap.kernels, s->err, ERR_LEN);
+  if (!rc) rc = em_check_cpu(th->machine, th->cpu_features, s->err, ERR_LEN);
+  if (!rc) rc = em_kernels_load(&s->k, ap.kernels, th->kernels_sha256, s->err, ERR_LEN);
   if (!rc && !(s->experts = em_storage_open(params, ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
   for (uint32_t i = 0; !rc && i < s->ih.n_records; i++) {
     uint32_t b = s->records[i].bits;

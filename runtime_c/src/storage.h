@@ -11,8 +11,9 @@
 
 typedef struct em_storage em_storage;
 struct em_storage {
-  /* Read exactly len bytes at offset into dst (both 4096-aligned for O_DIRECT); 0 or -errno
-   * (-EIO for a short read). May be called from the loader thread while the decode thread waits. */
+  /* Read exactly len bytes at offset into dst (both 4096-aligned for O_DIRECT); 0, -errno, or
+   * EM_READ_SHORT (artifact.h) where the file ends first. May be called from the loader thread while
+   * the decode thread waits. */
   int (*read)(em_storage* self, void* dst, uint64_t len, uint64_t offset);
   void (*close)(em_storage* self);
 };
@@ -21,6 +22,13 @@ em_storage* em_storage_open_pread(const char* path, int direct_io, char* err, si
 em_storage* em_storage_open_mmap(const char* path, char* err, size_t err_len);
 /* Wraps `inner` (taking ownership) so each read lasts at least latency_s + len / bandwidth. */
 em_storage* em_storage_emulate(em_storage* inner, double bandwidth, double latency_s, char* err, size_t err_len);
+
+/* Wraps `inner` (taking ownership) so that reads fail or misbehave as `plan` says, for testing that
+ * every fault is survived or reported: comma-separated KIND@N[*COUNT][:MS], N the 1-based ordinal
+ * of the read (COUNT consecutive reads from it, default 1); KIND is eio (fails with EIO), short
+ * (the file seems to end), eintr (fails with EINTR), corrupt (one byte of the data flipped) or
+ * delay (takes MS milliseconds longer). NULL with the reason in err for a malformed plan. */
+em_storage* em_storage_inject_faults(em_storage* inner, const char* plan, char* err, size_t err_len);
 
 /* The backend the session parameters ask for. */
 em_storage* em_storage_open(const em_params* p, const char* path, char* err, size_t err_len);

@@ -36,7 +36,10 @@ em_storage* em_storage_open_pread(const char* path, int direct_io, char* err, si
     return NULL;
   }
 #endif
-  int fd = open(path, flags);
+  int checked = em_open_file(path, err, err_len); /* a regular file, not a FIFO or directory */
+  if (checked < 0) return NULL;
+  close(checked);
+  int fd = open(path, flags | O_CLOEXEC);
   if (fd < 0) {
     snprintf(err, err_len, "cannot open %s%s: %s", path, direct_io ? " with O_DIRECT" : "", strerror(errno));
     return NULL;
@@ -65,8 +68,12 @@ static int mmap_read(em_storage* self, void* dst, uint64_t len, uint64_t offset)
   /* The mapping's length was fixed at open; a file truncated since reads as a short read. */
   struct stat st;
   if (offset > s->size || len > s->size - offset || fstat(s->fd, &st) != 0 || (uint64_t)st.st_size < offset + len)
-    return -EIO;
+    return EM_READ_SHORT;
   memcpy(dst, s->map + offset, len);
+  /* The copy is what the session keeps: drop the mapped pages from this process (the kernel's page
+     cache may keep them), so the process's resident memory stays within the budget. */
+  uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), start = offset / page * page;
+  madvise((void*)(s->map + start), (size_t)(offset + len - start), MADV_DONTNEED);
   return 0;
 }
 
@@ -78,11 +85,12 @@ static void mmap_close(em_storage* self) {
 }
 
 em_storage* em_storage_open_mmap(const char* path, char* err, size_t err_len) {
-  int fd = open(path, O_RDONLY);
+  int fd = em_open_file(path, err, err_len);
   struct stat st;
-  if (fd < 0 || fstat(fd, &st) != 0) {
+  if (fd < 0) return NULL;
+  if (fstat(fd, &st) != 0) {
     snprintf(err, err_len, "cannot open %s: %s", path, strerror(errno));
-    if (fd >= 0) close(fd);
+    close(fd);
     return NULL;
   }
   void* map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
