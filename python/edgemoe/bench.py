@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _Bytes
+from .cli import MAX_THREADS, UINT32_MAX, _Bytes, _Finite, _NumberList, _token_ids
 from .units import fmt_bytes
 
 
@@ -85,6 +86,51 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
     }
 
 
+# What a configuration needs from the artifact's routing profile (compiled with --calibration).
+PROFILE_PREDICTORS = ("path-table", "fitted-router")
+PROFILE_EVICTIONS = ("edgemoe",)
+
+
+def needs_profile(cfg: RunConfig) -> bool:
+    return cfg.predictor in PROFILE_PREDICTORS or cfg.eviction in PROFILE_EVICTIONS
+
+
+def read_manifest(artifact: Path) -> dict:
+    path = artifact / "manifest.json"
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found: {artifact} is not a compiled artifact (edgemoe-compile "
+                                   f"writes manifest.json last; a failed compile leaves none)")
+    return json.loads(path.read_text())
+
+
+def prompt_ids(artifact: Path, prompt: str, tokens: str | None) -> list[int]:
+    """--tokens as given, else --prompt through the artifact's tokenizer.json (a clear error where
+    the artifact has none)."""
+    if tokens is not None:
+        return _token_ids(tokens)
+    path = artifact / "tokenizer.json"
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found (the model directory it was compiled from had no tokenizer): "
+                                   f"give the prompt as token ids with --tokens, e.g. --tokens 1,2,3")
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(path)).encode(prompt).ids
+    if not ids:
+        raise click.UsageError("the prompt encodes to no tokens")
+    return ids
+
+
+def check_context(ids: list[int], n_new: int, max_seq: int, manifest: dict, artifact: Path) -> None:
+    """The prompt and the new tokens fit --max-seq, which fits the artifact."""
+    if max_seq > manifest["max_seq"]:
+        raise click.BadParameter(f"{max_seq} is more than {artifact}'s maximum context {manifest['max_seq']}",
+                                 param_hint="--max-seq")
+    if len(ids) + n_new > max_seq:
+        raise click.BadParameter(f"{len(ids)} prompt tokens + {n_new} new tokens need {len(ids) + n_new} positions "
+                                 f"but --max-seq is {max_seq}: give -n 1..{max(max_seq - len(ids), 1)} or raise "
+                                 f"--max-seq", param_hint="-n")
+
+
 def floor_ms(result: dict, free_ms: float, bandwidth: float | None) -> float:
     """The decode-time floor: the larger of all-resident compute time and the reads it must do ÷ bandwidth."""
     io = result["bytes_read_per_token"] / bandwidth * 1e3 if bandwidth else 0.0
@@ -99,26 +145,30 @@ def bench_cmd():
 @bench_cmd.command("pipeline")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt", default="The history of the city begins in", show_default=True)
-@click.option("-n", "n_new", default=64, show_default=True)
-@click.option("--fraction", default=0.25, show_default=True, help="Expert cache as a fraction of all experts.")
+@click.option("--tokens", default=None, help="Comma-separated prompt token ids instead of --prompt (for an artifact "
+                                             "without tokenizer.json).")
+@click.option("-n", "n_new", type=click.IntRange(1, UINT32_MAX), default=64, show_default=True)
+@click.option("--fraction", type=_Finite(0, 1), default=0.25, show_default=True,
+              help="Expert cache as a fraction of all experts.")
 @click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
-@click.option("--max-seq", default=256, show_default=True)
+@click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def pipeline_cmd(artifact, prompt, n_new, fraction, storage, max_seq, json_out):
-    """IO-FREE vs IO-EXP vs EdgeMoE expert management, side by side on emulated storage."""
-    from tokenizers import Tokenizer
-
+def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, json_out):
+    """IO-FREE vs IO-EXP vs EdgeMoE expert management, side by side on emulated storage. On an artifact
+    compiled without calibration text the configurations that need its routing profile (path-table and
+    fitted-router prediction, EdgeMoE eviction) are skipped, with a note."""
     from .cli import _storage_emulation
 
     emulate = _storage_emulation(storage)
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    ids = Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(prompt).ids
+    manifest = read_manifest(artifact)
+    ids = prompt_ids(artifact, prompt, tokens)
+    check_context(ids, n_new, max_seq, manifest, artifact)
+    configs = pipeline_configs(fraction)
+    skipped = [] if manifest.get("profile") else [c for c in configs if needs_profile(c)]
     results = []
-    with click.progressbar(pipeline_configs(fraction), label="configurations", file=sys.stderr,
+    with click.progressbar([c for c in configs if c not in skipped], label="configurations", file=sys.stderr,
                            item_show_func=lambda c: c.name if c else "") as bar:
         for cfg in bar:
-            if cfg.predictor in ("path-table", "fitted-router") and not manifest.get("profile"):
-                continue  # compiled without calibration text
             results.append(run_config(artifact, cfg, ids, n_new, emulate, max_seq))
     free = results[0]["ms_per_token"]
     same = all(r["tokens"] == results[0]["tokens"] for r in results)
@@ -136,17 +186,24 @@ def pipeline_cmd(artifact, prompt, n_new, fraction, storage, max_seq, json_out):
                    f"{r['ms_per_token'] / fl:.2f} | {r['hit_rate']:.1%} | {pred} | "
                    f"{fmt_bytes(r['bytes_read_per_token'])} | {r['stall_ms_per_token']:.2f} | {r['cache_slots']} |")
     if json_out:
-        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "results": results}, indent=1))
+        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "results": results,
+                                        "skipped": [c.name for c in skipped]}, indent=1))
+    if skipped:
+        click.echo(f"note: {artifact} was compiled without calibration text (no routing profile): skipped "
+                   f"{len(skipped)} configurations that need one (path-table or fitted-router prediction, EdgeMoE "
+                   f"eviction): {'; '.join(c.name for c in skipped)}. Compile with --calibration TEXT to run them.")
 
 
 @bench_cmd.command("predictors")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Held-out text (never used for training or calibration), e.g. WikiText-2 test.")
-@click.option("--tokens", "n_tokens", default=1024, show_default=True)
-@click.option("--window", default=256, show_default=True, help="Context per pass (the KV cache is reset between).")
-@click.option("--fraction", default=0.25, show_default=True, help="Expert cache as a fraction of all experts.")
-@click.option("--prefetch", "prefetch_counts", default="0", show_default=True,
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--window", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True,
+              help="Context per pass (the KV cache is reset between).")
+@click.option("--fraction", type=_Finite(0, 1), default=0.25, show_default=True,
+              help="Expert cache as a fraction of all experts.")
+@click.option("--prefetch", "prefetch_counts", type=_NumberList(int, 0, UINT32_MAX), default="0", show_default=True,
               help="Comma-separated experts to predict and prefetch per layer (0 = top-k).")
 def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts):
     """Next-layer prediction hit rate of each predictor over held-out text."""
@@ -154,15 +211,25 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
 
     from .runtime import Session, budget_bytes
 
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest = read_manifest(artifact)
     top_k = manifest["model"]["config"]["top_k"]
+    experts = manifest["model"]["config"]["num_experts"]
+    if window > manifest["max_seq"]:
+        raise click.BadParameter(f"{window} is more than {artifact}'s maximum context {manifest['max_seq']}",
+                                 param_hint="--window")
+    if max(prefetch_counts) > experts:
+        raise click.BadParameter(f"{max(prefetch_counts)} is more than the {experts} experts of a layer",
+                                 param_hint="--prefetch")
+    if not (artifact / "tokenizer.json").is_file():
+        raise click.ClickException(f"{artifact / 'tokenizer.json'} not found: the text must be tokenized with the "
+                                   f"model's tokenizer; copy the model's tokenizer.json into {artifact}")
     tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
     ids = tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens]
     budget = budget_bytes(artifact, window, fraction)
     # "none" is the baseline: the same cache with demand reads only.
     names = ["next-router", "fitted-router", "path-table", "wrong"] if manifest.get("profile") else \
         ["next-router", "wrong"]
-    runs = [("none", 0)] + [(n, int(c) or top_k) for c in prefetch_counts.split(",") for n in names]
+    runs = [("none", 0)] + [(n, c or top_k) for c in prefetch_counts for n in names]
     click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts; "
                f"each layer uses {top_k} experts")
     click.echo("| predictor | experts named per layer | experts predicted | prefetches used | prefetches wasted | "
@@ -198,15 +265,23 @@ def _timed(fn) -> float:
 @bench_cmd.command("kernels")
 @click.option("--shapes", default="256x320,4096x14336", show_default=True,
               help="Comma-separated HIDDENxINTERMEDIATE expert shapes (the default: the bundled model, Mixtral-8x7B).")
-@click.option("--bits", "bits_list", default="4,8", show_default=True)
+@click.option("--bits", "bits_list", type=_NumberList(int, choices=(2, 3, 4, 8)), default="4,8", show_default=True)
 @click.option("--target", default="host", show_default=True)
-@click.option("--number", default=20, show_default=True, help="Calls per timing (TVM time_evaluator).")
+@click.option("--number", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Calls per timing (TVM time_evaluator).")
 @click.option("--llama-cpp", "tree", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A built llama.cpp tree with build/bin/test-backend-ops: adds ggml's kernel on the shapes its "
                    "perf suite has.")
 def kernels_cmd(shapes, bits_list, target, number, tree):
     """Expert GEMV kernels, both formulations: µs, GB/s of packed weights, and ratios to memcpy, NumPy
     float32 and llama.cpp, in one run."""
+    shape_list = []
+    for shape in shapes.split(","):
+        m = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", shape)
+        if not m or int(m.group(1)) % 32 or int(m.group(2)) % 32 or not int(m.group(1)) or not int(m.group(2)):
+            raise click.BadParameter(f"{shape!r} is not HIDDENxINTERMEDIATE with both sizes positive multiples "
+                                     f"of 32, e.g. 4096x14336", param_hint="--shapes")
+        shape_list.append((int(m.group(1)), int(m.group(2))))
     import numpy as np
     import tvm
 
@@ -228,10 +303,10 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
                "llama.cpp µs | × llama.cpp |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     T = tvm.runtime.tensor
-    for shape in shapes.split(","):
-        H, I = (int(v) for v in shape.lower().split("x"))
+    for shape in shape_list:
+        H, I = shape
         cfg = MoEConfig("bench", 8, H, 1, 1, 1, H, 1, 1, I, 8, 1e4, 1e-5)
-        for bits in (int(b) for b in bits_list.split(",")):
+        for bits in bits_list:
             ggml = {} if tree is None else {"down": llamacpp.matvec_us(tree, llamacpp.GGUF_TYPES[bits], H, I)}
             forms = [("float dequant", "rows", kernels)]
             if int_dot.supported(tgt) and tiles_fit(I, H, bits, 32) and tiles_fit(H, I, bits, 32):
@@ -270,15 +345,19 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
               help="Text the experts are rounded against (and, without --search-text, the search's).")
 @click.option("--search-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="As edgemoe-compile: text the search measures sensitivity on (3/4) and checks plans on (1/4).")
-@click.option("--calibration-tokens", default=8192, show_default=True,
+@click.option("--calibration-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
               help="As edgemoe-compile: tokens of each text to read.")
 @click.option("--text", "text_paths", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               multiple=True, help="Held-out text for a perplexity column (never seen by the search); repeatable.")
-@click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Held-out tokens to score per text.")
-@click.option("--tolerances", default="0.5,1,2,5", show_default=True, help="Percent perplexity loss allowed.")
-@click.option("--max-bits", "bit_targets", default="3", show_default=True,
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Held-out tokens to score per text.")
+@click.option("--tolerances", type=_NumberList(float, 0, 100, lo_open=True, hi_open=True, allow_empty=True),
+              default="0.5,1,2,5", show_default=True, help="Percent perplexity loss allowed; '' for none.")
+@click.option("--max-bits", "bit_targets", type=_NumberList(float, 2, 8, allow_empty=True), default="3",
+              show_default=True,
               help="Average-bits targets to search plans for (as edgemoe-compile --max-bits); '' for none.")
-@click.option("--greedy-tokens", default=32, show_default=True, help="Tokens generated per prompt for agreement.")
+@click.option("--greedy-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens generated per prompt for agreement.")
 @click.option("--target", default="host", show_default=True,
               help="Score plans as edgemoe-compile would build them for this target (trunk INT8, its kernels).")
 def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_paths, n_tokens, tolerances,
@@ -316,8 +395,8 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
     float_greedy = greedy(model)
     moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), fit)
     plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
-    goals = [(f"tolerance {t}%", {"tolerance": float(t) / 100}) for t in tolerances.split(",") if t] + \
-        [(f"≤ {b} bits", {"max_bits": float(b)}) for b in bit_targets.split(",") if b]
+    goals = [(f"tolerance {t:g}%", {"tolerance": t / 100}) for t in tolerances] + \
+        [(f"≤ {b:g} bits", {"max_bits": b}) for b in bit_targets]
     for name, goal in goals:
         click.echo(f"searching a plan: {name} ...", err=True)
         found = search_plan(model, search, check, group=DEFAULT_GROUP, cache_dir=cache_dir(),
@@ -354,25 +433,32 @@ BITPLAN_PROMPTS = ["ROMEO:\n", "The history of the city begins in", "To create a
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--budget", "nbytes", type=_Bytes(), required=True, help="Memory budget for every artifact, e.g. 8MiB.")
 @click.option("--prompt", default="The history of the city begins in", show_default=True)
-@click.option("-n", "n_new", default=64, show_default=True)
+@click.option("--tokens", default=None, help="Comma-separated prompt token ids instead of --prompt (for artifacts "
+                                             "without tokenizer.json).")
+@click.option("-n", "n_new", type=click.IntRange(1, UINT32_MAX), default=64, show_default=True)
 @click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
-@click.option("--predictor", default="next-router", show_default=True)
-@click.option("--eviction", default="lru", show_default=True)
-@click.option("--max-seq", default=256, show_default=True)
-def budget_cmd(artifacts, nbytes, prompt, n_new, storage, predictor, eviction, max_seq):
+@click.option("--predictor", type=click.Choice(["none", "path-table", "next-router", "fitted-router", "wrong"]),
+              default="next-router", show_default=True)
+@click.option("--eviction", type=click.Choice(["lru", "fifo", "edgemoe"]), default="lru", show_default=True)
+@click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
+def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, predictor, eviction, max_seq):
     """Artifacts side by side at one memory budget (e.g. a searched bit plan against uniform INT4)."""
-    from tokenizers import Tokenizer
-
     from .cli import _storage_emulation
 
     emulate = _storage_emulation(storage)
+    manifests = [read_manifest(art) for art in artifacts]
+    prompts = [prompt_ids(art, prompt, tokens) for art in artifacts]
+    for art, manifest, ids in zip(artifacts, manifests, prompts):
+        check_context(ids, n_new, max_seq, manifest, art)
+        if not manifest.get("profile") and needs_profile(RunConfig("", None, predictor=predictor, eviction=eviction)):
+            raise click.ClickException(f"{art} was compiled without calibration text (no routing profile): "
+                                       f"--predictor {predictor} / --eviction {eviction} need one; choose another "
+                                       f"or compile with --calibration TEXT")
     click.echo(f"budget {fmt_bytes(nbytes)}, storage {storage} ({emulate[0] / 1e6:.0f} MB/s, "
                f"{emulate[1] * 1e3:.2f} ms), predictor {predictor}, eviction {eviction}, {n_new} tokens")
     click.echo("| artifact | avg bits | cache slots | ms/token | cache hit | read/token | stall ms/token |")
     click.echo("|---|---|---|---|---|---|---|")
-    for art in artifacts:
-        manifest = json.loads((art / "manifest.json").read_text())
-        ids = Tokenizer.from_file(str(art / "tokenizer.json")).encode(prompt).ids
+    for art, manifest, ids in zip(artifacts, manifests, prompts):
         cfg = RunConfig(str(art), None, predictor=predictor, eviction=eviction, budget=nbytes)
         r = run_config(art, cfg, ids, n_new, emulate, max_seq)
         click.echo(f"| {art} | {manifest['quantization']['average_bits']:.2f} | {r['cache_slots']} | "
@@ -387,8 +473,10 @@ def budget_cmd(artifacts, nbytes, prompt, n_new, storage, predictor, eviction, m
               help="A built llama.cpp source tree (its convert_hf_to_gguf.py, build/bin/llama-bench, llama-quantize).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/gguf"),
               show_default=True, help="Where the GGUF files are written (reused when present).")
-@click.option("-n", "n_new", default=64, show_default=True)
-@click.option("--threads", default="1,2", show_default=True, help="llama.cpp thread counts to run.")
+@click.option("-n", "n_new", type=click.IntRange(1, 247), default=64, show_default=True,
+              help="Decode tokens after a 9-token prompt (the context is at most 256).")
+@click.option("--threads", type=_NumberList(int, 1, MAX_THREADS), default="1,2", show_default=True,
+              help="Thread counts to run (both).")
 def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
     """Whole-model decode, all experts resident: EdgeMoE artifacts against llama-bench on GGUFs of
     the same model at the nearest bit width, in one run."""
@@ -396,7 +484,7 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
 
     work_dir.mkdir(parents=True, exist_ok=True)
     f16 = llamacpp.convert(tree, model_dir, work_dir / f"{model_dir.name}-f16.gguf")
-    counts = [int(t) for t in threads.split(",")]
+    counts = threads
     click.echo(f"model {model_dir}; {n_new} decode tokens; EdgeMoE: IO-FREE (every expert resident after a warm-up "
                f"run), best of 5 runs; llama.cpp: llama-bench -p 0 -n {n_new} -r 5, best repetition; both at the "
                f"same thread count")
@@ -404,7 +492,7 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
                "EdgeMoE tok/s | llama.cpp tok/s | × llama.cpp |")
     click.echo("|---|---|---|---|---|---|---|---|---|")
     for art in artifacts:
-        manifest = json.loads((art / "manifest.json").read_text())
+        manifest = read_manifest(art)
         bits = manifest["quantization"]["expert_bits"]
         if bits is None:
             raise click.ClickException(f"{art} mixes expert bitwidths; compare artifacts of one bitwidth")

@@ -1,6 +1,9 @@
 """Command-line entry points: edgemoe-compile and edgemoe-run."""
 from __future__ import annotations
 
+import json
+import math
+import re
 import resource
 import sys
 import time
@@ -10,26 +13,123 @@ import click
 
 from .units import fmt_bytes, parse_bytes
 
+# Limits of the C runtime's parameters (runtime_c/include/edgemoe.h): a larger number would wrap.
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+INT32_MAX = 2**31 - 1  # token ids are int32
+MAX_THREADS = 1024
+MAX_EMULATE_MBPS, MAX_EMULATE_MS = 1e6, 6e4  # emulated storage: up to 1 TB/s, up to a minute per read
+
 
 class _Bytes(click.ParamType):
+    """A byte size as units.parse_bytes reads it ("24MiB", "1.5GB", "12000000"), within [lo, hi]."""
     name = "SIZE"
+
+    def __init__(self, lo: int = 1, hi: int = UINT64_MAX):
+        self.lo, self.hi = lo, hi
 
     def convert(self, value, param, ctx):
         try:
-            return value if isinstance(value, int) else parse_bytes(value)
+            n = value if isinstance(value, int) and not isinstance(value, bool) else parse_bytes(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+        if n < self.lo:
+            self.fail(f"{value!r} is {n} bytes; give at least {self.lo} byte{'s' if self.lo != 1 else ''}", param, ctx)
+        if n > self.hi:
+            self.fail(f"{value!r} is out of range; give at most {self.hi} bytes", param, ctx)
+        return n
 
 
-def _percent(text: str) -> float:
-    """'1%' or '1' -> 0.01: tolerances are always given in percent."""
+def _describe(lo, hi, lo_open=False, hi_open=False) -> str:
+    parts = ([f"x{'>' if lo_open else '>='}{lo}"] if lo is not None else []) + \
+        ([f"x{'<' if hi_open else '<='}{hi}"] if hi is not None else [])
+    return " and ".join(parts) if parts else "any finite number"
+
+
+class _Finite(click.FloatRange):
+    """click.FloatRange that also refuses nan and ±inf (which the range comparisons let through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number; give "
+                      f"{_describe(self.min, self.max, self.min_open, self.max_open)}", param, ctx)
+        return rv
+
+
+def _check_number(text: str, kind, lo=None, hi=None, lo_open=False, hi_open=False, what="value"):
+    """One number of a list option: parsed as `kind` (int or float), finite and within range;
+    ValueError with a message otherwise."""
+    t = text.strip()
     try:
-        value = float(text.strip().rstrip("%"))
+        if kind is int:
+            if not re.fullmatch(r"[+-]?[0-9]+", t):
+                raise ValueError
+            v = int(t)
+        else:
+            v = float(t)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a percentage; write e.g. --tolerance 1%") from None
-    if not 0 < value < 100:
-        raise click.BadParameter(f"tolerance {value}% is outside (0%, 100%); write e.g. --tolerance 1%")
-    return value / 100.0
+        raise ValueError(f"{what} {text!r} is not {'a whole number' if kind is int else 'a number'}; give "
+                         f"{_describe(lo, hi, lo_open, hi_open)}") from None
+    bad = not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+        (hi is not None and (v >= hi if hi_open else v > hi))
+    if bad:
+        raise ValueError(f"{what} {text!r} is out of range; give {_describe(lo, hi, lo_open, hi_open)}")
+    return v
+
+
+class _NumberList(click.ParamType):
+    """Comma-separated numbers, each checked as _check_number; optionally one of `choices`."""
+    name = "N,N,..."
+
+    def __init__(self, kind=int, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, allow_empty=False):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.choices, self.allow_empty = choices, allow_empty
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        if self.allow_empty and not str(value).strip():
+            return []
+        out = []
+        for i, item in enumerate(str(value).split(","), 1):
+            try:
+                v = _check_number(item, self.kind, self.lo, self.hi, self.lo_open, self.hi_open, f"element {i}")
+            except ValueError as e:
+                self.fail(str(e), param, ctx)
+            if self.choices is not None and v not in self.choices:
+                self.fail(f"element {i} {item!r} is not one of {', '.join(map(str, self.choices))}", param, ctx)
+            out.append(v)
+        return out
+
+
+class _Percent(click.ParamType):
+    """'1%' or '1' -> 0.01: tolerances are always given in percent, within (0%, 100%)."""
+    name = "P%"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            pct = float(str(value).strip().rstrip("%"))
+        except ValueError:
+            self.fail(f"{value!r} is not a percentage; write e.g. --tolerance 1%", param, ctx)
+        if not 0 < pct < 100:  # also refuses nan
+            self.fail(f"{value!r} is outside (0%, 100%); write e.g. --tolerance 1%", param, ctx)
+        return pct / 100.0
+
+
+def _token_ids(text: str, option: str = "--tokens") -> list[int]:
+    """Comma-separated token ids, each a whole number in [0, 2^31 - 1] (the runtime's int32; whether
+    the vocabulary holds it is the runtime's check). click.BadParameter names the bad element."""
+    ids = []
+    for i, item in enumerate(text.split(","), 1):
+        t = item.strip()
+        if not re.fullmatch(r"[0-9]+", t) or int(t) > INT32_MAX:
+            raise click.BadParameter(f"element {i} ({item!r}) is not a token id; give whole numbers in "
+                                     f"[0, {INT32_MAX}] separated by commas", param_hint=option)
+        ids.append(int(t))
+    return ids
 
 
 @click.command("edgemoe-compile")
@@ -41,15 +141,18 @@ def _percent(text: str) -> float:
               help="Expert weight bitwidth (uniform; 16 = float16).")
 @click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
               help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
-@click.option("--group", default=32, show_default=True, help="Quantization group size along the input dimension.")
-@click.option("--max-seq", type=int, default=None, help="Longest context the artifact supports [model max, ≤ 2048].")
+@click.option("--group", type=click.IntRange(1, 2**16), default=32, show_default=True,
+              help="Quantization group size along the input dimension (must divide the model's matrix widths).")
+@click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=None,
+              help="Longest context the artifact supports, at most the model's [model max, ≤ 2048].")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Text to profile expert routing on: enables the path-table predictor and EdgeMoE eviction.")
-@click.option("--calibration-tokens", default=8192, show_default=True, help="Tokens of calibration text to use.")
-@click.option("--tolerance", default=None, metavar="P%",
+@click.option("--calibration-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Tokens of calibration text to use.")
+@click.option("--tolerance", type=_Percent(), default=None, metavar="P%",
               help="Choose each expert's bitwidth (INT8/4/3/2) by measured sensitivity so perplexity rises at most "
                    "P% over the float model (needs --calibration); overrides --bits.")
-@click.option("--max-bits", type=float, default=None, metavar="B",
+@click.option("--max-bits", type=_Finite(2, 8), default=None, metavar="B",
               help="Choose each expert's bitwidth so the experts average at most B bits per weight, losing as "
                    "little as the measured sensitivities allow (needs --calibration; with --tolerance, the more "
                    "compact of the two plans); overrides --bits.")
@@ -68,14 +171,27 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     from .models import ModelImportError
     from .targets import UnknownTargetError
 
+    if max_seq is not None:
+        longest = _model_max_positions(model_dir)
+        if longest is not None and max_seq > longest:
+            raise click.BadParameter(f"{max_seq} is more than the model's maximum context {longest}; give "
+                                     f"1..{longest}", param_hint="--max-seq")
     try:
-        tol = None if tolerance is None else _percent(tolerance)
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
-                              calibration_tokens, tolerance=tol, max_bits=max_bits, search_text=search_text,
+                              calibration_tokens, tolerance=tolerance, max_bits=max_bits, search_text=search_text,
                               int_dot=int_dot, tune=tune)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=_tuning_bar)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
+
+
+def _model_max_positions(model_dir: Path) -> int | None:
+    """The checkpoint's max_position_embeddings (None where its config cannot be read: the
+    compiler reports that)."""
+    try:
+        return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _tuning_bar(jobs):
@@ -87,10 +203,11 @@ def _tuning_bar(jobs):
 @click.command("edgemoe-tune")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", default="host", show_default=True, help="Board description in targets/ (run it there).")
-@click.option("--bits", "bits_list", default="2,3,4,8", show_default=True, help="Expert bitwidths to tune kernels for.")
+@click.option("--bits", "bits_list", type=_NumberList(int, choices=(2, 3, 4, 8, 16)), default="2,3,4,8",
+              show_default=True, help="Expert bitwidths to tune kernels for.")
 @click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
               help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
-@click.option("--group", default=32, show_default=True)
+@click.option("--group", type=click.IntRange(1, 2**16), default=32, show_default=True)
 @click.option("--retune", is_flag=True, help="Tune again kernels that already have a record.")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Tuning store folder [default: $EDGEMOE_CACHE_DIR/tuning or ~/.cache/edgemoe/tuning].")
@@ -106,7 +223,7 @@ def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir)
     try:
         tgt = load_target(target)
         cfg = load_model(model_dir).config
-        bits = [int(b) for b in bits_list.split(",")]
+        bits = list(bits_list)
         # the kernels edgemoe-compile would build: integer-dot ones are fixed; the rest are tuned
         layout = weight_layout(cfg, tgt, CompileOptions(target, trunk_bits=int(trunk_bits), group=group), bits)
         funcs = decode_kernels(cfg, bits, group, int(trunk_bits), layout, tgt.tvm())
@@ -131,20 +248,26 @@ def _load_tokenizer(artifact: Path):
     return Tokenizer.from_file(str(path))
 
 
-def _storage_emulation(spec: str) -> tuple[float, float]:
-    """(bandwidth B/s, latency s) from a target name or "MBPS,MS"."""
+def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[float, float]:
+    """(bandwidth B/s, latency s) from a target name or "MBPS,MS" (MBPS > 0, MS >= 0, both finite;
+    as edgemoe_run --emulate)."""
     from .targets import UnknownTargetError, load_target
 
     if "," in spec:
+        parts = spec.split(",")
+        if len(parts) != 2:
+            raise click.BadParameter(f"{spec!r} is not MBPS,MS: give bandwidth in MB/s (> 0) and latency in ms "
+                                     f"(>= 0), e.g. 45,1", param_hint=option)
         try:
-            mbps, ms = (float(v) for v in spec.split(","))
-        except ValueError:
-            raise click.UsageError(f"--emulate-storage {spec!r}: give MB/s,ms such as 45,1")
+            mbps = _check_number(parts[0], float, 0, MAX_EMULATE_MBPS, lo_open=True, what="MBPS")
+            ms = _check_number(parts[1], float, 0, MAX_EMULATE_MS, what="MS")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
         return mbps * 1e6, ms * 1e-3
     try:
         st = load_target(spec).storage
     except UnknownTargetError as e:
-        raise click.UsageError(str(e))
+        raise click.BadParameter(f"{e} (or give MBPS,MS such as 45,1)", param_hint=option) from None
     if not st.get("read_bandwidth_bytes_per_s"):
         raise click.UsageError(f"target {spec!r} describes no storage speed to emulate")
     return float(st["read_bandwidth_bytes_per_s"]), float(st.get("read_latency_s") or 0.0)
@@ -154,13 +277,17 @@ def _storage_emulation(spec: str) -> tuple[float, float]:
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt", help="Text to continue (uses the artifact's tokenizer.json).")
 @click.option("--tokens", help="Comma-separated token ids to continue, instead of --prompt.")
-@click.option("-n", "n_new", default=64, show_default=True, help="Tokens to generate (greedy).")
+@click.option("-n", "n_new", type=click.IntRange(0, INT32_MAX), default=64, show_default=True,
+              help="Tokens to generate (greedy); the prompt and these must fit the context.")
 @click.option("--budget", type=_Bytes(), default=None,
-              help="Memory budget for the runtime (trunk + KV cache + buffers + expert cache), e.g. 24MiB. "
+              help="Memory budget for the runtime (trunk + KV cache + buffers + expert cache): whole bytes or a "
+                   "number with a unit (KB, MB, GB; KiB, MiB, GiB), e.g. 24MiB, rounded down to whole bytes. "
                    "Default: every expert resident.")
-@click.option("--cache-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Instead of --budget: a budget whose expert cache holds this fraction of all experts.")
-@click.option("--max-seq", type=int, default=0, help="Context to allocate [artifact maximum].")
+@click.option("--cache-fraction", type=_Finite(0, 1), default=None,
+              help="Instead of --budget: a budget whose expert cache holds this fraction of all experts "
+                   "(0: the minimum budget).")
+@click.option("--max-seq", type=click.IntRange(0, UINT32_MAX), default=0,
+              help="Context to allocate, at most the artifact's [0: the artifact maximum].")
 @click.option("--no-verify", is_flag=True, help="Skip the CRC-32 check of each expert record read.")
 @click.option("--predictor", type=click.Choice(["auto", "none", "path-table", "next-router", "fitted-router", "wrong"]),
               default="auto", show_default=True,
@@ -168,15 +295,16 @@ def _storage_emulation(spec: str) -> tuple[float, float]:
                    "was compiled with calibration text, else next-router.")
 @click.option("--eviction", type=click.Choice(["auto", "lru", "fifo", "edgemoe"]), default="auto", show_default=True,
               help="auto: edgemoe where the artifact was compiled with calibration text, else lru.")
-@click.option("--prefetch", "prefetch_experts", default=0, help="Experts to prefetch per layer [top-k].")
+@click.option("--prefetch", "prefetch_experts", type=click.IntRange(0, UINT32_MAX), default=0,
+              help="Experts to prefetch per layer, at most the experts per layer [0: top-k].")
 @click.option("--no-loader-thread", is_flag=True, help="Read experts on the decode thread (no prefetching).")
 @click.option("--storage", type=click.Choice(["pread", "mmap"]), default="pread", show_default=True)
 @click.option("--direct-io", is_flag=True, help="Open the expert image with O_DIRECT (bypass the page cache).")
 @click.option("--emulate-storage", metavar="TARGET|MBPS,MS",
               help="Stretch each expert read to a device's speed: a target name (its storage entry) "
                    "or bandwidth in MB/s and latency in ms, e.g. 45,1.")
-@click.option("--threads", default=1, show_default=True, help="Compute threads for the kernels' parallel loops "
-                                                              "(the loader thread is extra).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
+              help="Compute threads for the kernels' parallel loops (the loader thread is extra).")
 def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no_verify, predictor, eviction,
             prefetch_experts, no_loader_thread, storage, direct_io, emulate_storage, threads):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
@@ -186,20 +314,20 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
         raise click.UsageError("give exactly one of --prompt or --tokens")
     if budget is not None and cache_fraction is not None:
         raise click.UsageError("give --budget or --cache-fraction, not both")
+    ids = _token_ids(tokens) if tokens is not None else None
+    emulate = _storage_emulation(emulate_storage) if emulate_storage else None
     tok = _load_tokenizer(artifact) if prompt is not None else None
-    try:
-        ids = tok.encode(prompt).ids if tok else [int(t) for t in tokens.split(",")]
-    except ValueError:
-        raise click.UsageError(f"--tokens must be comma-separated integers, got {tokens!r}")
+    if tok:
+        ids = tok.encode(prompt).ids
     if not ids:
         raise click.UsageError("the prompt encodes to no tokens")
     try:
         if cache_fraction is not None:
             budget = budget_bytes(artifact, max_seq, cache_fraction)
-        emulate = _storage_emulation(emulate_storage) if emulate_storage else None
         with Session(artifact, memory_budget=budget or 0, max_seq=max_seq, verify=not no_verify, storage=storage,
                      direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread, predictor=predictor,
                      prefetch_experts=prefetch_experts, eviction=eviction, threads=threads) as s:
+            _check_against_artifact(s.info, len(ids), n_new, max_seq, prefetch_experts)
             t0 = time.perf_counter()
             logits = s.prefill(ids)
             t1 = time.perf_counter()
@@ -233,6 +361,21 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
                    f"{st['prefetch_wasted']} evicted or cancelled unused", err=True)
 
 
+def _check_against_artifact(info: dict, n_prompt: int, n_new: int, max_seq: int, prefetch: int) -> None:
+    """The numbers only the opened artifact can check: the context it holds, its experts per layer."""
+    ctx = info["max_seq"]  # the session's: min(--max-seq, the artifact's maximum)
+    if max_seq > ctx:
+        raise click.BadParameter(f"{max_seq} is more than this artifact's maximum context {ctx}; give 0..{ctx} "
+                                 f"(0 = {ctx})", param_hint="--max-seq")
+    if n_prompt + n_new > ctx:
+        raise click.BadParameter(f"{n_prompt} prompt tokens + {n_new} new tokens need {n_prompt + n_new} positions "
+                                 f"but the context holds {ctx}: give -n 0..{max(ctx - n_prompt, 0)}"
+                                 + (" or raise --max-seq" if 0 < max_seq < ctx else ""), param_hint="-n")
+    if prefetch > info["num_experts"]:
+        raise click.BadParameter(f"{prefetch} is more than the {info['num_experts']} experts of a layer; give "
+                                 f"0..{info['num_experts']} (0 = top-k)", param_hint="--prefetch")
+
+
 def main():  # pragma: no cover - `python -m edgemoe.cli`
     sys.exit(run_cmd())
 
@@ -241,8 +384,10 @@ def main():  # pragma: no cover - `python -m edgemoe.cli`
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Held-out text to score.")
-@click.option("--tokens", "n_tokens", default=4096, show_default=True, help="Tokens of the text to score.")
-@click.option("--window", default=256, show_default=True, help="Context per window (non-overlapping).")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Tokens of the text to score.")
+@click.option("--window", type=click.IntRange(2, UINT32_MAX), default=256, show_default=True,
+              help="Context per window (non-overlapping).")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8", "16"]), default=None,
               help="For a model directory: score it with its experts quantized to this bitwidth (and the trunk "
                    "to --trunk-bits), as an artifact would store it.")
@@ -253,7 +398,7 @@ def main():  # pragma: no cover - `python -m edgemoe.cli`
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --bits: round experts against their inputs on this text, as edgemoe-compile "
                    "--calibration does (else: searched scales only).")
-@click.option("--calibration-tokens", default=8192, show_default=True)
+@click.option("--calibration-tokens", type=click.IntRange(min=1), default=8192, show_default=True)
 def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits, target, calibration, calibration_tokens):
     """Perplexity of PATH over held-out text: a model directory (NumPy reference, float or --bits)
     or a compiled artifact (the C runtime)."""
@@ -272,6 +417,10 @@ def eval_cmd(path, text_path, n_tokens, window, bits, trunk_bits, target, calibr
             yield from bar
 
     if (path / "manifest.json").is_file():
+        ctx = json.loads((path / "manifest.json").read_text()).get("max_seq")
+        if ctx and window > ctx:
+            raise click.BadParameter(f"{window} is more than the artifact's maximum context {ctx}; give 2..{ctx}",
+                                     param_hint="--window")
         r, what = perplexity_artifact(path, ids, window, progress), f"artifact {path} (C runtime)"
     else:
         from .compiler.driver import CompileOptions, weight_layout

@@ -1,8 +1,17 @@
 /* edgemoe_run: greedy generation from token ids on the device, no Python.
- *   edgemoe_run ARTIFACT_DIR --tokens 1,2,3 [-n 64] [--budget BYTES] [--max-seq N] [--no-verify]
+ *   edgemoe_run ARTIFACT_DIR --tokens 1,2,3 [-n 64] [--budget SIZE] [--max-seq N] [--no-verify]
  *               [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]
  *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]
- * Prints the generated token ids on one line, then the statistics as key=value lines. */
+ * Prints the generated token ids on one line, then the statistics as key=value lines.
+ *
+ * Every number is checked in full (no trailing characters, no sign, no overflow, within its
+ * range) before the artifact is opened; a bad one is a usage error (exit 2) naming the option and
+ * what it accepts. A failure of the runtime exits 1. */
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,12 +19,193 @@
 
 #include "edgemoe.h"
 
-static int usage(void) {
-  fprintf(stderr,
-          "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget BYTES] [--max-seq N] [--no-verify]\n"
-          "       [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]\n"
-          "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]\n");
+#define MAX_PROMPT 4096
+#define MAX_THREADS 1024
+#define MAX_EMULATE_MBPS 1e6 /* 1 TB/s */
+#define MAX_EMULATE_MS 6e4   /* a minute per read */
+
+static const char USAGE[] =
+    "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget SIZE] [--max-seq N] [--no-verify]\n"
+    "       [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]\n"
+    "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]\n"
+    "\n"
+    "  --tokens ID,...  prompt token ids: whole numbers 0..2147483647 (below the vocabulary size), at most 4096\n"
+    "  -n N             tokens to generate greedily, 0..2147483647 (default 64); prompt + N must fit the context\n"
+    "  --budget SIZE    memory for trunk + KV cache + buffers + expert cache: whole bytes (>= 1) or a number\n"
+    "                   with a unit KB, MB, GB (10^3..) or KiB, MiB, GiB (2^10..), e.g. 24MiB, 1.5GB (rounded\n"
+    "                   down to whole bytes); default: every expert resident\n"
+    "  --max-seq N      context to allocate, 0..the artifact's maximum (default 0 = the artifact's maximum)\n"
+    "  --emulate MBPS,MS  stretch each expert read to MBPS MB/s (> 0, <= 1000000) plus MS ms latency\n"
+    "                   (>= 0, <= 60000)\n"
+    "  --threads N      compute threads, 1..1024 (default 1; the loader thread is extra)\n"
+    "  --mmap           read experts out of a mapping of the image instead of pread\n"
+    "  --direct-io      open the image with O_DIRECT\n"
+    "  --no-verify      skip the CRC-32 check of each expert record read\n"
+    "  --no-loader-thread  read experts on the decode thread (no prefetching)\n"
+    "  -h, --help       this text\n"
+    "exit status: 0 success, 1 the runtime failed, 2 bad arguments\n";
+
+/* A usage error: the message, a pointer to --help, exit status 2. */
+static int usage_error(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fputs("edgemoe_run: ", stderr);
+  vfprintf(stderr, fmt, ap);
+  fputs("\n(edgemoe_run --help for usage)\n", stderr);
+  va_end(ap);
   return 2;
+}
+
+/* A whole number in [lo, hi]: decimal digits only (no sign, no spaces, nothing after), no overflow. */
+static int parse_u64(const char* opt, const char* text, uint64_t lo, uint64_t hi, uint64_t* out) {
+  if (!isdigit((unsigned char)text[0]))
+    return usage_error("%s: '%s' is not a whole number; give %s in [%llu, %llu]", opt, text, opt,
+                       (unsigned long long)lo, (unsigned long long)hi);
+  char* end;
+  errno = 0;
+  unsigned long long v = strtoull(text, &end, 10);
+  if (*end)
+    return usage_error("%s: '%s' is not a whole number; give %s in [%llu, %llu]", opt, text, opt,
+                       (unsigned long long)lo, (unsigned long long)hi);
+  if (errno == ERANGE || v < lo || v > hi)
+    return usage_error("%s: %s is out of range; give %s in [%llu, %llu]", opt, text, opt, (unsigned long long)lo,
+                       (unsigned long long)hi);
+  *out = (uint64_t)v;
+  return 0;
+}
+
+/* A finite number with lo < x (lo_open) or lo <= x, and x <= hi; nothing after it. `what` names
+ * the value within the option (e.g. "MBPS"). */
+static int parse_double(const char* opt, const char* what, const char* text, double lo, int lo_open, double hi,
+                        double* out) {
+  char range[96];
+  snprintf(range, sizeof range, "%s %s %.15g and <= %.15g", what, lo_open ? ">" : ">=", lo, hi);
+  if (!text[0] || isspace((unsigned char)text[0]))
+    return usage_error("%s: %s '%s' is not a number; give %s", opt, what, text, range);
+  char* end;
+  errno = 0;
+  double v = strtod(text, &end);
+  if (*end) return usage_error("%s: %s '%s' is not a number; give %s", opt, what, text, range);
+  if (!isfinite(v)) return usage_error("%s: %s %s is not a finite number; give %s", opt, what, text, range);
+  if ((lo_open ? !(v > lo) : !(v >= lo)) || !(v <= hi))
+    return usage_error("%s: %s %s is out of range; give %s", opt, what, text, range);
+  *out = v;
+  return 0;
+}
+
+/* The first n letters of a equal b's, ignoring case. */
+static int same_letters(const char* a, const char* b, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (tolower((unsigned char)a[i]) != tolower((unsigned char)b[i])) return 0;
+  return 1;
+}
+
+/* A size as python/edgemoe/units.py parse_bytes reads it: optional spaces, digits with an optional
+ * fraction ("5", "5.6", ".5"; not "5."), optional spaces, an optional unit (case-insensitive: B, KB,
+ * MB, GB = 10^3.., KiB, MiB, GiB = 2^10..), optional spaces. Exact decimal arithmetic: a number with a
+ * unit is rounded down to whole bytes; without one (or with B) it must be whole. At least min bytes. */
+static int parse_size(const char* opt, const char* text, uint64_t min, uint64_t* out) {
+  static const struct {
+    const char* name;
+    unsigned factor, times; /* multiplier = factor^times */
+  } units[] = {{"", 1, 0}, {"b", 1, 0}, {"kb", 10, 3}, {"mb", 10, 6}, {"gb", 10, 9},
+               {"kib", 2, 10}, {"mib", 2, 20}, {"gib", 2, 30}};
+  const char* s = text;
+  while (isspace((unsigned char)*s)) s++;
+  const char *int_start = s, *frac_start, *frac_end;
+  while (isdigit((unsigned char)*s)) s++;
+  const char* int_end = s;
+  frac_start = frac_end = s;
+  int bad = 0;
+  if (*s == '.') {
+    frac_start = ++s;
+    while (isdigit((unsigned char)*s)) s++;
+    frac_end = s;
+    bad = frac_end == frac_start;
+  }
+  bad |= int_end == int_start && frac_end == frac_start;
+  while (isspace((unsigned char)*s)) s++;
+  const char* unit_start = s;
+  while (isalpha((unsigned char)*s)) s++;
+  size_t unit_len = (size_t)(s - unit_start);
+  while (isspace((unsigned char)*s)) s++;
+  bad |= *s != 0;
+  int u = -1;
+  for (int i = 0; !bad && u < 0 && i < (int)(sizeof units / sizeof units[0]); i++)
+    if (strlen(units[i].name) == unit_len && same_letters(unit_start, units[i].name, unit_len)) u = i;
+  if (bad || u < 0)
+    return usage_error("%s: cannot read '%s' as a size: use bytes or a unit such as 64MiB, 1.5GB, 512KiB", opt, text);
+
+  uint64_t v = 0;
+  for (const char* c = int_start; c < int_end; c++) {
+    unsigned d = (unsigned)(*c - '0');
+    if (v > (UINT64_MAX - d) / 10) goto too_big;
+    v = v * 10 + d;
+  }
+  /* the fraction's digits, multiplied by the unit one factor at a time; what carries out of the
+     fraction adds to the whole bytes */
+  size_t nf = (size_t)(frac_end - frac_start);
+  unsigned char* frac = (unsigned char*)malloc(nf ? nf : 1);
+  if (!frac) return usage_error("%s: out of memory reading '%s'", opt, text);
+  for (size_t i = 0; i < nf; i++) frac[i] = (unsigned char)(frac_start[i] - '0');
+  for (unsigned t = 0; t < units[u].times; t++) {
+    unsigned f = units[u].factor, carry = 0;
+    for (size_t i = nf; i-- > 0;) {
+      unsigned d = frac[i] * f + carry;
+      frac[i] = (unsigned char)(d % 10);
+      carry = d / 10;
+    }
+    if (v > (UINT64_MAX - carry) / f) {
+      free(frac);
+      goto too_big;
+    }
+    v = v * f + carry;
+  }
+  int fraction_left = 0;
+  for (size_t i = 0; i < nf; i++) fraction_left |= frac[i];
+  free(frac);
+  if (fraction_left && units[u].times == 0)
+    return usage_error("%s: '%s' is not a whole number of bytes; give whole bytes or a unit such as 1.5MiB", opt,
+                       text);
+  if (v < min)
+    return usage_error("%s: '%s' is %llu bytes; give at least %llu byte%s", opt, text, (unsigned long long)v,
+                       (unsigned long long)min, min == 1 ? "" : "s");
+  *out = v;
+  return 0;
+too_big:
+  return usage_error("%s: '%s' is out of range; give at most %llu bytes", opt, text, (unsigned long long)UINT64_MAX);
+}
+
+/* Comma-separated token ids, each a whole number in [0, INT32_MAX] (optionally with spaces around
+ * it); at most cap of them. Which ids the vocabulary holds is the runtime's check. */
+static int parse_tokens(const char* text, int32_t* out, size_t cap, size_t* n_out) {
+  size_t count = 1;
+  for (const char* c = text; *c; c++) count += *c == ',';
+  if (count > cap)
+    return usage_error("--tokens: %zu tokens; the prompt holds at most %zu", count, cap);
+  size_t n = 0;
+  const char* s = text;
+  for (;;) {
+    const char* comma = strchr(s, ',');
+    size_t len = comma ? (size_t)(comma - s) : strlen(s);
+    const char *a = s, *b = s + len;
+    while (a < b && isspace((unsigned char)*a)) a++;
+    while (b > a && isspace((unsigned char)b[-1])) b--;
+    int ok = a < b;
+    uint64_t v = 0;
+    for (const char* c = a; ok && c < b; c++) {
+      ok = isdigit((unsigned char)*c) && v <= (uint64_t)INT32_MAX;
+      v = v * 10 + (uint64_t)(*c - '0');
+    }
+    if (!ok || v > (uint64_t)INT32_MAX)
+      return usage_error("--tokens: element %zu ('%.*s') is not a token id; give whole numbers in [0, %ld] "
+                         "separated by commas", n + 1, (int)len, s, (long)INT32_MAX);
+    out[n++] = (int32_t)v;
+    if (!comma) break;
+    s = comma + 1;
+  }
+  *n_out = n;
+  return 0;
 }
 
 /* Peak resident memory of this process image. Linux's ru_maxrss survives exec, so a tool started
@@ -35,22 +225,15 @@ static unsigned long long peak_rss_bytes(void) {
   return (unsigned long long)ru.ru_maxrss * 1024ull;
 }
 
-static size_t parse_tokens(const char* s, int32_t* out, size_t cap) {
-  size_t n = 0;
-  while (*s && n < cap) {
-    char* end;
-    long v = strtol(s, &end, 10);
-    if (end == s) return 0;
-    out[n++] = (int32_t)v;
-    s = *end == ',' ? end + 1 : end;
-  }
-  return n;
-}
-
-static int lookup(const char* value, const char* const* names, int n) {
+static int lookup(const char* opt, const char* value, const char* const* names, int n, int* out) {
   for (int i = 0; i < n; i++)
-    if (!strcmp(value, names[i])) return i;
-  return -1;
+    if (!strcmp(value, names[i])) return *out = i, 0;
+  char list[256] = "";
+  for (int i = 0; i < n; i++) {
+    strncat(list, i ? ", " : "", sizeof list - strlen(list) - 1);
+    strncat(list, names[i], sizeof list - strlen(list) - 1);
+  }
+  return usage_error("%s: '%s' is not one of %s", opt, value, list);
 }
 
 static int argmax(const float* v, uint32_t n) {
@@ -61,43 +244,82 @@ static int argmax(const float* v, uint32_t n) {
 }
 
 int main(int argc, char** argv) {
-  if (argc < 2) return usage();
   em_params p;
   em_default_params(&p);
-  p.artifact_dir = argv[1];
-  static int32_t prompt[4096];
+  static int32_t prompt[MAX_PROMPT];
   size_t n_prompt = 0;
-  long n_new = 64;
-  for (int i = 2; i < argc; i++) {
-    if (!strcmp(argv[i], "--tokens") && i + 1 < argc) n_prompt = parse_tokens(argv[++i], prompt, 4096);
-    else if (!strcmp(argv[i], "-n") && i + 1 < argc) n_new = strtol(argv[++i], NULL, 10);
-    else if (!strcmp(argv[i], "--budget") && i + 1 < argc) p.memory_budget = strtoull(argv[++i], NULL, 10);
-    else if (!strcmp(argv[i], "--max-seq") && i + 1 < argc) p.max_seq = (uint32_t)strtoul(argv[++i], NULL, 10);
-    else if (!strcmp(argv[i], "--no-verify")) p.verify_checksums = 0;
-    else if (!strcmp(argv[i], "--no-loader-thread")) p.loader_thread = 0;
-    else if (!strcmp(argv[i], "--mmap")) p.storage = EM_STORAGE_MMAP;
-    else if (!strcmp(argv[i], "--direct-io")) p.direct_io = 1;
-    else if (!strcmp(argv[i], "--emulate") && i + 1 < argc) {
-      double mbps, ms;
-      if (sscanf(argv[++i], "%lf,%lf", &mbps, &ms) != 2) return usage();
-      p.emulate_bandwidth = mbps * 1e6;
-      p.emulate_latency = ms * 1e-3;
-    } else if (!strcmp(argv[i], "--predictor") && i + 1 < argc) {
-      static const char* const names[] = {"none", "path-table", "next-router", "wrong", "fitted-router", "auto"};
-      int v = lookup(argv[++i], names, 6);
-      if (v < 0) return usage();
-      p.predictor = (em_predictor)v;
-    } else if (!strcmp(argv[i], "--eviction") && i + 1 < argc) {
-      static const char* const names[] = {"lru", "fifo", "edgemoe", "auto"};
-      int v = lookup(argv[++i], names, 4);
-      if (v < 0) return usage();
-      p.eviction = (em_eviction)v;
-    } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
-      p.compute_threads = (uint32_t)strtoul(argv[++i], NULL, 10);
-    } else
-      return usage();
+  int have_tokens = 0;
+  uint64_t n_new = 64, max_seq = 0, v;
+  const char* dir = NULL;
+  for (int i = 1; i < argc; i++) {
+    const char* a = argv[i];
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+      fputs(USAGE, stdout);
+      return 0;
+    }
+    if (a[0] != '-') {
+      if (dir) return usage_error("unexpected argument '%s' (the artifact directory is '%s')", a, dir);
+      dir = a;
+      continue;
+    }
+    if (!strcmp(a, "--no-verify")) p.verify_checksums = 0;
+    else if (!strcmp(a, "--no-loader-thread")) p.loader_thread = 0;
+    else if (!strcmp(a, "--mmap")) p.storage = EM_STORAGE_MMAP;
+    else if (!strcmp(a, "--direct-io")) p.direct_io = 1;
+    else {
+      static const char* const with_value[] = {"--tokens", "-n", "--budget", "--max-seq", "--emulate",
+                                               "--predictor", "--eviction", "--threads"};
+      int known = 0;
+      for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++) known |= !strcmp(a, with_value[k]);
+      if (!known) return usage_error("unknown option '%s'", a);
+      if (i + 1 >= argc) return usage_error("%s needs a value", a);
+      const char* val = argv[++i];
+      int rc = 0;
+      if (!strcmp(a, "--tokens")) {
+        rc = parse_tokens(val, prompt, MAX_PROMPT, &n_prompt);
+        have_tokens = 1;
+      } else if (!strcmp(a, "-n")) {
+        rc = parse_u64(a, val, 0, INT32_MAX, &n_new);
+      } else if (!strcmp(a, "--budget")) {
+        rc = parse_size(a, val, 1, &p.memory_budget);
+      } else if (!strcmp(a, "--max-seq")) {
+        rc = parse_u64(a, val, 0, UINT32_MAX, &max_seq);
+        p.max_seq = (uint32_t)max_seq;
+      } else if (!strcmp(a, "--threads")) {
+        if (!(rc = parse_u64(a, val, 1, MAX_THREADS, &v))) p.compute_threads = (uint32_t)v;
+      } else if (!strcmp(a, "--emulate")) {
+        const char* comma = strchr(val, ',');
+        if (!comma || strchr(comma + 1, ','))
+          return usage_error("--emulate: '%s' is not MBPS,MS; give bandwidth in MB/s (> 0) and latency in ms "
+                             "(>= 0), e.g. --emulate 45,1", val);
+        char mbps_text[128];
+        if ((size_t)(comma - val) >= sizeof mbps_text)
+          return usage_error("--emulate: MBPS '%.*s' is not a number; give MBPS > 0 and <= %.15g", (int)(comma - val),
+                             val, MAX_EMULATE_MBPS);
+        snprintf(mbps_text, sizeof mbps_text, "%.*s", (int)(comma - val), val);
+        double mbps, ms;
+        rc = parse_double(a, "MBPS", mbps_text, 0, 1, MAX_EMULATE_MBPS, &mbps);
+        if (!rc) rc = parse_double(a, "MS", comma + 1, 0, 0, MAX_EMULATE_MS, &ms);
+        if (!rc) {
+          p.emulate_bandwidth = mbps * 1e6;
+          p.emulate_latency = ms * 1e-3;
+        }
+      } else if (!strcmp(a, "--predictor")) {
+        static const char* const names[] = {"none", "path-table", "next-router", "wrong", "fitted-router", "auto"};
+        int k;
+        if (!(rc = lookup(a, val, names, 6, &k))) p.predictor = (em_predictor)k;
+      } else if (!strcmp(a, "--eviction")) {
+        static const char* const names[] = {"lru", "fifo", "edgemoe", "auto"};
+        int k;
+        if (!(rc = lookup(a, val, names, 4, &k))) p.eviction = (em_eviction)k;
+      }
+      if (rc) return rc;
+    }
   }
-  if (n_prompt == 0) return usage();
+  if (!dir) return usage_error("give the artifact directory");
+  if (!have_tokens) return usage_error("give the prompt as --tokens ID,ID,...");
+  p.artifact_dir = dir;
+
   char err[512];
   em_session* s;
   if (em_open(&p, &s, err, sizeof err) != EM_OK) {
@@ -106,8 +328,22 @@ int main(int argc, char** argv) {
   }
   em_model_info info;
   em_model_info_get(s, &info);
+  /* what needs the artifact to check: the context it holds */
+  if (max_seq > info.max_seq) {
+    em_close(s);
+    return usage_error("--max-seq: %llu is out of range; this artifact holds at most %u positions: give --max-seq "
+                       "in [0, %u] (0 = %u)", (unsigned long long)max_seq, info.max_seq, info.max_seq, info.max_seq);
+  }
+  if (n_prompt + n_new > info.max_seq) {
+    em_close(s);
+    return usage_error("-n: %zu prompt tokens + %llu new tokens need %llu positions but the context holds %u: "
+                       "give -n in [0, %llu]%s", n_prompt, (unsigned long long)n_new,
+                       (unsigned long long)(n_prompt + n_new), info.max_seq,
+                       (unsigned long long)(n_prompt < info.max_seq ? info.max_seq - n_prompt : 0),
+                       max_seq && max_seq < info.max_seq ? " or raise --max-seq" : "");
+  }
   int rc = em_prefill(s, prompt, n_prompt);
-  for (long i = 0; rc == EM_OK && i < n_new; i++) {
+  for (uint64_t i = 0; rc == EM_OK && i < n_new; i++) {
     int next = argmax(em_logits(s), info.vocab_size);
     printf(i ? ",%d" : "%d", next);
     rc = em_decode_step(s, next, NULL);
