@@ -1,0 +1,82 @@
+"""Crafting artifacts as an attacker or failing hardware would: fields rewritten, checksums
+recomputed so that only the runtime's own bounds checks stand between the file and the kernels."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from edgemoe.compiler import expert_image, trunk_file
+from edgemoe.compiler.binfmt import crc32, crc32c, pack, size, unpack
+
+IMAGE_HEADER = size(expert_image.HEADER_FMT) - 4
+TRUNK_HEADER = size(trunk_file.HEADER_FMT) - 4
+IMAGE_FIELDS = ("magic", "version", "header_bytes", "layers", "experts", "records", "record_bytes", "align", "hidden",
+                "inter", "group", "table_offset", "data_offset", "file_bytes", "table_crc", "layout", "compile_id")
+TRUNK_FIELDS = ("magic", "version", "header_bytes", "vocab", "hidden", "layers", "heads", "kv_heads", "head_dim",
+                "experts", "top_k", "inter", "max_positions", "rope_theta", "norm_eps", "flags", "bos", "eos",
+                "n_tensors", "table_offset", "data_offset", "file_bytes", "table_crc", "data_crc", "compile_id",
+                "kernels_sha256", "machine", "cpu_features")
+RECORD_FIELDS = ("layer", "expert", "bits", "crc", "offset", "length", "p0", "p1", "p2", "p3", "p4", "p5",
+                 "payload_bytes", "reserved")
+TENSOR_FIELDS = ("name", "dtype", "ndim", "s0", "s1", "s2", "s3", "offset", "nbytes", "crc", "bits")
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_header(data: bytearray, fmt: str, fields: tuple, changes: dict) -> None:
+    values = dict(zip(fields, unpack(fmt[:-1], data)))
+    values.update(changes)
+    head = pack(fmt[:-1], *(values[f] for f in fields))
+    data[: len(head) + 4] = head + pack("I", crc32(head))
+
+
+def _rewrite_table(data: bytearray, offset: int, count: int, entry_fmt: str, entry_bytes: int, fields: tuple,
+                   index: int, changes: dict) -> int:
+    """Rewrites entry `index` of a table; returns the table's new CRC-32."""
+    at = offset + index * entry_bytes
+    values = dict(zip(fields, unpack(entry_fmt, data, at)))
+    values.update(changes)
+    data[at : at + entry_bytes] = pack(entry_fmt, *(values[f] for f in fields))
+    return crc32(bytes(data[offset : offset + count * entry_bytes]))
+
+
+def patch_image(art: Path, header: dict | None = None, record: int | None = None, changes: dict | None = None,
+                recrc_record: bool = False) -> None:
+    """Rewrites experts.bin header fields and/or one record entry, with every CRC recomputed."""
+    path = art / "experts.bin"
+    data = bytearray(path.read_bytes())
+    h = dict(zip(IMAGE_FIELDS, unpack(expert_image.HEADER_FMT[:-1], data)))
+    new_header = dict(header or {})
+    if record is not None:
+        new_header.setdefault("table_crc", _rewrite_table(data, h["table_offset"], h["records"], expert_image.RECORD_FMT,
+                                                          expert_image.RECORD_BYTES, RECORD_FIELDS, record, changes))
+        if recrc_record:
+            r = dict(zip(RECORD_FIELDS, unpack(expert_image.RECORD_FMT, data, h["table_offset"] + record * 64)))
+            blob = bytes(data[r["offset"] : r["offset"] + r["length"]])
+            crc = crc32c(blob)
+            new_header["table_crc"] = _rewrite_table(data, h["table_offset"], h["records"], expert_image.RECORD_FMT,
+                                                     expert_image.RECORD_BYTES, RECORD_FIELDS, record, {"crc": crc})
+    _rewrite_header(data, expert_image.HEADER_FMT, IMAGE_FIELDS, new_header)
+    path.write_bytes(bytes(data))
+
+
+def patch_trunk(art: Path, header: dict | None = None, tensor: str | None = None, changes: dict | None = None) -> None:
+    """Rewrites trunk.bin header fields and/or the named tensor's entry, with every CRC recomputed."""
+    path = art / "trunk.bin"
+    data = bytearray(path.read_bytes())
+    h = dict(zip(TRUNK_FIELDS, unpack(trunk_file.HEADER_FMT[:-1], data)))
+    new_header = dict(header or {})
+    if tensor is not None:
+        names = [unpack(trunk_file.TENSOR_FMT, data, h["table_offset"] + i * 96)[0].rstrip(b"\0").decode()
+                 for i in range(h["n_tensors"])]
+        new_header["table_crc"] = _rewrite_table(data, h["table_offset"], h["n_tensors"], trunk_file.TENSOR_FMT,
+                                                 trunk_file.TENSOR_BYTES, TENSOR_FIELDS, names.index(tensor), changes)
+    _rewrite_header(data, trunk_file.HEADER_FMT, TRUNK_FIELDS, new_header)
+    path.write_bytes(bytes(data))
+
+
+def image_records(art: Path) -> list:
+    return expert_image.read_table(art / "experts.bin")[1]
