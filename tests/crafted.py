@@ -2,12 +2,14 @@
 recomputed so that only the runtime's own bounds checks stand between the file and the kernels."""
 from __future__ import annotations
 
+import platform
 import shutil
 from pathlib import Path
 
-from edgemoe.compiler import expert_image, trunk_file
+from edgemoe.compiler import cpu_features, expert_image, trunk_file
 from edgemoe.compiler.binfmt import crc32, crc32c, pack, size, unpack
 
+U64 = 2**64
 IMAGE_HEADER = size(expert_image.HEADER_FMT) - 4
 TRUNK_HEADER = size(trunk_file.HEADER_FMT) - 4
 IMAGE_FIELDS = ("magic", "version", "header_bytes", "layers", "experts", "records", "record_bytes", "align", "hidden",
@@ -80,3 +82,53 @@ def patch_trunk(art: Path, header: dict | None = None, tensor: str | None = None
 
 def image_records(art: Path) -> list:
     return expert_image.read_table(art / "experts.bin")[1]
+
+
+def _other_arch_feature() -> tuple[int, str]:
+    """A feature bit of the other architecture: this CPU can never have it."""
+    other = "aarch64" if platform.machine() == "x86_64" else "x86_64"
+    bit, _, name, _ = next(f for f in cpu_features.FEATURES if f[1] == other)
+    return bit, name
+
+
+def image_cases(records):
+    """Crafted experts.bin cases: name → (patch_image arguments, the message the runtime refuses it with)."""
+    r = records[1]
+    p = r.part_offsets
+    return {
+        "record length near 2^64": (dict(record=1, changes={"length": U64 - 4096}), "length that is not its payload"),
+        "record offset + length wraps": (dict(record=1, changes={"offset": U64 - 4096}), "outside the file"),
+        "part beyond what the shape fits": (dict(record=1, changes={"p4": r.payload_bytes - 64}),
+                                            "part that overlaps another or does not fit"),
+        "record shorter than its shape": (dict(record=1, changes={"payload_bytes": p[5]}),
+                                          "part that overlaps another or does not fit"),
+        "parts overlapping": (dict(record=1, changes={"p2": p[0]}), "part that overlaps another"),
+        "undefined bitwidth": (dict(record=1, changes={"bits": 5}), "bitwidth the format does not define"),
+        "record out of order": (dict(record=1, changes={"layer": 7}), "out of order"),
+        "group zero": (dict(header={"group": 0}), "quantization group"),
+        "alignment zero": (dict(header={"align": 0}), "record alignment"),
+        "counts far beyond the file": (dict(header={"layers": 1024, "experts": 4096, "records": 1024 * 4096}),
+                                       "record table or data region outside the file"),
+        "layers times experts wraps": (dict(header={"layers": 65536, "experts": 65536, "records": 0}),
+                                       "inconsistent header"),
+        "image from another compile": (dict(header={"compile_id": b"\x01" * 16}), "come from different compiles"),
+    }
+
+
+def trunk_cases():
+    """Crafted trunk.bin cases: name → (patch_trunk arguments, the message the runtime refuses it with)."""
+    bit, name = _other_arch_feature()
+    this = platform.machine()
+    other_machine = cpu_features.ELF_MACHINES["aarch64" if this == "x86_64" else "x86_64"]
+    return {
+        "tensor offset wraps": (dict(tensor="final_norm", changes={"offset": U64 - 64}), "outside the data region"),
+        "tensor bytes beyond its shape": (dict(tensor="final_norm", changes={"nbytes": U64 - 64}),
+                                          "invalid type or shape"),
+        "tensor of undefined type": (dict(tensor="final_norm", changes={"dtype": 9}), "invalid type or shape"),
+        "tensor count beyond the file": (dict(header={"n_tensors": 60000}), "tensor table"),
+        "zero hidden size": (dict(header={"hidden": 0}), "model dimension"),
+        "heads not a multiple of KV heads": (dict(header={"kv_heads": 1000}), "attention heads"),
+        "top-k above the experts": (dict(header={"top_k": 99}), "top-k"),
+        "kernels for another architecture": (dict(header={"machine": other_machine}), "kernels are built for"),
+        "a CPU feature this CPU lacks": (dict(header={"cpu_features": 1 << bit}), f"lacks: {name}"),
+    }

@@ -3,7 +3,6 @@ crashes (also under ASan/UBSan), and one transient fault in any storage mode cha
 from __future__ import annotations
 
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -14,9 +13,8 @@ import pytest
 from edgemoe.compiler import cpu_features
 from edgemoe.runtime import REPO_ROOT, EdgeMoEError, Session, budget_bytes
 
-from crafted import copy_artifact, image_records, patch_image, patch_trunk
+from crafted import copy_artifact, image_cases, image_records, patch_image, patch_trunk, trunk_cases
 
-U64 = 2**64
 
 
 @pytest.fixture(scope="module")
@@ -28,63 +26,15 @@ def tiny(tiny_mixtral_dir, tmp_path_factory, runtime_lib):
     return out
 
 
-def _other_arch_feature() -> tuple[int, str]:
-    """A feature bit of the other architecture: this CPU can never have it."""
-    other = "aarch64" if platform.machine() == "x86_64" else "x86_64"
-    bit, _, name, _ = next(f for f in cpu_features.FEATURES if f[1] == other)
-    return bit, name
-
-
-def _image_cases(records):
-    r = records[1]
-    p = r.part_offsets
-    return {
-        "record length near 2^64": (dict(record=1, changes={"length": U64 - 4096}), "length that is not its payload"),
-        "record offset + length wraps": (dict(record=1, changes={"offset": U64 - 4096}), "outside the file"),
-        "part beyond what the shape fits": (dict(record=1, changes={"p4": r.payload_bytes - 64}),
-                                            "part that overlaps another or does not fit"),
-        "record shorter than its shape": (dict(record=1, changes={"payload_bytes": p[5]}),
-                                          "part that overlaps another or does not fit"),
-        "parts overlapping": (dict(record=1, changes={"p2": p[0]}), "part that overlaps another"),
-        "undefined bitwidth": (dict(record=1, changes={"bits": 5}), "bitwidth the format does not define"),
-        "record out of order": (dict(record=1, changes={"layer": 7}), "out of order"),
-        "group zero": (dict(header={"group": 0}), "quantization group"),
-        "alignment zero": (dict(header={"align": 0}), "record alignment"),
-        "counts far beyond the file": (dict(header={"layers": 1024, "experts": 4096, "records": 1024 * 4096}),
-                                       "record table or data region outside the file"),
-        "layers times experts wraps": (dict(header={"layers": 65536, "experts": 65536, "records": 0}),
-                                       "inconsistent header"),
-        "image from another compile": (dict(header={"compile_id": b"\x01" * 16}), "come from different compiles"),
-    }
-
-
-def _trunk_cases():
-    bit, name = _other_arch_feature()
-    this = platform.machine()
-    other_machine = cpu_features.ELF_MACHINES["aarch64" if this == "x86_64" else "x86_64"]
-    return {
-        "tensor offset wraps": (dict(tensor="final_norm", changes={"offset": U64 - 64}), "outside the data region"),
-        "tensor bytes beyond its shape": (dict(tensor="final_norm", changes={"nbytes": U64 - 64}),
-                                          "invalid type or shape"),
-        "tensor of undefined type": (dict(tensor="final_norm", changes={"dtype": 9}), "invalid type or shape"),
-        "tensor count beyond the file": (dict(header={"n_tensors": 60000}), "tensor table"),
-        "zero hidden size": (dict(header={"hidden": 0}), "model dimension"),
-        "heads not a multiple of KV heads": (dict(header={"heads": 5}), "attention heads"),
-        "top-k above the experts": (dict(header={"top_k": 99}), "top-k"),
-        "kernels for another architecture": (dict(header={"machine": other_machine}), "kernels are built for"),
-        "a CPU feature this CPU lacks": (dict(header={"cpu_features": 1 << bit}), f"lacks: {name}"),
-    }
-
-
 @pytest.fixture(scope="module")
 def crafted(tiny, tmp_path_factory):
     """name → (artifact directory, the message it must be refused with)."""
     root = tmp_path_factory.mktemp("crafted")
     out = {}
-    for i, (name, (how, message)) in enumerate(_image_cases(image_records(tiny)).items()):
+    for i, (name, (how, message)) in enumerate(image_cases(image_records(tiny)).items()):
         patch_image(copy_artifact(tiny, root / f"image{i}"), **how)
         out[name] = (root / f"image{i}", message)
-    for i, (name, (how, message)) in enumerate(_trunk_cases().items()):
+    for i, (name, (how, message)) in enumerate(trunk_cases().items()):
         patch_trunk(copy_artifact(tiny, root / f"trunk{i}"), **how)
         out[name] = (root / f"trunk{i}", message)
     return out

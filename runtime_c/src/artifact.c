@@ -12,12 +12,8 @@
 #include "crc32.h"
 #include "edgemoe.h"
 
-#define TRUNK_HEADER_CRC_AT 168
-#define IMAGE_HEADER_CRC_AT 96
 #define TRUNK_VERSION 3 /* 3: compile id, kernels' SHA-256, machine and CPU features */
 #define IMAGE_VERSION 5 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id */
-#define TENSOR_ENTRY_BYTES 96
-#define RECORD_ENTRY_BYTES 64
 #define TENSOR_ALIGN 64
 #define PART_ALIGN 64
 
@@ -155,8 +151,8 @@ static int bad_header(const char* path, const char* why, char* err, size_t n) {
 }
 
 int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err, size_t n) {
-  uint8_t b[TRUNK_HEADER_CRC_AT + 4];
-  int rc = read_checked_header(fd, path, "EMOTRUNK", TRUNK_VERSION, "trunk file", b, TRUNK_HEADER_CRC_AT, err, n);
+  uint8_t b[EM_TRUNK_HEADER_CRC_AT + 4];
+  int rc = read_checked_header(fd, path, "EMOTRUNK", TRUNK_VERSION, "trunk file", b, EM_TRUNK_HEADER_CRC_AT, err, n);
   if (rc) return rc;
   h->vocab = le32(b + 16);
   h->hidden = le32(b + 20);
@@ -193,8 +189,8 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
   if (!h->top_k || h->top_k > h->experts) return bad_header(path, "top-k", err, n);
   if (h->bos < -1 || h->bos >= (int32_t)h->vocab || h->eos < -1 || h->eos >= (int32_t)h->vocab)
     return bad_header(path, "BOS or EOS id outside the vocabulary", err, n);
-  if (!h->n_tensors || h->n_tensors > 16 * MAX_LAYERS + 64 || h->table_offset < TRUNK_HEADER_CRC_AT + 4 ||
-      !range_within(h->table_offset, (uint64_t)h->n_tensors * TENSOR_ENTRY_BYTES, 0, h->data_offset) ||
+  if (!h->n_tensors || h->n_tensors > 16 * MAX_LAYERS + 64 || h->table_offset < EM_TRUNK_HEADER_CRC_AT + 4 ||
+      !range_within(h->table_offset, (uint64_t)h->n_tensors * EM_TENSOR_ENTRY_BYTES, 0, h->data_offset) ||
       h->data_offset > h->file_bytes)
     return bad_header(path, "tensor table or data region outside the file", err, n);
   return check_size(fd, path, h->file_bytes, err, n);
@@ -205,11 +201,11 @@ static const uint32_t DTYPE_BYTES[] = {4, 2, 1, 4}; /* float32, float16, int8, u
 int em_read_trunk_table(int fd, const char* path, const em_trunk_header* h, em_tensor_entry* entries, char* err,
                         size_t n) {
   uint8_t* t;
-  int rc = read_checked_table(fd, path, "tensor", h->table_offset, h->n_tensors, TENSOR_ENTRY_BYTES, h->table_crc, &t,
+  int rc = read_checked_table(fd, path, "tensor", h->table_offset, h->n_tensors, EM_TENSOR_ENTRY_BYTES, h->table_crc, &t,
                               err, n);
   if (rc) return rc;
   for (uint32_t i = 0; rc == EM_OK && i < h->n_tensors; i++) {
-    const uint8_t* e = t + (size_t)i * TENSOR_ENTRY_BYTES;
+    const uint8_t* e = t + (size_t)i * EM_TENSOR_ENTRY_BYTES;
     em_tensor_entry* d = &entries[i];
     memcpy(d->name, e, 48);
     d->name[48] = 0;
@@ -242,8 +238,8 @@ int em_read_trunk_table(int fd, const char* path, const em_trunk_header* h, em_t
 }
 
 int em_read_image_header(int fd, const char* path, em_image_header* h, char* err, size_t n) {
-  uint8_t b[IMAGE_HEADER_CRC_AT + 4];
-  int rc = read_checked_header(fd, path, "EMOEXPRT", IMAGE_VERSION, "expert image", b, IMAGE_HEADER_CRC_AT, err, n);
+  uint8_t b[EM_IMAGE_HEADER_CRC_AT + 4];
+  int rc = read_checked_header(fd, path, "EMOEXPRT", IMAGE_VERSION, "expert image", b, EM_IMAGE_HEADER_CRC_AT, err, n);
   if (rc) return rc;
   h->layers = le32(b + 16);
   h->experts = le32(b + 20);
@@ -263,7 +259,7 @@ int em_read_image_header(int fd, const char* path, em_image_header* h, char* err
     return EM_ERR_FORMAT;
   }
   if (!h->layers || h->layers > MAX_LAYERS || !h->experts || h->experts > MAX_EXPERTS ||
-      h->n_records != h->layers * h->experts || le32(b + 28) != RECORD_ENTRY_BYTES) {
+      h->n_records != h->layers * h->experts || le32(b + 28) != EM_RECORD_ENTRY_BYTES) {
     snprintf(err, n, "%s: inconsistent header (%u records for %u layers x %u experts)", path, h->n_records, h->layers,
              h->experts);
     return EM_ERR_FORMAT;
@@ -274,8 +270,8 @@ int em_read_image_header(int fd, const char* path, em_image_header* h, char* err
     return bad_header(path, "quantization group does not divide the hidden and intermediate sizes", err, n);
   if (h->align < PART_ALIGN || h->align > (1u << 24) || (h->align & (h->align - 1)))
     return bad_header(path, "record alignment", err, n);
-  if (h->table_offset < IMAGE_HEADER_CRC_AT + 4 ||
-      !range_within(h->table_offset, (uint64_t)h->n_records * RECORD_ENTRY_BYTES, 0, h->data_offset) ||
+  if (h->table_offset < EM_IMAGE_HEADER_CRC_AT + 4 ||
+      !range_within(h->table_offset, (uint64_t)h->n_records * EM_RECORD_ENTRY_BYTES, 0, h->data_offset) ||
       h->data_offset > h->file_bytes)
     return bad_header(path, "record table or data region outside the file", err, n);
   return check_size(fd, path, h->file_bytes, err, n);
@@ -299,11 +295,11 @@ static int part_sizes(const em_image_header* h, uint32_t bits, uint64_t size[6])
 
 int em_read_image_table(int fd, const char* path, const em_image_header* h, em_record* records, char* err, size_t n) {
   uint8_t* t;
-  int rc = read_checked_table(fd, path, "record", h->table_offset, h->n_records, RECORD_ENTRY_BYTES, h->table_crc, &t,
+  int rc = read_checked_table(fd, path, "record", h->table_offset, h->n_records, EM_RECORD_ENTRY_BYTES, h->table_crc, &t,
                               err, n);
   if (rc) return rc;
   for (uint32_t i = 0; rc == EM_OK && i < h->n_records; i++) {
-    const uint8_t* e = t + (size_t)i * RECORD_ENTRY_BYTES;
+    const uint8_t* e = t + (size_t)i * EM_RECORD_ENTRY_BYTES;
     em_record* r = &records[i];
     r->layer = le32(e);
     r->expert = le32(e + 4);

@@ -6,6 +6,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Where each header's CRC-32 sits (it covers the bytes before it), and table entry sizes. */
+#define EM_TRUNK_HEADER_CRC_AT 168
+#define EM_IMAGE_HEADER_CRC_AT 96
+#define EM_TENSOR_ENTRY_BYTES 96
+#define EM_RECORD_ENTRY_BYTES 64
+
 typedef struct {
   uint32_t vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k, inter, max_positions;
   float rope_theta, norm_eps;

@@ -27,7 +27,7 @@
 static const char USAGE[] =
     "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget SIZE] [--max-seq N] [--no-verify]\n"
     "       [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]\n"
-    "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]\n"
+    "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N] [--inject-faults PLAN]\n"
     "\n"
     "  --tokens ID,...  prompt token ids: whole numbers 0..2147483647 (below the vocabulary size), at most 4096\n"
     "  -n N             tokens to generate greedily, 0..2147483647 (default 64); prompt + N must fit the context\n"
@@ -42,6 +42,7 @@ static const char USAGE[] =
     "  --direct-io      open the image with O_DIRECT\n"
     "  --no-verify      skip the CRC-32 check of each expert record read\n"
     "  --no-loader-thread  read experts on the decode thread (no prefetching)\n"
+    "  --inject-faults PLAN  testing: make expert reads fail, e.g. eio@3,short@9,eintr@15,corrupt@21*2,delay@27:50\n"
     "  -h, --help       this text\n"
     "exit status: 0 success, 1 the runtime failed, 2 bad arguments\n";
 
@@ -265,10 +266,11 @@ int main(int argc, char** argv) {
     if (!strcmp(a, "--no-verify")) p.verify_checksums = 0;
     else if (!strcmp(a, "--no-loader-thread")) p.loader_thread = 0;
     else if (!strcmp(a, "--mmap")) p.storage = EM_STORAGE_MMAP;
+    else if (!strcmp(a, "--inject-faults") && i + 1 < argc) p.inject_faults = argv[++i];
     else if (!strcmp(a, "--direct-io")) p.direct_io = 1;
     else {
       static const char* const with_value[] = {"--tokens", "-n", "--budget", "--max-seq", "--emulate",
-                                               "--predictor", "--eviction", "--threads"};
+                                               "--predictor", "--eviction", "--threads", "--inject-faults"};
       int known = 0;
       for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++) known |= !strcmp(a, with_value[k]);
       if (!known) return usage_error("unknown option '%s'", a);
@@ -360,11 +362,11 @@ int main(int argc, char** argv) {
   printf("tokens=%llu\nexpert_hits=%llu\nexpert_misses=%llu\nbytes_read=%llu\nread_ns=%llu\ncompute_ns=%llu\n"
          "stall_ns=%llu\nprefetch_issued=%llu\nprefetch_used=%llu\nprefetch_wasted=%llu\npredicted=%llu\n"
          "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
-         "record_bytes=%u\npeak_rss_bytes=%llu\n",
+         "record_bytes=%u\nread_retries=%llu\npeak_rss_bytes=%llu\n",
          U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
          U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
          U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
-         st.record_bytes, peak_rss_bytes());
+         st.record_bytes, U(st.read_retries), peak_rss_bytes());
 #undef U
   em_close(s);
   return 0;

@@ -13,7 +13,6 @@
   X(1, "avx", "avx") \
   X(2, "avx2", "avx2") \
   X(3, "fma", "fma") \
-  X(4, "f16c", "f16c") \
   X(5, "bmi2", "bmi2") \
   X(6, "avx512f", "avx512f") \
   X(7, "avx512bw", "avx512bw") \
