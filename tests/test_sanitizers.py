@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from edgemoe.runtime import REPO_ROOT, budget_bytes
+from edgemoe.runtime import REPO_ROOT, budget_bytes, build_runtime
 
 from crafted import copy_artifact, image_cases, image_records, patch_image, patch_trunk, trunk_cases
 from fuzz_corpus import build_corpus_model
@@ -21,14 +21,6 @@ CORPUS = REPO_ROOT / "runtime_c" / "fuzz" / "corpus"
 FUZZ_SECONDS = int(os.environ.get("EDGEMOE_FUZZ_SECONDS", "15"))
 
 
-def _cmake(build, *options, targets=()):
-    subprocess.run(["cmake", "-S", str(REPO_ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Debug", *options],
-                   check=True, capture_output=True)
-    proc = subprocess.run(["cmake", "--build", str(build), "-j", "2", *(a for t in targets for a in ("--target", t))],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def _clean(proc):
     report = proc.stderr
     assert "AddressSanitizer" not in report and "runtime error:" not in report and "LeakSanitizer" not in report, report
@@ -36,9 +28,7 @@ def _clean(proc):
 
 @pytest.fixture(scope="module")
 def asan_build():
-    build = REPO_ROOT / "build" / "asan"
-    _cmake(build, "-DEM_SANITIZE=address,undefined")
-    return build
+    return build_runtime(REPO_ROOT / "build" / "asan", sanitize="address,undefined").parent
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +76,11 @@ def fuzz_build():
     if shutil.which("clang") is None:
         pytest.fail("the fuzz harnesses need clang and libclang-rt (scripts/setup-dev.sh installs them)")
     build = REPO_ROOT / "build" / "fuzz"
-    _cmake(build, "-DEM_FUZZ=ON", "-DCMAKE_C_COMPILER=clang",
-           targets=("fuzz_image", "fuzz_trunk", "fuzz_session"))
+    for cmd in (["cmake", "-S", str(REPO_ROOT), "-B", str(build), "-DEM_FUZZ=ON", "-DCMAKE_C_COMPILER=clang",
+                 "-DCMAKE_BUILD_TYPE=Debug"],
+                ["cmake", "--build", str(build), "-j", "2", "--target", "fuzz_image", "fuzz_trunk", "fuzz_session"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     return build
 
 

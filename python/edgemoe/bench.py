@@ -511,3 +511,59 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
             theirs = llamacpp.bench_decode(tree, gguf, n_new, t)
             click.echo(f"| INT{bits} | {trunk} | {form} | {gtype} | {sizes} | {t} | {ours:.0f} | {theirs:.0f} | "
                        f"{ours / theirs:.2f} |")
+
+
+def _stats_lines(stdout: str) -> dict:
+    return dict(line.split("=", 1) for line in stdout.splitlines()[1:] if "=" in line)
+
+
+@bench_cmd.command("soak")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tokens", "n_tokens", type=click.IntRange(1, 10**8), default=10000, show_default=True,
+              help="tokens to decode in all, in rounds that each reset the context")
+@click.option("--round", "round_tokens", type=click.IntRange(2, UINT32_MAX), default=250, show_default=True,
+              help="tokens per round (prompt + generated); at most the artifact's context")
+@click.option("--sanitizers/--no-sanitizers", default=True, show_default=True,
+              help="also run the soak in an AddressSanitizer + LeakSanitizer + UBSan build (build/asan)")
+def soak_cmd(artifact, n_tokens, round_tokens, sanitizers):
+    """Decode many tokens at the minimum budget, the context reset every round: the tokens of every
+    round must equal the first's, resident memory must not grow, and LeakSanitizer must find nothing."""
+    import subprocess
+
+    from .runtime import DEFAULT_BUILD_DIR, REPO_ROOT, budget_bytes, build_runtime
+
+    manifest = read_manifest(artifact)
+    round_tokens = min(round_tokens, manifest["max_seq"])
+    prompt = "1,2,3"
+    n_new = round_tokens - 3
+    rounds = max(1, -(-n_tokens // round_tokens))
+    budget = budget_bytes(artifact)
+    builds = [("release", DEFAULT_BUILD_DIR)]
+    if sanitizers:
+        builds.append(("ASan+LSan+UBSan", build_runtime(REPO_ROOT / "build" / "asan", sanitize="address,undefined").parent))
+    else:
+        build_runtime()
+    click.echo(f"{artifact}: {rounds} rounds of {round_tokens} tokens ({rounds * round_tokens} decoded), budget "
+               f"{fmt_bytes(budget)} (the minimum), context reset every round")
+    click.echo("| build | tokens | s | RSS after round 1 | RSS after the last | growth | every round's tokens equal | "
+               "sanitizer reports |")
+    click.echo("|---|---|---|---|---|---|---|---|")
+    failed = False
+    for name, build in builds:
+        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(build / "edgemoe_run"), str(artifact), "--tokens", prompt, "-n", str(n_new),
+                               "--budget", str(budget), "--repeat", str(rounds)], capture_output=True, text=True,
+                              env=env)
+        seconds = time.perf_counter() - t0
+        reports = sum(proc.stderr.count(k) for k in ("AddressSanitizer", "LeakSanitizer", "runtime error:"))
+        if proc.returncode != 0:
+            failed = True
+            click.echo(f"| {name} | failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]} |||||||")
+            continue
+        st = _stats_lines(proc.stdout)
+        first, last = int(st["rss_first_round_bytes"]), int(st["rss_last_round_bytes"])
+        click.echo(f"| {name} | {st['tokens']} | {seconds:.1f} | {fmt_bytes(first)} | {fmt_bytes(last)} | "
+                   f"{fmt_bytes(max(0, last - first))} | yes | {reports} |")
+    if failed:
+        raise click.ClickException("the soak failed: see the table")

@@ -58,11 +58,13 @@ class _Info(ctypes.Structure):
                                                               ("predictor", ctypes.c_int), ("eviction", ctypes.c_int)]
 
 
-def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR, target=None) -> Path:
+def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR, target=None, sanitize: str | None = None) -> Path:
     """Configure and build runtime_c with CMake; returns the path of libedgemoe.so. With a
-    TargetDesc whose triple is not this machine's, cross-compile with the target's C compiler."""
+    TargetDesc whose triple is not this machine's, cross-compile with the target's C compiler;
+    with `sanitize` ("address,undefined", "thread"), an instrumented debug build."""
     build_dir = Path(build_dir)
-    configure = ["cmake", "-S", str(REPO_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
+    configure = ["cmake", "-S", str(REPO_ROOT), "-B", str(build_dir),
+                 f"-DCMAKE_BUILD_TYPE={'Debug' if sanitize else 'Release'}", f"-DEM_SANITIZE={sanitize or ''}"]
     if target is not None:
         arch = target.resolved_tvm_target()["mtriple"].split("-")[0]
         configure += [f"-DCMAKE_C_COMPILER={target.cc}", "-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={arch}"]

@@ -56,6 +56,10 @@ em_storage* em_storage_open_pread(const char* path, int direct_io, char* err, si
   return &s->base;
 }
 
+/* A page fault on a file mapping maps neighbouring cached pages too (Linux: fault_around_bytes,
+ * 64 KiB by default); the pages dropped after a copy include these. */
+#define FAULT_AROUND_BYTES (64u << 10)
+
 typedef struct {
   em_storage base;
   const uint8_t* map;
@@ -72,8 +76,10 @@ static int mmap_read(em_storage* self, void* dst, uint64_t len, uint64_t offset)
   memcpy(dst, s->map + offset, len);
   /* The copy is what the session keeps: drop the mapped pages from this process (the kernel's page
      cache may keep them), so the process's resident memory stays within the budget. */
-  uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), start = offset / page * page;
-  madvise((void*)(s->map + start), (size_t)(offset + len - start), MADV_DONTNEED);
+  uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), around = FAULT_AROUND_BYTES;
+  uint64_t start = offset > around ? (offset - around) / page * page : 0;
+  uint64_t end = s->size - offset - len > around ? offset + len + around : s->size;
+  madvise((void*)(s->map + start), (size_t)(end - start), MADV_DONTNEED);
   return 0;
 }
 

@@ -20,6 +20,7 @@
 #include "edgemoe.h"
 
 #define MAX_PROMPT 4096
+#define MAX_GENERATED 65536 /* tokens --repeat compares between rounds */
 #define MAX_THREADS 1024
 #define MAX_EMULATE_MBPS 1e6 /* 1 TB/s */
 #define MAX_EMULATE_MS 6e4   /* a minute per read */
@@ -28,6 +29,7 @@ static const char USAGE[] =
     "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget SIZE] [--max-seq N] [--no-verify]\n"
     "       [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]\n"
     "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N] [--inject-faults PLAN]\n"
+    "       [--repeat R]\n"
     "\n"
     "  --tokens ID,...  prompt token ids: whole numbers 0..2147483647 (below the vocabulary size), at most 4096\n"
     "  -n N             tokens to generate greedily, 0..2147483647 (default 64); prompt + N must fit the context\n"
@@ -43,6 +45,8 @@ static const char USAGE[] =
     "  --no-verify      skip the CRC-32 check of each expert record read\n"
     "  --no-loader-thread  read experts on the decode thread (no prefetching)\n"
     "  --inject-faults PLAN  testing: make expert reads fail, e.g. eio@3,short@9,eintr@15,corrupt@21*2,delay@27:50\n"
+    "  --repeat R       run the generation R times (1..1000000), the context reset between: the tokens must\n"
+    "                   repeat (a soak test; rss_first_round_bytes and rss_last_round_bytes show memory growth)\n"
     "  -h, --help       this text\n"
     "exit status: 0 success, 1 the runtime failed, 2 bad arguments\n";
 
@@ -211,16 +215,22 @@ static int parse_tokens(const char* text, int32_t* out, size_t cap, size_t* n_ou
 
 /* Peak resident memory of this process image. Linux's ru_maxrss survives exec, so a tool started
  * from a large parent (Python, a test runner) would report the parent's peak; VmHWM does not. */
-static unsigned long long peak_rss_bytes(void) {
+static unsigned long long status_kib(const char* field) {
   FILE* f = fopen("/proc/self/status", "r");
+  unsigned long long kib = 0;
   if (f) {
-    char line[256];
-    unsigned long long kib = 0;
+    char line[256], format[64];
+    snprintf(format, sizeof format, "%s: %%llu kB", field);
     while (fgets(line, sizeof line, f))
-      if (sscanf(line, "VmHWM: %llu kB", &kib) == 1) break;
+      if (sscanf(line, format, &kib) == 1) break;
     fclose(f);
-    if (kib) return kib * 1024ull;
   }
+  return kib;
+}
+
+static unsigned long long peak_rss_bytes(void) {
+  unsigned long long kib = status_kib("VmHWM");
+  if (kib) return kib * 1024ull;
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
   return (unsigned long long)ru.ru_maxrss * 1024ull;
@@ -250,7 +260,7 @@ int main(int argc, char** argv) {
   static int32_t prompt[MAX_PROMPT];
   size_t n_prompt = 0;
   int have_tokens = 0;
-  uint64_t n_new = 64, max_seq = 0, v;
+  uint64_t n_new = 64, max_seq = 0, repeat = 1, v;
   const char* dir = NULL;
   for (int i = 1; i < argc; i++) {
     const char* a = argv[i];
@@ -270,7 +280,8 @@ int main(int argc, char** argv) {
     else if (!strcmp(a, "--direct-io")) p.direct_io = 1;
     else {
       static const char* const with_value[] = {"--tokens", "-n", "--budget", "--max-seq", "--emulate",
-                                               "--predictor", "--eviction", "--threads", "--inject-faults"};
+                                               "--predictor", "--eviction", "--threads", "--inject-faults",
+                                               "--repeat"};
       int known = 0;
       for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++) known |= !strcmp(a, with_value[k]);
       if (!known) return usage_error("unknown option '%s'", a);
@@ -282,6 +293,8 @@ int main(int argc, char** argv) {
         have_tokens = 1;
       } else if (!strcmp(a, "-n")) {
         rc = parse_u64(a, val, 0, INT32_MAX, &n_new);
+      } else if (!strcmp(a, "--repeat")) {
+        rc = parse_u64(a, val, 1, 1000000, &repeat);
       } else if (!strcmp(a, "--budget")) {
         rc = parse_size(a, val, 1, &p.memory_budget);
       } else if (!strcmp(a, "--max-seq")) {
@@ -344,13 +357,29 @@ int main(int argc, char** argv) {
                        (unsigned long long)(n_prompt < info.max_seq ? info.max_seq - n_prompt : 0),
                        max_seq && max_seq < info.max_seq ? " or raise --max-seq" : "");
   }
-  int rc = em_prefill(s, prompt, n_prompt);
-  for (uint64_t i = 0; rc == EM_OK && i < n_new; i++) {
-    int next = argmax(em_logits(s), info.vocab_size);
-    printf(i ? ",%d" : "%d", next);
-    rc = em_decode_step(s, next, NULL);
+  /* --repeat R: the same generation R times, the context reset in between (a soak test: the
+     tokens must repeat exactly, and resident memory must not grow from round to round) */
+  static int32_t first[MAX_GENERATED];
+  unsigned long long rss_first_round = 0;
+  int rc = EM_OK;
+  for (uint64_t round = 0; rc == EM_OK && round < repeat; round++) {
+    em_reset(s);
+    rc = em_prefill(s, prompt, n_prompt);
+    for (uint64_t i = 0; rc == EM_OK && i < n_new; i++) {
+      int next = argmax(em_logits(s), info.vocab_size);
+      if (round == 0) {
+        printf(i ? ",%d" : "%d", next);
+        if (i < MAX_GENERATED) first[i] = next;
+      } else if (i < MAX_GENERATED && next != first[i]) {
+        fprintf(stderr, "edgemoe_run: round %llu generated token %d at %llu where round 1 had %d\n",
+                (unsigned long long)round + 1, next, (unsigned long long)i, first[i]);
+        em_close(s);
+        return 1;
+      }
+      rc = em_decode_step(s, next, NULL);
+    }
+    if (round == 0) printf("\n"), rss_first_round = status_kib("VmRSS") * 1024ull;
   }
-  printf("\n");
   if (rc != EM_OK) {
     fprintf(stderr, "edgemoe_run: %s\n", em_error(s));
     em_close(s);
@@ -362,11 +391,12 @@ int main(int argc, char** argv) {
   printf("tokens=%llu\nexpert_hits=%llu\nexpert_misses=%llu\nbytes_read=%llu\nread_ns=%llu\ncompute_ns=%llu\n"
          "stall_ns=%llu\nprefetch_issued=%llu\nprefetch_used=%llu\nprefetch_wasted=%llu\npredicted=%llu\n"
          "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
-         "record_bytes=%u\nread_retries=%llu\npeak_rss_bytes=%llu\n",
+         "record_bytes=%u\nread_retries=%llu\npeak_rss_bytes=%llu\nrss_first_round_bytes=%llu\n"
+         "rss_last_round_bytes=%llu\n",
          U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
          U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
          U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
-         st.record_bytes, U(st.read_retries), peak_rss_bytes());
+         st.record_bytes, U(st.read_retries), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull);
 #undef U
   em_close(s);
   return 0;
