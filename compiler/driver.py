@@ -68,8 +68,11 @@ def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> st
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
     shapes = [(idim, hdim, b) for b in bits_used] + [(hdim, idim, b) for b in bits_used]
     if opts.trunk_bits != 32:
-        shapes += [(r, k, opts.trunk_bits) for r, k in ((cfg.q_dim + 2 * cfg.kv_dim, hdim), (hdim, cfg.q_dim),
-                                                         (cfg.vocab_size, hdim))]
+        trunk = [(cfg.q_dim + 2 * cfg.kv_dim, hdim), (hdim, cfg.q_dim), (cfg.vocab_size, hdim)]
+        if cfg.shared_expert_intermediate:
+            sdim = cfg.shared_expert_intermediate
+            trunk += [(sdim, hdim), (hdim, sdim)]
+        shapes += [(r, k, opts.trunk_bits) for r, k in trunk]
     why_not = None
     if not int_dot.supported(target.tvm()):
         why_not = f"target {target.name} has none of {', '.join(i.feature for i in int_dot.ISAS)}"

@@ -231,9 +231,12 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
     return with_residual if residual else plain
 
 
-def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
-    """h = silu(Wg x) * (Wu x), Wg and Wu in the tiles layout; x is quantized once for both."""
-    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
+def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
+                   name: str | None = None) -> tvm.tirx.PrimFunc:
+    """h = silu(Wg x) * (Wu x), Wg and Wu in the tiles layout; x is quantized once for both. `idim`
+    and `name` default to the routed experts' (a shared expert has its own)."""
+    hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
+    name = name or f"em_expert_gate_up_w{bits}"
     nt, ng, kw = idim // TILE_ROWS, hdim // group, hdim * bits // 32
     loop = T.parallel if parallel else T.serial
     quantize_input, accumulate = _quantize_input(hdim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
@@ -242,7 +245,7 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bo
     def f(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
           GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
           US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer((idim,), "float32")):
-        T.func_attr({"global_symbol": f"em_expert_gate_up_w{bits}", "tir.noalias": True})
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
         xq = T.decl_buffer((hdim,), "int8")
         X4 = T.decl_buffer((hdim // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
@@ -262,9 +265,11 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bo
     return f
 
 
-def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
+def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
+                name: str | None = None) -> tvm.tirx.PrimFunc:
     """y = res + weight · (Wd h), Wd in the tiles layout: the router weight and residual fused."""
-    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
+    hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
+    name = name or f"em_expert_down_w{bits}"
     nt, ng, kw = hdim // TILE_ROWS, idim // group, idim * bits // 32
     loop = T.parallel if parallel else T.serial
     quantize_input, accumulate = _quantize_input(idim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
@@ -273,7 +278,7 @@ def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool 
     def f(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
           DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), res: T.Buffer((hdim,), "float32"),
           weight: T.Buffer((1,), "float32"), y: T.Buffer((hdim,), "float32")):
-        T.func_attr({"global_symbol": f"em_expert_down_w{bits}", "tir.noalias": True})
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
         xq = T.decl_buffer((idim,), "int8")
         X4 = T.decl_buffer((idim // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")

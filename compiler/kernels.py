@@ -11,6 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
+from .program import KERNELS
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave, planes
 
 F32 = "float32"
@@ -48,6 +49,43 @@ def matvec(n: int, k: int, name: str, residual: bool = False, bits: int = 32, gr
     res = te.placeholder((n,), F32, name="res")
     y = te.compute((n,), lambda i: res[i] + acc[i], name="y")
     return _named(y, [*weights, x, res, y], name)
+
+
+def add(h: int, name: str) -> tvm.tirx.PrimFunc:
+    """y = a + b (a bias added to the residual stream)."""
+    a = te.placeholder((h,), F32, name="a")
+    b = te.placeholder((h,), F32, name="b")
+    y = te.compute((h,), lambda i: a[i] + b[i], name="y")
+    return _named(y, [a, b, y], name)
+
+
+def qk_norm(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
+    """The fused qkv vector with q and k RMS-normalised (v copied): per head over head_dim with
+    [head_dim] weights (qk_norm "head"), or over the whole q and the whole k ("full")."""
+    hq, hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tvm.tirx.const(cfg.norm_eps, F32)
+    q_dim, kv_dim = hq * d, hkv * d
+    per_head = cfg.qk_norm == "head"
+    qkv = te.placeholder((q_dim + 2 * kv_dim,), F32, name="qkv")
+    qw = te.placeholder((d if per_head else q_dim,), F32, name="qw")
+    kw = te.placeholder((d if per_head else kv_dim,), F32, name="kw")
+    span, nq, nk = (d, hq, hkv) if per_head else (q_dim, 1, 1)
+    kspan = d if per_head else kv_dim
+    rq, rk = te.reduce_axis((0, span), name="rq"), te.reduce_axis((0, kspan), name="rk")
+    ss_q = te.compute((nq,), lambda h: te.sum(qkv[h * span + rq] * qkv[h * span + rq], axis=rq), name="ss_q")
+    ss_k = te.compute((nk,), lambda h: te.sum(qkv[q_dim + h * kspan + rk] * qkv[q_dim + h * kspan + rk], axis=rk),
+                      name="ss_k")
+    inv_q = te.compute((nq,), lambda h: 1.0 / te.sqrt(ss_q[h] / span + eps), name="inv_q")
+    inv_k = te.compute((nk,), lambda h: 1.0 / te.sqrt(ss_k[h] / kspan + eps), name="inv_k")
+
+    def out(i):
+        in_q, in_k = i < q_dim, i < q_dim + kv_dim
+        qi, ki = i, i - q_dim
+        qv = qkv[i] * inv_q[qi // span] * qw[qi % span if per_head else qi]
+        kv = qkv[i] * inv_k[tvm.tirx.max(ki, 0) // kspan] * kw[tvm.tirx.max(ki, 0) % kspan]
+        return tvm.tirx.Select(in_q, qv, tvm.tirx.Select(in_k, kv, qkv[i]))
+
+    y = te.compute((q_dim + 2 * kv_dim,), out, name="y")
+    return _named(y, [qkv, qw, kw, y], name)
 
 
 def rope(cfg: MoEConfig, name: str = "em_rope") -> tvm.tirx.PrimFunc:
@@ -99,7 +137,7 @@ def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int
     registers. The reduction is written over (block, shift, lane) so that the lane axis, which
     the schedule vectorizes, walks consecutive words and consecutive columns: contiguous loads,
     one scale per vector."""
-    if bits == 16:
+    if bits in (16, 32):
         r = te.reduce_axis((0, k), name=name + "_k")
         return lambda row: te.sum(packed[row, r].astype(F32) * vec[r], axis=r)
     if bits == 8:
@@ -134,8 +172,8 @@ def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int
 
 def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tensor, ...]:
     """The kernel parameters of an [n, k] weight at `bits`: (codes, scales), or (float16 weights,)."""
-    if bits == 16:
-        return (te.placeholder((n, k), "float16", name=name + "_h"),)
+    if bits in (16, 32):
+        return (te.placeholder((n, k), "float16" if bits == 16 else F32, name=name + "_h"),)
     codes = te.placeholder((n, k), "int8", name=name + "_q") if bits == 8 else \
         te.placeholder((n, k * bits // 32), "uint32", name=name + "_q")
     return (
@@ -144,27 +182,30 @@ def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tenso
     )
 
 
-def expert_gate_up(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
-    """h = silu(Wg x) * (Wu x) with Wg, Wu packed at `bits`."""
-    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
+def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
+                   name: str | None = None) -> tvm.tirx.PrimFunc:
+    """h = silu(Wg x) * (Wu x) with Wg, Wu packed at `bits` (32: float32). `idim` and `name`
+    default to the routed experts' (a shared expert has its own)."""
+    hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     x = te.placeholder((hdim,), F32, name="x")
     gw, uw = _qweight("gate", idim, hdim, bits, group), _qweight("up", idim, hdim, bits, group)
     g = te.compute((idim,), _row_dot(gw[0], gw[-1], bits, group, hdim, x, "rg"), name="g")
     u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
     h = te.compute((idim,), lambda i: g[i] / (1.0 + te.exp(-g[i])) * u[i], name="h")
-    return _named(h, [x, *gw, *uw, h], f"em_expert_gate_up_w{bits}")
+    return _named(h, [x, *gw, *uw, h], name or f"em_expert_gate_up_w{bits}")
 
 
-def expert_down(cfg: MoEConfig, bits: int, group: int) -> tvm.tirx.PrimFunc:
+def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
+                name: str | None = None) -> tvm.tirx.PrimFunc:
     """y = r + weight * (Wd h): the down projection with the router weight and residual fused."""
-    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
+    hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     h = te.placeholder((idim,), F32, name="h")
     dw = _qweight("down", hdim, idim, bits, group)
     res = te.placeholder((hdim,), F32, name="res")
     weight = te.placeholder((1,), F32, name="weight")
     acc = te.compute((hdim,), _row_dot(dw[0], dw[-1], bits, group, idim, h, "r"), name="acc")
     y = te.compute((hdim,), lambda i: res[i] + weight[0] * acc[i], name="y")
-    return _named(y, [h, *dw, res, weight, y], f"em_expert_down_w{bits}")
+    return _named(y, [h, *dw, res, weight, y], name or f"em_expert_down_w{bits}")
 
 
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
@@ -186,15 +227,31 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
                                   parallel=n * k * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES)
         return matvec(n, k, name, residual, bits=trunk_bits, group=group)
 
+    K = KERNELS
     funcs = [
-        rmsnorm(hdim, cfg.norm_eps),
-        trunk_matvec(qkv_rows, hdim, "em_qkv"),
-        rope(cfg),
-        attention(cfg),
-        trunk_matvec(hdim, cfg.q_dim, "em_o_proj", residual=True),
-        matvec(cfg.num_experts, hdim, "em_router"),
-        trunk_matvec(cfg.vocab_size, hdim, "em_lm_head"),
+        rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
+        trunk_matvec(qkv_rows, hdim, K["qkv_bias"] if cfg.qkv_bias else K["qkv"], residual=cfg.qkv_bias),
+        rope(cfg, K["rope"]),
+        attention(cfg, K["attention"]),
+        trunk_matvec(hdim, cfg.q_dim, K["o_proj"], residual=True),
+        matvec(cfg.num_experts, hdim, K["router"]),
+        trunk_matvec(cfg.vocab_size, hdim, K["lm_head"]),
     ]
+    if cfg.qk_norm != "none":
+        funcs.append(qk_norm(cfg, K["qk_norm"]))
+    if cfg.o_bias:
+        funcs.append(add(hdim, K["add"]))
+    if cfg.shared_expert_intermediate:  # resident, at the trunk's bitwidth
+        sdim = cfg.shared_expert_intermediate
+        gate_up, down = dict(idim=sdim, name=K["shared_gate_up"]), dict(idim=sdim, name=K["shared_down"])
+        if tiles and trunk_bits != 32:
+            parallel = 2 * sdim * hdim * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES
+            funcs += [int_dot.expert_gate_up(isa, cfg, trunk_bits, group, parallel, **gate_up),
+                      int_dot.expert_down(isa, cfg, trunk_bits, group, parallel, **down)]
+        else:
+            funcs += [expert_gate_up(cfg, trunk_bits, group, **gate_up), expert_down(cfg, trunk_bits, group, **down)]
+        if cfg.shared_expert_gate:
+            funcs.append(matvec(1, hdim, K["shared_gate"]))
     for b in sorted(set(expert_bits)):
         if tiles:
             parallel = 2 * idim * hdim * b // 8 >= int_dot.PARALLEL_MIN_BYTES

@@ -241,9 +241,12 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
         grams = moments.grams(li, ei) if moments is not None else (None,) * 3
         return Expert(*(q(w, b, g) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
+    def shared(e):  # resident: stored at the trunk's bitwidth
+        return None if e is None else Expert(*(q(w, trunk_bits) for w in (e.w_gate, e.w_up, e.w_down)))
+
     layers = [
         replace(l, wq=q(l.wq, trunk_bits), wk=q(l.wk, trunk_bits), wv=q(l.wv, trunk_bits), wo=q(l.wo, trunk_bits),
-                experts=[expert(li, ei, e) for ei, e in enumerate(l.experts)])
+                experts=[expert(li, ei, e) for ei, e in enumerate(l.experts)], shared=shared(l.shared))
         for li, l in enumerate(model.layers)
     ]
     embed = q(model.embed, trunk_bits)

@@ -19,6 +19,7 @@ import numpy as np
 from ..models import MoEModel
 from ..models.reference import rope_tables
 from .binfmt import align_up, crc32, pack, size
+from .program import NONE, PROFILE_TENSORS, emit_program
 from .quantize import quantize
 
 MAGIC = b"EMOTRUNK"
@@ -27,44 +28,53 @@ HEADER_BYTES = 256
 TENSOR_ALIGN = 64
 # magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
 # inter, max_positions, rope_theta, norm_eps, flags, bos, eos, n_tensors, table_offset,
-# data_offset, file_bytes, table_crc, data_crc, compile_id, kernels_sha256, machine, cpu_features, header_crc
-HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIII"
+# data_offset, file_bytes, table_crc, data_crc, compile_id, kernels_sha256, machine, cpu_features,
+# shared_expert_intermediate, header_crc
+HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIII"
 # name, dtype, ndim, shape[4], offset, bytes, crc, bits (of a quantized matrix's codes; 0 otherwise)
 TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
-FLAG_NORM_TOPK = 1
-FLAG_TIED_EMBEDDINGS = 2
 FLAG_TILES = 4  # the quantized matrices are in the tiles layout (quantize.py)
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.uint32): 3}
-QUANTIZED = ("embed", "wqkv", "wo", "lm_head")  # the matrices stored at the trunk bitwidth (name or suffix)
+# the matrices stored at the trunk bitwidth (name or suffix)
+QUANTIZED = ("embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj")
 assert size(TENSOR_FMT) == TENSOR_BYTES
 
 
 def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tuple[str, np.ndarray]]:
-    """The resident tensors in file order, under the names runtime_c/src/session.c looks up;
-    with a RoutingProfile, also the predictor's path table and the expert frequencies."""
-    cos, sin = rope_tables(model.config, max_positions)
+    """The resident tensors in file order, under the names the layer program (program.py) refers to;
+    with a RoutingProfile, also the predictor's tables and the expert frequencies."""
+    cfg = model.config
+    cos, sin = rope_tables(cfg, max_positions)
     out = [("embed", model.embed)]
     for i, l in enumerate(model.layers):
-        out += [
-            (f"layers.{i}.attn_norm", l.attn_norm),
-            (f"layers.{i}.wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0)),
-            (f"layers.{i}.wo", l.wo),
-            (f"layers.{i}.ffn_norm", l.ffn_norm),
-            (f"layers.{i}.router", l.router),
-        ]
+        p = f"layers.{i}."
+        out += [(p + "attn_norm", l.attn_norm), (p + "wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0))]
+        if cfg.qkv_bias:
+            out.append((p + "bqkv", np.concatenate([l.bq, l.bk, l.bv])))
+        if cfg.qk_norm != "none":
+            out += [(p + "q_norm", l.q_norm), (p + "k_norm", l.k_norm)]
+        out.append((p + "wo", l.wo))
+        if cfg.o_bias:
+            out.append((p + "bo", l.bo))
+        out += [(p + "ffn_norm", l.ffn_norm), (p + "router", l.router)]
+        if l.shared is not None:
+            out += [(p + "shared_gate_proj", l.shared.w_gate), (p + "shared_up_proj", l.shared.w_up),
+                    (p + "shared_down_proj", l.shared.w_down)]
+            if l.shared_gate is not None:
+                out.append((p + "shared_gate", l.shared_gate))
     out += [("final_norm", model.final_norm), ("rope_cos", cos), ("rope_sin", sin)]
-    if not model.config.tie_embeddings:
+    if not cfg.tie_embeddings:
         out.append(("lm_head", model.lm_head))
     if profile is not None:
-        cfg = model.config
-        out.append(("profile.path_table", profile.path_table().reshape(cfg.num_layers * cfg.num_experts, -1)))
-        out.append(("profile.frequency", profile.frequency))
+        names = PROFILE_TENSORS
+        out.append((names["path_table"], profile.path_table().reshape(cfg.num_layers * cfg.num_experts, -1)))
+        out.append((names["frequency"], profile.frequency))
         if profile.fitted_router is not None:
             H, fit = cfg.hidden_size, profile.fitted_router
-            out.append(("profile.fitted_router", fit[:, :, :H].reshape(-1, H)))
-            out.append(("profile.fitted_router_prev", fit[:, :, H : 2 * H].reshape(-1, H)))
-            out.append(("profile.fitted_router_bias", fit[:, :, -1]))
+            out.append((names["fitted_router"], fit[:, :, :H].reshape(-1, H)))
+            out.append((names["fitted_router_prev"], fit[:, :, H : 2 * H].reshape(-1, H)))
+            out.append((names["fitted_router_bias"], fit[:, :, -1]))
     return out
 
 
@@ -97,6 +107,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
     """Write the trunk file with its matrices at `bits` in `layout`; return its size in bytes."""
     cfg = model.config
     tensors = _stored(trunk_tensors(model, max_positions, profile), bits, group, layout)
+    where = {name: i for i, (name, _, _) in enumerate(tensors)}
+    tensors.append(("program", emit_program(cfg, lambda name: where.get(name, NONE)), 0))
     table_offset = HEADER_BYTES
     data_offset = align_up(table_offset + len(tensors) * TENSOR_BYTES, TENSOR_ALIGN)
     entries, data, pos = [], bytearray(), 0
@@ -111,8 +123,7 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
         data += raw
         pos += len(raw)
     table = b"".join(entries)
-    flags = (FLAG_NORM_TOPK if cfg.norm_topk_prob else 0) | (FLAG_TIED_EMBEDDINGS if cfg.tie_embeddings else 0) | \
-        (FLAG_TILES if layout == "tiles" and bits != 32 else 0)
+    flags = FLAG_TILES if layout == "tiles" and bits != 32 else 0
     file_bytes = data_offset + len(data)
     head = pack(HEADER_FMT[:-1], MAGIC, VERSION, HEADER_BYTES, cfg.vocab_size, cfg.hidden_size, cfg.num_layers,
                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.expert_intermediate,
@@ -120,7 +131,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
                 -1 if cfg.bos_token_id is None else cfg.bos_token_id,
                 -1 if cfg.eos_token_id is None else cfg.eos_token_id,
                 len(tensors), table_offset, data_offset, file_bytes, crc32(table), crc32(bytes(data)),
-                identity.compile_id, identity.kernels_sha256, identity.machine, identity.cpu_features)
+                identity.compile_id, identity.kernels_sha256, identity.machine, identity.cpu_features,
+                cfg.shared_expert_intermediate)
     head += pack("I", crc32(head))
     with open(path, "wb") as f:
         f.write(head + bytes(HEADER_BYTES - len(head)))

@@ -27,6 +27,12 @@ class MoEConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # The layer's structure beyond Mixtral's, as each family's description (models/families) sets it:
+    qkv_bias: bool = False  # the q, k and v projections add a bias
+    o_bias: bool = False  # the attention output projection adds a bias
+    qk_norm: str = "none"  # RMSNorm of q and k before RoPE: "head" (each head, over head_dim), "full" (whole projection)
+    shared_expert_intermediate: int = 0  # a shared SwiGLU expert every token runs (resident, trunk bits); 0 = none
+    shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(w · x)
 
     @property
     def q_dim(self) -> int:
@@ -59,6 +65,23 @@ class Layer:
     ffn_norm: np.ndarray
     router: np.ndarray  # [num_experts, hidden]
     experts: list[Expert] = field(default_factory=list)
+    bq: np.ndarray | None = None  # with qkv_bias: [q_dim], [kv_dim], [kv_dim]
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    bo: np.ndarray | None = None  # with o_bias: [hidden]
+    q_norm: np.ndarray | None = None  # with qk_norm: [head_dim] ("head") or [q_dim] ("full")
+    k_norm: np.ndarray | None = None  # [head_dim] or [kv_dim]
+    shared: Expert | None = None  # the shared expert, [shared_expert_intermediate, hidden] matrices
+    shared_gate: np.ndarray | None = None  # [1, hidden]
+
+    def trunk_arrays(self) -> list[np.ndarray]:
+        """Every resident array of the layer (for parameter counts)."""
+        out = [self.attn_norm, self.wq, self.wk, self.wv, self.wo, self.ffn_norm, self.router]
+        out += [a for a in (self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm, self.shared_gate)
+                if a is not None]
+        if self.shared is not None:
+            out += [self.shared.w_gate, self.shared.w_up, self.shared.w_down]
+        return out
 
 
 @dataclass
@@ -79,5 +102,5 @@ class MoEModel:
         if not self.config.tie_embeddings:
             trunk += self.lm_head.size
         for l in self.layers:
-            trunk += sum(a.size for a in (l.attn_norm, l.wq, l.wk, l.wv, l.wo, l.ffn_norm, l.router))
+            trunk += sum(a.size for a in l.trunk_arrays())
         return {"total": experts + trunk, "experts": experts, "trunk": trunk}

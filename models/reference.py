@@ -1,7 +1,9 @@
 """NumPy reference executor: the numerical ground truth for every compiled path.
 
 Decodes one token at a time with a KV cache, in float32, in the same order of operations as
-the C runtime (RMSNorm → attention → residual → RMSNorm → router → top-k SwiGLU experts).
+the C runtime (RMSNorm → attention → residual → RMSNorm → router → top-k SwiGLU experts, then
+the shared expert), for every layer structure a MoEConfig describes (biases, q/k norms, shared
+experts).
 """
 from __future__ import annotations
 
@@ -67,6 +69,37 @@ def expert_ffn(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
     return expert_hidden(ex, xn, act_group) @ ex.w_down.T
 
 
+def project_qkv(layer, cfg: MoEConfig, xa: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q [..., heads, d], k and v [..., kv_heads, d] of the (rounded) normalised input rows xa:
+    projections, their biases, and the family's q/k norm, before RoPE."""
+    q, k, v = xa @ layer.wq.T, xa @ layer.wk.T, xa @ layer.wv.T
+    if cfg.qkv_bias:
+        q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
+    if cfg.qk_norm == "full":
+        q, k = rms_norm(q, layer.q_norm, cfg.norm_eps), rms_norm(k, layer.k_norm, cfg.norm_eps)
+    lead, d = xa.shape[:-1], cfg.head_dim
+    q, k, v = (a.reshape(*lead, -1, d) for a in (q, k, v))
+    if cfg.qk_norm == "head":
+        q, k = rms_norm(q, layer.q_norm, cfg.norm_eps), rms_norm(k, layer.k_norm, cfg.norm_eps)
+    return q, k, v
+
+
+def attention_output(layer, cfg: MoEConfig, att: np.ndarray, act_group: int | None) -> np.ndarray:
+    """The output projection of the attention rows `att` [..., q_dim] (its bias included)."""
+    out = quantize_activation(att, act_group) @ layer.wo.T
+    return out + layer.bo if cfg.o_bias else out
+
+
+def shared_expert(layer, cfg: MoEConfig, xn: np.ndarray, act_group: int | None) -> np.ndarray:
+    """The shared expert's contribution for rows of xn (zero without one), its sigmoid gate applied."""
+    if layer.shared is None:
+        return np.zeros_like(xn)
+    out = expert_ffn(layer.shared, xn, act_group)
+    if cfg.shared_expert_gate:
+        out = out / (1.0 + np.exp(-(xn @ layer.shared_gate.T)))
+    return out
+
+
 class ReferenceExecutor:
     """Token-by-token decoder over a MoEModel (expert weights as given: float or dequantized)."""
 
@@ -98,9 +131,7 @@ class ReferenceExecutor:
         chosen = []
         for li, layer in enumerate(m.layers):
             xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), m.trunk_act_group)
-            q = (layer.wq @ xn).reshape(cfg.num_heads, cfg.head_dim)
-            k = (layer.wk @ xn).reshape(cfg.num_kv_heads, cfg.head_dim)
-            v = (layer.wv @ xn).reshape(cfg.num_kv_heads, cfg.head_dim)
+            q, k, v = project_qkv(layer, cfg, xn)
             q = apply_rope(q, self.cos[t], self.sin[t])
             self.k_cache[li, t] = apply_rope(k, self.cos[t], self.sin[t])
             self.v_cache[li, t] = v
@@ -111,10 +142,11 @@ class ReferenceExecutor:
                 s = keys[:, h // group, :] @ q[h] / np.sqrt(cfg.head_dim)
                 p = np.exp(s - s.max())
                 out[h] = (p / p.sum()) @ vals[:, h // group, :]
-            x = x + layer.wo @ quantize_activation(out.reshape(-1), m.trunk_act_group)
+            x = x + attention_output(layer, cfg, out.reshape(-1), m.trunk_act_group)
             xn = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
             idx, w = route(layer.router @ xn, cfg.top_k, cfg.norm_topk_prob)
             chosen.append(idx)
+            x = x + shared_expert(layer, cfg, xn, m.trunk_act_group)  # first, as the runtime: while experts load
             for e, we in zip(idx, w):
                 x = x + we * expert_ffn(layer.experts[e], xn, m.expert_act_group)
         self.trace.append(chosen)
@@ -162,16 +194,14 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
     for li in range(first_layer, cfg.num_layers):
         layer = model.layers[li]
         xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), model.trunk_act_group)
-        q = (xn @ layer.wq.T).reshape(T, cfg.num_heads, d)
-        k = (xn @ layer.wk.T).reshape(T, cfg.num_kv_heads, d)
-        v = (xn @ layer.wv.T).reshape(T, cfg.num_kv_heads, d)
+        q, k, v = project_qkv(layer, cfg, xn)
         q = apply_rope(q, cos[:, None, :], sin[:, None, :])
         k = apply_rope(k, cos[:, None, :], sin[:, None, :])
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
         s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + mask
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
-        x = x + quantize_activation(np.einsum("htu,uhd->thd", p, v).reshape(T, -1), model.trunk_act_group) @ layer.wo.T
+        x = x + attention_output(layer, cfg, np.einsum("htu,uhd->thd", p, v).reshape(T, -1), model.trunk_act_group)
         xn = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
         logits = xn @ layer.router.T
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -187,7 +217,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
             if len(rows) == 0:
                 continue
             out[rows] += w[rows, slot][:, None] * expert_ffn(ex, xn[rows], model.expert_act_group)
-        x = x + out
+        x = x + shared_expert(layer, cfg, xn, model.trunk_act_group) + out
         if trace is not None:
             trace["ffn_in"].append(xn)
             trace["layer_out"].append(x)

@@ -179,9 +179,10 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
   memcpy(h->kernels_sha256, b + 128, 32);
   h->machine = le32(b + 160);
   h->cpu_features = le32(b + 164);
+  h->shared_inter = le32(b + 168);
   if (!h->vocab || h->vocab > MAX_VOCAB || !h->hidden || h->hidden > MAX_HIDDEN || !h->layers ||
       h->layers > MAX_LAYERS || !h->experts || h->experts > MAX_EXPERTS || !h->inter || h->inter > MAX_INTER ||
-      !h->max_positions || h->max_positions > MAX_POSITIONS)
+      !h->max_positions || h->max_positions > MAX_POSITIONS || h->shared_inter > MAX_INTER)
     return bad_header(path, "a model dimension is zero or beyond this runtime's limits", err, n);
   if (!h->heads || !h->kv_heads || h->heads % h->kv_heads || !h->head_dim || h->head_dim % 2 ||
       (uint64_t)h->heads * h->head_dim > MAX_ATTN_DIM)

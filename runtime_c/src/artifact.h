@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 /* Where each header's CRC-32 sits (it covers the bytes before it), and table entry sizes. */
-#define EM_TRUNK_HEADER_CRC_AT 168
+#define EM_TRUNK_HEADER_CRC_AT 172
 #define EM_IMAGE_HEADER_CRC_AT 96
 #define EM_TENSOR_ENTRY_BYTES 96
 #define EM_RECORD_ENTRY_BYTES 64
@@ -24,9 +24,10 @@ typedef struct {
   uint8_t kernels_sha256[32];  /* of kernels.so, checked before it is loaded */
   uint32_t machine;            /* ELF e_machine of the kernels */
   uint32_t cpu_features;       /* generated/cpu_features.h bits the kernels need */
+  uint32_t shared_inter;       /* a shared expert's intermediate size (0: none) */
 } em_trunk_header;
 
-enum { EM_TRUNK_FLAG_NORM_TOPK = 1, EM_TRUNK_FLAG_TIED = 2, EM_TRUNK_FLAG_TILES = 4 };
+enum { EM_TRUNK_FLAG_TILES = 4 };
 
 /* How quantized matrices are laid out (compiler/quantize.py): rows for the float-dequantizing
  * kernels, 16-row tiles for the integer-dot kernels. */

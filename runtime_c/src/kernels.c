@@ -9,6 +9,7 @@
 
 #include "artifact.h"
 #include "edgemoe.h"
+#include "generated/program.h"
 #include "sha256.h"
 #include "thread_pool.h"
 #include "tvm_backend.h"
@@ -79,16 +80,21 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
   struct {
     const char* name;
     em_ffi_fn* fn;
-  } trunk[] = {{"em_rmsnorm", &k->rmsnorm}, {"em_qkv", &k->qkv},         {"em_rope", &k->rope},
-               {"em_attention", &k->attention}, {"em_o_proj", &k->o_proj}, {"em_router", &k->router},
-               {"em_lm_head", &k->lm_head}};
+    int required; /* by every layer program */
+  } trunk[] = {{EM_KERNEL_RMSNORM, &k->rmsnorm, 1},       {EM_KERNEL_QKV, &k->qkv, 0},
+               {EM_KERNEL_QKV_BIAS, &k->qkv_bias, 0},     {EM_KERNEL_QK_NORM, &k->qk_norm, 0},
+               {EM_KERNEL_ROPE, &k->rope, 1},             {EM_KERNEL_ATTENTION, &k->attention, 1},
+               {EM_KERNEL_ADD, &k->add, 0},               {EM_KERNEL_O_PROJ, &k->o_proj, 1},
+               {EM_KERNEL_ROUTER, &k->router, 1},         {EM_KERNEL_SHARED_GATE, &k->shared_gate, 0},
+               {EM_KERNEL_SHARED_GATE_UP, &k->shared_gate_up, 0}, {EM_KERNEL_SHARED_DOWN, &k->shared_down, 0},
+               {EM_KERNEL_LM_HEAD, &k->lm_head, 1}};
   for (size_t i = 0; i < sizeof trunk / sizeof trunk[0]; i++)
-    if (resolve(k->lib, trunk[i].name, trunk[i].fn, 1, err, n)) return EM_ERR_KERNEL;
+    if (resolve(k->lib, trunk[i].name, trunk[i].fn, trunk[i].required, err, n)) return EM_ERR_KERNEL;
   for (int b = 1; b <= EM_MAX_BITS; b++) {
     char name[64];
-    snprintf(name, sizeof name, "em_expert_gate_up_w%d", b);
+    snprintf(name, sizeof name, EM_KERNEL_EXPERT_GATE_UP_FMT, b);
     resolve(k->lib, name, &k->gate_up[b], 0, err, n);
-    snprintf(name, sizeof name, "em_expert_down_w%d", b);
+    snprintf(name, sizeof name, EM_KERNEL_EXPERT_DOWN_FMT, b);
     resolve(k->lib, name, &k->down[b], 0, err, n);
   }
   return EM_OK;

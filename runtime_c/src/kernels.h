@@ -9,9 +9,12 @@
 
 #define EM_MAX_BITS 16
 
+/* Symbols: generated/program.h (from compiler/program.py). NULL where the artifact has no such
+ * kernel: the layer program says which it needs (program.c checks). */
 typedef struct {
   void* lib;
-  em_ffi_fn rmsnorm, qkv, rope, attention, o_proj, router, lm_head;
+  em_ffi_fn rmsnorm, qkv, qkv_bias, qk_norm, rope, attention, add, o_proj, router, shared_gate, shared_gate_up,
+      shared_down, lm_head;
   em_ffi_fn gate_up[EM_MAX_BITS + 1], down[EM_MAX_BITS + 1]; /* by expert bitwidth; NULL if not compiled */
 } em_kernels;
 

@@ -17,12 +17,15 @@
 #include "clock.h"
 #include "cpu_check.h"
 #include "expert_cache.h"
+#include "generated/program.h"
 #include "kernels.h"
 #include "loader.h"
 #include "matrix.h"
 #include "predictor.h"
+#include "program.h"
 #include "storage.h"
 #include "thread_pool.h"
+#include "trunk_view.h"
 #include "tvm_backend.h"
 
 #define ALIGN_BUF 64
@@ -30,16 +33,11 @@
 #define ERR_LEN 1280 /* room for a path (up to 1024) and the message */
 #define MAX_TOP_K 64
 
-typedef struct {
-  float *attn_norm, *ffn_norm;
-  em_matrix wqkv, wo, router;
-} layer_weights;
-
 struct em_session {
   em_trunk_header th;
   em_image_header ih;
   em_record* records; /* [layers * experts] */
-  layer_weights* lw;  /* [layers] */
+  em_program prog;   /* the layer program, bound to the trunk's tensors */
   em_kernels k;
   em_storage* experts;
   em_expert_cache cache;
@@ -59,9 +57,7 @@ struct em_session {
   uint8_t* has_prediction; /* [layers] */
 
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
-  em_matrix embed, lm_head;
-  float *final_norm, *rope_cos, *rope_sin;
-  float *x, *x2, *xn, *qkv, *q, *att, *h, *router_logits, *logits, *expert_weight;
+  float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;
   float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
   float* prev_xn; /* [layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
   float *k_cache, *v_cache; /* [layers][max_seq][kv_dim] */
@@ -114,8 +110,9 @@ static int size_classes(const em_record* r, uint32_t n, em_size_class* out, uint
 static int plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records,
                        uint32_t max_seq, memory_plan* p, char* err, size_t n) {
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
-  uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim, q_dim, th->inter,
-                       th->experts, th->vocab, 1, th->hidden, th->experts, th->experts,
+  uint64_t ffn = th->inter > th->shared_inter ? th->inter : th->shared_inter;
+  uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
+                       th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
                        (uint64_t)th->layers * th->hidden};
   if (size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
@@ -133,7 +130,8 @@ static int plan_memory(const em_trunk_header* th, const em_image_header* ih, con
      and predictions */
   p->meta = align_up((uint64_t)ih->n_records * (sizeof(em_record) + 1) + em_cache_meta_bytes(0, ih->n_records) +
                          em_loader_meta_bytes(0, ih->n_records) +
-                         th->layers * (sizeof(layer_weights) + 1 + th->experts * sizeof(uint32_t)),
+                         em_program_bytes(th->layers) + th->layers * (1 + th->experts * sizeof(uint32_t)) +
+                         3 * ALIGN_BUF, /* alignment between the parts */
                      ALIGN_BUF);
   p->fixed = p->trunk + p->kv + p->buffers + p->arena + p->meta;
   p->min_cache = p->all_experts = 0;
@@ -272,97 +270,12 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
   return EM_OK;
 }
 
-static const em_tensor_entry* entry(const em_tensor_entry* t, uint32_t n_tensors, const char* name) {
-  for (uint32_t i = 0; i < n_tensors; i++)
-    if (strcmp(t[i].name, name) == 0) return &t[i];
-  return NULL;
-}
-
-static void* data_of(em_session* s, const em_tensor_entry* e) { return s->block + (e->offset - s->th.data_offset); }
-
-static const uint32_t DTYPE_BYTES[] = {4, 2, 1, 4}; /* float32, float16, int8, uint32 (docs/FORMAT.md) */
-
-/* Whether the entry holds `dtype` with exactly the shape dims[0..ndim). */
-static int shape_is(const em_tensor_entry* e, uint32_t dtype, uint32_t ndim, const uint32_t* dims) {
-  uint64_t count = 1;
-  if (e->dtype != dtype || e->ndim != ndim) return 0;
-  for (uint32_t i = 0; i < ndim; i++) {
-    if (e->shape[i] != dims[i]) return 0;
-    count *= dims[i];
-  }
-  return e->nbytes == count * DTYPE_BYTES[dtype];
-}
-
-/* The named float32 tensor of shape [rows] or [rows, cols] in the loaded trunk; NULL (with the
- * reason in s->err unless `optional`) if absent or of another shape. */
-static float* find_tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name,
-                          uint32_t rows, uint32_t cols, int optional) {
-  const em_tensor_entry* e = entry(t, n_tensors, name);
-  uint32_t dims[2] = {rows, cols};
-  if (e && shape_is(e, 0, cols ? 2 : 1, dims)) return (float*)data_of(s, e);
-  if (e) snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' has an unexpected type or shape; recompile the artifact", name);
-  else if (!optional) snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
-  return NULL;
-}
-
-static float* tensor(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name, uint32_t rows,
-                     uint32_t cols) {
-  return find_tensor(s, t, n_tensors, name, rows, cols, 0);
-}
-
-/* Whether codes and scales entries have the shapes of m's bits and layout (m->group is set from
- * the scales); docs/FORMAT.md. */
-static int quantized_shapes(const em_tensor_entry* codes, const em_tensor_entry* scales, em_matrix* m) {
-  uint32_t b = m->bits, rows = m->rows, cols = m->cols;
-  if (!(b == 2 || b == 4 || b == 8) || cols % (32 / b) || !scales || scales->ndim != (m->tiled ? 3u : 2u)) return 0;
-  uint32_t groups = scales->shape[1];
-  if (!groups || cols % groups) return 0;
-  m->group = cols / groups;
-  if (m->tiled) {
-    uint32_t tiles = rows / EM_TILE_ROWS, code_dims[3] = {tiles, cols * b / 32, EM_TILE_ROWS},
-             scale_dims[3] = {tiles, groups, EM_TILE_ROWS};
-    return rows % EM_TILE_ROWS == 0 && shape_is(codes, 3, 3, code_dims) && shape_is(scales, 1, 3, scale_dims);
-  }
-  uint32_t code_dims[2] = {rows, b == 8 ? cols : cols * b / 32}, scale_dims[2] = {rows, groups};
-  return shape_is(codes, b == 8 ? 2 : 3, 2, code_dims) && shape_is(scales, 1, 2, scale_dims);
-}
-
-/* The named [rows, cols] matrix: float32, or quantized codes with their NAME.scales (docs/FORMAT.md). */
-static int matrix(em_session* s, const em_tensor_entry* t, uint32_t n_tensors, const char* name, uint32_t rows,
-                  uint32_t cols, em_matrix* m) {
-  const em_tensor_entry* e = entry(t, n_tensors, name);
-  if (!e) {
-    snprintf(s->err, ERR_LEN, "trunk.bin: tensor '%s' missing; recompile the artifact", name);
-    return 0;
-  }
-  memset(m, 0, sizeof *m);
-  m->rows = rows, m->cols = cols, m->bits = e->bits ? e->bits : 32, m->codes = data_of(s, e);
-  int ok;
-  if (m->bits == 32) {
-    uint32_t dims[2] = {rows, cols};
-    ok = shape_is(e, 0, 2, dims);
-  } else {
-    char scales_name[64];
-    snprintf(scales_name, sizeof scales_name, "%s.scales", name);
-    const em_tensor_entry* se = entry(t, n_tensors, scales_name);
-    m->tiled = (s->th.flags & EM_TRUNK_FLAG_TILES) != 0;
-    ok = quantized_shapes(e, se, m);
-    if (ok) m->scales = (const uint16_t*)data_of(s, se);
-  }
-  if (!ok)
-    snprintf(s->err, ERR_LEN, "trunk.bin: matrix '%s' has an unexpected type, bitwidth or shape; recompile the artifact",
-             name);
-  return ok;
-}
-
-/* Loads the trunk data region into the block and points the weight pointers into it. */
-static int load_trunk(em_session* s, const char* path) {
+/* Reads the trunk's tensor table into t[n_tensors] and its data region into the block, checked. */
+static int load_trunk(em_session* s, const char* path, em_tensor_entry* t) {
   const em_trunk_header* th = &s->th;
   int fd = em_open_file(path, s->err, ERR_LEN);
   if (fd < 0) return fd;
-  em_tensor_entry* t = (em_tensor_entry*)calloc(th->n_tensors, sizeof *t);
-  int rc = t ? em_read_trunk_table(fd, path, th, t, s->err, ERR_LEN) : EM_ERR_NOMEM;
-  if (!t) snprintf(s->err, ERR_LEN, "out of memory reading %s", path);
+  int rc = em_read_trunk_table(fd, path, th, t, s->err, ERR_LEN);
   uint64_t data_bytes = th->file_bytes - th->data_offset;
   int read_rc = rc ? 0 : em_pread_all(fd, s->block, data_bytes, th->data_offset);
   if (read_rc) {
@@ -373,38 +286,34 @@ static int load_trunk(em_session* s, const char* path) {
     snprintf(s->err, ERR_LEN, "%s: trunk weights checksum mismatch (corrupted file); re-copy or recompile", path);
     rc = EM_ERR_FORMAT;
   }
-  if (!rc) {
-    uint32_t nt = th->n_tensors, H = th->hidden;
-    int ok = matrix(s, t, nt, "embed", th->vocab, H, &s->embed) &&
-             (s->final_norm = tensor(s, t, nt, "final_norm", H, 0)) &&
-             (s->rope_cos = tensor(s, t, nt, "rope_cos", th->max_positions, th->head_dim / 2)) &&
-             (s->rope_sin = tensor(s, t, nt, "rope_sin", th->max_positions, th->head_dim / 2));
-    if (th->flags & EM_TRUNK_FLAG_TIED)
-      s->lm_head = s->embed;
-    else
-      ok = ok && matrix(s, t, nt, "lm_head", th->vocab, H, &s->lm_head);
-    for (uint32_t l = 0; ok && l < th->layers; l++) {
-      char name[64];
-      layer_weights* w = &s->lw[l];
-#define LAYER_NAME(suffix) (snprintf(name, sizeof name, "layers.%u." suffix, l), name)
-      ok = (w->attn_norm = tensor(s, t, nt, LAYER_NAME("attn_norm"), H, 0)) &&
-           (w->ffn_norm = tensor(s, t, nt, LAYER_NAME("ffn_norm"), H, 0)) &&
-           matrix(s, t, nt, LAYER_NAME("wqkv"), s->q_dim + 2 * s->kv_dim, H, &w->wqkv) &&
-           matrix(s, t, nt, LAYER_NAME("wo"), H, s->q_dim, &w->wo) &&
-           matrix(s, t, nt, LAYER_NAME("router"), th->experts, H, &w->router);
-#undef LAYER_NAME
-    }
-    if (!ok) rc = EM_ERR_FORMAT;
-    /* written by the compiler's profiling pass (edgemoe-compile --calibration) */
-    s->path_table = find_tensor(s, t, nt, "profile.path_table", th->layers * th->experts, th->experts, 1);
-    s->frequency = find_tensor(s, t, nt, "profile.frequency", th->layers, th->experts, 1);
-    s->fitted_router = find_tensor(s, t, nt, "profile.fitted_router", th->layers * th->experts, H, 1);
-    s->fitted_prev = find_tensor(s, t, nt, "profile.fitted_router_prev", th->layers * th->experts, H, 1);
-    s->fitted_bias = find_tensor(s, t, nt, "profile.fitted_router_bias", th->layers, th->experts, 1);
-  }
   close(fd);
-  free(t);
   return rc;
+}
+
+/* An optional float32 tensor of the routing profile (edgemoe-compile --calibration writes them). */
+static const float* profile_tensor(const em_trunk_view* v, const char* name, uint32_t rows, uint32_t cols, int* ok) {
+  uint32_t i = em_tensor_index(v, name);
+  if (i == EM_OPERAND_NONE) return NULL;
+  const float* p = em_bind_vector(v, i, rows, cols, name);
+  if (!p) *ok = 0;
+  return p;
+}
+
+/* Binds the layer program and the routing profile to the loaded trunk (kernels loaded). */
+static int bind_trunk(em_session* s, const em_tensor_entry* t, void* program_storage) {
+  const em_trunk_header* th = &s->th;
+  em_trunk_view v = {t, th->n_tensors, s->block, th->data_offset, (th->flags & EM_TRUNK_FLAG_TILES) != 0,
+                     s->err, ERR_LEN};
+  int rc = em_program_bind(&v, th, &s->k, program_storage, &s->prog);
+  if (rc) return rc;
+  uint32_t LE = th->layers * th->experts, H = th->hidden;
+  int ok = 1;
+  s->path_table = profile_tensor(&v, EM_TENSOR_PATH_TABLE, LE, th->experts, &ok);
+  s->frequency = profile_tensor(&v, EM_TENSOR_FREQUENCY, th->layers, th->experts, &ok);
+  s->fitted_router = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER, LE, H, &ok);
+  s->fitted_prev = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER_PREV, LE, H, &ok);
+  s->fitted_bias = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER_BIAS, th->layers, th->experts, &ok);
+  return ok ? EM_OK : EM_ERR_FORMAT;
 }
 
 /* Hands out consecutive 64-byte-aligned float buffers from the block. */
@@ -497,10 +406,11 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   size_t loader_meta = em_loader_meta_bytes((uint32_t)n_slots, s->ih.n_records);
   void* block = NULL;
   uint8_t* meta = NULL;
+  /* bookkeeping: cache slots, loader queue, predictions and record classes, the bound program */
+  size_t predict_at = align_up(cache_meta, ALIGN_BUF) + loader_meta;
+  size_t program_at = align_up(predict_at + th->layers * (s->n_predict * 4 + 1) + s->ih.n_records, ALIGN_BUF);
   if (posix_memalign(&block, ALIGN_PAGE, block_bytes) != 0 ||
-      !(meta = (uint8_t*)malloc(align_up(cache_meta, ALIGN_BUF) + loader_meta +
-                                th->layers * (s->n_predict * 4 + 1) + s->ih.n_records)) ||
-      !(s->lw = (layer_weights*)calloc(th->layers, sizeof(layer_weights)))) {
+      !(meta = (uint8_t*)malloc(program_at + em_program_bytes(th->layers)))) {
     snprintf(err, err_len, "cannot allocate %llu bytes", (unsigned long long)block_bytes);
     free(block);
     free(meta);
@@ -519,19 +429,21 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->x2 = carve(&cur, th->hidden);
   s->xn = carve(&cur, th->hidden);
   s->qkv = carve(&cur, s->q_dim + 2 * s->kv_dim);
+  s->qkv2 = carve(&cur, s->q_dim + 2 * s->kv_dim);
   s->q = carve(&cur, s->q_dim);
   s->att = carve(&cur, s->q_dim);
-  s->h = carve(&cur, th->inter);
+  s->h = carve(&cur, th->inter > th->shared_inter ? th->inter : th->shared_inter);
   s->router_logits = carve(&cur, th->experts);
   s->logits = carve(&cur, th->vocab);
   s->expert_weight = carve(&cur, 1);
+  s->shared_logit = carve(&cur, 1);
   s->pred_xn = carve(&cur, th->hidden);
   s->pred_scores = carve(&cur, th->experts);
   s->pred_prev = carve(&cur, th->experts);
   s->prev_xn = carve(&cur, (uint64_t)th->layers * th->hidden);
   s->arena.base = s->block + p.trunk + p.kv + p.buffers;
   s->arena.size = p.arena;
-  s->predicted = (uint32_t*)(meta + align_up(cache_meta, ALIGN_BUF) + loader_meta);
+  s->predicted = (uint32_t*)(meta + predict_at);
   s->has_prediction = (uint8_t*)(s->predicted + (size_t)th->layers * s->n_predict);
   memset(s->has_prediction, 0, th->layers);
   uint8_t* record_class = s->has_prediction + th->layers;
@@ -539,7 +451,14 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   uint32_t n_classes;
   size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
 
-  rc = load_trunk(s, ap.trunk);
+  /* the tensor table: transient, until the program and the profile are bound */
+  em_tensor_entry* table = (em_tensor_entry*)calloc(th->n_tensors, sizeof *table);
+  rc = table ? load_trunk(s, ap.trunk, table) : EM_ERR_NOMEM;
+  if (!table) snprintf(s->err, ERR_LEN, "out of memory reading %s", ap.trunk);
+  if (!rc) rc = em_check_cpu(th->machine, th->cpu_features, s->err, ERR_LEN);
+  if (!rc) rc = em_kernels_load(&s->k, ap.kernels, th->kernels_sha256, s->err, ERR_LEN);
+  if (!rc) rc = bind_trunk(s, table, meta + program_at);
+  free(table);
   /* The defaults: the best predictor and eviction the artifact's routing profile allows
      (docs/BENCHMARKS.md §§3-4). */
   int has_fit = s->fitted_router && s->fitted_prev && s->fitted_bias;
@@ -560,8 +479,6 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   }
   em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, p.classes, p.n_classes, record_class, meta,
                 th->layers, th->experts, s->eviction, s->frequency);
-  if (!rc) rc = em_check_cpu(th->machine, th->cpu_features, s->err, ERR_LEN);
-  if (!rc) rc = em_kernels_load(&s->k, ap.kernels, th->kernels_sha256, s->err, ERR_LEN);
   if (!rc && !(s->experts = em_storage_open(params, ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
   for (uint32_t i = 0; !rc && i < s->ih.n_records; i++) {
     uint32_t b = s->records[i].bits;
@@ -600,7 +517,6 @@ void em_close(em_session* s) {
   free(s->cache.slot); /* the bookkeeping allocation starts with the slot array */
   free(s->block);
   free(s->records);
-  free(s->lw);
   free(s);
 }
 
@@ -627,8 +543,9 @@ static uint32_t record_of(const em_session* s, uint32_t layer, uint32_t expert) 
   return layer * s->th.experts + expert;
 }
 
-/* The router's top-k experts for the current xn, and their weights. */
-static void select_experts(const em_session* s, uint32_t* idx, float* w) {
+/* The router's top-k experts for the current xn, and their weights (softmax over every expert,
+ * renormalised over the top-k for EM_ROUTE_SOFTMAX_TOPK_RENORM). */
+static void select_experts(const em_session* s, uint32_t route, uint32_t* idx, float* w) {
   uint32_t E = s->th.experts, K = s->th.top_k;
   const float* l = s->router_logits;
   float mx = l[0], total = 0.0f, chosen = 0.0f;
@@ -636,7 +553,7 @@ static void select_experts(const em_session* s, uint32_t* idx, float* w) {
   for (uint32_t e = 0; e < E; e++) total += expf(l[e] - mx);
   em_top_n(l, E, K, 0, idx);
   for (uint32_t k = 0; k < K; k++) chosen += w[k] = expf(l[idx[k]] - mx);
-  float denom = (s->th.flags & EM_TRUNK_FLAG_NORM_TOPK) ? chosen : total;
+  float denom = route == EM_ROUTE_SOFTMAX_TOPK_RENORM ? chosen : total;
   for (uint32_t k = 0; k < K; k++) w[k] /= denom;
 }
 
@@ -660,10 +577,11 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
     case EM_PREDICT_NEXT_ROUTER:
     case EM_PREDICT_FITTED_ROUTER:
     case EM_PREDICT_WRONG: {
-      CALL(s->k.rmsnorm, "em_rmsnorm", em_f32((void*)x, 1, H, 0, 0), em_f32(s->lw[layer].ffn_norm, 1, H, 0, 0),
+      const em_step* moe = s->prog.moe[layer];
+      CALL(s->k.rmsnorm, "em_rmsnorm", em_f32((void*)x, 1, H, 0, 0), em_f32((void*)moe->norm, 1, H, 0, 0),
            em_f32(s->pred_xn, 1, H, 0, 0));
       int fitted = s->predictor == EM_PREDICT_FITTED_ROUTER;
-      const em_matrix* router = &s->lw[layer].router;
+      const em_matrix* router = &moe->m[EM_M_ROUTER];
       em_matrix fit, fit_prev;
       if (fitted) {
         fit = (em_matrix){s->fitted_router + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
@@ -744,26 +662,60 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
   return EM_OK;
 }
 
+/* The shared expert: every token, resident weights, its output added to the residual stream
+ * (scaled by sigmoid(gate · xn) where gated). */
+static int shared_expert(em_session* s, const em_step* st) {
+  uint32_t H = s->th.hidden, S = s->th.shared_inter;
+  float weight = 1.0f;
+  if (st->shared_gated) {
+    int rc = matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], s->xn, NULL,
+                    s->shared_logit);
+    if (rc) return rc;
+    weight = 1.0f / (1.0f + expf(-s->shared_logit[0]));
+  }
+  em_arg a[8];
+  int n = 0;
+  a[n++] = em_f32(s->xn, 1, H, 0, 0);
+  n += em_matrix_args(&st->m[EM_M_SHARED_GATE_PROJ], a + n);
+  n += em_matrix_args(&st->m[EM_M_SHARED_UP], a + n);
+  a[n++] = em_f32(s->h, 1, S, 0, 0);
+  int rc = em_kernel_call(s->k.shared_gate_up, EM_KERNEL_SHARED_GATE_UP, a, n, s->err, ERR_LEN);
+  if (rc) return rc;
+  *s->expert_weight = weight;
+  n = 0;
+  a[n++] = em_f32(s->h, 1, S, 0, 0);
+  n += em_matrix_args(&st->m[EM_M_SHARED_DOWN], a + n);
+  a[n++] = em_f32(s->x, 1, H, 0, 0);
+  a[n++] = em_f32(s->expert_weight, 1, 1, 0, 0);
+  a[n++] = em_f32(s->x2, 1, H, 0, 0);
+  rc = em_kernel_call(s->k.shared_down, EM_KERNEL_SHARED_DOWN, a, n, s->err, ERR_LEN);
+  if (!rc) swap(&s->x, &s->x2);
+  return rc;
+}
+
 /* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
- * next layer's predicted experts, then run the chosen ones as they arrive. */
-static int moe_layer(em_session* s, uint32_t l) {
+ * next layer's predicted experts, run the shared expert while the reads are in flight, then the
+ * chosen ones as they arrive. */
+static int moe_layer(em_session* s, const em_step* st) {
   const em_trunk_header* th = &s->th;
+  uint32_t l = st->layer;
   int64_t H = th->hidden;
-  CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(s->lw[l].ffn_norm, 1, H, 0, 0),
+  CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
        em_f32(s->xn, 1, H, 0, 0));
   /* this layer has been predicted for this token; its input now stands for the context at the next */
   memcpy(s->prev_xn + (size_t)l * H, s->xn, H * sizeof(float));
-  int rc = matvec(s, s->k.router, "em_router", &s->lw[l].router, s->xn, NULL, s->router_logits);
+  int rc = matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
   if (rc) return rc;
   uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
   float wts[MAX_TOP_K];
-  select_experts(s, idx, wts);
+  select_experts(s, st->kind, idx, wts);
   score_prediction(s, l, idx);
   for (uint32_t k = 0; k < th->top_k; k++) records[k] = record_of(s, l, idx[k]);
   rc = em_loader_need(&s->loader, records, th->top_k, l, s->err, ERR_LEN);
   if (rc) return rc;
   /* The path table needs only this layer's choice: predict now, while the experts compute. */
   if (s->predictor == EM_PREDICT_PATH_TABLE) rc = predict_and_prefetch(s, (l + 1) % th->layers, s->x, idx, th->top_k);
+  if (!rc && st->shared) rc = shared_expert(s, st);
   for (uint32_t k = 0; !rc && k < th->top_k; k++) rc = run_expert(s, l, idx[k], wts[k]);
   if (rc) { /* unpin what an error left pinned, so the session stays usable */
     for (uint32_t k = 0; k < th->top_k; k++) em_loader_release(&s->loader, records[k]);
@@ -778,6 +730,43 @@ static int moe_layer(em_session* s, uint32_t l) {
   return rc;
 }
 
+/* The attention half of a layer: norm, qkv (+ bias), q/k norm, RoPE into the KV cache, attention,
+ * output projection (+ bias) added to the residual stream. */
+static int attention_layer(em_session* s, const em_step* st) {
+  const em_trunk_header* th = &s->th;
+  int64_t H = th->hidden, hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos, qkv = s->q_dim + 2 * s->kv_dim;
+  float* kc = s->k_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
+  float* vc = s->v_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
+  CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
+       em_f32(s->xn, 1, H, 0, 0));
+  int rc = st->bias ? matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
+                    : matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
+  if (rc) return rc;
+  float* rope_in = s->qkv;
+  if (st->kind != EM_QK_NORM_NONE) {
+    CALL(s->k.qk_norm, EM_KERNEL_QK_NORM, em_f32(s->qkv, 1, qkv, 0, 0),
+         em_f32((void*)st->q_norm, 1, st->kind == EM_QK_NORM_HEAD ? d : s->q_dim, 0, 0),
+         em_f32((void*)st->k_norm, 1, st->kind == EM_QK_NORM_HEAD ? d : s->kv_dim, 0, 0), em_f32(s->qkv2, 1, qkv, 0, 0));
+    rope_in = s->qkv2;
+  }
+  CALL(s->k.rope, EM_KERNEL_ROPE, em_f32(rope_in, 1, qkv, 0, 0),
+       em_f32((void*)(st->rope_cos + pos * (d / 2)), 1, d / 2, 0, 0),
+       em_f32((void*)(st->rope_sin + pos * (d / 2)), 1, d / 2, 0, 0), em_f32(s->q, 2, hq, d, 0),
+       em_f32(kc + pos * s->kv_dim, 2, hkv, d, 0), em_f32(vc + pos * s->kv_dim, 2, hkv, d, 0));
+  CALL(s->k.attention, EM_KERNEL_ATTENTION, em_f32(s->q, 2, hq, d, 0), em_f32(kc, 3, pos + 1, hkv, d),
+       em_f32(vc, 3, pos + 1, hkv, d), em_f32(s->att, 2, hq, d, 0));
+  float* res = s->x;
+  if (st->o_bias) { /* xn is free again: the residual stream plus the bias */
+    CALL(s->k.add, EM_KERNEL_ADD, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->o_bias, 1, H, 0, 0),
+         em_f32(s->xn, 1, H, 0, 0));
+    res = s->xn;
+  }
+  rc = matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, res, s->x2);
+  if (!rc) swap(&s->x, &s->x2);
+  return rc;
+}
+
+/* One token through the layer program. */
 static int forward(em_session* s, int32_t token, int want_logits) {
   const em_trunk_header* th = &s->th;
   if (token < 0 || (uint32_t)token >= th->vocab) {
@@ -788,43 +777,31 @@ static int forward(em_session* s, int32_t token, int want_logits) {
     snprintf(s->err, ERR_LEN, "context full: %u tokens (open with a larger max_seq, or reset)", s->max_seq);
     return EM_ERR_ARGUMENT;
   }
-  int64_t H = th->hidden, hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos;
+  int64_t H = th->hidden;
   em_stats before, after;
   uint64_t t_start = em_now_ns();
   em_loader_stats(&s->loader, &before);
   em_arena_bind(&s->arena);
   em_pool_bind(s->pool);
-  em_matrix_row(&s->embed, (uint32_t)token, s->x);
-  if (uses_hidden_state(s->predictor)) {
-    int rc = predict_and_prefetch(s, 0, s->x, NULL, 0);
-    if (rc) return rc;
+  int rc = EM_OK;
+  for (uint32_t i = 0; !rc && i < s->prog.n_steps; i++) {
+    const em_step* st = &s->prog.steps[i];
+    switch (st->op) {
+      case EM_OP_EMBED:
+        em_matrix_row(&st->m[EM_M_EMBED], (uint32_t)token, s->x);
+        if (uses_hidden_state(s->predictor)) rc = predict_and_prefetch(s, 0, s->x, NULL, 0);
+        break;
+      case EM_OP_ATTENTION: rc = attention_layer(s, st); break;
+      case EM_OP_MOE: rc = moe_layer(s, st); break;
+      case EM_OP_FINAL:
+        if (!want_logits) break;
+        CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
+             em_f32(s->xn, 1, H, 0, 0));
+        rc = matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
+        break;
+    }
   }
-  for (uint32_t l = 0; l < th->layers; l++) {
-    const layer_weights* w = &s->lw[l];
-    float* kc = s->k_cache + (uint64_t)l * s->max_seq * s->kv_dim;
-    float* vc = s->v_cache + (uint64_t)l * s->max_seq * s->kv_dim;
-    CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(w->attn_norm, 1, H, 0, 0),
-         em_f32(s->xn, 1, H, 0, 0));
-    int rc = matvec(s, s->k.qkv, "em_qkv", &w->wqkv, s->xn, NULL, s->qkv);
-    if (rc) return rc;
-    CALL(s->k.rope, "em_rope", em_f32(s->qkv, 1, s->q_dim + 2 * s->kv_dim, 0, 0),
-         em_f32(s->rope_cos + pos * (d / 2), 1, d / 2, 0, 0), em_f32(s->rope_sin + pos * (d / 2), 1, d / 2, 0, 0),
-         em_f32(s->q, 2, hq, d, 0), em_f32(kc + pos * s->kv_dim, 2, hkv, d, 0),
-         em_f32(vc + pos * s->kv_dim, 2, hkv, d, 0));
-    CALL(s->k.attention, "em_attention", em_f32(s->q, 2, hq, d, 0), em_f32(kc, 3, pos + 1, hkv, d),
-         em_f32(vc, 3, pos + 1, hkv, d), em_f32(s->att, 2, hq, d, 0));
-    rc = matvec(s, s->k.o_proj, "em_o_proj", &w->wo, s->att, s->x, s->x2);
-    if (rc) return rc;
-    swap(&s->x, &s->x2);
-    rc = moe_layer(s, l);
-    if (rc) return rc;
-  }
-  if (want_logits) {
-    CALL(s->k.rmsnorm, "em_rmsnorm", em_f32(s->x, 1, H, 0, 0), em_f32(s->final_norm, 1, H, 0, 0),
-         em_f32(s->xn, 1, H, 0, 0));
-    int rc = matvec(s, s->k.lm_head, "em_lm_head", &s->lm_head, s->xn, NULL, s->logits);
-    if (rc) return rc;
-  }
+  if (rc) return rc;
   s->pos++;
   em_loader_stats(&s->loader, &after);
   s->st.tokens++;

@@ -1,0 +1,81 @@
+"""One folder per model family: how its config.json maps onto MoEConfig's layer structure (the
+family's architecture description) and where its tensors are. Everything downstream — the
+reference executor, the kernels, the trunk file, the runtime's layer program — is derived from
+the MoEConfig and MoEModel a family produces."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Expert, Layer, MoEConfig, MoEModel
+from ..hf_import import ConfigReader, TensorReader, attention_and_norms, embeddings
+
+
+def common_config(c: ConfigReader, arch: str, num_experts: int, expert_intermediate: int, **structure) -> MoEConfig:
+    """The MoEConfig fields every Llama-style family reads the same way, plus its own `structure`."""
+    heads = c.require("num_attention_heads")
+    hidden = c.require("hidden_size")
+    vocab = c.require("vocab_size")
+    c.expect("hidden_act", ["silu"])
+
+    def special(key):  # an id outside the vocabulary can never be generated or fed: there is none
+        value = c.token_id(key)
+        return value if value is not None and 0 <= value < vocab else None
+
+    return MoEConfig(
+        arch=arch, vocab_size=vocab, hidden_size=hidden, num_layers=c.require("num_hidden_layers"),
+        num_heads=heads, num_kv_heads=c.get("num_key_value_heads", heads), head_dim=c.get("head_dim", hidden // heads),
+        num_experts=num_experts, top_k=c.require("num_experts_per_tok"), expert_intermediate=expert_intermediate,
+        max_positions=c.require("max_position_embeddings"), rope_theta=c.rope_theta(),
+        norm_eps=float(c.require("rms_norm_eps")), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        bos_token_id=special("bos_token_id"), eos_token_id=special("eos_token_id"), **structure)
+
+
+def load_decoder(model_dir: Path, cfg: MoEConfig, family: str, moe_prefix: str, expert_names: tuple[str, str, str],
+                 router: str, shared: tuple[str, str] | None = None) -> MoEModel:
+    """A decoder whose layer N keeps its MoE block under `model.layers.N.<moe_prefix>`: experts
+    `experts.E.<gate>/<up>/<down>.weight`, the router `<router>.weight`, and with `shared`
+    (its MLP's name, its gate's name) a shared expert. Every tensor of the checkpoint must be read."""
+    r = TensorReader(model_dir)
+    H, I, E = cfg.hidden_size, cfg.expert_intermediate, cfg.num_experts
+    gate, up, down = expert_names
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        m = p + moe_prefix
+        layer = Layer(**attention_and_norms(r, cfg, p), router=r.get(f"{m}{router}.weight", (E, H)),
+                      experts=[Expert(r.get(f"{m}experts.{e}.{gate}.weight", (I, H)),
+                                      r.get(f"{m}experts.{e}.{up}.weight", (I, H)),
+                                      r.get(f"{m}experts.{e}.{down}.weight", (H, I))) for e in range(E)])
+        if shared is not None:
+            S, (mlp, sg) = cfg.shared_expert_intermediate, shared
+            layer.shared = Expert(r.get(f"{m}{mlp}.gate_proj.weight", (S, H)), r.get(f"{m}{mlp}.up_proj.weight", (S, H)),
+                                  r.get(f"{m}{mlp}.down_proj.weight", (H, S)))
+            if cfg.shared_expert_gate:
+                layer.shared_gate = r.get(f"{m}{sg}.weight", (1, H))
+        layers.append(layer)
+    embed, final_norm, lm_head = embeddings(r, cfg)
+    r.done(family)
+    return MoEModel(cfg, embed, layers, final_norm, lm_head)
+
+
+def all_layers_sparse(c: ConfigReader) -> None:
+    """Qwen-style keys that would make some layers dense or windowed: only the all-MoE, full-attention form."""
+    c.expect("decoder_sparse_step", [1], " (every layer an MoE layer)")
+    c.expect("mlp_only_layers", [[], None], " (dense MLP layers)")
+    c.expect("use_sliding_window", [False, None], " (sliding-window attention)")
+    c.get("sliding_window"), c.get("max_window_layers")  # read only with use_sliding_window
+    types = c.get("layer_types") or []
+    if any(t != "full_attention" for t in types):
+        c.expect("layer_types", [None], " (only full attention)")
+    c.get("intermediate_size")  # the size of dense MLP layers, which all-sparse models do not have
+
+
+def family_modules() -> list:
+    from . import mixtral, olmoe, qwen2_moe, qwen3_moe
+
+    return [mixtral, qwen2_moe, qwen3_moe, olmoe]
+
+
+__all__ = ["common_config", "load_decoder", "all_layers_sparse", "family_modules", "np"]

@@ -1,0 +1,27 @@
+"""Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): q/k/v biases, top-k of the softmax without
+renormalisation by default, and a shared expert every token runs, scaled by sigmoid(w · x)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...hf_import import ConfigReader, read_config
+from .. import all_layers_sparse, common_config, load_decoder
+
+ARCHITECTURES = ("Qwen2MoeForCausalLM",)
+
+
+def describe(hf: dict, where: Path):
+    c = ConfigReader(hf, where, "Qwen2-MoE")
+    all_layers_sparse(c)
+    cfg = common_config(c, "qwen2_moe", c.require("num_experts"), c.require("moe_intermediate_size"),
+                        norm_topk_prob=bool(c.get("norm_topk_prob", False)), qkv_bias=bool(c.get("qkv_bias", True)),
+                        shared_expert_intermediate=c.require("shared_expert_intermediate_size"),
+                        shared_expert_gate=True)
+    c.done()
+    return cfg
+
+
+def load(model_dir: Path):
+    cfg = describe(read_config(model_dir), model_dir)
+    return load_decoder(model_dir, cfg, "Qwen2-MoE", "mlp.", ("gate_proj", "up_proj", "down_proj"), "gate",
+                        shared=("shared_expert", "shared_expert_gate"))

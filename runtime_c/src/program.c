@@ -1,0 +1,192 @@
+#include "program.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "edgemoe.h"
+#include "generated/program.h"
+
+size_t em_program_bytes(uint32_t layers) {
+  return (size_t)(2 * layers + 2) * sizeof(em_step) + (size_t)layers * sizeof(em_step*);
+}
+
+typedef struct {
+  const em_trunk_view* v;
+  const em_trunk_header* th;
+  const uint32_t* operand;
+  char what[96];
+} binder;
+
+static const char* OP_NAMES[] = {"?", "EMBED", "ATTENTION", "MOE", "FINAL"};
+
+static const char* label(binder* b, uint32_t layer, const char* part) {
+  if (layer == EM_OPERAND_NONE) snprintf(b->what, sizeof b->what, "%s", part);
+  else snprintf(b->what, sizeof b->what, "layer %u's %s", layer, part);
+  return b->what;
+}
+
+/* An optional float32 vector operand: NULL (absent) or bound; *ok cleared on a bad one. */
+static const float* optional_vector(binder* b, uint32_t slot, uint32_t len, uint32_t layer, const char* part,
+                                    int* ok) {
+  if (b->operand[slot] == EM_OPERAND_NONE) return NULL;
+  const float* p = em_bind_vector(b->v, b->operand[slot], len, 0, label(b, layer, part));
+  if (!p) *ok = 0;
+  return p;
+}
+
+static int need_kernel(const em_trunk_view* v, em_ffi_fn fn, const char* symbol, uint32_t layer, const char* why) {
+  if (fn) return 1;
+  snprintf(v->err, v->err_len, "kernels.so lacks %s, which layer %u's %s needs; recompile the artifact", symbol, layer,
+           why);
+  return 0;
+}
+
+static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, H = th->hidden, d = th->head_dim, q = th->heads * d, kv = th->kv_heads * d;
+  int ok = 1;
+  s->kind = o[EM_ATTENTION_QK_NORM];
+  s->norm = em_bind_vector(b->v, o[EM_ATTENTION_NORM], H, 0, label(b, L, "attention norm"));
+  ok = s->norm && em_bind_matrix(b->v, o[EM_ATTENTION_WQKV], o[EM_ATTENTION_WQKV_SCALES], q + 2 * kv, H,
+                                 label(b, L, "qkv projection"), &s->m[EM_M_QKV]) &&
+       em_bind_matrix(b->v, o[EM_ATTENTION_WO], o[EM_ATTENTION_WO_SCALES], H, q, label(b, L, "output projection"),
+                      &s->m[EM_M_WO]) &&
+       (s->rope_cos = em_bind_vector(b->v, o[EM_ATTENTION_ROPE_COS], th->max_positions, d / 2, "RoPE cos table")) &&
+       (s->rope_sin = em_bind_vector(b->v, o[EM_ATTENTION_ROPE_SIN], th->max_positions, d / 2, "RoPE sin table"));
+  s->bias = ok ? optional_vector(b, EM_ATTENTION_QKV_BIAS, q + 2 * kv, L, "qkv bias", &ok) : NULL;
+  s->o_bias = ok ? optional_vector(b, EM_ATTENTION_O_BIAS, H, L, "output bias", &ok) : NULL;
+  if (ok && s->kind != EM_QK_NORM_NONE) {
+    int head = s->kind == EM_QK_NORM_HEAD;
+    if (s->kind != EM_QK_NORM_HEAD && s->kind != EM_QK_NORM_FULL) {
+      snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: unknown q/k norm %u; recompile the artifact", L,
+               s->kind);
+      return EM_ERR_FORMAT;
+    }
+    ok = (s->q_norm = em_bind_vector(b->v, o[EM_ATTENTION_Q_NORM], head ? d : q, 0, label(b, L, "q norm"))) &&
+         (s->k_norm = em_bind_vector(b->v, o[EM_ATTENTION_K_NORM], head ? d : kv, 0, label(b, L, "k norm"))) &&
+         need_kernel(b->v, k->qk_norm, EM_KERNEL_QK_NORM, L, "q/k norm");
+  }
+  if (!ok) return EM_ERR_FORMAT;
+  if (!need_kernel(b->v, s->bias ? k->qkv_bias : k->qkv, s->bias ? EM_KERNEL_QKV_BIAS : EM_KERNEL_QKV, L,
+                   "qkv projection") ||
+      (s->o_bias && !need_kernel(b->v, k->add, EM_KERNEL_ADD, L, "output bias")))
+    return EM_ERR_KERNEL;
+  return EM_OK;
+}
+
+static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, H = th->hidden, S = th->shared_inter;
+  s->kind = o[EM_MOE_ROUTE];
+  if (s->kind != EM_ROUTE_SOFTMAX_TOPK && s->kind != EM_ROUTE_SOFTMAX_TOPK_RENORM) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: unknown routing function %u; recompile the artifact", L,
+             s->kind);
+    return EM_ERR_FORMAT;
+  }
+  s->norm = em_bind_vector(b->v, o[EM_MOE_NORM], H, 0, label(b, L, "MoE norm"));
+  if (!s->norm || !em_bind_matrix(b->v, o[EM_MOE_ROUTER], EM_OPERAND_NONE, th->experts, H, label(b, L, "router"),
+                                  &s->m[EM_M_ROUTER]))
+    return EM_ERR_FORMAT;
+  s->shared = o[EM_MOE_SHARED_GATE_PROJ] != EM_OPERAND_NONE;
+  if (!s->shared) return EM_OK;
+  if (!S ||
+      !em_bind_matrix(b->v, o[EM_MOE_SHARED_GATE_PROJ], o[EM_MOE_SHARED_GATE_PROJ_SCALES], S, H,
+                      label(b, L, "shared expert gate projection"), &s->m[EM_M_SHARED_GATE_PROJ]) ||
+      !em_bind_matrix(b->v, o[EM_MOE_SHARED_UP_PROJ], o[EM_MOE_SHARED_UP_PROJ_SCALES], S, H,
+                      label(b, L, "shared expert up projection"), &s->m[EM_M_SHARED_UP]) ||
+      !em_bind_matrix(b->v, o[EM_MOE_SHARED_DOWN_PROJ], o[EM_MOE_SHARED_DOWN_PROJ_SCALES], H, S,
+                      label(b, L, "shared expert down projection"), &s->m[EM_M_SHARED_DOWN])) {
+    if (!S) snprintf(b->v->err, b->v->err_len, "trunk.bin: a shared expert but no shared size in the header");
+    return EM_ERR_FORMAT;
+  }
+  s->shared_gated = o[EM_MOE_SHARED_GATE] != EM_OPERAND_NONE;
+  if (s->shared_gated && !em_bind_matrix(b->v, o[EM_MOE_SHARED_GATE], EM_OPERAND_NONE, 1, H,
+                                         label(b, L, "shared expert gate"), &s->m[EM_M_SHARED_GATE]))
+    return EM_ERR_FORMAT;
+  if (!need_kernel(b->v, k->shared_gate_up, EM_KERNEL_SHARED_GATE_UP, L, "shared expert") ||
+      !need_kernel(b->v, k->shared_down, EM_KERNEL_SHARED_DOWN, L, "shared expert") ||
+      (s->shared_gated && !need_kernel(b->v, k->shared_gate, EM_KERNEL_SHARED_GATE, L, "shared expert gate")))
+    return EM_ERR_KERNEL;
+  return EM_OK;
+}
+
+/* The op expected at step i: EMBED, then ATTENTION and MOE for each layer in order, then FINAL. */
+static uint32_t expected_op(uint32_t i, uint32_t layers) {
+  if (i == 0) return EM_OP_EMBED;
+  if (i == 2 * layers + 1) return EM_OP_FINAL;
+  return i % 2 ? EM_OP_ATTENTION : EM_OP_MOE;
+}
+
+static uint32_t operand_count(uint32_t op) {
+  switch (op) {
+    case EM_OP_EMBED: return EM_OP_EMBED_OPERANDS;
+    case EM_OP_ATTENTION: return EM_OP_ATTENTION_OPERANDS;
+    case EM_OP_MOE: return EM_OP_MOE_OPERANDS;
+    default: return EM_OP_FINAL_OPERANDS;
+  }
+}
+
+int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_kernels* k, void* storage,
+                    em_program* p) {
+  uint32_t n_words = 0, L = th->layers, n_steps = 2 * L + 2;
+  const uint32_t* w = em_bind_words(v, em_tensor_index(v, "program"), &n_words);
+  if (!w) {
+    snprintf(v->err, v->err_len, "trunk.bin has no layer program; recompile the artifact");
+    return EM_ERR_FORMAT;
+  }
+  p->steps = (em_step*)storage;
+  p->moe = (const em_step**)(p->steps + n_steps);
+  p->n_steps = n_steps;
+  memset(p->steps, 0, n_steps * sizeof(em_step));
+  binder b = {v, th, NULL, {0}};
+  uint32_t at = 0;
+  for (uint32_t i = 0; i < n_steps; i++) {
+    em_step* s = &p->steps[i];
+    uint32_t want = expected_op(i, L);
+    if (n_words - at < 2 || w[at] != want || w[at + 1] != operand_count(want) || n_words - at - 2 < w[at + 1]) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program has %s where %s of %s is due; recompile the artifact",
+               at + 2 <= n_words && w[at] >= 1 && w[at] <= 4 ? OP_NAMES[w[at]] : "no valid op", OP_NAMES[want],
+               want == EM_OP_ATTENTION || want == EM_OP_MOE ? "a layer" : "the model");
+      return EM_ERR_FORMAT;
+    }
+    s->op = want;
+    b.operand = w + at + 2;
+    at += 2 + w[at + 1];
+    int rc = EM_OK;
+    switch (want) {
+      case EM_OP_EMBED:
+        s->layer = EM_OPERAND_NONE;
+        if (!em_bind_matrix(v, b.operand[EM_EMBED_EMBED], b.operand[EM_EMBED_EMBED_SCALES], th->vocab, th->hidden,
+                            "embedding", &s->m[EM_M_EMBED]))
+          rc = EM_ERR_FORMAT;
+        break;
+      case EM_OP_ATTENTION:
+      case EM_OP_MOE:
+        s->layer = (i - 1) / 2;
+        if (b.operand[0] != s->layer) {
+          snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u names layer %u, not %u; recompile", i,
+                   b.operand[0], s->layer);
+          return EM_ERR_FORMAT;
+        }
+        rc = want == EM_OP_ATTENTION ? bind_attention(&b, k, s) : bind_moe(&b, k, s);
+        if (!rc && want == EM_OP_MOE) p->moe[s->layer] = s;
+        break;
+      case EM_OP_FINAL:
+        s->layer = EM_OPERAND_NONE;
+        s->norm = em_bind_vector(v, b.operand[EM_FINAL_NORM], th->hidden, 0, "final norm");
+        if (!s->norm || !em_bind_matrix(v, b.operand[EM_FINAL_LM_HEAD], b.operand[EM_FINAL_LM_HEAD_SCALES], th->vocab,
+                                        th->hidden, "LM head", &s->m[0]))
+          rc = EM_ERR_FORMAT;
+        break;
+    }
+    if (rc) return rc;
+  }
+  if (at != n_words) {
+    snprintf(v->err, v->err_len, "trunk.bin: the layer program has %u words after its FINAL op; recompile",
+             n_words - at);
+    return EM_ERR_FORMAT;
+  }
+  return EM_OK;
+}

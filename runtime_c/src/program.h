@@ -1,0 +1,43 @@
+/* The layer program of an artifact (trunk.bin's "program" tensor, written by compiler/program.py):
+ * the ops one token goes through, bound to the trunk's tensors and checked against the model's
+ * shapes and the kernels the artifact carries, before the first token. The decode loop
+ * (session.c) walks the bound steps; it knows no model family. */
+#ifndef EM_PROGRAM_H
+#define EM_PROGRAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "artifact.h"
+#include "kernels.h"
+#include "matrix.h"
+#include "trunk_view.h"
+
+/* Matrices of a step, by op: EMBED and FINAL: the embedding / LM head; ATTENTION: qkv, output;
+ * MOE: the router (float32), then the shared expert's gate, up and down projections and gate. */
+enum { EM_M_EMBED = 0, EM_M_QKV = 0, EM_M_WO = 1, EM_M_ROUTER = 0, EM_M_SHARED_GATE_PROJ = 1, EM_M_SHARED_UP = 2,
+       EM_M_SHARED_DOWN = 3, EM_M_SHARED_GATE = 4, EM_M_COUNT = 5 };
+
+typedef struct {
+  uint32_t op, layer;
+  uint32_t kind; /* ATTENTION: EM_QK_NORM_*; MOE: EM_ROUTE_* */
+  const float *norm, *bias, *q_norm, *k_norm, *rope_cos, *rope_sin, *o_bias;
+  int shared, shared_gated; /* MOE: a shared expert, scaled by sigmoid(gate · x) */
+  em_matrix m[EM_M_COUNT];
+} em_step;
+
+typedef struct {
+  em_step* steps;
+  uint32_t n_steps;
+  const em_step** moe; /* [layers]: each layer's MOE step (for the predictors) */
+} em_program;
+
+/* Bytes em_program_bind needs in `storage` for a model of `layers` layers. */
+size_t em_program_bytes(uint32_t layers);
+/* Binds the program's operands to the trunk's tensors; EM_OK or EM_ERR_FORMAT / EM_ERR_KERNEL
+ * with the reason in v->err (an op out of place, an operand of the wrong shape, a kernel the
+ * artifact lacks). */
+int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_kernels* k, void* storage,
+                    em_program* p);
+
+#endif

@@ -1,0 +1,50 @@
+"""Tiny random checkpoints of every supported family, built and saved by `transformers` (the
+numerical ground truth); shapes chosen to fit both weight layouts (rows multiples of 16, the
+quantization group dividing every input width)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+COMMON = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-6)
+
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=8,
+                       num_experts_per_tok=2, intermediate_size=128)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(head_dim=32, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=4,
+                       norm_topk_prob=True, intermediate_size=128)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2)),
+}
+
+
+def hf_model(family: str, seed: int = 1234):
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg)
+    with torch.no_grad():  # random biases and norm weights, so that a skipped one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_checkpoint(family: str, out: Path) -> Path:
+    hf_model(family).save_pretrained(out)
+    return out
+
+
+def hf_logits(model_dir: Path, tokens: list[int]):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
