@@ -18,6 +18,7 @@ REQUIRED=(
   "cmake cmd:cmake"
   "build-essential cmd:cc"
   "build-essential cmd:make"
+  "pkg-config cmd:pkg-config"
   "qemu-user cmd:qemu-aarch64"
   "gcc-aarch64-linux-gnu cmd:aarch64-linux-gnu-gcc"
   "libc6-dev-arm64-cross deb"
