@@ -21,13 +21,15 @@ NONE = 0xFFFFFFFF
 # op name → its operands, in order ("*" marks a matrix: two operands, codes then scales (NONE for
 # a float32 matrix))
 OPS = {
-    "EMBED": ("*embed",),
+    "EMBED": ("*embed", "scale"),
     "ATTENTION": ("layer", "norm", "*wqkv", "qkv_bias", "qk_norm", "q_norm", "k_norm", "rope_cos", "rope_sin",
                   "*wo", "o_bias"),
     "MOE": ("layer", "norm", "router", "route", "*shared_gate_proj", "*shared_up_proj", "*shared_down_proj",
             "shared_gate"),
-    "FINAL": ("norm", "*lm_head"),
+    "FINAL": ("norm", "*lm_head", "scale"),
 }
+# EMBED's and FINAL's "scale": a float32 (its bits as the word) multiplying the embedding row /
+# the logits; 1.0 for families without such a factor (MoEConfig.embedding_scale, .logit_scale)
 OP_CODES = {name: i + 1 for i, name in enumerate(OPS)}
 
 QK_NORM = {"none": 0, "head": 1, "full": 2}  # ATTENTION's qk_norm operand
@@ -57,6 +59,14 @@ def operand_slots(op: str) -> list[str]:
     return out
 
 
+def float_word(value: float) -> int:
+    """A float operand as its program word: the bits of the float32 nearest `value`, which must be finite."""
+    f = np.float32(value)
+    if not np.isfinite(f):
+        raise ValueError(f"program operand {value!r} is not a finite float32")
+    return int(f.view(np.uint32))
+
+
 def emit_program(cfg, index) -> np.ndarray:
     """The layer program of a model: `index(name)` gives a trunk tensor's table index (NONE if the
     trunk has no such tensor; trunk_file.trunk_tensors names them)."""
@@ -69,7 +79,7 @@ def emit_program(cfg, index) -> np.ndarray:
             base = slot.removesuffix(".scales")
             words.append(values[slot] if slot in values else index(tensors[base] + slot[len(base):]))
 
-    op("EMBED", {"embed": "embed"})
+    op("EMBED", {"embed": "embed"}, scale=float_word(cfg.embedding_scale))
     for l in range(cfg.num_layers):
         p = f"layers.{l}."
         op("ATTENTION", {"norm": p + "attn_norm", "wqkv": p + "wqkv", "qkv_bias": p + "bqkv", "q_norm": p + "q_norm",
@@ -79,7 +89,8 @@ def emit_program(cfg, index) -> np.ndarray:
                    "shared_up_proj": p + "shared_up_proj", "shared_down_proj": p + "shared_down_proj",
                    "shared_gate": p + "shared_gate"},
            layer=l, route=ROUTE["softmax_topk_renorm" if cfg.norm_topk_prob else "softmax_topk"])
-    op("FINAL", {"norm": "final_norm", "lm_head": "embed" if cfg.tie_embeddings else "lm_head"})
+    op("FINAL", {"norm": "final_norm", "lm_head": "embed" if cfg.tie_embeddings else "lm_head"},
+       scale=float_word(cfg.logit_scale))
     return np.array(words, dtype=np.uint32)
 
 

@@ -33,6 +33,9 @@ class MoEConfig:
     qk_norm: str = "none"  # RMSNorm of q and k before RoPE: "head" (each head, over head_dim), "full" (whole projection)
     shared_expert_intermediate: int = 0  # a shared SwiGLU expert every token runs (resident, trunk bits); 0 = none
     shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(w · x)
+    # Scalars a family cannot fold into its weights when the embedding and LM head share one matrix:
+    embedding_scale: float = 1.0  # x = embedding_scale · embed[token] (rounded to float32, as the runtime applies it)
+    logit_scale: float = 1.0  # logits = logit_scale · (lm_head · rmsnorm(x)) (float32, likewise)
 
     @property
     def q_dim(self) -> int:

@@ -1,9 +1,9 @@
 """NumPy reference executor: the numerical ground truth for every compiled path.
 
 Decodes one token at a time with a KV cache, in float32, in the same order of operations as
-the C runtime (RMSNorm → attention → residual → RMSNorm → router → top-k SwiGLU experts, then
-the shared expert), for every layer structure a MoEConfig describes (biases, q/k norms, shared
-experts).
+the C runtime (embedding × embedding_scale → per layer: RMSNorm → attention → residual →
+RMSNorm → router → the shared expert, then the top-k SwiGLU experts → RMSNorm → LM head ×
+logit_scale), for every layer structure a MoEConfig describes (biases, q/k norms, shared experts).
 """
 from __future__ import annotations
 
@@ -100,6 +100,20 @@ def shared_expert(layer, cfg: MoEConfig, xn: np.ndarray, act_group: int | None) 
     return out
 
 
+def embed_rows(model: MoEModel, tokens) -> np.ndarray:
+    """The residual stream entering layer 0: the tokens' embedding rows times the config's
+    embedding_scale, as float32 (the runtime's EMBED op multiplies by the same float32)."""
+    x = model.embed[tokens].astype(np.float32)
+    scale = np.float32(model.config.embedding_scale)
+    return x if scale == 1 else (x * scale).astype(np.float32)
+
+
+def scale_logits(cfg: MoEConfig, logits: np.ndarray) -> np.ndarray:
+    """The LM head's output times the config's logit_scale (float32, as the runtime's FINAL op)."""
+    scale = np.float32(cfg.logit_scale)
+    return logits if scale == 1 else (logits * scale).astype(np.float32)
+
+
 class ReferenceExecutor:
     """Token-by-token decoder over a MoEModel (expert weights as given: float or dequantized)."""
 
@@ -126,7 +140,7 @@ class ReferenceExecutor:
         if self.pos >= self.max_positions:
             raise ValueError(f"context full: {self.max_positions} positions")
         t = self.pos
-        x = m.embed[token].astype(np.float32)
+        x = embed_rows(m, token)
         group = cfg.num_heads // cfg.num_kv_heads
         chosen = []
         for li, layer in enumerate(m.layers):
@@ -152,7 +166,7 @@ class ReferenceExecutor:
         self.trace.append(chosen)
         self.pos += 1
         xn = quantize_activation(rms_norm(x, m.final_norm, cfg.norm_eps), m.trunk_act_group)
-        return (m.lm_head @ xn).astype(np.float32)
+        return scale_logits(cfg, (m.lm_head @ xn).astype(np.float32))
 
     def greedy(self, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
         """Prefill `prompt`, then greedily generate n_new tokens. Returns (tokens, logits per new token)."""
@@ -187,7 +201,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
     cos, sin = rope_tables(cfg, T)
     group = cfg.num_heads // cfg.num_kv_heads
     mask = np.triu(np.full((T, T), -np.inf, np.float32), k=1)
-    x = model.embed[tokens].astype(np.float32) if first_layer == 0 else hidden
+    x = embed_rows(model, tokens) if first_layer == 0 else hidden
     selected = np.zeros((T, cfg.num_layers, cfg.top_k), np.int32)
     if trace is not None:
         trace.update(embed=x, ffn_in=[], layer_out=[], router_logits=[])
@@ -223,4 +237,4 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
             trace["layer_out"].append(x)
             trace["router_logits"].append(logits)
     xn = quantize_activation(rms_norm(x, model.final_norm, cfg.norm_eps), model.trunk_act_group)
-    return (xn @ model.lm_head.T).astype(np.float32), selected
+    return scale_logits(cfg, (xn @ model.lm_head.T).astype(np.float32)), selected

@@ -18,6 +18,13 @@ FAMILIES = {
                   dict(head_dim=32, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=4,
                        norm_topk_prob=True, intermediate_size=128)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2)),
+    # tied embeddings, as Granite ships them: the embedding and logit multipliers cannot be folded; with
+    # attention biases, so that the folds into the q and output projections cover theirs
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=True,
+                        attention_bias=True,
+                        embedding_multiplier=2.5, attention_multiplier=0.3, residual_multiplier=0.7,
+                        logits_scaling=3.0)),
 }
 
 
@@ -26,7 +33,7 @@ def hf_model(family: str, seed: int = 1234):
     import transformers
 
     config_cls, model_cls, extra = FAMILIES[family]
-    cfg = getattr(transformers, config_cls)(**COMMON, **extra)
+    cfg = getattr(transformers, config_cls)(**{**COMMON, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg)
     with torch.no_grad():  # random biases and norm weights, so that a skipped one shows

@@ -54,7 +54,7 @@ def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tm
         assert got == want, (prompt, got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"])
 def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
     """The layer program on the Raspberry Pi 5 target under qemu: biases, q/k norms and the shared
     expert, with a mixed bit plan, token for token against the reference of the same artifact."""

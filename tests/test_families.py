@@ -114,6 +114,42 @@ def test_runtime_matches_reference(family_dir, variant, tmp_path, rng, runtime_l
     assert st["expert_misses"] > 0
 
 
+def test_the_program_scales_are_bound_and_a_non_finite_one_is_refused(tmp_path, runtime_lib):
+    """EMBED's and FINAL's scale words carry GraniteMoE's embedding and logit multipliers (float32
+    bits); a word that is not a finite float32 is refused naming the operand, before any token."""
+    from crafted import TRUNK_FIELDS, copy_artifact, patch_trunk
+
+    from edgemoe.compiler import trunk_file
+    from edgemoe.compiler.binfmt import crc32, unpack
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.runtime import EdgeMoEError, Session
+
+    art = tmp_path / "art"
+    compile_model(save_checkpoint("granitemoe", tmp_path / "model"), art, CompileOptions(expert_bits=4, max_seq=16),
+                  log=lambda m: None)
+    data = (art / "trunk.bin").read_bytes()
+    h = dict(zip(TRUNK_FIELDS, unpack(trunk_file.HEADER_FMT[:-1], data)))
+    entry = next(e for e in (unpack(trunk_file.TENSOR_FMT, data, h["table_offset"] + i * trunk_file.TENSOR_BYTES)
+                             for i in range(h["n_tensors"])) if e[0].rstrip(b"\0") == b"program")
+    offset, nbytes = entry[7], entry[8]
+    words = np.frombuffer(data[offset : offset + nbytes], np.uint32)
+    embed_scale, logit_scale = 4, len(words) - 1  # EMBED: op, count, embed, embed.scales, scale; FINAL's last
+    assert words[embed_scale].view(np.float32) == np.float32(2.5)
+    assert words[logit_scale].view(np.float32) == np.float32(1 / 3.0)
+    for word, bits, name in ((embed_scale, 0x7FC00000, "embedding scale"), (logit_scale, 0x7F800000, "logit scale")):
+        bad = copy_artifact(art, tmp_path / f"bad{word}")
+        patched = bytearray(data)
+        changed = words.copy()
+        changed[word] = bits
+        patched[offset : offset + nbytes] = changed.tobytes()
+        (bad / "trunk.bin").write_bytes(bytes(patched))
+        patch_trunk(bad, header={"data_crc": crc32(bytes(patched[h["data_offset"]:]))}, tensor="program",
+                    changes={"crc": crc32(changed.tobytes())})
+        with pytest.raises(EdgeMoEError, match=f"program's {name} is not a finite number"):
+            with Session(bad, loader_thread=False) as s:
+                s.prefill([1, 2, 3])
+
+
 def test_the_c_program_contract_is_generated_from_the_python_one():
     from edgemoe.compiler import program
     from edgemoe.runtime import REPO_ROOT

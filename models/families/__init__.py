@@ -73,9 +73,9 @@ def all_layers_sparse(c: ConfigReader) -> None:
 
 
 def family_modules() -> list:
-    from . import mixtral, olmoe, qwen2_moe, qwen3_moe
+    from . import granitemoe, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-    return [mixtral, qwen2_moe, qwen3_moe, olmoe]
+    return [mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe]
 
 
 __all__ = ["common_config", "load_decoder", "all_layers_sparse", "family_modules", "np"]

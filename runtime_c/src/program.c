@@ -1,5 +1,6 @@
 #include "program.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -32,6 +33,19 @@ static const float* optional_vector(binder* b, uint32_t slot, uint32_t len, uint
   const float* p = em_bind_vector(b->v, b->operand[slot], len, 0, label(b, layer, part));
   if (!p) *ok = 0;
   return p;
+}
+
+/* A float32 operand (its bits as the word), which must be finite; *ok cleared otherwise. */
+static float float_operand(binder* b, uint32_t slot, const char* part, int* ok) {
+  float f;
+  uint32_t word = b->operand[slot];
+  memcpy(&f, &word, sizeof f);
+  if (!isfinite(f)) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: the layer program's %s is not a finite number (0x%08X); recompile",
+             part, word);
+    *ok = 0;
+  }
+  return f;
 }
 
 static int need_kernel(const em_trunk_view* v, em_ffi_fn fn, const char* symbol, uint32_t layer, const char* why) {
@@ -156,12 +170,15 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
     at += 2 + w[at + 1];
     int rc = EM_OK;
     switch (want) {
-      case EM_OP_EMBED:
+      case EM_OP_EMBED: {
+        int ok = 1;
         s->layer = EM_OPERAND_NONE;
-        if (!em_bind_matrix(v, b.operand[EM_EMBED_EMBED], b.operand[EM_EMBED_EMBED_SCALES], th->vocab, th->hidden,
-                            "embedding", &s->m[EM_M_EMBED]))
+        s->scale = float_operand(&b, EM_EMBED_SCALE, "embedding scale", &ok);
+        if (!ok || !em_bind_matrix(v, b.operand[EM_EMBED_EMBED], b.operand[EM_EMBED_EMBED_SCALES], th->vocab,
+                                   th->hidden, "embedding", &s->m[EM_M_EMBED]))
           rc = EM_ERR_FORMAT;
         break;
+      }
       case EM_OP_ATTENTION:
       case EM_OP_MOE:
         s->layer = (i - 1) / 2;
@@ -173,13 +190,16 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
         rc = want == EM_OP_ATTENTION ? bind_attention(&b, k, s) : bind_moe(&b, k, s);
         if (!rc && want == EM_OP_MOE) p->moe[s->layer] = s;
         break;
-      case EM_OP_FINAL:
+      case EM_OP_FINAL: {
+        int ok = 1;
         s->layer = EM_OPERAND_NONE;
-        s->norm = em_bind_vector(v, b.operand[EM_FINAL_NORM], th->hidden, 0, "final norm");
+        s->scale = float_operand(&b, EM_FINAL_SCALE, "logit scale", &ok);
+        s->norm = ok ? em_bind_vector(v, b.operand[EM_FINAL_NORM], th->hidden, 0, "final norm") : NULL;
         if (!s->norm || !em_bind_matrix(v, b.operand[EM_FINAL_LM_HEAD], b.operand[EM_FINAL_LM_HEAD_SCALES], th->vocab,
                                         th->hidden, "LM head", &s->m[0]))
           rc = EM_ERR_FORMAT;
         break;
+      }
     }
     if (rc) return rc;
   }

@@ -23,6 +23,7 @@ typedef struct {
   uint32_t kind; /* ATTENTION: EM_QK_NORM_*; MOE: EM_ROUTE_* */
   const float *norm, *bias, *q_norm, *k_norm, *rope_cos, *rope_sin, *o_bias;
   int shared, shared_gated; /* MOE: a shared expert, scaled by sigmoid(gate · x) */
+  float scale;              /* EMBED: multiplies the embedding row; FINAL: the logits (1: none) */
   em_matrix m[EM_M_COUNT];
 } em_step;
 

@@ -766,6 +766,10 @@ static int attention_layer(em_session* s, const em_step* st) {
   return rc;
 }
 
+static void scale_vector(float* x, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; i++) x[i] *= scale;
+}
+
 /* One token through the layer program. */
 static int forward(em_session* s, int32_t token, int want_logits) {
   const em_trunk_header* th = &s->th;
@@ -789,6 +793,7 @@ static int forward(em_session* s, int32_t token, int want_logits) {
     switch (st->op) {
       case EM_OP_EMBED:
         em_matrix_row(&st->m[EM_M_EMBED], (uint32_t)token, s->x);
+        if (st->scale != 1.0f) scale_vector(s->x, H, st->scale);
         if (uses_hidden_state(s->predictor)) rc = predict_and_prefetch(s, 0, s->x, NULL, 0);
         break;
       case EM_OP_ATTENTION: rc = attention_layer(s, st); break;
@@ -798,6 +803,7 @@ static int forward(em_session* s, int32_t token, int want_logits) {
         CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
              em_f32(s->xn, 1, H, 0, 0));
         rc = matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
+        if (!rc && st->scale != 1.0f) scale_vector(s->logits, th->vocab, st->scale);
         break;
     }
   }
