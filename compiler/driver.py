@@ -22,6 +22,7 @@ from .tuning import TuningStore
 from .profile import expert_moments, profile_routing, tokenize_file
 from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, compiled_trunk, quantize
 from .cpu_features import elf_machine, feature_names, required_features
+from .tokenizer_file import write_tokenizer
 from .trunk_file import ArtifactIdentity, write_trunk
 
 MANIFEST_VERSION = 1
@@ -212,6 +213,9 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (model_dir / name).is_file():
             shutil.copy(model_dir / name, out_dir / name)
+    # the C runtime's own tokenizer, where it can reproduce this one (text in and out without Python)
+    tokenizer_c = "no tokenizer.json" if not (model_dir / "tokenizer.json").is_file() else \
+        write_tokenizer(model_dir / "tokenizer.json", out_dir / "tokenizer.bin")
 
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json"}
@@ -221,6 +225,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         "model": {"source": str(model_dir), "config": cfg.to_dict(), "parameters": counts},
         "target": target.name,
         "compile_id": identity.compile_id.hex(),
+        "tokenizer": {"c_runtime": tokenizer_c is None, "why_not": tokenizer_c},
         "cpu_features": feature_names(identity.cpu_features),
         "max_seq": max_seq,
         "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,

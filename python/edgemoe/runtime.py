@@ -51,6 +51,11 @@ class _Stats(ctypes.Structure):
                                                                ("read_retries", ctypes.c_uint64)]
 
 
+class _Sampling(ctypes.Structure):
+    _fields_ = [("temperature", ctypes.c_float), ("top_k", ctypes.c_uint32), ("top_p", ctypes.c_float),
+                ("repetition_penalty", ctypes.c_float), ("seed", ctypes.c_uint64)]
+
+
 class _Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint32) for n in ("vocab_size", "hidden_size", "num_layers", "num_experts", "top_k",
                                                "max_seq")] + [("bos_token_id", ctypes.c_int32),
@@ -104,6 +109,12 @@ def library() -> ctypes.CDLL:
             lib.em_model_info_get.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Info)]
             lib.em_error.argtypes = [ctypes.c_void_p]
             lib.em_error.restype = ctypes.c_char_p
+            lib.em_sampler_create.argtypes = [ctypes.POINTER(_Sampling), ctypes.c_uint32,
+                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t]
+            lib.em_sample.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32),
+                                      ctypes.c_size_t]
+            lib.em_sample.restype = ctypes.c_int32
+            lib.em_sampler_free.argtypes = [ctypes.c_void_p]
             _lib = lib
         return _lib
 
@@ -206,6 +217,38 @@ class Session:
 
     def __exit__(self, *exc):
         self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Sampler:
+    """The C runtime's sampler (runtime_c/src/sampler.c): repetition penalty, temperature, top-k,
+    top-p and a seeded draw; temperature 0 is greedy. The same seed gives the same tokens here and
+    in edgemoe_run."""
+
+    def __init__(self, vocab_size: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, seed: int = 0):
+        self._lib, self._h = library(), None
+        params = _Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(512)
+        rc = self._lib.em_sampler_create(ctypes.byref(params), vocab_size, ctypes.byref(handle), err, len(err))
+        if rc:
+            raise EdgeMoEError(rc, err.value.decode())
+        self._h, self.vocab_size = handle, vocab_size
+
+    def sample(self, logits: np.ndarray, history: list[int]) -> int:
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        if logits.shape != (self.vocab_size,):
+            raise ValueError(f"logits of shape {logits.shape}, expected ({self.vocab_size},)")
+        hist = (ctypes.c_int32 * len(history))(*history)
+        return int(self._lib.em_sample(self._h, logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), hist,
+                                       len(history)))
+
+    def close(self) -> None:
+        if self._h:
+            self._lib.em_sampler_free(self._h)
+            self._h = None
 
     def __del__(self):
         self.close()

@@ -117,6 +117,38 @@ const float* em_logits(const em_session* s);
 int em_stats_get(const em_session* s, em_stats* out);
 const char* em_error(const em_session* s);
 
+/* ---- sampling ---------------------------------------------------------------------------- */
+
+typedef struct {
+  float temperature;        /* 0 = greedy (the most likely token); else logits / temperature */
+  uint32_t top_k;           /* sample among the k most likely tokens; 0 = all */
+  float top_p;              /* ... and among the fewest whose probability reaches top_p; 1 = all */
+  float repetition_penalty; /* > 1 makes tokens of the context less likely (CTRL's rule); 1 = none */
+  uint64_t seed;            /* the random sequence: the same seed, the same tokens */
+} em_sampling;
+
+typedef struct em_sampler em_sampler;
+
+void em_default_sampling(em_sampling* p);
+/* A sampler over vocab_size tokens (allocates its scratch once); EM_ERR_ARGUMENT names a bad parameter. */
+int em_sampler_create(const em_sampling* p, uint32_t vocab_size, em_sampler** out, char* err, size_t err_len);
+/* The next token given the logits (not modified) and the tokens of the context so far (for the
+ * repetition penalty). */
+int32_t em_sample(em_sampler* s, const float* logits, const int32_t* history, size_t n_history);
+void em_sampler_free(em_sampler* s);
+
+/* ---- text ------------------------------------------------------------------------------- */
+
+/* The artifact's tokenizer.bin (byte-level BPE tokenizers; the compiler writes it where it can). */
+typedef struct em_tokenizer em_tokenizer;
+
+int em_tokenizer_open(const char* artifact_dir, em_tokenizer** out, char* err, size_t err_len);
+/* UTF-8 text into at most cap token ids (*n_out of them); EM_ERR_ARGUMENT if they do not fit. */
+int em_tokenize(const em_tokenizer* t, const char* text, int32_t* ids, size_t cap, size_t* n_out);
+/* The bytes a token stands for (*bytes, not NUL-terminated; a text is its tokens' bytes in order). */
+size_t em_token_text(const em_tokenizer* t, int32_t id, const char** bytes);
+void em_tokenizer_close(em_tokenizer* t);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,8 +1,8 @@
-/* edgemoe_run: greedy generation from token ids on the device, no Python.
- *   edgemoe_run ARTIFACT_DIR --tokens 1,2,3 [-n 64] [--budget SIZE] [--max-seq N] [--no-verify]
+/* edgemoe_run: generation on the device, no Python: text or token ids in, text or ids out.
+ *   edgemoe_run ARTIFACT_DIR --prompt TEXT | --tokens 1,2,3 [-n 64] [--temperature T --seed S ...] [--budget SIZE] [--max-seq N] [--no-verify]
  *               [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]
  *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]
- * Prints the generated token ids on one line, then the statistics as key=value lines.
+ * Prints the generated text (--prompt) or token ids on one line, then the statistics as key=value lines.
  *
  * Every number is checked in full (no trailing characters, no sign, no overflow, within its
  * range) before the artifact is opened; a bad one is a usage error (exit 2) naming the option and
@@ -26,11 +26,12 @@
 #define MAX_EMULATE_MS 6e4   /* a minute per read */
 
 static const char USAGE[] =
-    "usage: edgemoe_run ARTIFACT_DIR --tokens ID,ID,... [-n N] [--budget SIZE] [--max-seq N] [--no-verify]\n"
+    "usage: edgemoe_run ARTIFACT_DIR --prompt TEXT | --tokens ID,ID,... [-n N] [--budget SIZE] [--max-seq N] [--no-verify]\n"
     "       [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]\n"
     "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N] [--inject-faults PLAN]\n"
-    "       [--repeat R]\n"
+    "       [--repeat R] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--ignore-eos]\n"
     "\n"
+    "  --prompt TEXT    the prompt as text (the artifact's tokenizer.bin); the output is then text too\n"
     "  --tokens ID,...  prompt token ids: whole numbers 0..2147483647 (below the vocabulary size), at most 4096\n"
     "  -n N             tokens to generate greedily, 0..2147483647 (default 64); prompt + N must fit the context\n"
     "  --budget SIZE    memory for trunk + KV cache + buffers + expert cache: whole bytes (>= 1) or a number\n"
@@ -45,6 +46,10 @@ static const char USAGE[] =
     "  --no-verify      skip the CRC-32 check of each expert record read\n"
     "  --no-loader-thread  read experts on the decode thread (no prefetching)\n"
     "  --inject-faults PLAN  testing: make expert reads fail, e.g. eio@3,short@9,eintr@15,corrupt@21*2,delay@27:50\n"
+    "  --temperature T  sample at temperature T (0..100; default 0 = greedy), with --top-k K (0 = all),\n"
+    "                   --top-p P (0 < P <= 1, default 1), --repetition-penalty R (0 < R <= 100, default 1)\n"
+    "                   and --seed S (0..2^64-1): the same seed gives the same tokens as edgemoe.Session\n"
+    "  --ignore-eos     keep generating after the model's end-of-sequence token (default: stop there)\n"
     "  --repeat R       run the generation R times (1..1000000), the context reset between: the tokens must\n"
     "                   repeat (a soak test; rss_first_round_bytes and rss_last_round_bytes show memory growth)\n"
     "  -h, --help       this text\n"
@@ -247,20 +252,17 @@ static int lookup(const char* opt, const char* value, const char* const* names, 
   return usage_error("%s: '%s' is not one of %s", opt, value, list);
 }
 
-static int argmax(const float* v, uint32_t n) {
-  uint32_t best = 0;
-  for (uint32_t i = 1; i < n; i++)
-    if (v[i] > v[best]) best = i;
-  return (int)best;
-}
-
 int main(int argc, char** argv) {
   em_params p;
   em_default_params(&p);
   static int32_t prompt[MAX_PROMPT];
   size_t n_prompt = 0;
   int have_tokens = 0;
+  const char* prompt_text = NULL;
   uint64_t n_new = 64, max_seq = 0, repeat = 1, v;
+  em_sampling sampling;
+  em_default_sampling(&sampling);
+  int ignore_eos = 0;
   const char* dir = NULL;
   for (int i = 1; i < argc; i++) {
     const char* a = argv[i];
@@ -277,11 +279,14 @@ int main(int argc, char** argv) {
     else if (!strcmp(a, "--no-loader-thread")) p.loader_thread = 0;
     else if (!strcmp(a, "--mmap")) p.storage = EM_STORAGE_MMAP;
     else if (!strcmp(a, "--inject-faults") && i + 1 < argc) p.inject_faults = argv[++i];
+    else if (!strcmp(a, "--ignore-eos")) ignore_eos = 1;
+    else if (!strcmp(a, "--prompt") && i + 1 < argc) prompt_text = argv[++i];
     else if (!strcmp(a, "--direct-io")) p.direct_io = 1;
     else {
       static const char* const with_value[] = {"--tokens", "-n", "--budget", "--max-seq", "--emulate",
                                                "--predictor", "--eviction", "--threads", "--inject-faults",
-                                               "--repeat"};
+                                               "--repeat", "--temperature", "--top-k", "--top-p",
+                                               "--repetition-penalty", "--seed", "--prompt"};
       int known = 0;
       for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++) known |= !strcmp(a, with_value[k]);
       if (!known) return usage_error("unknown option '%s'", a);
@@ -295,6 +300,16 @@ int main(int argc, char** argv) {
         rc = parse_u64(a, val, 0, INT32_MAX, &n_new);
       } else if (!strcmp(a, "--repeat")) {
         rc = parse_u64(a, val, 1, 1000000, &repeat);
+      } else if (!strcmp(a, "--temperature") || !strcmp(a, "--top-p") || !strcmp(a, "--repetition-penalty")) {
+        double d;
+        int top_p = !strcmp(a, "--top-p"), temp = !strcmp(a, "--temperature");
+        rc = parse_double(a, "the value", val, 0, !temp, temp ? 100 : top_p ? 1 : 100, &d);
+        if (!rc) *(temp ? &sampling.temperature : top_p ? &sampling.top_p : &sampling.repetition_penalty) = (float)d;
+      } else if (!strcmp(a, "--top-k")) {
+        if (!(rc = parse_u64(a, val, 0, UINT32_MAX, &v))) sampling.top_k = (uint32_t)v;
+      } else if (!strcmp(a, "--seed")) {
+        rc = parse_u64(a, val, 0, UINT64_MAX, &v);
+        sampling.seed = v;
       } else if (!strcmp(a, "--budget")) {
         rc = parse_size(a, val, 1, &p.memory_budget);
       } else if (!strcmp(a, "--max-seq")) {
@@ -332,7 +347,7 @@ int main(int argc, char** argv) {
     }
   }
   if (!dir) return usage_error("give the artifact directory");
-  if (!have_tokens) return usage_error("give the prompt as --tokens ID,ID,...");
+  if (have_tokens == (prompt_text != NULL)) return usage_error("give the prompt as --prompt TEXT or as --tokens ID,ID,...");
   p.artifact_dir = dir;
 
   char err[512];
@@ -343,6 +358,18 @@ int main(int argc, char** argv) {
   }
   em_model_info info;
   em_model_info_get(s, &info);
+  em_tokenizer* tok = NULL; /* with --prompt: text in, text out */
+  if (prompt_text) {
+    int trc = em_tokenizer_open(dir, &tok, err, sizeof err);
+    if (!trc) trc = em_tokenize(tok, prompt_text, prompt, MAX_PROMPT, &n_prompt);
+    if (trc || !n_prompt) {
+      fprintf(stderr, "edgemoe_run: %s\n", trc == EM_ERR_ARGUMENT ? "the prompt is more than 4096 tokens"
+                                                                 : trc ? err : "the prompt is empty");
+      em_tokenizer_close(tok);
+      em_close(s);
+      return trc == EM_ERR_ARGUMENT || !n_prompt ? 2 : 1;
+    }
+  }
   /* what needs the artifact to check: the context it holds */
   if (max_seq > info.max_seq) {
     em_close(s);
@@ -361,24 +388,52 @@ int main(int argc, char** argv) {
      tokens must repeat exactly, and resident memory must not grow from round to round) */
   static int32_t first[MAX_GENERATED];
   unsigned long long rss_first_round = 0;
+  int32_t* history = (int32_t*)malloc((n_prompt + n_new) * sizeof(int32_t));
+  if (!history) {
+    fprintf(stderr, "edgemoe_run: out of memory\n");
+    em_close(s);
+    return 1;
+  }
   int rc = EM_OK;
   for (uint64_t round = 0; rc == EM_OK && round < repeat; round++) {
+    em_sampler* sampler;
+    if ((rc = em_sampler_create(&sampling, info.vocab_size, &sampler, err, sizeof err)) != EM_OK) {
+      fprintf(stderr, "edgemoe_run: %s\n", err);
+      break;
+    }
+    memcpy(history, prompt, n_prompt * sizeof(int32_t));
+    size_t n_history = n_prompt;
     em_reset(s);
     rc = em_prefill(s, prompt, n_prompt);
     for (uint64_t i = 0; rc == EM_OK && i < n_new; i++) {
-      int next = argmax(em_logits(s), info.vocab_size);
-      if (round == 0) {
+      int32_t next = em_sample(sampler, em_logits(s), history, n_history);
+      if (!ignore_eos && next == info.eos_token_id) break;
+      history[n_history++] = next;
+      if (round == 0 && tok) {
+        const char* text;
+        size_t len = em_token_text(tok, next, &text);
+        fwrite(text, 1, len, stdout);
+        fflush(stdout);
+        if (i < MAX_GENERATED) first[i] = next;
+      } else if (round == 0) {
         printf(i ? ",%d" : "%d", next);
         if (i < MAX_GENERATED) first[i] = next;
       } else if (i < MAX_GENERATED && next != first[i]) {
         fprintf(stderr, "edgemoe_run: round %llu generated token %d at %llu where round 1 had %d\n",
                 (unsigned long long)round + 1, next, (unsigned long long)i, first[i]);
-        em_close(s);
-        return 1;
+        rc = EM_ERR_ARGUMENT;
+        break;
       }
       rc = em_decode_step(s, next, NULL);
     }
+    em_sampler_free(sampler);
     if (round == 0) printf("\n"), rss_first_round = status_kib("VmRSS") * 1024ull;
+  }
+  free(history);
+  em_tokenizer_close(tok);
+  if (rc == EM_ERR_ARGUMENT && repeat > 1) {
+    em_close(s);
+    return 1;
   }
   if (rc != EM_OK) {
     fprintf(stderr, "edgemoe_run: %s\n", em_error(s));
