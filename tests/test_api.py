@@ -124,3 +124,22 @@ def test_compile_at_the_top_of_the_package(tiny_mixtral_dir, tmp_path, runtime_l
     with edgemoe.Session(tmp_path / "art") as s:
         assert len(list(s.tokens([1, 2, 3], max_tokens=5))) <= 5
     assert TRAINED_MODEL.is_dir()
+
+
+def test_the_c_unicode_classes_are_generated_from_unicodedata():
+    from edgemoe.compiler import tokenizer_file
+    from edgemoe.runtime import REPO_ROOT
+
+    header = REPO_ROOT / "runtime_c" / "src" / "generated" / "unicode_classes.h"
+    assert header.read_text() == tokenizer_file.unicode_table_header(), \
+        "regenerate: python -m edgemoe.compiler.tokenizer_file > runtime_c/src/generated/unicode_classes.h"
+
+
+def test_a_tokenizer_the_c_runtime_cannot_reproduce_is_named(tmp_path):
+    from edgemoe.compiler.tokenizer_file import write_tokenizer
+
+    spec = json.loads((TRAINED_MODEL / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert "normalizes" in write_tokenizer(tmp_path / "tokenizer.json", tmp_path / "tokenizer.bin")
+    assert not (tmp_path / "tokenizer.bin").exists()
