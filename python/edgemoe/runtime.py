@@ -11,6 +11,14 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "runtime"
+# an installed package (a wheel, pip install .) carries the runtime here, built with the package (setup.py)
+PACKAGED_DIR = Path(__file__).resolve().parent / "_native"
+
+
+def runtime_dir() -> Path:
+    """Where libedgemoe.so and edgemoe_run are: the package's own copy when installed, else the
+    source checkout's build (built by build_runtime)."""
+    return PACKAGED_DIR if (PACKAGED_DIR / "libedgemoe.so").is_file() else DEFAULT_BUILD_DIR
 
 STATUS_NAMES = {-1: "io", -2: "format", -3: "budget", -4: "argument", -5: "kernel", -6: "nomem"}
 
@@ -85,13 +93,17 @@ _lib_lock = threading.Lock()
 
 
 def library() -> ctypes.CDLL:
-    """The loaded runtime: $EDGEMOE_RUNTIME_LIB, else build/runtime/libedgemoe.so (built if missing)."""
+    """The loaded runtime: $EDGEMOE_RUNTIME_LIB, else the installed package's, else the source
+    checkout's build/runtime/libedgemoe.so (built if missing)."""
     global _lib
     with _lib_lock:
         if _lib is None:
             path = os.environ.get("EDGEMOE_RUNTIME_LIB")
-            path = Path(path) if path else DEFAULT_BUILD_DIR / "libedgemoe.so"
+            path = Path(path) if path else runtime_dir() / "libedgemoe.so"
             if not path.is_file():
+                if not (REPO_ROOT / "CMakeLists.txt").is_file():
+                    raise RuntimeError(f"the C runtime is missing ({path}): this installation was built without "
+                                       "it; reinstall EdgeMoE (pip install .) where cmake and a C compiler exist")
                 path = build_runtime()
             # RTLD_GLOBAL: the artifact's kernels.so resolves the runtime's TVM shim symbols against it.
             lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
