@@ -1,5 +1,6 @@
 #ifndef EM_CLOCK_H
 #define EM_CLOCK_H
+#include <errno.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -8,5 +9,13 @@ static inline uint64_t em_now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Sleeps for `seconds`, resuming after a signal. */
+static inline void em_sleep_s(double seconds) {
+  if (!(seconds > 0)) return;
+  struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+  }
 }
 #endif

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "clock.h"
 #include "storage.h"
 
 typedef struct {
@@ -15,23 +16,12 @@ typedef struct {
   double bandwidth, latency;
 } emulated_storage;
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static int emulated_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
   emulated_storage* s = (emulated_storage*)self;
-  double start = now_s();
+  uint64_t start = em_now_ns();
   int rc = s->inner->read(s->inner, dst, len, offset);
   if (rc) return rc;
-  double left = s->latency + (double)len / s->bandwidth - (now_s() - start);
-  if (left > 0) {
-    struct timespec ts = {(time_t)left, (long)((left - (double)(time_t)left) * 1e9)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
-  }
+  em_sleep_s(s->latency + (double)len / s->bandwidth - (double)(em_now_ns() - start) * 1e-9);
   return 0;
 }
 

@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "artifact.h"
+#include "clock.h"
 #include "storage.h"
 
 #define MAX_FAULTS 32
@@ -41,12 +42,7 @@ static int faulty_read(em_storage* self, void* dst, uint64_t len, uint64_t offse
       case FAULT_SHORT: return EM_READ_SHORT;
       case FAULT_EINTR: return -EINTR;
       case FAULT_CORRUPT: corrupt = 1; break;
-      case FAULT_DELAY: {
-        struct timespec ts = {(time_t)f->delay_s, (long)((f->delay_s - (double)(time_t)f->delay_s) * 1e9)};
-        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-        }
-        break;
-      }
+      case FAULT_DELAY: em_sleep_s(f->delay_s); break;
     }
   }
   int rc = s->inner->read(s->inner, dst, len, offset);
