@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .config import Expert, Layer, MoEConfig, MoEModel
 from .families import family_modules
+from .gguf_import import gguf_file
 from .hf_import import ModelImportError, read_config
 
 # architectures (as named in an HF config's "architectures" list) → family module (describe, load)
@@ -12,7 +13,14 @@ IMPORTERS = {arch: fam for fam in family_modules() for arch in fam.ARCHITECTURES
 
 
 def load_model(model_dir: str | Path) -> MoEModel:
-    """Import a checkpoint directory into the project's MoEModel, by its declared architecture."""
+    """Import a checkpoint into the project's MoEModel, by its declared architecture: a Hugging Face
+    directory (config.json + *.safetensors), or a GGUF file (a path ending in .gguf, or a directory
+    holding one .gguf and no config.json; gguf_import.py)."""
+    gguf = gguf_file(model_dir)
+    if gguf is not None:
+        from .gguf_import import load_gguf
+
+        return load_gguf(gguf)
     hf = read_config(Path(model_dir))
     archs = hf.get("architectures") or []
     for a in archs:
@@ -25,7 +33,13 @@ def load_model(model_dir: str | Path) -> MoEModel:
 
 
 def describe_model(model_dir: str | Path) -> MoEConfig:
-    """The MoEConfig of a checkpoint from its config.json alone (no tensors read)."""
+    """The MoEConfig of a checkpoint from its config.json alone, or a GGUF's metadata and tensor
+    table (no tensors read)."""
+    gguf = gguf_file(model_dir)
+    if gguf is not None:
+        from .gguf_import import describe_gguf
+
+        return describe_gguf(gguf)
     hf = read_config(Path(model_dir))
     for a in hf.get("architectures") or []:
         if a in IMPORTERS:

@@ -30,7 +30,8 @@ INERT_KEYS = {
 def read_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ModelImportError(f"{path} not found: a model directory needs config.json and *.safetensors")
+        raise ModelImportError(f"{path} not found: a model directory needs config.json and *.safetensors "
+                               "(or a single .gguf file)")
     return json.loads(path.read_text())
 
 

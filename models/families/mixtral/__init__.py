@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...gguf_import import GGUFArch
 from ...hf_import import ConfigReader, read_config
 from .. import common_config, load_decoder
 
 ARCHITECTURES = ("MixtralForCausalLM",)
+# llama.cpp stores Mixtral as its "llama" architecture with experts, q/k rows permuted for its RoPE
+GGUF = GGUFArch("llama", "mixtral", "Mixtral", norm_topk_prob=True, permuted_qk=True)
 
 
 def describe(hf: dict, where: Path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...gguf_import import GGUFArch
 from ...hf_import import ConfigReader, read_config
 from .. import common_config, load_decoder
 
 ARCHITECTURES = ("OlmoeForCausalLM",)
+GGUF = GGUFArch("olmoe", "olmoe", "OLMoE", norm_topk_prob=False, qk_norm="full")
 
 
 def describe(hf: dict, where: Path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...gguf_import import GGUFArch
 from ...hf_import import ConfigReader, read_config
 from .. import all_layers_sparse, common_config, load_decoder
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM",)
+GGUF = GGUFArch("qwen2moe", "qwen2_moe", "Qwen2-MoE", norm_topk_prob=False, qkv_bias=True, shared_expert=True)
 
 
 def describe(hf: dict, where: Path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...gguf_import import GGUFArch
 from ...hf_import import ConfigReader, read_config
 from .. import all_layers_sparse, common_config, load_decoder
 
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+GGUF = GGUFArch("qwen3moe", "qwen3_moe", "Qwen3-MoE", norm_topk_prob=True, qk_norm="head")
 
 
 def describe(hf: dict, where: Path):
