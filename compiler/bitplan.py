@@ -20,6 +20,7 @@ import numpy as np
 from ..models import Expert, MoEModel
 from ..evaluate import WINDOW, perplexity_reference, token_nll, windows
 from ..models.reference import forward_sequence
+from .progress import stage, track
 from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, compiled_trunk, quantize
 
 LEVELS = (8, 4, 3, 2)  # from the most to the least precise
@@ -95,9 +96,10 @@ def uniform(model: MoEModel, bits: int) -> list[list[int]]:
     return [[bits] * model.config.num_experts for _ in range(model.config.num_layers)]
 
 
-def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None = None) -> np.ndarray:
+def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None = None, progress=None) -> np.ndarray:
     """[layers, experts]: loss increase when that expert alone drops from `high` to `low` bits (the
-    paper's procedure), cached on disk by model, calibration tokens and bitwidths."""
+    paper's procedure), cached on disk by model, calibration tokens and bitwidths. `progress`: a
+    progress factory (compiler/progress.py) counting the experts measured."""
     cfg = ev.model.config
     key = hashlib.sha256(
         ev.tokens.tobytes() + ev.model.embed[:8].tobytes() + ev.model.layers[-1].experts[-1].w_down[:4].tobytes()
@@ -111,11 +113,11 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     base_loss = ev.loss(base)
     inputs = ev.layer_inputs(base)
     out = np.zeros((cfg.num_layers, cfg.num_experts))
-    for l in range(cfg.num_layers):
-        for e in range(cfg.num_experts):
-            plan = [row[:] for row in base]
-            plan[l][e] = low
-            out[l, e] = ev.loss_from(plan, l, inputs) - base_loss
+    each = [(l, e) for l in range(cfg.num_layers) for e in range(cfg.num_experts)]
+    for l, e in track(progress, each, f"sensitivity INT{high}→INT{low}", unit="expert"):
+        plan = [row[:] for row in base]
+        plan[l][e] = low
+        out[l, e] = ev.loss_from(plan, l, inputs) - base_loss
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out.tolist()))
@@ -134,9 +136,9 @@ def split_tokens(calibration: np.ndarray, search: np.ndarray | None = None):
 BASE = 4  # sensitivities are measured one expert at a time with every other expert here (the paper's middle level)
 
 
-def sensitivities(ev: PlanEvaluator, cache_dir: Path | None = None) -> dict[int, np.ndarray]:
+def sensitivities(ev: PlanEvaluator, cache_dir: Path | None = None, progress=None) -> dict[int, np.ndarray]:
     """Bits → [layers, experts] loss change when that expert alone moves from BASE to those bits."""
-    return {b: sensitivity(ev, BASE, b, cache_dir) for b in LEVELS if b != BASE}
+    return {b: sensitivity(ev, BASE, b, cache_dir, progress) for b in LEVELS if b != BASE}
 
 
 def plan_path(sens: dict[int, np.ndarray]) -> tuple[list[list[int]], list[tuple[float, int, int, int]]]:
@@ -200,20 +202,23 @@ class BitPlan:
 def search_plan(model: MoEModel, search: np.ndarray, check: np.ndarray, tolerance: float | None = None,
                 group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
                 trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None,
-                max_bits: float | None = None) -> BitPlan:
+                max_bits: float | None = None, progress=None) -> BitPlan:
     """A per-expert plan over LEVELS along plan_path(): with `tolerance`, the most compact plan whose
     loss on the search tokens stays within it (binary search along the path; loss grows along it),
     then measured on the check tokens, stepping back towards precision while that fails; with
     `max_bits` (average bits per expert weight), the first plan on the path that small, and with
     both, the more compact of the two. With `moments` (profile.ExpertMoments, gathered on
-    calibration tokens that exclude the check's) experts are rounded as the compiler will round them."""
+    calibration tokens that exclude the check's) experts are rounded as the compiler will round them.
+    `progress`: a progress factory (compiler/progress.py) told of each measurement loop."""
     if tolerance is None and max_bits is None:
         raise ValueError("a bit plan search needs a tolerance, a bits target, or both")
     if max_bits is not None and max_bits < min(LEVELS):
         raise ValueError(f"an average of {max_bits} bits is below the narrowest expert bitwidth INT{min(LEVELS)}")
-    ev = PlanEvaluator(model, search, group, trunk_bits, layout, moments)
-    steps = [f"uniform INT{b}: loss {100 * ev.loss(uniform(model, b)):+.2f}% on search tokens" for b in LEVELS]
-    start, moves = plan_path(sensitivities(ev, cache_dir))
+    with stage(progress, "bit plans: scoring the float model"):
+        ev = PlanEvaluator(model, search, group, trunk_bits, layout, moments)
+    steps = [f"uniform INT{b}: loss {100 * ev.loss(uniform(model, b)):+.2f}% on search tokens"
+             for b in track(progress, LEVELS, "bit plans: uniform plans", unit="plan")]
+    start, moves = plan_path(sensitivities(ev, cache_dir, progress))
     steps.append(f"{len(moves)} moves from {np.mean(start):.2f} to {np.mean(_plan_at(start, moves, len(moves))):.2f} "
                  "average bits, by loss per bit saved")
     lowest = 0  # the check never steps back past this move (the bits target)
@@ -226,7 +231,10 @@ def search_plan(model: MoEModel, search: np.ndarray, check: np.ndarray, toleranc
                                  f"{100 * ev.loss(start):.2f}% perplexity on the search text, over the tolerance "
                                  f"{100 * tolerance:.2f}% by {100 * (ev.loss(start) - tolerance):.2f} points")
         lo, hi = 0, len(moves)  # loss(plan at lo) is within tolerance
-        while lo < hi:
+        # a binary search over len(moves) + 1 plans halves them at most len(moves).bit_length() times
+        for _ in track(progress, range(len(moves).bit_length()), "bit plans: searching the path", unit="plan"):
+            if lo >= hi:
+                continue  # found: the rest of the bar's steps are empty
             mid = (lo + hi + 1) // 2
             if ev.loss(_plan_at(start, moves, mid)) <= tolerance:
                 lo = mid
@@ -234,14 +242,15 @@ def search_plan(model: MoEModel, search: np.ndarray, check: np.ndarray, toleranc
                 hi = mid - 1
         steps.append(f"within {100 * tolerance:.2f}% on the search tokens: {lo} moves")
         k = max(lo, lowest)
-    checked = ev.loss(_plan_at(start, moves, k), check)
-    while tolerance is not None and checked > tolerance and k > lowest:
-        back = max(1, (k - lowest) // 8)
-        steps.append(f"check over tolerance ({100 * checked:.2f}%) at {k} moves: {back} back")
-        k -= back
+    with stage(progress, "bit plans: checking on unseen tokens"):
         checked = ev.loss(_plan_at(start, moves, k), check)
-    plan = _plan_at(start, moves, k)
-    found = BitPlan(plan, tolerance, max_bits, ev.loss(plan), checked, float(np.mean(plan)), steps)
+        while tolerance is not None and checked > tolerance and k > lowest:
+            back = max(1, (k - lowest) // 8)
+            steps.append(f"check over tolerance ({100 * checked:.2f}%) at {k} moves: {back} back")
+            k -= back
+            checked = ev.loss(_plan_at(start, moves, k), check)
+        plan = _plan_at(start, moves, k)
+        found = BitPlan(plan, tolerance, max_bits, ev.loss(plan), checked, float(np.mean(plan)), steps)
     steps.append(f"{k} moves: {found.average_bits:.2f} bits, loss {100 * found.search_loss:+.2f}% on search "
                  f"tokens, {100 * checked:+.2f}% on check tokens ({ev.evaluations} plan evaluations)")
     if not found.met:

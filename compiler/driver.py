@@ -18,6 +18,7 @@ from .bitplan import LEVELS, search_plan, split_tokens
 from .cache import cache_dir
 from .expert_image import ExpertWeights, write_image
 from .lower import build_kernels
+from .progress import stage, track
 from .tuning import TuningStore
 from .profile import expert_moments, profile_routing, tokenize_file
 from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, compiled_trunk, quantize
@@ -117,7 +118,10 @@ def _publish(work: Path, out_dir: Path) -> None:
 
 def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptions, log=print, progress=None) -> dict:
     """Compile the checkpoint in model_dir into an artifact directory; returns the manifest.
-    `progress` wraps an iterable of tuning jobs (a progress bar) when opts.tune is set.
+    `log` receives one line per finished stage. `progress`, a progress factory (compiler/progress.py:
+    called as tqdm is, returning the iterable it is given, counted), is told of every long stage:
+    import, calibration, bit-plan search, rounding each expert, routing profile, tuning, lowering,
+    writing; None (the default) reports none of them.
     The artifact is written into a working directory beside out_dir and renamed into place when
     complete: a failed or interrupted compile leaves out_dir as it was."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -138,7 +142,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     t0 = time.time()
     target = load_target(opts.target)
     check_trunk_bits(opts.trunk_bits)
-    model = load_model(model_dir)
+    with stage(progress, f"importing {model_dir.name}"):
+        model = load_model(model_dir)
     cfg = model.config
     calib_tokens = None
     if opts.calibration is not None:
@@ -155,7 +160,10 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
                 tokenize_file(model_dir / "tokenizer.json", opts.search_text, opts.calibration_tokens)
             fit, search_tokens, check_tokens = split_tokens(calib_tokens, text)
         search_layout = weight_layout(cfg, target, opts, list(LEVELS))
-        moments = expert_moments(compiled_trunk(model, opts.trunk_bits, opts.group, search_layout), fit)
+        with stage(progress, "rounding the trunk"):
+            rounded_trunk = compiled_trunk(model, opts.trunk_bits, opts.group, search_layout)
+        moments = expert_moments(rounded_trunk, fit, progress=progress)
+        del rounded_trunk
         log(f"measured expert inputs on {len(fit)} calibration tokens (the quantizer rounds against them)")
     if search:
         goals = ([f"within {100 * opts.tolerance:.2f}% perplexity loss"] if opts.tolerance is not None else []) + \
@@ -164,7 +172,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
             f"check tokens of {opts.search_text or opts.calibration})")
         searched = search_plan(model, search_tokens, check_tokens, opts.tolerance, opts.group,
                                cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
-                               moments=moments, max_bits=opts.max_bits)
+                               moments=moments, max_bits=opts.max_bits, progress=progress)
         if opts.tolerance is not None and searched.check_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.check_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.check_loss - opts.tolerance):.2f} points")
@@ -182,10 +190,13 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         return ExpertWeights(*(quantize(w, plan[li][ei], opts.group, layout, g)
                                for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
-    experts = [[stored(li, ei, e) for ei, e in enumerate(layer.experts)] for li, layer in enumerate(model.layers)]
+    experts = [[] for _ in model.layers]
+    each = [(li, ei, e) for li, layer in enumerate(model.layers) for ei, e in enumerate(layer.experts)]
+    for li, ei, e in track(progress, each, "rounding experts", unit="expert"):
+        experts[li].append(stored(li, ei, e))
     profile = None
     if calib_tokens is not None:
-        profile = profile_routing(model, calib_tokens)
+        profile = profile_routing(model, calib_tokens, progress=progress)
         log(f"profiled expert routing on {len(calib_tokens)} calibration tokens from {opts.calibration}")
     # kernels before the weights: trunk.bin records their digest, machine and CPU features
     store = TuningStore(target, opts.tuning_dir)
@@ -200,10 +211,11 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         compile_id=os.urandom(16),
         kernels_sha256=bytes.fromhex(_sha256(out_dir / kernels["library"])) if "library" in kernels else bytes(32),
         machine=elf_machine(tvm_target), cpu_features=required_features(tvm_target))
-    records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate, opts.group,
-                          layout, identity.compile_id)
-    trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout, profile,
-                              identity)
+    with stage(progress, "writing experts.bin and trunk.bin"):
+        records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate,
+                              opts.group, layout, identity.compile_id)
+        trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
+                                  profile, identity)
     average_bits = float(np.mean(plan))
     log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
         f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "

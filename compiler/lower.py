@@ -10,6 +10,7 @@ import tvm
 from ..models import MoEConfig
 from ..targets import TargetDesc
 from .kernels import decode_kernels
+from .progress import stage, tuning_jobs
 from .schedules import DEFAULT_LANES, schedule
 from .tuning import TuningStore, lanes_for, tunable, tune
 
@@ -22,15 +23,17 @@ def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layou
                   out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None) -> dict:
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
     Schedules come from the tuning store where it has a record; with `tune_missing`, kernels
-    without one are tuned first (and recorded, so the next compile does not tune again)."""
+    without one are tuned first (and recorded, so the next compile does not tune again). `progress`:
+    a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link."""
     funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm())
     tuned_now = {}
     if store is not None and tune_missing:
-        tuned_now = tune(funcs, target, store, progress=progress)
+        tuned_now = tune(funcs, target, store, progress=tuning_jobs(progress))
     lanes = lanes_for(funcs, store) if store is not None else {}
-    exe = tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=target.tvm())
-    obj = out_dir / "kernels.o"
-    exe.mod.write_to_file(str(obj))
+    with stage(progress, f"lowering {len(funcs)} kernels (tvm.compile)"):
+        exe = tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=target.tvm())
+        obj = out_dir / "kernels.o"
+        exe.mod.write_to_file(str(obj))
     info = {"object": obj.name, "symbols": sorted(funcs), "tvm_target": target.resolved_tvm_target(),
             "schedules": {n: {"lanes": lanes.get(n, DEFAULT_LANES),
                               "from": "tuned now" if n in tuned_now else "tuning record" if n in lanes else "default"}
@@ -42,7 +45,8 @@ def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layou
             raise ToolchainError(f"C compiler {target.cc!r} for target {target.name!r} not found on PATH")
         lib = out_dir / "kernels.so"
         # TVMFFIErrorSetRaisedFromCStrParts stays undefined: the EdgeMoE runtime provides it.
-        proc = subprocess.run([cc, "-shared", "-o", str(lib), str(obj)], capture_output=True, text=True)
+        with stage(progress, f"linking {lib.name}"):
+            proc = subprocess.run([cc, "-shared", "-o", str(lib), str(obj)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise ToolchainError(f"linking {lib} failed:\n{proc.stderr}")
         info["library"] = lib.name

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..models import MoEModel
 from ..models.reference import expert_hidden, forward_sequence, quantize_activation, rms_norm
+from .progress import track
 
 WINDOW = 256
 # The fit corrects the next layer's own router and is pulled towards it: penalty RIDGE per
@@ -67,20 +68,21 @@ def tokenize_file(tokenizer_path: Path, text_path: Path, max_tokens: int) -> np.
     return np.asarray(tok.encode(text).ids[:max_tokens], dtype=np.int64)
 
 
-def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW) -> RoutingProfile:
+def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, progress=None) -> RoutingProfile:
     """Routes every calibration token through the float model, in windows of `window` tokens (each
     a fresh context), and fits the fitted-router predictor: each layer's router plus a ridge
     least-squares correction, from the normalised state the runtime has one layer earlier and the
     layer's MoE input at the previous token, to that layer's router logits. The router alone on
     the earlier state misses what the layer's attention adds; that depends on the context, which
-    the layer's previous input stands for (measured: docs/BENCHMARKS.md §4)."""
+    the layer's previous input stands for (measured: docs/BENCHMARKS.md §4). `progress`: a progress
+    factory (compiler/progress.py) counting the windows."""
     cfg = model.config
     H, E = cfg.hidden_size, cfg.num_experts
     F = 2 * H + 1
     gram = np.zeros((cfg.num_layers, F, F))
     cross = np.zeros((cfg.num_layers, F, E))
     chunks = []
-    for i in range(0, len(tokens), window):
+    for i in track(progress, range(0, len(tokens), window), "routing profile", unit="window"):
         trace: dict = {}
         chunks.append(forward_sequence(model, tokens[i : i + window], trace)[1])
         sources = [trace["embed"]] + trace["layer_out"][:-1]
@@ -114,14 +116,14 @@ class ExpertMoments:
         return self.gate_up[layer, expert], self.gate_up[layer, expert], self.down[layer, expert]
 
 
-def expert_moments(model: MoEModel, tokens: np.ndarray, window: int = WINDOW) -> ExpertMoments:
+def expert_moments(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, progress=None) -> ExpertMoments:
     """Runs the calibration tokens through `model` and sums, per expert, the outer products of the
     inputs its three matrices see (as the artifact's kernels see them: with the model's activation
-    rounding)."""
+    rounding). `progress`: a progress factory (compiler/progress.py) counting the windows."""
     cfg = model.config
     L, E, H, I = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate
     gate_up, down, rows = np.zeros((L, E, H, H)), np.zeros((L, E, I, I)), np.zeros((L, E), np.int64)
-    for i in range(0, len(tokens), window):
+    for i in track(progress, range(0, len(tokens), window), "calibration: expert inputs", unit="window"):
         trace: dict = {}
         selected = forward_sequence(model, tokens[i : i + window], trace)[1]
         for l, layer in enumerate(model.layers):

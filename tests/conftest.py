@@ -50,6 +50,27 @@ def tiny_mixtral_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny_mixtral_dir, tmp_path_factory):
+    """The tiny Mixtral with a character-level tokenizer of its 160-token vocabulary, so the
+    compiler can read calibration and search text for it (a compile with --calibration and a
+    bit-plan search in seconds)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    out = tmp_path_factory.mktemp("tiny_tok")
+    for f in tiny_mixtral_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([CALIBRATION.read_text(encoding="utf-8")],
+                            trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>"]))
+    assert tok.get_vocab_size() <= 160
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_model():
     from edgemoe.models import load_model
 

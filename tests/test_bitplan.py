@@ -120,28 +120,6 @@ def test_loss_from_a_layer_equals_the_whole_run(small_model, text_tokens):
         assert ev.loss_from(plan, layer, inputs) == ev.loss(plan)
 
 
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tiny_mixtral_dir, tmp_path_factory):
-    """The tiny Mixtral with a character-level tokenizer of its 160-token vocabulary, so the
-    compiler can read calibration and search text for it."""
-    import shutil
-
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    from conftest import CALIBRATION
-
-    out = tmp_path_factory.mktemp("tiny_tok")
-    for f in tiny_mixtral_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([CALIBRATION.read_text(encoding="utf-8")],
-                            trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>"]))
-    assert tok.get_vocab_size() <= 160
-    tok.save(str(out / "tokenizer.json"))
-    return out
-
-
 def test_compile_with_a_bits_target_and_a_search_text(tiny_with_tokenizer, tmp_path):
     import json
 

@@ -169,6 +169,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     from .compiler.driver import CompileOptions, compile_model
     from .compiler.tuning import TuningError
     from .models import ModelImportError
+    from .progressbar import terminal_progress
     from .targets import UnknownTargetError
 
     if max_seq is not None:
@@ -180,7 +181,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, search_text=search_text,
                               int_dot=int_dot, tune=tune)
-        compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=_tuning_bar)
+        compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
 
