@@ -154,7 +154,7 @@ def test_c_cli_checks_the_context_against_the_artifact(edgemoe_run, tiny_artifac
     proc = c_run(edgemoe_run, tiny_artifact, "--tokens", "1,2,160", "-n", "2")  # vocabulary 160: the runtime's check
     assert proc.returncode == 1 and "160" in proc.stderr, proc.stderr
     proc = c_run(edgemoe_run, tiny_artifact, "--tokens", "1,2,3", "-n", "61", "--budget", "64MiB", "--emulate",
-                 "1000,0", "--threads", "2")
+                 "1000,0", "--threads", "2", "--ignore-eos")  # the whole context, past any end-of-sequence token
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines[0].split(",")) == 61
@@ -284,7 +284,8 @@ def test_bench_pipeline_without_profile_skips_those_rows_with_a_note(tiny_artifa
 
     out = tmp_path / "pipeline.json"
     r = CliRunner().invoke(bench_cmd, ["pipeline", str(tiny_artifact), "--tokens", "1,2,3", "-n", "3", "--max-seq",
-                                       "32", "--emulate-storage", "2000,0", "--json-out", str(out)])
+                                       "32", "--emulate-storage", "2000,0", "--json-out", str(out), "--plot",
+                                       str(tmp_path / "pipeline.png")])
     assert r.exit_code == 0, (r.output, r.exception)
     assert "compiled without calibration text" in r.output and "--calibration" in r.output, r.output
     saved = json.loads(out.read_text())

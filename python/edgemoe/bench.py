@@ -137,9 +137,31 @@ def floor_ms(result: dict, free_ms: float, bandwidth: float | None) -> float:
     return max(free_ms, io)
 
 
+def plot_option(name: str):
+    """--plot PATH / --no-plot: every subcommand draws its table into a PNG (plots.py)."""
+    def decorate(f):
+        f = click.option("--no-plot", is_flag=True, help="Write no chart (as --plot '').")(f)
+        return click.option("--plot", "plot_path", default=f"edgemoe-bench-{name}.png", show_default=True,
+                            metavar="PATH", help="PNG chart of the table to write; '' for none.")(f)
+    return decorate
+
+
+def write_plot(plot_path: str, no_plot: bool, chart: str, *args, **kwargs) -> Path | None:
+    """Draws `chart` (a function of plots.py) into plot_path unless the user asked for none; says so on stderr."""
+    if no_plot or not plot_path:
+        return None
+    try:
+        from . import plots
+    except ImportError as e:
+        raise click.ClickException(f"cannot draw {plot_path}: {e} (pip install matplotlib, or pass --no-plot)")
+    path = getattr(plots, chart)(Path(plot_path), *args, **kwargs)
+    click.echo(f"wrote {path}", err=True)
+    return path
+
+
 @click.group("edgemoe-bench")
 def bench_cmd():
-    """Benchmarks of the compiled model in the C runtime."""
+    """Benchmarks of the compiled model in the C runtime; each writes its table as a PNG too (--plot)."""
 
 
 @bench_cmd.command("pipeline")
@@ -153,7 +175,8 @@ def bench_cmd():
 @click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, json_out):
+@plot_option("pipeline")
+def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, json_out, plot_path, no_plot):
     """IO-FREE vs IO-EXP vs EdgeMoE expert management, side by side on emulated storage. On an artifact
     compiled without calibration text the configurations that need its routing profile (path-table and
     fitted-router prediction, EdgeMoE eviction) are skipped, with a note."""
@@ -179,8 +202,10 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, js
     click.echo("| configuration | ms/token | × IO-FREE | floor ms | × floor | cache hit | prediction | read/token "
                "| stall ms/token | slots |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|")
+    chart = []
     for r in results:
         fl = floor_ms(r, free, emulate[0])
+        chart.append({"config": r["config"], "ms_per_token": r["ms_per_token"], "floor_ms": fl})
         pred = f"{r['prediction_rate']:.1%}" if r["prediction_rate"] is not None else "-"
         click.echo(f"| {r['config']} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / free:.2f} | {fl:.2f} | "
                    f"{r['ms_per_token'] / fl:.2f} | {r['hit_rate']:.1%} | {pred} | "
@@ -192,6 +217,9 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, js
         click.echo(f"note: {artifact} was compiled without calibration text (no routing profile): skipped "
                    f"{len(skipped)} configurations that need one (path-table or fitted-router prediction, EdgeMoE "
                    f"eviction): {'; '.join(c.name for c in skipped)}. Compile with --calibration TEXT to run them.")
+    write_plot(plot_path, no_plot, "pipeline", chart,
+               title=f"{artifact}: ms/token on {storage} storage ({emulate[0] / 1e6:.0f} MB/s, "
+                     f"{emulate[1] * 1e3:.2f} ms), {n_new} tokens")
 
 
 @bench_cmd.command("predictors")
@@ -205,7 +233,8 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, js
               help="Expert cache as a fraction of all experts.")
 @click.option("--prefetch", "prefetch_counts", type=_NumberList(int, 0, UINT32_MAX), default="0", show_default=True,
               help="Comma-separated experts to predict and prefetch per layer (0 = top-k).")
-def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts):
+@plot_option("predictors")
+def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts, plot_path, no_plot):
     """Next-layer prediction hit rate of each predictor over held-out text."""
     from tokenizers import Tokenizer
 
@@ -235,6 +264,7 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
     click.echo("| predictor | experts named per layer | experts predicted | prefetches used | prefetches wasted | "
                "cache hit |")
     click.echo("|---|---|---|---|---|---|")
+    chart = []
     for name, count in runs:
         with Session(artifact, memory_budget=budget, max_seq=window, predictor=name, prefetch_experts=count) as s:
             for i in range(0, len(ids), window):
@@ -242,8 +272,14 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
                 s.prefill(ids[i : i + window])
             st = s.stats()
         predicted = f"{st['predicted_hits'] / st['predicted']:.1%}" if st["predicted"] else "–"
+        hit = st["expert_hits"] / max(st["expert_hits"] + st["expert_misses"], 1)
         click.echo(f"| {name} | {count if name != 'none' else '–'} | {predicted} | {st['prefetch_used']} | "
-                   f"{st['prefetch_wasted']} | {st['expert_hits'] / max(st['expert_hits'] + st['expert_misses'], 1):.1%} |")
+                   f"{st['prefetch_wasted']} | {hit:.1%} |")
+        chart.append({"predictor": name, "count": count,
+                      "predicted": st["predicted_hits"] / st["predicted"] if st["predicted"] else None,
+                      "hit_rate": hit})
+    write_plot(plot_path, no_plot, "predictors", chart,
+               title=f"{artifact.name}: {len(ids)} tokens of {text_path.name}, cache {fraction:.0%} of experts")
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -272,7 +308,8 @@ def _timed(fn) -> float:
 @click.option("--llama-cpp", "tree", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A built llama.cpp tree with build/bin/test-backend-ops: adds ggml's kernel on the shapes its "
                    "perf suite has.")
-def kernels_cmd(shapes, bits_list, target, number, tree):
+@plot_option("kernels")
+def kernels_cmd(shapes, bits_list, target, number, tree, plot_path, no_plot):
     """Expert GEMV kernels, both formulations: µs, GB/s of packed weights, and ratios to memcpy, NumPy
     float32 and llama.cpp, in one run."""
     shape_list = []
@@ -303,6 +340,7 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
                "llama.cpp µs | × llama.cpp |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     T = tvm.runtime.tensor
+    chart = []
     for shape in shape_list:
         H, I = shape
         cfg = MoEConfig("bench", 8, H, 1, 1, 1, H, 1, 1, I, 8, 1e4, 1e-5)
@@ -337,6 +375,9 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
                     theirs = f"{tl:.1f} | {tl / 1e6 / t:.2f}" if tl else "– | –"
                     click.echo(f"| {name} | {H}×{I} | {bits} | {form} | {t * 1e6:.1f} | {wbytes / t / 1e9:.2f} | "
                                f"{wbytes / t / bw:.2f} | {tn * 1e6:.1f} | {tn / t:.2f} | {theirs} |")
+                    chart.append({"kernel": name, "shape": f"{H}×{I}", "bits": bits, "formulation": form,
+                                  "us": t * 1e6, "gbps": wbytes / t / 1e9})
+    write_plot(plot_path, no_plot, "kernels", chart, bw / 1e9, title=f"Expert GEMV kernels on {target}")
 
 
 @bench_cmd.command("bitplans")
@@ -360,8 +401,9 @@ def kernels_cmd(shapes, bits_list, target, number, tree):
               help="Tokens generated per prompt for agreement.")
 @click.option("--target", default="host", show_default=True,
               help="Score plans as edgemoe-compile would build them for this target (trunk INT8, its kernels).")
+@plot_option("bitplans")
 def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_paths, n_tokens, tolerances,
-                 bit_targets, greedy_tokens, target):
+                 bit_targets, greedy_tokens, target, plot_path, no_plot):
     """Uniform INT8/4/3/2 against searched per-expert plans: bits, image size, held-out perplexity, greedy agreement."""
     import numpy as np
     from tokenizers import Tokenizer
@@ -375,6 +417,7 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
     from .evaluate import greedy_agreement, perplexity_reference
     from .models import load_model
     from .models.reference import ReferenceExecutor
+    from .progressbar import terminal_progress
     from .targets import load_target
 
     model = load_model(model_dir)
@@ -393,7 +436,8 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
 
     float_ppl = [perplexity_reference(model, h)["perplexity"] for h in held]
     float_greedy = greedy(model)
-    moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), fit)
+    moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), fit,
+                             progress=terminal_progress)
     plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
     goals = [(f"tolerance {t:g}%", {"tolerance": t / 100}) for t in tolerances] + \
         [(f"≤ {b:g} bits", {"max_bits": b}) for b in bit_targets]
@@ -401,7 +445,7 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
         click.echo(f"searching a plan: {name} ...", err=True)
         found = search_plan(model, search, check, group=DEFAULT_GROUP, cache_dir=cache_dir(),
                             log=lambda m: click.echo(f"  {m}", err=True), trunk_bits=opts.trunk_bits, layout=layout,
-                            moments=moments, **goal)
+                            moments=moments, progress=terminal_progress, **goal)
         plans.append((name, found.plan, found))
     texts = ", ".join(f"{p:.3f} over {len(h)} tokens of {t.name}" for p, h, t in zip(float_ppl, held, text_paths))
     click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {texts}; "
@@ -413,6 +457,7 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
     click.echo(f"| plan | INT{'/'.join(map(str, LEVELS))} experts | avg bits | image |{columns} check loss | "
                "greedy agreement |")
     click.echo("|---|---|---|---|" + "---|---|" * len(held) + "---|---|")
+    chart = []
     for name, plan, found in plans:
         qmodel = quantized_model(model, plan, opts.trunk_bits, DEFAULT_GROUP, layout, moments)
         ppl = [perplexity_reference(qmodel, h)["perplexity"] for h in held]
@@ -423,6 +468,10 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
         click.echo(f"| {name} | {counts} | {np.mean(plan):.2f} | "
                    f"{fmt_bytes(image_bytes(plan, cfg.hidden_size, cfg.expert_intermediate, DEFAULT_GROUP))} |"
                    f"{scores} {check} | {np.mean(agree):.1%} |")
+        chart.append({"plan": name, "average_bits": float(np.mean(plan)), "searched": found is not None,
+                      "loss_pct": [100 * (p / f - 1) for p, f in zip(ppl, float_ppl)]})
+    write_plot(plot_path, no_plot, "bitplans", chart, [t.name for t in text_paths],
+               title=f"{model_dir.name}: held-out perplexity loss against average expert bits")
 
 
 BITPLAN_PROMPTS = ["ROMEO:\n", "The history of the city begins in", "To create a list in Python, use",
@@ -441,7 +490,8 @@ BITPLAN_PROMPTS = ["ROMEO:\n", "The history of the city begins in", "To create a
               default="next-router", show_default=True)
 @click.option("--eviction", type=click.Choice(["lru", "fifo", "edgemoe"]), default="lru", show_default=True)
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
-def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, predictor, eviction, max_seq):
+@plot_option("budget")
+def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, predictor, eviction, max_seq, plot_path, no_plot):
     """Artifacts side by side at one memory budget (e.g. a searched bit plan against uniform INT4)."""
     from .cli import _storage_emulation
 
@@ -458,12 +508,17 @@ def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, predictor, evi
                f"{emulate[1] * 1e3:.2f} ms), predictor {predictor}, eviction {eviction}, {n_new} tokens")
     click.echo("| artifact | avg bits | cache slots | ms/token | cache hit | read/token | stall ms/token |")
     click.echo("|---|---|---|---|---|---|---|")
+    chart = []
     for art, manifest, ids in zip(artifacts, manifests, prompts):
         cfg = RunConfig(str(art), None, predictor=predictor, eviction=eviction, budget=nbytes)
         r = run_config(art, cfg, ids, n_new, emulate, max_seq)
         click.echo(f"| {art} | {manifest['quantization']['average_bits']:.2f} | {r['cache_slots']} | "
                    f"{r['ms_per_token']:.2f} | {r['hit_rate']:.1%} | {fmt_bytes(r['bytes_read_per_token'])} | "
                    f"{r['stall_ms_per_token']:.2f} |")
+        chart.append({"artifact": str(art), "average_bits": manifest["quantization"]["average_bits"],
+                      "ms_per_token": r["ms_per_token"], "hit_rate": r["hit_rate"], "cache_slots": r["cache_slots"]})
+    write_plot(plot_path, no_plot, "budget", chart,
+               title=f"budget {fmt_bytes(nbytes)}, {storage} storage, {predictor} prediction, {eviction} eviction")
 
 
 @bench_cmd.command("llamacpp")
@@ -477,7 +532,8 @@ def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, predictor, evi
               help="Decode tokens after a 9-token prompt (the context is at most 256).")
 @click.option("--threads", type=_NumberList(int, 1, MAX_THREADS), default="1,2", show_default=True,
               help="Thread counts to run (both).")
-def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
+@plot_option("llamacpp")
+def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path, no_plot):
     """Whole-model decode, all experts resident: EdgeMoE artifacts against llama-bench on GGUFs of
     the same model at the nearest bit width, in one run."""
     from . import llamacpp
@@ -491,6 +547,7 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
     click.echo("| expert bits | trunk | EdgeMoE kernels | llama.cpp format | EdgeMoE / GGUF bytes | threads | "
                "EdgeMoE tok/s | llama.cpp tok/s | × llama.cpp |")
     click.echo("|---|---|---|---|---|---|---|---|---|")
+    chart = []
     for art in artifacts:
         manifest = read_manifest(art)
         bits = manifest["quantization"]["expert_bits"]
@@ -511,6 +568,10 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads):
             theirs = llamacpp.bench_decode(tree, gguf, n_new, t)
             click.echo(f"| INT{bits} | {trunk} | {form} | {gtype} | {sizes} | {t} | {ours:.0f} | {theirs:.0f} | "
                        f"{ours / theirs:.2f} |")
+            chart.append({"label": f"INT{bits} / {gtype}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
+                          "theirs": theirs})
+    write_plot(plot_path, no_plot, "llamacpp", chart,
+               title=f"{model_dir.name}: decode tok/s, all experts resident, {n_new} tokens")
 
 
 def _stats_lines(stdout: str) -> dict:
@@ -525,7 +586,8 @@ def _stats_lines(stdout: str) -> dict:
               help="tokens per round (prompt + generated); at most the artifact's context")
 @click.option("--sanitizers/--no-sanitizers", default=True, show_default=True,
               help="also run the soak in an AddressSanitizer + LeakSanitizer + UBSan build (build/asan)")
-def soak_cmd(artifact, n_tokens, round_tokens, sanitizers):
+@plot_option("soak")
+def soak_cmd(artifact, n_tokens, round_tokens, sanitizers, plot_path, no_plot):
     """Decode many tokens at the minimum budget, the context reset every round: the tokens of every
     round must equal the first's, resident memory must not grow, and LeakSanitizer must find nothing."""
     import subprocess
@@ -549,6 +611,7 @@ def soak_cmd(artifact, n_tokens, round_tokens, sanitizers):
                "sanitizer reports |")
     click.echo("|---|---|---|---|---|---|---|---|")
     failed = False
+    chart = []
     for name, build in builds:
         env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
         t0 = time.perf_counter()
@@ -560,10 +623,14 @@ def soak_cmd(artifact, n_tokens, round_tokens, sanitizers):
         if proc.returncode != 0:
             failed = True
             click.echo(f"| {name} | failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]} |||||||")
+            chart.append({"build": name, "rss_first": None, "rss_last": None})
             continue
         st = _stats_lines(proc.stdout)
         first, last = int(st["rss_first_round_bytes"]), int(st["rss_last_round_bytes"])
         click.echo(f"| {name} | {st['tokens']} | {seconds:.1f} | {fmt_bytes(first)} | {fmt_bytes(last)} | "
                    f"{fmt_bytes(max(0, last - first))} | yes | {reports} |")
+        chart.append({"build": name, "rss_first": first, "rss_last": last})
+    write_plot(plot_path, no_plot, "soak", chart,
+               title=f"{artifact.name}: {rounds} rounds of {round_tokens} tokens at the minimum budget")
     if failed:
         raise click.ClickException("the soak failed: see the table")
