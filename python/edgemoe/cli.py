@@ -133,7 +133,7 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
 
 
 @click.command("edgemoe-compile")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Artifact directory to write.")
 @click.option("--target", default="host", show_default=True, help="Board description in targets/.")
@@ -187,11 +187,13 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
 
 
 def _model_max_positions(model_dir: Path) -> int | None:
-    """The checkpoint's max_position_embeddings (None where its config cannot be read: the
-    compiler reports that)."""
+    """The checkpoint's maximum positions (None where its description cannot be read: the compiler
+    reports that)."""
+    from .models import describe_model
+
     try:
-        return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return describe_model(model_dir).max_positions
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint is the compiler's to report, with its reason
         return None
 
 
@@ -240,15 +242,6 @@ def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir)
         click.echo(f"| {name} | {rec['lanes']} | {rec['us']:.2f} | {rec['default_us']:.2f} |")
 
 
-def _load_tokenizer(artifact: Path):
-    from tokenizers import Tokenizer
-
-    path = artifact / "tokenizer.json"
-    if not path.is_file():
-        raise click.ClickException(f"{path} not found: pass --tokens with token ids instead of --prompt")
-    return Tokenizer.from_file(str(path))
-
-
 def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[float, float]:
     """(bandwidth B/s, latency s) from a target name or "MBPS,MS" (MBPS > 0, MS >= 0, both finite;
     as edgemoe_run --emulate)."""
@@ -279,7 +272,18 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
 @click.option("--prompt", help="Text to continue (uses the artifact's tokenizer.json).")
 @click.option("--tokens", help="Comma-separated token ids to continue, instead of --prompt.")
 @click.option("-n", "n_new", type=click.IntRange(0, INT32_MAX), default=64, show_default=True,
-              help="Tokens to generate (greedy); the prompt and these must fit the context.")
+              help="Tokens to generate at most (generation stops at the model's end-of-sequence token); the "
+                   "prompt and these must fit the context.")
+@click.option("--temperature", type=_Finite(0, 100), default=0.0, show_default=True,
+              help="Sampling temperature; 0 = greedy.")
+@click.option("--top-k", type=click.IntRange(0, UINT32_MAX), default=0, show_default=True,
+              help="Sample among the k most likely tokens [0: all].")
+@click.option("--top-p", type=_Finite(0, 1), default=1.0, show_default=True,
+              help="Sample among the fewest most likely tokens whose probability reaches p (> 0).")
+@click.option("--repetition-penalty", type=_Finite(0, 100), default=1.0, show_default=True,
+              help="> 1 makes tokens already in the context less likely (> 0).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="The random sequence of the sampler: the same seed gives the same text (as edgemoe_run's).")
 @click.option("--budget", type=_Bytes(), default=None,
               help="Memory budget for the runtime (trunk + KV cache + buffers + expert cache): whole bytes or a "
                    "number with a unit (KB, MB, GB; KiB, MiB, GiB), e.g. 24MiB, rounded down to whole bytes. "
@@ -306,10 +310,12 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
                    "or bandwidth in MB/s and latency in ms, e.g. 45,1.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
               help="Compute threads for the kernels' parallel loops (the loader thread is extra).")
-def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no_verify, predictor, eviction,
-            prefetch_experts, no_loader_thread, storage, direct_io, emulate_storage, threads):
+def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetition_penalty, seed, budget,
+            cache_fraction, max_seq, no_verify, predictor, eviction, prefetch_experts, no_loader_thread, storage,
+            direct_io, emulate_storage, threads):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
-    from .runtime import EdgeMoEError, Session, budget_bytes
+    from .api import Session
+    from .runtime import EdgeMoEError
 
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give exactly one of --prompt or --tokens")
@@ -317,38 +323,41 @@ def run_cmd(artifact, prompt, tokens, n_new, budget, cache_fraction, max_seq, no
         raise click.UsageError("give --budget or --cache-fraction, not both")
     ids = _token_ids(tokens) if tokens is not None else None
     emulate = _storage_emulation(emulate_storage) if emulate_storage else None
-    tok = _load_tokenizer(artifact) if prompt is not None else None
-    if tok:
-        ids = tok.encode(prompt).ids
-    if not ids:
-        raise click.UsageError("the prompt encodes to no tokens")
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                    seed=seed)
     try:
-        if cache_fraction is not None:
-            budget = budget_bytes(artifact, max_seq, cache_fraction)
-        with Session(artifact, memory_budget=budget or 0, max_seq=max_seq, verify=not no_verify, storage=storage,
-                     direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread, predictor=predictor,
-                     prefetch_experts=prefetch_experts, eviction=eviction, threads=threads) as s:
+        with Session(artifact, budget=budget, cache_fraction=cache_fraction, max_seq=max_seq, verify=not no_verify,
+                     storage=storage, direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread,
+                     predictor=predictor, prefetch_experts=prefetch_experts, eviction=eviction, threads=threads) as s:
+            if prompt is not None:
+                ids = s.tokenizer.encode(prompt).ids
+            if not ids:
+                raise click.UsageError("the prompt encodes to no tokens")
             _check_against_artifact(s.info, len(ids), n_new, max_seq, prefetch_experts)
-            t0 = time.perf_counter()
-            logits = s.prefill(ids)
-            t1 = time.perf_counter()
-            out = []
-            for _ in range(n_new):
-                nxt = int(logits.argmax())
-                out.append(nxt)
-                if nxt == s.info["eos_token_id"]:
-                    break
-                logits = s.decode_step(nxt)
+            out, t0 = [], time.perf_counter()
+            t1 = t0  # when the prompt has been read: the first token is out
+            if prompt is not None:  # text: streamed as it is generated
+                click.echo(prompt, nl=False)
+                for piece in s.generate(ids, n_new, **sampling):
+                    t1 = t1 if out else time.perf_counter()
+                    out.append(piece)
+                    click.echo(piece, nl=False)
+                click.echo("")
+            else:
+                for token in s.tokens(ids, n_new, **sampling):
+                    t1 = t1 if out else time.perf_counter()
+                    out.append(token)
+                click.echo(",".join(map(str, out)))
             t2 = time.perf_counter()
             st, chosen = s.stats(), (s.info["predictor"], s.info["eviction"])
-    except EdgeMoEError as e:
+    except (EdgeMoEError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
-    click.echo((prompt + tok.decode(out)) if tok else ",".join(map(str, out)))
+    n_out = st["tokens"] - len(ids)  # decode steps after the prompt
     uses = st["expert_hits"] + st["expert_misses"]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     click.echo("", err=True)
-    click.echo(f"prefill: {len(ids)} tokens in {t1 - t0:.3f} s ({len(ids) / (t1 - t0):.1f} tok/s)", err=True)
-    click.echo(f"decode: {len(out)} tokens in {t2 - t1:.3f} s ({len(out) / max(t2 - t1, 1e-9):.1f} tok/s)", err=True)
+    click.echo(f"prefill: {len(ids)} tokens in {t1 - t0:.3f} s ({len(ids) / max(t1 - t0, 1e-9):.1f} tok/s)", err=True)
+    click.echo(f"decode: {n_out} tokens in {t2 - t1:.3f} s ({n_out / max(t2 - t1, 1e-9):.1f} tok/s)", err=True)
     click.echo(f"memory: runtime {fmt_bytes(st['memory_bytes'])} (trunk {fmt_bytes(st['trunk_bytes'])}, "
                f"expert cache {st['cache_slots']} slots = {fmt_bytes(st['expert_cache_bytes'])}); "
                f"process peak RSS {fmt_bytes(peak_rss)}", err=True)
