@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import Expert, MoEModel
-from ..evaluate import WINDOW, perplexity_reference, token_nll, windows
+from ..models.perplexity import WINDOW, perplexity_reference, token_nll, windows
 from ..models.reference import forward_sequence
 from .progress import stage, track
 from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, compiled_trunk, quantize
