@@ -31,6 +31,21 @@ def rmsnorm(h: int, eps: float, name: str = "em_rmsnorm") -> tvm.tirx.PrimFunc:
     return _named(y, [x, w, y], name)
 
 
+def layernorm(h: int, eps: float, name: str = "em_layernorm") -> tvm.tirx.PrimFunc:
+    """y = (x - mean) / sqrt(variance + eps) · w + b (the biased variance, as torch's LayerNorm)."""
+    x = te.placeholder((h,), F32, name="x")
+    w = te.placeholder((h,), F32, name="w")
+    b = te.placeholder((h,), F32, name="b")
+    k = te.reduce_axis((0, h), name="k")
+    total = te.compute((1,), lambda _: te.sum(x[k], axis=k), name="total")
+    mean = te.compute((1,), lambda _: total[0] / h, name="mean")
+    kv = te.reduce_axis((0, h), name="kv")
+    ss = te.compute((1,), lambda _: te.sum((x[kv] - mean[0]) * (x[kv] - mean[0]), axis=kv), name="ss")
+    inv = te.compute((1,), lambda _: 1.0 / te.sqrt(ss[0] / h + tvm.tirx.const(eps, F32)), name="inv")
+    y = te.compute((h,), lambda i: (x[i] - mean[0]) * inv[0] * w[i] + b[i], name="y")
+    return _named(y, [x, w, b, y], name)
+
+
 def matvec(n: int, k: int, name: str, residual: bool = False, bits: int = 32, group: int = 32) -> tvm.tirx.PrimFunc:
     """y = W x (+ r): a trunk projection, optionally with the residual add fused. W is float32
     [n, k] (bits 32) or packed at `bits` like an expert matrix (codes, scales)."""
@@ -229,13 +244,15 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
 
     K = KERNELS
     funcs = [
-        rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
+        layernorm(hdim, cfg.norm_eps, K["layernorm"]) if cfg.norm == "layer" else rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
         trunk_matvec(qkv_rows, hdim, K["qkv_bias"] if cfg.qkv_bias else K["qkv"], residual=cfg.qkv_bias),
         rope(cfg, K["rope"]),
         attention(cfg, K["attention"]),
         trunk_matvec(hdim, cfg.q_dim, K["o_proj"], residual=True),
         matvec(cfg.num_experts, hdim, K["router"]),
-        trunk_matvec(cfg.vocab_size, hdim, K["lm_head"]),
+        # the LM head's bias, where it has one, added as the qkv bias is: as the matvec's residual
+        trunk_matvec(cfg.vocab_size, hdim, K["lm_head_bias"] if cfg.lm_head_bias else K["lm_head"],
+                     residual=cfg.lm_head_bias),
     ]
     if cfg.qk_norm != "none":
         funcs.append(qk_norm(cfg, K["qk_norm"]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import MoEModel
-from ..models.reference import expert_hidden, forward_sequence, quantize_activation, rms_norm
+from ..models.reference import expert_hidden, forward_sequence, norm, quantize_activation
 from .progress import track
 
 WINDOW = 256
@@ -24,7 +24,7 @@ class RoutingProfile:
     num_experts: int
     # [layers, experts, 2 * hidden + 1]: per layer, a linear map to that layer's router logits from
     # what the runtime has when it predicts that layer: the current state (the previous layer's
-    # output; layer 0: the token's embedding) RMS-normalised with the layer's ffn_norm (weights
+    # output; layer 0: the token's embedding) normalised with the layer's ffn norm (weights
     # [:hidden]), and the MoE input the layer saw at the previous token (zeros at the first;
     # weights [hidden:2·hidden]); then the bias
     fitted_router: np.ndarray | None = None
@@ -87,7 +87,7 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, p
         chunks.append(forward_sequence(model, tokens[i : i + window], trace)[1])
         sources = [trace["embed"]] + trace["layer_out"][:-1]
         for l, layer in enumerate(model.layers):
-            z = rms_norm(sources[l], layer.ffn_norm, cfg.norm_eps).astype(np.float64)
+            z = norm(cfg, sources[l], layer.ffn_norm, layer.ffn_norm_bias).astype(np.float64)
             previous = np.vstack([np.zeros((1, H)), trace["ffn_in"][l][:-1]])
             z = np.hstack([z, previous, np.ones((len(z), 1))])
             gram[l] += z.T @ z

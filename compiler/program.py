@@ -22,25 +22,29 @@ NONE = 0xFFFFFFFF
 # a float32 matrix))
 OPS = {
     "EMBED": ("*embed", "scale"),
-    "ATTENTION": ("layer", "norm", "*wqkv", "qkv_bias", "qk_norm", "q_norm", "k_norm", "rope_cos", "rope_sin",
-                  "*wo", "o_bias"),
-    "MOE": ("layer", "norm", "router", "route", "*shared_gate_proj", "*shared_up_proj", "*shared_down_proj",
-            "shared_gate"),
-    "FINAL": ("norm", "*lm_head", "scale"),
+    "ATTENTION": ("layer", "norm_kind", "norm", "norm_bias", "*wqkv", "qkv_bias", "qk_norm", "q_norm", "k_norm",
+                  "rope_cos", "rope_sin", "*wo", "o_bias"),
+    "MOE": ("layer", "norm_kind", "norm", "norm_bias", "router", "route", "route_threshold", "*shared_gate_proj",
+            "*shared_up_proj", "*shared_down_proj", "shared_gate"),
+    "FINAL": ("norm_kind", "norm", "norm_bias", "*lm_head", "lm_head_bias", "scale"),
 }
 # EMBED's and FINAL's "scale": a float32 (its bits as the word) multiplying the embedding row /
-# the logits; 1.0 for families without such a factor (MoEConfig.embedding_scale, .logit_scale)
+# the logits; 1.0 for families without such a factor (MoEConfig.embedding_scale, .logit_scale).
+# "norm_kind" (NORM) says which norm "norm" (and, for LayerNorm, "norm_bias") parametrise.
+# MOE's "route_threshold": a float32, the sparsemixer's relative margin 2·MoEConfig.sparsemixer_eps
+# (0 for the other routing functions).
 OP_CODES = {name: i + 1 for i, name in enumerate(OPS)}
 
+NORM = {"rms": 0, "layer": 1}  # the norm_kind operands: MoEConfig.norm
 QK_NORM = {"none": 0, "head": 1, "full": 2}  # ATTENTION's qk_norm operand
-ROUTE = {"softmax_topk": 0, "softmax_topk_renorm": 1}  # MOE's route operand
+ROUTE = {"softmax_topk": 0, "softmax_topk_renorm": 1, "sparsemixer": 2}  # MOE's route operand
 
 # kernel role → symbol: the names decode_kernels gives its PrimFuncs and the runtime resolves
 KERNELS = {
-    "rmsnorm": "em_rmsnorm", "qkv": "em_qkv", "qkv_bias": "em_qkv_bias", "qk_norm": "em_qk_norm",
-    "rope": "em_rope", "attention": "em_attention", "add": "em_add", "o_proj": "em_o_proj", "router": "em_router",
-    "shared_gate": "em_shared_gate", "shared_gate_up": "em_shared_gate_up", "shared_down": "em_shared_down",
-    "lm_head": "em_lm_head",
+    "rmsnorm": "em_rmsnorm", "layernorm": "em_layernorm", "qkv": "em_qkv", "qkv_bias": "em_qkv_bias",
+    "qk_norm": "em_qk_norm", "rope": "em_rope", "attention": "em_attention", "add": "em_add", "o_proj": "em_o_proj",
+    "router": "em_router", "shared_gate": "em_shared_gate", "shared_gate_up": "em_shared_gate_up",
+    "shared_down": "em_shared_down", "lm_head": "em_lm_head", "lm_head_bias": "em_lm_head_bias",
 }
 EXPERT_KERNELS = {"expert_gate_up": "em_expert_gate_up_w{bits}", "expert_down": "em_expert_down_w{bits}"}
 
@@ -67,10 +71,24 @@ def float_word(value: float) -> int:
     return int(f.view(np.uint32))
 
 
+def routing(cfg) -> str:
+    """The MOE op's routing function (a ROUTE key) for a MoEConfig."""
+    if cfg.routing == "sparsemixer":
+        if cfg.top_k != 2:
+            raise ValueError(f"sparsemixer routing picks two experts, not top_k = {cfg.top_k}")
+        return "sparsemixer"
+    if cfg.routing != "softmax":
+        raise ValueError(f"unknown routing {cfg.routing!r}; supported: softmax, sparsemixer")
+    return "softmax_topk_renorm" if cfg.norm_topk_prob else "softmax_topk"
+
+
 def emit_program(cfg, index) -> np.ndarray:
     """The layer program of a model: `index(name)` gives a trunk tensor's table index (NONE if the
     trunk has no such tensor; trunk_file.trunk_tensors names them)."""
     words: list[int] = []
+    route = routing(cfg)
+    threshold = float_word(2 * cfg.sparsemixer_eps if route == "sparsemixer" else 0.0)
+    norm_kind = NORM[cfg.norm]
 
     def op(name: str, tensors: dict[str, str], **values: int) -> None:
         slots = operand_slots(name)
@@ -82,15 +100,17 @@ def emit_program(cfg, index) -> np.ndarray:
     op("EMBED", {"embed": "embed"}, scale=float_word(cfg.embedding_scale))
     for l in range(cfg.num_layers):
         p = f"layers.{l}."
-        op("ATTENTION", {"norm": p + "attn_norm", "wqkv": p + "wqkv", "qkv_bias": p + "bqkv", "q_norm": p + "q_norm",
-                         "k_norm": p + "k_norm", "rope_cos": "rope_cos", "rope_sin": "rope_sin", "wo": p + "wo",
-                         "o_bias": p + "bo"}, layer=l, qk_norm=QK_NORM[cfg.qk_norm])
-        op("MOE", {"norm": p + "ffn_norm", "router": p + "router", "shared_gate_proj": p + "shared_gate_proj",
-                   "shared_up_proj": p + "shared_up_proj", "shared_down_proj": p + "shared_down_proj",
-                   "shared_gate": p + "shared_gate"},
-           layer=l, route=ROUTE["softmax_topk_renorm" if cfg.norm_topk_prob else "softmax_topk"])
-    op("FINAL", {"norm": "final_norm", "lm_head": "embed" if cfg.tie_embeddings else "lm_head"},
-       scale=float_word(cfg.logit_scale))
+        op("ATTENTION", {"norm": p + "attn_norm", "norm_bias": p + "attn_norm_bias", "wqkv": p + "wqkv",
+                         "qkv_bias": p + "bqkv", "q_norm": p + "q_norm", "k_norm": p + "k_norm", "rope_cos": "rope_cos",
+                         "rope_sin": "rope_sin", "wo": p + "wo", "o_bias": p + "bo"},
+           layer=l, norm_kind=norm_kind, qk_norm=QK_NORM[cfg.qk_norm])
+        op("MOE", {"norm": p + "ffn_norm", "norm_bias": p + "ffn_norm_bias", "router": p + "router",
+                   "shared_gate_proj": p + "shared_gate_proj", "shared_up_proj": p + "shared_up_proj",
+                   "shared_down_proj": p + "shared_down_proj", "shared_gate": p + "shared_gate"},
+           layer=l, norm_kind=norm_kind, route=ROUTE[route], route_threshold=threshold)
+    op("FINAL", {"norm": "final_norm", "norm_bias": "final_norm_bias",
+                 "lm_head": "embed" if cfg.tie_embeddings else "lm_head", "lm_head_bias": "lm_head_bias"},
+       norm_kind=norm_kind, scale=float_word(cfg.logit_scale))
     return np.array(words, dtype=np.uint32)
 
 
@@ -106,6 +126,7 @@ def c_header() -> str:
         for i, slot in enumerate(slots):
             lines.append(f"#define EM_{name}_{slot.replace('.', '_').upper()} {i}")
     lines.append("")
+    lines += [f"#define EM_NORM_{k.upper()} {v}" for k, v in NORM.items()]
     lines += [f"#define EM_QK_NORM_{k.upper()} {v}" for k, v in QK_NORM.items()]
     lines += [f"#define EM_ROUTE_{k.upper()} {v}" for k, v in ROUTE.items()]
     lines.append("")

@@ -49,7 +49,10 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
     out = [("embed", model.embed)]
     for i, l in enumerate(model.layers):
         p = f"layers.{i}."
-        out += [(p + "attn_norm", l.attn_norm), (p + "wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0))]
+        out.append((p + "attn_norm", l.attn_norm))
+        if cfg.norm == "layer":
+            out.append((p + "attn_norm_bias", l.attn_norm_bias))
+        out.append((p + "wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0)))
         if cfg.qkv_bias:
             out.append((p + "bqkv", np.concatenate([l.bq, l.bk, l.bv])))
         if cfg.qk_norm != "none":
@@ -57,15 +60,23 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         out.append((p + "wo", l.wo))
         if cfg.o_bias:
             out.append((p + "bo", l.bo))
-        out += [(p + "ffn_norm", l.ffn_norm), (p + "router", l.router)]
+        out.append((p + "ffn_norm", l.ffn_norm))
+        if cfg.norm == "layer":
+            out.append((p + "ffn_norm_bias", l.ffn_norm_bias))
+        out.append((p + "router", l.router))
         if l.shared is not None:
             out += [(p + "shared_gate_proj", l.shared.w_gate), (p + "shared_up_proj", l.shared.w_up),
                     (p + "shared_down_proj", l.shared.w_down)]
             if l.shared_gate is not None:
                 out.append((p + "shared_gate", l.shared_gate))
-    out += [("final_norm", model.final_norm), ("rope_cos", cos), ("rope_sin", sin)]
+    out.append(("final_norm", model.final_norm))
+    if cfg.norm == "layer":
+        out.append(("final_norm_bias", model.final_norm_bias))
+    out += [("rope_cos", cos), ("rope_sin", sin)]
     if not cfg.tie_embeddings:
         out.append(("lm_head", model.lm_head))
+    if cfg.lm_head_bias:
+        out.append(("lm_head_bias", model.lm_head_bias))
     if profile is not None:
         names = PROFILE_TENSORS
         out.append((names["path_table"], profile.path_table().reshape(cfg.num_layers * cfg.num_experts, -1)))

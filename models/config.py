@@ -35,7 +35,20 @@ class MoEConfig:
     shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(w · x)
     # Scalars a family cannot fold into its weights when the embedding and LM head share one matrix:
     embedding_scale: float = 1.0  # x = embedding_scale · embed[token] (rounded to float32, as the runtime applies it)
-    logit_scale: float = 1.0  # logits = logit_scale · (lm_head · rmsnorm(x)) (float32, likewise)
+    logit_scale: float = 1.0  # logits = logit_scale · (lm_head · norm(x) + lm_head_bias) (float32, likewise)
+    # The attention, MoE and final norms: "rms" (RMSNorm, a weight) or "layer" (LayerNorm: mean removed,
+    # divided by the standard deviation, then a weight and a bias)
+    norm: str = "rms"
+    lm_head_bias: bool = False  # the LM head adds a bias [vocab]
+    # How the router's logits pick the experts and weigh them: "softmax" (softmax over all experts,
+    # the top-k, renormalised with norm_topk_prob) or "sparsemixer" (top-2, each weight a softmax over
+    # the experts within a relative margin 2·sparsemixer_eps of that pick: reference.sparsemixer)
+    routing: str = "softmax"
+    sparsemixer_eps: float = 0.0
+    # RoPE beyond plain θ (LongRoPE's short-context form): frequency i divided by rope_factors[i]
+    # (head_dim/2 values; None: all 1), and cos and sin multiplied by rope_scale
+    rope_factors: tuple[float, ...] | None = None
+    rope_scale: float = 1.0
 
     @property
     def q_dim(self) -> int:
@@ -76,11 +89,14 @@ class Layer:
     k_norm: np.ndarray | None = None  # [head_dim] or [kv_dim]
     shared: Expert | None = None  # the shared expert, [shared_expert_intermediate, hidden] matrices
     shared_gate: np.ndarray | None = None  # [1, hidden]
+    attn_norm_bias: np.ndarray | None = None  # with norm "layer": [hidden] each
+    ffn_norm_bias: np.ndarray | None = None
 
     def trunk_arrays(self) -> list[np.ndarray]:
         """Every resident array of the layer (for parameter counts)."""
         out = [self.attn_norm, self.wq, self.wk, self.wv, self.wo, self.ffn_norm, self.router]
-        out += [a for a in (self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm, self.shared_gate)
+        out += [a for a in (self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm, self.shared_gate,
+                            self.attn_norm_bias, self.ffn_norm_bias)
                 if a is not None]
         if self.shared is not None:
             out += [self.shared.w_gate, self.shared.w_up, self.shared.w_down]
@@ -98,10 +114,13 @@ class MoEModel:
     # values (None: inputs stay float32); separately for the trunk projections and the experts.
     trunk_act_group: int | None = None
     expert_act_group: int | None = None
+    final_norm_bias: np.ndarray | None = None  # with norm "layer": [hidden]
+    lm_head_bias: np.ndarray | None = None  # with lm_head_bias: [vocab]
 
     def parameter_counts(self) -> dict:
         experts = sum(e.w_gate.size + e.w_up.size + e.w_down.size for l in self.layers for e in l.experts)
         trunk = self.embed.size + self.final_norm.size
+        trunk += sum(a.size for a in (self.final_norm_bias, self.lm_head_bias) if a is not None)
         if not self.config.tie_embeddings:
             trunk += self.lm_head.size
         for l in self.layers:

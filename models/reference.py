@@ -1,9 +1,10 @@
 """NumPy reference executor: the numerical ground truth for every compiled path.
 
 Decodes one token at a time with a KV cache, in float32, in the same order of operations as
-the C runtime (embedding × embedding_scale → per layer: RMSNorm → attention → residual →
-RMSNorm → router → the shared expert, then the top-k SwiGLU experts → RMSNorm → LM head ×
-logit_scale), for every layer structure a MoEConfig describes (biases, q/k norms, shared experts).
+the C runtime (embedding × embedding_scale → per layer: norm → attention → residual →
+norm → router → the shared expert, then the top-k SwiGLU experts → norm → LM head (+ bias) ×
+logit_scale), for every layer structure a MoEConfig describes (biases, q/k norms, shared experts,
+RMSNorm or LayerNorm, softmax or sparsemixer routing).
 """
 from __future__ import annotations
 
@@ -13,15 +14,32 @@ from .config import MoEConfig, MoEModel
 
 
 def rope_tables(cfg: MoEConfig, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of shape [positions, head_dim/2] (rotate-half convention, as HF Llama/Mixtral)."""
+    """cos, sin of shape [positions, head_dim/2] (rotate-half convention, as HF Llama/Mixtral); with
+    the config's rope_factors each frequency divided by its factor, and both times rope_scale."""
     half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / cfg.head_dim))
+    if cfg.rope_factors is not None:
+        inv_freq = inv_freq / np.asarray(cfg.rope_factors, dtype=np.float64)
     ang = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    cos, sin = np.cos(ang), np.sin(ang)
+    if cfg.rope_scale != 1:
+        cos, sin = cos * cfg.rope_scale, sin * cfg.rope_scale
+    return cos.astype(np.float32), sin.astype(np.float32)
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis: (x - mean) / sqrt(variance + eps) · w + b (biased variance, as torch)."""
+    xc = x - np.mean(x, axis=-1, keepdims=True)
+    return xc / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + eps) * w + b
+
+
+def norm(cfg: MoEConfig, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """The config's norm of the rows of x with weight w (and, for LayerNorm, bias b)."""
+    return layer_norm(x, w, b, cfg.norm_eps) if cfg.norm == "layer" else rms_norm(x, w, cfg.norm_eps)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -40,6 +58,42 @@ def route(router_logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.nd
     if normalize:
         w = w / w.sum()
     return idx, w.astype(np.float32)
+
+
+def sparsemixer(router_logits: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """PhiMoE's sparsemixer routing at inference (transformers' modeling_phimoe.sparsemixer, eval
+    mode), in float32: the first pick is the top logit m1 (ties → lower index), weighted by the
+    softmax at it over the experts j with (m1 - s_j) / max(|s_j|, m1) <= 2·eps (the others masked);
+    the second pick is the top logit m2 of the rest, weighted likewise over the rest, the first pick
+    excluded, with m2 in place of m1. The two weights are not renormalised."""
+    s = np.asarray(router_logits, dtype=np.float32)
+    threshold = np.float32(2 * eps)
+    idx, w = [], []
+    allowed = np.ones(s.shape, bool)
+    for _ in range(2):
+        i = int(np.argmax(np.where(allowed, s, -np.inf)))
+        m = s[i]
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 is NaN: not above the threshold
+            keep = allowed & ~((m - s) / np.maximum(np.abs(s), m) > threshold)
+        keep[i] = True
+        w.append(np.float32(1) / np.exp(s[keep] - m).sum(dtype=np.float32))
+        idx.append(i)
+        allowed[i] = False
+    return np.array(idx), np.array(w, dtype=np.float32)
+
+
+def route_rows(cfg: MoEConfig, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen experts [T, top_k] and their weights for router logits [T, E], by the config's routing."""
+    if cfg.routing == "sparsemixer":
+        picks = [sparsemixer(row, cfg.sparsemixer_eps) for row in logits]
+        return np.stack([p[0] for p in picks]), np.stack([p[1] for p in picks])
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    idx = np.argsort(-probs, axis=-1, kind="stable")[:, : cfg.top_k]
+    w = np.take_along_axis(probs, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return idx, w
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -114,6 +168,16 @@ def scale_logits(cfg: MoEConfig, logits: np.ndarray) -> np.ndarray:
     return logits if scale == 1 else (logits * scale).astype(np.float32)
 
 
+def final_logits(model: MoEModel, x: np.ndarray) -> np.ndarray:
+    """The logits of residual-stream rows x: final norm, LM head (+ its bias), × logit_scale."""
+    cfg = model.config
+    xn = quantize_activation(norm(cfg, x, model.final_norm, model.final_norm_bias), model.trunk_act_group)
+    logits = model.lm_head @ xn if xn.ndim == 1 else xn @ model.lm_head.T
+    if cfg.lm_head_bias:
+        logits = logits + model.lm_head_bias
+    return scale_logits(cfg, logits.astype(np.float32))
+
+
 class ReferenceExecutor:
     """Token-by-token decoder over a MoEModel (expert weights as given: float or dequantized)."""
 
@@ -144,7 +208,7 @@ class ReferenceExecutor:
         group = cfg.num_heads // cfg.num_kv_heads
         chosen = []
         for li, layer in enumerate(m.layers):
-            xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), m.trunk_act_group)
+            xn = quantize_activation(norm(cfg, x, layer.attn_norm, layer.attn_norm_bias), m.trunk_act_group)
             q, k, v = project_qkv(layer, cfg, xn)
             q = apply_rope(q, self.cos[t], self.sin[t])
             self.k_cache[li, t] = apply_rope(k, self.cos[t], self.sin[t])
@@ -157,16 +221,18 @@ class ReferenceExecutor:
                 p = np.exp(s - s.max())
                 out[h] = (p / p.sum()) @ vals[:, h // group, :]
             x = x + attention_output(layer, cfg, out.reshape(-1), m.trunk_act_group)
-            xn = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
-            idx, w = route(layer.router @ xn, cfg.top_k, cfg.norm_topk_prob)
+            xn = norm(cfg, x, layer.ffn_norm, layer.ffn_norm_bias)
+            if cfg.routing == "sparsemixer":
+                idx, w = sparsemixer(layer.router @ xn, cfg.sparsemixer_eps)
+            else:
+                idx, w = route(layer.router @ xn, cfg.top_k, cfg.norm_topk_prob)
             chosen.append(idx)
             x = x + shared_expert(layer, cfg, xn, m.trunk_act_group)  # first, as the runtime: while experts load
             for e, we in zip(idx, w):
                 x = x + we * expert_ffn(layer.experts[e], xn, m.expert_act_group)
         self.trace.append(chosen)
         self.pos += 1
-        xn = quantize_activation(rms_norm(x, m.final_norm, cfg.norm_eps), m.trunk_act_group)
-        return scale_logits(cfg, (m.lm_head @ xn).astype(np.float32))
+        return final_logits(m, x)
 
     def greedy(self, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
         """Prefill `prompt`, then greedily generate n_new tokens. Returns (tokens, logits per new token)."""
@@ -207,7 +273,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
         trace.update(embed=x, ffn_in=[], layer_out=[], router_logits=[])
     for li in range(first_layer, cfg.num_layers):
         layer = model.layers[li]
-        xn = quantize_activation(rms_norm(x, layer.attn_norm, cfg.norm_eps), model.trunk_act_group)
+        xn = quantize_activation(norm(cfg, x, layer.attn_norm, layer.attn_norm_bias), model.trunk_act_group)
         q, k, v = project_qkv(layer, cfg, xn)
         q = apply_rope(q, cos[:, None, :], sin[:, None, :])
         k = apply_rope(k, cos[:, None, :], sin[:, None, :])
@@ -216,14 +282,9 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
         x = x + attention_output(layer, cfg, np.einsum("htu,uhd->thd", p, v).reshape(T, -1), model.trunk_act_group)
-        xn = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
+        xn = norm(cfg, x, layer.ffn_norm, layer.ffn_norm_bias)
         logits = xn @ layer.router.T
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        idx = np.argsort(-probs, axis=-1, kind="stable")[:, : cfg.top_k]
-        w = np.take_along_axis(probs, idx, axis=-1)
-        if cfg.norm_topk_prob:
-            w = w / w.sum(axis=-1, keepdims=True)
+        idx, w = route_rows(cfg, logits)
         selected[:, li] = idx
         out = np.zeros_like(x)
         for e, ex in enumerate(layer.experts):
@@ -236,5 +297,4 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
             trace["ffn_in"].append(xn)
             trace["layer_out"].append(x)
             trace["router_logits"].append(logits)
-    xn = quantize_activation(rms_norm(x, model.final_norm, cfg.norm_eps), model.trunk_act_group)
-    return scale_logits(cfg, (xn @ model.lm_head.T).astype(np.float32)), selected
+    return final_logits(model, x), selected

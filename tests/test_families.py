@@ -29,15 +29,21 @@ def test_reference_matches_transformers(family_dir, rng):
     assert np.abs(forward_sequence(model, np.array(tokens))[0] - want).max() <= 1e-4
 
 
+def is_phimoe(family_dir) -> bool:
+    """PhiMoE reads the key and the tensor the two tests below give the other families (PhiMoE's own)."""
+    return json.loads((family_dir / "config.json").read_text())["architectures"] == ["PhimoeForCausalLM"]
+
+
 def test_unknown_config_key_is_refused_naming_it(family_dir, tmp_path):
     import shutil
 
+    key = "attn_logit_softcapping" if is_phimoe(family_dir) else "lm_head_bias"  # Gemma 2's, for PhiMoE
     bad = tmp_path / "bad"
     shutil.copytree(family_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["lm_head_bias"] = True
+    cfg[key] = True
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelImportError, match="'lm_head_bias' not understood"):
+    with pytest.raises(ModelImportError, match=f"'{key}' not understood"):
         load_model(bad)
 
 
@@ -46,13 +52,15 @@ def test_unused_tensor_is_refused_naming_it(family_dir, tmp_path):
 
     from safetensors.numpy import load_file, save_file
 
+    # PhiMoE's LayerNorm bias; for PhiMoE, OLMoE's q norm
+    name = "model.layers.0.self_attn.q_norm.weight" if is_phimoe(family_dir) else "model.layers.0.input_layernorm.bias"
     bad = tmp_path / "bad"
     shutil.copytree(family_dir, bad)
     path = bad / "model.safetensors"
     tensors = load_file(path)
-    tensors["model.layers.0.input_layernorm.bias"] = np.zeros(64, np.float32)  # PhiMoE's LayerNorm bias
+    tensors[name] = np.zeros(64, np.float32)
     save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(ModelImportError, match="'model.layers.0.input_layernorm.bias'.* not used"):
+    with pytest.raises(ModelImportError, match=f"'{name}'.* not used"):
         load_model(bad)
 
 
@@ -77,6 +85,107 @@ def test_a_phimoe_checkpoint_calling_itself_mixtral_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ModelImportError, match="not used by the Mixtral importer"):
         load_model(tmp_path)
+
+
+def phimoe_longrope_checkpoint(out, form: str):
+    """The tiny PhiMoE with Phi-3.5's LongRoPE: short and long factors per frequency, mscales, and an
+    original context (64) below max_position_embeddings (128); its rope settings written as
+    transformers 5 writes them (rope_parameters) or as Phi-3.5's config.json has them (rope_scaling
+    and rope_theta)."""
+    import torch
+    import transformers
+
+    from families import COMMON
+
+    half = COMMON["hidden_size"] // COMMON["num_attention_heads"] // 2
+    rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + 0.25 * i for i in range(half)],
+                long_factor=[4.0] * half, short_mscale=1.19, long_mscale=1.31, original_max_position_embeddings=64)
+    _, _, extra = FAMILIES["phimoe"]
+    cfg = transformers.PhimoeConfig(**{**COMMON, **extra, "rope_parameters": rope})
+    torch.manual_seed(5)
+    transformers.PhimoeForCausalLM(cfg).save_pretrained(out)
+    if form == "rope_scaling":
+        hf = json.loads((out / "config.json").read_text())
+        params = hf.pop("rope_parameters")
+        hf["rope_theta"] = params.pop("rope_theta")
+        params["type"] = params.pop("rope_type")
+        hf["rope_scaling"] = params
+        (out / "config.json").write_text(json.dumps(hf))
+    return out
+
+
+@pytest.mark.parametrize("form", ["rope_parameters", "rope_scaling"])
+def test_phimoe_longrope_within_its_original_context(tmp_path, rng, form, runtime_lib):
+    """LongRoPE's short factors and mscale as the RoPE tables, the context capped at
+    original_max_position_embeddings: the reference as transformers, the runtime as the reference."""
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.compiler.quantize import artifact_model
+    from edgemoe.runtime import Session
+
+    model_dir = phimoe_longrope_checkpoint(tmp_path / "model", form)
+    model = load_model(model_dir)
+    assert model.config.max_positions == 64 and model.config.rope_scale == 1.19
+    tokens = rng.integers(0, 160, 40).tolist()
+    want = hf_logits(model_dir, tokens)
+    ex = ReferenceExecutor(model)
+    assert np.abs(np.stack([ex.step(t) for t in tokens]) - want).max() <= 1e-4
+    art = tmp_path / "art"
+    compile_model(model_dir, art, CompileOptions(expert_bits=4, int_dot=False, trunk_bits=32), log=lambda m: None)
+    assert json.loads((art / "manifest.json").read_text())["max_seq"] == 64
+    ref = ReferenceExecutor(artifact_model(model, art))
+    want = np.stack([ref.step(t) for t in tokens])
+    with Session(art) as s:
+        got = np.stack([s.decode_step(t) for t in tokens])
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(rope_type="yarn"), "rope_type 'yarn' is not supported for PhiMoE"),
+    (dict(factor=2.0), "rope_parameters key 'factor' not understood"),
+    (dict(short_factor=[1.0, 2.0]), "short_factor must be a list of head_dim/2 = 8"),
+    (dict(short_mscale=None), "short_mscale = None is not supported"),
+])
+def test_phimoe_rope_it_does_not_implement_is_refused_naming_it(tmp_path, change, message):
+    model_dir = phimoe_longrope_checkpoint(tmp_path / "model", "rope_parameters")
+    hf = json.loads((model_dir / "config.json").read_text())
+    hf["rope_parameters"].update(change)
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ModelImportError, match=message):
+        load_model(model_dir)
+
+
+def test_phimoe_routes_to_exactly_two_experts(tmp_path):
+    """The sparsemixer picks two experts whatever num_experts_per_tok says: another value is refused."""
+    model_dir = save_checkpoint("phimoe", tmp_path / "model")
+    hf = json.loads((model_dir / "config.json").read_text())
+    hf["num_experts_per_tok"] = 3
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ModelImportError, match="num_experts_per_tok = 3 is not supported for PhiMoE"):
+        load_model(model_dir)
+
+
+def test_sparsemixer_is_transformers_eval_sparsemixer(rng):
+    """The reference's sparsemixer against transformers' own function in eval mode, on logits of
+    every scale and sign, zeros and ties included, at several margins."""
+    import torch
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer as hf_sparsemixer
+
+    from edgemoe.models.reference import sparsemixer
+
+    for t in range(3000):
+        E = int(rng.integers(2, 17))
+        s = (rng.standard_normal(E) * rng.choice([0.01, 0.1, 1.0, 10.0])).astype(np.float32)
+        if t % 5 == 0:
+            s[rng.integers(E)] = 0
+        if t % 7 == 0:
+            s = -np.abs(s)
+        if t % 11 == 0:
+            s[:] = 0
+        eps = float(rng.choice([0.0, 0.01, 0.1, 0.5]))
+        w, idx = hf_sparsemixer(torch.tensor(s)[None], eps, False)
+        got_idx, got_w = sparsemixer(s, eps)
+        assert got_idx.tolist() == idx[0].tolist(), (s, eps)
+        assert np.abs(got_w - w[0].numpy()).max() <= 1e-6, (s, eps)
 
 
 VARIANTS = {  # compile options, and the name of the variant

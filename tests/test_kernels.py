@@ -7,7 +7,7 @@ from edgemoe.compiler import kernels
 from edgemoe.compiler.schedules import schedule
 from edgemoe.compiler.quantize import quantize
 from edgemoe.models import MoEConfig
-from edgemoe.models.reference import apply_rope, quantize_activation, rms_norm, silu
+from edgemoe.models.reference import apply_rope, layer_norm, quantize_activation, rms_norm, silu
 from edgemoe.targets import load_target
 
 CFG = MoEConfig("mixtral", vocab_size=300, hidden_size=128, num_layers=1, num_heads=8, num_kv_heads=2, head_dim=16,
@@ -41,6 +41,15 @@ def test_rmsnorm(mod, rng):
     x, w = f32(rng, 128), f32(rng, 128)
     (y,) = call(mod, "em_rmsnorm", x, w, outs=[(128,)])
     assert rel(y, rms_norm(x, w, CFG.norm_eps)) < 1e-5
+
+
+def test_layernorm(rng):
+    """LayerNorm (norm "layer") with weight and bias, on an input far from zero mean."""
+    mod = tvm.compile(schedule(tvm.IRModule({"ln": kernels.layernorm(128, 1e-5, "ln")})),
+                      target=load_target("host").tvm()).mod
+    x, w, b = f32(rng, 128) + 3.0, f32(rng, 128), f32(rng, 128)
+    (y,) = call(mod, "ln", x, w, b, outs=[(128,)])
+    assert rel(y, layer_norm(x, w, b, 1e-5)) < 1e-5
 
 
 @pytest.mark.parametrize("name,rows", [("em_qkv", 128 + 2 * 32), ("em_router", 4), ("em_lm_head", 300)])

@@ -12,8 +12,11 @@ from ..config import Expert, Layer, MoEConfig, MoEModel
 from ..hf_import import ConfigReader, TensorReader, attention_and_norms, embeddings
 
 
-def common_config(c: ConfigReader, arch: str, num_experts: int, expert_intermediate: int, **structure) -> MoEConfig:
-    """The MoEConfig fields every Llama-style family reads the same way, plus its own `structure`."""
+def common_config(c: ConfigReader, arch: str, num_experts: int, expert_intermediate: int, rope: dict | None = None,
+                  **structure) -> MoEConfig:
+    """The MoEConfig fields every Llama-style family reads the same way, plus its own `structure`;
+    `rope`: the family's own reading of its RoPE (rope_theta, max_positions and any rope_* field of
+    MoEConfig) in place of plain RoPE's."""
     heads = c.require("num_attention_heads")
     hidden = c.require("hidden_size")
     vocab = c.require("vocab_size")
@@ -27,7 +30,7 @@ def common_config(c: ConfigReader, arch: str, num_experts: int, expert_intermedi
         arch=arch, vocab_size=vocab, hidden_size=hidden, num_layers=c.require("num_hidden_layers"),
         num_heads=heads, num_kv_heads=c.get("num_key_value_heads", heads), head_dim=c.get("head_dim", hidden // heads),
         num_experts=num_experts, top_k=c.require("num_experts_per_tok"), expert_intermediate=expert_intermediate,
-        max_positions=c.require("max_position_embeddings"), rope_theta=c.rope_theta(),
+        **(rope or dict(max_positions=c.require("max_position_embeddings"), rope_theta=c.rope_theta())),
         norm_eps=float(c.require("rms_norm_eps")), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         bos_token_id=special("bos_token_id"), eos_token_id=special("eos_token_id"), **structure)
 
@@ -73,9 +76,9 @@ def all_layers_sparse(c: ConfigReader) -> None:
 
 
 def family_modules() -> list:
-    from . import granitemoe, mixtral, olmoe, qwen2_moe, qwen3_moe
+    from . import granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 
-    return [mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe]
+    return [mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, phimoe]
 
 
 __all__ = ["common_config", "load_decoder", "all_layers_sparse", "family_modules", "np"]

@@ -13,8 +13,8 @@
  * kernel: the layer program says which it needs (program.c checks). */
 typedef struct {
   void* lib;
-  em_ffi_fn rmsnorm, qkv, qkv_bias, qk_norm, rope, attention, add, o_proj, router, shared_gate, shared_gate_up,
-      shared_down, lm_head;
+  em_ffi_fn rmsnorm, layernorm, qkv, qkv_bias, qk_norm, rope, attention, add, o_proj, router, shared_gate,
+      shared_gate_up, shared_down, lm_head, lm_head_bias;
   em_ffi_fn gate_up[EM_MAX_BITS + 1], down[EM_MAX_BITS + 1]; /* by expert bitwidth; NULL if not compiled */
 } em_kernels;
 

@@ -48,11 +48,40 @@ static float float_operand(binder* b, uint32_t slot, const char* part, int* ok) 
   return f;
 }
 
-static int need_kernel(const em_trunk_view* v, em_ffi_fn fn, const char* symbol, uint32_t layer, const char* why) {
+static int need_kernel(binder* b, em_ffi_fn fn, const char* symbol, uint32_t layer, const char* why) {
   if (fn) return 1;
-  snprintf(v->err, v->err_len, "kernels.so lacks %s, which layer %u's %s needs; recompile the artifact", symbol, layer,
-           why);
+  snprintf(b->v->err, b->v->err_len, "kernels.so lacks %s, which %s needs; recompile the artifact", symbol,
+           label(b, layer, why));
   return 0;
+}
+
+/* The step's norm: its kind (norm_kind operand), weight and, for LayerNorm, bias; EM_OK or EM_ERR_FORMAT. */
+static int bind_norm(binder* b, em_step* s, uint32_t kind_slot, uint32_t norm_slot, uint32_t bias_slot,
+                     const char* part) {
+  uint32_t L = s->layer, H = b->th->hidden;
+  const uint32_t* o = b->operand;
+  s->norm_kind = o[kind_slot];
+  if (s->norm_kind != EM_NORM_RMS && s->norm_kind != EM_NORM_LAYER) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: %s: unknown norm kind %u; recompile the artifact",
+             label(b, L, part), s->norm_kind);
+    return EM_ERR_FORMAT;
+  }
+  if (!(s->norm = em_bind_vector(b->v, o[norm_slot], H, 0, label(b, L, part)))) return EM_ERR_FORMAT;
+  char what[64];
+  snprintf(what, sizeof what, "%s bias", part);
+  if (s->norm_kind == EM_NORM_RMS) {
+    if (o[bias_slot] == EM_OPERAND_NONE) return EM_OK;
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: %s, which an RMSNorm does not have; recompile the artifact",
+             label(b, L, what));
+    return EM_ERR_FORMAT;
+  }
+  return (s->norm_bias = em_bind_vector(b->v, o[bias_slot], H, 0, label(b, L, what))) ? EM_OK : EM_ERR_FORMAT;
+}
+
+/* The kernel of the step's norm (bound by bind_norm) is in kernels.so. */
+static int need_norm_kernel(binder* b, const em_kernels* k, const em_step* s, const char* part) {
+  return s->norm_kind == EM_NORM_LAYER ? need_kernel(b, k->layernorm, EM_KERNEL_LAYERNORM, s->layer, part)
+                                       : need_kernel(b, k->rmsnorm, EM_KERNEL_RMSNORM, s->layer, part);
 }
 
 static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
@@ -61,9 +90,10 @@ static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
   uint32_t L = s->layer, H = th->hidden, d = th->head_dim, q = th->heads * d, kv = th->kv_heads * d;
   int ok = 1;
   s->kind = o[EM_ATTENTION_QK_NORM];
-  s->norm = em_bind_vector(b->v, o[EM_ATTENTION_NORM], H, 0, label(b, L, "attention norm"));
-  ok = s->norm && em_bind_matrix(b->v, o[EM_ATTENTION_WQKV], o[EM_ATTENTION_WQKV_SCALES], q + 2 * kv, H,
-                                 label(b, L, "qkv projection"), &s->m[EM_M_QKV]) &&
+  int rc = bind_norm(b, s, EM_ATTENTION_NORM_KIND, EM_ATTENTION_NORM, EM_ATTENTION_NORM_BIAS, "attention norm");
+  if (rc) return rc;
+  ok = em_bind_matrix(b->v, o[EM_ATTENTION_WQKV], o[EM_ATTENTION_WQKV_SCALES], q + 2 * kv, H,
+                      label(b, L, "qkv projection"), &s->m[EM_M_QKV]) &&
        em_bind_matrix(b->v, o[EM_ATTENTION_WO], o[EM_ATTENTION_WO_SCALES], H, q, label(b, L, "output projection"),
                       &s->m[EM_M_WO]) &&
        (s->rope_cos = em_bind_vector(b->v, o[EM_ATTENTION_ROPE_COS], th->max_positions, d / 2, "RoPE cos table")) &&
@@ -78,13 +108,14 @@ static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
       return EM_ERR_FORMAT;
     }
     ok = (s->q_norm = em_bind_vector(b->v, o[EM_ATTENTION_Q_NORM], head ? d : q, 0, label(b, L, "q norm"))) &&
-         (s->k_norm = em_bind_vector(b->v, o[EM_ATTENTION_K_NORM], head ? d : kv, 0, label(b, L, "k norm"))) &&
-         need_kernel(b->v, k->qk_norm, EM_KERNEL_QK_NORM, L, "q/k norm");
+         (s->k_norm = em_bind_vector(b->v, o[EM_ATTENTION_K_NORM], head ? d : kv, 0, label(b, L, "k norm")));
+    if (ok && !need_kernel(b, k->qk_norm, EM_KERNEL_QK_NORM, L, "q/k norm")) return EM_ERR_KERNEL;
   }
   if (!ok) return EM_ERR_FORMAT;
-  if (!need_kernel(b->v, s->bias ? k->qkv_bias : k->qkv, s->bias ? EM_KERNEL_QKV_BIAS : EM_KERNEL_QKV, L,
+  if (!need_norm_kernel(b, k, s, "attention norm") ||
+      !need_kernel(b, s->bias ? k->qkv_bias : k->qkv, s->bias ? EM_KERNEL_QKV_BIAS : EM_KERNEL_QKV, L,
                    "qkv projection") ||
-      (s->o_bias && !need_kernel(b->v, k->add, EM_KERNEL_ADD, L, "output bias")))
+      (s->o_bias && !need_kernel(b, k->add, EM_KERNEL_ADD, L, "output bias")))
     return EM_ERR_KERNEL;
   return EM_OK;
 }
@@ -94,17 +125,27 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   const uint32_t* o = b->operand;
   uint32_t L = s->layer, H = th->hidden, S = th->shared_inter;
   s->kind = o[EM_MOE_ROUTE];
-  if (s->kind != EM_ROUTE_SOFTMAX_TOPK && s->kind != EM_ROUTE_SOFTMAX_TOPK_RENORM) {
+  if (s->kind != EM_ROUTE_SOFTMAX_TOPK && s->kind != EM_ROUTE_SOFTMAX_TOPK_RENORM && s->kind != EM_ROUTE_SPARSEMIXER) {
     snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: unknown routing function %u; recompile the artifact", L,
              s->kind);
     return EM_ERR_FORMAT;
   }
-  s->norm = em_bind_vector(b->v, o[EM_MOE_NORM], H, 0, label(b, L, "MoE norm"));
-  if (!s->norm || !em_bind_matrix(b->v, o[EM_MOE_ROUTER], EM_OPERAND_NONE, th->experts, H, label(b, L, "router"),
-                                  &s->m[EM_M_ROUTER]))
+  int ok = 1;
+  s->route_threshold = float_operand(b, EM_MOE_ROUTE_THRESHOLD, label(b, L, "routing threshold"), &ok);
+  if (!ok) return EM_ERR_FORMAT;
+  if (s->kind == EM_ROUTE_SPARSEMIXER && (th->top_k != 2 || !(s->route_threshold >= 0.0f))) {
+    snprintf(b->v->err, b->v->err_len,
+             "trunk.bin: layer %u: sparsemixer routing needs top-k 2 (the header says %u) and a threshold >= 0 "
+             "(the program says %g); recompile the artifact", L, th->top_k, (double)s->route_threshold);
+    return EM_ERR_FORMAT;
+  }
+  int rc = bind_norm(b, s, EM_MOE_NORM_KIND, EM_MOE_NORM, EM_MOE_NORM_BIAS, "MoE norm");
+  if (rc) return rc;
+  if (!em_bind_matrix(b->v, o[EM_MOE_ROUTER], EM_OPERAND_NONE, th->experts, H, label(b, L, "router"),
+                      &s->m[EM_M_ROUTER]))
     return EM_ERR_FORMAT;
   s->shared = o[EM_MOE_SHARED_GATE_PROJ] != EM_OPERAND_NONE;
-  if (!s->shared) return EM_OK;
+  if (!s->shared) return need_norm_kernel(b, k, s, "MoE norm") ? EM_OK : EM_ERR_KERNEL;
   if (!S ||
       !em_bind_matrix(b->v, o[EM_MOE_SHARED_GATE_PROJ], o[EM_MOE_SHARED_GATE_PROJ_SCALES], S, H,
                       label(b, L, "shared expert gate projection"), &s->m[EM_M_SHARED_GATE_PROJ]) ||
@@ -119,9 +160,10 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   if (s->shared_gated && !em_bind_matrix(b->v, o[EM_MOE_SHARED_GATE], EM_OPERAND_NONE, 1, H,
                                          label(b, L, "shared expert gate"), &s->m[EM_M_SHARED_GATE]))
     return EM_ERR_FORMAT;
-  if (!need_kernel(b->v, k->shared_gate_up, EM_KERNEL_SHARED_GATE_UP, L, "shared expert") ||
-      !need_kernel(b->v, k->shared_down, EM_KERNEL_SHARED_DOWN, L, "shared expert") ||
-      (s->shared_gated && !need_kernel(b->v, k->shared_gate, EM_KERNEL_SHARED_GATE, L, "shared expert gate")))
+  if (!need_norm_kernel(b, k, s, "MoE norm") ||
+      !need_kernel(b, k->shared_gate_up, EM_KERNEL_SHARED_GATE_UP, L, "shared expert") ||
+      !need_kernel(b, k->shared_down, EM_KERNEL_SHARED_DOWN, L, "shared expert") ||
+      (s->shared_gated && !need_kernel(b, k->shared_gate, EM_KERNEL_SHARED_GATE, L, "shared expert gate")))
     return EM_ERR_KERNEL;
   return EM_OK;
 }
@@ -159,10 +201,16 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
   for (uint32_t i = 0; i < n_steps; i++) {
     em_step* s = &p->steps[i];
     uint32_t want = expected_op(i, L);
-    if (n_words - at < 2 || w[at] != want || w[at + 1] != operand_count(want) || n_words - at - 2 < w[at + 1]) {
+    if (n_words - at < 2 || w[at] != want) {
       snprintf(v->err, v->err_len, "trunk.bin: the layer program has %s where %s of %s is due; recompile the artifact",
                at + 2 <= n_words && w[at] >= 1 && w[at] <= 4 ? OP_NAMES[w[at]] : "no valid op", OP_NAMES[want],
                want == EM_OP_ATTENTION || want == EM_OP_MOE ? "a layer" : "the model");
+      return EM_ERR_FORMAT;
+    }
+    if (w[at + 1] != operand_count(want) || n_words - at - 2 < w[at + 1]) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program's %s op has %u operands where this runtime reads %u "
+               "(compiled by another version?); recompile the artifact", OP_NAMES[want], w[at + 1],
+               operand_count(want));
       return EM_ERR_FORMAT;
     }
     s->op = want;
@@ -194,10 +242,16 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
         int ok = 1;
         s->layer = EM_OPERAND_NONE;
         s->scale = float_operand(&b, EM_FINAL_SCALE, "logit scale", &ok);
-        s->norm = ok ? em_bind_vector(v, b.operand[EM_FINAL_NORM], th->hidden, 0, "final norm") : NULL;
-        if (!s->norm || !em_bind_matrix(v, b.operand[EM_FINAL_LM_HEAD], b.operand[EM_FINAL_LM_HEAD_SCALES], th->vocab,
-                                        th->hidden, "LM head", &s->m[0]))
+        rc = ok ? bind_norm(&b, s, EM_FINAL_NORM_KIND, EM_FINAL_NORM, EM_FINAL_NORM_BIAS, "final norm") : EM_ERR_FORMAT;
+        if (!rc && !em_bind_matrix(v, b.operand[EM_FINAL_LM_HEAD], b.operand[EM_FINAL_LM_HEAD_SCALES], th->vocab,
+                                   th->hidden, "LM head", &s->m[0]))
           rc = EM_ERR_FORMAT;
+        if (!rc) s->bias = optional_vector(&b, EM_FINAL_LM_HEAD_BIAS, th->vocab, EM_OPERAND_NONE, "LM head bias", &ok);
+        if (!rc && !ok) rc = EM_ERR_FORMAT;
+        if (!rc && (!need_norm_kernel(&b, k, s, "final norm") ||
+                    !need_kernel(&b, s->bias ? k->lm_head_bias : k->lm_head,
+                                 s->bias ? EM_KERNEL_LM_HEAD_BIAS : EM_KERNEL_LM_HEAD, EM_OPERAND_NONE, "LM head")))
+          rc = EM_ERR_KERNEL;
         break;
       }
     }

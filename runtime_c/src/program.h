@@ -20,10 +20,13 @@ enum { EM_M_EMBED = 0, EM_M_QKV = 0, EM_M_WO = 1, EM_M_ROUTER = 0, EM_M_SHARED_G
 
 typedef struct {
   uint32_t op, layer;
-  uint32_t kind; /* ATTENTION: EM_QK_NORM_*; MOE: EM_ROUTE_* */
-  const float *norm, *bias, *q_norm, *k_norm, *rope_cos, *rope_sin, *o_bias;
+  uint32_t kind;      /* ATTENTION: EM_QK_NORM_*; MOE: EM_ROUTE_* */
+  uint32_t norm_kind; /* ATTENTION, MOE, FINAL: EM_NORM_* (norm_bias bound for EM_NORM_LAYER) */
+  const float *norm, *norm_bias, *bias, *q_norm, *k_norm, *rope_cos, *rope_sin, *o_bias;
+  /* bias: ATTENTION: the qkv projection's; FINAL: the LM head's (NULL: none) */
   int shared, shared_gated; /* MOE: a shared expert, scaled by sigmoid(gate · x) */
   float scale;              /* EMBED: multiplies the embedding row; FINAL: the logits (1: none) */
+  float route_threshold;    /* MOE, EM_ROUTE_SPARSEMIXER: the relative margin of each pick's softmax */
   em_matrix m[EM_M_COUNT];
 } em_step;
 

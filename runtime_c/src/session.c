@@ -543,11 +543,49 @@ static uint32_t record_of(const em_session* s, uint32_t layer, uint32_t expert) 
   return layer * s->th.experts + expert;
 }
 
+/* out = the step's norm of x: RMSNorm (weight) or LayerNorm (weight and bias), as its norm_kind says. */
+static int apply_norm(em_session* s, const em_step* st, const float* x, float* out) {
+  int64_t H = s->th.hidden;
+  if (st->norm_kind == EM_NORM_LAYER)
+    CALL(s->k.layernorm, EM_KERNEL_LAYERNORM, em_f32((void*)x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
+         em_f32((void*)st->norm_bias, 1, H, 0, 0), em_f32(out, 1, H, 0, 0));
+  else
+    CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32((void*)x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
+         em_f32(out, 1, H, 0, 0));
+  return EM_OK;
+}
+
+/* Sparsemixer routing at inference (top-2; program.c checks top_k): pick i1, the top logit m1
+ * (ties: the lower index), weighted by the softmax at i1 over the experts j with
+ * (m1 - l[j]) / max(|l[j]|, m1) <= threshold, the rest masked out; then i2, the top logit m2 of the
+ * experts but i1, weighted likewise over the experts but i1 with m2 in place of m1. Not
+ * renormalised. In float32 throughout, as the reference (models/reference.py sparsemixer). */
+static void sparsemixer(const float* l, uint32_t E, float threshold, uint32_t* idx, float* w) {
+  for (uint32_t pick = 0; pick < 2; pick++) {
+    uint32_t best = pick && idx[0] == 0 ? 1 : 0;
+    for (uint32_t e = best + 1; e < E; e++)
+      if (!(pick && e == idx[0]) && l[e] > l[best]) best = e;
+    float m = l[best], sum = 0.0f;
+    for (uint32_t e = 0; e < E; e++) {
+      if (pick && e == idx[0]) continue;
+      float a = fabsf(l[e]), factor = a > m ? a : m;
+      /* kept unless above the threshold: 0/0 (a zero logit at a zero top) compares false, as in torch */
+      if (e == best || !((m - l[e]) / factor > threshold)) sum += expf(l[e] - m);
+    }
+    idx[pick] = best;
+    w[pick] = 1.0f / sum;
+  }
+}
+
 /* The router's top-k experts for the current xn, and their weights (softmax over every expert,
- * renormalised over the top-k for EM_ROUTE_SOFTMAX_TOPK_RENORM). */
-static void select_experts(const em_session* s, uint32_t route, uint32_t* idx, float* w) {
-  uint32_t E = s->th.experts, K = s->th.top_k;
+ * renormalised over the top-k for EM_ROUTE_SOFTMAX_TOPK_RENORM; the sparsemixer's above). */
+static void select_experts(const em_session* s, const em_step* st, uint32_t* idx, float* w) {
+  uint32_t E = s->th.experts, K = s->th.top_k, route = st->kind;
   const float* l = s->router_logits;
+  if (route == EM_ROUTE_SPARSEMIXER) {
+    sparsemixer(l, E, st->route_threshold, idx, w);
+    return;
+  }
   float mx = l[0], total = 0.0f, chosen = 0.0f;
   for (uint32_t e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
   for (uint32_t e = 0; e < E; e++) total += expf(l[e] - mx);
@@ -578,8 +616,8 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
     case EM_PREDICT_FITTED_ROUTER:
     case EM_PREDICT_WRONG: {
       const em_step* moe = s->prog.moe[layer];
-      CALL(s->k.rmsnorm, "em_rmsnorm", em_f32((void*)x, 1, H, 0, 0), em_f32((void*)moe->norm, 1, H, 0, 0),
-           em_f32(s->pred_xn, 1, H, 0, 0));
+      int rc = apply_norm(s, moe, x, s->pred_xn);
+      if (rc) return rc;
       int fitted = s->predictor == EM_PREDICT_FITTED_ROUTER;
       const em_matrix* router = &moe->m[EM_M_ROUTER];
       em_matrix fit, fit_prev;
@@ -588,7 +626,7 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
         fit_prev = (em_matrix){s->fitted_prev + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
         router = &fit;
       }
-      int rc = matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
+      rc = matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
       if (!rc && fitted)
         rc = matvec(s, s->k.router, "em_router", &fit_prev, s->prev_xn + (size_t)layer * H, NULL, s->pred_prev);
       if (rc) return rc;
@@ -700,15 +738,15 @@ static int moe_layer(em_session* s, const em_step* st) {
   const em_trunk_header* th = &s->th;
   uint32_t l = st->layer;
   int64_t H = th->hidden;
-  CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
-       em_f32(s->xn, 1, H, 0, 0));
+  int rc = apply_norm(s, st, s->x, s->xn);
+  if (rc) return rc;
   /* this layer has been predicted for this token; its input now stands for the context at the next */
   memcpy(s->prev_xn + (size_t)l * H, s->xn, H * sizeof(float));
-  int rc = matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
+  rc = matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
   if (rc) return rc;
   uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
   float wts[MAX_TOP_K];
-  select_experts(s, st->kind, idx, wts);
+  select_experts(s, st, idx, wts);
   score_prediction(s, l, idx);
   for (uint32_t k = 0; k < th->top_k; k++) records[k] = record_of(s, l, idx[k]);
   rc = em_loader_need(&s->loader, records, th->top_k, l, s->err, ERR_LEN);
@@ -737,10 +775,10 @@ static int attention_layer(em_session* s, const em_step* st) {
   int64_t H = th->hidden, hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos, qkv = s->q_dim + 2 * s->kv_dim;
   float* kc = s->k_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
   float* vc = s->v_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
-  CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
-       em_f32(s->xn, 1, H, 0, 0));
-  int rc = st->bias ? matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
-                    : matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
+  int rc = apply_norm(s, st, s->x, s->xn);
+  if (rc) return rc;
+  rc = st->bias ? matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
+                : matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
   if (rc) return rc;
   float* rope_in = s->qkv;
   if (st->kind != EM_QK_NORM_NONE) {
@@ -800,9 +838,11 @@ static int forward(em_session* s, int32_t token, int want_logits) {
       case EM_OP_MOE: rc = moe_layer(s, st); break;
       case EM_OP_FINAL:
         if (!want_logits) break;
-        CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
-             em_f32(s->xn, 1, H, 0, 0));
-        rc = matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
+        rc = apply_norm(s, st, s->x, s->xn);
+        if (!rc)
+          rc = st->bias ? matvec(s, s->k.lm_head_bias, EM_KERNEL_LM_HEAD_BIAS, &st->m[0], s->xn, (float*)st->bias,
+                                 s->logits)
+                        : matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
         if (!rc && st->scale != 1.0f) scale_vector(s->logits, th->vocab, st->scale);
         break;
     }
