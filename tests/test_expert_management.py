@@ -42,6 +42,8 @@ CONFIGS = [
     dict(predictor="next-router", eviction="lru", storage="mmap"),
     dict(predictor="next-router", eviction="lru", direct_io=True),
     dict(predictor="next-router", eviction="edgemoe", emulate=(1.7e9, 1e-4)),
+    dict(predictor="fitted-router", eviction="edgemoe", emulate=(1.7e9, 1e-4), readers=4),
+    dict(predictor="path-table", eviction="lru", storage="mmap", readers=3),
 ]
 
 
@@ -134,7 +136,8 @@ def test_loader_and_compute_threads_are_clean_under_thread_sanitizer(artifact_in
     for pred in ("next-router", "path-table"):
         proc = subprocess.run([str(build / "edgemoe_run"), str(artifact_int4), "--tokens", ",".join(map(str, prompt_ids)),
                                "-n", "24", "--budget", str(quarter_budget), "--predictor", pred, "--eviction", "edgemoe",
-                               "--emulate", "500,0.05", "--threads", "2"], capture_output=True, text=True, timeout=300)
+                               "--emulate", "500,0.05", "--threads", "2", "--readers", "3"], capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "ThreadSanitizer" not in proc.stderr, proc.stderr
         stats = dict(line.split("=") for line in proc.stdout.splitlines()[1:])

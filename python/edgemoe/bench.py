@@ -26,10 +26,16 @@ class RunConfig:
     warm: bool = False  # run the workload once first, so every expert it needs is resident (IO-FREE)
     budget: int | None = None  # bytes; overrides budget_fraction
     threads: int = 1  # compute threads for the kernels' parallel loops
+    readers: int = 1  # expert reads in flight at once (reader threads)
 
 
-def pipeline_configs(fraction: float) -> list[RunConfig]:
-    """IO-FREE, IO-EXP and EdgeMoE with each technique switchable (design brief §6)."""
+def pipeline_configs(fraction: float, queue_depth: int = 1) -> list[RunConfig]:
+    """IO-FREE, IO-EXP and EdgeMoE with each technique switchable (design brief §6); where the
+    storage overlaps requests (queue_depth > 1), the last configuration again with several reads in
+    flight."""
+    readers = min(queue_depth, 4)
+    extra = [RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, fitted-router prefetch, {readers} reads in flight",
+                       fraction, predictor="fitted-router", eviction="edgemoe", readers=readers)] if readers > 1 else []
     return [
         RunConfig("IO-FREE (all experts resident)", None, warm=True),
         RunConfig("IO-EXP (on demand, no cache reuse, no prediction)", 0.0, loader_thread=False),
@@ -44,7 +50,7 @@ def pipeline_configs(fraction: float) -> list[RunConfig]:
                   eviction="edgemoe"),
         RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, fitted-router prefetch", fraction,
                   predictor="fitted-router", eviction="edgemoe"),
-    ]
+    ] + extra
 
 
 def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, emulate, max_seq: int) -> dict:
@@ -57,7 +63,7 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
         budget = 0 if cfg.budget_fraction is None else budget_bytes(artifact, max_seq, cfg.budget_fraction)
     with Session(artifact, memory_budget=budget, max_seq=max_seq,
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
-                 eviction=cfg.eviction, threads=cfg.threads) as s:
+                 eviction=cfg.eviction, threads=cfg.threads, readers=cfg.readers) as s:
         if cfg.warm:
             s.generate(prompt, n_new)
             s.reset()
@@ -131,6 +137,13 @@ def check_context(ids: list[int], n_new: int, max_seq: int, manifest: dict, arti
                                  f"--max-seq", param_hint="-n")
 
 
+def _queue_depth(storage: str) -> int:
+    """Requests the emulated device overlaps: its target's queue depth (1 for MBPS,MS)."""
+    from .targets import load_target
+
+    return 1 if "," in storage else int(load_target(storage).storage.get("queue_depth") or 1)
+
+
 def floor_ms(result: dict, free_ms: float, bandwidth: float | None) -> float:
     """The decode-time floor: the larger of all-resident compute time and the reads it must do ÷ bandwidth."""
     io = result["bytes_read_per_token"] / bandwidth * 1e3 if bandwidth else 0.0
@@ -186,7 +199,7 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, js
     manifest = read_manifest(artifact)
     ids = prompt_ids(artifact, prompt, tokens)
     check_context(ids, n_new, max_seq, manifest, artifact)
-    configs = pipeline_configs(fraction)
+    configs = pipeline_configs(fraction, _queue_depth(storage))
     skipped = [] if manifest.get("profile") else [c for c in configs if needs_profile(c)]
     results = []
     with click.progressbar([c for c in configs if c not in skipped], label="configurations", file=sys.stderr,

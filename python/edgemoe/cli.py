@@ -310,9 +310,12 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
                    "or bandwidth in MB/s and latency in ms, e.g. 45,1.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
               help="Compute threads for the kernels' parallel loops (the loader thread is extra).")
+@click.option("--readers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Expert reads in flight at once (reader threads): more than 1 pays on storage that overlaps "
+                   "requests (UFS, NVMe; a target's storage queue_depth).")
 def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetition_penalty, seed, budget,
             cache_fraction, max_seq, no_verify, predictor, eviction, prefetch_experts, no_loader_thread, storage,
-            direct_io, emulate_storage, threads):
+            direct_io, emulate_storage, threads, readers):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
     from .api import Session
     from .runtime import EdgeMoEError
@@ -328,7 +331,8 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
     try:
         with Session(artifact, budget=budget, cache_fraction=cache_fraction, max_seq=max_seq, verify=not no_verify,
                      storage=storage, direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread,
-                     predictor=predictor, prefetch_experts=prefetch_experts, eviction=eviction, threads=threads) as s:
+                     predictor=predictor, prefetch_experts=prefetch_experts, eviction=eviction, threads=threads,
+                     readers=readers) as s:
             if prompt is not None:
                 ids = s.tokenizer.encode(prompt).ids
             if not ids:

@@ -45,7 +45,7 @@ class _Params(ctypes.Structure):
                 ("direct_io", ctypes.c_int), ("emulate_bandwidth", ctypes.c_double),
                 ("emulate_latency", ctypes.c_double), ("loader_thread", ctypes.c_int), ("predictor", ctypes.c_int),
                 ("prefetch_experts", ctypes.c_uint32), ("eviction", ctypes.c_int), ("compute_threads", ctypes.c_uint32),
-                ("inject_faults", ctypes.c_char_p)]
+                ("inject_faults", ctypes.c_char_p), ("readers", ctypes.c_uint32)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
@@ -156,14 +156,14 @@ class Session:
     each expert read to that device's speed. loader_thread reads experts on a second thread, which
     prefetching needs; predictor: auto, none, path-table, next-router, fitted-router or wrong (a test
     of robustness); eviction: auto, lru, fifo or edgemoe. info["predictor"] and info["eviction"]
-    name the ones in use. inject_faults (testing) makes chosen expert reads fail, e.g. "eio@3,corrupt@7"
+    name the ones in use. readers: expert reads in flight at once (reader threads). inject_faults (testing) makes chosen expert reads fail, e.g. "eio@3,corrupt@7"
     (runtime_c/src/storage.h).
     """
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
                  storage: str = "pread", direct_io: bool = False, emulate: tuple[float, float] | None = None,
                  loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
-                 eviction: str = "auto", threads: int = 1, inject_faults: str | None = None):
+                 eviction: str = "auto", threads: int = 1, inject_faults: str | None = None, readers: int = 1):
         self._h = None
         self._lib = library()
         bandwidth, latency = emulate or (0.0, 0.0)
@@ -171,7 +171,7 @@ class Session:
                          _choice(STORAGES, storage, "storage"), int(direct_io), bandwidth, latency, int(loader_thread),
                          _choice(PREDICTORS, predictor, "predictor"), prefetch_experts,
                          _choice(EVICTIONS, eviction, "eviction policy"), threads,
-                         inject_faults.encode() if inject_faults else None)
+                         inject_faults.encode() if inject_faults else None, readers)
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

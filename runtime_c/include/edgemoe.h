@@ -66,6 +66,8 @@ typedef struct {
   uint32_t compute_threads;  /* threads running the kernels' parallel loops, the caller included; 0 = 1 */
   const char* inject_faults; /* testing: faults injected into expert reads, e.g. "eio@3,corrupt@7*2,delay@9:50"
                                 (storage.h em_storage_inject_faults); NULL = none */
+  uint32_t readers;          /* with loader_thread: reads in flight at once, one reader thread each (1..16;
+                                0 = 1); more than one pays where the storage overlaps requests (UFS, NVMe) */
 } em_params;
 
 typedef struct {

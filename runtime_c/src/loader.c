@@ -32,13 +32,17 @@ int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, co
   pthread_mutex_init(&l->lock, NULL);
   pthread_cond_init(&l->work, NULL);
   pthread_cond_init(&l->done, NULL);
-  if (threaded) {
-    int rc = pthread_create(&l->thread, NULL, loader_main, l);
+  if (threaded > EM_MAX_READERS) {
+    snprintf(err, n, "%d reader threads asked for, at most %d", threaded, EM_MAX_READERS);
+    return EM_ERR_ARGUMENT;
+  }
+  for (int i = 0; i < threaded; i++) {
+    int rc = pthread_create(&l->thread[i], NULL, loader_main, l);
     if (rc) {
-      snprintf(err, n, "cannot start the loader thread: %s", strerror(rc));
+      snprintf(err, n, "cannot start a loader thread: %s", strerror(rc));
       return EM_ERR_NOMEM;
     }
-    l->started = 1;
+    l->started = i + 1;
   }
   return EM_OK;
 }
@@ -47,9 +51,9 @@ void em_loader_stop(em_loader* l) {
   if (l->started) {
     pthread_mutex_lock(&l->lock);
     l->stop = 1;
-    pthread_cond_signal(&l->work);
+    pthread_cond_broadcast(&l->work);
     pthread_mutex_unlock(&l->lock);
-    pthread_join(l->thread, NULL);
+    for (int i = 0; i < l->started; i++) pthread_join(l->thread[i], NULL);
     l->started = 0;
   }
   pthread_cond_destroy(&l->work);

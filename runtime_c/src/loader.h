@@ -1,6 +1,7 @@
 /* Getting expert records into cache slots: on demand for the expert the decode loop needs now,
- * and ahead of need for the experts a predictor names, on a loader thread that reads while the
- * decode thread computes. All cache bookkeeping happens under the loader's lock. */
+ * and ahead of need for the experts a predictor names, on reader threads that read while the
+ * decode thread computes — several reads in flight where the storage overlaps requests (UFS, NVMe
+ * command queues). All cache bookkeeping happens under the loader's lock. */
 #ifndef EM_LOADER_H
 #define EM_LOADER_H
 
@@ -13,6 +14,8 @@
 #include "expert_cache.h"
 #include "storage.h"
 
+#define EM_MAX_READERS 16 /* reads in flight at once, one reader thread each */
+
 typedef struct {
   int32_t record, slot;
   uint8_t demand; /* 1: the decode loop is waiting for it; 0: a prefetch */
@@ -24,14 +27,14 @@ typedef struct {
   const em_record* records;
   uint32_t experts_per_layer;
   int verify;
-  int threaded;
+  int threaded; /* reader threads (0: reads happen on the decode thread) */
   em_stats* stats; /* counters shared with the session, updated under the lock */
 
-  pthread_t thread;
+  pthread_t thread[EM_MAX_READERS];
   pthread_mutex_t lock;
   pthread_cond_t work; /* the queue got a request, or stop */
   pthread_cond_t done; /* a load finished (ready or failed) */
-  int started, stop;
+  int started, stop; /* started: reader threads running */
   em_load_request* queue; /* ring buffer of n_slots requests: at most one in flight per slot */
   uint32_t q_head, q_len, q_cap;
   int32_t* failed; /* [records]: error of the record's last failed load, 0 = none */

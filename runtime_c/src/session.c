@@ -336,6 +336,7 @@ static int check_params(const em_params* p, char* err, size_t n) {
   else if (p->emulate_latency > 0.0 && p->emulate_bandwidth == 0.0)
     why = "emulate_latency needs emulate_bandwidth > 0";
   else if (p->compute_threads > 1024) why = "compute_threads is above 1024";
+  else if (p->readers > EM_MAX_READERS) why = "readers is above 16";
   if (why) snprintf(err, n, "bad parameter: %s", why);
   return why ? EM_ERR_ARGUMENT : EM_OK;
 }
@@ -491,7 +492,8 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   if (!rc) rc = em_pool_create((int)(params->compute_threads ? params->compute_threads : 1), &s->pool, s->err, ERR_LEN);
   if (!rc) {
     rc = em_loader_init(&s->loader, s->experts, &s->cache, s->records, th->experts, params->verify_checksums,
-                        params->loader_thread, &s->st, meta + align_up(cache_meta, ALIGN_BUF), s->err, ERR_LEN);
+                        params->loader_thread ? (params->readers ? (int)params->readers : 1) : 0, &s->st,
+                        meta + align_up(cache_meta, ALIGN_BUF), s->err, ERR_LEN);
     s->loader_ready = 1;
   }
   if (rc) {

@@ -1,8 +1,11 @@
 /* Emulated storage device: real reads from the inner backend, stretched in time to the target
  * device's latency + size / bandwidth, so a phone's UFS or a board's SD card behaves the same on a
- * host whose NVMe and page cache are far faster. */
+ * host whose NVMe and page cache are far faster. Requests in flight together (several reader
+ * threads) overlap their latencies but share the bandwidth: the device transfers one request's
+ * bytes at a time, in the order their latencies end. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -14,6 +17,8 @@ typedef struct {
   em_storage base;
   em_storage* inner;
   double bandwidth, latency;
+  pthread_mutex_t lock;
+  uint64_t busy_until_ns; /* when the device finishes the transfers already scheduled */
 } emulated_storage;
 
 static int emulated_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
@@ -21,13 +26,20 @@ static int emulated_read(em_storage* self, void* dst, uint64_t len, uint64_t off
   uint64_t start = em_now_ns();
   int rc = s->inner->read(s->inner, dst, len, offset);
   if (rc) return rc;
-  em_sleep_s(s->latency + (double)len / s->bandwidth - (double)(em_now_ns() - start) * 1e-9);
+  uint64_t ready = start + (uint64_t)(s->latency * 1e9), transfer = (uint64_t)((double)len / s->bandwidth * 1e9);
+  pthread_mutex_lock(&s->lock);
+  uint64_t begin = ready > s->busy_until_ns ? ready : s->busy_until_ns, done = begin + transfer;
+  s->busy_until_ns = done;
+  pthread_mutex_unlock(&s->lock);
+  uint64_t now = em_now_ns();
+  if (done > now) em_sleep_s((double)(done - now) * 1e-9);
   return 0;
 }
 
 static void emulated_close(em_storage* self) {
   emulated_storage* s = (emulated_storage*)self;
   s->inner->close(s->inner);
+  pthread_mutex_destroy(&s->lock);
   free(s);
 }
 
@@ -44,5 +56,6 @@ em_storage* em_storage_emulate(em_storage* inner, double bandwidth, double laten
   s->inner = inner;
   s->bandwidth = bandwidth;
   s->latency = latency_s;
+  pthread_mutex_init(&s->lock, NULL);
   return &s->base;
 }

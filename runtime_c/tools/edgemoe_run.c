@@ -41,6 +41,8 @@ static const char USAGE[] =
     "  --emulate MBPS,MS  stretch each expert read to MBPS MB/s (> 0, <= 1000000) plus MS ms latency\n"
     "                   (>= 0, <= 60000)\n"
     "  --threads N      compute threads, 1..1024 (default 1; the loader thread is extra)\n"
+    "  --readers N      expert reads in flight at once, 1..16 (default 1): reader threads for storage that\n"
+    "                   overlaps requests (UFS, NVMe)\n"
     "  --mmap           read experts out of a mapping of the image instead of pread\n"
     "  --direct-io      open the image with O_DIRECT\n"
     "  --no-verify      skip the CRC-32 check of each expert record read\n"
@@ -286,7 +288,7 @@ int main(int argc, char** argv) {
       static const char* const with_value[] = {"--tokens", "-n", "--budget", "--max-seq", "--emulate",
                                                "--predictor", "--eviction", "--threads", "--inject-faults",
                                                "--repeat", "--temperature", "--top-k", "--top-p",
-                                               "--repetition-penalty", "--seed", "--prompt"};
+                                               "--repetition-penalty", "--seed", "--prompt", "--readers"};
       int known = 0;
       for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++) known |= !strcmp(a, with_value[k]);
       if (!known) return usage_error("unknown option '%s'", a);
@@ -305,6 +307,8 @@ int main(int argc, char** argv) {
         int top_p = !strcmp(a, "--top-p"), temp = !strcmp(a, "--temperature");
         rc = parse_double(a, "the value", val, 0, !temp, temp ? 100 : top_p ? 1 : 100, &d);
         if (!rc) *(temp ? &sampling.temperature : top_p ? &sampling.top_p : &sampling.repetition_penalty) = (float)d;
+      } else if (!strcmp(a, "--readers")) {
+        if (!(rc = parse_u64(a, val, 1, 16, &v))) p.readers = (uint32_t)v;
       } else if (!strcmp(a, "--top-k")) {
         if (!(rc = parse_u64(a, val, 0, UINT32_MAX, &v))) sampling.top_k = (uint32_t)v;
       } else if (!strcmp(a, "--seed")) {
