@@ -138,6 +138,30 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     return manifest
 
 
+def place_tokenizer(model_dir: Path, out_dir: Path) -> Path | str:
+    """Puts the checkpoint's tokenizer.json (and tokenizer_config.json) into the artifact: an HF
+    directory's own, the ones beside a GGUF file, or made from the vocabulary the GGUF carries.
+    Returns the artifact's tokenizer.json, or why there is none."""
+    from ..models.gguf_import import gguf_file, read_vocabulary, tokenizer_files
+
+    gguf = gguf_file(model_dir)
+    source = model_dir if gguf is None else gguf.parent
+    if (source / "tokenizer.json").is_file():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (source / name).is_file():
+                shutil.copy(source / name, out_dir / name)
+        return out_dir / "tokenizer.json"
+    vocab = read_vocabulary(gguf) if gguf is not None else None
+    if vocab is None:
+        return "no tokenizer.json"
+    made = tokenizer_files(vocab)
+    if isinstance(made, str):
+        return f"the GGUF's tokenizer cannot be converted ({made}); put the model's tokenizer.json beside it"
+    (out_dir / "tokenizer.json").write_text(made[0])
+    (out_dir / "tokenizer_config.json").write_text(made[1])
+    return out_dir / "tokenizer.json"
+
+
 def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, progress) -> dict:
     t0 = time.time()
     target = load_target(opts.target)
@@ -145,9 +169,13 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     with stage(progress, f"importing {model_dir.name}"):
         model = load_model(model_dir)
     cfg = model.config
+    tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none
     calib_tokens = None
+    if (opts.calibration is not None or opts.search_text is not None) and isinstance(tokenizer, str):
+        raise ValueError(f"calibration and search text need the model's tokenizer, and {model_dir} has none: "
+                         f"{tokenizer}")
     if opts.calibration is not None:
-        calib_tokens = tokenize_file(model_dir / "tokenizer.json", opts.calibration, opts.calibration_tokens)
+        calib_tokens = tokenize_file(tokenizer, opts.calibration, opts.calibration_tokens)
     searched = moments = None
     search = opts.tolerance is not None or opts.max_bits is not None
     if search and calib_tokens is None:
@@ -157,7 +185,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         fit = calib_tokens
         if search:
             text = None if opts.search_text is None else \
-                tokenize_file(model_dir / "tokenizer.json", opts.search_text, opts.calibration_tokens)
+                tokenize_file(tokenizer, opts.search_text, opts.calibration_tokens)
             fit, search_tokens, check_tokens = split_tokens(calib_tokens, text)
         search_layout = weight_layout(cfg, target, opts, list(LEVELS))
         with stage(progress, "rounding the trunk"):
@@ -222,12 +250,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "
         f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels")
 
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, out_dir / name)
     # the C runtime's own tokenizer, where it can reproduce this one (text in and out without Python)
-    tokenizer_c = "no tokenizer.json" if not (model_dir / "tokenizer.json").is_file() else \
-        write_tokenizer(model_dir / "tokenizer.json", out_dir / "tokenizer.bin")
+    tokenizer_c = tokenizer if isinstance(tokenizer, str) else write_tokenizer(tokenizer, out_dir / "tokenizer.bin")
 
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json"}

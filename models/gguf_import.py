@@ -395,6 +395,7 @@ class GGUFVocabulary:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     add_bos_token: bool | None = None
+    chat_template: str | None = None  # tokenizer.chat_template (Jinja, as in tokenizer_config.json)
 
 
 def read_vocabulary(path: str | Path) -> GGUFVocabulary | None:
@@ -410,8 +411,41 @@ def read_vocabulary(path: str | Path) -> GGUFVocabulary | None:
         return None
     return GGUFVocabulary(model=v("model"), pre=v("pre"), tokens=v("tokens"), token_types=v("token_type", []),
                           merges=v("merges", []), scores=v("scores", []), bos_token_id=v("bos_token_id"),
-                          eos_token_id=v("eos_token_id"), add_bos_token=v("add_bos_token"))
+                          eos_token_id=v("eos_token_id"), add_bos_token=v("add_bos_token"),
+                          chat_template=f.value("tokenizer.chat_template"))
 
 
-__all__ = ["GGUFArch", "GGUFVocabulary", "gguf_file", "load_gguf", "describe_gguf", "read_vocabulary",
+# llama.cpp pre-tokenizer names whose split is GPT-2's regex (what a ByteLevel pre-tokenizer does)
+GPT2_SPLIT_PRE = (None, "default", "gpt-2", "olmo")
+
+
+def tokenizer_files(vocab: GGUFVocabulary) -> tuple[str, str] | str:
+    """(tokenizer.json, tokenizer_config.json) equivalent to a GGUF's byte-level BPE vocabulary with
+    GPT-2's split, or the reason it cannot be converted (SentencePiece vocabularies, other splits)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if vocab.model != "gpt2":
+        return f"its vocabulary is {vocab.model!r}, not byte-level BPE ('gpt2')"
+    if vocab.pre not in GPT2_SPLIT_PRE:
+        return f"its pre-tokenizer {vocab.pre!r} splits text otherwise than GPT-2's"
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    try:
+        tok = Tokenizer(models.BPE(vocab=ids, merges=merges))
+    except Exception as e:  # noqa: BLE001 - tokenizers reports a bad vocabulary as a plain Exception
+        return f"its vocabulary is inconsistent ({e})"
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    control = [vocab.tokens[i] for i, kind in enumerate(vocab.token_types) if kind == 3]
+    tok.add_special_tokens(control)
+    config = {"bos_token": None if vocab.bos_token_id is None else vocab.tokens[vocab.bos_token_id],
+              "eos_token": None if vocab.eos_token_id is None else vocab.tokens[vocab.eos_token_id]}
+    if vocab.chat_template:
+        config["chat_template"] = vocab.chat_template
+    return tok.to_str(), json.dumps(config, indent=2)
+
+
+__all__ = ["GGUFArch", "GGUFVocabulary", "gguf_file", "load_gguf", "describe_gguf", "read_vocabulary", "tokenizer_files",
            "unpermute_rows", "architectures", "DEQUANTIZED_TYPES"]

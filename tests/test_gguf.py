@@ -5,6 +5,7 @@ their Hugging Face directories — exactly in F32, within the quantization error
 and give transformers' logits; strictness; and a GGUF compiled and decoded by the C runtime."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def gguf_tensors(hf_dir: Path, family: str) -> dict[str, np.ndarray]:
 
 
 def write_gguf(hf_dir: Path, family: str, path: Path, qtype=Q.F32, extra_kv: dict | None = None,
-               extra_tensors: dict | None = None, arch: str | None = None) -> Path:
+               extra_tensors: dict | None = None, arch: str | None = None, vocabulary: bool = False) -> Path:
     """The checkpoint as a GGUF with the metadata llama.cpp's converter writes; matrices in `qtype`
     except the router (llama-quantize keeps ffn_gate_inp in F32), vectors in F32."""
     import json
@@ -105,9 +106,19 @@ def write_gguf(hf_dir: Path, family: str, path: Path, qtype=Q.F32, extra_kv: dic
     if "shared_expert_intermediate_size" in hf:
         w.add_expert_shared_feed_forward_length(hf["shared_expert_intermediate_size"])
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"<t{i}>" for i in range(hf["vocab_size"])])
-    w.add_token_types([1] * hf["vocab_size"])
-    w.add_token_merges(["< t", "<t 1"])
+    if vocabulary:  # the checkpoint's own byte-level BPE, as llama.cpp's converter stores it
+        spec = json.loads((hf_dir / "tokenizer.json").read_text())
+        tokens = {i: t for t, i in spec["model"]["vocab"].items()} | {a["id"]: a["content"] for a in spec["added_tokens"]}
+        special = {a["id"] for a in spec["added_tokens"] if a["special"]}
+        w.add_token_list([tokens[i] for i in range(len(tokens))])
+        w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+        w.add_string("tokenizer.ggml.pre", "gpt-2")
+        w.add_chat_template("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    else:
+        w.add_token_list([f"<t{i}>" for i in range(hf["vocab_size"])])
+        w.add_token_types([1] * hf["vocab_size"])
+        w.add_token_merges(["< t", "<t 1"])
     for key, setter in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id)):
         if hf.get(key) is not None:
             setter(hf[key])
@@ -314,3 +325,22 @@ def test_a_gguf_compiles_and_decodes_the_hf_directorys_tokens(mixtral, tmp_path,
         with Session(tmp_path / name) as s:
             tokens[name] = s.generate(prompt, 24)
     assert tokens["gguf"] == tokens["hf"]
+
+
+def test_a_gguf_compiles_with_the_tokenizer_it_carries(tmp_path, runtime_lib):
+    """The bundled model as a GGUF holding its vocabulary and no tokenizer.json beside it: compiled
+    with calibration text, it generates the HF directory's text (the same sampled tokens)."""
+    import edgemoe
+    from conftest import CALIBRATION, TRAINED_MODEL
+
+    gguf_dir = tmp_path / "gguf"
+    gguf_dir.mkdir()
+    write_gguf(TRAINED_MODEL, "mixtral", gguf_dir / "mixtral-mini.gguf", vocabulary=True)
+    texts = []
+    for source, out in ((gguf_dir / "mixtral-mini.gguf", tmp_path / "from-gguf"), (TRAINED_MODEL, tmp_path / "from-hf")):
+        manifest = edgemoe.compile(source, out, bits=4, max_seq=128, calibration=CALIBRATION, calibration_tokens=1024)
+        assert manifest["tokenizer"]["c_runtime"], manifest["tokenizer"]
+        with edgemoe.Session(out) as s:
+            texts.append("".join(s.generate("ROMEO:", max_tokens=24, temperature=0.7, seed=3)))
+    assert texts[0] == texts[1] and len(texts[0]) > 20
+    assert json.loads((tmp_path / "from-gguf" / "tokenizer_config.json").read_text())["chat_template"]
