@@ -51,12 +51,12 @@ Tensor types: F32, F16, BF16, Q8_0 and Q4_0 are dequantized to float32 (``gguf.q
 any other type is refused naming the tensor. The compiler then quantizes as it does an HF
 checkpoint — repacking Q4_0/Q8_0 blocks straight into INT4/INT8 groups of 32 is not done yet.
 
-Tokenizer: a GGUF carries its vocabulary (``tokenizer.ggml.*``), which ``read_vocabulary`` exposes,
-but nothing converts it into the ``tokenizer.json`` the compiler reads calibration and search text
-with and the runtime's text interface uses. So a GGUF compiles from token ids alone: to use
-``--calibration``, ``--search-text`` or text prompts, put the model's ``tokenizer.json`` (and
-``tokenizer_config.json``) beside the .gguf in its own directory and compile that directory;
-otherwise feed token ids (``edgemoe_run --tokens``, ``Session.decode_step``).
+Tokenizer: a GGUF carries its vocabulary (``tokenizer.ggml.*``), which ``read_vocabulary`` exposes;
+``tokenizer_files`` turns a byte-level BPE one split as GPT-2 splits (llama.cpp's pre-tokenizers
+"gpt-2", "olmo") into tokenizer.json and tokenizer_config.json (BOS, EOS, chat template), which the
+compiler places in the artifact (compiler/driver.py place_tokenizer). For other vocabularies
+(SentencePiece "llama", Qwen's split) put the model's ``tokenizer.json`` beside the .gguf, or feed
+token ids.
 """
 from __future__ import annotations
 
@@ -384,7 +384,7 @@ def load_gguf(path: str | Path) -> MoEModel:
 
 @dataclass
 class GGUFVocabulary:
-    """The tokenizer a GGUF carries (``tokenizer.ggml.*``), as stored; not converted to a tokenizer.json."""
+    """The tokenizer a GGUF carries (``tokenizer.ggml.*``), as stored (tokenizer_files converts it)."""
 
     model: str | None  # "gpt2" (byte-level BPE), "llama" (SentencePiece), …
     pre: str | None  # llama.cpp's pre-tokenizer name ("qwen2", "olmo", …)
