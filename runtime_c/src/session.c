@@ -20,6 +20,7 @@
 #include "generated/program.h"
 #include "kernels.h"
 #include "loader.h"
+#include "memory_plan.h"
 #include "matrix.h"
 #include "predictor.h"
 #include "program.h"
@@ -28,8 +29,6 @@
 #include "trunk_view.h"
 #include "tvm_backend.h"
 
-#define ALIGN_BUF 64
-#define ALIGN_PAGE 4096
 #define ERR_LEN 1280 /* room for a path (up to 1024) and the message */
 #define MAX_TOP_K 64
 
@@ -67,122 +66,6 @@ struct em_session {
   em_stats st;
   char err[ERR_LEN];
 };
-
-/* ---- memory plan ------------------------------------------------------------------------ */
-
-typedef struct {
-  uint64_t trunk, kv, buffers, arena, meta, fixed; /* fixed = everything but the expert slots */
-  em_size_class classes[EM_MAX_SIZE_CLASSES];      /* distinct record sizes, ascending; .count = records */
-  uint32_t n_classes;
-  uint64_t per_slot[EM_MAX_SIZE_CLASSES];          /* one slot of the class plus its bookkeeping */
-  uint64_t min_slots[EM_MAX_SIZE_CLASSES];         /* a layer's top-k could all be of one class */
-  uint64_t min_cache, all_experts;                 /* bytes of expert slots: the least, and for every record */
-} memory_plan;
-
-static uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
-
-/* Sorts the records' lengths into size classes (at most EM_MAX_SIZE_CLASSES); -1 if too many. */
-static int size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t* n_out, uint8_t* record_class) {
-  uint32_t k = 0;
-  for (uint32_t i = 0; i < n; i++) {
-    uint32_t j = 0;
-    while (j < k && out[j].slot_bytes != r[i].length) j++;
-    if (j == k) {
-      if (k == EM_MAX_SIZE_CLASSES) return -1;
-      out[k].slot_bytes = r[i].length, out[k].count = 0, out[k].first = 0;
-      k++;
-    }
-    out[j].count++;
-  }
-  for (uint32_t a = 1; a < k; a++) /* ascending by size, for a stable class numbering */
-    for (uint32_t b = a; b > 0 && out[b].slot_bytes < out[b - 1].slot_bytes; b--) {
-      em_size_class t = out[b];
-      out[b] = out[b - 1];
-      out[b - 1] = t;
-    }
-  for (uint32_t i = 0; record_class && i < n; i++)
-    for (uint32_t j = 0; j < k; j++)
-      if (out[j].slot_bytes == r[i].length) record_class[i] = (uint8_t)j;
-  *n_out = k;
-  return 0;
-}
-
-static int plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records,
-                       uint32_t max_seq, memory_plan* p, char* err, size_t n) {
-  uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
-  uint64_t ffn = th->inter > th->shared_inter ? th->inter : th->shared_inter;
-  uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
-                       th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
-                       (uint64_t)th->layers * th->hidden};
-  if (size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
-    snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
-    return EM_ERR_FORMAT;
-  }
-  p->trunk = align_up(th->file_bytes - th->data_offset, ALIGN_PAGE);
-  p->kv = align_up(2ull * th->layers * max_seq * kv_dim * sizeof(float), ALIGN_PAGE);
-  p->buffers = 0;
-  for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)
-    p->buffers += align_up(floats[i] * sizeof(float), ALIGN_BUF);
-  p->buffers = align_up(p->buffers, ALIGN_PAGE);
-  /* attention keeps scores and their exponentials, [heads, n] each, in workspace */
-  p->arena = align_up(2ull * th->heads * max_seq * sizeof(float) + 4 * ALIGN_BUF, ALIGN_PAGE);
-  /* records and their size classes; per record: cache and loader bookkeeping; per layer: weights
-     and predictions */
-  p->meta = align_up((uint64_t)ih->n_records * (sizeof(em_record) + 1) + em_cache_meta_bytes(0, ih->n_records) +
-                         em_loader_meta_bytes(0, ih->n_records) +
-                         em_program_bytes(th->layers) + th->layers * (1 + th->experts * sizeof(uint32_t)) +
-                         3 * ALIGN_BUF, /* alignment between the parts */
-                     ALIGN_BUF);
-  p->fixed = p->trunk + p->kv + p->buffers + p->arena + p->meta;
-  p->min_cache = p->all_experts = 0;
-  for (uint32_t c = 0; c < p->n_classes; c++) {
-    p->per_slot[c] = p->classes[c].slot_bytes + em_cache_meta_bytes(1, 0) + em_loader_meta_bytes(1, 0);
-    p->min_slots[c] = p->classes[c].count < th->top_k ? p->classes[c].count : th->top_k;
-    p->min_cache += p->min_slots[c] * p->per_slot[c];
-    p->all_experts += p->classes[c].count * p->per_slot[c];
-  }
-  return EM_OK;
-}
-
-/* Slots per size class for a budget (0 = every record resident): each class its share of the
- * expert cache in proportion to its bytes of experts, never below its minimum; if the minimums
- * overdraw the budget, the classes furthest above their share give slots back; what rounding
- * leaves over buys more slots. */
-static void slots_for_budget(const memory_plan* p, uint64_t budget, uint64_t* slots) {
-  uint64_t cache = budget ? budget - p->fixed : p->all_experts, used = 0;
-  for (uint32_t c = 0; c < p->n_classes; c++) {
-    double share = (double)(p->classes[c].count * p->per_slot[c]) / (double)p->all_experts;
-    slots[c] = (uint64_t)((double)cache * share / (double)p->per_slot[c] + 1e-6);
-    if (slots[c] < p->min_slots[c]) slots[c] = p->min_slots[c];
-    if (slots[c] > p->classes[c].count) slots[c] = p->classes[c].count;
-    used += slots[c] * p->per_slot[c];
-  }
-  while (used > cache) {
-    int worst = -1;
-    double worst_ratio = 0.0;
-    for (uint32_t c = 0; c < p->n_classes; c++) {
-      double ratio = (double)slots[c] / (double)p->classes[c].count;
-      if (slots[c] > p->min_slots[c] && (worst < 0 || ratio > worst_ratio)) worst = (int)c, worst_ratio = ratio;
-    }
-    if (worst < 0) break; /* at the minimum everywhere: the caller checked the budget covers it */
-    slots[worst]--;
-    used -= p->per_slot[worst];
-  }
-  /* Rounding down leaves up to a slot per class unused: hand what is left, a slot at a time, to
-   * the class with the fewest slots for its records among those a slot still fits. */
-  for (;;) {
-    int best = -1;
-    double best_ratio = 0.0;
-    for (uint32_t c = 0; c < p->n_classes; c++) {
-      double ratio = (double)slots[c] / (double)p->classes[c].count;
-      if (slots[c] < p->classes[c].count && used + p->per_slot[c] <= cache && (best < 0 || ratio < best_ratio))
-        best = (int)c, best_ratio = ratio;
-    }
-    if (best < 0) break;
-    slots[best]++;
-    used += p->per_slot[best];
-  }
-}
 
 /* ---- opening -------------------------------------------------------------------------- */
 
@@ -261,8 +144,8 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
   if (!rc) rc = read_headers(&ap, &th, &ih, &records, err, err_len);
   if (rc) return rc;
   if (!max_seq || max_seq > th.max_positions) max_seq = th.max_positions;
-  memory_plan p;
-  rc = plan_memory(&th, &ih, records, max_seq, &p, err, err_len);
+  em_memory_plan p;
+  rc = em_plan_memory(&th, &ih, records, max_seq, em_program_bytes(th.layers), &p, err, err_len);
   free(records);
   if (rc) return rc;
   uint64_t cache = (uint64_t)(expert_fraction * (double)p.all_experts);
@@ -319,7 +202,7 @@ static int bind_trunk(em_session* s, const em_tensor_entry* t, void* program_sto
 /* Hands out consecutive 64-byte-aligned float buffers from the block. */
 static float* carve(uint8_t** cursor, uint64_t count) {
   float* p = (float*)*cursor;
-  *cursor += align_up(count * sizeof(float), ALIGN_BUF);
+  *cursor += em_align_up(count * sizeof(float), EM_ALIGN_BUF);
   return p;
 }
 
@@ -371,8 +254,8 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->predictor = params->loader_thread ? params->predictor : EM_PREDICT_NONE; /* prefetching needs the thread */
   s->n_predict = params->prefetch_experts ? params->prefetch_experts : th->top_k;
   if (s->n_predict > th->experts) s->n_predict = th->experts;
-  memory_plan p;
-  rc = plan_memory(th, &s->ih, s->records, s->max_seq, &p, err, err_len);
+  em_memory_plan p;
+  rc = em_plan_memory(th, &s->ih, s->records, s->max_seq, em_program_bytes(th->layers), &p, err, err_len);
   if (rc) {
     free(s->records);
     free(s);
@@ -394,7 +277,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     }
   }
   uint64_t slots[EM_MAX_SIZE_CLASSES], n_slots = 0, slot_bytes_total = 0, slot_meta_total = 0;
-  slots_for_budget(&p, params->memory_budget, slots);
+  em_slots_for_budget(&p, params->memory_budget, slots);
   for (uint32_t c = 0; c < p.n_classes; c++) {
     n_slots += slots[c];
     slot_bytes_total += slots[c] * p.classes[c].slot_bytes;
@@ -408,9 +291,9 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   void* block = NULL;
   uint8_t* meta = NULL;
   /* bookkeeping: cache slots, loader queue, predictions and record classes, the bound program */
-  size_t predict_at = align_up(cache_meta, ALIGN_BUF) + loader_meta;
-  size_t program_at = align_up(predict_at + th->layers * (s->n_predict * 4 + 1) + s->ih.n_records, ALIGN_BUF);
-  if (posix_memalign(&block, ALIGN_PAGE, block_bytes) != 0 ||
+  size_t predict_at = em_align_up(cache_meta, EM_ALIGN_BUF) + loader_meta;
+  size_t program_at = em_align_up(predict_at + th->layers * (s->n_predict * 4 + 1) + s->ih.n_records, EM_ALIGN_BUF);
+  if (posix_memalign(&block, EM_ALIGN_PAGE, block_bytes) != 0 ||
       !(meta = (uint8_t*)malloc(program_at + em_program_bytes(th->layers)))) {
     snprintf(err, err_len, "cannot allocate %llu bytes", (unsigned long long)block_bytes);
     free(block);
@@ -450,7 +333,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   uint8_t* record_class = s->has_prediction + th->layers;
   em_size_class unused[EM_MAX_SIZE_CLASSES];
   uint32_t n_classes;
-  size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
+  em_size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
 
   /* the tensor table: transient, until the program and the profile are bound */
   em_tensor_entry* table = (em_tensor_entry*)calloc(th->n_tensors, sizeof *table);
@@ -493,7 +376,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   if (!rc) {
     rc = em_loader_init(&s->loader, s->experts, &s->cache, s->records, th->experts, params->verify_checksums,
                         params->loader_thread ? (params->readers ? (int)params->readers : 1) : 0, &s->st,
-                        meta + align_up(cache_meta, ALIGN_BUF), s->err, ERR_LEN);
+                        meta + em_align_up(cache_meta, EM_ALIGN_BUF), s->err, ERR_LEN);
     s->loader_ready = 1;
   }
   if (rc) {
