@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from edgemoe.compiler.driver import CompileOptions, compile_model
-from edgemoe.compiler.quantize import artifact_model
+from edgemoe.compiler.artifact_reference import artifact_model
 from edgemoe.models.reference import ReferenceExecutor
 from edgemoe.runtime import REPO_ROOT, build_runtime
 from edgemoe.targets import load_target

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from edgemoe.compiler.quantize import artifact_model
+from edgemoe.compiler.artifact_reference import artifact_model
 from edgemoe.evaluate import greedy_agreement, perplexity_artifact, perplexity_reference, windows
 from edgemoe.models import load_model
 

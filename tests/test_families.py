@@ -119,7 +119,7 @@ def test_phimoe_longrope_within_its_original_context(tmp_path, rng, form, runtim
     """LongRoPE's short factors and mscale as the RoPE tables, the context capped at
     original_max_position_embeddings: the reference as transformers, the runtime as the reference."""
     from edgemoe.compiler.driver import CompileOptions, compile_model
-    from edgemoe.compiler.quantize import artifact_model
+    from edgemoe.compiler.artifact_reference import artifact_model
     from edgemoe.runtime import Session
 
     model_dir = phimoe_longrope_checkpoint(tmp_path / "model", form)
@@ -202,7 +202,7 @@ def test_runtime_matches_reference(family_dir, variant, tmp_path, rng, runtime_l
     from conftest import assert_matches_reference
 
     from edgemoe.compiler.driver import CompileOptions, compile_model
-    from edgemoe.compiler.quantize import artifact_model
+    from edgemoe.compiler.artifact_reference import artifact_model
     from edgemoe.runtime import Session, budget_bytes
 
     model = load_model(family_dir)

@@ -7,7 +7,7 @@ import pytest
 
 from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.compiler.expert_image import read_table
-from edgemoe.compiler.quantize import artifact_model
+from edgemoe.compiler.artifact_reference import artifact_model
 from edgemoe.models import load_model
 from edgemoe.models.reference import ReferenceExecutor
 from edgemoe.runtime import DEFAULT_BUILD_DIR, EdgeMoEError, Session, budget_bytes

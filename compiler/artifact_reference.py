@@ -1,0 +1,23 @@
+"""The reference of a compiled artifact: the float model with what the artifact stores in place of
+its weights, for the NumPy reference executor to compute what the runtime must."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ..models import Expert
+from .expert_image import read_experts
+from .quantize import compiled_trunk
+
+
+def artifact_model(model, artifact_dir):
+    """The float model with what an artifact stores in place of its weights: the experts as read
+    back from its experts.bin, the trunk quantized as its manifest records. The reference for that
+    artifact's runtime."""
+    q = json.loads((Path(artifact_dir) / "manifest.json").read_text())["quantization"]
+    ref = compiled_trunk(model, q["trunk_bits"], q["group"], q["layout"])
+    stored = read_experts(Path(artifact_dir) / "experts.bin")
+    layers = [replace(l, experts=[Expert(*(m.dequantize() for m in (w.gate, w.up, w.down))) for w in row])
+              for l, row in zip(ref.layers, stored)]
+    return replace(ref, layers=layers)
