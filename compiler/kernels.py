@@ -11,7 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .program import KERNELS
+from .program import KERNEL_SIGNATURES, KERNELS, SIGNATURES, kernel_role
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave, planes
 
 F32 = "float32"
@@ -53,11 +53,11 @@ def matvec(n: int, k: int, name: str, residual: bool = False, bits: int = 32, gr
     if bits == 32:
         w = te.placeholder((n, k), F32, name="w")
         r = te.reduce_axis((0, k), name="r")
-        acc = te.compute((n,), lambda i: te.sum(w[i, r] * x[r], axis=r), name="acc")
+        acc = te.compute((n,), lambda i: te.sum(w[i, r] * x[r], axis=r), name="acc" if residual else "y")
         weights = [w]
     else:
         codes, scales = _qweight("w", n, k, bits, group)
-        acc = te.compute((n,), _row_dot(codes, scales, bits, group, k, x, "r"), name="acc")
+        acc = te.compute((n,), _row_dot(codes, scales, bits, group, k, x, "r"), name="acc" if residual else "y")
         weights = [codes, scales]
     if not residual:
         return _named(acc, [*weights, x, acc], name)
@@ -223,6 +223,31 @@ def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
     return _named(y, [h, *dw, res, weight, y], name or f"em_expert_down_w{bits}")
 
 
+def check_signature(func: tvm.tirx.PrimFunc) -> None:
+    """Refuse a kernel whose parameters differ from its role's signature in compiler/program.py
+    (names, order, a matrix's one or two buffers), the order the runtime passes arguments in."""
+    symbol = str(func.attrs["global_symbol"])
+    signature = SIGNATURES[KERNEL_SIGNATURES[kernel_role(symbol)]]
+    buffers = list(func.params)  # in this TVM a buffer parameter is a Var carrying the buffer's name and dtype
+    got = [(b.name, str(b.dtype)) for b in buffers]
+    i = 0
+    for param in signature:
+        if i >= len(buffers):
+            raise ValueError(f"kernel {symbol}: parameters {got} end before {param!r} of its signature {signature}")
+        if param.startswith("*"):  # float weights: one buffer; quantized: codes, then float16 scales
+            quantized = str(buffers[i].dtype) in ("int8", "uint32")
+            if quantized and (i + 1 >= len(buffers) or str(buffers[i + 1].dtype) != "float16"):
+                raise ValueError(f"kernel {symbol}: matrix {param[1:]!r} has codes without float16 scales: {got}")
+            i += 2 if quantized else 1
+        else:
+            if buffers[i].name != param or str(buffers[i].dtype) != F32:
+                raise ValueError(f"kernel {symbol}: parameter {i} is {got[i]}, its signature {signature} "
+                                 f"says float32 {param!r}")
+            i += 1
+    if i != len(buffers):
+        raise ValueError(f"kernel {symbol}: parameters {got} beyond its signature {signature}")
+
+
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
                    layout: str = "rows", target: tvm.target.Target | None = None) -> dict[str, tvm.tirx.PrimFunc]:
     """Every kernel one decode step needs, by the symbol the C runtime looks up. Quantized weights
@@ -276,4 +301,6 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
                       int_dot.expert_down(isa, cfg, b, group, parallel)]
         else:
             funcs += [expert_gate_up(cfg, b, group), expert_down(cfg, b, group)]
+    for f in funcs:
+        check_signature(f)
     return {str(f.attrs["global_symbol"]): f for f in funcs}

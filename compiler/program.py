@@ -12,6 +12,7 @@ and what each computes, is the program's business: the runtime's C holds no mode
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -48,11 +49,47 @@ KERNELS = {
 }
 EXPERT_KERNELS = {"expert_gate_up": "em_expert_gate_up_w{bits}", "expert_down": "em_expert_down_w{bits}"}
 
+# Kernel signatures: each kernel's parameters in order, by name ("*" marks a matrix: one parameter for
+# float32/float16 weights, two — codes, then float16 scales — for quantized ones). The TVM builders
+# name their parameters so (kernels.check_signature refuses a PrimFunc that differs) and the runtime
+# places each argument at its generated index (EM_SIG_<SIGNATURE>_<PARAM>), so the order is written here only.
+SIGNATURES = {
+    "norm": ("x", "w", "y"),
+    "norm_bias": ("x", "w", "b", "y"),
+    "matvec": ("*w", "x", "y"),
+    "matvec_residual": ("*w", "x", "res", "y"),
+    "qk_norm": ("qkv", "qw", "kw", "y"),
+    "rope": ("qkv", "cos", "sin", "q", "k", "v"),
+    "attention": ("q", "kc", "vc", "o"),
+    "add": ("a", "b", "y"),
+    "ffn_gate_up": ("x", "*gate", "*up", "h"),
+    "ffn_down": ("h", "*down", "res", "weight", "y"),
+}
+# kernel role (KERNELS, EXPERT_KERNELS) → its signature
+KERNEL_SIGNATURES = {
+    "rmsnorm": "norm", "layernorm": "norm_bias", "qkv": "matvec", "qkv_bias": "matvec_residual",
+    "qk_norm": "qk_norm", "rope": "rope", "attention": "attention", "add": "add", "o_proj": "matvec_residual",
+    "router": "matvec", "shared_gate": "matvec", "shared_gate_up": "ffn_gate_up", "shared_down": "ffn_down",
+    "lm_head": "matvec", "lm_head_bias": "matvec_residual", "expert_gate_up": "ffn_gate_up",
+    "expert_down": "ffn_down",
+}
+
 # tensors the runtime finds by name (the routing profile, when compiled with calibration text)
 PROFILE_TENSORS = {
     "path_table": "profile.path_table", "frequency": "profile.frequency", "fitted_router": "profile.fitted_router",
     "fitted_router_prev": "profile.fitted_router_prev", "fitted_router_bias": "profile.fitted_router_bias",
 }
+
+
+def kernel_role(symbol: str) -> str:
+    """The role (a KERNELS or EXPERT_KERNELS key) of a kernel symbol."""
+    for role, name in KERNELS.items():
+        if name == symbol:
+            return role
+    for role, pattern in EXPERT_KERNELS.items():
+        if re.fullmatch(re.escape(pattern).replace(re.escape("{bits}"), "[0-9]+"), symbol):
+            return role
+    raise KeyError(f"no kernel role has the symbol {symbol!r}")
 
 
 def operand_slots(op: str) -> list[str]:
@@ -132,6 +169,11 @@ def c_header() -> str:
     lines.append("")
     lines += [f'#define EM_KERNEL_{k.upper()} "{v}"' for k, v in KERNELS.items()]
     lines += [f'#define EM_KERNEL_{k.upper()}_FMT "{v.replace("{bits}", "%d")}"' for k, v in EXPERT_KERNELS.items()]
+    lines.append("")
+    for sig, params in SIGNATURES.items():
+        names = [p.lstrip("*") for p in params]
+        lines.append(f"#define EM_SIG_{sig.upper()}_ARGS {len(names)}")
+        lines += [f"#define EM_SIG_{sig.upper()}_{n.upper()} {i}" for i, n in enumerate(names)]
     lines.append("")
     lines += [f'#define EM_TENSOR_{k.upper()} "{v}"' for k, v in PROFILE_TENSORS.items()]
     lines += ["", "#endif", ""]

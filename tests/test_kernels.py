@@ -172,3 +172,35 @@ def test_tiles_layout_holds_the_same_weights(rng):
         assert np.array_equal(quantize(w, bits).dequantize(), quantize(w, bits, layout="tiles").dequantize())
     with pytest.raises(ValueError, match="tiles layout"):
         quantize(f32(rng, 40, 64), 4, layout="tiles")
+
+
+def test_every_kernel_role_has_a_signature_the_c_side_indexes():
+    from edgemoe.compiler import program
+
+    roles = set(program.KERNELS) | set(program.EXPERT_KERNELS)
+    assert roles == set(program.KERNEL_SIGNATURES)
+    assert set(program.KERNEL_SIGNATURES.values()) <= set(program.SIGNATURES)
+    header = program.c_header()
+    for sig, params in program.SIGNATURES.items():
+        for i, p in enumerate(params):
+            assert f"#define EM_SIG_{sig.upper()}_{p.lstrip('*').upper()} {i}\n" in header
+
+
+def test_a_kernel_whose_parameters_differ_from_its_signature_is_refused():
+    from tvm import te
+
+    h = CFG.hidden_size
+    x, w = te.placeholder((h,), "float32", name="x"), te.placeholder((h,), "float32", name="w")
+    y = te.compute((h,), lambda i: x[i] * w[i], name="y")
+    kernels.check_signature(te.create_prim_func([x, w, y]).with_attr("global_symbol", "em_rmsnorm"))
+    swapped = te.create_prim_func([w, x, y]).with_attr("global_symbol", "em_rmsnorm")
+    with pytest.raises(ValueError, match="em_rmsnorm: parameter 0 is .*'w'.* says float32 'x'"):
+        kernels.check_signature(swapped)
+    doubled = te.compute((h,), lambda i: x[i] * 2.0, name="y")
+    short = te.create_prim_func([x, doubled]).with_attr("global_symbol", "em_rmsnorm")
+    with pytest.raises(ValueError, match="parameter 1 is .*'y'.* says float32 'w'"):
+        kernels.check_signature(short)
+    codes = te.placeholder((h, h // 8), "uint32", name="w_q")
+    unscaled = te.compute((h,), lambda i: x[i] * codes[i, 0].astype("float32"), name="y")
+    with pytest.raises(ValueError, match="codes without float16 scales"):
+        kernels.check_signature(te.create_prim_func([codes, x, unscaled]).with_attr("global_symbol", "em_router"))

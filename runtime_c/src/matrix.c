@@ -1,6 +1,9 @@
 #include "matrix.h"
 
+#include <stdio.h>
 #include <string.h>
+
+#include "edgemoe.h"
 
 float em_f16_to_f32(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
@@ -92,4 +95,36 @@ int em_matrix_args(const em_matrix* m, em_arg* out) {
     out[1] = em_typed((void*)m->scales, f16, 2, m->rows, m->cols / m->group, 0);
   }
   return 2;
+}
+
+em_kernel_arg em_tensor_arg(em_arg tensor) {
+  em_kernel_arg a = {tensor, NULL, 1};
+  return a;
+}
+
+em_kernel_arg em_matrix_arg(const em_matrix* m) {
+  em_kernel_arg a;
+  memset(&a, 0, sizeof a);
+  a.matrix = m;
+  a.bound = 1;
+  return a;
+}
+
+#define EM_MAX_KERNEL_PARAMS 8
+
+int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n, char* err, size_t len) {
+  em_arg params[EM_MAX_KERNEL_PARAMS];
+  int count = 0;
+  for (int i = 0; i < n; i++) {
+    if (!args[i].bound || count + 2 > EM_MAX_KERNEL_PARAMS) {
+      snprintf(err, len, "kernel %s: argument %d of %d %s (a runtime defect)", name, i, n,
+               args[i].bound ? "exceeds the parameter limit" : "was never bound");
+      return EM_ERR_KERNEL;
+    }
+    if (args[i].matrix)
+      count += em_matrix_args(args[i].matrix, params + count);
+    else
+      params[count++] = args[i].tensor;
+  }
+  return em_kernel_call(fn, name, params, count, err, len);
 }

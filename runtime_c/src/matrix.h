@@ -24,6 +24,20 @@ void em_matrix_row(const em_matrix* m, uint32_t r, float* out);
 /* The matrix's kernel arguments into out: 1 (float32 or float16 weights) or 2 (codes, scales); returns how many. */
 int em_matrix_args(const em_matrix* m, em_arg* out);
 
+/* One argument of a kernel signature (compiler/program.py SIGNATURES; its index is the generated
+ * EM_SIG_<SIGNATURE>_<PARAM>): a tensor, or a matrix that becomes its one or two parameters. */
+typedef struct {
+  em_arg tensor;
+  const em_matrix* matrix; /* non-NULL: a matrix argument */
+  int bound;
+} em_kernel_arg;
+
+em_kernel_arg em_tensor_arg(em_arg tensor);
+em_kernel_arg em_matrix_arg(const em_matrix* m);
+
+/* Calls fn with the signature's n arguments, matrices expanded; an unbound argument is refused. */
+int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n, char* err, size_t len);
+
 float em_f16_to_f32(uint16_t h);
 
 #endif

@@ -407,21 +407,52 @@ void em_close(em_session* s) {
 
 /* ---- decoding ------------------------------------------------------------------------- */
 
-#define CALL(fn, name, ...)                                                                              \
-  do {                                                                                                   \
-    em_arg args_[] = {__VA_ARGS__};                                                                      \
-    int rc_ = em_kernel_call(fn, name, args_, (int)(sizeof args_ / sizeof args_[0]), s->err, ERR_LEN); \
-    if (rc_) return rc_;                                                                                 \
-  } while (0)
+static void swap(float** a, float** b) {
+  float* t = *a;
+  *a = *b;
+  *b = t;
+}
+
+/* Kernel arguments go to the indices compiler/program.py's SIGNATURES give them (generated/program.h). */
+#define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
+#define INVOKE(fn, name, args, SIG) em_kernel_invoke(fn, name, args, EM_SIG_##SIG##_ARGS, s->err, ERR_LEN)
+#define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
 
 /* y = W x (+ res) through a matrix-vector kernel, whatever W's storage. */
 static int matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y) {
-  em_arg args[5];
-  int n = em_matrix_args(w, args);
-  args[n++] = em_f32(x, 1, w->cols, 0, 0);
-  if (res) args[n++] = em_f32(res, 1, w->rows, 0, 0);
-  args[n++] = em_f32(y, 1, w->rows, 0, 0);
-  return em_kernel_call(fn, name, args, n, s->err, ERR_LEN);
+  em_kernel_arg a[EM_SIG_MATVEC_RESIDUAL_ARGS] = {0};
+  if (!res) {
+    BIND(a, MATVEC, W, em_matrix_arg(w));
+    BIND(a, MATVEC, X, T(x, 1, w->cols, 0, 0));
+    BIND(a, MATVEC, Y, T(y, 1, w->rows, 0, 0));
+    return INVOKE(fn, name, a, MATVEC);
+  }
+  BIND(a, MATVEC_RESIDUAL, W, em_matrix_arg(w));
+  BIND(a, MATVEC_RESIDUAL, X, T(x, 1, w->cols, 0, 0));
+  BIND(a, MATVEC_RESIDUAL, RES, T(res, 1, w->rows, 0, 0));
+  BIND(a, MATVEC_RESIDUAL, Y, T(y, 1, w->rows, 0, 0));
+  return INVOKE(fn, name, a, MATVEC_RESIDUAL);
+}
+
+/* h = act(gate · x) ⊙ (up · x), then y = res + weight · (down · h): an expert, routed or shared. */
+static int ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
+               const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, float weight) {
+  em_kernel_arg a[EM_SIG_FFN_DOWN_ARGS] = {0};
+  BIND(a, FFN_GATE_UP, X, T(s->xn, 1, wg->cols, 0, 0));
+  BIND(a, FFN_GATE_UP, GATE, em_matrix_arg(wg));
+  BIND(a, FFN_GATE_UP, UP, em_matrix_arg(wu));
+  BIND(a, FFN_GATE_UP, H, T(s->h, 1, wg->rows, 0, 0));
+  int rc = INVOKE(gate_up, gate_up_name, a, FFN_GATE_UP);
+  if (rc) return rc;
+  *s->expert_weight = weight;
+  BIND(a, FFN_DOWN, H, T(s->h, 1, wd->cols, 0, 0));
+  BIND(a, FFN_DOWN, DOWN, em_matrix_arg(wd));
+  BIND(a, FFN_DOWN, RES, T(s->x, 1, wd->rows, 0, 0));
+  BIND(a, FFN_DOWN, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
+  BIND(a, FFN_DOWN, Y, T(s->x2, 1, wd->rows, 0, 0));
+  rc = INVOKE(down, down_name, a, FFN_DOWN);
+  if (!rc) swap(&s->x, &s->x2);
+  return rc;
 }
 
 static uint32_t record_of(const em_session* s, uint32_t layer, uint32_t expert) {
@@ -431,13 +462,18 @@ static uint32_t record_of(const em_session* s, uint32_t layer, uint32_t expert) 
 /* out = the step's norm of x: RMSNorm (weight) or LayerNorm (weight and bias), as its norm_kind says. */
 static int apply_norm(em_session* s, const em_step* st, const float* x, float* out) {
   int64_t H = s->th.hidden;
-  if (st->norm_kind == EM_NORM_LAYER)
-    CALL(s->k.layernorm, EM_KERNEL_LAYERNORM, em_f32((void*)x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
-         em_f32((void*)st->norm_bias, 1, H, 0, 0), em_f32(out, 1, H, 0, 0));
-  else
-    CALL(s->k.rmsnorm, EM_KERNEL_RMSNORM, em_f32((void*)x, 1, H, 0, 0), em_f32((void*)st->norm, 1, H, 0, 0),
-         em_f32(out, 1, H, 0, 0));
-  return EM_OK;
+  em_kernel_arg a[EM_SIG_NORM_BIAS_ARGS] = {0};
+  if (st->norm_kind == EM_NORM_LAYER) {
+    BIND(a, NORM_BIAS, X, T(x, 1, H, 0, 0));
+    BIND(a, NORM_BIAS, W, T(st->norm, 1, H, 0, 0));
+    BIND(a, NORM_BIAS, B, T(st->norm_bias, 1, H, 0, 0));
+    BIND(a, NORM_BIAS, Y, T(out, 1, H, 0, 0));
+    return INVOKE(s->k.layernorm, EM_KERNEL_LAYERNORM, a, NORM_BIAS);
+  }
+  BIND(a, NORM, X, T(x, 1, H, 0, 0));
+  BIND(a, NORM, W, T(st->norm, 1, H, 0, 0));
+  BIND(a, NORM, Y, T(out, 1, H, 0, 0));
+  return INVOKE(s->k.rmsnorm, EM_KERNEL_RMSNORM, a, NORM);
 }
 
 /* Sparsemixer routing at inference (top-2; program.c checks top_k): pick i1, the top logit m1
@@ -545,12 +581,6 @@ static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx)
   s->has_prediction[layer] = 0;
 }
 
-static void swap(float** a, float** b) {
-  float* t = *a;
-  *a = *b;
-  *b = t;
-}
-
 static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weight) {
   uint32_t ri = record_of(s, layer, expert);
   uint8_t* rec;
@@ -564,31 +594,15 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
   em_matrix gate = {part[0], (const uint16_t*)part[1], b, I, H, G, tiled},
             up = {part[2], (const uint16_t*)part[3], b, I, H, G, tiled},
             down = {part[4], (const uint16_t*)part[5], b, H, I, G, tiled};
-  em_arg a[8];
-  int n = 0;
-  a[n++] = em_f32(s->xn, 1, H, 0, 0);
-  n += em_matrix_args(&gate, a + n);
-  n += em_matrix_args(&up, a + n);
-  a[n++] = em_f32(s->h, 1, I, 0, 0);
-  rc = em_kernel_call(s->k.gate_up[b], "em_expert_gate_up", a, n, s->err, ERR_LEN);
-  *s->expert_weight = weight;
-  n = 0;
-  a[n++] = em_f32(s->h, 1, I, 0, 0);
-  n += em_matrix_args(&down, a + n);
-  a[n++] = em_f32(s->x, 1, H, 0, 0);
-  a[n++] = em_f32(s->expert_weight, 1, 1, 0, 0);
-  a[n++] = em_f32(s->x2, 1, H, 0, 0);
-  if (!rc) rc = em_kernel_call(s->k.down[b], "em_expert_down", a, n, s->err, ERR_LEN);
+  rc = ffn(s, s->k.gate_up[b], "em_expert_gate_up", s->k.down[b], "em_expert_down", &gate, &up, &down, weight);
   if (rc) return rc;
   em_loader_release(&s->loader, ri);
-  swap(&s->x, &s->x2);
   return EM_OK;
 }
 
 /* The shared expert: every token, resident weights, its output added to the residual stream
  * (scaled by sigmoid(gate · xn) where gated). */
 static int shared_expert(em_session* s, const em_step* st) {
-  uint32_t H = s->th.hidden, S = s->th.shared_inter;
   float weight = 1.0f;
   if (st->shared_gated) {
     int rc = matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], s->xn, NULL,
@@ -596,24 +610,8 @@ static int shared_expert(em_session* s, const em_step* st) {
     if (rc) return rc;
     weight = 1.0f / (1.0f + expf(-s->shared_logit[0]));
   }
-  em_arg a[8];
-  int n = 0;
-  a[n++] = em_f32(s->xn, 1, H, 0, 0);
-  n += em_matrix_args(&st->m[EM_M_SHARED_GATE_PROJ], a + n);
-  n += em_matrix_args(&st->m[EM_M_SHARED_UP], a + n);
-  a[n++] = em_f32(s->h, 1, S, 0, 0);
-  int rc = em_kernel_call(s->k.shared_gate_up, EM_KERNEL_SHARED_GATE_UP, a, n, s->err, ERR_LEN);
-  if (rc) return rc;
-  *s->expert_weight = weight;
-  n = 0;
-  a[n++] = em_f32(s->h, 1, S, 0, 0);
-  n += em_matrix_args(&st->m[EM_M_SHARED_DOWN], a + n);
-  a[n++] = em_f32(s->x, 1, H, 0, 0);
-  a[n++] = em_f32(s->expert_weight, 1, 1, 0, 0);
-  a[n++] = em_f32(s->x2, 1, H, 0, 0);
-  rc = em_kernel_call(s->k.shared_down, EM_KERNEL_SHARED_DOWN, a, n, s->err, ERR_LEN);
-  if (!rc) swap(&s->x, &s->x2);
-  return rc;
+  return ffn(s, s->k.shared_gate_up, EM_KERNEL_SHARED_GATE_UP, s->k.shared_down, EM_KERNEL_SHARED_DOWN,
+             &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], weight);
 }
 
 /* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
@@ -666,22 +664,33 @@ static int attention_layer(em_session* s, const em_step* st) {
                 : matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
   if (rc) return rc;
   float* rope_in = s->qkv;
+  em_kernel_arg a[EM_SIG_ROPE_ARGS] = {0};
   if (st->kind != EM_QK_NORM_NONE) {
-    CALL(s->k.qk_norm, EM_KERNEL_QK_NORM, em_f32(s->qkv, 1, qkv, 0, 0),
-         em_f32((void*)st->q_norm, 1, st->kind == EM_QK_NORM_HEAD ? d : s->q_dim, 0, 0),
-         em_f32((void*)st->k_norm, 1, st->kind == EM_QK_NORM_HEAD ? d : s->kv_dim, 0, 0), em_f32(s->qkv2, 1, qkv, 0, 0));
+    BIND(a, QK_NORM, QKV, T(s->qkv, 1, qkv, 0, 0));
+    BIND(a, QK_NORM, QW, T(st->q_norm, 1, st->kind == EM_QK_NORM_HEAD ? d : s->q_dim, 0, 0));
+    BIND(a, QK_NORM, KW, T(st->k_norm, 1, st->kind == EM_QK_NORM_HEAD ? d : s->kv_dim, 0, 0));
+    BIND(a, QK_NORM, Y, T(s->qkv2, 1, qkv, 0, 0));
+    if ((rc = INVOKE(s->k.qk_norm, EM_KERNEL_QK_NORM, a, QK_NORM))) return rc;
     rope_in = s->qkv2;
   }
-  CALL(s->k.rope, EM_KERNEL_ROPE, em_f32(rope_in, 1, qkv, 0, 0),
-       em_f32((void*)(st->rope_cos + pos * (d / 2)), 1, d / 2, 0, 0),
-       em_f32((void*)(st->rope_sin + pos * (d / 2)), 1, d / 2, 0, 0), em_f32(s->q, 2, hq, d, 0),
-       em_f32(kc + pos * s->kv_dim, 2, hkv, d, 0), em_f32(vc + pos * s->kv_dim, 2, hkv, d, 0));
-  CALL(s->k.attention, EM_KERNEL_ATTENTION, em_f32(s->q, 2, hq, d, 0), em_f32(kc, 3, pos + 1, hkv, d),
-       em_f32(vc, 3, pos + 1, hkv, d), em_f32(s->att, 2, hq, d, 0));
+  BIND(a, ROPE, QKV, T(rope_in, 1, qkv, 0, 0));
+  BIND(a, ROPE, COS, T(st->rope_cos + pos * (d / 2), 1, d / 2, 0, 0));
+  BIND(a, ROPE, SIN, T(st->rope_sin + pos * (d / 2), 1, d / 2, 0, 0));
+  BIND(a, ROPE, Q, T(s->q, 2, hq, d, 0));
+  BIND(a, ROPE, K, T(kc + pos * s->kv_dim, 2, hkv, d, 0));
+  BIND(a, ROPE, V, T(vc + pos * s->kv_dim, 2, hkv, d, 0));
+  if ((rc = INVOKE(s->k.rope, EM_KERNEL_ROPE, a, ROPE))) return rc;
+  BIND(a, ATTENTION, Q, T(s->q, 2, hq, d, 0));
+  BIND(a, ATTENTION, KC, T(kc, 3, pos + 1, hkv, d));
+  BIND(a, ATTENTION, VC, T(vc, 3, pos + 1, hkv, d));
+  BIND(a, ATTENTION, O, T(s->att, 2, hq, d, 0));
+  if ((rc = INVOKE(s->k.attention, EM_KERNEL_ATTENTION, a, ATTENTION))) return rc;
   float* res = s->x;
   if (st->o_bias) { /* xn is free again: the residual stream plus the bias */
-    CALL(s->k.add, EM_KERNEL_ADD, em_f32(s->x, 1, H, 0, 0), em_f32((void*)st->o_bias, 1, H, 0, 0),
-         em_f32(s->xn, 1, H, 0, 0));
+    BIND(a, ADD, A, T(s->x, 1, H, 0, 0));
+    BIND(a, ADD, B, T(st->o_bias, 1, H, 0, 0));
+    BIND(a, ADD, Y, T(s->xn, 1, H, 0, 0));
+    if ((rc = INVOKE(s->k.add, EM_KERNEL_ADD, a, ADD))) return rc;
     res = s->xn;
   }
   rc = matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, res, s->x2);
