@@ -217,10 +217,14 @@ def test_runtime_matches_reference(family_dir, variant, tmp_path, rng, runtime_l
     want = np.stack([ref.step(t) for t in tokens])
     for budget in (0, budget_bytes(art)):
         with Session(art, memory_budget=budget) as s:
+            s.trace_routing(len(tokens))
             got = np.stack([s.decode_step(t) for t in tokens])
-            st = s.stats()
+            st, trace = s.stats(), s.routing_trace()
         assert_matches_reference(got, want, art, 1e-4)
-    assert st["expert_misses"] > 0
+        # the runtime's routing trace (what cache studies replay) is the reference's choice of experts
+        assert [[sorted(e) for e in t] for t in trace.tolist()] == \
+            [[sorted(int(i) for i in e) for e in t] for t in ref.trace]
+    assert st["expert_misses"] > 0 and st["records_read"] >= st["expert_misses"]
 
 
 def test_the_program_scales_are_bound_and_a_non_finite_one_is_refused(tmp_path, runtime_lib):

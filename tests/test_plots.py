@@ -47,6 +47,11 @@ def test_every_chart_draws_its_rows(tmp_path):
                     {"artifact": "b", "average_bits": 3.0, "ms_per_token": 22.0, "hit_rate": 0.7,
                      "cache_slots": 17}],),
         "llamacpp": ([{"label": "INT4 / Q4_0\n1 thread", "ours": 900.0, "theirs": 450.0}],),
+        "sweep": ([{"config": "IO-FREE", "fraction": None, "ms_per_token": 0.2, "bound_ms": 0.2, "reads_per_token": 0,
+                    "belady_reads_per_token": None}] +
+                  [{"config": c, "fraction": f, "ms_per_token": 30 * (1 - f) + i, "bound_ms": 25 * (1 - f),
+                    "reads_per_token": 8 * (1 - f) + i, "belady_reads_per_token": 6 * (1 - f)}
+                   for i, c in enumerate(("LRU", "EdgeMoE eviction")) for f in (0.1, 0.25, 0.5)],),
         "soak": ([{"build": "release", "rss_first": 40 << 20, "rss_last": 41 << 20},
                   {"build": "ASan+LSan+UBSan", "rss_first": None, "rss_last": None}],),
     }
@@ -113,3 +118,20 @@ def test_bench_predictors_writes_its_chart(artifact_int4, tmp_path):
     r = CliRunner().invoke(bench_cmd, ["predictors", str(artifact_int4), "--text", str(CALIBRATION), "--tokens", "64",
                                        "--window", "32", "--plot", str(path)])
     assert_wrote(r, path)
+
+
+def test_bench_sweep_writes_its_chart_and_no_policy_beats_belady(artifact_int4, tmp_path):
+    import json
+
+    path, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    r = CliRunner().invoke(bench_cmd, ["sweep", str(artifact_int4), "--tokens", "1,2,3", "-n", "12", "--fractions",
+                                       "0.25,0.5", "--max-seq", "32", "--emulate-storage", "2000,0", "--plot",
+                                       str(path), "--json-out", str(out)])
+    assert_wrote(r, path)
+    assert "identical tokens in every run: True" in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    cached = [row for row in rows if row["fraction"] not in (None, 0.0)]
+    assert len(cached) == 6  # LRU, EdgeMoE eviction, EdgeMoE + prediction at two budgets
+    for row in cached:  # MIN is optimal among all policies, prefetching ones included, at equal slots
+        assert row["belady_reads_per_token"] <= row["reads_per_token"] + 1e-9, row
+        assert row["ms_per_token"] > 0 and row["bound_ms"] > 0

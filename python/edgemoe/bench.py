@@ -53,8 +53,10 @@ def pipeline_configs(fraction: float, queue_depth: int = 1) -> list[RunConfig]:
     ] + extra
 
 
-def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, emulate, max_seq: int) -> dict:
-    """Greedy-decodes n_new tokens after the prompt; per-token decode times and the runtime's counters."""
+def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, emulate, max_seq: int,
+               trace: bool = False) -> dict:
+    """Greedy-decodes n_new tokens after the prompt; per-token decode times and the runtime's counters
+    (with `trace`, also "trace": the experts each layer selected, [tokens, layers, top_k])."""
     from .runtime import Session, budget_bytes
 
     if cfg.budget is not None:
@@ -68,7 +70,10 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
             s.generate(prompt, n_new)
             s.reset()
         before = s.stats()
+        if trace:
+            s.trace_routing(len(prompt) + n_new)
         logits = s.prefill(prompt)
+        after_prompt = s.stats()
         times, tokens = [], []
         for _ in range(n_new):
             tokens.append(int(logits.argmax()))
@@ -76,6 +81,7 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
             logits = s.decode_step(tokens[-1])
             times.append(time.perf_counter() - t0)
         st = s.stats()
+        routing = s.routing_trace() if trace else None
     d = {k: st[k] - before[k] for k in st if k not in ("memory_bytes", "trunk_bytes", "expert_cache_bytes",
                                                        "cache_slots", "record_bytes")}
     d.update({k: st[k] for k in ("memory_bytes", "cache_slots", "record_bytes")})
@@ -88,7 +94,13 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
         "bytes_read_per_token": d["bytes_read"] / n, "stall_ms_per_token": d["stall_ns"] / 1e6 / n,
         "compute_ms_per_token": d["compute_ns"] / 1e6 / n, "prefetch_used": d["prefetch_used"],
         "prefetch_wasted": d["prefetch_wasted"], "prefetch_issued": d["prefetch_issued"],
-        "memory_bytes": d["memory_bytes"], "cache_slots": d["cache_slots"],
+        "memory_bytes": d["memory_bytes"], "cache_slots": d["cache_slots"], "record_bytes": d["record_bytes"],
+        "reads_per_token": d["records_read"] / n,
+        # the generated tokens only (ms_per_token's steps), with the cache as the prompt left it
+        "mean_ms_per_token": 1e3 * statistics.mean(times),
+        "decode_reads_per_token": (st["records_read"] - after_prompt["records_read"]) / n_new,
+        "decode_bytes_per_token": (st["bytes_read"] - after_prompt["bytes_read"]) / n_new,
+        **({"trace": routing} if trace else {}),
     }
 
 
@@ -233,6 +245,89 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, js
     write_plot(plot_path, no_plot, "pipeline", chart,
                title=f"{artifact}: ms/token on {storage} storage ({emulate[0] / 1e6:.0f} MB/s, "
                      f"{emulate[1] * 1e3:.2f} ms), {n_new} tokens")
+
+
+def sweep_configs(fraction: float, profile: bool) -> list[RunConfig]:
+    """The cache policies a sweep compares at one budget (without a routing profile: LRU and
+    next-router prediction only)."""
+    configs = [RunConfig("LRU", fraction, loader_thread=False)]
+    if profile:
+        configs += [RunConfig("EdgeMoE eviction", fraction, eviction="edgemoe", loader_thread=False),
+                    RunConfig("EdgeMoE + prediction", fraction, predictor="fitted-router", eviction="edgemoe")]
+    else:
+        configs.append(RunConfig("LRU + prediction", fraction, predictor="next-router"))
+    return configs
+
+
+@bench_cmd.command("sweep")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--float-artifact", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The same model compiled with --bits 16: its on-demand row is IO-EXP (float experts, as the "
+                   "EdgeMoE paper defines it).")
+@click.option("--fractions", type=_NumberList(float, 0, 1, lo_open=True), default="0.05,0.1,0.25,0.5,0.75,1",
+              show_default=True, help="Expert cache sizes, as fractions of all experts.")
+@click.option("--prompt", default="The history of the city begins in", show_default=True)
+@click.option("--tokens", default=None, help="Comma-separated prompt token ids instead of --prompt.")
+@click.option("-n", "n_new", type=click.IntRange(1, UINT32_MAX), default=64, show_default=True)
+@click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
+@click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@plot_option("sweep")
+def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storage, max_seq, json_out, plot_path,
+              no_plot):
+    """Time and reads per token against the expert budget, each policy beside its bounds: Belady's MIN
+    on the routing trace the run recorded (the fewest reads any cache of those slots could do) and the
+    time a perfect pipeline would take for that policy's reads: max(compute, bytes ÷ bandwidth +
+    reads × latency ÷ queue depth). IO-FREE (all resident), IO-QEXP (the artifact's experts read on
+    demand, no reuse) and, with --float-artifact, IO-EXP are the budget-independent rows."""
+    from .cache_bound import belady_misses, time_bound_ms
+    from .cli import _storage_emulation
+
+    emulate = _storage_emulation(storage)
+    bandwidth, latency, depth = emulate[0], emulate[1], _queue_depth(storage)
+    manifest = read_manifest(artifact)
+    ids = prompt_ids(artifact, prompt, tokens)
+    check_context(ids, n_new, max_seq, manifest, artifact)
+    fixed = [(artifact, RunConfig("IO-FREE", None, warm=True)),
+             (artifact, RunConfig("IO-QEXP", 0.0, loader_thread=False))]
+    if float_artifact is not None:
+        check_context(ids, n_new, max_seq, read_manifest(float_artifact), float_artifact)
+        fixed.append((float_artifact, RunConfig("IO-EXP", 0.0, loader_thread=False)))
+    runs = fixed + [(artifact, c) for f in fractions for c in sweep_configs(f, bool(manifest.get("profile")))]
+    results = []
+    with click.progressbar(runs, label="runs", file=sys.stderr, item_show_func=lambda r: r[1].name if r else "") as bar:
+        for path, cfg in bar:
+            r = run_config(path, cfg, ids, n_new, emulate, max_seq, trace=True)
+            r["fraction"] = cfg.budget_fraction
+            results.append(r)
+    compute = results[0]["mean_ms_per_token"]
+    same = all(r["tokens"] == results[0]["tokens"] for r in results)
+    click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), "
+               f"storage {storage} ({bandwidth / 1e6:.0f} MB/s, {latency * 1e3:.2f} ms, queue depth {depth}), "
+               f"{len(ids)} prompt + {n_new} new tokens, identical tokens in every run: {same}")
+    click.echo("| budget | configuration | slots | ms/token (mean) | bound ms | × bound | reads/token | Belady reads/token "
+               "| × Belady | read/token |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in results:
+        cached = r["fraction"] not in (None, 0.0)
+        reads, nbytes, ms = r["decode_reads_per_token"], r["decode_bytes_per_token"], r["mean_ms_per_token"]
+        bound = time_bound_ms(compute, reads, nbytes, bandwidth, latency, depth)
+        belady = belady_misses(r["trace"], r["cache_slots"], first_token=len(ids)) / n_new if cached else None
+        budget = "all" if r["fraction"] is None else "on demand" if r["fraction"] == 0.0 else f"{r['fraction']:.0%}"
+        ratio = f"{reads / belady:.2f}" if belady else "-"
+        click.echo(f"| {budget} | {r['config']} | {r['cache_slots']} | {ms:.2f} | {bound:.2f} | {ms / bound:.2f} | "
+                   f"{reads:.2f} | {f'{belady:.2f}' if belady is not None else '-'} | {ratio} | "
+                   f"{fmt_bytes(nbytes)} |")
+        rows.append({"config": r["config"], "fraction": r["fraction"], "ms_per_token": ms, "bound_ms": bound,
+                     "reads_per_token": reads, "belady_reads_per_token": belady, "bytes_read_per_token": nbytes,
+                     "cache_slots": r["cache_slots"]})
+    if json_out:
+        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "queue_depth": depth, "rows": rows},
+                                       indent=1))
+    write_plot(plot_path, no_plot, "sweep", rows,
+               title=f"{artifact.name}: {storage} storage ({bandwidth / 1e6:.0f} MB/s, {latency * 1e3:.2f} ms), "
+                     f"{n_new} tokens")
 
 
 @bench_cmd.command("predictors")

@@ -200,3 +200,40 @@ def soak(path, rows: Sequence[dict], title: str = "") -> Path:
     ax.set_title(title or "Soak at the minimum budget: resident memory per build", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
+
+
+def sweep(path, rows: Sequence[dict], title: str = "") -> Path:
+    """edgemoe-bench sweep. rows: {"config", "fraction" (None: all resident, 0: on demand), "ms_per_token",
+    "bound_ms", "reads_per_token", "belady_reads_per_token"}. Left: ms/token against the expert budget per
+    policy (dashed: its time bound), the budget-independent rows as horizontal lines; right: reads per
+    token against Belady's MIN."""
+    fig = Figure(figsize=(12, 4.8), dpi=DPI)
+    FigureCanvasAgg(fig)
+    time_ax, reads_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    policies = [c for c in dict.fromkeys(r["config"] for r in rows if r["fraction"] not in (None, 0.0))]
+    colors = [OURS, THEIRS, "#2ca02c", "#9467bd", "#8c564b"]
+    for i, name in enumerate(policies):
+        pts = sorted((r for r in rows if r["config"] == name), key=lambda r: r["fraction"])
+        x = [100 * r["fraction"] for r in pts]
+        c = colors[i % len(colors)]
+        time_ax.plot(x, [r["ms_per_token"] for r in pts], "o-", color=c, label=name)
+        time_ax.plot(x, [r["bound_ms"] for r in pts], ":", color=c)
+        reads_ax.plot(x, [r["reads_per_token"] for r in pts], "o-", color=c, label=name)
+    belady = sorted((r for r in rows if r["config"] == policies[0]), key=lambda r: r["fraction"]) if policies else []
+    reads_ax.plot([100 * r["fraction"] for r in belady], [r["belady_reads_per_token"] for r in belady], "s--",
+                  color=REFERENCE, label="Belady's MIN")
+    for r in rows:
+        if r["fraction"] in (None, 0.0):
+            time_ax.axhline(r["ms_per_token"], color=REFERENCE, lw=0.8, ls="--")
+            time_ax.annotate(r["config"], (0, r["ms_per_token"]), xycoords=("axes fraction", "data"),
+                             xytext=(3, 2), textcoords="offset points", fontsize=8, color=REFERENCE)
+    time_ax.set_yscale("log")
+    time_ax.set_xlabel("expert cache (% of experts)")
+    time_ax.set_ylabel("ms/token (median; dotted: time bound)")
+    reads_ax.set_xlabel("expert cache (% of experts)")
+    reads_ax.set_ylabel("expert reads per token")
+    time_ax.legend(fontsize=8)
+    reads_ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -56,7 +56,8 @@ _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns
 class _Stats(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in _STAT_FIELDS] + [("cache_slots", ctypes.c_uint32),
                                                                ("record_bytes", ctypes.c_uint32),
-                                                               ("read_retries", ctypes.c_uint64)]
+                                                               ("read_retries", ctypes.c_uint64),
+                                                               ("records_read", ctypes.c_uint64)]
 
 
 class _Sampling(ctypes.Structure):
@@ -119,6 +120,9 @@ def library() -> ctypes.CDLL:
             lib.em_logits.restype = ctypes.POINTER(ctypes.c_float)
             lib.em_stats_get.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Stats)]
             lib.em_model_info_get.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Info)]
+            lib.em_route_trace.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32]
+            lib.em_route_trace_tokens.argtypes = [ctypes.c_void_p]
+            lib.em_route_trace_tokens.restype = ctypes.c_uint32
             lib.em_error.argtypes = [ctypes.c_void_p]
             lib.em_error.restype = ctypes.c_char_p
             lib.em_sampler_create.argtypes = [ctypes.POINTER(_Sampling), ctypes.c_uint32,
@@ -165,6 +169,7 @@ class Session:
                  loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
                  eviction: str = "auto", threads: int = 1, inject_faults: str | None = None, readers: int = 1):
         self._h = None
+        self._trace = np.zeros((0, 0, 0), np.uint32)
         self._lib = library()
         bandwidth, latency = emulate or (0.0, 0.0)
         params = _Params(str(artifact_dir).encode(), memory_budget, max_seq, int(verify),
@@ -213,6 +218,15 @@ class Session:
 
     def reset(self) -> None:
         self._lib.em_reset(self._h)
+
+    def trace_routing(self, max_tokens: int) -> None:
+        """Record the experts every MoE layer selects for the next max_tokens tokens (routing_trace reads them)."""
+        self._trace = np.zeros((max_tokens, self.info["num_layers"], self.info["top_k"]), np.uint32)
+        self._lib.em_route_trace(self._h, self._trace.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), max_tokens)
+
+    def routing_trace(self) -> np.ndarray:
+        """[tokens, layers, top_k] expert ids recorded since trace_routing."""
+        return self._trace[: self._lib.em_route_trace_tokens(self._h)].copy()
 
     def stats(self) -> dict:
         st = _Stats()

@@ -89,6 +89,7 @@ typedef struct {
   uint32_t cache_slots;      /* number of expert cache slots */
   uint32_t record_bytes;     /* bytes of the largest expert record (one read) */
   uint64_t read_retries;     /* expert reads that failed once and were read again */
+  uint64_t records_read;     /* expert records read from the image (demand and prefetch) */
 } em_stats;
 
 typedef struct {
@@ -118,6 +119,12 @@ int em_decode_step(em_session* s, int32_t token, float* logits);
 const float* em_logits(const em_session* s);
 int em_stats_get(const em_session* s, em_stats* out);
 const char* em_error(const em_session* s);
+/* Records the experts each MoE layer selects from now on (for cache studies: Belady's bound): the
+ * t-th token fed after this call, layer l, its top_k expert ids at out[(t * layers + l) * top_k ...],
+ * for up to max_tokens tokens; the caller keeps out alive until the next call. out = NULL stops. */
+void em_route_trace(em_session* s, uint32_t* out, uint32_t max_tokens);
+/* Tokens recorded since em_route_trace (at most its max_tokens). */
+uint32_t em_route_trace_tokens(const em_session* s);
 
 /* ---- sampling ---------------------------------------------------------------------------- */
 

@@ -87,6 +87,7 @@ static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint
   l->stats->read_retries += (uint64_t)retried;
   if (rc == 0) {
     l->stats->bytes_read += l->records[record].length;
+    l->stats->records_read++;
     em_cache_ready(l->cache, slot);
   } else {
     l->failed[record] = rc;

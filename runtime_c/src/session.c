@@ -63,6 +63,9 @@ struct em_session {
   uint32_t max_seq, pos, q_dim, kv_dim;
   uint64_t record_bytes;
 
+  uint32_t* route_trace; /* em_route_trace's buffer, NULL when not tracing */
+  uint32_t trace_max, trace_tokens;
+
   em_stats st;
   char err[ERR_LEN];
 };
@@ -631,6 +634,8 @@ static int moe_layer(em_session* s, const em_step* st) {
   float wts[MAX_TOP_K];
   select_experts(s, st, idx, wts);
   score_prediction(s, l, idx);
+  if (s->route_trace && s->trace_tokens < s->trace_max)
+    memcpy(s->route_trace + ((size_t)s->trace_tokens * th->layers + l) * th->top_k, idx, th->top_k * sizeof(uint32_t));
   for (uint32_t k = 0; k < th->top_k; k++) records[k] = record_of(s, l, idx[k]);
   rc = em_loader_need(&s->loader, records, th->top_k, l, s->err, ERR_LEN);
   if (rc) return rc;
@@ -743,6 +748,7 @@ static int forward(em_session* s, int32_t token, int want_logits) {
   }
   if (rc) return rc;
   s->pos++;
+  if (s->route_trace && s->trace_tokens < s->trace_max) s->trace_tokens++;
   em_loader_stats(&s->loader, &after);
   s->st.tokens++;
   s->st.compute_ns += (em_now_ns() - t_start) - (after.stall_ns - before.stall_ns);
@@ -773,6 +779,16 @@ void em_reset(em_session* s) {
 }
 
 const float* em_logits(const em_session* s) { return s->logits; }
+
+void em_route_trace(em_session* s, uint32_t* out, uint32_t max_tokens) {
+  s->route_trace = out;
+  s->trace_max = out ? max_tokens : 0;
+  s->trace_tokens = 0;
+}
+
+uint32_t em_route_trace_tokens(const em_session* s) {
+  return s->trace_tokens;
+}
 
 int em_stats_get(const em_session* s, em_stats* out) {
   em_loader_stats((em_loader*)&s->loader, out);
