@@ -682,6 +682,56 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
                title=f"{model_dir.name}: decode tok/s, all experts resident, {n_new} tokens")
 
 
+@bench_cmd.command("onnxruntime")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/onnx"),
+              show_default=True, help="Where the ONNX export is written (reused when present).")
+@click.option("-n", "n_new", type=click.IntRange(1, 240), default=32, show_default=True,
+              help="Decode tokens after a 9-token prompt.")
+@click.option("--threads", type=_NumberList(int, 1, MAX_THREADS), default="1,2", show_default=True)
+def onnxruntime_cmd(model_dir, artifacts, work_dir, n_new, threads):
+    """Whole-model decode, all in RAM: EdgeMoE artifacts against onnxruntime running the float
+    checkpoint exported with torch.onnx (onnx_reference.py), at the same thread count. The exported
+    graph has no KV cache, so onnxruntime runs the whole sequence for each token: its row is the
+    all-in-RAM float baseline as ONNX carries it, not a cached decoder."""
+    import time
+
+    import numpy as np
+
+    from .onnx_reference import OnnxModel, export
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / f"{model_dir.name}.onnx"
+    if not path.is_file():
+        export(model_dir, path)
+    tokenized = (artifacts[0] / "tokenizer.json").is_file()
+    ids = prompt_ids(artifacts[0], "The history of the city begins in", None if tokenized else "1,10,11,12,13,14,15,16,17")
+    click.echo(f"model {model_dir}; {len(ids)}-token prompt, {n_new} decode tokens; EdgeMoE: IO-FREE, best of 3; "
+               f"onnxruntime: float32, the whole sequence per token (no KV cache in the graph), best of 3")
+    click.echo("| artifact | expert bits | threads | EdgeMoE ms/token | onnxruntime ms/token | × onnxruntime | "
+               "greedy tokens equal |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for t in threads:
+        onnx = OnnxModel(path, threads=t)
+        theirs, want = float("inf"), onnx.greedy(ids, n_new)
+        for _ in range(3):
+            seq, times = list(ids), []
+            for _ in range(n_new):
+                t0 = time.perf_counter()
+                seq.append(int(onnx.logits(seq)[-1].argmax()))
+                times.append(time.perf_counter() - t0)
+            theirs = min(theirs, 1e3 * float(np.mean(times)))
+        for art in artifacts:
+            bits = read_manifest(art)["quantization"]["average_bits"]
+            runs = [run_config(art, RunConfig("IO-FREE", None, warm=True, threads=t), ids, n_new, None,
+                               len(ids) + n_new) for _ in range(3)]
+            ours = min(r["mean_ms_per_token"] for r in runs)
+            same = sum(a == b for a, b in zip(runs[0]["tokens"], want))
+            click.echo(f"| {art} | {bits:.2f} | {t} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f} | "
+                       f"{same}/{n_new} |")
+
+
 def _stats_lines(stdout: str) -> dict:
     return dict(line.split("=", 1) for line in stdout.splitlines()[1:] if "=" in line)
 
