@@ -1,6 +1,6 @@
 """Builds the C runtime with CMake when the package is built, so that an installed EdgeMoE (a
 wheel, `pip install .`) carries libedgemoe.so and edgemoe_run in edgemoe/_native/ and never
-builds anything at first use. Everything else about the package is in pyproject.toml."""
+builds anything at first use; and lists the packages. Everything else about the package is in pyproject.toml."""
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,4 +34,13 @@ class BinaryDistribution(Distribution):
         return True
 
 
-setup(cmdclass={"build_py": BuildWithRuntime}, distclass=BinaryDistribution)
+def packages() -> list[str]:
+    """The packages pyproject.toml's package-dir maps, with one per model family folder (models/families/*),
+    so that adding a family is adding its folder."""
+    root = Path(__file__).resolve().parent
+    families = sorted(p.parent.name for p in (root / "models" / "families").glob("*/__init__.py"))
+    return ["edgemoe", "edgemoe.compiler", "edgemoe.models", "edgemoe.models.families", "edgemoe.models.zoo",
+            "edgemoe.targets"] + [f"edgemoe.models.families.{f}" for f in families]
+
+
+setup(packages=packages(), cmdclass={"build_py": BuildWithRuntime}, distclass=BinaryDistribution)

@@ -25,6 +25,11 @@ FAMILIES = {
                         attention_bias=True,
                         embedding_multiplier=2.5, attention_multiplier=0.3, residual_multiplier=0.7,
                         logits_scaling=3.0)),
+    # Granite with a shared MLP, untied this time
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
+                         dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
+                              shared_intermediate_size=32, embedding_multiplier=1.5, attention_multiplier=0.2,
+                              residual_multiplier=0.5, logits_scaling=2.0)),
     # LayerNorm, attention and LM head biases, sparsemixer routing; router_jitter_noise 0.5 (a relative
     # margin of 1) so that with this model's small router logits each pick's softmax sometimes holds
     # one expert and sometimes more (at Phi-3.5's 0.01 the first pick's weight would always be 1)

@@ -76,9 +76,12 @@ def all_layers_sparse(c: ConfigReader) -> None:
 
 
 def family_modules() -> list:
-    from . import granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+    """Every family folder beside this file (a new family is found without being listed anywhere)."""
+    import importlib
+    import pkgutil
 
-    return [mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, phimoe]
+    return [importlib.import_module(f"{__name__}.{m.name}") for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
+            if m.ispkg]
 
 
 __all__ = ["common_config", "load_decoder", "all_layers_sparse", "family_modules", "np"]

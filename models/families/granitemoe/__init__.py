@@ -76,6 +76,13 @@ def _describe(c: ConfigReader):
 
 def load(model_dir: Path) -> MoEModel:
     cfg, mult = _describe(ConfigReader(read_config(model_dir), model_dir, "GraniteMoE"))
+    return load_granite(model_dir, cfg, mult, "GraniteMoE")
+
+
+def load_granite(model_dir: Path, cfg, mult: dict, family: str) -> MoEModel:
+    """A Granite checkpoint's tensors, the multipliers folded; with cfg.shared_expert_intermediate, each
+    layer's ungated shared MLP (``shared_mlp.input_linear`` [2S, H]: gate rows then up rows;
+    ``output_linear`` [H, S], scaled by residual_multiplier as the experts' down projections are)."""
     r = TensorReader(model_dir)
     H, I, E = cfg.hidden_size, cfg.expert_intermediate, cfg.num_experts
     q_scale = np.float32(mult["attention_multiplier"] * math.sqrt(cfg.head_dim))
@@ -95,7 +102,13 @@ def load(model_dir: Path) -> MoEModel:
         down = r.get(m + "output_linear.weight", (E, H, I))
         experts = [Expert(np.ascontiguousarray(gate_up[e, :I]), np.ascontiguousarray(gate_up[e, I:]),
                           np.ascontiguousarray(down[e] * res)) for e in range(E)]
-        layers.append(Layer(**attn, router=r.get(m + "router.layer.weight", (E, H)), experts=experts))
+        layer = Layer(**attn, router=r.get(m + "router.layer.weight", (E, H)), experts=experts)
+        if cfg.shared_expert_intermediate:
+            S = cfg.shared_expert_intermediate
+            shared_up = r.get(p + "shared_mlp.input_linear.weight", (2 * S, H))
+            layer.shared = Expert(np.ascontiguousarray(shared_up[:S]), np.ascontiguousarray(shared_up[S:]),
+                                  r.get(p + "shared_mlp.output_linear.weight", (H, S)) * res)
+        layers.append(layer)
     embed, final_norm, lm_head = embeddings(r, cfg)
-    r.done("GraniteMoE")
+    r.done(family)
     return MoEModel(cfg, embed, layers, final_norm, lm_head)
