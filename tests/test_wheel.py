@@ -33,6 +33,11 @@ def test_an_installed_wheel_runs_the_api_and_the_packaged_cli(artifact_int4, tmp
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("edgemoe-*.whl"))
     assert "linux" in wheel.name  # a platform wheel: it holds machine code
+    import zipfile
+
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    for family in (REPO_ROOT / "models" / "families").glob("*/__init__.py"):  # each family folder, unlisted
+        assert f"edgemoe/models/families/{family.parent.name}/__init__.py" in packaged, family
     venv = tmp_path / "venv"
     assert run(sys.executable, "-m", "venv", str(venv)).returncode == 0
     py = str(venv / "bin" / "python")
