@@ -1,21 +1,25 @@
 """Model architectures and checkpoint importers: one folder per family under families/."""
 from __future__ import annotations
 
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
 from .config import Expert, Layer, MoEConfig, MoEModel
 from .families import family_modules
 from .gguf_import import gguf_file
 from .hf_import import ModelImportError, read_config
+from .stored_tensor import StoredTensor
 
 # architectures (as named in an HF config's "architectures" list) → family module (describe, load)
 IMPORTERS = {arch: fam for fam in family_modules() for arch in fam.ARCHITECTURES}
 
 
-def load_model(model_dir: str | Path) -> MoEModel:
+def load_model(model_dir: str | Path, lazy_experts: bool = False) -> MoEModel:
     """Import a checkpoint into the project's MoEModel, by its declared architecture: a Hugging Face
     directory (config.json + *.safetensors), or a GGUF file (a path ending in .gguf, or a directory
-    holding one .gguf and no config.json; gguf_import.py)."""
+    holding one .gguf and no config.json; gguf_import.py). Every weight is a float32 array, except
+    with `lazy_experts`, where an HF checkpoint's expert matrices stay StoredTensors, read when used
+    (one expert at a time: the streaming compile)."""
     gguf = gguf_file(model_dir)
     if gguf is not None:
         from .gguf_import import load_gguf
@@ -25,11 +29,28 @@ def load_model(model_dir: str | Path) -> MoEModel:
     archs = hf.get("architectures") or []
     for a in archs:
         if a in IMPORTERS:
-            return IMPORTERS[a].load(Path(model_dir))
+            return read_stored(IMPORTERS[a].load(Path(model_dir)), lazy_experts)
     raise ModelImportError(
         f"unknown architecture {archs or hf.get('model_type')!r} in {model_dir}/config.json; "
         f"supported: {', '.join(sorted(IMPORTERS))}"
     )
+
+
+def read_stored(obj, lazy_experts: bool = False, _read: dict | None = None):
+    """`obj` (a model, layer, expert or list of them) with every StoredTensor read into an array, each
+    once (tied embeddings stay one array); with `lazy_experts`, routed experts' weights are left
+    stored."""
+    read = {} if _read is None else _read
+    if isinstance(obj, StoredTensor):
+        if id(obj) not in read:
+            read[id(obj)] = obj.read()
+        return read[id(obj)]
+    if isinstance(obj, list):
+        return [read_stored(x, lazy_experts, read) for x in obj]
+    if is_dataclass(obj) and not isinstance(obj, (type, MoEConfig)):
+        return replace(obj, **{f.name: read_stored(getattr(obj, f.name), lazy_experts, read) for f in fields(obj)
+                               if f.init and not (lazy_experts and f.name == "experts")})
+    return obj
 
 
 def describe_model(model_dir: str | Path) -> MoEConfig:
@@ -48,5 +69,5 @@ def describe_model(model_dir: str | Path) -> MoEConfig:
                            f"supported: {', '.join(sorted(IMPORTERS))}")
 
 
-__all__ = ["Expert", "Layer", "MoEConfig", "MoEModel", "ModelImportError", "load_model", "describe_model",
+__all__ = ["Expert", "Layer", "MoEConfig", "MoEModel", "ModelImportError", "load_model", "read_stored", "describe_model",
            "IMPORTERS"]

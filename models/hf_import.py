@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from .stored_tensor import StoredTensor, read_header
 
 
 class ModelImportError(ValueError):
@@ -84,8 +84,9 @@ class ConfigReader:
 
 
 class TensorReader:
-    """Named tensors of every *.safetensors file of a directory, read as float32; `done()` refuses
-    a checkpoint with tensors the importer did not read."""
+    """Named tensors of every *.safetensors file of a directory, as StoredTensors (read as float32
+    when used: models/stored_tensor.py); `done()` refuses a checkpoint with tensors the importer
+    did not ask for."""
 
     def __init__(self, model_dir: Path):
         files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -94,22 +95,22 @@ class TensorReader:
         self.model_dir = Path(model_dir)
         self._where, self._used = {}, set()
         for f in files:
-            with safe_open(str(f), framework="np") as st:
-                for name in st.keys():
-                    self._where[name] = f
+            header, data = read_header(f)
+            for name, t in header.items():
+                self._where[name] = (f, t, data)
 
     def has(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def get(self, name: str, shape: tuple[int, ...]) -> StoredTensor:
         if name not in self._where:
             raise ModelImportError(f"tensor {name!r} missing from the checkpoint")
-        with safe_open(str(self._where[name]), framework="np") as st:
-            t = st.get_tensor(name)
-        if tuple(t.shape) != tuple(shape):
-            raise ModelImportError(f"tensor {name!r} has shape {tuple(t.shape)}, config implies {tuple(shape)}")
+        f, t, data = self._where[name]
+        if tuple(t["shape"]) != tuple(shape):
+            raise ModelImportError(f"tensor {name!r} has shape {tuple(t['shape'])}, config implies {tuple(shape)}")
         self._used.add(name)
-        return np.ascontiguousarray(t, dtype=np.float32)
+        start, end = t["data_offsets"]
+        return StoredTensor(f, name, t["dtype"], tuple(shape), data + start, data + end)
 
     def optional(self, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
         return self.get(name, shape) if name in self._where else None

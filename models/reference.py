@@ -248,6 +248,28 @@ class ReferenceExecutor:
         return out, np.stack(all_logits)
 
 
+def causal_mask(t: int) -> np.ndarray:
+    """[t, t]: 0 where a position may attend, -inf after it."""
+    return np.triu(np.full((t, t), -np.inf, np.float32), k=1)
+
+
+def attend_sequence(model: MoEModel, layer, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                    mask: np.ndarray) -> np.ndarray:
+    """The residual stream rows x [T, H] (one sequence) after the layer's causal self-attention
+    (norm, projections, RoPE with the tables of positions 0..T-1, output projection, residual)."""
+    cfg = model.config
+    T, d, group = len(x), cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    xn = quantize_activation(norm(cfg, x, layer.attn_norm, layer.attn_norm_bias), model.trunk_act_group)
+    q, k, v = project_qkv(layer, cfg, xn)
+    q = apply_rope(q, cos[:, None, :], sin[:, None, :])
+    k = apply_rope(k, cos[:, None, :], sin[:, None, :])
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + mask
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return x + attention_output(layer, cfg, np.einsum("htu,uhd->thd", p, v).reshape(T, -1), model.trunk_act_group)
+
+
 def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = None, first_layer: int = 0,
                      hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Whole-sequence causal forward pass (batched, for profiling and perplexity).
@@ -263,25 +285,15 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
-    T, d = len(tokens), cfg.head_dim
-    cos, sin = rope_tables(cfg, T)
-    group = cfg.num_heads // cfg.num_kv_heads
-    mask = np.triu(np.full((T, T), -np.inf, np.float32), k=1)
+    cos, sin = rope_tables(cfg, len(tokens))
+    mask = causal_mask(len(tokens))
     x = embed_rows(model, tokens) if first_layer == 0 else hidden
-    selected = np.zeros((T, cfg.num_layers, cfg.top_k), np.int32)
+    selected = np.zeros((len(tokens), cfg.num_layers, cfg.top_k), np.int32)
     if trace is not None:
         trace.update(embed=x, ffn_in=[], layer_out=[], router_logits=[])
     for li in range(first_layer, cfg.num_layers):
         layer = model.layers[li]
-        xn = quantize_activation(norm(cfg, x, layer.attn_norm, layer.attn_norm_bias), model.trunk_act_group)
-        q, k, v = project_qkv(layer, cfg, xn)
-        q = apply_rope(q, cos[:, None, :], sin[:, None, :])
-        k = apply_rope(k, cos[:, None, :], sin[:, None, :])
-        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-        s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + mask
-        p = np.exp(s - s.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        x = x + attention_output(layer, cfg, np.einsum("htu,uhd->thd", p, v).reshape(T, -1), model.trunk_act_group)
+        x = attend_sequence(model, layer, x, cos, sin, mask)
         xn = norm(cfg, x, layer.ffn_norm, layer.ffn_norm_bias)
         logits = xn @ layer.router.T
         idx, w = route_rows(cfg, logits)

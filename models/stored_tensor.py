@@ -1,0 +1,132 @@
+"""Tensors of a safetensors file read when used, not when imported.
+
+A StoredTensor names where a tensor lies (file, byte range, stored dtype, shape); it holds no
+data. Used as an array (np.asarray, arithmetic, indexing, .T) it reads those bytes from the
+memory-mapped file and converts them to float32 — exactly what importing it eagerly gave — and
+keeps nothing, so a checkpoint far larger than RAM can be walked tensor by tensor. bfloat16 and
+float16 stay as stored until then. It pickles as its address, so a worker process reads its own.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+# safetensors dtype names → how the stored bytes become float32
+FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+HEADER_LIMIT = 100 << 20  # a safetensors JSON header larger than this is not a real one
+
+
+class SafetensorsFormatError(ValueError):
+    """A .safetensors file whose header cannot be read; the message names the file and the problem."""
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor name → {dtype, shape, data_offsets}, offset of the data section) of a .safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SafetensorsFormatError(f"{path}: truncated safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > HEADER_LIMIT:
+            raise SafetensorsFormatError(f"{path}: safetensors header of {n} bytes is not plausible (corrupted file)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise SafetensorsFormatError(f"{path}: unreadable safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class _Mapped:
+    """One read-only mapping per file and process, opened on first use."""
+
+    maps: dict[Path, mmap.mmap] = {}
+
+    @classmethod
+    def buffer(cls, path: Path) -> mmap.mmap:
+        m = cls.maps.get(path)
+        if m is None:
+            with open(path, "rb") as f:
+                m = cls.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return m
+
+
+class StoredTensor(NDArrayOperatorsMixin):
+    """A float tensor in a safetensors file, read as float32 when used (module docstring)."""
+
+    def __init__(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, end: int):
+        if dtype not in FLOAT_DTYPES:
+            raise SafetensorsFormatError(f"{path}: tensor {name!r} is {dtype}; EdgeMoE imports "
+                                         f"{', '.join(FLOAT_DTYPES)} tensors (convert the checkpoint to one of them)")
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - start != count * np.dtype(FLOAT_DTYPES[dtype]).itemsize:
+            raise SafetensorsFormatError(f"{path}: tensor {name!r} spans {end - start} bytes, its shape "
+                                         f"{tuple(shape)} at {dtype} needs {count * np.dtype(FLOAT_DTYPES[dtype]).itemsize}")
+        self.path, self.name, self.stored_dtype, self.shape = Path(path), name, dtype, tuple(shape)
+        self.start, self.end = start, end
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
+    dtype = np.dtype(np.float32)  # as used
+
+    def read(self) -> np.ndarray:
+        """The tensor as a new float32 array. The mapped pages are released from this process
+        afterwards (they stay in the page cache), so walking a checkpoint does not grow the RSS."""
+        m = _Mapped.buffer(self.path)
+        raw = np.frombuffer(m, FLOAT_DTYPES[self.stored_dtype], self.size, self.start).reshape(self.shape)
+        if self.stored_dtype == "BF16":  # bfloat16 is the top half of a float32
+            out = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        else:
+            out = raw.astype(np.float32)
+        del raw
+        first = self.start - self.start % mmap.PAGESIZE
+        if self.end > first:
+            m.madvise(mmap.MADV_DONTNEED, first, self.end - first)
+        return out
+
+    def row(self, i: int) -> "StoredTensor":
+        """Index i along the first axis, still unread (a fused [experts, …] tensor's one expert)."""
+        n = self.shape[0]
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name} of shape {self.shape}")
+        step = (self.end - self.start) // n
+        at = self.start + (i % n) * step
+        return StoredTensor(self.path, self.name, self.stored_dtype, self.shape[1:], at, at + step)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.read()
+        return a if dtype is None else a.astype(dtype)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(i.read() if isinstance(i, StoredTensor) else i for i in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if isinstance(first, (int, np.integer)) and self.ndim > 1:
+            sub = self.row(int(first))
+            return sub[rest] if rest else sub
+        return self.read()[key]
+
+    @property
+    def T(self) -> np.ndarray:
+        return self.read().T
+
+    def astype(self, dtype, **kwargs) -> np.ndarray:
+        return self.read().astype(dtype, **kwargs)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"StoredTensor({self.path.name}:{self.name}, {self.stored_dtype}, {self.shape})"
+
+
+def materialize(a):
+    """`a` as an ndarray where it is a StoredTensor, else `a` itself."""
+    return a.read() if isinstance(a, StoredTensor) else a
