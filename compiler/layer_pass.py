@@ -15,8 +15,8 @@ from typing import Iterator
 import numpy as np
 
 from ..models import Expert, MoEModel, read_stored
-from ..models.reference import (attend_sequence, causal_mask, embed_rows, expert_hidden, norm, route_rows,
-                                rope_tables, shared_expert)
+from ..models.reference import (attend_sequence, causal_mask, embed_rows, expert_hidden, norm, quantize_activation,
+                                route_rows, rope_tables, shared_expert)
 
 WINDOW = 256  # tokens per window; each window is a fresh context
 
@@ -51,7 +51,7 @@ class RoutedLayer:
             self.logits.append(logits)
             self.picks.append(idx)
             self.weights.append(w)
-        self.out = [np.zeros_like(x) for x in entering]
+        self.out = [np.zeros_like(a) for a in self.attended]
         self.applied = 0
 
     def expert_inputs(self, e: int, expert: Expert) -> list[Routed]:
@@ -118,8 +118,6 @@ class LayerPass:
 def grams(routed: list[Routed], ffn_in: list[np.ndarray], act_group: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """(XᵀX of the gate/up inputs, of the down inputs, rows) over one expert's routed rows, in
     float64, summed window by window."""
-    from ..models.reference import quantize_activation
-
     gate_up = down = None
     n = 0
     for r in routed:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import MoEModel
-from ..models.reference import expert_hidden, forward_sequence, norm, quantize_activation
+from ..models import MoEModel, read_stored
+from ..models.reference import norm
+from .layer_pass import WINDOW, LayerPass, grams
 from .progress import track
 
-WINDOW = 256
 # The fit corrects the next layer's own router and is pulled towards it: penalty RIDGE per
 # calibration token on the correction, so a short calibration text changes the router little.
 RIDGE = 0.5
@@ -74,24 +74,24 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, p
     least-squares correction, from the normalised state the runtime has one layer earlier and the
     layer's MoE input at the previous token, to that layer's router logits. The router alone on
     the earlier state misses what the layer's attention adds; that depends on the context, which
-    the layer's previous input stands for (measured: docs/BENCHMARKS.md §4). `progress`: a progress
-    factory (compiler/progress.py) counting the windows."""
+    the layer's previous input stands for (measured: docs/BENCHMARKS.md §4). Runs layer by layer
+    (layer_pass.py), reading one expert at a time. `progress`: a progress factory
+    (compiler/progress.py) counting the layers."""
     cfg = model.config
     H, E = cfg.hidden_size, cfg.num_experts
     F = 2 * H + 1
     gram = np.zeros((cfg.num_layers, F, F))
     cross = np.zeros((cfg.num_layers, F, E))
-    chunks = []
-    for i in track(progress, range(0, len(tokens), window), "routing profile", unit="window"):
-        trace: dict = {}
-        chunks.append(forward_sequence(model, tokens[i : i + window], trace)[1])
-        sources = [trace["embed"]] + trace["layer_out"][:-1]
-        for l, layer in enumerate(model.layers):
-            z = norm(cfg, sources[l], layer.ffn_norm, layer.ffn_norm_bias).astype(np.float64)
-            previous = np.vstack([np.zeros((1, H)), trace["ffn_in"][l][:-1]])
+    calibration = LayerPass(model, tokens, window)
+    for layer in track(progress, calibration.layers(), "routing profile", total=cfg.num_layers, unit="layer"):
+        l, weights = layer.index, layer.layer
+        for entering, xn, logits in zip(layer.entering, layer.ffn_in, layer.logits):
+            z = norm(cfg, entering, weights.ffn_norm, weights.ffn_norm_bias).astype(np.float64)
+            previous = np.vstack([np.zeros((1, H)), xn[:-1]])
             z = np.hstack([z, previous, np.ones((len(z), 1))])
             gram[l] += z.T @ z
-            cross[l] += z.T @ trace["router_logits"][l]
+            cross[l] += z.T @ logits
+        calibration.run_experts(layer)
     fitted = []
     for l, layer in enumerate(model.layers):
         router = np.zeros((F, E))
@@ -100,7 +100,7 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, p
         d = np.linalg.solve(gram[l] + RIDGE * len(tokens) * np.eye(F), cross[l] - gram[l] @ router)
         fitted.append((router + d).T)
     fitted = np.stack(fitted)
-    return RoutingProfile(np.concatenate(chunks), E, fitted.astype(np.float32))
+    return RoutingProfile(np.concatenate(calibration.selected), E, fitted.astype(np.float32))
 
 @dataclass
 class ExpertMoments:
@@ -119,22 +119,19 @@ class ExpertMoments:
 def expert_moments(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, progress=None) -> ExpertMoments:
     """Runs the calibration tokens through `model` and sums, per expert, the outer products of the
     inputs its three matrices see (as the artifact's kernels see them: with the model's activation
-    rounding). `progress`: a progress factory (compiler/progress.py) counting the windows."""
+    rounding), layer by layer (layer_pass.py). All [layers, experts] Gram matrices at once: for
+    the bit-plan search and evaluation; the streaming compile keeps one expert's (grams()).
+    `progress`: a progress factory (compiler/progress.py) counting the layers."""
     cfg = model.config
     L, E, H, I = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate
     gate_up, down, rows = np.zeros((L, E, H, H)), np.zeros((L, E, I, I)), np.zeros((L, E), np.int64)
-    for i in track(progress, range(0, len(tokens), window), "calibration: expert inputs", unit="window"):
-        trace: dict = {}
-        selected = forward_sequence(model, tokens[i : i + window], trace)[1]
-        for l, layer in enumerate(model.layers):
-            for e, ex in enumerate(layer.experts):
-                routed = np.nonzero((selected[:, l] == e).any(axis=1))[0]
-                if len(routed) == 0:
-                    continue
-                xn = trace["ffn_in"][l][routed]
-                xa = quantize_activation(xn, model.expert_act_group).astype(np.float64)
-                h = expert_hidden(ex, xn, model.expert_act_group).astype(np.float64)
-                gate_up[l, e] += xa.T @ xa
-                down[l, e] += h.T @ h
-                rows[l, e] += len(routed)
+    calibration = LayerPass(model, tokens, window)
+    for layer in track(progress, calibration.layers(), "calibration: expert inputs", total=L, unit="layer"):
+        l = layer.index
+        for e, stored in enumerate(layer.layer.experts):
+            expert = read_stored(stored)
+            routed = layer.expert_inputs(e, expert)
+            if routed:
+                gate_up[l, e], down[l, e], rows[l, e] = grams(routed, layer.ffn_in, model.expert_act_group)
+            layer.add(e, expert, routed)
     return ExpertMoments(gate_up, down, rows)
