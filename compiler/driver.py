@@ -1,27 +1,32 @@
 """The compile flow: import → quantize → pack the expert image → lower kernels → emit the artifact."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..models import load_model
+from ..models import load_model, read_stored
 from ..targets import load_target
 from .bitplan import LEVELS, search_plan, split_tokens
 from .cache import cache_dir
-from .expert_image import ExpertWeights, write_image
+from .expert_image import ImageWriter
+from .expert_pool import ExpertPool, RoundingTask, default_jobs
+from .layer_pass import LayerPass, grams
 from .lower import build_kernels
 from .progress import stage, track
 from .tuning import TuningStore
 from .profile import expert_moments, profile_routing, tokenize_file
-from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, compiled_trunk, quantize
+from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, compiled_trunk
 from .cpu_features import elf_machine, feature_names, required_features
 from .tokenizer_file import write_tokenizer
 from .trunk_file import ArtifactIdentity, write_trunk
@@ -45,6 +50,7 @@ class CompileOptions:
     int_dot: bool | None = None  # integer-dot kernels (tiles layout); None: wherever the target and shapes allow
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
     tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
+    jobs: int | None = None  # worker processes rounding experts; default: one per core
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
@@ -105,7 +111,10 @@ def check_output_dir(out_dir: Path) -> None:
 
 def _publish(work: Path, out_dir: Path) -> None:
     """Moves a finished artifact from its working directory into place: out_dir changes from the
-    old artifact (if any) to the new one by renames, never holding a partial one."""
+    old artifact (if any) to the new one by renames, never holding a partial one. The working
+    directory's own files (dot-named: what the compile's inputs were) are left out."""
+    for p in work.glob(".*"):
+        p.unlink()
     old = None
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
@@ -116,6 +125,58 @@ def _publish(work: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# The sources whose code decides the bytes of an expert record: a resumed compile keeps records only
+# when these are unchanged (as well as the checkpoint, the texts and the options).
+RECORD_SOURCES = ("rounding.py", "quantize.py", "expert_image.py", "expert_pool.py", "layer_pass.py", "profile.py",
+                  "../models/reference.py", "../models/stored_tensor.py")
+
+
+def compile_inputs(model_dir: Path, opts: CompileOptions) -> bytes:
+    """A digest of what a compile's expert records depend on: the checkpoint's files (names, sizes,
+    modification times), the calibration and search texts likewise, the options (but not how many
+    workers round) and the code that rounds and writes them."""
+    h = hashlib.sha256()
+    files = [model_dir] if model_dir.is_file() else sorted(p for p in model_dir.iterdir() if p.is_file())
+    for p in files + [Path(t) for t in (opts.calibration, opts.search_text) if t is not None]:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h.update(json.dumps({k: v for k, v in asdict(opts).items() if k != "jobs"}, default=str, sort_keys=True).encode())
+    for name in RECORD_SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.digest()
+
+
+@contextmanager
+def working_directory(out_dir: Path, inputs: bytes):
+    """The compile's working directory beside out_dir, held by this process alone (a lock): the
+    one an interrupted compile with the same inputs left (its finished records are reused), else
+    a fresh one."""
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    work.mkdir(exist_ok=True)
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another compile is writing {out_dir} (its working directory {work} is locked); "
+                             "wait for it or choose another output directory") from None
+        stamp = work / ".inputs"
+        if not stamp.is_file() or stamp.read_bytes() != inputs:
+            for p in work.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            stamp.write_bytes(inputs)
+        yield work
+    finally:
+        os.close(fd)
+
+
+def peak_rss() -> int:
+    """Bytes: the largest resident set of this process, and of the largest of its finished workers."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, workers) * 1024
+
+
 def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptions, log=print, progress=None) -> dict:
     """Compile the checkpoint in model_dir into an artifact directory; returns the manifest.
     `log` receives one line per finished stage. `progress`, a progress factory (compiler/progress.py:
@@ -123,18 +184,23 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     import, calibration, bit-plan search, rounding each expert, routing profile, tuning, lowering,
     writing; None (the default) reports none of them.
     The artifact is written into a working directory beside out_dir and renamed into place when
-    complete: a failed or interrupted compile leaves out_dir as it was."""
+    complete: a failed or interrupted compile leaves out_dir as it was. An interrupted one (Ctrl-C,
+    a signal, a crash) also leaves its working directory, and the same compile run again resumes
+    from the expert records it finished; one that fails on its inputs removes it."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        manifest = _compile_into(model_dir, work, opts, log, progress)
-        _publish(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    log(f"artifact written to {out_dir} in {manifest['compile_seconds']} s")
+    with working_directory(out_dir, compile_inputs(model_dir, opts)) as work:
+        try:
+            manifest = _compile_into(model_dir, work, opts, log, progress, (work / ".inputs").read_bytes())
+            _publish(work, out_dir)
+        except (KeyboardInterrupt, SystemExit):
+            log(f"interrupted: {work} keeps the expert records finished so far; the same command resumes from them")
+            raise
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    log(f"artifact written to {out_dir} in {manifest['compile_seconds']} s; peak RSS {peak_rss() / 2**30:.2f} GiB")
     return manifest
 
 
@@ -162,12 +228,42 @@ def place_tokenizer(model_dir: Path, out_dir: Path) -> Path | str:
     return out_dir / "tokenizer.json"
 
 
-def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, progress) -> dict:
+def _stored_tasks(model, plan, group: int, layout: str, moments, skip):
+    """The experts to round, in order, with their Gram matrices from `moments` (all in RAM) if given."""
+    for li, layer in enumerate(model.layers):
+        for ei, e in enumerate(layer.experts):
+            if (li, ei) not in skip:
+                g = moments.grams(li, ei) if moments is not None else (None,) * 3
+                yield RoundingTask(li, ei, (e.w_gate, e.w_up, e.w_down), plan[li][ei], group, layout, g)
+
+
+def _calibrated_tasks(trunk, tokens, plan, group: int, layout: str, skip, progress):
+    """The experts to round, in order, each with the Gram matrices of its inputs on the calibration
+    tokens, computed layer by layer (layer_pass.py) as it is drawn and dropped once it is handed
+    on: one expert's moments in RAM, not the model's. `trunk`: the model as the artifact computes
+    it (compiled_trunk), experts still float; finished records (`skip`) are run, not rounded."""
+    calibration = LayerPass(trunk, tokens)
+    for layer in track(progress, calibration.layers(), "calibration: expert inputs", total=len(trunk.layers),
+                       unit="layer"):
+        for ei, stored in enumerate(layer.layer.experts):
+            expert = read_stored(stored)
+            routed = layer.expert_inputs(ei, expert)
+            if (layer.index, ei) not in skip:
+                gate_up, down, _ = grams(routed, layer.ffn_in, trunk.expert_act_group) if routed else (None, None, 0)
+                yield RoundingTask(layer.index, ei, (stored.w_gate, stored.w_up, stored.w_down), plan[layer.index][ei],
+                                   group, layout, (gate_up, gate_up, down))
+            layer.add(ei, expert, routed)
+
+
+def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, progress, inputs: bytes) -> dict:
     t0 = time.time()
     target = load_target(opts.target)
     check_trunk_bits(opts.trunk_bits)
+    jobs = opts.jobs or default_jobs()
+    search = opts.tolerance is not None or opts.max_bits is not None
     with stage(progress, f"importing {model_dir.name}"):
-        model = load_model(model_dir)
+        # experts stay in the checkpoint until rounded, one at a time; the bit-plan search keeps them all
+        model = load_model(model_dir, lazy_experts=not search)
     cfg = model.config
     tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none
     calib_tokens = None
@@ -176,8 +272,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
                          f"{tokenizer}")
     if opts.calibration is not None:
         calib_tokens = tokenize_file(tokenizer, opts.calibration, opts.calibration_tokens)
-    searched = moments = None
-    search = opts.tolerance is not None or opts.max_bits is not None
+    searched = moments = rounded_trunk = None
     if search and calib_tokens is None:
         raise ValueError("--tolerance and --max-bits need calibration text (--calibration) to measure expert "
                          "sensitivity on")
@@ -190,10 +285,10 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         search_layout = weight_layout(cfg, target, opts, list(LEVELS))
         with stage(progress, "rounding the trunk"):
             rounded_trunk = compiled_trunk(model, opts.trunk_bits, opts.group, search_layout)
-        moments = expert_moments(rounded_trunk, fit, progress=progress)
-        del rounded_trunk
-        log(f"measured expert inputs on {len(fit)} calibration tokens (the quantizer rounds against them)")
     if search:
+        moments = expert_moments(rounded_trunk, fit, progress=progress)
+        rounded_trunk = None
+        log(f"measured expert inputs on {len(fit)} calibration tokens (the quantizer rounds against them)")
         goals = ([f"within {100 * opts.tolerance:.2f}% perplexity loss"] if opts.tolerance is not None else []) + \
             ([f"at most {opts.max_bits} bits on average"] if opts.max_bits is not None else [])
         log(f"searching a bit plan {' and '.join(goals)} ({len(search_tokens)} search tokens, {len(check_tokens)} "
@@ -213,15 +308,26 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers × {cfg.num_experts} experts (top-{cfg.top_k}), "
         f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
 
-    def stored(li, ei, e):
-        grams = moments.grams(li, ei) if moments is not None else (None,) * 3
-        return ExpertWeights(*(quantize(w, plan[li][ei], opts.group, layout, g)
-                               for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
-
-    experts = [[] for _ in model.layers]
-    each = [(li, ei, e) for li, layer in enumerate(model.layers) for ei, e in enumerate(layer.experts)]
-    for li, ei, e in track(progress, each, "rounding experts", unit="expert"):
-        experts[li].append(stored(li, ei, e))
+    writer = ImageWriter(out_dir / "experts.bin", plan, cfg.hidden_size, cfg.expert_intermediate, opts.group, layout,
+                         out_dir / ".experts.bin.journal", inputs)
+    if writer.done:
+        log(f"resuming: {len(writer.done)} of {writer.n} expert records kept from the interrupted compile")
+    skip = set(writer.done)
+    tasks = _stored_tasks(model, plan, opts.group, layout, moments, skip) if rounded_trunk is None else \
+        _calibrated_tasks(rounded_trunk, calib_tokens, plan, opts.group, layout, skip, progress)
+    t_round = time.time()
+    with ExpertPool(jobs) as pool:
+        for r in track(progress, pool.run(tasks), "rounding experts", total=writer.n - len(skip), unit="expert"):
+            writer.write(r.layer, r.expert, r.bits, r.payload, r.part_offsets)
+    rounded = (writer.n - len(skip)) / max(writer.n, 1) * counts["experts"]
+    seconds = time.time() - t_round
+    log(f"rounded {writer.n - len(skip)} experts ({rounded / 1e6:.1f}M parameters"
+        f"{', against their calibration inputs' if rounded_trunk is not None else ''}) on {jobs} "
+        f"process{'es' if jobs > 1 else ''} in {seconds:.1f} s: {rounded / 1e6 / max(seconds, 1e-9):.1f}M parameters/s; "
+        f"peak RSS {peak_rss() / 2**30:.2f} GiB")
+    if rounded_trunk is not None:
+        log(f"measured expert inputs on {len(calib_tokens)} calibration tokens (the quantizer rounds against them)")
+    rounded_trunk = None
     profile = None
     if calib_tokens is not None:
         profile = profile_routing(model, calib_tokens, progress=progress)
@@ -240,8 +346,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         kernels_sha256=bytes.fromhex(_sha256(out_dir / kernels["library"])) if "library" in kernels else bytes(32),
         machine=elf_machine(tvm_target), cpu_features=required_features(tvm_target))
     with stage(progress, "writing experts.bin and trunk.bin"):
-        records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate,
-                              opts.group, layout, identity.compile_id)
+        records = writer.finish(identity.compile_id)
         trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
                                   profile, identity)
     average_bits = float(np.mean(plan))
@@ -254,7 +359,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     tokenizer_c = tokenizer if isinstance(tokenizer, str) else write_tokenizer(tokenizer, out_dir / "tokenizer.bin")
 
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json"}
+             for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json" and p.name[0] != "."}
     manifest = {
         "format": "edgemoe-artifact",
         "version": MANIFEST_VERSION,
@@ -265,7 +370,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         "cpu_features": feature_names(identity.cpu_features),
         "max_seq": max_seq,
         "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,
-                         "rounding": "calibrated (GPTQ)" if moments is not None else "searched scales",
+                         "rounding": "calibrated (GPTQ)" if calib_tokens is not None else "searched scales",
                          "expert_bits": bits_used[0] if len(bits_used) == 1 else None,
                          "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits,
                          "layout": layout},

@@ -57,7 +57,8 @@ class Record:
     payload_bytes: int
 
 
-def _record_payload(w: ExpertWeights) -> tuple[bytes, list[int]]:
+def record_payload(w: ExpertWeights) -> tuple[bytes, list[int]]:
+    """One expert's record bytes (before the padding to ALIGN) and where each part starts in them."""
     out = bytearray()
     offsets = []
     for arr in w.parts():
@@ -68,7 +69,7 @@ def _record_payload(w: ExpertWeights) -> tuple[bytes, list[int]]:
 
 
 def record_length(hidden: int, inter: int, bits: int, group: int) -> int:
-    """Bytes one expert occupies in the image at `bits` (payload laid out as _record_payload does)."""
+    """Bytes one expert occupies in the image at `bits` (payload laid out as record_payload does)."""
     scale_bytes = 2  # fp16
     parts = []
     for rows, cols in ((inter, hidden), (inter, hidden), (hidden, inter)):
@@ -86,36 +87,124 @@ def image_bytes(plan: list[list[int]], hidden: int, inter: int, group: int) -> i
     return align_up(ALIGN + n * RECORD_BYTES, ALIGN) + data
 
 
+# The journal of an image being written: what identifies the compile's inputs, then one entry per
+# record written (RECORD_FMT, then the CRC-32 of those bytes). It lets an interrupted compile resume.
+JOURNAL_ENTRY = RECORD_BYTES + 4
+
+
+class ImageWriter:
+    """The expert image written record by record as experts are rounded, in any order: every
+    record's place follows from the bit plan, so each is written where it belongs as soon as it
+    exists, and the table and header (which need the compile id) last, by finish().
+
+    Each record written is noted in a journal beside the image (`journal`). Opened again with the
+    same `inputs` (a digest of everything the records depend on), the writer keeps every record the
+    journal names whose bytes still match their CRC-32C (`done`), so an interrupted compile resumes
+    from them; with other inputs, or none, it starts afresh."""
+
+    def __init__(self, path: Path, plan: list[list[int]], hidden: int, inter: int, group: int, layout: str,
+                 journal: Path, inputs: bytes = b""):
+        self.path, self.plan, self.journal_path = Path(path), plan, Path(journal)
+        self.hidden, self.inter, self.group, self.layout = hidden, inter, group, layout
+        self.n = sum(len(row) for row in plan)
+        self.data_offset = align_up(ALIGN + self.n * RECORD_BYTES, ALIGN)
+        self.place: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, expert) -> (offset, length)
+        pos = self.data_offset
+        for li, row in enumerate(plan):
+            for ei, bits in enumerate(row):
+                length = record_length(hidden, inter, bits, group)
+                self.place[li, ei] = (pos, length)
+                pos += length
+        self.file_bytes = pos
+        self.done: dict[tuple[int, int], Record] = self._resumed(inputs) if inputs else {}
+        if not self.done:
+            with open(self.path, "wb") as f:
+                f.truncate(self.file_bytes)
+        self._file = open(self.path, "r+b")
+        self._journal = open(self.journal_path, "ab" if self.done else "wb")
+        if not self.done:
+            self._journal.write(pack("I", len(inputs)) + inputs)
+            self._journal.flush()
+
+    def _resumed(self, inputs: bytes) -> dict[tuple[int, int], Record]:
+        """The records an earlier writer with the same inputs finished (journal entry and CRC intact)."""
+        if not (self.path.is_file() and self.journal_path.is_file()) or self.path.stat().st_size != self.file_bytes:
+            return {}
+        data = self.journal_path.read_bytes()
+        head = pack("I", len(inputs)) + inputs
+        if not data.startswith(head):
+            return {}
+        done = {}
+        with open(self.path, "rb") as f:
+            for at in range(len(head), len(data) - JOURNAL_ENTRY + 1, JOURNAL_ENTRY):
+                entry = data[at : at + JOURNAL_ENTRY]
+                if crc32(entry[:RECORD_BYTES]) != unpack("I", entry, RECORD_BYTES)[0]:
+                    break  # torn by the interruption: nothing after it was completed
+                v = unpack(RECORD_FMT, entry)
+                r = Record(v[0], v[1], v[2], v[3], v[4], v[5], tuple(v[6:12]), v[12])
+                if self.place.get((r.layer, r.expert)) != (r.offset, r.length) or \
+                        self.plan[r.layer][r.expert] != r.bits:
+                    continue
+                f.seek(r.offset)
+                if crc32c(f.read(r.length)) == r.crc:
+                    done[r.layer, r.expert] = r
+        return done
+
+    def write(self, layer: int, expert: int, bits: int, payload: bytes, part_offsets: list[int]) -> Record:
+        """Writes one record's payload (record_payload) in its place and notes it in the journal."""
+        offset, length = self.place[layer, expert]
+        if bits != self.plan[layer][expert] or len(payload) > length:
+            raise ValueError(f"expert {layer}/{expert}: a {bits}-bit record of {len(payload)} bytes where the plan "
+                             f"has {self.plan[layer][expert]} bits ({length} bytes)")
+        blob = payload + bytes(length - len(payload))
+        r = Record(layer, expert, bits, crc32c(blob), offset, length, tuple(part_offsets), len(payload))
+        self._file.seek(offset)
+        self._file.write(blob)
+        self._file.flush()  # the data before the journal entry that vouches for it
+        entry = pack(RECORD_FMT, r.layer, r.expert, r.bits, r.crc, r.offset, r.length, *r.part_offsets,
+                     r.payload_bytes, 0)
+        self._journal.write(entry + pack("I", crc32(entry)))
+        self._journal.flush()
+        self.done[layer, expert] = r
+        return r
+
+    def finish(self, compile_id: bytes = bytes(16)) -> list[Record]:
+        """Writes the table and header once every record is in; removes the journal. `compile_id`
+        (16 bytes) ties the image to the trunk.bin of the same compile."""
+        missing = [k for k in self.place if k not in self.done]
+        if missing:
+            raise ValueError(f"expert image incomplete: {len(missing)} records missing, first {missing[0]}")
+        records = [self.done[k] for k in sorted(self.place)]
+        table = b"".join(
+            pack(RECORD_FMT, r.layer, r.expert, r.bits, r.crc, r.offset, r.length, *r.part_offsets, r.payload_bytes, 0)
+            for r in records
+        )
+        head = pack(HEADER_FMT[:-1], MAGIC, VERSION, ALIGN, len(self.plan), len(self.plan[0]), self.n, RECORD_BYTES,
+                    ALIGN, self.hidden, self.inter, self.group, ALIGN, self.data_offset, self.file_bytes, crc32(table),
+                    LAYOUT_CODES[self.layout], compile_id)
+        head += pack("I", crc32(head))
+        self._file.seek(0)
+        self._file.write(head + bytes(ALIGN - len(head)))
+        self._file.write(table + bytes(self.data_offset - ALIGN - len(table)))
+        self.close()
+        self.journal_path.unlink()
+        return records
+
+    def close(self) -> None:
+        self._file.close()
+        self._journal.close()
+
+
 def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int,
                 layout: str = "rows", compile_id: bytes = bytes(16)) -> list[Record]:
     """Write experts[layer][expert] (all quantized in `layout`) to `path`; return the record table.
     `compile_id` (16 bytes) ties the image to the trunk.bin of the same compile."""
-    n_layers, n_experts = len(experts), len(experts[0])
-    n = n_layers * n_experts
-    table_offset = ALIGN
-    data_offset = align_up(table_offset + n * RECORD_BYTES, ALIGN)
-    records, blobs, pos = [], [], data_offset
-    for li, layer in enumerate(experts):
-        for ei, w in enumerate(layer):
-            payload, offs = _record_payload(w)
-            length = align_up(len(payload), ALIGN)
-            blob = payload + bytes(length - len(payload))
-            records.append(Record(li, ei, w.gate.bits, crc32c(blob), pos, length, tuple(offs), len(payload)))
-            blobs.append(blob)
-            pos += length
-    table = b"".join(
-        pack(RECORD_FMT, r.layer, r.expert, r.bits, r.crc, r.offset, r.length, *r.part_offsets, r.payload_bytes, 0)
-        for r in records
-    )
-    head = pack(HEADER_FMT[:-1], MAGIC, VERSION, ALIGN, n_layers, n_experts, n, RECORD_BYTES, ALIGN,
-                hidden, inter, group, table_offset, data_offset, pos, crc32(table), LAYOUT_CODES[layout], compile_id)
-    head += pack("I", crc32(head))
-    with open(path, "wb") as f:
-        f.write(head + bytes(ALIGN - len(head)))
-        f.write(table + bytes(data_offset - table_offset - len(table)))
-        for blob in blobs:
-            f.write(blob)
-    return records
+    plan = [[w.gate.bits for w in row] for row in experts]
+    writer = ImageWriter(path, plan, hidden, inter, group, layout, Path(f"{path}.journal"))
+    for li, row in enumerate(experts):
+        for ei, w in enumerate(row):
+            writer.write(li, ei, w.gate.bits, *record_payload(w))
+    return writer.finish(compile_id)
 
 
 @dataclass

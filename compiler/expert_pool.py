@@ -1,0 +1,105 @@
+"""Rounding experts on every core: a pool of worker processes, each rounding whole experts.
+
+An expert's rounding (scale search, GPTQ with calibration) is independent of every other's, so the
+compile hands them out one expert per task and writes the records back in order. A task carries
+the expert's weights as stored (StoredTensors travel as their file address, and the worker reads
+them itself) and, with calibration, its Gram matrices; the result is the record's bytes. At most
+two tasks per worker are in flight, so memory stays a few experts whatever the model's size.
+Workers run their BLAS on one thread each: the pool is the parallelism.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from ..models.stored_tensor import materialize
+from .expert_image import ExpertWeights, record_payload
+from .quantize import quantize
+
+# Environment variables that size the BLAS thread pools of the libraries NumPy may be built with.
+BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+IN_FLIGHT_PER_JOB = 2
+
+
+@dataclass
+class RoundingTask:
+    """One expert to round: its three matrices (gate, up, down: arrays or StoredTensors), the
+    bitwidth, and per matrix the Gram matrix of its calibration inputs (or None)."""
+
+    layer: int
+    expert: int
+    weights: tuple
+    bits: int
+    group: int
+    layout: str
+    grams: tuple = (None, None, None)
+
+
+@dataclass
+class RoundedExpert:
+    layer: int
+    expert: int
+    bits: int
+    payload: bytes  # the record's bytes (expert_image.record_payload)
+    part_offsets: list[int]
+
+
+def round_expert(task: RoundingTask) -> RoundedExpert:
+    """The record of one expert (quantize.py, rounding.py), in this process."""
+    stored = ExpertWeights(*(quantize(materialize(w), task.bits, task.group, task.layout, g)
+                             for w, g in zip(task.weights, task.grams)))
+    payload, offsets = record_payload(stored)
+    return RoundedExpert(task.layer, task.expert, task.bits, payload, offsets)
+
+
+def default_jobs() -> int:
+    """Worker processes when not told: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ExpertPool:
+    """`jobs` worker processes (1: round in this process, no pool); a context manager."""
+
+    def __init__(self, jobs: int):
+        if jobs < 1:
+            raise ValueError(f"jobs must be at least 1, not {jobs}")
+        self.jobs = jobs
+        self._pool = None
+        self._saved_env = {}
+
+    def __enter__(self) -> "ExpertPool":
+        if self.jobs > 1:
+            # workers are spawned (a fresh interpreter: fork would copy this process's threads' locks)
+            # and read these variables as they start, during the pool's life
+            self._saved_env = {k: os.environ.get(k) for k in BLAS_THREADS}
+            os.environ.update({k: "1" for k in BLAS_THREADS})
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            for k, v in self._saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            self._pool = None
+
+    def run(self, tasks: Iterable[RoundingTask]) -> Iterator[RoundedExpert]:
+        """The tasks' results in the tasks' order; tasks are drawn from the iterable only as workers
+        free up (it may compute each one, e.g. its Gram matrices, when drawn)."""
+        if self._pool is None:
+            yield from map(round_expert, tasks)
+            return
+        pending: deque[Future] = deque()
+        for task in tasks:
+            pending.append(self._pool.submit(round_expert, task))
+            while len(pending) >= IN_FLIGHT_PER_JOB * self.jobs:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
