@@ -323,7 +323,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     seconds = time.time() - t_round
     log(f"rounded {writer.n - len(skip)} experts ({rounded / 1e6:.1f}M parameters"
         f"{', against their calibration inputs' if rounded_trunk is not None else ''}) on {jobs} "
-        f"process{'es' if jobs > 1 else ''} in {seconds:.1f} s: {rounded / 1e6 / max(seconds, 1e-9):.1f}M parameters/s; "
+        f"process{'es' if jobs > 1 else ''} in {seconds:.1f} s: {rounded / 1e6 / max(seconds, 1e-9):.3g}M parameters/s; "
         f"peak RSS {peak_rss() / 2**30:.2f} GiB")
     if rounded_trunk is not None:
         log(f"measured expert inputs on {len(calib_tokens)} calibration tokens (the quantizer rounds against them)")

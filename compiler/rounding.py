@@ -16,6 +16,7 @@ at INT2 +14.0% (max|w| scales) → +9.7% (scale search) → +3.7% (calibrated); 
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 # The grid of scale fractions searched per group (the last is max|w| / c).
@@ -42,6 +43,8 @@ def search_scales(g: np.ndarray, bits: int, importance: np.ndarray | float = 1.0
     """Scales [..., 1] (float16 values, as float32) for groups g [..., group] minimising
     sum(importance · (g - level·s)²) over SCALE_FRACTIONS."""
     top = np.abs(g).max(axis=-1, keepdims=True) / max_level(bits)
+    if np.isscalar(importance) and importance == 1 and g.dtype == np.float32 and g.shape[-1] <= PAIRWISE_BLOCK + 1:
+        return _search_fused(g, bits, top)
     best = best_err = None
     for f in SCALE_FRACTIONS:
         s = (top * f).astype(np.float16).astype(np.float32)
@@ -53,6 +56,70 @@ def search_scales(g: np.ndarray, bits: int, importance: np.ndarray | float = 1.0
             better = err < best_err
             best, best_err = np.where(better, s, best), np.where(better, err, best_err)
     return best
+
+
+# The unweighted search (every expert without calibration) as one compiled loop over each group's
+# values, 4-5x faster than the array passes above and the same numbers: the same float32
+# operations in the same order, the error summed as NumPy sums a row (the first value, then the
+# rest pairwise over 8 accumulators; rows longer than PAIRWISE_BLOCK + 1 take the path above).
+PAIRWISE_BLOCK = 128
+
+
+def _search_fused(g: np.ndarray, bits: int, top: np.ndarray) -> np.ndarray:
+    flat = np.ascontiguousarray(g.reshape(-1, g.shape[-1]))
+    candidates = (top.reshape(-1, 1) * SCALE_FRACTIONS[None, :]).astype(np.float16).astype(np.float32)
+    candidates = np.where(candidates > 0, candidates, np.float32(1))
+    best = np.empty(flat.shape[0], np.float32)
+    _best_scales(flat, candidates, np.float32(max_level(bits)), bits == 8, best)
+    return best.reshape(*g.shape[:-1], 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairwise_sum(d, lo, n):
+    if n < 8:
+        res = d[lo]
+        for i in range(1, n):
+            res += d[lo + i]
+        return res
+    r0, r1, r2, r3 = d[lo], d[lo + 1], d[lo + 2], d[lo + 3]
+    r4, r5, r6, r7 = d[lo + 4], d[lo + 5], d[lo + 6], d[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += d[lo + i]
+        r1 += d[lo + i + 1]
+        r2 += d[lo + i + 2]
+        r3 += d[lo + i + 3]
+        r4 += d[lo + i + 4]
+        r5 += d[lo + i + 5]
+        r6 += d[lo + i + 6]
+        r7 += d[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += d[lo + i]
+        i += 1
+    return res
+
+
+@numba.njit(cache=True, nogil=True)
+def _best_scales(g, candidates, c, eight, best):
+    """best[r] = the candidate scale of row r of g with the least squared rounding error (the first
+    of equals); g float32 [rows, group], candidates float32 [rows, fractions], c the top level."""
+    n, size = g.shape
+    d = np.empty(size, np.float32)
+    for r in range(n):
+        best_s, best_err = candidates[r, 0], np.float32(0)
+        for f in range(candidates.shape[1]):
+            s = candidates[r, f]
+            for j in range(size):
+                x = g[r, j] / s
+                q = np.rint(x) if eight else np.rint(x + c) - c
+                e = g[r, j] - min(max(q, -c), c) * s
+                d[j] = e * e
+            err = d[0] + _pairwise_sum(d, 1, size - 1) if size > 1 else d[0]
+            if f == 0 or err < best_err:
+                best_s, best_err = s, err
+        best[r] = best_s
 
 
 def round_to_levels(w: np.ndarray, bits: int, group: int, gram: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

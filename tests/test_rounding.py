@@ -28,6 +28,19 @@ def test_calibrated_rounding_cuts_the_output_error_on_unseen_inputs(bits, rng):
     assert out_err(fitted) < 0.5 * out_err(plain), (out_err(fitted), out_err(plain))
 
 
+@pytest.mark.parametrize("group", [8, 32, 128, 256])
+def test_the_compiled_scale_search_finds_the_array_search_s_scales(group, rng):
+    """The unweighted search's compiled loop (every expert without calibration) and the array
+    passes (weights of ones take that path) choose the same float16 scales, bit for bit."""
+    from edgemoe.compiler.rounding import search_scales
+
+    g = (rng.standard_normal((600, 2, group)) * 0.02).astype(np.float32)
+    g[0, 0], g[1, 1, : group // 2], g[2] = 0, 0, g[2] * 1e3  # an all-zero group, a half-empty one, large values
+    for bits in (2, 3, 4, 8):
+        fused, passes = search_scales(g, bits), search_scales(g, bits, np.ones(group, np.float32))
+        assert fused.dtype == passes.dtype == np.float32 and np.array_equal(fused, passes), bits
+
+
 def test_a_gram_of_zeros_falls_back_to_searched_scales(rng):
     """An expert the calibration text never routed to has no inputs to round against."""
     w = (rng.standard_normal((32, 64)) * 0.05).astype(np.float32)

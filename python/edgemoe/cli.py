@@ -163,9 +163,12 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
               help="Integer-dot kernels (int8 activations, AVX-512 VNNI) [default: where the target has them].")
 @click.option("--tune", is_flag=True, help="Tune kernels that have no record in the tuning store for this target "
                                            "(on this machine) and record them; later compiles reuse the records.")
+@click.option("--jobs", type=click.IntRange(1, 4096), default=None,
+              help="Worker processes rounding experts [default: one per core].")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, max_bits, search_text, int_dot, tune):
-    """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
+                tolerance, max_bits, search_text, int_dot, tune, jobs):
+    """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board. An
+    interrupted compile resumes from the experts it finished when run again with the same inputs."""
     from .compiler.driver import CompileOptions, compile_model
     from .compiler.tuning import TuningError
     from .models import ModelImportError
@@ -180,7 +183,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     try:
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, search_text=search_text,
-                              int_dot=int_dot, tune=tune)
+                              int_dot=int_dot, tune=tune, jobs=jobs)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
     except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
