@@ -43,7 +43,7 @@ def search_scales(g: np.ndarray, bits: int, importance: np.ndarray | float = 1.0
     """Scales [..., 1] (float16 values, as float32) for groups g [..., group] minimising
     sum(importance · (g - level·s)²) over SCALE_FRACTIONS."""
     top = np.abs(g).max(axis=-1, keepdims=True) / max_level(bits)
-    if np.isscalar(importance) and importance == 1 and g.dtype == np.float32 and g.shape[-1] <= PAIRWISE_BLOCK + 1:
+    if np.isscalar(importance) and importance == 1 and g.dtype == np.float32 and g.shape[-1] <= PAIRWISE_BLOCK:
         return _search_fused(g, bits, top)
     best = best_err = None
     for f in SCALE_FRACTIONS:
@@ -60,8 +60,8 @@ def search_scales(g: np.ndarray, bits: int, importance: np.ndarray | float = 1.0
 
 # The unweighted search (every expert without calibration) as one compiled loop over each group's
 # values, 4-5x faster than the array passes above and the same numbers: the same float32
-# operations in the same order, the error summed as NumPy sums a row (the first value, then the
-# rest pairwise over 8 accumulators; rows longer than PAIRWISE_BLOCK + 1 take the path above).
+# operations in the same order, the error summed as NumPy sums a row (pairwise: 8 accumulators,
+# then a tree; rows longer than PAIRWISE_BLOCK, which NumPy splits further, take the path above).
 PAIRWISE_BLOCK = 128
 
 
@@ -76,6 +76,7 @@ def _search_fused(g: np.ndarray, bits: int, top: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def _pairwise_sum(d, lo, n):
+    """d[lo:lo + n].sum() as NumPy computes it for a contiguous float32 row of n <= PAIRWISE_BLOCK."""
     if n < 8:
         res = d[lo]
         for i in range(1, n):
@@ -116,7 +117,7 @@ def _best_scales(g, candidates, c, eight, best):
                 q = np.rint(x) if eight else np.rint(x + c) - c
                 e = g[r, j] - min(max(q, -c), c) * s
                 d[j] = e * e
-            err = d[0] + _pairwise_sum(d, 1, size - 1) if size > 1 else d[0]
+            err = _pairwise_sum(d, 0, size)
             if f == 0 or err < best_err:
                 best_s, best_err = s, err
         best[r] = best_s

@@ -28,13 +28,23 @@ def test_calibrated_rounding_cuts_the_output_error_on_unseen_inputs(bits, rng):
     assert out_err(fitted) < 0.5 * out_err(plain), (out_err(fitted), out_err(plain))
 
 
+def test_the_compiled_sum_adds_in_numpy_s_order(rng):
+    """The compiled scale search compares errors summed as NumPy sums them: any other order
+    picks another scale where two candidates' errors differ in the last bit."""
+    from edgemoe.compiler.rounding import PAIRWISE_BLOCK, _pairwise_sum
+
+    for n in range(1, PAIRWISE_BLOCK + 1):
+        rows = (rng.standard_normal((200, n)) ** 2 * rng.uniform(1e-6, 1e-2, (200, 1))).astype(np.float32)
+        assert all(_pairwise_sum(r, 0, n) == r.sum() for r in rows), n
+
+
 @pytest.mark.parametrize("group", [8, 32, 128, 256])
 def test_the_compiled_scale_search_finds_the_array_search_s_scales(group, rng):
     """The unweighted search's compiled loop (every expert without calibration) and the array
     passes (weights of ones take that path) choose the same float16 scales, bit for bit."""
     from edgemoe.compiler.rounding import search_scales
 
-    g = (rng.standard_normal((600, 2, group)) * 0.02).astype(np.float32)
+    g = (rng.standard_normal((4000, 2, group)) * 0.02).astype(np.float32)
     g[0, 0], g[1, 1, : group // 2], g[2] = 0, 0, g[2] * 1e3  # an all-zero group, a half-empty one, large values
     for bits in (2, 3, 4, 8):
         fused, passes = search_scales(g, bits), search_scales(g, bits, np.ones(group, np.float32))
