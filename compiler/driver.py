@@ -177,6 +177,12 @@ def peak_rss() -> int:
     return max(own, workers) * 1024
 
 
+def cpu_seconds() -> float:
+    """User and system time of this process and of its finished workers."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
 def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptions, log=print, progress=None) -> dict:
     """Compile the checkpoint in model_dir into an artifact directory; returns the manifest.
     `log` receives one line per finished stage. `progress`, a progress factory (compiler/progress.py:
@@ -315,16 +321,16 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     skip = set(writer.done)
     tasks = _stored_tasks(model, plan, opts.group, layout, moments, skip) if rounded_trunk is None else \
         _calibrated_tasks(rounded_trunk, calib_tokens, plan, opts.group, layout, skip, progress)
-    t_round = time.time()
+    t_round, cpu_round = time.time(), cpu_seconds()
     with ExpertPool(jobs) as pool:
         for r in track(progress, pool.run(tasks), "rounding experts", total=writer.n - len(skip), unit="expert"):
             writer.write(r.layer, r.expert, r.bits, r.payload, r.part_offsets)
     rounded = (writer.n - len(skip)) / max(writer.n, 1) * counts["experts"]
-    seconds = time.time() - t_round
+    seconds, cpu = time.time() - t_round, cpu_seconds() - cpu_round
     log(f"rounded {writer.n - len(skip)} experts ({rounded / 1e6:.1f}M parameters"
         f"{', against their calibration inputs' if rounded_trunk is not None else ''}) on {jobs} "
-        f"process{'es' if jobs > 1 else ''} in {seconds:.1f} s: {rounded / 1e6 / max(seconds, 1e-9):.3g}M parameters/s; "
-        f"peak RSS {peak_rss() / 2**30:.2f} GiB")
+        f"process{'es' if jobs > 1 else ''} in {seconds:.1f} s ({cpu:.1f} CPU-seconds): "
+        f"{rounded / 1e6 / max(seconds, 1e-9):.3g}M parameters/s; peak RSS {peak_rss() / 2**30:.2f} GiB")
     if rounded_trunk is not None:
         log(f"measured expert inputs on {len(calib_tokens)} calibration tokens (the quantizer rounds against them)")
     rounded_trunk = None

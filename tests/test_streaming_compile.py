@@ -130,7 +130,7 @@ def test_a_killed_compile_resumes_from_its_finished_records(artifact_int4, tmp_p
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     entry = 68  # expert_image.JOURNAL_ENTRY
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 900
         while time.time() < deadline and proc.poll() is None:
             if journal.is_file() and journal.stat().st_size >= 4 + 32 + 10 * entry:  # inputs digest, 10 records
                 break
