@@ -43,17 +43,28 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 class _Mapped:
-    """One read-only mapping per file and process, opened on first use."""
+    """Read-only mappings of the files tensors are read from, one per file and process, opened on
+    first use; remapped when the file at a path is replaced or rewritten, the least recently used
+    closed beyond MAX_MAPPED."""
 
-    maps: dict[Path, mmap.mmap] = {}
+    MAX_MAPPED = 32
+    maps: dict[Path, tuple[tuple, mmap.mmap]] = {}
 
     @classmethod
     def buffer(cls, path: Path) -> mmap.mmap:
-        m = cls.maps.get(path)
-        if m is None:
+        st = path.stat()
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        held = cls.maps.pop(path, None)
+        if held is not None and held[0] != key:
+            held[1].close()
+            held = None
+        if held is None:
             with open(path, "rb") as f:
-                m = cls.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return m
+                held = (key, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            while len(cls.maps) >= cls.MAX_MAPPED:
+                cls.maps.pop(next(iter(cls.maps)))[1].close()
+        cls.maps[path] = held  # most recently used last
+        return held[1]
 
 
 class StoredTensor(NDArrayOperatorsMixin):

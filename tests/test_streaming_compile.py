@@ -48,6 +48,17 @@ def test_stored_tensors_read_as_the_float32_of_what_is_stored(dtype, tmp_path):
         TensorReader(tmp_path).get("fused", (3, 8, 5))
 
 
+def test_a_rewritten_checkpoint_is_read_anew(tmp_path):
+    """The file mapping a StoredTensor reads through follows the file at its path."""
+    import torch
+    from safetensors.torch import save_file
+
+    for value, extra in ((1.0, 0), (2.0, 1000)):  # the second file is larger: an old mapping would not reach it
+        save_file({"a": torch.full((4, 4), value), "pad": torch.zeros(1 + extra)}, tmp_path / "model.safetensors")
+        r = TensorReader(tmp_path)
+        assert np.array_equal(np.asarray(r.get("a", (4, 4))), np.full((4, 4), value, np.float32))
+
+
 def test_the_layer_pass_computes_forward_sequence_s_numbers(trained_model):
     """Layer by layer over all windows, experts one at a time: the same activations, routes and
     outputs, bit for bit, as the whole-sequence pass on each window."""
