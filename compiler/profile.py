@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import MoEModel
-from ..models.reference import expert_hidden, forward_sequence, norm, quantize_activation
+from ..models.reference import forward_sequence, norm, quantize_activation, routed_expert_hidden
 from .progress import track
 
 WINDOW = 256
@@ -127,13 +127,13 @@ def expert_moments(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, pr
         trace: dict = {}
         selected = forward_sequence(model, tokens[i : i + window], trace)[1]
         for l, layer in enumerate(model.layers):
-            for e, ex in enumerate(layer.experts):
+            for e in range(len(layer.experts)):
                 routed = np.nonzero((selected[:, l] == e).any(axis=1))[0]
                 if len(routed) == 0:
                     continue
                 xn = trace["ffn_in"][l][routed]
                 xa = quantize_activation(xn, model.expert_act_group).astype(np.float64)
-                h = expert_hidden(ex, xn, model.expert_act_group).astype(np.float64)
+                h = routed_expert_hidden(layer, cfg, e, xn, model.expert_act_group).astype(np.float64)
                 gate_up[l, e] += xa.T @ xa
                 down[l, e] += h.T @ h
                 rows[l, e] += len(routed)

@@ -41,7 +41,8 @@ class MoEConfig:
     norm: str = "rms"
     lm_head_bias: bool = False  # the LM head adds a bias [vocab]
     # How the router's logits pick the experts and weigh them: "softmax" (softmax over all experts,
-    # the top-k, renormalised with norm_topk_prob) or "sparsemixer" (top-2, each weight a softmax over
+    # the top-k, renormalised with norm_topk_prob), "topk_softmax" (the top-k logits, a softmax over
+    # those k) or "sparsemixer" (top-2, each weight a softmax over
     # the experts within a relative margin 2·sparsemixer_eps of that pick: reference.sparsemixer)
     routing: str = "softmax"
     sparsemixer_eps: float = 0.0
@@ -49,6 +50,18 @@ class MoEConfig:
     # (head_dim/2 values; None: all 1), and cos and sin multiplied by rope_scale
     rope_factors: tuple[float, ...] | None = None
     rope_scale: float = 1.0
+    # Attention beyond full causal softmax: a learned logit per head joining each softmax's
+    # denominator (Layer.sinks), and per layer a sliding window (None: every layer full; else one
+    # entry per layer, 0 = full, w = the query attends to its own and the w - 1 positions before it)
+    attention_sinks: bool = False
+    layer_windows: tuple[int, ...] | None = None
+    router_bias: bool = False  # the router adds a bias [num_experts] to its logits (Layer.router_bias)
+    # The routed experts' activation of gate g and up u: "swiglu" silu(g)·u, or "clamped_swiglu"
+    # (GPT-OSS): g' = min(g, limit), u' = clamp(u, ±limit), (u' + 1)·g'·sigmoid(alpha·g')
+    expert_activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False  # the routed experts' gate, up and down projections add biases (Layer.expert_*_bias)
 
     @property
     def q_dim(self) -> int:
@@ -91,12 +104,18 @@ class Layer:
     shared_gate: np.ndarray | None = None  # [1, hidden]
     attn_norm_bias: np.ndarray | None = None  # with norm "layer": [hidden] each
     ffn_norm_bias: np.ndarray | None = None
+    sinks: np.ndarray | None = None  # with attention_sinks: [num_heads]
+    router_bias: np.ndarray | None = None  # with router_bias: [num_experts]
+    expert_gate_bias: np.ndarray | None = None  # with expert_bias: [num_experts, inter], the same, [num_experts, hidden]
+    expert_up_bias: np.ndarray | None = None
+    expert_down_bias: np.ndarray | None = None
 
     def trunk_arrays(self) -> list[np.ndarray]:
         """Every resident array of the layer (for parameter counts)."""
         out = [self.attn_norm, self.wq, self.wk, self.wv, self.wo, self.ffn_norm, self.router]
         out += [a for a in (self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm, self.shared_gate,
-                            self.attn_norm_bias, self.ffn_norm_bias)
+                            self.attn_norm_bias, self.ffn_norm_bias, self.sinks, self.router_bias,
+                            self.expert_gate_bias, self.expert_up_bias, self.expert_down_bias)
                 if a is not None]
         if self.shared is not None:
             out += [self.shared.w_gate, self.shared.w_up, self.shared.w_down]

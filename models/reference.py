@@ -4,7 +4,8 @@ Decodes one token at a time with a KV cache, in float32, in the same order of op
 the C runtime (embedding × embedding_scale → per layer: norm → attention → residual →
 norm → router → the shared expert, then the top-k SwiGLU experts → norm → LM head (+ bias) ×
 logit_scale), for every layer structure a MoEConfig describes (biases, q/k norms, shared experts,
-RMSNorm or LayerNorm, softmax or sparsemixer routing).
+RMSNorm or LayerNorm, softmax, top-k-softmax or sparsemixer routing, attention sinks, sliding
+windows, router and expert biases, the clamped SwiGLU).
 """
 from __future__ import annotations
 
@@ -49,17 +50,6 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def route(router_logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax over all experts, pick top-k (ties → lower index), optionally renormalise."""
-    p = np.exp(router_logits - router_logits.max())
-    p /= p.sum()
-    idx = np.argsort(-p, kind="stable")[:top_k]
-    w = p[idx]
-    if normalize:
-        w = w / w.sum()
-    return idx, w.astype(np.float32)
-
-
 def sparsemixer(router_logits: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """PhiMoE's sparsemixer routing at inference (transformers' modeling_phimoe.sparsemixer, eval
     mode), in float32: the first pick is the top logit m1 (ties → lower index), weighted by the
@@ -87,6 +77,11 @@ def route_rows(cfg: MoEConfig, logits: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if cfg.routing == "sparsemixer":
         picks = [sparsemixer(row, cfg.sparsemixer_eps) for row in logits]
         return np.stack([p[0] for p in picks]), np.stack([p[1] for p in picks])
+    if cfg.routing == "topk_softmax":
+        idx = np.argsort(-logits, axis=-1, kind="stable")[:, : cfg.top_k]
+        top = np.take_along_axis(logits, idx, axis=-1)
+        w = np.exp(top - top.max(axis=-1, keepdims=True))
+        return idx, (w / w.sum(axis=-1, keepdims=True)).astype(np.float32)
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     idx = np.argsort(-probs, axis=-1, kind="stable")[:, : cfg.top_k]
@@ -98,6 +93,23 @@ def route_rows(cfg: MoEConfig, logits: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def router_logits(layer, cfg: MoEConfig, xn: np.ndarray) -> np.ndarray:
+    """The router's logits for rows of xn (its bias added where it has one)."""
+    logits = xn @ layer.router.T
+    return logits + layer.router_bias if cfg.router_bias else logits
+
+
+def activate(cfg: MoEConfig | None, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The expert activation of gate outputs g and up outputs u: silu(g)·u, or GPT-OSS's clamped
+    SwiGLU (MoEConfig.expert_activation) in float32 as its kernels compute it."""
+    if cfg is None or cfg.expert_activation == "swiglu":
+        return silu(g) * u
+    limit, alpha = np.float32(cfg.swiglu_limit), np.float32(cfg.swiglu_alpha)
+    g = np.minimum(g, limit)
+    u = np.clip(u, -limit, limit)
+    return (u + np.float32(1)) * (g / (np.float32(1) + np.exp(-(alpha * g))))
 
 
 def quantize_activation(x: np.ndarray, group: int | None) -> np.ndarray:
@@ -112,15 +124,49 @@ def quantize_activation(x: np.ndarray, group: int | None) -> np.ndarray:
     return (q * (amax / np.float32(127))).reshape(x.shape).astype(np.float32)
 
 
-def expert_hidden(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
-    """silu(gate(x)) * up(x) for rows of xn, rounded as the down projection's kernel reads it."""
+def expert_hidden(ex, xn: np.ndarray, act_group: int | None, cfg: MoEConfig | None = None, biases=None) -> np.ndarray:
+    """silu(gate(x)) * up(x) for rows of xn, rounded as the down projection's kernel reads it; with
+    `cfg`, its expert activation, and with `biases` (gate, up) the projections' biases added."""
     xa = quantize_activation(xn, act_group)
-    return quantize_activation(silu(xa @ ex.w_gate.T) * (xa @ ex.w_up.T), act_group)
+    g, u = xa @ ex.w_gate.T, xa @ ex.w_up.T
+    if biases is not None:
+        g, u = g + biases[0], u + biases[1]
+    return quantize_activation(activate(cfg, g, u), act_group)
 
 
 def expert_ffn(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
     """down(silu(gate(x)) * up(x)) for rows of xn."""
     return expert_hidden(ex, xn, act_group) @ ex.w_down.T
+
+
+def routed_expert_hidden(layer, cfg: MoEConfig, e: int, xn: np.ndarray, act_group: int | None) -> np.ndarray:
+    """The input of routed expert e's down projection for rows of xn (its activation and biases)."""
+    biases = (layer.expert_gate_bias[e], layer.expert_up_bias[e]) if cfg.expert_bias else None
+    return expert_hidden(layer.experts[e], xn, act_group, cfg, biases)
+
+
+def routed_expert(layer, cfg: MoEConfig, e: int, xn: np.ndarray, act_group: int | None) -> np.ndarray:
+    """Routed expert e of `layer` for rows of xn: down(activation(gate(x), up(x))) (+ its biases)."""
+    out = routed_expert_hidden(layer, cfg, e, xn, act_group) @ layer.experts[e].w_down.T
+    return out + layer.expert_down_bias[e] if cfg.expert_bias else out
+
+
+def attention_weights(s: np.ndarray, sink: np.ndarray | None) -> np.ndarray:
+    """softmax over the last axis of scores s [..., n]; with a per-head `sink` logit (shaped [..., 1]
+    to broadcast against s) joining the denominator, as GPT-OSS's attention sinks (no value)."""
+    m = s.max(axis=-1, keepdims=True)
+    if sink is not None:
+        m = np.maximum(m, sink)
+    p = np.exp(s - m)
+    z = p.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        z = z + np.exp(sink - m)
+    return p / z
+
+
+def window_of(cfg: MoEConfig, layer: int) -> int:
+    """The layer's sliding window (0: full attention)."""
+    return cfg.layer_windows[layer] if cfg.layer_windows is not None else 0
 
 
 def project_qkv(layer, cfg: MoEConfig, xa: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,23 +259,22 @@ class ReferenceExecutor:
             q = apply_rope(q, self.cos[t], self.sin[t])
             self.k_cache[li, t] = apply_rope(k, self.cos[t], self.sin[t])
             self.v_cache[li, t] = v
-            keys = self.k_cache[li, : t + 1]  # [t+1, kv_heads, d]
-            vals = self.v_cache[li, : t + 1]
+            window = window_of(cfg, li)
+            first = max(0, t + 1 - window) if window else 0
+            keys = self.k_cache[li, first : t + 1]  # [t+1-first, kv_heads, d]
+            vals = self.v_cache[li, first : t + 1]
             out = np.empty((cfg.num_heads, cfg.head_dim), np.float32)
             for h in range(cfg.num_heads):
                 s = keys[:, h // group, :] @ q[h] / np.sqrt(cfg.head_dim)
-                p = np.exp(s - s.max())
-                out[h] = (p / p.sum()) @ vals[:, h // group, :]
+                sink = layer.sinks[h : h + 1] if cfg.attention_sinks else None
+                out[h] = attention_weights(s, sink) @ vals[:, h // group, :]
             x = x + attention_output(layer, cfg, out.reshape(-1), m.trunk_act_group)
             xn = norm(cfg, x, layer.ffn_norm, layer.ffn_norm_bias)
-            if cfg.routing == "sparsemixer":
-                idx, w = sparsemixer(layer.router @ xn, cfg.sparsemixer_eps)
-            else:
-                idx, w = route(layer.router @ xn, cfg.top_k, cfg.norm_topk_prob)
+            idx, w = (a[0] for a in route_rows(cfg, router_logits(layer, cfg, xn)[None]))
             chosen.append(idx)
             x = x + shared_expert(layer, cfg, xn, m.trunk_act_group)  # first, as the runtime: while experts load
             for e, we in zip(idx, w):
-                x = x + we * expert_ffn(layer.experts[e], xn, m.expert_act_group)
+                x = x + we * routed_expert(layer, cfg, e, xn, m.expert_act_group)
         self.trace.append(chosen)
         self.pos += 1
         return final_logits(m, x)
@@ -278,20 +323,23 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
         q = apply_rope(q, cos[:, None, :], sin[:, None, :])
         k = apply_rope(k, cos[:, None, :], sin[:, None, :])
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-        s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + mask
-        p = np.exp(s - s.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        x = x + attention_output(layer, cfg, np.einsum("htu,uhd->thd", p, v).reshape(T, -1), model.trunk_act_group)
+        window = window_of(cfg, li)
+        # positions more than window - 1 before the query masked too
+        masked = mask + np.tril(np.full((T, T), -np.inf, np.float32), k=-window) if window else mask
+        s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + masked
+        sink = layer.sinks[:, None, None] if cfg.attention_sinks else None  # against s [heads, T, T]
+        att = np.einsum("htu,uhd->thd", attention_weights(s, sink), v)
+        x = x + attention_output(layer, cfg, att.reshape(T, -1), model.trunk_act_group)
         xn = norm(cfg, x, layer.ffn_norm, layer.ffn_norm_bias)
-        logits = xn @ layer.router.T
+        logits = router_logits(layer, cfg, xn)
         idx, w = route_rows(cfg, logits)
         selected[:, li] = idx
         out = np.zeros_like(x)
-        for e, ex in enumerate(layer.experts):
+        for e in range(len(layer.experts)):
             rows, slot = np.nonzero(idx == e)
             if len(rows) == 0:
                 continue
-            out[rows] += w[rows, slot][:, None] * expert_ffn(ex, xn[rows], model.expert_act_group)
+            out[rows] += w[rows, slot][:, None] * routed_expert(layer, cfg, e, xn[rows], model.expert_act_group)
         x = x + shared_expert(layer, cfg, xn, model.trunk_act_group) + out
         if trace is not None:
             trace["ffn_in"].append(xn)

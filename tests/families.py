@@ -36,6 +36,12 @@ FAMILIES = {
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
                dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, attention_bias=True,
                     lm_head_bias=True, router_jitter_noise=0.5)),
+    # attention sinks, a sliding layer (window 4, shorter than the test sequences) then a full one,
+    # yarn RoPE (GptOssConfig's default), router and expert biases; swiglu_limit 0.2 so that the
+    # clamps act on this model's small gate and up outputs (at 7.0 they never would)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(head_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+                     layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.2)),
 }
 
 
@@ -49,7 +55,7 @@ def hf_model(family: str, seed: int = 1234):
     model = getattr(transformers, model_cls)(cfg)
     with torch.no_grad():  # random biases and norm weights, so that a skipped one shows
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith("bias") or "norm" in name or name.endswith("sinks"):
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
 
