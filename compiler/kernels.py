@@ -11,7 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .program import KERNEL_SIGNATURES, KERNELS, SIGNATURES, kernel_role
+from .program import EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES, expert_kernel_roles, kernel_role
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave, planes
 
 F32 = "float32"
@@ -126,8 +126,10 @@ def rope(cfg: MoEConfig, name: str = "em_rope") -> tvm.tirx.PrimFunc:
     return _named(q, [qkv, cos, sin, q, k, v], name)
 
 
-def attention(cfg: MoEConfig, name: str = "em_attention") -> tvm.tirx.PrimFunc:
-    """Single-query attention over the first n cache rows ([n, kv_heads, head_dim]); n is symbolic."""
+def attention(cfg: MoEConfig, name: str = "em_attention", sinks: bool = False) -> tvm.tirx.PrimFunc:
+    """Single-query attention over n cache rows ([n, kv_heads, head_dim]; n is symbolic: the runtime
+    passes a sliding window's rows alone). With `sinks`, a logit per head [heads] joins each
+    softmax's denominator (its maximum included), carrying no value."""
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
     n = te.var("n", "int64")
@@ -139,12 +141,17 @@ def attention(cfg: MoEConfig, name: str = "em_attention") -> tvm.tirx.PrimFunc:
     s = te.compute((hq, n), lambda h, t: te.sum(q[h, rd] * kc[t, h // group, rd] * scale, axis=rd), name="s")
     rt = te.reduce_axis((0, n), name="rt")
     mx = te.compute((hq,), lambda h: te.max(s[h, rt], axis=rt), name="mx")
+    sink = te.placeholder((hq,), F32, name="sink") if sinks else None
+    if sinks:
+        mx = te.compute((hq,), lambda h: tvm.tirx.max(mx[h], sink[h]), name="mx_sink")
     e = te.compute((hq, n), lambda h, t: te.exp(s[h, t] - mx[h]), name="e")
     rz = te.reduce_axis((0, n), name="rz")
     z = te.compute((hq,), lambda h: te.sum(e[h, rz], axis=rz), name="z")
+    if sinks:
+        z = te.compute((hq,), lambda h: z[h] + te.exp(sink[h] - mx[h]), name="z_sink")
     rv = te.reduce_axis((0, n), name="rv")
     o = te.compute((hq, d), lambda h, i: te.sum(e[h, rv] * vc[rv, h // group, i] / z[h], axis=rv), name="o")
-    return _named(o, [q, kc, vc, o], name)
+    return _named(o, [q, kc, vc, *([sink] if sinks else []), o], name)
 
 
 def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int, vec: te.Tensor, name: str):
@@ -197,30 +204,58 @@ def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tenso
     )
 
 
-def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
-                   name: str | None = None) -> tvm.tirx.PrimFunc:
-    """h = silu(Wg x) * (Wu x) with Wg, Wu packed at `bits` (32: float32). `idim` and `name`
+def activation(cfg: MoEConfig, kind: str, g, u):
+    """The expert activation `kind` (program.EXPERT_ACT) of gate and up outputs g and u, as a TIR
+    expression (also inside int_dot's TVMScript): silu(g)·u, or the clamped SwiGLU with the
+    config's alpha and limit (models/reference.py activate computes the same in float32)."""
+    one = tvm.tirx.const(1.0, F32)
+    if kind == "swiglu":
+        return g / (one + tvm.tirx.exp(-g)) * u
+    limit, alpha = tvm.tirx.const(cfg.swiglu_limit, F32), tvm.tirx.const(cfg.swiglu_alpha, F32)
+    g = tvm.tirx.min(g, limit)
+    u = tvm.tirx.max(tvm.tirx.min(u, limit), -limit)
+    return (u + one) * (g / (one + tvm.tirx.exp(-(alpha * g))))
+
+
+def expert_symbol(role: str, bits: int) -> str:
+    return EXPERT_KERNELS[role].format(bits=bits)
+
+
+def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, name: str | None = None,
+                   kind: str = "swiglu", bias: bool = False) -> tvm.tirx.PrimFunc:
+    """h = act(Wg x (+ bg), Wu x (+ bu)) with Wg, Wu packed at `bits` (32: float32), act the
+    activation `kind`; with `bias` the biases are inputs after the weights. `idim` and `name`
     default to the routed experts' (a shared expert has its own)."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     x = te.placeholder((hdim,), F32, name="x")
     gw, uw = _qweight("gate", idim, hdim, bits, group), _qweight("up", idim, hdim, bits, group)
     g = te.compute((idim,), _row_dot(gw[0], gw[-1], bits, group, hdim, x, "rg"), name="g")
     u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
-    h = te.compute((idim,), lambda i: g[i] / (1.0 + te.exp(-g[i])) * u[i], name="h")
-    return _named(h, [x, *gw, *uw, h], name or f"em_expert_gate_up_w{bits}")
+    biases = [te.placeholder((idim,), F32, name="gate_bias"), te.placeholder((idim,), F32, name="up_bias")] \
+        if bias else []
+    if bias:
+        h = te.compute((idim,), lambda i: activation(cfg, kind, g[i] + biases[0][i], u[i] + biases[1][i]), name="h")
+    else:
+        h = te.compute((idim,), lambda i: activation(cfg, kind, g[i], u[i]), name="h")
+    return _named(h, [x, *gw, *uw, *biases, h], name or expert_symbol("expert_gate_up", bits))
 
 
-def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
-                name: str | None = None) -> tvm.tirx.PrimFunc:
-    """y = r + weight * (Wd h): the down projection with the router weight and residual fused."""
+def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, name: str | None = None,
+                bias: bool = False) -> tvm.tirx.PrimFunc:
+    """y = r + weight * (Wd h (+ bd)): the down projection with the router weight and residual
+    fused; with `bias`, bd is an input after the weights."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     h = te.placeholder((idim,), F32, name="h")
     dw = _qweight("down", hdim, idim, bits, group)
+    db = [te.placeholder((hdim,), F32, name="down_bias")] if bias else []
     res = te.placeholder((hdim,), F32, name="res")
     weight = te.placeholder((1,), F32, name="weight")
     acc = te.compute((hdim,), _row_dot(dw[0], dw[-1], bits, group, idim, h, "r"), name="acc")
-    y = te.compute((hdim,), lambda i: res[i] + weight[0] * acc[i], name="y")
-    return _named(y, [h, *dw, res, weight, y], name or f"em_expert_down_w{bits}")
+    if bias:
+        y = te.compute((hdim,), lambda i: res[i] + weight[0] * (acc[i] + db[0][i]), name="y")
+    else:
+        y = te.compute((hdim,), lambda i: res[i] + weight[0] * acc[i], name="y")
+    return _named(y, [h, *dw, *db, res, weight, y], name or expert_symbol("expert_down", bits))
 
 
 def check_signature(func: tvm.tirx.PrimFunc) -> None:
@@ -272,13 +307,15 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
         layernorm(hdim, cfg.norm_eps, K["layernorm"]) if cfg.norm == "layer" else rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
         trunk_matvec(qkv_rows, hdim, K["qkv_bias"] if cfg.qkv_bias else K["qkv"], residual=cfg.qkv_bias),
         rope(cfg, K["rope"]),
-        attention(cfg, K["attention"]),
+        attention(cfg, K["attention_sinks"], sinks=True) if cfg.attention_sinks else attention(cfg, K["attention"]),
         trunk_matvec(hdim, cfg.q_dim, K["o_proj"], residual=True),
-        matvec(cfg.num_experts, hdim, K["router"]),
+        matvec(cfg.num_experts, hdim, K["router"]),  # also the next-router and fitted-router predictors
         # the LM head's bias, where it has one, added as the qkv bias is: as the matvec's residual
         trunk_matvec(cfg.vocab_size, hdim, K["lm_head_bias"] if cfg.lm_head_bias else K["lm_head"],
                      residual=cfg.lm_head_bias),
     ]
+    if cfg.router_bias:  # added as the matvec's residual
+        funcs.append(matvec(cfg.num_experts, hdim, K["router_bias"], residual=True))
     if cfg.qk_norm != "none":
         funcs.append(qk_norm(cfg, K["qk_norm"]))
     if cfg.o_bias:
@@ -294,13 +331,17 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
             funcs += [expert_gate_up(cfg, trunk_bits, group, **gate_up), expert_down(cfg, trunk_bits, group, **down)]
         if cfg.shared_expert_gate:
             funcs.append(matvec(1, hdim, K["shared_gate"]))
+    gate_up_role, down_role = expert_kernel_roles(cfg)
+    routed = dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
     for b in sorted(set(expert_bits)):
+        names = dict(gate_up=expert_symbol(gate_up_role, b), down=expert_symbol(down_role, b))
         if tiles:
             parallel = 2 * idim * hdim * b // 8 >= int_dot.PARALLEL_MIN_BYTES
-            funcs += [int_dot.expert_gate_up(isa, cfg, b, group, parallel),
-                      int_dot.expert_down(isa, cfg, b, group, parallel)]
+            funcs += [int_dot.expert_gate_up(isa, cfg, b, group, parallel, name=names["gate_up"], **routed),
+                      int_dot.expert_down(isa, cfg, b, group, parallel, name=names["down"], bias=cfg.expert_bias)]
         else:
-            funcs += [expert_gate_up(cfg, b, group), expert_down(cfg, b, group)]
+            funcs += [expert_gate_up(cfg, b, group, name=names["gate_up"], **routed),
+                      expert_down(cfg, b, group, name=names["down"], bias=cfg.expert_bias)]
     for f in funcs:
         check_signature(f)
     return {str(f.attrs["global_symbol"]): f for f in funcs}

@@ -24,9 +24,10 @@ NONE = 0xFFFFFFFF
 OPS = {
     "EMBED": ("*embed", "scale"),
     "ATTENTION": ("layer", "norm_kind", "norm", "norm_bias", "*wqkv", "qkv_bias", "qk_norm", "q_norm", "k_norm",
-                  "rope_cos", "rope_sin", "*wo", "o_bias"),
+                  "rope_cos", "rope_sin", "*wo", "o_bias", "window", "sinks"),
     "MOE": ("layer", "norm_kind", "norm", "norm_bias", "router", "route", "route_threshold", "*shared_gate_proj",
-            "*shared_up_proj", "*shared_down_proj", "shared_gate"),
+            "*shared_up_proj", "*shared_down_proj", "shared_gate", "router_bias", "expert_act", "expert_gate_bias",
+            "expert_up_bias", "expert_down_bias"),
     "FINAL": ("norm_kind", "norm", "norm_bias", "*lm_head", "lm_head_bias", "scale"),
 }
 # EMBED's and FINAL's "scale": a float32 (its bits as the word) multiplying the embedding row /
@@ -34,11 +35,19 @@ OPS = {
 # "norm_kind" (NORM) says which norm "norm" (and, for LayerNorm, "norm_bias") parametrise.
 # MOE's "route_threshold": a float32, the sparsemixer's relative margin 2·MoEConfig.sparsemixer_eps
 # (0 for the other routing functions).
+# ATTENTION's "window": the positions a query attends to, its own included (0: all; MoEConfig.layer_windows);
+# "sinks": [heads] logits joining each head's softmax denominator (NONE: none).
+# MOE's "router_bias" [experts] is added to the router's logits; "expert_act" (EXPERT_ACT) picks the
+# routed experts' kernels (EXPERT_KERNELS, by expert_kernel_roles), and with the biased ones
+# "expert_gate_bias", "expert_up_bias" [experts, inter] and "expert_down_bias" [experts, hidden]
+# are their biases, the row of expert e passed with its weights.
 OP_CODES = {name: i + 1 for i, name in enumerate(OPS)}
 
 NORM = {"rms": 0, "layer": 1}  # the norm_kind operands: MoEConfig.norm
 QK_NORM = {"none": 0, "head": 1, "full": 2}  # ATTENTION's qk_norm operand
-ROUTE = {"softmax_topk": 0, "softmax_topk_renorm": 1, "sparsemixer": 2}  # MOE's route operand
+ROUTE = {"softmax_topk": 0, "softmax_topk_renorm": 1, "sparsemixer": 2, "topk_softmax": 3}  # MOE's route operand
+# MOE's expert_act operand: MoEConfig.expert_activation ("clamped_swiglu" with its biases: GPT-OSS's experts)
+EXPERT_ACT = {"swiglu": 0, "clamped_swiglu": 1}
 
 # kernel role → symbol: the names decode_kernels gives its PrimFuncs and the runtime resolves
 KERNELS = {
@@ -46,8 +55,15 @@ KERNELS = {
     "qk_norm": "em_qk_norm", "rope": "em_rope", "attention": "em_attention", "add": "em_add", "o_proj": "em_o_proj",
     "router": "em_router", "shared_gate": "em_shared_gate", "shared_gate_up": "em_shared_gate_up",
     "shared_down": "em_shared_down", "lm_head": "em_lm_head", "lm_head_bias": "em_lm_head_bias",
+    "attention_sinks": "em_attention_sinks", "router_bias": "em_router_bias",
 }
-EXPERT_KERNELS = {"expert_gate_up": "em_expert_gate_up_w{bits}", "expert_down": "em_expert_down_w{bits}"}
+EXPERT_KERNELS = {"expert_gate_up": "em_expert_gate_up_w{bits}", "expert_down": "em_expert_down_w{bits}",
+                  "expert_gate_up_clamped_bias": "em_expert_gate_up_clamped_bias_w{bits}",
+                  "expert_down_bias": "em_expert_down_bias_w{bits}"}
+# EXPERT_ACT → the EXPERT_KERNELS roles (gate-up, down) of routed experts with that activation; the
+# clamped SwiGLU's take the experts' biases (SwiGLU experts have none)
+EXPERT_ACT_KERNELS = {"swiglu": ("expert_gate_up", "expert_down"),
+                      "clamped_swiglu": ("expert_gate_up_clamped_bias", "expert_down_bias")}
 
 # Kernel signatures: each kernel's parameters in order, by name ("*" marks a matrix: one parameter for
 # float32/float16 weights, two — codes, then float16 scales — for quantized ones). The TVM builders
@@ -64,6 +80,9 @@ SIGNATURES = {
     "add": ("a", "b", "y"),
     "ffn_gate_up": ("x", "*gate", "*up", "h"),
     "ffn_down": ("h", "*down", "res", "weight", "y"),
+    "attention_sinks": ("q", "kc", "vc", "sink", "o"),
+    "ffn_gate_up_bias": ("x", "*gate", "*up", "gate_bias", "up_bias", "h"),
+    "ffn_down_bias": ("h", "*down", "down_bias", "res", "weight", "y"),
 }
 # kernel role (KERNELS, EXPERT_KERNELS) → its signature
 KERNEL_SIGNATURES = {
@@ -71,7 +90,8 @@ KERNEL_SIGNATURES = {
     "qk_norm": "qk_norm", "rope": "rope", "attention": "attention", "add": "add", "o_proj": "matvec_residual",
     "router": "matvec", "shared_gate": "matvec", "shared_gate_up": "ffn_gate_up", "shared_down": "ffn_down",
     "lm_head": "matvec", "lm_head_bias": "matvec_residual", "expert_gate_up": "ffn_gate_up",
-    "expert_down": "ffn_down",
+    "expert_down": "ffn_down", "attention_sinks": "attention_sinks", "router_bias": "matvec_residual",
+    "expert_gate_up_clamped_bias": "ffn_gate_up_bias", "expert_down_bias": "ffn_down_bias",
 }
 
 # tensors the runtime finds by name (the routing profile, when compiled with calibration text)
@@ -114,9 +134,22 @@ def routing(cfg) -> str:
         if cfg.top_k != 2:
             raise ValueError(f"sparsemixer routing picks two experts, not top_k = {cfg.top_k}")
         return "sparsemixer"
+    if cfg.routing == "topk_softmax":
+        return "topk_softmax"
     if cfg.routing != "softmax":
-        raise ValueError(f"unknown routing {cfg.routing!r}; supported: softmax, sparsemixer")
+        raise ValueError(f"unknown routing {cfg.routing!r}; supported: softmax, topk_softmax, sparsemixer")
     return "softmax_topk_renorm" if cfg.norm_topk_prob else "softmax_topk"
+
+
+def expert_kernel_roles(cfg) -> tuple[str, str]:
+    """The EXPERT_KERNELS roles (gate-up, down) of a MoEConfig's routed experts: plain SwiGLU, or the
+    clamped SwiGLU with biases; other combinations have no kernels and are refused."""
+    if cfg.expert_activation not in EXPERT_ACT:
+        raise ValueError(f"unknown expert activation {cfg.expert_activation!r}; supported: {', '.join(EXPERT_ACT)}")
+    if (cfg.expert_activation == "clamped_swiglu") != cfg.expert_bias:
+        raise ValueError(f"expert activation {cfg.expert_activation!r} with expert_bias={cfg.expert_bias} has no "
+                         "kernels: SwiGLU experts come without biases, clamped SwiGLU ones with them")
+    return EXPERT_ACT_KERNELS[cfg.expert_activation]
 
 
 def emit_program(cfg, index) -> np.ndarray:
@@ -126,6 +159,7 @@ def emit_program(cfg, index) -> np.ndarray:
     route = routing(cfg)
     threshold = float_word(2 * cfg.sparsemixer_eps if route == "sparsemixer" else 0.0)
     norm_kind = NORM[cfg.norm]
+    expert_kernel_roles(cfg)  # a combination without kernels refused before any word is written
 
     def op(name: str, tensors: dict[str, str], **values: int) -> None:
         slots = operand_slots(name)
@@ -139,12 +173,16 @@ def emit_program(cfg, index) -> np.ndarray:
         p = f"layers.{l}."
         op("ATTENTION", {"norm": p + "attn_norm", "norm_bias": p + "attn_norm_bias", "wqkv": p + "wqkv",
                          "qkv_bias": p + "bqkv", "q_norm": p + "q_norm", "k_norm": p + "k_norm", "rope_cos": "rope_cos",
-                         "rope_sin": "rope_sin", "wo": p + "wo", "o_bias": p + "bo"},
-           layer=l, norm_kind=norm_kind, qk_norm=QK_NORM[cfg.qk_norm])
+                         "rope_sin": "rope_sin", "wo": p + "wo", "o_bias": p + "bo", "sinks": p + "sinks"},
+           layer=l, norm_kind=norm_kind, qk_norm=QK_NORM[cfg.qk_norm],
+           window=cfg.layer_windows[l] if cfg.layer_windows is not None else 0)
         op("MOE", {"norm": p + "ffn_norm", "norm_bias": p + "ffn_norm_bias", "router": p + "router",
                    "shared_gate_proj": p + "shared_gate_proj", "shared_up_proj": p + "shared_up_proj",
-                   "shared_down_proj": p + "shared_down_proj", "shared_gate": p + "shared_gate"},
-           layer=l, norm_kind=norm_kind, route=ROUTE[route], route_threshold=threshold)
+                   "shared_down_proj": p + "shared_down_proj", "shared_gate": p + "shared_gate",
+                   "router_bias": p + "router_bias", "expert_gate_bias": p + "expert_gate_bias",
+                   "expert_up_bias": p + "expert_up_bias", "expert_down_bias": p + "expert_down_bias"},
+           layer=l, norm_kind=norm_kind, route=ROUTE[route], route_threshold=threshold,
+           expert_act=EXPERT_ACT[cfg.expert_activation])
     op("FINAL", {"norm": "final_norm", "norm_bias": "final_norm_bias",
                  "lm_head": "embed" if cfg.tie_embeddings else "lm_head", "lm_head_bias": "lm_head_bias"},
        norm_kind=norm_kind, scale=float_word(cfg.logit_scale))
@@ -166,9 +204,15 @@ def c_header() -> str:
     lines += [f"#define EM_NORM_{k.upper()} {v}" for k, v in NORM.items()]
     lines += [f"#define EM_QK_NORM_{k.upper()} {v}" for k, v in QK_NORM.items()]
     lines += [f"#define EM_ROUTE_{k.upper()} {v}" for k, v in ROUTE.items()]
+    lines += [f"#define EM_EXPERT_ACT_{k.upper()} {v}" for k, v in EXPERT_ACT.items()]
     lines.append("")
     lines += [f'#define EM_KERNEL_{k.upper()} "{v}"' for k, v in KERNELS.items()]
-    lines += [f'#define EM_KERNEL_{k.upper()}_FMT "{v.replace("{bits}", "%d")}"' for k, v in EXPERT_KERNELS.items()]
+    fmt = {k: v.replace("{bits}", "%d") for k, v in EXPERT_KERNELS.items()}
+    lines += [f'#define EM_KERNEL_{k.upper()}_FMT "{v}"' for k, v in fmt.items()]
+    lines.append(f"#define EM_EXPERT_ACT_COUNT {len(EXPERT_ACT)}")
+    rows = ", ".join(f'{{"{fmt[g]}", "{fmt[d]}"}}' for g, d in (EXPERT_ACT_KERNELS[a] for a in EXPERT_ACT))
+    lines.append("/* by EM_EXPERT_ACT_*: the printf formats of its gate-up and down kernels' symbols */")
+    lines.append(f"#define EM_EXPERT_ACT_KERNEL_FMTS {{{rows}}}")
     lines.append("")
     for sig, params in SIGNATURES.items():
         names = [p.lstrip("*") for p in params]

@@ -52,6 +52,8 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         out.append((p + "attn_norm", l.attn_norm))
         if cfg.norm == "layer":
             out.append((p + "attn_norm_bias", l.attn_norm_bias))
+        if cfg.attention_sinks:
+            out.append((p + "sinks", l.sinks))
         out.append((p + "wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0)))
         if cfg.qkv_bias:
             out.append((p + "bqkv", np.concatenate([l.bq, l.bk, l.bv])))
@@ -64,6 +66,11 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         if cfg.norm == "layer":
             out.append((p + "ffn_norm_bias", l.ffn_norm_bias))
         out.append((p + "router", l.router))
+        if cfg.router_bias:
+            out.append((p + "router_bias", l.router_bias))
+        if cfg.expert_bias:
+            out += [(p + "expert_gate_bias", l.expert_gate_bias), (p + "expert_up_bias", l.expert_up_bias),
+                    (p + "expert_down_bias", l.expert_down_bias)]
         if l.shared is not None:
             out += [(p + "shared_gate_proj", l.shared.w_gate), (p + "shared_up_proj", l.shared.w_up),
                     (p + "shared_down_proj", l.shared.w_down)]

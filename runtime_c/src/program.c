@@ -100,6 +100,8 @@ static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
        (s->rope_sin = em_bind_vector(b->v, o[EM_ATTENTION_ROPE_SIN], th->max_positions, d / 2, "RoPE sin table"));
   s->bias = ok ? optional_vector(b, EM_ATTENTION_QKV_BIAS, q + 2 * kv, L, "qkv bias", &ok) : NULL;
   s->o_bias = ok ? optional_vector(b, EM_ATTENTION_O_BIAS, H, L, "output bias", &ok) : NULL;
+  s->sinks = ok ? optional_vector(b, EM_ATTENTION_SINKS, th->heads, L, "attention sinks", &ok) : NULL;
+  s->window = o[EM_ATTENTION_WINDOW]; /* any count: a window at least the context is full attention */
   if (ok && s->kind != EM_QK_NORM_NONE) {
     int head = s->kind == EM_QK_NORM_HEAD;
     if (s->kind != EM_QK_NORM_HEAD && s->kind != EM_QK_NORM_FULL) {
@@ -115,9 +117,45 @@ static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
   if (!need_norm_kernel(b, k, s, "attention norm") ||
       !need_kernel(b, s->bias ? k->qkv_bias : k->qkv, s->bias ? EM_KERNEL_QKV_BIAS : EM_KERNEL_QKV, L,
                    "qkv projection") ||
+      !need_kernel(b, s->sinks ? k->attention_sinks : k->attention,
+                   s->sinks ? EM_KERNEL_ATTENTION_SINKS : EM_KERNEL_ATTENTION, L, "attention") ||
       (s->o_bias && !need_kernel(b, k->add, EM_KERNEL_ADD, L, "output bias")))
     return EM_ERR_KERNEL;
   return EM_OK;
+}
+
+/* The MOE step's router bias and its routed experts' activation and biases (the biased activations'). */
+static int bind_routed_experts(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, E = th->experts;
+  int ok = 1;
+  s->router_bias = optional_vector(b, EM_MOE_ROUTER_BIAS, E, L, "router bias", &ok);
+  if (!ok) return EM_ERR_FORMAT;
+  if (s->router_bias && !need_kernel(b, k->router_bias, EM_KERNEL_ROUTER_BIAS, L, "router bias"))
+    return EM_ERR_KERNEL;
+  s->expert_act = o[EM_MOE_EXPERT_ACT];
+  if (s->expert_act >= EM_EXPERT_ACT_COUNT) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: unknown expert activation %u; recompile the artifact",
+             L, s->expert_act);
+    return EM_ERR_FORMAT;
+  }
+  int biased = s->expert_act == EM_EXPERT_ACT_CLAMPED_SWIGLU;
+  if (!biased) {
+    if (o[EM_MOE_EXPERT_GATE_BIAS] == EM_OPERAND_NONE && o[EM_MOE_EXPERT_UP_BIAS] == EM_OPERAND_NONE &&
+        o[EM_MOE_EXPERT_DOWN_BIAS] == EM_OPERAND_NONE)
+      return EM_OK;
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: %s, which SwiGLU experts do not have; recompile the artifact",
+             label(b, L, "expert biases"));
+    return EM_ERR_FORMAT;
+  }
+  ok = (s->expert_gate_bias = em_bind_vector(b->v, o[EM_MOE_EXPERT_GATE_BIAS], E, th->inter,
+                                             label(b, L, "expert gate biases"))) &&
+       (s->expert_up_bias = em_bind_vector(b->v, o[EM_MOE_EXPERT_UP_BIAS], E, th->inter,
+                                           label(b, L, "expert up biases"))) &&
+       (s->expert_down_bias = em_bind_vector(b->v, o[EM_MOE_EXPERT_DOWN_BIAS], E, th->hidden,
+                                             label(b, L, "expert down biases")));
+  return ok ? EM_OK : EM_ERR_FORMAT;
 }
 
 static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
@@ -125,7 +163,8 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   const uint32_t* o = b->operand;
   uint32_t L = s->layer, H = th->hidden, S = th->shared_inter;
   s->kind = o[EM_MOE_ROUTE];
-  if (s->kind != EM_ROUTE_SOFTMAX_TOPK && s->kind != EM_ROUTE_SOFTMAX_TOPK_RENORM && s->kind != EM_ROUTE_SPARSEMIXER) {
+  if (s->kind != EM_ROUTE_SOFTMAX_TOPK && s->kind != EM_ROUTE_SOFTMAX_TOPK_RENORM && s->kind != EM_ROUTE_SPARSEMIXER &&
+      s->kind != EM_ROUTE_TOPK_SOFTMAX) {
     snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: unknown routing function %u; recompile the artifact", L,
              s->kind);
     return EM_ERR_FORMAT;
@@ -144,6 +183,8 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   if (!em_bind_matrix(b->v, o[EM_MOE_ROUTER], EM_OPERAND_NONE, th->experts, H, label(b, L, "router"),
                       &s->m[EM_M_ROUTER]))
     return EM_ERR_FORMAT;
+  rc = bind_routed_experts(b, k, s);
+  if (rc) return rc;
   s->shared = o[EM_MOE_SHARED_GATE_PROJ] != EM_OPERAND_NONE;
   if (!s->shared) return need_norm_kernel(b, k, s, "MoE norm") ? EM_OK : EM_ERR_KERNEL;
   if (!S ||

@@ -28,6 +28,12 @@ typedef struct {
   float scale;              /* EMBED: multiplies the embedding row; FINAL: the logits (1: none) */
   float route_threshold;    /* MOE, EM_ROUTE_SPARSEMIXER: the relative margin of each pick's softmax */
   em_matrix m[EM_M_COUNT];
+  uint32_t window;     /* ATTENTION: positions attended to, the query's own included (0: all) */
+  const float* sinks;  /* ATTENTION: [heads] logits joining each head's softmax denominator (NULL: none) */
+  const float* router_bias; /* MOE: [experts], added to the router's logits (NULL: none) */
+  uint32_t expert_act;      /* MOE: EM_EXPERT_ACT_*, which kernels the routed experts call */
+  /* MOE, EM_EXPERT_ACT_CLAMPED_SWIGLU: [experts][inter] gate and up biases, [experts][hidden] down */
+  const float *expert_gate_bias, *expert_up_bias, *expert_down_bias;
 } em_step;
 
 typedef struct {

@@ -368,8 +368,8 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
                 th->layers, th->experts, s->eviction, s->frequency);
   if (!rc && !(s->experts = em_storage_open(params, ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
   for (uint32_t i = 0; !rc && i < s->ih.n_records; i++) {
-    uint32_t b = s->records[i].bits;
-    if (b > EM_MAX_BITS || !s->k.gate_up[b] || !s->k.down[b]) {
+    uint32_t b = s->records[i].bits, act = s->prog.moe[i / th->experts]->expert_act;
+    if (b > EM_MAX_BITS || !s->k.gate_up[act][b] || !s->k.down[act][b]) {
       snprintf(s->err, ERR_LEN, "expert record %u is %u-bit but kernels.so has no %u-bit expert kernels; recompile",
                i, b, b);
       rc = EM_ERR_FORMAT;
@@ -437,23 +437,46 @@ static int matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix
   return INVOKE(fn, name, a, MATVEC_RESIDUAL);
 }
 
-/* h = act(gate · x) ⊙ (up · x), then y = res + weight · (down · h): an expert, routed or shared. */
+/* h = act(gate · x (+ bg), up · x (+ bu)), then y = res + weight · (down · h (+ bd)): an expert,
+ * routed or shared; the biases all given (the biased kernels' signatures) or all NULL. */
 static int ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
-               const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, float weight) {
-  em_kernel_arg a[EM_SIG_FFN_DOWN_ARGS] = {0};
-  BIND(a, FFN_GATE_UP, X, T(s->xn, 1, wg->cols, 0, 0));
-  BIND(a, FFN_GATE_UP, GATE, em_matrix_arg(wg));
-  BIND(a, FFN_GATE_UP, UP, em_matrix_arg(wu));
-  BIND(a, FFN_GATE_UP, H, T(s->h, 1, wg->rows, 0, 0));
-  int rc = INVOKE(gate_up, gate_up_name, a, FFN_GATE_UP);
+               const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, const float* gate_bias,
+               const float* up_bias, const float* down_bias, float weight) {
+  em_kernel_arg a[EM_SIG_FFN_GATE_UP_BIAS_ARGS] = {0};
+  int rc;
+  if (gate_bias) {
+    BIND(a, FFN_GATE_UP_BIAS, X, T(s->xn, 1, wg->cols, 0, 0));
+    BIND(a, FFN_GATE_UP_BIAS, GATE, em_matrix_arg(wg));
+    BIND(a, FFN_GATE_UP_BIAS, UP, em_matrix_arg(wu));
+    BIND(a, FFN_GATE_UP_BIAS, GATE_BIAS, T(gate_bias, 1, wg->rows, 0, 0));
+    BIND(a, FFN_GATE_UP_BIAS, UP_BIAS, T(up_bias, 1, wu->rows, 0, 0));
+    BIND(a, FFN_GATE_UP_BIAS, H, T(s->h, 1, wg->rows, 0, 0));
+    rc = INVOKE(gate_up, gate_up_name, a, FFN_GATE_UP_BIAS);
+  } else {
+    BIND(a, FFN_GATE_UP, X, T(s->xn, 1, wg->cols, 0, 0));
+    BIND(a, FFN_GATE_UP, GATE, em_matrix_arg(wg));
+    BIND(a, FFN_GATE_UP, UP, em_matrix_arg(wu));
+    BIND(a, FFN_GATE_UP, H, T(s->h, 1, wg->rows, 0, 0));
+    rc = INVOKE(gate_up, gate_up_name, a, FFN_GATE_UP);
+  }
   if (rc) return rc;
   *s->expert_weight = weight;
-  BIND(a, FFN_DOWN, H, T(s->h, 1, wd->cols, 0, 0));
-  BIND(a, FFN_DOWN, DOWN, em_matrix_arg(wd));
-  BIND(a, FFN_DOWN, RES, T(s->x, 1, wd->rows, 0, 0));
-  BIND(a, FFN_DOWN, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
-  BIND(a, FFN_DOWN, Y, T(s->x2, 1, wd->rows, 0, 0));
-  rc = INVOKE(down, down_name, a, FFN_DOWN);
+  if (down_bias) {
+    BIND(a, FFN_DOWN_BIAS, H, T(s->h, 1, wd->cols, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, DOWN, em_matrix_arg(wd));
+    BIND(a, FFN_DOWN_BIAS, DOWN_BIAS, T(down_bias, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, RES, T(s->x, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, Y, T(s->x2, 1, wd->rows, 0, 0));
+    rc = INVOKE(down, down_name, a, FFN_DOWN_BIAS);
+  } else {
+    BIND(a, FFN_DOWN, H, T(s->h, 1, wd->cols, 0, 0));
+    BIND(a, FFN_DOWN, DOWN, em_matrix_arg(wd));
+    BIND(a, FFN_DOWN, RES, T(s->x, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
+    BIND(a, FFN_DOWN, Y, T(s->x2, 1, wd->rows, 0, 0));
+    rc = INVOKE(down, down_name, a, FFN_DOWN);
+  }
   if (!rc) swap(&s->x, &s->x2);
   return rc;
 }
@@ -502,12 +525,21 @@ static void sparsemixer(const float* l, uint32_t E, float threshold, uint32_t* i
 }
 
 /* The router's top-k experts for the current xn, and their weights (softmax over every expert,
- * renormalised over the top-k for EM_ROUTE_SOFTMAX_TOPK_RENORM; the sparsemixer's above). */
+ * renormalised over the top-k for EM_ROUTE_SOFTMAX_TOPK_RENORM; for EM_ROUTE_TOPK_SOFTMAX a
+ * softmax over the top-k logits alone; the sparsemixer's above). */
 static void select_experts(const em_session* s, const em_step* st, uint32_t* idx, float* w) {
   uint32_t E = s->th.experts, K = s->th.top_k, route = st->kind;
   const float* l = s->router_logits;
   if (route == EM_ROUTE_SPARSEMIXER) {
     sparsemixer(l, E, st->route_threshold, idx, w);
+    return;
+  }
+  if (route == EM_ROUTE_TOPK_SOFTMAX) {
+    float top, chosen = 0.0f;
+    em_top_n(l, E, K, 0, idx);
+    top = l[idx[0]];
+    for (uint32_t k = 0; k < K; k++) chosen += w[k] = expf(l[idx[k]] - top);
+    for (uint32_t k = 0; k < K; k++) w[k] /= chosen;
     return;
   }
   float mx = l[0], total = 0.0f, chosen = 0.0f;
@@ -550,7 +582,11 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
         fit_prev = (em_matrix){s->fitted_prev + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
         router = &fit;
       }
-      rc = matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
+      if (!fitted && moe->router_bias) /* the next router as it will run, its bias included */
+        rc = matvec(s, s->k.router_bias, EM_KERNEL_ROUTER_BIAS, router, s->pred_xn, (float*)moe->router_bias,
+                    s->pred_scores);
+      else
+        rc = matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
       if (!rc && fitted)
         rc = matvec(s, s->k.router, "em_router", &fit_prev, s->prev_xn + (size_t)layer * H, NULL, s->pred_prev);
       if (rc) return rc;
@@ -584,8 +620,8 @@ static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx)
   s->has_prediction[layer] = 0;
 }
 
-static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weight) {
-  uint32_t ri = record_of(s, layer, expert);
+static int run_expert(em_session* s, const em_step* st, uint32_t expert, float weight) {
+  uint32_t layer = st->layer, ri = record_of(s, layer, expert);
   uint8_t* rec;
   int rc = em_loader_wait(&s->loader, ri, layer, &rec, s->err, ERR_LEN);
   if (rc) return rc;
@@ -597,7 +633,13 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
   em_matrix gate = {part[0], (const uint16_t*)part[1], b, I, H, G, tiled},
             up = {part[2], (const uint16_t*)part[3], b, I, H, G, tiled},
             down = {part[4], (const uint16_t*)part[5], b, H, I, G, tiled};
-  rc = ffn(s, s->k.gate_up[b], "em_expert_gate_up", s->k.down[b], "em_expert_down", &gate, &up, &down, weight);
+  const em_ffi_fn gate_up = s->k.gate_up[st->expert_act][b], down_fn = s->k.down[st->expert_act][b];
+  if (st->expert_gate_bias) /* the expert's row of each bias */
+    rc = ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", &gate, &up, &down,
+             st->expert_gate_bias + (size_t)expert * I, st->expert_up_bias + (size_t)expert * I,
+             st->expert_down_bias + (size_t)expert * H, weight);
+  else
+    rc = ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", &gate, &up, &down, NULL, NULL, NULL, weight);
   if (rc) return rc;
   em_loader_release(&s->loader, ri);
   return EM_OK;
@@ -614,7 +656,7 @@ static int shared_expert(em_session* s, const em_step* st) {
     weight = 1.0f / (1.0f + expf(-s->shared_logit[0]));
   }
   return ffn(s, s->k.shared_gate_up, EM_KERNEL_SHARED_GATE_UP, s->k.shared_down, EM_KERNEL_SHARED_DOWN,
-             &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], weight);
+             &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL, weight);
 }
 
 /* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
@@ -628,7 +670,9 @@ static int moe_layer(em_session* s, const em_step* st) {
   if (rc) return rc;
   /* this layer has been predicted for this token; its input now stands for the context at the next */
   memcpy(s->prev_xn + (size_t)l * H, s->xn, H * sizeof(float));
-  rc = matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
+  rc = st->router_bias ? matvec(s, s->k.router_bias, EM_KERNEL_ROUTER_BIAS, &st->m[EM_M_ROUTER], s->xn,
+                                (float*)st->router_bias, s->router_logits)
+                       : matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
   if (rc) return rc;
   uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
   float wts[MAX_TOP_K];
@@ -642,7 +686,7 @@ static int moe_layer(em_session* s, const em_step* st) {
   /* The path table needs only this layer's choice: predict now, while the experts compute. */
   if (s->predictor == EM_PREDICT_PATH_TABLE) rc = predict_and_prefetch(s, (l + 1) % th->layers, s->x, idx, th->top_k);
   if (!rc && st->shared) rc = shared_expert(s, st);
-  for (uint32_t k = 0; !rc && k < th->top_k; k++) rc = run_expert(s, l, idx[k], wts[k]);
+  for (uint32_t k = 0; !rc && k < th->top_k; k++) rc = run_expert(s, st, idx[k], wts[k]);
   if (rc) { /* unpin what an error left pinned, so the session stays usable */
     for (uint32_t k = 0; k < th->top_k; k++) em_loader_release(&s->loader, records[k]);
     return rc;
@@ -685,11 +729,24 @@ static int attention_layer(em_session* s, const em_step* st) {
   BIND(a, ROPE, K, T(kc + pos * s->kv_dim, 2, hkv, d, 0));
   BIND(a, ROPE, V, T(vc + pos * s->kv_dim, 2, hkv, d, 0));
   if ((rc = INVOKE(s->k.rope, EM_KERNEL_ROPE, a, ROPE))) return rc;
-  BIND(a, ATTENTION, Q, T(s->q, 2, hq, d, 0));
-  BIND(a, ATTENTION, KC, T(kc, 3, pos + 1, hkv, d));
-  BIND(a, ATTENTION, VC, T(vc, 3, pos + 1, hkv, d));
-  BIND(a, ATTENTION, O, T(s->att, 2, hq, d, 0));
-  if ((rc = INVOKE(s->k.attention, EM_KERNEL_ATTENTION, a, ATTENTION))) return rc;
+  /* a sliding window attends to its last `window` positions alone: the rows before it are not passed */
+  int64_t first = st->window && pos + 1 > st->window ? pos + 1 - st->window : 0, rows = pos + 1 - first;
+  const float *kw = kc + first * s->kv_dim, *vw = vc + first * s->kv_dim;
+  if (st->sinks) {
+    BIND(a, ATTENTION_SINKS, Q, T(s->q, 2, hq, d, 0));
+    BIND(a, ATTENTION_SINKS, KC, T(kw, 3, rows, hkv, d));
+    BIND(a, ATTENTION_SINKS, VC, T(vw, 3, rows, hkv, d));
+    BIND(a, ATTENTION_SINKS, SINK, T(st->sinks, 1, hq, 0, 0));
+    BIND(a, ATTENTION_SINKS, O, T(s->att, 2, hq, d, 0));
+    rc = INVOKE(s->k.attention_sinks, EM_KERNEL_ATTENTION_SINKS, a, ATTENTION_SINKS);
+  } else {
+    BIND(a, ATTENTION, Q, T(s->q, 2, hq, d, 0));
+    BIND(a, ATTENTION, KC, T(kw, 3, rows, hkv, d));
+    BIND(a, ATTENTION, VC, T(vw, 3, rows, hkv, d));
+    BIND(a, ATTENTION, O, T(s->att, 2, hq, d, 0));
+    rc = INVOKE(s->k.attention, EM_KERNEL_ATTENTION, a, ATTENTION);
+  }
+  if (rc) return rc;
   float* res = s->x;
   if (st->o_bias) { /* xn is free again: the residual stream plus the bias */
     BIND(a, ADD, A, T(s->x, 1, H, 0, 0));

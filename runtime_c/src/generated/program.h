@@ -12,7 +12,7 @@
 #define EM_EMBED_EMBED 0
 #define EM_EMBED_EMBED_SCALES 1
 #define EM_EMBED_SCALE 2
-#define EM_OP_ATTENTION_OPERANDS 15
+#define EM_OP_ATTENTION_OPERANDS 17
 #define EM_ATTENTION_LAYER 0
 #define EM_ATTENTION_NORM_KIND 1
 #define EM_ATTENTION_NORM 2
@@ -28,7 +28,9 @@
 #define EM_ATTENTION_WO 12
 #define EM_ATTENTION_WO_SCALES 13
 #define EM_ATTENTION_O_BIAS 14
-#define EM_OP_MOE_OPERANDS 14
+#define EM_ATTENTION_WINDOW 15
+#define EM_ATTENTION_SINKS 16
+#define EM_OP_MOE_OPERANDS 19
 #define EM_MOE_LAYER 0
 #define EM_MOE_NORM_KIND 1
 #define EM_MOE_NORM 2
@@ -43,6 +45,11 @@
 #define EM_MOE_SHARED_DOWN_PROJ 11
 #define EM_MOE_SHARED_DOWN_PROJ_SCALES 12
 #define EM_MOE_SHARED_GATE 13
+#define EM_MOE_ROUTER_BIAS 14
+#define EM_MOE_EXPERT_ACT 15
+#define EM_MOE_EXPERT_GATE_BIAS 16
+#define EM_MOE_EXPERT_UP_BIAS 17
+#define EM_MOE_EXPERT_DOWN_BIAS 18
 #define EM_OP_FINAL_OPERANDS 7
 #define EM_FINAL_NORM_KIND 0
 #define EM_FINAL_NORM 1
@@ -60,6 +67,9 @@
 #define EM_ROUTE_SOFTMAX_TOPK 0
 #define EM_ROUTE_SOFTMAX_TOPK_RENORM 1
 #define EM_ROUTE_SPARSEMIXER 2
+#define EM_ROUTE_TOPK_SOFTMAX 3
+#define EM_EXPERT_ACT_SWIGLU 0
+#define EM_EXPERT_ACT_CLAMPED_SWIGLU 1
 
 #define EM_KERNEL_RMSNORM "em_rmsnorm"
 #define EM_KERNEL_LAYERNORM "em_layernorm"
@@ -76,8 +86,15 @@
 #define EM_KERNEL_SHARED_DOWN "em_shared_down"
 #define EM_KERNEL_LM_HEAD "em_lm_head"
 #define EM_KERNEL_LM_HEAD_BIAS "em_lm_head_bias"
+#define EM_KERNEL_ATTENTION_SINKS "em_attention_sinks"
+#define EM_KERNEL_ROUTER_BIAS "em_router_bias"
 #define EM_KERNEL_EXPERT_GATE_UP_FMT "em_expert_gate_up_w%d"
 #define EM_KERNEL_EXPERT_DOWN_FMT "em_expert_down_w%d"
+#define EM_KERNEL_EXPERT_GATE_UP_CLAMPED_BIAS_FMT "em_expert_gate_up_clamped_bias_w%d"
+#define EM_KERNEL_EXPERT_DOWN_BIAS_FMT "em_expert_down_bias_w%d"
+#define EM_EXPERT_ACT_COUNT 2
+/* by EM_EXPERT_ACT_*: the printf formats of its gate-up and down kernels' symbols */
+#define EM_EXPERT_ACT_KERNEL_FMTS {{"em_expert_gate_up_w%d", "em_expert_down_w%d"}, {"em_expert_gate_up_clamped_bias_w%d", "em_expert_down_bias_w%d"}}
 
 #define EM_SIG_NORM_ARGS 3
 #define EM_SIG_NORM_X 0
@@ -129,6 +146,26 @@
 #define EM_SIG_FFN_DOWN_RES 2
 #define EM_SIG_FFN_DOWN_WEIGHT 3
 #define EM_SIG_FFN_DOWN_Y 4
+#define EM_SIG_ATTENTION_SINKS_ARGS 5
+#define EM_SIG_ATTENTION_SINKS_Q 0
+#define EM_SIG_ATTENTION_SINKS_KC 1
+#define EM_SIG_ATTENTION_SINKS_VC 2
+#define EM_SIG_ATTENTION_SINKS_SINK 3
+#define EM_SIG_ATTENTION_SINKS_O 4
+#define EM_SIG_FFN_GATE_UP_BIAS_ARGS 6
+#define EM_SIG_FFN_GATE_UP_BIAS_X 0
+#define EM_SIG_FFN_GATE_UP_BIAS_GATE 1
+#define EM_SIG_FFN_GATE_UP_BIAS_UP 2
+#define EM_SIG_FFN_GATE_UP_BIAS_GATE_BIAS 3
+#define EM_SIG_FFN_GATE_UP_BIAS_UP_BIAS 4
+#define EM_SIG_FFN_GATE_UP_BIAS_H 5
+#define EM_SIG_FFN_DOWN_BIAS_ARGS 6
+#define EM_SIG_FFN_DOWN_BIAS_H 0
+#define EM_SIG_FFN_DOWN_BIAS_DOWN 1
+#define EM_SIG_FFN_DOWN_BIAS_DOWN_BIAS 2
+#define EM_SIG_FFN_DOWN_BIAS_RES 3
+#define EM_SIG_FFN_DOWN_BIAS_WEIGHT 4
+#define EM_SIG_FFN_DOWN_BIAS_Y 5
 
 #define EM_TENSOR_PATH_TABLE "profile.path_table"
 #define EM_TENSOR_FREQUENCY "profile.frequency"
