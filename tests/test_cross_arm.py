@@ -54,11 +54,11 @@ def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tm
         assert got == want, (prompt, got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss"])
 def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
     """The layer program on the Raspberry Pi 5 target under qemu: biases, q/k norms, the shared
-    expert, LayerNorm and sparsemixer routing, with a mixed bit plan, token for token against the
-    reference of the same artifact."""
+    expert, LayerNorm and sparsemixer routing, attention sinks, sliding windows and biased clamped-SwiGLU
+    experts, with a mixed bit plan, token for token against the reference of the same artifact."""
     from families import save_checkpoint
 
     from edgemoe.models import load_model
