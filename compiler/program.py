@@ -218,6 +218,8 @@ def c_header() -> str:
         names = [p.lstrip("*") for p in params]
         lines.append(f"#define EM_SIG_{sig.upper()}_ARGS {len(names)}")
         lines += [f"#define EM_SIG_{sig.upper()}_{n.upper()} {i}" for i, n in enumerate(names)]
+    widest = max(sum(2 if p.startswith("*") else 1 for p in params) for params in SIGNATURES.values())
+    lines.append(f"#define EM_SIG_MAX_PARAMS {widest} /* kernel parameters of the widest signature, matrices quantized */")
     lines.append("")
     lines += [f'#define EM_TENSOR_{k.upper()} "{v}"' for k, v in PROFILE_TENSORS.items()]
     lines += ["", "#endif", ""]

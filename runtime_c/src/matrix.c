@@ -110,13 +110,13 @@ em_kernel_arg em_matrix_arg(const em_matrix* m) {
   return a;
 }
 
-#define EM_MAX_KERNEL_PARAMS 8
+#define EM_MAX_KERNEL_PARAMS EM_SIG_MAX_PARAMS
 
 int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n, char* err, size_t len) {
   em_arg params[EM_MAX_KERNEL_PARAMS];
   int count = 0;
   for (int i = 0; i < n; i++) {
-    if (!args[i].bound || count + 2 > EM_MAX_KERNEL_PARAMS) {
+    if (!args[i].bound || count + (args[i].matrix ? 2 : 1) > EM_MAX_KERNEL_PARAMS) {
       snprintf(err, len, "kernel %s: argument %d of %d %s (a runtime defect)", name, i, n,
                args[i].bound ? "exceeds the parameter limit" : "was never bound");
       return EM_ERR_KERNEL;

@@ -166,6 +166,7 @@
 #define EM_SIG_FFN_DOWN_BIAS_RES 3
 #define EM_SIG_FFN_DOWN_BIAS_WEIGHT 4
 #define EM_SIG_FFN_DOWN_BIAS_Y 5
+#define EM_SIG_MAX_PARAMS 8 /* kernel parameters of the widest signature, matrices quantized */
 
 #define EM_TENSOR_PATH_TABLE "profile.path_table"
 #define EM_TENSOR_FREQUENCY "profile.frequency"
