@@ -1,7 +1,7 @@
 """GPT-OSS beyond the parametrized family tests: its YaRN RoPE against transformers' own tables,
 MXFP4 experts (a checkpoint packed here per the OCP Microscaling spec, decoded bit-exactly and
 against transformers' dequantizer), that the tiny model's sliding window, sinks and clamps act,
-and the config values the importer refuses by name."""
+the config values the importer refuses by name, and the runtime's checks of the new program operands."""
 from __future__ import annotations
 
 import json
@@ -163,3 +163,66 @@ def test_config_values_it_does_not_implement_are_refused_naming_them(gpt_oss_dir
     (bad / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ModelImportError, match=message):
         load_model(bad)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_artifact(gpt_oss_dir, tmp_path_factory):
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+
+    art = tmp_path_factory.mktemp("gpt_oss_art") / "art"
+    compile_model(gpt_oss_dir, art, CompileOptions(expert_bits=4, max_seq=16, int_dot=False), log=lambda m: None)
+    return art
+
+
+def _program_words(art):
+    """(trunk.bin bytes, header fields, the program's offset and byte count, its words)."""
+    from crafted import TRUNK_FIELDS
+
+    from edgemoe.compiler import trunk_file
+    from edgemoe.compiler.binfmt import unpack
+
+    data = (art / "trunk.bin").read_bytes()
+    h = dict(zip(TRUNK_FIELDS, unpack(trunk_file.HEADER_FMT[:-1], data)))
+    entry = next(e for e in (unpack(trunk_file.TENSOR_FMT, data, h["table_offset"] + i * trunk_file.TENSOR_BYTES)
+                             for i in range(h["n_tensors"])) if e[0].rstrip(b"\0") == b"program")
+    offset, nbytes = entry[7], entry[8]
+    return data, h, offset, nbytes, np.frombuffer(data[offset : offset + nbytes], np.uint32).copy()
+
+
+def _operand_word(words, op: str, slot: str) -> int:
+    """The index in `words` of the first `op` step's operand `slot` (program.py's layout)."""
+    from edgemoe.compiler.program import OP_CODES, operand_slots
+
+    at = 0
+    while words[at] != OP_CODES[op]:
+        at += 2 + int(words[at + 1])
+    return at + 2 + operand_slots(op).index(slot)
+
+
+@pytest.mark.parametrize("op,slot,word,message", [
+    ("MOE", "expert_act", 7, "layer 0: unknown expert activation 7"),
+    ("MOE", "expert_down_bias", 0xFFFFFFFF, "lacks the layer 0's expert down biases"),
+    ("MOE", "router_bias", 0, "the layer 0's router bias\\) is not float32 \\[8\\]"),
+    ("ATTENTION", "sinks", 0xFFFFFFFF, "kernels.so lacks em_attention, which layer 0's attention needs"),
+])
+def test_the_runtime_refuses_a_program_whose_gpt_oss_operands_do_not_fit(gpt_oss_artifact, tmp_path, runtime_lib, op,
+                                                                           slot, word, message):
+    """The new operands are checked before the first token: an unknown activation, a missing bias,
+    a tensor of the wrong shape, sinks dropped from an artifact compiled with the sinks kernel alone."""
+    from crafted import copy_artifact, patch_trunk
+
+    from edgemoe.compiler.binfmt import crc32
+    from edgemoe.runtime import EdgeMoEError, Session
+
+    art = gpt_oss_artifact
+    data, h, offset, nbytes, words = _program_words(art)
+    words[_operand_word(words, op, slot)] = word
+    bad = copy_artifact(art, tmp_path / "bad")
+    patched = bytearray(data)
+    patched[offset : offset + nbytes] = words.tobytes()
+    (bad / "trunk.bin").write_bytes(bytes(patched))
+    patch_trunk(bad, header={"data_crc": crc32(bytes(patched[h["data_offset"]:]))}, tensor="program",
+                changes={"crc": crc32(words.tobytes())})
+    with pytest.raises(EdgeMoEError, match=message):
+        with Session(bad, loader_thread=False) as s:
+            s.prefill([1, 2, 3])
