@@ -226,3 +226,25 @@ def test_the_runtime_refuses_a_program_whose_gpt_oss_operands_do_not_fit(gpt_oss
     with pytest.raises(EdgeMoEError, match=message):
         with Session(bad, loader_thread=False) as s:
             s.prefill([1, 2, 3])
+
+
+def test_decode_under_asan_and_ubsan_at_the_minimum_budget(gpt_oss_dir, gpt_oss_artifact):
+    """Windows, sinks, the router bias and the biased experts' arguments through the C CLI built
+    with AddressSanitizer and UBSan, past the window, with experts read on demand: clean, and the
+    reference's greedy tokens."""
+    import subprocess
+
+    from test_sanitizers import SANITIZER_ENV, _clean
+
+    from edgemoe.compiler.artifact_reference import artifact_model
+    from edgemoe.runtime import REPO_ROOT, budget_bytes, build_runtime
+
+    asan = build_runtime(REPO_ROOT / "build" / "asan", sanitize="address,undefined").parent
+    ids = [3, 1, 4, 1, 5]
+    want, _ = ReferenceExecutor(artifact_model(load_model(gpt_oss_dir), gpt_oss_artifact), 16).greedy(ids, 10)
+    proc = subprocess.run([str(asan / "edgemoe_run"), str(gpt_oss_artifact), "--tokens", ",".join(map(str, ids)),
+                           "-n", "10", "--budget", str(budget_bytes(gpt_oss_artifact))], capture_output=True,
+                          text=True, timeout=300, env=SANITIZER_ENV)
+    assert proc.returncode == 0, proc.stderr
+    _clean(proc)
+    assert [int(t) for t in proc.stdout.splitlines()[0].split(",")] == want
