@@ -51,10 +51,10 @@ def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
     """Bits of each [layer][expert]: the options' plan, checked, or the uniform bitwidth."""
     if opts.bit_plan is None:
         check_bits(opts.expert_bits)
-        return [[opts.expert_bits] * cfg.num_experts for _ in range(cfg.num_layers)]
+        return [[opts.expert_bits] * cfg.num_experts for _ in range(cfg.num_moe_layers)]
     plan = [[int(b) for b in row] for row in opts.bit_plan]
-    if len(plan) != cfg.num_layers or any(len(row) != cfg.num_experts for row in plan):
-        raise ValueError(f"bit plan must be {cfg.num_layers} layers × {cfg.num_experts} experts")
+    if len(plan) != cfg.num_moe_layers or any(len(row) != cfg.num_experts for row in plan):
+        raise ValueError(f"bit plan must be {cfg.num_moe_layers} expert layers × {cfg.num_experts} experts")
     for b in {b for row in plan for b in row}:
         check_bits(b)
     return plan
@@ -70,10 +70,14 @@ def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> st
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
     shapes = [(idim, hdim, b) for b in bits_used] + [(hdim, idim, b) for b in bits_used]
     if opts.trunk_bits != 32:
-        trunk = [(cfg.q_dim + 2 * cfg.kv_dim, hdim), (hdim, cfg.q_dim), (cfg.vocab_size, hdim)]
-        if cfg.shared_expert_intermediate:
-            sdim = cfg.shared_expert_intermediate
-            trunk += [(sdim, hdim), (hdim, sdim)]
+        trunk = [(hdim, cfg.attn_out_dim), (cfg.vocab_size, hdim)]
+        if cfg.attention == "mla":
+            trunk += [(cfg.num_heads * cfg.qk_head_dim, cfg.q_lora_rank or hdim), (cfg.kv_lora_rank + cfg.head_dim, hdim)]
+            trunk += [(cfg.q_lora_rank, hdim)] if cfg.q_lora_rank else []
+        else:
+            trunk.append((cfg.q_dim + 2 * cfg.kv_dim, hdim))
+        for sdim in (cfg.shared_expert_intermediate, cfg.dense_intermediate):  # resident MLPs
+            trunk += [(sdim, hdim), (hdim, sdim)] if sdim else []
         shapes += [(r, k, opts.trunk_bits) for r, k in trunk]
     why_not = None
     if not int_dot.supported(target.tvm()):
@@ -218,8 +222,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         return ExpertWeights(*(quantize(w, plan[li][ei], opts.group, layout, g)
                                for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
-    experts = [[] for _ in model.layers]
-    each = [(li, ei, e) for li, layer in enumerate(model.layers) for ei, e in enumerate(layer.experts)]
+    experts = [[] for _ in model.moe_layers]
+    each = [(li, ei, e) for li, layer in enumerate(model.moe_layers) for ei, e in enumerate(layer.experts)]
     for li, ei, e in track(progress, each, "rounding experts", unit="expert"):
         experts[li].append(stored(li, ei, e))
     profile = None

@@ -2,10 +2,13 @@
 
 Decodes one token at a time with a KV cache, in float32, in the same order of operations as
 the C runtime (embedding × embedding_scale → per layer: norm → attention → residual →
-norm → router → the shared expert, then the top-k SwiGLU experts → norm → LM head (+ bias) ×
-logit_scale), for every layer structure a MoEConfig describes (biases, q/k norms, shared experts,
-RMSNorm or LayerNorm, softmax, top-k-softmax or sparsemixer routing, attention sinks, sliding
-windows, router and expert biases, the clamped SwiGLU).
+norm → router → the shared expert, then the top-k experts (or a dense layer's MLP) → norm → LM head
+(+ bias) × logit_scale), for every layer structure a MoEConfig describes (biases, q/k norms,
+multi-head latent attention, attention sinks, sliding windows, shared experts, dense layers, RMSNorm
+or LayerNorm, softmax, sigmoid, top-k-softmax or sparsemixer routing with expert groups, router
+biases, SwiGLU or clamped-SwiGLU experts with biases). Latent attention is computed with keys and
+values expanded from the cached latents (the runtime folds the expansion instead: an independent
+check of the absorbed form).
 """
 from __future__ import annotations
 
@@ -72,8 +75,9 @@ def sparsemixer(router_logits: np.ndarray, eps: float) -> tuple[np.ndarray, np.n
     return np.array(idx), np.array(w, dtype=np.float32)
 
 
-def route_rows(cfg: MoEConfig, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The chosen experts [T, top_k] and their weights for router logits [T, E], by the config's routing."""
+def route_rows(cfg: MoEConfig, logits: np.ndarray, bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen experts [T, top_k] and their weights for router logits [T, E], by the config's routing
+    (`bias`: the layer's router_bias, added to the scores for choosing only)."""
     if cfg.routing == "sparsemixer":
         picks = [sparsemixer(row, cfg.sparsemixer_eps) for row in logits]
         return np.stack([p[0] for p in picks]), np.stack([p[1] for p in picks])
@@ -82,13 +86,28 @@ def route_rows(cfg: MoEConfig, logits: np.ndarray) -> tuple[np.ndarray, np.ndarr
         top = np.take_along_axis(logits, idx, axis=-1)
         w = np.exp(top - top.max(axis=-1, keepdims=True))
         return idx, (w / w.sum(axis=-1, keepdims=True)).astype(np.float32)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    idx = np.argsort(-probs, axis=-1, kind="stable")[:, : cfg.top_k]
-    w = np.take_along_axis(probs, idx, axis=-1)
+    if cfg.routing == "sigmoid":
+        scores = 1.0 / (1.0 + np.exp(-logits))
+    else:
+        scores = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+    choice = scores if bias is None else scores + bias
+    if cfg.route_groups > 1:  # only the experts of the route_topk_groups best groups are eligible
+        T, E = choice.shape
+        grouped = choice.reshape(T, cfg.route_groups, E // cfg.route_groups)
+        group_score = grouped.max(axis=-1) if cfg.route_group_score == "max" else \
+            np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)
+        best = np.argsort(-group_score, axis=-1, kind="stable")[:, : cfg.route_topk_groups]
+        eligible = np.zeros(group_score.shape, bool)
+        np.put_along_axis(eligible, best, True, axis=-1)
+        choice = np.where(np.repeat(eligible, E // cfg.route_groups, axis=-1), choice, -np.inf)
+    idx = np.argsort(-choice, axis=-1, kind="stable")[:, : cfg.top_k]
+    w = np.take_along_axis(scores, idx, axis=-1)
     if cfg.norm_topk_prob:
         w = w / w.sum(axis=-1, keepdims=True)
-    return idx, w
+    if cfg.route_scale != 1:
+        w = w * np.float32(cfg.route_scale)
+    return idx, w.astype(np.float32)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -96,9 +115,9 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def router_logits(layer, cfg: MoEConfig, xn: np.ndarray) -> np.ndarray:
-    """The router's logits for rows of xn (its bias added where it has one)."""
+    """The router's logits for rows of xn (its logit bias added where it has one)."""
     logits = xn @ layer.router.T
-    return logits + layer.router_bias if cfg.router_bias else logits
+    return logits + layer.router_logit_bias if cfg.router_logit_bias else logits
 
 
 def activate(cfg: MoEConfig | None, g: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -184,6 +203,50 @@ def project_qkv(layer, cfg: MoEConfig, xa: np.ndarray) -> tuple[np.ndarray, np.n
     return q, k, v
 
 
+def mla_project(layer, cfg: MoEConfig, xa: np.ndarray, act_group: int | None):
+    """Multi-head latent attention's inputs from the (rounded) normalised rows xa, before RoPE: the
+    queries' unrotated and rotated parts [..., heads, qk_nope_head_dim] and [..., heads, head_dim], the
+    latent [..., kv_lora_rank] and the shared key's rotated part [..., head_dim]."""
+    if cfg.q_lora_rank:
+        qa = rms_norm(xa @ layer.wq_a.T, layer.q_a_norm, cfg.lora_norm_eps)
+        q = quantize_activation(qa, act_group) @ layer.wq.T
+    else:
+        q = xa @ layer.wq.T
+    q = q.reshape(*xa.shape[:-1], cfg.num_heads, cfg.qk_head_dim)
+    ckv = xa @ layer.wkv_a.T
+    r, nope = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    return q[..., :nope], q[..., nope:], rms_norm(ckv[..., :r], layer.kv_a_norm, cfg.lora_norm_eps), ckv[..., r:]
+
+
+def mla_attend(layer, cfg: MoEConfig, q_nope: np.ndarray, q_rope: np.ndarray, latent: np.ndarray, k_rope: np.ndarray,
+               mask: np.ndarray | None = None) -> np.ndarray:
+    """Attention output rows [T, heads · v_head_dim] of queries [T, heads, ·] (RoPE applied) over the
+    cached latents [U, kv_lora_rank] and rotated keys [U, head_dim], each head's keys and values
+    expanded from the latent by wkv_b (the runtime instead folds wkv_b into the query and the output)."""
+    nope = cfg.qk_nope_head_dim
+    kv = (latent @ layer.wkv_b.T).reshape(len(latent), cfg.num_heads, nope + cfg.v_head_dim)
+    s = np.einsum("thd,uhd->htu", q_nope, kv[..., :nope]) + np.einsum("thd,ud->htu", q_rope, k_rope)
+    s = s * np.float32(cfg.softmax_scale)
+    if mask is not None:
+        s = s + mask
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("htu,uhd->thd", p, kv[..., nope:]).reshape(len(q_nope), -1)
+
+
+def feed_forward(model: MoEModel, layer, xn: np.ndarray, idx: np.ndarray | None, w: np.ndarray | None) -> np.ndarray:
+    """The feed-forward block's output for rows xn [T, H]: a dense layer's MLP, or the shared expert
+    (first, as the runtime) plus the chosen experts idx [T, top_k] weighted by w."""
+    if layer.dense is not None:
+        return expert_ffn(layer.dense, xn, model.trunk_act_group)
+    out = shared_expert(layer, model.config, xn, model.trunk_act_group)
+    for e in range(len(layer.experts)):
+        rows, slot = np.nonzero(idx == e)
+        if len(rows):
+            out[rows] += w[rows, slot][:, None] * routed_expert(layer, model.config, e, xn[rows], model.expert_act_group)
+    return out
+
+
 def attention_output(layer, cfg: MoEConfig, att: np.ndarray, act_group: int | None) -> np.ndarray:
     """The output projection of the attention rows `att` [..., q_dim] (its bias included)."""
     out = quantize_activation(att, act_group) @ layer.wo.T
@@ -236,11 +299,41 @@ class ReferenceExecutor:
 
     def reset(self) -> None:
         cfg = self.model.config
-        shape = (cfg.num_layers, self.max_positions, cfg.num_kv_heads, cfg.head_dim)
-        self.k_cache = np.zeros(shape, np.float32)
-        self.v_cache = np.zeros(shape, np.float32)
+        if cfg.attention == "mla":  # the latent and the rotated key per position
+            self.k_cache = np.zeros((cfg.num_layers, self.max_positions, cfg.kv_lora_rank), np.float32)
+            self.v_cache = np.zeros((cfg.num_layers, self.max_positions, cfg.head_dim), np.float32)
+        else:
+            shape = (cfg.num_layers, self.max_positions, cfg.num_kv_heads, cfg.head_dim)
+            self.k_cache = np.zeros(shape, np.float32)
+            self.v_cache = np.zeros(shape, np.float32)
         self.pos = 0
-        self.trace: list[list[np.ndarray]] = []  # per token: per layer, selected expert ids
+        self.trace: list[list[np.ndarray]] = []  # per token: per expert layer, selected expert ids
+
+    def _attention(self, li: int, layer, xn: np.ndarray) -> np.ndarray:
+        """Layer li's attention output [heads · v dims] for the normalised input xn at position self.pos,
+        its keys and values (or latent and rotated key) written to the cache."""
+        m, cfg, t = self.model, self.model.config, self.pos
+        cos, sin = self.cos[t], self.sin[t]
+        if cfg.attention == "mla":
+            q_nope, q_rope, latent, k_rope = mla_project(layer, cfg, xn, m.trunk_act_group)
+            self.k_cache[li, t], self.v_cache[li, t] = latent, apply_rope(k_rope, cos, sin)
+            return mla_attend(layer, cfg, q_nope[None], apply_rope(q_rope, cos, sin)[None], self.k_cache[li, : t + 1],
+                              self.v_cache[li, : t + 1])[0]
+        group = cfg.num_heads // cfg.num_kv_heads
+        q, k, v = project_qkv(layer, cfg, xn)
+        q = apply_rope(q, cos, sin)
+        self.k_cache[li, t] = apply_rope(k, cos, sin)
+        self.v_cache[li, t] = v
+        window = window_of(cfg, li)
+        first = max(0, t + 1 - window) if window else 0
+        keys = self.k_cache[li, first : t + 1]  # [t+1-first, kv_heads, d]
+        vals = self.v_cache[li, first : t + 1]
+        out = np.empty((cfg.num_heads, cfg.head_dim), np.float32)
+        for h in range(cfg.num_heads):
+            s = keys[:, h // group, :] @ q[h] / np.sqrt(cfg.head_dim)
+            sink = layer.sinks[h : h + 1] if cfg.attention_sinks else None
+            out[h] = attention_weights(s, sink) @ vals[:, h // group, :]
+        return out.reshape(-1)
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token at the next position; return the logits [vocab] (float32)."""
@@ -249,28 +342,17 @@ class ReferenceExecutor:
             raise ValueError(f"token id {token} out of range [0, {cfg.vocab_size})")
         if self.pos >= self.max_positions:
             raise ValueError(f"context full: {self.max_positions} positions")
-        t = self.pos
         x = embed_rows(m, token)
-        group = cfg.num_heads // cfg.num_kv_heads
         chosen = []
         for li, layer in enumerate(m.layers):
             xn = quantize_activation(norm(cfg, x, layer.attn_norm, layer.attn_norm_bias), m.trunk_act_group)
-            q, k, v = project_qkv(layer, cfg, xn)
-            q = apply_rope(q, self.cos[t], self.sin[t])
-            self.k_cache[li, t] = apply_rope(k, self.cos[t], self.sin[t])
-            self.v_cache[li, t] = v
-            window = window_of(cfg, li)
-            first = max(0, t + 1 - window) if window else 0
-            keys = self.k_cache[li, first : t + 1]  # [t+1-first, kv_heads, d]
-            vals = self.v_cache[li, first : t + 1]
-            out = np.empty((cfg.num_heads, cfg.head_dim), np.float32)
-            for h in range(cfg.num_heads):
-                s = keys[:, h // group, :] @ q[h] / np.sqrt(cfg.head_dim)
-                sink = layer.sinks[h : h + 1] if cfg.attention_sinks else None
-                out[h] = attention_weights(s, sink) @ vals[:, h // group, :]
-            x = x + attention_output(layer, cfg, out.reshape(-1), m.trunk_act_group)
+            x = x + attention_output(layer, cfg, self._attention(li, layer, xn), m.trunk_act_group)
             xn = norm(cfg, x, layer.ffn_norm, layer.ffn_norm_bias)
-            idx, w = (a[0] for a in route_rows(cfg, router_logits(layer, cfg, xn)[None]))
+            if layer.dense is not None:
+                x = x + expert_ffn(layer.dense, xn, m.trunk_act_group)
+                continue
+            idx, w = route_rows(cfg, router_logits(layer, cfg, xn)[None], layer.router_bias)
+            idx, w = idx[0], w[0]
             chosen.append(idx)
             x = x + shared_expert(layer, cfg, xn, m.trunk_act_group)  # first, as the runtime: while experts load
             for e, we in zip(idx, w):
@@ -297,12 +379,13 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
                      hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Whole-sequence causal forward pass (batched, for profiling and perplexity).
 
-    Returns (logits [T, vocab], selected experts [T, layers, top_k]); numerically the same model
-    as ReferenceExecutor.step, computed as matrix products over the sequence. With a `trace` dict,
-    also records the token embeddings ("embed" [T, H]), each layer's normalised MoE input
-    ("ffn_in"), output ("layer_out") and router logits ("router_logits"), [T, ...] per layer.
-    With first_layer > 0, starts there from `hidden` (the residual stream entering that layer: the
-    "layer_out" of the one before); the earlier layers' selected experts are left zero.
+    Returns (logits [T, vocab], selected experts [T, expert layers, top_k]); numerically the same
+    model as ReferenceExecutor.step, computed as matrix products over the sequence. With a `trace`
+    dict, also records the token embeddings ("embed" [T, H]) and each decoder layer's output
+    ("layer_out"), and each expert layer's normalised MoE input ("ffn_in") and router logits
+    ("router_logits"), [T, ...] per layer. With first_layer > 0 (a decoder layer), starts there from
+    `hidden` (the residual stream entering that layer: the "layer_out" of the one before); the
+    earlier layers' selected experts are left zero.
     """
     cfg = model.config
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -313,36 +396,39 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
     group = cfg.num_heads // cfg.num_kv_heads
     mask = np.triu(np.full((T, T), -np.inf, np.float32), k=1)
     x = embed_rows(model, tokens) if first_layer == 0 else hidden
-    selected = np.zeros((T, cfg.num_layers, cfg.top_k), np.int32)
+    selected = np.zeros((T, cfg.num_moe_layers, cfg.top_k), np.int32)
     if trace is not None:
         trace.update(embed=x, ffn_in=[], layer_out=[], router_logits=[])
+    moe_index = {l: m for m, l in enumerate(cfg.moe_layer_ids)}
     for li in range(first_layer, cfg.num_layers):
         layer = model.layers[li]
         xn = quantize_activation(norm(cfg, x, layer.attn_norm, layer.attn_norm_bias), model.trunk_act_group)
-        q, k, v = project_qkv(layer, cfg, xn)
-        q = apply_rope(q, cos[:, None, :], sin[:, None, :])
-        k = apply_rope(k, cos[:, None, :], sin[:, None, :])
-        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-        window = window_of(cfg, li)
-        # positions more than window - 1 before the query masked too
-        masked = mask + np.tril(np.full((T, T), -np.inf, np.float32), k=-window) if window else mask
-        s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + masked
-        sink = layer.sinks[:, None, None] if cfg.attention_sinks else None  # against s [heads, T, T]
-        att = np.einsum("htu,uhd->thd", attention_weights(s, sink), v)
-        x = x + attention_output(layer, cfg, att.reshape(T, -1), model.trunk_act_group)
+        if cfg.attention == "mla":
+            q_nope, q_rope, latent, k_rope = mla_project(layer, cfg, xn, model.trunk_act_group)
+            att = mla_attend(layer, cfg, q_nope, apply_rope(q_rope, cos[:, None, :], sin[:, None, :]), latent,
+                             apply_rope(k_rope, cos, sin), mask)
+        else:
+            q, k, v = project_qkv(layer, cfg, xn)
+            q = apply_rope(q, cos[:, None, :], sin[:, None, :])
+            k = apply_rope(k, cos[:, None, :], sin[:, None, :])
+            k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+            window = window_of(cfg, li)
+            # positions more than window - 1 before the query masked too
+            masked = mask + np.tril(np.full((T, T), -np.inf, np.float32), k=-window) if window else mask
+            s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d) + masked
+            sink = layer.sinks[:, None, None] if cfg.attention_sinks else None  # against s [heads, T, T]
+            att = np.einsum("htu,uhd->thd", attention_weights(s, sink), v).reshape(T, -1)
+        x = x + attention_output(layer, cfg, att, model.trunk_act_group)
         xn = norm(cfg, x, layer.ffn_norm, layer.ffn_norm_bias)
-        logits = router_logits(layer, cfg, xn)
-        idx, w = route_rows(cfg, logits)
-        selected[:, li] = idx
-        out = np.zeros_like(x)
-        for e in range(len(layer.experts)):
-            rows, slot = np.nonzero(idx == e)
-            if len(rows) == 0:
-                continue
-            out[rows] += w[rows, slot][:, None] * routed_expert(layer, cfg, e, xn[rows], model.expert_act_group)
-        x = x + shared_expert(layer, cfg, xn, model.trunk_act_group) + out
+        idx = w = None
+        if layer.dense is None:
+            logits = router_logits(layer, cfg, xn)
+            idx, w = route_rows(cfg, logits, layer.router_bias)
+            selected[:, moe_index[li]] = idx
+            if trace is not None:
+                trace["ffn_in"].append(xn)
+                trace["router_logits"].append(logits)
+        x = x + feed_forward(model, layer, xn, idx, w)
         if trace is not None:
-            trace["ffn_in"].append(xn)
             trace["layer_out"].append(x)
-            trace["router_logits"].append(logits)
     return final_logits(model, x), selected

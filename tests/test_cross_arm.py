@@ -54,11 +54,13 @@ def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tm
         assert got == want, (prompt, got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
+                                    "deepseek_v3", "gpt_oss"])
 def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
     """The layer program on the Raspberry Pi 5 target under qemu: biases, q/k norms, the shared
-    expert, LayerNorm and sparsemixer routing, attention sinks, sliding windows and biased clamped-SwiGLU
-    experts, with a mixed bit plan, token for token against the reference of the same artifact."""
+    expert, LayerNorm, sparsemixer and grouped routing, latent attention and dense layers, attention
+    sinks, sliding windows and biased clamped-SwiGLU experts, with a mixed bit plan, token for token
+    against the reference of the same artifact."""
     from families import save_checkpoint
 
     from edgemoe.models import load_model
@@ -66,7 +68,7 @@ def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
     model_dir = save_checkpoint(family, tmp_path / "model")
     model = load_model(model_dir)
     cfg = model.config
-    plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_layers)]
+    plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_moe_layers)]
     art = tmp_path / "art"
     compile_model(model_dir, art, CompileOptions(target="rpi5", bit_plan=plan, max_seq=64), log=lambda m: None)
     ids = [1, 17, 42, 99, 5]

@@ -58,7 +58,7 @@ def test_the_tiny_models_window_sinks_and_clamps_all_act(gpt_oss_dir, rng):
     want = forward_sequence(model, tokens)[0]
     cfg = model.config
     without = {"window": replace(cfg, layer_windows=None), "sinks": replace(cfg, attention_sinks=False),
-               "clamps": replace(cfg, swiglu_limit=1e9), "router bias": replace(cfg, router_bias=False)}
+               "clamps": replace(cfg, swiglu_limit=1e9), "router bias": replace(cfg, router_logit_bias=False)}
     for what, changed in without.items():
         got = forward_sequence(replace(model, config=changed), tokens)[0]
         assert np.abs(got - want).max() > 1e-3, what
@@ -202,7 +202,7 @@ def _operand_word(words, op: str, slot: str) -> int:
 @pytest.mark.parametrize("op,slot,word,message", [
     ("MOE", "expert_act", 7, "layer 0: unknown expert activation 7"),
     ("MOE", "expert_down_bias", 0xFFFFFFFF, "lacks the layer 0's expert down biases"),
-    ("MOE", "router_bias", 0, "the layer 0's router bias\\) is not float32 \\[8\\]"),
+    ("MOE", "router_logit_bias", 0, "the layer 0's router logit bias\\) is not float32 \\[8\\]"),
     ("ATTENTION", "sinks", 0xFFFFFFFF, "kernels.so lacks em_attention, which layer 0's attention needs"),
 ])
 def test_the_runtime_refuses_a_program_whose_gpt_oss_operands_do_not_fit(gpt_oss_artifact, tmp_path, runtime_lib, op,

@@ -100,7 +100,7 @@ def _describe(c: ConfigReader) -> tuple[MoEConfig, bool]:
     bias = bool(c.get("attention_bias", True))
     cfg = common_config(c, "gpt_oss", c.require("num_local_experts"), c.require("intermediate_size"), rope=_rope(c),
                         qkv_bias=bias, o_bias=bias, routing="topk_softmax", attention_sinks=True,
-                        layer_windows=_windows(c, layers), router_bias=True, expert_activation="clamped_swiglu",
+                        layer_windows=_windows(c, layers), router_logit_bias=True, expert_activation="clamped_swiglu",
                         swiglu_alpha=_swiglu(c, "swiglu_alpha", 1.702), swiglu_limit=_swiglu(c, "swiglu_limit", 7.0),
                         expert_bias=True)
     packed = _quantization(c)
@@ -144,7 +144,7 @@ def load(model_dir: Path) -> MoEModel:
                           np.ascontiguousarray(down[e])) for e in range(E)]
         layers.append(Layer(**attention_and_norms(r, cfg, p), router=r.get(p + "mlp.router.weight", (E, H)),
                             experts=experts, sinks=r.get(p + "self_attn.sinks", (cfg.num_heads,)),
-                            router_bias=r.get(p + "mlp.router.bias", (E,)),
+                            router_logit_bias=r.get(p + "mlp.router.bias", (E,)),
                             expert_gate_bias=np.ascontiguousarray(gate_up_bias[:, 0::2]),
                             expert_up_bias=np.ascontiguousarray(gate_up_bias[:, 1::2]),
                             expert_down_bias=r.get(m + "down_proj_bias", (E, H))))
