@@ -1,5 +1,6 @@
 """YaRN RoPE scaling (transformers' rope_type "yarn") as MoEConfig's rope fields: each frequency's
-divisor (rope_factors) and the attention factor multiplying cos and sin (rope_scale).
+divisor (rope_factors) and the attention factor multiplying cos and sin (rope_scale); GPT-OSS and
+DeepSeek-V2/V3 read their yarn parameters through it.
 
 YaRN blends, per frequency i of base^(-2i/d), the original frequency (extrapolation) with it
 divided by `factor` (interpolation), by a linear ramp over the dimensions between the correction
@@ -27,6 +28,11 @@ def _positive(where: str, key: str, value) -> float:
     return float(value)
 
 
+def yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context `scale` times the original (1 at or below it)."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
 def yarn_rope(params: dict, head_dim: int, max_positions: int, where: str) -> tuple[tuple[float, ...], float]:
     """(rope_factors [head_dim/2], rope_scale) of a yarn rope_parameters dict; keys it does not
     implement, or values it cannot use, refused by name. `max_positions` stands in for a missing
@@ -48,17 +54,14 @@ def yarn_rope(params: dict, head_dim: int, max_positions: int, where: str) -> tu
     if not isinstance(truncate, bool):
         raise ModelImportError(f"{where}: yarn truncate = {truncate!r} is not supported: it must be true or false")
 
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     attention = params.get("attention_factor")
     if attention is not None:
         attention = _positive(where, "attention_factor", attention)
     elif params.get("mscale") and params.get("mscale_all_dim"):
-        attention = mscale(factor, _positive(where, "mscale", params["mscale"])) / \
-            mscale(factor, _positive(where, "mscale_all_dim", params["mscale_all_dim"]))
+        attention = yarn_mscale(factor, _positive(where, "mscale", params["mscale"])) / \
+            yarn_mscale(factor, _positive(where, "mscale_all_dim", params["mscale_all_dim"]))
     else:
-        attention = mscale(factor)
+        attention = yarn_mscale(factor)
 
     def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times in `original`
         return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))

@@ -1,5 +1,6 @@
 /* The MoE router's choice: which experts a token goes to and with what weights, by the MOE step's
- * routing operands (score function, expert groups, choice bias, renormalisation, scale). */
+ * routing operands (score function, expert groups, choice bias, renormalisation, scale; or a softmax
+ * over the top-k logits alone, or the sparsemixer). */
 #ifndef EM_ROUTING_H
 #define EM_ROUTING_H
 

@@ -33,18 +33,12 @@ import numpy as np
 
 from ...config import Expert, Layer, MoEConfig, MoEModel
 from ...hf_import import ConfigReader, ModelImportError, TensorReader, embeddings, read_config
+from ...yarn import yarn_mscale, yarn_rope
 from .. import common_config
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 FAMILIES = {"DeepseekV2ForCausalLM": "DeepSeek-V2", "DeepseekV3ForCausalLM": "DeepSeek-V3"}
 LORA_NORM_EPS = 1e-6  # DeepseekV{2,3}RMSNorm's default, which the q_a and kv_a norms keep
-# the keys of a yarn rope_parameters (or older rope_scaling) this importer understands
-YARN_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
-             "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}
-
-
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _rope(c: ConfigReader, dim: int, family: str) -> tuple[dict, float]:
@@ -64,33 +58,14 @@ def _rope(c: ConfigReader, dim: int, family: str) -> tuple[dict, float]:
     if kind != "yarn":
         raise ModelImportError(f"{c.where}/config.json: {source} rope_type {kind!r} is not supported for {family}; "
                                "supported: 'default', 'yarn'")
-    unknown = sorted(set(params) - YARN_KEYS)
-    if unknown:
-        raise ModelImportError(f"{c.where}/config.json: {source} key{'s' if len(unknown) > 1 else ''} "
-                               f"{', '.join(map(repr, unknown))} not understood by the {family} importer (yarn)")
     original = params.get("original_max_position_embeddings")
     if not isinstance(original, int) or original <= 0:
         raise ModelImportError(f"{c.where}/config.json: {source} original_max_position_embeddings must be a positive "
                                f"integer for yarn, not {original!r}")
     factor = float(params.get("factor") or positions / original)
-    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
-    attention_factor = params.get("attention_factor")
-    if attention_factor is None:
-        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
-                            else _yarn_mscale(factor))
-    fast, slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
-
-    def correction_dim(rotations):  # the dimension whose wavelength makes `rotations` turns in the original context
-        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = correction_dim(fast), correction_dim(slow)
-    if params.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0, 1)
-    extrapolated = 1 - ramp  # the share of each frequency kept as it is; the rest divided by the factor
-    factors = tuple(float(f) for f in 1.0 / ((1 - extrapolated) / factor + extrapolated))
-    softmax = _yarn_mscale(factor, mscale_all) ** 2 if mscale_all else 1.0
+    factors, attention_factor = yarn_rope({**params, "rope_theta": theta}, dim, positions, f"{c.where}/config.json")
+    mscale_all = params.get("mscale_all_dim")
+    softmax = yarn_mscale(factor, mscale_all) ** 2 if mscale_all else 1.0
     return dict(rope_theta=theta, max_positions=positions, rope_factors=factors,
                 rope_scale=float(attention_factor)), softmax
 
