@@ -9,6 +9,8 @@
 # under qemu); clang and libclang-rt-14-dev (fuzzing and sanitizer builds of the runtime).
 # Python packages: torch (pinned, first, so nothing pulls another build in), then the project
 # with its [test] extras. PYTHON selects the interpreter (default: python, else python3).
+# llama.cpp's converter and llama-quantize (tests/test_gguf_llamacpp.py): scripts/fetch-llamacpp.sh,
+# skipped with EDGEMOE_NO_LLAMACPP=1 (those tests are then skipped too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
@@ -60,3 +62,4 @@ fi
 PYTHON=${PYTHON:-$(command -v python >/dev/null && echo python || echo python3)}
 "$PYTHON" -m pip install -q torch==2.13.0
 "$PYTHON" -m pip install -q -e ".[test]"
+[ "${EDGEMOE_NO_LLAMACPP:-0}" = 1 ] || PYTHON="$PYTHON" bash scripts/fetch-llamacpp.sh
