@@ -10,13 +10,16 @@ What holds, per type (the bundled checkpoint is stored in float16):
   is exactly an INT8 group of 32 with scale d, and the compiler's scale search finds it (error 0):
   the artifact stores the GGUF's weights without a second rounding, and decodes the reference
   executor's tokens on them. The HF directory compiled at INT8 rounds the float16 weights its own
-  way, so the weights differ in the last step of some groups; the greedy tokens are the same on
-  the test prompts.
+  way (searched scales), so some weights differ by a step; the greedy tokens are the same up to a
+  near tie of the HF compile's logits.
 * Q4_0 → INT4: Q4_0's levels are the integers -8…7 times d, INT4's the half-integers ±½…±7½
-  times s; a Q4_0 block is not an INT4 group, so the compiler rounds it a second time. The
-  artifact decodes the reference executor's tokens on what it stores (the GGUF's weights rounded
-  again); against the HF directory's INT4 compile the greedy tokens agree over a prefix (measured
-  below), not necessarily all the way.
+  times s; a Q4_0 block is not an INT4 group, so the compiler rounds it a second time. And
+  llama-quantize's Q4_0 is a mix: for an 8-expert llama it keeps attn_v at Q8_0, makes attn_k
+  Q5_K and the (tied) output Q6_K, and puts attn_q / attn_output at 4 bits where the HF compile's
+  trunk is INT8. What holds: the artifact decodes the reference executor's tokens on what it
+  stores (the GGUF's weights rounded again). Against the HF directory's INT4 compile the greedy
+  tokens part early (measured on 7 prompts: after 0–19 of 24 tokens, where the HF compile prefers
+  its token by up to 29% of its mean |logit|): a different model, not a near tie, so not asserted.
 
 llama.cpp comes from scripts/fetch-llamacpp.sh (build/llama.cpp; EDGEMOE_LLAMACPP names another
 built tree). Without it these tests fail with that command, unless EDGEMOE_NO_LLAMACPP=1 says the
@@ -38,7 +41,7 @@ from edgemoe.models import load_model
 from edgemoe.models.reference import ReferenceExecutor
 from edgemoe.runtime import Session
 
-from conftest import PROMPTS, REPO, TRAINED_MODEL, assert_greedy_matches_reference
+from conftest import CALIBRATION, PROMPTS, REPO, TRAINED_MODEL, assert_greedy_matches_reference
 from test_gguf import assert_within_block_rounding, model_arrays
 
 TREE = Path(os.environ.get("EDGEMOE_LLAMACPP", REPO / "build" / "llama.cpp"))
@@ -75,7 +78,9 @@ def ggufs(tree, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def artifacts(ggufs, tmp_path_factory, runtime_lib):
     """(source, GGUF type) → the artifact compiled at that type's equivalent bits; source "hf"
-    (the HF directory) or "gguf"."""
+    (the HF directory) or "gguf". Float-dequantizing kernels (rows layout): the runtime then
+    computes the reference's arithmetic on the stored weights to float rounding, so a token it
+    does not share with the reference is an error, not a near tie of int8 activations."""
     made = {}
 
     def get(source: str, qtype: str) -> Path:
@@ -83,7 +88,8 @@ def artifacts(ggufs, tmp_path_factory, runtime_lib):
             bits, trunk = EQUIVALENT_BITS[qtype]
             out = tmp_path_factory.mktemp(f"{source}-{qtype}")
             model = TRAINED_MODEL if source == "hf" else ggufs[qtype]
-            compile_model(model, out, CompileOptions(expert_bits=bits, trunk_bits=trunk, max_seq=128), log=lambda m: None)
+            opts = CompileOptions(expert_bits=bits, trunk_bits=trunk, max_seq=128, int_dot=False)
+            compile_model(model, out, opts, log=lambda m: None)
             made[source, qtype] = out
         return made[source, qtype]
 
@@ -101,10 +107,13 @@ def greedy(artifact: Path, ids: list[int]) -> tuple[list[int], np.ndarray]:
     return tokens, np.stack(logits[:N_NEW])
 
 
-def prompt_ids(artifact: Path, text: str) -> list[int]:
-    from tokenizers import Tokenizer
+def random_prompt(rng, tokenizer, n: int = 16) -> list[int]:
+    """n consecutive tokens of the calibration text from a random place: fresh, and text the model
+    was trained on (a string of random ids leads the trained model where a near tie is common)."""
+    ids = tokenizer.encode(CALIBRATION.read_text(encoding="utf-8")).ids
+    start = int(rng.integers(0, len(ids) - n))
+    return ids[start : start + n]
 
-    return Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(text).ids
 
 
 def test_f16_is_the_checkpoint_and_q8_0_q4_0_its_block_rounding(ggufs, trained_model):
@@ -126,17 +135,17 @@ def test_the_tokenizer_from_the_gguf_metadata_is_the_checkpoints(artifacts, toke
 
     artifact = artifacts("gguf", "F16")
     ours = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-    text = (TRAINED_MODEL / "calibration.txt").read_text(encoding="utf-8")[:20000]
+    text = CALIBRATION.read_text(encoding="utf-8")[:20000]
     for t in [*PROMPTS, text, "<s>ROMEO:</s> naïve café — 3.14 ½"]:
         assert ours.encode(t).ids == tokenizer.encode(t).ids, t[:40]
         assert ours.decode(ours.encode(t).ids) == tokenizer.decode(tokenizer.encode(t).ids)
 
 
-def test_f16_gguf_decodes_the_hf_directorys_tokens(artifacts, rng):
+def test_f16_gguf_decodes_the_hf_directorys_tokens(artifacts, rng, tokenizer):
     hf, gg = artifacts("hf", "F16"), artifacts("gguf", "F16")
     # the same expert image but for the compile id in its header (the first ALIGN bytes)
     assert (gg / "experts.bin").read_bytes()[ALIGN:] == (hf / "experts.bin").read_bytes()[ALIGN:]
-    ids = rng.integers(3, 4096, 12).tolist()
+    ids = random_prompt(rng, tokenizer)
     assert greedy(gg, ids)[0] == greedy(hf, ids)[0]
 
 
@@ -155,20 +164,29 @@ def test_q8_0_is_stored_as_int8_without_a_second_rounding(ggufs, artifacts):
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_quantized_gguf_decodes_the_reference_tokens_on_what_it_stores(ggufs, artifacts, qtype, rng):
+def test_quantized_gguf_decodes_the_reference_tokens_on_what_it_stores(ggufs, artifacts, qtype, rng, tokenizer):
     artifact = artifacts("gguf", qtype)
-    ids = rng.integers(3, 4096, 12).tolist()
+    ids = random_prompt(rng, tokenizer)
     tokens, logits = greedy(artifact, ids)
     ref = ReferenceExecutor(artifact_model(load_model(ggufs[qtype]), artifact), 128)
     ref_tokens, ref_logits = ref.greedy(ids, N_NEW)
     assert_greedy_matches_reference(tokens, logits, ref_tokens, ref_logits, artifact, 1e-4)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_quantized_gguf_against_the_hf_directory_at_the_same_bits(artifacts, qtype, prompt):
-    hf, gg = artifacts("hf", qtype), artifacts("gguf", qtype)
-    ids = prompt_ids(hf, prompt)
+@pytest.mark.parametrize("prompt", PROMPTS + [None])
+def test_q8_0_gguf_parts_from_the_hf_int8_compile_only_at_a_near_tie(artifacts, tokenizer, prompt, rng):
+    """Two roundings of the same float16 weights (llama.cpp's max/127 scales, the compiler's searched
+    ones): the greedy tokens are the same up to where the HF compile itself nearly ties between its
+    token and the GGUF compile's (within 2% of its mean |logit|; measured: the same 24 tokens on
+    6 of 7 prompts, and on the seventh a parting at token 5 with a margin of 0.96%). None: a random
+    window of the calibration text."""
+    hf, gg = artifacts("hf", "Q8_0"), artifacts("gguf", "Q8_0")
+    ids = random_prompt(rng, tokenizer) if prompt is None else tokenizer.encode(prompt).ids
     ours, theirs = greedy(gg, ids)[0], greedy(hf, ids)[0]
-    print(qtype, prompt[:20], ours, theirs)
-    assert ours == theirs
+    n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if n is None:
+        return
+    with Session(hf) as s:  # the HF compile's logits along the GGUF compile's tokens
+        logits = np.stack([s.prefill(ids), *(s.decode_step(t) for t in ours[:n])])
+    margin = logits[n].max() - logits[n][ours[n]]
+    assert margin <= 0.02 * np.abs(logits).mean(), (f"tokens part at {n} with a margin of {margin:.4f}", ours, theirs)
