@@ -1,7 +1,6 @@
 """Lower the decode kernels through TVM and produce the library the C runtime loads."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -9,22 +8,21 @@ import tvm
 
 from ..models import MoEConfig
 from ..targets import TargetDesc
+from ..targets.toolchain import ToolchainError, compiler
 from .kernels import decode_kernels
 from .progress import stage, tuning_jobs
 from .schedules import DEFAULT_LANES, schedule
 from .tuning import TuningStore, lanes_for, tunable, tune
 
 
-class ToolchainError(RuntimeError):
-    pass
-
-
 def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layout: str, group: int, target: TargetDesc,
-                  out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None) -> dict:
+                  out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None,
+                  cc: str | None = None) -> dict:
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
     Schedules come from the tuning store where it has a record; with `tune_missing`, kernels
     without one are tuned first (and recorded, so the next compile does not tune again). `progress`:
-    a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link."""
+    a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link. `cc`:
+    the target's C compiler, resolved (targets/toolchain.py; default: resolved here)."""
     funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm())
     tuned_now = {}
     if store is not None and tune_missing:
@@ -40,9 +38,7 @@ def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layou
                           for n in sorted(tunable(funcs))},
             "tuning_store": str(store.path) if store is not None else None}
     if target.kernel_library == "shared":
-        cc = shutil.which(target.cc)
-        if cc is None:
-            raise ToolchainError(f"C compiler {target.cc!r} for target {target.name!r} not found on PATH")
+        cc = cc or compiler(target)
         lib = out_dir / "kernels.so"
         # TVMFFIErrorSetRaisedFromCStrParts stays undefined: the EdgeMoE runtime provides it.
         with stage(progress, f"linking {lib.name}"):

@@ -163,14 +163,17 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
               help="Integer-dot kernels (int8 activations, AVX-512 VNNI) [default: where the target has them].")
 @click.option("--tune", is_flag=True, help="Tune kernels that have no record in the tuning store for this target "
                                            "(on this machine) and record them; later compiles reuse the records.")
+@click.option("--android-api", type=click.IntRange(21, 99), default=None,
+              help="Android targets: the API level to build for (names the NDK compiler) [default: the target's].")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, max_bits, search_text, int_dot, tune):
+                tolerance, max_bits, search_text, int_dot, tune, android_api):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board."""
     from .compiler.driver import CompileOptions, compile_model
     from .compiler.tuning import TuningError
     from .models import ModelImportError
     from .progressbar import terminal_progress
     from .targets import UnknownTargetError
+    from .targets.toolchain import ToolchainError
 
     if max_seq is not None:
         longest = _model_max_positions(model_dir)
@@ -180,9 +183,9 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     try:
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, search_text=search_text,
-                              int_dot=int_dot, tune=tune)
+                              int_dot=int_dot, tune=tune, android_api=android_api)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
-    except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
+    except (ModelImportError, UnknownTargetError, TuningError, ToolchainError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
 
 
