@@ -189,6 +189,26 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
         raise click.ClickException(str(e))
 
 
+@click.command("edgemoe-package")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The bundle to write: NAME.tar.gz (unpacks into NAME/).")
+@click.option("--target", default=None, help="The board to package for: the artifact's target [default], checked.")
+@click.option("--android-api", type=click.IntRange(21, 99), default=None,
+              help="Android targets: the API level to build the runtime for [default: the target's].")
+def package_cmd(artifact, out, target, android_api):
+    """Bundle a compiled ARTIFACT with the runtime built for its target (edgemoe_run, libedgemoe.so,
+    edgemoe.h) and a run script into one tar.gz to copy to the board."""
+    from .bundle import BundleError, package
+    from .targets import UnknownTargetError
+    from .targets.toolchain import ToolchainError
+
+    try:
+        package(artifact, out, target, android_api, log=lambda m: click.echo(m, err=True))
+    except (BundleError, ToolchainError, UnknownTargetError, ValueError) as e:
+        raise click.ClickException(str(e))
+
+
 def _model_max_positions(model_dir: Path) -> int | None:
     """The checkpoint's maximum positions (None where its description cannot be read: the compiler
     reports that)."""
