@@ -12,7 +12,7 @@ from ..targets.toolchain import ToolchainError, compiler
 from .kernels import decode_kernels
 from .progress import stage, tuning_jobs
 from .schedules import DEFAULT_LANES, schedule
-from .tuning import TuningStore, lanes_for, tunable, tune
+from .tuning import TuningStore, kernel_key, lanes_for, tunable, tune
 
 
 def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layout: str, group: int, target: TargetDesc,
@@ -34,7 +34,8 @@ def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layou
         exe.mod.write_to_file(str(obj))
     info = {"object": obj.name, "symbols": sorted(funcs), "tvm_target": target.resolved_tvm_target(),
             "schedules": {n: {"lanes": lanes.get(n, DEFAULT_LANES),
-                              "from": "tuned now" if n in tuned_now else "tuning record" if n in lanes else "default"}
+                              "from": "tuned now" if n in tuned_now else "tuning record" if n in lanes else "default",
+                              "measured_on": store.measured_on(kernel_key(n, funcs[n])) if n in lanes else None}
                           for n in sorted(tunable(funcs))},
             "tuning_store": str(store.path) if store is not None else None}
     if target.kernel_library == "shared":
