@@ -6,16 +6,16 @@ differs is the machine that runs them:
   lists under a key (`--rpc-tracker HOST:PORT --rpc-key KEY`), each board timing other kernels in
   parallel. Each kernel's candidates are one shared library (linked with the target's compiler),
   uploaded and loaded by the board's server;
-* `MinRPC`: a board without Python: TVM's minimal RPC server (`tvm.rpc.with_minrpc`) linked with
-  all candidates as its system library, for the board's architecture, started through a launcher
-  (qemu-user here; on a board, e.g. ssh) as a popen session.
+* `MinRPC`: a board without Python: a minimal program serving TVM's RPC protocol over a pipe
+  (popen_rpc_server.cc, on the board's libtvm_runtime) linked with all candidates as its system
+  library, for the board's architecture, started through a launcher (qemu-user here; on a board,
+  e.g. ssh) as a `tvm.rpc.PopenSession`.
 
 Every measurer returns seconds per call for each candidate (best of `repeat` runs of `number`
 calls, on random arguments) and a description of where they were measured, kept in the records.
 """
 from __future__ import annotations
 
-import os
 import queue
 import shlex
 import subprocess
@@ -153,11 +153,14 @@ class Remote:
                 candidate_module(group, target).export_library(str(path), fcompile=tvm.support.cc.cross_compiler(cc))
                 jobs.put((path, group))
 
+            start = threading.Barrier(self.boards)
+
             def worker():  # one board: takes kernels until none are left
                 timed = 0
                 try:
                     sess = self._session()
                     dev = sess.cpu(0)
+                    start.wait()  # every board holds its session before the first kernel is taken
                     while True:
                         try:
                             path, group = jobs.get_nowait()
@@ -171,6 +174,7 @@ class Remote:
                 except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
                     with lock:
                         errors.append(e)
+                    start.abort()  # the other boards stop waiting (after this error is first in the list)
                 finally:
                     with lock:
                         self.sessions_used.append(timed)
@@ -185,43 +189,49 @@ class Remote:
         return results
 
 
+SERVER_SOURCE = Path(__file__).with_name("popen_rpc_server.cc")
+
+
 class MinRPC:
-    """Times candidates on a board without Python: TVM's minimal RPC server, built for the board's
-    architecture with `tvm.rpc.with_minrpc` and linked against the board's TVM runtime
+    """Times candidates on a board without Python: a TVM RPC server program (popen_rpc_server.cc)
+    built here for the board's architecture with `cxx`, linked against the board's TVM runtime
     (libtvm_runtime.so and libtvm_ffi.so in `runtime_dir`, e.g. from the apache-tvm wheel for that
-    architecture), with every candidate in its system library; started by `launcher` (a command
-    prefix: qemu-user, or ssh to the board) as a popen session."""
+    architecture) with every candidate in its system library, and started by `launcher` (a command
+    prefix: qemu-user here; on a board, e.g. a script running it over ssh) as a popen session."""
 
     def __init__(self, runtime_dir: Path, launcher: list[str], cxx: str, number: int = 10, repeat: int = 2):
-        self.runtime_dir = Path(runtime_dir)
+        self.runtime_dir = Path(runtime_dir).resolve()
         for lib in ("libtvm_runtime.so", "libtvm_ffi.so"):
             if not (self.runtime_dir / lib).is_file():
                 raise MeasureError(f"{self.runtime_dir / lib} missing: the board's TVM runtime libraries are needed to "
-                                   "link the minimal RPC server (scripts/setup-dev.sh unpacks aarch64 ones into "
+                                   "link its RPC server (scripts/setup-dev.sh unpacks aarch64 ones into "
                                    "build/tvm-runtime-aarch64)")
         self.launcher, self.cxx = launcher, cxx
         self.number, self.repeat = number, repeat
-        self.where = f"minrpc via {' '.join(launcher) or 'popen'}"
+        self.where = f"popen RPC server via {' '.join(launcher) or 'this machine'}"
 
-    def _compile(self, output, objects, options=None):
-        """with_minrpc's link, for the board: its runtime libraries replace this machine's, and the
-        board's directory replaces this machine's in the run path."""
-        host_libs = {os.path.basename(f): f for f in objects if f.endswith(".so")}
-        objects = [str(self.runtime_dir / os.path.basename(f)) if f in host_libs.values() else f for f in objects]
-        options = [o for o in options or [] if not o.startswith("-Wl,-rpath=")]
-        options += [f"-Wl,-rpath={self.runtime_dir}"]
-        cmd = [self.cxx, "-O2", "-o", output, *objects, *options, "-lpthread", "-ldl"]
+    def _link(self, output, objects, options=None):
+        """export_library's compile step: the server program, the kernels' objects, the board's runtime."""
+        import tvm_ffi
+        from tvm import libinfo
+
+        includes = {libinfo.find_include_path(), tvm_ffi.libinfo.find_include_path(),
+                    tvm_ffi.libinfo.find_dlpack_include_path()}
+        # --no-as-needed: nothing names libtvm_runtime's symbols, but its static initialisers register
+        # rpc.CreateEventDrivenServer and the system library
+        cmd = [self.cxx, "-std=c++17", "-O2", "-o", output, str(SERVER_SOURCE), *objects, *(options or []),
+               *(f"-I{d}" for d in sorted(includes)), f"-L{self.runtime_dir}", "-Wl,--no-as-needed",
+               "-ltvm_runtime", "-ltvm_ffi", f"-Wl,-rpath={self.runtime_dir}", "-lpthread", "-ldl"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise MeasureError(f"linking the minimal RPC server failed: {shlex.join(cmd)}\n{proc.stderr[-4000:]}")
+            raise MeasureError(f"linking the board's RPC server failed: {shlex.join(cmd)}\n{proc.stderr[-4000:]}")
 
     def measure(self, groups: list[list[Candidate]], target: TargetDesc, progress=None) -> dict[str, float]:
         """One server program holds every candidate: one build, one session (`progress` has no steps to show)."""
         cands = [c for g in groups for c in g]
-        with tempfile.TemporaryDirectory(prefix="edgemoe-minrpc-") as tmp:
-            server = Path(tmp) / "minrpc_server"
-            fcompile = rpc.with_minrpc(self._compile)
-            candidate_module(cands, target, system_lib=True).export_library(str(server), fcompile=fcompile)
+        with tempfile.TemporaryDirectory(prefix="edgemoe-popen-rpc-") as tmp:
+            server = Path(tmp) / "rpc_server"
+            candidate_module(cands, target, system_lib=True).export_library(str(server), fcompile=self._link)
             launch = Path(tmp) / "launch.sh"
             launch.write_text(f"#!/bin/sh\nexec {shlex.join(self.launcher)} {shlex.quote(str(server))} \"$@\"\n")
             launch.chmod(0o755)
