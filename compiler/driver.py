@@ -130,10 +130,10 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     The artifact is written into a working directory beside out_dir and renamed into place when
     complete: a failed or interrupted compile leaves out_dir as it was."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_output_dir(out_dir)
     target = load_target(opts.target).with_android_api(opts.android_api)
     # the linker kernels.so needs, found before anything is imported, quantized or written
     cc = toolchain.compiler(target) if target.kernel_library == "shared" else None
-    check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
