@@ -69,13 +69,23 @@ def test_two_boards_tune_in_parallel_and_the_compile_reuses_the_records(tracker_
     assert store.path.read_bytes() == before  # nothing timed again
 
 
-def test_edgemoe_tune_through_the_tracker(tracker_with_two_boards, tiny_mixtral_dir, tmp_path):
+def test_edgemoe_tune_through_the_tracker_and_one_server(tracker_with_two_boards, tiny_mixtral_dir, tmp_path):
+    from tvm import rpc
+
+    short = ["--bits", "4", "--no-int-dot", "--lanes", "8,16", "--number", "5"]
     r = CliRunner().invoke(tune_cmd, [str(tiny_mixtral_dir), "--rpc-tracker", tracker_with_two_boards, "--rpc-key", KEY,
-                                      "--bits", "4", "--no-int-dot", "--lanes", "8,16", "--number", "5",
-                                      "--store", str(tmp_path)])
+                                      *short, "--store", str(tmp_path / "farm")])
     assert r.exit_code == 0, r.output
     assert f"timed on tracker {tracker_with_two_boards} key {KEY}" in r.output
     assert "| em_expert_down_w4 |" in r.output
+    board = rpc.Server(host="127.0.0.1", port=19500, port_end=19600, silent=True)  # one board, no tracker
+    try:
+        r = CliRunner().invoke(tune_cmd, [str(tiny_mixtral_dir), "--rpc", f"127.0.0.1:{board.port}", *short,
+                                          "--store", str(tmp_path / "one")])
+    finally:
+        board.terminate()
+    assert r.exit_code == 0, r.output
+    assert f"6 kernels tuned now, timed on rpc 127.0.0.1:{board.port}" in r.output, r.output
     r = CliRunner().invoke(tune_cmd, [str(tiny_mixtral_dir), "--rpc-tracker", tracker_with_two_boards, "--rpc-key",
                                       "no-such-board", "--store", str(tmp_path)])
     assert r.exit_code == 1 and "lists no board with key 'no-such-board'" in r.output, r.output
