@@ -59,7 +59,7 @@ def candidate_module(cands: list[Candidate], target: TargetDesc, system_lib: boo
     return tvm.compile(mod, target=target.tvm()).mod
 
 
-def random_args(func: tvm.tirx.PrimFunc, dev, rng: np.random.Generator) -> list:
+def _random_args(func: tvm.tirx.PrimFunc, dev, rng: np.random.Generator) -> list:
     args = []
     for p in func.params:
         shape = [int(d) for d in p.shape]
@@ -78,7 +78,7 @@ def _time_all(mod, cands: list[Candidate], dev, number: int, repeat: int) -> dic
     out = {}
     for c in cands:
         if c.kernel not in args:  # candidates of one kernel share its arguments
-            args[c.kernel] = random_args(c.func, dev, np.random.default_rng(0))
+            args[c.kernel] = _random_args(c.func, dev, np.random.default_rng(0))
         out[c.symbol] = min(mod.time_evaluator(c.symbol, dev, number=number, repeat=repeat)(*args[c.kernel]).results)
     return out
 
