@@ -115,16 +115,16 @@ class Remote:
         if tracker is not None and not key:
             raise MeasureError("--rpc-tracker needs --rpc-key: the key the boards registered with (rpc_server --key)")
         self.number, self.repeat, self.key, self.timeout = number, repeat, key, session_timeout
+        self.tracker = tracker
         if server is not None:
             self.addr = _split_addr(server, "--rpc")
-            self.tracker = None
             self.boards = 1
             self.where = f"rpc {server}"
         else:
             self.addr = _split_addr(tracker, "--rpc-tracker")
             try:
-                self.tracker = rpc.connect_tracker(*self.addr)
-                listed = sum(1 for s in self.tracker.summary()["server_info"] if s["key"].split(":")[-1] == key)
+                summary = rpc.connect_tracker(*self.addr).summary()
+                listed = sum(1 for s in summary["server_info"] if s["key"].split(":")[-1] == key)
             except (OSError, RuntimeError) as e:
                 raise MeasureError(f"cannot reach the RPC tracker at {tracker}: {e}") from None
             if listed == 0:
@@ -135,8 +135,8 @@ class Remote:
         self.sessions_used: list[int] = []  # kernels timed by each session (tests read it)
 
     def _session(self):
-        if self.tracker is not None:
-            return self.tracker.request(self.key, priority=1, session_timeout=self.timeout)
+        if self.tracker is not None:  # a tracker connection per board: one is not safe to share between threads
+            return rpc.connect_tracker(*self.addr).request(self.key, priority=1, session_timeout=self.timeout)
         return rpc.connect(*self.addr, key=self.key, session_timeout=self.timeout)
 
     def measure(self, groups: list[list[Candidate]], target: TargetDesc, progress=None) -> dict[str, float]:
