@@ -17,7 +17,7 @@ from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.runtime import REPO_ROOT, Session
 from edgemoe.targets import load_target, toolchain
 
-from conftest import PROMPTS, TRAINED_MODEL
+from conftest import PROMPTS, TRAINED_MODEL, fake_ndk
 
 N_NEW = 24
 EM_AARCH64 = 183  # ELF e_machine
@@ -65,8 +65,6 @@ def test_rpi5_bundle_unpacked_alone_runs_under_qemu_with_the_hosts_tokens(runtim
 def test_android_runtime_is_built_with_the_ndk_toolchain_file(tmp_path, monkeypatch):
     """The NDK cannot be installed here: the commands the packager would run are checked, over an
     NDK's directory layout."""
-    from test_toolchain import _fake_ndk
-
     phone = load_target("phone-ufs31").with_android_api(30)
     monkeypatch.delenv(toolchain.NDK_VARIABLE, raising=False)
     art = tmp_path / "art"
@@ -77,7 +75,7 @@ def test_android_runtime_is_built_with_the_ndk_toolchain_file(tmp_path, monkeypa
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
 
     ndk = tmp_path / "ndk"
-    _fake_ndk(ndk, "aarch64-linux-android30-clang")
+    fake_ndk(ndk, "aarch64-linux-android30-clang")
     monkeypatch.setenv(toolchain.NDK_VARIABLE, str(ndk))
     configure, build, install = runtime_commands(phone, tmp_path / "b", tmp_path / "p")
     assert configure[:5] == ["cmake", "-S", str(REPO_ROOT), "-B", str(tmp_path / "b")]

@@ -3,13 +3,13 @@ missing one is named with what provides it (a Debian package, the NDK's variable
 target names the NDK's compiler with its API level."""
 from __future__ import annotations
 
-import stat
-
 import pytest
 from click.testing import CliRunner
 
 from edgemoe.cli import compile_cmd
 from edgemoe.targets import load_target, toolchain
+
+from conftest import fake_ndk
 
 
 def _without(monkeypatch, *programs):
@@ -45,18 +45,6 @@ def test_missing_emulator_is_named_with_its_package(monkeypatch):
     assert toolchain.emulator(load_target("host")).command("x") == ["x"]
 
 
-def _fake_ndk(root, *compilers):
-    """An NDK's directory layout with (empty, executable) compiler entries: what the path lookup sees."""
-    bin_dir = root / "toolchains" / "llvm" / "prebuilt" / toolchain.ndk_host_tag() / "bin"
-    bin_dir.mkdir(parents=True)
-    for name in compilers:
-        (bin_dir / name).write_text("")
-        (bin_dir / name).chmod(stat.S_IRWXU)
-    (root / "build" / "cmake").mkdir(parents=True)
-    (root / "build" / "cmake" / "android.toolchain.cmake").write_text("")
-    return bin_dir
-
-
 def test_android_without_ndk_names_the_variable(tiny_mixtral_dir, tmp_path, monkeypatch):
     monkeypatch.delenv(toolchain.NDK_VARIABLE, raising=False)
     _fail_on_import(monkeypatch)
@@ -68,7 +56,7 @@ def test_android_without_ndk_names_the_variable(tiny_mixtral_dir, tmp_path, monk
 
 def test_android_compiler_carries_the_api_level(tmp_path, monkeypatch):
     ndk = tmp_path / "ndk"
-    bin_dir = _fake_ndk(ndk, "aarch64-linux-android28-clang")
+    bin_dir = fake_ndk(ndk, "aarch64-linux-android28-clang")
     monkeypatch.setenv(toolchain.NDK_VARIABLE, str(ndk))
     phone = load_target("phone-ufs31")
     assert phone.android_api == 28
