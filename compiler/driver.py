@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import load_model
-from ..targets import load_target
+from ..targets import load_target, toolchain
 from .bitplan import LEVELS, search_plan, split_tokens
 from .cache import cache_dir
 from .expert_image import ExpertWeights, write_image
@@ -45,6 +45,7 @@ class CompileOptions:
     int_dot: bool | None = None  # integer-dot kernels (tiles layout); None: wherever the target and shapes allow
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
     tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
+    android_api: int | None = None  # Android targets: the API level to build for; default: the target's
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
@@ -130,10 +131,13 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     complete: a failed or interrupted compile leaves out_dir as it was."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir)
+    target = load_target(opts.target).with_android_api(opts.android_api)
+    # the linker kernels.so needs, found before anything is imported, quantized or written
+    cc = toolchain.compiler(target) if target.kernel_library == "shared" else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        manifest = _compile_into(model_dir, work, opts, log, progress)
+        manifest = _compile_into(model_dir, work, opts, target, cc, log, progress)
         _publish(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -166,9 +170,9 @@ def place_tokenizer(model_dir: Path, out_dir: Path) -> Path | str:
     return out_dir / "tokenizer.json"
 
 
-def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, progress) -> dict:
+def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, cc: str | None, log,
+                  progress) -> dict:
     t0 = time.time()
-    target = load_target(opts.target)
     check_trunk_bits(opts.trunk_bits)
     with stage(progress, f"importing {model_dir.name}"):
         model = load_model(model_dir)
@@ -233,7 +237,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     # kernels before the weights: trunk.bin records their digest, machine and CPU features
     store = TuningStore(target, opts.tuning_dir)
     kernels = build_kernels(cfg, bits_used, opts.trunk_bits, layout, opts.group, target, out_dir, store, opts.tune,
-                            progress)
+                            progress, cc)
     sources = [v["from"] for v in kernels["schedules"].values()]
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
         f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "

@@ -81,8 +81,9 @@ def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR, target=None, sanitize: st
     configure = ["cmake", "-S", str(REPO_ROOT), "-B", str(build_dir),
                  f"-DCMAKE_BUILD_TYPE={'Debug' if sanitize else 'Release'}", f"-DEM_SANITIZE={sanitize or ''}"]
     if target is not None:
-        arch = target.resolved_tvm_target()["mtriple"].split("-")[0]
-        configure += [f"-DCMAKE_C_COMPILER={target.cc}", "-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={arch}"]
+        from .targets import toolchain
+
+        configure += toolchain.cmake_cross_args(target)
     for cmd in (configure, ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
