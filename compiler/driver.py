@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import load_model, read_stored
-from ..targets import load_target
+from ..targets import load_target, toolchain
 from .bitplan import LEVELS, search_plan, split_tokens
 from .cache import cache_dir
 from .expert_image import ImageWriter
@@ -51,16 +51,17 @@ class CompileOptions:
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
     tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
     jobs: int | None = None  # worker processes rounding experts; default: one per core
+    android_api: int | None = None  # Android targets: the API level to build for; default: the target's
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
     """Bits of each [layer][expert]: the options' plan, checked, or the uniform bitwidth."""
     if opts.bit_plan is None:
         check_bits(opts.expert_bits)
-        return [[opts.expert_bits] * cfg.num_experts for _ in range(cfg.num_layers)]
+        return [[opts.expert_bits] * cfg.num_experts for _ in range(cfg.num_moe_layers)]
     plan = [[int(b) for b in row] for row in opts.bit_plan]
-    if len(plan) != cfg.num_layers or any(len(row) != cfg.num_experts for row in plan):
-        raise ValueError(f"bit plan must be {cfg.num_layers} layers × {cfg.num_experts} experts")
+    if len(plan) != cfg.num_moe_layers or any(len(row) != cfg.num_experts for row in plan):
+        raise ValueError(f"bit plan must be {cfg.num_moe_layers} expert layers × {cfg.num_experts} experts")
     for b in {b for row in plan for b in row}:
         check_bits(b)
     return plan
@@ -76,10 +77,14 @@ def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> st
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
     shapes = [(idim, hdim, b) for b in bits_used] + [(hdim, idim, b) for b in bits_used]
     if opts.trunk_bits != 32:
-        trunk = [(cfg.q_dim + 2 * cfg.kv_dim, hdim), (hdim, cfg.q_dim), (cfg.vocab_size, hdim)]
-        if cfg.shared_expert_intermediate:
-            sdim = cfg.shared_expert_intermediate
-            trunk += [(sdim, hdim), (hdim, sdim)]
+        trunk = [(hdim, cfg.attn_out_dim), (cfg.vocab_size, hdim)]
+        if cfg.attention == "mla":
+            trunk += [(cfg.num_heads * cfg.qk_head_dim, cfg.q_lora_rank or hdim), (cfg.kv_lora_rank + cfg.head_dim, hdim)]
+            trunk += [(cfg.q_lora_rank, hdim)] if cfg.q_lora_rank else []
+        else:
+            trunk.append((cfg.q_dim + 2 * cfg.kv_dim, hdim))
+        for sdim in (cfg.shared_expert_intermediate, cfg.dense_intermediate):  # resident MLPs
+            trunk += [(sdim, hdim), (hdim, sdim)] if sdim else []
         shapes += [(r, k, opts.trunk_bits) for r, k in trunk]
     why_not = None
     if not int_dot.supported(target.tvm()):
@@ -195,10 +200,13 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     from the expert records it finished; one that fails on its inputs removes it."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir)
+    target = load_target(opts.target).with_android_api(opts.android_api)
+    # the linker kernels.so needs, found before anything is imported, quantized or written
+    cc = toolchain.compiler(target) if target.kernel_library == "shared" else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with working_directory(out_dir, compile_inputs(model_dir, opts)) as work:
         try:
-            manifest = _compile_into(model_dir, work, opts, log, progress, (work / ".inputs").read_bytes())
+            manifest = _compile_into(model_dir, work, opts, target, cc, log, progress, (work / ".inputs").read_bytes())
             _publish(work, out_dir)
         except (KeyboardInterrupt, SystemExit):
             log(f"interrupted: {work} keeps the expert records finished so far; the same command resumes from them")
@@ -235,8 +243,9 @@ def place_tokenizer(model_dir: Path, out_dir: Path) -> Path | str:
 
 
 def _stored_tasks(model, plan, group: int, layout: str, moments, skip):
-    """The experts to round, in order, with their Gram matrices from `moments` (all in RAM) if given."""
-    for li, layer in enumerate(model.layers):
+    """The experts to round, in order (by expert layer), with their Gram matrices from `moments`
+    (all in RAM) if given."""
+    for li, layer in enumerate(model.moe_layers):
         for ei, e in enumerate(layer.experts):
             if (li, ei) not in skip:
                 g = moments.grams(li, ei) if moments is not None else (None,) * 3
@@ -244,26 +253,28 @@ def _stored_tasks(model, plan, group: int, layout: str, moments, skip):
 
 
 def _calibrated_tasks(trunk, tokens, plan, group: int, layout: str, skip, progress):
-    """The experts to round, in order, each with the Gram matrices of its inputs on the calibration
-    tokens, computed layer by layer (layer_pass.py) as it is drawn and dropped once it is handed
-    on: one expert's moments in RAM, not the model's. `trunk`: the model as the artifact computes
-    it (compiled_trunk), experts still float; finished records (`skip`) are run, not rounded."""
+    """The experts to round, in order (by expert layer), each with the Gram matrices of its inputs
+    on the calibration tokens, computed layer by layer (layer_pass.py) as it is drawn and dropped
+    once it is handed on: one expert's moments in RAM, not the model's. `trunk`: the model as the
+    artifact computes it (compiled_trunk), experts still float; finished records (`skip`) are run,
+    not rounded."""
     calibration = LayerPass(trunk, tokens)
-    for layer in track(progress, calibration.layers(), "calibration: expert inputs", total=len(trunk.layers),
-                       unit="layer"):
+    for layer in track(progress, calibration.layers(), "calibration: expert inputs",
+                       total=trunk.config.num_moe_layers, unit="layer"):
+        li = layer.moe_index
         for ei, stored in enumerate(layer.layer.experts):
             expert = read_stored(stored)
             routed = layer.expert_inputs(ei, expert)
-            if (layer.index, ei) not in skip:
+            if (li, ei) not in skip:
                 gate_up, down, _ = grams(routed, layer.ffn_in, trunk.expert_act_group) if routed else (None, None, 0)
-                yield RoundingTask(layer.index, ei, (stored.w_gate, stored.w_up, stored.w_down), plan[layer.index][ei],
+                yield RoundingTask(li, ei, (stored.w_gate, stored.w_up, stored.w_down), plan[li][ei],
                                    group, layout, (gate_up, gate_up, down))
             layer.add(ei, expert, routed)
 
 
-def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, progress, inputs: bytes) -> dict:
+def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, cc: str | None, log, progress,
+                  inputs: bytes) -> dict:
     t0 = time.time()
-    target = load_target(opts.target)
     check_trunk_bits(opts.trunk_bits)
     jobs = opts.jobs or default_jobs()
     search = opts.tolerance is not None or opts.max_bits is not None
@@ -341,7 +352,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     # kernels before the weights: trunk.bin records their digest, machine and CPU features
     store = TuningStore(target, opts.tuning_dir)
     kernels = build_kernels(cfg, bits_used, opts.trunk_bits, layout, opts.group, target, out_dir, store, opts.tune,
-                            progress)
+                            progress, cc)
     sources = [v["from"] for v in kernels["schedules"].values()]
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
         f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "

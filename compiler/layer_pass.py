@@ -6,6 +6,7 @@ one after another — each read once for all tokens routed to it, and dropped be
 the layer's output becomes the next layer's input. RAM holds one layer's activations for all
 tokens and one expert's weights, never the model's experts. The arithmetic is forward_sequence's on
 each window (models/reference.py), operation for operation, so the results are the same numbers.
+Dense layers (no experts) are passed through inside the pass; only expert layers are handed out.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import Iterator
 import numpy as np
 
 from ..models import Expert, MoEModel, read_stored
-from ..models.reference import (attend_sequence, causal_mask, embed_rows, expert_hidden, norm, quantize_activation,
-                                route_rows, rope_tables, shared_expert)
+from ..models.reference import (attend_sequence, causal_mask, embed_rows, feed_forward, norm, quantize_activation,
+                                route_rows, rope_tables, routed_expert_hidden, router_logits, shared_expert)
 
 WINDOW = 256  # tokens per window; each window is a fresh context
 
@@ -24,7 +25,8 @@ WINDOW = 256  # tokens per window; each window is a fresh context
 @dataclass
 class Routed:
     """The rows of one window routed to one expert: their top-k slot and what the expert's down
-    projection multiplies (silu(gate) · up, rounded as its kernel reads it)."""
+    projection multiplies (its activation of gate and up, biases included, rounded as its kernel
+    reads it)."""
 
     window: int
     rows: np.ndarray
@@ -33,25 +35,27 @@ class Routed:
 
 
 class RoutedLayer:
-    """One layer of a LayerPass with its attention and routing done on every window; the caller
-    applies each expert in order (expert_inputs, then add), then the pass moves on."""
+    """One expert layer of a LayerPass (decoder layer `index`, expert layer `moe_index`) with its
+    attention and routing done on every window; the caller applies each expert in order
+    (expert_inputs, then add), then the pass moves on."""
 
-    def __init__(self, model: MoEModel, index: int, entering: list[np.ndarray], rope: dict):
+    def __init__(self, model: MoEModel, index: int, moe_index: int, entering: list[np.ndarray], rope: dict):
         cfg, layer = model.config, model.layers[index]
-        self.model, self.index, self.layer, self.entering = model, index, layer, entering
+        self.model, self.index, self.moe_index, self.layer, self.entering = model, index, moe_index, layer, entering
         self.attended, self.ffn_in, self.logits, self.picks, self.weights = [], [], [], [], []
         for x in entering:
             cos, sin, mask = rope[len(x)]
-            a = attend_sequence(model, layer, x, cos, sin, mask)
+            a = attend_sequence(model, index, x, cos, sin, mask)
             xn = norm(cfg, a, layer.ffn_norm, layer.ffn_norm_bias)
-            logits = xn @ layer.router.T
-            idx, w = route_rows(cfg, logits)
+            logits = router_logits(layer, cfg, xn)
+            idx, w = route_rows(cfg, logits, layer.router_bias)
             self.attended.append(a)
             self.ffn_in.append(xn)
             self.logits.append(logits)
             self.picks.append(idx)
             self.weights.append(w)
-        self.out = [np.zeros_like(a) for a in self.attended]
+        # the sum starts from the shared expert, as forward_sequence's (and the runtime's)
+        self.out = [shared_expert(layer, cfg, xn, model.trunk_act_group) for xn in self.ffn_in]
         self.applied = 0
 
     def expert_inputs(self, e: int, expert: Expert) -> list[Routed]:
@@ -60,8 +64,9 @@ class RoutedLayer:
         for i, idx in enumerate(self.picks):
             rows, slot = np.nonzero(idx == e)
             if len(rows):
-                found.append(Routed(i, rows, slot,
-                                    expert_hidden(expert, self.ffn_in[i][rows], self.model.expert_act_group)))
+                found.append(Routed(i, rows, slot, routed_expert_hidden(self.layer, self.model.config, e,
+                                                                        self.ffn_in[i][rows],
+                                                                        self.model.expert_act_group, expert)))
         return found
 
     def add(self, e: int, expert: Expert, routed: list[Routed]) -> None:
@@ -69,17 +74,19 @@ class RoutedLayer:
         forward_sequence's, in its order)."""
         if e != self.applied:
             raise ValueError(f"layer {self.index}: expert {e} applied after {self.applied - 1}; apply them in order")
+        down_bias = self.layer.expert_down_bias[e] if self.model.config.expert_bias else None
         for r in routed:
-            self.out[r.window][r.rows] += self.weights[r.window][r.rows, r.slot][:, None] * (r.hidden @ expert.w_down.T)
+            y = r.hidden @ expert.w_down.T
+            if down_bias is not None:
+                y = y + down_bias
+            self.out[r.window][r.rows] += self.weights[r.window][r.rows, r.slot][:, None] * y
         self.applied += 1
 
     def output(self) -> list[np.ndarray]:
         """The residual stream leaving the layer, per window."""
         if self.applied != len(self.layer.experts):
             raise ValueError(f"layer {self.index}: {self.applied} of {len(self.layer.experts)} experts applied")
-        cfg, group = self.model.config, self.model.trunk_act_group
-        return [a + shared_expert(self.layer, cfg, xn, group) + out
-                for a, xn, out in zip(self.attended, self.ffn_in, self.out)]
+        return [a + out for a, out in zip(self.attended, self.out)]
 
 
 class LayerPass:
@@ -92,21 +99,33 @@ class LayerPass:
             raise ValueError(f"calibration token ids must be given and lie in [0, {cfg.vocab_size})")
         self.model = model
         self.windows = [tokens[i : i + window] for i in range(0, len(tokens), window)]
-        self.selected = [np.zeros((len(w), cfg.num_layers, cfg.top_k), np.int32) for w in self.windows]
+        self.selected = [np.zeros((len(w), cfg.num_moe_layers, cfg.top_k), np.int32) for w in self.windows]
         self._rope = {}
         for t in {len(w) for w in self.windows}:
             cos, sin = rope_tables(cfg, t)
             self._rope[t] = (cos, sin, causal_mask(t))
 
     def layers(self) -> Iterator[RoutedLayer]:
-        """Each layer, routed; once the caller has applied its experts, the next."""
-        x = [embed_rows(self.model, w) for w in self.windows]
-        for li in range(self.model.config.num_layers):
-            layer = RoutedLayer(self.model, li, x, self._rope)
+        """Each expert layer, routed; once the caller has applied its experts, the next."""
+        model, cfg = self.model, self.model.config
+        x = [embed_rows(model, w) for w in self.windows]
+        moe_index = {l: m for m, l in enumerate(cfg.moe_layer_ids)}
+        for li in range(cfg.num_layers):
+            if li not in moe_index:
+                x = [self._dense_layer(li, rows) for rows in x]
+                continue
+            layer = RoutedLayer(model, li, moe_index[li], x, self._rope)
             for sel, idx in zip(self.selected, layer.picks):
-                sel[:, li] = idx
+                sel[:, layer.moe_index] = idx
             yield layer
             x = layer.output()
+
+    def _dense_layer(self, li: int, x: np.ndarray) -> np.ndarray:
+        """One window's residual stream x through dense decoder layer li (attention, then its MLP)."""
+        model, layer = self.model, self.model.layers[li]
+        cos, sin, mask = self._rope[len(x)]
+        a = attend_sequence(model, li, x, cos, sin, mask)
+        return a + feed_forward(model, layer, norm(model.config, a, layer.ffn_norm, layer.ffn_norm_bias), None, None)
 
     def run_experts(self, layer: RoutedLayer) -> None:
         """Applies every expert of the layer (each read from storage where it is stored)."""

@@ -1,7 +1,6 @@
 """Lower the decode kernels through TVM and produce the library the C runtime loads."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -9,22 +8,21 @@ import tvm
 
 from ..models import MoEConfig
 from ..targets import TargetDesc
+from ..targets.toolchain import ToolchainError, compiler
 from .kernels import decode_kernels
 from .progress import stage, tuning_jobs
 from .schedules import DEFAULT_LANES, schedule
-from .tuning import TuningStore, lanes_for, tunable, tune
-
-
-class ToolchainError(RuntimeError):
-    pass
+from .tuning import TuningStore, kernel_key, lanes_for, tunable, tune
 
 
 def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layout: str, group: int, target: TargetDesc,
-                  out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None) -> dict:
+                  out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None,
+                  cc: str | None = None) -> dict:
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
     Schedules come from the tuning store where it has a record; with `tune_missing`, kernels
     without one are tuned first (and recorded, so the next compile does not tune again). `progress`:
-    a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link."""
+    a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link. `cc`:
+    the target's C compiler, resolved (targets/toolchain.py; default: resolved here)."""
     funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm())
     tuned_now = {}
     if store is not None and tune_missing:
@@ -36,13 +34,12 @@ def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layou
         exe.mod.write_to_file(str(obj))
     info = {"object": obj.name, "symbols": sorted(funcs), "tvm_target": target.resolved_tvm_target(),
             "schedules": {n: {"lanes": lanes.get(n, DEFAULT_LANES),
-                              "from": "tuned now" if n in tuned_now else "tuning record" if n in lanes else "default"}
+                              "from": "tuned now" if n in tuned_now else "tuning record" if n in lanes else "default",
+                              "measured_on": store.measured_on(kernel_key(n, funcs[n])) if n in lanes else None}
                           for n in sorted(tunable(funcs))},
             "tuning_store": str(store.path) if store is not None else None}
     if target.kernel_library == "shared":
-        cc = shutil.which(target.cc)
-        if cc is None:
-            raise ToolchainError(f"C compiler {target.cc!r} for target {target.name!r} not found on PATH")
+        cc = cc or compiler(target)
         lib = out_dir / "kernels.so"
         # TVMFFIErrorSetRaisedFromCStrParts stays undefined: the EdgeMoE runtime provides it.
         with stage(progress, f"linking {lib.name}"):

@@ -20,7 +20,7 @@ RIDGE = 0.5
 
 @dataclass
 class RoutingProfile:
-    selected: np.ndarray  # [tokens, layers, top_k] experts chosen, tokens in text order
+    selected: np.ndarray  # [tokens, expert layers, top_k] experts chosen, tokens in text order
     num_experts: int
     # [layers, experts, 2 * hidden + 1]: per layer, a linear map to that layer's router logits from
     # what the runtime has when it predicts that layer: the current state (the previous layer's
@@ -80,11 +80,11 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, p
     cfg = model.config
     H, E = cfg.hidden_size, cfg.num_experts
     F = 2 * H + 1
-    gram = np.zeros((cfg.num_layers, F, F))
-    cross = np.zeros((cfg.num_layers, F, E))
+    gram = np.zeros((cfg.num_moe_layers, F, F))
+    cross = np.zeros((cfg.num_moe_layers, F, E))
     calibration = LayerPass(model, tokens, window)
-    for layer in track(progress, calibration.layers(), "routing profile", total=cfg.num_layers, unit="layer"):
-        l, weights = layer.index, layer.layer
+    for layer in track(progress, calibration.layers(), "routing profile", total=cfg.num_moe_layers, unit="layer"):
+        l, weights = layer.moe_index, layer.layer
         for entering, xn, logits in zip(layer.entering, layer.ffn_in, layer.logits):
             z = norm(cfg, entering, weights.ffn_norm, weights.ffn_norm_bias).astype(np.float64)
             previous = np.vstack([np.zeros((1, H)), xn[:-1]])
@@ -93,7 +93,7 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, p
             cross[l] += z.T @ logits
         calibration.run_experts(layer)
     fitted = []
-    for l, layer in enumerate(model.layers):
+    for l, layer in enumerate(model.moe_layers):
         router = np.zeros((F, E))
         router[:H] = layer.router.T  # the plain next router: current state only, no bias
         # minimise |Z (router + D) - Y|^2 + RIDGE·T·|D|^2 over the correction D
@@ -123,11 +123,11 @@ def expert_moments(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, pr
     the bit-plan search and evaluation; the streaming compile keeps one expert's (grams()).
     `progress`: a progress factory (compiler/progress.py) counting the layers."""
     cfg = model.config
-    L, E, H, I = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate
+    L, E, H, I = cfg.num_moe_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate
     gate_up, down, rows = np.zeros((L, E, H, H)), np.zeros((L, E, I, I)), np.zeros((L, E), np.int64)
     calibration = LayerPass(model, tokens, window)
     for layer in track(progress, calibration.layers(), "calibration: expert inputs", total=L, unit="layer"):
-        l = layer.index
+        l = layer.moe_index
         for e, stored in enumerate(layer.layer.experts):
             expert = read_stored(stored)
             routed = layer.expert_inputs(e, expert)

@@ -222,7 +222,7 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
                     layout: str = "rows", moments=None):
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
     NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
-    [layer][expert]; None leaves them float), rounded against `moments` (profile.ExpertMoments) when
+    [expert layer][expert]; None leaves them float), rounded against `moments` (profile.ExpertMoments) when
     given, and the trunk matrices at `trunk_bits`. With the tiles layout the artifact's kernels also
     quantize their inputs, and so does the reference."""
     from dataclasses import replace
@@ -241,12 +241,17 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
         grams = moments.grams(li, ei) if moments is not None else (None,) * 3
         return Expert(*(q(w, b, g) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
-    def shared(e):  # resident: stored at the trunk's bitwidth
+    def resident(e):  # a shared expert or dense MLP: stored at the trunk's bitwidth
         return None if e is None else Expert(*(q(w, trunk_bits) for w in (e.w_gate, e.w_up, e.w_down)))
 
+    def trunk(w):  # a projection (absent ones stay None); MLA's wkv_b stays float32 (trunk_file.QUANTIZED)
+        return None if w is None else q(w, trunk_bits)
+
+    moe_index = {l: m for m, l in enumerate(model.config.moe_layer_ids)}
     layers = [
-        replace(l, wq=q(l.wq, trunk_bits), wk=q(l.wk, trunk_bits), wv=q(l.wv, trunk_bits), wo=q(l.wo, trunk_bits),
-                experts=[expert(li, ei, e) for ei, e in enumerate(l.experts)], shared=shared(l.shared))
+        replace(l, wq=trunk(l.wq), wk=trunk(l.wk), wv=trunk(l.wv), wo=trunk(l.wo), wq_a=trunk(l.wq_a),
+                wkv_a=trunk(l.wkv_a), experts=[expert(moe_index[li], ei, e) for ei, e in enumerate(l.experts)],
+                shared=resident(l.shared), dense=resident(l.dense))
         for li, l in enumerate(model.layers)
     ]
     embed = q(model.embed, trunk_bits)

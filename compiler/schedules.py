@@ -12,7 +12,9 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
-GEMV_BLOCKS = ("g", "u", "acc")  # names used by compiler/kernels.py for row × reduction blocks
+# names compiler/kernels.py gives row × reduction blocks ("y": a matvec without residual); a block of
+# one of these names that reduces nothing (an elementwise "y") is not one
+GEMV_BLOCKS = ("g", "u", "acc", "y")
 DEFAULT_LANES = 16
 # Kernels reading at least this many weight bytes split their rows over the runtime's compute
 # threads; below it, waking the threads costs more than it saves.
@@ -55,10 +57,13 @@ def has_gemv_blocks(func: tvm.tirx.PrimFunc) -> bool:
 
 
 def _block(sch: s_tir.Schedule, name: str, func_name: str):
+    """The matrix-vector block `name` of the function, if it has one: a block that reduces."""
     try:
-        return sch.get_sblock(name, func_name=func_name)
+        block = sch.get_sblock(name, func_name=func_name)
     except s_tir.ScheduleError:  # this kernel has no such block
         return None
+    reduces = any(v.iter_type == tvm.tirx.IterVar.CommReduce for v in sch.get(block).iter_vars)
+    return block if reduces else None
 
 
 def schedule(mod: tvm.IRModule, lanes: dict[str, int] | None = None) -> tvm.IRModule:

@@ -3,8 +3,10 @@ keep the best in a record store on disk, keyed by target and kernel shape.
 
 The search space is the default schedule's one knob that matters on CPUs (schedules.py): how many
 reduction lanes each row's dot product is split into, which sets the vector width and how many
-packed codes are decoded side by side. `edgemoe-compile` looks records up; a kernel without one
-gets the hand default.
+packed codes are decoded side by side. Candidates are built here and timed where a measurer says
+(measure.py: this machine, boards behind TVM RPC, a minimal RPC server); the store keeps one file
+per target and CPU, one record per kernel shape and bitwidth, with where it was measured.
+`edgemoe-compile` looks records up; a kernel without one gets the hand default.
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ import platform
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import tvm
 
 from ..targets import TargetDesc
 from .cache import cache_dir
-from .schedules import DEFAULT_LANES, has_gemv_blocks, schedule
+from .measure import Candidate, Local
+from .schedules import DEFAULT_LANES, has_gemv_blocks
 
 CANDIDATE_LANES = (4, 8, 16, 32, 64)
 
@@ -51,6 +53,10 @@ class TuningStore:
         rec = self.records.get(key)
         return int(rec["lanes"]) if rec else None
 
+    def measured_on(self, key: str) -> str | None:
+        rec = self.records.get(key)
+        return rec.get("measured_on", "this machine") if rec else None
+
     def put(self, key: str, record: dict) -> None:
         self.records[key] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,27 +73,6 @@ def runs_here(target: TargetDesc) -> bool:
     return target.kernel_library == "shared" and triple.split("-")[0] == platform.machine()
 
 
-def _random_args(func: tvm.tirx.PrimFunc, rng: np.random.Generator) -> list:
-    args = []
-    for p in func.params:
-        shape = [int(d) for d in p.shape]
-        dtype = str(p.dtype)
-        if dtype.startswith(("int", "uint")):
-            info = np.iinfo(dtype)
-            a = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-        else:
-            a = (rng.standard_normal(shape) * 0.05).astype(dtype)
-        args.append(tvm.runtime.tensor(a))
-    return args
-
-
-def time_kernel(name: str, func: tvm.tirx.PrimFunc, lanes: int, target: TargetDesc, number: int = 50) -> float:
-    """Seconds per call of `func` scheduled with `lanes`, best of 3 repeats."""
-    mod = tvm.compile(schedule(tvm.IRModule({name: func}), lanes={name: lanes}), target=target.tvm()).mod
-    args = _random_args(func, np.random.default_rng(0))
-    return min(mod.time_evaluator(name, tvm.cpu(), number=number, repeat=3)(*args).results)
-
-
 def tunable(funcs: dict[str, tvm.tirx.PrimFunc]) -> dict[str, tvm.tirx.PrimFunc]:
     """The kernels the search applies to: matrix-vector blocks over static shapes."""
     return {n: f for n, f in funcs.items() if has_gemv_blocks(f) and
@@ -95,24 +80,31 @@ def tunable(funcs: dict[str, tvm.tirx.PrimFunc]) -> dict[str, tvm.tirx.PrimFunc]
 
 
 def tune(funcs: dict[str, tvm.tirx.PrimFunc], target: TargetDesc, store: TuningStore,
-         candidates=CANDIDATE_LANES, number: int = 50, retune: bool = False, progress=None) -> dict[str, int]:
-    """Time every candidate for each tunable kernel without a record (all of them with `retune`);
-    store the fastest. Returns {kernel: lanes} for the kernels tuned in this call."""
-    if not runs_here(target):
-        raise TuningError(f"target {target.name!r} does not run on this machine ({platform.machine()}): tune on the "
-                          f"device itself (edgemoe-tune there), then copy its record store "
-                          f"({store.path.name}) into {store.path.parent}")
+         candidates=CANDIDATE_LANES, number: int = 50, retune: bool = False, progress=None,
+         measurer=None) -> dict[str, int]:
+    """Time every candidate for each tunable kernel without a record (all of them with `retune`)
+    with `measurer` (default: this machine, `number` calls per run); store the fastest. `progress`:
+    a one-argument progress wrapper over the kernels. Returns {kernel: lanes} for the kernels tuned
+    in this call."""
+    if measurer is None:
+        if not runs_here(target):
+            raise TuningError(f"target {target.name!r} does not run on this machine ({platform.machine()}): time it "
+                              f"on the device through TVM RPC (edgemoe-tune --rpc HOST:PORT, or --rpc-tracker "
+                              f"HOST:PORT --rpc-key KEY; --minrpc for a board without Python), or tune on the device "
+                              f"itself and copy its record store ({store.path.name}) into {store.path.parent}")
+        measurer = Local(number)
     todo = [(n, f) for n, f in tunable(funcs).items() if retune or store.lanes(kernel_key(n, f)) is None]
-    jobs = [(n, f, lanes) for n, f in todo for lanes in candidates]
-    timings: dict[str, dict[int, float]] = {n: {} for n, _ in todo}
-    for n, f, lanes in progress(jobs) if progress else jobs:
-        timings[n][lanes] = time_kernel(n, f, lanes, target, number)
+    groups = [[Candidate(n, f, lanes) for lanes in candidates] for n, f in todo]
+    seconds = measurer.measure(groups, target, progress) if groups else {}
     tuned = {}
-    for n, f in todo:
-        best = min(timings[n], key=timings[n].get)
-        store.put(kernel_key(n, f), {"lanes": best, "us": round(timings[n][best] * 1e6, 3),
-                                     "default_us": round(timings[n].get(DEFAULT_LANES, float("nan")) * 1e6, 3),
-                                     "candidates_us": {str(k): round(v * 1e6, 3) for k, v in timings[n].items()}})
+    for (n, f), group in zip(todo, groups):
+        timings = {c.lanes: seconds[c.symbol] for c in group}
+        best = min(timings, key=timings.get)
+        store.put(kernel_key(n, f), {"lanes": best, "us": round(timings[best] * 1e6, 3),
+                                     "default_us": round(timings.get(DEFAULT_LANES, float("nan")) * 1e6, 3),
+                                     "candidates_us": {str(k): round(v * 1e6, 3) for k, v in timings.items()},
+                                     "cpu": target.resolved_tvm_target().get("mcpu", ""),
+                                     "measured_on": measurer.where})
         tuned[n] = best
     return tuned
 

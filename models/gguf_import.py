@@ -47,8 +47,10 @@ rotate-half layout (pairs (i, i + d/2)) to ggml's interleaved one (pairs (2i, 2i
 runtime gives the same numbers. ``qwen2moe``, ``qwen3moe`` and ``olmoe`` use ggml's NEOX
 (rotate-half) RoPE and are stored unpermuted.
 
-Tensor types: F32, F16, BF16, Q8_0 and Q4_0 are dequantized to float32 (``gguf.quants.dequantize``);
-any other type is refused naming the tensor. The compiler then quantizes as it does an HF
+Tensor types: F32, F16, BF16, Q8_0, Q4_0 and the k-quants Q2_K…Q6_K are dequantized to float32
+(``gguf.quants.dequantize``); any other type is refused naming the tensor. The k-quants are there
+because llama-quantize mixes them into files of other types: its Q4_0 of an 8-expert llama holds
+Q5_K ``attn_k``, Q8_0 ``attn_v`` and a Q6_K output matrix (the tied ``token_embd`` included). The compiler then quantizes as it does an HF
 checkpoint — repacking Q4_0/Q8_0 blocks straight into INT4/INT8 groups of 32 is not done yet.
 
 Tokenizer: a GGUF carries its vocabulary (``tokenizer.ggml.*``), which ``read_vocabulary`` exposes;
@@ -74,7 +76,7 @@ SUFFIX = ".gguf"
 # of a one-file split (split.count > 1 is refused before).
 INERT_PREFIXES = ("general.", "tokenizer.", "quantize.", "split.")
 # GGML types the import dequantizes (gguf.constants.GGMLQuantizationType names).
-DEQUANTIZED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+DEQUANTIZED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 @dataclass(frozen=True)

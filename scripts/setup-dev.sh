@@ -6,9 +6,14 @@
 #
 # System packages: cmake and a C toolchain (the C runtime); qemu-user, gcc-aarch64-linux-gnu and
 # libc6-dev-arm64-cross (the Arm targets are tested by cross-compiling the runtime and running it
+# under qemu); g++-aarch64-linux-gnu (TVM's minimal RPC server, cross-built for tuning an aarch64 board
 # under qemu); clang and libclang-rt-14-dev (fuzzing and sanitizer builds of the runtime).
+# The aarch64 TVM runtime that server links against (libtvm_runtime.so, libtvm_ffi.so) comes from the
+# aarch64 wheels of the installed apache-tvm and apache-tvm-ffi versions, unpacked into build/tvm-runtime-aarch64.
 # Python packages: torch (pinned, first, so nothing pulls another build in), then the project
 # with its [test] extras. PYTHON selects the interpreter (default: python, else python3).
+# llama.cpp's converter and llama-quantize (tests/test_gguf_llamacpp.py): scripts/fetch-llamacpp.sh,
+# skipped with EDGEMOE_NO_LLAMACPP=1 (those tests are then skipped too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
@@ -21,6 +26,7 @@ REQUIRED=(
   "pkg-config cmd:pkg-config"
   "qemu-user cmd:qemu-aarch64"
   "gcc-aarch64-linux-gnu cmd:aarch64-linux-gnu-gcc"
+  "g++-aarch64-linux-gnu cmd:aarch64-linux-gnu-g++"
   "libc6-dev-arm64-cross deb"
   "clang cmd:clang"
   "libclang-rt-14-dev deb"
@@ -60,3 +66,27 @@ fi
 PYTHON=${PYTHON:-$(command -v python >/dev/null && echo python || echo python3)}
 "$PYTHON" -m pip install -q torch==2.13.0
 "$PYTHON" -m pip install -q -e ".[test]"
+
+ARM_TVM=build/tvm-runtime-aarch64
+if [ ! -f "$ARM_TVM/libtvm_runtime.so" ] || [ ! -f "$ARM_TVM/libtvm_ffi.so" ]; then
+  wheels=$(mktemp -d)
+  trap 'rm -rf "$wheels"' EXIT
+  pyver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+  pins=$("$PYTHON" -c 'from importlib.metadata import version as v
+print("apache-tvm==" + v("apache-tvm"), "apache-tvm-ffi==" + v("apache-tvm-ffi"))')
+  # shellcheck disable=SC2086 # two requirement specifiers
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
+    --python-version "$pyver" -d "$wheels" $pins
+  "$PYTHON" - "$wheels" "$ARM_TVM" <<'EOF'
+import pathlib, sys, zipfile
+wheels, out = map(pathlib.Path, sys.argv[1:])
+out.mkdir(parents=True, exist_ok=True)
+for wheel in wheels.glob("*.whl"):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.endswith(("/libtvm_runtime.so", "/libtvm_ffi.so")):
+                (out / pathlib.Path(name).name).write_bytes(z.read(name))
+EOF
+fi
+
+[ "${EDGEMOE_NO_LLAMACPP:-0}" = 1 ] || PYTHON="$PYTHON" bash scripts/fetch-llamacpp.sh

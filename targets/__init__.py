@@ -22,6 +22,7 @@ class TargetDesc:
     kernel_library: str
     ram_bytes: int | None
     storage: dict
+    android_api: int | None = None  # Android targets: the API level the NDK compiler is named for (toolchain.py)
 
     def resolved_tvm_target(self) -> dict:
         """The TVM target dict with 'native' triple/cpu replaced by what LLVM detects on this machine."""
@@ -38,6 +39,16 @@ class TargetDesc:
 
     def tvm(self) -> tvm.target.Target:
         return tvm.target.Target(self.resolved_tvm_target())
+
+    def with_android_api(self, api: int | None) -> "TargetDesc":
+        """This target for another Android API level (None: as described)."""
+        from dataclasses import replace
+
+        if api is None:
+            return self
+        if self.os != "android":
+            raise ValueError(f"--android-api applies to Android targets; {self.name!r} runs {self.os}")
+        return replace(self, android_api=api)
 
 
 def available() -> list[str]:

@@ -162,3 +162,17 @@ def assert_greedy_matches_reference(tokens: list[int], logits: np.ndarray, ref_t
         assert layout == "tiles" and margin <= 0.02 * np.abs(ref_logits[: n + 1]).mean(), \
             (f"tokens part at {n} with a reference margin of {margin:.4f}", tokens, ref_tokens)
     assert_matches_reference(logits[: n + 1], ref_logits[: n + 1], artifact, tol)
+
+
+def fake_ndk(root: Path, *compilers: str) -> Path:
+    """An NDK's directory layout with (empty, executable) compiler entries: what the path lookup sees."""
+    from edgemoe.targets import toolchain
+
+    bin_dir = root / "toolchains" / "llvm" / "prebuilt" / toolchain.ndk_host_tag() / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in compilers:
+        (bin_dir / name).write_text("")
+        (bin_dir / name).chmod(0o755)
+    (root / "build" / "cmake").mkdir(parents=True)
+    (root / "build" / "cmake" / "android.toolchain.cmake").write_text("")
+    return bin_dir

@@ -4,7 +4,6 @@ kernels) and Raspberry Pi 5 (Cortex-A76: `sdot` integer-dot kernels), the C runt
 cross-compiled with aarch64-linux-gnu-gcc, run under qemu-user, against the NumPy reference of
 the same artifact."""
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -13,30 +12,33 @@ from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.compiler.artifact_reference import artifact_model
 from edgemoe.models.reference import ReferenceExecutor
 from edgemoe.runtime import REPO_ROOT, build_runtime
-from edgemoe.targets import load_target
+from edgemoe.targets import load_target, toolchain
 
 from conftest import PROMPTS, TRAINED_MODEL
 
-QEMU = "qemu-aarch64"
-SYSROOT = "/usr/aarch64-linux-gnu"
 N_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def arm_runtime():
-    target = load_target("rpi5")
-    missing = [t for t in (QEMU, target.cc) if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: apt-get install qemu-user gcc-aarch64-linux-gnu "
-                    "(.ci/run does)")
+def qemu():
+    """The command prefix running aarch64 binaries here (a missing qemu-user is named: setup-dev.sh)."""
+    try:
+        return toolchain.emulator(load_target("rpi5"))
+    except toolchain.ToolchainError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="module")
+def arm_runtime(qemu):
     build = REPO_ROOT / "build" / "runtime-aarch64"
-    build_runtime(build, target)
+    build_runtime(build, load_target("rpi5"))
     return build / "edgemoe_run"
 
 
 @pytest.mark.parametrize("target,int_dot,layout", [("rpi4", None, "tiles"), ("rpi4", False, "rows"),
                                                   ("rpi5", None, "tiles")])
-def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tmp_path, target, int_dot, layout):
+def test_arm_runtime_matches_reference(qemu, arm_runtime, trained_model, tokenizer, tmp_path, target, int_dot,
+                                       layout):
     plan = [[(2, 3, 4, 8)[(layer + e) % 4] for e in range(8)] for layer in range(6)]  # every expert width
     compile_model(TRAINED_MODEL, tmp_path, CompileOptions(target=target, bit_plan=plan, max_seq=128, int_dot=int_dot),
                   log=lambda m: None)
@@ -46,19 +48,20 @@ def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tm
         ids = tokenizer.encode(prompt).ids
         ref.reset()
         want, _ = ref.greedy(ids, N_NEW)
-        proc = subprocess.run([QEMU, "-L", SYSROOT, str(arm_runtime), str(tmp_path), "--tokens",
-                               ",".join(map(str, ids)), "-n", str(N_NEW)],
+        proc = subprocess.run(qemu.command(arm_runtime, tmp_path, "--tokens", ",".join(map(str, ids)), "-n", N_NEW),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
         got = [int(t) for t in proc.stdout.splitlines()[0].split(",")]
         assert got == want, (prompt, got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"])
-def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
+                                    "deepseek_v3", "gpt_oss"])
+def test_arm_runtime_runs_every_family(qemu, arm_runtime, tmp_path, family):
     """The layer program on the Raspberry Pi 5 target under qemu: biases, q/k norms, the shared
-    expert, LayerNorm and sparsemixer routing, with a mixed bit plan, token for token against the
-    reference of the same artifact."""
+    expert, LayerNorm, sparsemixer and grouped routing, latent attention and dense layers, attention
+    sinks, sliding windows and biased clamped-SwiGLU experts, with a mixed bit plan, token for token
+    against the reference of the same artifact."""
     from families import save_checkpoint
 
     from edgemoe.models import load_model
@@ -66,12 +69,12 @@ def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
     model_dir = save_checkpoint(family, tmp_path / "model")
     model = load_model(model_dir)
     cfg = model.config
-    plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_layers)]
+    plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_moe_layers)]
     art = tmp_path / "art"
     compile_model(model_dir, art, CompileOptions(target="rpi5", bit_plan=plan, max_seq=64), log=lambda m: None)
     ids = [1, 17, 42, 99, 5]
     want, _ = ReferenceExecutor(artifact_model(model, art), 64).greedy(ids, N_NEW)
-    proc = subprocess.run([QEMU, "-L", SYSROOT, str(arm_runtime), str(art), "--tokens", ",".join(map(str, ids)),
-                           "-n", str(N_NEW)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(qemu.command(arm_runtime, art, "--tokens", ",".join(map(str, ids)), "-n", N_NEW),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert [int(t) for t in proc.stdout.splitlines()[0].split(",")] == want

@@ -199,8 +199,9 @@ def test_a_failed_compile_leaves_nothing_and_an_existing_artifact_untouched(tiny
                                                                              monkeypatch):
     from edgemoe.compiler import lower
     from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.targets import toolchain
 
-    monkeypatch.setattr(lower.shutil, "which", lambda name: None)  # the target's C compiler is missing
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None)  # the target's C compiler is missing
     art = copy_artifact(tiny, tmp_path / "art")
     before = {p.name: p.read_bytes() for p in art.iterdir()}
     for out in (tmp_path / "new", art):

@@ -75,8 +75,8 @@ def test_the_layer_pass_computes_forward_sequence_s_numbers(trained_model):
         forward_sequence(trained_model, tokens[i : i + 128], traces[-1])
     for layer in calibration.layers():
         for w, trace in enumerate(traces):
-            assert np.array_equal(layer.ffn_in[w], trace["ffn_in"][layer.index])
-            assert np.array_equal(layer.logits[w], trace["router_logits"][layer.index])
+            assert np.array_equal(layer.ffn_in[w], trace["ffn_in"][layer.moe_index])
+            assert np.array_equal(layer.logits[w], trace["router_logits"][layer.moe_index])
         calibration.run_experts(layer)
         for w, (out, trace) in enumerate(zip(layer.output(), traces)):
             assert np.array_equal(out, trace["layer_out"][layer.index])

@@ -165,8 +165,10 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
                                            "(on this machine) and record them; later compiles reuse the records.")
 @click.option("--jobs", type=click.IntRange(1, 4096), default=None,
               help="Worker processes rounding experts [default: one per core].")
+@click.option("--android-api", type=click.IntRange(21, 99), default=None,
+              help="Android targets: the API level to build for (names the NDK compiler) [default: the target's].")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, max_bits, search_text, int_dot, tune, jobs):
+                tolerance, max_bits, search_text, int_dot, tune, jobs, android_api):
     """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board. An
     interrupted compile resumes from the experts it finished when run again with the same inputs."""
     from .compiler.driver import CompileOptions, compile_model
@@ -174,6 +176,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     from .models import ModelImportError
     from .progressbar import terminal_progress
     from .targets import UnknownTargetError
+    from .targets.toolchain import ToolchainError
 
     if max_seq is not None:
         longest = _model_max_positions(model_dir)
@@ -183,9 +186,29 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     try:
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, search_text=search_text,
-                              int_dot=int_dot, tune=tune, jobs=jobs)
+                              int_dot=int_dot, tune=tune, jobs=jobs, android_api=android_api)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
-    except (ModelImportError, UnknownTargetError, TuningError, ValueError, FileNotFoundError) as e:
+    except (ModelImportError, UnknownTargetError, TuningError, ToolchainError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+
+
+@click.command("edgemoe-package")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The bundle to write: NAME.tar.gz (unpacks into NAME/).")
+@click.option("--target", default=None, help="The board to package for: the artifact's target [default], checked.")
+@click.option("--android-api", type=click.IntRange(21, 99), default=None,
+              help="Android targets: the API level to build the runtime for [default: the target's].")
+def package_cmd(artifact, out, target, android_api):
+    """Bundle a compiled ARTIFACT with the runtime built for its target (edgemoe_run, libedgemoe.so,
+    edgemoe.h) and a run script into one tar.gz to copy to the board."""
+    from .bundle import BundleError, package
+    from .targets import UnknownTargetError
+    from .targets.toolchain import ToolchainError
+
+    try:
+        package(artifact, out, target, android_api, log=lambda m: click.echo(m, err=True))
+    except (BundleError, ToolchainError, UnknownTargetError, ValueError) as e:
         raise click.ClickException(str(e))
 
 
@@ -200,15 +223,15 @@ def _model_max_positions(model_dir: Path) -> int | None:
         return None
 
 
-def _tuning_bar(jobs):
-    with click.progressbar(jobs, label="tuning kernels", file=sys.stderr,
-                           item_show_func=lambda j: f"{j[0]} lanes {j[2]}" if j else "") as bar:
+def _tuning_bar(groups):
+    with click.progressbar(groups, label="tuning kernels", file=sys.stderr,
+                           item_show_func=lambda g: g[0].kernel if g else "") as bar:
         yield from bar
 
 
 @click.command("edgemoe-tune")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--target", default="host", show_default=True, help="Board description in targets/ (run it there).")
+@click.option("--target", default="host", show_default=True, help="Board description in targets/.")
 @click.option("--bits", "bits_list", type=_NumberList(int, choices=(2, 3, 4, 8, 16)), default="2,3,4,8",
               show_default=True, help="Expert bitwidths to tune kernels for.")
 @click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
@@ -217,32 +240,73 @@ def _tuning_bar(jobs):
 @click.option("--retune", is_flag=True, help="Tune again kernels that already have a record.")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Tuning store folder [default: $EDGEMOE_CACHE_DIR/tuning or ~/.cache/edgemoe/tuning].")
-def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir):
-    """Tune the decode kernels of MODEL_DIR's shapes on this machine into the tuning store."""
+@click.option("--rpc", "rpc_server", metavar="HOST:PORT", default=None,
+              help="Time on the board running a TVM RPC server there (python -m tvm.exec.rpc_server).")
+@click.option("--rpc-tracker", metavar="HOST:PORT", default=None,
+              help="Time on the boards a TVM RPC tracker lists under --rpc-key, several at once.")
+@click.option("--rpc-key", default="", help="The key the boards registered with at the tracker (rpc_server --key).")
+@click.option("--boards", type=click.IntRange(1, 1024), default=None,
+              help="With --rpc-tracker: boards to use at once [default: every board the tracker lists for the key].")
+@click.option("--minrpc", "minrpc_runtime", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, metavar="DIR",
+              help="Time on a board without Python: TVM's minimal RPC server, linked against the board's "
+                   "libtvm_runtime.so and libtvm_ffi.so in DIR, started by --launcher.")
+@click.option("--launcher", default=None, metavar="CMD",
+              help="With --minrpc: the command prefix that runs a board program (e.g. a script copying it over "
+                   "ssh) [default: the target's emulator here, qemu-user].")
+@click.option("--number", type=click.IntRange(1, 100000), default=50, show_default=True,
+              help="Calls per timed run (best of 3 runs).")
+@click.option("--lanes", "lanes_list", type=_NumberList(int, choices=(4, 8, 16, 32, 64)), default="4,8,16,32,64",
+              show_default=True, help="Candidate reduction lane counts.")
+@click.option("--int-dot/--no-int-dot", default=None,
+              help="Tune the kernels of a compile with (without) integer-dot kernels [default: as edgemoe-compile "
+                   "would choose for the target].")
+def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir, rpc_server, rpc_tracker, rpc_key,
+             boards, minrpc_runtime, launcher, number, lanes_list, int_dot):
+    """Tune the decode kernels of MODEL_DIR's shapes into the tuning store: candidates built here and
+    timed on this machine, on boards through TVM RPC, or on a board running TVM's minimal RPC server."""
+    import shlex
+
     from .compiler.driver import CompileOptions, weight_layout
     from .compiler.kernels import decode_kernels
+    from .compiler.measure import MeasureError, MinRPC, Remote
     from .compiler.schedules import DEFAULT_LANES
     from .compiler.tuning import TuningError, TuningStore, kernel_key, tunable, tune
     from .models import ModelImportError, load_model
-    from .targets import UnknownTargetError, load_target
+    from .targets import UnknownTargetError, load_target, toolchain
 
+    if sum(x is not None for x in (rpc_server, rpc_tracker, minrpc_runtime)) > 1:
+        raise click.UsageError("give at most one of --rpc, --rpc-tracker and --minrpc")
     try:
         tgt = load_target(target)
+        measurer = None
+        if rpc_server or rpc_tracker:
+            measurer = Remote(rpc_server, rpc_tracker, rpc_key, boards, number=number)
+        elif minrpc_runtime is not None:
+            prefix = shlex.split(launcher) if launcher is not None else list(toolchain.emulator(tgt).prefix)
+            cxx = toolchain.require_program(f"{toolchain.arch_of(tgt)}-linux-gnu-g++",
+                                            "the C++ compiler for the minimal RPC server")
+            measurer = MinRPC(minrpc_runtime, prefix, cxx, number=number)
         cfg = load_model(model_dir).config
         bits = list(bits_list)
         # the kernels edgemoe-compile would build: integer-dot ones are fixed; the rest are tuned
-        layout = weight_layout(cfg, tgt, CompileOptions(target, trunk_bits=int(trunk_bits), group=group), bits)
+        layout = weight_layout(cfg, tgt, CompileOptions(target, trunk_bits=int(trunk_bits), group=group,
+                                                        int_dot=int_dot), bits)
         funcs = decode_kernels(cfg, bits, group, int(trunk_bits), layout, tgt.tvm())
         store = TuningStore(tgt, store_dir)
-        tuned = tune(funcs, tgt, store, retune=retune, progress=_tuning_bar)
-    except (ModelImportError, UnknownTargetError, TuningError, ValueError) as e:
+        tuned = tune(funcs, tgt, store, candidates=tuple(lanes_list), number=number, retune=retune,
+                     progress=_tuning_bar, measurer=measurer)
+    except (ModelImportError, UnknownTargetError, TuningError, MeasureError, toolchain.ToolchainError,
+            ValueError) as e:
         raise click.ClickException(str(e))
-    click.echo(f"tuning store {store.path}: {len(tuned)} kernels tuned now")
-    click.echo(f"| kernel | lanes | µs | default ({DEFAULT_LANES} lanes) µs |")
-    click.echo("|---|---|---|---|")
+    where = measurer.where if measurer is not None else "this machine"
+    click.echo(f"tuning store {store.path}: {len(tuned)} kernels tuned now, timed on {where}")
+    click.echo(f"| kernel | lanes | µs | default ({DEFAULT_LANES} lanes) µs | measured on |")
+    click.echo("|---|---|---|---|---|")
     for name, func in tunable(funcs).items():
         rec = store.records[kernel_key(name, func)]
-        click.echo(f"| {name} | {rec['lanes']} | {rec['us']:.2f} | {rec['default_us']:.2f} |")
+        click.echo(f"| {name} | {rec['lanes']} | {rec['us']:.2f} | {rec['default_us']:.2f} | "
+                   f"{rec.get('measured_on', 'this machine')} |")
 
 
 def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[float, float]:

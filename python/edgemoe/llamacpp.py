@@ -1,11 +1,13 @@
 """llama.cpp as the baseline: convert a model directory to GGUF with llama.cpp's own converter,
 quantize it with llama-quantize, and time decoding with llama-bench.
 
-llama.cpp is not a dependency; point these helpers at a built llama.cpp tree (see
-docs/BENCHMARKS.md for how it is built here).
+llama.cpp is not a dependency; point these helpers at a built llama.cpp tree:
+scripts/fetch-llamacpp.sh puts llama.cpp's source (from the llama-cpp-python sdist) in
+build/llama.cpp, builds llama-quantize there and installs the converter's Python requirement.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -45,10 +47,22 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def convert(tree: Path, model_dir: Path, out: Path) -> Path:
-    """The model as an F16 GGUF (skipped when `out` exists)."""
+def check_tree(tree: Path, tools: tuple[str, ...] = ("llama-quantize",)) -> None:
+    """Raise LlamaCppError naming what of a llama.cpp tree is missing: its converter, the built
+    `tools`, or the converter's Python requirement (sentencepiece, imported for every llama model)."""
+    if not (tree / "convert_hf_to_gguf.py").is_file():
+        raise LlamaCppError(f"no llama.cpp source tree at {tree} (convert_hf_to_gguf.py missing)")
+    for name in tools:
+        _tool(tree, name)
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise LlamaCppError("llama.cpp's converter needs the sentencepiece package (pip install sentencepiece)")
+
+
+def convert(tree: Path, model_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """The model as a GGUF written by the converter itself in `outtype` (f32, f16, bf16, q8_0),
+    skipped when `out` exists."""
     if not out.is_file():
-        _run([sys.executable, "-c", _CONVERT, str(tree), str(model_dir), "--outtype", "f16", "--outfile", str(out)])
+        _run([sys.executable, "-c", _CONVERT, str(tree), str(model_dir), "--outtype", outtype, "--outfile", str(out)])
     return out
 
 

@@ -12,7 +12,7 @@
 #include "crc32.h"
 #include "edgemoe.h"
 
-#define TRUNK_VERSION 3 /* 3: compile id, kernels' SHA-256, machine and CPU features */
+#define TRUNK_VERSION 4 /* 3: compile id, kernels' SHA-256, machine and CPU features; 4: MLA and dense sizes */
 #define IMAGE_VERSION 5 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id */
 #define TENSOR_ALIGN 64
 #define PART_ALIGN 64
@@ -180,10 +180,22 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
   h->machine = le32(b + 160);
   h->cpu_features = le32(b + 164);
   h->shared_inter = le32(b + 168);
+  h->q_lora = le32(b + 172);
+  h->kv_lora = le32(b + 176);
+  h->qk_nope = le32(b + 180);
+  h->v_head = le32(b + 184);
+  h->dense_inter = le32(b + 188);
   if (!h->vocab || h->vocab > MAX_VOCAB || !h->hidden || h->hidden > MAX_HIDDEN || !h->layers ||
       h->layers > MAX_LAYERS || !h->experts || h->experts > MAX_EXPERTS || !h->inter || h->inter > MAX_INTER ||
-      !h->max_positions || h->max_positions > MAX_POSITIONS || h->shared_inter > MAX_INTER)
+      !h->max_positions || h->max_positions > MAX_POSITIONS || h->shared_inter > MAX_INTER ||
+      h->dense_inter > MAX_INTER)
     return bad_header(path, "a model dimension is zero or beyond this runtime's limits", err, n);
+  /* latent attention: all four sizes or none; each head's dims within the attention limit */
+  if ((h->kv_lora != 0) != (h->v_head != 0) || (!h->kv_lora && (h->q_lora || h->qk_nope)) ||
+      h->q_lora > MAX_HIDDEN || h->kv_lora > MAX_HIDDEN ||
+      (uint64_t)h->heads * ((uint64_t)h->qk_nope + h->head_dim + h->v_head) > MAX_ATTN_DIM ||
+      (uint64_t)h->heads * h->kv_lora > MAX_ATTN_DIM)
+    return bad_header(path, "latent attention sizes", err, n);
   if (!h->heads || !h->kv_heads || h->heads % h->kv_heads || !h->head_dim || h->head_dim % 2 ||
       (uint64_t)h->heads * h->head_dim > MAX_ATTN_DIM)
     return bad_header(path, "attention heads", err, n);

@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 /* Where each header's CRC-32 sits (it covers the bytes before it), and table entry sizes. */
-#define EM_TRUNK_HEADER_CRC_AT 172
+#define EM_TRUNK_HEADER_CRC_AT 192
 #define EM_IMAGE_HEADER_CRC_AT 96
 #define EM_TENSOR_ENTRY_BYTES 96
 #define EM_RECORD_ENTRY_BYTES 64
@@ -25,6 +25,9 @@ typedef struct {
   uint32_t machine;            /* ELF e_machine of the kernels */
   uint32_t cpu_features;       /* generated/cpu_features.h bits the kernels need */
   uint32_t shared_inter;       /* a shared expert's intermediate size (0: none) */
+  /* multi-head latent attention's sizes (all 0 without it; head_dim is then the rotated part) */
+  uint32_t q_lora, kv_lora, qk_nope, v_head;
+  uint32_t dense_inter; /* dense layers' MLP intermediate size (0: none) */
 } em_trunk_header;
 
 enum { EM_TRUNK_FLAG_TILES = 4 };

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "generated/program.h"
 #include "tvm_abi.h"
 
 #define EM_MAX_BITS 16
@@ -14,8 +15,10 @@
 typedef struct {
   void* lib;
   em_ffi_fn rmsnorm, layernorm, qkv, qkv_bias, qk_norm, rope, attention, add, o_proj, router, shared_gate,
-      shared_gate_up, shared_down, lm_head, lm_head_bias;
-  em_ffi_fn gate_up[EM_MAX_BITS + 1], down[EM_MAX_BITS + 1]; /* by expert bitwidth; NULL if not compiled */
+      shared_gate_up, shared_down, lm_head, lm_head_bias, mla_q_a, mla_q_a_norm, mla_q, mla_kv_a, mla_kv_norm,
+      mla_rope, mla_absorb, mla_attention, mla_v, dense_gate_up, dense_down, attention_sinks, router_bias;
+  /* by the experts' activation (EM_EXPERT_ACT_*) and bitwidth; NULL if not compiled */
+  em_ffi_fn gate_up[EM_EXPERT_ACT_COUNT][EM_MAX_BITS + 1], down[EM_EXPERT_ACT_COUNT][EM_MAX_BITS + 1];
 } em_kernels;
 
 /* Loads kernels.so after checking that its SHA-256 is `sha256` (the digest trunk.bin records):

@@ -18,7 +18,8 @@ typedef struct {
   char what[96];
 } binder;
 
-static const char* OP_NAMES[] = {"?", "EMBED", "ATTENTION", "MOE", "FINAL"};
+static const char* OP_NAMES[] = {"?", "EMBED", "ATTENTION", "MOE", "FINAL", "MLA_ATTENTION", "DENSE_FFN"};
+#define N_OPS (sizeof OP_NAMES / sizeof OP_NAMES[0] - 1)
 
 static const char* label(binder* b, uint32_t layer, const char* part) {
   if (layer == EM_OPERAND_NONE) snprintf(b->what, sizeof b->what, "%s", part);
@@ -100,6 +101,8 @@ static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
        (s->rope_sin = em_bind_vector(b->v, o[EM_ATTENTION_ROPE_SIN], th->max_positions, d / 2, "RoPE sin table"));
   s->bias = ok ? optional_vector(b, EM_ATTENTION_QKV_BIAS, q + 2 * kv, L, "qkv bias", &ok) : NULL;
   s->o_bias = ok ? optional_vector(b, EM_ATTENTION_O_BIAS, H, L, "output bias", &ok) : NULL;
+  s->sinks = ok ? optional_vector(b, EM_ATTENTION_SINKS, th->heads, L, "attention sinks", &ok) : NULL;
+  s->window = o[EM_ATTENTION_WINDOW]; /* any count: a window at least the context is full attention */
   if (ok && s->kind != EM_QK_NORM_NONE) {
     int head = s->kind == EM_QK_NORM_HEAD;
     if (s->kind != EM_QK_NORM_HEAD && s->kind != EM_QK_NORM_FULL) {
@@ -115,9 +118,46 @@ static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
   if (!need_norm_kernel(b, k, s, "attention norm") ||
       !need_kernel(b, s->bias ? k->qkv_bias : k->qkv, s->bias ? EM_KERNEL_QKV_BIAS : EM_KERNEL_QKV, L,
                    "qkv projection") ||
+      !need_kernel(b, k->rope, EM_KERNEL_ROPE, L, "RoPE") ||
+      !need_kernel(b, s->sinks ? k->attention_sinks : k->attention,
+                   s->sinks ? EM_KERNEL_ATTENTION_SINKS : EM_KERNEL_ATTENTION, L, "attention") ||
       (s->o_bias && !need_kernel(b, k->add, EM_KERNEL_ADD, L, "output bias")))
     return EM_ERR_KERNEL;
   return EM_OK;
+}
+
+/* The MOE step's router logit bias and its routed experts' activation and biases (the biased activations'). */
+static int bind_routed_experts(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, E = th->experts;
+  int ok = 1;
+  s->router_logit_bias = optional_vector(b, EM_MOE_ROUTER_LOGIT_BIAS, E, L, "router logit bias", &ok);
+  if (!ok) return EM_ERR_FORMAT;
+  if (s->router_logit_bias && !need_kernel(b, k->router_bias, EM_KERNEL_ROUTER_BIAS, L, "router logit bias"))
+    return EM_ERR_KERNEL;
+  s->expert_act = o[EM_MOE_EXPERT_ACT];
+  if (s->expert_act >= EM_EXPERT_ACT_COUNT) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: unknown expert activation %u; recompile the artifact",
+             L, s->expert_act);
+    return EM_ERR_FORMAT;
+  }
+  int biased = s->expert_act == EM_EXPERT_ACT_CLAMPED_SWIGLU;
+  if (!biased) {
+    if (o[EM_MOE_EXPERT_GATE_BIAS] == EM_OPERAND_NONE && o[EM_MOE_EXPERT_UP_BIAS] == EM_OPERAND_NONE &&
+        o[EM_MOE_EXPERT_DOWN_BIAS] == EM_OPERAND_NONE)
+      return EM_OK;
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: %s, which SwiGLU experts do not have; recompile the artifact",
+             label(b, L, "expert biases"));
+    return EM_ERR_FORMAT;
+  }
+  ok = (s->expert_gate_bias = em_bind_vector(b->v, o[EM_MOE_EXPERT_GATE_BIAS], E, th->inter,
+                                             label(b, L, "expert gate biases"))) &&
+       (s->expert_up_bias = em_bind_vector(b->v, o[EM_MOE_EXPERT_UP_BIAS], E, th->inter,
+                                           label(b, L, "expert up biases"))) &&
+       (s->expert_down_bias = em_bind_vector(b->v, o[EM_MOE_EXPERT_DOWN_BIAS], E, th->hidden,
+                                             label(b, L, "expert down biases")));
+  return ok ? EM_OK : EM_ERR_FORMAT;
 }
 
 static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
@@ -125,13 +165,33 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   const uint32_t* o = b->operand;
   uint32_t L = s->layer, H = th->hidden, S = th->shared_inter;
   s->kind = o[EM_MOE_ROUTE];
-  if (s->kind != EM_ROUTE_SOFTMAX_TOPK && s->kind != EM_ROUTE_SOFTMAX_TOPK_RENORM && s->kind != EM_ROUTE_SPARSEMIXER) {
+  if (s->kind != EM_ROUTE_SOFTMAX_TOPK && s->kind != EM_ROUTE_SOFTMAX_TOPK_RENORM && s->kind != EM_ROUTE_SPARSEMIXER &&
+      s->kind != EM_ROUTE_SIGMOID_TOPK && s->kind != EM_ROUTE_SIGMOID_TOPK_RENORM && s->kind != EM_ROUTE_TOPK_SOFTMAX) {
     snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: unknown routing function %u; recompile the artifact", L,
              s->kind);
     return EM_ERR_FORMAT;
   }
   int ok = 1;
   s->route_threshold = float_operand(b, EM_MOE_ROUTE_THRESHOLD, label(b, L, "routing threshold"), &ok);
+  s->route_scale = ok ? float_operand(b, EM_MOE_ROUTE_SCALE, label(b, L, "routing scale"), &ok) : 0.0f;
+  if (!ok) return EM_ERR_FORMAT;
+  s->route_groups = o[EM_MOE_ROUTE_GROUPS];
+  s->route_topk_groups = o[EM_MOE_ROUTE_TOPK_GROUPS];
+  s->group_score = o[EM_MOE_GROUP_SCORE];
+  uint32_t G = s->route_groups, per = G ? th->experts / G : 0;
+  /* groups must split the experts evenly, the eligible ones hold top-k, a top-2 score needs pairs */
+  if (!G || th->experts % G || !s->route_topk_groups || s->route_topk_groups > G ||
+      (uint64_t)s->route_topk_groups * per < th->top_k ||
+      (s->group_score != EM_GROUP_SCORE_MAX && s->group_score != EM_GROUP_SCORE_TOP2) ||
+      (G > 1 && s->group_score == EM_GROUP_SCORE_TOP2 && per < 2) ||
+      (G > 1 && s->kind == EM_ROUTE_SPARSEMIXER) || !(s->route_scale > 0.0f)) {
+    snprintf(b->v->err, b->v->err_len,
+             "trunk.bin: layer %u: expert groups %u (top %u, score %u) or routing scale %g do not fit %u experts "
+             "top-%u; recompile the artifact", L, G, s->route_topk_groups, s->group_score, (double)s->route_scale,
+             th->experts, th->top_k);
+    return EM_ERR_FORMAT;
+  }
+  s->router_bias = optional_vector(b, EM_MOE_ROUTER_BIAS, th->experts, L, "router bias", &ok);
   if (!ok) return EM_ERR_FORMAT;
   if (s->kind == EM_ROUTE_SPARSEMIXER && (th->top_k != 2 || !(s->route_threshold >= 0.0f))) {
     snprintf(b->v->err, b->v->err_len,
@@ -144,6 +204,8 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   if (!em_bind_matrix(b->v, o[EM_MOE_ROUTER], EM_OPERAND_NONE, th->experts, H, label(b, L, "router"),
                       &s->m[EM_M_ROUTER]))
     return EM_ERR_FORMAT;
+  rc = bind_routed_experts(b, k, s);
+  if (rc) return rc;
   s->shared = o[EM_MOE_SHARED_GATE_PROJ] != EM_OPERAND_NONE;
   if (!s->shared) return need_norm_kernel(b, k, s, "MoE norm") ? EM_OK : EM_ERR_KERNEL;
   if (!S ||
@@ -168,11 +230,94 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   return EM_OK;
 }
 
-/* The op expected at step i: EMBED, then ATTENTION and MOE for each layer in order, then FINAL. */
-static uint32_t expected_op(uint32_t i, uint32_t layers) {
-  if (i == 0) return EM_OP_EMBED;
-  if (i == 2 * layers + 1) return EM_OP_FINAL;
-  return i % 2 ? EM_OP_ATTENTION : EM_OP_MOE;
+/* Multi-head latent attention: the q path (a plain projection, or q_a, its norm and q_b), kv_a with
+ * the latent's norm, the float32 wkv_b both halves of which the kernels read, the output projection. */
+static int bind_mla_attention(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, H = th->hidden, d = th->head_dim, R = th->kv_lora, Q = th->q_lora, heads = th->heads;
+  if (!R) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u has latent attention but the header no latent size; "
+             "recompile the artifact", L);
+    return EM_ERR_FORMAT;
+  }
+  int rc = bind_norm(b, s, EM_MLA_ATTENTION_NORM_KIND, EM_MLA_ATTENTION_NORM, EM_MLA_ATTENTION_NORM_BIAS,
+                     "attention norm");
+  if (rc) return rc;
+  int ok = 1, has_q_a = o[EM_MLA_ATTENTION_WQ_A] != EM_OPERAND_NONE;
+  if (has_q_a != (Q != 0)) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u's q bottleneck disagrees with the header's rank %u; "
+             "recompile the artifact", L, Q);
+    return EM_ERR_FORMAT;
+  }
+  if (Q)
+    ok = em_bind_matrix(b->v, o[EM_MLA_ATTENTION_WQ_A], o[EM_MLA_ATTENTION_WQ_A_SCALES], Q, H,
+                        label(b, L, "q_a projection"), &s->m[EM_M_Q_A]) &&
+         (s->q_a_norm = em_bind_vector(b->v, o[EM_MLA_ATTENTION_Q_A_NORM], Q, 0, label(b, L, "q_a norm")));
+  ok = ok &&
+       em_bind_matrix(b->v, o[EM_MLA_ATTENTION_WQ], o[EM_MLA_ATTENTION_WQ_SCALES], heads * (th->qk_nope + d),
+                      Q ? Q : H, label(b, L, "q projection"), &s->m[EM_M_Q]) &&
+       em_bind_matrix(b->v, o[EM_MLA_ATTENTION_WKV_A], o[EM_MLA_ATTENTION_WKV_A_SCALES], R + d, H,
+                      label(b, L, "kv_a projection"), &s->m[EM_M_KV_A]) &&
+       (s->kv_a_norm = em_bind_vector(b->v, o[EM_MLA_ATTENTION_KV_A_NORM], R, 0, label(b, L, "kv_a norm"))) &&
+       (s->wkv_b = em_bind_vector(b->v, o[EM_MLA_ATTENTION_WKV_B], heads * (th->qk_nope + th->v_head), R,
+                                  label(b, L, "kv_b projection"))) &&
+       em_bind_matrix(b->v, o[EM_MLA_ATTENTION_WO], o[EM_MLA_ATTENTION_WO_SCALES], H, heads * th->v_head,
+                      label(b, L, "output projection"), &s->m[EM_M_WO]) &&
+       (s->rope_cos = em_bind_vector(b->v, o[EM_MLA_ATTENTION_ROPE_COS], th->max_positions, d / 2, "RoPE cos table")) &&
+       (s->rope_sin = em_bind_vector(b->v, o[EM_MLA_ATTENTION_ROPE_SIN], th->max_positions, d / 2, "RoPE sin table"));
+  if (!ok) return EM_ERR_FORMAT;
+  struct {
+    em_ffi_fn fn;
+    const char *symbol, *why;
+  } need[] = {{k->mla_q, EM_KERNEL_MLA_Q, "q projection"},        {k->mla_kv_a, EM_KERNEL_MLA_KV_A, "kv_a projection"},
+              {k->mla_kv_norm, EM_KERNEL_MLA_KV_NORM, "latent norm"}, {k->mla_rope, EM_KERNEL_MLA_ROPE, "RoPE"},
+              {k->mla_absorb, EM_KERNEL_MLA_ABSORB, "attention"},  {k->mla_attention, EM_KERNEL_MLA_ATTENTION, "attention"},
+              {k->mla_v, EM_KERNEL_MLA_V, "attention"},            {k->o_proj, EM_KERNEL_O_PROJ, "output projection"},
+              {Q ? k->mla_q_a : k->mla_q, Q ? EM_KERNEL_MLA_Q_A : EM_KERNEL_MLA_Q, "q projection"},
+              {Q ? k->mla_q_a_norm : k->mla_q, Q ? EM_KERNEL_MLA_Q_A_NORM : EM_KERNEL_MLA_Q, "q norm"}};
+  for (size_t i = 0; i < sizeof need / sizeof need[0]; i++)
+    if (!need_kernel(b, need[i].fn, need[i].symbol, L, need[i].why)) return EM_ERR_KERNEL;
+  return need_norm_kernel(b, k, s, "attention norm") ? EM_OK : EM_ERR_KERNEL;
+}
+
+/* A dense layer's SwiGLU MLP, resident at the trunk's bitwidth. */
+static int bind_dense_ffn(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, H = th->hidden, D = th->dense_inter;
+  int rc = bind_norm(b, s, EM_DENSE_FFN_NORM_KIND, EM_DENSE_FFN_NORM, EM_DENSE_FFN_NORM_BIAS, "MLP norm");
+  if (rc) return rc;
+  if (!D) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u is dense but the header has no dense MLP size; "
+             "recompile the artifact", L);
+    return EM_ERR_FORMAT;
+  }
+  if (!em_bind_matrix(b->v, o[EM_DENSE_FFN_GATE_PROJ], o[EM_DENSE_FFN_GATE_PROJ_SCALES], D, H,
+                      label(b, L, "MLP gate projection"), &s->m[EM_M_SHARED_GATE_PROJ]) ||
+      !em_bind_matrix(b->v, o[EM_DENSE_FFN_UP_PROJ], o[EM_DENSE_FFN_UP_PROJ_SCALES], D, H,
+                      label(b, L, "MLP up projection"), &s->m[EM_M_SHARED_UP]) ||
+      !em_bind_matrix(b->v, o[EM_DENSE_FFN_DOWN_PROJ], o[EM_DENSE_FFN_DOWN_PROJ_SCALES], H, D,
+                      label(b, L, "MLP down projection"), &s->m[EM_M_SHARED_DOWN]))
+    return EM_ERR_FORMAT;
+  if (!need_norm_kernel(b, k, s, "MLP norm") || !need_kernel(b, k->dense_gate_up, EM_KERNEL_DENSE_GATE_UP, L, "MLP") ||
+      !need_kernel(b, k->dense_down, EM_KERNEL_DENSE_DOWN, L, "MLP"))
+    return EM_ERR_KERNEL;
+  return EM_OK;
+}
+
+/* Whether op may stand at step i: EMBED, then per layer an attention op (ATTENTION or
+ * MLA_ATTENTION) and a feed-forward op (MOE or DENSE_FFN), then FINAL. */
+static int op_fits(uint32_t op, uint32_t i, uint32_t layers) {
+  if (i == 0) return op == EM_OP_EMBED;
+  if (i == 2 * layers + 1) return op == EM_OP_FINAL;
+  return i % 2 ? op == EM_OP_ATTENTION || op == EM_OP_MLA_ATTENTION : op == EM_OP_MOE || op == EM_OP_DENSE_FFN;
+}
+
+static const char* due_at(uint32_t i, uint32_t layers) {
+  if (i == 0) return "EMBED of the model";
+  if (i == 2 * layers + 1) return "FINAL of the model";
+  return i % 2 ? "an attention op of a layer" : "a feed-forward op of a layer";
 }
 
 static uint32_t operand_count(uint32_t op) {
@@ -180,12 +325,14 @@ static uint32_t operand_count(uint32_t op) {
     case EM_OP_EMBED: return EM_OP_EMBED_OPERANDS;
     case EM_OP_ATTENTION: return EM_OP_ATTENTION_OPERANDS;
     case EM_OP_MOE: return EM_OP_MOE_OPERANDS;
+    case EM_OP_MLA_ATTENTION: return EM_OP_MLA_ATTENTION_OPERANDS;
+    case EM_OP_DENSE_FFN: return EM_OP_DENSE_FFN_OPERANDS;
     default: return EM_OP_FINAL_OPERANDS;
   }
 }
 
-int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_kernels* k, void* storage,
-                    em_program* p) {
+int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, uint32_t expert_layers, const em_kernels* k,
+                    void* storage, em_program* p) {
   uint32_t n_words = 0, L = th->layers, n_steps = 2 * L + 2;
   const uint32_t* w = em_bind_words(v, em_tensor_index(v, "program"), &n_words);
   if (!w) {
@@ -195,16 +342,16 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
   p->steps = (em_step*)storage;
   p->moe = (const em_step**)(p->steps + n_steps);
   p->n_steps = n_steps;
+  p->expert_layers = 0;
   memset(p->steps, 0, n_steps * sizeof(em_step));
   binder b = {v, th, NULL, {0}};
   uint32_t at = 0;
   for (uint32_t i = 0; i < n_steps; i++) {
     em_step* s = &p->steps[i];
-    uint32_t want = expected_op(i, L);
-    if (n_words - at < 2 || w[at] != want) {
-      snprintf(v->err, v->err_len, "trunk.bin: the layer program has %s where %s of %s is due; recompile the artifact",
-               at + 2 <= n_words && w[at] >= 1 && w[at] <= 4 ? OP_NAMES[w[at]] : "no valid op", OP_NAMES[want],
-               want == EM_OP_ATTENTION || want == EM_OP_MOE ? "a layer" : "the model");
+    uint32_t want = n_words - at >= 2 ? w[at] : 0;
+    if (!op_fits(want, i, L)) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program has %s where %s is due; recompile the artifact",
+               n_words - at >= 2 && want >= 1 && want <= N_OPS ? OP_NAMES[want] : "no valid op", due_at(i, L));
       return EM_ERR_FORMAT;
     }
     if (w[at + 1] != operand_count(want) || n_words - at - 2 < w[at + 1]) {
@@ -228,15 +375,29 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
         break;
       }
       case EM_OP_ATTENTION:
+      case EM_OP_MLA_ATTENTION:
       case EM_OP_MOE:
+      case EM_OP_DENSE_FFN:
         s->layer = (i - 1) / 2;
         if (b.operand[0] != s->layer) {
           snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u names layer %u, not %u; recompile", i,
                    b.operand[0], s->layer);
           return EM_ERR_FORMAT;
         }
-        rc = want == EM_OP_ATTENTION ? bind_attention(&b, k, s) : bind_moe(&b, k, s);
-        if (!rc && want == EM_OP_MOE) p->moe[s->layer] = s;
+        if (want == EM_OP_MOE) { /* expert layers in order, as many as experts.bin has */
+          s->expert_layer = b.operand[EM_MOE_EXPERT_LAYER];
+          if (s->expert_layer != p->expert_layers || s->expert_layer >= expert_layers) {
+            snprintf(v->err, v->err_len, "trunk.bin: layer %u's experts are expert layer %u where %u is due (of %u "
+                     "in experts.bin); recompile the artifact", s->layer, s->expert_layer, p->expert_layers,
+                     expert_layers);
+            return EM_ERR_FORMAT;
+          }
+        }
+        rc = want == EM_OP_ATTENTION       ? bind_attention(&b, k, s)
+             : want == EM_OP_MLA_ATTENTION ? bind_mla_attention(&b, k, s)
+             : want == EM_OP_MOE           ? bind_moe(&b, k, s)
+                                           : bind_dense_ffn(&b, k, s);
+        if (!rc && want == EM_OP_MOE) p->moe[p->expert_layers++] = s;
         break;
       case EM_OP_FINAL: {
         int ok = 1;
@@ -260,6 +421,11 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
   if (at != n_words) {
     snprintf(v->err, v->err_len, "trunk.bin: the layer program has %u words after its FINAL op; recompile",
              n_words - at);
+    return EM_ERR_FORMAT;
+  }
+  if (p->expert_layers != expert_layers) {
+    snprintf(v->err, v->err_len, "trunk.bin's layer program has %u layers with experts, experts.bin %u; recompile",
+             p->expert_layers, expert_layers);
     return EM_ERR_FORMAT;
   }
   return EM_OK;
