@@ -22,6 +22,8 @@ class TargetDesc:
     kernel_library: str
     ram_bytes: int | None
     storage: dict
+    # microcontrollers (os "none"): memory map, flash, CPU flags, int8 dot instructions, sources
+    board: dict | None = None
 
     def resolved_tvm_target(self) -> dict:
         """The TVM target dict with 'native' triple/cpu replaced by what LLVM detects on this machine."""
