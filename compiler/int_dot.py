@@ -65,6 +65,9 @@ ISAS = (
     # x86 without VNNI (Haswell and later): |x| · (code with x's sign), u8 × s8 pairs → s16 (pmaddubsw,
     # no saturation as |x|, |code| ≤ 127), pairs → s32 (pmaddwd)
     Isa("AVX2", "x86_64", "avx2", 8, None, True),
+    # Cortex-M55 (Helium): per int32 lane, each byte sign-extended in place by two shifts and
+    # multiplied-accumulated (VSHL, VSHR, VMLA on 4 lanes); the input's bytes are shared by the lanes
+    Isa("Arm MVE", "arm", "mve", 4, None, True),
 )
 
 
@@ -72,7 +75,9 @@ def isa_for(target: tvm.target.Target) -> Isa | None:
     """The first (fastest) int8 dot product `target` has, if any."""
     from tvm.target import codegen
 
-    arch = str(target.attrs.get("mtriple", "")).split("-")[0]
+    from .cpu_features import target_arch
+
+    arch = target_arch(target)
     for isa in ISAS:
         if arch == isa.arch and codegen.target_has_features(isa.feature, target):
             return isa
@@ -135,6 +140,12 @@ def _dot4(isa: Isa, acc, codes, act):
         signed = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", c, x)  # code · sign(x)
         pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", magnitude, signed)
         return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, _vec(1, "int16", 16))
+    if isa.intrinsic is None and isa.arch == "arm":
+        c, x = tirx.reinterpret(f"int32x{lanes}", codes), tirx.reinterpret(f"int32x{lanes}", act)
+        for m in range(4):  # byte m of each word, sign-extended: (w << 24 - 8m) >> 24, arithmetic
+            up = _vec(24 - 8 * m, "int32", lanes)
+            acc = acc + ((c << up) >> _vec(24, "int32", lanes)) * ((x << up) >> _vec(24, "int32", lanes))
+        return acc
     if isa.intrinsic is not None:
         return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsic, acc, tirx.reinterpret(f"int8x{4 * lanes}", codes),
                                           tirx.reinterpret(f"int8x{4 * lanes}", act))

@@ -1,0 +1,99 @@
+"""The microcontroller path end to end: the bundled model compiled for the emulated Cortex-M55 board
+(mps3-an547: integer-dot kernels on Helium, and the float kernels), its firmware built with
+arm-none-eabi-gcc and run under qemu-system-arm with the flash image at the QSPI flash address,
+experts streaming into an expert cache smaller than the experts, with prediction on and off. The
+tokens must equal the host runtime's on the same weights and the NumPy reference's of the artifact;
+a model the board cannot hold is refused at compile time, naming what does not fit."""
+import shutil
+import subprocess
+
+import pytest
+
+from edgemoe.compiler import expert_image, trunk_file
+from edgemoe.compiler.artifact_reference import artifact_model
+from edgemoe.compiler.driver import CompileOptions, compile_model
+from edgemoe.compiler.firmware import BoardFitError
+from edgemoe.mcu import build_firmware, run_firmware
+from edgemoe.models.reference import ReferenceExecutor
+from edgemoe.runtime import REPO_ROOT, runtime_dir
+
+from conftest import PROMPTS, TRAINED_MODEL
+
+BOARD = "mps3-an547"
+MAX_SEQ = 64
+N_NEW = 12
+# INT4 experts and trunk: the flash image (7.7 MiB) fits the board's 8 MiB QSPI flash, and the minimum
+# session (2 MiB) its 4 MiB of SRAM; the firmware's default budget (the SRAM) holds a third of the experts
+OPTIONS = dict(expert_bits=4, trunk_bits=4, max_seq=MAX_SEQ)
+
+
+@pytest.fixture(scope="module", params=[None, False], ids=["int-dot", "float"])
+def board_artifact(request, tmp_path_factory):
+    """(artifact, firmware ELF, host artifact of the same weights) for each kernel kind."""
+    missing = [t for t in ("arm-none-eabi-gcc", "qemu-system-arm") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi "
+                    "qemu-system-arm (scripts/setup-dev.sh does)")
+    base = tmp_path_factory.mktemp(f"mcu-{'float' if request.param is False else 'int-dot'}")
+    art, host = base / "board", base / "host"
+    compile_model(TRAINED_MODEL, art, CompileOptions(target=BOARD, int_dot=request.param, **OPTIONS),
+                  log=lambda m: None)
+    layout = "rows" if request.param is False else "tiles"
+    compile_model(TRAINED_MODEL, host, CompileOptions(target="host", int_dot=layout == "tiles", **OPTIONS),
+                  log=lambda m: None)
+    elf = build_firmware(art, REPO_ROOT / "build" / f"firmware-{layout}")
+    return art, elf, host, layout
+
+
+def test_board_compile_writes_the_firmware_inputs(board_artifact):
+    art, elf, host, layout = board_artifact
+    import json
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quantization"]["layout"] == layout
+    assert manifest["board"]["flash_image_bytes"] == (art / "flash.bin").stat().st_size
+    assert manifest["board"]["minimum_budget_bytes"] < manifest["board"]["session_ram_bytes"]
+    assert {p.name for p in (art / "firmware").iterdir()} == {"kernel_table.c", "memory.ld", "board.cmake"}
+    # the host artifact holds the very same weights: the firmware and the host runtime run one model
+    for name, header in (("trunk.bin", trunk_file.HEADER_BYTES), ("experts.bin", expert_image.ALIGN)):
+        assert (art / name).read_bytes()[header:] == (host / name).read_bytes()[header:], name
+
+
+@pytest.mark.parametrize("predictor", ["auto", "none"])
+def test_firmware_tokens_match_host_and_reference(board_artifact, trained_model, tokenizer, predictor):
+    art, elf, host, _ = board_artifact
+    ids = tokenizer.encode(PROMPTS[0]).ids
+    report = run_firmware(elf, art, ["--tokens", ",".join(map(str, ids)), "-n", str(N_NEW), "--predictor", predictor])
+    want, _ = ReferenceExecutor(artifact_model(trained_model, art), MAX_SEQ).greedy(ids, N_NEW)
+    proc = subprocess.run([str(runtime_dir() / "edgemoe_run"), str(host), "--tokens", ",".join(map(str, ids)), "-n",
+                           str(N_NEW)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert report["tokens"] == want
+    assert [int(t) for t in proc.stdout.splitlines()[0].split(",")] == want
+    # experts streamed: the cache holds fewer than all of them, and records were read from flash every token
+    assert report["cache_slots"] < 48 and report["flash_bytes_per_token"] > 0
+    assert report["predictor"] == ("next-router" if predictor == "auto" else "none")
+    assert (report["prefetch_issued"] > 0) == (predictor == "auto")
+    assert report["heap_grew_after_open"] == 0 and report["heap_refused"] == 0
+    assert report["instructions_per_token"] > 0
+
+
+def test_firmware_reads_through_the_block_read_routine(board_artifact, tokenizer):
+    """The flash driver back end (start a transfer, poll it) gives the same tokens as the mapped window."""
+    art, elf, _, _ = board_artifact
+    ids = tokenizer.encode(PROMPTS[1]).ids
+    args = ["--tokens", ",".join(map(str, ids)), "-n", "6", "--cache-fraction", "0.25"]
+    mapped, driver = run_firmware(elf, art, args), run_firmware(elf, art, args + ["--flash-driver"])
+    assert driver["flash"] == "block-read routine" and mapped["flash"] == "memory-mapped"
+    assert driver["tokens"] == mapped["tokens"]
+    assert driver["flash_bytes_read"] == mapped["flash_bytes_read"]
+
+
+@pytest.mark.parametrize("options,what", [
+    (dict(expert_bits=4, trunk_bits=8, max_seq=64), "flash image"),
+    (dict(expert_bits=2, trunk_bits=4, max_seq=1024), "KV cache at --max-seq 1024"),
+])
+def test_a_model_the_board_cannot_hold_is_refused(tmp_path, options, what):
+    with pytest.raises(BoardFitError, match=what):
+        compile_model(TRAINED_MODEL, tmp_path / "art", CompileOptions(target=BOARD, **options), log=lambda m: None)
+    assert not (tmp_path / "art").exists()
