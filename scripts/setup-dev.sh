@@ -6,7 +6,9 @@
 #
 # System packages: cmake and a C toolchain (the C runtime); qemu-user, gcc-aarch64-linux-gnu and
 # libc6-dev-arm64-cross (the Arm targets are tested by cross-compiling the runtime and running it
-# under qemu); clang and libclang-rt-14-dev (fuzzing and sanitizer builds of the runtime).
+# under qemu); gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (the microcontroller
+# firmware is built for a Cortex-M55 board and run under qemu's mps3-an547); clang and
+# libclang-rt-14-dev (fuzzing and sanitizer builds of the runtime).
 # Python packages: torch (pinned, first, so nothing pulls another build in), then the project
 # with its [test] extras. PYTHON selects the interpreter (default: python, else python3).
 set -euo pipefail
@@ -22,6 +24,9 @@ REQUIRED=(
   "qemu-user cmd:qemu-aarch64"
   "gcc-aarch64-linux-gnu cmd:aarch64-linux-gnu-gcc"
   "libc6-dev-arm64-cross deb"
+  "gcc-arm-none-eabi cmd:arm-none-eabi-gcc"
+  "libnewlib-arm-none-eabi deb"
+  "qemu-system-arm cmd:qemu-system-arm"
   "clang cmd:clang"
   "libclang-rt-14-dev deb"
 )
