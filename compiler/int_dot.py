@@ -17,7 +17,10 @@ lanes: a tile is done as four vectors of 4 rows, and 8-bit codes are flipped to 
 (u XOR 0x80 = u − 128) so their centre becomes 0; 2- and 4-bit codes are small enough as they are.
 Armv8.0 cores without dotprod (Cortex-A53/A72) get the same sums from widening multiplies
 (`smull` to int16, `saddlp` and `addp` to int32), as llama.cpp's kernels do there; x86 without
-VNNI from `pmaddubsw` and `pmaddwd` on |x| and the codes carrying x's sign.
+VNNI from `pmaddubsw` and `pmaddwd` on |x| and the codes carrying x's sign. On the Cortex-M55
+(Helium/MVE, 4 int32 lanes) each byte of a lane's word is sign-extended in place by two shifts and
+multiplied-accumulated: about half the vector operations per weight of the float kernels (decode,
+convert, centre, scale, FMA); instructions per token measured in docs/BENCHMARKS.md §8.
 
 The kernels are written directly in TIR (TVMScript) rather than as tensor expressions to be
 scheduled: the vector types, the two interleaved accumulation chains and the intrinsic are the
