@@ -89,6 +89,41 @@ def test_firmware_reads_through_the_block_read_routine(board_artifact, tokenizer
     assert driver["flash_bytes_read"] == mapped["flash_bytes_read"]
 
 
+def test_a_corrupted_flash_image_is_refused_by_name(board_artifact, tmp_path):
+    """The firmware checks what it reads as the host runtime does: the flash directory, the trunk's
+    checksum, each expert record's CRC-32C (read twice, then the step fails naming the record)."""
+    import struct
+
+    from edgemoe.compiler.firmware import FLASH_ENTRY, FLASH_HEADER
+
+    art, elf, _, _ = board_artifact
+    image = (art / "flash.bin").read_bytes()
+    entries = [FLASH_ENTRY.unpack_from(image, FLASH_HEADER.size + i * FLASH_ENTRY.size) for i in range(2)]
+    where = {name.rstrip(b"\0").decode(): (offset, length) for name, offset, length in entries}
+
+    def run_with(broken: bytes, args=("--tokens", "1,464,2170", "-n", "4")):
+        copy = tmp_path / "art"
+        shutil.copytree(art, copy, dirs_exist_ok=True)
+        (copy / "flash.bin").write_bytes(broken)
+        with pytest.raises(RuntimeError) as e:
+            run_firmware(elf, copy, list(args))
+        return str(e.value)
+
+    flipped = bytearray(image)
+    flipped[30] ^= 1  # a file name in the directory
+    assert "directory checksum mismatch" in run_with(bytes(flipped))
+    flipped = bytearray(image)
+    offset, length = where["trunk.bin"]
+    flipped[offset + length - 100] ^= 1
+    assert "trunk weights checksum mismatch" in run_with(bytes(flipped))
+    flipped = bytearray(image)
+    offset, length = where["experts.bin"]
+    data_offset = struct.unpack_from("<" + expert_image.HEADER_FMT, image, offset)[12]
+    for at in range(offset + data_offset + 100, offset + length, 4096):  # a byte of every record's pages
+        flipped[at] ^= 1
+    assert "failed its checksum" in run_with(bytes(flipped))
+
+
 @pytest.mark.parametrize("options,what", [
     (dict(expert_bits=4, trunk_bits=8, max_seq=64), "flash image"),
     (dict(expert_bits=2, trunk_bits=4, max_seq=1024), "KV cache at --max-seq 1024"),

@@ -2,6 +2,7 @@
  * the image's directory and em_pread_all reads it through the mounted flash, memory-mapped or by
  * the board's block-read routine. The directory is checked as the artifact's headers are: magic,
  * version, CRC-32, every file within the image and the image within the flash. */
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -135,7 +136,7 @@ void em_close_file(int fd) { (void)fd; }
 
 int em_pread_all(int fd, void* buf, uint64_t len, uint64_t offset) {
   uint32_t off, flen;
-  if (em_flash_file_range(fd, &off, &flen)) return -9; /* EBADF */
+  if (em_flash_file_range(fd, &off, &flen)) return -EBADF;
   if (offset > flen || len > flen - offset) return EM_READ_SHORT;
   return flash_read(buf, (uint32_t)len, off + (uint32_t)offset);
 }
