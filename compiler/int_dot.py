@@ -71,6 +71,9 @@ ISAS = (
     # Cortex-M55 (Helium): per int32 lane, each byte sign-extended in place by two shifts and
     # multiplied-accumulated (VSHL, VSHR, VMLA on 4 lanes); the input's bytes are shared by the lanes
     Isa("Arm MVE", "arm", "mve", 4, None, True),
+    # Cortex-M7 (DSP extension, no vector unit): per lane, SXTB16 spreads the even and the odd bytes
+    # of the codes and of the input into int16 halves, and two SMLADs add their four products
+    Isa("Arm DSP", "arm", "dsp", 4, "llvm.arm.smlad", True),
 )
 
 
@@ -149,6 +152,20 @@ def _dot4(isa: Isa, acc, codes, act):
             up = _vec(24 - 8 * m, "int32", lanes)
             acc = acc + ((c << up) >> _vec(24, "int32", lanes)) * ((x << up) >> _vec(24, "int32", lanes))
         return acc
+    if isa.intrinsic == "llvm.arm.smlad":
+        def halves(word):  # (even bytes, odd bytes), each as two sign-extended int16 halves
+            rotated = (word >> tirx.const(8, "uint32")) | (word << tirx.const(24, "uint32"))
+            return [tirx.call_llvm_pure_intrin("int32", "llvm.arm.sxtb16", tirx.reinterpret("int32", w))
+                    for w in (word, rotated)]
+
+        a = halves(tirx.Shuffle([act], [0]))  # the input's 4 bytes, the same in every lane
+        sums = []
+        for i in range(lanes):
+            total, c = tirx.Shuffle([acc], [i]), halves(tirx.Shuffle([codes], [i]))
+            for h in range(2):
+                total = tirx.call_llvm_pure_intrin("int32", isa.intrinsic, c[h], a[h], total)
+            sums.append(total)
+        return tirx.Shuffle(sums, list(range(lanes)))
     if isa.intrinsic is not None:
         return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsic, acc, tirx.reinterpret(f"int8x{4 * lanes}", codes),
                                           tirx.reinterpret(f"int8x{4 * lanes}", act))

@@ -1,5 +1,6 @@
 """The microcontroller path end to end: the bundled model compiled for the emulated Cortex-M55 board
-(mps3-an547: integer-dot kernels on Helium, and the float kernels), its firmware built with
+(mps3-an547: integer-dot kernels on Helium, and the float kernels) and Cortex-M7 board (mps2-an500:
+integer-dot kernels on the DSP extension's SMLAD), its firmware built with
 arm-none-eabi-gcc and run under qemu-system-arm with the flash image at the QSPI flash address,
 experts streaming into an expert cache smaller than the experts, with prediction on and off. The
 tokens must equal the host runtime's on the same weights and the NumPy reference's of the artifact;
@@ -27,22 +28,37 @@ N_NEW = 12
 OPTIONS = dict(expert_bits=4, trunk_bits=4, max_seq=MAX_SEQ)
 
 
-@pytest.fixture(scope="module", params=[None, False], ids=["int-dot", "float"])
-def board_artifact(request, tmp_path_factory):
-    """(artifact, firmware ELF, host artifact of the same weights) for each kernel kind."""
+_built: dict = {}
+
+
+def _board_artifact(tmp_path_factory, board: str, int_dot):
+    """(artifact, firmware ELF, host artifact of the same weights, layout), built once per module."""
+    if (board, int_dot) in _built:
+        return _built[board, int_dot]
     missing = [t for t in ("arm-none-eabi-gcc", "qemu-system-arm") if shutil.which(t) is None]
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed: apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi "
                     "qemu-system-arm (scripts/setup-dev.sh does)")
-    base = tmp_path_factory.mktemp(f"mcu-{'float' if request.param is False else 'int-dot'}")
+    layout = "rows" if int_dot is False else "tiles"
+    base = tmp_path_factory.mktemp(f"mcu-{board}-{layout}")
     art, host = base / "board", base / "host"
-    compile_model(TRAINED_MODEL, art, CompileOptions(target=BOARD, int_dot=request.param, **OPTIONS),
-                  log=lambda m: None)
-    layout = "rows" if request.param is False else "tiles"
+    compile_model(TRAINED_MODEL, art, CompileOptions(target=board, int_dot=int_dot, **OPTIONS), log=lambda m: None)
     compile_model(TRAINED_MODEL, host, CompileOptions(target="host", int_dot=layout == "tiles", **OPTIONS),
                   log=lambda m: None)
-    elf = build_firmware(art, REPO_ROOT / "build" / f"firmware-{layout}")
-    return art, elf, host, layout
+    elf = build_firmware(art, REPO_ROOT / "build" / f"firmware-{board}-{layout}")
+    _built[board, int_dot] = art, elf, host, layout
+    return _built[board, int_dot]
+
+
+@pytest.fixture(scope="module", params=[(BOARD, None), (BOARD, False), ("mps2-an500", None)],
+                ids=["m55-int-dot", "m55-float", "m7-int-dot"])
+def board_artifact(request, tmp_path_factory):
+    return _board_artifact(tmp_path_factory, *request.param)
+
+
+@pytest.fixture(scope="module")
+def m55_artifact(tmp_path_factory):
+    return _board_artifact(tmp_path_factory, BOARD, None)
 
 
 def test_board_compile_writes_the_firmware_inputs(board_artifact):
@@ -78,9 +94,9 @@ def test_firmware_tokens_match_host_and_reference(board_artifact, trained_model,
     assert report["instructions_per_token"] > 0
 
 
-def test_firmware_reads_through_the_block_read_routine(board_artifact, tokenizer):
+def test_firmware_reads_through_the_block_read_routine(m55_artifact, tokenizer):
     """The flash driver back end (start a transfer, poll it) gives the same tokens as the mapped window."""
-    art, elf, _, _ = board_artifact
+    art, elf, _, _ = m55_artifact
     ids = tokenizer.encode(PROMPTS[1]).ids
     args = ["--tokens", ",".join(map(str, ids)), "-n", "6", "--cache-fraction", "0.25"]
     mapped, driver = run_firmware(elf, art, args), run_firmware(elf, art, args + ["--flash-driver"])
@@ -89,14 +105,14 @@ def test_firmware_reads_through_the_block_read_routine(board_artifact, tokenizer
     assert driver["flash_bytes_read"] == mapped["flash_bytes_read"]
 
 
-def test_a_corrupted_flash_image_is_refused_by_name(board_artifact, tmp_path):
+def test_a_corrupted_flash_image_is_refused_by_name(m55_artifact, tmp_path):
     """The firmware checks what it reads as the host runtime does: the flash directory, the trunk's
     checksum, each expert record's CRC-32C (read twice, then the step fails naming the record)."""
     import struct
 
     from edgemoe.compiler.firmware import FLASH_ENTRY, FLASH_HEADER
 
-    art, elf, _, _ = board_artifact
+    art, elf, _, _ = m55_artifact
     image = (art / "flash.bin").read_bytes()
     entries = [FLASH_ENTRY.unpack_from(image, FLASH_HEADER.size + i * FLASH_ENTRY.size) for i in range(2)]
     where = {name.rstrip(b"\0").decode(): (offset, length) for name, offset, length in entries}
