@@ -20,7 +20,9 @@ Armv8.0 cores without dotprod (Cortex-A53/A72) get the same sums from widening m
 VNNI from `pmaddubsw` and `pmaddwd` on |x| and the codes carrying x's sign. On the Cortex-M55
 (Helium/MVE, 4 int32 lanes) each byte of a lane's word is sign-extended in place by two shifts and
 multiplied-accumulated: about half the vector operations per weight of the float kernels (decode,
-convert, centre, scale, FMA); instructions per token measured in docs/BENCHMARKS.md §8.
+convert, centre, scale, FMA); on a Cortex-M7 (DSP extension, no vector unit) each lane is a core
+register: SXTB16 spreads even and odd bytes into int16 halves and two SMLADs add the four products.
+Instructions per token on both: docs/BENCHMARKS.md §8.
 
 The kernels are written directly in TIR (TVMScript) rather than as tensor expressions to be
 scheduled: the vector types, the two interleaved accumulation chains and the intrinsic are the
