@@ -26,8 +26,10 @@ set(EM_BAREMETAL_SOURCES
   runtime_c/src/loader.c
   runtime_c/src/matrix.c
   runtime_c/src/memory_plan.c
+  runtime_c/src/mla.c
   runtime_c/src/predictor.c
   runtime_c/src/program.c
+  runtime_c/src/routing.c
   runtime_c/src/session.c
   runtime_c/src/storage_flash.c
   runtime_c/src/thread_pool_serial.c
