@@ -41,7 +41,8 @@ FEATURES = (
 
 
 def target_arch(tvm_target) -> str:
-    return str(tvm_target.attrs.get("mtriple", "")).split("-")[0]
+    arch = str(tvm_target.attrs.get("mtriple", "")).split("-")[0]
+    return "arm" if arch.startswith("thumb") else arch  # Cortex-M: thumbv7em, thumbv8.1m.main
 
 
 def elf_machine(tvm_target) -> int:

@@ -360,7 +360,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     tvm_target = target.tvm()
     identity = ArtifactIdentity(
         compile_id=os.urandom(16),
-        kernels_sha256=bytes.fromhex(_sha256(out_dir / kernels["library"])) if "library" in kernels else bytes(32),
+        # what the runtime checks before running them: kernels.so, or the firmware's kernels.o
+        kernels_sha256=bytes.fromhex(_sha256(out_dir / kernels.get("library", kernels["object"]))),
         machine=elf_machine(tvm_target), cpu_features=required_features(tvm_target))
     with stage(progress, "writing experts.bin and trunk.bin"):
         records = writer.finish(identity.compile_id)
@@ -371,6 +372,18 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
         f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "
         f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels")
+
+    board = None
+    if target.board is not None:  # a microcontroller: flash image, firmware sources, and does it fit
+        from .firmware import check_fits, write_firmware_files, write_flash_image
+
+        with stage(progress, "writing flash.bin and the firmware's kernel table"):
+            image_bytes = write_flash_image(out_dir, out_dir / "flash.bin")
+            board = check_fits(target, out_dir, cfg, max_seq, image_bytes)
+            write_firmware_files(target, out_dir, kernels["symbols"])
+        log(f"wrote flash.bin ({image_bytes / 2**20:.2f} MiB of {board['flash_bytes'] / 2**20:.0f} MiB flash, at "
+            f"0x{target.board['flash']['address']:08x}); the minimum session ({board['minimum_budget_bytes'] / 2**20:.2f}"
+            f" MiB) fits {board['session_ram_bytes'] / 2**20:.2f} MiB of RAM")
 
     # the C runtime's own tokenizer, where it can reproduce this one (text in and out without Python)
     tokenizer_c = tokenizer if isinstance(tokenizer, str) else write_tokenizer(tokenizer, out_dir / "tokenizer.bin")
@@ -400,6 +413,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
             "calibration": str(opts.calibration), "tokens": int(profile.selected.shape[0]),
             "expert_frequency": profile.frequency.round(4).tolist()},
         "kernels": kernels,
+        "board": board,
         "files": files,
         "compile_seconds": round(time.time() - t0, 2),
     }

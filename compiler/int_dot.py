@@ -17,7 +17,12 @@ lanes: a tile is done as four vectors of 4 rows, and 8-bit codes are flipped to 
 (u XOR 0x80 = u − 128) so their centre becomes 0; 2- and 4-bit codes are small enough as they are.
 Armv8.0 cores without dotprod (Cortex-A53/A72) get the same sums from widening multiplies
 (`smull` to int16, `saddlp` and `addp` to int32), as llama.cpp's kernels do there; x86 without
-VNNI from `pmaddubsw` and `pmaddwd` on |x| and the codes carrying x's sign.
+VNNI from `pmaddubsw` and `pmaddwd` on |x| and the codes carrying x's sign. On the Cortex-M55
+(Helium/MVE, 4 int32 lanes) each byte of a lane's word is sign-extended in place by two shifts and
+multiplied-accumulated: about half the vector operations per weight of the float kernels (decode,
+convert, centre, scale, FMA); on a Cortex-M7 (DSP extension, no vector unit) each lane is a core
+register: SXTB16 spreads even and odd bytes into int16 halves and two SMLADs add the four products.
+Instructions per token on both: docs/BENCHMARKS.md §8.
 
 The kernels are written directly in TIR (TVMScript) rather than as tensor expressions to be
 scheduled: the vector types, the two interleaved accumulation chains and the intrinsic are the
@@ -65,6 +70,12 @@ ISAS = (
     # x86 without VNNI (Haswell and later): |x| · (code with x's sign), u8 × s8 pairs → s16 (pmaddubsw,
     # no saturation as |x|, |code| ≤ 127), pairs → s32 (pmaddwd)
     Isa("AVX2", "x86_64", "avx2", 8, None, True),
+    # Cortex-M55 (Helium): per int32 lane, each byte sign-extended in place by two shifts and
+    # multiplied-accumulated (VSHL, VSHR, VMLA on 4 lanes); the input's bytes are shared by the lanes
+    Isa("Arm MVE", "arm", "mve", 4, None, True),
+    # Cortex-M7 (DSP extension, no vector unit): per lane, SXTB16 spreads the even and the odd bytes
+    # of the codes and of the input into int16 halves, and two SMLADs add their four products
+    Isa("Arm DSP", "arm", "dsp", 4, "llvm.arm.smlad", True),
 )
 
 
@@ -72,7 +83,9 @@ def isa_for(target: tvm.target.Target) -> Isa | None:
     """The first (fastest) int8 dot product `target` has, if any."""
     from tvm.target import codegen
 
-    arch = str(target.attrs.get("mtriple", "")).split("-")[0]
+    from .cpu_features import target_arch
+
+    arch = target_arch(target)
     for isa in ISAS:
         if arch == isa.arch and codegen.target_has_features(isa.feature, target):
             return isa
@@ -135,6 +148,26 @@ def _dot4(isa: Isa, acc, codes, act):
         signed = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", c, x)  # code · sign(x)
         pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", magnitude, signed)
         return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, _vec(1, "int16", 16))
+    if isa.intrinsic is None and isa.arch == "arm":
+        c, x = tirx.reinterpret(f"int32x{lanes}", codes), tirx.reinterpret(f"int32x{lanes}", act)
+        for m in range(4):  # byte m of each word, sign-extended: (w << 24 - 8m) >> 24, arithmetic
+            up = _vec(24 - 8 * m, "int32", lanes)
+            acc = acc + ((c << up) >> _vec(24, "int32", lanes)) * ((x << up) >> _vec(24, "int32", lanes))
+        return acc
+    if isa.intrinsic == "llvm.arm.smlad":
+        def halves(word):  # (even bytes, odd bytes), each as two sign-extended int16 halves
+            rotated = (word >> tirx.const(8, "uint32")) | (word << tirx.const(24, "uint32"))
+            return [tirx.call_llvm_pure_intrin("int32", "llvm.arm.sxtb16", tirx.reinterpret("int32", w))
+                    for w in (word, rotated)]
+
+        a = halves(tirx.Shuffle([act], [0]))  # the input's 4 bytes, the same in every lane
+        sums = []
+        for i in range(lanes):
+            total, c = tirx.Shuffle([acc], [i]), halves(tirx.Shuffle([codes], [i]))
+            for h in range(2):
+                total = tirx.call_llvm_pure_intrin("int32", isa.intrinsic, c[h], a[h], total)
+            sums.append(total)
+        return tirx.Shuffle(sums, list(range(lanes)))
     if isa.intrinsic is not None:
         return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsic, acc, tirx.reinterpret(f"int8x{4 * lanes}", codes),
                                           tirx.reinterpret(f"int8x{4 * lanes}", act))

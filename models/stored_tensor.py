@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-# safetensors dtype names → how the stored bytes become float32
-FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# safetensors dtype names → how the stored bytes become float32 (U8: MXFP4 blocks and scales, exact as float32)
+STORED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8}
 HEADER_LIMIT = 100 << 20  # a safetensors JSON header larger than this is not a real one
 
 
@@ -68,16 +68,16 @@ class _Mapped:
 
 
 class StoredTensor(NDArrayOperatorsMixin):
-    """A float tensor in a safetensors file, read as float32 when used (module docstring)."""
+    """A tensor in a safetensors file, read as float32 when used (module docstring)."""
 
     def __init__(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, end: int):
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in STORED_DTYPES:
             raise SafetensorsFormatError(f"{path}: tensor {name!r} is {dtype}; EdgeMoE imports "
-                                         f"{', '.join(FLOAT_DTYPES)} tensors (convert the checkpoint to one of them)")
+                                         f"{', '.join(STORED_DTYPES)} tensors (convert the checkpoint to one of them)")
         count = int(np.prod(shape, dtype=np.int64))
-        if end - start != count * np.dtype(FLOAT_DTYPES[dtype]).itemsize:
+        if end - start != count * np.dtype(STORED_DTYPES[dtype]).itemsize:
             raise SafetensorsFormatError(f"{path}: tensor {name!r} spans {end - start} bytes, its shape "
-                                         f"{tuple(shape)} at {dtype} needs {count * np.dtype(FLOAT_DTYPES[dtype]).itemsize}")
+                                         f"{tuple(shape)} at {dtype} needs {count * np.dtype(STORED_DTYPES[dtype]).itemsize}")
         self.path, self.name, self.stored_dtype, self.shape = Path(path), name, dtype, tuple(shape)
         self.start, self.end = start, end
 
@@ -89,7 +89,7 @@ class StoredTensor(NDArrayOperatorsMixin):
         """The tensor as a new float32 array. The mapped pages are released from this process
         afterwards (they stay in the page cache), so walking a checkpoint does not grow the RSS."""
         m = _Mapped.buffer(self.path)
-        raw = np.frombuffer(m, FLOAT_DTYPES[self.stored_dtype], self.size, self.start).reshape(self.shape)
+        raw = np.frombuffer(m, STORED_DTYPES[self.stored_dtype], self.size, self.start).reshape(self.shape)
         if self.stored_dtype == "BF16":  # bfloat16 is the top half of a float32
             out = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
         else:

@@ -7,7 +7,9 @@
 # System packages: cmake and a C toolchain (the C runtime); qemu-user, gcc-aarch64-linux-gnu and
 # libc6-dev-arm64-cross (the Arm targets are tested by cross-compiling the runtime and running it
 # under qemu); g++-aarch64-linux-gnu (TVM's minimal RPC server, cross-built for tuning an aarch64 board
-# under qemu); clang and libclang-rt-14-dev (fuzzing and sanitizer builds of the runtime).
+# under qemu); gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (the microcontroller
+# firmware is built for a Cortex-M55 board and run under qemu's mps3-an547); clang and
+# libclang-rt-14-dev (fuzzing and sanitizer builds of the runtime).
 # The aarch64 TVM runtime that server links against (libtvm_runtime.so, libtvm_ffi.so) comes from the
 # aarch64 wheels of the installed apache-tvm and apache-tvm-ffi versions, unpacked into build/tvm-runtime-aarch64.
 # Python packages: torch (pinned, first, so nothing pulls another build in), then the project
@@ -28,6 +30,9 @@ REQUIRED=(
   "gcc-aarch64-linux-gnu cmd:aarch64-linux-gnu-gcc"
   "g++-aarch64-linux-gnu cmd:aarch64-linux-gnu-g++"
   "libc6-dev-arm64-cross deb"
+  "gcc-arm-none-eabi cmd:arm-none-eabi-gcc"
+  "libnewlib-arm-none-eabi deb"
+  "qemu-system-arm cmd:qemu-system-arm"
   "clang cmd:clang"
   "libclang-rt-14-dev deb"
 )

@@ -23,6 +23,8 @@ class TargetDesc:
     ram_bytes: int | None
     storage: dict
     android_api: int | None = None  # Android targets: the API level the NDK compiler is named for (toolchain.py)
+    # microcontrollers (os "none"): memory map, flash, CPU flags, int8 dot instructions, sources
+    board: dict | None = None
 
     def resolved_tvm_target(self) -> dict:
         """The TVM target dict with 'native' triple/cpu replaced by what LLVM detects on this machine."""

@@ -82,6 +82,35 @@ def test_the_layer_pass_computes_forward_sequence_s_numbers(trained_model):
             assert np.array_equal(out, trace["layer_out"][layer.index])
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen2_moe"])
+def test_the_layer_pass_follows_each_family_s_forward(family, tmp_path):
+    """Dense layers passed through, latent attention, windows and sinks, router bias, expert biases
+    and activation, the gated shared expert summed first: the layer pass gives forward_sequence's
+    numbers, bit for bit, expert layers indexed as its trace and selected experts index them."""
+    from edgemoe.compiler.layer_pass import LayerPass
+    from edgemoe.models.reference import forward_sequence
+
+    from families import save_checkpoint
+
+    model_dir = save_checkpoint(family, tmp_path / family)
+    eager, lazy = load_model(model_dir), load_model(model_dir, lazy_experts=True)
+    tokens = np.random.default_rng(5).integers(0, eager.config.vocab_size, 40)
+    traces = [{}, {}]
+    selected = [forward_sequence(eager, tokens[i : i + 24], trace)[1] for i, trace in zip((0, 24), traces)]
+    calibration = LayerPass(lazy, tokens, window=24)
+    seen = []
+    for layer in calibration.layers():
+        seen.append(layer.index)
+        for w, trace in enumerate(traces):
+            assert np.array_equal(layer.ffn_in[w], trace["ffn_in"][layer.moe_index])
+            assert np.array_equal(layer.logits[w], trace["router_logits"][layer.moe_index])
+        calibration.run_experts(layer)
+        for out, trace in zip(layer.output(), traces):
+            assert np.array_equal(out, trace["layer_out"][layer.index])
+    assert seen == eager.config.moe_layer_ids
+    assert all(np.array_equal(a, b) for a, b in zip(calibration.selected, selected))
+
+
 def records(artifact: Path):
     """The expert records of an artifact as (table without the compile id, the data)."""
     head, recs = read_table(artifact / "experts.bin")

@@ -1,13 +1,8 @@
-#define _XOPEN_SOURCE 700
 #include "artifact.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "crc32.h"
 #include "edgemoe.h"
@@ -43,49 +38,8 @@ static int range_within(uint64_t offset, uint64_t len, uint64_t lo, uint64_t hi)
   return offset >= lo && offset <= hi && len <= hi - offset;
 }
 
-int em_pread_all(int fd, void* buf, uint64_t len, uint64_t offset) {
-  uint8_t* p = (uint8_t*)buf;
-  while (len > 0) {
-    ssize_t got = pread(fd, p, len > (1u << 30) ? (1u << 30) : (size_t)len, (off_t)offset);
-    if (got < 0 && errno == EINTR) continue;
-    if (got < 0) return -errno;
-    if (got == 0) return EM_READ_SHORT;
-    p += got;
-    len -= (uint64_t)got;
-    offset += (uint64_t)got;
-  }
-  return 0;
-}
-
-const char* em_read_error(int code) {
-  return code == EM_READ_SHORT ? "the file ends before it (truncated?)" : strerror(-code);
-}
-
-int em_open_file(const char* path, char* err, size_t n) {
-  /* O_NONBLOCK: opening a FIFO must not wait for a writer; cleared below for a regular file. */
-  int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  struct stat st;
-  if (fd < 0) {
-    snprintf(err, n, "cannot open %s: %s (is this an edgemoe-compile output directory?)", path, strerror(errno));
-    return EM_ERR_IO;
-  }
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    snprintf(err, n, "%s: %s; an artifact's files are regular files written by edgemoe-compile", path,
-             S_ISDIR(st.st_mode) ? "is a directory" : "is not a regular file (a FIFO, socket or device?)");
-    close(fd);
-    return EM_ERR_IO;
-  }
-  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-  return fd;
-}
-
-static uint64_t file_size(int fd) {
-  struct stat st;
-  return fstat(fd, &st) == 0 ? (uint64_t)st.st_size : 0;
-}
-
 static int check_size(int fd, const char* path, uint64_t expected, char* err, size_t n) {
-  uint64_t actual = file_size(fd);
+  uint64_t actual = em_file_size(fd);
   if (actual >= expected) return EM_OK;
   snprintf(err, n, "%s: truncated: %llu bytes, header says %llu; re-copy or recompile the artifact", path,
            (unsigned long long)actual, (unsigned long long)expected);
@@ -96,7 +50,7 @@ static int check_size(int fd, const char* path, uint64_t expected, char* err, si
 static int read_checked_header(int fd, const char* path, const char* magic, uint32_t version, const char* what,
                                uint8_t* b, size_t len, char* err, size_t n) {
   int rc = em_pread_all(fd, b, len + 4, 0);
-  if (rc == EM_READ_SHORT && file_size(fd) >= 12 && em_pread_all(fd, b, 12, 0) == 0 && !memcmp(b, magic, 8) &&
+  if (rc == EM_READ_SHORT && em_file_size(fd) >= 12 && em_pread_all(fd, b, 12, 0) == 0 && !memcmp(b, magic, 8) &&
       le32(b + 8) != version)
     rc = 0; /* a shorter header of another version: say so below */
   if (rc == EM_READ_SHORT) {

@@ -77,7 +77,11 @@ int em_pread_all(int fd, void* buf, uint64_t len, uint64_t offset);
 const char* em_read_error(int code);
 
 /* Opens an artifact file for reading: a descriptor, or a negative em_status with the reason in err
- * (missing, a directory, a FIFO or device rather than a regular file, no permission). Never blocks. */
+ * (missing, a directory, a FIFO or device rather than a regular file, no permission). Never blocks.
+ * These four are files_posix.c's on Linux and files_flash.c's (files of a flash image) bare-metal. */
 int em_open_file(const char* path, char* err, size_t n);
+/* The size of an open file (0 if unknown), and closing it. */
+uint64_t em_file_size(int fd);
+void em_close_file(int fd);
 
 #endif

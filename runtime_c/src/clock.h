@@ -4,6 +4,12 @@
 #include <stdint.h>
 #include <time.h>
 
+#ifdef EM_BAREMETAL
+/* The board's clock: nanoseconds since reset (the firmware's SysTick count; under qemu -icount
+ * shift=0, one per instruction). */
+uint64_t em_board_now_ns(void);
+static inline uint64_t em_now_ns(void) { return em_board_now_ns(); }
+#else
 /* Monotonic nanoseconds (needs _POSIX_C_SOURCE >= 199309L in the including file). */
 static inline uint64_t em_now_ns(void) {
   struct timespec ts;
@@ -18,4 +24,5 @@ static inline void em_sleep_s(double seconds) {
   while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
   }
 }
+#endif
 #endif

@@ -1,6 +1,8 @@
 #include "crc32.h"
 
+#ifndef EM_BAREMETAL
 #include <pthread.h>
+#endif
 #include <string.h>
 
 #if defined(__aarch64__) && defined(__linux__)
@@ -14,7 +16,14 @@
  * tables. Slicing-by-4 checked about 1.1 GB/s here, slower than a phone's flash. */
 static uint32_t ieee[8][256], castagnoli[8][256];
 static int have_crc_instruction;
+#ifdef EM_BAREMETAL
+/* one thread: em_open builds the tables before anything else uses them */
+static int tables_once;
+#define ONCE(flag, fn) ((flag) ? (void)0 : ((flag) = 1, fn()))
+#else
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
+#define ONCE(flag, fn) pthread_once(&(flag), fn)
+#endif
 
 static void build(uint32_t poly, uint32_t table[8][256]) {
   for (uint32_t i = 0; i < 256; i++) {
@@ -79,17 +88,17 @@ static uint32_t castagnoli_instruction(uint32_t crc, const uint8_t* p, size_t n)
 #endif
 
 uint32_t em_crc32(uint32_t crc, const void* data, size_t n) {
-  pthread_once(&tables_once, init);
+  ONCE(tables_once, init);
   return ~slice8(ieee, ~crc, (const uint8_t*)data, n);
 }
 
 uint32_t em_crc32c_tables(uint32_t crc, const void* data, size_t n) {
-  pthread_once(&tables_once, init);
+  ONCE(tables_once, init);
   return ~slice8(castagnoli, ~crc, (const uint8_t*)data, n);
 }
 
 uint32_t em_crc32c(uint32_t crc, const void* data, size_t n) {
-  pthread_once(&tables_once, init);
+  ONCE(tables_once, init);
   if (!have_crc_instruction) return ~slice8(castagnoli, ~crc, (const uint8_t*)data, n);
   return ~castagnoli_instruction(~crc, (const uint8_t*)data, n);
 }

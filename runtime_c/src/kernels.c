@@ -1,82 +1,29 @@
-#define _POSIX_C_SOURCE 200809L
+/* Finding an artifact's kernels by name (in kernels.so, kernels_dlopen.c, or the firmware's kernel
+ * table, kernels_static.c) and calling them. */
 #include "kernels.h"
 
-#include <dlfcn.h>
-#include <errno.h>
 #include <stdio.h>
 #include <string.h>
-#include <unistd.h>
 
-#include "artifact.h"
 #include "edgemoe.h"
 #include "generated/program.h"
-#include "sha256.h"
-#include "thread_pool.h"
 #include "tvm_backend.h"
 
-static int resolve(void* lib, const char* name, em_ffi_fn* out, int required, char* err, size_t n) {
+static int resolve(const em_kernels* k, const char* name, em_ffi_fn* out, int required, char* err, size_t n) {
   char sym[96];
   snprintf(sym, sizeof sym, "__tvm_ffi_%s", name);
-  void* p = dlsym(lib, sym);
-  if (!p && required) {
+  *out = em_kernels_symbol(k, sym);
+  if (!*out && required) {
     snprintf(err, n, "kernel library lacks %s; recompile the artifact", sym);
     return EM_ERR_KERNEL;
   }
-  memcpy(out, &p, sizeof p); /* object pointer → function pointer, as POSIX dlsym requires */
-  return EM_OK;
-}
-
-/* Points a weak function-pointer variable of the generated code at our implementation. */
-static void hook(void* lib, const char* var, void* fn) {
-  void** slot = (void**)dlsym(lib, var);
-  if (slot) *slot = fn;
-}
-
-/* SHA-256 of the open file. */
-static int digest_file(int fd, const char* path, uint8_t out[32], char* err, size_t n) {
-  uint8_t buf[1 << 14];
-  em_sha256 c;
-  em_sha256_init(&c);
-  for (uint64_t at = 0;;) {
-    ssize_t got = pread(fd, buf, sizeof buf, (off_t)at);
-    if (got < 0) {
-      snprintf(err, n, "reading %s failed: %s", path, em_read_error(-errno));
-      return EM_ERR_IO;
-    }
-    if (got == 0) break;
-    em_sha256_update(&c, buf, (size_t)got);
-    at += (uint64_t)got;
-  }
-  em_sha256_final(&c, out);
   return EM_OK;
 }
 
 int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], char* err, size_t n) {
   memset(k, 0, sizeof *k);
-  int fd = em_open_file(path, err, n);
-  if (fd < 0) return fd;
-  uint8_t digest[32];
-  int rc = digest_file(fd, path, digest, err, n);
-  if (!rc && memcmp(digest, sha256, 32) != 0) {
-    snprintf(err, n, "%s does not match the SHA-256 trunk.bin records for it (modified, truncated or from another "
-             "compile); not loading it: re-copy the artifact whole or recompile it", path);
-    rc = EM_ERR_KERNEL;
-  }
-  if (!rc) {
-    /* load the very file just hashed (its descriptor), not whatever the path names by now */
-    char self[64];
-    snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
-    k->lib = dlopen(access(self, R_OK) == 0 ? self : path, RTLD_NOW | RTLD_LOCAL);
-    if (!k->lib) {
-      snprintf(err, n, "cannot load kernels %s: %s", path, dlerror());
-      rc = EM_ERR_KERNEL;
-    }
-  }
-  close(fd);
+  int rc = em_kernels_open(k, path, sha256, err, n);
   if (rc) return rc;
-  hook(k->lib, "__TVMBackendAllocWorkspace", (void*)em_workspace_alloc);
-  hook(k->lib, "__TVMBackendFreeWorkspace", (void*)em_workspace_free);
-  hook(k->lib, "__TVMBackendParallelLaunch", (void*)em_parallel_launch);
   struct {
     const char* name;
     em_ffi_fn* fn;
@@ -96,22 +43,17 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
                {EM_KERNEL_DENSE_GATE_UP, &k->dense_gate_up, 0}, {EM_KERNEL_DENSE_DOWN, &k->dense_down, 0},
                {EM_KERNEL_ATTENTION_SINKS, &k->attention_sinks, 0}, {EM_KERNEL_ROUTER_BIAS, &k->router_bias, 0}};
   for (size_t i = 0; i < sizeof trunk / sizeof trunk[0]; i++)
-    if (resolve(k->lib, trunk[i].name, trunk[i].fn, trunk[i].required, err, n)) return EM_ERR_KERNEL;
+    if (resolve(k, trunk[i].name, trunk[i].fn, trunk[i].required, err, n)) return EM_ERR_KERNEL;
   static const char* const fmts[EM_EXPERT_ACT_COUNT][2] = EM_EXPERT_ACT_KERNEL_FMTS;
   for (int act = 0; act < EM_EXPERT_ACT_COUNT; act++)
     for (int b = 1; b <= EM_MAX_BITS; b++) {
       char name[64];
       snprintf(name, sizeof name, fmts[act][0], b);
-      resolve(k->lib, name, &k->gate_up[act][b], 0, err, n);
+      resolve(k, name, &k->gate_up[act][b], 0, err, n);
       snprintf(name, sizeof name, fmts[act][1], b);
-      resolve(k->lib, name, &k->down[act][b], 0, err, n);
+      resolve(k, name, &k->down[act][b], 0, err, n);
     }
   return EM_OK;
-}
-
-void em_kernels_unload(em_kernels* k) {
-  if (k->lib) dlclose(k->lib);
-  k->lib = NULL;
 }
 
 static em_arg make_arg(void* data, em_dl_dtype dtype, int ndim, int64_t d0, int64_t d1, int64_t d2) {

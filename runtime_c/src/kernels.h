@@ -22,9 +22,16 @@ typedef struct {
 } em_kernels;
 
 /* Loads kernels.so after checking that its SHA-256 is `sha256` (the digest trunk.bin records):
- * a modified, truncated or swapped library is refused before any of its code runs. */
+ * a modified, truncated or swapped library is refused before any of its code runs. A firmware's
+ * kernels are linked in: their table's digest (of kernels.o) must be `sha256`. */
 int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], char* err, size_t n);
 void em_kernels_unload(em_kernels* k);
+
+/* What em_kernels_load stands on, one pair per build: kernels_dlopen.c (kernels.so) or
+ * kernels_static.c (the firmware's kernel table). open checks the digest and points the kernels'
+ * calls into the runtime (workspace, parallel launch) at ours; symbol finds __tvm_ffi_<name>. */
+int em_kernels_open(em_kernels* k, const char* path, const uint8_t sha256[32], char* err, size_t n);
+em_ffi_fn em_kernels_symbol(const em_kernels* k, const char* symbol);
 
 /* A tensor argument: a DLTensor with its own shape storage. */
 typedef struct {

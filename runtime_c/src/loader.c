@@ -8,11 +8,26 @@
 #include "clock.h"
 #include "crc32.h"
 
+#ifdef EM_BAREMETAL
+/* No threads: nothing to lock, and waiting for a load to finish is doing the reading. */
+#define LOCK(l) ((void)0)
+#define UNLOCK(l) ((void)0)
+#define SIGNAL_WORK(l) ((void)0)
+#define BROADCAST_DONE(l) ((void)0)
+#define WAIT_DONE(l) complete_one(l)
+static int complete_one(em_loader* l);
+#else
+#define LOCK(l) pthread_mutex_lock(&(l)->lock)
+#define UNLOCK(l) pthread_mutex_unlock(&(l)->lock)
+#define SIGNAL_WORK(l) pthread_cond_signal(&(l)->work)
+#define BROADCAST_DONE(l) pthread_cond_broadcast(&(l)->done)
+#define WAIT_DONE(l) (pthread_cond_wait(&(l)->done, &(l)->lock), 1)
+static void* loader_main(void* arg);
+#endif
+
 size_t em_loader_meta_bytes(uint32_t n_slots, uint32_t n_records) {
   return (size_t)n_slots * sizeof(em_load_request) + (size_t)n_records * sizeof(int32_t);
 }
-
-static void* loader_main(void* arg);
 
 int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, const em_record* records,
                    uint32_t experts_per_layer, int verify, int threaded, em_stats* stats, void* meta, char* err,
@@ -29,13 +44,19 @@ int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, co
   l->q_cap = cache->n_slots;
   l->failed = (int32_t*)(l->queue + l->q_cap);
   for (uint32_t i = 0; i < cache->n_records; i++) l->failed[i] = 0;
-  pthread_mutex_init(&l->lock, NULL);
-  pthread_cond_init(&l->work, NULL);
-  pthread_cond_init(&l->done, NULL);
   if (threaded > EM_MAX_READERS) {
     snprintf(err, n, "%d reader threads asked for, at most %d", threaded, EM_MAX_READERS);
     return EM_ERR_ARGUMENT;
   }
+#ifdef EM_BAREMETAL
+  (void)err, (void)n;
+  l->threaded = threaded > 0; /* reads progressed between kernels; one in flight */
+  if (l->threaded && (!storage->start || !storage->poll)) l->threaded = 0;
+  return EM_OK;
+#else
+  pthread_mutex_init(&l->lock, NULL);
+  pthread_cond_init(&l->work, NULL);
+  pthread_cond_init(&l->done, NULL);
   for (int i = 0; i < threaded; i++) {
     int rc = pthread_create(&l->thread[i], NULL, loader_main, l);
     if (rc) {
@@ -45,20 +66,25 @@ int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, co
     l->started = i + 1;
   }
   return EM_OK;
+#endif
 }
 
 void em_loader_stop(em_loader* l) {
+#ifdef EM_BAREMETAL
+  while (l->in_flight) em_loader_poll(l); /* the transfer writes into a slot: let it end first */
+#else
   if (l->started) {
-    pthread_mutex_lock(&l->lock);
+    LOCK(l);
     l->stop = 1;
     pthread_cond_broadcast(&l->work);
-    pthread_mutex_unlock(&l->lock);
+    UNLOCK(l);
     for (int i = 0; i < l->started; i++) pthread_join(l->thread[i], NULL);
     l->started = 0;
   }
   pthread_cond_destroy(&l->work);
   pthread_cond_destroy(&l->done);
   pthread_mutex_destroy(&l->lock);
+#endif
 }
 
 /* Reads and checks one record into its slot; runs without the lock (the slot is LOADING: only
@@ -93,28 +119,80 @@ static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint
     l->failed[record] = rc;
     em_cache_release(l->cache, slot);
   }
-  pthread_cond_broadcast(&l->done);
+  BROADCAST_DONE(l);
 }
+
+#ifdef EM_BAREMETAL
+/* Starts the read of the request at the head of the queue; 0 if there is none. */
+static int start_next(em_loader* l) {
+  if (l->q_len == 0) return 0;
+  l->reading = l->queue[l->q_head];
+  l->q_head = (l->q_head + 1) % l->q_cap;
+  l->q_len--;
+  l->in_flight = 1;
+  l->attempt = 0;
+  l->read_started = em_now_ns();
+  const em_record* r = &l->records[l->reading.record];
+  int rc = l->storage->start(l->storage, em_cache_slot(l->cache, l->reading.slot), r->length, r->offset);
+  if (rc < 0) l->in_flight = rc; /* failed at once: the next poll reports it */
+  return 1;
+}
+
+/* The read in flight ended with rc (0: the bytes are in the slot): check it, read once more after
+ * a failure (as read_record does), else record the outcome. */
+static void read_ended(em_loader* l, int rc) {
+  const em_record* r = &l->records[l->reading.record];
+  uint8_t* dst = em_cache_slot(l->cache, l->reading.slot);
+  if (!rc && l->verify && em_crc32c(0, dst, r->length) != r->crc) rc = EM_LOAD_CHECKSUM;
+  if (rc && l->attempt == 0) {
+    l->attempt = 1;
+    int again = l->storage->start(l->storage, dst, r->length, r->offset);
+    l->in_flight = again < 0 ? again : 1;
+    return;
+  }
+  l->in_flight = 0;
+  finish_load(l, l->reading.record, l->reading.slot, rc, em_now_ns() - l->read_started, l->attempt);
+}
+
+void em_loader_poll(em_loader* l) {
+  if (!l->threaded || (!l->in_flight && !start_next(l))) return;
+  if (l->in_flight < 0) { /* start() refused it */
+    read_ended(l, l->in_flight);
+    return;
+  }
+  int rc = l->storage->poll(l->storage);
+  if (rc) read_ended(l, rc > 0 ? 0 : rc);
+}
+
+/* Drives the reads until one load has finished; 0 if none was queued or in flight. */
+static int complete_one(em_loader* l) {
+  if (!l->in_flight && !start_next(l)) return 0;
+  while (l->in_flight) em_loader_poll(l);
+  return 1;
+}
+#else
+void em_loader_poll(em_loader* l) { (void)l; /* reader threads read */ }
 
 static void* loader_main(void* arg) {
   em_loader* l = (em_loader*)arg;
-  pthread_mutex_lock(&l->lock);
+  LOCK(l);
   for (;;) {
     while (!l->stop && l->q_len == 0) pthread_cond_wait(&l->work, &l->lock);
     if (l->stop) break;
     em_load_request req = l->queue[l->q_head];
     l->q_head = (l->q_head + 1) % l->q_cap;
     l->q_len--;
-    pthread_mutex_unlock(&l->lock);
+    UNLOCK(l);
     uint64_t ns;
     int retried;
     int rc = read_record(l, req.record, req.slot, &ns, &retried);
-    pthread_mutex_lock(&l->lock);
+    LOCK(l);
     finish_load(l, req.record, req.slot, rc, ns, retried);
   }
-  pthread_mutex_unlock(&l->lock);
+  UNLOCK(l);
   return NULL;
 }
+#endif
 
 /* Queues a load; demand loads go ahead of prefetches. Called with the lock held; the queue never
  * overflows since every entry owns a distinct LOADING slot. */
@@ -127,7 +205,7 @@ static void enqueue(em_loader* l, int32_t record, int32_t slot, int demand) {
     l->queue[(l->q_head + l->q_len) % l->q_cap] = req;
   }
   l->q_len++;
-  pthread_cond_signal(&l->work);
+  SIGNAL_WORK(l);
 }
 
 static void format_failure(const em_loader* l, uint32_t record, int rc, char* err, size_t n) {
@@ -153,8 +231,9 @@ static int32_t claim_for_demand(em_loader* l, uint32_t record, uint32_t layer) {
     }
     if (!l->threaded) return -1; /* nothing in flight can free a slot */
     uint64_t t0 = em_now_ns();
-    pthread_cond_wait(&l->done, &l->lock);
+    int waited = WAIT_DONE(l);
     l->stats->stall_ns += em_now_ns() - t0;
+    if (!waited) return -1;
   }
 }
 
@@ -188,9 +267,9 @@ static int demand_load(em_loader* l, uint32_t record, uint32_t layer, char* err,
   }
   uint64_t ns;
   int retried;
-  pthread_mutex_unlock(&l->lock);
+  UNLOCK(l);
   int rc = read_record(l, (int32_t)record, slot, &ns, &retried);
-  pthread_mutex_lock(&l->lock);
+  LOCK(l);
   l->stats->stall_ns += ns;
   finish_load(l, (int32_t)record, slot, rc, ns, retried);
   if (rc) format_failure(l, record, rc, err, errn);
@@ -220,7 +299,7 @@ static void cancel_stale_prefetches(em_loader* l, const uint32_t* records, uint3
 int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, char* err, size_t errn) {
   int rc = EM_OK;
   uint32_t i;
-  pthread_mutex_lock(&l->lock);
+  LOCK(l);
   cancel_stale_prefetches(l, records, n, layer);
   for (i = 0; i < n && rc == EM_OK; i++) {
     int32_t slot = em_cache_lookup(l->cache, records[i]);
@@ -241,14 +320,14 @@ int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t l
     int32_t slot = em_cache_lookup(l->cache, records[j]);
     if (slot >= 0 && l->cache->slot[slot].pins) l->cache->slot[slot].pins--;
   }
-  pthread_mutex_unlock(&l->lock);
+  UNLOCK(l);
   return rc;
 }
 
 int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data, char* err, size_t errn) {
   int rc = EM_OK, retried = 0;
   uint64_t t0 = 0;
-  pthread_mutex_lock(&l->lock);
+  LOCK(l);
   for (;;) {
     int32_t slot = em_cache_lookup(l->cache, record);
     if (slot >= 0 && l->cache->slot[slot].state == EM_SLOT_READY) {
@@ -268,23 +347,23 @@ int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data
       continue;
     }
     if (!t0) t0 = em_now_ns();
-    pthread_cond_wait(&l->done, &l->lock);
+    (void)WAIT_DONE(l);
   }
   if (t0) l->stats->stall_ns += em_now_ns() - t0;
-  pthread_mutex_unlock(&l->lock);
+  UNLOCK(l);
   return rc;
 }
 
 void em_loader_release(em_loader* l, uint32_t record) {
-  pthread_mutex_lock(&l->lock);
+  LOCK(l);
   int32_t slot = em_cache_lookup(l->cache, record);
   if (slot >= 0 && l->cache->slot[slot].pins) l->cache->slot[slot].pins--;
-  pthread_mutex_unlock(&l->lock);
+  UNLOCK(l);
 }
 
 void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer) {
   if (!l->threaded) return;
-  pthread_mutex_lock(&l->lock);
+  LOCK(l);
   for (uint32_t i = 0; i < n; i++) {
     if (em_cache_lookup(l->cache, records[i]) >= 0) continue;
     int wasted;
@@ -294,11 +373,11 @@ void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint3
     l->stats->prefetch_issued++;
     enqueue(l, (int32_t)records[i], slot, 0);
   }
-  pthread_mutex_unlock(&l->lock);
+  UNLOCK(l);
 }
 
 void em_loader_stats(em_loader* l, em_stats* out) {
-  pthread_mutex_lock(&l->lock);
+  LOCK(l);
   *out = *l->stats;
-  pthread_mutex_unlock(&l->lock);
+  UNLOCK(l);
 }

@@ -1,11 +1,16 @@
 /* Getting expert records into cache slots: on demand for the expert the decode loop needs now,
  * and ahead of need for the experts a predictor names, on reader threads that read while the
  * decode thread computes — several reads in flight where the storage overlaps requests (UFS, NVMe
- * command queues). All cache bookkeeping happens under the loader's lock. */
+ * command queues). All cache bookkeeping happens under the loader's lock.
+ * Bare-metal (EM_BAREMETAL) there are no threads: one read is in flight at a time, started on the
+ * storage and progressed by em_loader_poll, which the decode loop calls between kernels (a DMA
+ * transfer completed in the background); waiting for a record drives the reads to it. */
 #ifndef EM_LOADER_H
 #define EM_LOADER_H
 
+#ifndef EM_BAREMETAL
 #include <pthread.h>
+#endif
 #include <stddef.h>
 #include <stdint.h>
 
@@ -30,10 +35,16 @@ typedef struct {
   int threaded; /* reader threads (0: reads happen on the decode thread) */
   em_stats* stats; /* counters shared with the session, updated under the lock */
 
+#ifdef EM_BAREMETAL
+  em_load_request reading; /* the read in flight, if `in_flight` */
+  int in_flight, attempt;
+  uint64_t read_started;
+#else
   pthread_t thread[EM_MAX_READERS];
   pthread_mutex_t lock;
   pthread_cond_t work; /* the queue got a request, or stop */
   pthread_cond_t done; /* a load finished (ready or failed) */
+#endif
   int started, stop; /* started: reader threads running */
   em_load_request* queue; /* ring buffer of n_slots requests: at most one in flight per slot */
   uint32_t q_head, q_len, q_cap;
@@ -61,6 +72,9 @@ void em_loader_release(em_loader* l, uint32_t record);
 /* Starts loading these records (most wanted first) into slots the policy can spare; skips any that
  * are resident or in flight and stops when no slot can be claimed. No-op without a loader thread. */
 void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer);
+/* Bare-metal: progresses the read in flight (or starts the next queued one); called between
+ * kernels. A no-op where reader threads do the reading. */
+void em_loader_poll(em_loader* l);
 /* A copy of the shared counters. */
 void em_loader_stats(em_loader* l, em_stats* out);
 

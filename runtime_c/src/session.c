@@ -3,13 +3,11 @@
  * Everything the session uses is allocated once, in em_open, within the memory budget. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "artifact.h"
 #include "crc32.h"
@@ -131,8 +129,8 @@ static int read_headers(const artifact_paths* ap, em_trunk_header* th, em_image_
     rc = *records ? em_read_image_table(ifd, ap->image, ih, *records, err, n) : EM_ERR_NOMEM;
     if (rc == EM_ERR_NOMEM) snprintf(err, n, "out of memory reading %s", ap->image);
   }
-  close(tfd);
-  if (ifd >= 0) close(ifd);
+  em_close_file(tfd);
+  if (ifd >= 0) em_close_file(ifd);
   if (rc) free(*records), *records = NULL;
   return rc;
 }
@@ -180,7 +178,7 @@ static int load_trunk(em_session* s, const char* path, em_tensor_entry* t) {
     snprintf(s->err, ERR_LEN, "%s: trunk weights checksum mismatch (corrupted file); re-copy or recompile", path);
     rc = EM_ERR_FORMAT;
   }
-  close(fd);
+  em_close_file(fd);
   return rc;
 }
 
@@ -436,9 +434,17 @@ static void swap(float** a, float** b) {
   *b = t;
 }
 
+/* Calls a kernel, then lets a read in flight progress (bare-metal, where reads advance between
+ * kernels; a no-op where reader threads do the reading). */
+static int kernel(em_session* s, em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n_args) {
+  int rc = em_kernel_invoke(fn, name, args, n_args, s->err, ERR_LEN);
+  em_loader_poll(&s->loader);
+  return rc;
+}
+
 /* Kernel arguments go to the indices compiler/program.py's SIGNATURES give them (generated/program.h). */
 #define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
-#define INVOKE(fn, name, args, SIG) em_kernel_invoke(fn, name, args, EM_SIG_##SIG##_ARGS, s->err, ERR_LEN)
+#define INVOKE(fn, name, args, SIG) kernel(s, fn, name, args, EM_SIG_##SIG##_ARGS)
 #define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
 
 static int matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y) {

@@ -16,6 +16,11 @@ struct em_storage {
    * the decode thread waits. */
   int (*read)(em_storage* self, void* dst, uint64_t len, uint64_t offset);
   void (*close)(em_storage* self);
+  /* Bare-metal back ends (storage_flash.c) also read in the background: start() begins a read
+   * (0 or a read's error code), poll() then returns 1 once it is complete, 0 while it runs, or
+   * an error code. NULL elsewhere. */
+  int (*start)(em_storage* self, void* dst, uint64_t len, uint64_t offset);
+  int (*poll)(em_storage* self);
 };
 
 em_storage* em_storage_open_pread(const char* path, int direct_io, char* err, size_t err_len);

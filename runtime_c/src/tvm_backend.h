@@ -8,7 +8,7 @@
 
 #include "tvm_abi.h"
 
-#if defined(__GNUC__)
+#if defined(__GNUC__) && !defined(EM_BAREMETAL) /* bare-metal: one thread, no TLS */
 #define EM_THREAD_LOCAL __thread
 #else
 #define EM_THREAD_LOCAL

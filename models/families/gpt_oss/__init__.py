@@ -31,6 +31,7 @@ import numpy as np
 
 from ...config import Expert, Layer, MoEConfig, MoEModel
 from ...hf_import import ConfigReader, ModelImportError, TensorReader, attention_and_norms, embeddings, read_config
+from ...stored_tensor import materialize
 from ...yarn import yarn_rope
 from .. import common_config
 from . import mxfp4
@@ -116,8 +117,9 @@ def _expert_matrices(r: TensorReader, m: str, cfg: MoEConfig, packed: bool) -> t
     """gate_up [E, 2I, H] (rows: outputs, gate and up interleaved) and down [E, H, I] of layer prefix `m`."""
     H, I, E = cfg.hidden_size, cfg.expert_intermediate, cfg.num_experts
     if not packed:
-        gate_up = r.get(m + "gate_up_proj", (E, H, 2 * I)).transpose(0, 2, 1)
-        return gate_up, r.get(m + "down_proj", (E, I, H)).transpose(0, 2, 1)
+        # stored [E, in, out], gate and up interleaved: read whole, not expert by expert when used
+        gate_up = materialize(r.get(m + "gate_up_proj", (E, H, 2 * I))).transpose(0, 2, 1)
+        return gate_up, materialize(r.get(m + "down_proj", (E, I, H))).transpose(0, 2, 1)
     out = []
     for name, rows, cols in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
         if cols % mxfp4.BLOCK:
