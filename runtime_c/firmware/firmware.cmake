@@ -15,26 +15,12 @@ include(${EM_ART}/firmware/board.cmake) # EM_BOARD, EM_CPU_FLAGS
 add_compile_options(${EM_CPU_FLAGS} -ffunction-sections -fdata-sections -fno-if-conversion -fno-if-conversion2
                     -Wno-format)
 add_compile_definitions(EM_BAREMETAL)
-set(EM_BAREMETAL_SOURCES
-  runtime_c/src/artifact.c
-  runtime_c/src/cpu_check.c
-  runtime_c/src/crc32.c
-  runtime_c/src/expert_cache.c
+include(${CMAKE_CURRENT_LIST_DIR}/../sources.cmake)
+set(EM_BAREMETAL_SOURCES ${EM_CORE_SOURCES}
   runtime_c/src/files_flash.c
-  runtime_c/src/kernels.c
   runtime_c/src/kernels_static.c
-  runtime_c/src/loader.c
-  runtime_c/src/matrix.c
-  runtime_c/src/memory_plan.c
-  runtime_c/src/mla.c
-  runtime_c/src/predictor.c
-  runtime_c/src/program.c
-  runtime_c/src/routing.c
-  runtime_c/src/session.c
   runtime_c/src/storage_flash.c
-  runtime_c/src/thread_pool_serial.c
-  runtime_c/src/trunk_view.c
-  runtime_c/src/tvm_backend.c)
+  runtime_c/src/thread_pool_serial.c)
 add_library(edgemoe_baremetal STATIC ${EM_BAREMETAL_SOURCES})
 target_include_directories(edgemoe_baremetal PUBLIC runtime_c/include runtime_c/src)
 
