@@ -49,6 +49,25 @@ class MoEConfig:
     # (head_dim/2 values; None: all 1), and cos and sin multiplied by rope_scale
     rope_factors: tuple[float, ...] | None = None
     rope_scale: float = 1.0
+    # Encoder-decoder models (Switch Transformers): the first encoder_layers of the num_layers layers
+    # are an encoder, run over the whole input at prefill (bidirectional attention); the rest a
+    # decoder run per token, each layer attending to the encoder's output after its self-attention.
+    encoder_layers: int = 0
+    decoder_start_token_id: int | None = None  # the decoder's first input token
+    # Layers whose feed-forward block is one dense MLP (resident, trunk bits) instead of experts
+    dense_layers: tuple[int, ...] = ()
+    dense_intermediate: int = 0
+    # The experts' (and dense MLPs') activation: "swiglu" (down(silu(gate x) · up x)) or "relu"
+    # (two matrices: down(relu(up x)))
+    expert_act: str = "swiglu"
+    # Positions: "rope", or "relative" (T5's buckets of the key-query distance, a learned bias per
+    # bucket and head added to the scores; bidirectional in the encoder, causal in the decoder)
+    position: str = "rope"
+    relative_buckets: int = 0
+    relative_max_distance: int = 0
+    # Tokens one expert takes per pass over a sequence (Switch's expert_capacity; the encoder's pass
+    # is the input, the decoder's one token); a token beyond it skips the experts. 0: no limit.
+    expert_capacity: int = 0
 
     @property
     def q_dim(self) -> int:
@@ -58,17 +77,27 @@ class MoEConfig:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The layers with experts, in order; the expert image's layer index counts these."""
+        return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
 class Expert:
-    """One SwiGLU expert: down(silu(gate(x)) * up(x)). Weights are [out, in] float32."""
+    """One SwiGLU expert: down(silu(gate(x)) * up(x)); or, for expert_act "relu", down(relu(up(x)))
+    with w_gate None. Weights are [out, in] float32."""
 
-    w_gate: np.ndarray
+    w_gate: np.ndarray | None
     w_up: np.ndarray
     w_down: np.ndarray
+
+    def matrices(self) -> list[np.ndarray]:
+        """The expert's matrices in record order: gate (if any), up, down."""
+        return [w for w in (self.w_gate, self.w_up, self.w_down) if w is not None]
 
 
 @dataclass
@@ -79,7 +108,7 @@ class Layer:
     wv: np.ndarray
     wo: np.ndarray
     ffn_norm: np.ndarray
-    router: np.ndarray  # [num_experts, hidden]
+    router: np.ndarray | None  # [num_experts, hidden]; None in a dense layer
     experts: list[Expert] = field(default_factory=list)
     bq: np.ndarray | None = None  # with qkv_bias: [q_dim], [kv_dim], [kv_dim]
     bk: np.ndarray | None = None
@@ -91,15 +120,26 @@ class Layer:
     shared_gate: np.ndarray | None = None  # [1, hidden]
     attn_norm_bias: np.ndarray | None = None  # with norm "layer": [hidden] each
     ffn_norm_bias: np.ndarray | None = None
+    dense: Expert | None = None  # a dense layer's MLP (dense_intermediate), in place of router and experts
+    # A decoder layer of an encoder-decoder: attention over the encoder's output, between the
+    # self-attention and the feed-forward block: its norm, q [q_dim, hidden], k and v [kv_dim, hidden]
+    # (applied to the encoder's output), output [hidden, q_dim]
+    cross_norm: np.ndarray | None = None
+    cwq: np.ndarray | None = None
+    cwk: np.ndarray | None = None
+    cwv: np.ndarray | None = None
+    cwo: np.ndarray | None = None
 
     def trunk_arrays(self) -> list[np.ndarray]:
         """Every resident array of the layer (for parameter counts)."""
-        out = [self.attn_norm, self.wq, self.wk, self.wv, self.wo, self.ffn_norm, self.router]
-        out += [a for a in (self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm, self.shared_gate,
-                            self.attn_norm_bias, self.ffn_norm_bias)
+        out = [self.attn_norm, self.wq, self.wk, self.wv, self.wo, self.ffn_norm]
+        out += [a for a in (self.router, self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm,
+                            self.shared_gate, self.attn_norm_bias, self.ffn_norm_bias, self.cross_norm, self.cwq,
+                            self.cwk, self.cwv, self.cwo)
                 if a is not None]
-        if self.shared is not None:
-            out += [self.shared.w_gate, self.shared.w_up, self.shared.w_down]
+        for mlp in (self.shared, self.dense):
+            if mlp is not None:
+                out += mlp.matrices()
         return out
 
 
@@ -116,11 +156,22 @@ class MoEModel:
     expert_act_group: int | None = None
     final_norm_bias: np.ndarray | None = None  # with norm "layer": [hidden]
     lm_head_bias: np.ndarray | None = None  # with lm_head_bias: [vocab]
+    # With position "relative": each stack's bias per bucket and head [relative_buckets, heads]
+    # (the first layer of the stack holds it; every layer of the stack adds it)
+    decoder_position_bias: np.ndarray | None = None
+    encoder_position_bias: np.ndarray | None = None
+    encoder_final_norm: np.ndarray | None = None  # with encoder_layers: the norm of the encoder's output
+
+    @property
+    def moe_layers(self) -> list[Layer]:
+        """The layers with experts, in order (MoEConfig.moe_layers)."""
+        return [self.layers[i] for i in self.config.moe_layers]
 
     def parameter_counts(self) -> dict:
-        experts = sum(e.w_gate.size + e.w_up.size + e.w_down.size for l in self.layers for e in l.experts)
+        experts = sum(w.size for l in self.layers for e in l.experts for w in e.matrices())
         trunk = self.embed.size + self.final_norm.size
-        trunk += sum(a.size for a in (self.final_norm_bias, self.lm_head_bias) if a is not None)
+        trunk += sum(a.size for a in (self.final_norm_bias, self.lm_head_bias, self.decoder_position_bias,
+                                      self.encoder_position_bias, self.encoder_final_norm) if a is not None)
         if not self.config.tie_embeddings:
             trunk += self.lm_head.size
         for l in self.layers:

@@ -113,13 +113,15 @@ def quantize_activation(x: np.ndarray, group: int | None) -> np.ndarray:
 
 
 def expert_hidden(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
-    """silu(gate(x)) * up(x) for rows of xn, rounded as the down projection's kernel reads it."""
+    """silu(gate(x)) * up(x) (relu(up(x)) for an expert without a gate) for rows of xn, rounded as
+    the down projection's kernel reads it."""
     xa = quantize_activation(xn, act_group)
-    return quantize_activation(silu(xa @ ex.w_gate.T) * (xa @ ex.w_up.T), act_group)
+    h = np.maximum(xa @ ex.w_up.T, 0) if ex.w_gate is None else silu(xa @ ex.w_gate.T) * (xa @ ex.w_up.T)
+    return quantize_activation(h, act_group)
 
 
 def expert_ffn(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
-    """down(silu(gate(x)) * up(x)) for rows of xn."""
+    """down(silu(gate(x)) * up(x)) (down(relu(up(x))) without a gate) for rows of xn."""
     return expert_hidden(ex, xn, act_group) @ ex.w_down.T
 
 
