@@ -18,6 +18,8 @@ def artifact_model(model, artifact_dir):
     q = json.loads((Path(artifact_dir) / "manifest.json").read_text())["quantization"]
     ref = compiled_trunk(model, q["trunk_bits"], q["group"], q["layout"])
     stored = read_experts(Path(artifact_dir) / "experts.bin")
-    layers = [replace(l, experts=[Expert(*(m.dequantize() for m in (w.gate, w.up, w.down))) for w in row])
-              for l, row in zip(ref.layers, stored)]
+    layers = list(ref.layers)
+    for li, row in zip(ref.config.moe_layers, stored):
+        layers[li] = replace(layers[li], experts=[Expert(*(None if m is None else m.dequantize()
+                                                           for m in (w.gate, w.up, w.down))) for w in row])
     return replace(ref, layers=layers)

@@ -48,13 +48,15 @@ class CompileOptions:
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
-    """Bits of each [layer][expert]: the options' plan, checked, or the uniform bitwidth."""
+    """Bits of each [layer][expert] (the layers with experts): the options' plan, checked, or the uniform
+    bitwidth."""
+    layers = len(cfg.moe_layers)
     if opts.bit_plan is None:
         check_bits(opts.expert_bits)
-        return [[opts.expert_bits] * cfg.num_experts for _ in range(cfg.num_layers)]
+        return [[opts.expert_bits] * cfg.num_experts for _ in range(layers)]
     plan = [[int(b) for b in row] for row in opts.bit_plan]
-    if len(plan) != cfg.num_layers or any(len(row) != cfg.num_experts for row in plan):
-        raise ValueError(f"bit plan must be {cfg.num_layers} layers × {cfg.num_experts} experts")
+    if len(plan) != layers or any(len(row) != cfg.num_experts for row in plan):
+        raise ValueError(f"bit plan must be {layers} layers (those with experts) × {cfg.num_experts} experts")
     for b in {b for row in plan for b in row}:
         check_bits(b)
     return plan
@@ -74,6 +76,10 @@ def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> st
         if cfg.shared_expert_intermediate:
             sdim = cfg.shared_expert_intermediate
             trunk += [(sdim, hdim), (hdim, sdim)]
+        if cfg.dense_layers:
+            trunk += [(cfg.dense_intermediate, hdim), (hdim, cfg.dense_intermediate)]
+        if cfg.encoder_layers:
+            trunk += [(cfg.q_dim, hdim), (2 * cfg.kv_dim, hdim)]
         shapes += [(r, k, opts.trunk_bits) for r, k in trunk]
     why_not = None
     if not int_dot.supported(target.tvm()):
@@ -171,6 +177,11 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     cfg = model.config
     tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none
     calib_tokens = None
+    if cfg.encoder_layers and (opts.calibration is not None or opts.search_text is not None or
+                               opts.tolerance is not None or opts.max_bits is not None):
+        raise ValueError(f"{cfg.arch} is an encoder-decoder model: calibration, routing profiles and bit-plan "
+                         "searches are implemented for decoder-only models; compile it without --calibration, "
+                         "--tolerance and --max-bits (an explicit bit plan works)")
     if (opts.calibration is not None or opts.search_text is not None) and isinstance(tokenizer, str):
         raise ValueError(f"calibration and search text need the model's tokenizer, and {model_dir} has none: "
                          f"{tokenizer}")
@@ -210,16 +221,16 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     layout = weight_layout(cfg, target, opts, bits_used)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
     counts = model.parameter_counts()
-    log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers × {cfg.num_experts} experts (top-{cfg.top_k}), "
+    log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers, {len(cfg.moe_layers)} of them with {cfg.num_experts} experts (top-{cfg.top_k}), "
         f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
 
     def stored(li, ei, e):
         grams = moments.grams(li, ei) if moments is not None else (None,) * 3
-        return ExpertWeights(*(quantize(w, plan[li][ei], opts.group, layout, g)
+        return ExpertWeights(*(None if w is None else quantize(w, plan[li][ei], opts.group, layout, g)
                                for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
-    experts = [[] for _ in model.layers]
-    each = [(li, ei, e) for li, layer in enumerate(model.layers) for ei, e in enumerate(layer.experts)]
+    experts = [[] for _ in cfg.moe_layers]
+    each = [(li, ei, e) for li, layer in enumerate(model.moe_layers) for ei, e in enumerate(layer.experts)]
     for li, ei, e in track(progress, each, "rounding experts", unit="expert"):
         experts[li].append(stored(li, ei, e))
     profile = None
@@ -241,7 +252,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         machine=elf_machine(tvm_target), cpu_features=required_features(tvm_target))
     with stage(progress, "writing experts.bin and trunk.bin"):
         records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate,
-                              opts.group, layout, identity.compile_id)
+                              opts.group, layout, identity.compile_id, cfg.expert_act)
         trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
                                   profile, identity)
     average_bits = float(np.mean(plan))

@@ -5,7 +5,9 @@ Layout (little-endian; docs/FORMAT.md is the normative description):
   table            num_records × 64-byte records (RECORD_FMT), ordered by (layer, expert)
   data             each record's bytes at a 4096-aligned offset, length padded to 4096
 Within a record: gate codes, gate scales, up codes, up scales, down codes, down scales, each
-64-byte aligned (the TVM kernels use aligned vector loads).
+64-byte aligned (the TVM kernels use aligned vector loads); for an image of ReLU experts (the
+header's act, program.ACT) up codes, up scales, down codes, down scales, the last two part
+offsets zero.
 """
 from __future__ import annotations
 
@@ -15,34 +17,43 @@ from pathlib import Path
 import numpy as np
 
 from .binfmt import ArtifactFormatError, align_up, crc32, crc32c, pack, size, unpack
+from .program import ACT
 from .quantize import QuantizedMatrix
 
 MAGIC = b"EMOEXPRT"
-VERSION = 5  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records;
-# 5: the compile id (every file of one compile carries it)
+VERSION = 6  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records;
+# 5: the compile id (every file of one compile carries it); 6: the experts' activation (ReLU records of two matrices)
 ALIGN = 4096
 PART_ALIGN = 64
 # magic, version, header_bytes, layers, experts, records, record_bytes, align, hidden, inter, group,
-# table_offset, data_offset, file_bytes, table_crc, layout, compile_id, header_crc
-HEADER_FMT = "8sIIIIIIIIIIQQQII16sI"
+# table_offset, data_offset, file_bytes, table_crc, layout, compile_id, act, header_crc
+HEADER_FMT = "8sIIIIIIIIIIQQQII16sII"
 LAYOUT_CODES = {"rows": 0, "tiles": 1}
 # layer, expert, bits, crc32c, offset, length, part offsets ×6, payload_bytes, reserved
 RECORD_FMT = "IIIIQQ6III"
 RECORD_BYTES = 64
-PART_NAMES = ("gate_q", "gate_s", "up_q", "up_s", "down_q", "down_s")
+PART_NAMES = ("gate_q", "gate_s", "up_q", "up_s", "down_q", "down_s")  # SwiGLU; ReLU: up_q, up_s, down_q, down_s
 assert size(RECORD_FMT) == RECORD_BYTES
+
+
+def matrix_shapes(hidden: int, inter: int, act: str) -> list[tuple[int, int]]:
+    """[rows, cols] of an expert's matrices in record order: gate, up, down (SwiGLU) or up, down (ReLU)."""
+    return [(inter, hidden)] * (2 if act == "swiglu" else 1) + [(hidden, inter)]
 
 
 @dataclass
 class ExpertWeights:
-    """One expert's three quantized matrices."""
+    """One expert's quantized matrices (gate None for a ReLU expert)."""
 
-    gate: QuantizedMatrix
+    gate: QuantizedMatrix | None
     up: QuantizedMatrix
     down: QuantizedMatrix
 
+    def matrices(self) -> list[QuantizedMatrix]:
+        return [m for m in (self.gate, self.up, self.down) if m is not None]
+
     def parts(self) -> list[np.ndarray]:
-        return [self.gate.packed, self.gate.scales, self.up.packed, self.up.scales, self.down.packed, self.down.scales]
+        return [a for m in self.matrices() for a in (m.packed, m.scales)]
 
 
 @dataclass
@@ -67,11 +78,11 @@ def _record_payload(w: ExpertWeights) -> tuple[bytes, list[int]]:
     return bytes(out), offsets
 
 
-def record_length(hidden: int, inter: int, bits: int, group: int) -> int:
+def record_length(hidden: int, inter: int, bits: int, group: int, act: str = "swiglu") -> int:
     """Bytes one expert occupies in the image at `bits` (payload laid out as _record_payload does)."""
     scale_bytes = 2  # fp16
     parts = []
-    for rows, cols in ((inter, hidden), (inter, hidden), (hidden, inter)):
+    for rows, cols in matrix_shapes(hidden, inter, act):
         parts += [rows * cols * bits // 8, 0 if bits == 16 else rows * (cols // group) * scale_bytes]
     n = 0
     for nbytes in parts:
@@ -79,17 +90,20 @@ def record_length(hidden: int, inter: int, bits: int, group: int) -> int:
     return align_up(n, ALIGN)
 
 
-def image_bytes(plan: list[list[int]], hidden: int, inter: int, group: int) -> int:
+def image_bytes(plan: list[list[int]], hidden: int, inter: int, group: int, act: str = "swiglu") -> int:
     """Size of the expert image for a bit plan (bits per [layer][expert])."""
     n = sum(len(row) for row in plan)
-    data = sum(record_length(hidden, inter, b, group) for row in plan for b in row)
+    data = sum(record_length(hidden, inter, b, group, act) for row in plan for b in row)
     return align_up(ALIGN + n * RECORD_BYTES, ALIGN) + data
 
 
 def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int,
-                layout: str = "rows", compile_id: bytes = bytes(16)) -> list[Record]:
-    """Write experts[layer][expert] (all quantized in `layout`) to `path`; return the record table.
-    `compile_id` (16 bytes) ties the image to the trunk.bin of the same compile."""
+                layout: str = "rows", compile_id: bytes = bytes(16), act: str = "swiglu") -> list[Record]:
+    """Write experts[layer][expert] (all quantized in `layout`, of the activation `act`) to `path`;
+    return the record table. `layer` counts the layers with experts. `compile_id` (16 bytes) ties
+    the image to the trunk.bin of the same compile."""
+    if any((w.gate is None) != (act == "relu") for row in experts for w in row):
+        raise ValueError(f"every expert of a {act} image has {'two' if act == 'relu' else 'three'} matrices")
     n_layers, n_experts = len(experts), len(experts[0])
     n = n_layers * n_experts
     table_offset = ALIGN
@@ -100,7 +114,8 @@ def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, int
             payload, offs = _record_payload(w)
             length = align_up(len(payload), ALIGN)
             blob = payload + bytes(length - len(payload))
-            records.append(Record(li, ei, w.gate.bits, crc32c(blob), pos, length, tuple(offs), len(payload)))
+            offs += [0] * (6 - len(offs))
+            records.append(Record(li, ei, w.up.bits, crc32c(blob), pos, length, tuple(offs), len(payload)))
             blobs.append(blob)
             pos += length
     table = b"".join(
@@ -108,7 +123,8 @@ def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, int
         for r in records
     )
     head = pack(HEADER_FMT[:-1], MAGIC, VERSION, ALIGN, n_layers, n_experts, n, RECORD_BYTES, ALIGN,
-                hidden, inter, group, table_offset, data_offset, pos, crc32(table), LAYOUT_CODES[layout], compile_id)
+                hidden, inter, group, table_offset, data_offset, pos, crc32(table), LAYOUT_CODES[layout], compile_id,
+                ACT[act])
     head += pack("I", crc32(head))
     with open(path, "wb") as f:
         f.write(head + bytes(ALIGN - len(head)))
@@ -129,6 +145,7 @@ class ImageHeader:
     file_bytes: int
     layout: str
     compile_id: bytes
+    act: str
 
 
 def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
@@ -139,7 +156,7 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     if len(data) < hsize:
         raise ArtifactFormatError(f"{path}: truncated header ({len(data)} bytes)")
     (magic, version, _hb, nl, ne, nr, rb, _al, hidden, inter, group, toff, doff, fbytes, tcrc, layout, compile_id,
-     hcrc) = unpack(HEADER_FMT, data)
+     act, hcrc) = unpack(HEADER_FMT, data)
     if magic != MAGIC:
         raise ArtifactFormatError(f"{path}: not an EdgeMoE expert image (magic {magic!r})")
     if len(data) >= 12 and version != VERSION:
@@ -158,10 +175,12 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     for i in range(nr):
         v = unpack(RECORD_FMT, table, i * rb)
         recs.append(Record(v[0], v[1], v[2], v[3], v[4], v[5], tuple(v[6:12]), v[12]))
-    layouts = {v: k for k, v in LAYOUT_CODES.items()}
+    layouts, acts = {v: k for k, v in LAYOUT_CODES.items()}, {v: k for k, v in ACT.items()}
     if layout not in layouts:
         raise ArtifactFormatError(f"{path}: unknown weight layout {layout}; recompile the model")
-    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout], compile_id), recs
+    if act not in acts:
+        raise ArtifactFormatError(f"{path}: unknown expert activation {act}; recompile the model")
+    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout], compile_id, acts[act]), recs
 
 
 
@@ -188,14 +207,14 @@ def read_experts(path: Path) -> list[list[ExpertWeights]]:
     """Every expert as stored, [layer][expert], each record's checksum verified."""
     head, recs = read_table(path)
     experts = [[None] * head.num_experts for _ in range(head.num_layers)]
-    shapes = ((head.inter, head.hidden), (head.inter, head.hidden), (head.hidden, head.inter))
+    shapes = matrix_shapes(head.hidden, head.inter, head.act)
     with open(path, "rb") as f:
         for r in recs:
             f.seek(r.offset)
             blob = f.read(r.length)
             if len(blob) != r.length or crc32c(blob) != r.crc:
                 raise ArtifactFormatError(f"{path}: expert {r.layer}/{r.expert}: record checksum mismatch (corrupted)")
-            experts[r.layer][r.expert] = ExpertWeights(*(
-                _matrix(blob, r.part_offsets[2 * i : 2 * i + 2], rows, cols, r.bits, head.group, head.layout)
-                for i, (rows, cols) in enumerate(shapes)))
+            matrices = [_matrix(blob, r.part_offsets[2 * i : 2 * i + 2], rows, cols, r.bits, head.group, head.layout)
+                        for i, (rows, cols) in enumerate(shapes)]
+            experts[r.layer][r.expert] = ExpertWeights(*([None] * (3 - len(matrices)) + matrices))
     return experts

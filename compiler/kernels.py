@@ -11,7 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .program import KERNEL_SIGNATURES, KERNELS, SIGNATURES, kernel_role
+from .program import EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES, kernel_role
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave, planes
 
 F32 = "float32"
@@ -126,8 +126,9 @@ def rope(cfg: MoEConfig, name: str = "em_rope") -> tvm.tirx.PrimFunc:
     return _named(q, [qkv, cos, sin, q, k, v], name)
 
 
-def attention(cfg: MoEConfig, name: str = "em_attention") -> tvm.tirx.PrimFunc:
-    """Single-query attention over the first n cache rows ([n, kv_heads, head_dim]); n is symbolic."""
+def attention(cfg: MoEConfig, name: str = "em_attention", position_bias: bool = False) -> tvm.tirx.PrimFunc:
+    """Single-query attention over the first n cache rows ([n, kv_heads, head_dim]); n is symbolic.
+    With position_bias, a bias [heads, n] is added to the scores (T5's relative positions)."""
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
     n = te.var("n", "int64")
@@ -137,6 +138,12 @@ def attention(cfg: MoEConfig, name: str = "em_attention") -> tvm.tirx.PrimFunc:
     scale = tvm.tirx.const(1.0 / d**0.5, F32)
     rd = te.reduce_axis((0, d), name="rd")
     s = te.compute((hq, n), lambda h, t: te.sum(q[h, rd] * kc[t, h // group, rd] * scale, axis=rd), name="s")
+    inputs = [q, kc, vc]
+    if position_bias:
+        bias = te.placeholder((hq, n), F32, name="bias")
+        unbiased = s
+        s = te.compute((hq, n), lambda h, t: unbiased[h, t] + bias[h, t], name="s_biased")
+        inputs.append(bias)
     rt = te.reduce_axis((0, n), name="rt")
     mx = te.compute((hq,), lambda h: te.max(s[h, rt], axis=rt), name="mx")
     e = te.compute((hq, n), lambda h, t: te.exp(s[h, t] - mx[h]), name="e")
@@ -144,7 +151,7 @@ def attention(cfg: MoEConfig, name: str = "em_attention") -> tvm.tirx.PrimFunc:
     z = te.compute((hq,), lambda h: te.sum(e[h, rz], axis=rz), name="z")
     rv = te.reduce_axis((0, n), name="rv")
     o = te.compute((hq, d), lambda h, i: te.sum(e[h, rv] * vc[rv, h // group, i] / z[h], axis=rv), name="o")
-    return _named(o, [q, kc, vc, o], name)
+    return _named(o, [*inputs, o], name)
 
 
 def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int, vec: te.Tensor, name: str):
@@ -210,6 +217,17 @@ def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = Non
     return _named(h, [x, *gw, *uw, h], name or f"em_expert_gate_up_w{bits}")
 
 
+def expert_up_relu(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
+                   name: str | None = None) -> tvm.tirx.PrimFunc:
+    """h = relu(Wu x) with Wu packed at `bits` (a ReLU expert's or dense MLP's first matrix)."""
+    hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
+    x = te.placeholder((hdim,), F32, name="x")
+    uw = _qweight("up", idim, hdim, bits, group)
+    u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
+    h = te.compute((idim,), lambda i: te.max(u[i], tvm.tirx.const(0, F32)), name="h")
+    return _named(h, [x, *uw, h], name or f"em_expert_up_relu_w{bits}")
+
+
 def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
                 name: str | None = None) -> tvm.tirx.PrimFunc:
     """y = r + weight * (Wd h): the down projection with the router weight and residual fused."""
@@ -267,18 +285,38 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
                                   parallel=n * k * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES)
         return matvec(n, k, name, residual, bits=trunk_bits, group=group)
 
+    def mlp(inter, bits, up_name, down_name, parallel_min=None):
+        """The up (ReLU) or gate-up (SwiGLU) and down kernels of an MLP [inter, hidden] at `bits`."""
+        relu, names = cfg.expert_act == "relu", dict(idim=inter)
+        if tiles and bits != 32:
+            parallel = (1 if relu else 2) * inter * hdim * bits // 8 >= int_dot.PARALLEL_MIN_BYTES
+            up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
+            return [up(isa, cfg, bits, group, parallel, name=up_name, **names),
+                    int_dot.expert_down(isa, cfg, bits, group, parallel, name=down_name, **names)]
+        up = expert_up_relu if relu else expert_gate_up
+        return [up(cfg, bits, group, name=up_name, **names), expert_down(cfg, bits, group, name=down_name, **names)]
+
     K = KERNELS
     funcs = [
         layernorm(hdim, cfg.norm_eps, K["layernorm"]) if cfg.norm == "layer" else rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
         trunk_matvec(qkv_rows, hdim, K["qkv_bias"] if cfg.qkv_bias else K["qkv"], residual=cfg.qkv_bias),
-        rope(cfg, K["rope"]),
-        attention(cfg, K["attention"]),
         trunk_matvec(hdim, cfg.q_dim, K["o_proj"], residual=True),
         matvec(cfg.num_experts, hdim, K["router"]),
         # the LM head's bias, where it has one, added as the qkv bias is: as the matvec's residual
         trunk_matvec(cfg.vocab_size, hdim, K["lm_head_bias"] if cfg.lm_head_bias else K["lm_head"],
                      residual=cfg.lm_head_bias),
     ]
+    if cfg.position == "relative":
+        funcs.append(attention(cfg, K["attention_bias"], position_bias=True))
+    else:
+        funcs += [rope(cfg, K["rope"]), attention(cfg, K["attention"])]
+    if cfg.encoder_layers:  # cross-attention: the plain attention over the encoder's rows
+        funcs += [attention(cfg, K["attention"]), trunk_matvec(cfg.q_dim, hdim, K["cross_q"]),
+                  trunk_matvec(2 * cfg.kv_dim, hdim, K["cross_kv"])]
+    if cfg.dense_layers:  # resident, at the trunk's bitwidth
+        if cfg.expert_act != "relu":
+            raise ValueError("dense MLP layers are implemented for ReLU MLPs only")
+        funcs += mlp(cfg.dense_intermediate, trunk_bits, K["dense_up_relu"], K["dense_down"])
     if cfg.qk_norm != "none":
         funcs.append(qk_norm(cfg, K["qk_norm"]))
     if cfg.o_bias:
@@ -294,13 +332,9 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
             funcs += [expert_gate_up(cfg, trunk_bits, group, **gate_up), expert_down(cfg, trunk_bits, group, **down)]
         if cfg.shared_expert_gate:
             funcs.append(matvec(1, hdim, K["shared_gate"]))
+    up = "expert_up_relu" if cfg.expert_act == "relu" else "expert_gate_up"
     for b in sorted(set(expert_bits)):
-        if tiles:
-            parallel = 2 * idim * hdim * b // 8 >= int_dot.PARALLEL_MIN_BYTES
-            funcs += [int_dot.expert_gate_up(isa, cfg, b, group, parallel),
-                      int_dot.expert_down(isa, cfg, b, group, parallel)]
-        else:
-            funcs += [expert_gate_up(cfg, b, group), expert_down(cfg, b, group)]
+        funcs += mlp(idim, b, EXPERT_KERNELS[up].format(bits=b), EXPERT_KERNELS["expert_down"].format(bits=b))
     for f in funcs:
         check_signature(f)
     return {str(f.attrs["global_symbol"]): f for f in funcs}

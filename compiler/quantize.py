@@ -222,7 +222,8 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
                     layout: str = "rows", moments=None):
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
     NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
-    [layer][expert]; None leaves them float), rounded against `moments` (profile.ExpertMoments) when
+    [layer][expert], layer counting the layers with experts; None leaves them float), rounded
+    against `moments` (profile.ExpertMoments) when
     given, and the trunk matrices at `trunk_bits`. With the tiles layout the artifact's kernels also
     quantize their inputs, and so does the reference."""
     from dataclasses import replace
@@ -232,7 +233,7 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     check_trunk_bits(trunk_bits)
 
     def q(w, b, gram=None):
-        return w if b == 32 else quantize(w, b, group, gram=gram).dequantize()
+        return w if b == 32 or w is None else quantize(w, b, group, gram=gram).dequantize()
 
     def expert(li, ei, e):
         if expert_bits is None:
@@ -241,12 +242,16 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
         grams = moments.grams(li, ei) if moments is not None else (None,) * 3
         return Expert(*(q(w, b, g) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
-    def shared(e):  # resident: stored at the trunk's bitwidth
+    def resident(e):  # a shared expert or dense MLP: stored at the trunk's bitwidth
         return None if e is None else Expert(*(q(w, trunk_bits) for w in (e.w_gate, e.w_up, e.w_down)))
 
+    moe_index = {l: i for i, l in enumerate(model.config.moe_layers)}
+    t = trunk_bits
     layers = [
-        replace(l, wq=q(l.wq, trunk_bits), wk=q(l.wk, trunk_bits), wv=q(l.wv, trunk_bits), wo=q(l.wo, trunk_bits),
-                experts=[expert(li, ei, e) for ei, e in enumerate(l.experts)], shared=shared(l.shared))
+        replace(l, wq=q(l.wq, t), wk=q(l.wk, t), wv=q(l.wv, t), wo=q(l.wo, t),
+                experts=[expert(moe_index.get(li), ei, e) for ei, e in enumerate(l.experts)],
+                shared=resident(l.shared), dense=resident(l.dense), cwq=q(l.cwq, t), cwk=q(l.cwk, t),
+                cwv=q(l.cwv, t), cwo=q(l.cwo, t))
         for li, l in enumerate(model.layers)
     ]
     embed = q(model.embed, trunk_bits)

@@ -17,27 +17,30 @@ from pathlib import Path
 import numpy as np
 
 from ..models import MoEModel
+from ..models.encoder_decoder import position_bias_table
 from ..models.reference import rope_tables
 from .binfmt import align_up, crc32, pack, size
 from .program import NONE, PROFILE_TENSORS, emit_program
 from .quantize import quantize
 
 MAGIC = b"EMOTRUNK"
-VERSION = 3  # 3: compile id, the kernels' SHA-256, their machine and CPU features
+VERSION = 4  # 3: compile id, the kernels' SHA-256, their machine and CPU features; 4: KV-cache and
+# cross-attention layers, the dense MLP size, the decoder start token (encoder-decoder models)
 HEADER_BYTES = 256
 TENSOR_ALIGN = 64
 # magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
 # inter, max_positions, rope_theta, norm_eps, flags, bos, eos, n_tensors, table_offset,
 # data_offset, file_bytes, table_crc, data_crc, compile_id, kernels_sha256, machine, cpu_features,
-# shared_expert_intermediate, header_crc
-HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIII"
+# shared_expert_intermediate, kv_layers, cross_layers, dense_intermediate, decoder_start, header_crc
+HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIIIIIiI"
 # name, dtype, ndim, shape[4], offset, bytes, crc, bits (of a quantized matrix's codes; 0 otherwise)
 TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
 FLAG_TILES = 4  # the quantized matrices are in the tiles layout (quantize.py)
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.uint32): 3}
 # the matrices stored at the trunk bitwidth (name or suffix)
-QUANTIZED = ("embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj")
+QUANTIZED = ("embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj", "dense_gate",
+             "dense_up", "dense_down", "cross_wq", "cross_wkv", "cross_wo")
 assert size(TENSOR_FMT) == TENSOR_BYTES
 
 
@@ -45,7 +48,6 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
     """The resident tensors in file order, under the names the layer program (program.py) refers to;
     with a RoutingProfile, also the predictor's tables and the expert frequencies."""
     cfg = model.config
-    cos, sin = rope_tables(cfg, max_positions)
     out = [("embed", model.embed)]
     for i, l in enumerate(model.layers):
         p = f"layers.{i}."
@@ -63,7 +65,14 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         out.append((p + "ffn_norm", l.ffn_norm))
         if cfg.norm == "layer":
             out.append((p + "ffn_norm_bias", l.ffn_norm_bias))
-        out.append((p + "router", l.router))
+        if l.router is not None:
+            out.append((p + "router", l.router))
+        if l.dense is not None:
+            out += [(p + "dense_" + n, w) for n, w in zip(("gate", "up", "down"), (l.dense.w_gate, l.dense.w_up,
+                                                                                l.dense.w_down)) if w is not None]
+        if l.cwq is not None:
+            out += [(p + "cross_norm", l.cross_norm), (p + "cross_wq", l.cwq),
+                    (p + "cross_wkv", np.concatenate([l.cwk, l.cwv], axis=0)), (p + "cross_wo", l.cwo)]
         if l.shared is not None:
             out += [(p + "shared_gate_proj", l.shared.w_gate), (p + "shared_up_proj", l.shared.w_up),
                     (p + "shared_down_proj", l.shared.w_down)]
@@ -72,7 +81,12 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
     out.append(("final_norm", model.final_norm))
     if cfg.norm == "layer":
         out.append(("final_norm_bias", model.final_norm_bias))
-    out += [("rope_cos", cos), ("rope_sin", sin)]
+    if cfg.position == "relative":
+        out += [("encoder_final_norm", model.encoder_final_norm),
+                ("encoder_position_bias", position_bias_table(model, True, max_positions)),
+                ("decoder_position_bias", position_bias_table(model, False, max_positions))]
+    else:
+        out += list(zip(("rope_cos", "rope_sin"), rope_tables(cfg, max_positions)))
     if not cfg.tie_embeddings:
         out.append(("lm_head", model.lm_head))
     if cfg.lm_head_bias:
@@ -87,6 +101,13 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
             out.append((names["fitted_router_prev"], fit[:, :, H : 2 * H].reshape(-1, H)))
             out.append((names["fitted_router_bias"], fit[:, :, -1]))
     return out
+
+
+def header_layers(cfg) -> tuple[int, int, int]:
+    """The header's layers (those with experts: the expert image's), KV-cache layers (the decoder's
+    self-attention layers) and cross-attention layers."""
+    decoder = cfg.num_layers - cfg.encoder_layers
+    return len(cfg.moe_layers), decoder, decoder if cfg.encoder_layers else 0
 
 
 def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int, layout: str) -> list[tuple[str, np.ndarray, int]]:
@@ -136,14 +157,17 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
     table = b"".join(entries)
     flags = FLAG_TILES if layout == "tiles" and bits != 32 else 0
     file_bytes = data_offset + len(data)
-    head = pack(HEADER_FMT[:-1], MAGIC, VERSION, HEADER_BYTES, cfg.vocab_size, cfg.hidden_size, cfg.num_layers,
+    layers, kv_layers, cross_layers = header_layers(cfg)
+    head = pack(HEADER_FMT[:-1], MAGIC, VERSION, HEADER_BYTES, cfg.vocab_size, cfg.hidden_size, layers,
                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.expert_intermediate,
                 max_positions, cfg.rope_theta, cfg.norm_eps, flags,
                 -1 if cfg.bos_token_id is None else cfg.bos_token_id,
                 -1 if cfg.eos_token_id is None else cfg.eos_token_id,
                 len(tensors), table_offset, data_offset, file_bytes, crc32(table), crc32(bytes(data)),
                 identity.compile_id, identity.kernels_sha256, identity.machine, identity.cpu_features,
-                cfg.shared_expert_intermediate)
+                cfg.shared_expert_intermediate, kv_layers, cross_layers,
+                cfg.dense_intermediate if cfg.dense_layers else 0,
+                -1 if cfg.decoder_start_token_id is None else cfg.decoder_start_token_id)
     head += pack("I", crc32(head))
     with open(path, "wb") as f:
         f.write(head + bytes(HEADER_BYTES - len(head)))
