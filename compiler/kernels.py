@@ -139,14 +139,14 @@ def attention(cfg: MoEConfig, name: str = "em_attention", position_bias: bool = 
     rd = te.reduce_axis((0, d), name="rd")
     s = te.compute((hq, n), lambda h, t: te.sum(q[h, rd] * kc[t, h // group, rd] * scale, axis=rd), name="s")
     inputs = [q, kc, vc]
-    if position_bias:
+    score = lambda h, t: s[h, t]  # noqa: E731
+    if position_bias:  # added where the scores are read: no third [heads, n] buffer
         bias = te.placeholder((hq, n), F32, name="bias")
-        unbiased = s
-        s = te.compute((hq, n), lambda h, t: unbiased[h, t] + bias[h, t], name="s_biased")
+        score = lambda h, t: s[h, t] + bias[h, t]  # noqa: E731
         inputs.append(bias)
     rt = te.reduce_axis((0, n), name="rt")
-    mx = te.compute((hq,), lambda h: te.max(s[h, rt], axis=rt), name="mx")
-    e = te.compute((hq, n), lambda h, t: te.exp(s[h, t] - mx[h]), name="e")
+    mx = te.compute((hq,), lambda h: te.max(score(h, rt), axis=rt), name="mx")
+    e = te.compute((hq, n), lambda h, t: te.exp(score(h, t) - mx[h]), name="e")
     rz = te.reduce_axis((0, n), name="rz")
     z = te.compute((hq,), lambda h: te.sum(e[h, rz], axis=rz), name="z")
     rv = te.reduce_axis((0, n), name="rv")

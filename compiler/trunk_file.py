@@ -20,19 +20,19 @@ from ..models import MoEModel
 from ..models.encoder_decoder import position_bias_table
 from ..models.reference import rope_tables
 from .binfmt import align_up, crc32, pack, size
-from .program import NONE, PROFILE_TENSORS, emit_program
+from .program import NONE, PROFILE_TENSORS, count_ops, emit_program
 from .quantize import quantize
 
 MAGIC = b"EMOTRUNK"
 VERSION = 4  # 3: compile id, the kernels' SHA-256, their machine and CPU features; 4: KV-cache and
-# cross-attention layers, the dense MLP size, the decoder start token (encoder-decoder models)
+# cross-attention layers, the dense MLP size, the decoder start token (encoder-decoder models), the program's ops
 HEADER_BYTES = 256
 TENSOR_ALIGN = 64
 # magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
 # inter, max_positions, rope_theta, norm_eps, flags, bos, eos, n_tensors, table_offset,
 # data_offset, file_bytes, table_crc, data_crc, compile_id, kernels_sha256, machine, cpu_features,
-# shared_expert_intermediate, kv_layers, cross_layers, dense_intermediate, decoder_start, header_crc
-HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIIIIIiI"
+# shared_expert_intermediate, kv_layers, cross_layers, dense_intermediate, decoder_start, program_steps, header_crc
+HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIIIIIiII"
 # name, dtype, ndim, shape[4], offset, bytes, crc, bits (of a quantized matrix's codes; 0 otherwise)
 TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
@@ -140,7 +140,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
     cfg = model.config
     tensors = _stored(trunk_tensors(model, max_positions, profile), bits, group, layout)
     where = {name: i for i, (name, _, _) in enumerate(tensors)}
-    tensors.append(("program", emit_program(cfg, lambda name: where.get(name, NONE)), 0))
+    program = emit_program(cfg, lambda name: where.get(name, NONE))
+    tensors.append(("program", program, 0))
     table_offset = HEADER_BYTES
     data_offset = align_up(table_offset + len(tensors) * TENSOR_BYTES, TENSOR_ALIGN)
     entries, data, pos = [], bytearray(), 0
@@ -167,7 +168,7 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
                 identity.compile_id, identity.kernels_sha256, identity.machine, identity.cpu_features,
                 cfg.shared_expert_intermediate, kv_layers, cross_layers,
                 cfg.dense_intermediate if cfg.dense_layers else 0,
-                -1 if cfg.decoder_start_token_id is None else cfg.decoder_start_token_id)
+                -1 if cfg.decoder_start_token_id is None else cfg.decoder_start_token_id, count_ops(program))
     head += pack("I", crc32(head))
     with open(path, "wb") as f:
         f.write(head + bytes(HEADER_BYTES - len(head)))

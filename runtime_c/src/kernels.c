@@ -83,12 +83,14 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
     int required; /* by every layer program */
   } trunk[] = {{EM_KERNEL_RMSNORM, &k->rmsnorm, 0},       {EM_KERNEL_LAYERNORM, &k->layernorm, 0},
                {EM_KERNEL_QKV, &k->qkv, 0},               {EM_KERNEL_QKV_BIAS, &k->qkv_bias, 0},
-               {EM_KERNEL_QK_NORM, &k->qk_norm, 0},       {EM_KERNEL_ROPE, &k->rope, 1},
-               {EM_KERNEL_ATTENTION, &k->attention, 1},   {EM_KERNEL_ADD, &k->add, 0},
+               {EM_KERNEL_QK_NORM, &k->qk_norm, 0},       {EM_KERNEL_ROPE, &k->rope, 0},
+               {EM_KERNEL_ATTENTION, &k->attention, 0},   {EM_KERNEL_ADD, &k->add, 0},
                {EM_KERNEL_O_PROJ, &k->o_proj, 1},         {EM_KERNEL_ROUTER, &k->router, 1},
                {EM_KERNEL_SHARED_GATE, &k->shared_gate, 0}, {EM_KERNEL_SHARED_GATE_UP, &k->shared_gate_up, 0},
                {EM_KERNEL_SHARED_DOWN, &k->shared_down, 0}, {EM_KERNEL_LM_HEAD, &k->lm_head, 0},
-               {EM_KERNEL_LM_HEAD_BIAS, &k->lm_head_bias, 0}};
+               {EM_KERNEL_LM_HEAD_BIAS, &k->lm_head_bias, 0}, {EM_KERNEL_ATTENTION_BIAS, &k->attention_bias, 0},
+               {EM_KERNEL_CROSS_Q, &k->cross_q, 0},       {EM_KERNEL_CROSS_KV, &k->cross_kv, 0},
+               {EM_KERNEL_DENSE_UP_RELU, &k->dense_up_relu, 0}, {EM_KERNEL_DENSE_DOWN, &k->dense_down, 0}};
   for (size_t i = 0; i < sizeof trunk / sizeof trunk[0]; i++)
     if (resolve(k->lib, trunk[i].name, trunk[i].fn, trunk[i].required, err, n)) return EM_ERR_KERNEL;
   for (int b = 1; b <= EM_MAX_BITS; b++) {
@@ -97,6 +99,8 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
     resolve(k->lib, name, &k->gate_up[b], 0, err, n);
     snprintf(name, sizeof name, EM_KERNEL_EXPERT_DOWN_FMT, b);
     resolve(k->lib, name, &k->down[b], 0, err, n);
+    snprintf(name, sizeof name, EM_KERNEL_EXPERT_UP_RELU_FMT, b);
+    resolve(k->lib, name, &k->up_relu[b], 0, err, n);
   }
   return EM_OK;
 }

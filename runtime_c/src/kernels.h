@@ -14,8 +14,9 @@
 typedef struct {
   void* lib;
   em_ffi_fn rmsnorm, layernorm, qkv, qkv_bias, qk_norm, rope, attention, add, o_proj, router, shared_gate,
-      shared_gate_up, shared_down, lm_head, lm_head_bias;
-  em_ffi_fn gate_up[EM_MAX_BITS + 1], down[EM_MAX_BITS + 1]; /* by expert bitwidth; NULL if not compiled */
+      shared_gate_up, shared_down, lm_head, lm_head_bias, attention_bias, cross_q, cross_kv, dense_up_relu, dense_down;
+  /* by expert bitwidth; NULL if not compiled: SwiGLU experts' gate-up, ReLU experts' up, both's down */
+  em_ffi_fn gate_up[EM_MAX_BITS + 1], up_relu[EM_MAX_BITS + 1], down[EM_MAX_BITS + 1];
 } em_kernels;
 
 /* Loads kernels.so after checking that its SHA-256 is `sha256` (the digest trunk.bin records):

@@ -33,16 +33,23 @@ int em_size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t
 int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records, uint32_t max_seq,
                    size_t program_bytes, em_memory_plan* p, char* err, size_t n) {
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
-  uint64_t ffn = th->inter > th->shared_inter ? th->inter : th->shared_inter;
+  uint64_t ffn = em_ffn_width(th), enc = th->cross_layers ? max_seq : 0;
+  /* as session.c carves them: x, x2, xn, qkv, qkv2, q, att, h, router logits, logits, expert weight,
+     shared logit, the predictors', each layer's previous MoE input, experts' take, position bias,
+     the encoder's rows and their q */
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
                        th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
-                       (uint64_t)th->layers * th->hidden};
+                       (uint64_t)th->layers * th->hidden, th->experts, (uint64_t)th->heads * max_seq,
+                       enc * th->hidden, enc * q_dim};
   if (em_size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
     return EM_ERR_FORMAT;
   }
   p->trunk = em_align_up(th->file_bytes - th->data_offset, EM_ALIGN_PAGE);
-  p->kv = em_align_up(2ull * th->layers * max_seq * kv_dim * sizeof(float), EM_ALIGN_PAGE);
+  /* self-attention K and V, cross-attention K and V: carved one after the other */
+  p->kv = em_align_up(2 * em_align_up((uint64_t)th->kv_layers * max_seq * kv_dim * sizeof(float), EM_ALIGN_BUF) +
+                          2 * em_align_up((uint64_t)th->cross_layers * max_seq * kv_dim * sizeof(float), EM_ALIGN_BUF),
+                      EM_ALIGN_PAGE);
   p->buffers = 0;
   for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)
     p->buffers += em_align_up(floats[i] * sizeof(float), EM_ALIGN_BUF);

@@ -22,6 +22,12 @@ typedef struct {
 
 static inline uint64_t em_align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
+/* The widest MLP hidden vector: a routed expert's, a shared expert's or a dense MLP's. */
+static inline uint32_t em_ffn_width(const em_trunk_header* th) {
+  uint32_t w = th->inter > th->shared_inter ? th->inter : th->shared_inter;
+  return w > th->dense_inter ? w : th->dense_inter;
+}
+
 /* Sorts the records' lengths into size classes (at most EM_MAX_SIZE_CLASSES); -1 if too many.
  * record_class[i] (if given) receives record i's class. */
 int em_size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t* n_out, uint8_t* record_class);

@@ -7,8 +7,8 @@
 #include "edgemoe.h"
 #include "generated/program.h"
 
-size_t em_program_bytes(uint32_t layers) {
-  return (size_t)(2 * layers + 2) * sizeof(em_step) + (size_t)layers * sizeof(em_step*);
+size_t em_program_bytes(uint32_t steps, uint32_t layers) {
+  return (size_t)steps * sizeof(em_step) + (size_t)layers * sizeof(em_step*);
 }
 
 typedef struct {
@@ -18,7 +18,9 @@ typedef struct {
   char what[96];
 } binder;
 
-static const char* OP_NAMES[] = {"?", "EMBED", "ATTENTION", "MOE", "FINAL"};
+static const char* OP_NAMES[] = {"?", "EMBED", "ATTENTION", "MOE", "FINAL", "ENCODER_OUT", "REL_ATTENTION",
+                                  "CROSS_ATTENTION", "DENSE_FFN"};
+#define N_OPS (sizeof OP_NAMES / sizeof OP_NAMES[0])
 
 static const char* label(binder* b, uint32_t layer, const char* part) {
   if (layer == EM_OPERAND_NONE) snprintf(b->what, sizeof b->what, "%s", part);
@@ -89,6 +91,9 @@ static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
   const uint32_t* o = b->operand;
   uint32_t L = s->layer, H = th->hidden, d = th->head_dim, q = th->heads * d, kv = th->kv_heads * d;
   int ok = 1;
+  if (!need_kernel(b, k->rope, EM_KERNEL_ROPE, L, "RoPE") || !need_kernel(b, k->attention, EM_KERNEL_ATTENTION, L,
+                                                                          "attention"))
+    return EM_ERR_KERNEL;
   s->kind = o[EM_ATTENTION_QK_NORM];
   int rc = bind_norm(b, s, EM_ATTENTION_NORM_KIND, EM_ATTENTION_NORM, EM_ATTENTION_NORM_BIAS, "attention norm");
   if (rc) return rc;
@@ -131,6 +136,7 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
     return EM_ERR_FORMAT;
   }
   int ok = 1;
+  s->capacity = o[EM_MOE_CAPACITY];
   s->route_threshold = float_operand(b, EM_MOE_ROUTE_THRESHOLD, label(b, L, "routing threshold"), &ok);
   if (!ok) return EM_ERR_FORMAT;
   if (s->kind == EM_ROUTE_SPARSEMIXER && (th->top_k != 2 || !(s->route_threshold >= 0.0f))) {
@@ -168,25 +174,126 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   return EM_OK;
 }
 
-/* The op expected at step i: EMBED, then ATTENTION and MOE for each layer in order, then FINAL. */
-static uint32_t expected_op(uint32_t i, uint32_t layers) {
-  if (i == 0) return EM_OP_EMBED;
-  if (i == 2 * layers + 1) return EM_OP_FINAL;
-  return i % 2 ? EM_OP_ATTENTION : EM_OP_MOE;
+/* ---- encoder-decoder ops ---------------------------------------------------------------- */
+
+static int bind_rel_attention(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, H = th->hidden, d = th->head_dim, q = th->heads * d, kv = th->kv_heads * d;
+  s->bidirectional = (int)o[EM_REL_ATTENTION_BIDIRECTIONAL];
+  int rc = bind_norm(b, s, EM_REL_ATTENTION_NORM_KIND, EM_REL_ATTENTION_NORM, EM_REL_ATTENTION_NORM_BIAS,
+                     "attention norm");
+  if (rc) return rc;
+  uint32_t rows = s->bidirectional ? 2 * th->max_positions - 1 : th->max_positions;
+  if (!em_bind_matrix(b->v, o[EM_REL_ATTENTION_WQKV], o[EM_REL_ATTENTION_WQKV_SCALES], q + 2 * kv, H,
+                      label(b, L, "qkv projection"), &s->m[EM_M_QKV]) ||
+      !em_bind_matrix(b->v, o[EM_REL_ATTENTION_WO], o[EM_REL_ATTENTION_WO_SCALES], H, q,
+                      label(b, L, "output projection"), &s->m[EM_M_WO]) ||
+      !(s->position_bias = em_bind_vector(b->v, o[EM_REL_ATTENTION_POSITION_BIAS], rows, th->heads,
+                                          s->bidirectional ? "encoder position bias" : "decoder position bias")))
+    return EM_ERR_FORMAT;
+  if (!need_norm_kernel(b, k, s, "attention norm") || !need_kernel(b, k->qkv, EM_KERNEL_QKV, L, "qkv projection") ||
+      !need_kernel(b, k->attention_bias, EM_KERNEL_ATTENTION_BIAS, L, "attention") ||
+      !need_kernel(b, k->o_proj, EM_KERNEL_O_PROJ, L, "output projection"))
+    return EM_ERR_KERNEL;
+  return EM_OK;
 }
+
+static int bind_cross_attention(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, H = th->hidden, d = th->head_dim, q = th->heads * d, kv = th->kv_heads * d;
+  int rc = bind_norm(b, s, EM_CROSS_ATTENTION_NORM_KIND, EM_CROSS_ATTENTION_NORM, EM_CROSS_ATTENTION_NORM_BIAS,
+                     "cross-attention norm");
+  if (rc) return rc;
+  if (!em_bind_matrix(b->v, o[EM_CROSS_ATTENTION_WQ], o[EM_CROSS_ATTENTION_WQ_SCALES], q, H,
+                      label(b, L, "cross-attention q projection"), &s->m[EM_M_CROSS_Q]) ||
+      !em_bind_matrix(b->v, o[EM_CROSS_ATTENTION_WKV], o[EM_CROSS_ATTENTION_WKV_SCALES], 2 * kv, H,
+                      label(b, L, "cross-attention kv projection"), &s->m[EM_M_CROSS_KV]) ||
+      !em_bind_matrix(b->v, o[EM_CROSS_ATTENTION_WO], o[EM_CROSS_ATTENTION_WO_SCALES], H, q,
+                      label(b, L, "cross-attention output projection"), &s->m[EM_M_WO]))
+    return EM_ERR_FORMAT;
+  if (!need_norm_kernel(b, k, s, "cross-attention norm") ||
+      !need_kernel(b, k->cross_q, EM_KERNEL_CROSS_Q, L, "cross-attention") ||
+      !need_kernel(b, k->cross_kv, EM_KERNEL_CROSS_KV, L, "cross-attention") ||
+      !need_kernel(b, k->attention, EM_KERNEL_ATTENTION, L, "cross-attention") ||
+      !need_kernel(b, k->o_proj, EM_KERNEL_O_PROJ, L, "cross-attention"))
+    return EM_ERR_KERNEL;
+  return EM_OK;
+}
+
+static int bind_dense_ffn(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t H = th->hidden, D = th->dense_inter;
+  s->act = o[EM_DENSE_FFN_ACT];
+  if (s->act != EM_ACT_RELU || o[EM_DENSE_FFN_GATE] != EM_OPERAND_NONE || !D) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: a dense feed-forward op of activation %u%s; this runtime runs "
+             "ReLU MLPs of two matrices with a dense size in the header; recompile the artifact", s->act,
+             D ? "" : " but no dense size in the header");
+    return EM_ERR_FORMAT;
+  }
+  int rc = bind_norm(b, s, EM_DENSE_FFN_NORM_KIND, EM_DENSE_FFN_NORM, EM_DENSE_FFN_NORM_BIAS, "dense MLP norm");
+  if (rc) return rc;
+  if (!em_bind_matrix(b->v, o[EM_DENSE_FFN_UP], o[EM_DENSE_FFN_UP_SCALES], D, H, "dense MLP up projection",
+                      &s->m[EM_M_DENSE_UP]) ||
+      !em_bind_matrix(b->v, o[EM_DENSE_FFN_DOWN], o[EM_DENSE_FFN_DOWN_SCALES], H, D, "dense MLP down projection",
+                      &s->m[EM_M_DENSE_DOWN]))
+    return EM_ERR_FORMAT;
+  if (!need_norm_kernel(b, k, s, "dense MLP norm") ||
+      !need_kernel(b, k->dense_up_relu, EM_KERNEL_DENSE_UP_RELU, EM_OPERAND_NONE, "a dense MLP") ||
+      !need_kernel(b, k->dense_down, EM_KERNEL_DENSE_DOWN, EM_OPERAND_NONE, "a dense MLP"))
+    return EM_ERR_KERNEL;
+  return EM_OK;
+}
+
+/* ---- the program ------------------------------------------------------------------------ */
 
 static uint32_t operand_count(uint32_t op) {
   switch (op) {
     case EM_OP_EMBED: return EM_OP_EMBED_OPERANDS;
     case EM_OP_ATTENTION: return EM_OP_ATTENTION_OPERANDS;
     case EM_OP_MOE: return EM_OP_MOE_OPERANDS;
-    default: return EM_OP_FINAL_OPERANDS;
+    case EM_OP_FINAL: return EM_OP_FINAL_OPERANDS;
+    case EM_OP_ENCODER_OUT: return EM_OP_ENCODER_OUT_OPERANDS;
+    case EM_OP_REL_ATTENTION: return EM_OP_REL_ATTENTION_OPERANDS;
+    case EM_OP_CROSS_ATTENTION: return EM_OP_CROSS_ATTENTION_OPERANDS;
+    default: return EM_OP_DENSE_FFN_OPERANDS;
+  }
+}
+
+/* Where an op may stand: EMBED first (and first again after ENCODER_OUT), FINAL last; an
+ * encoder-decoder's encoder (before ENCODER_OUT) holds bidirectional attention and feed-forward
+ * ops; attention with a KV cache, and cross-attention, only in the decoder. NULL if op may stand
+ * at step i, else why not. */
+static const char* misplaced(const em_trunk_header* th, const em_program* p, uint32_t i, uint32_t op, int encoder) {
+  int first = i == 0 || (p->encoder_out != EM_OPERAND_NONE && i == p->encoder_out + 1);
+  if (first != (op == EM_OP_EMBED)) return first ? "where EMBED is due" : "where only the first step of a stack is EMBED";
+  if ((i + 1 == p->n_steps) != (op == EM_OP_FINAL)) return i + 1 == p->n_steps ? "where FINAL is due" : "before the end";
+  if (op == EM_OP_ENCODER_OUT && !encoder) return "in a model without an encoder, or twice";
+  if ((op == EM_OP_ATTENTION || op == EM_OP_CROSS_ATTENTION) && encoder) return "in the encoder";
+  if (op == EM_OP_CROSS_ATTENTION && !th->cross_layers) return "in a model without an encoder";
+  return NULL;
+}
+
+/* The slot a layer operand must name: the next one in order (the decoder's attention, the
+ * cross-attention caches, the layers with experts); the encoder's attention reuses any KV slot. */
+static int slot_ok(const em_step* s, uint32_t op, int encoder, uint32_t* next_kv, uint32_t* next_cross,
+                   uint32_t* next_moe, const em_trunk_header* th) {
+  switch (op) {
+    case EM_OP_ATTENTION:
+    case EM_OP_REL_ATTENTION:
+      if (encoder) return s->layer < th->kv_layers;
+      return s->layer == (*next_kv)++ && s->layer < th->kv_layers;
+    case EM_OP_CROSS_ATTENTION: return s->layer == (*next_cross)++ && s->layer < th->cross_layers;
+    case EM_OP_MOE: return s->layer == (*next_moe)++ && s->layer < th->layers;
+    default: return 1;
   }
 }
 
 int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_kernels* k, void* storage,
                     em_program* p) {
-  uint32_t n_words = 0, L = th->layers, n_steps = 2 * L + 2;
+  uint32_t n_words = 0, n_steps = th->program_steps, next_kv = 0, next_cross = 0, next_moe = 0;
   const uint32_t* w = em_bind_words(v, em_tensor_index(v, "program"), &n_words);
   if (!w) {
     snprintf(v->err, v->err_len, "trunk.bin has no layer program; recompile the artifact");
@@ -195,52 +302,69 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
   p->steps = (em_step*)storage;
   p->moe = (const em_step**)(p->steps + n_steps);
   p->n_steps = n_steps;
+  p->encoder_out = EM_OPERAND_NONE;
+  p->decoder_first = 0;
   memset(p->steps, 0, n_steps * sizeof(em_step));
   binder b = {v, th, NULL, {0}};
   uint32_t at = 0;
   for (uint32_t i = 0; i < n_steps; i++) {
     em_step* s = &p->steps[i];
-    uint32_t want = expected_op(i, L);
-    if (n_words - at < 2 || w[at] != want) {
-      snprintf(v->err, v->err_len, "trunk.bin: the layer program has %s where %s of %s is due; recompile the artifact",
-               at + 2 <= n_words && w[at] >= 1 && w[at] <= 4 ? OP_NAMES[w[at]] : "no valid op", OP_NAMES[want],
-               want == EM_OP_ATTENTION || want == EM_OP_MOE ? "a layer" : "the model");
+    int encoder = th->cross_layers && p->encoder_out == EM_OPERAND_NONE;
+    uint32_t op = n_words - at >= 2 ? w[at] : 0;
+    const char* why = op >= 1 && op < N_OPS ? misplaced(th, p, i, op, encoder) : "no valid op";
+    if (why) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u is %s %s; recompile the artifact", i,
+               op >= 1 && op < N_OPS ? OP_NAMES[op] : "not an op", why);
       return EM_ERR_FORMAT;
     }
-    if (w[at + 1] != operand_count(want) || n_words - at - 2 < w[at + 1]) {
+    if (w[at + 1] != operand_count(op) || n_words - at - 2 < w[at + 1]) {
       snprintf(v->err, v->err_len, "trunk.bin: the layer program's %s op has %u operands where this runtime reads %u "
-               "(compiled by another version?); recompile the artifact", OP_NAMES[want], w[at + 1],
-               operand_count(want));
+               "(compiled by another version?); recompile the artifact", OP_NAMES[op], w[at + 1], operand_count(op));
       return EM_ERR_FORMAT;
     }
-    s->op = want;
+    s->op = op;
     b.operand = w + at + 2;
     at += 2 + w[at + 1];
+    int has_layer = op == EM_OP_ATTENTION || op == EM_OP_MOE || op == EM_OP_REL_ATTENTION ||
+                    op == EM_OP_CROSS_ATTENTION;
+    s->layer = has_layer ? b.operand[0] : EM_OPERAND_NONE;
+    if (!slot_ok(s, op, encoder, &next_kv, &next_cross, &next_moe, th)) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u (%s) names layer %u out of order or beyond "
+               "the header's; recompile the artifact", i, OP_NAMES[op], s->layer);
+      return EM_ERR_FORMAT;
+    }
+    if (op == EM_OP_REL_ATTENTION && b.operand[EM_REL_ATTENTION_BIDIRECTIONAL] != (uint32_t)encoder) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u: %s attention in the %s; recompile the "
+               "artifact", i, encoder ? "causal" : "bidirectional", encoder ? "encoder" : "decoder");
+      return EM_ERR_FORMAT;
+    }
     int rc = EM_OK;
-    switch (want) {
+    switch (op) {
       case EM_OP_EMBED: {
         int ok = 1;
-        s->layer = EM_OPERAND_NONE;
         s->scale = float_operand(&b, EM_EMBED_SCALE, "embedding scale", &ok);
         if (!ok || !em_bind_matrix(v, b.operand[EM_EMBED_EMBED], b.operand[EM_EMBED_EMBED_SCALES], th->vocab,
                                    th->hidden, "embedding", &s->m[EM_M_EMBED]))
           rc = EM_ERR_FORMAT;
         break;
       }
-      case EM_OP_ATTENTION:
+      case EM_OP_ATTENTION: rc = bind_attention(&b, k, s); break;
       case EM_OP_MOE:
-        s->layer = (i - 1) / 2;
-        if (b.operand[0] != s->layer) {
-          snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u names layer %u, not %u; recompile", i,
-                   b.operand[0], s->layer);
-          return EM_ERR_FORMAT;
-        }
-        rc = want == EM_OP_ATTENTION ? bind_attention(&b, k, s) : bind_moe(&b, k, s);
-        if (!rc && want == EM_OP_MOE) p->moe[s->layer] = s;
+        rc = bind_moe(&b, k, s);
+        if (!rc) p->moe[s->layer] = s;
+        break;
+      case EM_OP_REL_ATTENTION: rc = bind_rel_attention(&b, k, s); break;
+      case EM_OP_CROSS_ATTENTION: rc = bind_cross_attention(&b, k, s); break;
+      case EM_OP_DENSE_FFN: rc = bind_dense_ffn(&b, k, s); break;
+      case EM_OP_ENCODER_OUT:
+        rc = bind_norm(&b, s, EM_ENCODER_OUT_NORM_KIND, EM_ENCODER_OUT_NORM, EM_ENCODER_OUT_NORM_BIAS,
+                       "encoder output norm");
+        if (!rc && !need_norm_kernel(&b, k, s, "encoder output norm")) rc = EM_ERR_KERNEL;
+        p->encoder_out = i;
+        p->decoder_first = i + 1;
         break;
       case EM_OP_FINAL: {
         int ok = 1;
-        s->layer = EM_OPERAND_NONE;
         s->scale = float_operand(&b, EM_FINAL_SCALE, "logit scale", &ok);
         rc = ok ? bind_norm(&b, s, EM_FINAL_NORM_KIND, EM_FINAL_NORM, EM_FINAL_NORM_BIAS, "final norm") : EM_ERR_FORMAT;
         if (!rc && !em_bind_matrix(v, b.operand[EM_FINAL_LM_HEAD], b.operand[EM_FINAL_LM_HEAD_SCALES], th->vocab,
@@ -257,10 +381,20 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, const em_
     }
     if (rc) return rc;
   }
-  if (at != n_words) {
-    snprintf(v->err, v->err_len, "trunk.bin: the layer program has %u words after its FINAL op; recompile",
-             n_words - at);
+  if (at != n_words || next_moe != th->layers || next_kv != th->kv_layers || next_cross != th->cross_layers ||
+      (th->cross_layers && p->encoder_out == EM_OPERAND_NONE)) {
+    snprintf(v->err, v->err_len, "trunk.bin: the layer program does not cover the header's layers (%u of %u with "
+             "experts, %u of %u attention, %u of %u cross-attention) or has %u words after its FINAL op; recompile",
+             next_moe, th->layers, next_kv, th->kv_layers, next_cross, th->cross_layers, n_words - at);
     return EM_ERR_FORMAT;
+  }
+  /* each EMBED predicts for the first layer with experts of its stack */
+  next_moe = EM_OPERAND_NONE;
+  for (uint32_t i = n_steps; i-- > 0;) {
+    em_step* s = &p->steps[i];
+    if (s->op == EM_OP_MOE) next_moe = s->layer;
+    else if (s->op == EM_OP_ENCODER_OUT) next_moe = EM_OPERAND_NONE;
+    else if (s->op == EM_OP_EMBED) s->next_moe = next_moe;
   }
   return EM_OK;
 }
