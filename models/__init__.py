@@ -32,6 +32,17 @@ def load_model(model_dir: str | Path) -> MoEModel:
     )
 
 
+def reference_executor(model: MoEModel, max_positions: int | None = None):
+    """The NumPy reference executor of a model: ReferenceExecutor (decoder-only) or
+    EncoderDecoderExecutor; both give greedy(prompt, n_new) as the runtime's em_prefill and
+    em_decode_step compute it."""
+    from .encoder_decoder import EncoderDecoderExecutor
+    from .reference import ReferenceExecutor
+
+    executor = EncoderDecoderExecutor if model.config.encoder_layers else ReferenceExecutor
+    return executor(model, max_positions)
+
+
 def describe_model(model_dir: str | Path) -> MoEConfig:
     """The MoEConfig of a checkpoint from its config.json alone, or a GGUF's metadata and tensor
     table (no tensors read)."""
@@ -49,4 +60,4 @@ def describe_model(model_dir: str | Path) -> MoEConfig:
 
 
 __all__ = ["Expert", "Layer", "MoEConfig", "MoEModel", "ModelImportError", "load_model", "describe_model",
-           "IMPORTERS"]
+           "reference_executor", "IMPORTERS"]

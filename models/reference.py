@@ -180,12 +180,20 @@ def final_logits(model: MoEModel, x: np.ndarray) -> np.ndarray:
     return scale_logits(cfg, logits.astype(np.float32))
 
 
+def decoder_only(cfg: MoEConfig) -> None:
+    """This module's forward passes are a decoder-only model's; an encoder-decoder is refused by name."""
+    if cfg.encoder_layers:
+        raise ValueError(f"{cfg.arch} is an encoder-decoder model: models/encoder_decoder.py runs it "
+                         "(models.reference_executor picks the executor of a model)")
+
+
 class ReferenceExecutor:
     """Token-by-token decoder over a MoEModel (expert weights as given: float or dequantized)."""
 
     def __init__(self, model: MoEModel, max_positions: int | None = None):
         self.model = model
         cfg = model.config
+        decoder_only(cfg)
         self.max_positions = max_positions or cfg.max_positions
         self.cos, self.sin = rope_tables(cfg, self.max_positions)
         self.reset()
@@ -262,6 +270,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
     "layer_out" of the one before); the earlier layers' selected experts are left zero.
     """
     cfg = model.config
+    decoder_only(cfg)
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
