@@ -54,23 +54,25 @@ def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tm
         assert got == want, (prompt, got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "switch_transformers"])
 def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
     """The layer program on the Raspberry Pi 5 target under qemu: biases, q/k norms, the shared
-    expert, LayerNorm and sparsemixer routing, with a mixed bit plan, token for token against the
-    reference of the same artifact."""
-    from families import save_checkpoint
+    expert, LayerNorm, sparsemixer routing, and Switch Transformers' encoder-decoder (the encoder at
+    prefill, relative position biases, dense and ReLU expert MLPs), with a mixed bit plan, token for
+    token against the reference of the same artifact."""
+    from families import save_checkpoint, save_switch_checkpoint
 
-    from edgemoe.models import load_model
+    from edgemoe.models import load_model, reference_executor
 
-    model_dir = save_checkpoint(family, tmp_path / "model")
+    model_dir = (save_switch_checkpoint(tmp_path / "model") if family == "switch_transformers"
+                 else save_checkpoint(family, tmp_path / "model"))
     model = load_model(model_dir)
     cfg = model.config
-    plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_layers)]
+    plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(len(cfg.moe_layers))]
     art = tmp_path / "art"
     compile_model(model_dir, art, CompileOptions(target="rpi5", bit_plan=plan, max_seq=64), log=lambda m: None)
     ids = [1, 17, 42, 99, 5]
-    want, _ = ReferenceExecutor(artifact_model(model, art), 64).greedy(ids, N_NEW)
+    want, _ = reference_executor(artifact_model(model, art), 64).greedy(ids, N_NEW)
     proc = subprocess.run([QEMU, "-L", SYSROOT, str(arm_runtime), str(art), "--tokens", ",".join(map(str, ids)),
                            "-n", str(N_NEW)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
