@@ -160,7 +160,9 @@ def emit_program(cfg, index) -> np.ndarray:
 
     moe_layer = {l: i for i, l in enumerate(cfg.moe_layers)}
     enc = cfg.encoder_layers
-    op("EMBED", {"embed": "embed"}, scale=float_word(cfg.embedding_scale))
+    # an encoder reads its own embedding where the model has one (untied Switch Transformers)
+    first = "encoder_embed" if enc and index("encoder_embed") != NONE else "embed"
+    op("EMBED", {"embed": first}, scale=float_word(cfg.embedding_scale))
     for l in range(cfg.num_layers):
         p = f"layers.{l}."
         norm = {"norm": p + "attn_norm", "norm_bias": p + "attn_norm_bias"}

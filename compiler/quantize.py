@@ -258,6 +258,7 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     lm_head = embed if model.config.tie_embeddings else q(model.lm_head, trunk_bits)
     tiles = layout == "tiles"
     return replace(model, embed=embed, layers=layers, lm_head=lm_head,
+                   encoder_embed=q(model.encoder_embed, trunk_bits),
                    trunk_act_group=group if tiles and trunk_bits != 32 else None,
                    expert_act_group=group if tiles and expert_bits is not None else None)
 

@@ -39,7 +39,7 @@ TENSOR_BYTES = 96
 FLAG_TILES = 4  # the quantized matrices are in the tiles layout (quantize.py)
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.uint32): 3}
 # the matrices stored at the trunk bitwidth (name or suffix)
-QUANTIZED = ("embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj", "dense_gate",
+QUANTIZED = ("embed", "encoder_embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj", "dense_gate",
              "dense_up", "dense_down", "cross_wq", "cross_wkv", "cross_wo")
 assert size(TENSOR_FMT) == TENSOR_BYTES
 
@@ -49,6 +49,8 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
     with a RoutingProfile, also the predictor's tables and the expert frequencies."""
     cfg = model.config
     out = [("embed", model.embed)]
+    if model.encoder_embed is not None:
+        out.append(("encoder_embed", model.encoder_embed))
     for i, l in enumerate(model.layers):
         p = f"layers.{i}."
         out.append((p + "attn_norm", l.attn_norm))

@@ -161,6 +161,7 @@ class MoEModel:
     decoder_position_bias: np.ndarray | None = None
     encoder_position_bias: np.ndarray | None = None
     encoder_final_norm: np.ndarray | None = None  # with encoder_layers: the norm of the encoder's output
+    encoder_embed: np.ndarray | None = None  # the encoder's own embedding [vocab, hidden]; None: it uses embed
 
     @property
     def moe_layers(self) -> list[Layer]:
@@ -171,7 +172,8 @@ class MoEModel:
         experts = sum(w.size for l in self.layers for e in l.experts for w in e.matrices())
         trunk = self.embed.size + self.final_norm.size
         trunk += sum(a.size for a in (self.final_norm_bias, self.lm_head_bias, self.decoder_position_bias,
-                                      self.encoder_position_bias, self.encoder_final_norm) if a is not None)
+                                      self.encoder_position_bias, self.encoder_final_norm, self.encoder_embed)
+                     if a is not None)
         if not self.config.tie_embeddings:
             trunk += self.lm_head.size
         for l in self.layers:

@@ -117,7 +117,7 @@ class EncoderDecoderExecutor:
         if not 0 < T <= S:
             raise ValueError(f"the encoder input must hold 1 to {S} tokens, not {T}")
         self.reset()
-        x = embed_rows(m, np.asarray(tokens))
+        x = embed_rows(m, np.asarray(tokens), m.encoder_embed)
         rows = np.arange(T)
         bias = self.encoder_bias[rows[None, :] - rows[:, None] + S - 1].transpose(2, 0, 1)  # [heads, Tq, Tk]
         for layer in m.layers[: cfg.encoder_layers]:

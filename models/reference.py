@@ -156,10 +156,11 @@ def shared_expert(layer, cfg: MoEConfig, xn: np.ndarray, act_group: int | None) 
     return out
 
 
-def embed_rows(model: MoEModel, tokens) -> np.ndarray:
-    """The residual stream entering layer 0: the tokens' embedding rows times the config's
-    embedding_scale, as float32 (the runtime's EMBED op multiplies by the same float32)."""
-    x = model.embed[tokens].astype(np.float32)
+def embed_rows(model: MoEModel, tokens, table: np.ndarray | None = None) -> np.ndarray:
+    """The residual stream entering layer 0: the tokens' embedding rows (of `table`, default the
+    model's embedding) times the config's embedding_scale, as float32 (the runtime's EMBED op
+    multiplies by the same float32)."""
+    x = (model.embed if table is None else table)[tokens].astype(np.float32)
     scale = np.float32(model.config.embedding_scale)
     return x if scale == 1 else (x * scale).astype(np.float32)
 

@@ -70,12 +70,14 @@ def hf_logits(model_dir: Path, tokens: list[int]):
 
 # Switch Transformers (encoder-decoder, tests/test_switch.py): the encoder's second block sparse
 # (sparse step 2), both decoder blocks sparse (step 1); distances beyond relative_attention_max_distance
-# within the tests' inputs, so that the last bucket is reached; weights initialised 4 times
-# transformers' scale, so that greedy decoding does not settle on one token at once (at 1 it repeats
-# its first pick, whatever the input)
+# within the tests' inputs, so that the last bucket is reached
 SWITCH = dict(vocab_size=160, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
               num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=2,
-              relative_attention_num_buckets=16, relative_attention_max_distance=24, initializer_factor=4.0)
+              relative_attention_num_buckets=16, relative_attention_max_distance=24)
+# For greedy decoding through the runtime: an LM head of its own (transformers initialises it at std 1,
+# and without tied embeddings the decoder output is not scaled by d_model^-0.5), so that the greedy
+# tokens vary with the input (the tied tiny model repeats its first pick whatever the input)
+SWITCH_VARIED = dict(tie_word_embeddings=False)
 
 
 def switch_model(seed: int = 1234, **changes):

@@ -60,11 +60,11 @@ def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
     expert, LayerNorm, sparsemixer routing, and Switch Transformers' encoder-decoder (the encoder at
     prefill, relative position biases, dense and ReLU expert MLPs), with a mixed bit plan, token for
     token against the reference of the same artifact."""
-    from families import save_checkpoint, save_switch_checkpoint
+    from families import SWITCH_VARIED, save_checkpoint, save_switch_checkpoint
 
     from edgemoe.models import load_model, reference_executor
 
-    model_dir = (save_switch_checkpoint(tmp_path / "model") if family == "switch_transformers"
+    model_dir = (save_switch_checkpoint(tmp_path / "model", **SWITCH_VARIED) if family == "switch_transformers"
                  else save_checkpoint(family, tmp_path / "model"))
     model = load_model(model_dir)
     cfg = model.config

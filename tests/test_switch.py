@@ -13,7 +13,7 @@ import pytest
 from edgemoe.models import ModelImportError, load_model
 from edgemoe.models.encoder_decoder import EncoderDecoderExecutor
 
-from families import save_switch_checkpoint, switch_logits, switch_model
+from families import SWITCH_VARIED, save_switch_checkpoint, switch_logits, switch_model
 
 MAX_SEQ = 64
 
@@ -23,16 +23,24 @@ def switch_dir(tmp_path_factory):
     return save_switch_checkpoint(tmp_path_factory.mktemp("switch"))
 
 
-@pytest.mark.parametrize("sparse", [(1, 2), (2, 1)])
-def test_reference_matches_transformers(tmp_path, rng, sparse):
-    """Encoder sparse step 2 and decoder step 1, and the other way round: the reference's decoder
-    logits for a random encoder input and decoder prefix equal transformers' within 1e-4."""
+@pytest.fixture(scope="module")
+def varied_dir(tmp_path_factory):
+    """The checkpoint whose greedy tokens vary with the input (families.SWITCH_VARIED)."""
+    return save_switch_checkpoint(tmp_path_factory.mktemp("switch-varied"), **SWITCH_VARIED)
+
+
+@pytest.mark.parametrize("sparse,tied", [((1, 2), True), ((2, 1), True), ((1, 2), False)])
+def test_reference_matches_transformers(tmp_path, rng, sparse, tied):
+    """Encoder sparse step 2 and decoder step 1, and the other way round, and without tied
+    embeddings (the encoder's, the decoder's and the LM head each their own): the reference's
+    decoder logits for a random encoder input and decoder prefix equal transformers' within 1e-4."""
     model_dir = save_switch_checkpoint(tmp_path, num_sparse_encoder_layers=sparse[0],
-                                       num_sparse_decoder_layers=sparse[1])
+                                       num_sparse_decoder_layers=sparse[1], tie_word_embeddings=tied)
     model = load_model(model_dir)
     cfg = model.config
     assert cfg.dense_layers == ((0,) if sparse == (1, 2) else (2,))
     assert (cfg.top_k, cfg.expert_act, cfg.position, cfg.encoder_layers) == (1, "relu", "relative", 2)
+    assert (model.encoder_embed is None) == tied
     encoder_tokens = rng.integers(0, 160, 40).tolist()  # beyond relative_attention_max_distance (24)
     decoder_tokens = [cfg.decoder_start_token_id] + rng.integers(0, 160, 30).tolist()
     want = switch_logits(model_dir, encoder_tokens, decoder_tokens)
@@ -103,48 +111,52 @@ VARIANTS = {  # compile options, by the name of the variant
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_runtime_matches_reference(switch_dir, variant, tmp_path, rng, runtime_lib):
+def test_runtime_matches_reference(varied_dir, variant, tmp_path, rng, runtime_lib):
     """The runtime's decoder logits for an encoder input and a decoder prefix, and its greedy
     tokens, are the reference's for the same stored weights, with every expert resident and at
     the minimum budget (the experts of both stacks read from storage)."""
-    from conftest import assert_matches_reference
+    from conftest import assert_greedy_matches_reference, assert_matches_reference
 
     from edgemoe.compiler.artifact_reference import artifact_model
     from edgemoe.compiler.driver import CompileOptions, compile_model
     from edgemoe.runtime import Session, budget_bytes
 
-    model = load_model(switch_dir)
+    model = load_model(varied_dir)
     cfg, opts = model.config, dict(VARIANTS[variant])
     if opts.get("bit_plan") == "cycle":
         levels = (4, 8, 2, 3)
         opts["bit_plan"] = [[levels[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(len(cfg.moe_layers))]
     art = tmp_path / "art"
-    compile_model(switch_dir, art, CompileOptions(max_seq=MAX_SEQ, **opts), log=lambda m: None)
+    compile_model(varied_dir, art, CompileOptions(max_seq=MAX_SEQ, **opts), log=lambda m: None)
     ref = EncoderDecoderExecutor(artifact_model(model, art), MAX_SEQ)
     encoder_tokens = rng.integers(0, 160, 30).tolist()
     decoder_tokens = [cfg.decoder_start_token_id] + rng.integers(0, 160, 20).tolist()
     want = ref.decoder_logits(encoder_tokens, decoder_tokens)
-    want_tokens, _ = ref.greedy(encoder_tokens, 16)
+    want_tokens, want_greedy = ref.greedy(encoder_tokens, 16)
     for budget in (0, budget_bytes(art)):
         with Session(art, memory_budget=budget) as s:
             got = np.stack([s.prefill(encoder_tokens)] + [s.decode_step(t) for t in decoder_tokens[1:]])
-            assert s.generate(encoder_tokens, 16) == want_tokens
+            tokens, greedy = [], [s.prefill(encoder_tokens)]
+            for _ in range(16):
+                tokens.append(int(np.argmax(greedy[-1])))
+                greedy.append(s.decode_step(tokens[-1]))
             st = s.stats()
         assert_matches_reference(got, want, art, 1e-4)
+        assert_greedy_matches_reference(tokens, np.stack(greedy[:-1]), want_tokens, want_greedy, art, 1e-4)
     assert st["expert_misses"] > 0
 
 
-def test_the_python_api_generates_from_token_ids(switch_dir, tmp_path, runtime_lib):
+def test_the_python_api_generates_from_token_ids(varied_dir, tmp_path, runtime_lib):
     import edgemoe
     from edgemoe.compiler.artifact_reference import artifact_model
     from edgemoe.compiler.driver import CompileOptions, compile_model
 
     art = tmp_path / "art"
-    compile_model(switch_dir, art, CompileOptions(max_seq=MAX_SEQ, expert_bits=4), log=lambda m: None)
+    compile_model(varied_dir, art, CompileOptions(max_seq=MAX_SEQ, expert_bits=4), log=lambda m: None)
     prompt = [5, 17, 42, 99, 3, 120]
-    ref = EncoderDecoderExecutor(artifact_model(load_model(switch_dir), art), MAX_SEQ)
+    ref = EncoderDecoderExecutor(artifact_model(load_model(varied_dir), art), MAX_SEQ)
     want, _ = ref.greedy(prompt, 10)
-    eos = load_model(switch_dir).config.eos_token_id
+    eos = load_model(varied_dir).config.eos_token_id
     want = want[: want.index(eos)] if eos in want else want
     with edgemoe.Session(art, cache_fraction=0.0) as s:
         assert list(s.tokens(prompt, max_tokens=10)) == want

@@ -23,8 +23,12 @@ is the ground truth):
   expert_capacity: within one forward call, a token whose expert already took expert_capacity
   tokens of that call skips the experts (its feed-forward block adds nothing). The encoder's
   call is the whole input, the cached decoder's one token (MoEConfig.expert_capacity).
-* Embeddings: one shared matrix for the encoder, the decoder and, with tie_word_embeddings, the
-  LM head, whose input is then scaled by d_model^-0.5 (MoEConfig.logit_scale).
+* Embeddings: with tie_word_embeddings (Switch checkpoints' setting) one matrix, shared.weight,
+  for the encoder, the decoder and the LM head, whose input is then scaled by d_model^-0.5
+  (MoEConfig.logit_scale). Without it transformers ties nothing: the encoder reads
+  encoder.embed_tokens (MoEModel.encoder_embed), the decoder decoder.embed_tokens, the LM head
+  lm_head, unscaled; shared.weight is then read by no forward pass (the importer takes it, as
+  the checkpoint's input-embedding handle, without using it).
 * The decoder starts from decoder_start_token_id, which Switch checkpoints leave to default to
   pad_token_id.
 """
@@ -140,20 +144,23 @@ def load(model_dir: Path) -> MoEModel:
             layer.cross_norm = r.get(p + "1.layer_norm.weight", (H,))
             layer.cwq, layer.cwk, layer.cwv, layer.cwo = _attention(r, p + "1.EncDecAttention.", cfg)
         layers.append(layer)
-    bias_shape = (cfg.relative_buckets, cfg.num_heads)
-    embed = r.get("shared.weight", (cfg.vocab_size, H))
+    bias_shape, V = (cfg.relative_buckets, cfg.num_heads), cfg.vocab_size
+    shared = r.get("shared.weight", (V, H))
+    if cfg.tie_embeddings:  # copies of shared.weight, where a checkpoint stores them, must be copies
+        for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+            if r.has(name) and not np.array_equal(r.get(name, (V, H)), shared):
+                raise ModelImportError(f"{model_dir}: tensor {name!r} differs from shared.weight, which "
+                                       "tie_word_embeddings says it is")
+        encoder_embed, embed, lm_head = None, shared, shared
+    else:
+        encoder_embed, embed, lm_head = (r.get(n, (V, H)) for n in ("encoder.embed_tokens.weight",
+                                                                    "decoder.embed_tokens.weight", "lm_head.weight"))
     model = MoEModel(
-        cfg, embed, layers, r.get("decoder.final_layer_norm.weight", (H,)),
-        embed if cfg.tie_embeddings else r.get("lm_head.weight", (cfg.vocab_size, H)),
+        cfg, embed, layers, r.get("decoder.final_layer_norm.weight", (H,)), lm_head,
         encoder_position_bias=r.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                                     bias_shape),
         decoder_position_bias=r.get("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                                     bias_shape),
-        encoder_final_norm=r.get("encoder.final_layer_norm.weight", (H,)))
-    # transformers' own copies of the shared embedding, where a checkpoint stores them
-    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        if r.has(name) and not np.array_equal(r.get(name, (cfg.vocab_size, H)), embed):
-            raise ModelImportError(f"{model_dir}: tensor {name!r} differs from shared.weight: untied embeddings "
-                                   "are not supported for Switch Transformers")
+        encoder_final_norm=r.get("encoder.final_layer_norm.weight", (H,)), encoder_embed=encoder_embed)
     r.done("Switch Transformers")
     return model
