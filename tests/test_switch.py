@@ -214,3 +214,65 @@ def test_unused_tensor_is_refused_naming_it(switch_dir, tmp_path):
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelImportError, match=f"'{name}'.* not used by the Switch Transformers importer"):
         load_model(bad)
+
+
+def _patched_program(art, out, edit):
+    """A copy of the artifact whose layer program `edit` (words → None, in place) changed, every
+    checksum recomputed."""
+    from crafted import TRUNK_FIELDS, copy_artifact, patch_trunk
+
+    from edgemoe.compiler import trunk_file
+    from edgemoe.compiler.binfmt import crc32, unpack
+
+    bad = copy_artifact(art, out)
+    data = bytearray((bad / "trunk.bin").read_bytes())
+    h = dict(zip(TRUNK_FIELDS, unpack(trunk_file.HEADER_FMT[:-1], data)))
+    entry = next(e for e in (unpack(trunk_file.TENSOR_FMT, data, h["table_offset"] + i * trunk_file.TENSOR_BYTES)
+                             for i in range(h["n_tensors"])) if e[0].rstrip(b"\0") == b"program")
+    offset, nbytes = entry[7], entry[8]
+    words = np.frombuffer(bytes(data[offset : offset + nbytes]), np.uint32).copy()
+    edit(words)
+    data[offset : offset + nbytes] = words.tobytes()
+    (bad / "trunk.bin").write_bytes(bytes(data))
+    patch_trunk(bad, header={"data_crc": crc32(bytes(data[h["data_offset"]:]))}, tensor="program",
+                changes={"crc": crc32(words.tobytes())})
+    return bad
+
+
+def _steps(words) -> list[tuple[int, int]]:
+    """(op code, index of its first operand) of each step."""
+    out, at = [], 0
+    while at < len(words):
+        out.append((int(words[at]), at + 2))
+        at += 2 + int(words[at + 1])
+    return out
+
+
+def test_a_program_out_of_shape_is_refused_naming_the_step(switch_dir, tmp_path, runtime_lib):
+    """The runtime checks an encoder-decoder program's structure before the first token: causal
+    attention in the encoder, cross-attention slots out of order, an encoder without its end."""
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.compiler.program import OP_CODES, operand_slots
+    from edgemoe.runtime import EdgeMoEError, Session
+
+    art = tmp_path / "art"
+    compile_model(switch_dir, art, CompileOptions(max_seq=16, expert_bits=4), log=lambda m: None)
+
+    def first(words, op):
+        return next(at for code, at in _steps(words) if code == OP_CODES[op])
+
+    def causal_encoder(words):
+        words[first(words, "REL_ATTENTION") + operand_slots("REL_ATTENTION").index("bidirectional")] = 0
+
+    def cross_out_of_order(words):
+        words[first(words, "CROSS_ATTENTION")] = 1
+
+    def no_encoder_end(words):  # ENCODER_OUT becomes a dense feed-forward op of as many operands: refused by count
+        words[first(words, "ENCODER_OUT") - 2] = OP_CODES["DENSE_FFN"]
+
+    for edit, message in ((causal_encoder, "causal attention in the encoder"),
+                          (cross_out_of_order, r"\(CROSS_ATTENTION\) names layer 1 out of order"),
+                          (no_encoder_end, "DENSE_FFN op has 3 operands where this runtime reads")):
+        bad = _patched_program(art, tmp_path / edit.__name__, edit)
+        with pytest.raises(EdgeMoEError, match=message):
+            Session(bad)
