@@ -50,7 +50,7 @@ class CompileOptions:
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
     """Bits of each [layer][expert] (the layers with experts): the options' plan, checked, or the uniform
     bitwidth."""
-    layers = len(cfg.moe_layers)
+    layers = cfg.num_moe_layers
     if opts.bit_plan is None:
         check_bits(opts.expert_bits)
         return [[opts.expert_bits] * cfg.num_experts for _ in range(layers)]
@@ -221,7 +221,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
     layout = weight_layout(cfg, target, opts, bits_used)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
     counts = model.parameter_counts()
-    log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers, {len(cfg.moe_layers)} of them with {cfg.num_experts} experts (top-{cfg.top_k}), "
+    log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers, {cfg.num_moe_layers} of them with "
+        f"{cfg.num_experts} experts (top-{cfg.top_k}), "
         f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
 
     def stored(li, ei, e):
@@ -229,7 +230,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         return ExpertWeights(*(None if w is None else quantize(w, plan[li][ei], opts.group, layout, g)
                                for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
-    experts = [[] for _ in cfg.moe_layers]
+    experts = [[] for _ in cfg.moe_layer_ids]
     each = [(li, ei, e) for li, layer in enumerate(model.moe_layers) for ei, e in enumerate(layer.experts)]
     for li, ei, e in track(progress, each, "rounding experts", unit="expert"):
         experts[li].append(stored(li, ei, e))

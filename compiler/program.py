@@ -158,7 +158,7 @@ def emit_program(cfg, index) -> np.ndarray:
             base = slot.removesuffix(".scales")
             words.append(values[slot] if slot in values else index(tensors[base] + slot[len(base):]))
 
-    moe_layer = {l: i for i, l in enumerate(cfg.moe_layers)}
+    moe_layer = {l: i for i, l in enumerate(cfg.moe_layer_ids)}
     enc = cfg.encoder_layers
     # an encoder reads its own embedding where the model has one (untied Switch Transformers)
     first = "encoder_embed" if enc and index("encoder_embed") != NONE else "embed"

@@ -245,7 +245,7 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     def resident(e):  # a shared expert or dense MLP: stored at the trunk's bitwidth
         return None if e is None else Expert(*(q(w, trunk_bits) for w in (e.w_gate, e.w_up, e.w_down)))
 
-    moe_index = {l: i for i, l in enumerate(model.config.moe_layers)}
+    moe_index = {l: i for i, l in enumerate(model.config.moe_layer_ids)}
     t = trunk_bits
     layers = [
         replace(l, wq=q(l.wq, t), wk=q(l.wk, t), wv=q(l.wv, t), wo=q(l.wo, t),

@@ -109,7 +109,7 @@ def header_layers(cfg) -> tuple[int, int, int]:
     """The header's layers (those with experts: the expert image's), KV-cache layers (the decoder's
     self-attention layers) and cross-attention layers."""
     decoder = cfg.num_layers - cfg.encoder_layers
-    return len(cfg.moe_layers), decoder, decoder if cfg.encoder_layers else 0
+    return cfg.num_moe_layers, decoder, decoder if cfg.encoder_layers else 0
 
 
 def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int, layout: str) -> list[tuple[str, np.ndarray, int]]:

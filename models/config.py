@@ -78,9 +78,13 @@ class MoEConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
-    def moe_layers(self) -> tuple[int, ...]:
-        """The layers with experts, in order; the expert image's layer index counts these."""
-        return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+    def moe_layer_ids(self) -> list[int]:
+        """The layers with experts, in order: the expert image's layer m is layer moe_layer_ids[m]."""
+        return [i for i in range(self.num_layers) if i not in self.dense_layers]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - len(self.dense_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,8 +169,8 @@ class MoEModel:
 
     @property
     def moe_layers(self) -> list[Layer]:
-        """The layers with experts, in order (MoEConfig.moe_layers)."""
-        return [self.layers[i] for i in self.config.moe_layers]
+        """The layers with experts, in order (MoEConfig.moe_layer_ids)."""
+        return [self.layers[i] for i in self.config.moe_layer_ids]
 
     def parameter_counts(self) -> dict:
         experts = sum(w.size for l in self.layers for e in l.experts for w in e.matrices())

@@ -68,7 +68,7 @@ def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
                  else save_checkpoint(family, tmp_path / "model"))
     model = load_model(model_dir)
     cfg = model.config
-    plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(len(cfg.moe_layers))]
+    plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_moe_layers)]
     art = tmp_path / "art"
     compile_model(model_dir, art, CompileOptions(target="rpi5", bit_plan=plan, max_seq=64), log=lambda m: None)
     ids = [1, 17, 42, 99, 5]

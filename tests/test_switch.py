@@ -125,7 +125,7 @@ def test_runtime_matches_reference(varied_dir, variant, tmp_path, rng, runtime_l
     cfg, opts = model.config, dict(VARIANTS[variant])
     if opts.get("bit_plan") == "cycle":
         levels = (4, 8, 2, 3)
-        opts["bit_plan"] = [[levels[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(len(cfg.moe_layers))]
+        opts["bit_plan"] = [[levels[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_moe_layers)]
     art = tmp_path / "art"
     compile_model(varied_dir, art, CompileOptions(max_seq=MAX_SEQ, **opts), log=lambda m: None)
     ref = EncoderDecoderExecutor(artifact_model(model, art), MAX_SEQ)
