@@ -52,15 +52,17 @@ class PlanEvaluator:
     def expert(self, layer: int, idx: int, bits: int) -> Expert:
         key = (layer, idx, bits)
         if key not in self._experts:
-            e = self.model.layers[layer].experts[idx]
+            e = self.model.moe_layers[layer].experts[idx]
             grams = self.moments.grams(layer, idx) if self.moments is not None else (None,) * 3
             self._experts[key] = Expert(*(quantize(w, bits, self.group, gram=g).dequantize()
                                           for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
         return self._experts[key]
 
     def model_for(self, plan) -> MoEModel:
-        layers = [replace(l, experts=[self.expert(li, ei, int(plan[li][ei])) for ei in range(len(l.experts))])
-                  for li, l in enumerate(self._trunk.layers)]
+        layers = list(self._trunk.layers)
+        for m, li in enumerate(self.model.config.moe_layer_ids):
+            layers[li] = replace(layers[li], experts=[self.expert(m, ei, int(plan[m][ei]))
+                                                      for ei in range(len(layers[li].experts))])
         return replace(self._trunk, layers=layers)
 
     def loss(self, plan, tokens: np.ndarray | None = None) -> float:
@@ -81,10 +83,11 @@ class PlanEvaluator:
 
     def loss_from(self, plan, layer: int, inputs: list[list[np.ndarray]]) -> float:
         """loss(plan), for a plan that equals the one `inputs` (layer_inputs()) came from in every
-        layer before `layer`: those layers' output is taken from `inputs`, not recomputed (same
+        expert layer before expert layer `layer`: those layers' output is taken from `inputs`, not recomputed (same
         arithmetic, so the same value; a sensitivity table runs 7/12 of the layers on average)."""
         self.evaluations += 1
         model, total, count = self.model_for(plan), 0.0, 0
+        layer = self.model.config.moe_layer_ids[layer]  # the decoder layer holding those experts
         for w, entering in zip(windows(self.tokens, WINDOW), inputs):
             logits, _ = forward_sequence(model, w, first_layer=layer, hidden=entering[layer])
             total += float(token_nll(logits[:-1], w[1:]).sum())
@@ -93,7 +96,7 @@ class PlanEvaluator:
 
 
 def uniform(model: MoEModel, bits: int) -> list[list[int]]:
-    return [[bits] * model.config.num_experts for _ in range(model.config.num_layers)]
+    return [[bits] * model.config.num_experts for _ in range(model.config.num_moe_layers)]
 
 
 def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None = None, progress=None) -> np.ndarray:
@@ -102,7 +105,7 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     progress factory (compiler/progress.py) counting the experts measured."""
     cfg = ev.model.config
     key = hashlib.sha256(
-        ev.tokens.tobytes() + ev.model.embed[:8].tobytes() + ev.model.layers[-1].experts[-1].w_down[:4].tobytes()
+        ev.tokens.tobytes() + ev.model.embed[:8].tobytes() + ev.model.moe_layers[-1].experts[-1].w_down[:4].tobytes()
         + f"{high},{low},{ev.group},{ev.trunk_bits},{ev.layout},{ROUNDING}".encode()
         + (b"" if ev.moments is None else ev.moments.rows.tobytes() + ev.moments.down[-1, -1, :4].tobytes())
     ).hexdigest()[:24]
@@ -112,8 +115,8 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     base = uniform(ev.model, high)
     base_loss = ev.loss(base)
     inputs = ev.layer_inputs(base)
-    out = np.zeros((cfg.num_layers, cfg.num_experts))
-    each = [(l, e) for l in range(cfg.num_layers) for e in range(cfg.num_experts)]
+    out = np.zeros((cfg.num_moe_layers, cfg.num_experts))
+    each = [(l, e) for l in range(cfg.num_moe_layers) for e in range(cfg.num_experts)]
     for l, e in track(progress, each, f"sensitivity INT{high}→INT{low}", unit="expert"):
         plan = [row[:] for row in base]
         plan[l][e] = low

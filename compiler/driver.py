@@ -72,13 +72,15 @@ def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> st
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
     shapes = [(idim, hdim, b) for b in bits_used] + [(hdim, idim, b) for b in bits_used]
     if opts.trunk_bits != 32:
-        trunk = [(cfg.q_dim + 2 * cfg.kv_dim, hdim), (hdim, cfg.q_dim), (cfg.vocab_size, hdim)]
-        if cfg.shared_expert_intermediate:
-            sdim = cfg.shared_expert_intermediate
-            trunk += [(sdim, hdim), (hdim, sdim)]
-        if cfg.dense_layers:
-            trunk += [(cfg.dense_intermediate, hdim), (hdim, cfg.dense_intermediate)]
-        if cfg.encoder_layers:
+        trunk = [(hdim, cfg.attn_out_dim), (cfg.vocab_size, hdim)]
+        if cfg.attention == "mla":
+            trunk += [(cfg.num_heads * cfg.qk_head_dim, cfg.q_lora_rank or hdim), (cfg.kv_lora_rank + cfg.head_dim, hdim)]
+            trunk += [(cfg.q_lora_rank, hdim)] if cfg.q_lora_rank else []
+        else:
+            trunk.append((cfg.q_dim + 2 * cfg.kv_dim, hdim))
+        for sdim in (cfg.shared_expert_intermediate, cfg.dense_intermediate):  # resident MLPs
+            trunk += [(sdim, hdim), (hdim, sdim)] if sdim else []
+        if cfg.encoder_layers:  # the decoder's cross-attention projections
             trunk += [(cfg.q_dim, hdim), (2 * cfg.kv_dim, hdim)]
         shapes += [(r, k, opts.trunk_bits) for r, k in trunk]
     why_not = None
@@ -230,7 +232,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         return ExpertWeights(*(None if w is None else quantize(w, plan[li][ei], opts.group, layout, g)
                                for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
-    experts = [[] for _ in cfg.moe_layer_ids]
+    experts = [[] for _ in model.moe_layers]
     each = [(li, ei, e) for li, layer in enumerate(model.moe_layers) for ei, e in enumerate(layer.experts)]
     for li, ei, e in track(progress, each, "rounding experts", unit="expert"):
         experts[li].append(stored(li, ei, e))
@@ -253,7 +255,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, log, pro
         machine=elf_machine(tvm_target), cpu_features=required_features(tvm_target))
     with stage(progress, "writing experts.bin and trunk.bin"):
         records = write_image(out_dir / "experts.bin", experts, cfg.hidden_size, cfg.expert_intermediate,
-                              opts.group, layout, identity.compile_id, cfg.expert_act)
+                              opts.group, layout, identity.compile_id, cfg.expert_activation)
         trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
                                   profile, identity)
     average_bits = float(np.mean(plan))

@@ -38,7 +38,7 @@ assert size(RECORD_FMT) == RECORD_BYTES
 
 def matrix_shapes(hidden: int, inter: int, act: str) -> list[tuple[int, int]]:
     """[rows, cols] of an expert's matrices in record order: gate, up, down (SwiGLU) or up, down (ReLU)."""
-    return [(inter, hidden)] * (2 if act == "swiglu" else 1) + [(hidden, inter)]
+    return [(inter, hidden)] * (1 if act == "relu" else 2) + [(hidden, inter)]
 
 
 @dataclass

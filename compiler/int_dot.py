@@ -232,20 +232,20 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
 
 
 def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
-                   name: str | None = None) -> tvm.tirx.PrimFunc:
-    """h = silu(Wg x) * (Wu x), Wg and Wu in the tiles layout; x is quantized once for both. `idim`
-    and `name` default to the routed experts' (a shared expert has its own)."""
+                   name: str | None = None, kind: str = "swiglu", bias: bool = False) -> tvm.tirx.PrimFunc:
+    """h = act(Wg x (+ bg), Wu x (+ bu)), Wg and Wu in the tiles layout, act the activation `kind`
+    (kernels.activation); x is quantized once for both. With `bias`, the biases are inputs after
+    the weights. `idim` and `name` default to the routed experts' (a shared expert has its own)."""
+    from .kernels import activation
+
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_gate_up_w{bits}"
     nt, ng, kw = idim // TILE_ROWS, hdim // group, hdim * bits // 32
     loop = T.parallel if parallel else T.serial
     quantize_input, accumulate = _quantize_input(hdim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
 
-    @T.prim_func
-    def f(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-          GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-          US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer((idim,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
+    @T.macro
+    def body(x, GW, GS, UW, US, GB, UB, h):
         xq = T.decl_buffer((hdim,), "int8")
         X4 = T.decl_buffer((hdim // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
@@ -254,15 +254,33 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bo
         quantize_input(x, xq, xs, xc)
         for t in loop(nt):
             for i in range(TILE_ROWS):
-                gate[t * TILE_ROWS + i] = T.float32(0)
-                h[t * TILE_ROWS + i] = T.float32(0)
+                if bias:
+                    gate[t * TILE_ROWS + i] = GB[t * TILE_ROWS + i]
+                    h[t * TILE_ROWS + i] = UB[t * TILE_ROWS + i]
+                else:
+                    gate[t * TILE_ROWS + i] = T.float32(0)
+                    h[t * TILE_ROWS + i] = T.float32(0)
             accumulate(gate, GW, GS, X4, xs, xc, t)
             accumulate(h, UW, US, X4, xs, xc, t)
             for i in range(TILE_ROWS):
-                h[t * TILE_ROWS + i] = gate[t * TILE_ROWS + i] / (T.float32(1) + T.exp(-gate[t * TILE_ROWS + i])) * \
-                    h[t * TILE_ROWS + i]
+                h[t * TILE_ROWS + i] = activation(cfg, kind, gate[t * TILE_ROWS + i], h[t * TILE_ROWS + i])
 
-    return f
+    @T.prim_func
+    def plain(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+              GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+              US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer((idim,), "float32")):
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
+        body(x, GW, GS, UW, US, h, h, h)  # no biases: GB and UB are never read
+
+    @T.prim_func
+    def with_bias(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+                  GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+                  US: T.Buffer((nt, ng, TILE_ROWS), "float16"), gate_bias: T.Buffer((idim,), "float32"),
+                  up_bias: T.Buffer((idim,), "float32"), h: T.Buffer((idim,), "float32")):
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
+        body(x, GW, GS, UW, US, gate_bias, up_bias, h)
+
+    return with_bias if bias else plain
 
 
 def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
@@ -294,19 +312,17 @@ def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bo
 
 
 def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
-                name: str | None = None) -> tvm.tirx.PrimFunc:
-    """y = res + weight · (Wd h), Wd in the tiles layout: the router weight and residual fused."""
+                name: str | None = None, bias: bool = False) -> tvm.tirx.PrimFunc:
+    """y = res + weight · (Wd h (+ bd)), Wd in the tiles layout: the router weight and residual
+    fused; with `bias`, bd is an input after the weights."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_down_w{bits}"
     nt, ng, kw = hdim // TILE_ROWS, idim // group, idim * bits // 32
     loop = T.parallel if parallel else T.serial
     quantize_input, accumulate = _quantize_input(idim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
 
-    @T.prim_func
-    def f(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-          DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), res: T.Buffer((hdim,), "float32"),
-          weight: T.Buffer((1,), "float32"), y: T.Buffer((hdim,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
+    @T.macro
+    def body(h, DW, DS, DB, res, weight, y):
         xq = T.decl_buffer((idim,), "int8")
         X4 = T.decl_buffer((idim // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
@@ -316,7 +332,25 @@ def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool 
             xs[g] = xs[g] * weight[0]  # fold the router weight into the input scale
         for t in loop(nt):
             for i in range(TILE_ROWS):
-                y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i]
+                if bias:
+                    y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i] + weight[0] * DB[t * TILE_ROWS + i]
+                else:
+                    y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i]
             accumulate(y, DW, DS, X4, xs, xc, t)
 
-    return f
+    @T.prim_func
+    def plain(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+              DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), res: T.Buffer((hdim,), "float32"),
+              weight: T.Buffer((1,), "float32"), y: T.Buffer((hdim,), "float32")):
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
+        body(h, DW, DS, res, res, weight, y)  # no bias: DB is never read
+
+    @T.prim_func
+    def with_bias(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+                  DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), down_bias: T.Buffer((hdim,), "float32"),
+                  res: T.Buffer((hdim,), "float32"), weight: T.Buffer((1,), "float32"),
+                  y: T.Buffer((hdim,), "float32")):
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
+        body(h, DW, DS, down_bias, res, weight, y)
+
+    return with_bias if bias else plain

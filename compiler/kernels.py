@@ -11,7 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .program import EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES, kernel_role
+from .program import EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES, expert_kernel_roles, kernel_role
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave, planes
 
 F32 = "float32"
@@ -126,9 +126,12 @@ def rope(cfg: MoEConfig, name: str = "em_rope") -> tvm.tirx.PrimFunc:
     return _named(q, [qkv, cos, sin, q, k, v], name)
 
 
-def attention(cfg: MoEConfig, name: str = "em_attention", position_bias: bool = False) -> tvm.tirx.PrimFunc:
-    """Single-query attention over the first n cache rows ([n, kv_heads, head_dim]); n is symbolic.
-    With position_bias, a bias [heads, n] is added to the scores (T5's relative positions)."""
+def attention(cfg: MoEConfig, name: str = "em_attention", sinks: bool = False,
+              position_bias: bool = False) -> tvm.tirx.PrimFunc:
+    """Single-query attention over n cache rows ([n, kv_heads, head_dim]; n is symbolic: the runtime
+    passes a sliding window's rows alone). With `sinks`, a logit per head [heads] joins each
+    softmax's denominator (its maximum included), carrying no value. With `position_bias`, a bias
+    [heads, n] is added to the scores (T5's relative positions)."""
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
     n = te.var("n", "int64")
@@ -146,12 +149,88 @@ def attention(cfg: MoEConfig, name: str = "em_attention", position_bias: bool = 
         inputs.append(bias)
     rt = te.reduce_axis((0, n), name="rt")
     mx = te.compute((hq,), lambda h: te.max(score(h, rt), axis=rt), name="mx")
+    sink = te.placeholder((hq,), F32, name="sink") if sinks else None
+    if sinks:
+        mx = te.compute((hq,), lambda h: tvm.tirx.max(mx[h], sink[h]), name="mx_sink")
     e = te.compute((hq, n), lambda h, t: te.exp(score(h, t) - mx[h]), name="e")
     rz = te.reduce_axis((0, n), name="rz")
     z = te.compute((hq,), lambda h: te.sum(e[h, rz], axis=rz), name="z")
+    if sinks:
+        z = te.compute((hq,), lambda h: z[h] + te.exp(sink[h] - mx[h]), name="z_sink")
     rv = te.reduce_axis((0, n), name="rv")
     o = te.compute((hq, d), lambda h, i: te.sum(e[h, rv] * vc[rv, h // group, i] / z[h], axis=rv), name="o")
-    return _named(o, [*inputs, o], name)
+    return _named(o, [*inputs, *([sink] if sinks else []), o], name)
+
+
+def mla_rope(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
+    """Multi-head latent attention's RoPE: each head's rotated part of the query vector q [heads · (nope
+    + head_dim)] (its last head_dim dims), and the shared key kr [head_dim], rotated (rotate-half
+    pairs), into q_rot [heads, head_dim] and k_rot [head_dim] (the KV cache's row)."""
+    h, d, qk, nope = cfg.num_heads, cfg.head_dim, cfg.qk_head_dim, cfg.qk_nope_head_dim
+    half = d // 2
+    q = te.placeholder((h * qk,), F32, name="q")
+    kr = te.placeholder((d,), F32, name="kr")
+    cos = te.placeholder((half,), F32, name="cos")
+    sin = te.placeholder((half,), F32, name="sin")
+
+    def rotated(x, i):  # x(k): the k-th dim of the part being rotated
+        j = tvm.tirx.indexmod(i, half)
+        return tvm.tirx.Select(i < half, x(j) * cos[j] - x(j + half) * sin[j], x(j + half) * cos[j] + x(j) * sin[j])
+
+    q_rot = te.compute((h, d), lambda hh, i: rotated(lambda k: q[hh * qk + nope + k], i), name="q_rot")
+    k_rot = te.compute((d,), lambda i: rotated(lambda k: kr[k], i), name="k_rot")
+    return _named(q_rot, [q, kr, cos, sin, q_rot, k_rot], name)
+
+
+def mla_absorb(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
+    """Each head's unrotated query folded through its key rows of wkv_b into the latent space:
+    q_lat[h, c] = sum_i q[h, i] · wkv_b[h · (nope + v) + i, c], so that q_lat · latent = q_nope · k_nope."""
+    h, qk, nope, v, r = cfg.num_heads, cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    q = te.placeholder((h * qk,), F32, name="q")
+    w = te.placeholder((h * (nope + v), r), F32, name="wkv_b")
+    i = te.reduce_axis((0, nope), name="i")
+    q_lat = te.compute((h, r), lambda hh, c: te.sum(q[hh * qk + i] * w[hh * (nope + v) + i, c], axis=i), name="q_lat")
+    return _named(q_lat, [q, w, q_lat], name)
+
+
+def mla_attention(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
+    """Single-query latent attention over the first n cache rows: scores (q_lat · latent + q_rot ·
+    k_rot) × the softmax scale, and per head the softmax-weighted sum of the latents, o_lat [heads,
+    kv_lora_rank]; n is symbolic. One score buffer and one of exponentials, [heads, n] each, as em_attention."""
+    h, d, r = cfg.num_heads, cfg.head_dim, cfg.kv_lora_rank
+    n = te.var("n", "int64")
+    q_lat = te.placeholder((h, r), F32, name="q_lat")
+    q_rot = te.placeholder((h, d), F32, name="q_rot")
+    lat = te.placeholder((n, r), F32, name="latent")
+    kr = te.placeholder((n, d), F32, name="k_rot")
+    scale = tvm.tirx.const(cfg.softmax_scale, F32)
+    rk = te.reduce_axis((0, r + d), name="rk")
+
+    def term(hh, t, k):  # the latent's dims, then the rotated ones (indices clamped: Select reads both sides)
+        lo, hi = tvm.tirx.min(k, r - 1), tvm.tirx.max(k - r, 0)
+        return tvm.tirx.Select(k < r, q_lat[hh, lo] * lat[t, lo], q_rot[hh, hi] * kr[t, hi])
+
+    s = te.compute((h, n), lambda hh, t: te.sum(term(hh, t, rk) * scale, axis=rk), name="s")
+    rt = te.reduce_axis((0, n), name="rt")
+    mx = te.compute((h,), lambda hh: te.max(s[hh, rt], axis=rt), name="mx")
+    e = te.compute((h, n), lambda hh, t: te.exp(s[hh, t] - mx[hh]), name="e")
+    rz = te.reduce_axis((0, n), name="rz")
+    z = te.compute((h,), lambda hh: te.sum(e[hh, rz], axis=rz), name="z")
+    rv = te.reduce_axis((0, n), name="rv")
+    o = te.compute((h, r), lambda hh, c: te.sum(e[hh, rv] * lat[rv, c] / z[hh], axis=rv), name="o_lat")
+    return _named(o, [q_lat, q_rot, lat, kr, o], name)
+
+
+def mla_v(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
+    """Each head's latent output through its value rows of wkv_b: att[h · v + j] = sum_c
+    wkv_b[h · (nope + v) + nope + j, c] · o_lat[h, c], the output projection's input."""
+    h, nope, v, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    o_lat = te.placeholder((h, r), F32, name="o_lat")
+    w = te.placeholder((h * (nope + v), r), F32, name="wkv_b")
+    c = te.reduce_axis((0, r), name="c")
+    att = te.compute((h * v,), lambda o: te.sum(w[(o // v) * (nope + v) + nope + o % v, c] * o_lat[o // v, c], axis=c),
+                     name="att")
+    return _named(att, [o_lat, w, att], name)
 
 
 def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int, vec: te.Tensor, name: str):
@@ -204,17 +283,40 @@ def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tenso
     )
 
 
-def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
-                   name: str | None = None) -> tvm.tirx.PrimFunc:
-    """h = silu(Wg x) * (Wu x) with Wg, Wu packed at `bits` (32: float32). `idim` and `name`
+def activation(cfg: MoEConfig, kind: str, g, u):
+    """The expert activation `kind` (program.ACT, but "relu", which has no gate) of gate and up
+    outputs g and u, as a TIR expression (also inside int_dot's TVMScript): silu(g)·u, or the clamped SwiGLU with the
+    config's alpha and limit (models/reference.py activate computes the same in float32)."""
+    one = tvm.tirx.const(1.0, F32)
+    if kind == "swiglu":
+        return g / (one + tvm.tirx.exp(-g)) * u
+    limit, alpha = tvm.tirx.const(cfg.swiglu_limit, F32), tvm.tirx.const(cfg.swiglu_alpha, F32)
+    g = tvm.tirx.min(g, limit)
+    u = tvm.tirx.max(tvm.tirx.min(u, limit), -limit)
+    return (u + one) * (g / (one + tvm.tirx.exp(-(alpha * g))))
+
+
+def expert_symbol(role: str, bits: int) -> str:
+    return EXPERT_KERNELS[role].format(bits=bits)
+
+
+def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, name: str | None = None,
+                   kind: str = "swiglu", bias: bool = False) -> tvm.tirx.PrimFunc:
+    """h = act(Wg x (+ bg), Wu x (+ bu)) with Wg, Wu packed at `bits` (32: float32), act the
+    activation `kind`; with `bias` the biases are inputs after the weights. `idim` and `name`
     default to the routed experts' (a shared expert has its own)."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     x = te.placeholder((hdim,), F32, name="x")
     gw, uw = _qweight("gate", idim, hdim, bits, group), _qweight("up", idim, hdim, bits, group)
     g = te.compute((idim,), _row_dot(gw[0], gw[-1], bits, group, hdim, x, "rg"), name="g")
     u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
-    h = te.compute((idim,), lambda i: g[i] / (1.0 + te.exp(-g[i])) * u[i], name="h")
-    return _named(h, [x, *gw, *uw, h], name or f"em_expert_gate_up_w{bits}")
+    biases = [te.placeholder((idim,), F32, name="gate_bias"), te.placeholder((idim,), F32, name="up_bias")] \
+        if bias else []
+    if bias:
+        h = te.compute((idim,), lambda i: activation(cfg, kind, g[i] + biases[0][i], u[i] + biases[1][i]), name="h")
+    else:
+        h = te.compute((idim,), lambda i: activation(cfg, kind, g[i], u[i]), name="h")
+    return _named(h, [x, *gw, *uw, *biases, h], name or expert_symbol("expert_gate_up", bits))
 
 
 def expert_up_relu(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
@@ -225,20 +327,25 @@ def expert_up_relu(cfg: MoEConfig, bits: int, group: int, idim: int | None = Non
     uw = _qweight("up", idim, hdim, bits, group)
     u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
     h = te.compute((idim,), lambda i: te.max(u[i], tvm.tirx.const(0, F32)), name="h")
-    return _named(h, [x, *uw, h], name or f"em_expert_up_relu_w{bits}")
+    return _named(h, [x, *uw, h], name or expert_symbol("expert_up_relu", bits))
 
 
-def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
-                name: str | None = None) -> tvm.tirx.PrimFunc:
-    """y = r + weight * (Wd h): the down projection with the router weight and residual fused."""
+def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, name: str | None = None,
+                bias: bool = False) -> tvm.tirx.PrimFunc:
+    """y = r + weight * (Wd h (+ bd)): the down projection with the router weight and residual
+    fused; with `bias`, bd is an input after the weights."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     h = te.placeholder((idim,), F32, name="h")
     dw = _qweight("down", hdim, idim, bits, group)
+    db = [te.placeholder((hdim,), F32, name="down_bias")] if bias else []
     res = te.placeholder((hdim,), F32, name="res")
     weight = te.placeholder((1,), F32, name="weight")
     acc = te.compute((hdim,), _row_dot(dw[0], dw[-1], bits, group, idim, h, "r"), name="acc")
-    y = te.compute((hdim,), lambda i: res[i] + weight[0] * acc[i], name="y")
-    return _named(y, [h, *dw, res, weight, y], name or f"em_expert_down_w{bits}")
+    if bias:
+        y = te.compute((hdim,), lambda i: res[i] + weight[0] * (acc[i] + db[0][i]), name="y")
+    else:
+        y = te.compute((hdim,), lambda i: res[i] + weight[0] * acc[i], name="y")
+    return _named(y, [h, *dw, *db, res, weight, y], name or expert_symbol("expert_down", bits))
 
 
 def check_signature(func: tvm.tirx.PrimFunc) -> None:
@@ -273,7 +380,7 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     integer-dot kernels of int_dot.py for `target`'s instruction. The router always reads float32."""
     from . import int_dot
 
-    hdim, idim, qkv_rows = cfg.hidden_size, cfg.expert_intermediate, cfg.q_dim + 2 * cfg.kv_dim
+    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
     tiles = layout == "tiles"
     isa = int_dot.isa_for(target) if tiles and target is not None else None
     if tiles and isa is None:
@@ -285,56 +392,76 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
                                   parallel=n * k * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES)
         return matvec(n, k, name, residual, bits=trunk_bits, group=group)
 
-    def mlp(inter, bits, up_name, down_name, parallel_min=None):
-        """The up (ReLU) or gate-up (SwiGLU) and down kernels of an MLP [inter, hidden] at `bits`."""
-        relu, names = cfg.expert_act == "relu", dict(idim=inter)
-        if tiles and bits != 32:
-            parallel = (1 if relu else 2) * inter * hdim * bits // 8 >= int_dot.PARALLEL_MIN_BYTES
+    relu = cfg.expert_activation == "relu"  # ReLU MLPs (Switch Transformers) have no gate: up, then down
+
+    def resident_mlp(sdim, gate_up_name, down_name, relu=False):  # a shared expert or dense MLP, at the trunk's bitwidth
+        gate_up, down = dict(idim=sdim, name=gate_up_name), dict(idim=sdim, name=down_name)
+        if tiles and trunk_bits != 32:
+            parallel = (1 if relu else 2) * sdim * hdim * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES
             up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
-            return [up(isa, cfg, bits, group, parallel, name=up_name, **names),
-                    int_dot.expert_down(isa, cfg, bits, group, parallel, name=down_name, **names)]
+            return [up(isa, cfg, trunk_bits, group, parallel, **gate_up),
+                    int_dot.expert_down(isa, cfg, trunk_bits, group, parallel, **down)]
         up = expert_up_relu if relu else expert_gate_up
-        return [up(cfg, bits, group, name=up_name, **names), expert_down(cfg, bits, group, name=down_name, **names)]
+        return [up(cfg, trunk_bits, group, **gate_up), expert_down(cfg, trunk_bits, group, **down)]
 
     K = KERNELS
+    if cfg.attention == "mla":
+        R, Q = cfg.kv_lora_rank, cfg.q_lora_rank
+        attention_kernels = [
+            trunk_matvec(cfg.num_heads * cfg.qk_head_dim, Q or hdim, K["mla_q"]),
+            trunk_matvec(R + cfg.head_dim, hdim, K["mla_kv_a"]), rmsnorm(R, cfg.lora_norm_eps, K["mla_kv_norm"]),
+            mla_rope(cfg, K["mla_rope"]), mla_absorb(cfg, K["mla_absorb"]), mla_attention(cfg, K["mla_attention"]),
+            mla_v(cfg, K["mla_v"])]
+        if Q:
+            attention_kernels += [trunk_matvec(Q, hdim, K["mla_q_a"]), rmsnorm(Q, cfg.lora_norm_eps, K["mla_q_a_norm"])]
+    else:
+        attention_kernels = [
+            trunk_matvec(cfg.q_dim + 2 * cfg.kv_dim, hdim, K["qkv_bias"] if cfg.qkv_bias else K["qkv"],
+                         residual=cfg.qkv_bias),
+        ]
+        if cfg.position == "relative":  # T5's bias in place of RoPE
+            attention_kernels.append(attention(cfg, K["attention_bias"], position_bias=True))
+        else:
+            attention_kernels += [rope(cfg, K["rope"]), attention(cfg, K["attention_sinks"], sinks=True)
+                                  if cfg.attention_sinks else attention(cfg, K["attention"])]
     funcs = [
         layernorm(hdim, cfg.norm_eps, K["layernorm"]) if cfg.norm == "layer" else rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
-        trunk_matvec(qkv_rows, hdim, K["qkv_bias"] if cfg.qkv_bias else K["qkv"], residual=cfg.qkv_bias),
-        trunk_matvec(hdim, cfg.q_dim, K["o_proj"], residual=True),
-        matvec(cfg.num_experts, hdim, K["router"]),
+        *attention_kernels,
+        trunk_matvec(hdim, cfg.attn_out_dim, K["o_proj"], residual=True),
+        matvec(cfg.num_experts, hdim, K["router"]),  # also the next-router and fitted-router predictors
         # the LM head's bias, where it has one, added as the qkv bias is: as the matvec's residual
         trunk_matvec(cfg.vocab_size, hdim, K["lm_head_bias"] if cfg.lm_head_bias else K["lm_head"],
                      residual=cfg.lm_head_bias),
     ]
-    if cfg.position == "relative":
-        funcs.append(attention(cfg, K["attention_bias"], position_bias=True))
-    else:
-        funcs += [rope(cfg, K["rope"]), attention(cfg, K["attention"])]
+    if cfg.router_logit_bias:  # added as the matvec's residual
+        funcs.append(matvec(cfg.num_experts, hdim, K["router_bias"], residual=True))
     if cfg.encoder_layers:  # cross-attention: the plain attention over the encoder's rows
         funcs += [attention(cfg, K["attention"]), trunk_matvec(cfg.q_dim, hdim, K["cross_q"]),
                   trunk_matvec(2 * cfg.kv_dim, hdim, K["cross_kv"])]
-    if cfg.dense_layers:  # resident, at the trunk's bitwidth
-        if cfg.expert_act != "relu":
-            raise ValueError("dense MLP layers are implemented for ReLU MLPs only")
-        funcs += mlp(cfg.dense_intermediate, trunk_bits, K["dense_up_relu"], K["dense_down"])
     if cfg.qk_norm != "none":
         funcs.append(qk_norm(cfg, K["qk_norm"]))
     if cfg.o_bias:
         funcs.append(add(hdim, K["add"]))
-    if cfg.shared_expert_intermediate:  # resident, at the trunk's bitwidth
-        sdim = cfg.shared_expert_intermediate
-        gate_up, down = dict(idim=sdim, name=K["shared_gate_up"]), dict(idim=sdim, name=K["shared_down"])
-        if tiles and trunk_bits != 32:
-            parallel = 2 * sdim * hdim * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES
-            funcs += [int_dot.expert_gate_up(isa, cfg, trunk_bits, group, parallel, **gate_up),
-                      int_dot.expert_down(isa, cfg, trunk_bits, group, parallel, **down)]
-        else:
-            funcs += [expert_gate_up(cfg, trunk_bits, group, **gate_up), expert_down(cfg, trunk_bits, group, **down)]
+    if cfg.shared_expert_intermediate:
+        funcs += resident_mlp(cfg.shared_expert_intermediate, K["shared_gate_up"], K["shared_down"])
         if cfg.shared_expert_gate:
             funcs.append(matvec(1, hdim, K["shared_gate"]))
-    up = "expert_up_relu" if cfg.expert_act == "relu" else "expert_gate_up"
+    if cfg.dense_intermediate and cfg.dense_layers:
+        funcs += resident_mlp(cfg.dense_intermediate, K["dense_up_relu" if relu else "dense_gate_up"], K["dense_down"],
+                              relu)
+    gate_up_role, down_role = expert_kernel_roles(cfg)
+    routed = {} if relu else dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
     for b in sorted(set(expert_bits)):
-        funcs += mlp(idim, b, EXPERT_KERNELS[up].format(bits=b), EXPERT_KERNELS["expert_down"].format(bits=b))
+        names = dict(gate_up=expert_symbol(gate_up_role, b), down=expert_symbol(down_role, b))
+        if tiles:
+            parallel = (1 if relu else 2) * idim * hdim * b // 8 >= int_dot.PARALLEL_MIN_BYTES
+            up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
+            funcs += [up(isa, cfg, b, group, parallel, name=names["gate_up"], **routed),
+                      int_dot.expert_down(isa, cfg, b, group, parallel, name=names["down"], bias=cfg.expert_bias)]
+        else:
+            up = expert_up_relu if relu else expert_gate_up
+            funcs += [up(cfg, b, group, name=names["gate_up"], **routed),
+                      expert_down(cfg, b, group, name=names["down"], bias=cfg.expert_bias)]
     for f in funcs:
         check_signature(f)
     return {str(f.attrs["global_symbol"]): f for f in funcs}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import MoEModel
-from ..models.reference import expert_hidden, forward_sequence, norm, quantize_activation
+from ..models.reference import forward_sequence, norm, quantize_activation, routed_expert_hidden
 from .progress import track
 
 WINDOW = 256
@@ -20,7 +20,7 @@ RIDGE = 0.5
 
 @dataclass
 class RoutingProfile:
-    selected: np.ndarray  # [tokens, layers, top_k] experts chosen, tokens in text order
+    selected: np.ndarray  # [tokens, expert layers, top_k] experts chosen, tokens in text order
     num_experts: int
     # [layers, experts, 2 * hidden + 1]: per layer, a linear map to that layer's router logits from
     # what the runtime has when it predicts that layer: the current state (the previous layer's
@@ -79,21 +79,21 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, p
     cfg = model.config
     H, E = cfg.hidden_size, cfg.num_experts
     F = 2 * H + 1
-    gram = np.zeros((cfg.num_layers, F, F))
-    cross = np.zeros((cfg.num_layers, F, E))
+    gram = np.zeros((cfg.num_moe_layers, F, F))
+    cross = np.zeros((cfg.num_moe_layers, F, E))
     chunks = []
     for i in track(progress, range(0, len(tokens), window), "routing profile", unit="window"):
         trace: dict = {}
         chunks.append(forward_sequence(model, tokens[i : i + window], trace)[1])
         sources = [trace["embed"]] + trace["layer_out"][:-1]
-        for l, layer in enumerate(model.layers):
-            z = norm(cfg, sources[l], layer.ffn_norm, layer.ffn_norm_bias).astype(np.float64)
+        for l, (li, layer) in enumerate(zip(cfg.moe_layer_ids, model.moe_layers)):
+            z = norm(cfg, sources[li], layer.ffn_norm, layer.ffn_norm_bias).astype(np.float64)
             previous = np.vstack([np.zeros((1, H)), trace["ffn_in"][l][:-1]])
             z = np.hstack([z, previous, np.ones((len(z), 1))])
             gram[l] += z.T @ z
             cross[l] += z.T @ trace["router_logits"][l]
     fitted = []
-    for l, layer in enumerate(model.layers):
+    for l, layer in enumerate(model.moe_layers):
         router = np.zeros((F, E))
         router[:H] = layer.router.T  # the plain next router: current state only, no bias
         # minimise |Z (router + D) - Y|^2 + RIDGE·T·|D|^2 over the correction D
@@ -121,19 +121,19 @@ def expert_moments(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, pr
     inputs its three matrices see (as the artifact's kernels see them: with the model's activation
     rounding). `progress`: a progress factory (compiler/progress.py) counting the windows."""
     cfg = model.config
-    L, E, H, I = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate
+    L, E, H, I = cfg.num_moe_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate
     gate_up, down, rows = np.zeros((L, E, H, H)), np.zeros((L, E, I, I)), np.zeros((L, E), np.int64)
     for i in track(progress, range(0, len(tokens), window), "calibration: expert inputs", unit="window"):
         trace: dict = {}
         selected = forward_sequence(model, tokens[i : i + window], trace)[1]
-        for l, layer in enumerate(model.layers):
-            for e, ex in enumerate(layer.experts):
+        for l, layer in enumerate(model.moe_layers):
+            for e in range(len(layer.experts)):
                 routed = np.nonzero((selected[:, l] == e).any(axis=1))[0]
                 if len(routed) == 0:
                     continue
                 xn = trace["ffn_in"][l][routed]
                 xa = quantize_activation(xn, model.expert_act_group).astype(np.float64)
-                h = expert_hidden(ex, xn, model.expert_act_group).astype(np.float64)
+                h = routed_expert_hidden(layer, cfg, e, xn, model.expert_act_group).astype(np.float64)
                 gate_up[l, e] += xa.T @ xa
                 down[l, e] += h.T @ h
                 rows[l, e] += len(routed)

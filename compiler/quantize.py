@@ -222,8 +222,7 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
                     layout: str = "rows", moments=None):
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
     NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
-    [layer][expert], layer counting the layers with experts; None leaves them float), rounded
-    against `moments` (profile.ExpertMoments) when
+    [expert layer][expert]; None leaves them float), rounded against `moments` (profile.ExpertMoments) when
     given, and the trunk matrices at `trunk_bits`. With the tiles layout the artifact's kernels also
     quantize their inputs, and so does the reference."""
     from dataclasses import replace
@@ -245,13 +244,15 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     def resident(e):  # a shared expert or dense MLP: stored at the trunk's bitwidth
         return None if e is None else Expert(*(q(w, trunk_bits) for w in (e.w_gate, e.w_up, e.w_down)))
 
-    moe_index = {l: i for i, l in enumerate(model.config.moe_layer_ids)}
-    t = trunk_bits
+    def trunk(w):  # a projection (absent ones stay None); MLA's wkv_b stays float32 (trunk_file.QUANTIZED)
+        return None if w is None else q(w, trunk_bits)
+
+    moe_index = {l: m for m, l in enumerate(model.config.moe_layer_ids)}
     layers = [
-        replace(l, wq=q(l.wq, t), wk=q(l.wk, t), wv=q(l.wv, t), wo=q(l.wo, t),
-                experts=[expert(moe_index.get(li), ei, e) for ei, e in enumerate(l.experts)],
-                shared=resident(l.shared), dense=resident(l.dense), cwq=q(l.cwq, t), cwk=q(l.cwk, t),
-                cwv=q(l.cwv, t), cwo=q(l.cwo, t))
+        replace(l, wq=trunk(l.wq), wk=trunk(l.wk), wv=trunk(l.wv), wo=trunk(l.wo), wq_a=trunk(l.wq_a),
+                wkv_a=trunk(l.wkv_a), experts=[expert(moe_index[li], ei, e) for ei, e in enumerate(l.experts)],
+                shared=resident(l.shared), dense=resident(l.dense), cwq=trunk(l.cwq), cwk=trunk(l.cwk),
+                cwv=trunk(l.cwv), cwo=trunk(l.cwo))
         for li, l in enumerate(model.layers)
     ]
     embed = q(model.embed, trunk_bits)

@@ -24,23 +24,27 @@ from .program import NONE, PROFILE_TENSORS, count_ops, emit_program
 from .quantize import quantize
 
 MAGIC = b"EMOTRUNK"
-VERSION = 4  # 3: compile id, the kernels' SHA-256, their machine and CPU features; 4: KV-cache and
-# cross-attention layers, the dense MLP size, the decoder start token (encoder-decoder models), the program's ops
+VERSION = 5  # 3: compile id, the kernels' SHA-256, their machine and CPU features; 4: MLA and dense-layer sizes;
+# 5: KV-cache and cross-attention layers, the decoder start token (encoder-decoder models), the program's ops
 HEADER_BYTES = 256
 TENSOR_ALIGN = 64
 # magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
 # inter, max_positions, rope_theta, norm_eps, flags, bos, eos, n_tensors, table_offset,
 # data_offset, file_bytes, table_crc, data_crc, compile_id, kernels_sha256, machine, cpu_features,
-# shared_expert_intermediate, kv_layers, cross_layers, dense_intermediate, decoder_start, program_steps, header_crc
-HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIIIIIiII"
+# shared_expert_intermediate, q_lora_rank, kv_lora_rank, qk_nope_head_dim, v_head_dim (the four 0
+# without multi-head latent attention), dense_intermediate, kv_layers, cross_layers, decoder_start,
+# program_steps, header_crc
+HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIIIIIIIIIiII"
 # name, dtype, ndim, shape[4], offset, bytes, crc, bits (of a quantized matrix's codes; 0 otherwise)
 TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
 FLAG_TILES = 4  # the quantized matrices are in the tiles layout (quantize.py)
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.uint32): 3}
 # the matrices stored at the trunk bitwidth (name or suffix)
-QUANTIZED = ("embed", "encoder_embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj", "dense_gate",
-             "dense_up", "dense_down", "cross_wq", "cross_wkv", "cross_wo")
+# (MLA's wkv_b stays float32: its key half is read transposed, folded into the query)
+QUANTIZED = ("embed", "encoder_embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj",
+             "wq_a", "wq", "wkv_a", "dense_gate_proj", "dense_up_proj", "dense_down_proj", "cross_wq", "cross_wkv",
+             "cross_wo")
 assert size(TENSOR_FMT) == TENSOR_BYTES
 
 
@@ -56,7 +60,14 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         out.append((p + "attn_norm", l.attn_norm))
         if cfg.norm == "layer":
             out.append((p + "attn_norm_bias", l.attn_norm_bias))
-        out.append((p + "wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0)))
+        if cfg.attention == "mla":
+            if cfg.q_lora_rank:
+                out += [(p + "wq_a", l.wq_a), (p + "q_a_norm", l.q_a_norm)]
+            out += [(p + "wq", l.wq), (p + "wkv_a", l.wkv_a), (p + "kv_a_norm", l.kv_a_norm), (p + "wkv_b", l.wkv_b)]
+        else:
+            if cfg.attention_sinks:
+                out.append((p + "sinks", l.sinks))
+            out.append((p + "wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0)))
         if cfg.qkv_bias:
             out.append((p + "bqkv", np.concatenate([l.bq, l.bk, l.bv])))
         if cfg.qk_norm != "none":
@@ -67,14 +78,21 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         out.append((p + "ffn_norm", l.ffn_norm))
         if cfg.norm == "layer":
             out.append((p + "ffn_norm_bias", l.ffn_norm_bias))
-        if l.router is not None:
-            out.append((p + "router", l.router))
-        if l.dense is not None:
-            out += [(p + "dense_" + n, w) for n, w in zip(("gate", "up", "down"), (l.dense.w_gate, l.dense.w_up,
-                                                                                l.dense.w_down)) if w is not None]
         if l.cwq is not None:
             out += [(p + "cross_norm", l.cross_norm), (p + "cross_wq", l.cwq),
                     (p + "cross_wkv", np.concatenate([l.cwk, l.cwv], axis=0)), (p + "cross_wo", l.cwo)]
+        if l.dense is not None:  # a ReLU MLP has no gate
+            out += [(p + "dense_" + n, w) for n, w in (("gate_proj", l.dense.w_gate), ("up_proj", l.dense.w_up),
+                                                       ("down_proj", l.dense.w_down)) if w is not None]
+            continue
+        out.append((p + "router", l.router))
+        if l.router_bias is not None:
+            out.append((p + "router_bias", l.router_bias))
+        if cfg.router_logit_bias:
+            out.append((p + "router_logit_bias", l.router_logit_bias))
+        if cfg.expert_bias:
+            out += [(p + "expert_gate_bias", l.expert_gate_bias), (p + "expert_up_bias", l.expert_up_bias),
+                    (p + "expert_down_bias", l.expert_down_bias)]
         if l.shared is not None:
             out += [(p + "shared_gate_proj", l.shared.w_gate), (p + "shared_up_proj", l.shared.w_up),
                     (p + "shared_down_proj", l.shared.w_down)]
@@ -95,7 +113,7 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         out.append(("lm_head_bias", model.lm_head_bias))
     if profile is not None:
         names = PROFILE_TENSORS
-        out.append((names["path_table"], profile.path_table().reshape(cfg.num_layers * cfg.num_experts, -1)))
+        out.append((names["path_table"], profile.path_table().reshape(cfg.num_moe_layers * cfg.num_experts, -1)))
         out.append((names["frequency"], profile.frequency))
         if profile.fitted_router is not None:
             H, fit = cfg.hidden_size, profile.fitted_router
@@ -106,10 +124,10 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
 
 
 def header_layers(cfg) -> tuple[int, int, int]:
-    """The header's layers (those with experts: the expert image's), KV-cache layers (the decoder's
-    self-attention layers) and cross-attention layers."""
+    """The header's layers (every layer of both stacks, dense ones included; the expert image holds
+    those with experts), KV-cache layers (the decoder's self-attention layers) and cross-attention layers."""
     decoder = cfg.num_layers - cfg.encoder_layers
-    return cfg.num_moe_layers, decoder, decoder if cfg.encoder_layers else 0
+    return cfg.num_layers, decoder, decoder if cfg.encoder_layers else 0
 
 
 def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int, layout: str) -> list[tuple[str, np.ndarray, int]]:
@@ -168,8 +186,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
                 -1 if cfg.eos_token_id is None else cfg.eos_token_id,
                 len(tensors), table_offset, data_offset, file_bytes, crc32(table), crc32(bytes(data)),
                 identity.compile_id, identity.kernels_sha256, identity.machine, identity.cpu_features,
-                cfg.shared_expert_intermediate, kv_layers, cross_layers,
-                cfg.dense_intermediate if cfg.dense_layers else 0,
+                cfg.shared_expert_intermediate, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim,
+                cfg.dense_intermediate if cfg.dense_layers else 0, kv_layers, cross_layers,
                 -1 if cfg.decoder_start_token_id is None else cfg.decoder_start_token_id, count_ops(program))
     head += pack("I", crc32(head))
     with open(path, "wb") as f:

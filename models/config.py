@@ -41,7 +41,8 @@ class MoEConfig:
     norm: str = "rms"
     lm_head_bias: bool = False  # the LM head adds a bias [vocab]
     # How the router's logits pick the experts and weigh them: "softmax" (softmax over all experts,
-    # the top-k, renormalised with norm_topk_prob) or "sparsemixer" (top-2, each weight a softmax over
+    # the top-k, renormalised with norm_topk_prob), "topk_softmax" (the top-k logits, a softmax over
+    # those k) or "sparsemixer" (top-2, each weight a softmax over
     # the experts within a relative margin 2·sparsemixer_eps of that pick: reference.sparsemixer)
     routing: str = "softmax"
     sparsemixer_eps: float = 0.0
@@ -49,17 +50,51 @@ class MoEConfig:
     # (head_dim/2 values; None: all 1), and cos and sin multiplied by rope_scale
     rope_factors: tuple[float, ...] | None = None
     rope_scale: float = 1.0
+    # Multi-head latent attention (attention "mla", DeepSeek-V2/V3) in place of q/k/v heads ("mha"):
+    # q = wq · x, or wq · RMSNorm(wq_a · x) through a q_lora_rank bottleneck (0: none); the KV cache
+    # holds per position a latent RMSNorm(the first kv_lora_rank rows of wkv_a · x) and one RoPE key
+    # (the next head_dim rows, rotated) that every head shares; wkv_b expands the latent into each
+    # head's qk_nope_head_dim unrotated key and v_head_dim value dims. The bottlenecks' RMSNorms use
+    # lora_norm_eps. head_dim is the rotated (RoPE) part of each head's query and key.
+    attention: str = "mha"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    lora_norm_eps: float = 1e-6
+    attention_scale: float = 0.0  # the softmax's scale of q·k; 0: 1/sqrt(the query-key dims)
+    # Layers whose feed-forward block is a dense MLP (resident, trunk bits; its activation expert_activation)
+    # in place of experts
+    dense_layers: tuple[int, ...] = ()
+    dense_intermediate: int = 0
+    # Routing beyond the score function ("softmax", "sigmoid" — scores sigmoid(logit), the top-k chosen
+    # on score + Layer.router_bias where router_bias — or "sparsemixer"): the experts form route_groups
+    # equal groups, each scored by its best score ("max") or its two best summed ("top2") as
+    # route_group_score says, and only the route_topk_groups best groups' experts are eligible; the
+    # chosen weights (renormalised with norm_topk_prob) are multiplied by route_scale.
+    route_groups: int = 1
+    route_topk_groups: int = 1
+    route_group_score: str = "max"
+    route_scale: float = 1.0
+    router_bias: bool = False
+    # Attention beyond full causal softmax: a learned logit per head joining each softmax's
+    # denominator (Layer.sinks), and per layer a sliding window (None: every layer full; else one
+    # entry per layer, 0 = full, w = the query attends to its own and the w - 1 positions before it)
+    attention_sinks: bool = False
+    layer_windows: tuple[int, ...] | None = None
+    router_logit_bias: bool = False  # the router adds a bias [num_experts] to its logits (Layer.router_logit_bias)
+    # The experts' (and dense MLPs') activation of gate g and up u: "swiglu" silu(g)·u, "clamped_swiglu"
+    # (GPT-OSS): g' = min(g, limit), u' = clamp(u, ±limit), (u' + 1)·g'·sigmoid(alpha·g'); or "relu"
+    # (two matrices, no gate: down(relu(up x)), Switch Transformers)
+    expert_activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False  # the routed experts' gate, up and down projections add biases (Layer.expert_*_bias)
     # Encoder-decoder models (Switch Transformers): the first encoder_layers of the num_layers layers
     # are an encoder, run over the whole input at prefill (bidirectional attention); the rest a
     # decoder run per token, each layer attending to the encoder's output after its self-attention.
     encoder_layers: int = 0
     decoder_start_token_id: int | None = None  # the decoder's first input token
-    # Layers whose feed-forward block is one dense MLP (resident, trunk bits) instead of experts
-    dense_layers: tuple[int, ...] = ()
-    dense_intermediate: int = 0
-    # The experts' (and dense MLPs') activation: "swiglu" (down(silu(gate x) · up x)) or "relu"
-    # (two matrices: down(relu(up x)))
-    expert_act: str = "swiglu"
     # Positions: "rope", or "relative" (T5's buckets of the key-query distance, a learned bias per
     # bucket and head added to the scores; bidirectional in the encoder, causal in the decoder)
     position: str = "rope"
@@ -78,9 +113,24 @@ class MoEConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def qk_head_dim(self) -> int:
+        """The dims of each head's query and key: with MLA, its unrotated and its rotated part."""
+        return self.qk_nope_head_dim + self.head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def attn_out_dim(self) -> int:
+        """The width of the attention's output, the output projection's input."""
+        return self.num_heads * self.v_head_dim if self.attention == "mla" else self.q_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attention_scale or 1.0 / self.qk_head_dim**0.5
+
+    @property
     def moe_layer_ids(self) -> list[int]:
-        """The layers with experts, in order: the expert image's layer m is layer moe_layer_ids[m]."""
-        return [i for i in range(self.num_layers) if i not in self.dense_layers]
+        """The layers with experts, in order (an encoder's before its decoder's): expert layer m is
+        layer moe_layer_ids[m]."""
+        return [l for l in range(self.num_layers) if l not in self.dense_layers]
 
     @property
     def num_moe_layers(self) -> int:
@@ -92,7 +142,7 @@ class MoEConfig:
 
 @dataclass
 class Expert:
-    """One SwiGLU expert: down(silu(gate(x)) * up(x)); or, for expert_act "relu", down(relu(up(x)))
+    """One SwiGLU expert: down(silu(gate(x)) * up(x)); or, for expert_activation "relu", down(relu(up(x)))
     with w_gate None. Weights are [out, in] float32."""
 
     w_gate: np.ndarray | None
@@ -124,7 +174,21 @@ class Layer:
     shared_gate: np.ndarray | None = None  # [1, hidden]
     attn_norm_bias: np.ndarray | None = None  # with norm "layer": [hidden] each
     ffn_norm_bias: np.ndarray | None = None
-    dense: Expert | None = None  # a dense layer's MLP (dense_intermediate), in place of router and experts
+    # Multi-head latent attention (MoEConfig.attention "mla"; wq is then q_proj or q_b_proj, wk and wv
+    # None): [q_lora_rank, hidden] and [q_lora_rank] with a q bottleneck, [kv_lora_rank + head_dim,
+    # hidden], [kv_lora_rank], [heads · (qk_nope_head_dim + v_head_dim), kv_lora_rank]
+    wq_a: np.ndarray | None = None
+    q_a_norm: np.ndarray | None = None
+    wkv_a: np.ndarray | None = None
+    kv_a_norm: np.ndarray | None = None
+    wkv_b: np.ndarray | None = None
+    dense: Expert | None = None  # a dense layer's MLP (dense_intermediate; router None, no experts)
+    router_bias: np.ndarray | None = None  # [num_experts], with MoEConfig.router_bias
+    sinks: np.ndarray | None = None  # with attention_sinks: [num_heads]
+    router_logit_bias: np.ndarray | None = None  # with router_logit_bias: [num_experts]
+    expert_gate_bias: np.ndarray | None = None  # with expert_bias: [num_experts, inter], the same, [num_experts, hidden]
+    expert_up_bias: np.ndarray | None = None
+    expert_down_bias: np.ndarray | None = None
     # A decoder layer of an encoder-decoder: attention over the encoder's output, between the
     # self-attention and the feed-forward block: its norm, q [q_dim, hidden], k and v [kv_dim, hidden]
     # (applied to the encoder's output), output [hidden, q_dim]
@@ -136,11 +200,13 @@ class Layer:
 
     def trunk_arrays(self) -> list[np.ndarray]:
         """Every resident array of the layer (for parameter counts)."""
-        out = [self.attn_norm, self.wq, self.wk, self.wv, self.wo, self.ffn_norm]
-        out += [a for a in (self.router, self.bq, self.bk, self.bv, self.bo, self.q_norm, self.k_norm,
-                            self.shared_gate, self.attn_norm_bias, self.ffn_norm_bias, self.cross_norm, self.cwq,
-                            self.cwk, self.cwv, self.cwo)
-                if a is not None]
+        out = [a for a in (self.attn_norm, self.wq, self.wk, self.wv, self.wo, self.ffn_norm, self.router, self.bq,
+                           self.bk, self.bv, self.bo, self.q_norm, self.k_norm, self.shared_gate, self.attn_norm_bias,
+                           self.ffn_norm_bias, self.wq_a, self.q_a_norm, self.wkv_a, self.kv_a_norm, self.wkv_b,
+                           self.router_bias, self.sinks, self.router_logit_bias, self.expert_gate_bias,
+                           self.expert_up_bias, self.expert_down_bias, self.cross_norm, self.cwq, self.cwk, self.cwv,
+                           self.cwo)
+               if a is not None]
         for mlp in (self.shared, self.dense):
             if mlp is not None:
                 out += mlp.matrices()
@@ -169,8 +235,8 @@ class MoEModel:
 
     @property
     def moe_layers(self) -> list[Layer]:
-        """The layers with experts, in order (MoEConfig.moe_layer_ids)."""
-        return [self.layers[i] for i in self.config.moe_layer_ids]
+        """The layers with experts (expert layer m is moe_layers[m]), dense layers left out."""
+        return [self.layers[l] for l in self.config.moe_layer_ids]
 
     def parameter_counts(self) -> dict:
         experts = sum(w.size for l in self.layers for e in l.experts for w in e.matrices())

@@ -36,6 +36,26 @@ FAMILIES = {
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
                dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, attention_bias=True,
                     lm_head_bias=True, router_jitter_noise=0.5)),
+    # multi-head latent attention (MLA expands keys and values for every head: kv heads = heads), the first
+    # layer dense, one shared expert; V2-Lite's plain q projection and grouped softmax routing, V3's q
+    # bottleneck, sigmoid routing with a correction bias within 2 of 4 groups and a routed scaling factor
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1, intermediate_size=96,
+                         moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                         kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                         v_head_dim=16)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1, intermediate_size=96,
+                         moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                         n_group=4, topk_group=2, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=32,
+                         qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)),
+    # attention sinks, a sliding layer (window 4, shorter than the test sequences) then a full one,
+    # yarn RoPE (GptOssConfig's default), router and expert biases; swiglu_limit 0.2 so that the
+    # clamps act on this model's small gate and up outputs (at 7.0 they never would)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(head_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+                     layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.2)),
 }
 
 
@@ -49,8 +69,11 @@ def hf_model(family: str, seed: int = 1234):
     model = getattr(transformers, model_cls)(cfg)
     with torch.no_grad():  # random biases and norm weights, so that a skipped one shows
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith("bias") or "norm" in name or name.endswith("sinks"):
                 p.add_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # DeepSeek-V3's router correction bias, zero at initialisation
+            if name.endswith("e_score_correction_bias"):
+                b.add_(0.1 * torch.randn_like(b))
     return model.eval()
 
 

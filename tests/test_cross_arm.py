@@ -54,12 +54,14 @@ def test_arm_runtime_matches_reference(arm_runtime, trained_model, tokenizer, tm
         assert got == want, (prompt, got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "switch_transformers"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
+                                    "deepseek_v3", "gpt_oss", "switch_transformers"])
 def test_arm_runtime_runs_every_family(arm_runtime, tmp_path, family):
     """The layer program on the Raspberry Pi 5 target under qemu: biases, q/k norms, the shared
-    expert, LayerNorm, sparsemixer routing, and Switch Transformers' encoder-decoder (the encoder at
-    prefill, relative position biases, dense and ReLU expert MLPs), with a mixed bit plan, token for
-    token against the reference of the same artifact."""
+    expert, LayerNorm, sparsemixer and grouped routing, latent attention and dense layers, attention
+    sinks, sliding windows and biased clamped-SwiGLU experts, and Switch Transformers' encoder-decoder
+    (the encoder at prefill, relative position biases, dense and ReLU expert MLPs), with a mixed bit
+    plan, token for token against the reference of the same artifact."""
     from families import SWITCH_VARIED, save_checkpoint, save_switch_checkpoint
 
     from edgemoe.models import load_model, reference_executor

@@ -209,7 +209,7 @@ def test_runtime_matches_reference(family_dir, variant, tmp_path, rng, runtime_l
     cfg, opts = model.config, dict(VARIANTS[variant])
     if opts.get("bit_plan") == "cycle":
         levels = (4, 8, 2, 3)
-        opts["bit_plan"] = [[levels[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_layers)]
+        opts["bit_plan"] = [[levels[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_moe_layers)]
     art = tmp_path / "art"
     compile_model(family_dir, art, CompileOptions(max_seq=64, **opts), log=lambda m: None)
     ref = ReferenceExecutor(artifact_model(model, art), 64)
@@ -270,3 +270,38 @@ def test_the_c_program_contract_is_generated_from_the_python_one():
     header = REPO_ROOT / "runtime_c" / "src" / "generated" / "program.h"
     assert header.read_text() == program.c_header(), \
         "regenerate: python -m edgemoe.compiler.program > runtime_c/src/generated/program.h"
+
+
+@pytest.mark.parametrize("family,layers,dense", [("qwen2_moe", dict(mlp_only_layers=[1]), (1,)),
+                                                 ("qwen3_moe", dict(num_hidden_layers=3, decoder_sparse_step=2), (0, 2))])
+def test_qwen_dense_layers(tmp_path, rng, family, layers, dense, runtime_lib):
+    """Qwen-MoE layers made dense by mlp_only_layers or decoder_sparse_step run the DENSE_FFN op (an
+    MLP of intermediate_size, resident at the trunk's bits): the reference as transformers, the
+    runtime as the reference at INT4 with every expert layer's records read."""
+    import torch
+    import transformers
+
+    from conftest import assert_matches_reference
+    from families import COMMON
+
+    from edgemoe.compiler.artifact_reference import artifact_model
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.runtime import Session, budget_bytes
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(3)
+    getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**COMMON, **extra, **layers})).save_pretrained(
+        tmp_path / "model")
+    model = load_model(tmp_path / "model")
+    cfg = model.config
+    assert cfg.dense_layers == dense and cfg.num_moe_layers == cfg.num_layers - len(dense)
+    tokens = rng.integers(0, 160, 24).tolist()
+    ex = ReferenceExecutor(model, max_positions=len(tokens))
+    assert np.abs(np.stack([ex.step(t) for t in tokens]) - hf_logits(tmp_path / "model", tokens)).max() <= 1e-4
+    art = tmp_path / "art"
+    compile_model(tmp_path / "model", art, CompileOptions(expert_bits=4, max_seq=32), log=lambda m: None)
+    ref = ReferenceExecutor(artifact_model(model, art), 32)
+    want = np.stack([ref.step(t) for t in tokens])
+    with Session(art, memory_budget=budget_bytes(art)) as s:
+        got = np.stack([s.decode_step(t) for t in tokens])
+    assert_matches_reference(got, want, art, 1e-4)

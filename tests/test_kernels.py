@@ -204,3 +204,49 @@ def test_a_kernel_whose_parameters_differ_from_its_signature_is_refused():
     unscaled = te.compute((h,), lambda i: x[i] * codes[i, 0].astype("float32"), name="y")
     with pytest.raises(ValueError, match="codes without float16 scales"):
         kernels.check_signature(te.create_prim_func([codes, x, unscaled]).with_attr("global_symbol", "em_router"))
+
+
+MLA = MoEConfig("deepseekv3", vocab_size=300, hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=16,
+                num_experts=4, top_k=2, expert_intermediate=96, max_positions=64, rope_theta=10000.0, norm_eps=1e-5,
+                attention="mla", q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=24, v_head_dim=16,
+                attention_scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def mla_mod():
+    funcs = kernels.decode_kernels(MLA, [4], 32, trunk_bits=32)
+    return tvm.compile(schedule(tvm.IRModule(funcs)), target=load_target("host").tvm()).mod
+
+
+@pytest.mark.parametrize("n", [1, 9, 64])
+def test_mla_kernels_are_the_expanded_attention(mla_mod, rng, n):
+    """The absorbed latent attention (RoPE, fold wkv_b's key half into the query, attend over latents
+    and rotated keys, wkv_b's value half after) against attention over keys and values expanded
+    from the latents, as the reference computes it."""
+    h, d, nope, v, r = 4, 16, 24, 16, 32
+    q, kr = f32(rng, h * (nope + d)), f32(rng, d)
+    cos, sin = f32(rng, d // 2), f32(rng, d // 2)
+    wkv_b, latent, keys = f32(rng, h * (nope + v), r), f32(rng, n, r), f32(rng, n, d)
+    q_rot, k_rot = call(mla_mod, "em_mla_rope", q, kr, cos, sin, outs=[(h, d), (d,)])
+    qh = q.reshape(h, nope + d)
+    assert rel(q_rot, apply_rope(qh[:, nope:], cos, sin)) < 1e-5 and rel(k_rot, apply_rope(kr, cos, sin)) < 1e-5
+    (q_lat,) = call(mla_mod, "em_mla_absorb", q, wkv_b, outs=[(h, r)])
+    (o_lat,) = call(mla_mod, "em_mla_attention", q_lat, q_rot, latent, keys, outs=[(h, r)])
+    (att,) = call(mla_mod, "em_mla_v", o_lat, wkv_b, outs=[(h * v,)])
+    kv = (latent @ wkv_b.T).reshape(n, h, nope + v)
+    s = (np.einsum("hd,uhd->hu", qh[:, :nope], kv[..., :nope]) + np.einsum("hd,ud->hu", q_rot, keys)) * 0.3
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    want = np.einsum("hu,uhd->hd", p / p.sum(axis=-1, keepdims=True), kv[..., nope:]).reshape(-1)
+    assert rel(att, want) < 1e-5
+
+
+def test_mla_projections_and_norms(mla_mod, rng):
+    x, wq_a, wq, wkv_a = f32(rng, 128), f32(rng, 64, 128), f32(rng, 4 * 40, 64), f32(rng, 48, 128)
+    wn, kn = f32(rng, 64), f32(rng, 32)
+    (qa,) = call(mla_mod, "em_mla_q_a", wq_a, x, outs=[(64,)])
+    (qn,) = call(mla_mod, "em_mla_q_a_norm", qa, wn, outs=[(64,)])
+    (q,) = call(mla_mod, "em_mla_q", wq, qn, outs=[(160,)])
+    assert rel(q, wq @ rms_norm(wq_a @ x, wn, 1e-6)) < 1e-5
+    (ckv,) = call(mla_mod, "em_mla_kv_a", wkv_a, x, outs=[(48,)])
+    (lat,) = call(mla_mod, "em_mla_kv_norm", ckv[:32].copy(), kn, outs=[(32,)])
+    assert rel(lat, rms_norm((wkv_a @ x)[:32], kn, 1e-6)) < 1e-5

@@ -119,3 +119,23 @@ def test_encoder_decoder_with_injected_faults_under_asan_and_ubsan(asan_build, t
         _clean(proc)
     assert faulty.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
     assert "read_retries=3" in faulty.stdout.splitlines(), faulty.stdout
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_latent_attention_dense_layers_and_grouped_routing_under_asan_and_ubsan(asan_build, tmp_path, family):
+    """The MLA_ATTENTION and DENSE_FFN ops and the grouped routing decode cleanly at the minimum
+    budget, with the same tokens as the plain build."""
+    from families import save_checkpoint
+
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+
+    art = tmp_path / "art"
+    compile_model(save_checkpoint(family, tmp_path / "model"), art, CompileOptions(expert_bits=4, max_seq=64),
+                  log=lambda m: None)
+    run = lambda build: subprocess.run(  # noqa: E731
+        [str(build / "edgemoe_run"), str(art), "--tokens", "1,17,42", "-n", "24", "--budget", str(budget_bytes(art))],
+        capture_output=True, text=True, timeout=300, env=SANITIZER_ENV)
+    checked, plain = run(asan_build), run(build_runtime().parent)
+    assert checked.returncode == 0 and plain.returncode == 0, checked.stderr + plain.stderr
+    _clean(checked)
+    assert checked.stdout.splitlines()[0] == plain.stdout.splitlines()[0]

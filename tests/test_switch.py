@@ -39,7 +39,7 @@ def test_reference_matches_transformers(tmp_path, rng, sparse, tied):
     model = load_model(model_dir)
     cfg = model.config
     assert cfg.dense_layers == ((0,) if sparse == (1, 2) else (2,))
-    assert (cfg.top_k, cfg.expert_act, cfg.position, cfg.encoder_layers) == (1, "relu", "relative", 2)
+    assert (cfg.top_k, cfg.expert_activation, cfg.position, cfg.encoder_layers) == (1, "relu", "relative", 2)
     assert (model.encoder_embed is None) == tied
     encoder_tokens = rng.integers(0, 160, 40).tolist()  # beyond relative_attention_max_distance (24)
     decoder_tokens = [cfg.decoder_start_token_id] + rng.integers(0, 160, 30).tolist()

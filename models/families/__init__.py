@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Expert, Layer, MoEConfig, MoEModel
-from ..hf_import import ConfigReader, TensorReader, attention_and_norms, embeddings
+from ..hf_import import ConfigReader, ModelImportError, TensorReader, attention_and_norms, embeddings
 
 
 def common_config(c: ConfigReader, arch: str, num_experts: int, expert_intermediate: int, rope: dict | None = None,
@@ -39,7 +39,8 @@ def load_decoder(model_dir: Path, cfg: MoEConfig, family: str, moe_prefix: str, 
                  router: str, shared: tuple[str, str] | None = None) -> MoEModel:
     """A decoder whose layer N keeps its MoE block under `model.layers.N.<moe_prefix>`: experts
     `experts.E.<gate>/<up>/<down>.weight`, the router `<router>.weight`, and with `shared`
-    (its MLP's name, its gate's name) a shared expert. Every tensor of the checkpoint must be read."""
+    (its MLP's name, its gate's name) a shared expert; a dense layer (cfg.dense_layers) its MLP's
+    `gate_proj`/`up_proj`/`down_proj` there instead. Every tensor of the checkpoint must be read."""
     r = TensorReader(model_dir)
     H, I, E = cfg.hidden_size, cfg.expert_intermediate, cfg.num_experts
     gate, up, down = expert_names
@@ -47,6 +48,12 @@ def load_decoder(model_dir: Path, cfg: MoEConfig, family: str, moe_prefix: str, 
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         m = p + moe_prefix
+        if i in cfg.dense_layers:
+            D = cfg.dense_intermediate
+            layers.append(Layer(**attention_and_norms(r, cfg, p), router=None, dense=Expert(
+                r.get(m + "gate_proj.weight", (D, H)), r.get(m + "up_proj.weight", (D, H)),
+                r.get(m + "down_proj.weight", (H, D)))))
+            continue
         layer = Layer(**attention_and_norms(r, cfg, p), router=r.get(f"{m}{router}.weight", (E, H)),
                       experts=[Expert(r.get(f"{m}experts.{e}.{gate}.weight", (I, H)),
                                       r.get(f"{m}experts.{e}.{up}.weight", (I, H)),
@@ -63,16 +70,29 @@ def load_decoder(model_dir: Path, cfg: MoEConfig, family: str, moe_prefix: str, 
     return MoEModel(cfg, embed, layers, final_norm, lm_head)
 
 
-def all_layers_sparse(c: ConfigReader) -> None:
-    """Qwen-style keys that would make some layers dense or windowed: only the all-MoE, full-attention form."""
-    c.expect("decoder_sparse_step", [1], " (every layer an MoE layer)")
-    c.expect("mlp_only_layers", [[], None], " (dense MLP layers)")
+def qwen_dense_layers(c: ConfigReader) -> dict:
+    """Qwen-style layer kinds as MoEConfig fields: layer i is dense (an MLP of intermediate_size) when
+    listed in mlp_only_layers or when (i + 1) is not a multiple of decoder_sparse_step; only
+    full-attention layers (sliding windows refused)."""
     c.expect("use_sliding_window", [False, None], " (sliding-window attention)")
     c.get("sliding_window"), c.get("max_window_layers")  # read only with use_sliding_window
     types = c.get("layer_types") or []
     if any(t != "full_attention" for t in types):
         c.expect("layer_types", [None], " (only full attention)")
-    c.get("intermediate_size")  # the size of dense MLP layers, which all-sparse models do not have
+    layers, step, only = c.require("num_hidden_layers"), c.get("decoder_sparse_step", 1), c.get("mlp_only_layers") or []
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or \
+            not all(isinstance(i, int) and 0 <= i < layers for i in only):
+        raise ModelImportError(f"{c.where}/config.json: decoder_sparse_step = {step!r} / mlp_only_layers = {only!r} "
+                               f"is not supported for {c.family}: a step >= 1 and layer indices below {layers}")
+    dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    if len(dense) == layers:
+        raise ModelImportError(f"{c.where}/config.json: decoder_sparse_step and mlp_only_layers leave no MoE layer "
+                               f"for {c.family}")
+    inter = c.get("intermediate_size")  # the size of dense MLP layers
+    if dense and not inter:
+        raise ModelImportError(f"{c.where}/config.json: {c.family} needs the key 'intermediate_size' for its dense "
+                               "layers")
+    return dict(dense_layers=dense, dense_intermediate=inter if dense else 0)
 
 
 def family_modules() -> list:
@@ -84,4 +104,4 @@ def family_modules() -> list:
             if m.ispkg]
 
 
-__all__ = ["common_config", "load_decoder", "all_layers_sparse", "family_modules", "np"]
+__all__ = ["common_config", "load_decoder", "qwen_dense_layers", "family_modules", "np"]

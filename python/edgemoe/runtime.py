@@ -69,7 +69,8 @@ class _Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint32) for n in ("vocab_size", "hidden_size", "num_layers", "num_experts", "top_k",
                                                "max_seq")] + [("bos_token_id", ctypes.c_int32),
                                                               ("eos_token_id", ctypes.c_int32),
-                                                              ("predictor", ctypes.c_int), ("eviction", ctypes.c_int)]
+                                                              ("predictor", ctypes.c_int), ("eviction", ctypes.c_int),
+                                                              ("num_expert_layers", ctypes.c_uint32)]
 
 
 def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR, target=None, sanitize: str | None = None) -> Path:
@@ -221,11 +222,11 @@ class Session:
 
     def trace_routing(self, max_tokens: int) -> None:
         """Record the experts every MoE layer selects for the next max_tokens tokens (routing_trace reads them)."""
-        self._trace = np.zeros((max_tokens, self.info["num_layers"], self.info["top_k"]), np.uint32)
+        self._trace = np.zeros((max_tokens, self.info["num_expert_layers"], self.info["top_k"]), np.uint32)
         self._lib.em_route_trace(self._h, self._trace.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), max_tokens)
 
     def routing_trace(self) -> np.ndarray:
-        """[tokens, layers, top_k] expert ids recorded since trace_routing."""
+        """[tokens, expert layers, top_k] expert ids recorded since trace_routing."""
         return self._trace[: self._lib.em_route_trace_tokens(self._h)].copy()
 
     def stats(self) -> dict:

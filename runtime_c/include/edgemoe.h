@@ -97,6 +97,7 @@ typedef struct {
   int32_t bos_token_id, eos_token_id;
   em_predictor predictor; /* in use, after resolving EM_PREDICT_AUTO (none without a loader thread) */
   em_eviction eviction;   /* in use, after resolving EM_EVICT_AUTO */
+  uint32_t num_expert_layers; /* the layers with experts (dense layers have none): experts.bin's layers */
 } em_model_info;
 
 void em_default_params(em_params* p);
@@ -123,7 +124,8 @@ const float* em_logits(const em_session* s);
 int em_stats_get(const em_session* s, em_stats* out);
 const char* em_error(const em_session* s);
 /* Records the experts each MoE layer selects from now on (for cache studies: Belady's bound): the
- * t-th token fed after this call, layer l, its top_k expert ids at out[(t * layers + l) * top_k ...],
+ * t-th token fed after this call, expert layer l (num_expert_layers of them), its top_k expert ids at
+ * out[(t * num_expert_layers + l) * top_k ...],
  * for up to max_tokens tokens; the caller keeps out alive until the next call. out = NULL stops. */
 void em_route_trace(em_session* s, uint32_t* out, uint32_t max_tokens);
 /* Tokens recorded since em_route_trace (at most its max_tokens). */

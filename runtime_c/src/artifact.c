@@ -13,8 +13,8 @@
 #include "edgemoe.h"
 #include "generated/program.h"
 
-#define TRUNK_VERSION 4 /* 3: compile id, kernels' SHA-256, machine and CPU features; 4: KV and cross layers,
-                           dense MLP size, decoder start, program ops */
+#define TRUNK_VERSION 5 /* 3: compile id, kernels' SHA-256, machine and CPU features; 4: MLA and dense sizes;
+                           5: KV and cross layers, decoder start, program ops */
 #define IMAGE_VERSION 6 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id;
                            6: the experts' activation */
 #define TENSOR_ALIGN 64
@@ -183,19 +183,29 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
   h->machine = le32(b + 160);
   h->cpu_features = le32(b + 164);
   h->shared_inter = le32(b + 168);
-  h->kv_layers = le32(b + 172);
-  h->cross_layers = le32(b + 176);
-  h->dense_inter = le32(b + 180);
-  h->decoder_start = (int32_t)le32(b + 184);
-  h->program_steps = le32(b + 188);
+  h->q_lora = le32(b + 172);
+  h->kv_lora = le32(b + 176);
+  h->qk_nope = le32(b + 180);
+  h->v_head = le32(b + 184);
+  h->dense_inter = le32(b + 188);
+  h->kv_layers = le32(b + 192);
+  h->cross_layers = le32(b + 196);
+  h->decoder_start = (int32_t)le32(b + 200);
+  h->program_steps = le32(b + 204);
   if (!h->vocab || h->vocab > MAX_VOCAB || !h->hidden || h->hidden > MAX_HIDDEN || !h->layers ||
       h->layers > MAX_LAYERS || !h->experts || h->experts > MAX_EXPERTS || !h->inter || h->inter > MAX_INTER ||
       !h->max_positions || h->max_positions > MAX_POSITIONS || h->shared_inter > MAX_INTER ||
-      !h->kv_layers || h->kv_layers > MAX_LAYERS || h->dense_inter > MAX_INTER)
+      !h->kv_layers || h->kv_layers > h->layers || h->dense_inter > MAX_INTER)
     return bad_header(path, "a model dimension is zero or beyond this runtime's limits", err, n);
+  /* latent attention: all four sizes or none; each head's dims within the attention limit */
+  if ((h->kv_lora != 0) != (h->v_head != 0) || (!h->kv_lora && (h->q_lora || h->qk_nope)) ||
+      h->q_lora > MAX_HIDDEN || h->kv_lora > MAX_HIDDEN ||
+      (uint64_t)h->heads * ((uint64_t)h->qk_nope + h->head_dim + h->v_head) > MAX_ATTN_DIM ||
+      (uint64_t)h->heads * h->kv_lora > MAX_ATTN_DIM)
+    return bad_header(path, "latent attention sizes", err, n);
   if (h->cross_layers ? h->cross_layers != h->kv_layers || h->decoder_start < 0 || h->decoder_start >= (int32_t)h->vocab
-                      : h->decoder_start != -1)
-    return bad_header(path, "encoder-decoder fields (cross-attention layers, decoder start token)", err, n);
+                      : h->decoder_start != -1 || h->kv_layers != h->layers)
+    return bad_header(path, "encoder-decoder fields (KV and cross-attention layers, decoder start token)", err, n);
   /* EMBED, FINAL, each layer's attention and feed-forward, an encoder's own: within 4 per layer slot */
   if (h->program_steps < 3 || h->program_steps > 4 * MAX_LAYERS + 8)
     return bad_header(path, "the layer program's op count", err, n);
@@ -271,7 +281,7 @@ int em_read_image_header(int fd, const char* path, em_image_header* h, char* err
   h->layout = le32(b + 76);
   memcpy(h->compile_id, b + 80, 16);
   h->act = le32(b + 96);
-  if (h->act != EM_ACT_SWIGLU && h->act != EM_ACT_RELU) {
+  if (h->act >= EM_ACT_COUNT) {
     snprintf(err, n, "%s: unknown expert activation %u; recompile the model", path, h->act);
     return EM_ERR_FORMAT;
   }

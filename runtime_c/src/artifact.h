@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 /* Where each header's CRC-32 sits (it covers the bytes before it), and table entry sizes. */
-#define EM_TRUNK_HEADER_CRC_AT 192
+#define EM_TRUNK_HEADER_CRC_AT 208
 #define EM_IMAGE_HEADER_CRC_AT 100
 #define EM_TENSOR_ENTRY_BYTES 96
 #define EM_RECORD_ENTRY_BYTES 64
@@ -25,9 +25,11 @@ typedef struct {
   uint32_t machine;            /* ELF e_machine of the kernels */
   uint32_t cpu_features;       /* generated/cpu_features.h bits the kernels need */
   uint32_t shared_inter;       /* a shared expert's intermediate size (0: none) */
+  /* multi-head latent attention's sizes (all 0 without it; head_dim is then the rotated part) */
+  uint32_t q_lora, kv_lora, qk_nope, v_head;
+  uint32_t dense_inter;        /* dense layers' MLP intermediate size (0: none) */
   uint32_t kv_layers;          /* self-attention KV-cache slots (the decoder's layers) */
   uint32_t cross_layers;       /* cross-attention caches over the encoder's output (0: decoder-only) */
-  uint32_t dense_inter;        /* dense MLP layers' intermediate size (0: none) */
   int32_t decoder_start;       /* an encoder-decoder's first decoder token (-1: decoder-only) */
   uint32_t program_steps;      /* ops in the layer program */
 } em_trunk_header;

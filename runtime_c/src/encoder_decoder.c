@@ -20,7 +20,7 @@ static void gather_bias(em_session* s, const em_step* st, uint32_t query, uint32
 /* The normalised row x projected to q, k and v (no rotation: positions enter as the bias). */
 static int project(em_session* s, const em_step* st, const float* x, float* q, float* k_row, float* v_row) {
   int rc = em_apply_norm(s, st, x, s->xn);
-  if (!rc) rc = em_matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
+  if (!rc) rc = em_session_matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
   if (rc) return rc;
   memcpy(q, s->qkv, s->q_dim * sizeof(float));
   memcpy(k_row, s->qkv + s->q_dim, s->kv_dim * sizeof(float));
@@ -38,7 +38,7 @@ static int attend(em_session* s, const em_step* st, float* q, float* kc, float* 
   BIND(a, ATTENTION_BIAS, BIAS, T(s->pos_bias, 2, hq, n, 0));
   BIND(a, ATTENTION_BIAS, O, T(s->att, 2, hq, d, 0));
   int rc = INVOKE(s->k.attention_bias, EM_KERNEL_ATTENTION_BIAS, a, ATTENTION_BIAS);
-  return rc ? rc : em_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, x, out);
+  return rc ? rc : em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, x, out);
 }
 
 static float* kv_slot(em_session* s, float* cache, uint32_t layer) {
@@ -58,7 +58,7 @@ int em_rel_attention(em_session* s, const em_step* st) {
 int em_cross_attention(em_session* s, const em_step* st) {
   int64_t hq = s->th.heads, hkv = s->th.kv_heads, d = s->th.head_dim, n = s->enc_len;
   int rc = em_apply_norm(s, st, s->x, s->xn);
-  if (!rc) rc = em_matvec(s, s->k.cross_q, EM_KERNEL_CROSS_Q, &st->m[EM_M_CROSS_Q], s->xn, NULL, s->q);
+  if (!rc) rc = em_session_matvec(s, s->k.cross_q, EM_KERNEL_CROSS_Q, &st->m[EM_M_CROSS_Q], s->xn, NULL, s->q);
   if (rc) return rc;
   em_kernel_arg a[EM_SIG_ATTENTION_ARGS] = {0};
   BIND(a, ATTENTION, Q, T(s->q, 2, hq, d, 0));
@@ -66,15 +66,9 @@ int em_cross_attention(em_session* s, const em_step* st) {
   BIND(a, ATTENTION, VC, T(kv_slot(s, s->cross_v, st->layer), 3, n, hkv, d));
   BIND(a, ATTENTION, O, T(s->att, 2, hq, d, 0));
   rc = INVOKE(s->k.attention, EM_KERNEL_ATTENTION, a, ATTENTION);
-  if (!rc) rc = em_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, s->x, s->x2);
+  if (!rc) rc = em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, s->x, s->x2);
   if (!rc) em_swap(&s->x, &s->x2);
   return rc;
-}
-
-int em_dense_ffn(em_session* s, const em_step* st) {
-  int rc = em_apply_norm(s, st, s->x, s->xn);
-  return rc ? rc : em_ffn(s, s->k.dense_up_relu, EM_KERNEL_DENSE_UP_RELU, s->k.dense_down, EM_KERNEL_DENSE_DOWN, NULL,
-                          &st->m[EM_M_DENSE_UP], &st->m[EM_M_DENSE_DOWN], 1.0f);
 }
 
 /* A per-token op (feed-forward block) over every encoder row t: the row as the residual stream. */
@@ -121,7 +115,7 @@ static int encoder_out(em_session* s, const em_step* st, uint32_t n) {
     const em_step* c = &s->prog.steps[i];
     if (c->op != EM_OP_CROSS_ATTENTION) continue;
     for (uint32_t t = 0; t < n; t++) {
-      int rc = em_matvec(s, s->k.cross_kv, EM_KERNEL_CROSS_KV, &c->m[EM_M_CROSS_KV], s->enc_x + t * H, NULL, s->qkv);
+      int rc = em_session_matvec(s, s->k.cross_kv, EM_KERNEL_CROSS_KV, &c->m[EM_M_CROSS_KV], s->enc_x + t * H, NULL, s->qkv);
       if (rc) return rc;
       memcpy(kv_slot(s, s->cross_k, c->layer) + t * kv, s->qkv, kv * sizeof(float));
       memcpy(kv_slot(s, s->cross_v, c->layer) + t * kv, s->qkv + kv, kv * sizeof(float));

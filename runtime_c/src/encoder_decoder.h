@@ -17,6 +17,5 @@ int em_run_encoder(em_session* s, const int32_t* tokens, size_t n);
 /* The decoder's steps for the token at s->pos, on the residual stream s->x. */
 int em_rel_attention(em_session* s, const em_step* st);
 int em_cross_attention(em_session* s, const em_step* st);
-int em_dense_ffn(em_session* s, const em_step* st);
 
 #endif

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "edgemoe.h"
+#include "generated/program.h"
 
 float em_f16_to_f32(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
@@ -110,13 +111,13 @@ em_kernel_arg em_matrix_arg(const em_matrix* m) {
   return a;
 }
 
-#define EM_MAX_KERNEL_PARAMS 8
+#define EM_MAX_KERNEL_PARAMS EM_SIG_MAX_PARAMS
 
 int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n, char* err, size_t len) {
   em_arg params[EM_MAX_KERNEL_PARAMS];
   int count = 0;
   for (int i = 0; i < n; i++) {
-    if (!args[i].bound || count + 2 > EM_MAX_KERNEL_PARAMS) {
+    if (!args[i].bound || count + (args[i].matrix ? 2 : 1) > EM_MAX_KERNEL_PARAMS) {
       snprintf(err, len, "kernel %s: argument %d of %d %s (a runtime defect)", name, i, n,
                args[i].bound ? "exceeds the parameter limit" : "was never bound");
       return EM_ERR_KERNEL;
@@ -127,4 +128,21 @@ int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, 
       params[count++] = args[i].tensor;
   }
   return em_kernel_call(fn, name, params, count, err, len);
+}
+
+/* Arguments at the indices compiler/program.py's SIGNATURES give them (generated/program.h). */
+int em_matvec(em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y, char* err,
+              size_t n) {
+  em_kernel_arg a[EM_SIG_MATVEC_RESIDUAL_ARGS] = {0};
+  if (!res) {
+    a[EM_SIG_MATVEC_W] = em_matrix_arg(w);
+    a[EM_SIG_MATVEC_X] = em_tensor_arg(em_f32(x, 1, w->cols, 0, 0));
+    a[EM_SIG_MATVEC_Y] = em_tensor_arg(em_f32(y, 1, w->rows, 0, 0));
+    return em_kernel_invoke(fn, name, a, EM_SIG_MATVEC_ARGS, err, n);
+  }
+  a[EM_SIG_MATVEC_RESIDUAL_W] = em_matrix_arg(w);
+  a[EM_SIG_MATVEC_RESIDUAL_X] = em_tensor_arg(em_f32(x, 1, w->cols, 0, 0));
+  a[EM_SIG_MATVEC_RESIDUAL_RES] = em_tensor_arg(em_f32(res, 1, w->rows, 0, 0));
+  a[EM_SIG_MATVEC_RESIDUAL_Y] = em_tensor_arg(em_f32(y, 1, w->rows, 0, 0));
+  return em_kernel_invoke(fn, name, a, EM_SIG_MATVEC_RESIDUAL_ARGS, err, n);
 }

@@ -40,4 +40,9 @@ int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, 
 
 float em_f16_to_f32(uint16_t h);
 
+/* y = W x (+ res) through the matrix-vector kernel fn, whatever W's storage; 0 or an em_status with
+ * the reason in err. */
+int em_matvec(em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y, char* err,
+              size_t n);
+
 #endif

@@ -30,24 +30,39 @@ int em_size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t
   return 0;
 }
 
+uint64_t em_ffn_floats(const em_trunk_header* th) {
+  uint64_t ffn = th->inter > th->shared_inter ? th->inter : th->shared_inter;
+  return th->dense_inter > ffn ? th->dense_inter : ffn;
+}
+
+void em_kv_rows(const em_trunk_header* th, uint64_t* k_row, uint64_t* v_row) {
+  *k_row = th->kv_lora ? th->kv_lora : (uint64_t)th->kv_heads * th->head_dim;
+  *v_row = th->kv_lora ? th->head_dim : (uint64_t)th->kv_heads * th->head_dim;
+}
+
 int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records, uint32_t max_seq,
                    size_t program_bytes, em_memory_plan* p, char* err, size_t n) {
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
-  uint64_t ffn = em_ffn_width(th), enc = th->cross_layers ? max_seq : 0;
-  /* as session.c carves them: x, x2, xn, qkv, qkv2, q, att, h, router logits, logits, expert weight,
-     shared logit, the predictors', each layer's previous MoE input, experts' take, position bias,
-     the encoder's rows and their q */
+  uint64_t ffn = em_ffn_floats(th), H = th->heads, enc = th->cross_layers ? max_seq : 0;
+  /* the order session.c carves them in; the latent attention's are empty without it, then the
+     experts' take, one query's position bias, and the encoder's rows and their q (empty without an encoder) */
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
                        th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
-                       (uint64_t)th->layers * th->hidden, th->experts, (uint64_t)th->heads * max_seq,
-                       enc * th->hidden, enc * q_dim};
+                       (uint64_t)th->layers * th->hidden, 3ull * th->experts,
+                       th->kv_lora ? H * ((uint64_t)th->qk_nope + th->head_dim) : 0, th->q_lora, th->q_lora,
+                       th->kv_lora ? (uint64_t)th->kv_lora + th->head_dim : 0, H * th->kv_lora,
+                       th->kv_lora ? H * th->head_dim : 0, H * th->kv_lora, H * th->v_head,
+                       th->experts, H * max_seq, enc * th->hidden, enc * q_dim};
   if (em_size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
     return EM_ERR_FORMAT;
   }
   p->trunk = em_align_up(th->file_bytes - th->data_offset, EM_ALIGN_PAGE);
-  /* self-attention K and V, cross-attention K and V: carved one after the other */
-  p->kv = em_align_up(2 * em_align_up((uint64_t)th->kv_layers * max_seq * kv_dim * sizeof(float), EM_ALIGN_BUF) +
+  uint64_t k_row, v_row;
+  em_kv_rows(th, &k_row, &v_row);
+  /* self-attention K and V (the decoder's layers), then cross-attention K and V: carved one after the other */
+  p->kv = em_align_up(em_align_up((uint64_t)th->kv_layers * max_seq * k_row * sizeof(float), EM_ALIGN_BUF) +
+                          em_align_up((uint64_t)th->kv_layers * max_seq * v_row * sizeof(float), EM_ALIGN_BUF) +
                           2 * em_align_up((uint64_t)th->cross_layers * max_seq * kv_dim * sizeof(float), EM_ALIGN_BUF),
                       EM_ALIGN_PAGE);
   p->buffers = 0;

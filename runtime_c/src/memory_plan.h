@@ -22,12 +22,12 @@ typedef struct {
 
 static inline uint64_t em_align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
-/* The widest MLP hidden vector: a routed expert's, a shared expert's or a dense MLP's. */
-static inline uint32_t em_ffn_width(const em_trunk_header* th) {
-  uint32_t w = th->inter > th->shared_inter ? th->inter : th->shared_inter;
-  return w > th->dense_inter ? w : th->dense_inter;
-}
-
+/* Floats of the buffer between an MLP's two kernels: the widest of the experts', the shared
+ * expert's and the dense layers' intermediate sizes. */
+uint64_t em_ffn_floats(const em_trunk_header* th);
+/* Floats the KV cache's two parts hold per layer and position: a key and a value per KV head, or with
+ * latent attention the latent (k_row) and the rotated key every head shares (v_row). */
+void em_kv_rows(const em_trunk_header* th, uint64_t* k_row, uint64_t* v_row);
 /* Sorts the records' lengths into size classes (at most EM_MAX_SIZE_CLASSES); -1 if too many.
  * record_class[i] (if given) receives record i's class. */
 int em_size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t* n_out, uint8_t* record_class);

@@ -19,7 +19,9 @@
 #include "encoder_decoder.h"
 #include "generated/program.h"
 #include "memory_plan.h"
+#include "mla.h"
 #include "predictor.h"
+#include "routing.h"
 #include "session.h"
 #include "trunk_view.h"
 
@@ -66,7 +68,8 @@ static int read_headers(const artifact_paths* ap, em_trunk_header* th, em_image_
              ap->trunk, ap->image);
     rc = EM_ERR_FORMAT;
   }
-  if (!rc && (ih->layers != th->layers || ih->experts != th->experts || ih->hidden != th->hidden ||
+  /* experts.bin holds the layers with experts: dense layers have none */
+  if (!rc && (ih->layers > th->layers || ih->experts != th->experts || ih->hidden != th->hidden ||
               ih->inter != th->inter)) {
     snprintf(err, n, "%s and %s describe different models; recompile the artifact", ap->trunk, ap->image);
     rc = EM_ERR_FORMAT;
@@ -143,15 +146,23 @@ static int bind_trunk(em_session* s, const em_tensor_entry* t, void* program_sto
   const em_trunk_header* th = &s->th;
   em_trunk_view v = {t, th->n_tensors, s->block, th->data_offset, (th->flags & EM_TRUNK_FLAG_TILES) != 0,
                      s->err, ERR_LEN};
-  int rc = em_program_bind(&v, th, &s->k, program_storage, &s->prog);
+  uint32_t EL = s->ih.layers; /* the layers with experts: the profile's */
+  int rc = em_program_bind(&v, th, EL, &s->k, program_storage, &s->prog);
   if (rc) return rc;
-  uint32_t LE = th->layers * th->experts, H = th->hidden;
+  for (uint32_t l = 0; l < EL; l++) /* the records hold the matrices of the activation the program runs */
+    if (s->prog.moe[l]->expert_act != s->ih.act) {
+      snprintf(s->err, ERR_LEN, "experts.bin holds experts of activation %u but trunk.bin's layer program runs "
+               "expert layer %u with activation %u; the two files come from different compiles, recompile", s->ih.act,
+               l, s->prog.moe[l]->expert_act);
+      return EM_ERR_FORMAT;
+    }
+  uint32_t LE = EL * th->experts, H = th->hidden;
   int ok = 1;
   s->path_table = profile_tensor(&v, EM_TENSOR_PATH_TABLE, LE, th->experts, &ok);
-  s->frequency = profile_tensor(&v, EM_TENSOR_FREQUENCY, th->layers, th->experts, &ok);
+  s->frequency = profile_tensor(&v, EM_TENSOR_FREQUENCY, EL, th->experts, &ok);
   s->fitted_router = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER, LE, H, &ok);
   s->fitted_prev = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER_PREV, LE, H, &ok);
-  s->fitted_bias = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER_BIAS, th->layers, th->experts, &ok);
+  s->fitted_bias = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER_BIAS, EL, th->experts, &ok);
   return ok ? EM_OK : EM_ERR_FORMAT;
 }
 
@@ -262,8 +273,9 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   memset(s->block + p.trunk, 0, p.kv + p.buffers + p.arena); /* touch now: the budget is real memory */
 
   uint8_t* cur = s->block + p.trunk;
-  s->k_cache = carve(&cur, (uint64_t)th->kv_layers * s->max_seq * s->kv_dim);
-  s->v_cache = carve(&cur, (uint64_t)th->kv_layers * s->max_seq * s->kv_dim);
+  em_kv_rows(th, &s->k_row, &s->v_row);
+  s->k_cache = carve(&cur, (uint64_t)th->kv_layers * s->max_seq * s->k_row);
+  s->v_cache = carve(&cur, (uint64_t)th->kv_layers * s->max_seq * s->v_row);
   s->cross_k = carve(&cur, (uint64_t)th->cross_layers * s->max_seq * s->kv_dim);
   s->cross_v = carve(&cur, (uint64_t)th->cross_layers * s->max_seq * s->kv_dim);
   cur = s->block + p.trunk + p.kv;
@@ -274,7 +286,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->qkv2 = carve(&cur, s->q_dim + 2 * s->kv_dim);
   s->q = carve(&cur, s->q_dim);
   s->att = carve(&cur, s->q_dim);
-  s->h = carve(&cur, em_ffn_width(th));
+  s->h = carve(&cur, em_ffn_floats(th));
   s->router_logits = carve(&cur, th->experts);
   s->logits = carve(&cur, th->vocab);
   s->expert_weight = carve(&cur, 1);
@@ -283,6 +295,16 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->pred_scores = carve(&cur, th->experts);
   s->pred_prev = carve(&cur, th->experts);
   s->prev_xn = carve(&cur, (uint64_t)th->layers * th->hidden);
+  s->route_scratch = carve(&cur, 3ull * th->experts);
+  uint64_t heads = th->heads, latent = th->kv_lora != 0; /* as memory_plan.c sizes them */
+  s->mla.q = carve(&cur, latent * heads * (th->qk_nope + th->head_dim));
+  s->mla.q_a = carve(&cur, th->q_lora);
+  s->mla.q_a_norm = carve(&cur, th->q_lora);
+  s->mla.ckv = carve(&cur, latent * (th->kv_lora + th->head_dim));
+  s->mla.q_lat = carve(&cur, heads * th->kv_lora);
+  s->mla.q_rot = carve(&cur, latent * heads * th->head_dim);
+  s->mla.o_lat = carve(&cur, heads * th->kv_lora);
+  s->mla.att = carve(&cur, heads * th->v_head);
   s->taken = (uint32_t*)carve(&cur, th->experts);
   s->pos_bias = carve(&cur, (uint64_t)th->heads * s->max_seq);
   s->enc_x = carve(&cur, th->cross_layers ? (uint64_t)s->max_seq * th->hidden : 0);
@@ -324,11 +346,11 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     rc = EM_ERR_ARGUMENT;
   }
   em_cache_init(&s->cache, s->block + p.trunk + p.kv + p.buffers + p.arena, p.classes, p.n_classes, record_class, meta,
-                th->layers, th->experts, s->eviction, s->frequency);
+                s->ih.layers, th->experts, s->eviction, s->frequency);
   if (!rc && !(s->experts = em_storage_open(params, ap.image, s->err, ERR_LEN))) rc = EM_ERR_IO;
   for (uint32_t i = 0; !rc && i < s->ih.n_records; i++) {
-    uint32_t b = s->records[i].bits;
-    if (b > EM_MAX_BITS || !(s->ih.act == EM_ACT_RELU ? s->k.up_relu[b] : s->k.gate_up[b]) || !s->k.down[b]) {
+    uint32_t b = s->records[i].bits, act = s->prog.moe[i / th->experts]->expert_act;
+    if (b > EM_MAX_BITS || !s->k.gate_up[act][b] || !s->k.down[act][b]) {
       snprintf(s->err, ERR_LEN, "expert record %u is %u-bit but kernels.so has no %u-bit expert kernels; recompile",
                i, b, b);
       rc = EM_ERR_FORMAT;
@@ -369,45 +391,54 @@ void em_close(em_session* s) {
 
 /* ---- decoding ------------------------------------------------------------------------- */
 
-int em_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y) {
-  em_kernel_arg a[EM_SIG_MATVEC_RESIDUAL_ARGS] = {0};
-  if (!res) {
-    BIND(a, MATVEC, W, em_matrix_arg(w));
-    BIND(a, MATVEC, X, T(x, 1, w->cols, 0, 0));
-    BIND(a, MATVEC, Y, T(y, 1, w->rows, 0, 0));
-    return INVOKE(fn, name, a, MATVEC);
-  }
-  BIND(a, MATVEC_RESIDUAL, W, em_matrix_arg(w));
-  BIND(a, MATVEC_RESIDUAL, X, T(x, 1, w->cols, 0, 0));
-  BIND(a, MATVEC_RESIDUAL, RES, T(res, 1, w->rows, 0, 0));
-  BIND(a, MATVEC_RESIDUAL, Y, T(y, 1, w->rows, 0, 0));
-  return INVOKE(fn, name, a, MATVEC_RESIDUAL);
+int em_session_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res,
+                      float* y) {
+  return em_matvec(fn, name, w, x, res, y, s->err, ERR_LEN);
 }
 
-int em_ffn(em_session* s, em_ffi_fn up, const char* up_name, em_ffi_fn down, const char* down_name,
-           const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, float weight) {
-  em_kernel_arg a[EM_SIG_FFN_DOWN_ARGS] = {0};
+int em_ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
+           const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, const float* gate_bias, const float* up_bias,
+           const float* down_bias, float weight) {
+  em_kernel_arg a[EM_SIG_FFN_GATE_UP_BIAS_ARGS] = {0};
   int rc;
-  if (wg) {
-    BIND(a, FFN_GATE_UP, X, T(s->xn, 1, wu->cols, 0, 0));
-    BIND(a, FFN_GATE_UP, GATE, em_matrix_arg(wg));
-    BIND(a, FFN_GATE_UP, UP, em_matrix_arg(wu));
-    BIND(a, FFN_GATE_UP, H, T(s->h, 1, wu->rows, 0, 0));
-    rc = INVOKE(up, up_name, a, FFN_GATE_UP);
-  } else {
+  if (!wg) {
     BIND(a, FFN_UP, X, T(s->xn, 1, wu->cols, 0, 0));
     BIND(a, FFN_UP, UP, em_matrix_arg(wu));
     BIND(a, FFN_UP, H, T(s->h, 1, wu->rows, 0, 0));
-    rc = INVOKE(up, up_name, a, FFN_UP);
+    rc = INVOKE(gate_up, gate_up_name, a, FFN_UP);
+  } else if (gate_bias) {
+    BIND(a, FFN_GATE_UP_BIAS, X, T(s->xn, 1, wg->cols, 0, 0));
+    BIND(a, FFN_GATE_UP_BIAS, GATE, em_matrix_arg(wg));
+    BIND(a, FFN_GATE_UP_BIAS, UP, em_matrix_arg(wu));
+    BIND(a, FFN_GATE_UP_BIAS, GATE_BIAS, T(gate_bias, 1, wg->rows, 0, 0));
+    BIND(a, FFN_GATE_UP_BIAS, UP_BIAS, T(up_bias, 1, wu->rows, 0, 0));
+    BIND(a, FFN_GATE_UP_BIAS, H, T(s->h, 1, wg->rows, 0, 0));
+    rc = INVOKE(gate_up, gate_up_name, a, FFN_GATE_UP_BIAS);
+  } else {
+    BIND(a, FFN_GATE_UP, X, T(s->xn, 1, wg->cols, 0, 0));
+    BIND(a, FFN_GATE_UP, GATE, em_matrix_arg(wg));
+    BIND(a, FFN_GATE_UP, UP, em_matrix_arg(wu));
+    BIND(a, FFN_GATE_UP, H, T(s->h, 1, wg->rows, 0, 0));
+    rc = INVOKE(gate_up, gate_up_name, a, FFN_GATE_UP);
   }
   if (rc) return rc;
   *s->expert_weight = weight;
-  BIND(a, FFN_DOWN, H, T(s->h, 1, wd->cols, 0, 0));
-  BIND(a, FFN_DOWN, DOWN, em_matrix_arg(wd));
-  BIND(a, FFN_DOWN, RES, T(s->x, 1, wd->rows, 0, 0));
-  BIND(a, FFN_DOWN, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
-  BIND(a, FFN_DOWN, Y, T(s->x2, 1, wd->rows, 0, 0));
-  rc = INVOKE(down, down_name, a, FFN_DOWN);
+  if (down_bias) {
+    BIND(a, FFN_DOWN_BIAS, H, T(s->h, 1, wd->cols, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, DOWN, em_matrix_arg(wd));
+    BIND(a, FFN_DOWN_BIAS, DOWN_BIAS, T(down_bias, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, RES, T(s->x, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, Y, T(s->x2, 1, wd->rows, 0, 0));
+    rc = INVOKE(down, down_name, a, FFN_DOWN_BIAS);
+  } else {
+    BIND(a, FFN_DOWN, H, T(s->h, 1, wd->cols, 0, 0));
+    BIND(a, FFN_DOWN, DOWN, em_matrix_arg(wd));
+    BIND(a, FFN_DOWN, RES, T(s->x, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
+    BIND(a, FFN_DOWN, Y, T(s->x2, 1, wd->rows, 0, 0));
+    rc = INVOKE(down, down_name, a, FFN_DOWN);
+  }
   if (!rc) em_swap(&s->x, &s->x2);
   return rc;
 }
@@ -432,46 +463,6 @@ int em_apply_norm(em_session* s, const em_step* st, const float* x, float* out) 
   return INVOKE(s->k.rmsnorm, EM_KERNEL_RMSNORM, a, NORM);
 }
 
-/* Sparsemixer routing at inference (top-2; program.c checks top_k): pick i1, the top logit m1
- * (ties: the lower index), weighted by the softmax at i1 over the experts j with
- * (m1 - l[j]) / max(|l[j]|, m1) <= threshold, the rest masked out; then i2, the top logit m2 of the
- * experts but i1, weighted likewise over the experts but i1 with m2 in place of m1. Not
- * renormalised. In float32 throughout, as the reference (models/reference.py sparsemixer). */
-static void sparsemixer(const float* l, uint32_t E, float threshold, uint32_t* idx, float* w) {
-  for (uint32_t pick = 0; pick < 2; pick++) {
-    uint32_t best = pick && idx[0] == 0 ? 1 : 0;
-    for (uint32_t e = best + 1; e < E; e++)
-      if (!(pick && e == idx[0]) && l[e] > l[best]) best = e;
-    float m = l[best], sum = 0.0f;
-    for (uint32_t e = 0; e < E; e++) {
-      if (pick && e == idx[0]) continue;
-      float a = fabsf(l[e]), factor = a > m ? a : m;
-      /* kept unless above the threshold: 0/0 (a zero logit at a zero top) compares false, as in torch */
-      if (e == best || !((m - l[e]) / factor > threshold)) sum += expf(l[e] - m);
-    }
-    idx[pick] = best;
-    w[pick] = 1.0f / sum;
-  }
-}
-
-/* The router's top-k experts for the current xn, and their weights (softmax over every expert,
- * renormalised over the top-k for EM_ROUTE_SOFTMAX_TOPK_RENORM; the sparsemixer's above). */
-static void select_experts(const em_session* s, const em_step* st, uint32_t* idx, float* w) {
-  uint32_t E = s->th.experts, K = s->th.top_k, route = st->kind;
-  const float* l = s->router_logits;
-  if (route == EM_ROUTE_SPARSEMIXER) {
-    sparsemixer(l, E, st->route_threshold, idx, w);
-    return;
-  }
-  float mx = l[0], total = 0.0f, chosen = 0.0f;
-  for (uint32_t e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-  for (uint32_t e = 0; e < E; e++) total += expf(l[e] - mx);
-  em_top_n(l, E, K, 0, idx);
-  for (uint32_t k = 0; k < K; k++) chosen += w[k] = expf(l[idx[k]] - mx);
-  float denom = route == EM_ROUTE_SOFTMAX_TOPK_RENORM ? chosen : total;
-  for (uint32_t k = 0; k < K; k++) w[k] /= denom;
-}
-
 /* Predictors that read the residual stream (rather than the path table). */
 static int uses_hidden_state(em_predictor p) {
   return p == EM_PREDICT_NEXT_ROUTER || p == EM_PREDICT_FITTED_ROUTER || p == EM_PREDICT_WRONG;
@@ -481,7 +472,7 @@ static int uses_hidden_state(em_predictor p) {
  * `selected` the experts the layer before chose (for the path table). */
 static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, const uint32_t* selected,
                                 uint32_t n_selected) {
-  uint32_t E = s->th.experts, H = s->th.hidden, prev = (layer + s->th.layers - 1) % s->th.layers;
+  uint32_t EL = s->prog.expert_layers, E = s->th.experts, H = s->th.hidden, prev = (layer + EL - 1) % EL;
   uint32_t* guess = s->predicted + (size_t)layer * s->n_predict;
   switch (s->predictor) {
     case EM_PREDICT_PATH_TABLE:
@@ -503,9 +494,13 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
         fit_prev = (em_matrix){s->fitted_prev + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
         router = &fit;
       }
-      rc = em_matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
+      if (!fitted && moe->router_logit_bias) /* the next router as it will run, its logit bias included */
+        rc = em_session_matvec(s, s->k.router_bias, EM_KERNEL_ROUTER_BIAS, router, s->pred_xn,
+                               (float*)moe->router_logit_bias, s->pred_scores);
+      else
+        rc = em_session_matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
       if (!rc && fitted)
-        rc = em_matvec(s, s->k.router, "em_router", &fit_prev, s->prev_xn + (size_t)layer * H, NULL, s->pred_prev);
+        rc = em_session_matvec(s, s->k.router, "em_router", &fit_prev, s->prev_xn + (size_t)layer * H, NULL, s->pred_prev);
       if (rc) return rc;
       for (uint32_t e = 0; fitted && e < E; e++)
         s->pred_scores[e] += s->pred_prev[e] + s->fitted_bias[(size_t)layer * E + e];
@@ -537,8 +532,8 @@ static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx)
   s->has_prediction[layer] = 0;
 }
 
-static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weight) {
-  uint32_t ri = record_of(s, layer, expert);
+static int run_expert(em_session* s, const em_step* st, uint32_t expert, float weight) {
+  uint32_t layer = st->expert_layer, ri = record_of(s, layer, expert);
   uint8_t* rec;
   int rc = em_loader_wait(&s->loader, ri, layer, &rec, s->err, ERR_LEN);
   if (rc) return rc;
@@ -551,8 +546,14 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
   em_matrix gate = {part[0], (const uint16_t*)part[1], b, I, H, G, tiled},
             up = {part[d - 2], (const uint16_t*)part[d - 1], b, I, H, G, tiled},
             down = {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled};
-  rc = relu ? em_ffn(s, s->k.up_relu[b], "em_expert_up_relu", s->k.down[b], "em_expert_down", NULL, &up, &down, weight)
-            : em_ffn(s, s->k.gate_up[b], "em_expert_gate_up", s->k.down[b], "em_expert_down", &gate, &up, &down, weight);
+  const em_ffi_fn gate_up = s->k.gate_up[st->expert_act][b], down_fn = s->k.down[st->expert_act][b];
+  if (st->expert_gate_bias) /* the expert's row of each bias */
+    rc = em_ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", &gate, &up, &down,
+                st->expert_gate_bias + (size_t)expert * I, st->expert_up_bias + (size_t)expert * I,
+                st->expert_down_bias + (size_t)expert * H, weight);
+  else
+    rc = em_ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", relu ? NULL : &gate, &up, &down, NULL,
+                NULL, NULL, weight);
   if (rc) return rc;
   em_loader_release(&s->loader, ri);
   return EM_OK;
@@ -563,34 +564,49 @@ static int run_expert(em_session* s, uint32_t layer, uint32_t expert, float weig
 static int shared_expert(em_session* s, const em_step* st) {
   float weight = 1.0f;
   if (st->shared_gated) {
-    int rc = em_matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], s->xn, NULL,
+    int rc = em_session_matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], s->xn, NULL,
                     s->shared_logit);
     if (rc) return rc;
     weight = 1.0f / (1.0f + expf(-s->shared_logit[0]));
   }
   return em_ffn(s, s->k.shared_gate_up, EM_KERNEL_SHARED_GATE_UP, s->k.shared_down, EM_KERNEL_SHARED_DOWN,
-             &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], weight);
+                &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL,
+                weight);
+}
+
+int em_dense_ffn(em_session* s, const em_step* st) {
+  int rc = em_apply_norm(s, st, s->x, s->xn);
+  if (rc) return rc;
+  return st->act == EM_ACT_RELU
+             ? em_ffn(s, s->k.dense_up_relu, EM_KERNEL_DENSE_UP_RELU, s->k.dense_down, EM_KERNEL_DENSE_DOWN, NULL,
+                      &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL, 1.0f)
+             : em_ffn(s, s->k.dense_gate_up, EM_KERNEL_DENSE_GATE_UP, s->k.dense_down, EM_KERNEL_DENSE_DOWN,
+                      &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL,
+                      NULL, 1.0f);
 }
 
 /* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
  * next layer's predicted experts, run the shared expert while the reads are in flight, then the
- * chosen ones as they arrive. */
+ * chosen ones as they arrive. Layers, records and predictions count the layers with experts. */
 int em_moe_layer(em_session* s, const em_step* st) {
   const em_trunk_header* th = &s->th;
-  uint32_t l = st->layer;
+  uint32_t l = st->expert_layer, EL = s->prog.expert_layers;
   int64_t H = th->hidden;
   int rc = em_apply_norm(s, st, s->x, s->xn);
   if (rc) return rc;
   /* this layer has been predicted for this token; its input now stands for the context at the next */
   memcpy(s->prev_xn + (size_t)l * H, s->xn, H * sizeof(float));
-  rc = em_matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
+  rc = st->router_logit_bias
+           ? em_session_matvec(s, s->k.router_bias, EM_KERNEL_ROUTER_BIAS, &st->m[EM_M_ROUTER], s->xn,
+                               (float*)st->router_logit_bias, s->router_logits)
+           : em_session_matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
   if (rc) return rc;
   uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
   float wts[MAX_TOP_K];
-  select_experts(s, st, idx, wts);
+  em_route(st, s->router_logits, th->experts, th->top_k, s->route_scratch, idx, wts);
   score_prediction(s, l, idx);
   if (s->route_trace && s->trace_tokens < s->trace_max && !s->in_encoder)
-    memcpy(s->route_trace + ((size_t)s->trace_tokens * th->layers + l) * th->top_k, idx, th->top_k * sizeof(uint32_t));
+    memcpy(s->route_trace + ((size_t)s->trace_tokens * EL + l) * th->top_k, idx, th->top_k * sizeof(uint32_t));
   /* expert capacity: a choice beyond the tokens its expert takes in this pass is skipped */
   uint32_t n = 0;
   for (uint32_t k = 0; k < th->top_k; k++)
@@ -600,19 +616,23 @@ int em_moe_layer(em_session* s, const em_step* st) {
   if (rc) return rc;
   /* The path table needs only this layer's choice: predict now, while the experts compute. */
   if (s->predictor == EM_PREDICT_PATH_TABLE && !s->in_encoder)
-    rc = predict_and_prefetch(s, (l + 1) % th->layers, s->x, idx, n);
+    rc = predict_and_prefetch(s, (l + 1) % EL, s->x, idx, n);
   if (!rc && st->shared) rc = shared_expert(s, st);
-  for (uint32_t k = 0; !rc && k < n; k++) rc = run_expert(s, l, idx[k], wts[k]);
-  if (rc) { /* unpin what an error left pinned, so the session stays usable */
+  for (uint32_t k = 0; !rc && k < n; k++) rc = run_expert(s, st, idx[k], wts[k]);
+  if (rc) /* unpin what an error left pinned, so the session stays usable */
     for (uint32_t k = 0; k < n; k++) em_loader_release(&s->loader, records[k]);
-    return rc;
-  }
-  /* The next router reads this layer's output, as the next layer's router will (after its
-     attention): measured on held-out text, 82% of the next layer's experts named against 70% from
-     the state before this layer's experts (docs/BENCHMARKS.md §4). The next token's first layer
-     is predicted from its embedding instead (see forward). */
-  if (l + 1 < th->layers && uses_hidden_state(s->predictor) && !s->in_encoder)
-    rc = predict_and_prefetch(s, l + 1, s->x, NULL, 0);
+  return rc;
+}
+
+/* The attention half of a layer with latent attention: norm, mla.c's step into the latent cache,
+ * output projection added to the residual stream. */
+static int mla_attention_layer(em_session* s, const em_step* st) {
+  float* latent = s->k_cache + (uint64_t)st->layer * s->max_seq * s->k_row;
+  float* rope_key = s->v_cache + (uint64_t)st->layer * s->max_seq * s->v_row;
+  int rc = em_apply_norm(s, st, s->x, s->xn);
+  if (!rc) rc = em_mla_attention(&s->k, &s->th, st, &s->mla, s->xn, latent, rope_key, s->pos, s->err, ERR_LEN);
+  if (!rc) rc = em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->mla.att, s->x, s->x2);
+  if (!rc) em_swap(&s->x, &s->x2);
   return rc;
 }
 
@@ -625,8 +645,8 @@ static int attention_layer(em_session* s, const em_step* st) {
   float* vc = s->v_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
   int rc = em_apply_norm(s, st, s->x, s->xn);
   if (rc) return rc;
-  rc = st->bias ? em_matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
-                : em_matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
+  rc = st->bias ? em_session_matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
+                : em_session_matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
   if (rc) return rc;
   float* rope_in = s->qkv;
   em_kernel_arg a[EM_SIG_ROPE_ARGS] = {0};
@@ -645,11 +665,24 @@ static int attention_layer(em_session* s, const em_step* st) {
   BIND(a, ROPE, K, T(kc + pos * s->kv_dim, 2, hkv, d, 0));
   BIND(a, ROPE, V, T(vc + pos * s->kv_dim, 2, hkv, d, 0));
   if ((rc = INVOKE(s->k.rope, EM_KERNEL_ROPE, a, ROPE))) return rc;
-  BIND(a, ATTENTION, Q, T(s->q, 2, hq, d, 0));
-  BIND(a, ATTENTION, KC, T(kc, 3, pos + 1, hkv, d));
-  BIND(a, ATTENTION, VC, T(vc, 3, pos + 1, hkv, d));
-  BIND(a, ATTENTION, O, T(s->att, 2, hq, d, 0));
-  if ((rc = INVOKE(s->k.attention, EM_KERNEL_ATTENTION, a, ATTENTION))) return rc;
+  /* a sliding window attends to its last `window` positions alone: the rows before it are not passed */
+  int64_t first = st->window && pos + 1 > st->window ? pos + 1 - st->window : 0, rows = pos + 1 - first;
+  const float *kw = kc + first * s->kv_dim, *vw = vc + first * s->kv_dim;
+  if (st->sinks) {
+    BIND(a, ATTENTION_SINKS, Q, T(s->q, 2, hq, d, 0));
+    BIND(a, ATTENTION_SINKS, KC, T(kw, 3, rows, hkv, d));
+    BIND(a, ATTENTION_SINKS, VC, T(vw, 3, rows, hkv, d));
+    BIND(a, ATTENTION_SINKS, SINK, T(st->sinks, 1, hq, 0, 0));
+    BIND(a, ATTENTION_SINKS, O, T(s->att, 2, hq, d, 0));
+    rc = INVOKE(s->k.attention_sinks, EM_KERNEL_ATTENTION_SINKS, a, ATTENTION_SINKS);
+  } else {
+    BIND(a, ATTENTION, Q, T(s->q, 2, hq, d, 0));
+    BIND(a, ATTENTION, KC, T(kw, 3, rows, hkv, d));
+    BIND(a, ATTENTION, VC, T(vw, 3, rows, hkv, d));
+    BIND(a, ATTENTION, O, T(s->att, 2, hq, d, 0));
+    rc = INVOKE(s->k.attention, EM_KERNEL_ATTENTION, a, ATTENTION);
+  }
+  if (rc) return rc;
   float* res = s->x;
   if (st->o_bias) { /* xn is free again: the residual stream plus the bias */
     BIND(a, ADD, A, T(s->x, 1, H, 0, 0));
@@ -658,7 +691,7 @@ static int attention_layer(em_session* s, const em_step* st) {
     if ((rc = INVOKE(s->k.add, EM_KERNEL_ADD, a, ADD))) return rc;
     res = s->xn;
   }
-  rc = em_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, res, s->x2);
+  rc = em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, res, s->x2);
   if (!rc) em_swap(&s->x, &s->x2);
   return rc;
 }
@@ -691,11 +724,21 @@ static int forward(em_session* s, int32_t token, int want_logits) {
       case EM_OP_EMBED:
         em_matrix_row(&st->m[EM_M_EMBED], (uint32_t)token, s->x);
         if (st->scale != 1.0f) em_scale_vector(s->x, H, st->scale);
-        if (uses_hidden_state(s->predictor) && st->next_moe != EM_OPERAND_NONE)
-          rc = predict_and_prefetch(s, st->next_moe, s->x, NULL, 0);
         break;
-      case EM_OP_ATTENTION: rc = attention_layer(s, st); break;
-      case EM_OP_REL_ATTENTION: rc = em_rel_attention(s, st); break;
+      case EM_OP_ATTENTION:
+      case EM_OP_MLA_ATTENTION:
+      case EM_OP_REL_ATTENTION:
+        /* A layer with experts is predicted from the residual stream entering it, as its router
+           will read it after the attention: measured on held-out text, 82% of the layer's experts
+           named from there against 70% from the state one layer earlier (docs/BENCHMARKS.md §4).
+           The reads overlap this attention (and the previous layer's experts finishing). */
+        if (st->next_moe != EM_OPERAND_NONE && uses_hidden_state(s->predictor))
+          rc = predict_and_prefetch(s, st->next_moe, s->x, NULL, 0);
+        if (!rc)
+          rc = st->op == EM_OP_ATTENTION       ? attention_layer(s, st)
+               : st->op == EM_OP_MLA_ATTENTION ? mla_attention_layer(s, st)
+                                               : em_rel_attention(s, st);
+        break;
       case EM_OP_CROSS_ATTENTION: rc = em_cross_attention(s, st); break;
       case EM_OP_DENSE_FFN: rc = em_dense_ffn(s, st); break;
       case EM_OP_MOE: /* one token is this pass of the expert capacity */
@@ -706,9 +749,9 @@ static int forward(em_session* s, int32_t token, int want_logits) {
         if (!want_logits) break;
         rc = em_apply_norm(s, st, s->x, s->xn);
         if (!rc)
-          rc = st->bias ? em_matvec(s, s->k.lm_head_bias, EM_KERNEL_LM_HEAD_BIAS, &st->m[0], s->xn, (float*)st->bias,
+          rc = st->bias ? em_session_matvec(s, s->k.lm_head_bias, EM_KERNEL_LM_HEAD_BIAS, &st->m[0], s->xn, (float*)st->bias,
                                  s->logits)
-                        : em_matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
+                        : em_session_matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
         if (!rc && st->scale != 1.0f) em_scale_vector(s->logits, th->vocab, st->scale);
         break;
     }
@@ -771,6 +814,7 @@ int em_model_info_get(const em_session* s, em_model_info* out) {
   out->vocab_size = s->th.vocab;
   out->hidden_size = s->th.hidden;
   out->num_layers = s->th.layers;
+  out->num_expert_layers = s->prog.expert_layers;
   out->num_experts = s->th.experts;
   out->top_k = s->th.top_k;
   out->max_seq = s->max_seq;

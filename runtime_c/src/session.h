@@ -12,6 +12,7 @@
 #include "kernels.h"
 #include "loader.h"
 #include "matrix.h"
+#include "mla.h"
 #include "program.h"
 #include "storage.h"
 #include "thread_pool.h"
@@ -46,8 +47,13 @@ struct em_session {
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
   float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;
   float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
-  float* prev_xn; /* [layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
-  float *k_cache, *v_cache; /* [kv_layers][max_seq][kv_dim] */
+  float* prev_xn; /* [expert layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
+  float* route_scratch; /* [3 * experts] */
+  em_mla_buffers mla;   /* latent attention's working buffers (empty without it) */
+  /* [kv_layers][max_seq][k_row], [kv_layers][max_seq][v_row]: keys and values per KV head, or with
+     latent attention the latent and the rotated key (memory_plan.c em_kv_rows) */
+  float *k_cache, *v_cache;
+  uint64_t k_row, v_row;
   /* encoder-decoder models: the cross-attention keys and values [cross_layers][max_seq][kv_dim]; the
      encoder's rows [max_seq][hidden] (its output, normalised, once it has run) and their q
      [max_seq][q_dim]; the position bias of one query [heads][max_seq] */
@@ -70,12 +76,17 @@ struct em_session {
 #define INVOKE(fn, name, args, SIG) em_kernel_invoke(fn, name, args, EM_SIG_##SIG##_ARGS, s->err, ERR_LEN)
 #define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
 
-/* y = W x (+ res) through a matrix-vector kernel, whatever W's storage. */
-int em_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y);
-/* An MLP on s->xn added to the residual stream: h = act(gate · x) ⊙ (up · x), or relu(up · x)
- * where wg is NULL (the kernel `up` then has the ffn_up signature); then x += weight · (down · h). */
-int em_ffn(em_session* s, em_ffi_fn up, const char* up_name, em_ffi_fn down, const char* down_name,
-           const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, float weight);
+/* y = W x (+ res) through a matrix-vector kernel, whatever W's storage; errors into s->err. */
+int em_session_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res,
+                      float* y);
+/* An MLP on s->xn added to the residual stream: h = act(gate · x (+ bg), up · x (+ bu)), or relu(up · x)
+ * where wg is NULL (the kernel `gate_up` then has the ffn_up signature); then x += weight · (down · h
+ * (+ bd)). The biases all given (the biased kernels' signatures) or all NULL. */
+int em_ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
+           const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, const float* gate_bias, const float* up_bias,
+           const float* down_bias, float weight);
+/* A dense layer's feed-forward block (DENSE_FFN): norm, then its SwiGLU or ReLU MLP added to s->x. */
+int em_dense_ffn(em_session* s, const em_step* st);
 /* out = the step's norm of x: RMSNorm (weight) or LayerNorm (weight and bias), as its norm_kind says. */
 int em_apply_norm(em_session* s, const em_step* st, const float* x, float* out);
 /* The MoE block of step st for the residual stream s->x (the result in s->x). */

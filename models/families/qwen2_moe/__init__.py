@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ...gguf_import import GGUFArch
 from ...hf_import import ConfigReader, read_config
-from .. import all_layers_sparse, common_config, load_decoder
+from .. import common_config, load_decoder, qwen_dense_layers
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM",)
 GGUF = GGUFArch("qwen2moe", "qwen2_moe", "Qwen2-MoE", norm_topk_prob=False, qkv_bias=True, shared_expert=True)
@@ -14,11 +14,10 @@ GGUF = GGUFArch("qwen2moe", "qwen2_moe", "Qwen2-MoE", norm_topk_prob=False, qkv_
 
 def describe(hf: dict, where: Path):
     c = ConfigReader(hf, where, "Qwen2-MoE")
-    all_layers_sparse(c)
     cfg = common_config(c, "qwen2_moe", c.require("num_experts"), c.require("moe_intermediate_size"),
                         norm_topk_prob=bool(c.get("norm_topk_prob", False)), qkv_bias=bool(c.get("qkv_bias", True)),
                         shared_expert_intermediate=c.require("shared_expert_intermediate_size"),
-                        shared_expert_gate=True)
+                        shared_expert_gate=True, **qwen_dense_layers(c))
     c.done()
     return cfg
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ...gguf_import import GGUFArch
 from ...hf_import import ConfigReader, read_config
-from .. import all_layers_sparse, common_config, load_decoder
+from .. import common_config, load_decoder, qwen_dense_layers
 
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 GGUF = GGUFArch("qwen3moe", "qwen3_moe", "Qwen3-MoE", norm_topk_prob=True, qk_norm="head")
@@ -14,13 +14,12 @@ GGUF = GGUFArch("qwen3moe", "qwen3_moe", "Qwen3-MoE", norm_topk_prob=True, qk_no
 
 def describe(hf: dict, where: Path):
     c = ConfigReader(hf, where, "Qwen3-MoE")
-    all_layers_sparse(c)
     experts = c.get("num_experts") or c.require("num_local_experts")
     c.get("num_local_experts")
     bias = bool(c.get("attention_bias", False))
     cfg = common_config(c, "qwen3_moe", experts, c.require("moe_intermediate_size"),
                         norm_topk_prob=bool(c.get("norm_topk_prob", False)), qkv_bias=bias, o_bias=bias,
-                        qk_norm="head")
+                        qk_norm="head", **qwen_dense_layers(c))
     c.done()
     return cfg
 

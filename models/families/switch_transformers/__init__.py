@@ -103,7 +103,7 @@ def describe(hf: dict, where: Path) -> MoEConfig:
         norm_eps=float(c.require("layer_norm_epsilon")), norm_topk_prob=False, tie_embeddings=tied,
         bos_token_id=special("bos_token_id"), eos_token_id=special("eos_token_id"),
         logit_scale=d_model ** -0.5 if tied else 1.0, encoder_layers=enc, decoder_start_token_id=start,
-        dense_layers=tuple(i for i, s in enumerate(sparse) if not s), dense_intermediate=d_ff, expert_act="relu",
+        dense_layers=tuple(i for i, s in enumerate(sparse) if not s), dense_intermediate=d_ff, expert_activation="relu",
         position="relative", relative_buckets=_positive_int(c, "relative_attention_num_buckets", 2),
         relative_max_distance=_positive_int(c, "relative_attention_max_distance", 2),
         expert_capacity=_positive_int(c, "expert_capacity"))
