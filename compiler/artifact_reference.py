@@ -19,7 +19,7 @@ def artifact_model(model, artifact_dir):
     ref = compiled_trunk(model, q["trunk_bits"], q["group"], q["layout"])
     stored = read_experts(Path(artifact_dir) / "experts.bin")
     layers = list(ref.layers)
-    for li, row in zip(model.config.moe_layer_ids, stored):
-        layers[li] = replace(layers[li], experts=[Expert(*(m.dequantize() for m in (w.gate, w.up, w.down)))
-                                                  for w in row])
+    for li, row in zip(ref.config.moe_layer_ids, stored):
+        layers[li] = replace(layers[li], experts=[Expert(*(None if m is None else m.dequantize()
+                                                           for m in (w.gate, w.up, w.down))) for w in row])
     return replace(ref, layers=layers)

@@ -55,13 +55,15 @@ class CompileOptions:
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
-    """Bits of each [layer][expert]: the options' plan, checked, or the uniform bitwidth."""
+    """Bits of each [layer][expert] (the layers with experts): the options' plan, checked, or the uniform
+    bitwidth."""
+    layers = cfg.num_moe_layers
     if opts.bit_plan is None:
         check_bits(opts.expert_bits)
-        return [[opts.expert_bits] * cfg.num_experts for _ in range(cfg.num_moe_layers)]
+        return [[opts.expert_bits] * cfg.num_experts for _ in range(layers)]
     plan = [[int(b) for b in row] for row in opts.bit_plan]
-    if len(plan) != cfg.num_moe_layers or any(len(row) != cfg.num_experts for row in plan):
-        raise ValueError(f"bit plan must be {cfg.num_moe_layers} expert layers × {cfg.num_experts} experts")
+    if len(plan) != layers or any(len(row) != cfg.num_experts for row in plan):
+        raise ValueError(f"bit plan must be {layers} layers (those with experts) × {cfg.num_experts} experts")
     for b in {b for row in plan for b in row}:
         check_bits(b)
     return plan
@@ -85,6 +87,8 @@ def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> st
             trunk.append((cfg.q_dim + 2 * cfg.kv_dim, hdim))
         for sdim in (cfg.shared_expert_intermediate, cfg.dense_intermediate):  # resident MLPs
             trunk += [(sdim, hdim), (hdim, sdim)] if sdim else []
+        if cfg.encoder_layers:  # the decoder's cross-attention projections
+            trunk += [(cfg.q_dim, hdim), (2 * cfg.kv_dim, hdim)]
         shapes += [(r, k, opts.trunk_bits) for r, k in trunk]
     why_not = None
     if not int_dot.supported(target.tvm()):
@@ -284,6 +288,11 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     cfg = model.config
     tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none
     calib_tokens = None
+    if cfg.encoder_layers and (opts.calibration is not None or opts.search_text is not None or
+                               opts.tolerance is not None or opts.max_bits is not None):
+        raise ValueError(f"{cfg.arch} is an encoder-decoder model: calibration, routing profiles and bit-plan "
+                         "searches are implemented for decoder-only models; compile it without --calibration, "
+                         "--tolerance and --max-bits (an explicit bit plan works)")
     if (opts.calibration is not None or opts.search_text is not None) and isinstance(tokenizer, str):
         raise ValueError(f"calibration and search text need the model's tokenizer, and {model_dir} has none: "
                          f"{tokenizer}")
@@ -322,11 +331,12 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     layout = weight_layout(cfg, target, opts, bits_used)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
     counts = model.parameter_counts()
-    log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers × {cfg.num_experts} experts (top-{cfg.top_k}), "
+    log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers, {cfg.num_moe_layers} of them with "
+        f"{cfg.num_experts} experts (top-{cfg.top_k}), "
         f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
 
     writer = ImageWriter(out_dir / "experts.bin", plan, cfg.hidden_size, cfg.expert_intermediate, opts.group, layout,
-                         out_dir / ".experts.bin.journal", inputs)
+                         out_dir / ".experts.bin.journal", inputs, cfg.expert_activation)
     if writer.done:
         log(f"resuming: {len(writer.done)} of {writer.n} expert records kept from the interrupted compile")
     skip = set(writer.done)

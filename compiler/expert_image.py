@@ -5,7 +5,9 @@ Layout (little-endian; docs/FORMAT.md is the normative description):
   table            num_records × 64-byte records (RECORD_FMT), ordered by (layer, expert)
   data             each record's bytes at a 4096-aligned offset, length padded to 4096
 Within a record: gate codes, gate scales, up codes, up scales, down codes, down scales, each
-64-byte aligned (the TVM kernels use aligned vector loads).
+64-byte aligned (the TVM kernels use aligned vector loads); for an image of ReLU experts (the
+header's act, program.ACT) up codes, up scales, down codes, down scales, the last two part
+offsets zero.
 """
 from __future__ import annotations
 
@@ -15,34 +17,43 @@ from pathlib import Path
 import numpy as np
 
 from .binfmt import ArtifactFormatError, align_up, crc32, crc32c, pack, size, unpack
+from .program import ACT
 from .quantize import QuantizedMatrix
 
 MAGIC = b"EMOEXPRT"
-VERSION = 5  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records;
-# 5: the compile id (every file of one compile carries it)
+VERSION = 6  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records;
+# 5: the compile id (every file of one compile carries it); 6: the experts' activation (ReLU records of two matrices)
 ALIGN = 4096
 PART_ALIGN = 64
 # magic, version, header_bytes, layers, experts, records, record_bytes, align, hidden, inter, group,
-# table_offset, data_offset, file_bytes, table_crc, layout, compile_id, header_crc
-HEADER_FMT = "8sIIIIIIIIIIQQQII16sI"
+# table_offset, data_offset, file_bytes, table_crc, layout, compile_id, act, header_crc
+HEADER_FMT = "8sIIIIIIIIIIQQQII16sII"
 LAYOUT_CODES = {"rows": 0, "tiles": 1}
 # layer, expert, bits, crc32c, offset, length, part offsets ×6, payload_bytes, reserved
 RECORD_FMT = "IIIIQQ6III"
 RECORD_BYTES = 64
-PART_NAMES = ("gate_q", "gate_s", "up_q", "up_s", "down_q", "down_s")
+PART_NAMES = ("gate_q", "gate_s", "up_q", "up_s", "down_q", "down_s")  # SwiGLU; ReLU: up_q, up_s, down_q, down_s
 assert size(RECORD_FMT) == RECORD_BYTES
+
+
+def matrix_shapes(hidden: int, inter: int, act: str) -> list[tuple[int, int]]:
+    """[rows, cols] of an expert's matrices in record order: gate, up, down (SwiGLU) or up, down (ReLU)."""
+    return [(inter, hidden)] * (1 if act == "relu" else 2) + [(hidden, inter)]
 
 
 @dataclass
 class ExpertWeights:
-    """One expert's three quantized matrices."""
+    """One expert's quantized matrices (gate None for a ReLU expert)."""
 
-    gate: QuantizedMatrix
+    gate: QuantizedMatrix | None
     up: QuantizedMatrix
     down: QuantizedMatrix
 
+    def matrices(self) -> list[QuantizedMatrix]:
+        return [m for m in (self.gate, self.up, self.down) if m is not None]
+
     def parts(self) -> list[np.ndarray]:
-        return [self.gate.packed, self.gate.scales, self.up.packed, self.up.scales, self.down.packed, self.down.scales]
+        return [a for m in self.matrices() for a in (m.packed, m.scales)]
 
 
 @dataclass
@@ -68,11 +79,11 @@ def record_payload(w: ExpertWeights) -> tuple[bytes, list[int]]:
     return bytes(out), offsets
 
 
-def record_length(hidden: int, inter: int, bits: int, group: int) -> int:
+def record_length(hidden: int, inter: int, bits: int, group: int, act: str = "swiglu") -> int:
     """Bytes one expert occupies in the image at `bits` (payload laid out as record_payload does)."""
     scale_bytes = 2  # fp16
     parts = []
-    for rows, cols in ((inter, hidden), (inter, hidden), (hidden, inter)):
+    for rows, cols in matrix_shapes(hidden, inter, act):
         parts += [rows * cols * bits // 8, 0 if bits == 16 else rows * (cols // group) * scale_bytes]
     n = 0
     for nbytes in parts:
@@ -80,10 +91,10 @@ def record_length(hidden: int, inter: int, bits: int, group: int) -> int:
     return align_up(n, ALIGN)
 
 
-def image_bytes(plan: list[list[int]], hidden: int, inter: int, group: int) -> int:
+def image_bytes(plan: list[list[int]], hidden: int, inter: int, group: int, act: str = "swiglu") -> int:
     """Size of the expert image for a bit plan (bits per [layer][expert])."""
     n = sum(len(row) for row in plan)
-    data = sum(record_length(hidden, inter, b, group) for row in plan for b in row)
+    data = sum(record_length(hidden, inter, b, group, act) for row in plan for b in row)
     return align_up(ALIGN + n * RECORD_BYTES, ALIGN) + data
 
 
@@ -103,16 +114,16 @@ class ImageWriter:
     from them; with other inputs, or none, it starts afresh."""
 
     def __init__(self, path: Path, plan: list[list[int]], hidden: int, inter: int, group: int, layout: str,
-                 journal: Path, inputs: bytes = b""):
+                 journal: Path, inputs: bytes = b"", act: str = "swiglu"):
         self.path, self.plan, self.journal_path = Path(path), plan, Path(journal)
-        self.hidden, self.inter, self.group, self.layout = hidden, inter, group, layout
+        self.hidden, self.inter, self.group, self.layout, self.act = hidden, inter, group, layout, act
         self.n = sum(len(row) for row in plan)
         self.data_offset = align_up(ALIGN + self.n * RECORD_BYTES, ALIGN)
         self.place: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, expert) -> (offset, length)
         pos = self.data_offset
         for li, row in enumerate(plan):
             for ei, bits in enumerate(row):
-                length = record_length(hidden, inter, bits, group)
+                length = record_length(hidden, inter, bits, group, act)
                 self.place[li, ei] = (pos, length)
                 pos += length
         self.file_bytes = pos
@@ -157,7 +168,8 @@ class ImageWriter:
             raise ValueError(f"expert {layer}/{expert}: a {bits}-bit record of {len(payload)} bytes where the plan "
                              f"has {self.plan[layer][expert]} bits ({length} bytes)")
         blob = payload + bytes(length - len(payload))
-        r = Record(layer, expert, bits, crc32c(blob), offset, length, tuple(part_offsets), len(payload))
+        parts = tuple(part_offsets) + (0,) * (6 - len(part_offsets))  # a two-matrix (ReLU) record: four parts
+        r = Record(layer, expert, bits, crc32c(blob), offset, length, parts, len(payload))
         self._file.seek(offset)
         self._file.write(blob)
         self._file.flush()  # the data before the journal entry that vouches for it
@@ -181,7 +193,7 @@ class ImageWriter:
         )
         head = pack(HEADER_FMT[:-1], MAGIC, VERSION, ALIGN, len(self.plan), len(self.plan[0]), self.n, RECORD_BYTES,
                     ALIGN, self.hidden, self.inter, self.group, ALIGN, self.data_offset, self.file_bytes, crc32(table),
-                    LAYOUT_CODES[self.layout], compile_id)
+                    LAYOUT_CODES[self.layout], compile_id, ACT[self.act])
         head += pack("I", crc32(head))
         self._file.seek(0)
         self._file.write(head + bytes(ALIGN - len(head)))
@@ -196,14 +208,17 @@ class ImageWriter:
 
 
 def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int,
-                layout: str = "rows", compile_id: bytes = bytes(16)) -> list[Record]:
-    """Write experts[layer][expert] (all quantized in `layout`) to `path`; return the record table.
-    `compile_id` (16 bytes) ties the image to the trunk.bin of the same compile."""
-    plan = [[w.gate.bits for w in row] for row in experts]
-    writer = ImageWriter(path, plan, hidden, inter, group, layout, Path(f"{path}.journal"))
+                layout: str = "rows", compile_id: bytes = bytes(16), act: str = "swiglu") -> list[Record]:
+    """Write experts[layer][expert] (all quantized in `layout`, of the activation `act`) to `path`;
+    return the record table. `layer` counts the layers with experts. `compile_id` (16 bytes) ties
+    the image to the trunk.bin of the same compile."""
+    if any((w.gate is None) != (act == "relu") for row in experts for w in row):
+        raise ValueError(f"every expert of a {act} image has {'two' if act == 'relu' else 'three'} matrices")
+    plan = [[w.up.bits for w in row] for row in experts]
+    writer = ImageWriter(path, plan, hidden, inter, group, layout, Path(f"{path}.journal"), act=act)
     for li, row in enumerate(experts):
         for ei, w in enumerate(row):
-            writer.write(li, ei, w.gate.bits, *record_payload(w))
+            writer.write(li, ei, w.up.bits, *record_payload(w))
     return writer.finish(compile_id)
 
 
@@ -218,6 +233,7 @@ class ImageHeader:
     file_bytes: int
     layout: str
     compile_id: bytes
+    act: str
 
 
 def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
@@ -228,7 +244,7 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     if len(data) < hsize:
         raise ArtifactFormatError(f"{path}: truncated header ({len(data)} bytes)")
     (magic, version, _hb, nl, ne, nr, rb, _al, hidden, inter, group, toff, doff, fbytes, tcrc, layout, compile_id,
-     hcrc) = unpack(HEADER_FMT, data)
+     act, hcrc) = unpack(HEADER_FMT, data)
     if magic != MAGIC:
         raise ArtifactFormatError(f"{path}: not an EdgeMoE expert image (magic {magic!r})")
     if len(data) >= 12 and version != VERSION:
@@ -247,10 +263,12 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     for i in range(nr):
         v = unpack(RECORD_FMT, table, i * rb)
         recs.append(Record(v[0], v[1], v[2], v[3], v[4], v[5], tuple(v[6:12]), v[12]))
-    layouts = {v: k for k, v in LAYOUT_CODES.items()}
+    layouts, acts = {v: k for k, v in LAYOUT_CODES.items()}, {v: k for k, v in ACT.items()}
     if layout not in layouts:
         raise ArtifactFormatError(f"{path}: unknown weight layout {layout}; recompile the model")
-    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout], compile_id), recs
+    if act not in acts:
+        raise ArtifactFormatError(f"{path}: unknown expert activation {act}; recompile the model")
+    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout], compile_id, acts[act]), recs
 
 
 
@@ -277,14 +295,14 @@ def read_experts(path: Path) -> list[list[ExpertWeights]]:
     """Every expert as stored, [layer][expert], each record's checksum verified."""
     head, recs = read_table(path)
     experts = [[None] * head.num_experts for _ in range(head.num_layers)]
-    shapes = ((head.inter, head.hidden), (head.inter, head.hidden), (head.hidden, head.inter))
+    shapes = matrix_shapes(head.hidden, head.inter, head.act)
     with open(path, "rb") as f:
         for r in recs:
             f.seek(r.offset)
             blob = f.read(r.length)
             if len(blob) != r.length or crc32c(blob) != r.crc:
                 raise ArtifactFormatError(f"{path}: expert {r.layer}/{r.expert}: record checksum mismatch (corrupted)")
-            experts[r.layer][r.expert] = ExpertWeights(*(
-                _matrix(blob, r.part_offsets[2 * i : 2 * i + 2], rows, cols, r.bits, head.group, head.layout)
-                for i, (rows, cols) in enumerate(shapes)))
+            matrices = [_matrix(blob, r.part_offsets[2 * i : 2 * i + 2], rows, cols, r.bits, head.group, head.layout)
+                        for i, (rows, cols) in enumerate(shapes)]
+            experts[r.layer][r.expert] = ExpertWeights(*([None] * (3 - len(matrices)) + matrices))
     return experts

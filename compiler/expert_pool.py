@@ -50,8 +50,8 @@ class RoundedExpert:
 
 def round_expert(task: RoundingTask) -> RoundedExpert:
     """The record of one expert (quantize.py, rounding.py), in this process."""
-    stored = ExpertWeights(*(quantize(materialize(w), task.bits, task.group, task.layout, g)
-                             for w, g in zip(task.weights, task.grams)))
+    stored = ExpertWeights(*(None if w is None else quantize(materialize(w), task.bits, task.group, task.layout, g)
+                             for w, g in zip(task.weights, task.grams)))  # gate None: a ReLU expert
     payload, offsets = record_payload(stored)
     return RoundedExpert(task.layer, task.expert, task.bits, payload, offsets)
 

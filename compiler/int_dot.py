@@ -316,6 +316,34 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bo
     return with_bias if bias else plain
 
 
+def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
+                   name: str | None = None) -> tvm.tirx.PrimFunc:
+    """h = relu(Wu x), Wu in the tiles layout (a ReLU expert's or dense MLP's first matrix)."""
+    hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
+    name = name or f"em_expert_up_relu_w{bits}"
+    nt, ng, kw = idim // TILE_ROWS, hdim // group, hdim * bits // 32
+    loop = T.parallel if parallel else T.serial
+    quantize_input, accumulate = _quantize_input(hdim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
+
+    @T.prim_func
+    def f(x: T.Buffer((hdim,), "float32"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+          US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer((idim,), "float32")):
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
+        xq = T.decl_buffer((hdim,), "int8")
+        X4 = T.decl_buffer((hdim // 4,), "int32", data=xq.data)
+        xs = T.decl_buffer((ng,), "float32")
+        xc = T.decl_buffer((ng,), "float32")
+        quantize_input(x, xq, xs, xc)
+        for t in loop(nt):
+            for i in range(TILE_ROWS):
+                h[t * TILE_ROWS + i] = T.float32(0)
+            accumulate(h, UW, US, X4, xs, xc, t)
+            for i in range(TILE_ROWS):
+                h[t * TILE_ROWS + i] = T.max(h[t * TILE_ROWS + i], T.float32(0))
+
+    return f
+
+
 def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
                 name: str | None = None, bias: bool = False) -> tvm.tirx.PrimFunc:
     """y = res + weight · (Wd h (+ bd)), Wd in the tiles layout: the router weight and residual

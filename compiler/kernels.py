@@ -126,10 +126,12 @@ def rope(cfg: MoEConfig, name: str = "em_rope") -> tvm.tirx.PrimFunc:
     return _named(q, [qkv, cos, sin, q, k, v], name)
 
 
-def attention(cfg: MoEConfig, name: str = "em_attention", sinks: bool = False) -> tvm.tirx.PrimFunc:
+def attention(cfg: MoEConfig, name: str = "em_attention", sinks: bool = False,
+              position_bias: bool = False) -> tvm.tirx.PrimFunc:
     """Single-query attention over n cache rows ([n, kv_heads, head_dim]; n is symbolic: the runtime
     passes a sliding window's rows alone). With `sinks`, a logit per head [heads] joins each
-    softmax's denominator (its maximum included), carrying no value."""
+    softmax's denominator (its maximum included), carrying no value. With `position_bias`, a bias
+    [heads, n] is added to the scores (T5's relative positions)."""
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
     n = te.var("n", "int64")
@@ -139,19 +141,25 @@ def attention(cfg: MoEConfig, name: str = "em_attention", sinks: bool = False) -
     scale = tvm.tirx.const(1.0 / d**0.5, F32)
     rd = te.reduce_axis((0, d), name="rd")
     s = te.compute((hq, n), lambda h, t: te.sum(q[h, rd] * kc[t, h // group, rd] * scale, axis=rd), name="s")
+    inputs = [q, kc, vc]
+    score = lambda h, t: s[h, t]  # noqa: E731
+    if position_bias:  # added where the scores are read: no third [heads, n] buffer
+        bias = te.placeholder((hq, n), F32, name="bias")
+        score = lambda h, t: s[h, t] + bias[h, t]  # noqa: E731
+        inputs.append(bias)
     rt = te.reduce_axis((0, n), name="rt")
-    mx = te.compute((hq,), lambda h: te.max(s[h, rt], axis=rt), name="mx")
+    mx = te.compute((hq,), lambda h: te.max(score(h, rt), axis=rt), name="mx")
     sink = te.placeholder((hq,), F32, name="sink") if sinks else None
     if sinks:
         mx = te.compute((hq,), lambda h: tvm.tirx.max(mx[h], sink[h]), name="mx_sink")
-    e = te.compute((hq, n), lambda h, t: te.exp(s[h, t] - mx[h]), name="e")
+    e = te.compute((hq, n), lambda h, t: te.exp(score(h, t) - mx[h]), name="e")
     rz = te.reduce_axis((0, n), name="rz")
     z = te.compute((hq,), lambda h: te.sum(e[h, rz], axis=rz), name="z")
     if sinks:
         z = te.compute((hq,), lambda h: z[h] + te.exp(sink[h] - mx[h]), name="z_sink")
     rv = te.reduce_axis((0, n), name="rv")
     o = te.compute((hq, d), lambda h, i: te.sum(e[h, rv] * vc[rv, h // group, i] / z[h], axis=rv), name="o")
-    return _named(o, [q, kc, vc, *([sink] if sinks else []), o], name)
+    return _named(o, [*inputs, *([sink] if sinks else []), o], name)
 
 
 def mla_rope(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
@@ -276,8 +284,8 @@ def _qweight(name: str, n: int, k: int, bits: int, group: int) -> tuple[te.Tenso
 
 
 def activation(cfg: MoEConfig, kind: str, g, u):
-    """The expert activation `kind` (program.EXPERT_ACT) of gate and up outputs g and u, as a TIR
-    expression (also inside int_dot's TVMScript): silu(g)·u, or the clamped SwiGLU with the
+    """The expert activation `kind` (program.ACT, but "relu", which has no gate) of gate and up
+    outputs g and u, as a TIR expression (also inside int_dot's TVMScript): silu(g)·u, or the clamped SwiGLU with the
     config's alpha and limit (models/reference.py activate computes the same in float32)."""
     one = tvm.tirx.const(1.0, F32)
     if kind == "swiglu":
@@ -309,6 +317,17 @@ def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = Non
     else:
         h = te.compute((idim,), lambda i: activation(cfg, kind, g[i], u[i]), name="h")
     return _named(h, [x, *gw, *uw, *biases, h], name or expert_symbol("expert_gate_up", bits))
+
+
+def expert_up_relu(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
+                   name: str | None = None) -> tvm.tirx.PrimFunc:
+    """h = relu(Wu x) with Wu packed at `bits` (a ReLU expert's or dense MLP's first matrix)."""
+    hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
+    x = te.placeholder((hdim,), F32, name="x")
+    uw = _qweight("up", idim, hdim, bits, group)
+    u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
+    h = te.compute((idim,), lambda i: te.max(u[i], tvm.tirx.const(0, F32)), name="h")
+    return _named(h, [x, *uw, h], name or expert_symbol("expert_up_relu", bits))
 
 
 def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, name: str | None = None,
@@ -373,13 +392,17 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
                                   parallel=n * k * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES)
         return matvec(n, k, name, residual, bits=trunk_bits, group=group)
 
-    def resident_mlp(sdim, gate_up_name, down_name):  # a shared expert or dense MLP, at the trunk's bitwidth
+    relu = cfg.expert_activation == "relu"  # ReLU MLPs (Switch Transformers) have no gate: up, then down
+
+    def resident_mlp(sdim, gate_up_name, down_name, relu=False):  # a shared expert or dense MLP, at the trunk's bitwidth
         gate_up, down = dict(idim=sdim, name=gate_up_name), dict(idim=sdim, name=down_name)
         if tiles and trunk_bits != 32:
-            parallel = 2 * sdim * hdim * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES
-            return [int_dot.expert_gate_up(isa, cfg, trunk_bits, group, parallel, **gate_up),
+            parallel = (1 if relu else 2) * sdim * hdim * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES
+            up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
+            return [up(isa, cfg, trunk_bits, group, parallel, **gate_up),
                     int_dot.expert_down(isa, cfg, trunk_bits, group, parallel, **down)]
-        return [expert_gate_up(cfg, trunk_bits, group, **gate_up), expert_down(cfg, trunk_bits, group, **down)]
+        up = expert_up_relu if relu else expert_gate_up
+        return [up(cfg, trunk_bits, group, **gate_up), expert_down(cfg, trunk_bits, group, **down)]
 
     K = KERNELS
     if cfg.attention == "mla":
@@ -395,8 +418,12 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
         attention_kernels = [
             trunk_matvec(cfg.q_dim + 2 * cfg.kv_dim, hdim, K["qkv_bias"] if cfg.qkv_bias else K["qkv"],
                          residual=cfg.qkv_bias),
-            rope(cfg, K["rope"]),
-            attention(cfg, K["attention_sinks"], sinks=True) if cfg.attention_sinks else attention(cfg, K["attention"])]
+        ]
+        if cfg.position == "relative":  # T5's bias in place of RoPE
+            attention_kernels.append(attention(cfg, K["attention_bias"], position_bias=True))
+        else:
+            attention_kernels += [rope(cfg, K["rope"]), attention(cfg, K["attention_sinks"], sinks=True)
+                                  if cfg.attention_sinks else attention(cfg, K["attention"])]
     funcs = [
         layernorm(hdim, cfg.norm_eps, K["layernorm"]) if cfg.norm == "layer" else rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
         *attention_kernels,
@@ -408,6 +435,9 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     ]
     if cfg.router_logit_bias:  # added as the matvec's residual
         funcs.append(matvec(cfg.num_experts, hdim, K["router_bias"], residual=True))
+    if cfg.encoder_layers:  # cross-attention: the plain attention over the encoder's rows
+        funcs += [attention(cfg, K["attention"]), trunk_matvec(cfg.q_dim, hdim, K["cross_q"]),
+                  trunk_matvec(2 * cfg.kv_dim, hdim, K["cross_kv"])]
     if cfg.qk_norm != "none":
         funcs.append(qk_norm(cfg, K["qk_norm"]))
     if cfg.o_bias:
@@ -416,18 +446,21 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
         funcs += resident_mlp(cfg.shared_expert_intermediate, K["shared_gate_up"], K["shared_down"])
         if cfg.shared_expert_gate:
             funcs.append(matvec(1, hdim, K["shared_gate"]))
-    if cfg.dense_intermediate:
-        funcs += resident_mlp(cfg.dense_intermediate, K["dense_gate_up"], K["dense_down"])
+    if cfg.dense_intermediate and cfg.dense_layers:
+        funcs += resident_mlp(cfg.dense_intermediate, K["dense_up_relu" if relu else "dense_gate_up"], K["dense_down"],
+                              relu)
     gate_up_role, down_role = expert_kernel_roles(cfg)
-    routed = dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
+    routed = {} if relu else dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
     for b in sorted(set(expert_bits)):
         names = dict(gate_up=expert_symbol(gate_up_role, b), down=expert_symbol(down_role, b))
         if tiles:
-            parallel = 2 * idim * hdim * b // 8 >= int_dot.PARALLEL_MIN_BYTES
-            funcs += [int_dot.expert_gate_up(isa, cfg, b, group, parallel, name=names["gate_up"], **routed),
+            parallel = (1 if relu else 2) * idim * hdim * b // 8 >= int_dot.PARALLEL_MIN_BYTES
+            up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
+            funcs += [up(isa, cfg, b, group, parallel, name=names["gate_up"], **routed),
                       int_dot.expert_down(isa, cfg, b, group, parallel, name=names["down"], bias=cfg.expert_bias)]
         else:
-            funcs += [expert_gate_up(cfg, b, group, name=names["gate_up"], **routed),
+            up = expert_up_relu if relu else expert_gate_up
+            funcs += [up(cfg, b, group, name=names["gate_up"], **routed),
                       expert_down(cfg, b, group, name=names["down"], bias=cfg.expert_bias)]
     for f in funcs:
         check_signature(f)

@@ -232,7 +232,7 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     check_trunk_bits(trunk_bits)
 
     def q(w, b, gram=None):
-        return w if b == 32 else quantize(w, b, group, gram=gram).dequantize()
+        return w if b == 32 or w is None else quantize(w, b, group, gram=gram).dequantize()
 
     def expert(li, ei, e):
         if expert_bits is None:
@@ -251,13 +251,15 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     layers = [
         replace(l, wq=trunk(l.wq), wk=trunk(l.wk), wv=trunk(l.wv), wo=trunk(l.wo), wq_a=trunk(l.wq_a),
                 wkv_a=trunk(l.wkv_a), experts=[expert(moe_index[li], ei, e) for ei, e in enumerate(l.experts)],
-                shared=resident(l.shared), dense=resident(l.dense))
+                shared=resident(l.shared), dense=resident(l.dense), cwq=trunk(l.cwq), cwk=trunk(l.cwk),
+                cwv=trunk(l.cwv), cwo=trunk(l.cwo))
         for li, l in enumerate(model.layers)
     ]
     embed = q(model.embed, trunk_bits)
     lm_head = embed if model.config.tie_embeddings else q(model.lm_head, trunk_bits)
     tiles = layout == "tiles"
     return replace(model, embed=embed, layers=layers, lm_head=lm_head,
+                   encoder_embed=q(model.encoder_embed, trunk_bits),
                    trunk_act_group=group if tiles and trunk_bits != 32 else None,
                    expert_act_group=group if tiles and expert_bits is not None else None)
 

@@ -17,21 +17,24 @@ from pathlib import Path
 import numpy as np
 
 from ..models import MoEModel
+from ..models.encoder_decoder import position_bias_table
 from ..models.reference import rope_tables
 from .binfmt import align_up, crc32, pack, size
-from .program import NONE, PROFILE_TENSORS, emit_program
+from .program import NONE, PROFILE_TENSORS, count_ops, emit_program
 from .quantize import quantize
 
 MAGIC = b"EMOTRUNK"
-VERSION = 4  # 3: compile id, the kernels' SHA-256, their machine and CPU features; 4: MLA and dense-layer sizes
+VERSION = 5  # 3: compile id, the kernels' SHA-256, their machine and CPU features; 4: MLA and dense-layer sizes;
+# 5: KV-cache and cross-attention layers, the decoder start token (encoder-decoder models), the program's ops
 HEADER_BYTES = 256
 TENSOR_ALIGN = 64
 # magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
 # inter, max_positions, rope_theta, norm_eps, flags, bos, eos, n_tensors, table_offset,
 # data_offset, file_bytes, table_crc, data_crc, compile_id, kernels_sha256, machine, cpu_features,
-# shared_expert_intermediate, q_lora_rank, kv_lora_rank, qk_nope_head_dim, v_head_dim (the last four 0
-# without multi-head latent attention), dense_intermediate, header_crc
-HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIIIIIIII"
+# shared_expert_intermediate, q_lora_rank, kv_lora_rank, qk_nope_head_dim, v_head_dim (the four 0
+# without multi-head latent attention), dense_intermediate, kv_layers, cross_layers, decoder_start,
+# program_steps, header_crc
+HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIIIIIIIIIiII"
 # name, dtype, ndim, shape[4], offset, bytes, crc, bits (of a quantized matrix's codes; 0 otherwise)
 TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
@@ -39,8 +42,9 @@ FLAG_TILES = 4  # the quantized matrices are in the tiles layout (quantize.py)
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.uint32): 3}
 # the matrices stored at the trunk bitwidth (name or suffix)
 # (MLA's wkv_b stays float32: its key half is read transposed, folded into the query)
-QUANTIZED = ("embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj", "wq_a", "wq",
-             "wkv_a", "dense_gate_proj", "dense_up_proj", "dense_down_proj")
+QUANTIZED = ("embed", "encoder_embed", "wqkv", "wo", "lm_head", "shared_gate_proj", "shared_up_proj", "shared_down_proj",
+             "wq_a", "wq", "wkv_a", "dense_gate_proj", "dense_up_proj", "dense_down_proj", "cross_wq", "cross_wkv",
+             "cross_wo")
 assert size(TENSOR_FMT) == TENSOR_BYTES
 
 
@@ -48,8 +52,9 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
     """The resident tensors in file order, under the names the layer program (program.py) refers to;
     with a RoutingProfile, also the predictor's tables and the expert frequencies."""
     cfg = model.config
-    cos, sin = rope_tables(cfg, max_positions)
     out = [("embed", model.embed)]
+    if model.encoder_embed is not None:
+        out.append(("encoder_embed", model.encoder_embed))
     for i, l in enumerate(model.layers):
         p = f"layers.{i}."
         out.append((p + "attn_norm", l.attn_norm))
@@ -73,9 +78,12 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         out.append((p + "ffn_norm", l.ffn_norm))
         if cfg.norm == "layer":
             out.append((p + "ffn_norm_bias", l.ffn_norm_bias))
-        if l.dense is not None:
-            out += [(p + "dense_gate_proj", l.dense.w_gate), (p + "dense_up_proj", l.dense.w_up),
-                    (p + "dense_down_proj", l.dense.w_down)]
+        if l.cwq is not None:
+            out += [(p + "cross_norm", l.cross_norm), (p + "cross_wq", l.cwq),
+                    (p + "cross_wkv", np.concatenate([l.cwk, l.cwv], axis=0)), (p + "cross_wo", l.cwo)]
+        if l.dense is not None:  # a ReLU MLP has no gate
+            out += [(p + "dense_" + n, w) for n, w in (("gate_proj", l.dense.w_gate), ("up_proj", l.dense.w_up),
+                                                       ("down_proj", l.dense.w_down)) if w is not None]
             continue
         out.append((p + "router", l.router))
         if l.router_bias is not None:
@@ -93,7 +101,12 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
     out.append(("final_norm", model.final_norm))
     if cfg.norm == "layer":
         out.append(("final_norm_bias", model.final_norm_bias))
-    out += [("rope_cos", cos), ("rope_sin", sin)]
+    if cfg.position == "relative":
+        out += [("encoder_final_norm", model.encoder_final_norm),
+                ("encoder_position_bias", position_bias_table(model, True, max_positions)),
+                ("decoder_position_bias", position_bias_table(model, False, max_positions))]
+    else:
+        out += list(zip(("rope_cos", "rope_sin"), rope_tables(cfg, max_positions)))
     if not cfg.tie_embeddings:
         out.append(("lm_head", model.lm_head))
     if cfg.lm_head_bias:
@@ -108,6 +121,13 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
             out.append((names["fitted_router_prev"], fit[:, :, H : 2 * H].reshape(-1, H)))
             out.append((names["fitted_router_bias"], fit[:, :, -1]))
     return out
+
+
+def header_layers(cfg) -> tuple[int, int, int]:
+    """The header's layers (every layer of both stacks, dense ones included; the expert image holds
+    those with experts), KV-cache layers (the decoder's self-attention layers) and cross-attention layers."""
+    decoder = cfg.num_layers - cfg.encoder_layers
+    return cfg.num_layers, decoder, decoder if cfg.encoder_layers else 0
 
 
 def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int, layout: str) -> list[tuple[str, np.ndarray, int]]:
@@ -140,7 +160,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
     cfg = model.config
     tensors = _stored(trunk_tensors(model, max_positions, profile), bits, group, layout)
     where = {name: i for i, (name, _, _) in enumerate(tensors)}
-    tensors.append(("program", emit_program(cfg, lambda name: where.get(name, NONE)), 0))
+    program = emit_program(cfg, lambda name: where.get(name, NONE))
+    tensors.append(("program", program, 0))
     table_offset = HEADER_BYTES
     data_offset = align_up(table_offset + len(tensors) * TENSOR_BYTES, TENSOR_ALIGN)
     entries, data, pos = [], bytearray(), 0
@@ -157,7 +178,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
     table = b"".join(entries)
     flags = FLAG_TILES if layout == "tiles" and bits != 32 else 0
     file_bytes = data_offset + len(data)
-    head = pack(HEADER_FMT[:-1], MAGIC, VERSION, HEADER_BYTES, cfg.vocab_size, cfg.hidden_size, cfg.num_layers,
+    layers, kv_layers, cross_layers = header_layers(cfg)
+    head = pack(HEADER_FMT[:-1], MAGIC, VERSION, HEADER_BYTES, cfg.vocab_size, cfg.hidden_size, layers,
                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.expert_intermediate,
                 max_positions, cfg.rope_theta, cfg.norm_eps, flags,
                 -1 if cfg.bos_token_id is None else cfg.bos_token_id,
@@ -165,7 +187,8 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
                 len(tensors), table_offset, data_offset, file_bytes, crc32(table), crc32(bytes(data)),
                 identity.compile_id, identity.kernels_sha256, identity.machine, identity.cpu_features,
                 cfg.shared_expert_intermediate, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim,
-                cfg.dense_intermediate)
+                cfg.dense_intermediate if cfg.dense_layers else 0, kv_layers, cross_layers,
+                -1 if cfg.decoder_start_token_id is None else cfg.decoder_start_token_id, count_ops(program))
     head += pack("I", crc32(head))
     with open(path, "wb") as f:
         f.write(head + bytes(HEADER_BYTES - len(head)))

@@ -53,6 +53,17 @@ def read_stored(obj, lazy_experts: bool = False, _read: dict | None = None):
     return obj
 
 
+def reference_executor(model: MoEModel, max_positions: int | None = None):
+    """The NumPy reference executor of a model: ReferenceExecutor (decoder-only) or
+    EncoderDecoderExecutor; both give greedy(prompt, n_new) as the runtime's em_prefill and
+    em_decode_step compute it."""
+    from .encoder_decoder import EncoderDecoderExecutor
+    from .reference import ReferenceExecutor
+
+    executor = EncoderDecoderExecutor if model.config.encoder_layers else ReferenceExecutor
+    return executor(model, max_positions)
+
+
 def describe_model(model_dir: str | Path) -> MoEConfig:
     """The MoEConfig of a checkpoint from its config.json alone, or a GGUF's metadata and tensor
     table (no tensors read)."""
@@ -70,4 +81,4 @@ def describe_model(model_dir: str | Path) -> MoEConfig:
 
 
 __all__ = ["Expert", "Layer", "MoEConfig", "MoEModel", "ModelImportError", "load_model", "read_stored", "describe_model",
-           "IMPORTERS"]
+           "reference_executor", "IMPORTERS"]

@@ -63,7 +63,8 @@ class MoEConfig:
     v_head_dim: int = 0
     lora_norm_eps: float = 1e-6
     attention_scale: float = 0.0  # the softmax's scale of q·k; 0: 1/sqrt(the query-key dims)
-    # Layers whose feed-forward block is a dense SwiGLU MLP (resident, trunk bits) in place of experts
+    # Layers whose feed-forward block is a dense MLP (resident, trunk bits; its activation expert_activation)
+    # in place of experts
     dense_layers: tuple[int, ...] = ()
     dense_intermediate: int = 0
     # Routing beyond the score function ("softmax", "sigmoid" — scores sigmoid(logit), the top-k chosen
@@ -82,12 +83,26 @@ class MoEConfig:
     attention_sinks: bool = False
     layer_windows: tuple[int, ...] | None = None
     router_logit_bias: bool = False  # the router adds a bias [num_experts] to its logits (Layer.router_logit_bias)
-    # The routed experts' activation of gate g and up u: "swiglu" silu(g)·u, or "clamped_swiglu"
-    # (GPT-OSS): g' = min(g, limit), u' = clamp(u, ±limit), (u' + 1)·g'·sigmoid(alpha·g')
+    # The experts' (and dense MLPs') activation of gate g and up u: "swiglu" silu(g)·u, "clamped_swiglu"
+    # (GPT-OSS): g' = min(g, limit), u' = clamp(u, ±limit), (u' + 1)·g'·sigmoid(alpha·g'); or "relu"
+    # (two matrices, no gate: down(relu(up x)), Switch Transformers)
     expert_activation: str = "swiglu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     expert_bias: bool = False  # the routed experts' gate, up and down projections add biases (Layer.expert_*_bias)
+    # Encoder-decoder models (Switch Transformers): the first encoder_layers of the num_layers layers
+    # are an encoder, run over the whole input at prefill (bidirectional attention); the rest a
+    # decoder run per token, each layer attending to the encoder's output after its self-attention.
+    encoder_layers: int = 0
+    decoder_start_token_id: int | None = None  # the decoder's first input token
+    # Positions: "rope", or "relative" (T5's buckets of the key-query distance, a learned bias per
+    # bucket and head added to the scores; bidirectional in the encoder, causal in the decoder)
+    position: str = "rope"
+    relative_buckets: int = 0
+    relative_max_distance: int = 0
+    # Tokens one expert takes per pass over a sequence (Switch's expert_capacity; the encoder's pass
+    # is the input, the decoder's one token); a token beyond it skips the experts. 0: no limit.
+    expert_capacity: int = 0
 
     @property
     def q_dim(self) -> int:
@@ -113,7 +128,8 @@ class MoEConfig:
 
     @property
     def moe_layer_ids(self) -> list[int]:
-        """The decoder layers with experts, in order: expert layer m is decoder layer moe_layer_ids[m]."""
+        """The layers with experts, in order (an encoder's before its decoder's): expert layer m is
+        layer moe_layer_ids[m]."""
         return [l for l in range(self.num_layers) if l not in self.dense_layers]
 
     @property
@@ -126,11 +142,16 @@ class MoEConfig:
 
 @dataclass
 class Expert:
-    """One SwiGLU expert: down(silu(gate(x)) * up(x)). Weights are [out, in] float32."""
+    """One SwiGLU expert: down(silu(gate(x)) * up(x)); or, for expert_activation "relu", down(relu(up(x)))
+    with w_gate None. Weights are [out, in] float32."""
 
-    w_gate: np.ndarray
+    w_gate: np.ndarray | None
     w_up: np.ndarray
     w_down: np.ndarray
+
+    def matrices(self) -> list[np.ndarray]:
+        """The expert's matrices in record order: gate (if any), up, down."""
+        return [w for w in (self.w_gate, self.w_up, self.w_down) if w is not None]
 
 
 @dataclass
@@ -141,7 +162,7 @@ class Layer:
     wv: np.ndarray
     wo: np.ndarray
     ffn_norm: np.ndarray
-    router: np.ndarray  # [num_experts, hidden]
+    router: np.ndarray | None  # [num_experts, hidden]; None in a dense layer
     experts: list[Expert] = field(default_factory=list)
     bq: np.ndarray | None = None  # with qkv_bias: [q_dim], [kv_dim], [kv_dim]
     bk: np.ndarray | None = None
@@ -161,13 +182,21 @@ class Layer:
     wkv_a: np.ndarray | None = None
     kv_a_norm: np.ndarray | None = None
     wkv_b: np.ndarray | None = None
-    dense: Expert | None = None  # a dense layer's SwiGLU MLP (router None, no experts)
+    dense: Expert | None = None  # a dense layer's MLP (dense_intermediate; router None, no experts)
     router_bias: np.ndarray | None = None  # [num_experts], with MoEConfig.router_bias
     sinks: np.ndarray | None = None  # with attention_sinks: [num_heads]
     router_logit_bias: np.ndarray | None = None  # with router_logit_bias: [num_experts]
     expert_gate_bias: np.ndarray | None = None  # with expert_bias: [num_experts, inter], the same, [num_experts, hidden]
     expert_up_bias: np.ndarray | None = None
     expert_down_bias: np.ndarray | None = None
+    # A decoder layer of an encoder-decoder: attention over the encoder's output, between the
+    # self-attention and the feed-forward block: its norm, q [q_dim, hidden], k and v [kv_dim, hidden]
+    # (applied to the encoder's output), output [hidden, q_dim]
+    cross_norm: np.ndarray | None = None
+    cwq: np.ndarray | None = None
+    cwk: np.ndarray | None = None
+    cwv: np.ndarray | None = None
+    cwo: np.ndarray | None = None
 
     def trunk_arrays(self) -> list[np.ndarray]:
         """Every resident array of the layer (for parameter counts)."""
@@ -175,11 +204,12 @@ class Layer:
                            self.bk, self.bv, self.bo, self.q_norm, self.k_norm, self.shared_gate, self.attn_norm_bias,
                            self.ffn_norm_bias, self.wq_a, self.q_a_norm, self.wkv_a, self.kv_a_norm, self.wkv_b,
                            self.router_bias, self.sinks, self.router_logit_bias, self.expert_gate_bias,
-                           self.expert_up_bias, self.expert_down_bias)
+                           self.expert_up_bias, self.expert_down_bias, self.cross_norm, self.cwq, self.cwk, self.cwv,
+                           self.cwo)
                if a is not None]
         for mlp in (self.shared, self.dense):
             if mlp is not None:
-                out += [mlp.w_gate, mlp.w_up, mlp.w_down]
+                out += mlp.matrices()
         return out
 
 
@@ -196,6 +226,12 @@ class MoEModel:
     expert_act_group: int | None = None
     final_norm_bias: np.ndarray | None = None  # with norm "layer": [hidden]
     lm_head_bias: np.ndarray | None = None  # with lm_head_bias: [vocab]
+    # With position "relative": each stack's bias per bucket and head [relative_buckets, heads]
+    # (the first layer of the stack holds it; every layer of the stack adds it)
+    decoder_position_bias: np.ndarray | None = None
+    encoder_position_bias: np.ndarray | None = None
+    encoder_final_norm: np.ndarray | None = None  # with encoder_layers: the norm of the encoder's output
+    encoder_embed: np.ndarray | None = None  # the encoder's own embedding [vocab, hidden]; None: it uses embed
 
     @property
     def moe_layers(self) -> list[Layer]:
@@ -203,9 +239,11 @@ class MoEModel:
         return [self.layers[l] for l in self.config.moe_layer_ids]
 
     def parameter_counts(self) -> dict:
-        experts = sum(e.w_gate.size + e.w_up.size + e.w_down.size for l in self.layers for e in l.experts)
+        experts = sum(w.size for l in self.layers for e in l.experts for w in e.matrices())
         trunk = self.embed.size + self.final_norm.size
-        trunk += sum(a.size for a in (self.final_norm_bias, self.lm_head_bias) if a is not None)
+        trunk += sum(a.size for a in (self.final_norm_bias, self.lm_head_bias, self.decoder_position_bias,
+                                      self.encoder_position_bias, self.encoder_final_norm, self.encoder_embed)
+                     if a is not None)
         if not self.config.tie_embeddings:
             trunk += self.lm_head.size
         for l in self.layers:

@@ -144,17 +144,21 @@ def quantize_activation(x: np.ndarray, group: int | None) -> np.ndarray:
 
 
 def expert_hidden(ex, xn: np.ndarray, act_group: int | None, cfg: MoEConfig | None = None, biases=None) -> np.ndarray:
-    """silu(gate(x)) * up(x) for rows of xn, rounded as the down projection's kernel reads it; with
-    `cfg`, its expert activation, and with `biases` (gate, up) the projections' biases added."""
+    """silu(gate(x)) * up(x) (relu(up(x)) for an expert without a gate) for rows of xn, rounded as the
+    down projection's kernel reads it; with `cfg`, its expert activation, and with `biases` (gate, up)
+    the projections' biases added."""
     xa = quantize_activation(xn, act_group)
-    g, u = xa @ ex.w_gate.T, xa @ ex.w_up.T
+    u = xa @ ex.w_up.T
+    if ex.w_gate is None:
+        return quantize_activation(np.maximum(u, 0), act_group)
+    g = xa @ ex.w_gate.T
     if biases is not None:
         g, u = g + biases[0], u + biases[1]
     return quantize_activation(activate(cfg, g, u), act_group)
 
 
 def expert_ffn(ex, xn: np.ndarray, act_group: int | None) -> np.ndarray:
-    """down(silu(gate(x)) * up(x)) for rows of xn."""
+    """down(silu(gate(x)) * up(x)) (down(relu(up(x))) without a gate) for rows of xn."""
     return expert_hidden(ex, xn, act_group) @ ex.w_down.T
 
 
@@ -265,10 +269,11 @@ def shared_expert(layer, cfg: MoEConfig, xn: np.ndarray, act_group: int | None) 
     return out
 
 
-def embed_rows(model: MoEModel, tokens) -> np.ndarray:
-    """The residual stream entering layer 0: the tokens' embedding rows times the config's
-    embedding_scale, as float32 (the runtime's EMBED op multiplies by the same float32)."""
-    x = model.embed[tokens].astype(np.float32)
+def embed_rows(model: MoEModel, tokens, table: np.ndarray | None = None) -> np.ndarray:
+    """The residual stream entering layer 0: the tokens' embedding rows (of `table`, default the
+    model's embedding) times the config's embedding_scale, as float32 (the runtime's EMBED op
+    multiplies by the same float32)."""
+    x = (model.embed if table is None else table)[tokens].astype(np.float32)
     scale = np.float32(model.config.embedding_scale)
     return x if scale == 1 else (x * scale).astype(np.float32)
 
@@ -289,12 +294,20 @@ def final_logits(model: MoEModel, x: np.ndarray) -> np.ndarray:
     return scale_logits(cfg, logits.astype(np.float32))
 
 
+def decoder_only(cfg: MoEConfig) -> None:
+    """This module's forward passes are a decoder-only model's; an encoder-decoder is refused by name."""
+    if cfg.encoder_layers:
+        raise ValueError(f"{cfg.arch} is an encoder-decoder model: models/encoder_decoder.py runs it "
+                         "(models.reference_executor picks the executor of a model)")
+
+
 class ReferenceExecutor:
     """Token-by-token decoder over a MoEModel (expert weights as given: float or dequantized)."""
 
     def __init__(self, model: MoEModel, max_positions: int | None = None):
         self.model = model
         cfg = model.config
+        decoder_only(cfg)
         self.max_positions = max_positions or cfg.max_positions
         self.cos, self.sin = rope_tables(cfg, self.max_positions)
         self.reset()
@@ -421,6 +434,7 @@ def forward_sequence(model: MoEModel, tokens: np.ndarray, trace: dict | None = N
     earlier layers' selected experts are left zero.
     """
     cfg = model.config
+    decoder_only(cfg)
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")

@@ -4,6 +4,7 @@ set(EM_CORE_SOURCES
   runtime_c/src/artifact.c
   runtime_c/src/cpu_check.c
   runtime_c/src/crc32.c
+  runtime_c/src/encoder_decoder.c
   runtime_c/src/expert_cache.c
   runtime_c/src/kernels.c
   runtime_c/src/loader.c

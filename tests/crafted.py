@@ -13,12 +13,12 @@ U64 = 2**64
 IMAGE_HEADER = size(expert_image.HEADER_FMT) - 4
 TRUNK_HEADER = size(trunk_file.HEADER_FMT) - 4
 IMAGE_FIELDS = ("magic", "version", "header_bytes", "layers", "experts", "records", "record_bytes", "align", "hidden",
-                "inter", "group", "table_offset", "data_offset", "file_bytes", "table_crc", "layout", "compile_id")
+                "inter", "group", "table_offset", "data_offset", "file_bytes", "table_crc", "layout", "compile_id", "act")
 TRUNK_FIELDS = ("magic", "version", "header_bytes", "vocab", "hidden", "layers", "heads", "kv_heads", "head_dim",
                 "experts", "top_k", "inter", "max_positions", "rope_theta", "norm_eps", "flags", "bos", "eos",
                 "n_tensors", "table_offset", "data_offset", "file_bytes", "table_crc", "data_crc", "compile_id",
                 "kernels_sha256", "machine", "cpu_features", "shared_inter", "q_lora", "kv_lora", "qk_nope", "v_head",
-                "dense_inter")
+                "dense_inter", "kv_layers", "cross_layers", "decoder_start", "program_steps")
 RECORD_FIELDS = ("layer", "expert", "bits", "crc", "offset", "length", "p0", "p1", "p2", "p3", "p4", "p5",
                  "payload_bytes", "reserved")
 TENSOR_FIELDS = ("name", "dtype", "ndim", "s0", "s1", "s2", "s3", "offset", "nbytes", "crc", "bits")

@@ -89,3 +89,45 @@ def hf_logits(model_dir: Path, tokens: list[int]):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+# Switch Transformers (encoder-decoder, tests/test_switch.py): the encoder's second block sparse
+# (sparse step 2), both decoder blocks sparse (step 1); distances beyond relative_attention_max_distance
+# within the tests' inputs, so that the last bucket is reached
+SWITCH = dict(vocab_size=160, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+              num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=2,
+              relative_attention_num_buckets=16, relative_attention_max_distance=24)
+# For greedy decoding through the runtime: an LM head of its own (transformers initialises it at std 1,
+# and without tied embeddings the decoder output is not scaled by d_model^-0.5), so that the greedy
+# tokens vary with the input (the tied tiny model repeats its first pick whatever the input)
+SWITCH_VARIED = dict(tie_word_embeddings=False)
+
+
+def switch_model(seed: int = 1234, **changes):
+    import torch
+    import transformers
+
+    cfg = transformers.SwitchTransformersConfig(**{**SWITCH, **changes})
+    torch.manual_seed(seed)
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg)
+    with torch.no_grad():  # random norm weights, so that a skipped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_switch_checkpoint(out: Path, **changes) -> Path:
+    switch_model(**changes).save_pretrained(out)
+    return out
+
+
+def switch_logits(model_dir: Path, encoder_tokens: list[int], decoder_tokens: list[int]):
+    """transformers' decoder logits [len(decoder_tokens), vocab] for the encoder input, teacher-forced."""
+    import torch
+    import transformers
+
+    model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([encoder_tokens]),
+                     decoder_input_ids=torch.tensor([decoder_tokens])).logits[0].numpy()

@@ -56,25 +56,27 @@ def test_arm_runtime_matches_reference(qemu, arm_runtime, trained_model, tokeniz
         assert got == want, (prompt, got, want)
 
 
-# every family of tests/families.py (Mixtral: the trained model above)
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"mixtral"}))
+# every family of tests/families.py (Mixtral: the trained model above), and the encoder-decoder
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"mixtral"}) + ["switch_transformers"])
 def test_arm_runtime_runs_every_family(qemu, arm_runtime, tmp_path, family):
     """The layer program on the Raspberry Pi 5 target under qemu: biases, q/k norms, the shared
     expert, LayerNorm, sparsemixer and grouped routing, latent attention and dense layers, attention
-    sinks, sliding windows and biased clamped-SwiGLU experts, with a mixed bit plan, token for token
-    against the reference of the same artifact."""
-    from families import save_checkpoint
+    sinks, sliding windows and biased clamped-SwiGLU experts, and Switch Transformers' encoder-decoder
+    (the encoder at prefill, relative position biases, dense and ReLU expert MLPs), with a mixed bit
+    plan, token for token against the reference of the same artifact."""
+    from families import SWITCH_VARIED, save_checkpoint, save_switch_checkpoint
 
-    from edgemoe.models import load_model
+    from edgemoe.models import load_model, reference_executor
 
-    model_dir = save_checkpoint(family, tmp_path / "model")
+    model_dir = (save_switch_checkpoint(tmp_path / "model", **SWITCH_VARIED) if family == "switch_transformers"
+                 else save_checkpoint(family, tmp_path / "model"))
     model = load_model(model_dir)
     cfg = model.config
     plan = [[(4, 8, 2, 3)[(l + e) % 4] for e in range(cfg.num_experts)] for l in range(cfg.num_moe_layers)]
     art = tmp_path / "art"
     compile_model(model_dir, art, CompileOptions(target="rpi5", bit_plan=plan, max_seq=64), log=lambda m: None)
     ids = [1, 17, 42, 99, 5]
-    want, _ = ReferenceExecutor(artifact_model(model, art), 64).greedy(ids, N_NEW)
+    want, _ = reference_executor(artifact_model(model, art), 64).greedy(ids, N_NEW)
     proc = subprocess.run(qemu.command(arm_runtime, art, "--tokens", ",".join(map(str, ids)), "-n", N_NEW),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -100,6 +100,27 @@ def test_fuzz_harness_over_its_corpus_then_briefly(fuzz_build, corpus_artifact, 
     assert "Done" in run.stderr
 
 
+def test_encoder_decoder_with_injected_faults_under_asan_and_ubsan(asan_build, tmp_path):
+    """Switch Transformers' encoder (at prefill, over the prompt) and decoder, with expert reads
+    failing and retried, at the minimum budget: no sanitizer report, the same tokens as without faults."""
+    from families import SWITCH_VARIED, save_switch_checkpoint
+
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+
+    art = tmp_path / "art"
+    compile_model(save_switch_checkpoint(tmp_path / "model", **SWITCH_VARIED), art,
+                  CompileOptions(expert_bits=4, max_seq=64), log=lambda m: None)
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [str(asan_build / "edgemoe_run"), str(art), "--tokens", "1,17,42,99,5,33,21,8", "-n", "24", "--budget",
+         str(budget_bytes(art)), *extra], capture_output=True, text=True, timeout=300, env=SANITIZER_ENV)
+    plain, faulty = run(), run("--inject-faults", "eio@5,short@17,corrupt@41")
+    for proc in (plain, faulty):
+        assert proc.returncode == 0, proc.stderr
+        _clean(proc)
+    assert faulty.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+    assert "read_retries=3" in faulty.stdout.splitlines(), faulty.stdout
+
+
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 def test_latent_attention_dense_layers_and_grouped_routing_under_asan_and_ubsan(asan_build, tmp_path, family):
     """The MLA_ATTENTION and DENSE_FFN ops and the grouped routing decode cleanly at the minimum

@@ -113,7 +113,10 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
 int em_model_info_get(const em_session* s, em_model_info* out);
 /* Forget the context (KV cache); the expert cache and statistics stay. */
 void em_reset(em_session* s);
-/* Feed n tokens; on success the logits after the last one are in em_logits(s). */
+/* Feed n tokens; on success the logits after the last one are in em_logits(s). An encoder-decoder
+ * model (Switch Transformers) runs its encoder over the n tokens instead, as a new input (the
+ * decoder starts again), and feeds the decoder its start token: em_logits(s) then holds the
+ * first output token's logits, and em_decode_step continues the decoder. */
 int em_prefill(em_session* s, const int32_t* tokens, size_t n);
 /* Feed one token at the next position; logits[vocab_size] may be NULL. */
 int em_decode_step(em_session* s, int32_t token, float* logits);

@@ -6,9 +6,12 @@
 
 #include "crc32.h"
 #include "edgemoe.h"
+#include "generated/program.h"
 
-#define TRUNK_VERSION 4 /* 3: compile id, kernels' SHA-256, machine and CPU features; 4: MLA and dense sizes */
-#define IMAGE_VERSION 5 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id */
+#define TRUNK_VERSION 5 /* 3: compile id, kernels' SHA-256, machine and CPU features; 4: MLA and dense sizes;
+                           5: KV and cross layers, decoder start, program ops */
+#define IMAGE_VERSION 6 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id;
+                           6: the experts' activation */
 #define TENSOR_ALIGN 64
 #define PART_ALIGN 64
 
@@ -139,10 +142,14 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
   h->qk_nope = le32(b + 180);
   h->v_head = le32(b + 184);
   h->dense_inter = le32(b + 188);
+  h->kv_layers = le32(b + 192);
+  h->cross_layers = le32(b + 196);
+  h->decoder_start = (int32_t)le32(b + 200);
+  h->program_steps = le32(b + 204);
   if (!h->vocab || h->vocab > MAX_VOCAB || !h->hidden || h->hidden > MAX_HIDDEN || !h->layers ||
       h->layers > MAX_LAYERS || !h->experts || h->experts > MAX_EXPERTS || !h->inter || h->inter > MAX_INTER ||
       !h->max_positions || h->max_positions > MAX_POSITIONS || h->shared_inter > MAX_INTER ||
-      h->dense_inter > MAX_INTER)
+      !h->kv_layers || h->kv_layers > h->layers || h->dense_inter > MAX_INTER)
     return bad_header(path, "a model dimension is zero or beyond this runtime's limits", err, n);
   /* latent attention: all four sizes or none; each head's dims within the attention limit */
   if ((h->kv_lora != 0) != (h->v_head != 0) || (!h->kv_lora && (h->q_lora || h->qk_nope)) ||
@@ -150,6 +157,12 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
       (uint64_t)h->heads * ((uint64_t)h->qk_nope + h->head_dim + h->v_head) > MAX_ATTN_DIM ||
       (uint64_t)h->heads * h->kv_lora > MAX_ATTN_DIM)
     return bad_header(path, "latent attention sizes", err, n);
+  if (h->cross_layers ? h->cross_layers != h->kv_layers || h->decoder_start < 0 || h->decoder_start >= (int32_t)h->vocab
+                      : h->decoder_start != -1 || h->kv_layers != h->layers)
+    return bad_header(path, "encoder-decoder fields (KV and cross-attention layers, decoder start token)", err, n);
+  /* EMBED, FINAL, each layer's attention and feed-forward, an encoder's own: within 4 per layer slot */
+  if (h->program_steps < 3 || h->program_steps > 4 * MAX_LAYERS + 8)
+    return bad_header(path, "the layer program's op count", err, n);
   if (!h->heads || !h->kv_heads || h->heads % h->kv_heads || !h->head_dim || h->head_dim % 2 ||
       (uint64_t)h->heads * h->head_dim > MAX_ATTN_DIM)
     return bad_header(path, "attention heads", err, n);
@@ -221,6 +234,11 @@ int em_read_image_header(int fd, const char* path, em_image_header* h, char* err
   h->table_crc = le32(b + 72);
   h->layout = le32(b + 76);
   memcpy(h->compile_id, b + 80, 16);
+  h->act = le32(b + 96);
+  if (h->act >= EM_ACT_COUNT) {
+    snprintf(err, n, "%s: unknown expert activation %u; recompile the model", path, h->act);
+    return EM_ERR_FORMAT;
+  }
   if (h->layout > EM_LAYOUT_TILES) {
     snprintf(err, n, "%s: unknown weight layout %u; recompile the model", path, h->layout);
     return EM_ERR_FORMAT;
@@ -244,15 +262,17 @@ int em_read_image_header(int fd, const char* path, em_image_header* h, char* err
   return check_size(fd, path, h->file_bytes, err, n);
 }
 
-/* Bytes of the six parts of an expert record at `bits` (gate codes, gate scales, up codes, up
- * scales, down codes, down scales): what the kernels read for the model's shapes; 0 if the
- * bitwidth is not one the format defines for the layout. */
-static int part_sizes(const em_image_header* h, uint32_t bits, uint64_t size[6]) {
+/* The parts of an expert record at `bits` (SwiGLU: gate codes, gate scales, up codes, up scales,
+ * down codes, down scales; ReLU: the four of up and down) and their bytes: what the kernels read
+ * for the model's shapes; 0 if the bitwidth is not one the format defines for the layout. */
+static int part_sizes(const em_image_header* h, uint32_t bits, uint64_t size[6], int* n_parts) {
   if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8 || (bits == 16 && h->layout == EM_LAYOUT_ROWS))) return 0;
   uint64_t H = h->hidden, I = h->inter, G = h->group;
-  uint64_t shapes[3][2] = {{I, H}, {I, H}, {H, I}};
-  for (int m = 0; m < 3; m++) {
-    uint64_t rows = shapes[m][0], cols = shapes[m][1];
+  uint64_t swiglu[3][2] = {{I, H}, {I, H}, {H, I}}, relu[2][2] = {{I, H}, {H, I}};
+  int n_matrices = h->act == EM_ACT_RELU ? 2 : 3;
+  *n_parts = 2 * n_matrices;
+  for (int m = 0; m < n_matrices; m++) {
+    uint64_t rows = n_matrices == 2 ? relu[m][0] : swiglu[m][0], cols = n_matrices == 2 ? relu[m][1] : swiglu[m][1];
     if (rows * cols * bits % 8) return 0;
     size[2 * m] = rows * cols * bits / 8;
     size[2 * m + 1] = bits == 16 ? 0 : rows * (cols / G) * 2; /* float16 scales per group */
@@ -278,15 +298,18 @@ int em_read_image_table(int fd, const char* path, const em_image_header* h, em_r
     r->payload_bytes = le32(e + 56);
     const char* why = NULL;
     uint64_t size[6];
+    int n_parts = 0;
     if (r->layer >= h->layers || r->expert >= h->experts || r->layer * h->experts + r->expert != i)
       why = "is out of order";
-    else if (!part_sizes(h, r->bits, size))
+    else if (!part_sizes(h, r->bits, size, &n_parts))
       why = "has a bitwidth the format does not define for this layout";
     else if (r->length % h->align || r->length < r->payload_bytes || r->length - r->payload_bytes >= h->align)
       why = "has a length that is not its payload padded to the alignment";
     else if (r->offset % h->align || !range_within(r->offset, r->length, h->data_offset, h->file_bytes))
       why = "is misaligned or lies outside the file";
-    for (uint64_t k = 0, end = 0; !why && k < 6; k++) {
+    for (int k = n_parts; !why && k < 6; k++)
+      if (r->part_offset[k]) why = "has a part its expert activation does not have";
+    for (uint64_t k = 0, end = 0; !why && k < (uint64_t)n_parts; k++) {
       /* each part where the previous one ended (or later), aligned, and whole within the payload */
       if (r->part_offset[k] % PART_ALIGN || r->part_offset[k] < end ||
           !range_within(r->part_offset[k], size[k], 0, r->payload_bytes))

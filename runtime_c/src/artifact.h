@@ -7,8 +7,8 @@
 #include <stdint.h>
 
 /* Where each header's CRC-32 sits (it covers the bytes before it), and table entry sizes. */
-#define EM_TRUNK_HEADER_CRC_AT 192
-#define EM_IMAGE_HEADER_CRC_AT 96
+#define EM_TRUNK_HEADER_CRC_AT 208
+#define EM_IMAGE_HEADER_CRC_AT 100
 #define EM_TENSOR_ENTRY_BYTES 96
 #define EM_RECORD_ENTRY_BYTES 64
 
@@ -27,7 +27,11 @@ typedef struct {
   uint32_t shared_inter;       /* a shared expert's intermediate size (0: none) */
   /* multi-head latent attention's sizes (all 0 without it; head_dim is then the rotated part) */
   uint32_t q_lora, kv_lora, qk_nope, v_head;
-  uint32_t dense_inter; /* dense layers' MLP intermediate size (0: none) */
+  uint32_t dense_inter;        /* dense layers' MLP intermediate size (0: none) */
+  uint32_t kv_layers;          /* self-attention KV-cache slots (the decoder's layers) */
+  uint32_t cross_layers;       /* cross-attention caches over the encoder's output (0: decoder-only) */
+  int32_t decoder_start;       /* an encoder-decoder's first decoder token (-1: decoder-only) */
+  uint32_t program_steps;      /* ops in the layer program */
 } em_trunk_header;
 
 enum { EM_TRUNK_FLAG_TILES = 4 };
@@ -48,7 +52,8 @@ typedef struct {
 typedef struct {
   uint32_t layer, expert, bits, crc;
   uint64_t offset, length;
-  uint32_t part_offset[6]; /* gate_q, gate_s, up_q, up_s, down_q, down_s within the record */
+  uint32_t part_offset[6]; /* gate_q, gate_s, up_q, up_s, down_q, down_s within the record (SwiGLU);
+                              up_q, up_s, down_q, down_s, 0, 0 (ReLU) */
   uint32_t payload_bytes;
 } em_record;
 
@@ -57,6 +62,7 @@ typedef struct {
   uint64_t table_offset, data_offset, file_bytes;
   uint32_t table_crc, layout;
   uint8_t compile_id[16];
+  uint32_t act; /* the experts' activation, EM_ACT_*: which parts a record has */
 } em_image_header;
 
 /* Every size, count and offset these read is checked, overflow-safe, against the file's size and

@@ -41,11 +41,13 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
                {EM_KERNEL_MLA_ROPE, &k->mla_rope, 0},     {EM_KERNEL_MLA_ABSORB, &k->mla_absorb, 0},
                {EM_KERNEL_MLA_ATTENTION, &k->mla_attention, 0}, {EM_KERNEL_MLA_V, &k->mla_v, 0},
                {EM_KERNEL_DENSE_GATE_UP, &k->dense_gate_up, 0}, {EM_KERNEL_DENSE_DOWN, &k->dense_down, 0},
-               {EM_KERNEL_ATTENTION_SINKS, &k->attention_sinks, 0}, {EM_KERNEL_ROUTER_BIAS, &k->router_bias, 0}};
+               {EM_KERNEL_ATTENTION_SINKS, &k->attention_sinks, 0}, {EM_KERNEL_ROUTER_BIAS, &k->router_bias, 0},
+               {EM_KERNEL_ATTENTION_BIAS, &k->attention_bias, 0}, {EM_KERNEL_CROSS_Q, &k->cross_q, 0},
+               {EM_KERNEL_CROSS_KV, &k->cross_kv, 0},     {EM_KERNEL_DENSE_UP_RELU, &k->dense_up_relu, 0}};
   for (size_t i = 0; i < sizeof trunk / sizeof trunk[0]; i++)
     if (resolve(k, trunk[i].name, trunk[i].fn, trunk[i].required, err, n)) return EM_ERR_KERNEL;
-  static const char* const fmts[EM_EXPERT_ACT_COUNT][2] = EM_EXPERT_ACT_KERNEL_FMTS;
-  for (int act = 0; act < EM_EXPERT_ACT_COUNT; act++)
+  static const char* const fmts[EM_ACT_COUNT][2] = EM_ACT_KERNEL_FMTS;
+  for (int act = 0; act < EM_ACT_COUNT; act++)
     for (int b = 1; b <= EM_MAX_BITS; b++) {
       char name[64];
       snprintf(name, sizeof name, fmts[act][0], b);

@@ -16,9 +16,11 @@ typedef struct {
   void* lib;
   em_ffi_fn rmsnorm, layernorm, qkv, qkv_bias, qk_norm, rope, attention, add, o_proj, router, shared_gate,
       shared_gate_up, shared_down, lm_head, lm_head_bias, mla_q_a, mla_q_a_norm, mla_q, mla_kv_a, mla_kv_norm,
-      mla_rope, mla_absorb, mla_attention, mla_v, dense_gate_up, dense_down, attention_sinks, router_bias;
-  /* by the experts' activation (EM_EXPERT_ACT_*) and bitwidth; NULL if not compiled */
-  em_ffi_fn gate_up[EM_EXPERT_ACT_COUNT][EM_MAX_BITS + 1], down[EM_EXPERT_ACT_COUNT][EM_MAX_BITS + 1];
+      mla_rope, mla_absorb, mla_attention, mla_v, dense_gate_up, dense_down, attention_sinks, router_bias,
+      attention_bias, cross_q, cross_kv, dense_up_relu;
+  /* by the experts' activation (EM_ACT_*) and bitwidth; NULL if not compiled. A ReLU expert's
+     "gate-up" is its up projection alone. */
+  em_ffi_fn gate_up[EM_ACT_COUNT][EM_MAX_BITS + 1], down[EM_ACT_COUNT][EM_MAX_BITS + 1];
 } em_kernels;
 
 /* Loads kernels.so after checking that its SHA-256 is `sha256` (the digest trunk.bin records):

@@ -43,14 +43,16 @@ void em_kv_rows(const em_trunk_header* th, uint64_t* k_row, uint64_t* v_row) {
 int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records, uint32_t max_seq,
                    size_t program_bytes, em_memory_plan* p, char* err, size_t n) {
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
-  uint64_t ffn = em_ffn_floats(th), H = th->heads;
-  /* the order session.c carves them in; the latent attention's are empty without it */
+  uint64_t ffn = em_ffn_floats(th), H = th->heads, enc = th->cross_layers ? max_seq : 0;
+  /* the order session.c carves them in; the latent attention's are empty without it, then the
+     experts' take, one query's position bias, and the encoder's rows and their q (empty without an encoder) */
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
                        th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
                        (uint64_t)th->layers * th->hidden, 3ull * th->experts,
                        th->kv_lora ? H * ((uint64_t)th->qk_nope + th->head_dim) : 0, th->q_lora, th->q_lora,
                        th->kv_lora ? (uint64_t)th->kv_lora + th->head_dim : 0, H * th->kv_lora,
-                       th->kv_lora ? H * th->head_dim : 0, H * th->kv_lora, H * th->v_head};
+                       th->kv_lora ? H * th->head_dim : 0, H * th->kv_lora, H * th->v_head,
+                       th->experts, H * max_seq, enc * th->hidden, enc * q_dim};
   if (em_size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
     return EM_ERR_FORMAT;
@@ -58,8 +60,10 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   p->trunk = em_align_up(th->file_bytes - th->data_offset, EM_ALIGN_PAGE);
   uint64_t k_row, v_row;
   em_kv_rows(th, &k_row, &v_row);
-  p->kv = em_align_up(em_align_up((uint64_t)th->layers * max_seq * k_row * sizeof(float), EM_ALIGN_BUF) +
-                          em_align_up((uint64_t)th->layers * max_seq * v_row * sizeof(float), EM_ALIGN_BUF),
+  /* self-attention K and V (the decoder's layers), then cross-attention K and V: carved one after the other */
+  p->kv = em_align_up(em_align_up((uint64_t)th->kv_layers * max_seq * k_row * sizeof(float), EM_ALIGN_BUF) +
+                          em_align_up((uint64_t)th->kv_layers * max_seq * v_row * sizeof(float), EM_ALIGN_BUF) +
+                          2 * em_align_up((uint64_t)th->cross_layers * max_seq * kv_dim * sizeof(float), EM_ALIGN_BUF),
                       EM_ALIGN_PAGE);
   p->buffers = 0;
   for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)

@@ -7,8 +7,8 @@
 #include "edgemoe.h"
 #include "generated/program.h"
 
-size_t em_program_bytes(uint32_t layers) {
-  return (size_t)(2 * layers + 2) * sizeof(em_step) + (size_t)layers * sizeof(em_step*);
+size_t em_program_bytes(uint32_t steps, uint32_t layers) {
+  return (size_t)steps * sizeof(em_step) + (size_t)layers * sizeof(em_step*);
 }
 
 typedef struct {
@@ -18,8 +18,9 @@ typedef struct {
   char what[96];
 } binder;
 
-static const char* OP_NAMES[] = {"?", "EMBED", "ATTENTION", "MOE", "FINAL", "MLA_ATTENTION", "DENSE_FFN"};
-#define N_OPS (sizeof OP_NAMES / sizeof OP_NAMES[0] - 1)
+static const char* OP_NAMES[] = {"?", "EMBED", "ATTENTION", "MOE", "FINAL", "MLA_ATTENTION", "DENSE_FFN",
+                                  "ENCODER_OUT", "REL_ATTENTION", "CROSS_ATTENTION"};
+#define N_OPS (sizeof OP_NAMES / sizeof OP_NAMES[0])
 
 static const char* label(binder* b, uint32_t layer, const char* part) {
   if (layer == EM_OPERAND_NONE) snprintf(b->what, sizeof b->what, "%s", part);
@@ -137,17 +138,17 @@ static int bind_routed_experts(binder* b, const em_kernels* k, em_step* s) {
   if (s->router_logit_bias && !need_kernel(b, k->router_bias, EM_KERNEL_ROUTER_BIAS, L, "router logit bias"))
     return EM_ERR_KERNEL;
   s->expert_act = o[EM_MOE_EXPERT_ACT];
-  if (s->expert_act >= EM_EXPERT_ACT_COUNT) {
+  if (s->expert_act >= EM_ACT_COUNT) {
     snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: unknown expert activation %u; recompile the artifact",
              L, s->expert_act);
     return EM_ERR_FORMAT;
   }
-  int biased = s->expert_act == EM_EXPERT_ACT_CLAMPED_SWIGLU;
+  int biased = s->expert_act == EM_ACT_CLAMPED_SWIGLU;
   if (!biased) {
     if (o[EM_MOE_EXPERT_GATE_BIAS] == EM_OPERAND_NONE && o[EM_MOE_EXPERT_UP_BIAS] == EM_OPERAND_NONE &&
         o[EM_MOE_EXPERT_DOWN_BIAS] == EM_OPERAND_NONE)
       return EM_OK;
-    snprintf(b->v->err, b->v->err_len, "trunk.bin: %s, which SwiGLU experts do not have; recompile the artifact",
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: %s, which SwiGLU and ReLU experts do not have; recompile the artifact",
              label(b, L, "expert biases"));
     return EM_ERR_FORMAT;
   }
@@ -172,6 +173,7 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
     return EM_ERR_FORMAT;
   }
   int ok = 1;
+  s->capacity = o[EM_MOE_CAPACITY];
   s->route_threshold = float_operand(b, EM_MOE_ROUTE_THRESHOLD, label(b, L, "routing threshold"), &ok);
   s->route_scale = ok ? float_operand(b, EM_MOE_ROUTE_SCALE, label(b, L, "routing scale"), &ok) : 0.0f;
   if (!ok) return EM_ERR_FORMAT;
@@ -230,6 +232,31 @@ static int bind_moe(binder* b, const em_kernels* k, em_step* s) {
   return EM_OK;
 }
 
+/* ---- encoder-decoder ops ---------------------------------------------------------------- */
+
+static int bind_rel_attention(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, H = th->hidden, d = th->head_dim, q = th->heads * d, kv = th->kv_heads * d;
+  s->bidirectional = (int)o[EM_REL_ATTENTION_BIDIRECTIONAL];
+  int rc = bind_norm(b, s, EM_REL_ATTENTION_NORM_KIND, EM_REL_ATTENTION_NORM, EM_REL_ATTENTION_NORM_BIAS,
+                     "attention norm");
+  if (rc) return rc;
+  uint32_t rows = s->bidirectional ? 2 * th->max_positions - 1 : th->max_positions;
+  if (!em_bind_matrix(b->v, o[EM_REL_ATTENTION_WQKV], o[EM_REL_ATTENTION_WQKV_SCALES], q + 2 * kv, H,
+                      label(b, L, "qkv projection"), &s->m[EM_M_QKV]) ||
+      !em_bind_matrix(b->v, o[EM_REL_ATTENTION_WO], o[EM_REL_ATTENTION_WO_SCALES], H, q,
+                      label(b, L, "output projection"), &s->m[EM_M_WO]) ||
+      !(s->position_bias = em_bind_vector(b->v, o[EM_REL_ATTENTION_POSITION_BIAS], rows, th->heads,
+                                          s->bidirectional ? "encoder position bias" : "decoder position bias")))
+    return EM_ERR_FORMAT;
+  if (!need_norm_kernel(b, k, s, "attention norm") || !need_kernel(b, k->qkv, EM_KERNEL_QKV, L, "qkv projection") ||
+      !need_kernel(b, k->attention_bias, EM_KERNEL_ATTENTION_BIAS, L, "attention") ||
+      !need_kernel(b, k->o_proj, EM_KERNEL_O_PROJ, L, "output projection"))
+    return EM_ERR_KERNEL;
+  return EM_OK;
+}
+
 /* Multi-head latent attention: the q path (a plain projection, or q_a, its norm and q_b), kv_a with
  * the latent's norm, the float32 wkv_b both halves of which the kernels read, the output projection. */
 static int bind_mla_attention(binder* b, const em_kernels* k, em_step* s) {
@@ -281,59 +308,115 @@ static int bind_mla_attention(binder* b, const em_kernels* k, em_step* s) {
   return need_norm_kernel(b, k, s, "attention norm") ? EM_OK : EM_ERR_KERNEL;
 }
 
-/* A dense layer's SwiGLU MLP, resident at the trunk's bitwidth. */
+static int bind_cross_attention(binder* b, const em_kernels* k, em_step* s) {
+  const em_trunk_header* th = b->th;
+  const uint32_t* o = b->operand;
+  uint32_t L = s->layer, H = th->hidden, d = th->head_dim, q = th->heads * d, kv = th->kv_heads * d;
+  int rc = bind_norm(b, s, EM_CROSS_ATTENTION_NORM_KIND, EM_CROSS_ATTENTION_NORM, EM_CROSS_ATTENTION_NORM_BIAS,
+                     "cross-attention norm");
+  if (rc) return rc;
+  if (!em_bind_matrix(b->v, o[EM_CROSS_ATTENTION_WQ], o[EM_CROSS_ATTENTION_WQ_SCALES], q, H,
+                      label(b, L, "cross-attention q projection"), &s->m[EM_M_CROSS_Q]) ||
+      !em_bind_matrix(b->v, o[EM_CROSS_ATTENTION_WKV], o[EM_CROSS_ATTENTION_WKV_SCALES], 2 * kv, H,
+                      label(b, L, "cross-attention kv projection"), &s->m[EM_M_CROSS_KV]) ||
+      !em_bind_matrix(b->v, o[EM_CROSS_ATTENTION_WO], o[EM_CROSS_ATTENTION_WO_SCALES], H, q,
+                      label(b, L, "cross-attention output projection"), &s->m[EM_M_WO]))
+    return EM_ERR_FORMAT;
+  if (!need_norm_kernel(b, k, s, "cross-attention norm") ||
+      !need_kernel(b, k->cross_q, EM_KERNEL_CROSS_Q, L, "cross-attention") ||
+      !need_kernel(b, k->cross_kv, EM_KERNEL_CROSS_KV, L, "cross-attention") ||
+      !need_kernel(b, k->attention, EM_KERNEL_ATTENTION, L, "cross-attention") ||
+      !need_kernel(b, k->o_proj, EM_KERNEL_O_PROJ, L, "cross-attention"))
+    return EM_ERR_KERNEL;
+  return EM_OK;
+}
+
+/* A dense layer's MLP, resident at the trunk's bitwidth: SwiGLU (gate, up and down) or ReLU (up and
+ * down, no gate). */
 static int bind_dense_ffn(binder* b, const em_kernels* k, em_step* s) {
   const em_trunk_header* th = b->th;
   const uint32_t* o = b->operand;
   uint32_t L = s->layer, H = th->hidden, D = th->dense_inter;
-  int rc = bind_norm(b, s, EM_DENSE_FFN_NORM_KIND, EM_DENSE_FFN_NORM, EM_DENSE_FFN_NORM_BIAS, "MLP norm");
-  if (rc) return rc;
-  if (!D) {
-    snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u is dense but the header has no dense MLP size; "
-             "recompile the artifact", L);
+  s->act = o[EM_DENSE_FFN_ACT];
+  int gated = o[EM_DENSE_FFN_GATE_PROJ] != EM_OPERAND_NONE;
+  if (!D || !(s->act == EM_ACT_SWIGLU ? gated : s->act == EM_ACT_RELU && !gated)) {
+    snprintf(b->v->err, b->v->err_len, "trunk.bin: layer %u: a dense MLP of activation %u %s a gate%s; this runtime "
+             "runs SwiGLU MLPs (with a gate) and ReLU ones (without) of the header's dense size; recompile the "
+             "artifact", L, s->act, gated ? "with" : "without", D ? "" : ", but no dense size in the header");
     return EM_ERR_FORMAT;
   }
-  if (!em_bind_matrix(b->v, o[EM_DENSE_FFN_GATE_PROJ], o[EM_DENSE_FFN_GATE_PROJ_SCALES], D, H,
-                      label(b, L, "MLP gate projection"), &s->m[EM_M_SHARED_GATE_PROJ]) ||
+  int rc = bind_norm(b, s, EM_DENSE_FFN_NORM_KIND, EM_DENSE_FFN_NORM, EM_DENSE_FFN_NORM_BIAS, "MLP norm");
+  if (rc) return rc;
+  if ((gated && !em_bind_matrix(b->v, o[EM_DENSE_FFN_GATE_PROJ], o[EM_DENSE_FFN_GATE_PROJ_SCALES], D, H,
+                                label(b, L, "MLP gate projection"), &s->m[EM_M_SHARED_GATE_PROJ])) ||
       !em_bind_matrix(b->v, o[EM_DENSE_FFN_UP_PROJ], o[EM_DENSE_FFN_UP_PROJ_SCALES], D, H,
                       label(b, L, "MLP up projection"), &s->m[EM_M_SHARED_UP]) ||
       !em_bind_matrix(b->v, o[EM_DENSE_FFN_DOWN_PROJ], o[EM_DENSE_FFN_DOWN_PROJ_SCALES], H, D,
                       label(b, L, "MLP down projection"), &s->m[EM_M_SHARED_DOWN]))
     return EM_ERR_FORMAT;
-  if (!need_norm_kernel(b, k, s, "MLP norm") || !need_kernel(b, k->dense_gate_up, EM_KERNEL_DENSE_GATE_UP, L, "MLP") ||
+  if (!need_norm_kernel(b, k, s, "MLP norm") ||
+      !(gated ? need_kernel(b, k->dense_gate_up, EM_KERNEL_DENSE_GATE_UP, L, "MLP")
+              : need_kernel(b, k->dense_up_relu, EM_KERNEL_DENSE_UP_RELU, L, "MLP")) ||
       !need_kernel(b, k->dense_down, EM_KERNEL_DENSE_DOWN, L, "MLP"))
     return EM_ERR_KERNEL;
   return EM_OK;
 }
 
-/* Whether op may stand at step i: EMBED, then per layer an attention op (ATTENTION or
- * MLA_ATTENTION) and a feed-forward op (MOE or DENSE_FFN), then FINAL. */
-static int op_fits(uint32_t op, uint32_t i, uint32_t layers) {
-  if (i == 0) return op == EM_OP_EMBED;
-  if (i == 2 * layers + 1) return op == EM_OP_FINAL;
-  return i % 2 ? op == EM_OP_ATTENTION || op == EM_OP_MLA_ATTENTION : op == EM_OP_MOE || op == EM_OP_DENSE_FFN;
-}
-
-static const char* due_at(uint32_t i, uint32_t layers) {
-  if (i == 0) return "EMBED of the model";
-  if (i == 2 * layers + 1) return "FINAL of the model";
-  return i % 2 ? "an attention op of a layer" : "a feed-forward op of a layer";
-}
+/* ---- the program ------------------------------------------------------------------------ */
 
 static uint32_t operand_count(uint32_t op) {
   switch (op) {
     case EM_OP_EMBED: return EM_OP_EMBED_OPERANDS;
     case EM_OP_ATTENTION: return EM_OP_ATTENTION_OPERANDS;
     case EM_OP_MOE: return EM_OP_MOE_OPERANDS;
+    case EM_OP_FINAL: return EM_OP_FINAL_OPERANDS;
     case EM_OP_MLA_ATTENTION: return EM_OP_MLA_ATTENTION_OPERANDS;
-    case EM_OP_DENSE_FFN: return EM_OP_DENSE_FFN_OPERANDS;
-    default: return EM_OP_FINAL_OPERANDS;
+    case EM_OP_ENCODER_OUT: return EM_OP_ENCODER_OUT_OPERANDS;
+    case EM_OP_REL_ATTENTION: return EM_OP_REL_ATTENTION_OPERANDS;
+    case EM_OP_CROSS_ATTENTION: return EM_OP_CROSS_ATTENTION_OPERANDS;
+    default: return EM_OP_DENSE_FFN_OPERANDS;
+  }
+}
+
+/* Where an op may stand: EMBED first (and first again after ENCODER_OUT), FINAL last; an
+ * encoder-decoder's encoder (before ENCODER_OUT) holds bidirectional attention and feed-forward
+ * ops; attention with a KV cache, and cross-attention, only in the decoder. NULL if op may stand
+ * at step i, else why not. */
+static const char* misplaced(const em_trunk_header* th, const em_program* p, uint32_t i, uint32_t op, int encoder) {
+  int first = i == 0 || (p->encoder_out != EM_OPERAND_NONE && i == p->encoder_out + 1);
+  if (first != (op == EM_OP_EMBED)) return first ? "where EMBED is due" : "where only the first step of a stack is EMBED";
+  if ((i + 1 == p->n_steps) != (op == EM_OP_FINAL)) return i + 1 == p->n_steps ? "where FINAL is due" : "before the end";
+  if (op == EM_OP_ENCODER_OUT && !encoder) return "in a model without an encoder, or twice";
+  if ((op == EM_OP_ATTENTION || op == EM_OP_MLA_ATTENTION || op == EM_OP_CROSS_ATTENTION) && encoder)
+    return "in the encoder";
+  if (op == EM_OP_CROSS_ATTENTION && !th->cross_layers) return "in a model without an encoder";
+  return NULL;
+}
+
+/* The slot a layer operand must name: the next one in order (the decoder's attention, the
+ * cross-attention caches, each layer's feed-forward op); the encoder's attention reuses any KV slot. */
+typedef struct {
+  uint32_t kv, cross, ffn, expert;
+} next_slots;
+
+static int slot_ok(const em_step* s, uint32_t op, int encoder, next_slots* next, const em_trunk_header* th) {
+  switch (op) {
+    case EM_OP_ATTENTION:
+    case EM_OP_MLA_ATTENTION:
+    case EM_OP_REL_ATTENTION:
+      if (encoder) return s->layer < th->kv_layers;
+      return s->layer == next->kv++ && s->layer < th->kv_layers;
+    case EM_OP_CROSS_ATTENTION: return s->layer == next->cross++ && s->layer < th->cross_layers;
+    case EM_OP_MOE:
+    case EM_OP_DENSE_FFN: return s->layer == next->ffn++ && s->layer < th->layers;
+    default: return 1;
   }
 }
 
 int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, uint32_t expert_layers, const em_kernels* k,
                     void* storage, em_program* p) {
-  uint32_t n_words = 0, L = th->layers, n_steps = 2 * L + 2;
+  uint32_t n_words = 0, n_steps = th->program_steps;
+  next_slots next = {0, 0, 0, 0};
   const uint32_t* w = em_bind_words(v, em_tensor_index(v, "program"), &n_words);
   if (!w) {
     snprintf(v->err, v->err_len, "trunk.bin has no layer program; recompile the artifact");
@@ -342,66 +425,77 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, uint32_t 
   p->steps = (em_step*)storage;
   p->moe = (const em_step**)(p->steps + n_steps);
   p->n_steps = n_steps;
+  p->encoder_out = EM_OPERAND_NONE;
+  p->decoder_first = 0;
   p->expert_layers = 0;
   memset(p->steps, 0, n_steps * sizeof(em_step));
   binder b = {v, th, NULL, {0}};
   uint32_t at = 0;
   for (uint32_t i = 0; i < n_steps; i++) {
     em_step* s = &p->steps[i];
-    uint32_t want = n_words - at >= 2 ? w[at] : 0;
-    if (!op_fits(want, i, L)) {
-      snprintf(v->err, v->err_len, "trunk.bin: the layer program has %s where %s is due; recompile the artifact",
-               n_words - at >= 2 && want >= 1 && want <= N_OPS ? OP_NAMES[want] : "no valid op", due_at(i, L));
+    int encoder = th->cross_layers && p->encoder_out == EM_OPERAND_NONE;
+    uint32_t op = n_words - at >= 2 ? w[at] : 0;
+    const char* why = op >= 1 && op < N_OPS ? misplaced(th, p, i, op, encoder) : "no valid op";
+    if (why) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u is %s %s; recompile the artifact", i,
+               op >= 1 && op < N_OPS ? OP_NAMES[op] : "not an op", why);
       return EM_ERR_FORMAT;
     }
-    if (w[at + 1] != operand_count(want) || n_words - at - 2 < w[at + 1]) {
+    if (w[at + 1] != operand_count(op) || n_words - at - 2 < w[at + 1]) {
       snprintf(v->err, v->err_len, "trunk.bin: the layer program's %s op has %u operands where this runtime reads %u "
-               "(compiled by another version?); recompile the artifact", OP_NAMES[want], w[at + 1],
-               operand_count(want));
+               "(compiled by another version?); recompile the artifact", OP_NAMES[op], w[at + 1], operand_count(op));
       return EM_ERR_FORMAT;
     }
-    s->op = want;
+    s->op = op;
     b.operand = w + at + 2;
     at += 2 + w[at + 1];
+    int has_layer = op != EM_OP_EMBED && op != EM_OP_FINAL && op != EM_OP_ENCODER_OUT;
+    s->layer = has_layer ? b.operand[0] : EM_OPERAND_NONE;
+    s->expert_layer = op == EM_OP_MOE ? b.operand[EM_MOE_EXPERT_LAYER] : EM_OPERAND_NONE;
+    if (!slot_ok(s, op, encoder, &next, th)) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u (%s) names layer %u out of order or beyond "
+               "the header's; recompile the artifact", i, OP_NAMES[op], s->layer);
+      return EM_ERR_FORMAT;
+    }
+    if (op == EM_OP_MOE && (s->expert_layer != next.expert++ || s->expert_layer >= expert_layers)) {
+      /* expert layers in order, as many as experts.bin has */
+      snprintf(v->err, v->err_len, "trunk.bin: layer %u's experts are expert layer %u where %u is due (of %u in "
+               "experts.bin); recompile the artifact", s->layer, s->expert_layer, next.expert - 1, expert_layers);
+      return EM_ERR_FORMAT;
+    }
+    if (op == EM_OP_REL_ATTENTION && b.operand[EM_REL_ATTENTION_BIDIRECTIONAL] != (uint32_t)encoder) {
+      snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u: %s attention in the %s; recompile the "
+               "artifact", i, encoder ? "causal" : "bidirectional", encoder ? "encoder" : "decoder");
+      return EM_ERR_FORMAT;
+    }
     int rc = EM_OK;
-    switch (want) {
+    switch (op) {
       case EM_OP_EMBED: {
         int ok = 1;
-        s->layer = EM_OPERAND_NONE;
         s->scale = float_operand(&b, EM_EMBED_SCALE, "embedding scale", &ok);
         if (!ok || !em_bind_matrix(v, b.operand[EM_EMBED_EMBED], b.operand[EM_EMBED_EMBED_SCALES], th->vocab,
                                    th->hidden, "embedding", &s->m[EM_M_EMBED]))
           rc = EM_ERR_FORMAT;
         break;
       }
-      case EM_OP_ATTENTION:
-      case EM_OP_MLA_ATTENTION:
+      case EM_OP_ATTENTION: rc = bind_attention(&b, k, s); break;
+      case EM_OP_MLA_ATTENTION: rc = bind_mla_attention(&b, k, s); break;
       case EM_OP_MOE:
-      case EM_OP_DENSE_FFN:
-        s->layer = (i - 1) / 2;
-        if (b.operand[0] != s->layer) {
-          snprintf(v->err, v->err_len, "trunk.bin: the layer program's step %u names layer %u, not %u; recompile", i,
-                   b.operand[0], s->layer);
-          return EM_ERR_FORMAT;
-        }
-        if (want == EM_OP_MOE) { /* expert layers in order, as many as experts.bin has */
-          s->expert_layer = b.operand[EM_MOE_EXPERT_LAYER];
-          if (s->expert_layer != p->expert_layers || s->expert_layer >= expert_layers) {
-            snprintf(v->err, v->err_len, "trunk.bin: layer %u's experts are expert layer %u where %u is due (of %u "
-                     "in experts.bin); recompile the artifact", s->layer, s->expert_layer, p->expert_layers,
-                     expert_layers);
-            return EM_ERR_FORMAT;
-          }
-        }
-        rc = want == EM_OP_ATTENTION       ? bind_attention(&b, k, s)
-             : want == EM_OP_MLA_ATTENTION ? bind_mla_attention(&b, k, s)
-             : want == EM_OP_MOE           ? bind_moe(&b, k, s)
-                                           : bind_dense_ffn(&b, k, s);
-        if (!rc && want == EM_OP_MOE) p->moe[p->expert_layers++] = s;
+        rc = bind_moe(&b, k, s);
+        if (!rc) p->moe[p->expert_layers++] = s;
+        break;
+      case EM_OP_DENSE_FFN: rc = bind_dense_ffn(&b, k, s); break;
+      case EM_OP_REL_ATTENTION: rc = bind_rel_attention(&b, k, s); break;
+      case EM_OP_CROSS_ATTENTION: rc = bind_cross_attention(&b, k, s); break;
+      case EM_OP_ENCODER_OUT:
+        rc = bind_norm(&b, s, EM_ENCODER_OUT_NORM_KIND, EM_ENCODER_OUT_NORM, EM_ENCODER_OUT_NORM_BIAS,
+                       "encoder output norm");
+        if (!rc && !need_norm_kernel(&b, k, s, "encoder output norm")) rc = EM_ERR_KERNEL;
+        p->encoder_out = i;
+        p->decoder_first = i + 1;
         break;
       case EM_OP_FINAL: {
         int ok = 1;
-        s->layer = EM_OPERAND_NONE;
         s->scale = float_operand(&b, EM_FINAL_SCALE, "logit scale", &ok);
         rc = ok ? bind_norm(&b, s, EM_FINAL_NORM_KIND, EM_FINAL_NORM, EM_FINAL_NORM_BIAS, "final norm") : EM_ERR_FORMAT;
         if (!rc && !em_bind_matrix(v, b.operand[EM_FINAL_LM_HEAD], b.operand[EM_FINAL_LM_HEAD_SCALES], th->vocab,
@@ -418,15 +512,23 @@ int em_program_bind(const em_trunk_view* v, const em_trunk_header* th, uint32_t 
     }
     if (rc) return rc;
   }
-  if (at != n_words) {
-    snprintf(v->err, v->err_len, "trunk.bin: the layer program has %u words after its FINAL op; recompile",
-             n_words - at);
+  if (at != n_words || next.ffn != th->layers || next.expert != expert_layers || next.kv != th->kv_layers ||
+      next.cross != th->cross_layers || (th->cross_layers && p->encoder_out == EM_OPERAND_NONE)) {
+    snprintf(v->err, v->err_len, "trunk.bin: the layer program does not cover the header's layers (%u of %u "
+             "feed-forward, %u of %u with experts in experts.bin, %u of %u attention, %u of %u cross-attention) or has "
+             "%u words after its FINAL op; recompile", next.ffn, th->layers, next.expert, expert_layers, next.kv,
+             th->kv_layers, next.cross, th->cross_layers, n_words - at);
     return EM_ERR_FORMAT;
   }
-  if (p->expert_layers != expert_layers) {
-    snprintf(v->err, v->err_len, "trunk.bin's layer program has %u layers with experts, experts.bin %u; recompile",
-             p->expert_layers, expert_layers);
-    return EM_ERR_FORMAT;
+  /* each self-attention op predicts for its layer's experts (NONE: a dense layer) */
+  uint32_t next_moe = EM_OPERAND_NONE;
+  for (uint32_t i = n_steps; i-- > 0;) {
+    em_step* s = &p->steps[i];
+    s->next_moe = next_moe;
+    if (s->op == EM_OP_MOE) next_moe = s->expert_layer;
+    if (s->op == EM_OP_ATTENTION || s->op == EM_OP_MLA_ATTENTION || s->op == EM_OP_REL_ATTENTION ||
+        s->op == EM_OP_DENSE_FFN)
+      next_moe = EM_OPERAND_NONE;
   }
   return EM_OK;
 }

@@ -14,66 +14,14 @@
 #include "edgemoe.h"
 #include "clock.h"
 #include "cpu_check.h"
-#include "expert_cache.h"
+#include "encoder_decoder.h"
 #include "generated/program.h"
-#include "kernels.h"
-#include "loader.h"
 #include "memory_plan.h"
-#include "matrix.h"
 #include "mla.h"
 #include "predictor.h"
-#include "program.h"
 #include "routing.h"
-#include "storage.h"
-#include "thread_pool.h"
+#include "session.h"
 #include "trunk_view.h"
-#include "tvm_backend.h"
-
-#define ERR_LEN 1280 /* room for a path (up to 1024) and the message */
-#define MAX_TOP_K 64
-
-struct em_session {
-  em_trunk_header th;
-  em_image_header ih;
-  em_record* records; /* [layers * experts] */
-  em_program prog;   /* the layer program, bound to the trunk's tensors */
-  em_kernels k;
-  em_storage* experts;
-  em_expert_cache cache;
-  em_loader loader;
-  int loader_ready;
-  em_arena arena;
-  em_pool* pool; /* compute threads for the kernels' parallel loops */
-  em_predictor predictor; /* resolved: never EM_PREDICT_AUTO */
-  em_eviction eviction;   /* resolved: never EM_EVICT_AUTO */
-  uint32_t n_predict;     /* experts prefetched per layer */
-  const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
-  const float* frequency;  /* [layers][experts] */
-  /* fitted-router predictor: [layers][experts][hidden] on the current state, the same on the layer's
-     previous-token MoE input, and [layers][experts] bias */
-  const float *fitted_router, *fitted_prev, *fitted_bias;
-  uint32_t* predicted;    /* [layers][n_predict]: the last prediction made for each layer */
-  uint8_t* has_prediction; /* [layers] */
-
-  uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
-  float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;
-  float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
-  float* prev_xn; /* [expert layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
-  float* route_scratch; /* [3 * experts] */
-  em_mla_buffers mla;   /* latent attention's working buffers (empty without it) */
-  /* [layers][max_seq][k_row], [layers][max_seq][v_row]: keys and values per KV head, or with latent
-     attention the latent and the rotated key (memory_plan.c em_kv_rows) */
-  float *k_cache, *v_cache;
-  uint64_t k_row, v_row;
-  uint32_t max_seq, pos, q_dim, kv_dim;
-  uint64_t record_bytes;
-
-  uint32_t* route_trace; /* em_route_trace's buffer, NULL when not tracing */
-  uint32_t trace_max, trace_tokens;
-
-  em_stats st;
-  char err[ERR_LEN];
-};
 
 /* ---- opening -------------------------------------------------------------------------- */
 
@@ -154,7 +102,7 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
   if (rc) return rc;
   if (!max_seq || max_seq > th.max_positions) max_seq = th.max_positions;
   em_memory_plan p;
-  rc = em_plan_memory(&th, &ih, records, max_seq, em_program_bytes(th.layers), &p, err, err_len);
+  rc = em_plan_memory(&th, &ih, records, max_seq, em_program_bytes(th.program_steps, th.layers), &p, err, err_len);
   free(records);
   if (rc) return rc;
   uint64_t cache = (uint64_t)(expert_fraction * (double)p.all_experts);
@@ -199,6 +147,13 @@ static int bind_trunk(em_session* s, const em_tensor_entry* t, void* program_sto
   uint32_t EL = s->ih.layers; /* the layers with experts: the profile's */
   int rc = em_program_bind(&v, th, EL, &s->k, program_storage, &s->prog);
   if (rc) return rc;
+  for (uint32_t l = 0; l < EL; l++) /* the records hold the matrices of the activation the program runs */
+    if (s->prog.moe[l]->expert_act != s->ih.act) {
+      snprintf(s->err, ERR_LEN, "experts.bin holds experts of activation %u but trunk.bin's layer program runs "
+               "expert layer %u with activation %u; the two files come from different compiles, recompile", s->ih.act,
+               l, s->prog.moe[l]->expert_act);
+      return EM_ERR_FORMAT;
+    }
   uint32_t LE = EL * th->experts, H = th->hidden;
   int ok = 1;
   s->path_table = profile_tensor(&v, EM_TENSOR_PATH_TABLE, LE, th->experts, &ok);
@@ -265,7 +220,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->n_predict = params->prefetch_experts ? params->prefetch_experts : th->top_k;
   if (s->n_predict > th->experts) s->n_predict = th->experts;
   em_memory_plan p;
-  rc = em_plan_memory(th, &s->ih, s->records, s->max_seq, em_program_bytes(th->layers), &p, err, err_len);
+  rc = em_plan_memory(th, &s->ih, s->records, s->max_seq, em_program_bytes(th->program_steps, th->layers), &p, err, err_len);
   if (rc) {
     free(s->records);
     free(s);
@@ -304,7 +259,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   size_t predict_at = em_align_up(cache_meta, EM_ALIGN_BUF) + loader_meta;
   size_t program_at = em_align_up(predict_at + th->layers * (s->n_predict * 4 + 1) + s->ih.n_records, EM_ALIGN_BUF);
   if (posix_memalign(&block, EM_ALIGN_PAGE, block_bytes) != 0 ||
-      !(meta = (uint8_t*)malloc(program_at + em_program_bytes(th->layers)))) {
+      !(meta = (uint8_t*)malloc(program_at + em_program_bytes(th->program_steps, th->layers)))) {
     snprintf(err, err_len, "cannot allocate %llu bytes", (unsigned long long)block_bytes);
     free(block);
     free(meta);
@@ -317,8 +272,10 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
 
   uint8_t* cur = s->block + p.trunk;
   em_kv_rows(th, &s->k_row, &s->v_row);
-  s->k_cache = carve(&cur, (uint64_t)th->layers * s->max_seq * s->k_row);
-  s->v_cache = carve(&cur, (uint64_t)th->layers * s->max_seq * s->v_row);
+  s->k_cache = carve(&cur, (uint64_t)th->kv_layers * s->max_seq * s->k_row);
+  s->v_cache = carve(&cur, (uint64_t)th->kv_layers * s->max_seq * s->v_row);
+  s->cross_k = carve(&cur, (uint64_t)th->cross_layers * s->max_seq * s->kv_dim);
+  s->cross_v = carve(&cur, (uint64_t)th->cross_layers * s->max_seq * s->kv_dim);
   cur = s->block + p.trunk + p.kv;
   s->x = carve(&cur, th->hidden);
   s->x2 = carve(&cur, th->hidden);
@@ -346,6 +303,10 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->mla.q_rot = carve(&cur, latent * heads * th->head_dim);
   s->mla.o_lat = carve(&cur, heads * th->kv_lora);
   s->mla.att = carve(&cur, heads * th->v_head);
+  s->taken = (uint32_t*)carve(&cur, th->experts);
+  s->pos_bias = carve(&cur, (uint64_t)th->heads * s->max_seq);
+  s->enc_x = carve(&cur, th->cross_layers ? (uint64_t)s->max_seq * th->hidden : 0);
+  s->enc_q = carve(&cur, th->cross_layers ? (uint64_t)s->max_seq * s->q_dim : 0);
   s->arena.base = s->block + p.trunk + p.kv + p.buffers;
   s->arena.size = p.arena;
   s->predicted = (uint32_t*)(meta + predict_at);
@@ -428,37 +389,30 @@ void em_close(em_session* s) {
 
 /* ---- decoding ------------------------------------------------------------------------- */
 
-static void swap(float** a, float** b) {
-  float* t = *a;
-  *a = *b;
-  *b = t;
-}
-
 /* Calls a kernel, then lets a read in flight progress (bare-metal, where reads advance between
  * kernels; a no-op where reader threads do the reading). */
-static int kernel(em_session* s, em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n_args) {
+int em_session_kernel(em_session* s, em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n_args) {
   int rc = em_kernel_invoke(fn, name, args, n_args, s->err, ERR_LEN);
   em_loader_poll(&s->loader);
   return rc;
 }
 
-/* Kernel arguments go to the indices compiler/program.py's SIGNATURES give them (generated/program.h). */
-#define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
-#define INVOKE(fn, name, args, SIG) kernel(s, fn, name, args, EM_SIG_##SIG##_ARGS)
-#define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
-
-static int matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y) {
+int em_session_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res,
+                      float* y) {
   return em_matvec(fn, name, w, x, res, y, s->err, ERR_LEN);
 }
 
-/* h = act(gate · x (+ bg), up · x (+ bu)), then y = res + weight · (down · h (+ bd)): an expert,
- * routed or shared; the biases all given (the biased kernels' signatures) or all NULL. */
-static int ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
-               const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, const float* gate_bias,
-               const float* up_bias, const float* down_bias, float weight) {
+int em_ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
+           const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, const float* gate_bias, const float* up_bias,
+           const float* down_bias, float weight) {
   em_kernel_arg a[EM_SIG_FFN_GATE_UP_BIAS_ARGS] = {0};
   int rc;
-  if (gate_bias) {
+  if (!wg) {
+    BIND(a, FFN_UP, X, T(s->xn, 1, wu->cols, 0, 0));
+    BIND(a, FFN_UP, UP, em_matrix_arg(wu));
+    BIND(a, FFN_UP, H, T(s->h, 1, wu->rows, 0, 0));
+    rc = INVOKE(gate_up, gate_up_name, a, FFN_UP);
+  } else if (gate_bias) {
     BIND(a, FFN_GATE_UP_BIAS, X, T(s->xn, 1, wg->cols, 0, 0));
     BIND(a, FFN_GATE_UP_BIAS, GATE, em_matrix_arg(wg));
     BIND(a, FFN_GATE_UP_BIAS, UP, em_matrix_arg(wu));
@@ -491,7 +445,7 @@ static int ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ff
     BIND(a, FFN_DOWN, Y, T(s->x2, 1, wd->rows, 0, 0));
     rc = INVOKE(down, down_name, a, FFN_DOWN);
   }
-  if (!rc) swap(&s->x, &s->x2);
+  if (!rc) em_swap(&s->x, &s->x2);
   return rc;
 }
 
@@ -499,8 +453,7 @@ static uint32_t record_of(const em_session* s, uint32_t layer, uint32_t expert) 
   return layer * s->th.experts + expert;
 }
 
-/* out = the step's norm of x: RMSNorm (weight) or LayerNorm (weight and bias), as its norm_kind says. */
-static int apply_norm(em_session* s, const em_step* st, const float* x, float* out) {
+int em_apply_norm(em_session* s, const em_step* st, const float* x, float* out) {
   int64_t H = s->th.hidden;
   em_kernel_arg a[EM_SIG_NORM_BIAS_ARGS] = {0};
   if (st->norm_kind == EM_NORM_LAYER) {
@@ -537,7 +490,7 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
     case EM_PREDICT_FITTED_ROUTER:
     case EM_PREDICT_WRONG: {
       const em_step* moe = s->prog.moe[layer];
-      int rc = apply_norm(s, moe, x, s->pred_xn);
+      int rc = em_apply_norm(s, moe, x, s->pred_xn);
       if (rc) return rc;
       int fitted = s->predictor == EM_PREDICT_FITTED_ROUTER;
       const em_matrix* router = &moe->m[EM_M_ROUTER];
@@ -548,12 +501,12 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
         router = &fit;
       }
       if (!fitted && moe->router_logit_bias) /* the next router as it will run, its logit bias included */
-        rc = matvec(s, s->k.router_bias, EM_KERNEL_ROUTER_BIAS, router, s->pred_xn, (float*)moe->router_logit_bias,
-                    s->pred_scores);
+        rc = em_session_matvec(s, s->k.router_bias, EM_KERNEL_ROUTER_BIAS, router, s->pred_xn,
+                               (float*)moe->router_logit_bias, s->pred_scores);
       else
-        rc = matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
+        rc = em_session_matvec(s, s->k.router, "em_router", router, s->pred_xn, NULL, s->pred_scores);
       if (!rc && fitted)
-        rc = matvec(s, s->k.router, "em_router", &fit_prev, s->prev_xn + (size_t)layer * H, NULL, s->pred_prev);
+        rc = em_session_matvec(s, s->k.router, "em_router", &fit_prev, s->prev_xn + (size_t)layer * H, NULL, s->pred_prev);
       if (rc) return rc;
       for (uint32_t e = 0; fitted && e < E; e++)
         s->pred_scores[e] += s->pred_prev[e] + s->fitted_bias[(size_t)layer * E + e];
@@ -594,17 +547,19 @@ static int run_expert(em_session* s, const em_step* st, uint32_t expert, float w
   uint32_t H = s->th.hidden, I = s->th.inter, G = s->ih.group, b = r->bits;
   const uint8_t* part[6];
   for (int i = 0; i < 6; i++) part[i] = rec + r->part_offset[i];
-  uint32_t tiled = s->ih.layout == EM_LAYOUT_TILES;
+  uint32_t tiled = s->ih.layout == EM_LAYOUT_TILES, relu = s->ih.act == EM_ACT_RELU, d = relu ? 2 : 4;
+  /* SwiGLU records: gate, up, down; ReLU records: up, down */
   em_matrix gate = {part[0], (const uint16_t*)part[1], b, I, H, G, tiled},
-            up = {part[2], (const uint16_t*)part[3], b, I, H, G, tiled},
-            down = {part[4], (const uint16_t*)part[5], b, H, I, G, tiled};
+            up = {part[d - 2], (const uint16_t*)part[d - 1], b, I, H, G, tiled},
+            down = {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled};
   const em_ffi_fn gate_up = s->k.gate_up[st->expert_act][b], down_fn = s->k.down[st->expert_act][b];
   if (st->expert_gate_bias) /* the expert's row of each bias */
-    rc = ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", &gate, &up, &down,
-             st->expert_gate_bias + (size_t)expert * I, st->expert_up_bias + (size_t)expert * I,
-             st->expert_down_bias + (size_t)expert * H, weight);
+    rc = em_ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", &gate, &up, &down,
+                st->expert_gate_bias + (size_t)expert * I, st->expert_up_bias + (size_t)expert * I,
+                st->expert_down_bias + (size_t)expert * H, weight);
   else
-    rc = ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", &gate, &up, &down, NULL, NULL, NULL, weight);
+    rc = em_ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", relu ? NULL : &gate, &up, &down, NULL,
+                NULL, NULL, weight);
   if (rc) return rc;
   em_loader_release(&s->loader, ri);
   return EM_OK;
@@ -615,54 +570,63 @@ static int run_expert(em_session* s, const em_step* st, uint32_t expert, float w
 static int shared_expert(em_session* s, const em_step* st) {
   float weight = 1.0f;
   if (st->shared_gated) {
-    int rc = matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], s->xn, NULL,
+    int rc = em_session_matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], s->xn, NULL,
                     s->shared_logit);
     if (rc) return rc;
     weight = 1.0f / (1.0f + expf(-s->shared_logit[0]));
   }
-  return ffn(s, s->k.shared_gate_up, EM_KERNEL_SHARED_GATE_UP, s->k.shared_down, EM_KERNEL_SHARED_DOWN,
-             &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL, weight);
+  return em_ffn(s, s->k.shared_gate_up, EM_KERNEL_SHARED_GATE_UP, s->k.shared_down, EM_KERNEL_SHARED_DOWN,
+                &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL,
+                weight);
 }
 
-/* A dense layer's feed-forward block: norm, then its MLP added to the residual stream. */
-static int dense_ffn(em_session* s, const em_step* st) {
-  int rc = apply_norm(s, st, s->x, s->xn);
-  return rc ? rc
-            : ffn(s, s->k.dense_gate_up, EM_KERNEL_DENSE_GATE_UP, s->k.dense_down, EM_KERNEL_DENSE_DOWN,
-                  &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL,
-                  1.0f);
+int em_dense_ffn(em_session* s, const em_step* st) {
+  int rc = em_apply_norm(s, st, s->x, s->xn);
+  if (rc) return rc;
+  return st->act == EM_ACT_RELU
+             ? em_ffn(s, s->k.dense_up_relu, EM_KERNEL_DENSE_UP_RELU, s->k.dense_down, EM_KERNEL_DENSE_DOWN, NULL,
+                      &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL, 1.0f)
+             : em_ffn(s, s->k.dense_gate_up, EM_KERNEL_DENSE_GATE_UP, s->k.dense_down, EM_KERNEL_DENSE_DOWN,
+                      &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL,
+                      NULL, 1.0f);
 }
 
 /* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
  * next layer's predicted experts, run the shared expert while the reads are in flight, then the
  * chosen ones as they arrive. Layers, records and predictions count the layers with experts. */
-static int moe_layer(em_session* s, const em_step* st) {
+int em_moe_layer(em_session* s, const em_step* st) {
   const em_trunk_header* th = &s->th;
   uint32_t l = st->expert_layer, EL = s->prog.expert_layers;
   int64_t H = th->hidden;
-  int rc = apply_norm(s, st, s->x, s->xn);
+  int rc = em_apply_norm(s, st, s->x, s->xn);
   if (rc) return rc;
   /* this layer has been predicted for this token; its input now stands for the context at the next */
   memcpy(s->prev_xn + (size_t)l * H, s->xn, H * sizeof(float));
-  rc = st->router_logit_bias ? matvec(s, s->k.router_bias, EM_KERNEL_ROUTER_BIAS, &st->m[EM_M_ROUTER], s->xn,
-                                      (float*)st->router_logit_bias, s->router_logits)
-                       : matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
+  rc = st->router_logit_bias
+           ? em_session_matvec(s, s->k.router_bias, EM_KERNEL_ROUTER_BIAS, &st->m[EM_M_ROUTER], s->xn,
+                               (float*)st->router_logit_bias, s->router_logits)
+           : em_session_matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
   if (rc) return rc;
   uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
   float wts[MAX_TOP_K];
   em_route(st, s->router_logits, th->experts, th->top_k, s->route_scratch, idx, wts);
   score_prediction(s, l, idx);
-  if (s->route_trace && s->trace_tokens < s->trace_max)
+  if (s->route_trace && s->trace_tokens < s->trace_max && !s->in_encoder)
     memcpy(s->route_trace + ((size_t)s->trace_tokens * EL + l) * th->top_k, idx, th->top_k * sizeof(uint32_t));
-  for (uint32_t k = 0; k < th->top_k; k++) records[k] = record_of(s, l, idx[k]);
-  rc = em_loader_need(&s->loader, records, th->top_k, l, s->err, ERR_LEN);
+  /* expert capacity: a choice beyond the tokens its expert takes in this pass is skipped */
+  uint32_t n = 0;
+  for (uint32_t k = 0; k < th->top_k; k++)
+    if (!st->capacity || ++s->taken[idx[k]] <= st->capacity) idx[n] = idx[k], wts[n++] = wts[k];
+  for (uint32_t k = 0; k < n; k++) records[k] = record_of(s, l, idx[k]);
+  rc = n ? em_loader_need(&s->loader, records, n, l, s->err, ERR_LEN) : EM_OK;
   if (rc) return rc;
   /* The path table needs only this layer's choice: predict now, while the experts compute. */
-  if (s->predictor == EM_PREDICT_PATH_TABLE) rc = predict_and_prefetch(s, (l + 1) % EL, s->x, idx, th->top_k);
+  if (s->predictor == EM_PREDICT_PATH_TABLE && !s->in_encoder)
+    rc = predict_and_prefetch(s, (l + 1) % EL, s->x, idx, n);
   if (!rc && st->shared) rc = shared_expert(s, st);
-  for (uint32_t k = 0; !rc && k < th->top_k; k++) rc = run_expert(s, st, idx[k], wts[k]);
+  for (uint32_t k = 0; !rc && k < n; k++) rc = run_expert(s, st, idx[k], wts[k]);
   if (rc) /* unpin what an error left pinned, so the session stays usable */
-    for (uint32_t k = 0; k < th->top_k; k++) em_loader_release(&s->loader, records[k]);
+    for (uint32_t k = 0; k < n; k++) em_loader_release(&s->loader, records[k]);
   return rc;
 }
 
@@ -671,10 +635,10 @@ static int moe_layer(em_session* s, const em_step* st) {
 static int mla_attention_layer(em_session* s, const em_step* st) {
   float* latent = s->k_cache + (uint64_t)st->layer * s->max_seq * s->k_row;
   float* rope_key = s->v_cache + (uint64_t)st->layer * s->max_seq * s->v_row;
-  int rc = apply_norm(s, st, s->x, s->xn);
+  int rc = em_apply_norm(s, st, s->x, s->xn);
   if (!rc) rc = em_mla_attention(&s->k, &s->th, st, &s->mla, s->xn, latent, rope_key, s->pos, s->err, ERR_LEN);
-  if (!rc) rc = matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->mla.att, s->x, s->x2);
-  if (!rc) swap(&s->x, &s->x2);
+  if (!rc) rc = em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->mla.att, s->x, s->x2);
+  if (!rc) em_swap(&s->x, &s->x2);
   return rc;
 }
 
@@ -685,10 +649,10 @@ static int attention_layer(em_session* s, const em_step* st) {
   int64_t H = th->hidden, hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos, qkv = s->q_dim + 2 * s->kv_dim;
   float* kc = s->k_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
   float* vc = s->v_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
-  int rc = apply_norm(s, st, s->x, s->xn);
+  int rc = em_apply_norm(s, st, s->x, s->xn);
   if (rc) return rc;
-  rc = st->bias ? matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
-                : matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
+  rc = st->bias ? em_session_matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
+                : em_session_matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
   if (rc) return rc;
   float* rope_in = s->qkv;
   em_kernel_arg a[EM_SIG_ROPE_ARGS] = {0};
@@ -733,13 +697,9 @@ static int attention_layer(em_session* s, const em_step* st) {
     if ((rc = INVOKE(s->k.add, EM_KERNEL_ADD, a, ADD))) return rc;
     res = s->xn;
   }
-  rc = matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, res, s->x2);
-  if (!rc) swap(&s->x, &s->x2);
+  rc = em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, res, s->x2);
+  if (!rc) em_swap(&s->x, &s->x2);
   return rc;
-}
-
-static void scale_vector(float* x, int64_t n, float scale) {
-  for (int64_t i = 0; i < n; i++) x[i] *= scale;
 }
 
 /* One token through the layer program. */
@@ -753,6 +713,10 @@ static int forward(em_session* s, int32_t token, int want_logits) {
     snprintf(s->err, ERR_LEN, "context full: %u tokens (open with a larger max_seq, or reset)", s->max_seq);
     return EM_ERR_ARGUMENT;
   }
+  if (th->cross_layers && !s->enc_len) {
+    snprintf(s->err, ERR_LEN, "an encoder-decoder model decodes after em_prefill has run its encoder over an input");
+    return EM_ERR_ARGUMENT;
+  }
   int64_t H = th->hidden;
   em_stats before, after;
   uint64_t t_start = em_now_ns();
@@ -760,33 +724,41 @@ static int forward(em_session* s, int32_t token, int want_logits) {
   em_arena_bind(&s->arena);
   em_pool_bind(s->pool);
   int rc = EM_OK;
-  for (uint32_t i = 0; !rc && i < s->prog.n_steps; i++) {
+  for (uint32_t i = s->prog.decoder_first; !rc && i < s->prog.n_steps; i++) {
     const em_step* st = &s->prog.steps[i];
     switch (st->op) {
       case EM_OP_EMBED:
         em_matrix_row(&st->m[EM_M_EMBED], (uint32_t)token, s->x);
-        if (st->scale != 1.0f) scale_vector(s->x, H, st->scale);
+        if (st->scale != 1.0f) em_scale_vector(s->x, H, st->scale);
         break;
       case EM_OP_ATTENTION:
       case EM_OP_MLA_ATTENTION:
+      case EM_OP_REL_ATTENTION:
         /* A layer with experts is predicted from the residual stream entering it, as its router
            will read it after the attention: measured on held-out text, 82% of the layer's experts
            named from there against 70% from the state one layer earlier (docs/BENCHMARKS.md §4).
            The reads overlap this attention (and the previous layer's experts finishing). */
-        if (s->prog.steps[i + 1].op == EM_OP_MOE && uses_hidden_state(s->predictor))
-          rc = predict_and_prefetch(s, s->prog.steps[i + 1].expert_layer, s->x, NULL, 0);
-        if (!rc) rc = st->op == EM_OP_ATTENTION ? attention_layer(s, st) : mla_attention_layer(s, st);
+        if (st->next_moe != EM_OPERAND_NONE && uses_hidden_state(s->predictor))
+          rc = predict_and_prefetch(s, st->next_moe, s->x, NULL, 0);
+        if (!rc)
+          rc = st->op == EM_OP_ATTENTION       ? attention_layer(s, st)
+               : st->op == EM_OP_MLA_ATTENTION ? mla_attention_layer(s, st)
+                                               : em_rel_attention(s, st);
         break;
-      case EM_OP_MOE: rc = moe_layer(s, st); break;
-      case EM_OP_DENSE_FFN: rc = dense_ffn(s, st); break;
+      case EM_OP_CROSS_ATTENTION: rc = em_cross_attention(s, st); break;
+      case EM_OP_DENSE_FFN: rc = em_dense_ffn(s, st); break;
+      case EM_OP_MOE: /* one token is this pass of the expert capacity */
+        memset(s->taken, 0, th->experts * sizeof *s->taken);
+        rc = em_moe_layer(s, st);
+        break;
       case EM_OP_FINAL:
         if (!want_logits) break;
-        rc = apply_norm(s, st, s->x, s->xn);
+        rc = em_apply_norm(s, st, s->x, s->xn);
         if (!rc)
-          rc = st->bias ? matvec(s, s->k.lm_head_bias, EM_KERNEL_LM_HEAD_BIAS, &st->m[0], s->xn, (float*)st->bias,
+          rc = st->bias ? em_session_matvec(s, s->k.lm_head_bias, EM_KERNEL_LM_HEAD_BIAS, &st->m[0], s->xn, (float*)st->bias,
                                  s->logits)
-                        : matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
-        if (!rc && st->scale != 1.0f) scale_vector(s->logits, th->vocab, st->scale);
+                        : em_session_matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
+        if (!rc && st->scale != 1.0f) em_scale_vector(s->logits, th->vocab, st->scale);
         break;
     }
   }
@@ -810,6 +782,10 @@ int em_prefill(em_session* s, const int32_t* tokens, size_t n) {
     snprintf(s->err, ERR_LEN, "empty prompt");
     return EM_ERR_ARGUMENT;
   }
+  if (s->th.cross_layers) { /* the encoder over the input, then the decoder's start token */
+    int rc = em_run_encoder(s, tokens, n);
+    return rc ? rc : forward(s, s->th.decoder_start, 1);
+  }
   for (size_t i = 0; i < n; i++) {
     int rc = forward(s, tokens[i], i + 1 == n);
     if (rc) return rc;
@@ -819,6 +795,7 @@ int em_prefill(em_session* s, const int32_t* tokens, size_t n) {
 
 void em_reset(em_session* s) {
   s->pos = 0;
+  s->enc_len = 0;
   memset(s->prev_xn, 0, (size_t)s->th.layers * s->th.hidden * sizeof(float));
 }
 

@@ -10,6 +10,9 @@
 #define EM_OP_FINAL 4
 #define EM_OP_MLA_ATTENTION 5
 #define EM_OP_DENSE_FFN 6
+#define EM_OP_ENCODER_OUT 7
+#define EM_OP_REL_ATTENTION 8
+#define EM_OP_CROSS_ATTENTION 9
 #define EM_OP_EMBED_OPERANDS 3
 #define EM_EMBED_EMBED 0
 #define EM_EMBED_EMBED_SCALES 1
@@ -32,7 +35,7 @@
 #define EM_ATTENTION_O_BIAS 14
 #define EM_ATTENTION_WINDOW 15
 #define EM_ATTENTION_SINKS 16
-#define EM_OP_MOE_OPERANDS 25
+#define EM_OP_MOE_OPERANDS 26
 #define EM_MOE_LAYER 0
 #define EM_MOE_NORM_KIND 1
 #define EM_MOE_NORM 2
@@ -58,6 +61,7 @@
 #define EM_MOE_EXPERT_GATE_BIAS 22
 #define EM_MOE_EXPERT_UP_BIAS 23
 #define EM_MOE_EXPERT_DOWN_BIAS 24
+#define EM_MOE_CAPACITY 25
 #define EM_OP_FINAL_OPERANDS 7
 #define EM_FINAL_NORM_KIND 0
 #define EM_FINAL_NORM 1
@@ -84,7 +88,7 @@
 #define EM_MLA_ATTENTION_ROPE_SIN 14
 #define EM_MLA_ATTENTION_WO 15
 #define EM_MLA_ATTENTION_WO_SCALES 16
-#define EM_OP_DENSE_FFN_OPERANDS 10
+#define EM_OP_DENSE_FFN_OPERANDS 11
 #define EM_DENSE_FFN_LAYER 0
 #define EM_DENSE_FFN_NORM_KIND 1
 #define EM_DENSE_FFN_NORM 2
@@ -95,6 +99,33 @@
 #define EM_DENSE_FFN_UP_PROJ_SCALES 7
 #define EM_DENSE_FFN_DOWN_PROJ 8
 #define EM_DENSE_FFN_DOWN_PROJ_SCALES 9
+#define EM_DENSE_FFN_ACT 10
+#define EM_OP_ENCODER_OUT_OPERANDS 3
+#define EM_ENCODER_OUT_NORM_KIND 0
+#define EM_ENCODER_OUT_NORM 1
+#define EM_ENCODER_OUT_NORM_BIAS 2
+#define EM_OP_REL_ATTENTION_OPERANDS 10
+#define EM_REL_ATTENTION_LAYER 0
+#define EM_REL_ATTENTION_NORM_KIND 1
+#define EM_REL_ATTENTION_NORM 2
+#define EM_REL_ATTENTION_NORM_BIAS 3
+#define EM_REL_ATTENTION_WQKV 4
+#define EM_REL_ATTENTION_WQKV_SCALES 5
+#define EM_REL_ATTENTION_POSITION_BIAS 6
+#define EM_REL_ATTENTION_BIDIRECTIONAL 7
+#define EM_REL_ATTENTION_WO 8
+#define EM_REL_ATTENTION_WO_SCALES 9
+#define EM_OP_CROSS_ATTENTION_OPERANDS 10
+#define EM_CROSS_ATTENTION_LAYER 0
+#define EM_CROSS_ATTENTION_NORM_KIND 1
+#define EM_CROSS_ATTENTION_NORM 2
+#define EM_CROSS_ATTENTION_NORM_BIAS 3
+#define EM_CROSS_ATTENTION_WQ 4
+#define EM_CROSS_ATTENTION_WQ_SCALES 5
+#define EM_CROSS_ATTENTION_WKV 6
+#define EM_CROSS_ATTENTION_WKV_SCALES 7
+#define EM_CROSS_ATTENTION_WO 8
+#define EM_CROSS_ATTENTION_WO_SCALES 9
 
 #define EM_NORM_RMS 0
 #define EM_NORM_LAYER 1
@@ -109,8 +140,9 @@
 #define EM_ROUTE_TOPK_SOFTMAX 5
 #define EM_GROUP_SCORE_MAX 0
 #define EM_GROUP_SCORE_TOP2 1
-#define EM_EXPERT_ACT_SWIGLU 0
-#define EM_EXPERT_ACT_CLAMPED_SWIGLU 1
+#define EM_ACT_SWIGLU 0
+#define EM_ACT_CLAMPED_SWIGLU 1
+#define EM_ACT_RELU 2
 
 #define EM_KERNEL_RMSNORM "em_rmsnorm"
 #define EM_KERNEL_LAYERNORM "em_layernorm"
@@ -140,13 +172,18 @@
 #define EM_KERNEL_DENSE_DOWN "em_dense_down"
 #define EM_KERNEL_ATTENTION_SINKS "em_attention_sinks"
 #define EM_KERNEL_ROUTER_BIAS "em_router_bias"
+#define EM_KERNEL_ATTENTION_BIAS "em_attention_bias"
+#define EM_KERNEL_CROSS_Q "em_cross_q"
+#define EM_KERNEL_CROSS_KV "em_cross_kv"
+#define EM_KERNEL_DENSE_UP_RELU "em_dense_up_relu"
 #define EM_KERNEL_EXPERT_GATE_UP_FMT "em_expert_gate_up_w%d"
 #define EM_KERNEL_EXPERT_DOWN_FMT "em_expert_down_w%d"
 #define EM_KERNEL_EXPERT_GATE_UP_CLAMPED_BIAS_FMT "em_expert_gate_up_clamped_bias_w%d"
 #define EM_KERNEL_EXPERT_DOWN_BIAS_FMT "em_expert_down_bias_w%d"
-#define EM_EXPERT_ACT_COUNT 2
-/* by EM_EXPERT_ACT_*: the printf formats of its gate-up and down kernels' symbols */
-#define EM_EXPERT_ACT_KERNEL_FMTS {{"em_expert_gate_up_w%d", "em_expert_down_w%d"}, {"em_expert_gate_up_clamped_bias_w%d", "em_expert_down_bias_w%d"}}
+#define EM_KERNEL_EXPERT_UP_RELU_FMT "em_expert_up_relu_w%d"
+#define EM_ACT_COUNT 3
+/* by EM_ACT_*: the printf formats of its gate-up and down kernels' symbols */
+#define EM_ACT_KERNEL_FMTS {{"em_expert_gate_up_w%d", "em_expert_down_w%d"}, {"em_expert_gate_up_clamped_bias_w%d", "em_expert_down_bias_w%d"}, {"em_expert_up_relu_w%d", "em_expert_down_w%d"}}
 
 #define EM_SIG_NORM_ARGS 3
 #define EM_SIG_NORM_X 0
@@ -239,6 +276,16 @@
 #define EM_SIG_FFN_DOWN_BIAS_RES 3
 #define EM_SIG_FFN_DOWN_BIAS_WEIGHT 4
 #define EM_SIG_FFN_DOWN_BIAS_Y 5
+#define EM_SIG_ATTENTION_BIAS_ARGS 5
+#define EM_SIG_ATTENTION_BIAS_Q 0
+#define EM_SIG_ATTENTION_BIAS_KC 1
+#define EM_SIG_ATTENTION_BIAS_VC 2
+#define EM_SIG_ATTENTION_BIAS_BIAS 3
+#define EM_SIG_ATTENTION_BIAS_O 4
+#define EM_SIG_FFN_UP_ARGS 3
+#define EM_SIG_FFN_UP_X 0
+#define EM_SIG_FFN_UP_UP 1
+#define EM_SIG_FFN_UP_H 2
 #define EM_SIG_MAX_PARAMS 8 /* kernel parameters of the widest signature, matrices quantized */
 
 #define EM_TENSOR_PATH_TABLE "profile.path_table"

@@ -1,0 +1,107 @@
+/* The session's state, shared by the decode loop (session.c) and the executors of the
+ * encoder-decoder ops (encoder_decoder.c); not part of the public API. */
+#ifndef EM_SESSION_H
+#define EM_SESSION_H
+
+#include <stdint.h>
+
+#include "artifact.h"
+#include "edgemoe.h"
+#include "expert_cache.h"
+#include "generated/program.h"
+#include "kernels.h"
+#include "loader.h"
+#include "matrix.h"
+#include "mla.h"
+#include "program.h"
+#include "storage.h"
+#include "thread_pool.h"
+#include "tvm_backend.h"
+
+#define ERR_LEN 1280 /* room for a path (up to 1024) and the message */
+#define MAX_TOP_K 64
+
+struct em_session {
+  em_trunk_header th;
+  em_image_header ih;
+  em_record* records; /* [layers * experts] */
+  em_program prog;   /* the layer program, bound to the trunk's tensors */
+  em_kernels k;
+  em_storage* experts;
+  em_expert_cache cache;
+  em_loader loader;
+  int loader_ready;
+  em_arena arena;
+  em_pool* pool; /* compute threads for the kernels' parallel loops */
+  em_predictor predictor; /* resolved: never EM_PREDICT_AUTO */
+  em_eviction eviction;   /* resolved: never EM_EVICT_AUTO */
+  uint32_t n_predict;     /* experts prefetched per layer */
+  const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
+  const float* frequency;  /* [layers][experts] */
+  /* fitted-router predictor: [layers][experts][hidden] on the current state, the same on the layer's
+     previous-token MoE input, and [layers][experts] bias */
+  const float *fitted_router, *fitted_prev, *fitted_bias;
+  uint32_t* predicted;    /* [layers][n_predict]: the last prediction made for each layer */
+  uint8_t* has_prediction; /* [layers] */
+
+  uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
+  float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;
+  float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
+  float* prev_xn; /* [expert layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
+  float* route_scratch; /* [3 * experts] */
+  em_mla_buffers mla;   /* latent attention's working buffers (empty without it) */
+  /* [kv_layers][max_seq][k_row], [kv_layers][max_seq][v_row]: keys and values per KV head, or with
+     latent attention the latent and the rotated key (memory_plan.c em_kv_rows) */
+  float *k_cache, *v_cache;
+  uint64_t k_row, v_row;
+  /* encoder-decoder models: the cross-attention keys and values [cross_layers][max_seq][kv_dim]; the
+     encoder's rows [max_seq][hidden] (its output, normalised, once it has run) and their q
+     [max_seq][q_dim]; the position bias of one query [heads][max_seq] */
+  float *cross_k, *cross_v, *enc_x, *enc_q, *pos_bias;
+  uint32_t* taken;    /* [experts]: tokens each expert took in this pass (expert capacity) */
+  uint32_t enc_len;   /* the encoder's input length (0: not run since open or reset) */
+  int in_encoder;     /* running the encoder: no prefetching or route trace (its layers run per row) */
+  uint32_t max_seq, pos, q_dim, kv_dim;
+  uint64_t record_bytes;
+
+  uint32_t* route_trace; /* em_route_trace's buffer, NULL when not tracing */
+  uint32_t trace_max, trace_tokens;
+
+  em_stats st;
+  char err[ERR_LEN];
+};
+
+/* Kernel arguments go to the indices compiler/program.py's SIGNATURES give them (generated/program.h). */
+#define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
+#define INVOKE(fn, name, args, SIG) em_session_kernel(s, fn, name, args, EM_SIG_##SIG##_ARGS)
+#define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
+
+/* y = W x (+ res) through a matrix-vector kernel, whatever W's storage; errors into s->err. */
+/* A kernel call through the session: the error into s->err, then a read in flight progressed (bare metal). */
+int em_session_kernel(em_session* s, em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n_args);
+int em_session_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res,
+                      float* y);
+/* An MLP on s->xn added to the residual stream: h = act(gate · x (+ bg), up · x (+ bu)), or relu(up · x)
+ * where wg is NULL (the kernel `gate_up` then has the ffn_up signature); then x += weight · (down · h
+ * (+ bd)). The biases all given (the biased kernels' signatures) or all NULL. */
+int em_ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
+           const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, const float* gate_bias, const float* up_bias,
+           const float* down_bias, float weight);
+/* A dense layer's feed-forward block (DENSE_FFN): norm, then its SwiGLU or ReLU MLP added to s->x. */
+int em_dense_ffn(em_session* s, const em_step* st);
+/* out = the step's norm of x: RMSNorm (weight) or LayerNorm (weight and bias), as its norm_kind says. */
+int em_apply_norm(em_session* s, const em_step* st, const float* x, float* out);
+/* The MoE block of step st for the residual stream s->x (the result in s->x). */
+int em_moe_layer(em_session* s, const em_step* st);
+
+static inline void em_scale_vector(float* x, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; i++) x[i] *= scale;
+}
+
+static inline void em_swap(float** a, float** b) {
+  float* t = *a;
+  *a = *b;
+  *b = t;
+}
+
+#endif
