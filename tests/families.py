@@ -30,6 +30,11 @@ FAMILIES = {
                          dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
                               shared_intermediate_size=32, embedding_multiplier=1.5, attention_multiplier=0.2,
                               residual_multiplier=0.5, logits_scaling=2.0)),
+    # per-head q/k norm with DeepSeek-V3 routing (biased sigmoid, groups), a dense first layer and a shared expert
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              dict(num_hidden_layers=3, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                   n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+                   first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5)),
     # LayerNorm, attention and LM head biases, sparsemixer routing; router_jitter_noise 0.5 (a relative
     # margin of 1) so that with this model's small router logits each pick's softmax sometimes holds
     # one expert and sometimes more (at Phi-3.5's 0.01 the first pick's weight would always be 1)
