@@ -35,6 +35,13 @@ def common_config(c: ConfigReader, arch: str, num_experts: int, expert_intermedi
         bos_token_id=special("bos_token_id"), eos_token_id=special("eos_token_id"), **structure)
 
 
+def swiglu_mlp(r: TensorReader, prefix: str, inter: int, hidden: int) -> Expert:
+    """The SwiGLU MLP at `prefix` (…gate_proj/up_proj/down_proj.weight): a dense layer's, a shared
+    expert's or a routed expert's."""
+    return Expert(r.get(prefix + "gate_proj.weight", (inter, hidden)), r.get(prefix + "up_proj.weight", (inter, hidden)),
+                  r.get(prefix + "down_proj.weight", (hidden, inter)))
+
+
 def load_decoder(model_dir: Path, cfg: MoEConfig, family: str, moe_prefix: str, expert_names: tuple[str, str, str],
                  router: str, shared: tuple[str, str] | None = None) -> MoEModel:
     """A decoder whose layer N keeps its MoE block under `model.layers.N.<moe_prefix>`: experts
@@ -49,10 +56,8 @@ def load_decoder(model_dir: Path, cfg: MoEConfig, family: str, moe_prefix: str, 
         p = f"model.layers.{i}."
         m = p + moe_prefix
         if i in cfg.dense_layers:
-            D = cfg.dense_intermediate
-            layers.append(Layer(**attention_and_norms(r, cfg, p), router=None, dense=Expert(
-                r.get(m + "gate_proj.weight", (D, H)), r.get(m + "up_proj.weight", (D, H)),
-                r.get(m + "down_proj.weight", (H, D)))))
+            layers.append(Layer(**attention_and_norms(r, cfg, p), router=None,
+                                dense=swiglu_mlp(r, m, cfg.dense_intermediate, H)))
             continue
         layer = Layer(**attention_and_norms(r, cfg, p), router=r.get(f"{m}{router}.weight", (E, H)),
                       experts=[Expert(r.get(f"{m}experts.{e}.{gate}.weight", (I, H)),
@@ -60,8 +65,7 @@ def load_decoder(model_dir: Path, cfg: MoEConfig, family: str, moe_prefix: str, 
                                       r.get(f"{m}experts.{e}.{down}.weight", (H, I))) for e in range(E)])
         if shared is not None:
             S, (mlp, sg) = cfg.shared_expert_intermediate, shared
-            layer.shared = Expert(r.get(f"{m}{mlp}.gate_proj.weight", (S, H)), r.get(f"{m}{mlp}.up_proj.weight", (S, H)),
-                                  r.get(f"{m}{mlp}.down_proj.weight", (H, S)))
+            layer.shared = swiglu_mlp(r, f"{m}{mlp}.", S, H)
             if cfg.shared_expert_gate:
                 layer.shared_gate = r.get(f"{m}{sg}.weight", (1, H))
         layers.append(layer)
@@ -104,4 +108,4 @@ def family_modules() -> list:
             if m.ispkg]
 
 
-__all__ = ["common_config", "load_decoder", "qwen_dense_layers", "family_modules", "np"]
+__all__ = ["common_config", "swiglu_mlp", "load_decoder", "qwen_dense_layers", "family_modules", "np"]

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import Expert, Layer, MoEConfig, MoEModel
+from ...config import Layer, MoEConfig, MoEModel
 from ...hf_import import ConfigReader, ModelImportError, TensorReader, embeddings, read_config
 from ...yarn import yarn_mscale, yarn_rope
-from .. import common_config
+from .. import common_config, swiglu_mlp
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 FAMILIES = {"DeepseekV2ForCausalLM": "DeepSeek-V2", "DeepseekV3ForCausalLM": "DeepSeek-V3"}
@@ -165,8 +165,7 @@ def load(model_dir: Path) -> MoEModel:
         return _deinterleave(w, first, d, stride) if interleaved else w
 
     def mlp(prefix, inter):
-        return Expert(r.get(prefix + "gate_proj.weight", (inter, H)), r.get(prefix + "up_proj.weight", (inter, H)),
-                      r.get(prefix + "down_proj.weight", (H, inter)))
+        return swiglu_mlp(r, prefix, inter, H)
 
     layers = []
     for i in range(cfg.num_layers):

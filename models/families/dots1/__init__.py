@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import Expert, Layer, MoEModel
+from ...config import Layer, MoEModel
 from ...hf_import import ConfigReader, ModelImportError, TensorReader, attention_and_norms, embeddings, read_config
-from .. import common_config
+from .. import common_config, swiglu_mlp
 
 ARCHITECTURES = ("Dots1ForCausalLM",)
 
@@ -64,8 +64,7 @@ def load(model_dir: Path) -> MoEModel:
     H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.expert_intermediate, cfg.shared_expert_intermediate
 
     def mlp(prefix, inter):
-        return Expert(r.get(prefix + "gate_proj.weight", (inter, H)), r.get(prefix + "up_proj.weight", (inter, H)),
-                      r.get(prefix + "down_proj.weight", (H, inter)))
+        return swiglu_mlp(r, prefix, inter, H)
 
     layers = []
     for i in range(cfg.num_layers):
