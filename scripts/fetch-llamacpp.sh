@@ -9,7 +9,9 @@
 # 3. llama-quantize built there (build/llama.cpp/build/bin), portable (-DGGML_NATIVE=OFF), nothing else.
 # 4. sentencepiece, which the converter imports for every llama-architecture model.
 # PYTHON selects the interpreter (default: python, else python3); LLAMACPP_TOOLS adds build targets
-# (e.g. "llama-quantize llama-bench" for edgemoe-bench llamacpp).
+# (e.g. "llama-quantize llama-bench" for edgemoe-bench llamacpp). LLAMACPP_NATIVE=1 builds for this CPU
+# (-DGGML_NATIVE=ON: AVX2 / AVX-512 / VNNI as it has them), as a speed baseline must; the default is
+# portable, which is enough for the converter tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -18,6 +20,7 @@ VERSION=0.3.36  # llama-cpp-python; its sdist vendors the llama.cpp the tests we
 SDIST=build/llama_cpp_python-$VERSION.tar.gz
 TREE=build/llama.cpp
 TOOLS=${LLAMACPP_TOOLS:-llama-quantize}
+NATIVE=$([ "${LLAMACPP_NATIVE:-0}" = 1 ] && echo ON || echo OFF)
 PYTHON=${PYTHON:-$(command -v python >/dev/null && echo python || echo python3)}
 
 stamp() { echo "fetch-llamacpp: $1 ($SECONDS s)"; }
@@ -39,7 +42,7 @@ for tool in $TOOLS; do
   [ -x "$TREE/build/bin/$tool" ] || missing+=("$tool")
 done
 if ((${#missing[@]})); then
-  cmake -S "$TREE" -B "$TREE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \
+  cmake -S "$TREE" -B "$TREE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="$NATIVE" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
   for tool in "${missing[@]}"; do
     cmake --build "$TREE/build" -j "$(nproc)" --target "$tool" >/dev/null

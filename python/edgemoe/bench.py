@@ -682,6 +682,121 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
                title=f"{model_dir.name}: decode tok/s, all experts resident, {n_new} tokens")
 
 
+@bench_cmd.command("largemodel")
+@click.option("--shape", type=click.Choice(["olmoe-1b-7b", "mixtral-8x7b", "qwen3-30b-a3b"]), default="olmoe-1b-7b",
+              show_default=True, help="Published model shape of the random-weight checkpoint made for the bench.")
+@click.option("--layers", type=click.IntRange(1, 1024), default=None,
+              help="Decoder layers [the shape's]: fewer to fit a large shape on the disk at hand.")
+@click.option("--llama-cpp", "tree", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A built llama.cpp tree (convert_hf_to_gguf.py, build/bin/llama-bench, llama-quantize): "
+                   "LLAMACPP_NATIVE=1 LLAMACPP_TOOLS='llama-quantize llama-bench' scripts/fetch-llamacpp.sh")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/large"),
+              show_default=True, help="Checkpoint, artifact and GGUFs (each reused when present).")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="Expert and trunk bits (against llama.cpp's Q4_0 / Q8_0).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Compile with this calibration text (GPTQ rounding, routing profile).")
+@click.option("--compile-cap", type=_Bytes(1 << 20), default="4GiB", show_default=True,
+              help="RAM cap (cgroup, page cache included) the compile runs under.")
+@click.option("--jobs", type=click.IntRange(1, 4096), default=None, help="Compile worker processes.")
+@click.option("--fractions", type=_NumberList(float, 0, 1, lo_open=True), default="0.1,0.25,0.5,1",
+              show_default=True, help="Expert cache sizes as fractions of all experts; 1 runs without a cap.")
+@click.option("--allowance", type=_Bytes(0), default="64MiB", show_default=True,
+              help="RAM beyond EdgeMoE's budget in the cap (code, stack, allocator), the same for both.")
+@click.option("-n", "n_new", type=click.IntRange(1, 1000), default=16, show_default=True)
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=2, show_default=True)
+@plot_option("largemodel")
+def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, compile_cap, jobs, fractions, allowance, n_new,
+                   threads, plot_path, no_plot):
+    """A real-size MoE (random weights in a published shape, written at bench time) through the
+    streaming compile under a RAM cap, then decoded by EdgeMoE and by llama.cpp (mmap, the same
+    weights through its own converter and quantizer) under the same RAM cap, which the kernel
+    enforces on each process with its page cache (a memory cgroup), storage read for real (the page
+    cache dropped before each run). One run: tokens/s, bytes read from storage per token, peak memory."""
+    from . import llamacpp
+    from .memcap import MemCapError, drop_page_cache, run_capped
+    from .runtime import budget_bytes, build_runtime
+    from ..models.random_checkpoint import write as write_checkpoint
+
+    bits = int(bits)
+    gtype = llamacpp.GGUF_TYPES[bits]
+    llamacpp.check_tree(tree, ("llama-quantize", "llama-bench"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{shape}{f'-{layers}l' if layers else ''}"
+    ckpt = work_dir / f"{name}-random"
+    if not (ckpt / "config.json").is_file():
+        click.echo(f"writing {ckpt} (random weights, {shape} shape)", err=True)
+        write_checkpoint(ckpt, shape, layers)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    n_params = index["metadata"]["total_size"] // 2  # bfloat16
+    art = work_dir / f"{name}-int{bits}{'-calibrated' if calibration else ''}"
+    record = art.with_name(art.name + ".compile.json")
+    if not (art / "manifest.json").is_file():
+        cmd = [sys.executable, "-c", "from edgemoe.cli import compile_cmd; compile_cmd()", str(ckpt), "-o", str(art),
+               "--bits", str(bits), "--trunk-bits", str(bits)]
+        cmd += ["--calibration", str(calibration)] if calibration else []
+        cmd += ["--jobs", str(jobs)] if jobs else []
+        click.echo(f"compiling under a {fmt_bytes(compile_cap)} cap: {' '.join(cmd[3:])}", err=True)
+        drop_page_cache([])
+        run = run_capped(cmd, compile_cap)
+        if run.returncode != 0:
+            why = " (killed: the cap was reached)" if run.returncode == -9 else ""
+            raise click.ClickException(f"the compile failed{why}: {run.stderr.strip()[-1500:]}")
+        record.write_text(json.dumps({"wall_s": run.wall_s, "peak_bytes": run.peak_bytes, "cap_bytes": compile_cap,
+                                      "max_rss_bytes": run.max_rss_bytes, "calibration": str(calibration or "")}))
+    compiled = json.loads(record.read_text()) if record.is_file() else None
+    f16 = llamacpp.convert(tree, ckpt, work_dir / f"{name}-f16.gguf")
+    gguf = llamacpp.quantize(tree, f16, gtype)
+    manifest = read_manifest(art)
+    ours_bytes = manifest["trunk_bytes"] + manifest["experts"]["image_bytes"]
+    click.echo(f"{name}: {n_params / 1e9:.2f} B parameters (random, bfloat16, {fmt_bytes(2 * n_params)}); EdgeMoE "
+               f"INT{bits} experts and trunk, {fmt_bytes(ours_bytes)}; llama.cpp {gtype}, {fmt_bytes(gguf.stat().st_size)}")
+    if compiled:
+        click.echo(f"compile{' with ' + Path(compiled['calibration']).name if compiled['calibration'] else ''}: "
+                   f"{compiled['wall_s']:.0f} s wall, {n_params / compiled['wall_s'] / 1e6:.1f} M parameters/s; peak "
+                   f"{fmt_bytes(compiled['peak_bytes'])} (RSS and page cache, cgroup) under a "
+                   f"{fmt_bytes(compiled['cap_bytes'])} cap; largest process {fmt_bytes(compiled['max_rss_bytes'])}")
+    binary = build_runtime().parent / "edgemoe_run"
+    max_seq = n_new + 8
+    total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    click.echo(f"{n_new} tokens greedy from the BOS token, {threads} threads; the page cache dropped before every "
+               f"run; cap = EdgeMoE's budget + {fmt_bytes(allowance)} for both (none at 100%); tok/s over the "
+               f"generated tokens (EdgeMoE: edgemoe_run's decode loop; llama.cpp: llama-bench -p 0 -n {n_new} -r 1); "
+               f"read = bytes from storage over the whole run (load included) per generated token")
+    click.echo("| experts in RAM | RAM cap | EdgeMoE tok/s | llama.cpp tok/s | × llama.cpp | EdgeMoE read/token | "
+               "llama.cpp read/token | EdgeMoE peak | llama.cpp peak |")
+    click.echo("|---|---|---|---|---|---|---|---|---|")
+    chart = []
+    for fraction in fractions:
+        budget = budget_bytes(art, max_seq, fraction) if fraction < 1 else 0
+        cap = budget + allowance if fraction < 1 else total_ram
+        drop_page_cache([art / "experts.bin"])
+        ours = run_capped([str(binary), str(art), "--tokens", "1", "-n", str(n_new), "--max-seq", str(max_seq),
+                           "--threads", str(threads), "--ignore-eos"] +
+                          (["--budget", str(budget)] if budget else []), cap)
+        if ours.returncode != 0:
+            raise click.ClickException(f"edgemoe_run failed at {fraction:.0%} (exit {ours.returncode}"
+                                       f"{', killed by the cap' if ours.returncode == -9 else ''}): {ours.stderr[-800:]}")
+        st = _stats_lines(ours.stdout)
+        ours_tps = n_new / (int(st["decode_ns"]) / 1e9)
+        drop_page_cache([gguf])
+        try:
+            theirs_run = run_capped([str(llamacpp.tool(tree, "llama-bench")), "-m", str(gguf), "-p", "0", "-n",
+                                     str(n_new), "-t", str(threads), "-r", "1", "-o", "json"], cap, timeout=3600)
+            theirs_tps = llamacpp.decode_rate(theirs_run.stdout, n_new) if theirs_run.returncode == 0 else None
+        except MemCapError:
+            theirs_run, theirs_tps = None, None
+        what = "no cap" if fraction >= 1 else fmt_bytes(cap)
+        their_cols = (f"{theirs_tps:.2f} | {ours_tps / theirs_tps:.2f} | " if theirs_tps else
+                      f"failed ({'killed by the cap' if theirs_run and theirs_run.returncode == -9 else 'timeout or error'}) | – | ")
+        click.echo(f"| {fraction:.0%} | {what} | {ours_tps:.2f} | {their_cols}{fmt_bytes(ours.read_bytes / n_new)} | "
+                   f"{fmt_bytes(theirs_run.read_bytes / n_new) if theirs_run else '–'} | {fmt_bytes(ours.peak_bytes)} | "
+                   f"{fmt_bytes(theirs_run.peak_bytes) if theirs_run else '–'} |")
+        chart.append({"label": f"{fraction:.0%} experts\n{what}", "ours": ours_tps, "theirs": theirs_tps or 0.0})
+    write_plot(plot_path, no_plot, "llamacpp", chart,
+               title=f"{name} (random weights): decode tok/s under a RAM cap, INT{bits} vs {gtype}")
+
+
 @bench_cmd.command("onnxruntime")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))

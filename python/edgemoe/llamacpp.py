@@ -32,7 +32,7 @@ class LlamaCppError(RuntimeError):
     pass
 
 
-def _tool(tree: Path, name: str) -> Path:
+def tool(tree: Path, name: str) -> Path:
     for p in (tree / "build" / "bin" / name, tree / "bin" / name):
         if p.is_file():
             return p
@@ -53,7 +53,7 @@ def check_tree(tree: Path, tools: tuple[str, ...] = ("llama-quantize",)) -> None
     if not (tree / "convert_hf_to_gguf.py").is_file():
         raise LlamaCppError(f"no llama.cpp source tree at {tree} (convert_hf_to_gguf.py missing)")
     for name in tools:
-        _tool(tree, name)
+        tool(tree, name)
     if importlib.util.find_spec("sentencepiece") is None:
         raise LlamaCppError("llama.cpp's converter needs the sentencepiece package (pip install sentencepiece)")
 
@@ -69,18 +69,23 @@ def convert(tree: Path, model_dir: Path, out: Path, outtype: str = "f16") -> Pat
 def quantize(tree: Path, f16: Path, gguf_type: str) -> Path:
     out = f16.with_name(f16.stem.replace("-f16", "") + f"-{gguf_type.lower()}.gguf")
     if not out.is_file():
-        _run([str(_tool(tree, "llama-quantize")), str(f16), str(out), gguf_type])
+        _run([str(tool(tree, "llama-quantize")), str(f16), str(out), gguf_type])
     return out
 
 
 def bench_decode(tree: Path, gguf: Path, n_tokens: int, threads: int, repetitions: int = 5) -> float:
     """llama-bench's decode rate (tokens/s) for n_tokens generated from an empty context: the best of
     its repetitions (this machine is shared; the best is the least disturbed)."""
-    out = _run([str(_tool(tree, "llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(n_tokens),
+    out = _run([str(tool(tree, "llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(n_tokens),
                 "-t", str(threads), "-r", str(repetitions), "-o", "json"])
-    rows = [r for r in json.loads(out) if r.get("n_gen") == n_tokens]
+    return decode_rate(out, n_tokens, gguf)
+
+
+def decode_rate(llama_bench_json: str, n_tokens: int, what: object = "the model") -> float:
+    """The best decode rate (tokens/s) of the n_tokens-generation rows llama-bench printed as JSON."""
+    rows = [r for r in json.loads(llama_bench_json) if r.get("n_gen") == n_tokens]
     if not rows:
-        raise LlamaCppError(f"llama-bench printed no decode result for {gguf}")
+        raise LlamaCppError(f"llama-bench printed no decode result for {what}")
     return float(max(rows[0].get("samples_ts") or [rows[0]["avg_ts"]]))
 
 
@@ -89,7 +94,7 @@ def matvec_us(tree: Path, gguf_type: str, rows: int, cols: int) -> float | None:
     float32 vector, from llama.cpp's own `test-backend-ops perf` (which also quantizes the vector,
     as ggml does in a model) on half the CPUs (test-backend-ops' fixed choice); None if its perf
     suite has no case of that shape."""
-    exe = _tool(tree, "test-backend-ops")
+    exe = tool(tree, "test-backend-ops")
     ggml_type = gguf_type.lower().replace("_k", "_K")  # ggml's names: q4_0, q8_0, q2_K
     pattern = f"type_a={ggml_type},type_b=f32,m={rows},n=1,k={cols},"
     out = _run([str(exe), "perf", "-b", "CPU", "-o", "MUL_MAT", "-p", pattern.replace("(", r"\(")])

@@ -2,7 +2,8 @@
  *   edgemoe_run ARTIFACT_DIR --prompt TEXT | --tokens 1,2,3 [-n 64] [--temperature T --seed S ...] [--budget SIZE] [--max-seq N] [--no-verify]
  *               [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]
  *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]
- * Prints the generated text (--prompt) or token ids on one line, then the statistics as key=value lines.
+ * Prints the generated text (--prompt) or token ids on one line, then the statistics as key=value lines
+ * (decode_ns: the first round's generation loop, prefill excluded).
  *
  * Every number is checked in full (no trailing characters, no sign, no overflow, within its
  * range) before the artifact is opened; a bad one is a usage error (exit 2) naming the option and
@@ -16,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 
 #include "edgemoe.h"
 
@@ -235,6 +237,12 @@ static unsigned long long status_kib(const char* field) {
   return kib;
 }
 
+static uint64_t monotonic_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static unsigned long long peak_rss_bytes(void) {
   unsigned long long kib = status_kib("VmHWM");
   if (kib) return kib * 1024ull;
@@ -391,7 +399,7 @@ int main(int argc, char** argv) {
   /* --repeat R: the same generation R times, the context reset in between (a soak test: the
      tokens must repeat exactly, and resident memory must not grow from round to round) */
   static int32_t first[MAX_GENERATED];
-  unsigned long long rss_first_round = 0;
+  unsigned long long rss_first_round = 0, decode_ns = 0; /* decode_ns: the first round's generation loop */
   int32_t* history = (int32_t*)malloc((n_prompt + n_new) * sizeof(int32_t));
   if (!history) {
     fprintf(stderr, "edgemoe_run: out of memory\n");
@@ -409,6 +417,7 @@ int main(int argc, char** argv) {
     size_t n_history = n_prompt;
     em_reset(s);
     rc = em_prefill(s, prompt, n_prompt);
+    uint64_t decode_start = monotonic_ns();
     for (uint64_t i = 0; rc == EM_OK && i < n_new; i++) {
       int32_t next = em_sample(sampler, em_logits(s), history, n_history);
       if (!ignore_eos && next == info.eos_token_id) break;
@@ -431,7 +440,11 @@ int main(int argc, char** argv) {
       rc = em_decode_step(s, next, NULL);
     }
     em_sampler_free(sampler);
-    if (round == 0) printf("\n"), rss_first_round = status_kib("VmRSS") * 1024ull;
+    if (round == 0) {
+      decode_ns = monotonic_ns() - decode_start;
+      printf("\n");
+      rss_first_round = status_kib("VmRSS") * 1024ull;
+    }
   }
   free(history);
   em_tokenizer_close(tok);
@@ -451,11 +464,11 @@ int main(int argc, char** argv) {
          "stall_ns=%llu\nprefetch_issued=%llu\nprefetch_used=%llu\nprefetch_wasted=%llu\npredicted=%llu\n"
          "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
          "record_bytes=%u\nread_retries=%llu\nrecords_read=%llu\npeak_rss_bytes=%llu\nrss_first_round_bytes=%llu\n"
-         "rss_last_round_bytes=%llu\n",
+         "rss_last_round_bytes=%llu\ndecode_ns=%llu\n",
          U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
          U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
          U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
-         st.record_bytes, U(st.read_retries), U(st.records_read), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull);
+         st.record_bytes, U(st.read_retries), U(st.records_read), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull, decode_ns);
 #undef U
   em_close(s);
   return 0;
