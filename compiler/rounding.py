@@ -134,13 +134,25 @@ def round_to_levels(w: np.ndarray, bits: int, group: int, gram: np.ndarray | Non
     return _calibrated(w, bits, group, gram)
 
 
+# The last Gram matrix factored and its factors: an expert's gate and up matrices share their inputs,
+# hence their Gram matrix, and factoring it is most of the cost of rounding them.
+_last_factored: list = [None, None]
+
+
+def _factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the diagonal of XᵀX, the upper Cholesky factor of the damped (XᵀX)⁻¹), for `gram` as given."""
+    if _last_factored[0] is not gram:
+        h = gram.astype(np.float64)
+        importance = np.diag(h).copy()
+        h = h + DAMPING * importance.mean() * np.eye(len(h))
+        # Row j of the factor says how column j's error moves the columns after it.
+        _last_factored[:] = [gram, (importance, np.linalg.cholesky(np.linalg.inv(h)).T)]
+    return _last_factored[1]
+
+
 def _calibrated(w: np.ndarray, bits: int, group: int, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, k = w.shape
-    h = gram.astype(np.float64)
-    importance = np.diag(h).copy()
-    h = h + DAMPING * importance.mean() * np.eye(k)
-    # Upper Cholesky factor of H⁻¹: row j says how column j's error moves the columns after it.
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    importance, u = _factor(gram)
     rest = w.astype(np.float64).copy()
     scales = np.empty((n, k // group), np.float16)
     levels = np.empty((n, k), np.float32)
