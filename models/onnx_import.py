@@ -69,7 +69,7 @@ WEIGHT_TYPES = {1: "F32", 10: "F16", 16: "BF16"}
 # The operators torch.onnx writes for these families' decoders (default domain): the rest are refused
 OPERATORS = frozenset({
     "Add", "And", "Cast", "Concat", "Constant", "Cos", "CumSum", "Div", "Equal", "Expand", "Gather", "GatherND",
-    "Gemm", "Identity", "IsNaN", "LessOrEqual", "MatMul", "Max", "Mul", "Neg", "Not", "Pow", "Range", "Reciprocal",
+    "Gemm", "IsNaN", "LessOrEqual", "MatMul", "Max", "Mul", "Neg", "Not", "Pow", "Range", "Reciprocal",
     "ReduceMean", "ReduceSum", "Reshape", "Shape", "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze",
     "Sub", "TopK", "Transpose", "Unsqueeze", "Where"})
 EXPORT_HINT = ("export logits from input_ids alone with torch.onnx's dynamo exporter and the experts as batched "
@@ -105,15 +105,15 @@ def _read_config(path: Path) -> dict:
 
 
 def _family(path: Path, hf: dict):
+    """The family module config.json's architectures name, if the ONNX importer reads that family."""
     from . import IMPORTERS
 
+    readable = {a: fam for a, fam in IMPORTERS.items() if fam.__name__.rsplit(".", 1)[1] in FAMILIES}
     archs = hf.get("architectures") or []
-    fam = next((IMPORTERS[a] for a in archs if a in IMPORTERS), None)
-    name = fam.__name__.rsplit(".", 1)[1] if fam is not None else None
-    if name not in FAMILIES:
+    fam = next((readable[a] for a in archs if a in readable), None)
+    if fam is None:
         raise ModelImportError(f"{path}: the ONNX importer does not read {archs or hf.get('model_type')!r} models "
-                               f"(config.json beside it); supported: "
-                               f"{', '.join(a for a in sorted(IMPORTERS) if IMPORTERS[a].__name__.rsplit('.', 1)[1] in FAMILIES)}")
+                               f"(config.json beside it); supported: {', '.join(sorted(readable))}")
     return fam
 
 
@@ -155,6 +155,11 @@ class OnnxGraph:
             raise ModelImportError(f"{path}: the ONNX graph is empty (a truncated or damaged file?)")
         self.nodes = list(g.node)
         self.inits = {t.name: t for t in g.initializer}
+        for t in g.initializer:
+            kind = onnx.TensorProto.DataType.Name(t.data_type)
+            if kind.startswith(("FLOAT", "DOUBLE", "BFLOAT")) and t.data_type not in WEIGHT_TYPES:
+                raise ModelImportError(f"{path}: initializer {t.name!r} is {kind}; the ONNX importer reads float32, "
+                                       "float16 and bfloat16 weights (export the model in one of them)")
         self.producer, self.consumers = {}, defaultdict(list)
         for i, n in enumerate(self.nodes):
             if n.domain not in ("", "ai.onnx") or n.op_type not in OPERATORS:
@@ -217,9 +222,6 @@ class OnnxGraph:
         from onnx import TensorProto, numpy_helper
 
         t = self.inits[name]
-        if t.data_type not in WEIGHT_TYPES:
-            raise ModelImportError(f"{self.path}: initializer {name!r} is of ONNX type {t.data_type}; supported weights: "
-                                   "float32, float16, bfloat16")
         dtype, shape = WEIGHT_TYPES[t.data_type], self.shape(name)
         if t.data_location != TensorProto.EXTERNAL:  # inline: small, read now
             return numpy_helper.to_array(t).astype(np.float32)
@@ -232,6 +234,9 @@ class OnnxGraph:
         start = int(info.get("offset", 0))
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(STORED_DTYPES[dtype]).itemsize
         end = start + int(info.get("length", size))
+        if end - start != size:
+            raise ModelImportError(f"{self.path}: initializer {name!r} spans {end - start} bytes of {location}; its "
+                                   f"shape {shape} at {dtype} needs {size} (a damaged file: export it again)")
         if not data.is_file() or data.stat().st_size < end:
             state = "missing" if not data.is_file() else f"{data.stat().st_size} bytes long"
             raise ModelImportError(f"{self.path}: initializer {name!r} lies at bytes {start}…{end} of {data}, which is "
@@ -324,6 +329,10 @@ def _rmsnorm(g: OnnxGraph, x: str, within=None) -> Norm | None:
     if g.scalar(g.nodes[p].input[1]) != 2.0:
         g.fail(p, "an RMSNorm expected: its Pow's exponent is not 2")
     mean = one(g.nodes[p].output[0], "ReduceMean", "ReduceMean")
+    m = g.nodes[mean]
+    axes = g.const(m.input[1]) if len(m.input) > 1 else next((list(a.ints) for a in m.attribute if a.name == "axes"), None)
+    if axes is None or list(np.reshape(axes, -1)) != [-1]:
+        g.fail(mean, "an RMSNorm expected: its mean is not over the last axis")
     add = one(g.nodes[mean].output[0], "Add", "Add ε")
     eps = g.scalar(g.other(add, g.nodes[mean].output[0]))
     if eps is None:
@@ -338,7 +347,7 @@ def _rmsnorm(g: OnnxGraph, x: str, within=None) -> Norm | None:
     weight = g.other(wmul[0], scaled) if len(wmul) == 1 else None
     if weight is None or not g.is_weight(weight) or len(g.shape(weight)) != 1:
         g.fail(mul[0], "an RMSNorm expected: no weight vector multiplies it")
-    g.claimed.update((weight, g.nodes[p].input[1], g.nodes[add].input[0], g.nodes[add].input[1]))
+    g.claimed.update((weight, g.nodes[p].input[1], g.other(add, g.nodes[mean].output[0])))
     return Norm(g.nodes[wmul[0]].output[0], g.tensor(weight), eps, (p, mean, add, sqrt, rec, mul[0], wmul[0]))
 
 
@@ -357,15 +366,19 @@ class _Reader:
             self.mismatch(f"{what} ({lin.name})", tuple(lin.weight.shape), shape)
         return lin.weight
 
-    def norm(self, x: str, what: str, shape: tuple[int, ...], within=None) -> Norm:
+    def norm(self, x: str, what: str, shape: tuple[int, ...] | None = None, within=None) -> Norm:
+        """The RMSNorm of x, checked against the config (with `shape`; else check() it later)."""
         n = _rmsnorm(self.g, x, within)
         if n is None:
             consumers = self.g.users(x) or [self.g.producer[x]]
             self.g.fail(consumers[0], f"the {what} RMSNorm expected on {x!r}")
+        return n if shape is None else self.check(n, what, shape)
+
+    def check(self, n: Norm, what: str, shape: tuple[int, ...]) -> Norm:
         if tuple(n.weight.shape) != shape:
             self.mismatch(f"the {what} norm's weight", tuple(n.weight.shape), shape)
         if np.float32(n.eps) != np.float32(self.cfg.norm_eps):
-            self.mismatch(f"the {what} norm's ε", n.eps, self.cfg.norm_eps)
+            self.mismatch(f"the {what} norm's ε", str(np.float32(n.eps)), self.cfg.norm_eps)
         return n
 
     def bias(self, value: str, within, size: int, what: str):
@@ -397,11 +410,12 @@ class _Reader:
         embed = g.tensor(embed_name)
         x, layers = g.nodes[gathers[0]].output[0], []
         while True:
-            n = self.norm(x, f"layer {len(layers)} attention (or the final)", (cfg.hidden_size,))
+            i = len(layers)
+            n = self.norm(x, f"layer {i} attention (or the final)")
             residual = self.residual(x, n)
+            self.check(n, "final" if residual is None else f"layer {i} attention", (cfg.hidden_size,))
             if residual is None:
                 break
-            i = len(layers)
             h, attn = self.attention(n, x, residual, i)
             n2 = self.norm(h, f"layer {i} feed-forward", (cfg.hidden_size,))
             residual2 = self.residual(h, n2)
@@ -610,7 +624,7 @@ class _Reader:
                    and g.is_weight(g.nodes[i].input[0]) and len(g.shape(g.nodes[i].input[0])) == 3]
         found = {}
         for i in stacked:
-            if g.producer[chosen] not in g.ancestors(g.nodes[i].input[1], C | {g.producer[chosen]}):
+            if g.producer[chosen] not in g.ancestors(g.nodes[i].input[1], C):
                 g.fail(i, f"layer {li}: expert weights gathered by something other than the TopK's expert ids")
             bmm = g.users(g.nodes[i].output[0], "MatMul", C)
             if len(bmm) != 1:
