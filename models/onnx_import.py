@@ -207,6 +207,8 @@ class OnnxGraph:
 
     def scalar(self, name: str) -> float | None:
         """A float constant of one element, or None."""
+        if name in self.inits and int(np.prod(self.inits[name].dims, dtype=np.int64)) != 1:
+            return None
         v = self.const(name)
         return float(v.reshape(-1)[0]) if v is not None and v.size == 1 and v.dtype.kind == "f" else None
 
@@ -306,6 +308,8 @@ class OnnxGraph:
 
 @dataclass
 class Norm:
+    """A recognised RMSNorm: its output value, weight, ε and nodes."""
+
     out: str
     weight: object
     eps: float
@@ -313,8 +317,8 @@ class Norm:
 
 
 def _rmsnorm(g: OnnxGraph, x: str, within=None) -> Norm | None:
-    """The RMSNorm of value x (Pow 2 → ReduceMean → Add ε → Sqrt → Reciprocal → Mul x → Mul weight), or None
-    when no Pow reads x; a Pow that starts another pattern is refused."""
+    """The RMSNorm of value x (Pow 2 → ReduceMean → Add ε → Sqrt → Reciprocal → Mul x → Mul weight), or
+    None when no Pow reads x; a Pow that starts another pattern is refused."""
     pows = g.users(x, "Pow", within)
     if not pows:
         return None
@@ -330,7 +334,8 @@ def _rmsnorm(g: OnnxGraph, x: str, within=None) -> Norm | None:
         g.fail(p, "an RMSNorm expected: its Pow's exponent is not 2")
     mean = one(g.nodes[p].output[0], "ReduceMean", "ReduceMean")
     m = g.nodes[mean]
-    axes = g.const(m.input[1]) if len(m.input) > 1 else next((list(a.ints) for a in m.attribute if a.name == "axes"), None)
+    axes = g.const(m.input[1]) if len(m.input) > 1 else \
+        next((list(a.ints) for a in m.attribute if a.name == "axes"), None)
     if axes is None or list(np.reshape(axes, -1)) != [-1]:
         g.fail(mean, "an RMSNorm expected: its mean is not over the last axis")
     add = one(g.nodes[mean].output[0], "Add", "Add ε")
@@ -349,6 +354,14 @@ def _rmsnorm(g: OnnxGraph, x: str, within=None) -> Norm | None:
         g.fail(mul[0], "an RMSNorm expected: no weight vector multiplies it")
     g.claimed.update((weight, g.nodes[p].input[1], g.other(add, g.nodes[mean].output[0])))
     return Norm(g.nodes[wmul[0]].output[0], g.tensor(weight), eps, (p, mean, add, sqrt, rec, mul[0], wmul[0]))
+
+
+def _gate_and_up(gate_up, e: int, inter: int):
+    """Expert e's gate rows and up rows of a stacked gate-up weight [E, 2I, H], unread where stored."""
+    if isinstance(gate_up, StoredTensor):
+        rows = gate_up.row(e)
+        return rows.rows(0, inter), rows.rows(inter, 2 * inter)
+    return np.ascontiguousarray(gate_up[e, :inter]), np.ascontiguousarray(gate_up[e, inter:])
 
 
 class _Reader:
@@ -402,7 +415,8 @@ class _Reader:
                                    f"from token ids to logits alone (no attention mask, no KV cache); {EXPORT_HINT}")
         gathers = g.users(inputs[0], "Gather")
         if len(gathers) != 1 or not g.is_weight(g.nodes[gathers[0]].input[0]):
-            raise ModelImportError(f"{g.path}: no embedding (a Gather of a weight by {inputs[0]!r}) found; {EXPORT_HINT}")
+            raise ModelImportError(f"{g.path}: no embedding (a Gather of a weight by {inputs[0]!r}) found; "
+                                   f"{EXPORT_HINT}")
         embed_name = g.nodes[gathers[0]].input[0]
         if g.shape(embed_name) != (cfg.vocab_size, cfg.hidden_size):
             self.mismatch(f"the embedding ({embed_name})", g.shape(embed_name), (cfg.vocab_size, cfg.hidden_size))
@@ -495,8 +509,10 @@ class _Reader:
             self.mismatch(f"layer {li}'s attention biases", "q/k/v " + ("yes" if fields["bq"] is not None else "no") +
                           ", output " + ("yes" if fields["bo"] is not None else "no"),
                           f"q/k/v {'yes' if cfg.qkv_bias else 'no'}, output {'yes' if cfg.o_bias else 'no'}")
-        if (fields.get("q_norm") is None) != (cfg.qk_norm == "none") or (fields.get("k_norm") is None) != (cfg.qk_norm == "none"):
-            self.mismatch(f"layer {li}'s q/k norms", "other ones", f"qk_norm {cfg.qk_norm!r}")
+        found = [r for r in ("q", "k") if fields.get(r + "_norm") is not None]
+        if found != ([] if cfg.qk_norm == "none" else ["q", "k"]):
+            self.mismatch(f"layer {li}'s q/k norms", f"norms of {' and '.join(found) or 'neither'}",
+                          f"qk_norm {cfg.qk_norm!r}")
         stray = [i for i in C if g.nodes[i].op_type == "Pow" and i not in norms]
         if stray:
             g.fail(stray[0], f"layer {li}: a Pow in the attention that is not a q/k norm the family has")
@@ -587,11 +603,8 @@ class _Reader:
         if gate_up.shape != (E, 2 * I, H) or down.shape != (E, H, I):
             self.mismatch(f"layer {li}'s expert weights", f"{gate_up.shape} and {down.shape}",
                           f"{(E, 2 * I, H)} and {(E, H, I)}")
-        fields = dict(router=self.shaped(router[0], (E, H), f"layer {li} router"), experts=[Expert(gate_up.row(e).rows(0, I) if isinstance(gate_up, StoredTensor)
-                                                       else np.ascontiguousarray(gate_up[e, :I]),
-                                                       gate_up.row(e).rows(I, 2 * I) if isinstance(gate_up, StoredTensor)
-                                                       else np.ascontiguousarray(gate_up[e, I:]),
-                                                       down[e]) for e in range(E)])
+        fields = dict(router=self.shaped(router[0], (E, H), f"layer {li} router"),
+                      experts=[Expert(*_gate_and_up(gate_up, e, I), down[e]) for e in range(E)])
         rest = [lin for lin in lins if lin is not router[0]]
         if cfg.shared_expert_intermediate:
             S = cfg.shared_expert_intermediate
@@ -657,7 +670,8 @@ class _Reader:
         cos = [i for i, n in enumerate(g.nodes) if n.op_type in ("Cos", "Sin")]
         found = {x for i in cos for j in g.ancestors(g.nodes[i].output[0]) for x in g.nodes[j].input if g.is_weight(x)}
         d = cfg.head_dim
-        want = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(np.float32)
+        # as transformers computes them: 1 / θ^(2i/d) in float32
+        want = (1.0 / cfg.rope_theta ** (np.arange(0, d, 2).astype(np.float32) / d)).astype(np.float32)
         if len(found) != 1:
             raise ModelImportError(f"{g.path}: RoPE's frequencies expected as one weight the Cos and Sin tables are "
                                    f"computed from; found {sorted(found) or 'none'}; {EXPORT_HINT}")

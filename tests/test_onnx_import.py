@@ -4,8 +4,9 @@ external data) imports from its graph to the same MoEModel as the Hugging Face d
 compiled, it gives the HF directory's expert image and trunk byte for byte (but for the compile id)
 and the same greedy tokens. Strictness: operators, op patterns, weights and constants the importer
 does not recognise, a config.json that disagrees with the graph, a missing config.json, damaged
-files and other families are refused naming the problem. One export per family per session (an
-export takes ~10 s): three families of distinct structure in CI, OLMoE in the slow run."""
+files and other families are refused naming the problem. One export per family per session, shared
+with test_onnx_reference.py (conftest's onnx_exports; an export takes ~10 s): three families of
+distinct structure in CI, OLMoE and a dense layer in the slow run."""
 from __future__ import annotations
 
 import json
@@ -17,38 +18,15 @@ import numpy as np
 import pytest
 
 from edgemoe.models import ModelImportError, describe_model, load_model
+from edgemoe.models.onnx_import import FAMILIES
 from edgemoe.models.stored_tensor import StoredTensor, materialize
 
 from crafted import IMAGE_FIELDS, TRUNK_FIELDS
-from families import save_checkpoint
 
 onnx = pytest.importorskip("onnx")
 
 # plain; shared gated expert, q/k/v biases, no renormalisation; per-head q/k norms, renormalised top-4 of 16
 CI_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-
-
-@pytest.fixture(scope="session")
-def exports(tmp_path_factory):
-    """(family, config changes) → (its HF directory, a directory holding its export as torch.onnx
-    writes it and the config.json it came from), each exported once per session."""
-    from edgemoe.onnx_reference import export
-
-    made = {}
-
-    def get(family: str, **changes) -> tuple[Path, Path]:
-        key = json.dumps([family, changes], sort_keys=True)
-        if key not in made:
-            d = tmp_path_factory.mktemp(f"onnx_import_{family}")
-            hf = save_checkpoint(family, d / "hf", **changes)
-            (d / "onnx").mkdir()
-            export(hf, d / "onnx" / "model.onnx")
-            shutil.copy(hf / "config.json", d / "onnx" / "config.json")
-            made[key] = hf, d / "onnx"
-        return made[key]
-
-    return get
 
 
 def assert_same_model(a, b, where="model"):
@@ -68,9 +46,9 @@ def assert_same_model(a, b, where="model"):
 
 
 @pytest.mark.parametrize("family", [f if f in CI_FAMILIES else pytest.param(f, marks=pytest.mark.slow)
-                                    for f in SUPPORTED])
-def test_an_onnx_export_imports_the_hf_checkpoints_model_exactly(exports, family):
-    hf, exported = exports(family)
+                                    for f in FAMILIES])
+def test_an_onnx_export_imports_the_hf_checkpoints_model_exactly(onnx_exports, family):
+    hf, exported = onnx_exports(family)
     want = load_model(hf)
     got = load_model(exported / "model.onnx")
     assert got.config == want.config == describe_model(exported)
@@ -83,8 +61,8 @@ def test_an_onnx_export_imports_the_hf_checkpoints_model_exactly(exports, family
 
 
 @pytest.mark.slow
-def test_dense_layers_import_and_are_checked_against_the_config(exports, tmp_path):
-    hf, exported = exports("qwen2_moe", mlp_only_layers=[0])
+def test_dense_layers_import_and_are_checked_against_the_config(onnx_exports, tmp_path):
+    hf, exported = onnx_exports("qwen2_moe", mlp_only_layers=[0])
     model = load_model(exported)
     assert model.layers[0].dense is not None and model.config.dense_layers == (0,)
     assert_same_model(model, load_model(hf))
@@ -105,17 +83,16 @@ def without_compile_id(path: Path, fmt: str, names: tuple) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def compiled(exports, tiny_with_tokenizer, tmp_path_factory, runtime_lib):
+def compiled(onnx_exports, tiny_with_tokenizer, tmp_path_factory, runtime_lib):
     """Mixtral compiled from its HF directory and from its ONNX export (a directory given as the
     CLI gets it), each with the same tokenizer.json beside it."""
     from edgemoe.compiler.driver import CompileOptions, compile_model
 
-    hf, exported = exports("mixtral")
     out = tmp_path_factory.mktemp("onnx_import_artifacts")
-    for d in (hf, exported):
-        shutil.copy(tiny_with_tokenizer / "tokenizer.json", d / "tokenizer.json")
-    for name, src in (("hf", hf), ("onnx", exported)):
-        compile_model(src, out / name, CompileOptions(expert_bits=4, max_seq=48), log=lambda m: None)
+    for name, src in zip(("hf", "onnx"), onnx_exports("mixtral")):
+        shutil.copytree(src, out / f"{name}_model")
+        shutil.copy(tiny_with_tokenizer / "tokenizer.json", out / f"{name}_model" / "tokenizer.json")
+        compile_model(out / f"{name}_model", out / name, CompileOptions(expert_bits=4, max_seq=48), log=lambda m: None)
     return out / "hf", out / "onnx"
 
 
@@ -134,9 +111,9 @@ def test_an_onnx_export_compiles_to_the_hf_directorys_artifact(compiled, rng):
 
 
 @pytest.fixture
-def mixtral_onnx(exports, tmp_path):
+def mixtral_onnx(onnx_exports, tmp_path):
     """A copy of Mixtral's export to alter."""
-    _, exported = exports("mixtral")
+    _, exported = onnx_exports("mixtral")
     return Path(shutil.copytree(exported, tmp_path / "onnx"))
 
 
@@ -241,8 +218,18 @@ def test_damaged_files_are_refused(mixtral_onnx):
     refused(path, "model.onnx.data", "truncated or missing external data file")
 
 
-def test_which_files_are_an_onnx_model(mixtral_onnx, exports):
-    hf, _ = exports("mixtral")
+def test_weights_inside_the_onnx_file_import_too(mixtral_onnx, onnx_exports, tmp_path):
+    """An export small enough to hold its weights in the .onnx itself (external_data=False)."""
+    inline = tmp_path / "inline"
+    inline.mkdir()
+    onnx.save(onnx.load(str(mixtral_onnx / "model.onnx")), str(inline / "model.onnx"))
+    shutil.copy(mixtral_onnx / "config.json", inline / "config.json")
+    assert not (inline / "model.onnx.data").exists()
+    assert_same_model(load_model(inline / "model.onnx"), load_model(onnx_exports("mixtral")[0]))
+
+
+def test_which_files_are_an_onnx_model(mixtral_onnx, onnx_exports):
+    hf, _ = onnx_exports("mixtral")
     assert load_model(mixtral_onnx).config == load_model(hf).config  # a directory holding one .onnx
     shutil.copy(mixtral_onnx / "model.onnx", mixtral_onnx / "other.onnx")
     refused(mixtral_onnx, "holds 2 .onnx files", "name the one to import")
