@@ -84,15 +84,21 @@ def without_compile_id(path: Path, fmt: str, names: tuple) -> bytes:
 
 @pytest.fixture(scope="session")
 def compiled(onnx_exports, tiny_with_tokenizer, tmp_path_factory, runtime_lib):
-    """Mixtral compiled from its HF directory and from its ONNX export (a directory given as the
-    CLI gets it), each with the same tokenizer.json beside it."""
+    """Mixtral compiled from its HF directory and, by `edgemoe-compile MODEL.onnx`, from its ONNX
+    export, each with the same tokenizer.json beside it."""
+    from click.testing import CliRunner
+
+    from edgemoe.cli import compile_cmd
     from edgemoe.compiler.driver import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("onnx_import_artifacts")
     for name, src in zip(("hf", "onnx"), onnx_exports("mixtral")):
         shutil.copytree(src, out / f"{name}_model")
         shutil.copy(tiny_with_tokenizer / "tokenizer.json", out / f"{name}_model" / "tokenizer.json")
-        compile_model(out / f"{name}_model", out / name, CompileOptions(expert_bits=4, max_seq=48), log=lambda m: None)
+    compile_model(out / "hf_model", out / "hf", CompileOptions(expert_bits=4, max_seq=48), log=lambda m: None)
+    r = CliRunner().invoke(compile_cmd, [str(out / "onnx_model" / "model.onnx"), "-o", str(out / "onnx"),
+                                         "--bits", "4", "--max-seq", "48"])
+    assert r.exit_code == 0, (r.output, r.exception)
     return out / "hf", out / "onnx"
 
 
