@@ -145,7 +145,9 @@ def compile_inputs(model_dir: Path, opts: CompileOptions) -> bytes:
     modification times), the calibration and search texts likewise, the options (but not how many
     workers round) and the code that rounds and writes them."""
     h = hashlib.sha256()
-    files = [model_dir] if model_dir.is_file() else sorted(p for p in model_dir.iterdir() if p.is_file())
+    # a checkpoint file (.gguf, .onnx) with what lies beside it: its config.json, external data, tokenizer
+    folder = model_dir.parent if model_dir.is_file() else model_dir
+    files = sorted(p for p in folder.iterdir() if p.is_file())
     for p in files + [Path(t) for t in (opts.calibration, opts.search_text) if t is not None]:
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -224,12 +226,12 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
 
 def place_tokenizer(model_dir: Path, out_dir: Path) -> Path | str:
     """Puts the checkpoint's tokenizer.json (and tokenizer_config.json) into the artifact: an HF
-    directory's own, the ones beside a GGUF file, or made from the vocabulary the GGUF carries.
+    directory's own, the ones beside a GGUF or ONNX file, or made from the vocabulary the GGUF carries.
     Returns the artifact's tokenizer.json, or why there is none."""
     from ..models.gguf_import import gguf_file, read_vocabulary, tokenizer_files
 
     gguf = gguf_file(model_dir)
-    source = model_dir if gguf is None else gguf.parent
+    source = model_dir if model_dir.is_dir() else model_dir.parent
     if (source / "tokenizer.json").is_file():
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (source / name).is_file():

@@ -8,6 +8,7 @@ from .config import Expert, Layer, MoEConfig, MoEModel
 from .families import family_modules
 from .gguf_import import gguf_file
 from .hf_import import ModelImportError, read_config
+from .onnx_import import onnx_file
 from .stored_tensor import StoredTensor
 
 # architectures (as named in an HF config's "architectures" list) → family module (describe, load)
@@ -17,9 +18,16 @@ IMPORTERS = {arch: fam for fam in family_modules() for arch in fam.ARCHITECTURES
 def load_model(model_dir: str | Path, lazy_experts: bool = False) -> MoEModel:
     """Import a checkpoint into the project's MoEModel, by its declared architecture: a Hugging Face
     directory (config.json + *.safetensors), or a GGUF file (a path ending in .gguf, or a directory
-    holding one .gguf and no config.json; gguf_import.py). Every weight is a float32 array, except
-    with `lazy_experts`, where an HF checkpoint's expert matrices stay StoredTensors, read when used
-    (one expert at a time: the streaming compile)."""
+    holding one .gguf and no config.json; gguf_import.py), or a torch.onnx export (a path ending in
+    .onnx, or a directory holding one .onnx and no safetensors, config.json beside it; onnx_import.py).
+    Every weight is a float32 array, except with `lazy_experts`, where the expert matrices of an HF
+    checkpoint or an ONNX export's external data stay StoredTensors, read when used (one expert at a
+    time: the streaming compile)."""
+    onnx = onnx_file(model_dir)
+    if onnx is not None:
+        from .onnx_import import load_onnx
+
+        return read_stored(load_onnx(onnx), lazy_experts)
     gguf = gguf_file(model_dir)
     if gguf is not None:
         from .gguf_import import load_gguf
@@ -66,7 +74,12 @@ def reference_executor(model: MoEModel, max_positions: int | None = None):
 
 def describe_model(model_dir: str | Path) -> MoEConfig:
     """The MoEConfig of a checkpoint from its config.json alone, or a GGUF's metadata and tensor
-    table (no tensors read)."""
+    table, or the config.json beside an ONNX export (no tensors read)."""
+    onnx = onnx_file(model_dir)
+    if onnx is not None:
+        from .onnx_import import describe_onnx
+
+        return describe_onnx(onnx)
     gguf = gguf_file(model_dir)
     if gguf is not None:
         from .gguf_import import describe_gguf

@@ -109,6 +109,15 @@ class StoredTensor(NDArrayOperatorsMixin):
         at = self.start + (i % n) * step
         return StoredTensor(self.path, self.name, self.stored_dtype, self.shape[1:], at, at + step)
 
+    def rows(self, start: int, stop: int) -> "StoredTensor":
+        """Indices start…stop-1 along the first axis, still unread (one half of a fused gate-up matrix)."""
+        n = self.shape[0]
+        if not 0 <= start < stop <= n:
+            raise IndexError(f"rows {start}:{stop} out of range for {self.name} of shape {self.shape}")
+        step = (self.end - self.start) // n
+        return StoredTensor(self.path, self.name, self.stored_dtype, (stop - start, *self.shape[1:]),
+                            self.start + start * step, self.start + stop * step)
+
     def __array__(self, dtype=None, copy=None):
         a = self.read()
         return a if dtype is None else a.astype(dtype)

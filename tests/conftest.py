@@ -71,6 +71,33 @@ def tiny_with_tokenizer(tiny_mixtral_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def onnx_exports(tmp_path_factory):
+    """(family, config changes) → (its tiny HF directory from tests/families.py, a directory holding
+    its export as torch.onnx writes it (edgemoe.onnx_reference.export) and the config.json it came
+    from), each exported once per session (an export takes ~10 s). Not to be altered: copy first."""
+    import json
+    import shutil
+
+    from edgemoe.onnx_reference import export
+    from families import save_checkpoint
+
+    made = {}
+
+    def get(family: str, **changes) -> tuple[Path, Path]:
+        key = json.dumps([family, changes], sort_keys=True)
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"onnx_{family}")
+            hf = save_checkpoint(family, d / "hf", **changes)
+            (d / "onnx").mkdir()
+            export(hf, d / "onnx" / "model.onnx")
+            shutil.copy(hf / "config.json", d / "onnx" / "config.json")
+            made[key] = hf, d / "onnx"
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def trained_model():
     from edgemoe.models import load_model
 

@@ -64,12 +64,13 @@ FAMILIES = {
 }
 
 
-def hf_model(family: str, seed: int = 1234):
+def hf_model(family: str, seed: int = 1234, **changes):
+    """The family's tiny model, with `changes` to its config."""
     import torch
     import transformers
 
     config_cls, model_cls, extra = FAMILIES[family]
-    cfg = getattr(transformers, config_cls)(**{**COMMON, **extra})
+    cfg = getattr(transformers, config_cls)(**{**COMMON, **extra, **changes})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg)
     with torch.no_grad():  # random biases and norm weights, so that a skipped one shows
@@ -82,8 +83,8 @@ def hf_model(family: str, seed: int = 1234):
     return model.eval()
 
 
-def save_checkpoint(family: str, out: Path) -> Path:
-    hf_model(family).save_pretrained(out)
+def save_checkpoint(family: str, out: Path, **changes) -> Path:
+    hf_model(family, **changes).save_pretrained(out)
     return out
 
 

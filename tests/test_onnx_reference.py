@@ -9,7 +9,7 @@ import pytest
 
 from edgemoe.models import load_model
 from edgemoe.models.reference import ReferenceExecutor
-from edgemoe.onnx_reference import OnnxModel, export
+from edgemoe.onnx_reference import OnnxModel
 
 from families import FAMILIES, save_checkpoint
 
@@ -18,10 +18,9 @@ CI_FAMILIES = ("mixtral", "qwen2_moe", "phimoe")  # plain; shared gated expert a
 
 @pytest.fixture(scope="module", params=[f if f in CI_FAMILIES else pytest.param(f, marks=pytest.mark.slow)
                                         for f in sorted(FAMILIES)])
-def exported(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(f"onnx_{request.param}")
-    model_dir = save_checkpoint(request.param, d / "hf")
-    return model_dir, OnnxModel(export(model_dir, d / "model.onnx"))
+def exported(request, onnx_exports):
+    model_dir, onnx_dir = onnx_exports(request.param)
+    return model_dir, OnnxModel(onnx_dir / "model.onnx")
 
 
 def test_onnxruntime_matches_the_reference_executor(exported, rng):

@@ -169,7 +169,8 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
               help="Android targets: the API level to build for (names the NDK compiler) [default: the target's].")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
                 tolerance, max_bits, search_text, int_dot, tune, jobs, android_api):
-    """Compile the MoE checkpoint in MODEL_DIR (Hugging Face layout) for a target board. An
+    """Compile the MoE checkpoint MODEL_DIR (a Hugging Face directory, a .gguf or a torch.onnx export's
+    .onnx with config.json beside it) for a target board. An
     interrupted compile resumes from the experts it finished when run again with the same inputs."""
     from .compiler.driver import CompileOptions, compile_model
     from .compiler.tuning import TuningError
