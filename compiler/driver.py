@@ -285,8 +285,10 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     jobs = opts.jobs or default_jobs()
     search = opts.tolerance is not None or opts.max_bits is not None
     with stage(progress, f"importing {model_dir.name}"):
-        # experts stay in the checkpoint until rounded, one at a time; the bit-plan search keeps them all
-        model = load_model(model_dir, lazy_experts=not search)
+        # every tensor stays in the checkpoint until used: experts rounded one at a time, the trunk read
+        # a layer at a time by the calibration pass and a matrix at a time into trunk.bin; the bit-plan
+        # search keeps the model in RAM
+        model = load_model(model_dir, lazy=not search)
     cfg = model.config
     tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none
     calib_tokens = None

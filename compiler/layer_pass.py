@@ -10,12 +10,13 @@ Dense layers (no experts) are passed through inside the pass; only expert layers
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
 
 from ..models import Expert, MoEModel, read_stored
+from ..models.stored_tensor import materialize
 from ..models.reference import (attend_sequence, causal_mask, embed_rows, feed_forward, norm, quantize_activation,
                                 route_rows, rope_tables, routed_expert_hidden, router_logits, shared_expert)
 
@@ -107,12 +108,15 @@ class LayerPass:
 
     def layers(self) -> Iterator[RoutedLayer]:
         """Each expert layer, routed; once the caller has applied its experts, the next."""
-        model, cfg = self.model, self.model.config
-        x = [embed_rows(model, w) for w in self.windows]
+        cfg = self.model.config
+        table = materialize(self.model.embed)
+        x = [embed_rows(self.model, w, table) for w in self.windows]
+        del table
         moe_index = {l: m for m, l in enumerate(cfg.moe_layer_ids)}
         for li in range(cfg.num_layers):
+            model = self._with_layer_read(li)
             if li not in moe_index:
-                x = [self._dense_layer(li, rows) for rows in x]
+                x = [self._dense_layer(model, li, rows) for rows in x]
                 continue
             layer = RoutedLayer(model, li, moe_index[li], x, self._rope)
             for sel, idx in zip(self.selected, layer.picks):
@@ -120,9 +124,16 @@ class LayerPass:
             yield layer
             x = layer.output()
 
-    def _dense_layer(self, li: int, x: np.ndarray) -> np.ndarray:
+    def _with_layer_read(self, li: int) -> MoEModel:
+        """The model with decoder layer li's trunk weights read (a model of stored tensors keeps one
+        layer in RAM at a time; its experts stay stored)."""
+        layers = list(self.model.layers)
+        layers[li] = read_stored(layers[li], lazy_experts=True)
+        return replace(self.model, layers=layers)
+
+    def _dense_layer(self, model: MoEModel, li: int, x: np.ndarray) -> np.ndarray:
         """One window's residual stream x through dense decoder layer li (attention, then its MLP)."""
-        model, layer = self.model, self.model.layers[li]
+        layer = model.layers[li]
         cos, sin, mask = self._rope[len(x)]
         a = attend_sequence(model, li, x, cos, sin, mask)
         return a + feed_forward(model, layer, norm(model.config, a, layer.ffn_norm, layer.ffn_norm_bias), None, None)

@@ -80,24 +80,22 @@ def profile_routing(model: MoEModel, tokens: np.ndarray, window: int = WINDOW, p
     cfg = model.config
     H, E = cfg.hidden_size, cfg.num_experts
     F = 2 * H + 1
-    gram = np.zeros((cfg.num_moe_layers, F, F))
-    cross = np.zeros((cfg.num_moe_layers, F, E))
     calibration = LayerPass(model, tokens, window)
+    fitted = []
     for layer in track(progress, calibration.layers(), "routing profile", total=cfg.num_moe_layers, unit="layer"):
-        l, weights = layer.moe_index, layer.layer
+        weights = layer.layer
+        gram, cross = np.zeros((F, F)), np.zeros((F, E))  # one layer's at a time: [F, F] is 134 MB at H = 2048
         for entering, xn, logits in zip(layer.entering, layer.ffn_in, layer.logits):
             z = norm(cfg, entering, weights.ffn_norm, weights.ffn_norm_bias).astype(np.float64)
             previous = np.vstack([np.zeros((1, H)), xn[:-1]])
             z = np.hstack([z, previous, np.ones((len(z), 1))])
-            gram[l] += z.T @ z
-            cross[l] += z.T @ logits
+            gram += z.T @ z
+            cross += z.T @ logits
         calibration.run_experts(layer)
-    fitted = []
-    for l, layer in enumerate(model.moe_layers):
         router = np.zeros((F, E))
-        router[:H] = layer.router.T  # the plain next router: current state only, no bias
+        router[:H] = weights.router.T  # the plain next router: current state only, no bias
         # minimise |Z (router + D) - Y|^2 + RIDGE·T·|D|^2 over the correction D
-        d = np.linalg.solve(gram[l] + RIDGE * len(tokens) * np.eye(F), cross[l] - gram[l] @ router)
+        d = np.linalg.solve(gram + RIDGE * len(tokens) * np.eye(F), cross - gram @ router)
         fitted.append((router + d).T)
     fitted = np.stack(fitted)
     return RoutingProfile(np.concatenate(calibration.selected), E, fitted.astype(np.float32))

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .rounding import round_to_levels
+from ..models.stored_tensor import LazyTensor
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16: float16 weights
 DEFAULT_GROUP = 32
@@ -218,6 +219,17 @@ def check_trunk_bits(bits: int) -> None:
                          "(32 = float32)")
 
 
+class RoundedTensor(LazyTensor):
+    """A stored matrix as the artifact holds it (quantized at `bits`, dequantized), rounded when
+    read rather than when made, so a model of stored tensors is rounded without holding it."""
+
+    def __init__(self, source: LazyTensor, bits: int, group: int, gram: np.ndarray | None = None):
+        self.source, self.bits, self.group, self.gram, self.shape = source, bits, group, gram, source.shape
+
+    def read(self) -> np.ndarray:
+        return quantize(self.source.read(), self.bits, self.group, gram=self.gram).dequantize()
+
+
 def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP,
                     layout: str = "rows", moments=None):
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
@@ -232,7 +244,11 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     check_trunk_bits(trunk_bits)
 
     def q(w, b, gram=None):
-        return w if b == 32 or w is None else quantize(w, b, group, gram=gram).dequantize()
+        if b == 32 or w is None:
+            return w
+        if isinstance(w, LazyTensor):  # a streaming compile's: rounded when read, one layer at a time
+            return RoundedTensor(w, b, group, gram)
+        return quantize(w, b, group, gram=gram).dequantize()
 
     def expert(li, ei, e):
         if expert_bits is None:

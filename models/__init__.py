@@ -9,25 +9,27 @@ from .families import family_modules
 from .gguf_import import gguf_file
 from .hf_import import ModelImportError, read_config
 from .onnx_import import onnx_file
-from .stored_tensor import StoredTensor
+from .stored_tensor import LazyTensor
 
 # architectures (as named in an HF config's "architectures" list) → family module (describe, load)
 IMPORTERS = {arch: fam for fam in family_modules() for arch in fam.ARCHITECTURES}
 
 
-def load_model(model_dir: str | Path, lazy_experts: bool = False) -> MoEModel:
+def load_model(model_dir: str | Path, lazy_experts: bool = False, lazy: bool = False) -> MoEModel:
     """Import a checkpoint into the project's MoEModel, by its declared architecture: a Hugging Face
     directory (config.json + *.safetensors), or a GGUF file (a path ending in .gguf, or a directory
     holding one .gguf and no config.json; gguf_import.py), or a torch.onnx export (a path ending in
     .onnx, or a directory holding one .onnx and no safetensors, config.json beside it; onnx_import.py).
     Every weight is a float32 array, except with `lazy_experts`, where the expert matrices of an HF
     checkpoint or an ONNX export's external data stay StoredTensors, read when used (one expert at a
-    time: the streaming compile)."""
+    time: the streaming compile); with `lazy`, every tensor the file holds as it is used stays stored
+    (the trunk too: the streaming compile of a model whose trunk alone is gigabytes)."""
     onnx = onnx_file(model_dir)
     if onnx is not None:
         from .onnx_import import load_onnx
 
-        return read_stored(load_onnx(onnx), lazy_experts)
+        model = load_onnx(onnx)
+        return model if lazy else read_stored(model, lazy_experts)
     gguf = gguf_file(model_dir)
     if gguf is not None:
         from .gguf_import import load_gguf
@@ -37,7 +39,8 @@ def load_model(model_dir: str | Path, lazy_experts: bool = False) -> MoEModel:
     archs = hf.get("architectures") or []
     for a in archs:
         if a in IMPORTERS:
-            return read_stored(IMPORTERS[a].load(Path(model_dir)), lazy_experts)
+            model = IMPORTERS[a].load(Path(model_dir))
+            return model if lazy else read_stored(model, lazy_experts)
     raise ModelImportError(
         f"unknown architecture {archs or hf.get('model_type')!r} in {model_dir}/config.json; "
         f"supported: {', '.join(sorted(IMPORTERS))}"
@@ -45,11 +48,11 @@ def load_model(model_dir: str | Path, lazy_experts: bool = False) -> MoEModel:
 
 
 def read_stored(obj, lazy_experts: bool = False, _read: dict | None = None):
-    """`obj` (a model, layer, expert or list of them) with every StoredTensor read into an array, each
+    """`obj` (a model, layer, expert or list of them) with every LazyTensor read into an array, each
     once (tied embeddings stay one array); with `lazy_experts`, routed experts' weights are left
     stored."""
     read = {} if _read is None else _read
-    if isinstance(obj, StoredTensor):
+    if isinstance(obj, LazyTensor):
         if id(obj) not in read:
             read[id(obj)] = obj.read()
         return read[id(obj)]

@@ -67,7 +67,42 @@ class _Mapped:
         return held[1]
 
 
-class StoredTensor(NDArrayOperatorsMixin):
+class LazyTensor(NDArrayOperatorsMixin):
+    """A float32 tensor computed when used (read()), not when made: used as an array (np.asarray,
+    arithmetic, indexing, .T, astype) it is read, and nothing is kept. Subclasses set `shape` and
+    define read()."""
+
+    shape: tuple[int, ...]
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
+    dtype = np.dtype(np.float32)  # as used
+
+    def read(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.read()
+        return a if dtype is None else a.astype(dtype)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(i.read() if isinstance(i, LazyTensor) else i for i in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __getitem__(self, key):
+        return self.read()[key]
+
+    @property
+    def T(self) -> np.ndarray:
+        return self.read().T
+
+    def astype(self, dtype, **kwargs) -> np.ndarray:
+        return self.read().astype(dtype, **kwargs)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+class StoredTensor(LazyTensor):
     """A tensor in a safetensors file, read as float32 when used (module docstring)."""
 
     def __init__(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, end: int):
@@ -80,10 +115,6 @@ class StoredTensor(NDArrayOperatorsMixin):
                                          f"{tuple(shape)} at {dtype} needs {count * np.dtype(STORED_DTYPES[dtype]).itemsize}")
         self.path, self.name, self.stored_dtype, self.shape = Path(path), name, dtype, tuple(shape)
         self.start, self.end = start, end
-
-    ndim = property(lambda self: len(self.shape))
-    size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
-    dtype = np.dtype(np.float32)  # as used
 
     def read(self) -> np.ndarray:
         """The tensor as a new float32 array. The mapped pages are released from this process
@@ -118,14 +149,6 @@ class StoredTensor(NDArrayOperatorsMixin):
         return StoredTensor(self.path, self.name, self.stored_dtype, (stop - start, *self.shape[1:]),
                             self.start + start * step, self.start + stop * step)
 
-    def __array__(self, dtype=None, copy=None):
-        a = self.read()
-        return a if dtype is None else a.astype(dtype)
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        inputs = tuple(i.read() if isinstance(i, StoredTensor) else i for i in inputs)
-        return getattr(ufunc, method)(*inputs, **kwargs)
-
     def __getitem__(self, key):
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
         if isinstance(first, (int, np.integer)) and self.ndim > 1:
@@ -133,20 +156,10 @@ class StoredTensor(NDArrayOperatorsMixin):
             return sub[rest] if rest else sub
         return self.read()[key]
 
-    @property
-    def T(self) -> np.ndarray:
-        return self.read().T
-
-    def astype(self, dtype, **kwargs) -> np.ndarray:
-        return self.read().astype(dtype, **kwargs)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def __repr__(self) -> str:
         return f"StoredTensor({self.path.name}:{self.name}, {self.stored_dtype}, {self.shape})"
 
 
 def materialize(a):
-    """`a` as an ndarray where it is a StoredTensor, else `a` itself."""
-    return a.read() if isinstance(a, StoredTensor) else a
+    """`a` as an ndarray where it is a LazyTensor, else `a` itself."""
+    return a.read() if isinstance(a, LazyTensor) else a
