@@ -128,6 +128,9 @@ def test_an_unreachable_scheduler_is_named(tiny_mixtral_dir, tmp_path):
     assert result.exit_code == 1, result.output
     assert f"cannot reach the Dask scheduler at {address}" in result.output and "dask scheduler" in result.output
     assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(compile_cmd, [str(tiny_mixtral_dir), "-o", str(tmp_path / "out"), "--jobs", "2",
+                                              "--dask-scheduler", address])
+    assert result.exit_code == 2 and "exclude each other" in result.output, result.output
 
 
 def test_a_worker_without_edgemoe_is_named(tiny_mixtral_dir, tmp_path):

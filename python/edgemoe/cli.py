@@ -184,6 +184,9 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     from .targets import UnknownTargetError
     from .targets.toolchain import ToolchainError
 
+    if jobs is not None and dask_scheduler is not None:
+        raise click.UsageError("--jobs and --dask-scheduler exclude each other: the experts are rounded on local "
+                               "processes or on the Dask cluster's workers")
     if max_seq is not None:
         longest = _model_max_positions(model_dir)
         if longest is not None and max_seq > longest:
