@@ -20,7 +20,7 @@ from ..targets import load_target, toolchain
 from .bitplan import LEVELS, search_plan, split_tokens
 from .cache import cache_dir
 from .expert_image import ImageWriter
-from .expert_pool import ExpertPool, RoundingTask, default_jobs
+from .expert_pool import ExpertPool, RoundingLost, RoundingTask, default_jobs, record_code_digest
 from .layer_pass import LayerPass, grams
 from .lower import build_kernels
 from .progress import stage, track
@@ -51,6 +51,7 @@ class CompileOptions:
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
     tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
     jobs: int | None = None  # worker processes rounding experts; default: one per core
+    dask_scheduler: str | None = None  # round experts on this Dask cluster (HOST:PORT) instead; overrides jobs
     android_api: int | None = None  # Android targets: the API level to build for; default: the target's
 
 
@@ -134,16 +135,14 @@ def _publish(work: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# The sources whose code decides the bytes of an expert record: a resumed compile keeps records only
-# when these are unchanged (as well as the checkpoint, the texts and the options).
-RECORD_SOURCES = ("rounding.py", "quantize.py", "expert_image.py", "expert_pool.py", "layer_pass.py", "profile.py",
-                  "../models/reference.py", "../models/stored_tensor.py")
+# Options that choose where experts are rounded, not what the records hold.
+WHERE_OPTIONS = ("jobs", "dask_scheduler")
 
 
 def compile_inputs(model_dir: Path, opts: CompileOptions) -> bytes:
     """A digest of what a compile's expert records depend on: the checkpoint's files (names, sizes,
     modification times), the calibration and search texts likewise, the options (but not how many
-    workers round) and the code that rounds and writes them."""
+    workers round, or where) and the code that rounds and writes them."""
     h = hashlib.sha256()
     # a checkpoint file (.gguf, .onnx) with what lies beside it: its config.json, external data, tokenizer
     folder = model_dir.parent if model_dir.is_file() else model_dir
@@ -151,9 +150,9 @@ def compile_inputs(model_dir: Path, opts: CompileOptions) -> bytes:
     for p in files + [Path(t) for t in (opts.calibration, opts.search_text) if t is not None]:
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    h.update(json.dumps({k: v for k, v in asdict(opts).items() if k != "jobs"}, default=str, sort_keys=True).encode())
-    for name in RECORD_SOURCES:
-        h.update((Path(__file__).parent / name).read_bytes())
+    h.update(json.dumps({k: v for k, v in asdict(opts).items() if k not in WHERE_OPTIONS}, default=str,
+                        sort_keys=True).encode())
+    h.update(record_code_digest())
     return h.digest()
 
 
@@ -202,8 +201,9 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     writing; None (the default) reports none of them.
     The artifact is written into a working directory beside out_dir and renamed into place when
     complete: a failed or interrupted compile leaves out_dir as it was. An interrupted one (Ctrl-C,
-    a signal, a crash) also leaves its working directory, and the same compile run again resumes
-    from the expert records it finished; one that fails on its inputs removes it."""
+    a signal, a crash, a Dask cluster losing its tasks) also leaves its working directory, and the
+    same compile run again resumes from the expert records it finished; one that fails on its
+    inputs removes it."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir)
     target = load_target(opts.target).with_android_api(opts.android_api)
@@ -214,7 +214,7 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         try:
             manifest = _compile_into(model_dir, work, opts, target, cc, log, progress, (work / ".inputs").read_bytes())
             _publish(work, out_dir)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, RoundingLost):
             log(f"interrupted: {work} keeps the expert records finished so far; the same command resumes from them")
             raise
         except BaseException:
@@ -282,13 +282,19 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
                   inputs: bytes) -> dict:
     t0 = time.time()
     check_trunk_bits(opts.trunk_bits)
-    jobs = opts.jobs or default_jobs()
     search = opts.tolerance is not None or opts.max_bits is not None
+    if opts.dask_scheduler:
+        from .dask_pool import DaskPool
+
+        pool = DaskPool(opts.dask_scheduler)  # fails here, before the long stages, if Dask is not installed
+    else:
+        pool = ExpertPool(opts.jobs or default_jobs())
     with stage(progress, f"importing {model_dir.name}"):
         # every tensor stays in the checkpoint until used: experts rounded one at a time, the trunk read
         # a layer at a time by the calibration pass and a matrix at a time into trunk.bin; the bit-plan
-        # search keeps the model in RAM
-        model = load_model(model_dir, lazy=not search)
+        # search keeps the model in RAM. Dask workers read experts by their file address, from their own
+        # working directory: absolute
+        model = load_model(model_dir.absolute() if opts.dask_scheduler else model_dir, lazy=not search)
     cfg = model.config
     tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none
     calib_tokens = None
@@ -347,14 +353,14 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     tasks = _stored_tasks(model, plan, opts.group, layout, moments, skip) if rounded_trunk is None else \
         _calibrated_tasks(rounded_trunk, calib_tokens, plan, opts.group, layout, skip, progress)
     t_round, cpu_round = time.time(), cpu_seconds()
-    with ExpertPool(jobs) as pool:
+    with pool:
         for r in track(progress, pool.run(tasks), "rounding experts", total=writer.n - len(skip), unit="expert"):
             writer.write(r.layer, r.expert, r.bits, r.payload, r.part_offsets)
     rounded = (writer.n - len(skip)) / max(writer.n, 1) * counts["experts"]
     seconds, cpu = time.time() - t_round, cpu_seconds() - cpu_round
     log(f"rounded {writer.n - len(skip)} experts ({rounded / 1e6:.1f}M parameters"
-        f"{', against their calibration inputs' if rounded_trunk is not None else ''}) on {jobs} "
-        f"process{'es' if jobs > 1 else ''} in {seconds:.1f} s ({cpu:.1f} CPU-seconds): "
+        f"{', against their calibration inputs' if rounded_trunk is not None else ''}) on {pool.where} in "
+        f"{seconds:.1f} s ({cpu:.1f} CPU-seconds{'' if isinstance(pool, ExpertPool) else ' in this process'}): "
         f"{rounded / 1e6 / max(seconds, 1e-9):.3g}M parameters/s; peak RSS {peak_rss() / 2**30:.2f} GiB")
     if rounded_trunk is not None:
         log(f"measured expert inputs on {len(calib_tokens)} calibration tokens (the quantizer rounds against them)")
@@ -419,7 +425,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
                          "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits,
                          "layout": layout},
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
-                    "image_bytes": files["experts.bin"]["bytes"]},
+                    "image_bytes": files["experts.bin"]["bytes"], "rounded_on": pool.where},
         "trunk_bytes": trunk_bytes,
         "bit_plan_search": None if searched is None else {
             **searched.to_dict(), "text": str(opts.search_text or opts.calibration)},

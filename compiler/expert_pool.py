@@ -5,15 +5,18 @@ compile hands them out one expert per task and writes the records back in order.
 the expert's weights as stored (StoredTensors travel as their file address, and the worker reads
 them itself) and, with calibration, its Gram matrices; the result is the record's bytes. At most
 two tasks per worker are in flight, so memory stays a few experts whatever the model's size.
-Workers run their BLAS on one thread each: the pool is the parallelism.
+Workers run their BLAS on one thread each: the pool is the parallelism. dask_pool.DaskPool runs the
+same tasks, behind the same interface, on a Dask cluster.
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..models.stored_tensor import materialize
@@ -23,6 +26,25 @@ from .quantize import quantize
 # Environment variables that size the BLAS thread pools of the libraries NumPy may be built with.
 BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 IN_FLIGHT_PER_JOB = 2
+
+# The sources whose code decides the bytes of an expert record: a resumed compile keeps records only
+# when these are unchanged (as well as the checkpoint, the texts and the options), and a remote
+# worker rounds only when its copy of them is this one.
+RECORD_SOURCES = ("rounding.py", "quantize.py", "expert_image.py", "expert_pool.py", "layer_pass.py", "profile.py",
+                  "../models/reference.py", "../models/stored_tensor.py")
+
+
+def record_code_digest() -> bytes:
+    """SHA-256 of RECORD_SOURCES as this installation of EdgeMoE has them."""
+    h = hashlib.sha256()
+    for name in RECORD_SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.digest()
+
+
+class RoundingLost(RuntimeError):
+    """The workers lost tasks in flight (a cluster's worker or scheduler went away): the compile
+    stops as an interrupted one does, keeping its finished records for the same command to resume."""
 
 
 @dataclass
@@ -68,6 +90,7 @@ class ExpertPool:
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, not {jobs}")
         self.jobs = jobs
+        self.where = f"{jobs} process{'es' if jobs > 1 else ''}"  # for the compile log and manifest
         self._pool = None
         self._saved_env = {}
 

@@ -13,7 +13,9 @@
 # The aarch64 TVM runtime that server links against (libtvm_runtime.so, libtvm_ffi.so) comes from the
 # aarch64 wheels of the installed apache-tvm and apache-tvm-ffi versions, unpacked into build/tvm-runtime-aarch64.
 # Python packages: torch (pinned, first, so nothing pulls another build in), then the project
-# with its [test] extras. PYTHON selects the interpreter (default: python, else python3).
+# with its [test] extras (the reference models, pytest, and Dask: the [distributed] extra that
+# tests/test_distributed_compile.py compiles on a local cluster with). PYTHON selects the
+# interpreter (default: python, else python3).
 # llama.cpp's converter and llama-quantize (tests/test_gguf_llamacpp.py): scripts/fetch-llamacpp.sh,
 # skipped with EDGEMOE_NO_LLAMACPP=1 (those tests are then skipped too).
 set -euo pipefail

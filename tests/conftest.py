@@ -121,6 +121,15 @@ def _compile(tmp_path_factory, model_dir: Path, bits: int, name: str) -> Path:
     return out
 
 
+def records(artifact: Path):
+    """The expert records of an artifact as (table without the compile id, the data): experts.bin's
+    bytes but the compile id its header carries."""
+    from edgemoe.compiler.expert_image import read_table
+
+    head, recs = read_table(artifact / "experts.bin")
+    return recs, (artifact / "experts.bin").read_bytes()[head.data_offset:]
+
+
 @pytest.fixture(scope="session")
 def artifact_int4(tmp_path_factory, runtime_lib) -> Path:
     return _compile(tmp_path_factory, TRAINED_MODEL, 4, "mini_int4")

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from edgemoe.compiler.driver import CompileOptions, compile_inputs, compile_model, working_directory
-from edgemoe.compiler.expert_image import read_experts, read_table
+from edgemoe.compiler.expert_image import read_experts
 from edgemoe.models import load_model
 from edgemoe.models.hf_import import TensorReader
 from edgemoe.models.stored_tensor import StoredTensor
 
-from conftest import CALIBRATION, TRAINED_MODEL
+from conftest import CALIBRATION, TRAINED_MODEL, records
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -109,12 +109,6 @@ def test_the_layer_pass_follows_each_family_s_forward(family, tmp_path):
             assert np.array_equal(out, trace["layer_out"][layer.index])
     assert seen == eager.config.moe_layer_ids
     assert all(np.array_equal(a, b) for a, b in zip(calibration.selected, selected))
-
-
-def records(artifact: Path):
-    """The expert records of an artifact as (table without the compile id, the data)."""
-    head, recs = read_table(artifact / "experts.bin")
-    return recs, (artifact / "experts.bin").read_bytes()[head.data_offset:]
 
 
 def test_streamed_calibrated_rounding_is_the_in_ram_rounding(tiny_with_tokenizer, tmp_path):

@@ -165,20 +165,28 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
                                            "(on this machine) and record them; later compiles reuse the records.")
 @click.option("--jobs", type=click.IntRange(1, 4096), default=None,
               help="Worker processes rounding experts [default: one per core].")
+@click.option("--dask-scheduler", default=None, metavar="HOST:PORT",
+              help="Round experts on the workers of this running Dask scheduler instead of local processes (needs "
+                   "pip install edgemoe[distributed]; the scheduler and workers need EdgeMoE, and the workers the "
+                   "checkpoint at this machine's path).")
 @click.option("--android-api", type=click.IntRange(21, 99), default=None,
               help="Android targets: the API level to build for (names the NDK compiler) [default: the target's].")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, max_bits, search_text, int_dot, tune, jobs, android_api):
+                tolerance, max_bits, search_text, int_dot, tune, jobs, dask_scheduler, android_api):
     """Compile the MoE checkpoint MODEL_DIR (a Hugging Face directory, a .gguf or a torch.onnx export's
     .onnx with config.json beside it) for a target board. An
     interrupted compile resumes from the experts it finished when run again with the same inputs."""
     from .compiler.driver import CompileOptions, compile_model
+    from .compiler.expert_pool import RoundingLost
     from .compiler.tuning import TuningError
     from .models import ModelImportError
     from .progressbar import terminal_progress
     from .targets import UnknownTargetError
     from .targets.toolchain import ToolchainError
 
+    if jobs is not None and dask_scheduler is not None:
+        raise click.UsageError("--jobs and --dask-scheduler exclude each other: the experts are rounded on local "
+                               "processes or on the Dask cluster's workers")
     if max_seq is not None:
         longest = _model_max_positions(model_dir)
         if longest is not None and max_seq > longest:
@@ -187,9 +195,11 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
     try:
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, search_text=search_text,
-                              int_dot=int_dot, tune=tune, jobs=jobs, android_api=android_api)
+                              int_dot=int_dot, tune=tune, jobs=jobs, dask_scheduler=dask_scheduler,
+                              android_api=android_api)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
-    except (ModelImportError, UnknownTargetError, TuningError, ToolchainError, ValueError, FileNotFoundError) as e:
+    except (ModelImportError, UnknownTargetError, TuningError, ToolchainError, ValueError, FileNotFoundError,
+            RoundingLost) as e:
         raise click.ClickException(str(e))
 
 
