@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from scipy.linalg.lapack import dtrtri
 
 # The grid of scale fractions searched per group (the last is max|w| / c).
 SCALE_FRACTIONS = np.linspace(0.3, 1.0, 29)
@@ -145,8 +146,14 @@ def _factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h = gram.astype(np.float64)
         importance = np.diag(h).copy()
         h = h + DAMPING * importance.mean() * np.eye(len(h))
-        # Row j of the factor says how column j's error moves the columns after it.
-        _last_factored[:] = [gram, (importance, np.linalg.cholesky(np.linalg.inv(h)).T)]
+        # Row j of the factor says how column j's error moves the columns after it. Without forming
+        # H⁻¹: with J the order reversal and L the lower Cholesky factor of JHJ, H⁻¹ = (JL⁻¹J)ᵀ(JL⁻¹J)
+        # and JL⁻¹J is upper triangular (a third of inverting H, then factoring H⁻¹).
+        low = np.linalg.cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+        inverse, info = dtrtri(low, lower=1)
+        if info:
+            raise np.linalg.LinAlgError(f"the damped Gram matrix is singular (LAPACK dtrtri info {info})")
+        _last_factored[:] = [gram, (importance, np.ascontiguousarray(inverse[::-1, ::-1]))]
     return _last_factored[1]
 
 
@@ -158,14 +165,15 @@ def _calibrated(w: np.ndarray, bits: int, group: int, gram: np.ndarray) -> tuple
     levels = np.empty((n, k), np.float32)
     for g0 in range(0, k, group):
         cols = slice(g0, g0 + group)
-        s = search_scales(rest[:, None, cols], bits, importance[None, None, cols])[:, 0, 0].astype(np.float64)
+        block = rest[:, cols].copy()  # the group's columns, contiguous: a column of `rest` is strided by k
+        s = search_scales(block[:, None, :], bits, importance[None, None, cols])[:, 0, 0].astype(np.float64)
         scales[:, g0 // group] = s
         err = np.empty((n, group))
+        within = u[cols, cols]
         for i in range(group):  # within the group column by column; past it, one matrix product
-            j = g0 + i
-            q = round_levels(rest[:, j] / s, bits)
-            levels[:, j] = q
-            err[:, i] = (rest[:, j] - q * s) / u[j, j]
-            rest[:, j + 1 : g0 + group] -= np.outer(err[:, i], u[j, j + 1 : g0 + group])
+            q = round_levels(block[:, i] / s, bits)
+            levels[:, g0 + i] = q
+            err[:, i] = (block[:, i] - q * s) / within[i, i]
+            block[:, i + 1 :] -= np.outer(err[:, i], within[i, i + 1 :])
         rest[:, g0 + group :] -= err @ u[cols, g0 + group :]
     return scales, levels

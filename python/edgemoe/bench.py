@@ -720,7 +720,6 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, compile_cap
 
     bits = int(bits)
     gtype = llamacpp.GGUF_TYPES[bits]
-    llamacpp.check_tree(tree, ("llama-quantize", "llama-bench"))
     work_dir.mkdir(parents=True, exist_ok=True)
     name = f"{shape}{f'-{layers}l' if layers else ''}"
     ckpt = work_dir / f"{name}-random"
@@ -745,6 +744,7 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, compile_cap
         record.write_text(json.dumps({"wall_s": run.wall_s, "peak_bytes": run.peak_bytes, "cap_bytes": compile_cap,
                                       "max_rss_bytes": run.max_rss_bytes, "calibration": str(calibration or "")}))
     compiled = json.loads(record.read_text()) if record.is_file() else None
+    llamacpp.check_tree(tree, ("llama-quantize", "llama-bench"))
     f16 = llamacpp.convert(tree, ckpt, work_dir / f"{name}-f16.gguf")
     gguf = llamacpp.quantize(tree, f16, gtype)
     manifest = read_manifest(art)
