@@ -696,6 +696,8 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
               help="Expert and trunk bits (against llama.cpp's Q4_0 / Q8_0).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Compile with this calibration text (GPTQ rounding, routing profile).")
+@click.option("--calibration-tokens", type=click.IntRange(1), default=8192, show_default=True,
+              help="Tokens of the calibration text the compile uses.")
 @click.option("--compile-cap", type=_Bytes(1 << 20), default="4GiB", show_default=True,
               help="RAM cap (cgroup, page cache included) the compile runs under.")
 @click.option("--jobs", type=click.IntRange(1, 4096), default=None, help="Compile worker processes.")
@@ -706,7 +708,7 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
 @click.option("-n", "n_new", type=click.IntRange(1, 1000), default=16, show_default=True)
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=2, show_default=True)
 @plot_option("largemodel")
-def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, compile_cap, jobs, fractions, allowance, n_new,
+def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration_tokens, compile_cap, jobs, fractions, allowance, n_new,
                    threads, plot_path, no_plot):
     """A real-size MoE (random weights in a published shape, written at bench time) through the
     streaming compile under a RAM cap, then decoded by EdgeMoE and by llama.cpp (mmap, the same
@@ -716,7 +718,7 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, compile_cap
     from . import llamacpp
     from .memcap import MemCapError, drop_page_cache, run_capped
     from .runtime import budget_bytes, build_runtime
-    from ..models.random_checkpoint import write as write_checkpoint
+    from .models.random_checkpoint import write as write_checkpoint
 
     bits = int(bits)
     gtype = llamacpp.GGUF_TYPES[bits]
@@ -733,7 +735,7 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, compile_cap
     if not (art / "manifest.json").is_file():
         cmd = [sys.executable, "-c", "from edgemoe.cli import compile_cmd; compile_cmd()", str(ckpt), "-o", str(art),
                "--bits", str(bits), "--trunk-bits", str(bits)]
-        cmd += ["--calibration", str(calibration)] if calibration else []
+        cmd += ["--calibration", str(calibration), "--calibration-tokens", str(calibration_tokens)] if calibration else []
         cmd += ["--jobs", str(jobs)] if jobs else []
         click.echo(f"compiling under a {fmt_bytes(compile_cap)} cap: {' '.join(cmd[3:])}", err=True)
         drop_page_cache([])
@@ -742,7 +744,8 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, compile_cap
             why = " (killed: the cap was reached)" if run.returncode == -9 else ""
             raise click.ClickException(f"the compile failed{why}: {run.stderr.strip()[-1500:]}")
         record.write_text(json.dumps({"wall_s": run.wall_s, "peak_bytes": run.peak_bytes, "cap_bytes": compile_cap,
-                                      "max_rss_bytes": run.max_rss_bytes, "calibration": str(calibration or "")}))
+                                      "max_rss_bytes": run.max_rss_bytes, "calibration": str(calibration or ""),
+                                      "calibration_tokens": calibration_tokens, "log": run.stderr[-4000:]}))
     compiled = json.loads(record.read_text()) if record.is_file() else None
     llamacpp.check_tree(tree, ("llama-quantize", "llama-bench"))
     f16 = llamacpp.convert(tree, ckpt, work_dir / f"{name}-f16.gguf")
@@ -752,9 +755,10 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, compile_cap
     click.echo(f"{name}: {n_params / 1e9:.2f} B parameters (random, bfloat16, {fmt_bytes(2 * n_params)}); EdgeMoE "
                f"INT{bits} experts and trunk, {fmt_bytes(ours_bytes)}; llama.cpp {gtype}, {fmt_bytes(gguf.stat().st_size)}")
     if compiled:
-        click.echo(f"compile{' with ' + Path(compiled['calibration']).name if compiled['calibration'] else ''}: "
-                   f"{compiled['wall_s']:.0f} s wall, {n_params / compiled['wall_s'] / 1e6:.1f} M parameters/s; peak "
-                   f"{fmt_bytes(compiled['peak_bytes'])} (RSS and page cache, cgroup) under a "
+        text = f" with {compiled['calibration_tokens']} tokens of {Path(compiled['calibration']).name}" \
+            if compiled["calibration"] else ""
+        click.echo(f"compile{text}: {compiled['wall_s']:.0f} s wall, {n_params / compiled['wall_s'] / 1e6:.1f} M "
+                   f"parameters/s; peak {fmt_bytes(compiled['peak_bytes'])} (RSS and page cache, cgroup) under a "
                    f"{fmt_bytes(compiled['cap_bytes'])} cap; largest process {fmt_bytes(compiled['max_rss_bytes'])}")
     binary = build_runtime().parent / "edgemoe_run"
     max_seq = n_new + 8
