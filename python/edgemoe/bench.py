@@ -722,6 +722,7 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration
 
     bits = int(bits)
     gtype = llamacpp.GGUF_TYPES[bits]
+    llamacpp.check_tree(tree, ())  # the source tree now; its built tools once the compile is done
     work_dir.mkdir(parents=True, exist_ok=True)
     name = f"{shape}{f'-{layers}l' if layers else ''}"
     ckpt = work_dir / f"{name}-random"
