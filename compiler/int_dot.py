@@ -25,13 +25,16 @@ register: SXTB16 spreads even and odd bytes into int16 halves and two SMLADs add
 Instructions per token on both: docs/BENCHMARKS.md §8.
 
 The kernels are written directly in TIR (TVMScript) rather than as tensor expressions to be
-scheduled: the vector types, the two interleaved accumulation chains and the intrinsic are the
-schedule. Each call quantizes its own input into a small workspace, so the C runtime calls them
-exactly like the float kernels (same arguments, float32 input and output).
+scheduled: the vector types, the accumulation chains and the intrinsic are the schedule, and its
+choices are the knobs of `Knobs` (the hand schedule is `Knobs()`), which tuning.py searches per
+kernel shape on the machine that runs it. Each call quantizes its own input into a small
+workspace, so the C runtime calls them exactly like the float kernels (same arguments, float32
+input and output).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, replace
 
 import tvm
 from tvm import tirx
@@ -47,6 +50,37 @@ from .quantize import TILE_ROWS, code_centre, planes
 # thread costs more than it saves: with the float kernels' 256 KiB the bundled model decoded at 4618
 # tok/s on 2 threads against 5384 on 1 (its 1 MiB LM head was the only kernel split).
 PARALLEL_MIN_BYTES = 2 << 20
+KNOBS_ATTR = "edgemoe.int_dot_knobs"  # the PrimFunc attribute holding an integer-dot kernel's knobs (JSON)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The schedule choices of an integer-dot kernel; the defaults are the hand schedule."""
+
+    chains: int = 2  # independent accumulation chains in a group's dot product (latency hiding)
+    tiles: int = 1  # tiles of TILE_ROWS rows one step of the row loop works on, side by side in its group loop
+    vectors: int = 1  # vectors of `lanes` rows of a tile per group step (others: further passes over the groups)
+    unroll: int = 1  # groups per iteration of the group loop, unrolled
+    fuse: bool = False  # gate_up: the gate's and the up's tiles in one group loop (else one loop after the other)
+    prefetch: int = 0  # software prefetch of the weights this many groups ahead (0: the hardware's alone)
+    parallel: bool | None = None  # row loop split over the compute threads; None: from PARALLEL_MIN_BYTES
+
+    def resolved(self, isa: "Isa", rows: int, k: int, bits: int, group: int, matrices: int = 1) -> "Knobs":
+        """These knobs for a kernel of `matrices` [rows, k] matrices at `bits`, `parallel` decided from
+        their bytes; ValueError if they do not fit it."""
+        misfits = [what for what, bad in (
+            (f"{self.tiles} tiles per step for {rows // TILE_ROWS} tiles",
+             self.tiles < 1 or rows // TILE_ROWS % self.tiles),
+            (f"{self.unroll} groups per step for {k // group} groups", self.unroll < 1 or k // group % self.unroll),
+            (f"{self.vectors} vectors of {isa.lanes} rows per step for tiles of {TILE_ROWS}",
+             self.vectors < 1 or TILE_ROWS // isa.lanes % self.vectors),
+            (f"{self.chains} accumulation chains for {group // 4} steps per group", not 1 <= self.chains <= group // 4),
+            ("a negative prefetch distance", self.prefetch < 0),
+            ("fusing matrices in a one-matrix kernel", self.fuse and matrices < 2)) if bad]
+        if misfits:
+            raise ValueError(f"knobs {self} do not fit this kernel: {'; '.join(misfits)}")
+        weight_bytes = matrices * rows * k * bits // 8
+        return self if self.parallel is not None else replace(self, parallel=weight_bytes >= PARALLEL_MIN_BYTES)
 
 
 @dataclass(frozen=True)
@@ -105,13 +139,14 @@ def centre(isa: Isa, bits: int) -> float:
     return 0.0 if bits == 8 and isa.signed_codes else code_centre(bits, "tiles")
 
 
-def _group_dot(isa: Isa, W, X4, t, g, sub: int, bits: int, group: int, k: int):
+def _group_dot(isa: Isa, W, X4, t, g, sub, bits: int, group: int, k: int, chains: int):
     """int32 × lanes: Σ over the columns of group g of code · q, for rows sub·lanes … of tile t.
     Each step takes 4 consecutive columns: one byte of each lane's word, masked out of its bit
-    field (for INT3, the low plane's field with the high plane's bit above it). Two independent
-    accumulation chains keep the instruction's latency off the critical path."""
+    field (for INT3, the low plane's field with the high plane's bit above it). `chains`
+    independent accumulation chains (steps dealt round-robin) keep the instruction's latency off
+    the critical path."""
     lanes = isa.lanes
-    chains: list = [_vec(0, "int32", lanes), _vec(0, "int32", lanes)]
+    acc: list = [_vec(0, "int32", lanes) for _ in range(chains)]
     words: dict = {}
 
     def word(first, b, index):  # word `index` of group g in the b-bit plane starting at word `first`
@@ -135,8 +170,10 @@ def _group_dot(isa: Isa, W, X4, t, g, sub: int, bits: int, group: int, k: int):
             codes = field if codes is None else codes | field
             first, low = first + k * b // 32, low + b
         # the 4 input codes of these columns, as one int32, to every lane
-        chains[quad % 2] = _dot4(isa, chains[quad % 2], codes, tirx.Broadcast(X4[g * (group // 4) + quad], lanes))
-    return chains[0] + chains[1]
+        acc[quad % chains] = _dot4(isa, acc[quad % chains], codes, tirx.Broadcast(X4[g * (group // 4) + quad], lanes))
+    while len(acc) > 1:  # summed pairwise
+        acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i] for i in range(0, len(acc), 2)]
+    return acc[0]
 
 
 def _dot4(isa: Isa, acc, codes, act):
@@ -206,32 +243,76 @@ def _quantize_input(k: int, group: int, centre: float):
     return body
 
 
-def _accumulate(isa: Isa, bits: int, group: int, ng: int):
-    """A macro: out[16 rows of tile t] += Σ_g s_w · s_x · (dot − c · Σ q), a vector of lanes rows at a time."""
-    lanes = isa.lanes
+def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: bool):
+    """A macro: out[rows of tiles t0 … t0 + knobs.tiles − 1] += Σ_g s_w · s_x · (dot − c · Σ q), a
+    vector of lanes rows at a time; with `both`, the same for (out2, W2, S2) in the same group loop."""
+    lanes, ng, chains = isa.lanes, k // group, knobs.chains
     f32, f16 = f"float32x{lanes}", f"float16x{lanes}"
+    passes, vectors, tiles, unroll, ahead = TILE_ROWS // lanes // knobs.vectors, knobs.vectors, knobs.tiles, \
+        knobs.unroll, knobs.prefetch
+    # the bit planes: (first word, words per group); the group's words of a tile are TILE_ROWS words each (a cache line)
+    lo_first, lo_words = 0, group * planes(bits)[0] // 32
+    hi_first, hi_words = k * planes(bits)[0] // 32, group * planes(bits)[-1] // 32
+    two_planes = len(planes(bits)) > 1
 
     def dot(W, X4, t, g, sub):
-        return _group_dot(isa, W, X4, t, g, sub, bits, group, ng * group)
+        return _group_dot(isa, W, X4, t, g, sub, bits, group, k, chains)
+
+    def line(W, t, word):  # prefetch (read, keep in every cache level) the cache line of the tile's word
+        return tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(W[t, word, 0]), 0, 3, 1)
 
     @T.macro
-    def body(out, W, S, X4, xs, xc, t):
-        for sub in T.unroll(TILE_ROWS // lanes):
-            for g in range(ng):
-                out[T.ramp(t * TILE_ROWS + sub * lanes, 1, lanes)] = \
-                    out.vload([t * TILE_ROWS + sub * lanes], f32) + \
-                    T.Cast(f32, S.vload([t, g, sub * lanes], f16)) * T.Broadcast(xs[g], lanes) * \
-                    (T.Cast(f32, dot(W, X4, t, g, sub)) - T.Broadcast(xc[g], lanes))
+    def fetch(W, t, g):  # group g + ahead of every plane (past the last tile: a harmless prefetch)
+        for i in T.unroll(lo_words):
+            T.evaluate(line(W, t, lo_first + (g + ahead) * lo_words + i))
+        if two_planes:
+            for i in T.unroll(hi_words):
+                T.evaluate(line(W, t, hi_first + (g + ahead) * hi_words + i))
+
+    @T.macro
+    def update(out, W, S, X4, xs, xc, t, g, sub):
+        out[T.ramp(t * TILE_ROWS + sub * lanes, 1, lanes)] = \
+            out.vload([t * TILE_ROWS + sub * lanes], f32) + \
+            T.Cast(f32, S.vload([t, g, sub * lanes], f16)) * T.Broadcast(xs[g], lanes) * \
+            (T.Cast(f32, dot(W, X4, t, g, sub)) - T.Broadcast(xc[g], lanes))
+
+    @T.macro
+    def body(out, W, S, out2, W2, S2, X4, xs, xc, t0):
+        for p in T.unroll(passes):
+            for go in range(ng // unroll):
+                for gi in T.unroll(unroll):
+                    for j in T.unroll(tiles):
+                        if ahead > 0:
+                            fetch(W, t0 + j, go * unroll + gi)
+                            if both:
+                                fetch(W2, t0 + j, go * unroll + gi)
+                        for v in T.unroll(vectors):
+                            update(out, W, S, X4, xs, xc, t0 + j, go * unroll + gi, p * vectors + v)
+                            if both:
+                                update(out2, W2, S2, X4, xs, xc, t0 + j, go * unroll + gi, p * vectors + v)
 
     return body
 
 
+def _tagged(func: tvm.tirx.PrimFunc, knobs: Knobs) -> tvm.tirx.PrimFunc:
+    """The kernel with its knobs in its attributes (the tuning records and the manifest read them)."""
+    return func.with_attr(KNOBS_ATTR, json.dumps(asdict(knobs), sort_keys=True))
+
+
+def knobs_of(func: tvm.tirx.PrimFunc) -> Knobs | None:
+    """The knobs an integer-dot kernel was built with; None for any other kernel."""
+    attrs = func.attrs
+    return Knobs(**json.loads(str(attrs[KNOBS_ATTR]))) if attrs is not None and KNOBS_ATTR in attrs else None
+
+
 def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual: bool = False,
-           parallel: bool = True) -> tvm.tirx.PrimFunc:
+           knobs: Knobs = Knobs()) -> tvm.tirx.PrimFunc:
     """y = W x (+ res) with W in the tiles layout: (codes, scales, x, [res], y), as kernels.matvec."""
-    nt, ng = n // TILE_ROWS, k // group
-    loop = T.parallel if parallel else T.serial
-    quantize_input, accumulate = _quantize_input(k, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
+    knobs = knobs.resolved(isa, n, k, bits, group)
+    nt, ng, tiles = n // TILE_ROWS, k // group, knobs.tiles
+    loop = T.parallel if knobs.parallel else T.serial
+    quantize_input = _quantize_input(k, group, centre(isa, bits))
+    accumulate = _accumulate(isa, bits, group, k, knobs, both=False)
 
     @T.macro
     def body(W, S, x, res, y):
@@ -240,31 +321,33 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
         xs = T.decl_buffer((ng,), "float32")
         xc = T.decl_buffer((ng,), "float32")
         quantize_input(x, xq, xs, xc)
-        for t in loop(nt):
-            for i in range(TILE_ROWS):
+        for s in loop(nt // tiles):
+            for i in range(tiles * TILE_ROWS):
                 if residual:
-                    y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i]
+                    y[s * tiles * TILE_ROWS + i] = res[s * tiles * TILE_ROWS + i]
                 else:
-                    y[t * TILE_ROWS + i] = T.float32(0)
-            accumulate(y, W, S, X4, xs, xc, t)
+                    y[s * tiles * TILE_ROWS + i] = T.float32(0)
+            accumulate(y, W, S, y, W, S, X4, xs, xc, s * tiles)
 
-    @T.prim_func
-    def plain(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"), S: T.Buffer((nt, ng, TILE_ROWS), "float16"),
+    # only the variant asked for is parsed (TVMScript parsing is most of a kernel's build time)
+    if residual:
+        @T.prim_func
+        def f(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"),
+              S: T.Buffer((nt, ng, TILE_ROWS), "float16"), x: T.Buffer((k,), "float32"),
+              res: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
+            T.func_attr({"global_symbol": name, "tir.noalias": True})
+            body(W, S, x, res, y)
+    else:
+        @T.prim_func
+        def f(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"), S: T.Buffer((nt, ng, TILE_ROWS), "float16"),
               x: T.Buffer((k,), "float32"), y: T.Buffer((n,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
-        body(W, S, x, y, y)  # no residual: the res argument is never read
+            T.func_attr({"global_symbol": name, "tir.noalias": True})
+            body(W, S, x, y, y)  # no residual: the res argument is never read
 
-    @T.prim_func
-    def with_residual(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"),
-                      S: T.Buffer((nt, ng, TILE_ROWS), "float16"), x: T.Buffer((k,), "float32"),
-                      res: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
-        body(W, S, x, res, y)
-
-    return with_residual if residual else plain
+    return _tagged(f, knobs)
 
 
-def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
+def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
                    name: str | None = None, kind: str = "swiglu", bias: bool = False) -> tvm.tirx.PrimFunc:
     """h = act(Wg x (+ bg), Wu x (+ bu)), Wg and Wu in the tiles layout, act the activation `kind`
     (kernels.activation); x is quantized once for both. With `bias`, the biases are inputs after
@@ -273,9 +356,12 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bo
 
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_gate_up_w{bits}"
-    nt, ng, kw = idim // TILE_ROWS, hdim // group, hdim * bits // 32
-    loop = T.parallel if parallel else T.serial
-    quantize_input, accumulate = _quantize_input(hdim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
+    knobs = knobs.resolved(isa, idim, hdim, bits, group, matrices=2)
+    nt, ng, kw, tiles, fuse = idim // TILE_ROWS, hdim // group, hdim * bits // 32, knobs.tiles, knobs.fuse
+    rows = tiles * TILE_ROWS
+    loop = T.parallel if knobs.parallel else T.serial
+    quantize_input = _quantize_input(hdim, group, centre(isa, bits))
+    accumulate = _accumulate(isa, bits, group, hdim, knobs, both=fuse)
 
     @T.macro
     def body(x, GW, GS, UW, US, GB, UB, h):
@@ -285,45 +371,52 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bo
         xc = T.decl_buffer((ng,), "float32")
         gate = T.decl_buffer((idim,), "float32")
         quantize_input(x, xq, xs, xc)
-        for t in loop(nt):
-            for i in range(TILE_ROWS):
+        for s in loop(nt // tiles):
+            for i in range(rows):
                 if bias:
-                    gate[t * TILE_ROWS + i] = GB[t * TILE_ROWS + i]
-                    h[t * TILE_ROWS + i] = UB[t * TILE_ROWS + i]
+                    gate[s * rows + i] = GB[s * rows + i]
+                    h[s * rows + i] = UB[s * rows + i]
                 else:
-                    gate[t * TILE_ROWS + i] = T.float32(0)
-                    h[t * TILE_ROWS + i] = T.float32(0)
-            accumulate(gate, GW, GS, X4, xs, xc, t)
-            accumulate(h, UW, US, X4, xs, xc, t)
-            for i in range(TILE_ROWS):
-                h[t * TILE_ROWS + i] = activation(cfg, kind, gate[t * TILE_ROWS + i], h[t * TILE_ROWS + i])
+                    gate[s * rows + i] = T.float32(0)
+                    h[s * rows + i] = T.float32(0)
+            if fuse:
+                accumulate(gate, GW, GS, h, UW, US, X4, xs, xc, s * tiles)
+            else:
+                accumulate(gate, GW, GS, gate, GW, GS, X4, xs, xc, s * tiles)
+                accumulate(h, UW, US, h, UW, US, X4, xs, xc, s * tiles)
+            for i in range(rows):
+                h[s * rows + i] = activation(cfg, kind, gate[s * rows + i], h[s * rows + i])
 
-    @T.prim_func
-    def plain(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+    if bias:
+        @T.prim_func
+        def f(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+              GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+              US: T.Buffer((nt, ng, TILE_ROWS), "float16"), gate_bias: T.Buffer((idim,), "float32"),
+              up_bias: T.Buffer((idim,), "float32"), h: T.Buffer((idim,), "float32")):
+            T.func_attr({"global_symbol": name, "tir.noalias": True})
+            body(x, GW, GS, UW, US, gate_bias, up_bias, h)
+    else:
+        @T.prim_func
+        def f(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer((idim,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
-        body(x, GW, GS, UW, US, h, h, h)  # no biases: GB and UB are never read
+            T.func_attr({"global_symbol": name, "tir.noalias": True})
+            body(x, GW, GS, UW, US, h, h, h)  # no biases: GB and UB are never read
 
-    @T.prim_func
-    def with_bias(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-                  GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-                  US: T.Buffer((nt, ng, TILE_ROWS), "float16"), gate_bias: T.Buffer((idim,), "float32"),
-                  up_bias: T.Buffer((idim,), "float32"), h: T.Buffer((idim,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
-        body(x, GW, GS, UW, US, gate_bias, up_bias, h)
-
-    return with_bias if bias else plain
+    return _tagged(f, knobs)
 
 
-def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
+def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
                    name: str | None = None) -> tvm.tirx.PrimFunc:
     """h = relu(Wu x), Wu in the tiles layout (a ReLU expert's or dense MLP's first matrix)."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_up_relu_w{bits}"
-    nt, ng, kw = idim // TILE_ROWS, hdim // group, hdim * bits // 32
-    loop = T.parallel if parallel else T.serial
-    quantize_input, accumulate = _quantize_input(hdim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
+    knobs = knobs.resolved(isa, idim, hdim, bits, group)
+    nt, ng, kw, tiles = idim // TILE_ROWS, hdim // group, hdim * bits // 32, knobs.tiles
+    rows = tiles * TILE_ROWS
+    loop = T.parallel if knobs.parallel else T.serial
+    quantize_input = _quantize_input(hdim, group, centre(isa, bits))
+    accumulate = _accumulate(isa, bits, group, hdim, knobs, both=False)
 
     @T.prim_func
     def f(x: T.Buffer((hdim,), "float32"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
@@ -334,25 +427,28 @@ def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bo
         xs = T.decl_buffer((ng,), "float32")
         xc = T.decl_buffer((ng,), "float32")
         quantize_input(x, xq, xs, xc)
-        for t in loop(nt):
-            for i in range(TILE_ROWS):
-                h[t * TILE_ROWS + i] = T.float32(0)
-            accumulate(h, UW, US, X4, xs, xc, t)
-            for i in range(TILE_ROWS):
-                h[t * TILE_ROWS + i] = T.max(h[t * TILE_ROWS + i], T.float32(0))
+        for s in loop(nt // tiles):
+            for i in range(rows):
+                h[s * rows + i] = T.float32(0)
+            accumulate(h, UW, US, h, UW, US, X4, xs, xc, s * tiles)
+            for i in range(rows):
+                h[s * rows + i] = T.max(h[s * rows + i], T.float32(0))
 
-    return f
+    return _tagged(f, knobs)
 
 
-def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool = True, idim: int | None = None,
+def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
                 name: str | None = None, bias: bool = False) -> tvm.tirx.PrimFunc:
     """y = res + weight · (Wd h (+ bd)), Wd in the tiles layout: the router weight and residual
     fused; with `bias`, bd is an input after the weights."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_down_w{bits}"
-    nt, ng, kw = hdim // TILE_ROWS, idim // group, idim * bits // 32
-    loop = T.parallel if parallel else T.serial
-    quantize_input, accumulate = _quantize_input(idim, group, centre(isa, bits)), _accumulate(isa, bits, group, ng)
+    knobs = knobs.resolved(isa, hdim, idim, bits, group)
+    nt, ng, kw, tiles = hdim // TILE_ROWS, idim // group, idim * bits // 32, knobs.tiles
+    rows = tiles * TILE_ROWS
+    loop = T.parallel if knobs.parallel else T.serial
+    quantize_input = _quantize_input(idim, group, centre(isa, bits))
+    accumulate = _accumulate(isa, bits, group, idim, knobs, both=False)
 
     @T.macro
     def body(h, DW, DS, DB, res, weight, y):
@@ -363,27 +459,28 @@ def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, parallel: bool 
         quantize_input(h, xq, xs, xc)
         for g in range(ng):
             xs[g] = xs[g] * weight[0]  # fold the router weight into the input scale
-        for t in loop(nt):
-            for i in range(TILE_ROWS):
+        for s in loop(nt // tiles):
+            for i in range(rows):
                 if bias:
-                    y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i] + weight[0] * DB[t * TILE_ROWS + i]
+                    y[s * rows + i] = res[s * rows + i] + weight[0] * DB[s * rows + i]
                 else:
-                    y[t * TILE_ROWS + i] = res[t * TILE_ROWS + i]
-            accumulate(y, DW, DS, X4, xs, xc, t)
+                    y[s * rows + i] = res[s * rows + i]
+            accumulate(y, DW, DS, y, DW, DS, X4, xs, xc, s * tiles)
 
-    @T.prim_func
-    def plain(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+    if bias:
+        @T.prim_func
+        def f(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+              DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), down_bias: T.Buffer((hdim,), "float32"),
+              res: T.Buffer((hdim,), "float32"), weight: T.Buffer((1,), "float32"),
+              y: T.Buffer((hdim,), "float32")):
+            T.func_attr({"global_symbol": name, "tir.noalias": True})
+            body(h, DW, DS, down_bias, res, weight, y)
+    else:
+        @T.prim_func
+        def f(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), res: T.Buffer((hdim,), "float32"),
               weight: T.Buffer((1,), "float32"), y: T.Buffer((hdim,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
-        body(h, DW, DS, res, res, weight, y)  # no bias: DB is never read
+            T.func_attr({"global_symbol": name, "tir.noalias": True})
+            body(h, DW, DS, res, res, weight, y)  # no bias: DB is never read
 
-    @T.prim_func
-    def with_bias(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-                  DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), down_bias: T.Buffer((hdim,), "float32"),
-                  res: T.Buffer((hdim,), "float32"), weight: T.Buffer((1,), "float32"),
-                  y: T.Buffer((hdim,), "float32")):
-        T.func_attr({"global_symbol": name, "tir.noalias": True})
-        body(h, DW, DS, down_bias, res, weight, y)
-
-    return with_bias if bias else plain
+    return _tagged(f, knobs)

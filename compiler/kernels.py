@@ -374,10 +374,16 @@ def check_signature(func: tvm.tirx.PrimFunc) -> None:
 
 
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
-                   layout: str = "rows", target: tvm.target.Target | None = None) -> dict[str, tvm.tirx.PrimFunc]:
+                   layout: str = "rows", target: tvm.target.Target | None = None, knobs: dict | None = None,
+                   variants: dict | None = None) -> dict[str, tvm.tirx.PrimFunc]:
     """Every kernel one decode step needs, by the symbol the C runtime looks up. Quantized weights
     in the "rows" layout get the float-dequantizing kernels here; in the "tiles" layout, the
-    integer-dot kernels of int_dot.py for `target`'s instruction. The router always reads float32."""
+    integer-dot kernels of int_dot.py for `target`'s instruction, each with its int_dot.Knobs from
+    `knobs` (by symbol; the hand schedule where absent). `variants`, when given, receives each
+    integer-dot kernel's builder (Knobs → the kernel with them: tuning.py's candidates). The router
+    always reads float32."""
+    from functools import partial
+
     from . import int_dot
 
     hdim, idim = cfg.hidden_size, cfg.expert_intermediate
@@ -386,10 +392,15 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     if tiles and isa is None:
         raise ValueError(f"the tiles layout needs a target with an int8 dot-product instruction; got {target}")
 
+    def tiled(builder, *args, name, **kwargs):  # an integer-dot kernel, with its knobs
+        build = partial(builder, isa, *args, name=name, **kwargs)
+        if variants is not None:
+            variants[name] = lambda k: build(knobs=k)
+        return build(knobs=(knobs or {}).get(name, int_dot.Knobs()))
+
     def trunk_matvec(n, k, name, residual=False):
         if tiles and trunk_bits != 32:
-            return int_dot.matvec(isa, n, k, trunk_bits, group, name, residual,
-                                  parallel=n * k * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES)
+            return tiled(int_dot.matvec, n, k, trunk_bits, group, name=name, residual=residual)
         return matvec(n, k, name, residual, bits=trunk_bits, group=group)
 
     relu = cfg.expert_activation == "relu"  # ReLU MLPs (Switch Transformers) have no gate: up, then down
@@ -397,10 +408,9 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     def resident_mlp(sdim, gate_up_name, down_name, relu=False):  # a shared expert or dense MLP, at the trunk's bitwidth
         gate_up, down = dict(idim=sdim, name=gate_up_name), dict(idim=sdim, name=down_name)
         if tiles and trunk_bits != 32:
-            parallel = (1 if relu else 2) * sdim * hdim * trunk_bits // 8 >= int_dot.PARALLEL_MIN_BYTES
             up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
-            return [up(isa, cfg, trunk_bits, group, parallel, **gate_up),
-                    int_dot.expert_down(isa, cfg, trunk_bits, group, parallel, **down)]
+            return [tiled(up, cfg, trunk_bits, group, **gate_up),
+                    tiled(int_dot.expert_down, cfg, trunk_bits, group, **down)]
         up = expert_up_relu if relu else expert_gate_up
         return [up(cfg, trunk_bits, group, **gate_up), expert_down(cfg, trunk_bits, group, **down)]
 
@@ -454,10 +464,9 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     for b in sorted(set(expert_bits)):
         names = dict(gate_up=expert_symbol(gate_up_role, b), down=expert_symbol(down_role, b))
         if tiles:
-            parallel = (1 if relu else 2) * idim * hdim * b // 8 >= int_dot.PARALLEL_MIN_BYTES
             up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
-            funcs += [up(isa, cfg, b, group, parallel, name=names["gate_up"], **routed),
-                      int_dot.expert_down(isa, cfg, b, group, parallel, name=names["down"], bias=cfg.expert_bias)]
+            funcs += [tiled(up, cfg, b, group, name=names["gate_up"], **routed),
+                      tiled(int_dot.expert_down, cfg, b, group, name=names["down"], bias=cfg.expert_bias)]
         else:
             up = expert_up_relu if relu else expert_gate_up
             funcs += [up(cfg, b, group, name=names["gate_up"], **routed),

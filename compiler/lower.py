@@ -11,32 +11,36 @@ from ..targets import TargetDesc
 from ..targets.toolchain import ToolchainError, compiler
 from .kernels import decode_kernels
 from .progress import stage, tuning_jobs
-from .schedules import DEFAULT_LANES, schedule
-from .tuning import TuningStore, kernel_key, lanes_for, tunable, tune
+from .int_dot import Knobs
+from .schedules import schedule
+from .tuning import TuningStore, kernel_key, schedules_for, spaces, tune
 
 
 def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layout: str, group: int, target: TargetDesc,
                   out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None,
                   cc: str | None = None) -> dict:
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
-    Schedules come from the tuning store where it has a record; with `tune_missing`, kernels
-    without one are tuned first (and recorded, so the next compile does not tune again). `progress`:
-    a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link. `cc`:
+    Schedules (float kernels' lanes, integer-dot kernels' knobs) come from the tuning store where it
+    has a record; with `tune_missing`, kernels without one are tuned first (and recorded, so the
+    next compile does not tune again). `progress`: a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link. `cc`:
     the target's C compiler, resolved (targets/toolchain.py; default: resolved here)."""
-    funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm())
+    variants: dict = {}
+    funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm(), variants=variants)
     tuned_now = {}
     if store is not None and tune_missing:
-        tuned_now = tune(funcs, target, store, progress=tuning_jobs(progress))
-    lanes = lanes_for(funcs, store) if store is not None else {}
+        tuned_now = tune(funcs, target, store, progress=tuning_jobs(progress), variants=variants)
+    chosen = schedules_for(funcs, store) if store is not None else {}
+    funcs = {**funcs, **{n: variants[n](Knobs(**s)) for n, s in chosen.items() if n in variants}}
+    lanes = {n: s["lanes"] for n, s in chosen.items() if n not in variants}
     with stage(progress, f"lowering {len(funcs)} kernels (tvm.compile)"):
         exe = tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=target.tvm())
         obj = out_dir / "kernels.o"
         exe.mod.write_to_file(str(obj))
     info = {"object": obj.name, "symbols": sorted(funcs), "tvm_target": target.resolved_tvm_target(),
-            "schedules": {n: {"lanes": lanes.get(n, DEFAULT_LANES),
-                              "from": "tuned now" if n in tuned_now else "tuning record" if n in lanes else "default",
-                              "measured_on": store.measured_on(kernel_key(n, funcs[n])) if n in lanes else None}
-                          for n in sorted(tunable(funcs))},
+            "schedules": {n: {"schedule": chosen.get(n, space.default),
+                              "from": "tuned now" if n in tuned_now else "tuning record" if n in chosen else "default",
+                              "measured_on": store.measured_on(kernel_key(n, funcs[n])) if n in chosen else None}
+                          for n, space in sorted(spaces(funcs, variants).items())},
             "tuning_store": str(store.path) if store is not None else None}
     if target.kernel_library == "shared":
         cc = cc or compiler(target)

@@ -39,12 +39,12 @@ class MeasureError(RuntimeError):
 @dataclass(frozen=True)
 class Candidate:
     kernel: str  # the decode kernel's symbol
-    func: tvm.tirx.PrimFunc
-    lanes: int
+    func: tvm.tirx.PrimFunc  # the kernel to time: with its knobs (integer-dot), or to schedule with `lanes`
+    schedule: dict  # knob → value (tuning.py): {"lanes": n} for a float kernel, int_dot.Knobs' fields for the others
 
     @property
     def symbol(self) -> str:
-        return f"{self.kernel}__lanes{self.lanes}"
+        return f"{self.kernel}__" + "_".join(f"{k}{int(v)}" for k, v in self.schedule.items())
 
 
 def candidate_module(cands: list[Candidate], target: TargetDesc, system_lib: bool = False):
@@ -52,7 +52,7 @@ def candidate_module(cands: list[Candidate], target: TargetDesc, system_lib: boo
     funcs = {}
     for c in cands:  # scheduled one by one: candidates of one kernel share its IR nodes until scheduled
         one = tvm.IRModule({c.symbol: c.func.with_attr("global_symbol", c.symbol)})
-        funcs[c.symbol] = schedule(one, {c.symbol: c.lanes})[c.symbol]
+        funcs[c.symbol] = (schedule(one, {c.symbol: c.schedule["lanes"]}) if "lanes" in c.schedule else one)[c.symbol]
     mod = tvm.IRModule(funcs)
     if system_lib:  # registers its functions in the process's system library when the program starts
         mod = mod.with_attr("system_lib_prefix", "")

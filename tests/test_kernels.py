@@ -5,7 +5,7 @@ import tvm
 
 from edgemoe.compiler import kernels
 from edgemoe.compiler.schedules import schedule
-from edgemoe.compiler.quantize import quantize
+from edgemoe.compiler.quantize import TILE_ROWS, quantize
 from edgemoe.models import MoEConfig
 from edgemoe.models.reference import apply_rope, layer_norm, quantize_activation, rms_norm, silu
 from edgemoe.targets import load_target
@@ -250,3 +250,59 @@ def test_mla_projections_and_norms(mla_mod, rng):
     (ckv,) = call(mla_mod, "em_mla_kv_a", wkv_a, x, outs=[(48,)])
     (lat,) = call(mla_mod, "em_mla_kv_norm", ckv[:32].copy(), kn, outs=[(32,)])
     assert rel(lat, rms_norm((wkv_a @ x)[:32], kn, 1e-6)) < 1e-5
+
+
+# 8 tiles of rows and 4 groups each way: every value of every integer-dot knob fits
+CFG_KNOBS = MoEConfig("mixtral", vocab_size=128, hidden_size=128, num_layers=1, num_heads=8, num_kv_heads=2,
+                      head_dim=16, num_experts=4, top_k=2, expert_intermediate=128, max_positions=64,
+                      rope_theta=10000.0, norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["short", pytest.param("every", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("target_name", ["host", "x86-avx2"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_every_int_dot_schedule_the_search_can_pick_matches_numpy(rng, target_name, bits, scope):
+    """The hand schedule, the schedules one knob away from it (each value of each knob in the
+    tuner's space) and one with every knob off its hand value, for gate_up and down: all equal to
+    NumPy (up to float summation order) on the same random inputs. The short form builds the
+    one-knob schedules of gate_up alone (down runs the same group loop), and for AVX2 only those of
+    the knob its code alone has (vectors per group step); "every" builds them all."""
+    from dataclasses import asdict
+
+    from edgemoe.compiler import int_dot
+    from edgemoe.compiler.tuning import INT_DOT_SPACE, label
+
+    target = load_target(target_name)
+    if not runs_here(target):
+        pytest.skip(f"integer-dot kernels for {target_name} cannot run on this CPU")
+    isa = int_dot.isa_for(target.tvm())
+    hand = asdict(int_dot.Knobs().resolved(isa, 128, 128, bits, 32))
+    knobs = INT_DOT_SPACE if scope == "every" or target_name == "host" else {"vectors": INT_DOT_SPACE["vectors"]}
+    one_away = [{**hand, k: v} for k, values in knobs.items() for v in values if v != hand[k]]
+    every_knob = dict(chains=4, tiles=2, vectors=TILE_ROWS // isa.lanes, unroll=2, fuse=True, prefetch=8,
+                      parallel=not hand["parallel"])
+    schedules = {"gate_up": [hand, *one_away, every_knob],
+                 "down": [hand, *(one_away if scope == "every" else []), {**every_knob, "fuse": False}]}
+    builders = {"gate_up": int_dot.expert_gate_up, "down": int_dot.expert_down}
+    funcs = {}
+    for kernel, build in builders.items():
+        for s in schedules[kernel]:
+            name = f"em_expert_{kernel}_w{bits}__" + label(s).replace("=", "").replace(",", "_")
+            try:
+                funcs[name] = build(isa, CFG_KNOBS, bits, 32, int_dot.Knobs(**s), name=name)
+            except ValueError:  # knobs this kernel cannot take (vectors beyond a tile, fusing in down)
+                assert s["fuse"] and kernel == "down" or s["vectors"] > TILE_ROWS // isa.lanes, s
+    assert len(funcs) >= 4
+    mod = tvm.compile(tvm.IRModule(funcs), target=target.tvm()).mod
+    g, u, d = (quantize(f32(rng, 128, 128) * 0.05, bits, layout="tiles") for _ in range(3))
+    x, res = f32(rng, 128), f32(rng, 128)
+    xa = quantize_activation(x, 32)
+    h_ref = silu(g.dequantize() @ xa) * (u.dequantize() @ xa)
+    y_ref = res + 0.375 * (d.dequantize() @ quantize_activation(h_ref, 32))
+    for name in funcs:
+        if "gate_up" in name:
+            (h,) = call(mod, name, x, g.packed, g.scales, u.packed, u.scales, outs=[(128,)])
+            assert rel(h, h_ref) < 1e-5, name
+        else:
+            (y,) = call(mod, name, h_ref, d.packed, d.scales, res, np.array([0.375], np.float32), outs=[(128,)])
+            assert rel(y, y_ref) < 1e-5, name

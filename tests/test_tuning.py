@@ -1,65 +1,117 @@
 """The tuning store: records are made once per target and shape, reused by later compiles, and
-kept apart per target."""
+kept apart per target; the integer-dot kernels' knobs are searched like the float kernels' lanes."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
+from click.testing import CliRunner
 
+from edgemoe.compiler import int_dot
 from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.compiler.kernels import decode_kernels
-from edgemoe.compiler.tuning import TuningError, TuningStore, kernel_key, tunable, tune
+from edgemoe.compiler.tuning import TuningError, TuningStore, kernel_key, label, tunable, tune
 from edgemoe.models import load_model
 from edgemoe.targets import load_target
+
+# a short search: two knobs of two values each, two rounds (hand schedule, its two neighbours, then
+# the neighbours of a better one)
+SHORT_SPACE = {"chains": (1, 2), "tiles": (1, 2)}
+INT_DOT_KERNELS = {"em_qkv", "em_o_proj", "em_lm_head", "em_expert_gate_up_w4", "em_expert_down_w4"}
+
+
+def compile_kernels(cfg, bits):
+    """The kernels edgemoe-compile builds for the host (the tiny model fits the tiles layout: integer-dot
+    kernels, the router a float one), with the integer-dot ones' builders."""
+    variants = {}
+    funcs = decode_kernels(cfg, bits, 32, 8, layout="tiles", target=load_target("host").tvm(), variants=variants)
+    return funcs, variants
 
 
 @pytest.fixture(scope="module")
 def tuned_store(tiny_mixtral_dir, tmp_path_factory):
+    if int_dot.isa_for(load_target("host").tvm()) is None:
+        pytest.skip("this CPU has no int8 dot product: the compile would not use integer-dot kernels")
     root = tmp_path_factory.mktemp("tuning")
-    funcs = decode_kernels(load_model(tiny_mixtral_dir).config, [4], 32)
+    funcs, variants = compile_kernels(load_model(tiny_mixtral_dir).config, [4])
     store = TuningStore(load_target("host"), root)
-    tuned = tune(funcs, store.target, store, candidates=(8, 16), number=5)
-    return root, funcs, tuned
+    tuned = tune(funcs, store.target, store, candidates=(8, 16), number=5, variants=variants,
+                 int_dot_space=SHORT_SPACE, rounds=2)
+    return root, funcs, variants, tuned
 
 
 def test_every_matvec_kernel_gets_a_record_with_its_timings(tuned_store):
-    root, funcs, tuned = tuned_store
-    names = set(tunable(funcs))
-    assert {"em_qkv", "em_lm_head", "em_expert_gate_up_w4", "em_expert_down_w4"} <= names
+    root, funcs, variants, tuned = tuned_store
+    names = set(tunable(funcs, variants))
+    assert names == INT_DOT_KERNELS | {"em_router"}
     assert "em_attention" not in names  # symbolic context length: not in the search
     assert set(tuned) == names
     records = json.loads(TuningStore(load_target("host"), root).path.read_text())
     for n in names:
         rec = records[kernel_key(n, funcs[n])]
-        assert rec["lanes"] in (8, 16) and set(rec["candidates_us"]) == {"8", "16"}
-        assert rec["us"] == min(rec["candidates_us"].values())
+        assert rec["schedule"] == tuned[n] and rec["us"] == min(rec["candidates_us"].values())
+        if n == "em_router":
+            assert set(rec["candidates_us"]) == {"lanes=8", "lanes=16"}
+            continue
+        hand = asdict(int_dot.knobs_of(funcs[n]))
+        assert rec["default_us"] == rec["candidates_us"][label(hand)]  # the hand schedule is always timed
+        assert {label(hand), label({**hand, "chains": 1}), label({**hand, "tiles": 2})} <= set(rec["candidates_us"])
+        assert len(rec["candidates_us"]) <= 4  # two rounds over a 2×2 space
+        assert {k: v for k, v in rec["schedule"].items() if k not in SHORT_SPACE} == \
+            {k: v for k, v in hand.items() if k not in SHORT_SPACE}
 
 
 def test_second_compile_reuses_records_without_tuning(tiny_mixtral_dir, tuned_store, tmp_path, runtime_lib):
-    root, _, _ = tuned_store
+    root, _, _, tuned = tuned_store
     store_file = TuningStore(load_target("host"), root).path
     before = store_file.read_bytes()
     opts = CompileOptions(expert_bits=4, max_seq=32, tune=True, tuning_dir=root)
     manifest = compile_model(tiny_mixtral_dir, tmp_path / "art", opts, log=lambda m: None)
-    sources = {v["from"] for v in manifest["kernels"]["schedules"].values()}
-    assert sources == {"tuning record"}
+    schedules = manifest["kernels"]["schedules"]
+    assert set(schedules) == set(tuned)
+    for name, s in schedules.items():
+        assert s == {"schedule": tuned[name], "from": "tuning record", "measured_on": "this machine"}, name
     assert store_file.read_bytes() == before
 
 
-def test_other_target_is_refused_and_leaves_the_host_store_alone(tuned_store):
-    root, funcs, _ = tuned_store
+def test_other_target_is_refused_and_leaves_the_host_store_alone(tiny_mixtral_dir, tuned_store):
+    root, _, _, _ = tuned_store
     host_file = TuningStore(load_target("host"), root).path
     before = host_file.read_bytes()
     rpi = TuningStore(load_target("rpi4"), root)
     assert rpi.path != host_file
+    funcs = decode_kernels(load_model(tiny_mixtral_dir).config, [4], 32)
     with pytest.raises(TuningError, match="tune on the device"):
         tune(funcs, rpi.target, rpi)
     assert host_file.read_bytes() == before and not rpi.path.exists()
 
 
 def test_a_changed_shape_is_not_served_by_an_old_record(tiny_mixtral_dir, tuned_store):
-    root, funcs, _ = tuned_store
+    root, funcs, _, _ = tuned_store
     store = TuningStore(load_target("host"), root)
-    other = decode_kernels(load_model(tiny_mixtral_dir).config, [8], 32)
-    assert store.lanes(kernel_key("em_expert_down_w8", other["em_expert_down_w8"])) is None
-    assert store.lanes(kernel_key("em_expert_down_w4", funcs["em_expert_down_w4"])) is not None
+    other, _ = compile_kernels(load_model(tiny_mixtral_dir).config, [8])
+    assert store.schedule(kernel_key("em_expert_down_w8", other["em_expert_down_w8"])) is None
+    assert store.schedule(kernel_key("em_expert_down_w4", funcs["em_expert_down_w4"])) is not None
+
+
+@pytest.mark.slow
+def test_edgemoe_tune_searches_the_whole_space_at_every_bitwidth(tiny_mixtral_dir, tmp_path):
+    """The full search (every knob, the default rounds) of every kernel of a compile at INT2/3/4/8:
+    a record per kernel, none slower than the hand schedule as measured, and a second run tunes nothing."""
+    from edgemoe.cli import tune_cmd
+
+    args = [str(tiny_mixtral_dir), "--bits", "2,3,4,8", "--number", "10", "--store", str(tmp_path)]
+    r = CliRunner().invoke(tune_cmd, args)
+    assert r.exit_code == 0, r.output
+    assert "| em_expert_gate_up_w3 |" in r.output
+    store = TuningStore(load_target("host"), tmp_path)
+    funcs, variants = compile_kernels(load_model(tiny_mixtral_dir).config, [2, 3, 4, 8])
+    assert {r["cpu"] for r in store.records.values()} == {load_target("host").resolved_tvm_target()["mcpu"]}
+    for n in tunable(funcs, variants):
+        rec = store.records[kernel_key(n, funcs[n])]
+        assert rec["us"] <= rec["default_us"]
+    before = store.path.read_bytes()
+    r = CliRunner().invoke(tune_cmd, args)
+    assert r.exit_code == 0 and "0 kernels tuned now" in r.output, r.output
+    assert store.path.read_bytes() == before

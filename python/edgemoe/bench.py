@@ -7,7 +7,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -416,10 +416,16 @@ def _timed(fn) -> float:
 @click.option("--llama-cpp", "tree", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A built llama.cpp tree with build/bin/test-backend-ops: adds ggml's kernel on the shapes its "
                    "perf suite has.")
+@click.option("--tuned", is_flag=True,
+              help="Also time the integer-dot kernels with the tuning store's schedules (tuning those without a "
+                   "record first, as edgemoe-tune would) and print them against the hand schedule.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --tuned: the tuning store folder [default: as edgemoe-tune].")
 @plot_option("kernels")
-def kernels_cmd(shapes, bits_list, target, number, tree, plot_path, no_plot):
+def kernels_cmd(shapes, bits_list, target, number, tree, tuned, store_dir, plot_path, no_plot):
     """Expert GEMV kernels, both formulations: µs, GB/s of packed weights, and ratios to memcpy, NumPy
-    float32 and llama.cpp, in one run."""
+    float32 and llama.cpp, in one run; with --tuned, the integer-dot kernels' tuned schedules against
+    their hand schedule, each pair timed alternately."""
     shape_list = []
     for shape in shapes.split(","):
         m = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", shape)
@@ -434,10 +440,13 @@ def kernels_cmd(shapes, bits_list, target, number, tree, plot_path, no_plot):
     from .compiler import int_dot, kernels
     from .compiler.quantize import quantize, tiles_fit
     from .compiler.schedules import PARALLEL_MIN_BYTES, schedule
+    from .compiler.tuning import TuningError, TuningStore, kernel_key, label, tune
     from .models import MoEConfig
     from .targets import load_target
 
-    tgt = load_target(target).tvm()
+    desc = load_target(target)
+    tgt = desc.tvm()
+    store = TuningStore(desc, store_dir) if tuned else None
     bw = copy_bandwidth()
     rng = np.random.default_rng(0)
     click.echo(f"memcpy bandwidth (read + write, one thread): {bw / 1e9:.1f} GB/s; TVM runtime threads: "
@@ -449,6 +458,7 @@ def kernels_cmd(shapes, bits_list, target, number, tree, plot_path, no_plot):
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     T = tvm.runtime.tensor
     chart = []
+    pairs = []  # (kernel, H×I, bits, hand s, tuned s, weight bytes, knobs that differ from the hand schedule)
     for shape in shape_list:
         H, I = shape
         cfg = MoEConfig("bench", 8, H, 1, 1, 1, H, 1, 1, I, 8, 1e4, 1e-5)
@@ -462,6 +472,18 @@ def kernels_cmd(shapes, bits_list, target, number, tree, plot_path, no_plot):
                 funcs = {f"em_expert_gate_up_w{bits}": lib.expert_gate_up(*extra, cfg, bits, 32),
                          f"em_expert_down_w{bits}": lib.expert_down(*extra, cfg, bits, 32)}
                 mod = tvm.compile(schedule(tvm.IRModule(funcs)), target=tgt).mod
+                best = {}  # kernel → (its module with the recorded schedule, the knobs that differ from the hand ones)
+                if lib is int_dot and tuned:
+                    variants = {f"em_expert_gate_up_w{bits}": lambda k: int_dot.expert_gate_up(*extra, cfg, bits, 32, k),
+                                f"em_expert_down_w{bits}": lambda k: int_dot.expert_down(*extra, cfg, bits, 32, k)}
+                    try:
+                        tune(funcs, desc, store, number=number, progress=_tuning_steps, variants=variants)
+                    except TuningError as e:
+                        raise click.ClickException(str(e))
+                    for n, f in funcs.items():
+                        sched = store.schedule(kernel_key(n, f))
+                        best[n] = (tvm.compile(tvm.IRModule({n: variants[n](int_dot.Knobs(**sched))}), target=tgt).mod,
+                                   label(sched, asdict(int_dot.knobs_of(f))) or "the hand schedule")
                 gq, uq = (quantize(rng.standard_normal((I, H), np.float32) * 0.02, bits, layout=layout) for _ in range(2))
                 dq = quantize(rng.standard_normal((H, I), np.float32) * 0.02, bits, layout=layout)
                 x, h, res = (T(rng.standard_normal(n).astype(np.float32)) for n in (H, I, H))
@@ -474,8 +496,16 @@ def kernels_cmd(shapes, bits_list, target, number, tree, plot_path, no_plot):
                              [dq], (H, I)),
                 }
                 for name, (sym, args, mats, (rows, cols)) in cases.items():
-                    t = min(mod.time_evaluator(sym, tvm.cpu(), number=number, repeat=3)(*args).results)
                     wbytes = sum(m.packed.nbytes + m.scales.nbytes for m in mats)
+                    if sym in best:  # hand and tuned alternately, 3 times: both see the same machine
+                        hand_t, tuned_t = [], []
+                        for _ in range(3):
+                            hand_t += mod.time_evaluator(sym, tvm.cpu(), number=number, repeat=1)(*args).results
+                            tuned_t += best[sym][0].time_evaluator(sym, tvm.cpu(), number=number, repeat=1)(*args).results
+                        t = min(hand_t)
+                        pairs.append((name, f"{H}×{I}", bits, t, min(tuned_t), wbytes, best[sym][1]))
+                    else:
+                        t = min(mod.time_evaluator(sym, tvm.cpu(), number=number, repeat=3)(*args).results)
                     wf = rng.standard_normal((rows, cols), np.float32)
                     v = rng.standard_normal(cols, np.float32)
                     tn = min(_timed(lambda: wf @ v) for _ in range(number))
@@ -485,7 +515,26 @@ def kernels_cmd(shapes, bits_list, target, number, tree, plot_path, no_plot):
                                f"{wbytes / t / bw:.2f} | {tn * 1e6:.1f} | {tn / t:.2f} | {theirs} |")
                     chart.append({"kernel": name, "shape": f"{H}×{I}", "bits": bits, "formulation": form,
                                   "us": t * 1e6, "gbps": wbytes / t / 1e9})
+    if pairs:
+        isa = int_dot.isa_for(tgt)
+        click.echo(f"\nint8 dot ({isa.name}, target {target}): the tuning store's schedules against the hand "
+                   f"schedule ({store.path})")
+        click.echo("| kernel | H×I | bits | hand µs | hand GB/s | hand × memcpy | tuned µs | tuned GB/s | tuned × memcpy | "
+                   "tuned / hand speed | tuned knobs (others as the hand schedule) |")
+        click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
+        for name, shape, bits, th, tt, wbytes, knobs in pairs:
+            click.echo(f"| {name} | {shape} | {bits} | {th * 1e6:.1f} | {wbytes / th / 1e9:.2f} | {wbytes / th / bw:.2f} | "
+                       f"{tt * 1e6:.1f} | {wbytes / tt / 1e9:.2f} | {wbytes / tt / bw:.2f} | {th / tt:.2f} | {knobs} |")
+            chart.append({"kernel": name, "shape": shape, "bits": bits, "formulation": "int8 dot, tuned",
+                          "us": tt * 1e6, "gbps": wbytes / tt / 1e9})
     write_plot(plot_path, no_plot, "kernels", chart, bw / 1e9, title=f"Expert GEMV kernels on {target}")
+
+
+def _tuning_steps(groups):
+    """Progress of a tuning round on stderr (the table goes to stdout)."""
+    for group in groups:
+        click.echo(f"tuning {group[0].kernel}: {len(group)} schedules", err=True)
+        yield group
 
 
 @bench_cmd.command("bitplans")

@@ -268,12 +268,15 @@ def _tuning_bar(groups):
 @click.option("--number", type=click.IntRange(1, 100000), default=50, show_default=True,
               help="Calls per timed run (best of 3 runs).")
 @click.option("--lanes", "lanes_list", type=_NumberList(int, choices=(4, 8, 16, 32, 64)), default="4,8,16,32,64",
-              show_default=True, help="Candidate reduction lane counts.")
+              show_default=True, help="Candidate reduction lane counts of the float-dequantizing kernels.")
+@click.option("--rounds", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Rounds of the integer-dot kernels' search (each times every schedule one knob away from the "
+                   "best so far; it stops early when a round finds nothing faster).")
 @click.option("--int-dot/--no-int-dot", default=None,
               help="Tune the kernels of a compile with (without) integer-dot kernels [default: as edgemoe-compile "
                    "would choose for the target].")
 def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir, rpc_server, rpc_tracker, rpc_key,
-             boards, minrpc_runtime, launcher, number, lanes_list, int_dot):
+             boards, minrpc_runtime, launcher, number, lanes_list, rounds, int_dot):
     """Tune the decode kernels of MODEL_DIR's shapes into the tuning store: candidates built here and
     timed on this machine, on boards through TVM RPC, or on a board running TVM's minimal RPC server."""
     import shlex
@@ -281,8 +284,7 @@ def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir,
     from .compiler.driver import CompileOptions, weight_layout
     from .compiler.kernels import decode_kernels
     from .compiler.measure import MeasureError, MinRPC, Remote
-    from .compiler.schedules import DEFAULT_LANES
-    from .compiler.tuning import TuningError, TuningStore, kernel_key, tunable, tune
+    from .compiler.tuning import TuningError, TuningStore, kernel_key, label, tunable, tune
     from .models import ModelImportError, load_model
     from .targets import UnknownTargetError, load_target, toolchain
 
@@ -300,24 +302,25 @@ def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir,
             measurer = MinRPC(minrpc_runtime, prefix, cxx, number=number)
         cfg = load_model(model_dir).config
         bits = list(bits_list)
-        # the kernels edgemoe-compile would build: integer-dot ones are fixed; the rest are tuned
+        # the kernels edgemoe-compile would build, with the builders of the integer-dot ones' variants
         layout = weight_layout(cfg, tgt, CompileOptions(target, trunk_bits=int(trunk_bits), group=group,
                                                         int_dot=int_dot), bits)
-        funcs = decode_kernels(cfg, bits, group, int(trunk_bits), layout, tgt.tvm())
+        variants: dict = {}
+        funcs = decode_kernels(cfg, bits, group, int(trunk_bits), layout, tgt.tvm(), variants=variants)
         store = TuningStore(tgt, store_dir)
         tuned = tune(funcs, tgt, store, candidates=tuple(lanes_list), number=number, retune=retune,
-                     progress=_tuning_bar, measurer=measurer)
+                     progress=_tuning_bar, measurer=measurer, variants=variants, rounds=rounds)
     except (ModelImportError, UnknownTargetError, TuningError, MeasureError, toolchain.ToolchainError,
             ValueError) as e:
         raise click.ClickException(str(e))
     where = measurer.where if measurer is not None else "this machine"
     click.echo(f"tuning store {store.path}: {len(tuned)} kernels tuned now, timed on {where}")
-    click.echo(f"| kernel | lanes | µs | default ({DEFAULT_LANES} lanes) µs | measured on |")
-    click.echo("|---|---|---|---|---|")
-    for name, func in tunable(funcs).items():
-        rec = store.records[kernel_key(name, func)]
-        click.echo(f"| {name} | {rec['lanes']} | {rec['us']:.2f} | {rec['default_us']:.2f} | "
-                   f"{rec.get('measured_on', 'this machine')} |")
+    click.echo("| kernel | schedule | µs | hand schedule µs | × hand | measured on |")
+    click.echo("|---|---|---|---|---|---|")
+    for name in tunable(funcs, variants):
+        rec = store.records[kernel_key(name, funcs[name])]
+        click.echo(f"| {name} | {label(rec['schedule'])} | {rec['us']:.2f} | {rec['default_us']:.2f} | "
+                   f"{rec['default_us'] / rec['us']:.2f} | {rec.get('measured_on', 'this machine')} |")
 
 
 def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[float, float]:
