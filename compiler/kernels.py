@@ -374,29 +374,28 @@ def check_signature(func: tvm.tirx.PrimFunc) -> None:
 
 
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
-                   layout: str = "rows", target: tvm.target.Target | None = None, knobs: dict | None = None,
+                   layout: str = "rows", target: tvm.target.Target | None = None,
                    variants: dict | None = None) -> dict[str, tvm.tirx.PrimFunc]:
     """Every kernel one decode step needs, by the symbol the C runtime looks up. Quantized weights
     in the "rows" layout get the float-dequantizing kernels here; in the "tiles" layout, the
-    integer-dot kernels of int_dot.py for `target`'s instruction, each with its int_dot.Knobs from
-    `knobs` (by symbol; the hand schedule where absent). `variants`, when given, receives each
-    integer-dot kernel's builder (Knobs → the kernel with them: tuning.py's candidates). The router
-    always reads float32."""
+    integer-dot kernels of int_dot.py for `target`'s instruction, with the hand schedule. `variants`,
+    when given, receives each integer-dot kernel's builder (int_dot.Knobs → the kernel with them:
+    tuning.py's candidates, and the tuned kernels of a compile). The router always reads float32."""
     from functools import partial
 
     from . import int_dot
 
-    hdim, idim = cfg.hidden_size, cfg.expert_intermediate
+    hdim = cfg.hidden_size
     tiles = layout == "tiles"
     isa = int_dot.isa_for(target) if tiles and target is not None else None
     if tiles and isa is None:
         raise ValueError(f"the tiles layout needs a target with an int8 dot-product instruction; got {target}")
 
-    def tiled(builder, *args, name, **kwargs):  # an integer-dot kernel, with its knobs
+    def tiled(builder, *args, name, **kwargs):  # an integer-dot kernel with the hand schedule; its builder to variants
         build = partial(builder, isa, *args, name=name, **kwargs)
         if variants is not None:
             variants[name] = lambda k: build(knobs=k)
-        return build(knobs=(knobs or {}).get(name, int_dot.Knobs()))
+        return build()
 
     def trunk_matvec(n, k, name, residual=False):
         if tiles and trunk_bits != 32:

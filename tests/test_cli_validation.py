@@ -243,7 +243,7 @@ def test_compile_refuses_bad_numbers_naming_the_option(tiny_mixtral_dir, tmp_pat
 
 
 @pytest.mark.parametrize("args,option", [(["--bits", "5"], "--bits"), (["--bits", "4,x"], "--bits"),
-                                         (["--group", "0"], "--group")])
+                                         (["--group", "0"], "--group"), (["--rounds", "0"], "--rounds")])
 def test_tune_refuses_bad_numbers(tiny_mixtral_dir, args, option):
     r = CliRunner().invoke(tune_cmd, [str(tiny_mixtral_dir), *args])
     assert r.exit_code == 2 and option in r.output, r.output

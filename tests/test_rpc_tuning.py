@@ -54,10 +54,11 @@ def test_two_boards_tune_in_parallel_and_the_compile_reuses_the_records(tracker_
     assert set(tuned) == set(tunable(funcs)) and len(tuned) >= 4
     assert len(farm.sessions_used) == 2 and all(n > 0 for n in farm.sessions_used), farm.sessions_used
     assert sum(farm.sessions_used) == len(tuned)
-    for name, func in tunable(funcs).items():
-        rec = store.records[kernel_key(name, func)]
+    for name in tunable(funcs):
+        rec = store.records[kernel_key(name, funcs[name])]
         assert rec["measured_on"] == f"tracker {tracker_with_two_boards} key {KEY}"
-        assert set(rec["candidates_us"]) == {"8", "16"} and rec["us"] == min(rec["candidates_us"].values()) > 0
+        assert set(rec["candidates_us"]) == {"lanes=8", "lanes=16"}
+        assert rec["us"] == min(rec["candidates_us"].values()) > 0
 
     before = store.path.read_bytes()
     opts = CompileOptions(expert_bits=4, max_seq=32, int_dot=False, tune=True, tuning_dir=store.path.parent)
@@ -65,7 +66,7 @@ def test_two_boards_tune_in_parallel_and_the_compile_reuses_the_records(tracker_
     schedules = manifest["kernels"]["schedules"]
     assert set(schedules) == set(tuned)
     for name, s in schedules.items():
-        assert s == {"lanes": tuned[name], "from": "tuning record", "measured_on": farm.where}, (name, s)
+        assert s == {"schedule": tuned[name], "from": "tuning record", "measured_on": farm.where}, (name, s)
     assert store.path.read_bytes() == before  # nothing timed again
 
 
@@ -106,14 +107,14 @@ def test_an_aarch64_board_without_python_completes_a_tuning_round_under_qemu(tin
     one = {"em_expert_down_w4": funcs["em_expert_down_w4"]}  # one round: one kernel, two candidates
     tuned = tune(one, rpi5, store, candidates=(8, 16), measurer=board)
     rec = store.records[kernel_key("em_expert_down_w4", one["em_expert_down_w4"])]
-    assert tuned == {"em_expert_down_w4": rec["lanes"]} and rec["measured_on"].startswith("popen RPC server via ")
+    assert tuned == {"em_expert_down_w4": rec["schedule"]} and rec["measured_on"].startswith("popen RPC server via ")
     assert "qemu-aarch64" in rec["measured_on"] and rec["cpu"] == "cortex-a76"
-    assert set(rec["candidates_us"]) == {"8", "16"} and all(v > 0 for v in rec["candidates_us"].values())
+    assert set(rec["candidates_us"]) == {"lanes=8", "lanes=16"} and all(v > 0 for v in rec["candidates_us"].values())
 
     manifest = compile_model(tiny_mixtral_dir, tmp_path / "art", CompileOptions(
         target="rpi5", expert_bits=4, max_seq=32, int_dot=False, tuning_dir=store.path.parent), log=lambda m: None)
     schedules = manifest["kernels"]["schedules"]
-    assert schedules["em_expert_down_w4"] == {"lanes": rec["lanes"], "from": "tuning record",
+    assert schedules["em_expert_down_w4"] == {"schedule": rec["schedule"], "from": "tuning record",
                                               "measured_on": rec["measured_on"]}
     assert {s["from"] for n, s in schedules.items() if n != "em_expert_down_w4"} == {"default"}
     assert json.loads((tmp_path / "art" / "manifest.json").read_text())["kernels"]["schedules"] == schedules
