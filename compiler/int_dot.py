@@ -48,7 +48,8 @@ from .quantize import TILE_ROWS, code_centre, planes
 # Kernels reading at least this many weight bytes split their tiles over the compute threads. These
 # kernels run at memory speed on one core (~30 GB/s here), so below ~2 MiB (~60 µs) waking a second
 # thread costs more than it saves: with the float kernels' 256 KiB the bundled model decoded at 4618
-# tok/s on 2 threads against 5384 on 1 (its 1 MiB LM head was the only kernel split).
+# tok/s on 2 threads against 5384 on 1 (its 1 MiB LM head was the only kernel split). That is the hand
+# schedule's rule; a tuning record's `parallel` knob decides for its kernel shape instead.
 PARALLEL_MIN_BYTES = 2 << 20
 KNOBS_ATTR = "edgemoe.int_dot_knobs"  # the PrimFunc attribute holding an integer-dot kernel's knobs (JSON)
 

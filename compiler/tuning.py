@@ -9,8 +9,9 @@ per step of the row loop, vectors per group step, group-loop unrolling, the gate
 one loop, software prefetch distance, and whether the rows are split over threads. The search
 starts from the hand schedule and moves one knob at a time: each round times every schedule one
 knob away from the best so far, until a round finds nothing faster or `rounds` are done (with one
-knob, as the float kernels have, that is every candidate). The hand schedule is timed in the same
-first round as its neighbours, so a record is never slower than it as measured. Candidates are
+knob, as the float kernels have, that is every candidate, timed side by side with the hand
+schedule). With several knobs the winner is timed once more beside the hand schedule and kept only
+if it wins again, so a record is never slower than the hand schedule as measured. Candidates are
 built here and timed where a measurer says (measure.py: this machine, boards behind TVM RPC, a
 minimal RPC server); the store keeps one file per target and CPU, one record per kernel shape and
 bitwidth, with where it was measured. `edgemoe-compile` looks records up; a kernel without one gets
@@ -99,9 +100,9 @@ class Space:
 
 
 def label(schedule: dict, base: dict | None = None) -> str:
-    """A schedule as the records' and the tables' text: knob=value, comma-separated; with `base`,
-    only the knobs that differ from it."""
-    return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in schedule.items()
+    """A schedule as the records' and the tables' text: knob=value, comma-separated, knobs in
+    alphabetical order (as the store writes them); with `base`, only the knobs that differ from it."""
+    return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(schedule.items())
                     if base is None or base.get(k) != v)
 
 
@@ -137,7 +138,9 @@ def tune(funcs: dict[str, tvm.tirx.PrimFunc], target: TargetDesc, store: TuningS
          measurer=None, variants: dict[str, Callable] | None = None, int_dot_space: dict | None = None,
          rounds: int = ROUNDS) -> dict[str, dict]:
     """Search the schedule of every tunable kernel without a record (all of them with `retune`),
-    timing with `measurer` (default: this machine, `number` calls per run), and store the fastest.
+    timing with `measurer` (default: this machine, `number` calls per run), and store the fastest:
+    its schedule, its time and the hand schedule's (from the same round, or from the second timing
+    side by side, see below) and every candidate's time in the search.
     `candidates`: the float kernels' lane counts; `variants`, `int_dot_space`: as `spaces`;
     `progress`: a one-argument progress wrapper over each round's kernels. Returns {kernel:
     schedule} for the kernels tuned in this call."""
@@ -178,16 +181,28 @@ def tune(funcs: dict[str, tvm.tirx.PrimFunc], target: TargetDesc, store: TuningS
             best = min(timed[n].values(), key=lambda st: st[1])[0]
             if any(c.schedule == best for c in group):  # a new best (or the hand one): search around it
                 pending[n] = _neighbours(todo[n], best)
+    best = {n: min(results.values(), key=lambda st: st[1]) for n, results in timed.items()}
+    hand = {n: timed[n][label(todo[n].default)][1] for n in timed}
+    # A winner of a search over several knobs (found in a later round than the hand schedule's
+    # timing, or by a lucky measurement among many) is timed again beside the hand schedule, and
+    # kept only if it wins again.
+    again = [[Candidate(n, todo[n].build(sched), sched) for sched in (todo[n].default, best[n][0])]
+             for n in timed if len(todo[n].knobs) > 1 and best[n][0] != todo[n].default]
+    if again:
+        seconds = measurer.measure(again, target, progress)
+        for default, winner in again:
+            n = default.kernel
+            hand[n] = seconds[default.symbol]
+            best[n] = (winner.schedule, seconds[winner.symbol]) if seconds[winner.symbol] < hand[n] else \
+                (default.schedule, hand[n])
     tuned = {}
     for n, results in timed.items():
-        best, secs = min(results.values(), key=lambda st: st[1])
-        default = results.get(label(todo[n].default))
-        store.put(kernel_key(n, funcs[n]), {"schedule": best, "us": round(secs * 1e6, 3),
-                                            "default_us": round(default[1] * 1e6, 3) if default else None,
+        store.put(kernel_key(n, funcs[n]), {"schedule": best[n][0], "us": round(best[n][1] * 1e6, 3),
+                                            "default_us": round(hand[n] * 1e6, 3),
                                             "candidates_us": {k: round(v[1] * 1e6, 3) for k, v in results.items()},
                                             "cpu": target.resolved_tvm_target().get("mcpu", ""),
                                             "measured_on": measurer.where})
-        tuned[n] = best
+        tuned[n] = best[n][0]
     return tuned
 
 

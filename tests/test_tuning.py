@@ -50,16 +50,19 @@ def test_every_matvec_kernel_gets_a_record_with_its_timings(tuned_store):
     records = json.loads(TuningStore(load_target("host"), root).path.read_text())
     for n in names:
         rec = records[kernel_key(n, funcs[n])]
-        assert rec["schedule"] == tuned[n] and rec["us"] == min(rec["candidates_us"].values())
-        if n == "em_router":
-            assert set(rec["candidates_us"]) == {"lanes=8", "lanes=16"}
+        assert rec["schedule"] == tuned[n] and rec["us"] <= rec["default_us"]
+        fastest = min(rec["candidates_us"], key=rec["candidates_us"].get)
+        if n == "em_router":  # one knob: every candidate timed once, side by side
+            assert set(rec["candidates_us"]) == {"lanes=8", "lanes=16"} and label(rec["schedule"]) == fastest
+            assert rec["us"] == rec["candidates_us"][fastest] and rec["default_us"] == rec["candidates_us"]["lanes=16"]
             continue
         hand = asdict(int_dot.knobs_of(funcs[n]))
-        assert rec["default_us"] == rec["candidates_us"][label(hand)]  # the hand schedule is always timed
         assert {label(hand), label({**hand, "chains": 1}), label({**hand, "tiles": 2})} <= set(rec["candidates_us"])
         assert len(rec["candidates_us"]) <= 4  # two rounds over a 2×2 space
-        assert {k: v for k, v in rec["schedule"].items() if k not in SHORT_SPACE} == \
-            {k: v for k, v in hand.items() if k not in SHORT_SPACE}
+        # the search's fastest, if it beat the hand schedule again when timed beside it; else the hand one
+        assert label(rec["schedule"]) in (label(hand), fastest), rec
+        if rec["schedule"] == hand:
+            assert rec["us"] == rec["default_us"]
 
 
 def test_second_compile_reuses_records_without_tuning(tiny_mixtral_dir, tuned_store, tmp_path, runtime_lib):

@@ -497,9 +497,9 @@ def kernels_cmd(shapes, bits_list, target, number, tree, tuned, store_dir, plot_
                 }
                 for name, (sym, args, mats, (rows, cols)) in cases.items():
                     wbytes = sum(m.packed.nbytes + m.scales.nbytes for m in mats)
-                    if sym in best:  # hand and tuned alternately, 3 times: both see the same machine
+                    if sym in best:  # hand and tuned alternately, 5 times: both see the same machine
                         hand_t, tuned_t = [], []
-                        for _ in range(3):
+                        for _ in range(5):
                             hand_t += mod.time_evaluator(sym, tvm.cpu(), number=number, repeat=1)(*args).results
                             tuned_t += best[sym][0].time_evaluator(sym, tvm.cpu(), number=number, repeat=1)(*args).results
                         t = min(hand_t)
