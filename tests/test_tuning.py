@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import assert_matches_reference
 
 from edgemoe.compiler import int_dot
+from edgemoe.compiler.artifact_reference import artifact_model
 from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.compiler.kernels import decode_kernels
 from edgemoe.compiler.tuning import TuningError, TuningStore, kernel_key, label, tunable, tune
 from edgemoe.models import load_model
+from edgemoe.models.reference import ReferenceExecutor
+from edgemoe.runtime import Session
 from edgemoe.targets import load_target
 
 # a short search: two knobs of two values each, two rounds (hand schedule, its two neighbours, then
@@ -118,3 +123,41 @@ def test_edgemoe_tune_searches_the_whole_space_at_every_bitwidth(tiny_mixtral_di
     r = CliRunner().invoke(tune_cmd, args)
     assert r.exit_code == 0 and "0 kernels tuned now" in r.output, r.output
     assert store.path.read_bytes() == before
+
+
+def test_recorded_knobs_reach_the_artifact_and_its_logits_match_the_reference(tiny_mixtral_dir, tmp_path, rng,
+                                                                             runtime_lib):
+    """Records giving every integer-dot kernel of a compile knobs off the hand schedule (as many as
+    its shape takes): the manifest reports them, and the C runtime's logits, on two threads, match
+    the NumPy reference as with the hand schedule."""
+    host = load_target("host")
+    isa = int_dot.isa_for(host.tvm())
+    if isa is None:
+        pytest.skip("this CPU has no int8 dot product: the compile would not use integer-dot kernels")
+    funcs, variants = compile_kernels(load_model(tiny_mixtral_dir).config, [4])
+    store = TuningStore(host, tmp_path / "store")
+    chosen = {}
+    for n in variants:
+        hand = int_dot.knobs_of(funcs[n])
+        for unroll, fuse in ((2, True), (2, False), (1, True), (1, False)):  # the most this kernel takes
+            knobs = int_dot.Knobs(chains=4, tiles=2, unroll=unroll, fuse=fuse, prefetch=8, parallel=not hand.parallel)
+            try:
+                variants[n](knobs)
+            except ValueError:
+                continue
+            chosen[n] = asdict(knobs)
+            store.put(kernel_key(n, funcs[n]), {"schedule": chosen[n], "measured_on": "written by the test"})
+            break
+    assert set(chosen) == INT_DOT_KERNELS
+    art = tmp_path / "art"
+    manifest = compile_model(tiny_mixtral_dir, art, CompileOptions(expert_bits=4, max_seq=64,
+                                                                   tuning_dir=store.path.parent), log=lambda m: None)
+    for n, knobs in chosen.items():
+        assert manifest["kernels"]["schedules"][n] == {"schedule": knobs, "from": "tuning record",
+                                                       "measured_on": "written by the test"}
+    ref = ReferenceExecutor(artifact_model(load_model(tiny_mixtral_dir), art), 64)
+    tokens = rng.integers(0, 160, 32).tolist()
+    want = np.stack([ref.step(t) for t in tokens])
+    with Session(art, threads=2) as s:
+        got = np.stack([s.decode_step(t) for t in tokens])
+    assert_matches_reference(got, want, art, 1e-4)
