@@ -64,6 +64,8 @@ class TuningStore:
         self.path = Path(root or cache_dir() / "tuning") / f"{target.name}-{digest}.json"
         self.target = target
         self.records: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        for rec in self.records.values():  # a store written before the integer-dot knobs: a float kernel's lanes
+            rec.setdefault("schedule", {"lanes": rec.get("lanes")})
 
     def schedule(self, key: str) -> dict | None:
         rec = self.records.get(key)

@@ -161,3 +161,10 @@ def test_recorded_knobs_reach_the_artifact_and_its_logits_match_the_reference(ti
     with Session(art, threads=2) as s:
         got = np.stack([s.decode_step(t) for t in tokens])
     assert_matches_reference(got, want, art, 1e-4)
+
+
+def test_a_store_of_lane_records_from_before_the_knobs_still_serves_them(tmp_path):
+    store = TuningStore(load_target("host"), tmp_path)
+    store.path.write_text(json.dumps({"em_router(float32[4x64],float32[64],float32[4])": {"lanes": 8, "us": 1.0}}))
+    assert TuningStore(load_target("host"), tmp_path).schedule("em_router(float32[4x64],float32[64],float32[4])") == \
+        {"lanes": 8}
