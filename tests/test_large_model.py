@@ -48,10 +48,11 @@ def _cap_or_skip(cmd, cap):
 
 
 def test_a_run_within_its_cap_reports_its_peak():
-    r = _cap_or_skip([sys.executable, "-c", "import sys; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); print('ok')"],
-                     1 << 30)
+    held = "import time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1); print('ok')"
+    r = _cap_or_skip([sys.executable, "-c", held], 1 << 30)  # held a second: the resident peak is sampled
     assert r.returncode == 0 and r.stdout.strip() == "ok"
     assert 200 << 20 <= r.peak_bytes <= 1 << 30 and r.max_rss_bytes >= 200 << 20
+    assert 150 << 20 <= r.peak_anon_bytes <= r.peak_bytes
 
 
 def test_the_kernel_stops_a_run_over_its_cap():

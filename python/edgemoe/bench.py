@@ -794,7 +794,8 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration
             why = " (killed: the cap was reached)" if run.returncode == -9 else ""
             raise click.ClickException(f"the compile failed{why}: {run.stderr.strip()[-1500:]}")
         record.write_text(json.dumps({"wall_s": run.wall_s, "peak_bytes": run.peak_bytes, "cap_bytes": compile_cap,
-                                      "max_rss_bytes": run.max_rss_bytes, "calibration": str(calibration or ""),
+                                      "max_rss_bytes": run.max_rss_bytes, "anon_bytes": run.peak_anon_bytes,
+                                      "calibration": str(calibration or ""),
                                       "calibration_tokens": calibration_tokens, "log": run.stderr[-4000:]}))
     compiled = json.loads(record.read_text()) if record.is_file() else None
     llamacpp.check_tree(tree, ("llama-quantize", "llama-bench"))
@@ -809,7 +810,8 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration
             if compiled["calibration"] else ""
         click.echo(f"compile{text}: {compiled['wall_s']:.0f} s wall, {n_params / compiled['wall_s'] / 1e6:.1f} M "
                    f"parameters/s; peak {fmt_bytes(compiled['peak_bytes'])} (RSS and page cache, cgroup) under a "
-                   f"{fmt_bytes(compiled['cap_bytes'])} cap; largest process {fmt_bytes(compiled['max_rss_bytes'])}")
+                   f"{fmt_bytes(compiled['cap_bytes'])} cap; RSS of all its processes {fmt_bytes(compiled['anon_bytes'])} "
+                   f"(sampled), largest process {fmt_bytes(compiled['max_rss_bytes'])}")
     binary = build_runtime().parent / "edgemoe_run"
     max_seq = n_new + 8
     total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

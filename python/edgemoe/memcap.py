@@ -35,6 +35,7 @@ class CappedRun:
     max_rss_bytes: int  # the largest resident set of any one process of the run (as /usr/bin/time -v)
     read_bytes: int  # bytes the run read from storage (block input, counted by the kernel)
     page_cache_bytes: int  # page cache charged to the cgroup when the run ended
+    peak_anon_bytes: int  # the largest resident memory of all its processes together (sampled every 0.2 s)
 
 
 def _layout() -> tuple[str, Path]:
@@ -94,9 +95,11 @@ def run_capped(cmd: list[str], cap_bytes: int, timeout: float | None = None, env
             timer = threading.Timer(timeout, proc.kill) if timeout else None
             if timer:
                 timer.start()
+            anon = _AnonSampler(version, group)
             # wait4, not Popen.wait: the rusage of this child and of the processes it waited for
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - t0
+            anon.stop()
             proc.returncode = os.waitstatus_to_exitcode(status)
             if timer:
                 timer.cancel()
@@ -106,7 +109,7 @@ def run_capped(cmd: list[str], cap_bytes: int, timeout: float | None = None, env
             raise MemCapError(f"{cmd[0]} ran past {timeout:.0f} s under a {cap_bytes >> 20} MiB cap")
         peak, cache = _peak_and_cache(version, group)
         return CappedRun(proc.returncode, stdout, stderr, wall, peak, usage.ru_maxrss * 1024,
-                         usage.ru_inblock * 512, cache)
+                         usage.ru_inblock * 512, cache, anon.peak)
     finally:
         for _ in range(50):  # the group empties once the kernel has reaped its last task
             try:
@@ -114,6 +117,35 @@ def run_capped(cmd: list[str], cap_bytes: int, timeout: float | None = None, env
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+class _AnonSampler(threading.Thread):
+    """Polls the cgroup's anonymous (resident, not page cache) memory and keeps its maximum: the
+    kernel keeps a peak of the whole charge only, which a file-reading run fills with page cache."""
+
+    def __init__(self, version: str, group: Path):
+        super().__init__(daemon=True)
+        self.path, self.key = group / "memory.stat", "anon" if version == "v2" else "total_rss"
+        self.peak, self.done = 0, threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.done.wait(0.2):
+            self.sample()
+
+    def sample(self):
+        try:
+            for line in self.path.read_text().splitlines():
+                key, value = line.split()
+                if key == self.key:
+                    self.peak = max(self.peak, int(value))
+        except OSError:
+            pass
+
+    def stop(self):
+        self.sample()
+        self.done.set()
+        self.join()
 
 
 def _peak_and_cache(version: str, group: Path) -> tuple[int, int]:
