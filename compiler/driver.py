@@ -20,7 +20,7 @@ from ..targets import load_target, toolchain
 from .bitplan import LEVELS, search_plan, split_tokens
 from .cache import cache_dir
 from .expert_image import ImageWriter
-from .expert_pool import ExpertPool, RoundingLost, RoundingTask, default_jobs, record_code_digest
+from .expert_pool import ExpertPool, RoundingTask, default_jobs, record_code_digest
 from .layer_pass import LayerPass, grams
 from .lower import build_kernels
 from .progress import stage, track
@@ -200,10 +200,11 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
     import, calibration, bit-plan search, rounding each expert, routing profile, tuning, lowering,
     writing; None (the default) reports none of them.
     The artifact is written into a working directory beside out_dir and renamed into place when
-    complete: a failed or interrupted compile leaves out_dir as it was. An interrupted one (Ctrl-C,
-    a signal, a crash, a Dask cluster losing its tasks) also leaves its working directory, and the
-    same compile run again resumes from the expert records it finished; one that fails on its
-    inputs removes it."""
+    complete: a failed or interrupted compile leaves out_dir as it was. One interrupted (Ctrl-C, a
+    signal, a crash, a Dask cluster losing its tasks) or failed on anything but its inputs (a read,
+    a full disk, a bug in a late stage) also leaves its working directory, and the same compile run
+    again resumes from the expert records it finished; one that fails on its inputs (ValueError)
+    removes it."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir)
     target = load_target(opts.target).with_android_api(opts.android_api)
@@ -214,11 +215,11 @@ def compile_model(model_dir: str | Path, out_dir: str | Path, opts: CompileOptio
         try:
             manifest = _compile_into(model_dir, work, opts, target, cc, log, progress, (work / ".inputs").read_bytes())
             _publish(work, out_dir)
-        except (KeyboardInterrupt, SystemExit, RoundingLost):
-            log(f"interrupted: {work} keeps the expert records finished so far; the same command resumes from them")
-            raise
-        except BaseException:
+        except ValueError:  # the inputs are wrong: running the same command again would fail the same way
             shutil.rmtree(work, ignore_errors=True)
+            raise
+        except BaseException:  # interrupted, or failed on something else (a read, the disk, a bug): keep the work
+            log(f"stopped: {work} keeps the expert records finished so far; the same command resumes from them")
             raise
     log(f"artifact written to {out_dir} in {manifest['compile_seconds']} s; peak RSS {peak_rss() / 2**30:.2f} GiB")
     return manifest
