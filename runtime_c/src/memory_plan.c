@@ -69,8 +69,15 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)
     p->buffers += em_align_up(floats[i] * sizeof(float), EM_ALIGN_BUF);
   p->buffers = em_align_up(p->buffers, EM_ALIGN_PAGE);
-  /* attention keeps scores and their exponentials, [heads, n] each, in workspace */
-  p->arena = em_align_up(2ull * th->heads * max_seq * sizeof(float) + 4 * EM_ALIGN_BUF, EM_ALIGN_PAGE);
+  /* attention keeps scores and their exponentials, [heads, n] each, in workspace; an integer-dot
+     kernel quantizes its input there (int8 values, a float scale and centre per group: under two
+     floats per input element), its widest input being one of these */
+  uint64_t widest = th->hidden;
+  uint64_t inputs[] = {q_dim, H * th->v_head, ffn, th->q_lora, th->kv_lora};
+  for (size_t i = 0; i < sizeof inputs / sizeof inputs[0]; i++)
+    if (inputs[i] > widest) widest = inputs[i];
+  p->arena = em_align_up(2ull * th->heads * max_seq * sizeof(float) + 2 * widest * sizeof(float) + 8 * EM_ALIGN_BUF,
+                         EM_ALIGN_PAGE);
   /* records and their size classes; per record: cache and loader bookkeeping; per layer: weights
      and predictions */
   p->meta = em_align_up((uint64_t)ih->n_records * (sizeof(em_record) + 1) + em_cache_meta_bytes(0, ih->n_records) +
