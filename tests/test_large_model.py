@@ -40,9 +40,9 @@ def test_random_checkpoint_refuses_an_unknown_shape(tmp_path):
         write(tmp_path, "gpt-5")
 
 
-def _cap_or_skip(cmd, cap):
+def _cap_or_skip(cmd, cap, timeout=None):
     try:
-        return run_capped(cmd, cap)
+        return run_capped(cmd, cap, timeout=timeout)
     except MemCapError as e:
         pytest.skip(f"no memory cgroup here: {e}")
 
@@ -58,3 +58,9 @@ def test_a_run_within_its_cap_reports_its_peak():
 def test_the_kernel_stops_a_run_over_its_cap():
     r = _cap_or_skip([sys.executable, "-c", "b = bytearray(600 << 20); b[::4096] = b'x' * len(b[::4096])"], 300 << 20)
     assert r.returncode == -9 and r.peak_bytes <= 300 << 20
+
+
+def test_a_run_past_its_timeout_is_killed_and_says_so():
+    r = _cap_or_skip([sys.executable, "-c", "import time; time.sleep(30)"], 1 << 30, 1)
+    assert r.timed_out and r.returncode == -9 and r.wall_s < 20
+

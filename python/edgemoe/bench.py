@@ -754,18 +754,20 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
               show_default=True, help="Expert cache sizes as fractions of all experts; 1 runs without a cap.")
 @click.option("--allowance", type=_Bytes(0), default="64MiB", show_default=True,
               help="RAM beyond EdgeMoE's budget in the cap (code, stack, allocator), the same for both.")
-@click.option("-n", "n_new", type=click.IntRange(1, 1000), default=16, show_default=True)
+@click.option("-n", "n_new", type=click.IntRange(1, 1000), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=2, show_default=True)
+@click.option("--llama-timeout", type=click.IntRange(10), default=300, show_default=True,
+              help="Seconds a llama.cpp run may take; one that thrashes past it is reported as a rate bound.")
 @plot_option("largemodel")
-def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration_tokens, compile_cap, jobs, fractions, allowance, n_new,
-                   threads, plot_path, no_plot):
+def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration_tokens, compile_cap, jobs, fractions,
+                   allowance, n_new, threads, llama_timeout, plot_path, no_plot):
     """A real-size MoE (random weights in a published shape, written at bench time) through the
     streaming compile under a RAM cap, then decoded by EdgeMoE and by llama.cpp (mmap, the same
     weights through its own converter and quantizer) under the same RAM cap, which the kernel
     enforces on each process with its page cache (a memory cgroup), storage read for real (the page
     cache dropped before each run). One run: tokens/s, bytes read from storage per token, peak memory."""
     from . import llamacpp
-    from .memcap import MemCapError, drop_page_cache, run_capped
+    from .memcap import drop_page_cache, run_capped
     from .runtime import budget_bytes, build_runtime
     from .models.random_checkpoint import write as write_checkpoint
 
@@ -836,18 +838,22 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration
         st = _stats_lines(ours.stdout)
         ours_tps = n_new / (int(st["decode_ns"]) / 1e9)
         drop_page_cache([gguf])
-        try:
-            theirs_run = run_capped([str(llamacpp.tool(tree, "llama-bench")), "-m", str(gguf), "-p", "0", "-n",
-                                     str(n_new), "-t", str(threads), "-r", "1", "-o", "json"], cap, timeout=3600)
-            theirs_tps = llamacpp.decode_rate(theirs_run.stdout, n_new) if theirs_run.returncode == 0 else None
-        except MemCapError:
-            theirs_run, theirs_tps = None, None
+        theirs_run = run_capped([str(llamacpp.tool(tree, "llama-bench")), "-m", str(gguf), "-p", "0", "-n",
+                                 str(n_new), "-t", str(threads), "-r", "1", "-o", "json"], cap, timeout=llama_timeout)
         what = "no cap" if fraction >= 1 else fmt_bytes(cap)
-        their_cols = (f"{theirs_tps:.2f} | {ours_tps / theirs_tps:.2f} | " if theirs_tps else
-                      f"failed ({'killed by the cap' if theirs_run and theirs_run.returncode == -9 else 'timeout or error'}) | – | ")
+        if theirs_run.timed_out:  # thrashing: not even n_new tokens (and its one warm-up token) in the time given
+            theirs_tps = (n_new + 1) / theirs_run.wall_s
+            their_cols = f"< {theirs_tps:.3f} (not done in {theirs_run.wall_s:.0f} s) | > {ours_tps / theirs_tps:.0f} | "
+        elif theirs_run.returncode == 0:
+            theirs_tps = llamacpp.decode_rate(theirs_run.stdout, n_new)
+            their_cols = f"{theirs_tps:.2f} | {ours_tps / theirs_tps:.2f} | "
+        else:
+            theirs_tps = None
+            their_cols = (f"failed ({'killed by the cap' if theirs_run.returncode == -9 else theirs_run.stderr[-200:]})"
+                          f" | – | ")
         click.echo(f"| {fraction:.0%} | {what} | {ours_tps:.2f} | {their_cols}{fmt_bytes(ours.read_bytes / n_new)} | "
-                   f"{fmt_bytes(theirs_run.read_bytes / n_new) if theirs_run else '–'} | {fmt_bytes(ours.peak_bytes)} | "
-                   f"{fmt_bytes(theirs_run.peak_bytes) if theirs_run else '–'} |")
+                   f"{fmt_bytes(theirs_run.read_bytes / n_new)} | {fmt_bytes(ours.peak_bytes)} | "
+                   f"{fmt_bytes(theirs_run.peak_bytes)} |")
         chart.append({"label": f"{fraction:.0%} experts\n{what}", "ours": ours_tps, "theirs": theirs_tps or 0.0})
     write_plot(plot_path, no_plot, "llamacpp", chart,
                title=f"{name} (random weights): decode tok/s under a RAM cap, INT{bits} vs {gtype}")
