@@ -3,7 +3,7 @@
  *               [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]
  *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]
  * Prints the generated text (--prompt) or token ids on one line, then the statistics as key=value lines
- * (decode_ns: the first round's generation loop, prefill excluded).
+ * (decode_ns: the last round's generation loop, prefill excluded: with --repeat 2, a warmed-up one).
  *
  * Every number is checked in full (no trailing characters, no sign, no overflow, within its
  * range) before the artifact is opened; a bad one is a usage error (exit 2) naming the option and
@@ -399,7 +399,7 @@ int main(int argc, char** argv) {
   /* --repeat R: the same generation R times, the context reset in between (a soak test: the
      tokens must repeat exactly, and resident memory must not grow from round to round) */
   static int32_t first[MAX_GENERATED];
-  unsigned long long rss_first_round = 0, decode_ns = 0; /* decode_ns: the first round's generation loop */
+  unsigned long long rss_first_round = 0, decode_ns = 0; /* decode_ns: the last round's generation loop */
   int32_t* history = (int32_t*)malloc((n_prompt + n_new) * sizeof(int32_t));
   if (!history) {
     fprintf(stderr, "edgemoe_run: out of memory\n");
@@ -440,11 +440,8 @@ int main(int argc, char** argv) {
       rc = em_decode_step(s, next, NULL);
     }
     em_sampler_free(sampler);
-    if (round == 0) {
-      decode_ns = monotonic_ns() - decode_start;
-      printf("\n");
-      rss_first_round = status_kib("VmRSS") * 1024ull;
-    }
+    decode_ns = monotonic_ns() - decode_start;
+    if (round == 0) printf("\n"), rss_first_round = status_kib("VmRSS") * 1024ull;
   }
   free(history);
   em_tokenizer_close(tok);
