@@ -790,7 +790,7 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration
         cmd += ["--calibration", str(calibration), "--calibration-tokens", str(calibration_tokens)] if calibration else []
         cmd += ["--jobs", str(jobs)] if jobs else []
         click.echo(f"compiling under a {fmt_bytes(compile_cap)} cap: {' '.join(cmd[3:])}", err=True)
-        drop_page_cache([])
+        drop_page_cache(sorted(ckpt.glob("*.safetensors")))
         run = run_capped(cmd, compile_cap)
         if run.returncode != 0:
             why = " (killed: the cap was reached)" if run.returncode == -9 else ""
@@ -829,7 +829,7 @@ def largemodel_cmd(shape, layers, tree, work_dir, bits, calibration, calibration
     for fraction in fractions:
         budget = budget_bytes(art, max_seq, fraction) if fraction < 1 else 0
         cap = budget + allowance if fraction < 1 else total_ram
-        drop_page_cache([art / "experts.bin"])
+        drop_page_cache([art / "experts.bin", art / "trunk.bin"])
         # two rounds, timing the second: llama-bench also generates a warm-up token before it times
         ours = run_capped([str(binary), str(art), "--tokens", "1", "-n", str(n_new), "--max-seq", str(max_seq),
                            "--threads", str(threads), "--ignore-eos", "--repeat", "2"] +
