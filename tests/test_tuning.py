@@ -56,16 +56,17 @@ def test_every_matvec_kernel_gets_a_record_with_its_timings(tuned_store):
     for n in names:
         rec = records[kernel_key(n, funcs[n])]
         assert rec["schedule"] == tuned[n] and rec["us"] <= rec["default_us"]
-        fastest = min(rec["candidates_us"], key=rec["candidates_us"].get)
+        # the fastest candidate (times are rounded to ns in the record: several may tie)
+        fastest = {k for k, us in rec["candidates_us"].items() if us == min(rec["candidates_us"].values())}
         if n == "em_router":  # one knob: every candidate timed once, side by side
-            assert set(rec["candidates_us"]) == {"lanes=8", "lanes=16"} and label(rec["schedule"]) == fastest
-            assert rec["us"] == rec["candidates_us"][fastest] and rec["default_us"] == rec["candidates_us"]["lanes=16"]
+            assert set(rec["candidates_us"]) == {"lanes=8", "lanes=16"} and label(rec["schedule"]) in fastest
+            assert rec["us"] == rec["candidates_us"][label(rec["schedule"])] and rec["default_us"] == rec["candidates_us"]["lanes=16"]
             continue
         hand = asdict(int_dot.knobs_of(funcs[n]))
         assert {label(hand), label({**hand, "chains": 1}), label({**hand, "tiles": 2})} <= set(rec["candidates_us"])
         assert len(rec["candidates_us"]) <= 4  # two rounds over a 2×2 space
         # the search's fastest, if it beat the hand schedule again when timed beside it; else the hand one
-        assert label(rec["schedule"]) in (label(hand), fastest), rec
+        assert label(rec["schedule"]) in {label(hand), *fastest}, rec
         if rec["schedule"] == hand:
             assert rec["us"] == rec["default_us"]
 
