@@ -11,6 +11,7 @@ set(EM_CORE_SOURCES
   runtime_c/src/matrix.c
   runtime_c/src/memory_plan.c
   runtime_c/src/mla.c
+  runtime_c/src/pacer.c
   runtime_c/src/predictor.c
   runtime_c/src/program.c
   runtime_c/src/routing.c

@@ -25,6 +25,16 @@ class TargetDesc:
     android_api: int | None = None  # Android targets: the API level the NDK compiler is named for (toolchain.py)
     # microcontrollers (os "none"): memory map, flash, CPU flags, int8 dot instructions, sources
     board: dict | None = None
+    # boards whose compute benchmarks emulate: memory bandwidth (bytes/s), int8 and fp32 throughput
+    # (operations/s, a multiply-accumulate counting two), with the published figures they come from
+    compute: dict | None = None
+
+    def compute_emulation(self) -> tuple[float, float, float] | None:
+        """(memory bandwidth, int8 ops/s, fp32 FLOP/s) for the runtime's compute emulation, or None."""
+        if not self.compute:
+            return None
+        c = self.compute
+        return float(c["memory_bandwidth_bytes_per_s"]), float(c["int8_ops_per_s"]), float(c["fp32_flops_per_s"])
 
     def resolved_tvm_target(self) -> dict:
         """The TVM target dict with 'native' triple/cpu replaced by what LLVM detects on this machine."""

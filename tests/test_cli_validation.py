@@ -59,6 +59,11 @@ C_BAD = [
     (["--emulate", "45,1,2"], "--emulate"),
     (["--emulate", "45x,1"], "--emulate"),
     (["--emulate", "1." + "0" * 200 + "x,1"], "--emulate"),
+    (["--emulate-compute", "4,48"], "--emulate-compute"),
+    (["--emulate-compute", "4,48,24,1"], "--emulate-compute"),
+    (["--emulate-compute", "0,48,24"], "--emulate-compute"),
+    (["--emulate-compute", "4,nan,24"], "--emulate-compute"),
+    (["--emulate-compute", "4,48,-1"], "--emulate-compute"),
     (["--tokens", "4294967396"], "--tokens"),  # would wrap to token 100
     (["--tokens", "2147483648"], "--tokens"),
     (["--tokens", "1,-2"], "--tokens"),
@@ -191,6 +196,10 @@ PY_RUN_BAD = [
     (["--emulate-storage", "45,nan"], "--emulate-storage"),
     (["--emulate-storage", "45,1,2"], "--emulate-storage"),
     (["--emulate-storage", "no-such-board"], "--emulate-storage"),
+    (["--emulate-compute", "4,48"], "--emulate-compute"),
+    (["--emulate-compute", "4,0,24"], "--emulate-compute"),
+    (["--emulate-compute", "4,48,inf"], "--emulate-compute"),
+    (["--emulate-compute", "no-such-board"], "--emulate-compute"),
 ]
 
 

@@ -54,7 +54,7 @@ def pipeline_configs(fraction: float, queue_depth: int = 1) -> list[RunConfig]:
 
 
 def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, emulate, max_seq: int,
-               trace: bool = False) -> dict:
+               trace: bool = False, compute=None) -> dict:
     """Greedy-decodes n_new tokens after the prompt; per-token decode times and the runtime's counters
     (with `trace`, also "trace": the experts each layer selected, [tokens, layers, top_k])."""
     from .runtime import Session, budget_bytes
@@ -65,7 +65,7 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
         budget = 0 if cfg.budget_fraction is None else budget_bytes(artifact, max_seq, cfg.budget_fraction)
     with Session(artifact, memory_budget=budget, max_seq=max_seq,
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
-                 eviction=cfg.eviction, threads=cfg.threads, readers=cfg.readers) as s:
+                 eviction=cfg.eviction, threads=cfg.threads, readers=cfg.readers, emulate_compute=compute) as s:
         if cfg.warm:
             s.generate(prompt, n_new)
             s.reset()
@@ -156,6 +156,33 @@ def _queue_depth(storage: str) -> int:
     return 1 if "," in storage else int(load_target(storage).storage.get("queue_depth") or 1)
 
 
+def board_option(f):
+    """--emulate-compute for the benchmarks that emulate a board's storage."""
+    return click.option("--emulate-compute", "compute_spec", default="board", show_default=True,
+                        metavar="board|TARGET|GBPS,GOPS,GFLOPS|none",
+                        help="Pace every kernel to a board's compute (runtime_c/src/pacer.h): board = the "
+                             "--emulate-storage target's own figures (none where it is MBPS,MS or has none); "
+                             "none = this machine's speed.")(f)
+
+
+def board_emulation(storage: str, compute_spec: str):
+    """(storage emulation, compute emulation or None, a line saying what is emulated) for --emulate-storage
+    and --emulate-compute."""
+    from .cli import _compute_emulation, _storage_emulation
+    from .targets import load_target
+
+    emulate = _storage_emulation(storage)
+    if compute_spec == "board":
+        compute = None if "," in storage else load_target(storage).compute_emulation()
+    else:
+        compute = _compute_emulation(compute_spec)
+    where = f"storage {storage} ({emulate[0] / 1e6:.0f} MB/s, {emulate[1] * 1e3:.2f} ms)"
+    if compute is None:
+        return emulate, None, f"{where}, this machine's compute"
+    return emulate, compute, (f"emulated board: {where}, compute {compute[0] / 1e9:.2f} GB/s, "
+                              f"{compute[1] / 1e9:.0f} G int8 op/s, {compute[2] / 1e9:.0f} GFLOP/s")
+
+
 def floor_ms(result: dict, free_ms: float, bandwidth: float | None) -> float:
     """The decode-time floor: the larger of all-resident compute time and the reads it must do ÷ bandwidth."""
     io = result["bytes_read_per_token"] / bandwidth * 1e3 if bandwidth else 0.0
@@ -199,15 +226,15 @@ def bench_cmd():
               help="Expert cache as a fraction of all experts.")
 @click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
+@board_option
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @plot_option("pipeline")
-def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, json_out, plot_path, no_plot):
+def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, compute_spec, max_seq, json_out, plot_path,
+                 no_plot):
     """IO-FREE vs IO-EXP vs EdgeMoE expert management, side by side on emulated storage. On an artifact
     compiled without calibration text the configurations that need its routing profile (path-table and
     fitted-router prediction, EdgeMoE eviction) are skipped, with a note."""
-    from .cli import _storage_emulation
-
-    emulate = _storage_emulation(storage)
+    emulate, compute, where = board_emulation(storage, compute_spec)
     manifest = read_manifest(artifact)
     ids = prompt_ids(artifact, prompt, tokens)
     check_context(ids, n_new, max_seq, manifest, artifact)
@@ -217,12 +244,11 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, js
     with click.progressbar([c for c in configs if c not in skipped], label="configurations", file=sys.stderr,
                            item_show_func=lambda c: c.name if c else "") as bar:
         for cfg in bar:
-            results.append(run_config(artifact, cfg, ids, n_new, emulate, max_seq))
+            results.append(run_config(artifact, cfg, ids, n_new, emulate, max_seq, compute=compute))
     free = results[0]["ms_per_token"]
     same = all(r["tokens"] == results[0]["tokens"] for r in results)
     click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average, "
-               f"largest record {fmt_bytes(manifest['experts']['record_bytes'])}), storage {storage} "
-               f"({emulate[0] / 1e6:.0f} MB/s, {emulate[1] * 1e3:.2f} ms), {n_new} tokens, "
+               f"largest record {fmt_bytes(manifest['experts']['record_bytes'])}), {where}, {n_new} tokens, "
                f"identical tokens in every configuration: {same}")
     click.echo("| configuration | ms/token | × IO-FREE | floor ms | × floor | cache hit | prediction | read/token "
                "| stall ms/token | slots |")
@@ -236,15 +262,14 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, js
                    f"{r['ms_per_token'] / fl:.2f} | {r['hit_rate']:.1%} | {pred} | "
                    f"{fmt_bytes(r['bytes_read_per_token'])} | {r['stall_ms_per_token']:.2f} | {r['cache_slots']} |")
     if json_out:
-        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "results": results,
+        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "compute": compute, "results": results,
                                         "skipped": [c.name for c in skipped]}, indent=1))
     if skipped:
         click.echo(f"note: {artifact} was compiled without calibration text (no routing profile): skipped "
                    f"{len(skipped)} configurations that need one (path-table or fitted-router prediction, EdgeMoE "
                    f"eviction): {'; '.join(c.name for c in skipped)}. Compile with --calibration TEXT to run them.")
     write_plot(plot_path, no_plot, "pipeline", chart,
-               title=f"{artifact}: ms/token on {storage} storage ({emulate[0] / 1e6:.0f} MB/s, "
-                     f"{emulate[1] * 1e3:.2f} ms), {n_new} tokens")
+               title=f"{artifact}: ms/token, {where}, {n_new} tokens")
 
 
 def sweep_configs(fraction: float, profile: bool) -> list[RunConfig]:
@@ -271,19 +296,19 @@ def sweep_configs(fraction: float, profile: bool) -> list[RunConfig]:
 @click.option("-n", "n_new", type=click.IntRange(1, UINT32_MAX), default=64, show_default=True)
 @click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
+@board_option
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @plot_option("sweep")
-def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storage, max_seq, json_out, plot_path,
-              no_plot):
+def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storage, compute_spec, max_seq, json_out,
+              plot_path, no_plot):
     """Time and reads per token against the expert budget, each policy beside its bounds: Belady's MIN
     on the routing trace the run recorded (the fewest reads any cache of those slots could do) and the
     time a perfect pipeline would take for that policy's reads: max(compute, bytes ÷ bandwidth +
     reads × latency ÷ queue depth). IO-FREE (all resident), IO-QEXP (the artifact's experts read on
     demand, no reuse) and, with --float-artifact, IO-EXP are the budget-independent rows."""
     from .cache_bound import belady_misses, time_bound_ms
-    from .cli import _storage_emulation
 
-    emulate = _storage_emulation(storage)
+    emulate, compute_figures, where = board_emulation(storage, compute_spec)
     bandwidth, latency, depth = emulate[0], emulate[1], _queue_depth(storage)
     manifest = read_manifest(artifact)
     ids = prompt_ids(artifact, prompt, tokens)
@@ -297,13 +322,13 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
     results = []
     with click.progressbar(runs, label="runs", file=sys.stderr, item_show_func=lambda r: r[1].name if r else "") as bar:
         for path, cfg in bar:
-            r = run_config(path, cfg, ids, n_new, emulate, max_seq, trace=True)
+            r = run_config(path, cfg, ids, n_new, emulate, max_seq, trace=True, compute=compute_figures)
             r["fraction"] = cfg.budget_fraction
             results.append(r)
     compute = results[0]["mean_ms_per_token"]
     same = all(r["tokens"] == results[0]["tokens"] for r in results)
     click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), "
-               f"storage {storage} ({bandwidth / 1e6:.0f} MB/s, {latency * 1e3:.2f} ms, queue depth {depth}), "
+               f"{where}, queue depth {depth}, "
                f"{len(ids)} prompt + {n_new} new tokens, identical tokens in every run: {same}")
     click.echo("| budget | configuration | slots | ms/token (mean) | bound ms | × bound | reads/token | Belady reads/token "
                "| × Belady | read/token |")
@@ -323,11 +348,11 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
                      "reads_per_token": reads, "belady_reads_per_token": belady, "bytes_read_per_token": nbytes,
                      "cache_slots": r["cache_slots"]})
     if json_out:
-        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "queue_depth": depth, "rows": rows},
+        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "compute": compute_figures,
+                                        "queue_depth": depth, "rows": rows},
                                        indent=1))
     write_plot(plot_path, no_plot, "sweep", rows,
-               title=f"{artifact.name}: {storage} storage ({bandwidth / 1e6:.0f} MB/s, {latency * 1e3:.2f} ms), "
-                     f"{n_new} tokens")
+               title=f"{artifact.name}: {where}, {n_new} tokens")
 
 
 @bench_cmd.command("predictors")
@@ -646,13 +671,13 @@ BITPLAN_PROMPTS = ["ROMEO:\n", "The history of the city begins in", "To create a
 @click.option("--predictor", type=click.Choice(["none", "path-table", "next-router", "fitted-router", "wrong"]),
               default="next-router", show_default=True)
 @click.option("--eviction", type=click.Choice(["lru", "fifo", "edgemoe"]), default="lru", show_default=True)
+@board_option
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
 @plot_option("budget")
-def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, predictor, eviction, max_seq, plot_path, no_plot):
+def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, compute_spec, predictor, eviction, max_seq,
+               plot_path, no_plot):
     """Artifacts side by side at one memory budget (e.g. a searched bit plan against uniform INT4)."""
-    from .cli import _storage_emulation
-
-    emulate = _storage_emulation(storage)
+    emulate, compute, where = board_emulation(storage, compute_spec)
     manifests = [read_manifest(art) for art in artifacts]
     prompts = [prompt_ids(art, prompt, tokens) for art in artifacts]
     for art, manifest, ids in zip(artifacts, manifests, prompts):
@@ -661,21 +686,20 @@ def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, predictor, evi
             raise click.ClickException(f"{art} was compiled without calibration text (no routing profile): "
                                        f"--predictor {predictor} / --eviction {eviction} need one; choose another "
                                        f"or compile with --calibration TEXT")
-    click.echo(f"budget {fmt_bytes(nbytes)}, storage {storage} ({emulate[0] / 1e6:.0f} MB/s, "
-               f"{emulate[1] * 1e3:.2f} ms), predictor {predictor}, eviction {eviction}, {n_new} tokens")
+    click.echo(f"budget {fmt_bytes(nbytes)}, {where}, predictor {predictor}, eviction {eviction}, {n_new} tokens")
     click.echo("| artifact | avg bits | cache slots | ms/token | cache hit | read/token | stall ms/token |")
     click.echo("|---|---|---|---|---|---|---|")
     chart = []
     for art, manifest, ids in zip(artifacts, manifests, prompts):
         cfg = RunConfig(str(art), None, predictor=predictor, eviction=eviction, budget=nbytes)
-        r = run_config(art, cfg, ids, n_new, emulate, max_seq)
+        r = run_config(art, cfg, ids, n_new, emulate, max_seq, compute=compute)
         click.echo(f"| {art} | {manifest['quantization']['average_bits']:.2f} | {r['cache_slots']} | "
                    f"{r['ms_per_token']:.2f} | {r['hit_rate']:.1%} | {fmt_bytes(r['bytes_read_per_token'])} | "
                    f"{r['stall_ms_per_token']:.2f} |")
         chart.append({"artifact": str(art), "average_bits": manifest["quantization"]["average_bits"],
                       "ms_per_token": r["ms_per_token"], "hit_rate": r["hit_rate"], "cache_slots": r["cache_slots"]})
     write_plot(plot_path, no_plot, "budget", chart,
-               title=f"budget {fmt_bytes(nbytes)}, {storage} storage, {predictor} prediction, {eviction} eviction")
+               title=f"budget {fmt_bytes(nbytes)}, {where}, {predictor} prediction, {eviction} eviction")
 
 
 @bench_cmd.command("llamacpp")

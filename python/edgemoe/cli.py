@@ -323,6 +323,37 @@ def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir,
                    f"{rec['default_us'] / rec['us']:.2f} | {rec.get('measured_on', 'this machine')} |")
 
 
+MAX_EMULATE_GIGA = 1e6  # as edgemoe_run --emulate-compute
+
+
+def _compute_emulation(spec: str, option: str = "--emulate-compute") -> tuple[float, float, float] | None:
+    """(memory bandwidth B/s, int8 ops/s, fp32 FLOP/s) from a target name (its "compute" entry) or
+    "GBPS,GOPS,GFLOPS" (each > 0, as edgemoe_run --emulate-compute); "none": None (this machine's speed)."""
+    from .targets import UnknownTargetError, load_target
+
+    if spec == "none":
+        return None
+    if "," in spec:
+        parts = spec.split(",")
+        if len(parts) != 3:
+            raise click.BadParameter(f"{spec!r} is not GBPS,GOPS,GFLOPS: give memory bandwidth in GB/s, int8 and fp32 "
+                                     f"throughput in G operations/s, each > 0, e.g. 4.8,48,24", param_hint=option)
+        try:
+            return tuple(_check_number(v, float, 0, MAX_EMULATE_GIGA, lo_open=True, what=w) * 1e9
+                         for v, w in zip(parts, ("GBPS", "GOPS", "GFLOPS")))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
+    try:
+        target = load_target(spec)
+    except UnknownTargetError as e:
+        raise click.BadParameter(f"{e} (or give GBPS,GOPS,GFLOPS such as 4.8,48,24, or none)",
+                                 param_hint=option) from None
+    figures = target.compute_emulation()
+    if figures is None:
+        raise click.UsageError(f"target {spec!r} describes no board compute to emulate (no \"compute\" entry)")
+    return figures
+
+
 def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[float, float]:
     """(bandwidth B/s, latency s) from a target name or "MBPS,MS" (MBPS > 0, MS >= 0, both finite;
     as edgemoe_run --emulate)."""
@@ -389,6 +420,9 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
 @click.option("--emulate-storage", metavar="TARGET|MBPS,MS",
               help="Stretch each expert read to a device's speed: a target name (its storage entry) "
                    "or bandwidth in MB/s and latency in ms, e.g. 45,1.")
+@click.option("--emulate-compute", metavar="TARGET|GBPS,GOPS,GFLOPS",
+              help="Make each kernel last as long as on a board: a target name (its compute entry) or memory "
+                   "bandwidth in GB/s, int8 and fp32 throughput in G operations/s, e.g. 4.8,48,24.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
               help="Compute threads for the kernels' parallel loops (the loader thread is extra).")
 @click.option("--readers", type=click.IntRange(1, 16), default=1, show_default=True,
@@ -396,7 +430,7 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
                    "requests (UFS, NVMe; a target's storage queue_depth).")
 def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetition_penalty, seed, budget,
             cache_fraction, max_seq, no_verify, predictor, eviction, prefetch_experts, no_loader_thread, storage,
-            direct_io, emulate_storage, threads, readers):
+            direct_io, emulate_storage, emulate_compute, threads, readers):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
     from .api import Session
     from .runtime import EdgeMoEError
@@ -407,13 +441,14 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
         raise click.UsageError("give --budget or --cache-fraction, not both")
     ids = _token_ids(tokens) if tokens is not None else None
     emulate = _storage_emulation(emulate_storage) if emulate_storage else None
+    board_compute = _compute_emulation(emulate_compute) if emulate_compute else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                     seed=seed)
     try:
         with Session(artifact, budget=budget, cache_fraction=cache_fraction, max_seq=max_seq, verify=not no_verify,
                      storage=storage, direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread,
                      predictor=predictor, prefetch_experts=prefetch_experts, eviction=eviction, threads=threads,
-                     readers=readers) as s:
+                     readers=readers, emulate_compute=board_compute) as s:
             if prompt is not None:
                 ids = s.tokenizer.encode(prompt).ids
             if not ids:
@@ -449,7 +484,9 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
     click.echo(f"expert cache: hit rate {st['expert_hits'] / max(uses, 1):.1%} ({st['expert_hits']} hits, "
                f"{st['expert_misses']} misses); read {fmt_bytes(st['bytes_read'] / max(st['tokens'], 1))}/token, "
                f"I/O {st['read_ns'] / 1e6:.1f} ms, stalled {st['stall_ns'] / 1e6:.1f} ms, "
-               f"compute {st['compute_ns'] / 1e6:.1f} ms; {chosen[1]} eviction", err=True)
+               f"compute {st['compute_ns'] / 1e6:.1f} ms"
+               + (f" (of which {st['board_wait_ns'] / 1e6:.1f} ms matching the emulated board)" if board_compute else "")
+               + f"; {chosen[1]} eviction", err=True)
     if st["predicted"]:
         click.echo(f"prediction ({chosen[0]}): {st['predicted_hits'] / st['predicted']:.1%} of chosen experts "
                    f"predicted; prefetches {st['prefetch_issued']} issued, {st['prefetch_used']} used, "

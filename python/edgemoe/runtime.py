@@ -45,7 +45,9 @@ class _Params(ctypes.Structure):
                 ("direct_io", ctypes.c_int), ("emulate_bandwidth", ctypes.c_double),
                 ("emulate_latency", ctypes.c_double), ("loader_thread", ctypes.c_int), ("predictor", ctypes.c_int),
                 ("prefetch_experts", ctypes.c_uint32), ("eviction", ctypes.c_int), ("compute_threads", ctypes.c_uint32),
-                ("inject_faults", ctypes.c_char_p), ("readers", ctypes.c_uint32)]
+                ("inject_faults", ctypes.c_char_p), ("readers", ctypes.c_uint32),
+                ("emulate_memory_bandwidth", ctypes.c_double), ("emulate_int8_ops", ctypes.c_double),
+                ("emulate_fp32_flops", ctypes.c_double)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
@@ -57,7 +59,8 @@ class _Stats(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in _STAT_FIELDS] + [("cache_slots", ctypes.c_uint32),
                                                                ("record_bytes", ctypes.c_uint32),
                                                                ("read_retries", ctypes.c_uint64),
-                                                               ("records_read", ctypes.c_uint64)]
+                                                               ("records_read", ctypes.c_uint64),
+                                                               ("board_wait_ns", ctypes.c_uint64)]
 
 
 class _Sampling(ctypes.Structure):
@@ -163,13 +166,15 @@ class Session:
     prefetching needs; predictor: auto, none, path-table, next-router, fitted-router or wrong (a test
     of robustness); eviction: auto, lru, fifo or edgemoe. info["predictor"] and info["eviction"]
     name the ones in use. readers: expert reads in flight at once (reader threads). inject_faults (testing) makes chosen expert reads fail, e.g. "eio@3,corrupt@7"
-    (runtime_c/src/storage.h).
+    (runtime_c/src/storage.h). emulate_compute=(memory bandwidth B/s, int8 ops/s, fp32 FLOP/s)
+    makes every kernel last as long as on that board (a target's "compute"; runtime_c/src/pacer.h).
     """
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
                  storage: str = "pread", direct_io: bool = False, emulate: tuple[float, float] | None = None,
                  loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
-                 eviction: str = "auto", threads: int = 1, inject_faults: str | None = None, readers: int = 1):
+                 eviction: str = "auto", threads: int = 1, inject_faults: str | None = None, readers: int = 1,
+                 emulate_compute: tuple[float, float, float] | None = None):
         self._h = None
         self._trace = np.zeros((0, 0, 0), np.uint32)
         self._lib = library()
@@ -178,7 +183,8 @@ class Session:
                          _choice(STORAGES, storage, "storage"), int(direct_io), bandwidth, latency, int(loader_thread),
                          _choice(PREDICTORS, predictor, "predictor"), prefetch_experts,
                          _choice(EVICTIONS, eviction, "eviction policy"), threads,
-                         inject_faults.encode() if inject_faults else None, readers)
+                         inject_faults.encode() if inject_faults else None, readers,
+                         *(emulate_compute or (0.0, 0.0, 0.0)))
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

@@ -68,6 +68,11 @@ typedef struct {
                                 (storage.h em_storage_inject_faults); NULL = none */
   uint32_t readers;          /* with loader_thread: reads in flight at once, one reader thread each (1..16;
                                 0 = 1); more than one pays where the storage overlaps requests (UFS, NVMe) */
+  /* > 0 (all three): emulate a board's compute. Each kernel call lasts at least the board's time for
+     it, the larger of its bytes / emulate_memory_bandwidth (bytes/s) and its operations /
+     emulate_int8_ops (integer-dot kernels) or / emulate_fp32_flops (the rest), operations/s with a
+     multiply-accumulate counting two. 0 = run at this machine's speed. */
+  double emulate_memory_bandwidth, emulate_int8_ops, emulate_fp32_flops;
 } em_params;
 
 typedef struct {
@@ -90,6 +95,7 @@ typedef struct {
   uint32_t record_bytes;     /* bytes of the largest expert record (one read) */
   uint64_t read_retries;     /* expert reads that failed once and were read again */
   uint64_t records_read;     /* expert records read from the image (demand and prefetch) */
+  uint64_t board_wait_ns;    /* of compute_ns, time added to kernels to last as long as on the emulated board */
 } em_stats;
 
 typedef struct {

@@ -1,10 +1,13 @@
+#define _POSIX_C_SOURCE 200809L
 #include "matrix.h"
 
 #include <stdio.h>
 #include <string.h>
 
 #include "edgemoe.h"
+#include "clock.h"
 #include "generated/program.h"
+#include "pacer.h"
 
 float em_f16_to_f32(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
@@ -127,7 +130,12 @@ int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, 
     else
       params[count++] = args[i].tensor;
   }
-  return em_kernel_call(fn, name, params, count, err, len);
+  em_pacer* pacer = em_pacer_current();
+  if (!em_pacer_on(pacer)) return em_kernel_call(fn, name, params, count, err, len);
+  uint64_t t0 = em_now_ns();
+  int rc = em_kernel_call(fn, name, params, count, err, len);
+  em_pacer_account(pacer, args, n, em_now_ns() - t0);
+  return rc;
 }
 
 /* Arguments at the indices compiler/program.py's SIGNATURES give them (generated/program.h). */

@@ -185,6 +185,9 @@ static int check_params(const em_params* p, char* err, size_t n) {
     why = "emulate_latency needs emulate_bandwidth > 0";
   else if (p->compute_threads > 1024) why = "compute_threads is above 1024";
   else if (p->readers > EM_MAX_READERS) why = "readers is above 16";
+  else if (em_pacer_init(&(em_pacer){0}, p->emulate_memory_bandwidth, p->emulate_int8_ops, p->emulate_fp32_flops))
+    why = "emulate_memory_bandwidth, emulate_int8_ops and emulate_fp32_flops must all be finite and > 0 (or all 0: "
+          "no compute emulation)";
   if (why) snprintf(err, n, "bad parameter: %s", why);
   return why ? EM_ERR_ARGUMENT : EM_OK;
 }
@@ -217,6 +220,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->q_dim = th->heads * th->head_dim;
   s->kv_dim = th->kv_heads * th->head_dim;
   s->predictor = params->loader_thread ? params->predictor : EM_PREDICT_NONE; /* prefetching needs the thread */
+  em_pacer_init(&s->pacer, params->emulate_memory_bandwidth, params->emulate_int8_ops, params->emulate_fp32_flops);
   s->n_predict = params->prefetch_experts ? params->prefetch_experts : th->top_k;
   if (s->n_predict > th->experts) s->n_predict = th->experts;
   em_memory_plan p;
@@ -703,7 +707,7 @@ static int attention_layer(em_session* s, const em_step* st) {
 }
 
 /* One token through the layer program. */
-static int forward(em_session* s, int32_t token, int want_logits) {
+static int forward_token(em_session* s, int32_t token, int want_logits) {
   const em_trunk_header* th = &s->th;
   if (token < 0 || (uint32_t)token >= th->vocab) {
     snprintf(s->err, ERR_LEN, "token id %d out of range [0, %u)", token, th->vocab);
@@ -771,6 +775,14 @@ static int forward(em_session* s, int32_t token, int want_logits) {
   return EM_OK;
 }
 
+/* One token through the layer program, its kernels paced to the emulated board (if any). */
+static int forward(em_session* s, int32_t token, int want_logits) {
+  em_pacer* previous = em_pacer_enter(&s->pacer);
+  int rc = forward_token(s, token, want_logits);
+  em_pacer_leave(previous);
+  return rc;
+}
+
 int em_decode_step(em_session* s, int32_t token, float* logits) {
   int rc = forward(s, token, 1);
   if (!rc && logits) memcpy(logits, s->logits, s->th.vocab * sizeof(float));
@@ -783,7 +795,9 @@ int em_prefill(em_session* s, const int32_t* tokens, size_t n) {
     return EM_ERR_ARGUMENT;
   }
   if (s->th.cross_layers) { /* the encoder over the input, then the decoder's start token */
+    em_pacer* previous = em_pacer_enter(&s->pacer);
     int rc = em_run_encoder(s, tokens, n);
+    em_pacer_leave(previous);
     return rc ? rc : forward(s, s->th.decoder_start, 1);
   }
   for (size_t i = 0; i < n; i++) {
@@ -813,6 +827,7 @@ uint32_t em_route_trace_tokens(const em_session* s) {
 
 int em_stats_get(const em_session* s, em_stats* out) {
   em_loader_stats((em_loader*)&s->loader, out);
+  out->board_wait_ns = s->pacer.added_ns;
   return EM_OK;
 }
 

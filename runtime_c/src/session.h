@@ -13,6 +13,7 @@
 #include "loader.h"
 #include "matrix.h"
 #include "mla.h"
+#include "pacer.h"
 #include "program.h"
 #include "storage.h"
 #include "thread_pool.h"
@@ -67,6 +68,7 @@ struct em_session {
   uint32_t* route_trace; /* em_route_trace's buffer, NULL when not tracing */
   uint32_t trace_max, trace_tokens;
 
+  em_pacer pacer; /* the emulated board's compute timing (off unless em_params asks for it) */
   em_stats st;
   char err[ERR_LEN];
 };

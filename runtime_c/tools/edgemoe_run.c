@@ -30,7 +30,8 @@
 static const char USAGE[] =
     "usage: edgemoe_run ARTIFACT_DIR --prompt TEXT | --tokens ID,ID,... [-n N] [--budget SIZE] [--max-seq N] [--no-verify]\n"
     "       [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]\n"
-    "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N] [--inject-faults PLAN]\n"
+    "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--emulate-compute GBPS,GOPS,GFLOPS]\n"
+    "       [--threads N] [--inject-faults PLAN]\n"
     "       [--repeat R] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--ignore-eos]\n"
     "\n"
     "  --prompt TEXT    the prompt as text (the artifact's tokenizer.bin); the output is then text too\n"
@@ -42,6 +43,9 @@ static const char USAGE[] =
     "  --max-seq N      context to allocate, 0..the artifact's maximum (default 0 = the artifact's maximum)\n"
     "  --emulate MBPS,MS  stretch each expert read to MBPS MB/s (> 0, <= 1000000) plus MS ms latency\n"
     "                   (>= 0, <= 60000)\n"
+    "  --emulate-compute GBPS,GOPS,GFLOPS  make each kernel last as long as on a board with this memory\n"
+    "                   bandwidth (GB/s), int8 throughput (G ops/s) and fp32 throughput (GFLOP/s), each > 0\n"
+    "                   and <= 1000000 (a target's \"compute\" entry; board_wait_ns reports the time added)\n"
     "  --threads N      compute threads, 1..1024 (default 1; the loader thread is extra)\n"
     "  --readers N      expert reads in flight at once, 1..16 (default 1): reader threads for storage that\n"
     "                   overlaps requests (UFS, NVMe)\n"
@@ -296,7 +300,8 @@ int main(int argc, char** argv) {
       static const char* const with_value[] = {"--tokens", "-n", "--budget", "--max-seq", "--emulate",
                                                "--predictor", "--eviction", "--threads", "--inject-faults",
                                                "--repeat", "--temperature", "--top-k", "--top-p",
-                                               "--repetition-penalty", "--seed", "--prompt", "--readers"};
+                                               "--repetition-penalty", "--seed", "--prompt", "--readers",
+                                               "--emulate-compute"};
       int known = 0;
       for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++) known |= !strcmp(a, with_value[k]);
       if (!known) return usage_error("unknown option '%s'", a);
@@ -345,6 +350,22 @@ int main(int argc, char** argv) {
         if (!rc) {
           p.emulate_bandwidth = mbps * 1e6;
           p.emulate_latency = ms * 1e-3;
+        }
+      } else if (!strcmp(a, "--emulate-compute")) {
+        /* three comma-separated numbers, each in giga-units per second */
+        static const char* const what[] = {"GBPS", "GOPS", "GFLOPS"};
+        double* dst[] = {&p.emulate_memory_bandwidth, &p.emulate_int8_ops, &p.emulate_fp32_flops};
+        const char* field = val;
+        for (int f = 0; f < 3 && !rc; f++) {
+          const char* end = f < 2 ? strchr(field, ',') : field + strlen(field);
+          char text[128];
+          if (!end || (f == 2 && strchr(field, ',')) || (size_t)(end - field) >= sizeof text)
+            return usage_error("--emulate-compute: '%s' is not GBPS,GOPS,GFLOPS; give three numbers > 0, e.g. "
+                               "--emulate-compute 4,48,24", val);
+          snprintf(text, sizeof text, "%.*s", (int)(end - field), field);
+          double g;
+          if (!(rc = parse_double(a, what[f], text, 0, 1, 1e6, &g))) *dst[f] = g * 1e9;
+          field = end + 1;
         }
       } else if (!strcmp(a, "--predictor")) {
         static const char* const names[] = {"none", "path-table", "next-router", "wrong", "fitted-router", "auto"};
@@ -461,11 +482,12 @@ int main(int argc, char** argv) {
          "stall_ns=%llu\nprefetch_issued=%llu\nprefetch_used=%llu\nprefetch_wasted=%llu\npredicted=%llu\n"
          "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
          "record_bytes=%u\nread_retries=%llu\nrecords_read=%llu\npeak_rss_bytes=%llu\nrss_first_round_bytes=%llu\n"
-         "rss_last_round_bytes=%llu\ndecode_ns=%llu\n",
+         "rss_last_round_bytes=%llu\ndecode_ns=%llu\nboard_wait_ns=%llu\n",
          U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
          U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
          U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
-         st.record_bytes, U(st.read_retries), U(st.records_read), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull, decode_ns);
+         st.record_bytes, U(st.read_retries), U(st.records_read), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull, decode_ns,
+         U(st.board_wait_ns));
 #undef U
   em_close(s);
   return 0;
