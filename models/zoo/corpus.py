@@ -1,4 +1,4 @@
-"""Text corpus for the bundled reference MoE (``mixtral-mini``).
+"""Text corpus for the model zoo's MoEs (``mixtral-mini``, ``train_moe.py``).
 
 Three English sources, each split deterministically into a training part and a
 held-out part:
@@ -32,6 +32,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -112,6 +113,19 @@ def python_docs_files(cache_dir: str | os.PathLike | None = None) -> list[Path]:
             chosen.append(Path(f))
             total += size
     return chosen
+
+
+def export_cache(dest: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> int:
+    """Copy just the python3.11-doc files the corpus uses into ``dest`` in the cache layout, so
+    that ``cache_dir=dest`` gives the same corpus on a machine without apt. Returns the bytes copied."""
+    root = _pydoc_root(Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+    total = 0
+    for f in python_docs_files(cache_dir):
+        to = Path(dest) / "pydoc" / PYDOC_SOURCES / f.relative_to(root)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, to)
+        total += f.stat().st_size
+    return total
 
 
 def _python_docs_text(cache_dir=None) -> str:
@@ -238,7 +252,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Corpus statistics; optionally write the held-out texts.")
     ap.add_argument("--write-heldout", metavar="PATH", help="write heldout_mix_text() (evaluation) to PATH")
     ap.add_argument("--write-search", metavar="PATH", help="write search_text() (the bit-plan search's) to PATH")
+    ap.add_argument("--export-cache", metavar="DIR", help="copy the python3.11-doc files used into DIR, a "
+                    "cache folder for machines without apt (train_moe.py --cache-dir DIR)")
     args = ap.parse_args()
+    if args.export_cache:
+        print(f"exported {export_cache(args.export_cache):,d} bytes of python3.11-doc sources to {args.export_cache}")
     if args.write_heldout:
         Path(args.write_heldout).write_text(heldout_mix_text(), encoding="utf-8")
     if args.write_search:

@@ -1,21 +1,29 @@
-"""Train the bundled reference MoE, ``mixtral-mini``: a ~14M-parameter Mixtral-architecture
-causal LM (8 experts, top-2) on English text, on CPU, deterministically.
+"""Train the model zoo's MoE causal LMs on English text, deterministically: by default the
+bundled reference ``mixtral-mini`` (a ~14M-parameter Mixtral, 8 experts, top-2, on CPU);
+``--arch olmoe|qwen3_moe`` and the size options give other architectures and shapes, e.g.
+many small experts.
 
 Usage (from the repository root)::
 
-    python models/zoo/train_mixtral.py --out models/zoo/mixtral-mini --max-steps N
-    python -m edgemoe.models.zoo.train_mixtral --out models/zoo/mixtral-mini --max-steps N
-    python models/zoo/train_mixtral.py --eval-only models/zoo/mixtral-mini
+    python models/zoo/train_moe.py --out models/zoo/mixtral-mini --max-steps N
+    python -m edgemoe.models.zoo.train_moe --out models/zoo/mixtral-mini --max-steps N
+    python models/zoo/train_moe.py --arch olmoe --experts 64 --top-k 8 --intermediate 128 \
+        --tokenizer-from models/zoo/mixtral-mini --device cuda --minutes 6 --out models/zoo/olmoe-mini
+    python models/zoo/train_moe.py --eval-only models/zoo/mixtral-mini
 
 Steps: train a byte-level BPE tokenizer (vocab 4096) on the training split of
-:mod:`corpus`, train ``transformers.MixtralForCausalLM`` with AdamW and a cosine schedule
-(fixed seeds, 2 threads, fixed batch order), save it in float16 safetensors with the
-tokenizer, then reload the saved files in float32 and evaluate them (held-out and
-WikiText-2 test perplexity, a unigram baseline, per-layer expert load, parameter counts)
-into ``<out>/train_report.json``.
+:mod:`corpus` (or reuse one with ``--tokenizer-from``), train the ``transformers`` model with
+AdamW and a cosine schedule (fixed seeds, 2 threads, fixed batch order; bfloat16 autocast on
+CUDA), save it in float16 safetensors with the tokenizer, then reload the saved files in
+float32 and evaluate them (held-out and WikiText-2 test perplexity, a unigram baseline,
+per-layer expert load, parameter counts) into ``<out>/train_report.json``.
 
-``--max-steps`` fixes the schedule and makes a run reproducible; without it the step count
-is estimated from ``--minutes`` (default 40) after timing the first steps.
+``--max-steps`` fixes the schedule and makes a run reproducible on a given device; without it
+the step count is estimated from ``--minutes`` (default 40) after timing the first steps.
+``--minutes`` also stops training once that much time has passed.
+
+The corpus needs nothing outside the repository but the python3.11-doc sources in
+``--cache-dir``; on a machine without apt, fill it first (``corpus.py --export-cache DIR``).
 """
 
 from __future__ import annotations
@@ -29,9 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-try:  # run as part of the package (python -m edgemoe.models.zoo.train_mixtral)
+try:  # run as part of the package (python -m edgemoe.models.zoo.train_moe)
     from . import corpus
-except ImportError:  # run as a plain script (python models/zoo/train_mixtral.py)
+except ImportError:  # run as a plain script (python models/zoo/train_moe.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import corpus  # type: ignore[no-redef]
 
@@ -41,31 +49,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-VOCAB_SIZE = 4096
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 SEQ_LEN = 256
 WIKITEXT_TEST_MAX_CHARS = 300_000
-EXPERTS_IMPL = "grouped_mm"  # fastest for CPU training here (eager is close; batched_mm runs out of memory)
 
-MODEL_CONFIG = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=256,
-    intermediate_size=320,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    max_position_embeddings=1024,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    output_router_logits=True,
-    router_aux_loss_coef=0.02,
-    bos_token_id=BOS_ID,
-    eos_token_id=EOS_ID,
-)
+MAX_POSITIONS = 1024
+ARCHS = {  # --arch: transformers model class
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 
 
 class Logger:
@@ -79,25 +73,34 @@ class Logger:
             self.fh.flush()
 
 
-def set_determinism(seed: int) -> None:
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def set_determinism(seed: int, device: torch.device) -> None:
     torch.set_num_threads(2)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
     np.random.seed(seed)
-    torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # else cuBLAS is not deterministic
+    # a CUDA kernel without a deterministic version warns rather than aborting the (one-shot) GPU run
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
 
 
 # --------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: dict[str, str]):
-    """Byte-level BPE (GPT-2 style pre-tokenisation), vocab ``VOCAB_SIZE``, trained on ``texts``."""
+def train_tokenizer(texts: dict[str, str], vocab_size: int):
+    """Byte-level BPE (GPT-2 style pre-tokenisation) of ``vocab_size`` tokens, trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -120,7 +123,7 @@ def save_tokenizer(tok, out: Path) -> None:
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=MODEL_CONFIG["max_position_embeddings"],
+        model_max_length=MAX_POSITIONS,
     )
     fast.save_pretrained(str(out))
 
@@ -141,12 +144,47 @@ def token_stream(tok, texts: dict[str, str]) -> np.ndarray:
 # --------------------------------------------------------------------------- model
 
 
-def build_config(**overrides):
-    from transformers import MixtralConfig
+def load_tokenizer(model_dir: Path):
+    from tokenizers import Tokenizer
 
-    cfg = MixtralConfig(**{**MODEL_CONFIG, **overrides})
-    cfg._experts_implementation = EXPERTS_IMPL
-    return cfg
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+    return tok
+
+
+def build_model(args, vocab_size: int):
+    """A freshly initialised ``args.arch`` model of the shape the options give."""
+    import transformers
+
+    model_cls = getattr(transformers, ARCHS[args.arch])
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=MAX_POSITIONS,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    if args.arch == "mixtral":
+        cfg.update(num_local_experts=args.experts, intermediate_size=args.intermediate)
+    elif args.arch == "olmoe":
+        # OlmoeConfig's default pad id is 1, our <s>: its embedding row would never be trained
+        cfg.update(num_experts=args.experts, intermediate_size=args.intermediate, pad_token_id=None)
+    else:  # qwen3_moe: every layer sparse, top-k weights renormalised as in the released Qwen3 MoEs
+        cfg.update(num_experts=args.experts, moe_intermediate_size=args.intermediate,
+                   intermediate_size=args.intermediate, head_dim=args.hidden // args.heads, norm_topk_prob=True)
+    config = model_cls.config_class(**cfg)
+    config._experts_implementation = args.experts_impl
+    return model_cls(config)
 
 
 def param_counts(model) -> dict:
@@ -220,7 +258,7 @@ def window_nll(model, windows: list[np.ndarray], batch_size: int = 16, collect_r
     for b in range(0, len(windows), batch_size):
         group = windows[b : b + batch_size]
         for length in sorted({len(w) for w in group}):  # only the last window can be short
-            x = torch.from_numpy(np.stack([w for w in group if len(w) == length]))
+            x = torch.from_numpy(np.stack([w for w in group if len(w) == length])).to(model.device)
             out = model(input_ids=x, output_router_logits=collect_routing)
             logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
             nll -= logp.gather(-1, x[:, 1:, None]).sum().item()
@@ -228,7 +266,7 @@ def window_nll(model, windows: list[np.ndarray], batch_size: int = 16, collect_r
             if collect_routing:
                 for layer, rl in enumerate(out.router_logits):
                     top = torch.topk(rl.float(), cfg.num_experts_per_tok, dim=-1).indices
-                    load[layer] += np.bincount(top.reshape(-1).numpy(), minlength=cfg.num_local_experts)
+                    load[layer] += np.bincount(top.reshape(-1).cpu().numpy(), minlength=cfg.num_local_experts)
     return nll, count, load
 
 
@@ -238,10 +276,12 @@ def window_nll(model, windows: list[np.ndarray], batch_size: int = 16, collect_r
 def per_layer_balance_loss(router_logits, top_k: int) -> torch.Tensor:
     """Switch-style load-balancing loss taken per layer and averaged (1.0 when balanced).
 
-    transformers' Mixtral ``aux_loss`` pools the router logits of all layers before balancing,
-    which only balances expert *slots* across layers: an expert can die in one layer while
-    its namesake in another layer takes up the slack. Expert offloading needs every layer's
-    experts used, so each layer is balanced on its own."""
+    transformers' ``aux_loss`` (Mixtral, OLMoE, Qwen3-MoE alike) pools the router logits of all
+    layers before balancing, which only balances expert *slots* across layers: an expert can die
+    in one layer while its namesake in another layer takes up the slack. Expert offloading needs
+    every layer's experts used, so each layer is balanced on its own. ``router_logits`` holds each sparse
+    layer's raw router logits, (tokens, experts); all three architectures route by softmax
+    then top-k, so the same loss fits them."""
     losses = []
     for logits in router_logits:
         probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
@@ -253,28 +293,27 @@ def per_layer_balance_loss(router_logits, top_k: int) -> torch.Tensor:
 
 
 def train(args, log: Logger) -> dict:
-    from transformers import MixtralForCausalLM
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    set_determinism(args.seed)
+    device = pick_device(args.device)
+    set_determinism(args.seed, device)
 
     t0 = time.time()
     texts = corpus.train_texts(args.data_dir, args.cache_dir)
     heldout = corpus.heldout_texts(args.data_dir, args.cache_dir)
-    tok = train_tokenizer(texts)
+    tok = load_tokenizer(Path(args.tokenizer_from)) if args.tokenizer_from else train_tokenizer(texts, args.vocab)
     save_tokenizer(tok, out)
     (out / "calibration.txt").write_text(corpus.calibration_text(args.data_dir, args.cache_dir), encoding="utf-8")
     (out / "search.txt").write_text(corpus.search_text(args.data_dir, args.cache_dir), encoding="utf-8")
     stream = token_stream(tok, texts)
-    log(f"tokenizer trained in {time.time() - t0:.1f}s; train stream {len(stream):,d} tokens "
+    log(f"tokenizer {'loaded' if args.tokenizer_from else 'trained'} in {time.time() - t0:.1f}s; train stream {len(stream):,d} tokens "
         f"({sum(len(t) for t in texts.values()):,d} chars)")
     probe = [w for name in corpus.SOURCES for w in eval_windows(np.asarray(encode(tok, heldout[name])))[:8]]
 
-    model = MixtralForCausalLM(build_config())
+    model = build_model(args, tok.get_vocab_size()).to(device)
     model.train()
     counts = param_counts(model)
-    log(f"model params {counts}")
+    log(f"{args.arch} on {device}: params {counts}")
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -301,12 +340,13 @@ def train(args, log: Logger) -> dict:
         lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = batches.next()
+        x = batches.next().to(device)
         # no ``labels``: the model would shift them and drop each window's last target; the LM
         # loss is taken here on all SEQ_LEN targets, plus a load-balancing loss per layer.
-        outp = model(input_ids=x[:, :-1])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outp = model(input_ids=x[:, :-1])
         lm_loss = torch.nn.functional.cross_entropy(
-            outp.logits.float().reshape(-1, VOCAB_SIZE), x[:, 1:].reshape(-1))
+            outp.logits.float().reshape(-1, outp.logits.shape[-1]), x[:, 1:].reshape(-1))
         aux = per_layer_balance_loss(outp.router_logits, model.config.num_experts_per_tok)
         loss = lm_loss + model.config.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
@@ -318,9 +358,12 @@ def train(args, log: Logger) -> dict:
         li = lm_loss.item()
         ema = li if ema is None else 0.95 * ema + 0.05 * li
 
-        if planned_from_time and step == 20:
-            per_step = (time.time() - t_train) / step
-            max_steps = max(step + 1, int(budget_s / per_step))
+        # plan from steps 6..25: the first ones are slow on a GPU (CUDA start-up, kernel selection)
+        if planned_from_time and step == 5:
+            t_plan = time.time()
+        if planned_from_time and step == 25:
+            per_step = (time.time() - t_plan) / 20
+            max_steps = max(step + 1, step + int((budget_s - (time.time() - t_train)) / per_step))
             log(f"planned {max_steps} steps from {per_step:.3f} s/step and a {budget_s / 60:.1f} min budget")
         if step % args.log_every == 0 or step == max_steps:
             now = time.time()
@@ -334,14 +377,14 @@ def train(args, log: Logger) -> dict:
             nll, n, _ = window_nll(model, probe)
             model.train()
             log(f"step {step:5d} held-out probe loss {nll / n:.4f} ppl {math.exp(nll / n):.2f}")
-        if budget_s is not None and not planned_from_time and time.time() - t_train > budget_s:
+        if budget_s is not None and time.time() - t_train > budget_s:
             log(f"stopping at step {step}: wall-clock budget of {args.minutes} min reached")
             stopped_by_time = True
             break
     train_s = time.time() - t_train
 
     model.eval()
-    model.half()
+    model.cpu().half()
     model.save_pretrained(str(out), safe_serialization=True)
     for f in out.iterdir():
         if f.is_file():
@@ -366,7 +409,10 @@ def train(args, log: Logger) -> dict:
                       "warmup_steps": args.warmup, "schedule": "cosine", "min_lr_ratio": args.min_lr_ratio,
                       "grad_clip": args.clip},
         "seed": args.seed,
-        "experts_implementation": EXPERTS_IMPL,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "autocast": "bfloat16" if device.type == "cuda" else None,
+        "tokenizer_from": args.tokenizer_from,
+        "experts_implementation": args.experts_impl,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -376,14 +422,14 @@ def train(args, log: Logger) -> dict:
 
 def evaluate(model_dir: Path, args, log: Logger) -> dict:
     """Reload the saved fp16 model in float32 and measure it."""
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    set_determinism(args.seed)
-    model = MixtralForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    device = pick_device(args.device)
+    set_determinism(args.seed, device)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
     model.eval()
     cfg = model.config
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok = load_tokenizer(model_dir)
     t0 = time.time()
 
     texts = corpus.train_texts(args.data_dir, args.cache_dir)
@@ -391,8 +437,8 @@ def evaluate(model_dir: Path, args, log: Logger) -> dict:
     wt_test = corpus.wikitext2_test_text(args.data_dir, max_bytes=WIKITEXT_TEST_MAX_CHARS)
 
     # unigram baseline: token frequencies of the training stream, add-one smoothing
-    counts = np.bincount(token_stream(tok, texts), minlength=VOCAB_SIZE).astype(np.float64)
-    uni_logp = np.log((counts + 1) / (counts.sum() + VOCAB_SIZE))
+    counts = np.bincount(token_stream(tok, texts), minlength=cfg.vocab_size).astype(np.float64)
+    uni_logp = np.log((counts + 1) / (counts.sum() + cfg.vocab_size))
 
     def unigram_nll(windows):
         return float(-sum(uni_logp[w[1:]].sum() for w in windows))
@@ -434,10 +480,11 @@ def evaluate(model_dir: Path, args, log: Logger) -> dict:
         log(f"layer {layer} expert load " + " ".join(f"{v:.3f}" for v in row))
 
     report["params"] = param_counts(model)
-    report["eval_method"] = (f"float32 forward of the saved float16 weights (MixtralForCausalLM.from_pretrained); "
+    report["eval_method"] = (f"float32 forward of the saved float16 weights ({type(model).__name__}.from_pretrained) "
+                             f"on {device.type}; "
                              f"token-level perplexity over non-overlapping {SEQ_LEN}-token windows, the first token "
                              f"of each window is context only; unigram = train-split token frequencies with add-one "
-                             f"smoothing over the {VOCAB_SIZE}-token vocabulary, scored on the same tokens")
+                             f"smoothing over the {cfg.vocab_size}-token vocabulary, scored on the same tokens")
 
     # round trip and samples
     sample_text = heldout["shakespeare"][:2000]
@@ -447,7 +494,7 @@ def evaluate(model_dir: Path, args, log: Logger) -> dict:
     samples = {}
     for prompt in ["ROMEO:", "The history of the", "A list in Python"]:
         torch.manual_seed(args.seed)
-        ids = torch.tensor([encode(tok, prompt)])
+        ids = torch.tensor([encode(tok, prompt)], device=device)
         gen = model.generate(ids, max_new_tokens=60, do_sample=True, temperature=0.8, top_k=40,
                              pad_token_id=EOS_ID)
         samples[prompt] = tok.decode(gen[0].tolist())
@@ -463,10 +510,27 @@ def evaluate(model_dir: Path, args, log: Logger) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="models/zoo/mixtral-mini", help="output folder (Hugging Face layout)")
+    p.add_argument("--model-name", help="the model's name in the report (default: the --out folder's name)")
+    p.add_argument("--arch", choices=ARCHS, default="mixtral")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=320, help="each expert's intermediate size")
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary of the trained tokenizer")
+    p.add_argument("--tokenizer-from", metavar="DIR", help="reuse DIR/tokenizer.json (e.g. models/zoo/mixtral-mini) "
+                   "instead of training a tokenizer, so that models share a vocabulary")
+    # grouped_mm is the fastest for CPU training here (eager is close; batched_mm runs out of memory)
+    p.add_argument("--experts-impl", choices=["grouped_mm", "eager"], default="grouped_mm",
+                   help="transformers' experts implementation for training")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available (bfloat16 autocast there)")
     p.add_argument("--eval-only", metavar="DIR", help="only evaluate an already saved model folder")
     p.add_argument("--max-steps", type=int, help="training steps (fixes the schedule; reproducible)")
-    p.add_argument("--minutes", type=float, help="wall-clock budget; plans the steps when --max-steps is absent "
-                   "(default 40), else stops early when exceeded")
+    p.add_argument("--minutes", type=float, help="wall-clock budget of the training loop: plans the steps when "
+                   "--max-steps is absent (default 40), and stops training once exceeded")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -477,12 +541,13 @@ def main(argv=None) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=250, help="held-out probe every N steps (0: never)")
     p.add_argument("--data-dir", help="data folder (default $EDGEMOE_DATA_DIR or <repo>/data)")
-    p.add_argument("--cache-dir", help="python3.11-doc cache folder (default models/zoo/.corpus)")
+    p.add_argument("--cache-dir", help="python3.11-doc cache folder (default models/zoo/.corpus; fetched with apt "
+                   "when empty; corpus.py --export-cache fills one for machines without apt)")
     args = p.parse_args(argv)
 
     argv_list = sys.argv[1:] if argv is None else list(argv)
     if __package__:
-        command = "python -m " + __package__ + ".train_mixtral " + shlex.join(argv_list)
+        command = "python -m " + __package__ + ".train_moe " + shlex.join(argv_list)
     else:
         script = Path(sys.argv[0]).resolve()
         try:
@@ -507,7 +572,8 @@ def main(argv=None) -> None:
             f"tokenizers {__import__('tokenizers').__version__}")
         training = train(args, log)
         model_dir, report_path = out, out / "train_report.json"
-        report = {"command": command, "model": "mixtral-mini", "training": training,
+        report = {"command": command, "model": args.model_name or out.resolve().name, "arch": args.arch,
+                  "training": training,
                   "versions": {"torch": torch.__version__,
                                "transformers": __import__("transformers").__version__,
                                "tokenizers": __import__("tokenizers").__version__}}
