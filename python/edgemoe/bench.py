@@ -326,10 +326,12 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
             r["fraction"] = cfg.budget_fraction
             results.append(r)
     compute = results[0]["mean_ms_per_token"]
-    same = all(r["tokens"] == results[0]["tokens"] for r in results)
+    # every run of one artifact decodes the same tokens (the float artifact's may differ from them)
+    same = all(r["tokens"] == next(q for (p, _), q in zip(runs, results) if p == path)["tokens"]
+               for (path, _), r in zip(runs, results))
     click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), "
                f"{where}, queue depth {depth}, "
-               f"{len(ids)} prompt + {n_new} new tokens, identical tokens in every run: {same}")
+               f"{len(ids)} prompt + {n_new} new tokens, identical tokens in every run of an artifact: {same}")
     click.echo("| budget | configuration | slots | ms/token (mean) | bound ms | × bound | reads/token | Belady reads/token "
                "| × Belady | read/token |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|")

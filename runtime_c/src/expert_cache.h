@@ -42,8 +42,16 @@ typedef struct {
   uint32_t n_records, experts_per_layer, layers;
   em_eviction policy;
   const float* frequency; /* [layers * experts]: activation frequency f(i, j), for EM_EVICT_EDGEMOE */
+  float* usage; /* [n_records]: recent use, an average over the layer's last tokens (EM_USAGE_DECAY) */
   uint64_t clock;
 } em_expert_cache;
+
+/* Per token, how much of an expert's recent use carries over (a memory of ~1 / (1 - decay) = 20
+ * tokens), and the weight of the calibration profile's frequency against it in EdgeMoE eviction's
+ * estimate of the chance of use. Chosen by replaying routing traces of both bundled models on
+ * WikiText-2 test text with frequencies from the calibration text (docs/BENCHMARKS.md §3). */
+#define EM_USAGE_DECAY 0.95f
+#define EM_PROFILE_WEIGHT 0.3
 
 size_t em_cache_meta_bytes(uint32_t n_slots, uint32_t n_records);
 /* classes[].count slots of classes[].slot_bytes each (first is filled in); slot memory at `slots`. */
@@ -53,6 +61,9 @@ void em_cache_init(em_expert_cache* c, uint8_t* slots, const em_size_class* clas
 
 /* Slot holding or loading `record`, or -1. */
 static inline int32_t em_cache_lookup(const em_expert_cache* c, uint32_t record) { return c->record_slot[record]; }
+/* The experts `layer` routes to at this token (records of that layer): its experts' recent use
+ * decays, these ones' grows. Feeds EdgeMoE eviction. */
+void em_cache_routed(em_expert_cache* c, uint32_t layer, const uint32_t* records, uint32_t n);
 /* Marks a slot used now (and its prefetch, if any, used). */
 void em_cache_touch(em_expert_cache* c, int32_t slot);
 /* Claims a slot for `record` (state LOADING): a free slot, else the policy's victim among READY,

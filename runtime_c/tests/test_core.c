@@ -85,28 +85,33 @@ static void test_fifo_and_prefetch_accounting(void) {
   CHECK(em_cache_claim(&c, 5, 0, 0, &wasted) >= 0 && wasted == 1); /* 3 evicted unused */
 }
 
-static void test_edgemoe_score(void) {
-  /* S = 4 layers x 2 experts; f: expert 1 of each layer is three times as frequent as expert 0 */
+/* A cache of 4 slots holding records 1 (layer 0, e1), 3 (1, e1), 6 (3, e0), 7 (3, e1) of a
+ * 4-layer x 2-expert model, at current layer 1; layer 3 first routed to e0 `recent` times. */
+static int32_t edgemoe_victim(uint32_t recent) {
+  /* f: expert 1 of each layer is three times as frequent as expert 0 */
   static const float freq[8] = {0.25f, 0.75f, 0.25f, 0.75f, 0.25f, 0.75f, 0.25f, 0.75f};
   static uint8_t slots[4 * 16];
   static uint64_t meta[64];
+  static const uint32_t rec[4] = {1, 3, 6, 7}, layer3_e0 = 6;
   em_expert_cache c;
   int wasted;
   init_uniform(&c, slots, 4, meta, 4, 2, EM_EVICT_EDGEMOE, freq);
-  /* resident: (layer 0, e1), (layer 1, e0), (layer 1, e1), (layer 3, e1); current layer I = 1 */
-  uint32_t rec[4] = {1, 2, 3, 7};
+  for (uint32_t i = 0; i < recent; i++) em_cache_routed(&c, 3, &layer3_e0, 1);
   for (int i = 0; i < 4; i++) em_cache_ready(&c, em_cache_claim(&c, rec[i], 1, 0, &wasted));
-  /* d = layers until layer i runs again: layer 3 → 2 (-0.375), layer 0 → 3 (-0.25), layer 1 → 4:
-     (1,e0) at -0.0625 goes first, then (1,e1) at -0.1875 */
-  int32_t victim = em_cache_lookup(&c, 2);
-  CHECK(em_cache_claim(&c, 4, 1, 0, &wasted) == victim); /* (2,e0): d 1 */
-  em_cache_ready(&c, victim);
-  int32_t v2 = em_cache_lookup(&c, 3);
-  CHECK(em_cache_claim(&c, 6, 1, 0, &wasted) == v2);
-  em_cache_ready(&c, v2);
-  /* left: (0,e1) -0.25, (2,e0) -0.25, (3,e1) -0.375, (3,e0) -0.125: the rarer expert of layer 3 goes */
-  int32_t v3 = em_cache_lookup(&c, 6);
-  CHECK(em_cache_claim(&c, 5, 1, 0, &wasted) == v3);
+  int32_t slot = em_cache_claim(&c, 0, 1, 0, &wasted);
+  for (int i = 0; i < 4; i++)
+    if (em_cache_lookup(&c, rec[i]) < 0) return (int32_t)rec[i];
+  return slot < 0 ? -2 : -1;
+}
+
+static void test_edgemoe_score(void) {
+  /* expected next use d + S (1 - p) / p, p = 0.3 f + 0.7 recent use. Nothing used yet: layer 3 runs
+     in d = 2 steps, but its e0 (p = 0.075) only every ~13th time: 51.3 steps, against 15.8 (3, e1),
+     16.8 (0, e1) and 17.8 (1, e1) */
+  CHECK(edgemoe_victim(0) == 6);
+  /* layer 3 chose e0 on its last 20 tokens (recent use 0.64, p = 0.52: 5.6 steps): now the layer-1
+     expert, furthest away with the same frequency as the others, goes */
+  CHECK(edgemoe_victim(20) == 3);
 }
 
 static void test_size_classes(void) {
