@@ -272,15 +272,18 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, compute_spe
                title=f"{artifact}: ms/token, {where}, {n_new} tokens")
 
 
-def sweep_configs(fraction: float, profile: bool) -> list[RunConfig]:
+def sweep_configs(fraction: float, profile: bool, readers: int = 1) -> list[RunConfig]:
     """The cache policies a sweep compares at one budget (without a routing profile: LRU and
-    next-router prediction only)."""
-    configs = [RunConfig("LRU", fraction, loader_thread=False)]
+    next-router prediction only). Each reads a layer's misses together on `readers` reader threads
+    (the storage's queue depth, at most the runtime's 16)."""
+    common = dict(predictor="none", readers=readers)
+    configs = [RunConfig("LRU", fraction, eviction="lru", **common)]
     if profile:
-        configs += [RunConfig("EdgeMoE eviction", fraction, eviction="edgemoe", loader_thread=False),
-                    RunConfig("EdgeMoE + prediction", fraction, predictor="fitted-router", eviction="edgemoe")]
+        configs += [RunConfig("EdgeMoE eviction", fraction, eviction="edgemoe", **common),
+                    RunConfig("EdgeMoE + prediction", fraction, predictor="fitted-router", eviction="edgemoe",
+                              readers=readers)]
     else:
-        configs.append(RunConfig("LRU + prediction", fraction, predictor="next-router"))
+        configs.append(RunConfig("LRU + prediction", fraction, predictor="next-router", readers=readers))
     return configs
 
 
@@ -318,7 +321,9 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
     if float_artifact is not None:
         check_context(ids, n_new, max_seq, read_manifest(float_artifact), float_artifact)
         fixed.append((float_artifact, RunConfig("IO-EXP", 0.0, loader_thread=False)))
-    runs = fixed + [(artifact, c) for f in fractions for c in sweep_configs(f, bool(manifest.get("profile")))]
+    readers = min(depth, 16)
+    runs = fixed + [(artifact, c) for f in fractions
+                    for c in sweep_configs(f, bool(manifest.get("profile")), readers)]
     results = []
     with click.progressbar(runs, label="runs", file=sys.stderr, item_show_func=lambda r: r[1].name if r else "") as bar:
         for path, cfg in bar:
@@ -330,7 +335,7 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
     same = all(r["tokens"] == next(q for (p, _), q in zip(runs, results) if p == path)["tokens"]
                for (path, _), r in zip(runs, results))
     click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), "
-               f"{where}, queue depth {depth}, "
+               f"{where}, queue depth {depth} ({readers} reads in flight), "
                f"{len(ids)} prompt + {n_new} new tokens, identical tokens in every run of an artifact: {same}")
     click.echo("| budget | configuration | slots | ms/token (mean) | bound ms | × bound | reads/token | Belady reads/token "
                "| × Belady | read/token |")
