@@ -13,12 +13,19 @@
 #include "clock.h"
 #include "storage.h"
 
+/* The most a wait is shortened by: a timer's usual lateness, not a loaded host's scheduling delay. */
+#define EM_OVERSLEEP_MAX_NS 60000ull
+
 typedef struct {
   em_storage base;
   em_storage* inner;
   double bandwidth, latency;
   pthread_mutex_t lock;
   uint64_t busy_until_ns; /* when the device finishes the transfers already scheduled */
+  /* how late a sleep wakes here, a running average: each wait asks for that much less, so reads end
+     when the device would have finished them rather than tens of microseconds after (most of a UFS
+     device's 0.1 ms request latency) */
+  uint64_t oversleep_ns;
 } emulated_storage;
 
 static int emulated_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
@@ -30,9 +37,17 @@ static int emulated_read(em_storage* self, void* dst, uint64_t len, uint64_t off
   pthread_mutex_lock(&s->lock);
   uint64_t begin = ready > s->busy_until_ns ? ready : s->busy_until_ns, done = begin + transfer;
   s->busy_until_ns = done;
+  uint64_t wake = done > s->oversleep_ns ? done - s->oversleep_ns : 0;
   pthread_mutex_unlock(&s->lock);
   uint64_t now = em_now_ns();
-  if (done > now) em_sleep_s((double)(done - now) * 1e-9);
+  if (wake > now) {
+    em_sleep_s((double)(wake - now) * 1e-9);
+    uint64_t late = em_now_ns() - wake;
+    if (late > EM_OVERSLEEP_MAX_NS) late = EM_OVERSLEEP_MAX_NS; /* a descheduled thread is not a late timer */
+    pthread_mutex_lock(&s->lock);
+    s->oversleep_ns = (7 * s->oversleep_ns + late) / 8;
+    pthread_mutex_unlock(&s->lock);
+  }
   return 0;
 }
 
