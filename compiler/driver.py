@@ -372,8 +372,9 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         log(f"profiled expert routing on {len(calib_tokens)} calibration tokens from {opts.calibration}")
     # kernels before the weights: trunk.bin records their digest, machine and CPU features
     store = TuningStore(target, opts.tuning_dir)
+    weight_bytes = sum(counts[part] * bits // 8 for part, bits in (("experts", max(bits_used)), ("trunk", opts.trunk_bits)))
     kernels = build_kernels(cfg, bits_used, opts.trunk_bits, layout, opts.group, target, out_dir, store, opts.tune,
-                            progress, cc)
+                            progress, cc, weight_bytes)
     sources = [v["from"] for v in kernels["schedules"].values()]
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
         f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "

@@ -13,22 +13,26 @@ from .kernels import decode_kernels
 from .progress import stage, tuning_jobs
 from .int_dot import Knobs
 from .schedules import schedule
-from .tuning import TuningStore, kernel_key, schedules_for, spaces, tune
+from .measure import local_measurer
+from .tuning import TuningStore, kernel_key, runs_here, schedules_for, spaces, tune
 
 
 def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layout: str, group: int, target: TargetDesc,
                   out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None,
-                  cc: str | None = None) -> dict:
+                  cc: str | None = None, weight_bytes: int = 0) -> dict:
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
     Schedules (float kernels' lanes, integer-dot kernels' knobs) come from the tuning store where it
     has a record; with `tune_missing`, kernels without one are tuned first (and recorded, so the
     next compile does not tune again). `progress`: a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link. `cc`:
-    the target's C compiler, resolved (targets/toolchain.py; default: resolved here)."""
+    the target's C compiler, resolved (targets/toolchain.py; default: resolved here). `weight_bytes`: the
+    artifact's resident weights, which decide whether tuning times kernels with cold caches
+    (measure.local_measurer)."""
     variants: dict = {}
     funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm(), variants=variants)
     tuned_now = {}
     if store is not None and tune_missing:
-        tuned_now = tune(funcs, target, store, progress=tuning_jobs(progress), variants=variants)
+        measurer = local_measurer(weight_bytes) if runs_here(target) else None  # else tune() names the way
+        tuned_now = tune(funcs, target, store, progress=tuning_jobs(progress), variants=variants, measurer=measurer)
     chosen = schedules_for(funcs, store) if store is not None else {}
     funcs = {**funcs, **{n: variants[n](Knobs(**s)) for n, s in chosen.items() if n in variants}}
     lanes = {n: s["lanes"] for n, s in chosen.items() if n not in variants}

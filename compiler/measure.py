@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,17 +84,71 @@ def _time_all(mod, cands: list[Candidate], dev, number: int, repeat: int) -> dic
     return out
 
 
-class Local:
-    """Times candidates on this machine."""
+def _time_cold(mod, cands: list[Candidate], dev, number: int, repeat: int, cold_bytes: int) -> dict[str, float]:
+    """As _time_all, but each call meets its arguments outside the caches, as a decode step meets
+    weights that the rest of the model pushed out of the last-level cache since the last token:
+    the calls run back to back (the compute threads stay awake) over copies of the arguments
+    that together span `cold_bytes`, one copy per call in turn."""
+    copies: dict[str, list] = {}
+    out = {}
+    for c in cands:
+        if c.kernel not in copies:
+            one = sum(int(np.prod([int(d) for d in p.shape])) * tvm.DataType(str(p.dtype)).bits // 8
+                      for p in c.func.params)
+            n = min(max(-(-cold_bytes // max(one, 1)), 2), 256)
+            copies[c.kernel] = [_random_args(c.func, dev, np.random.default_rng(i)) for i in range(n)]
+        f, args = mod[c.symbol], copies[c.kernel]
+        for a in args:  # warm-up: code, page tables, the compute threads
+            f(*a)
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for i in range(number):
+                f(*args[i % len(args)])
+            best = min(best, (time.perf_counter() - t0) / number)
+        out[c.symbol] = best
+    return out
 
-    def __init__(self, number: int = 50, repeat: int = 3):
-        self.number, self.repeat = number, repeat
-        self.where = "this machine"
+
+def last_level_cache_bytes() -> int:
+    """This machine's largest CPU cache (Linux sysfs), or 32 MiB where it says nothing."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            pass
+    return max(sizes, default=32 << 20)
+
+
+def local_measurer(weight_bytes: int, number: int = 50, caches: str = "auto") -> "Local":
+    """This machine's measurer for a model of `weight_bytes` resident weights: caches "cold" or
+    "warm", or "auto": cold where the weights exceed the last-level cache (then each token streams
+    them from memory), the copies spanning twice that cache."""
+    if caches not in ("auto", "cold", "warm"):
+        raise MeasureError(f"caches {caches!r} is not auto, cold or warm")
+    llc = last_level_cache_bytes()
+    cold = caches == "cold" or (caches == "auto" and weight_bytes > llc)
+    return Local(number, cold_bytes=2 * llc if cold else 0)
+
+
+class Local:
+    """Times candidates on this machine; with `cold_bytes`, with their arguments out of the caches
+    (_time_cold): for a model whose weights exceed the last-level cache, where decode streams
+    every weight from memory and a kernel timed in a warm cache ranks schedules wrongly."""
+
+    def __init__(self, number: int = 50, repeat: int = 3, cold_bytes: int = 0):
+        self.number, self.repeat, self.cold_bytes = number, repeat, cold_bytes
+        self.where = "this machine" + (", caches cold" if cold_bytes else "")
 
     def measure(self, groups: list[list[Candidate]], target: TargetDesc, progress=None) -> dict[str, float]:
         out = {}
         for group in progress(groups) if progress else groups:
-            out.update(_time_all(candidate_module(group, target), group, tvm.cpu(), self.number, self.repeat))
+            mod = candidate_module(group, target)
+            out.update(_time_cold(mod, group, tvm.cpu(), self.number, self.repeat, self.cold_bytes) if self.cold_bytes
+                       else _time_all(mod, group, tvm.cpu(), self.number, self.repeat))
         return out
 
 

@@ -14,6 +14,7 @@ from edgemoe.compiler import int_dot
 from edgemoe.compiler.artifact_reference import artifact_model
 from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.compiler.kernels import decode_kernels
+from edgemoe.compiler.measure import Local, MeasureError, last_level_cache_bytes, local_measurer
 from edgemoe.compiler.tuning import TuningError, TuningStore, kernel_key, label, tunable, tune
 from edgemoe.models import load_model
 from edgemoe.models.reference import ReferenceExecutor
@@ -169,3 +170,21 @@ def test_a_store_of_lane_records_from_before_the_knobs_still_serves_them(tmp_pat
     store.path.write_text(json.dumps({"em_router(float32[4x64],float32[64],float32[4])": {"lanes": 8, "us": 1.0}}))
     assert TuningStore(load_target("host"), tmp_path).schedule("em_router(float32[4x64],float32[64],float32[4])") == \
         {"lanes": 8}
+
+
+def test_kernels_of_a_model_larger_than_the_cache_are_timed_with_cold_caches(tiny_mixtral_dir, tmp_path):
+    """Where a model's weights exceed the last-level cache, decode streams them from memory: the
+    measurer then times each call on copies of its arguments spanning twice that cache."""
+    llc = last_level_cache_bytes()
+    assert local_measurer(llc // 2).cold_bytes == 0 and local_measurer(llc // 2, caches="cold").cold_bytes == 2 * llc
+    assert local_measurer(2 * llc).cold_bytes == 2 * llc and local_measurer(2 * llc, caches="warm").cold_bytes == 0
+    with pytest.raises(MeasureError, match="auto, cold or warm"):
+        local_measurer(0, caches="hot")
+    funcs, variants = compile_kernels(load_model(tiny_mixtral_dir).config, [4])
+    one = {"em_expert_down_w4": funcs["em_expert_down_w4"]}
+    store = TuningStore(load_target("host"), tmp_path)
+    tuned = tune(one, store.target, store, number=5, variants=variants, int_dot_space=SHORT_SPACE, rounds=1,
+                 measurer=Local(5, cold_bytes=4 << 20))
+    rec = store.records[kernel_key("em_expert_down_w4", one["em_expert_down_w4"])]
+    assert rec["schedule"] == tuned["em_expert_down_w4"] and rec["measured_on"] == "this machine, caches cold"
+    assert all(0 < us < 1e5 for us in rec["candidates_us"].values()) and rec["us"] <= rec["default_us"]

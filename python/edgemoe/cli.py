@@ -275,16 +275,20 @@ def _tuning_bar(groups):
 @click.option("--int-dot/--no-int-dot", default=None,
               help="Tune the kernels of a compile with (without) integer-dot kernels [default: as edgemoe-compile "
                    "would choose for the target].")
+@click.option("--caches", type=click.Choice(["auto", "cold", "warm"]), default="auto", show_default=True,
+              help="Time kernels here with their weights out of the CPU caches (cold) or in them (warm); auto: "
+                   "cold where the model's weights at these bits exceed the last-level cache, as decode then "
+                   "streams them from memory.")
 def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir, rpc_server, rpc_tracker, rpc_key,
-             boards, minrpc_runtime, launcher, number, lanes_list, rounds, int_dot):
+             boards, minrpc_runtime, launcher, number, lanes_list, rounds, int_dot, caches):
     """Tune the decode kernels of MODEL_DIR's shapes into the tuning store: candidates built here and
     timed on this machine, on boards through TVM RPC, or on a board running TVM's minimal RPC server."""
     import shlex
 
     from .compiler.driver import CompileOptions, weight_layout
     from .compiler.kernels import decode_kernels
-    from .compiler.measure import MeasureError, MinRPC, Remote
-    from .compiler.tuning import TuningError, TuningStore, kernel_key, label, tunable, tune
+    from .compiler.measure import MeasureError, MinRPC, Remote, local_measurer
+    from .compiler.tuning import TuningError, TuningStore, kernel_key, label, runs_here, tunable, tune
     from .models import ModelImportError, load_model
     from .targets import UnknownTargetError, load_target, toolchain
 
@@ -300,8 +304,13 @@ def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir,
             cxx = toolchain.require_program(f"{toolchain.arch_of(tgt)}-linux-gnu-g++",
                                             "the C++ compiler for the minimal RPC server")
             measurer = MinRPC(minrpc_runtime, prefix, cxx, number=number)
-        cfg = load_model(model_dir).config
+        model = load_model(model_dir)
+        cfg = model.config
         bits = list(bits_list)
+        if measurer is None and runs_here(tgt):  # elsewhere tune() says how to time on the board
+            counts = model.parameter_counts()
+            measurer = local_measurer(counts["experts"] * max(bits) // 8 + counts["trunk"] * int(trunk_bits) // 8,
+                                      number, caches)
         # the kernels edgemoe-compile would build, with the builders of the integer-dot ones' variants
         layout = weight_layout(cfg, tgt, CompileOptions(target, trunk_bits=int(trunk_bits), group=group,
                                                         int_dot=int_dot), bits)
