@@ -229,7 +229,7 @@ def sweep(path, rows: Sequence[dict], title: str = "") -> Path:
                              xytext=(3, 2), textcoords="offset points", fontsize=8, color=REFERENCE)
     time_ax.set_yscale("log")
     time_ax.set_xlabel("expert cache (% of experts)")
-    time_ax.set_ylabel("ms/token (median; dotted: time bound)")
+    time_ax.set_ylabel("ms/token (dotted: time bound)")
     reads_ax.set_xlabel("expert cache (% of experts)")
     reads_ax.set_ylabel("expert reads per token")
     time_ax.legend(fontsize=8)
