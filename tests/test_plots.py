@@ -128,7 +128,7 @@ def test_bench_sweep_writes_its_chart_and_no_policy_beats_belady(artifact_int4, 
                                        "0.25,0.5", "--max-seq", "32", "--emulate-storage", "2000,0", "--plot",
                                        str(path), "--json-out", str(out)])
     assert_wrote(r, path)
-    assert "identical tokens in every run: True" in r.stdout
+    assert "identical tokens in every run of an artifact: True" in r.stdout
     rows = json.loads(out.read_text())["rows"]
     cached = [row for row in rows if row["fraction"] not in (None, 0.0)]
     assert len(cached) == 6  # LRU, EdgeMoE eviction, EdgeMoE + prediction at two budgets
