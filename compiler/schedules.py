@@ -39,6 +39,24 @@ def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool)
         sch.parallel(rows)
 
 
+# Attention's weighted sum of the cached values, o[h, i] = Σ_t e[h, t] · v[t, ·, i] / z[h]
+# (kernels.py: "o"; latent attention's "o_lat"). As written its loops run t innermost, walking every
+# cache row once per output element with a stride of a whole row; with t outside i each row is read
+# once, contiguously, and LLVM vectorizes the loop over i. Same sums in the same order: bit-identical.
+# Measured on the bundled model's attention at 200 positions: 65 → 29 µs (Zen 4), 55 → 18 µs (Haswell
+# target); attention was 45% of a decode step's time there.
+ATTENTION_SUM_BLOCKS = ("o", "o_lat")
+
+
+def _rows_outside(sch: s_tir.Schedule, block) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) != 3:
+        return
+    head, element, row = loops
+    sch.reorder(head, row, element)
+    sch.decompose_reduction(block, row)
+
+
 def _weight_bytes(func: tvm.tirx.PrimFunc) -> int:
     """Bytes of the kernel's largest static-shape parameter: its weight matrix."""
     sizes = [0]
@@ -67,7 +85,8 @@ def _block(sch: s_tir.Schedule, name: str, func_name: str):
 
 
 def schedule(mod: tvm.IRModule, lanes: dict[str, int] | None = None) -> tvm.IRModule:
-    """Vectorize every matrix-vector block, and spread the rows of large ones over threads;
+    """Vectorize every matrix-vector block, and spread the rows of large ones over threads; run
+    attention's value sums row by row;
     `lanes` gives tuned lane counts by kernel name (kernels not in it get DEFAULT_LANES)."""
     sch = s_tir.Schedule(mod)
     for gv in mod.get_global_vars():
@@ -76,4 +95,8 @@ def schedule(mod: tvm.IRModule, lanes: dict[str, int] | None = None) -> tvm.IRMo
             block = _block(sch, name, gv.name_hint)
             if block is not None:
                 _vectorize_reduction(sch, block, (lanes or {}).get(gv.name_hint, DEFAULT_LANES), parallel)
+        for name in ATTENTION_SUM_BLOCKS:
+            block = _block(sch, name, gv.name_hint)
+            if block is not None:
+                _rows_outside(sch, block)
     return sch.mod
