@@ -332,8 +332,8 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
             results.append(r)
     compute = results[0]["mean_ms_per_token"]
     # every run of one artifact decodes the same tokens (the float artifact's may differ from them)
-    same = all(r["tokens"] == next(q for (p, _), q in zip(runs, results) if p == path)["tokens"]
-               for (path, _), r in zip(runs, results))
+    first: dict[Path, list[int]] = {}
+    same = all(first.setdefault(path, r["tokens"]) == r["tokens"] for (path, _), r in zip(runs, results))
     click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), "
                f"{where}, queue depth {depth} ({readers} reads in flight), "
                f"{len(ids)} prompt + {n_new} new tokens, identical tokens in every run of an artifact: {same}")

@@ -335,29 +335,38 @@ def tune_cmd(model_dir, target, bits_list, trunk_bits, group, retune, store_dir,
 MAX_EMULATE_GIGA = 1e6  # as edgemoe_run --emulate-compute
 
 
-def _compute_emulation(spec: str, option: str = "--emulate-compute") -> tuple[float, float, float] | None:
-    """(memory bandwidth B/s, int8 ops/s, fp32 FLOP/s) from a target name (its "compute" entry) or
-    "GBPS,GOPS,GFLOPS" (each > 0, as edgemoe_run --emulate-compute); "none": None (this machine's speed)."""
+def _emulation_figures(spec: str, option: str, fields: tuple, form: str, example: str):
+    """A device spec given as comma-separated numbers (`fields`: (name, lowest, open, highest, scale)
+    each, checked in order and scaled) or as a target name: the scaled numbers, or the target."""
     from .targets import UnknownTargetError, load_target
 
-    if spec == "none":
-        return None
     if "," in spec:
         parts = spec.split(",")
-        if len(parts) != 3:
-            raise click.BadParameter(f"{spec!r} is not GBPS,GOPS,GFLOPS: give memory bandwidth in GB/s, int8 and fp32 "
-                                     f"throughput in G operations/s, each > 0, e.g. 4.8,48,24", param_hint=option)
+        if len(parts) != len(fields):
+            raise click.BadParameter(f"{spec!r} is not {form}, e.g. {example}", param_hint=option)
         try:
-            return tuple(_check_number(v, float, 0, MAX_EMULATE_GIGA, lo_open=True, what=w) * 1e9
-                         for v, w in zip(parts, ("GBPS", "GOPS", "GFLOPS")))
+            return tuple(_check_number(v, float, lo, hi, lo_open=lo_open, what=name) * scale
+                         for v, (name, lo, lo_open, hi, scale) in zip(parts, fields))
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint=option) from None
     try:
-        target = load_target(spec)
+        return load_target(spec)
     except UnknownTargetError as e:
-        raise click.BadParameter(f"{e} (or give GBPS,GOPS,GFLOPS such as 4.8,48,24, or none)",
-                                 param_hint=option) from None
-    figures = target.compute_emulation()
+        raise click.BadParameter(f"{e} (or give {form.split(':')[0]} such as {example})", param_hint=option) from None
+
+
+def _compute_emulation(spec: str, option: str = "--emulate-compute") -> tuple[float, float, float] | None:
+    """(memory bandwidth B/s, int8 ops/s, fp32 FLOP/s) from a target name (its "compute" entry) or
+    "GBPS,GOPS,GFLOPS" (each > 0, as edgemoe_run --emulate-compute); "none": None (this machine's speed)."""
+    if spec == "none":
+        return None
+    got = _emulation_figures(spec, option, tuple((name, 0, True, MAX_EMULATE_GIGA, 1e9)
+                                                for name in ("GBPS", "GOPS", "GFLOPS")),
+                             "GBPS,GOPS,GFLOPS: memory bandwidth in GB/s, int8 and fp32 throughput in G "
+                             "operations/s, each > 0", "4.8,48,24")
+    if isinstance(got, tuple):
+        return got
+    figures = got.compute_emulation()
     if figures is None:
         raise click.UsageError(f"target {spec!r} describes no board compute to emulate (no \"compute\" entry)")
     return figures
@@ -366,23 +375,12 @@ def _compute_emulation(spec: str, option: str = "--emulate-compute") -> tuple[fl
 def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[float, float]:
     """(bandwidth B/s, latency s) from a target name or "MBPS,MS" (MBPS > 0, MS >= 0, both finite;
     as edgemoe_run --emulate)."""
-    from .targets import UnknownTargetError, load_target
-
-    if "," in spec:
-        parts = spec.split(",")
-        if len(parts) != 2:
-            raise click.BadParameter(f"{spec!r} is not MBPS,MS: give bandwidth in MB/s (> 0) and latency in ms "
-                                     f"(>= 0), e.g. 45,1", param_hint=option)
-        try:
-            mbps = _check_number(parts[0], float, 0, MAX_EMULATE_MBPS, lo_open=True, what="MBPS")
-            ms = _check_number(parts[1], float, 0, MAX_EMULATE_MS, what="MS")
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint=option) from None
-        return mbps * 1e6, ms * 1e-3
-    try:
-        st = load_target(spec).storage
-    except UnknownTargetError as e:
-        raise click.BadParameter(f"{e} (or give MBPS,MS such as 45,1)", param_hint=option) from None
+    got = _emulation_figures(spec, option, (("MBPS", 0, True, MAX_EMULATE_MBPS, 1e6),
+                                            ("MS", 0, False, MAX_EMULATE_MS, 1e-3)),
+                             "MBPS,MS: bandwidth in MB/s (> 0) and latency in ms (>= 0)", "45,1")
+    if isinstance(got, tuple):
+        return got
+    st = got.storage
     if not st.get("read_bandwidth_bytes_per_s"):
         raise click.UsageError(f"target {spec!r} describes no storage speed to emulate")
     return float(st["read_bandwidth_bytes_per_s"]), float(st.get("read_latency_s") or 0.0)
