@@ -127,6 +127,23 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     return out
 
 
+SENSITIVITIES = ("auto", "measured", "estimated")
+# "auto" measures sensitivities (one forward pass of the search tokens per expert and bitwidth, the
+# model in RAM) up to this many expert parameters, and estimates them above (plan_pass.py): the
+# bundled models' searches take minutes measured; a 1.9 B-parameter model's would take hours.
+MEASURED_UP_TO = 100_000_000
+
+
+def sensitivity_method(cfg, choice: str = "auto") -> str:
+    """"measured" or "estimated" for a model of config `cfg` (SENSITIVITIES, above)."""
+    if choice not in SENSITIVITIES:
+        raise ValueError(f"unknown sensitivity method {choice!r}; use one of {', '.join(SENSITIVITIES)}")
+    if choice != "auto":
+        return choice
+    per_expert = (2 if cfg.expert_activation == "relu" else 3) * cfg.hidden_size * cfg.expert_intermediate
+    return "measured" if cfg.num_moe_layers * cfg.num_experts * per_expert <= MEASURED_UP_TO else "estimated"
+
+
 def split_tokens(calibration: np.ndarray, search: np.ndarray | None = None):
     """(rounding, search, check) tokens for a search: the search text (default: the calibration
     text) cut 3/4 for the search and 1/4 for the check, and the calibration tokens the experts are

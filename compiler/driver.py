@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import load_model, read_stored
+from ..models import describe_model, load_model, read_stored
 from ..targets import load_target, toolchain
-from .bitplan import LEVELS, search_plan, split_tokens
+from .bitplan import LEVELS, search_plan, sensitivity_method, split_tokens
 from .cache import cache_dir
 from .expert_image import ImageWriter
 from .expert_pool import ExpertPool, RoundingTask, default_jobs, record_code_digest
 from .layer_pass import LayerPass, grams
+from .plan_pass import search_plan_estimated
 from .lower import build_kernels
 from .progress import stage, track
 from .tuning import TuningStore
@@ -46,6 +47,7 @@ class CompileOptions:
     bit_plan: list[list[int]] | None = None  # bits per [layer][expert]; overrides expert_bits
     tolerance: float | None = None  # search a per-expert bit plan within this relative perplexity loss
     max_bits: float | None = None  # search a per-expert bit plan this small (average bits per expert weight)
+    sensitivity: str = "auto"  # how the search ranks experts: "measured", "estimated", or by model size (bitplan.py)
     search_text: Path | None = None  # text the search scores plans on; default: the calibration text
     int_dot: bool | None = None  # integer-dot kernels (tiles layout); None: wherever the target and shapes allow
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
@@ -284,6 +286,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     t0 = time.time()
     check_trunk_bits(opts.trunk_bits)
     search = opts.tolerance is not None or opts.max_bits is not None
+    method = sensitivity_method(describe_model(model_dir), opts.sensitivity) if search else None
     if opts.dask_scheduler:
         from .dask_pool import DaskPool
 
@@ -292,13 +295,13 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         pool = ExpertPool(opts.jobs or default_jobs())
     with stage(progress, f"importing {model_dir.name}"):
         # every tensor stays in the checkpoint until used: experts rounded one at a time, the trunk read
-        # a layer at a time by the calibration pass and a matrix at a time into trunk.bin; the bit-plan
-        # search keeps the model in RAM. Dask workers read experts by their file address, from their own
-        # working directory: absolute
-        model = load_model(model_dir.absolute() if opts.dask_scheduler else model_dir, lazy=not search)
+        # a layer at a time by the calibration pass and a matrix at a time into trunk.bin; a search by
+        # measured sensitivity keeps the model in RAM. Dask workers read experts by their file address,
+        # from their own working directory: absolute
+        model = load_model(model_dir.absolute() if opts.dask_scheduler else model_dir, lazy=method != "measured")
     cfg = model.config
     tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none
-    calib_tokens = None
+    calib_tokens = rounding_tokens = None
     if cfg.encoder_layers and (opts.calibration is not None or opts.search_text is not None or
                                opts.tolerance is not None or opts.max_bits is not None):
         raise ValueError(f"{cfg.arch} is an encoder-decoder model: calibration, routing profiles and bit-plan "
@@ -308,7 +311,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         raise ValueError(f"calibration and search text need the model's tokenizer, and {model_dir} has none: "
                          f"{tokenizer}")
     if opts.calibration is not None:
-        calib_tokens = tokenize_file(tokenizer, opts.calibration, opts.calibration_tokens)
+        calib_tokens = rounding_tokens = tokenize_file(tokenizer, opts.calibration, opts.calibration_tokens)
     searched = moments = rounded_trunk = None
     if search and calib_tokens is None:
         raise ValueError("--tolerance and --max-bits need calibration text (--calibration) to measure expert "
@@ -323,16 +326,22 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         with stage(progress, "rounding the trunk"):
             rounded_trunk = compiled_trunk(model, opts.trunk_bits, opts.group, search_layout)
     if search:
-        moments = expert_moments(rounded_trunk, fit, progress=progress)
-        rounded_trunk = None
-        log(f"measured expert inputs on {len(fit)} calibration tokens (the quantizer rounds against them)")
         goals = ([f"within {100 * opts.tolerance:.2f}% perplexity loss"] if opts.tolerance is not None else []) + \
             ([f"at most {opts.max_bits} bits on average"] if opts.max_bits is not None else [])
-        log(f"searching a bit plan {' and '.join(goals)} ({len(search_tokens)} search tokens, {len(check_tokens)} "
-            f"check tokens of {opts.search_text or opts.calibration})")
-        searched = search_plan(model, search_tokens, check_tokens, opts.tolerance, opts.group,
-                               cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
-                               moments=moments, max_bits=opts.max_bits, progress=progress)
+        log(f"searching a bit plan {' and '.join(goals)} by {method} sensitivity ({len(search_tokens)} search "
+            f"tokens, {len(check_tokens)} check tokens of {opts.search_text or opts.calibration})")
+        if method == "estimated":  # streamed: the compile then rounds against the same fit tokens as it goes
+            with ExpertPool(opts.jobs or default_jobs()) as local:
+                searched = search_plan_estimated(model, rounded_trunk, fit, search_tokens, check_tokens,
+                                                 opts.tolerance, opts.max_bits, opts.group, local, log, progress)
+            rounding_tokens = fit  # the check tokens stay unseen by the rounding too
+        else:
+            moments = expert_moments(rounded_trunk, fit, progress=progress)
+            rounded_trunk = None
+            log(f"measured expert inputs on {len(fit)} calibration tokens (the quantizer rounds against them)")
+            searched = search_plan(model, search_tokens, check_tokens, opts.tolerance, opts.group,
+                                   cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
+                                   moments=moments, max_bits=opts.max_bits, progress=progress)
         if opts.tolerance is not None and searched.check_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.check_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.check_loss - opts.tolerance):.2f} points")
@@ -352,7 +361,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         log(f"resuming: {len(writer.done)} of {writer.n} expert records kept from the interrupted compile")
     skip = set(writer.done)
     tasks = _stored_tasks(model, plan, opts.group, layout, moments, skip) if rounded_trunk is None else \
-        _calibrated_tasks(rounded_trunk, calib_tokens, plan, opts.group, layout, skip, progress)
+        _calibrated_tasks(rounded_trunk, rounding_tokens, plan, opts.group, layout, skip, progress)
     t_round, cpu_round = time.time(), cpu_seconds()
     with pool:
         for r in track(progress, pool.run(tasks), "rounding experts", total=writer.n - len(skip), unit="expert"):
@@ -364,7 +373,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         f"{seconds:.1f} s ({cpu:.1f} CPU-seconds{'' if isinstance(pool, ExpertPool) else ' in this process'}): "
         f"{rounded / 1e6 / max(seconds, 1e-9):.3g}M parameters/s; peak RSS {peak_rss() / 2**30:.2f} GiB")
     if rounded_trunk is not None:
-        log(f"measured expert inputs on {len(calib_tokens)} calibration tokens (the quantizer rounds against them)")
+        log(f"measured expert inputs on {len(rounding_tokens)} calibration tokens (the quantizer rounds against them)")
     rounded_trunk = None
     profile = None
     if calib_tokens is not None:
@@ -430,7 +439,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
                     "image_bytes": files["experts.bin"]["bytes"], "rounded_on": pool.where},
         "trunk_bytes": trunk_bytes,
         "bit_plan_search": None if searched is None else {
-            **searched.to_dict(), "text": str(opts.search_text or opts.calibration)},
+            **searched.to_dict(), "text": str(opts.search_text or opts.calibration), "sensitivity": method},
         "profile": None if profile is None else {
             "calibration": str(opts.calibration), "tokens": int(profile.selected.shape[0]),
             "expert_frequency": profile.frequency.round(4).tolist()},

@@ -113,15 +113,16 @@ class ExpertPool:
                     os.environ[k] = v
             self._pool = None
 
-    def run(self, tasks: Iterable[RoundingTask]) -> Iterator[RoundedExpert]:
-        """The tasks' results in the tasks' order; tasks are drawn from the iterable only as workers
-        free up (it may compute each one, e.g. its Gram matrices, when drawn)."""
+    def run(self, tasks: Iterable, work=round_expert) -> Iterator:
+        """work(task) for each task (a module-level function: workers import it), in the tasks'
+        order; tasks are drawn from the iterable only as workers free up (it may compute each one,
+        e.g. its Gram matrices, when drawn)."""
         if self._pool is None:
-            yield from map(round_expert, tasks)
+            yield from map(work, tasks)
             return
         pending: deque[Future] = deque()
         for task in tasks:
-            pending.append(self._pool.submit(round_expert, task))
+            pending.append(self._pool.submit(work, task))
             while len(pending) >= IN_FLIGHT_PER_JOB * self.jobs:
                 yield pending.popleft().result()
         while pending:

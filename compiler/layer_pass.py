@@ -91,15 +91,25 @@ class RoutedLayer:
 
 
 class LayerPass:
-    """Tokens [T] through `model` in windows of `window` tokens, one layer at a time (module docstring)."""
+    """Tokens [T] through `model` in windows of `window` tokens, one layer at a time (module docstring).
+    `tokens` may also be a list of texts' tokens, each cut into windows of its own; `piece[i]` says
+    which text window i came from. After the last layer, `output` holds the residual stream leaving
+    the model, per window. Passes over one model that advance together may share `reads` (a dict):
+    each decoder layer's trunk weights are then read once for all of them."""
 
-    def __init__(self, model: MoEModel, tokens: np.ndarray, window: int = WINDOW):
+    def __init__(self, model: MoEModel, tokens: np.ndarray | list[np.ndarray], window: int = WINDOW,
+                 reads: dict | None = None):
         cfg = model.config
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if len(tokens) == 0 or tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+        texts = [np.asarray(t, dtype=np.int64) for t in (tokens if isinstance(tokens, list) else [tokens])]
+        if any(len(t) == 0 or t.min() < 0 or t.max() >= cfg.vocab_size for t in texts):
             raise ValueError(f"calibration token ids must be given and lie in [0, {cfg.vocab_size})")
         self.model = model
-        self.windows = [tokens[i : i + window] for i in range(0, len(tokens), window)]
+        self.windows, self.piece = [], []
+        for p, t in enumerate(texts):
+            self.windows += [t[i : i + window] for i in range(0, len(t), window)]
+            self.piece += [p] * len(range(0, len(t), window))
+        self.output: list[np.ndarray] | None = None
+        self._reads = {} if reads is None else reads
         self.selected = [np.zeros((len(w), cfg.num_moe_layers, cfg.top_k), np.int32) for w in self.windows]
         self._rope = {}
         for t in {len(w) for w in self.windows}:
@@ -123,13 +133,17 @@ class LayerPass:
                 sel[:, layer.moe_index] = idx
             yield layer
             x = layer.output()
+        self.output = x
 
     def _with_layer_read(self, li: int) -> MoEModel:
         """The model with decoder layer li's trunk weights read (a model of stored tensors keeps one
         layer in RAM at a time; its experts stay stored)."""
-        layers = list(self.model.layers)
-        layers[li] = read_stored(layers[li], lazy_experts=True)
-        return replace(self.model, layers=layers)
+        if li not in self._reads:
+            self._reads.clear()  # the layer before: every pass sharing it has moved on
+            layers = list(self.model.layers)
+            layers[li] = read_stored(layers[li], lazy_experts=True)
+            self._reads[li] = replace(self.model, layers=layers)
+        return self._reads[li]
 
     def _dense_layer(self, model: MoEModel, li: int, x: np.ndarray) -> np.ndarray:
         """One window's residual stream x through dense decoder layer li (attention, then its MLP)."""

@@ -5,19 +5,19 @@ import numpy as np
 import pytest
 
 from edgemoe.compiler.bitplan import (LEVELS, PlanEvaluator, ToleranceError, plan_path, search_plan,
-                                      split_tokens, uniform)
+                                      sensitivities, sensitivity_method, split_tokens, uniform)
 from edgemoe.compiler.expert_image import ExpertWeights, image_bytes, record_length, write_image
-from edgemoe.compiler.quantize import quantize
+from edgemoe.compiler.expert_pool import ExpertPool
+from edgemoe.compiler.plan_pass import estimate_errors, plan_nlls, relative_loss, search_plan_estimated
+from edgemoe.compiler.quantize import compiled_trunk, quantize
 from edgemoe.models.reference import ReferenceExecutor
 
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
+def small_model_dir(tmp_path_factory):
     """A random Mixtral with weights large enough that its experts shape its predictions."""
     import torch
     import transformers
-
-    from edgemoe.models import load_model
 
     cfg = transformers.MixtralConfig(
         vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -26,7 +26,14 @@ def small_model(tmp_path_factory):
     torch.manual_seed(7)
     out = tmp_path_factory.mktemp("sharp_mixtral")
     transformers.MixtralForCausalLM(cfg).save_pretrained(out)
-    return load_model(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_model(small_model_dir):
+    from edgemoe.models import load_model
+
+    return load_model(small_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +148,75 @@ def test_compile_with_a_bits_target_and_a_search_text(tiny_with_tokenizer, tmp_p
     assert any("check tokens of" in line and "search.txt" in line for line in lines)
     with pytest.raises(ValueError, match="--calibration"):
         compile_model(tiny_with_tokenizer, tmp_path / "x", CompileOptions(max_bits=3.0), log=lambda m: None)
+
+
+def test_streamed_plan_scores_equal_whole_model_passes(small_model, text_tokens):
+    """plan_nlls scores every plan in one layer-by-layer pass; each stream computes what a whole
+    forward pass of that plan's model computes (experts rounded without calibration in both)."""
+    search, check = text_tokens[:400], text_tokens[400:640]
+    mixed = np.random.default_rng(5).choice(LEVELS, size=(2, 4)).tolist()
+    with ExpertPool(1) as pool:
+        nll = plan_nlls(small_model, compiled_trunk(small_model), [None, mixed, uniform(small_model, 2)],
+                        [search, check], 32, pool)
+    for row, plan in ((1, mixed), (2, uniform(small_model, 2))):
+        for col, tokens in ((0, search), (1, check)):
+            want = PlanEvaluator(small_model, tokens).loss(plan)
+            assert relative_loss(nll[row, col], nll[0, col]) == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_estimated_errors_grow_as_bits_shrink_and_rank_experts_as_measured(small_model, text_tokens, tmp_path):
+    from scipy.stats import spearmanr
+
+    with ExpertPool(1) as pool:
+        errors = estimate_errors(compiled_trunk(small_model), text_tokens[:512], LEVELS, 32, pool)
+    assert (errors[2] > errors[3]).all() and (errors[3] > errors[4]).all() and (errors[4] > errors[8]).all()
+    measured = sensitivities(PlanEvaluator(small_model, text_tokens[:512]), tmp_path)
+    # INT2 is where the measured loss rises well above noise, so there the two rankings can be compared
+    assert spearmanr((errors[2] - errors[4]).ravel(), measured[2].ravel())[0] > 0.5
+
+
+def test_estimated_search_stays_within_tolerance_and_streams_the_same(small_model, small_model_dir, text_tokens):
+    from edgemoe.models import load_model
+
+    fit, search, check = text_tokens[:256], text_tokens[256:512], text_tokens[512:]
+    tolerance = PlanEvaluator(small_model, search).loss(uniform(small_model, 2)) / 4  # INT2 throughout loses 4x this
+    found = []
+    for model in (small_model, load_model(small_model_dir, lazy=True)):  # in RAM, and read layer by layer
+        with ExpertPool(1) as pool:
+            found.append(search_plan_estimated(model, compiled_trunk(model), fit, search, check, tolerance, None, 32,
+                                               pool, log=lambda m: None))
+    assert found[0].plan == found[1].plan and found[0].check_loss == found[1].check_loss
+    plan = found[0]
+    assert plan.met and plan.check_loss <= tolerance and plan.search_loss <= tolerance, plan.steps
+    assert len({b for row in plan.plan for b in row}) > 1 and 2 < plan.average_bits < 8, plan.steps
+    assert plan.check_loss == pytest.approx(PlanEvaluator(small_model, check).loss(plan.plan), rel=1e-4)
+    with pytest.raises(ToleranceError, match="over the tolerance"):
+        search_plan_estimated(small_model, compiled_trunk(small_model), fit, search, check,
+                              PlanEvaluator(small_model, search).loss(uniform(small_model, 8)) / 2, None, 32,
+                              pool, log=lambda m: None)
+
+
+def test_sensitivity_is_measured_on_small_models_and_estimated_on_large_ones(small_model):
+    from dataclasses import replace
+
+    cfg = small_model.config
+    assert sensitivity_method(cfg) == "measured" and sensitivity_method(cfg, "estimated") == "estimated"
+    assert sensitivity_method(replace(cfg, hidden_size=2048, expert_intermediate=1024, num_experts=64)) == "estimated"
+    with pytest.raises(ValueError, match="unknown sensitivity method 'exact'"):
+        sensitivity_method(cfg, "exact")
+
+
+def test_compile_with_estimated_sensitivity_says_so(tiny_with_tokenizer, tmp_path):
+    import json
+
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+
+    from conftest import CALIBRATION, TRAINED_MODEL
+
+    opts = CompileOptions(calibration=CALIBRATION, calibration_tokens=600, tolerance=0.05, sensitivity="estimated",
+                          search_text=TRAINED_MODEL / "search.txt", max_seq=64)
+    lines = []
+    compile_model(tiny_with_tokenizer, tmp_path, opts, log=lines.append)
+    found = json.loads((tmp_path / "manifest.json").read_text())["bit_plan_search"]
+    assert found["sensitivity"] == "estimated" and found["met"], lines
+    assert any("by estimated sensitivity" in line for line in lines)

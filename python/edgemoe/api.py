@@ -18,8 +18,8 @@ from . import runtime
 
 def compile(model_dir: str | Path, output: str | Path, *, target: str = "host", bits: int = 4,
             trunk_bits: int | None = None, calibration: str | Path | None = None, calibration_tokens: int = 8192,
-            tolerance: float | None = None, max_bits: float | None = None, search_text: str | Path | None = None,
-            group: int | None = None, max_seq: int | None = None, int_dot: bool | None = None, tune: bool = False,
+            tolerance: float | None = None, max_bits: float | None = None, sensitivity: str = "auto",
+            search_text: str | Path | None = None, group: int | None = None, max_seq: int | None = None, int_dot: bool | None = None, tune: bool = False,
             jobs: int | None = None, dask_scheduler: str | None = None, log=None) -> dict:
     """Compile the checkpoint in model_dir for `target` into the artifact directory `output`
     (written whole or not at all); returns its manifest. Options as edgemoe-compile's."""
@@ -27,7 +27,7 @@ def compile(model_dir: str | Path, output: str | Path, *, target: str = "host", 
 
     opts = CompileOptions(target=target, expert_bits=bits, calibration=Path(calibration) if calibration else None,
                           calibration_tokens=calibration_tokens, tolerance=tolerance, max_bits=max_bits,
-                          search_text=Path(search_text) if search_text else None, max_seq=max_seq, int_dot=int_dot,
+                          sensitivity=sensitivity, search_text=Path(search_text) if search_text else None, max_seq=max_seq, int_dot=int_dot,
                           tune=tune, jobs=jobs, dask_scheduler=dask_scheduler)
     if trunk_bits is not None:
         opts.trunk_bits = trunk_bits

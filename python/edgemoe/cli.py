@@ -150,12 +150,17 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
 @click.option("--calibration-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
               help="Tokens of calibration text to use.")
 @click.option("--tolerance", type=_Percent(), default=None, metavar="P%",
-              help="Choose each expert's bitwidth (INT8/4/3/2) by measured sensitivity so perplexity rises at most "
+              help="Choose each expert's bitwidth (INT8/4/3/2) by its sensitivity so perplexity rises at most "
                    "P% over the float model (needs --calibration); overrides --bits.")
 @click.option("--max-bits", type=_Finite(2, 8), default=None, metavar="B",
               help="Choose each expert's bitwidth so the experts average at most B bits per weight, losing as "
-                   "little as the measured sensitivities allow (needs --calibration; with --tolerance, the more "
+                   "little as the experts' sensitivities allow (needs --calibration; with --tolerance, the more "
                    "compact of the two plans); overrides --bits.")
+@click.option("--sensitivity", type=click.Choice(["auto", "measured", "estimated"]), default="auto", show_default=True,
+              help="How the bit-plan search ranks experts: measured (one forward pass of the search text per expert "
+                   "and bitwidth, the model in RAM), estimated (each expert's output error on its routed calibration "
+                   "tokens, one pass, the model read layer by layer; plans still scored for real), or auto "
+                   "(measured up to 100 M expert parameters).")
 @click.option("--search-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Text the bit-plan search scores plans on (3/4) and checks them on (1/4): best text the model "
                    "was not trained on [default: the calibration text].")
@@ -172,7 +177,7 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
 @click.option("--android-api", type=click.IntRange(21, 99), default=None,
               help="Android targets: the API level to build for (names the NDK compiler) [default: the target's].")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, max_bits, search_text, int_dot, tune, jobs, dask_scheduler, android_api):
+                tolerance, max_bits, sensitivity, search_text, int_dot, tune, jobs, dask_scheduler, android_api):
     """Compile the MoE checkpoint MODEL_DIR (a Hugging Face directory, a .gguf or a torch.onnx export's
     .onnx with config.json beside it) for a target board. An
     interrupted compile resumes from the experts it finished when run again with the same inputs."""
@@ -194,8 +199,8 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
                                      f"1..{longest}", param_hint="--max-seq")
     try:
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
-                              calibration_tokens, tolerance=tolerance, max_bits=max_bits, search_text=search_text,
-                              int_dot=int_dot, tune=tune, jobs=jobs, dask_scheduler=dask_scheduler,
+                              calibration_tokens, tolerance=tolerance, max_bits=max_bits, sensitivity=sensitivity,
+                              search_text=search_text, int_dot=int_dot, tune=tune, jobs=jobs, dask_scheduler=dask_scheduler,
                               android_api=android_api)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
     except (ModelImportError, UnknownTargetError, TuningError, ToolchainError, ValueError, FileNotFoundError,
