@@ -218,6 +218,11 @@ class BitPlan:
                 "search_loss": self.search_loss, "check_loss": self.check_loss,
                 "average_bits": self.average_bits, "plan": self.plan, "steps": self.steps}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "BitPlan":
+        return cls(d["plan"], d["tolerance"], d["max_bits"], d["search_loss"], d["check_loss"], d["average_bits"],
+                   d["steps"])
+
 
 def search_plan(model: MoEModel, search: np.ndarray, check: np.ndarray, tolerance: float | None = None,
                 group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,

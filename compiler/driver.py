@@ -17,7 +17,7 @@ import numpy as np
 
 from ..models import describe_model, load_model, read_stored
 from ..targets import load_target, toolchain
-from .bitplan import LEVELS, search_plan, sensitivity_method, split_tokens
+from .bitplan import LEVELS, BitPlan, search_plan, sensitivity_method, split_tokens
 from .cache import cache_dir
 from .expert_image import ImageWriter
 from .expert_pool import ExpertPool, RoundingTask, default_jobs, record_code_digest
@@ -330,18 +330,25 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
             ([f"at most {opts.max_bits} bits on average"] if opts.max_bits is not None else [])
         log(f"searching a bit plan {' and '.join(goals)} by {method} sensitivity ({len(search_tokens)} search "
             f"tokens, {len(check_tokens)} check tokens of {opts.search_text or opts.calibration})")
-        if method == "estimated":  # streamed: the compile then rounds against the same fit tokens as it goes
-            with ExpertPool(opts.jobs or default_jobs()) as local:
-                searched = search_plan_estimated(model, rounded_trunk, fit, search_tokens, check_tokens,
-                                                 opts.tolerance, opts.max_bits, opts.group, local, log, progress)
-            rounding_tokens = fit  # the check tokens stay unseen by the rounding too
-        else:
+        if method == "measured":  # the search and the rounding read every expert's moments, all in RAM
             moments = expert_moments(rounded_trunk, fit, progress=progress)
             rounded_trunk = None
             log(f"measured expert inputs on {len(fit)} calibration tokens (the quantizer rounds against them)")
+        else:  # streamed: the compile rounds against the same fit tokens, as it goes
+            rounding_tokens = fit  # the check tokens stay unseen by the rounding too
+        found = out_dir / ".bit_plan_search.json"  # kept by an interrupted compile: the search is not redone
+        if found.is_file():
+            searched = BitPlan.from_dict(json.loads(found.read_text()))
+            log(f"resuming: the bit plan searched before ({searched.average_bits:.2f} bits)")
+        elif method == "estimated":
+            with ExpertPool(opts.jobs or default_jobs()) as local:
+                searched = search_plan_estimated(model, rounded_trunk, fit, search_tokens, check_tokens,
+                                                 opts.tolerance, opts.max_bits, opts.group, local, log, progress)
+        else:
             searched = search_plan(model, search_tokens, check_tokens, opts.tolerance, opts.group,
                                    cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
                                    moments=moments, max_bits=opts.max_bits, progress=progress)
+        found.write_text(json.dumps(searched.to_dict()))
         if opts.tolerance is not None and searched.check_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.check_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.check_loss - opts.tolerance):.2f} points")

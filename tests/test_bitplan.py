@@ -206,17 +206,33 @@ def test_sensitivity_is_measured_on_small_models_and_estimated_on_large_ones(sma
         sensitivity_method(cfg, "exact")
 
 
-def test_compile_with_estimated_sensitivity_says_so(tiny_with_tokenizer, tmp_path):
+def test_compile_with_estimated_sensitivity_says_so_and_resumes_without_searching_again(tiny_with_tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    """A compile that fails after its search (here: its kernels) keeps the plan for the same command."""
     import json
 
+    from edgemoe.compiler import driver
     from edgemoe.compiler.driver import CompileOptions, compile_model
 
     from conftest import CALIBRATION, TRAINED_MODEL
 
     opts = CompileOptions(calibration=CALIBRATION, calibration_tokens=600, tolerance=0.05, sensitivity="estimated",
                           search_text=TRAINED_MODEL / "search.txt", max_seq=64)
+
+    def lost(*args, **kwargs):
+        raise OSError("the machine lost its disk while lowering kernels")
+
+    monkeypatch.setattr(driver, "build_kernels", lost)
+    first = []
+    with pytest.raises(OSError, match="lost its disk"):
+        compile_model(tiny_with_tokenizer, tmp_path / "a", opts, log=first.append)
+    monkeypatch.undo()
     lines = []
-    compile_model(tiny_with_tokenizer, tmp_path, opts, log=lines.append)
-    found = json.loads((tmp_path / "manifest.json").read_text())["bit_plan_search"]
+    compile_model(tiny_with_tokenizer, tmp_path / "a", opts, log=lines.append)
+    found = json.loads((tmp_path / "a" / "manifest.json").read_text())["bit_plan_search"]
     assert found["sensitivity"] == "estimated" and found["met"], lines
     assert any("by estimated sensitivity" in line for line in lines)
+    assert any(line.startswith("resuming: the bit plan searched before") for line in lines), lines
+    assert any("sensitivities estimated" in line for line in first)
+    assert not any("sensitivities estimated" in line for line in lines), lines
+    assert not list((tmp_path / "a").glob(".*"))

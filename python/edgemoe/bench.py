@@ -590,17 +590,24 @@ def _tuning_steps(groups):
               help="Tokens generated per prompt for agreement.")
 @click.option("--target", default="host", show_default=True,
               help="Score plans as edgemoe-compile would build them for this target (trunk INT8, its kernels).")
+@click.option("--sensitivity", "methods", type=click.Choice(["measured", "estimated"]), multiple=True,
+              default=("measured",), show_default=True,
+              help="How the searches rank experts (as edgemoe-compile --sensitivity); repeat for both: then each goal "
+                   "is searched both ways and the two rankings' rank correlation is printed.")
 @plot_option("bitplans")
 def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_paths, n_tokens, tolerances,
-                 bit_targets, greedy_tokens, target, plot_path, no_plot):
+                 bit_targets, greedy_tokens, target, methods, plot_path, no_plot):
     """Uniform INT8/4/3/2 against searched per-expert plans: bits, image size, held-out perplexity, greedy agreement."""
     import numpy as np
+    from scipy.stats import spearmanr
     from tokenizers import Tokenizer
 
-    from .compiler.bitplan import LEVELS, search_plan, split_tokens, uniform
+    from .compiler.bitplan import BASE, LEVELS, PlanEvaluator, search_plan, sensitivities, split_tokens, uniform
     from .compiler.cache import cache_dir
     from .compiler.driver import CompileOptions, weight_layout
     from .compiler.expert_image import image_bytes
+    from .compiler.expert_pool import ExpertPool, default_jobs
+    from .compiler.plan_pass import estimate_errors, search_plan_estimated
     from .compiler.profile import expert_moments, tokenize_file
     from .compiler.quantize import DEFAULT_GROUP, compiled_trunk, quantized_model
     from .evaluate import greedy_agreement, perplexity_reference
@@ -625,17 +632,31 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
 
     float_ppl = [perplexity_reference(model, h)["perplexity"] for h in held]
     float_greedy = greedy(model)
-    moments = expert_moments(compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout), fit,
-                             progress=terminal_progress)
+    trunk = compiled_trunk(model, opts.trunk_bits, DEFAULT_GROUP, layout)
+    moments = expert_moments(trunk, fit, progress=terminal_progress)
     plans = [(f"uniform INT{b}", uniform(model, b), None) for b in LEVELS]
     goals = [(f"tolerance {t:g}%", {"tolerance": t / 100}) for t in tolerances] + \
         [(f"≤ {b:g} bits", {"max_bits": b}) for b in bit_targets]
-    for name, goal in goals:
-        click.echo(f"searching a plan: {name} ...", err=True)
-        found = search_plan(model, search, check, group=DEFAULT_GROUP, cache_dir=cache_dir(),
-                            log=lambda m: click.echo(f"  {m}", err=True), trunk_bits=opts.trunk_bits, layout=layout,
-                            moments=moments, progress=terminal_progress, **goal)
-        plans.append((name, found.plan, found))
+    both = len(set(methods)) == 2
+    with ExpertPool(default_jobs()) as pool:
+        for (name, goal), method in [(g, m) for g in goals for m in dict.fromkeys(methods)]:
+            click.echo(f"searching a plan: {name}, {method} sensitivity ...", err=True)
+            log = lambda m: click.echo(f"  {m}", err=True)  # noqa: E731
+            if method == "measured":
+                found = search_plan(model, search, check, group=DEFAULT_GROUP, cache_dir=cache_dir(), log=log,
+                                    trunk_bits=opts.trunk_bits, layout=layout, moments=moments,
+                                    progress=terminal_progress, **goal)
+            else:
+                found = search_plan_estimated(model, trunk, fit, search, check, goal.get("tolerance"),
+                                              goal.get("max_bits"), DEFAULT_GROUP, pool, log, terminal_progress)
+            plans.append((f"{name} ({method})" if both else name, found.plan, found))
+        if both:  # the measured table is cached on disk by now
+            measured = sensitivities(PlanEvaluator(model, search, DEFAULT_GROUP, opts.trunk_bits, layout, moments),
+                                     cache_dir())
+            errors = estimate_errors(trunk, fit, LEVELS, DEFAULT_GROUP, pool)
+            rho = ", ".join(f"INT{b} {spearmanr((errors[b] - errors[BASE]).ravel(), measured[b].ravel())[0]:.2f}"
+                            for b in LEVELS if b != BASE)
+            click.echo(f"rank correlation (Spearman) of estimated with measured sensitivities, from INT{BASE}: {rho}")
     texts = ", ".join(f"{p:.3f} over {len(h)} tokens of {t.name}" for p, h, t in zip(float_ppl, held, text_paths))
     click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {texts}; "
                f"experts rounded on {len(fit)} tokens of {calibration.name}; search on {len(search)} / check on "
