@@ -135,11 +135,11 @@ def plan_nlls(model: MoEModel, trunk: MoEModel, plans: list, texts: list[np.ndar
 
 
 def _head_only(model: MoEModel) -> MoEModel:
-    """The model without its decoder layers: what final_logits reads (norm, LM head), so reading it
-    reads nothing else."""
+    """The model with only what final_logits reads (norm, LM head), so reading it reads nothing else."""
     from dataclasses import replace
 
-    return replace(model, layers=[])
+    return replace(model, layers=[], embed=None, encoder_embed=None, decoder_position_bias=None,
+                   encoder_position_bias=None)
 
 
 def relative_loss(nll: float, float_nll: float) -> float:
