@@ -337,6 +337,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         else:  # streamed: the compile rounds against the same fit tokens, as it goes
             rounding_tokens = fit  # the check tokens stay unseen by the rounding too
         found = out_dir / ".bit_plan_search.json"  # kept by an interrupted compile: the search is not redone
+        t_search = time.time()
         if found.is_file():
             searched = BitPlan.from_dict(json.loads(found.read_text()))
             log(f"resuming: the bit plan searched before ({searched.average_bits:.2f} bits)")
@@ -349,6 +350,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
                                    cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
                                    moments=moments, max_bits=opts.max_bits, progress=progress)
         found.write_text(json.dumps(searched.to_dict()))
+        log(f"bit plan: {searched.average_bits:.2f} bits on average, searched in {time.time() - t_search:.0f} s; "
+            f"peak RSS {peak_rss() / 2**30:.2f} GiB")
         if opts.tolerance is not None and searched.check_loss > opts.tolerance:
             log(f"warning: the plan loses {100 * searched.check_loss:.2f}% on check tokens, over the tolerance by "
                 f"{100 * (searched.check_loss - opts.tolerance):.2f} points")
