@@ -593,7 +593,8 @@ def _tuning_steps(groups):
 @click.option("--sensitivity", "methods", type=click.Choice(["measured", "estimated"]), multiple=True,
               default=("measured",), show_default=True,
               help="How the searches rank experts (as edgemoe-compile --sensitivity); repeat for both: then each goal "
-                   "is searched both ways and the two rankings' rank correlation is printed.")
+                   "is searched both ways and the two rankings' rank correlation is printed, with the measured "
+                   "ranking's own on the first --text.")
 @plot_option("bitplans")
 def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_paths, n_tokens, tolerances,
                  bit_targets, greedy_tokens, target, methods, plot_path, no_plot):
@@ -657,6 +658,13 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
             rho = ", ".join(f"INT{b} {spearmanr((errors[b] - errors[BASE]).ravel(), measured[b].ravel())[0]:.2f}"
                             for b in LEVELS if b != BASE)
             click.echo(f"rank correlation (Spearman) of estimated with measured sensitivities, from INT{BASE}: {rho}")
+            # the measurement's own reproducibility: the same table measured on as many tokens of the first held-out text
+            again = sensitivities(PlanEvaluator(model, held[0][:len(search)], DEFAULT_GROUP, opts.trunk_bits, layout,
+                                                moments), cache_dir())
+            rho = ", ".join(f"INT{b} {spearmanr(again[b].ravel(), measured[b].ravel())[0]:.2f}"
+                            for b in LEVELS if b != BASE)
+            click.echo(f"rank correlation of measured sensitivities on {len(search)} tokens of {text_paths[0].name} "
+                       f"with those on the search tokens: {rho}")
     texts = ", ".join(f"{p:.3f} over {len(h)} tokens of {t.name}" for p, h, t in zip(float_ppl, held, text_paths))
     click.echo(f"model {model_dir}: {cfg.num_layers}×{cfg.num_experts} experts; float perplexity {texts}; "
                f"experts rounded on {len(fit)} tokens of {calibration.name}; search on {len(search)} / check on "
