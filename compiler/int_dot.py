@@ -17,7 +17,7 @@ lanes: a tile is done as four vectors of 4 rows, and 8-bit codes are flipped to 
 (u XOR 0x80 = u − 128) so their centre becomes 0; 2- and 4-bit codes are small enough as they are.
 Armv8.0 cores without dotprod (Cortex-A53/A72) get the same sums from widening multiplies
 (`smull` to int16, `saddlp` and `addp` to int32), as llama.cpp's kernels do there; x86 without
-VNNI from `pmaddubsw` and `pmaddwd` on |x| and the codes carrying x's sign. On the Cortex-M55
+VNNI from `pmaddubsw` and `pmaddwd` (8-bit codes: on |x| and the codes carrying x's sign). On the Cortex-M55
 (Helium/MVE, 4 int32 lanes) each byte of a lane's word is sign-extended in place by two shifts and
 multiplied-accumulated: about half the vector operations per weight of the float kernels (decode,
 convert, centre, scale, FMA); on a Cortex-M7 (DSP extension, no vector unit) each lane is a core
@@ -102,8 +102,9 @@ ISAS = (
     Isa("Arm dotprod", "aarch64", "dotprod", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8", True),  # s8 × s8
     # Armv8.0 (Cortex-A53/A72): smull s8 × s8 → s16, pairwise widening adds; the same sums, six instructions
     Isa("Arm NEON", "aarch64", "neon", 4, None, True),
-    # x86 without VNNI (Haswell and later): |x| · (code with x's sign), u8 × s8 pairs → s16 (pmaddubsw,
-    # no saturation as |x|, |code| ≤ 127), pairs → s32 (pmaddwd)
+    # x86 without VNNI (Haswell and later): u8 × s8 pairs → s16 (pmaddubsw), pairs → s32 (pmaddwd); the
+    # 2-4-bit codes are the unsigned operand as they are, 8-bit ones (flipped to signed) go as |x| ·
+    # (code with x's sign) (no saturation as |x|, |code| ≤ 127)
     Isa("AVX2", "x86_64", "avx2", 8, None, True),
     # Cortex-M55 (Helium): per int32 lane, each byte sign-extended in place by two shifts and
     # multiplied-accumulated (VSHL, VSHR, VMLA on 4 lanes); the input's bytes are shared by the lanes
@@ -171,16 +172,23 @@ def _group_dot(isa: Isa, W, X4, t, g, sub, bits: int, group: int, k: int, chains
             codes = field if codes is None else codes | field
             first, low = first + k * b // 32, low + b
         # the 4 input codes of these columns, as one int32, to every lane
-        acc[quad % chains] = _dot4(isa, acc[quad % chains], codes, tirx.Broadcast(X4[g * (group // 4) + quad], lanes))
+        acc[quad % chains] = _dot4(isa, acc[quad % chains], codes, tirx.Broadcast(X4[g * (group // 4) + quad], lanes),
+                                   bits < 8)
     while len(acc) > 1:  # summed pairwise
         acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i] for i in range(0, len(acc), 2)]
     return acc[0]
 
 
-def _dot4(isa: Isa, acc, codes, act):
-    """acc + (per int32 lane: the sum of its 4 byte products), codes and act as uint32/int32 vectors."""
+def _dot4(isa: Isa, acc, codes, act, small: bool):
+    """acc + (per int32 lane: the sum of its 4 byte products), codes and act as uint32/int32 vectors;
+    `small`: every code is below 16 (INT2/3/4)."""
     lanes = isa.lanes
-    if isa.intrinsic is None and isa.arch == "x86_64":
+    if isa.intrinsic is None and isa.arch == "x86_64" and small:
+        # codes · x straight from pmaddubsw (u8 × s8): a pair sums to at most 2 · 15 · 127, no saturation
+        c, x = tirx.reinterpret("int8x32", codes), tirx.reinterpret("int8x32", act)
+        pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", c, x)
+        return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, _vec(1, "int16", 16))
+    if isa.intrinsic is None and isa.arch == "x86_64":  # 8-bit codes, flipped to signed: |x| · code·sign(x)
         c, x = tirx.reinterpret("int8x32", codes), tirx.reinterpret("int8x32", act)
         magnitude = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", x, x)  # |x|
         signed = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", c, x)  # code · sign(x)

@@ -6,6 +6,8 @@ set(EM_CORE_SOURCES
   runtime_c/src/crc32.c
   runtime_c/src/encoder_decoder.c
   runtime_c/src/expert_cache.c
+  runtime_c/src/expert_lanes.c
+  runtime_c/src/ffn.c
   runtime_c/src/kernels.c
   runtime_c/src/loader.c
   runtime_c/src/matrix.c

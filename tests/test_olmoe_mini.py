@@ -75,3 +75,23 @@ def test_edgemoe_eviction_reads_less_than_lru_on_held_out_text(olmoe_int4, token
             s.prefill(ids)
             misses[eviction] = s.stats()["expert_misses"]
     assert misses["edgemoe"] < 0.92 * misses["lru"], misses  # measured: 0.87×
+
+
+def test_experts_run_side_by_side_give_the_same_bits(olmoe_int4, prompt_ids):
+    """With several compute threads a layer's chosen experts run on them at once (expert_lanes.h),
+    each as soon as its read lands. Whatever thread ran which expert, and whichever had arrived
+    together, they are summed in the router's order: the logits are bit-identical to one thread's,
+    all experts resident or a quarter of them read from slow storage with prefetching."""
+    quarter = budget_bytes(olmoe_int4, 0, 0.25)
+    runs = {}
+    for threads, budget in ((1, 0), (2, 0), (3, 0), (2, quarter), (3, quarter)):
+        slow = {"emulate": (400e6, 50e-6), "readers": 4, "predictor": "fitted-router"} if budget else {}
+        with Session(olmoe_int4, memory_budget=budget, threads=threads, **slow) as s:
+            assert s.info["expert_lanes"] == threads
+            logits = [s.prefill(prompt_ids)]
+            for _ in range(12):
+                logits.append(s.decode_step(int(logits[-1].argmax())))
+            assert not budget or s.stats()["expert_misses"] > 0
+        runs[threads, budget] = np.stack(logits)
+    for key, got in runs.items():
+        assert np.array_equal(got, runs[1, 0]), key

@@ -73,7 +73,8 @@ class _Info(ctypes.Structure):
                                                "max_seq")] + [("bos_token_id", ctypes.c_int32),
                                                               ("eos_token_id", ctypes.c_int32),
                                                               ("predictor", ctypes.c_int), ("eviction", ctypes.c_int),
-                                                              ("num_expert_layers", ctypes.c_uint32)]
+                                                              ("num_expert_layers", ctypes.c_uint32),
+                                                              ("expert_lanes", ctypes.c_uint32)]
 
 
 def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR, target=None, sanitize: str | None = None) -> Path:

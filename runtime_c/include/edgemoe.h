@@ -104,6 +104,7 @@ typedef struct {
   em_predictor predictor; /* in use, after resolving EM_PREDICT_AUTO (none without a loader thread) */
   em_eviction eviction;   /* in use, after resolving EM_EVICT_AUTO */
   uint32_t num_expert_layers; /* the layers with experts (dense layers have none): experts.bin's layers */
+  uint32_t expert_lanes; /* a layer's chosen experts computed at once, one per compute thread (1: in turn) */
 } em_model_info;
 
 void em_default_params(em_params* p);

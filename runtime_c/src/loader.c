@@ -355,6 +355,14 @@ int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data
   return rc;
 }
 
+int em_loader_ready(em_loader* l, uint32_t record) {
+  LOCK(l);
+  int32_t slot = em_cache_lookup(l->cache, record);
+  int ready = slot >= 0 && l->cache->slot[slot].state == EM_SLOT_READY;
+  UNLOCK(l);
+  return ready;
+}
+
 void em_loader_release(em_loader* l, uint32_t record) {
   LOCK(l);
   int32_t slot = em_cache_lookup(l->cache, record);

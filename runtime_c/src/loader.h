@@ -67,6 +67,8 @@ void em_loader_stop(em_loader* l);
 int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, char* err, size_t errn);
 /* Waits until a needed record is resident and gives its data. */
 int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data, char* err, size_t errn);
+/* 1 if the record is resident and read (em_loader_wait would not block), else 0. */
+int em_loader_ready(em_loader* l, uint32_t record);
 /* Unpins a needed record once computed with. */
 void em_loader_release(em_loader* l, uint32_t record);
 /* Starts loading these records (most wanted first) into slots the policy can spare; skips any that

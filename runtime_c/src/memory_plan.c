@@ -3,6 +3,8 @@
 #include <stdio.h>
 
 #include "edgemoe.h"
+#include "expert_lanes.h"
+#include "ffn.h"    /* em_ffn_block */
 #include "loader.h" /* em_loader_meta_bytes */
 
 int em_size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t* n_out, uint8_t* record_class) {
@@ -45,14 +47,16 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
   uint64_t ffn = em_ffn_floats(th), H = th->heads, enc = th->cross_layers ? max_seq : 0;
   /* the order session.c carves them in; the latent attention's are empty without it, then the
-     experts' take, one query's position bias, and the encoder's rows and their q (empty without an encoder) */
+     experts' take, one query's position bias, the encoder's rows and their q (empty without an encoder),
+     then the chosen experts' outputs and weights and a row of zeros */
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
                        th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
                        (uint64_t)th->layers * th->hidden, 3ull * th->experts,
                        th->kv_lora ? H * ((uint64_t)th->qk_nope + th->head_dim) : 0, th->q_lora, th->q_lora,
                        th->kv_lora ? (uint64_t)th->kv_lora + th->head_dim : 0, H * th->kv_lora,
                        th->kv_lora ? H * th->head_dim : 0, H * th->kv_lora, H * th->v_head,
-                       th->experts, H * max_seq, enc * th->hidden, enc * q_dim};
+                       th->experts, H * max_seq, enc * th->hidden, enc * q_dim,
+                       (uint64_t)th->top_k * th->hidden, th->top_k, th->hidden};
   if (em_size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
     return EM_ERR_FORMAT;
@@ -71,19 +75,22 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   p->buffers = em_align_up(p->buffers, EM_ALIGN_PAGE);
   /* attention keeps scores and their exponentials, [heads, n] each, in workspace; an integer-dot
      kernel quantizes its input there (int8 values, a float scale and centre per group: under two
-     floats per input element), its widest input being one of these */
+     floats per input element), its widest input being one of these. While a layer's experts run,
+     their lanes share it out (expert_lanes.h): the scores are not live then */
   uint64_t widest = th->hidden;
   uint64_t inputs[] = {q_dim, H * th->v_head, ffn, th->q_lora, th->kv_lora};
   for (size_t i = 0; i < sizeof inputs / sizeof inputs[0]; i++)
     if (inputs[i] > widest) widest = inputs[i];
-  p->arena = em_align_up(2ull * th->heads * max_seq * sizeof(float) + 2 * widest * sizeof(float) + 8 * EM_ALIGN_BUF,
-                         EM_ALIGN_PAGE);
+  uint64_t lanes = em_expert_lanes_bytes(th->top_k < EM_PLANNED_LANES ? th->top_k : EM_PLANNED_LANES, th->hidden,
+                                         th->inter);
+  p->arena = 2ull * th->heads * max_seq * sizeof(float) + 2 * widest * sizeof(float) + 8 * EM_ALIGN_BUF;
+  p->arena = em_align_up(p->arena > lanes ? p->arena : lanes, EM_ALIGN_PAGE);
   /* records and their size classes; per record: cache and loader bookkeeping; per layer: weights
      and predictions */
   p->meta = em_align_up((uint64_t)ih->n_records * (sizeof(em_record) + 1) + em_cache_meta_bytes(0, ih->n_records) +
                          em_loader_meta_bytes(0, ih->n_records) +
                          program_bytes + th->layers * (1 + th->experts * sizeof(uint32_t)) +
-                         3 * EM_ALIGN_BUF, /* alignment between the parts */
+                         th->top_k * sizeof(em_ffn_block) + 4 * EM_ALIGN_BUF, /* alignment between the parts */
                      EM_ALIGN_BUF);
   p->fixed = p->trunk + p->kv + p->buffers + p->arena + p->meta;
   p->min_cache = p->all_experts = 0;

@@ -15,6 +15,7 @@
 #include "clock.h"
 #include "cpu_check.h"
 #include "encoder_decoder.h"
+#include "expert_lanes.h"
 #include "generated/program.h"
 #include "memory_plan.h"
 #include "mla.h"
@@ -262,8 +263,9 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   /* bookkeeping: cache slots, loader queue, predictions and record classes, the bound program */
   size_t predict_at = em_align_up(cache_meta, EM_ALIGN_BUF) + loader_meta;
   size_t program_at = em_align_up(predict_at + th->layers * (s->n_predict * 4 + 1) + s->ih.n_records, EM_ALIGN_BUF);
+  size_t blocks_at = em_align_up(program_at + em_program_bytes(th->program_steps, th->layers), EM_ALIGN_BUF);
   if (posix_memalign(&block, EM_ALIGN_PAGE, block_bytes) != 0 ||
-      !(meta = (uint8_t*)malloc(program_at + em_program_bytes(th->program_steps, th->layers)))) {
+      !(meta = (uint8_t*)malloc(blocks_at + th->top_k * sizeof(em_ffn_block)))) {
     snprintf(err, err_len, "cannot allocate %llu bytes", (unsigned long long)block_bytes);
     free(block);
     free(meta);
@@ -311,9 +313,13 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->pos_bias = carve(&cur, (uint64_t)th->heads * s->max_seq);
   s->enc_x = carve(&cur, th->cross_layers ? (uint64_t)s->max_seq * th->hidden : 0);
   s->enc_q = carve(&cur, th->cross_layers ? (uint64_t)s->max_seq * s->q_dim : 0);
+  s->expert_out = carve(&cur, (uint64_t)th->top_k * th->hidden);
+  s->expert_weights = carve(&cur, th->top_k);
+  s->zero = carve(&cur, th->hidden);
   s->arena.base = s->block + p.trunk + p.kv + p.buffers;
   s->arena.size = p.arena;
   s->predicted = (uint32_t*)(meta + predict_at);
+  s->expert_blocks = (em_ffn_block*)(meta + blocks_at);
   s->has_prediction = (uint8_t*)(s->predicted + (size_t)th->layers * s->n_predict);
   memset(s->has_prediction, 0, th->layers);
   uint8_t* record_class = s->has_prediction + th->layers;
@@ -359,6 +365,10 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     }
   }
   if (!rc) rc = em_pool_create((int)(params->compute_threads ? params->compute_threads : 1), &s->pool, s->err, ERR_LEN);
+  /* an emulated board paces the kernels of the decode thread only: one expert at a time there */
+  s->expert_lanes = em_pacer_on(&s->pacer) ? 1
+                    : em_expert_lanes((uint32_t)em_pool_threads(s->pool), th->top_k, s->arena.size, th->hidden,
+                                      th->inter);
   if (!rc) {
     rc = em_loader_init(&s->loader, s->experts, &s->cache, s->records, th->experts, params->verify_checksums,
                         params->loader_thread ? (params->readers ? (int)params->readers : 1) : 0, &s->st,
@@ -406,49 +416,11 @@ int em_session_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_ma
   return em_matvec(fn, name, w, x, res, y, s->err, ERR_LEN);
 }
 
-int em_ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
-           const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, const float* gate_bias, const float* up_bias,
-           const float* down_bias, float weight) {
-  em_kernel_arg a[EM_SIG_FFN_GATE_UP_BIAS_ARGS] = {0};
-  int rc;
-  if (!wg) {
-    BIND(a, FFN_UP, X, T(s->xn, 1, wu->cols, 0, 0));
-    BIND(a, FFN_UP, UP, em_matrix_arg(wu));
-    BIND(a, FFN_UP, H, T(s->h, 1, wu->rows, 0, 0));
-    rc = INVOKE(gate_up, gate_up_name, a, FFN_UP);
-  } else if (gate_bias) {
-    BIND(a, FFN_GATE_UP_BIAS, X, T(s->xn, 1, wg->cols, 0, 0));
-    BIND(a, FFN_GATE_UP_BIAS, GATE, em_matrix_arg(wg));
-    BIND(a, FFN_GATE_UP_BIAS, UP, em_matrix_arg(wu));
-    BIND(a, FFN_GATE_UP_BIAS, GATE_BIAS, T(gate_bias, 1, wg->rows, 0, 0));
-    BIND(a, FFN_GATE_UP_BIAS, UP_BIAS, T(up_bias, 1, wu->rows, 0, 0));
-    BIND(a, FFN_GATE_UP_BIAS, H, T(s->h, 1, wg->rows, 0, 0));
-    rc = INVOKE(gate_up, gate_up_name, a, FFN_GATE_UP_BIAS);
-  } else {
-    BIND(a, FFN_GATE_UP, X, T(s->xn, 1, wg->cols, 0, 0));
-    BIND(a, FFN_GATE_UP, GATE, em_matrix_arg(wg));
-    BIND(a, FFN_GATE_UP, UP, em_matrix_arg(wu));
-    BIND(a, FFN_GATE_UP, H, T(s->h, 1, wg->rows, 0, 0));
-    rc = INVOKE(gate_up, gate_up_name, a, FFN_GATE_UP);
-  }
-  if (rc) return rc;
+/* A feed-forward block on s->xn added to the residual stream: x += weight · block(xn). */
+static int ffn_into_residual(em_session* s, const em_ffn_block* f, float weight) {
   *s->expert_weight = weight;
-  if (down_bias) {
-    BIND(a, FFN_DOWN_BIAS, H, T(s->h, 1, wd->cols, 0, 0));
-    BIND(a, FFN_DOWN_BIAS, DOWN, em_matrix_arg(wd));
-    BIND(a, FFN_DOWN_BIAS, DOWN_BIAS, T(down_bias, 1, wd->rows, 0, 0));
-    BIND(a, FFN_DOWN_BIAS, RES, T(s->x, 1, wd->rows, 0, 0));
-    BIND(a, FFN_DOWN_BIAS, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
-    BIND(a, FFN_DOWN_BIAS, Y, T(s->x2, 1, wd->rows, 0, 0));
-    rc = INVOKE(down, down_name, a, FFN_DOWN_BIAS);
-  } else {
-    BIND(a, FFN_DOWN, H, T(s->h, 1, wd->cols, 0, 0));
-    BIND(a, FFN_DOWN, DOWN, em_matrix_arg(wd));
-    BIND(a, FFN_DOWN, RES, T(s->x, 1, wd->rows, 0, 0));
-    BIND(a, FFN_DOWN, WEIGHT, T(s->expert_weight, 1, 1, 0, 0));
-    BIND(a, FFN_DOWN, Y, T(s->x2, 1, wd->rows, 0, 0));
-    rc = INVOKE(down, down_name, a, FFN_DOWN);
-  }
+  int rc = em_ffn_call(f, s->xn, s->h, s->x, s->expert_weight, s->x2, s->err, ERR_LEN);
+  em_loader_poll(&s->loader);
   if (!rc) em_swap(&s->x, &s->x2);
   return rc;
 }
@@ -542,7 +514,9 @@ static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx)
   s->has_prediction[layer] = 0;
 }
 
-static int run_expert(em_session* s, const em_step* st, uint32_t expert, float weight) {
+/* Waits for one chosen expert's record and describes its feed-forward block (its kernels at the
+ * record's bitwidth, its matrices in the record, its rows of the layer's expert biases). */
+static int chosen_expert(em_session* s, const em_step* st, uint32_t expert, em_ffn_block* out) {
   uint32_t layer = st->expert_layer, ri = record_of(s, layer, expert);
   uint8_t* rec;
   int rc = em_loader_wait(&s->loader, ri, layer, &rec, s->err, ERR_LEN);
@@ -553,19 +527,56 @@ static int run_expert(em_session* s, const em_step* st, uint32_t expert, float w
   for (int i = 0; i < 6; i++) part[i] = rec + r->part_offset[i];
   uint32_t tiled = s->ih.layout == EM_LAYOUT_TILES, relu = s->ih.act == EM_ACT_RELU, d = relu ? 2 : 4;
   /* SwiGLU records: gate, up, down; ReLU records: up, down */
-  em_matrix gate = {part[0], (const uint16_t*)part[1], b, I, H, G, tiled},
-            up = {part[d - 2], (const uint16_t*)part[d - 1], b, I, H, G, tiled},
-            down = {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled};
-  const em_ffi_fn gate_up = s->k.gate_up[st->expert_act][b], down_fn = s->k.down[st->expert_act][b];
-  if (st->expert_gate_bias) /* the expert's row of each bias */
-    rc = em_ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", &gate, &up, &down,
-                st->expert_gate_bias + (size_t)expert * I, st->expert_up_bias + (size_t)expert * I,
-                st->expert_down_bias + (size_t)expert * H, weight);
-  else
-    rc = em_ffn(s, gate_up, "em_expert_gate_up", down_fn, "em_expert_down", relu ? NULL : &gate, &up, &down, NULL,
-                NULL, NULL, weight);
-  if (rc) return rc;
-  em_loader_release(&s->loader, ri);
+  *out = (em_ffn_block){s->k.gate_up[st->expert_act][b], s->k.down[st->expert_act][b], "em_expert_gate_up",
+                        "em_expert_down", {part[0], (const uint16_t*)part[1], b, I, H, G, tiled},
+                        {part[d - 2], (const uint16_t*)part[d - 1], b, I, H, G, tiled},
+                        {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled}, !relu, NULL, NULL, NULL};
+  if (st->expert_gate_bias) { /* the expert's row of each bias */
+    out->gate_bias = st->expert_gate_bias + (size_t)expert * I;
+    out->up_bias = st->expert_up_bias + (size_t)expert * I;
+    out->down_bias = st->expert_down_bias + (size_t)expert * H;
+  }
+  return EM_OK;
+}
+
+/* Runs chosen experts [first, first + n) of the layer (their records resident), each into its row of
+ * expert_out: several at once on the compute threads where there are lanes, else one after another
+ * with each kernel's loops split over the threads. */
+static int compute_experts(em_session* s, uint32_t first, uint32_t n) {
+  uint32_t H = s->th.hidden;
+  em_ffn_block* f = s->expert_blocks + first;
+  float *w = s->expert_weights + first, *out = s->expert_out + (size_t)first * H;
+  if (n > 1 && s->expert_lanes > 1)
+    return em_experts_parallel(f, n, s->expert_lanes, &s->arena, s->xn, w, s->zero, out, H, s->th.inter, s->err,
+                               ERR_LEN);
+  for (uint32_t k = 0; k < n; k++) {
+    int rc = em_ffn_call(&f[k], s->xn, s->h, s->zero, &w[k], out + (size_t)k * H, s->err, ERR_LEN);
+    em_loader_poll(&s->loader);
+    if (rc) return rc;
+  }
+  return EM_OK;
+}
+
+/* The layer's chosen experts, added to the residual stream in the order chosen. Each runs as soon
+ * as its record is read; those already resident when one arrives run together with it. */
+static int routed_experts(em_session* s, const em_step* st, const uint32_t* idx, const float* wts, uint32_t n) {
+  uint32_t H = s->th.hidden, layer = st->expert_layer;
+  for (uint32_t k = 0; k < n;) {
+    uint32_t end = k;
+    do {
+      int rc = chosen_expert(s, st, idx[end], &s->expert_blocks[end]);
+      if (rc) return rc;
+      s->expert_weights[end] = wts[end];
+      end++;
+    } while (end < n && s->expert_lanes > 1 && em_loader_ready(&s->loader, record_of(s, layer, idx[end])));
+    int rc = compute_experts(s, k, end - k);
+    if (rc) return rc;
+    for (; k < end; k++) {
+      const float* y = s->expert_out + (size_t)k * H;
+      for (uint32_t i = 0; i < H; i++) s->x[i] += y[i];
+      em_loader_release(&s->loader, record_of(s, layer, idx[k]));
+    }
+  }
   return EM_OK;
 }
 
@@ -579,20 +590,21 @@ static int shared_expert(em_session* s, const em_step* st) {
     if (rc) return rc;
     weight = 1.0f / (1.0f + expf(-s->shared_logit[0]));
   }
-  return em_ffn(s, s->k.shared_gate_up, EM_KERNEL_SHARED_GATE_UP, s->k.shared_down, EM_KERNEL_SHARED_DOWN,
-                &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL,
-                weight);
+  const em_ffn_block f = {s->k.shared_gate_up, s->k.shared_down, EM_KERNEL_SHARED_GATE_UP, EM_KERNEL_SHARED_DOWN,
+                          st->m[EM_M_SHARED_GATE_PROJ], st->m[EM_M_SHARED_UP], st->m[EM_M_SHARED_DOWN], 1,
+                          NULL, NULL, NULL};
+  return ffn_into_residual(s, &f, weight);
 }
 
 int em_dense_ffn(em_session* s, const em_step* st) {
   int rc = em_apply_norm(s, st, s->x, s->xn);
   if (rc) return rc;
-  return st->act == EM_ACT_RELU
-             ? em_ffn(s, s->k.dense_up_relu, EM_KERNEL_DENSE_UP_RELU, s->k.dense_down, EM_KERNEL_DENSE_DOWN, NULL,
-                      &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL, NULL, 1.0f)
-             : em_ffn(s, s->k.dense_gate_up, EM_KERNEL_DENSE_GATE_UP, s->k.dense_down, EM_KERNEL_DENSE_DOWN,
-                      &st->m[EM_M_SHARED_GATE_PROJ], &st->m[EM_M_SHARED_UP], &st->m[EM_M_SHARED_DOWN], NULL, NULL,
-                      NULL, 1.0f);
+  int relu = st->act == EM_ACT_RELU;
+  const em_ffn_block f = {relu ? s->k.dense_up_relu : s->k.dense_gate_up, s->k.dense_down,
+                          relu ? EM_KERNEL_DENSE_UP_RELU : EM_KERNEL_DENSE_GATE_UP, EM_KERNEL_DENSE_DOWN,
+                          st->m[EM_M_SHARED_GATE_PROJ], st->m[EM_M_SHARED_UP], st->m[EM_M_SHARED_DOWN], !relu,
+                          NULL, NULL, NULL};
+  return ffn_into_residual(s, &f, 1.0f);
 }
 
 /* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
@@ -628,7 +640,7 @@ int em_moe_layer(em_session* s, const em_step* st) {
   if (s->predictor == EM_PREDICT_PATH_TABLE && !s->in_encoder)
     rc = predict_and_prefetch(s, (l + 1) % EL, s->x, idx, n);
   if (!rc && st->shared) rc = shared_expert(s, st);
-  for (uint32_t k = 0; !rc && k < n; k++) rc = run_expert(s, st, idx[k], wts[k]);
+  if (!rc) rc = routed_experts(s, st, idx, wts, n);
   if (rc) /* unpin what an error left pinned, so the session stays usable */
     for (uint32_t k = 0; k < n; k++) em_loader_release(&s->loader, records[k]);
   return rc;
@@ -836,6 +848,7 @@ int em_model_info_get(const em_session* s, em_model_info* out) {
   out->hidden_size = s->th.hidden;
   out->num_layers = s->th.layers;
   out->num_expert_layers = s->prog.expert_layers;
+  out->expert_lanes = s->expert_lanes;
   out->num_experts = s->th.experts;
   out->top_k = s->th.top_k;
   out->max_seq = s->max_seq;

@@ -8,6 +8,7 @@
 #include "artifact.h"
 #include "edgemoe.h"
 #include "expert_cache.h"
+#include "ffn.h"
 #include "generated/program.h"
 #include "kernels.h"
 #include "loader.h"
@@ -47,6 +48,11 @@ struct em_session {
 
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
   float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;
+  /* a layer's chosen experts: their blocks [top_k], gate weights [top_k] and weighted outputs
+     [top_k][hidden] (expert_lanes.h); zero: [hidden] zeros, the residual their down kernels add to */
+  em_ffn_block* expert_blocks;
+  float *expert_weights, *expert_out, *zero;
+  uint32_t expert_lanes; /* chosen experts computed at once (em_expert_lanes) */
   float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
   float* prev_xn; /* [expert layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
   float* route_scratch; /* [3 * experts] */
@@ -83,12 +89,6 @@ struct em_session {
 int em_session_kernel(em_session* s, em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n_args);
 int em_session_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res,
                       float* y);
-/* An MLP on s->xn added to the residual stream: h = act(gate · x (+ bg), up · x (+ bu)), or relu(up · x)
- * where wg is NULL (the kernel `gate_up` then has the ffn_up signature); then x += weight · (down · h
- * (+ bd)). The biases all given (the biased kernels' signatures) or all NULL. */
-int em_ffn(em_session* s, em_ffi_fn gate_up, const char* gate_up_name, em_ffi_fn down, const char* down_name,
-           const em_matrix* wg, const em_matrix* wu, const em_matrix* wd, const float* gate_bias, const float* up_bias,
-           const float* down_bias, float weight);
 /* A dense layer's feed-forward block (DENSE_FFN): norm, then its SwiGLU or ReLU MLP added to s->x. */
 int em_dense_ffn(em_session* s, const em_step* st);
 /* out = the step's norm of x: RMSNorm (weight) or LayerNorm (weight and bias), as its norm_kind says. */

@@ -139,7 +139,9 @@ int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task) {
   pthread_cond_broadcast(&p->start);
   pthread_mutex_unlock(&p->mu);
 
+  bound_pool = NULL; /* a parallel loop inside a task runs on that task's thread */
   run_task(p, f, cdata, 0);
+  bound_pool = p;
 
   for (int i = 0; i < SPIN_PAUSES && LOAD(p->pending) > 0; i++) CPU_PAUSE();
   pthread_mutex_lock(&p->mu);
@@ -153,3 +155,5 @@ int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task) {
   TVMFFIErrorSetRaisedFromCStrParts("ParallelTaskError", parts, 1);
   return -1;
 }
+
+int em_pool_threads(const em_pool* pool) { return pool ? pool->threads : 1; }

@@ -17,9 +17,12 @@ void em_pool_destroy(em_pool* pool);
 /* Parallel loops launched by kernels on this thread run on `pool` (NULL: serially). */
 void em_pool_bind(em_pool* pool);
 
+/* The pool's thread count, the calling thread included (1 for NULL). */
+int em_pool_threads(const em_pool* pool);
+
 /* The launch hook: runs task ids 0 .. threads-1 of `f`, task 0 on the calling thread, and
  * returns after all have finished; non-zero if any task failed (its message is re-raised on
- * the calling thread). */
+ * the calling thread). Parallel loops launched inside a task run serially on its thread. */
 int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task);
 
 #endif

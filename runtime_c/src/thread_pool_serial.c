@@ -19,3 +19,8 @@ int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task) {
   em_parallel_env env = {NULL, 1};
   return f(0, &env, cdata);
 }
+
+int em_pool_threads(const em_pool* pool) {
+  (void)pool;
+  return 1;
+}

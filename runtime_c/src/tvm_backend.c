@@ -6,7 +6,11 @@
 static EM_THREAD_LOCAL em_arena* bound_arena;
 static EM_THREAD_LOCAL char kernel_error[512];
 
-void em_arena_bind(em_arena* arena) { bound_arena = arena; }
+em_arena* em_arena_bind(em_arena* arena) {
+  em_arena* previous = bound_arena;
+  bound_arena = arena;
+  return previous;
+}
 
 void* em_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits) {
   (void)device_type, (void)device_id, (void)dtype_code, (void)dtype_bits;

@@ -25,8 +25,9 @@ typedef struct {
   size_t high_water;
 } em_arena;
 
-/* Kernel workspace requests on this thread are served from `arena` until the next bind. */
-void em_arena_bind(em_arena* arena);
+/* Kernel workspace requests on this thread are served from `arena` until the next bind; returns the
+ * arena bound before. */
+em_arena* em_arena_bind(em_arena* arena);
 
 void* em_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits);
 int em_workspace_free(int device_type, int device_id, void* ptr);

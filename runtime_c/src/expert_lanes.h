@@ -1,0 +1,42 @@
+/* Running a layer's chosen experts on the compute threads, one expert per thread at a time
+ * ("lanes"), instead of one expert after another with each kernel split across the threads: a
+ * routed expert's matrices are small (1–3 MiB), and splitting each costs a barrier per kernel and
+ * leaves threads idle on the ones below the split threshold.
+ *
+ * Every expert writes weight · expert(x) into its own row of `out`; the caller adds the rows into
+ * the residual stream in the order the router chose them, so the result is the same bits whichever
+ * thread computed which expert and however many threads there are. A lane's scratch (the expert's
+ * intermediate activations and its kernels' workspace) is a slice of the session's kernel arena,
+ * which holds nothing while experts run (attention's scores live there only during attention). */
+#ifndef EM_EXPERT_LANES_H
+#define EM_EXPERT_LANES_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ffn.h"
+#include "tvm_backend.h"
+
+/* The memory plan gives the kernel arena room for this many lanes (fewer where top_k is smaller),
+ * whatever the context length; a longer context's attention scores make room for more. */
+#ifdef EM_BAREMETAL
+#define EM_PLANNED_LANES 1 /* one thread */
+#else
+#define EM_PLANNED_LANES 8
+#endif
+
+/* Arena bytes `lanes` lanes take. */
+uint64_t em_expert_lanes_bytes(uint32_t lanes, uint32_t hidden, uint32_t inter);
+
+/* How many experts can run at once: at most `threads` and `top_k`, and as many lanes as the
+ * arena has room for (1: run them one at a time). */
+uint32_t em_expert_lanes(uint32_t threads, uint32_t top_k, uint64_t arena_bytes, uint32_t hidden, uint32_t inter);
+
+/* Computes experts[0..n) into out[k * hidden ...], weights[k] their gate weights, on up to `lanes`
+ * threads of the pool bound to this thread (lanes >= 2; each lane's parallel loops run serially).
+ * zero: [hidden] zeros. On failure: the first failing expert's error, as em_ffn_call gives it. */
+int em_experts_parallel(const em_ffn_block* experts, uint32_t n, uint32_t lanes, const em_arena* arena,
+                        const float* x, float* weights, const float* zero, float* out, uint32_t hidden,
+                        uint32_t inter, char* err, size_t errn);
+
+#endif

@@ -1,0 +1,25 @@
+/* One feed-forward block through its two kernels: h = act(gate·x, up·x) (plus biases where the
+ * block has them), then y = res + weight · (down·h) (plus the down bias). Used for the shared
+ * expert, dense layers and each routed expert (expert_lanes.c). */
+#ifndef EM_FFN_H
+#define EM_FFN_H
+
+#include <stddef.h>
+
+#include "matrix.h"
+#include "tvm_abi.h"
+
+typedef struct {
+  em_ffi_fn gate_up, down;
+  const char *gate_up_name, *down_name;
+  em_matrix gate, up, down_w;
+  int gated; /* 0: a ReLU block, up only (gate unused) */
+  const float *gate_bias, *up_bias, *down_bias; /* all NULL or all set (clamped SwiGLU) */
+} em_ffn_block;
+
+/* h: [up rows] scratch; weight: one float the down kernel reads (the caller stores the weight
+ * there); res and y: [down rows] (y may not alias res). EM_OK or EM_ERR_KERNEL with the reason. */
+int em_ffn_call(const em_ffn_block* f, const float* x, float* h, const float* res, float* weight, float* y,
+                char* err, size_t n);
+
+#endif
