@@ -60,7 +60,9 @@ class Knobs:
 
     chains: int = 2  # independent accumulation chains in a group's dot product (latency hiding)
     tiles: int = 1  # tiles of TILE_ROWS rows one step of the row loop works on, side by side in its group loop
-    vectors: int = 1  # vectors of `lanes` rows of a tile per group step (others: further passes over the groups)
+    # vectors of `lanes` rows of a tile per group step (others: further passes over the groups); None: the
+    # ISA's hand choice (Isa.hand_vectors)
+    vectors: int | None = None
     unroll: int = 1  # groups per iteration of the group loop, unrolled
     fuse: bool = False  # gate_up: the gate's and the up's tiles in one group loop (else one loop after the other)
     prefetch: int = 0  # software prefetch of the weights this many groups ahead (0: the hardware's alone)
@@ -68,7 +70,9 @@ class Knobs:
 
     def resolved(self, isa: "Isa", rows: int, k: int, bits: int, group: int, matrices: int = 1) -> "Knobs":
         """These knobs for a kernel of `matrices` [rows, k] matrices at `bits`, `parallel` decided from
-        their bytes; ValueError if they do not fit it."""
+        their bytes and `vectors` from the ISA where None; ValueError if they do not fit it."""
+        if self.vectors is None:
+            return replace(self, vectors=isa.hand_vectors).resolved(isa, rows, k, bits, group, matrices)
         misfits = [what for what, bad in (
             (f"{self.tiles} tiles per step for {rows // TILE_ROWS} tiles",
              self.tiles < 1 or rows // TILE_ROWS % self.tiles),
@@ -95,6 +99,10 @@ class Isa:
     lanes: int  # int32 lanes per vector
     intrinsic: str | None
     signed_codes: bool  # the weight operand is signed (8-bit codes are flipped to u − 128)
+    # the hand schedule's vectors per group step: AVX2 takes a whole tile (its two 8-row vectors), each
+    # 64-byte line of the tile's words read once, not in two passes (tuning chose it in every AVX2
+    # kernel, docs/BENCHMARKS.md §1); elsewhere one (MVE has 8 vector registers)
+    hand_vectors: int = 1
 
 
 ISAS = (
@@ -105,7 +113,7 @@ ISAS = (
     # x86 without VNNI (Haswell and later): u8 × s8 pairs → s16 (pmaddubsw), pairs → s32 (pmaddwd); the
     # 2-4-bit codes are the unsigned operand as they are, 8-bit ones (flipped to signed) go as |x| ·
     # (code with x's sign) (no saturation as |x|, |code| ≤ 127)
-    Isa("AVX2", "x86_64", "avx2", 8, None, True),
+    Isa("AVX2", "x86_64", "avx2", 8, None, True, hand_vectors=2),
     # Cortex-M55 (Helium): per int32 lane, each byte sign-extended in place by two shifts and
     # multiplied-accumulated (VSHL, VSHR, VMLA on 4 lanes); the input's bytes are shared by the lanes
     Isa("Arm MVE", "arm", "mve", 4, None, True),
