@@ -65,14 +65,18 @@ class Knobs:
     vectors: int | None = None
     unroll: int = 1  # groups per iteration of the group loop, unrolled
     fuse: bool = False  # gate_up: the gate's and the up's tiles in one group loop (else one loop after the other)
-    prefetch: int = 0  # software prefetch of the weights this many groups ahead (0: the hardware's alone)
+    # software prefetch of the weights this many groups ahead (0: the hardware's alone); None: the ISA's
+    # hand choice (Isa.hand_prefetch)
+    prefetch: int | None = None
     parallel: bool | None = None  # row loop split over the compute threads; None: from PARALLEL_MIN_BYTES
 
     def resolved(self, isa: "Isa", rows: int, k: int, bits: int, group: int, matrices: int = 1) -> "Knobs":
         """These knobs for a kernel of `matrices` [rows, k] matrices at `bits`, `parallel` decided from
-        their bytes and `vectors` from the ISA where None; ValueError if they do not fit it."""
-        if self.vectors is None:
-            return replace(self, vectors=isa.hand_vectors).resolved(isa, rows, k, bits, group, matrices)
+        their bytes, `vectors` and `prefetch` from the ISA where None; ValueError if they do not fit it."""
+        if self.vectors is None or self.prefetch is None:
+            hand = replace(self, vectors=isa.hand_vectors if self.vectors is None else self.vectors,
+                           prefetch=isa.hand_prefetch if self.prefetch is None else self.prefetch)
+            return hand.resolved(isa, rows, k, bits, group, matrices)
         misfits = [what for what, bad in (
             (f"{self.tiles} tiles per step for {rows // TILE_ROWS} tiles",
              self.tiles < 1 or rows // TILE_ROWS % self.tiles),
@@ -103,6 +107,10 @@ class Isa:
     # 64-byte line of the tile's words read once, not in two passes (tuning chose it in every AVX2
     # kernel, docs/BENCHMARKS.md §1); elsewhere one (MVE has 8 vector registers)
     hand_vectors: int = 1
+    # the hand schedule's software prefetch distance in groups: AVX2 16 (whole-model decode of the 1.88 B
+    # OLMoE-shaped model, 2026-11-30: 0 → 16 about +10% at 1 and 2 threads, 8 between, 32 alike);
+    # VNNI 0 (8 was slower there)
+    hand_prefetch: int = 0
 
 
 ISAS = (
@@ -113,7 +121,7 @@ ISAS = (
     # x86 without VNNI (Haswell and later): u8 × s8 pairs → s16 (pmaddubsw), pairs → s32 (pmaddwd); the
     # 2-4-bit codes are the unsigned operand as they are, 8-bit ones (flipped to signed) go as |x| ·
     # (code with x's sign) (no saturation as |x|, |code| ≤ 127)
-    Isa("AVX2", "x86_64", "avx2", 8, None, True, hand_vectors=2),
+    Isa("AVX2", "x86_64", "avx2", 8, None, True, hand_vectors=2, hand_prefetch=16),
     # Cortex-M55 (Helium): per int32 lane, each byte sign-extended in place by two shifts and
     # multiplied-accumulated (VSHL, VSHR, VMLA on 4 lanes); the input's bytes are shared by the lanes
     Isa("Arm MVE", "arm", "mve", 4, None, True),
