@@ -198,7 +198,8 @@ VARIANTS = {  # compile options, and the name of the variant
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_runtime_matches_reference(family_dir, variant, tmp_path, rng, runtime_lib):
     """The C runtime walking the compiled layer program gives the reference executor's logits for
-    the same stored weights, with every expert resident and at the minimum budget (experts read)."""
+    the same stored weights, with every expert resident and at the minimum budget (experts read);
+    on three compute threads (a layer's experts side by side) the same bits as on one."""
     from conftest import assert_matches_reference
 
     from edgemoe.compiler.driver import CompileOptions, compile_model
@@ -215,16 +216,18 @@ def test_runtime_matches_reference(family_dir, variant, tmp_path, rng, runtime_l
     ref = ReferenceExecutor(artifact_model(model, art), 64)
     tokens = rng.integers(0, 160, 32).tolist()
     want = np.stack([ref.step(t) for t in tokens])
-    for budget in (0, budget_bytes(art)):
-        with Session(art, memory_budget=budget) as s:
+    runs = {}
+    for budget, threads in ((0, 3), (0, 1), (budget_bytes(art), 1)):
+        with Session(art, memory_budget=budget, threads=threads) as s:
             s.trace_routing(len(tokens))
-            got = np.stack([s.decode_step(t) for t in tokens])
+            got = runs[budget, threads] = np.stack([s.decode_step(t) for t in tokens])
             st, trace = s.stats(), s.routing_trace()
         assert_matches_reference(got, want, art, 1e-4)
         # the runtime's routing trace (what cache studies replay) is the reference's choice of experts
         assert [[sorted(e) for e in t] for t in trace.tolist()] == \
             [[sorted(int(i) for i in e) for e in t] for t in ref.trace]
     assert st["expert_misses"] > 0 and st["records_read"] >= st["expert_misses"]
+    assert np.array_equal(runs[0, 3], runs[0, 1])
 
 
 def test_the_program_scales_are_bound_and_a_non_finite_one_is_refused(tmp_path, runtime_lib):
