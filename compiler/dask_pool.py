@@ -6,7 +6,7 @@ flight), over an existing Dask scheduler (`dask scheduler`, `dask worker ADDRESS
 any Dask deployment). The scheduler and every worker need this EdgeMoE installed (the scheduler
 unpickles the tasks, the workers run them; their rounding code is compared with this machine's)
 and must be able to read the checkpoint at the same absolute path as this machine: a task's
-weights travel as StoredTensor file addresses and each worker reads its expert itself, so the
+weights travel as file addresses (StoredTensor, GGUFTensor) and each worker reads its expert itself, so the
 checkpoint lives on storage they share (NFS, a cluster file system, or a copy at the same path).
 Gram matrices (with calibration) travel as data, straight to a worker. Dask is an optional
 dependency: `pip install edgemoe[distributed]`.
@@ -17,7 +17,7 @@ import os
 from collections import deque
 from typing import Iterable, Iterator
 
-from ..models.stored_tensor import StoredTensor
+from ..models.stored_tensor import FileTensor
 from .expert_pool import IN_FLIGHT_PER_JOB, RoundedExpert, RoundingLost, RoundingTask, record_code_digest, round_expert
 
 
@@ -88,7 +88,7 @@ class DaskPool:
 
     def _check_readable(self, task: RoundingTask) -> None:
         """Every worker can read the files the task's weights lie in (checked once per file)."""
-        for path in {str(w.path) for w in task.weights if isinstance(w, StoredTensor)} - self._readable:
+        for path in {str(w.path) for w in task.weights if isinstance(w, FileTensor)} - self._readable:
             cannot = [w for w, ok in self._cluster(self._client.run, os.access, path, os.R_OK).items() if not ok]
             if cannot:
                 raise ValueError(f"Dask worker(s) {', '.join(sorted(cannot))} cannot read the checkpoint file {path}: "

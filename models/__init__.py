@@ -21,9 +21,10 @@ def load_model(model_dir: str | Path, lazy_experts: bool = False, lazy: bool = F
     holding one .gguf and no config.json; gguf_import.py), or a torch.onnx export (a path ending in
     .onnx, or a directory holding one .onnx and no safetensors, config.json beside it; onnx_import.py).
     Every weight is a float32 array, except with `lazy_experts`, where the expert matrices of an HF
-    checkpoint or an ONNX export's external data stay StoredTensors, read when used (one expert at a
-    time: the streaming compile); with `lazy`, every tensor the file holds as it is used stays stored
-    (the trunk too: the streaming compile of a model whose trunk alone is gigabytes)."""
+    checkpoint, a GGUF or an ONNX export's external data stay in the file (StoredTensor, GGUFTensor),
+    read when used (one expert at a time: the streaming compile); with `lazy`, every tensor the file
+    holds as it is used stays stored (the trunk too, except a GGUF's: the streaming compile of a
+    model whose trunk alone is gigabytes)."""
     onnx = onnx_file(model_dir)
     if onnx is not None:
         from .onnx_import import load_onnx
@@ -34,7 +35,8 @@ def load_model(model_dir: str | Path, lazy_experts: bool = False, lazy: bool = F
     if gguf is not None:
         from .gguf_import import load_gguf
 
-        return load_gguf(gguf)
+        model = load_gguf(gguf)
+        return model if lazy else read_stored(model, lazy_experts)
     hf = read_config(Path(model_dir))
     archs = hf.get("architectures") or []
     for a in archs:

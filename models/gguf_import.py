@@ -53,6 +53,11 @@ because llama-quantize mixes them into files of other types: its Q4_0 of an 8-ex
 Q5_K ``attn_k``, Q8_0 ``attn_v`` and a Q6_K output matrix (the tied ``token_embd`` included). The compiler then quantizes as it does an HF
 checkpoint — repacking Q4_0/Q8_0 blocks straight into INT4/INT8 groups of 32 is not done yet.
 
+Streaming: the routed experts' tensors stay in the file (``GGUFTensor``: a byte range of the memory-
+mapped file, dequantized when used, one expert at a time), as an HF checkpoint's safetensors do, so
+a GGUF of a model many times the RAM compiles through the streaming path; the trunk is read
+whole (float32).
+
 Tokenizer: a GGUF carries its vocabulary (``tokenizer.ggml.*``), which ``read_vocabulary`` exposes;
 ``tokenizer_files`` turns a byte-level BPE one split as GPT-2 splits (llama.cpp's pre-tokenizers
 "gpt-2", "olmo") into tokenizer.json and tokenizer_config.json (BOS, EOS, chat template), which the
@@ -69,6 +74,7 @@ import numpy as np
 
 from .config import Expert, Layer, MoEConfig, MoEModel
 from .hf_import import ModelImportError
+from .stored_tensor import FileTensor
 
 SUFFIX = ".gguf"
 # Key prefixes that cannot change what the decoder computes: authorship and bookkeeping, the
@@ -206,9 +212,34 @@ class MetadataReader:
                                    "implement")
 
 
+class GGUFTensor(FileTensor):
+    """A tensor of a GGUF file, read (dequantized to float32) when used: its rows of ggml blocks are
+    bytes start…end of the file. It pickles as its address, so a worker process reads its own."""
+
+    def __init__(self, path: Path, name: str, ggml_type: str, shape: tuple[int, ...], start: int, end: int):
+        self.path, self.name, self.ggml_type, self.shape = Path(path), name, ggml_type, tuple(shape)
+        self.start, self.end = start, end
+
+    def _slice(self, shape: tuple[int, ...], start: int, end: int) -> "GGUFTensor":
+        return GGUFTensor(self.path, self.name, self.ggml_type, shape, start, end)
+
+    def read(self) -> np.ndarray:
+        """The tensor as a new float32 array (its mapped pages released afterwards)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        m, raw = self._mapped_bytes()
+        rows = int(np.prod(self.shape[:-1], dtype=np.int64))
+        out = np.array(dequantize(raw.reshape(rows, -1), GGMLQuantizationType[self.ggml_type]),
+                       dtype=np.float32).reshape(self.shape)
+        del raw
+        self._release(m)
+        return out
+
+
 class GGUFTensors:
-    """The GGUF's tensors, dequantized to float32 one at a time; `done()` refuses a file with
-    tensors the importer did not read."""
+    """The GGUF's tensors, dequantized to float32 one at a time (or left in the file, GGUFTensor);
+    `done()` refuses a file with tensors the importer did not read."""
 
     def __init__(self, f: GGUFFile):
         self.f, self._used = f, set()
@@ -216,10 +247,22 @@ class GGUFTensors:
     def has(self, name: str) -> bool:
         return name in self.f.tensors
 
+    def stored(self, name: str, shape: tuple[int, ...]) -> GGUFTensor:
+        """The tensor of exactly `shape`, left in the file (read when used)."""
+        t = self._checked(name, shape)
+        return GGUFTensor(self.f.path, name, t.tensor_type.name, tuple(shape), int(t.data_offset),
+                          int(t.data_offset) + int(t.n_bytes))
+
     def get(self, name: str, shape: tuple[int, ...], *also: tuple[int, ...]) -> np.ndarray:
         """The tensor as float32 of `shape` (also accepted: the shapes `also`, reshaped to `shape`)."""
         from gguf.quants import dequantize
 
+        t = self._checked(name, shape, *also)
+        return np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+    def _checked(self, name: str, shape: tuple[int, ...], *also: tuple[int, ...]):
+        """The reader's tensor `name`, present, of `shape` (or one of `also`) and a type the import
+        reads; marked used."""
         if name not in self.f.tensors:
             raise ModelImportError(f"{self.f.path}: tensor {name!r} missing")
         t, have = self.f.tensors[name], self.f.shape(name)
@@ -230,9 +273,8 @@ class GGUFTensors:
             raise ModelImportError(f"{self.f.path}: tensor {name!r} is of GGML type {t.tensor_type.name}; supported: "
                                    f"{', '.join(DEQUANTIZED_TYPES)} (requantize it, e.g. llama-quantize "
                                    "--allow-requantize … Q8_0)")
-        out = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         self._used.add(name)
-        return out
+        return t
 
     def done(self, label: str) -> None:
         unused = sorted(set(self.f.tensors) - self._used)
@@ -323,16 +365,16 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 def _experts(r: GGUFTensors, p: str, E: int, I: int, H: int) -> list[Expert]:
     """Layer prefix p's experts from the stacked ffn_{gate,up,down}_exps [E, …], or the older
-    per-expert ffn_{gate,up,down}.E tensors."""
+    per-expert ffn_{gate,up,down}.E tensors; left in the file (GGUFTensor), read when used."""
     shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
     mats = {}
     for kind, shape in shapes.items():
         stacked = f"{p}ffn_{kind}_exps.weight"
         if r.has(stacked) or not r.has(f"{p}ffn_{kind}.0.weight"):
-            w = r.get(stacked, (E, *shape))
-            mats[kind] = [np.ascontiguousarray(w[e]) for e in range(E)]
+            w = r.stored(stacked, (E, *shape))
+            mats[kind] = [w.row(e) for e in range(E)]
         else:
-            mats[kind] = [r.get(f"{p}ffn_{kind}.{e}.weight", shape) for e in range(E)]
+            mats[kind] = [r.stored(f"{p}ffn_{kind}.{e}.weight", shape) for e in range(E)]
     return [Expert(mats["gate"][e], mats["up"][e], mats["down"][e]) for e in range(E)]
 
 
@@ -371,7 +413,8 @@ def describe_gguf(path: str | Path) -> MoEConfig:
 
 
 def load_gguf(path: str | Path) -> MoEModel:
-    """Import a GGUF file into the project's MoEModel (float32), strictly."""
+    """Import a GGUF file into the project's MoEModel, strictly: the trunk as float32 arrays, the
+    routed experts' matrices as GGUFTensors (read when used; models.read_stored reads them all)."""
     f, spec = _open(Path(path))
     cfg = _describe(f, spec)
     r = GGUFTensors(f)

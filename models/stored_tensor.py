@@ -102,7 +102,61 @@ class LazyTensor(NDArrayOperatorsMixin):
         return self.shape[0]
 
 
-class StoredTensor(LazyTensor):
+class FileTensor(LazyTensor):
+    """A tensor lying in bytes start…end of a file, whose first axis steps through that range evenly
+    (a safetensors tensor, a GGUF tensor: a fused [experts, …] tensor is one expert after another).
+    Subclasses define read() and _slice()."""
+
+    path: Path
+    name: str
+    start: int
+    end: int
+
+    def _slice(self, shape: tuple[int, ...], start: int, end: int) -> "FileTensor":
+        """The same kind of tensor, of `shape`, in bytes start…end of the file."""
+        raise NotImplementedError
+
+    def row(self, i: int) -> "FileTensor":
+        """Index i along the first axis, still unread (a fused [experts, …] tensor's one expert)."""
+        n = self.shape[0]
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name} of shape {self.shape}")
+        step = (self.end - self.start) // n
+        at = self.start + (i % n) * step
+        return self._slice(self.shape[1:], at, at + step)
+
+    def rows(self, start: int, stop: int) -> "FileTensor":
+        """Indices start…stop-1 along the first axis, still unread (one half of a fused gate-up matrix)."""
+        n = self.shape[0]
+        if not 0 <= start < stop <= n:
+            raise IndexError(f"rows {start}:{stop} out of range for {self.name} of shape {self.shape}")
+        step = (self.end - self.start) // n
+        return self._slice((stop - start, *self.shape[1:]), self.start + start * step, self.start + stop * step)
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if isinstance(first, (int, np.integer)) and self.ndim > 1:
+            sub = self.row(int(first))
+            return sub[rest] if rest else sub
+        return self.read()[key]
+
+    def _mapped_bytes(self) -> tuple[mmap.mmap, np.ndarray]:
+        """(the file's mapping, this tensor's bytes in it as uint8, not copied)."""
+        m = _Mapped.buffer(self.path)
+        return m, np.frombuffer(m, np.uint8, self.end - self.start, self.start)
+
+    def _release(self, m: mmap.mmap) -> None:
+        """Drops this tensor's mapped pages from the process (they stay in the page cache), so walking a
+        checkpoint does not grow the RSS."""
+        first = self.start - self.start % mmap.PAGESIZE
+        if self.end > first:
+            m.madvise(mmap.MADV_DONTNEED, first, self.end - first)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path.name}:{self.name}, {self.shape})"
+
+
+class StoredTensor(FileTensor):
     """A tensor in a safetensors file, read as float32 when used (module docstring)."""
 
     def __init__(self, path: Path, name: str, dtype: str, shape: tuple[int, ...], start: int, end: int):
@@ -116,45 +170,20 @@ class StoredTensor(LazyTensor):
         self.path, self.name, self.stored_dtype, self.shape = Path(path), name, dtype, tuple(shape)
         self.start, self.end = start, end
 
+    def _slice(self, shape: tuple[int, ...], start: int, end: int) -> "StoredTensor":
+        return StoredTensor(self.path, self.name, self.stored_dtype, shape, start, end)
+
     def read(self) -> np.ndarray:
-        """The tensor as a new float32 array. The mapped pages are released from this process
-        afterwards (they stay in the page cache), so walking a checkpoint does not grow the RSS."""
-        m = _Mapped.buffer(self.path)
-        raw = np.frombuffer(m, STORED_DTYPES[self.stored_dtype], self.size, self.start).reshape(self.shape)
+        """The tensor as a new float32 array (its mapped pages released afterwards)."""
+        m, raw = self._mapped_bytes()
+        raw = raw.view(STORED_DTYPES[self.stored_dtype]).reshape(self.shape)
         if self.stored_dtype == "BF16":  # bfloat16 is the top half of a float32
             out = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
         else:
             out = raw.astype(np.float32)
         del raw
-        first = self.start - self.start % mmap.PAGESIZE
-        if self.end > first:
-            m.madvise(mmap.MADV_DONTNEED, first, self.end - first)
+        self._release(m)
         return out
-
-    def row(self, i: int) -> "StoredTensor":
-        """Index i along the first axis, still unread (a fused [experts, …] tensor's one expert)."""
-        n = self.shape[0]
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {self.name} of shape {self.shape}")
-        step = (self.end - self.start) // n
-        at = self.start + (i % n) * step
-        return StoredTensor(self.path, self.name, self.stored_dtype, self.shape[1:], at, at + step)
-
-    def rows(self, start: int, stop: int) -> "StoredTensor":
-        """Indices start…stop-1 along the first axis, still unread (one half of a fused gate-up matrix)."""
-        n = self.shape[0]
-        if not 0 <= start < stop <= n:
-            raise IndexError(f"rows {start}:{stop} out of range for {self.name} of shape {self.shape}")
-        step = (self.end - self.start) // n
-        return StoredTensor(self.path, self.name, self.stored_dtype, (stop - start, *self.shape[1:]),
-                            self.start + start * step, self.start + stop * step)
-
-    def __getitem__(self, key):
-        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
-        if isinstance(first, (int, np.integer)) and self.ndim > 1:
-            sub = self.row(int(first))
-            return sub[rest] if rest else sub
-        return self.read()[key]
 
     def __repr__(self) -> str:
         return f"StoredTensor({self.path.name}:{self.name}, {self.stored_dtype}, {self.shape})"

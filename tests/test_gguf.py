@@ -187,6 +187,27 @@ def test_q8_0_gguf_imports_within_its_rounding(checkpoint, tmp_path):
     assert_within_block_rounding(want, got, step=0.5 / 127)
 
 
+@pytest.mark.parametrize("qtype", ["F32", "BF16", "Q8_0", "Q4_0"])
+def test_gguf_experts_stay_in_the_file_until_read(qtype, tmp_path):
+    """For the streaming compile a GGUF's routed experts are left in the file (GGUFTensor: the
+    expert's byte range, dequantized when read, pickled as its address for worker processes): each
+    reads as the eager import's array, bit for bit; the trunk is read."""
+    import pickle
+
+    from edgemoe.models.gguf_import import GGUFTensor
+
+    hf_dir = save_checkpoint("mixtral", tmp_path / "hf")
+    path = write_gguf(hf_dir, "mixtral", tmp_path / "m.gguf", Q[qtype])
+    eager, lazy = load_model(path), load_model(path, lazy_experts=True)
+    assert isinstance(lazy.layers[0].wq, np.ndarray)
+    for le, ll in zip(eager.layers, lazy.layers):
+        for ee, el in zip(le.experts, ll.experts):
+            for stored, want in zip(el.matrices(), ee.matrices(), strict=True):
+                assert isinstance(stored, GGUFTensor) and stored.path == path
+                got = np.asarray(pickle.loads(pickle.dumps(stored)))
+                assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_0"])
 def test_other_tensor_types_dequantize(qtype, tmp_path):
     hf_dir = save_checkpoint("mixtral", tmp_path / "hf")
