@@ -23,8 +23,8 @@ def load_model(model_dir: str | Path, lazy_experts: bool = False, lazy: bool = F
     Every weight is a float32 array, except with `lazy_experts`, where the expert matrices of an HF
     checkpoint, a GGUF or an ONNX export's external data stay in the file (StoredTensor, GGUFTensor),
     read when used (one expert at a time: the streaming compile); with `lazy`, every tensor the file
-    holds as it is used stays stored (the trunk too, except a GGUF's: the streaming compile of a
-    model whose trunk alone is gigabytes)."""
+    holds as it is used stays stored (the trunk too: the streaming compile of a model whose trunk
+    alone is gigabytes)."""
     onnx = onnx_file(model_dir)
     if onnx is not None:
         from .onnx_import import load_onnx

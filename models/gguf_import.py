@@ -53,10 +53,11 @@ because llama-quantize mixes them into files of other types: its Q4_0 of an 8-ex
 Q5_K ``attn_k``, Q8_0 ``attn_v`` and a Q6_K output matrix (the tied ``token_embd`` included). The compiler then quantizes as it does an HF
 checkpoint — repacking Q4_0/Q8_0 blocks straight into INT4/INT8 groups of 32 is not done yet.
 
-Streaming: the routed experts' tensors stay in the file (``GGUFTensor``: a byte range of the memory-
-mapped file, dequantized when used, one expert at a time), as an HF checkpoint's safetensors do, so
-a GGUF of a model many times the RAM compiles through the streaming path; the trunk is read
-whole (float32).
+Streaming: the matrices stay in the file (``GGUFTensor``: a byte range of the memory-mapped file,
+dequantized when used: the routed experts one at a time, the trunk a layer at a time), as an HF
+checkpoint's safetensors do, so a GGUF of a model many times the RAM compiles through the
+streaming path. Vectors, routers and the llama architecture's q/k (whose rows are reordered on
+import) are read at once.
 
 Tokenizer: a GGUF carries its vocabulary (``tokenizer.ggml.*``), which ``read_vocabulary`` exposes;
 ``tokenizer_files`` turns a byte-level BPE one split as GPT-2 splits (llama.cpp's pre-tokenizers
@@ -381,9 +382,10 @@ def _experts(r: GGUFTensors, p: str, E: int, I: int, H: int) -> list[Expert]:
 def _layer(r: GGUFTensors, cfg: MoEConfig, spec: GGUFArch, i: int) -> Layer:
     H, q, kv, E, I = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.num_experts, cfg.expert_intermediate
     p = f"blk.{i}."
+    qk = r.get if spec.permuted_qk else r.stored  # rows to reorder below: read now
     layer = Layer(attn_norm=r.get(p + "attn_norm.weight", (H,)), ffn_norm=r.get(p + "ffn_norm.weight", (H,)),
-                  wq=r.get(p + "attn_q.weight", (q, H)), wk=r.get(p + "attn_k.weight", (kv, H)),
-                  wv=r.get(p + "attn_v.weight", (kv, H)), wo=r.get(p + "attn_output.weight", (H, q)),
+                  wq=qk(p + "attn_q.weight", (q, H)), wk=qk(p + "attn_k.weight", (kv, H)),
+                  wv=r.stored(p + "attn_v.weight", (kv, H)), wo=r.stored(p + "attn_output.weight", (H, q)),
                   router=r.get(p + "ffn_gate_inp.weight", (E, H)), experts=_experts(r, p, E, I, H))
     if cfg.qkv_bias:
         layer.bq, layer.bk, layer.bv = (r.get(p + "attn_q.bias", (q,)), r.get(p + "attn_k.bias", (kv,)),
@@ -395,8 +397,8 @@ def _layer(r: GGUFTensors, cfg: MoEConfig, spec: GGUFArch, i: int) -> Layer:
         layer.k_norm = r.get(p + "attn_k_norm.weight", shapes[1])
     if spec.shared_expert:
         S = cfg.shared_expert_intermediate
-        layer.shared = Expert(r.get(p + "ffn_gate_shexp.weight", (S, H)), r.get(p + "ffn_up_shexp.weight", (S, H)),
-                              r.get(p + "ffn_down_shexp.weight", (H, S)))
+        layer.shared = Expert(r.stored(p + "ffn_gate_shexp.weight", (S, H)),
+                              r.stored(p + "ffn_up_shexp.weight", (S, H)), r.stored(p + "ffn_down_shexp.weight", (H, S)))
         layer.shared_gate = r.get(p + "ffn_gate_inp_shexp.weight", (1, H), (H,))
     if spec.permuted_qk:
         layer.wq = unpermute_rows(layer.wq, cfg.num_heads)
@@ -413,16 +415,16 @@ def describe_gguf(path: str | Path) -> MoEConfig:
 
 
 def load_gguf(path: str | Path) -> MoEModel:
-    """Import a GGUF file into the project's MoEModel, strictly: the trunk as float32 arrays, the
-    routed experts' matrices as GGUFTensors (read when used; models.read_stored reads them all)."""
+    """Import a GGUF file into the project's MoEModel, strictly: its matrices as GGUFTensors (read when
+    used; models.read_stored reads them), its vectors, routers and llama's permuted q/k as float32."""
     f, spec = _open(Path(path))
     cfg = _describe(f, spec)
     r = GGUFTensors(f)
     V, H = cfg.vocab_size, cfg.hidden_size
-    embed = r.get("token_embd.weight", (V, H))
+    embed = r.stored("token_embd.weight", (V, H))
     layers = [_layer(r, cfg, spec, i) for i in range(cfg.num_layers)]
     final_norm = r.get("output_norm.weight", (H,))
-    lm_head = embed if cfg.tie_embeddings else r.get("output.weight", (V, H))
+    lm_head = embed if cfg.tie_embeddings else r.stored("output.weight", (V, H))
     r.done(spec.label)
     return MoEModel(cfg, embed, layers, final_norm, lm_head)
 

@@ -191,7 +191,8 @@ def test_q8_0_gguf_imports_within_its_rounding(checkpoint, tmp_path):
 def test_gguf_experts_stay_in_the_file_until_read(qtype, tmp_path):
     """For the streaming compile a GGUF's routed experts are left in the file (GGUFTensor: the
     expert's byte range, dequantized when read, pickled as its address for worker processes): each
-    reads as the eager import's array, bit for bit; the trunk is read."""
+    reads as the eager import's array, bit for bit; the trunk's matrices too where the whole model
+    is left stored."""
     import pickle
 
     from edgemoe.models.gguf_import import GGUFTensor
@@ -199,7 +200,11 @@ def test_gguf_experts_stay_in_the_file_until_read(qtype, tmp_path):
     hf_dir = save_checkpoint("mixtral", tmp_path / "hf")
     path = write_gguf(hf_dir, "mixtral", tmp_path / "m.gguf", Q[qtype])
     eager, lazy = load_model(path), load_model(path, lazy_experts=True)
-    assert isinstance(lazy.layers[0].wq, np.ndarray)
+    assert isinstance(lazy.layers[0].wo, np.ndarray)
+    stored = load_model(path, lazy=True)
+    for name, want in (("embed", eager.embed), ("wv", eager.layers[1].wv), ("wo", eager.layers[1].wo)):
+        got = stored.embed if name == "embed" else getattr(stored.layers[1], name)
+        assert isinstance(got, GGUFTensor) and np.array_equal(np.asarray(got), want), name
     for le, ll in zip(eager.layers, lazy.layers):
         for ee, el in zip(le.experts, ll.experts):
             for stored, want in zip(el.matrices(), ee.matrices(), strict=True):
