@@ -218,8 +218,8 @@ class GGUFTensor(FileTensor):
     bytes start…end of the file. It pickles as its address, so a worker process reads its own."""
 
     def __init__(self, path: Path, name: str, ggml_type: str, shape: tuple[int, ...], start: int, end: int):
-        self.path, self.name, self.ggml_type, self.shape = Path(path), name, ggml_type, tuple(shape)
-        self.start, self.end = start, end
+        super().__init__(path, name, shape, start, end)
+        self.ggml_type = ggml_type
 
     def _slice(self, shape: tuple[int, ...], start: int, end: int) -> "GGUFTensor":
         return GGUFTensor(self.path, self.name, self.ggml_type, shape, start, end)

@@ -107,10 +107,8 @@ class FileTensor(LazyTensor):
     (a safetensors tensor, a GGUF tensor: a fused [experts, …] tensor is one expert after another).
     Subclasses define read() and _slice()."""
 
-    path: Path
-    name: str
-    start: int
-    end: int
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], start: int, end: int):
+        self.path, self.name, self.shape, self.start, self.end = Path(path), name, tuple(shape), start, end
 
     def _slice(self, shape: tuple[int, ...], start: int, end: int) -> "FileTensor":
         """The same kind of tensor, of `shape`, in bytes start…end of the file."""
@@ -167,8 +165,8 @@ class StoredTensor(FileTensor):
         if end - start != count * np.dtype(STORED_DTYPES[dtype]).itemsize:
             raise SafetensorsFormatError(f"{path}: tensor {name!r} spans {end - start} bytes, its shape "
                                          f"{tuple(shape)} at {dtype} needs {count * np.dtype(STORED_DTYPES[dtype]).itemsize}")
-        self.path, self.name, self.stored_dtype, self.shape = Path(path), name, dtype, tuple(shape)
-        self.start, self.end = start, end
+        super().__init__(path, name, shape, start, end)
+        self.stored_dtype = dtype
 
     def _slice(self, shape: tuple[int, ...], start: int, end: int) -> "StoredTensor":
         return StoredTensor(self.path, self.name, self.stored_dtype, shape, start, end)

@@ -3,8 +3,6 @@
 #include "generated/program.h"
 #include "kernels.h"
 
-#define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
-#define T(data, rows) em_tensor_arg(em_f32((void*)(data), 1, rows, 0, 0))
 #define INVOKE(fn, name, args, SIG) em_kernel_invoke(fn, name, args, EM_SIG_##SIG##_ARGS, err, n)
 
 int em_ffn_call(const em_ffn_block* f, const float* x, float* h, const float* res, float* weight, float* y,
@@ -13,39 +11,39 @@ int em_ffn_call(const em_ffn_block* f, const float* x, float* h, const float* re
   const em_matrix *wg = f->gated ? &f->gate : NULL, *wu = &f->up, *wd = &f->down_w;
   int rc;
   if (!wg) {
-    BIND(a, FFN_UP, X, T(x, wu->cols));
+    BIND(a, FFN_UP, X, T(x, 1, wu->cols, 0, 0));
     BIND(a, FFN_UP, UP, em_matrix_arg(wu));
-    BIND(a, FFN_UP, H, T(h, wu->rows));
+    BIND(a, FFN_UP, H, T(h, 1, wu->rows, 0, 0));
     rc = INVOKE(f->gate_up, f->gate_up_name, a, FFN_UP);
   } else if (f->gate_bias) {
-    BIND(a, FFN_GATE_UP_BIAS, X, T(x, wg->cols));
+    BIND(a, FFN_GATE_UP_BIAS, X, T(x, 1, wg->cols, 0, 0));
     BIND(a, FFN_GATE_UP_BIAS, GATE, em_matrix_arg(wg));
     BIND(a, FFN_GATE_UP_BIAS, UP, em_matrix_arg(wu));
-    BIND(a, FFN_GATE_UP_BIAS, GATE_BIAS, T(f->gate_bias, wg->rows));
-    BIND(a, FFN_GATE_UP_BIAS, UP_BIAS, T(f->up_bias, wu->rows));
-    BIND(a, FFN_GATE_UP_BIAS, H, T(h, wg->rows));
+    BIND(a, FFN_GATE_UP_BIAS, GATE_BIAS, T(f->gate_bias, 1, wg->rows, 0, 0));
+    BIND(a, FFN_GATE_UP_BIAS, UP_BIAS, T(f->up_bias, 1, wu->rows, 0, 0));
+    BIND(a, FFN_GATE_UP_BIAS, H, T(h, 1, wg->rows, 0, 0));
     rc = INVOKE(f->gate_up, f->gate_up_name, a, FFN_GATE_UP_BIAS);
   } else {
-    BIND(a, FFN_GATE_UP, X, T(x, wg->cols));
+    BIND(a, FFN_GATE_UP, X, T(x, 1, wg->cols, 0, 0));
     BIND(a, FFN_GATE_UP, GATE, em_matrix_arg(wg));
     BIND(a, FFN_GATE_UP, UP, em_matrix_arg(wu));
-    BIND(a, FFN_GATE_UP, H, T(h, wg->rows));
+    BIND(a, FFN_GATE_UP, H, T(h, 1, wg->rows, 0, 0));
     rc = INVOKE(f->gate_up, f->gate_up_name, a, FFN_GATE_UP);
   }
   if (rc) return rc;
   if (f->down_bias) {
-    BIND(a, FFN_DOWN_BIAS, H, T(h, wd->cols));
+    BIND(a, FFN_DOWN_BIAS, H, T(h, 1, wd->cols, 0, 0));
     BIND(a, FFN_DOWN_BIAS, DOWN, em_matrix_arg(wd));
-    BIND(a, FFN_DOWN_BIAS, DOWN_BIAS, T(f->down_bias, wd->rows));
-    BIND(a, FFN_DOWN_BIAS, RES, T(res, wd->rows));
-    BIND(a, FFN_DOWN_BIAS, WEIGHT, T(weight, 1));
-    BIND(a, FFN_DOWN_BIAS, Y, T(y, wd->rows));
+    BIND(a, FFN_DOWN_BIAS, DOWN_BIAS, T(f->down_bias, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, RES, T(res, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, WEIGHT, T(weight, 1, 1, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, Y, T(y, 1, wd->rows, 0, 0));
     return INVOKE(f->down, f->down_name, a, FFN_DOWN_BIAS);
   }
-  BIND(a, FFN_DOWN, H, T(h, wd->cols));
+  BIND(a, FFN_DOWN, H, T(h, 1, wd->cols, 0, 0));
   BIND(a, FFN_DOWN, DOWN, em_matrix_arg(wd));
-  BIND(a, FFN_DOWN, RES, T(res, wd->rows));
-  BIND(a, FFN_DOWN, WEIGHT, T(weight, 1));
-  BIND(a, FFN_DOWN, Y, T(y, wd->rows));
+  BIND(a, FFN_DOWN, RES, T(res, 1, wd->rows, 0, 0));
+  BIND(a, FFN_DOWN, WEIGHT, T(weight, 1, 1, 0, 0));
+  BIND(a, FFN_DOWN, Y, T(y, 1, wd->rows, 0, 0));
   return INVOKE(f->down, f->down_name, a, FFN_DOWN);
 }

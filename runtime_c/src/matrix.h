@@ -35,6 +35,11 @@ typedef struct {
 em_kernel_arg em_tensor_arg(em_arg tensor);
 em_kernel_arg em_matrix_arg(const em_matrix* m);
 
+/* Kernel arguments go to the indices compiler/program.py's SIGNATURES give them (generated/program.h);
+ * T: a float32 tensor argument. */
+#define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
+#define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
+
 /* Calls fn with the signature's n arguments, matrices expanded; an unbound argument is refused. */
 int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n, char* err, size_t len);
 

@@ -4,14 +4,12 @@
 #include "generated/program.h"
 #include "matrix.h"
 
-/* Kernel arguments go to the indices compiler/program.py's SIGNATURES give them (generated/program.h). */
-#define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
+/* A kernel call of signature SIG, returning on failure (matrix.h: BIND, T). */
 #define INVOKE(fn, name, args, SIG)                                                      \
   do {                                                                                   \
     int rc_ = em_kernel_invoke(fn, name, args, EM_SIG_##SIG##_ARGS, err, n);             \
     if (rc_) return rc_;                                                                 \
   } while (0)
-#define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
 
 int em_mla_attention(const em_kernels* k, const em_trunk_header* th, const em_step* st, const em_mla_buffers* b,
                      float* xn, float* latent, float* rope_key, uint32_t pos, char* err, size_t n) {

@@ -79,10 +79,8 @@ struct em_session {
   char err[ERR_LEN];
 };
 
-/* Kernel arguments go to the indices compiler/program.py's SIGNATURES give them (generated/program.h). */
-#define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
+/* A kernel call of signature SIG through the session (matrix.h: BIND, T). */
 #define INVOKE(fn, name, args, SIG) em_session_kernel(s, fn, name, args, EM_SIG_##SIG##_ARGS)
-#define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
 
 /* y = W x (+ res) through a matrix-vector kernel, whatever W's storage; errors into s->err. */
 /* A kernel call through the session: the error into s->err, then a read in flight progressed (bare metal). */
