@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models import describe_model, load_model, read_stored
+from ..models.stored_tensor import LazyTensor
 from ..targets import load_target, toolchain
 from .bitplan import LEVELS, BitPlan, search_plan, sensitivity_method, split_tokens
 from .cache import cache_dir
@@ -27,7 +28,8 @@ from .lower import build_kernels
 from .progress import stage, track
 from .tuning import TuningStore
 from .profile import expert_moments, profile_routing, tokenize_file
-from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_trunk_bits, compiled_trunk
+from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_grid, check_trunk_bits, compiled_trunk
+from .rounding import level_range
 from .cpu_features import elf_machine, feature_names, required_features
 from .tokenizer_file import write_tokenizer
 from .trunk_file import ArtifactIdentity, write_trunk
@@ -55,6 +57,7 @@ class CompileOptions:
     jobs: int | None = None  # worker processes rounding experts; default: one per core
     dask_scheduler: str | None = None  # round experts on this Dask cluster (HOST:PORT) instead; overrides jobs
     android_api: int | None = None  # Android targets: the API level to build for; default: the target's
+    int4_grid: str = "auto"  # INT4 experts' levels (quantize.GRIDS); auto: "integer" for a GGUF's Q4_0 experts
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
@@ -70,6 +73,23 @@ def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
     for b in {b for row in plan for b in row}:
         check_bits(b)
     return plan
+
+
+def int4_grid(model, opts: CompileOptions) -> str:
+    """The levels of the INT4 experts: the options', or (auto) "integer" where every routed expert
+    matrix is stored as Q4_0 blocks of the compile's group (a GGUF's: repacked unrounded), else "half"."""
+    if opts.int4_grid != "auto":
+        check_grid(4, opts.int4_grid)
+        return opts.int4_grid
+    lo, hi, _ = level_range(4, "integer")
+
+    def q4_0(w):
+        bounds = w.level_bounds(opts.group) if isinstance(w, LazyTensor) else None
+        return bounds is not None and lo <= bounds[0] and bounds[1] <= hi
+
+    on_grid = all(q4_0(w) for layer in model.moe_layers for e in layer.experts
+                  for w in (e.w_gate, e.w_up, e.w_down) if w is not None)
+    return "integer" if on_grid else "half"
 
 
 def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> str:
@@ -251,22 +271,23 @@ def place_tokenizer(model_dir: Path, out_dir: Path) -> Path | str:
     return out_dir / "tokenizer.json"
 
 
-def _stored_tasks(model, plan, group: int, layout: str, moments, skip):
+def _stored_tasks(model, plan, group: int, layout: str, grid: str, moments, skip):
     """The experts to round, in order (by expert layer), with their Gram matrices from `moments`
-    (all in RAM) if given."""
+    (all in RAM) if given; INT4 ones on `grid`."""
     for li, layer in enumerate(model.moe_layers):
         for ei, e in enumerate(layer.experts):
             if (li, ei) not in skip:
                 g = moments.grams(li, ei) if moments is not None else (None,) * 3
-                yield RoundingTask(li, ei, (e.w_gate, e.w_up, e.w_down), plan[li][ei], group, layout, g)
+                b = plan[li][ei]
+                yield RoundingTask(li, ei, (e.w_gate, e.w_up, e.w_down), b, group, layout, g, grid if b == 4 else "half")
 
 
-def _calibrated_tasks(trunk, tokens, plan, group: int, layout: str, skip, progress):
+def _calibrated_tasks(trunk, tokens, plan, group: int, layout: str, grid: str, skip, progress):
     """The experts to round, in order (by expert layer), each with the Gram matrices of its inputs
     on the calibration tokens, computed layer by layer (layer_pass.py) as it is drawn and dropped
     once it is handed on: one expert's moments in RAM, not the model's. `trunk`: the model as the
     artifact computes it (compiled_trunk), experts still float; finished records (`skip`) are run,
-    not rounded."""
+    not rounded. INT4 experts on `grid`."""
     calibration = LayerPass(trunk, tokens)
     for layer in track(progress, calibration.layers(), "calibration: expert inputs",
                        total=trunk.config.num_moe_layers, unit="layer"):
@@ -276,8 +297,9 @@ def _calibrated_tasks(trunk, tokens, plan, group: int, layout: str, skip, progre
             routed = layer.expert_inputs(ei, expert)
             if (li, ei) not in skip:
                 gate_up, down, _ = grams(routed, layer.ffn_in, trunk.expert_act_group) if routed else (None, None, 0)
-                yield RoundingTask(li, ei, (stored.w_gate, stored.w_up, stored.w_down), plan[li][ei],
-                                   group, layout, (gate_up, gate_up, down))
+                b = plan[li][ei]
+                yield RoundingTask(li, ei, (stored.w_gate, stored.w_up, stored.w_down), b, group, layout,
+                                   (gate_up, gate_up, down), grid if b == 4 else "half")
             layer.add(ei, expert, routed)
 
 
@@ -359,6 +381,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     plan = expert_bit_plan(cfg, opts)
     bits_used = sorted({b for row in plan for b in row})
     layout = weight_layout(cfg, target, opts, bits_used)
+    grid = int4_grid(model, opts)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
     counts = model.parameter_counts()
     log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers, {cfg.num_moe_layers} of them with "
@@ -366,12 +389,12 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
 
     writer = ImageWriter(out_dir / "experts.bin", plan, cfg.hidden_size, cfg.expert_intermediate, opts.group, layout,
-                         out_dir / ".experts.bin.journal", inputs, cfg.expert_activation)
+                         out_dir / ".experts.bin.journal", inputs, cfg.expert_activation, grid)
     if writer.done:
         log(f"resuming: {len(writer.done)} of {writer.n} expert records kept from the interrupted compile")
     skip = set(writer.done)
-    tasks = _stored_tasks(model, plan, opts.group, layout, moments, skip) if rounded_trunk is None else \
-        _calibrated_tasks(rounded_trunk, rounding_tokens, plan, opts.group, layout, skip, progress)
+    tasks = _stored_tasks(model, plan, opts.group, layout, grid, moments, skip) if rounded_trunk is None else \
+        _calibrated_tasks(rounded_trunk, rounding_tokens, plan, opts.group, layout, grid, skip, progress)
     t_round, cpu_round = time.time(), cpu_seconds()
     with pool:
         for r in track(progress, pool.run(tasks), "rounding experts", total=writer.n - len(skip), unit="expert"):
@@ -393,7 +416,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     store = TuningStore(target, opts.tuning_dir)
     weight_bytes = sum(counts[part] * bits // 8 for part, bits in (("experts", max(bits_used)), ("trunk", opts.trunk_bits)))
     kernels = build_kernels(cfg, bits_used, opts.trunk_bits, layout, opts.group, target, out_dir, store, opts.tune,
-                            progress, cc, weight_bytes)
+                            progress, cc, weight_bytes, grid)
     sources = [v["from"] for v in kernels["schedules"].values()]
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
         f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "
@@ -409,7 +432,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
                                   profile, identity)
     average_bits = float(np.mean(plan))
-    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
+    on_grid = " (INT4 on the integer grid -8…7, as Q4_0)" if grid == "integer" and 4 in bits_used else ""
+    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}{on_grid}, {average_bits:.2f} bits "
         f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
         f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "
         f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels")
@@ -444,7 +468,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
                          "rounding": "calibrated (GPTQ)" if calib_tokens is not None else "searched scales",
                          "expert_bits": bits_used[0] if len(bits_used) == 1 else None,
                          "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits,
-                         "layout": layout},
+                         "layout": layout, "int4_grid": grid},
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
                     "image_bytes": files["experts.bin"]["bytes"], "rounded_on": pool.where},
         "trunk_bytes": trunk_bytes,

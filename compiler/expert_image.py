@@ -21,14 +21,16 @@ from .program import ACT
 from .quantize import QuantizedMatrix
 
 MAGIC = b"EMOEXPRT"
-VERSION = 6  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records;
-# 5: the compile id (every file of one compile carries it); 6: the experts' activation (ReLU records of two matrices)
+VERSION = 7  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records;
+# 5: the compile id (every file of one compile carries it); 6: the experts' activation (ReLU records of two matrices);
+# 7: the INT4 grid (quantize.GRIDS)
 ALIGN = 4096
 PART_ALIGN = 64
 # magic, version, header_bytes, layers, experts, records, record_bytes, align, hidden, inter, group,
-# table_offset, data_offset, file_bytes, table_crc, layout, compile_id, act, header_crc
-HEADER_FMT = "8sIIIIIIIIIIQQQII16sII"
+# table_offset, data_offset, file_bytes, table_crc, layout, compile_id, act, int4_grid, header_crc
+HEADER_FMT = "8sIIIIIIIIIIQQQII16sIII"
 LAYOUT_CODES = {"rows": 0, "tiles": 1}
+GRID_CODES = {"half": 0, "integer": 1}  # the INT4 records' levels (quantize.GRIDS)
 # layer, expert, bits, crc32c, offset, length, part offsets ×6, payload_bytes, reserved
 RECORD_FMT = "IIIIQQ6III"
 RECORD_BYTES = 64
@@ -114,9 +116,10 @@ class ImageWriter:
     from them; with other inputs, or none, it starts afresh."""
 
     def __init__(self, path: Path, plan: list[list[int]], hidden: int, inter: int, group: int, layout: str,
-                 journal: Path, inputs: bytes = b"", act: str = "swiglu"):
+                 journal: Path, inputs: bytes = b"", act: str = "swiglu", int4_grid: str = "half"):
         self.path, self.plan, self.journal_path = Path(path), plan, Path(journal)
         self.hidden, self.inter, self.group, self.layout, self.act = hidden, inter, group, layout, act
+        self.int4_grid = int4_grid
         self.n = sum(len(row) for row in plan)
         self.data_offset = align_up(ALIGN + self.n * RECORD_BYTES, ALIGN)
         self.place: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, expert) -> (offset, length)
@@ -193,7 +196,7 @@ class ImageWriter:
         )
         head = pack(HEADER_FMT[:-1], MAGIC, VERSION, ALIGN, len(self.plan), len(self.plan[0]), self.n, RECORD_BYTES,
                     ALIGN, self.hidden, self.inter, self.group, ALIGN, self.data_offset, self.file_bytes, crc32(table),
-                    LAYOUT_CODES[self.layout], compile_id, ACT[self.act])
+                    LAYOUT_CODES[self.layout], compile_id, ACT[self.act], GRID_CODES[self.int4_grid])
         head += pack("I", crc32(head))
         self._file.seek(0)
         self._file.write(head + bytes(ALIGN - len(head)))
@@ -209,13 +212,17 @@ class ImageWriter:
 
 def write_image(path: Path, experts: list[list[ExpertWeights]], hidden: int, inter: int, group: int,
                 layout: str = "rows", compile_id: bytes = bytes(16), act: str = "swiglu") -> list[Record]:
-    """Write experts[layer][expert] (all quantized in `layout`, of the activation `act`) to `path`;
-    return the record table. `layer` counts the layers with experts. `compile_id` (16 bytes) ties
-    the image to the trunk.bin of the same compile."""
+    """Write experts[layer][expert] (all quantized in `layout`, of the activation `act`, INT4 ones on
+    one grid) to `path`; return the record table. `layer` counts the layers with experts.
+    `compile_id` (16 bytes) ties the image to the trunk.bin of the same compile."""
     if any((w.gate is None) != (act == "relu") for row in experts for w in row):
         raise ValueError(f"every expert of a {act} image has {'two' if act == 'relu' else 'three'} matrices")
+    grids = {m.grid for row in experts for w in row for m in w.matrices() if m.bits == 4}
+    if len(grids) > 1:
+        raise ValueError("an expert image holds its INT4 experts on one grid")
     plan = [[w.up.bits for w in row] for row in experts]
-    writer = ImageWriter(path, plan, hidden, inter, group, layout, Path(f"{path}.journal"), act=act)
+    writer = ImageWriter(path, plan, hidden, inter, group, layout, Path(f"{path}.journal"), act=act,
+                         int4_grid=grids.pop() if grids else "half")
     for li, row in enumerate(experts):
         for ei, w in enumerate(row):
             writer.write(li, ei, w.up.bits, *record_payload(w))
@@ -234,6 +241,7 @@ class ImageHeader:
     layout: str
     compile_id: bytes
     act: str
+    int4_grid: str
 
 
 def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
@@ -244,7 +252,7 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     if len(data) < hsize:
         raise ArtifactFormatError(f"{path}: truncated header ({len(data)} bytes)")
     (magic, version, _hb, nl, ne, nr, rb, _al, hidden, inter, group, toff, doff, fbytes, tcrc, layout, compile_id,
-     act, hcrc) = unpack(HEADER_FMT, data)
+     act, grid, hcrc) = unpack(HEADER_FMT, data)
     if magic != MAGIC:
         raise ArtifactFormatError(f"{path}: not an EdgeMoE expert image (magic {magic!r})")
     if len(data) >= 12 and version != VERSION:
@@ -263,17 +271,20 @@ def read_table(path: Path) -> tuple[ImageHeader, list[Record]]:
     for i in range(nr):
         v = unpack(RECORD_FMT, table, i * rb)
         recs.append(Record(v[0], v[1], v[2], v[3], v[4], v[5], tuple(v[6:12]), v[12]))
-    layouts, acts = {v: k for k, v in LAYOUT_CODES.items()}, {v: k for k, v in ACT.items()}
+    layouts, acts, grids = ({v: k for k, v in codes.items()} for codes in (LAYOUT_CODES, ACT, GRID_CODES))
     if layout not in layouts:
         raise ArtifactFormatError(f"{path}: unknown weight layout {layout}; recompile the model")
     if act not in acts:
         raise ArtifactFormatError(f"{path}: unknown expert activation {act}; recompile the model")
-    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout], compile_id, acts[act]), recs
+    if grid not in grids:
+        raise ArtifactFormatError(f"{path}: unknown INT4 grid {grid}; recompile the model")
+    return ImageHeader(nl, ne, hidden, inter, group, doff, fbytes, layouts[layout], compile_id, acts[act],
+                       grids[grid]), recs
 
 
 
 def _matrix(blob: bytes, offsets: tuple[int, int], rows: int, cols: int, bits: int, group: int,
-            layout: str) -> QuantizedMatrix:
+            layout: str, int4_grid: str) -> QuantizedMatrix:
     """The QuantizedMatrix [rows, cols] whose codes and scales start at `offsets` in a record's payload."""
     from .quantize import TILE_ROWS
 
@@ -288,7 +299,7 @@ def _matrix(blob: bytes, offsets: tuple[int, int], rows: int, cols: int, bits: i
         shapes = (np.uint32, (rows, cols * bits // 32)), (np.float16, (rows, cols // group))
     codes, scales = (np.frombuffer(blob, dtype, int(np.prod(shape)), at).reshape(shape)
                      for (dtype, shape), at in zip(shapes, offsets))
-    return QuantizedMatrix(bits, group, codes, scales, layout)
+    return QuantizedMatrix(bits, group, codes, scales, layout, int4_grid if bits == 4 else "half")
 
 
 def read_experts(path: Path) -> list[list[ExpertWeights]]:
@@ -302,7 +313,8 @@ def read_experts(path: Path) -> list[list[ExpertWeights]]:
             blob = f.read(r.length)
             if len(blob) != r.length or crc32c(blob) != r.crc:
                 raise ArtifactFormatError(f"{path}: expert {r.layer}/{r.expert}: record checksum mismatch (corrupted)")
-            matrices = [_matrix(blob, r.part_offsets[2 * i : 2 * i + 2], rows, cols, r.bits, head.group, head.layout)
+            matrices = [_matrix(blob, r.part_offsets[2 * i : 2 * i + 2], rows, cols, r.bits, head.group, head.layout,
+                                head.int4_grid)
                         for i, (rows, cols) in enumerate(shapes)]
             experts[r.layer][r.expert] = ExpertWeights(*([None] * (3 - len(matrices)) + matrices))
     return experts

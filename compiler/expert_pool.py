@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..models.stored_tensor import materialize
 from .expert_image import ExpertWeights, record_payload
 from .quantize import quantize
 
@@ -49,8 +48,8 @@ class RoundingLost(RuntimeError):
 
 @dataclass
 class RoundingTask:
-    """One expert to round: its three matrices (gate, up, down: arrays or StoredTensors), the
-    bitwidth, and per matrix the Gram matrix of its calibration inputs (or None)."""
+    """One expert to round: its three matrices (gate, up, down: arrays or LazyTensors), the
+    bitwidth (INT4 on `grid`), and per matrix the Gram matrix of its calibration inputs (or None)."""
 
     layer: int
     expert: int
@@ -59,6 +58,7 @@ class RoundingTask:
     group: int
     layout: str
     grams: tuple = (None, None, None)
+    grid: str = "half"
 
 
 @dataclass
@@ -72,7 +72,7 @@ class RoundedExpert:
 
 def round_expert(task: RoundingTask) -> RoundedExpert:
     """The record of one expert (quantize.py, rounding.py), in this process."""
-    stored = ExpertWeights(*(None if w is None else quantize(materialize(w), task.bits, task.group, task.layout, g)
+    stored = ExpertWeights(*(None if w is None else quantize(w, task.bits, task.group, task.layout, g, task.grid)
                              for w, g in zip(task.weights, task.grams)))  # gate None: a ReLU expert
     payload, offsets = record_payload(stored)
     return RoundedExpert(task.layer, task.expert, task.bits, payload, offsets)

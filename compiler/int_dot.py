@@ -152,9 +152,10 @@ def _vec(value, dtype: str, lanes: int):
     return tirx.Broadcast(tirx.const(value, dtype), lanes)
 
 
-def centre(isa: Isa, bits: int) -> float:
-    """The code for zero as the instruction sees it (after the flip of 8-bit codes to signed)."""
-    return 0.0 if bits == 8 and isa.signed_codes else code_centre(bits, "tiles")
+def centre(isa: Isa, bits: int, grid: str = "half") -> float:
+    """The code for zero as the instruction sees it (after the flip of 8-bit codes to signed); INT4
+    codes on `grid` (quantize.GRIDS)."""
+    return 0.0 if bits == 8 and isa.signed_codes else code_centre(bits, "tiles", grid)
 
 
 def _group_dot(isa: Isa, W, X4, t, g, sub, bits: int, group: int, k: int, chains: int):
@@ -373,10 +374,12 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
 
 
 def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
-                   name: str | None = None, kind: str = "swiglu", bias: bool = False) -> tvm.tirx.PrimFunc:
-    """h = act(Wg x (+ bg), Wu x (+ bu)), Wg and Wu in the tiles layout, act the activation `kind`
-    (kernels.activation); x is quantized once for both. With `bias`, the biases are inputs after
-    the weights. `idim` and `name` default to the routed experts' (a shared expert has its own)."""
+                   name: str | None = None, kind: str = "swiglu", bias: bool = False,
+                   grid: str = "half") -> tvm.tirx.PrimFunc:
+    """h = act(Wg x (+ bg), Wu x (+ bu)), Wg and Wu in the tiles layout (INT4 codes on `grid`), act
+    the activation `kind` (kernels.activation); x is quantized once for both. With `bias`, the biases
+    are inputs after the weights. `idim` and `name` default to the routed experts' (a shared expert
+    has its own)."""
     from .kernels import activation
 
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
@@ -385,7 +388,7 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
     nt, ng, kw, tiles, fuse = idim // TILE_ROWS, hdim // group, hdim * bits // 32, knobs.tiles, knobs.fuse
     rows = tiles * TILE_ROWS
     loop = T.parallel if knobs.parallel else T.serial
-    quantize_input = _quantize_input(hdim, group, centre(isa, bits))
+    quantize_input = _quantize_input(hdim, group, centre(isa, bits, grid))
     accumulate = _accumulate(isa, bits, group, hdim, knobs, both=fuse)
 
     @T.macro
@@ -432,7 +435,7 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
 
 
 def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
-                   name: str | None = None) -> tvm.tirx.PrimFunc:
+                   name: str | None = None, grid: str = "half") -> tvm.tirx.PrimFunc:
     """h = relu(Wu x), Wu in the tiles layout (a ReLU expert's or dense MLP's first matrix)."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_up_relu_w{bits}"
@@ -440,7 +443,7 @@ def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
     nt, ng, kw, tiles = idim // TILE_ROWS, hdim // group, hdim * bits // 32, knobs.tiles
     rows = tiles * TILE_ROWS
     loop = T.parallel if knobs.parallel else T.serial
-    quantize_input = _quantize_input(hdim, group, centre(isa, bits))
+    quantize_input = _quantize_input(hdim, group, centre(isa, bits, grid))
     accumulate = _accumulate(isa, bits, group, hdim, knobs, both=False)
 
     @T.prim_func
@@ -463,7 +466,7 @@ def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
 
 
 def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
-                name: str | None = None, bias: bool = False) -> tvm.tirx.PrimFunc:
+                name: str | None = None, bias: bool = False, grid: str = "half") -> tvm.tirx.PrimFunc:
     """y = res + weight · (Wd h (+ bd)), Wd in the tiles layout: the router weight and residual
     fused; with `bias`, bd is an input after the weights."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
@@ -472,7 +475,7 @@ def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = 
     nt, ng, kw, tiles = hdim // TILE_ROWS, idim // group, idim * bits // 32, knobs.tiles
     rows = tiles * TILE_ROWS
     loop = T.parallel if knobs.parallel else T.serial
-    quantize_input = _quantize_input(idim, group, centre(isa, bits))
+    quantize_input = _quantize_input(idim, group, centre(isa, bits, grid))
     accumulate = _accumulate(isa, bits, group, idim, knobs, both=False)
 
     @T.macro

@@ -250,8 +250,9 @@ def mla_v(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
     return _named(att, [o_lat, w, att], name)
 
 
-def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int, vec: te.Tensor, name: str):
-    """row -> sum_c W[row, c] · vec[c] for a quantized W (quantize.py's layout), dequantizing in
+def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int, vec: te.Tensor, name: str,
+             grid: str = "half"):
+    """row -> sum_c W[row, c] · vec[c] for a quantized W (quantize.py's layout, INT4 on `grid`), dequantizing in
     registers. The reduction is written over (block, shift, lane) so that the lane axis, which
     the schedule vectorizes, walks consecutive words and consecutive columns: contiguous loads,
     one scale per vector."""
@@ -266,7 +267,7 @@ def _row_dot(packed: te.Tensor, scales: te.Tensor, bits: int, group: int, k: int
     # column rt·L·p + rj·L + ri, p the codes per word of the narrowest plane (quantize.planes); a
     # plane of b bits holds it in word rt·L·p/per_b + rj // per_b · L + ri at bit (rj % per_b)·b
     lanes, per = interleave(bits, k, group), 32 // min(planes(bits))
-    centre = tvm.tirx.const(code_centre(bits), F32)
+    centre = tvm.tirx.const(code_centre(bits, grid=grid), F32)
     rt = te.reduce_axis((0, k // (lanes * per)), name=name + "_t")
     rj = te.reduce_axis((0, per), name=name + "_j")
     ri = te.reduce_axis((0, lanes), name=name + "_i")
@@ -318,15 +319,15 @@ def expert_symbol(role: str, bits: int) -> str:
 
 
 def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, name: str | None = None,
-                   kind: str = "swiglu", bias: bool = False) -> tvm.tirx.PrimFunc:
-    """h = act(Wg x (+ bg), Wu x (+ bu)) with Wg, Wu packed at `bits` (32: float32), act the
-    activation `kind`; with `bias` the biases are inputs after the weights. `idim` and `name`
-    default to the routed experts' (a shared expert has its own)."""
+                   kind: str = "swiglu", bias: bool = False, grid: str = "half") -> tvm.tirx.PrimFunc:
+    """h = act(Wg x (+ bg), Wu x (+ bu)) with Wg, Wu packed at `bits` (32: float32; INT4 on `grid`),
+    act the activation `kind`; with `bias` the biases are inputs after the weights. `idim` and
+    `name` default to the routed experts' (a shared expert has its own)."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     x = te.placeholder((hdim,), F32, name="x")
     gw, uw = _qweight("gate", idim, hdim, bits, group), _qweight("up", idim, hdim, bits, group)
-    g = te.compute((idim,), _row_dot(gw[0], gw[-1], bits, group, hdim, x, "rg"), name="g")
-    u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
+    g = te.compute((idim,), _row_dot(gw[0], gw[-1], bits, group, hdim, x, "rg", grid), name="g")
+    u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru", grid), name="u")
     biases = [te.placeholder((idim,), F32, name="gate_bias"), te.placeholder((idim,), F32, name="up_bias")] \
         if bias else []
     if bias:
@@ -337,18 +338,18 @@ def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = Non
 
 
 def expert_up_relu(cfg: MoEConfig, bits: int, group: int, idim: int | None = None,
-                   name: str | None = None) -> tvm.tirx.PrimFunc:
+                   name: str | None = None, grid: str = "half") -> tvm.tirx.PrimFunc:
     """h = relu(Wu x) with Wu packed at `bits` (a ReLU expert's or dense MLP's first matrix)."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     x = te.placeholder((hdim,), F32, name="x")
     uw = _qweight("up", idim, hdim, bits, group)
-    u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru"), name="u")
+    u = te.compute((idim,), _row_dot(uw[0], uw[-1], bits, group, hdim, x, "ru", grid), name="u")
     h = te.compute((idim,), lambda i: te.max(u[i], tvm.tirx.const(0, F32)), name="h")
     return _named(h, [x, *uw, h], name or expert_symbol("expert_up_relu", bits))
 
 
 def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, name: str | None = None,
-                bias: bool = False) -> tvm.tirx.PrimFunc:
+                bias: bool = False, grid: str = "half") -> tvm.tirx.PrimFunc:
     """y = r + weight * (Wd h (+ bd)): the down projection with the router weight and residual
     fused; with `bias`, bd is an input after the weights."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
@@ -357,7 +358,7 @@ def expert_down(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, 
     db = [te.placeholder((hdim,), F32, name="down_bias")] if bias else []
     res = te.placeholder((hdim,), F32, name="res")
     weight = te.placeholder((1,), F32, name="weight")
-    acc = te.compute((hdim,), _row_dot(dw[0], dw[-1], bits, group, idim, h, "r"), name="acc")
+    acc = te.compute((hdim,), _row_dot(dw[0], dw[-1], bits, group, idim, h, "r", grid), name="acc")
     if bias:
         y = te.compute((hdim,), lambda i: res[i] + weight[0] * (acc[i] + db[0][i]), name="y")
     else:
@@ -392,8 +393,9 @@ def check_signature(func: tvm.tirx.PrimFunc) -> None:
 
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
                    layout: str = "rows", target: tvm.target.Target | None = None,
-                   variants: dict | None = None) -> dict[str, tvm.tirx.PrimFunc]:
-    """Every kernel one decode step needs, by the symbol the C runtime looks up. Quantized weights
+                   variants: dict | None = None, int4_grid: str = "half") -> dict[str, tvm.tirx.PrimFunc]:
+    """Every kernel one decode step needs, by the symbol the C runtime looks up (INT4 experts' on
+    `int4_grid`, the expert image's; the trunk's INT4 is on the half-integer grid). Quantized weights
     in the "rows" layout get the float-dequantizing kernels here; in the "tiles" layout, the
     integer-dot kernels of int_dot.py for `target`'s instruction, with the hand schedule. `variants`,
     when given, receives each integer-dot kernel's builder (int_dot.Knobs → the kernel with them:
@@ -479,14 +481,15 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     routed = {} if relu else dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
     for b in sorted(set(expert_bits)):
         names = dict(gate_up=expert_symbol(gate_up_role, b), down=expert_symbol(down_role, b))
+        grid = int4_grid if b == 4 else "half"
         if tiles:
             up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
-            funcs += [tiled(up, cfg, b, group, name=names["gate_up"], **routed),
-                      tiled(int_dot.expert_down, cfg, b, group, name=names["down"], bias=cfg.expert_bias)]
+            funcs += [tiled(up, cfg, b, group, name=names["gate_up"], grid=grid, **routed),
+                      tiled(int_dot.expert_down, cfg, b, group, name=names["down"], bias=cfg.expert_bias, grid=grid)]
         else:
             up = expert_up_relu if relu else expert_gate_up
-            funcs += [up(cfg, b, group, name=names["gate_up"], **routed),
-                      expert_down(cfg, b, group, name=names["down"], bias=cfg.expert_bias)]
+            funcs += [up(cfg, b, group, name=names["gate_up"], grid=grid, **routed),
+                      expert_down(cfg, b, group, name=names["down"], bias=cfg.expert_bias, grid=grid)]
     for f in funcs:
         check_signature(f)
     return {str(f.attrs["global_symbol"]): f for f in funcs}

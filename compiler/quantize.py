@@ -16,6 +16,11 @@ minimises the output error) is rounding.py's part; this module stores the result
   the kernel's SIMD lanes multiply contiguous activations and never gather (measured in
   docs/BENCHMARKS.md against the plain order, column k in word k // p).
 
+* INT4 on the "integer" grid (GRIDS): levels -8…7, centre c = 8: a GGUF's Q4_0 blocks, (q - 8)·d
+  with q in [0, 15] and a float16 d per 32 weights, are exactly such a group, so they are repacked
+  as they are (LazyTensor.stored_levels) instead of rounded a second time. One expert image holds
+  its INT4 experts on one grid (its header says which), the kernels the centre of that grid.
+
 * 3 bits: codes u in [0, 7] (centre 3.5) do not divide a word, so they are stored as two bit
   planes (planes()), each packed exactly as a matrix of its own width: the low two bits of every
   code as INT2 codes, then the high bit as INT1 codes, u = low + 4·high. The words of the low
@@ -44,8 +49,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rounding import round_to_levels
-from ..models.stored_tensor import LazyTensor
+from .rounding import level_range, round_to_levels
+from ..models.stored_tensor import LazyTensor, RowStack
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16: float16 weights
 DEFAULT_GROUP = 32
@@ -79,12 +84,25 @@ LAYOUTS = ("rows", "tiles")
 TILE_ROWS = 16
 
 
-def code_centre(bits: int, layout: str = "rows") -> float:
+# The levels of INT4 codes: "half" the half-integers ±½…±7½, "integer" -8…7 (GGUF Q4_0's); the other
+# bitwidths have one grid each (rounding.level_range).
+GRIDS = ("half", "integer")
+
+
+def check_grid(bits: int, grid: str) -> None:
+    if grid not in GRIDS:
+        raise ValueError(f"unknown INT4 grid {grid!r}; one of {', '.join(GRIDS)}")
+    if grid != "half" and bits != 4:
+        raise ValueError(f"the {grid} grid is one of INT4's, not of {bits}-bit codes")
+
+
+def code_centre(bits: int, layout: str = "rows", grid: str = "half") -> float:
     """The code that stands for zero: 0 for signed int8 codes (rows layout), 128 for unsigned ones
-    (tiles layout), (2^b - 1) / 2 for unsigned b-bit codes."""
+    (tiles layout), (2^b - 1) / 2 for unsigned b-bit codes on the half-integer grid, 2^(b-1) on the
+    integer one."""
     if bits == 8:
         return 0.0 if layout == "rows" else 128.0
-    return ((1 << bits) - 1) / 2.0
+    return -level_range(bits, grid)[0]
 
 
 def tiles_fit(n: int, k: int, bits: int, group: int) -> bool:
@@ -101,6 +119,7 @@ class QuantizedMatrix:
     packed: np.ndarray  # rows: uint32 [N, K * bits / 32], or int8 [N, K] for 8 bits; tiles: uint32 [N/16, K*bits/32, 16]
     scales: np.ndarray  # rows: float16 [N, K / group]; tiles: float16 [N/16, K / group, 16]
     layout: str = "rows"
+    grid: str = "half"  # INT4's levels (GRIDS)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -137,7 +156,8 @@ class QuantizedMatrix:
             return self.packed.astype(np.float32)
         n, k = self.shape
         s = self.row_scales().astype(np.float32).repeat(self.group, axis=1)
-        return ((self.codes().astype(np.float32) - np.float32(code_centre(self.bits, self.layout))) * s).reshape(n, k)
+        centre = np.float32(code_centre(self.bits, self.layout, self.grid))
+        return ((self.codes().astype(np.float32) - centre) * s).reshape(n, k)
 
     @property
     def nbytes(self) -> int:
@@ -149,35 +169,60 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"unsupported expert bitwidth {bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
 
 
-def quantize(w: np.ndarray, bits: int, group: int = DEFAULT_GROUP, layout: str = "rows",
-             gram: np.ndarray | None = None) -> QuantizedMatrix:
-    """w [N, K] at `bits` in `layout`; with `gram` (the inputs' XᵀX on calibration text) the rounding
-    minimises the output error instead of the weight error (rounding.py)."""
+def quantize(w, bits: int, group: int = DEFAULT_GROUP, layout: str = "rows", gram: np.ndarray | None = None,
+             grid: str = "half") -> QuantizedMatrix:
+    """w [N, K] (an array or a LazyTensor) at `bits` in `layout`; with `gram` (the inputs' XᵀX on
+    calibration text) the rounding minimises the output error instead of the weight error
+    (rounding.py). A LazyTensor stored as levels the bitwidth and grid hold (a GGUF's Q8_0 and Q4_0
+    blocks, groups of `group`) is repacked unrounded: its values are the checkpoint's, and rounding
+    them again against calibration text could only move them away."""
     check_bits(bits)
+    check_grid(bits, grid)
     n, k = w.shape
     if bits == 16:
         if layout != "rows":
             raise ValueError("float16 weights are stored in the rows layout only")
-        return QuantizedMatrix(16, group, np.ascontiguousarray(w, dtype=np.float16), np.zeros((n, 0), np.float16))
+        return QuantizedMatrix(16, group, np.ascontiguousarray(np.asarray(w), dtype=np.float16), np.zeros((n, 0), np.float16))
     per = 32 // min(planes(bits))
     if k % group or k % per:
         raise ValueError(f"input size {k} must be a multiple of the group size {group} and of {per}")
     if layout == "tiles" and not tiles_fit(n, k, bits, group):
         raise ValueError(f"a [{n}, {k}] matrix at {bits} bits, group {group}, does not fit the tiles layout "
                          f"(rows a multiple of {TILE_ROWS}, groups of whole words)")
-    scales, levels = round_to_levels(w, bits, group, gram)
+    scales, levels = _levels(w, bits, group, gram, grid)
+    return pack(levels, scales, bits, group, layout, grid)
+
+
+def _levels(w, bits: int, group: int, gram: np.ndarray | None, grid: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, levels) of w: as stored where its levels are the bitwidth's, else rounded; a RowStack
+    part by part (rows are quantized independently), as its parts are quantized alone."""
+    if isinstance(w, RowStack) and gram is None:
+        parts = [_levels(p, bits, group, None, grid) for p in w.parts]
+        return np.concatenate([s for s, _ in parts]), np.concatenate([q for _, q in parts])
+    stored = w.stored_levels(group) if isinstance(w, LazyTensor) else None
+    lo, hi, offset = level_range(bits, grid)
+    if stored is not None and offset == 0 and stored[0].min() >= lo and stored[0].max() <= hi:
+        return stored[1], stored[0]
+    return round_to_levels(w.read() if isinstance(w, LazyTensor) else w, bits, group, gram, grid)
+
+
+def pack(levels: np.ndarray, scales: np.ndarray, bits: int, group: int, layout: str = "rows",
+         grid: str = "half") -> QuantizedMatrix:
+    """Levels [N, K] (of the bitwidth's grid, rounding.level_range) and float16 scales [N, K / group]
+    as a QuantizedMatrix in `layout`."""
+    n, k = levels.shape
     if layout == "tiles":
         scales = scales.reshape(n // TILE_ROWS, TILE_ROWS, -1).transpose(0, 2, 1)
     elif bits == 8:
-        return QuantizedMatrix(bits, group, levels.astype(np.int8), np.ascontiguousarray(scales))
-    u = (levels + code_centre(bits, layout)).astype(np.uint32)
+        return QuantizedMatrix(bits, group, levels.astype(np.int8), np.ascontiguousarray(scales, dtype=np.float16))
+    u = (levels + code_centre(bits, layout, grid)).astype(np.uint32)
     words, low = [], 0
     for b in planes(bits):
         plane = (u >> np.uint32(low)) & np.uint32((1 << b) - 1)
         words.append(_pack_tiles(plane, b) if layout == "tiles" else _pack_rows(plane, b, interleave(bits, k, group)))
         low += b
     return QuantizedMatrix(bits, group, np.ascontiguousarray(np.concatenate(words, axis=1)),
-                           np.ascontiguousarray(scales), layout)
+                           np.ascontiguousarray(scales, dtype=np.float16), layout, grid)
 
 
 def _pack_rows(u: np.ndarray, bits: int, lanes: int) -> np.ndarray:
@@ -223,39 +268,41 @@ class RoundedTensor(LazyTensor):
     """A stored matrix as the artifact holds it (quantized at `bits`, dequantized), rounded when
     read rather than when made, so a model of stored tensors is rounded without holding it."""
 
-    def __init__(self, source: LazyTensor, bits: int, group: int, gram: np.ndarray | None = None):
-        self.source, self.bits, self.group, self.gram, self.shape = source, bits, group, gram, source.shape
+    def __init__(self, source: LazyTensor, bits: int, group: int, gram: np.ndarray | None = None, grid: str = "half"):
+        self.source, self.bits, self.group, self.gram, self.grid = source, bits, group, gram, grid
+        self.shape = source.shape
 
     def read(self) -> np.ndarray:
-        return quantize(self.source.read(), self.bits, self.group, gram=self.gram).dequantize()
+        return quantize(self.source, self.bits, self.group, gram=self.gram, grid=self.grid).dequantize()
 
 
 def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP,
-                    layout: str = "rows", moments=None):
+                    layout: str = "rows", moments=None, int4_grid: str = "half"):
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
     NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
-    [expert layer][expert]; None leaves them float), rounded against `moments` (profile.ExpertMoments) when
-    given, and the trunk matrices at `trunk_bits`. With the tiles layout the artifact's kernels also
-    quantize their inputs, and so does the reference."""
+    [expert layer][expert]; None leaves them float; INT4 ones on `int4_grid`), rounded against
+    `moments` (profile.ExpertMoments) when given, and the trunk matrices at `trunk_bits`. With the
+    tiles layout the artifact's kernels also quantize their inputs, and so does the reference."""
     from dataclasses import replace
 
     from ..models import Expert
 
     check_trunk_bits(trunk_bits)
 
-    def q(w, b, gram=None):
+    def q(w, b, gram=None, grid="half"):
         if b == 32 or w is None:
             return w
         if isinstance(w, LazyTensor):  # a streaming compile's: rounded when read, one layer at a time
-            return RoundedTensor(w, b, group, gram)
-        return quantize(w, b, group, gram=gram).dequantize()
+            return RoundedTensor(w, b, group, gram, grid)
+        return quantize(w, b, group, gram=gram, grid=grid).dequantize()
 
     def expert(li, ei, e):
         if expert_bits is None:
             return e
         b = expert_bits if isinstance(expert_bits, int) else expert_bits[li][ei]
         grams = moments.grams(li, ei) if moments is not None else (None,) * 3
-        return Expert(*(q(w, b, g) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
+        grid = int4_grid if b == 4 else "half"
+        return Expert(*(q(w, b, g, grid) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
     def resident(e):  # a shared expert or dense MLP: stored at the trunk's bitwidth
         return None if e is None else Expert(*(q(w, trunk_bits) for w in (e.w_gate, e.w_up, e.w_down)))

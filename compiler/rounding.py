@@ -1,5 +1,6 @@
 """Rounding a weight matrix to a bitwidth's levels: per group of `group` inputs one float16 scale,
 per weight one level (an integer at 8 bits, a half-integer in [-c, c] below; quantize.py packs them).
+INT4 also has the integer grid -8…7 (GGUF Q4_0's levels, quantize.GRIDS): the same searches, other levels.
 
 Without calibration, each group's scale minimises the group's squared rounding error over a grid
 of fractions of max|w|/c (max|w|/c itself included, so never worse than rounding to the largest
@@ -20,37 +21,42 @@ import numba
 import numpy as np
 from scipy.linalg.lapack import dtrtri
 
-# The grid of scale fractions searched per group (the last is max|w| / c).
+# The grid of scale fractions searched per group (the last is max|w| / the highest level).
 SCALE_FRACTIONS = np.linspace(0.3, 1.0, 29)
 # Added to H's diagonal, as a fraction of its mean: keeps H invertible for inputs the calibration
 # text never exercised, and limits how far errors are pushed onto weakly excited inputs.
 DAMPING = 0.1
 
 
-def max_level(bits: int) -> float:
-    """The largest level magnitude: 127 for int8 codes, c = (2^b - 1) / 2 below 8 bits."""
-    return 127.0 if bits == 8 else ((1 << bits) - 1) / 2.0
-
-
-def round_levels(x: np.ndarray, bits: int) -> np.ndarray:
-    """x (weights divided by their scale) to the nearest level."""
-    c = max_level(bits)
+def level_range(bits: int, grid: str = "half") -> tuple[float, float, float]:
+    """(lowest level, highest level, offset): a value x rounds to rint(x + offset) - offset, clipped.
+    8 bits: the integers ±127; below, the half-integers ±c, c = (2^b - 1) / 2 (offset c), or on the
+    "integer" grid -2^(b-1)…2^(b-1) - 1."""
     if bits == 8:
-        return np.clip(np.rint(x), -c, c)
-    return np.clip(np.rint(x + c) - c, -c, c)
+        return -127.0, 127.0, 0.0
+    if grid == "integer":
+        return -float(1 << (bits - 1)), float((1 << (bits - 1)) - 1), 0.0
+    c = ((1 << bits) - 1) / 2.0
+    return -c, c, c
 
 
-def search_scales(g: np.ndarray, bits: int, importance: np.ndarray | float = 1.0) -> np.ndarray:
+def round_levels(x: np.ndarray, bits: int, grid: str = "half") -> np.ndarray:
+    """x (weights divided by their scale) to the nearest level."""
+    lo, hi, offset = level_range(bits, grid)
+    return np.clip(np.rint(x + offset) - offset, lo, hi)
+
+
+def search_scales(g: np.ndarray, bits: int, importance: np.ndarray | float = 1.0, grid: str = "half") -> np.ndarray:
     """Scales [..., 1] (float16 values, as float32) for groups g [..., group] minimising
-    sum(importance · (g - level·s)²) over SCALE_FRACTIONS."""
-    top = np.abs(g).max(axis=-1, keepdims=True) / max_level(bits)
+    sum(importance · (g - level·s)²) over SCALE_FRACTIONS of max|g| / (the highest level)."""
+    top = np.abs(g).max(axis=-1, keepdims=True) / level_range(bits, grid)[1]
     if np.isscalar(importance) and importance == 1 and g.dtype == np.float32 and g.shape[-1] <= PAIRWISE_BLOCK:
-        return _search_fused(g, bits, top)
+        return _search_fused(g, bits, grid, top)
     best = best_err = None
     for f in SCALE_FRACTIONS:
         s = (top * f).astype(np.float16).astype(np.float32)
         s = np.where(s > 0, s, np.float32(1))  # an all-zero group rounds to zeros at any scale
-        err = (importance * (g - round_levels(g / s, bits) * s) ** 2).sum(axis=-1, keepdims=True)
+        err = (importance * (g - round_levels(g / s, bits, grid) * s) ** 2).sum(axis=-1, keepdims=True)
         if best is None:
             best, best_err = s, err
         else:
@@ -66,12 +72,13 @@ def search_scales(g: np.ndarray, bits: int, importance: np.ndarray | float = 1.0
 PAIRWISE_BLOCK = 128
 
 
-def _search_fused(g: np.ndarray, bits: int, top: np.ndarray) -> np.ndarray:
+def _search_fused(g: np.ndarray, bits: int, grid: str, top: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(g.reshape(-1, g.shape[-1]))
     candidates = (top.reshape(-1, 1) * SCALE_FRACTIONS[None, :]).astype(np.float16).astype(np.float32)
     candidates = np.where(candidates > 0, candidates, np.float32(1))
     best = np.empty(flat.shape[0], np.float32)
-    _best_scales(flat, candidates, np.float32(max_level(bits)), bits == 8, best)
+    lo, hi, offset = level_range(bits, grid)
+    _best_scales(flat, candidates, np.float32(lo), np.float32(hi), np.float32(offset), best)
     return best.reshape(*g.shape[:-1], 1)
 
 
@@ -104,9 +111,9 @@ def _pairwise_sum(d, lo, n):
 
 
 @numba.njit(cache=True, nogil=True)
-def _best_scales(g, candidates, c, eight, best):
+def _best_scales(g, candidates, lo, hi, offset, best):
     """best[r] = the candidate scale of row r of g with the least squared rounding error (the first
-    of equals); g float32 [rows, group], candidates float32 [rows, fractions], c the top level."""
+    of equals); g float32 [rows, group], candidates float32 [rows, fractions]; levels as level_range."""
     n, size = g.shape
     d = np.empty(size, np.float32)
     for r in range(n):
@@ -115,8 +122,8 @@ def _best_scales(g, candidates, c, eight, best):
             s = candidates[r, f]
             for j in range(size):
                 x = g[r, j] / s
-                q = np.rint(x) if eight else np.rint(x + c) - c
-                e = g[r, j] - min(max(q, -c), c) * s
+                q = np.rint(x + offset) - offset
+                e = g[r, j] - min(max(q, lo), hi) * s
                 d[j] = e * e
             err = _pairwise_sum(d, 0, size)
             if f == 0 or err < best_err:
@@ -124,15 +131,16 @@ def _best_scales(g, candidates, c, eight, best):
         best[r] = best_s
 
 
-def round_to_levels(w: np.ndarray, bits: int, group: int, gram: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def round_to_levels(w: np.ndarray, bits: int, group: int, gram: np.ndarray | None = None,
+                    grid: str = "half") -> tuple[np.ndarray, np.ndarray]:
     """(scales float16 [N, K / group], levels float32 [N, K]) for w [N, K] ≈ levels · scales; with
     `gram` (float [K, K], the inputs' XᵀX) rounded to minimise the output error (module docstring)."""
     n, k = w.shape
     if gram is None or not np.trace(gram) > 0:
         g = w.astype(np.float32).reshape(n, k // group, group)
-        s = search_scales(g, bits)
-        return s[..., 0].astype(np.float16), (round_levels(g / s, bits)).reshape(n, k).astype(np.float32)
-    return _calibrated(w, bits, group, gram)
+        s = search_scales(g, bits, grid=grid)
+        return s[..., 0].astype(np.float16), (round_levels(g / s, bits, grid)).reshape(n, k).astype(np.float32)
+    return _calibrated(w, bits, group, gram, grid)
 
 
 # The last Gram matrix factored and its factors: an expert's gate and up matrices share their inputs,
@@ -157,7 +165,7 @@ def _factor(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _last_factored[1]
 
 
-def _calibrated(w: np.ndarray, bits: int, group: int, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _calibrated(w: np.ndarray, bits: int, group: int, gram: np.ndarray, grid: str) -> tuple[np.ndarray, np.ndarray]:
     n, k = w.shape
     importance, u = _factor(gram)
     rest = w.astype(np.float64).copy()
@@ -166,12 +174,12 @@ def _calibrated(w: np.ndarray, bits: int, group: int, gram: np.ndarray) -> tuple
     for g0 in range(0, k, group):
         cols = slice(g0, g0 + group)
         block = rest[:, cols].copy()  # the group's columns, contiguous: a column of `rest` is strided by k
-        s = search_scales(block[:, None, :], bits, importance[None, None, cols])[:, 0, 0].astype(np.float64)
+        s = search_scales(block[:, None, :], bits, importance[None, None, cols], grid)[:, 0, 0].astype(np.float64)
         scales[:, g0 // group] = s
         err = np.empty((n, group))
         within = u[cols, cols]
         for i in range(group):  # within the group column by column; past it, one matrix product
-            q = round_levels(block[:, i] / s, bits)
+            q = round_levels(block[:, i] / s, bits, grid)
             levels[:, g0 + i] = q
             err[:, i] = (block[:, i] - q * s) / within[i, i]
             block[:, i + 1 :] -= np.outer(err[:, i], within[i, i + 1 :])

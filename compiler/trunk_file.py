@@ -19,6 +19,7 @@ import numpy as np
 from ..models import MoEModel
 from ..models.encoder_decoder import position_bias_table
 from ..models.reference import rope_tables
+from ..models.stored_tensor import RowStack
 from .binfmt import align_up, crc32, pack, size
 from .program import NONE, PROFILE_TENSORS, count_ops, emit_program
 from .quantize import quantize
@@ -67,7 +68,7 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         else:
             if cfg.attention_sinks:
                 out.append((p + "sinks", l.sinks))
-            out.append((p + "wqkv", np.concatenate([l.wq, l.wk, l.wv], axis=0)))
+            out.append((p + "wqkv", RowStack([l.wq, l.wk, l.wv])))
         if cfg.qkv_bias:
             out.append((p + "bqkv", np.concatenate([l.bq, l.bk, l.bv])))
         if cfg.qk_norm != "none":
@@ -80,7 +81,7 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
             out.append((p + "ffn_norm_bias", l.ffn_norm_bias))
         if l.cwq is not None:
             out += [(p + "cross_norm", l.cross_norm), (p + "cross_wq", l.cwq),
-                    (p + "cross_wkv", np.concatenate([l.cwk, l.cwv], axis=0)), (p + "cross_wo", l.cwo)]
+                    (p + "cross_wkv", RowStack([l.cwk, l.cwv])), (p + "cross_wo", l.cwo)]
         if l.dense is not None:  # a ReLU MLP has no gate
             out += [(p + "dense_" + n, w) for n, w in (("gate_proj", l.dense.w_gate), ("up_proj", l.dense.w_up),
                                                        ("down_proj", l.dense.w_down)) if w is not None]

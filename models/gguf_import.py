@@ -50,8 +50,12 @@ runtime gives the same numbers. ``qwen2moe``, ``qwen3moe`` and ``olmoe`` use ggm
 Tensor types: F32, F16, BF16, Q8_0, Q4_0 and the k-quants Q2_K…Q6_K are dequantized to float32
 (``gguf.quants.dequantize``); any other type is refused naming the tensor. The k-quants are there
 because llama-quantize mixes them into files of other types: its Q4_0 of an 8-expert llama holds
-Q5_K ``attn_k``, Q8_0 ``attn_v`` and a Q6_K output matrix (the tied ``token_embd`` included). The compiler then quantizes as it does an HF
-checkpoint — repacking Q4_0/Q8_0 blocks straight into INT4/INT8 groups of 32 is not done yet.
+Q5_K ``attn_k``, Q8_0 ``attn_v`` and a Q6_K output matrix (the tied ``token_embd`` included). The
+compiler then quantizes as it does an HF checkpoint, but for Q8_0 and Q4_0 matrices at group 32:
+their blocks are integer levels times a float16 scale per 32 weights (``stored_levels``), which
+compiler/quantize.py repacks without rounding them again — Q8_0 into INT8, Q4_0 into INT8 or into
+INT4 on the integer grid (levels -8…7), which the compile picks for the experts when all of them
+are Q4_0 (compiler/driver.py ``int4_grid``).
 
 Streaming: the matrices stay in the file (``GGUFTensor``: a byte range of the memory-mapped file,
 dequantized when used: the routed experts one at a time, the trunk a layer at a time), as an HF
@@ -236,6 +240,33 @@ class GGUFTensor(FileTensor):
         del raw
         self._release(m)
         return out
+
+    def level_bounds(self, group: int) -> tuple[int, int] | None:
+        return LEVEL_BLOCKS[self.ggml_type][1] if self.ggml_type in LEVEL_BLOCKS and group == BLOCK else None
+
+    def stored_levels(self, group: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.level_bounds(group) is None:
+            return None
+        m, raw = self._mapped_bytes()
+        nbytes = LEVEL_BLOCKS[self.ggml_type][0]
+        blocks = raw.reshape(-1, nbytes)
+        scales = blocks[:, :2].copy().view(np.float16).reshape(*self.shape[:-1], -1)
+        q = blocks[:, 2:]
+        if self.ggml_type == "Q8_0":
+            levels = q.view(np.int8)
+        else:  # Q4_0: byte j holds weight j in its low nibble and weight j + 16 in its high one; level q - 8
+            levels = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.int8) - np.int8(8)
+        levels = levels.reshape(self.shape).copy()
+        del raw, blocks, q
+        self._release(m)
+        return levels, scales
+
+
+# ggml's block types that are integer levels times one float16 scale d per BLOCK weights (ggml-common.h):
+# type → (bytes per block: d then the codes, (lowest, highest) level). Q8_0: int8 levels, llama.cpp's
+# quantizer keeps them in [-127, 127]; Q4_0: 4-bit codes q, levels q - 8.
+BLOCK = 32
+LEVEL_BLOCKS = {"Q8_0": (34, (-128, 127)), "Q4_0": (18, (-8, 7))}
 
 
 class GGUFTensors:

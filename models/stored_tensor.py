@@ -80,6 +80,17 @@ class LazyTensor(NDArrayOperatorsMixin):
     def read(self) -> np.ndarray:
         raise NotImplementedError
 
+    def level_bounds(self, group: int) -> tuple[int, int] | None:
+        """(lowest, highest) integer level where the tensor is stored as integer levels times one
+        float16 scale per `group` consecutive inputs (a GGUF's Q8_0 and Q4_0 blocks), told without
+        reading it; None otherwise."""
+        return None
+
+    def stored_levels(self, group: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(levels int8 [..., K], float16 scales [..., K / group]) as the tensor is stored, where it
+        is so stored (level_bounds), so it can be repacked unrounded; None otherwise."""
+        return None
+
     def __array__(self, dtype=None, copy=None):
         a = self.read()
         return a if dtype is None else a.astype(dtype)
@@ -100,6 +111,18 @@ class LazyTensor(NDArrayOperatorsMixin):
 
     def __len__(self) -> int:
         return self.shape[0]
+
+
+class RowStack(LazyTensor):
+    """Matrices of one width stacked along their rows (a fused q/k/v projection), each part kept as
+    it is (an array or a LazyTensor) so that each can be quantized as it is stored."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.shape = (sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:])
+
+    def read(self) -> np.ndarray:
+        return np.concatenate([np.asarray(p, dtype=np.float32) for p in self.parts], axis=0)
 
 
 class FileTensor(LazyTensor):

@@ -13,7 +13,8 @@ U64 = 2**64
 IMAGE_HEADER = size(expert_image.HEADER_FMT) - 4
 TRUNK_HEADER = size(trunk_file.HEADER_FMT) - 4
 IMAGE_FIELDS = ("magic", "version", "header_bytes", "layers", "experts", "records", "record_bytes", "align", "hidden",
-                "inter", "group", "table_offset", "data_offset", "file_bytes", "table_crc", "layout", "compile_id", "act")
+                "inter", "group", "table_offset", "data_offset", "file_bytes", "table_crc", "layout", "compile_id", "act",
+                "int4_grid")
 TRUNK_FIELDS = ("magic", "version", "header_bytes", "vocab", "hidden", "layers", "heads", "kv_heads", "head_dim",
                 "experts", "top_k", "inter", "max_positions", "rope_theta", "norm_eps", "flags", "bos", "eos",
                 "n_tensors", "table_offset", "data_offset", "file_bytes", "table_crc", "data_crc", "compile_id",

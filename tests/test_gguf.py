@@ -370,3 +370,43 @@ def test_a_gguf_compiles_with_the_tokenizer_it_carries(tmp_path, runtime_lib):
             texts.append("".join(s.generate("ROMEO:", max_tokens=24, temperature=0.7, seed=3)))
     assert texts[0] == texts[1] and len(texts[0]) > 20
     assert json.loads((tmp_path / "from-gguf" / "tokenizer_config.json").read_text())["chat_template"]
+
+
+@pytest.mark.parametrize("int_dot", [None, False], ids=["auto-kernels", "float-kernels"])
+def test_q4_0_blocks_are_stored_unrounded_on_the_integer_grid(mixtral, tmp_path, rng, runtime_lib, int_dot):
+    """A Q4_0 GGUF's experts compile at INT4 on the integer grid: every expert weight is the GGUF's
+    own value (d times a level -8…7), not rounded again; its Q4_0 trunk matrices at INT8 likewise.
+    The runtime's logits match the reference on those weights; an HF directory compiles on the half
+    grid unless told."""
+    from conftest import assert_matches_reference
+    from edgemoe.compiler.artifact_reference import artifact_model
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.compiler.expert_image import read_experts, read_table
+    from edgemoe.compiler.quantize import compiled_trunk
+    from edgemoe.models import read_stored
+    from edgemoe.models.reference import ReferenceExecutor
+    from edgemoe.runtime import Session
+
+    path = write_gguf(mixtral, "mixtral", tmp_path / "mixtral-q4_0.gguf", Q.Q4_0)
+    out = tmp_path / "artifact"
+    manifest = compile_model(path, out, CompileOptions(expert_bits=4, max_seq=48, int_dot=int_dot), log=lambda m: None)
+    assert manifest["quantization"]["int4_grid"] == "integer"
+    assert read_table(out / "experts.bin")[0].int4_grid == "integer"
+    model = load_model(path)  # every tensor dequantized to float32: the GGUF's values
+    for layer, row in zip(model.layers, read_experts(out / "experts.bin")):
+        for e, stored in zip(layer.experts, row):
+            for w, m in zip(e.matrices(), stored.matrices(), strict=True):
+                assert m.bits == 4 and m.grid == "integer" and np.array_equal(m.dequantize(), w)
+    trunk = compiled_trunk(load_model(path, lazy=True), 8)  # the trunk as stored at INT8, Q4_0 blocks repacked
+    assert np.array_equal(np.asarray(trunk.layers[0].wo), model.layers[0].wo)
+
+    reference = ReferenceExecutor(read_stored(artifact_model(load_model(path, lazy=True), out)), 48)
+    ids = rng.integers(0, model.config.vocab_size, 12).tolist()
+    with Session(out) as s:
+        got = np.stack([s.prefill(ids[:8]), *(s.decode_step(t) for t in ids[8:])])
+    want = np.stack([reference.step(t) for t in ids])[7:]
+    assert_matches_reference(got, want, out, 1e-4)
+
+    hf = compile_model(mixtral, tmp_path / "hf", CompileOptions(expert_bits=4, max_seq=48, int_dot=int_dot),
+                       log=lambda m: None)
+    assert hf["quantization"]["int4_grid"] == "half"

@@ -46,9 +46,27 @@ def test_the_compiled_scale_search_finds_the_array_search_s_scales(group, rng):
 
     g = (rng.standard_normal((4000, 2, group)) * 0.02).astype(np.float32)
     g[0, 0], g[1, 1, : group // 2], g[2] = 0, 0, g[2] * 1e3  # an all-zero group, a half-empty one, large values
-    for bits in (2, 3, 4, 8):
-        fused, passes = search_scales(g, bits), search_scales(g, bits, np.ones(group, np.float32))
-        assert fused.dtype == passes.dtype == np.float32 and np.array_equal(fused, passes), bits
+    for bits, grid in ((2, "half"), (3, "half"), (4, "half"), (4, "integer"), (8, "half")):
+        fused, passes = search_scales(g, bits, grid=grid), search_scales(g, bits, np.ones(group, np.float32), grid)
+        assert fused.dtype == passes.dtype == np.float32 and np.array_equal(fused, passes), (bits, grid)
+
+
+@pytest.mark.parametrize("gram", [False, True], ids=["searched", "calibrated"])
+def test_int4_on_the_integer_grid_rounds_to_levels_minus_8_to_7(gram, rng):
+    """The integer grid (GGUF Q4_0's levels) with searched scales or calibrated rounding: codes 0…15
+    stand for -8…7, and the weights are about as close as on the half-integer grid (measured on
+    Gaussian weights: RMS error within 3% of it)."""
+    w = (rng.standard_normal((64, 128)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((512, 128)).astype(np.float32)
+    h = x.T @ x if gram else None
+    half, integer = quantize(w, 4, 32, gram=h), quantize(w, 4, 32, gram=h, grid="integer")
+    levels = integer.codes() - 8
+    assert levels.min() == -8 and levels.max() == 7
+    assert np.array_equal(integer.dequantize(), levels * integer.scales.astype(np.float32).repeat(32, axis=1))
+    err = [np.sqrt(((m.dequantize() - w) ** 2).mean()) for m in (half, integer)]
+    assert err[1] <= 1.03 * err[0], err
+    with pytest.raises(ValueError, match="INT4's"):
+        quantize(w, 2, 32, grid="integer")
 
 
 def test_a_gram_of_zeros_falls_back_to_searched_scales(rng):

@@ -10,8 +10,8 @@
 
 #define TRUNK_VERSION 5 /* 3: compile id, kernels' SHA-256, machine and CPU features; 4: MLA and dense sizes;
                            5: KV and cross layers, decoder start, program ops */
-#define IMAGE_VERSION 6 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id;
-                           6: the experts' activation */
+#define IMAGE_VERSION 7 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id;
+                           6: the experts' activation; 7: the INT4 grid */
 #define TENSOR_ALIGN 64
 #define PART_ALIGN 64
 
@@ -235,6 +235,11 @@ int em_read_image_header(int fd, const char* path, em_image_header* h, char* err
   h->layout = le32(b + 76);
   memcpy(h->compile_id, b + 80, 16);
   h->act = le32(b + 96);
+  h->int4_grid = le32(b + 100);
+  if (h->int4_grid > EM_GRID_INTEGER) {
+    snprintf(err, n, "%s: unknown INT4 grid %u; recompile the model", path, h->int4_grid);
+    return EM_ERR_FORMAT;
+  }
   if (h->act >= EM_ACT_COUNT) {
     snprintf(err, n, "%s: unknown expert activation %u; recompile the model", path, h->act);
     return EM_ERR_FORMAT;

@@ -8,7 +8,7 @@
 
 /* Where each header's CRC-32 sits (it covers the bytes before it), and table entry sizes. */
 #define EM_TRUNK_HEADER_CRC_AT 208
-#define EM_IMAGE_HEADER_CRC_AT 100
+#define EM_IMAGE_HEADER_CRC_AT 104
 #define EM_TENSOR_ENTRY_BYTES 96
 #define EM_RECORD_ENTRY_BYTES 64
 
@@ -39,6 +39,9 @@ enum { EM_TRUNK_FLAG_TILES = 4 };
 /* How quantized matrices are laid out (compiler/quantize.py): rows for the float-dequantizing
  * kernels, 16-row tiles for the integer-dot kernels. */
 enum { EM_LAYOUT_ROWS = 0, EM_LAYOUT_TILES = 1 };
+/* The expert image's INT4 levels (expert_image.GRID_CODES): half-integers ±1/2…±15/2, or -8…7 (GGUF Q4_0's).
+ * Only the kernels compute with them; the runtime checks the field. */
+enum { EM_GRID_HALF = 0, EM_GRID_INTEGER = 1 };
 
 typedef struct {
   char name[49];
@@ -63,6 +66,7 @@ typedef struct {
   uint32_t table_crc, layout;
   uint8_t compile_id[16];
   uint32_t act; /* the experts' activation, EM_ACT_*: which parts a record has */
+  uint32_t int4_grid; /* EM_GRID_* */
 } em_image_header;
 
 /* Every size, count and offset these read is checked, overflow-safe, against the file's size and
