@@ -6,7 +6,8 @@
 #
 # 1. The llama-cpp-python sdist (a PyPI package that vendors llama.cpp's source) into build/.
 # 2. Its vendor/llama.cpp extracted to build/llama.cpp (convert_hf_to_gguf.py with its own gguf-py).
-# 3. llama-quantize built there (build/llama.cpp/build/bin), portable (-DGGML_NATIVE=OFF), nothing else.
+# 3. llama-quantize built there (build/llama.cpp/build/bin), portable (-DGGML_NATIVE=OFF), nothing else; with it
+#    libllama, which tests/llamacpp_greedy.c links to decode with llama.cpp itself.
 # 4. sentencepiece, which the converter imports for every llama-architecture model.
 # PYTHON selects the interpreter (default: python, else python3); LLAMACPP_TOOLS adds build targets
 # (e.g. "llama-quantize llama-bench" for edgemoe-bench llamacpp). LLAMACPP_NATIVE=1 builds for this CPU
