@@ -432,8 +432,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
                                   profile, identity)
     average_bits = float(np.mean(plan))
-    on_grid = " (INT4 on the integer grid -8…7, as Q4_0)" if grid == "integer" and 4 in bits_used else ""
-    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}{on_grid}, {average_bits:.2f} bits "
+    grid_note = " (INT4 on the integer grid −8…7, Q4_0's)" if grid == "integer" and 4 in bits_used else ""
+    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}{grid_note}, {average_bits:.2f} bits "
         f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
         f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "
         f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels")
