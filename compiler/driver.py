@@ -335,6 +335,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     if opts.calibration is not None:
         calib_tokens = rounding_tokens = tokenize_file(tokenizer, opts.calibration, opts.calibration_tokens)
     searched = moments = rounded_trunk = None
+    grid = int4_grid(model, opts)
     if search and calib_tokens is None:
         raise ValueError("--tolerance and --max-bits need calibration text (--calibration) to measure expert "
                          "sensitivity on")
@@ -366,7 +367,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         elif method == "estimated":
             with ExpertPool(opts.jobs or default_jobs()) as local:
                 searched = search_plan_estimated(model, rounded_trunk, fit, search_tokens, check_tokens,
-                                                 opts.tolerance, opts.max_bits, opts.group, local, log, progress)
+                                                 opts.tolerance, opts.max_bits, opts.group, local, log, progress,
+                                                 grid)
         else:
             searched = search_plan(model, search_tokens, check_tokens, opts.tolerance, opts.group,
                                    cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
@@ -381,7 +383,6 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     plan = expert_bit_plan(cfg, opts)
     bits_used = sorted({b for row in plan for b in row})
     layout = weight_layout(cfg, target, opts, bits_used)
-    grid = int4_grid(model, opts)
     max_seq = min(opts.max_seq or min(cfg.max_positions, 2048), cfg.max_positions)
     counts = model.parameter_counts()
     log(f"imported {model_dir}: {cfg.arch}, {cfg.num_layers} layers, {cfg.num_moe_layers} of them with "

@@ -28,10 +28,10 @@ import numpy as np
 from ..models import Expert, MoEModel, read_stored
 from ..models.perplexity import token_nll
 from ..models.reference import final_logits, routed_expert_hidden
-from ..models.stored_tensor import materialize
+from ..models.stored_tensor import LazyTensor, materialize
 from .layer_pass import LayerPass
 from .progress import track
-from .rounding import round_to_levels
+from .quantize import quantize
 
 # Candidate plans scored in one pass, the float model aside: enough that neighbours on the path
 # differ by ~0.5 bits on average over INT8…INT2, few enough that a pass costs a few forward passes.
@@ -40,47 +40,46 @@ CANDIDATES = 12
 
 @dataclass
 class LevelTask:
-    """One expert's matrices (arrays or StoredTensors) to round at each of `levels`."""
+    """One expert's matrices (arrays or LazyTensors) to round at each of `levels` (INT4 on `int4_grid`)."""
 
     layer: int
     expert: int
     weights: tuple
     levels: tuple[int, ...]
     group: int
+    int4_grid: str = "half"
 
 
 def round_at_levels(task: LevelTask) -> dict[int, Expert]:
-    """bits → the expert with its matrices rounded there (scale search, no calibration) and
-    dequantized: what the artifact's kernels compute with, up to the calibrated rounding."""
-    weights = [None if w is None else materialize(w) for w in task.weights]
-    out = {}
-    for bits in task.levels:
-        parts = []
-        for w in weights:
-            if w is None:
-                parts.append(None)
-                continue
-            scales, levels = round_to_levels(w, bits, task.group)
-            parts.append(levels * scales.astype(np.float32).repeat(task.group, axis=1))
-        out[bits] = Expert(*parts)
-    return out
+    """bits → the expert with its matrices rounded there (scale search, no calibration; stored levels
+    the bitwidth holds, a GGUF's Q8_0 / Q4_0 blocks, as they are) and dequantized: what the
+    artifact's kernels compute with, up to the calibrated rounding."""
+    # read once, unless stored as levels (quantize then takes them, or reads for the other bitwidths)
+    weights = [w if isinstance(w, LazyTensor) and w.level_bounds(task.group) is not None else materialize(w)
+               for w in task.weights]
+    return {bits: Expert(*(None if w is None else
+                           quantize(w, bits, task.group, grid=task.int4_grid if bits == 4 else "half").dequantize()
+                           for w in weights))
+            for bits in task.levels}
 
 
-def _level_tasks(model: MoEModel, levels_of, group: int):
+def _level_tasks(model: MoEModel, levels_of, group: int, int4_grid: str):
     for l, layer in enumerate(model.moe_layers):
         for e, expert in enumerate(layer.experts):
-            yield LevelTask(l, e, (expert.w_gate, expert.w_up, expert.w_down), tuple(levels_of(l, e)), group)
+            yield LevelTask(l, e, (expert.w_gate, expert.w_up, expert.w_down), tuple(levels_of(l, e)), group,
+                            int4_grid)
 
 
 def estimate_errors(trunk: MoEModel, tokens: np.ndarray, levels: tuple[int, ...], group: int, pool,
-                    progress=None) -> dict[int, np.ndarray]:
+                    progress=None, int4_grid: str = "half") -> dict[int, np.ndarray]:
     """bits → [expert layers, experts]: the estimated error of each expert rounded to those bits
-    (module docstring), on `tokens` run through `trunk` (the model as the artifact computes it,
-    experts still float) layer by layer. `pool`: an ExpertPool that rounds the experts."""
+    (module docstring; INT4 on `int4_grid`), on `tokens` run through `trunk` (the model as the
+    artifact computes it, experts still float) layer by layer. `pool`: an ExpertPool that rounds
+    the experts."""
     cfg = trunk.config
     errors = {b: np.zeros((cfg.num_moe_layers, cfg.num_experts)) for b in levels}
     calibration = LayerPass(trunk, tokens)
-    rounded = pool.run(_level_tasks(trunk, lambda l, e: levels, group), work=round_at_levels)
+    rounded = pool.run(_level_tasks(trunk, lambda l, e: levels, group, int4_grid), work=round_at_levels)
     for layer in track(progress, calibration.layers(), "bit plans: estimating expert sensitivity",
                        total=cfg.num_moe_layers, unit="layer"):
         l = layer.moe_index
@@ -101,7 +100,7 @@ def estimate_errors(trunk: MoEModel, tokens: np.ndarray, levels: tuple[int, ...]
 
 
 def plan_nlls(model: MoEModel, trunk: MoEModel, plans: list, texts: list[np.ndarray], group: int, pool,
-              progress=None) -> np.ndarray:
+              progress=None, int4_grid: str = "half") -> np.ndarray:
     """[plans, texts]: mean negative log-likelihood of each text under each plan, a plan of bits per
     [expert layer][expert] through `trunk` (the model as the artifact computes it), or None: `model`
     itself, all float. Every plan is a stream of one layer-by-layer pass that reads each expert once
@@ -109,8 +108,8 @@ def plan_nlls(model: MoEModel, trunk: MoEModel, plans: list, texts: list[np.ndar
     cfg = trunk.config
     reads: dict = {}
     passes = [LayerPass(model, texts) if p is None else LayerPass(trunk, texts, reads=reads) for p in plans]
-    rounded = pool.run(_level_tasks(trunk, lambda l, e: sorted({p[l][e] for p in plans if p is not None}), group),
-                       work=round_at_levels)
+    rounded = pool.run(_level_tasks(trunk, lambda l, e: sorted({p[l][e] for p in plans if p is not None}), group,
+                                    int4_grid), work=round_at_levels)
     layers = [p.layers() for p in passes]
     for m in track(progress, range(cfg.num_moe_layers), f"bit plans: scoring {len(plans)} plans", unit="layer"):
         streams = [next(g) for g in layers]
@@ -169,21 +168,21 @@ def _spread(bits: np.ndarray, lo: int, hi: int, n: int) -> list[int]:
 
 def search_plan_estimated(model: MoEModel, trunk: MoEModel, fit: np.ndarray, search: np.ndarray, check: np.ndarray,
                           tolerance: float | None, max_bits: float | None, group: int, pool, log=print,
-                          progress=None):
+                          progress=None, int4_grid: str = "half"):
     """bitplan.search_plan's plan, for a model read layer by layer: sensitivities estimated on the
     `fit` tokens (estimate_errors), the path of plan_path() through them, and plans along it scored
     together (plan_nlls) on the search and the check tokens: CANDIDATES evenly spaced in average bits,
     then as many again between the most compact that stays within the tolerance on both and the next.
     The plan is the most compact scored one within the tolerance on both texts (with `max_bits`, at most
     that many bits). Loss is measured against `model`, all float; `trunk` is the model as the artifact
-    computes it, experts still float."""
+    computes it, experts still float; INT4 experts on `int4_grid`."""
     from .bitplan import BASE, LEVELS, BitPlan, ToleranceError, _plan_at, plan_path
 
     if tolerance is None and max_bits is None:
         raise ValueError("a bit plan search needs a tolerance, a bits target, or both")
     if max_bits is not None and max_bits < min(LEVELS):
         raise ValueError(f"an average of {max_bits} bits is below the narrowest expert bitwidth INT{min(LEVELS)}")
-    errors = estimate_errors(trunk, fit, LEVELS, group, pool, progress)
+    errors = estimate_errors(trunk, fit, LEVELS, group, pool, progress, int4_grid)
     start, moves = plan_path({b: errors[b] - errors[BASE] for b in LEVELS if b != BASE})
     bits = _bits_along(start, moves)
     steps = [f"sensitivities estimated on {len(fit)} calibration tokens; {len(moves)} moves from {bits[0]:.2f} to "
@@ -194,7 +193,7 @@ def search_plan_estimated(model: MoEModel, trunk: MoEModel, fit: np.ndarray, sea
     def score(ks: list[int]) -> None:
         ks = [k for k in ks if k not in scored]
         nll = plan_nlls(model, trunk, [None] + [_plan_at(start, moves, k) for k in ks], [search, check], group,
-                        pool, progress)
+                        pool, progress, int4_grid)
         for k, row in zip(ks, nll[1:]):
             scored[k] = (relative_loss(row[0], nll[0, 0]), relative_loss(row[1], nll[0, 1]))
             steps.append(f"{k} moves, {bits[k]:.2f} bits: loss {100 * scored[k][0]:+.2f}% on search tokens, "

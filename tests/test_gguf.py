@@ -410,3 +410,16 @@ def test_q4_0_blocks_are_stored_unrounded_on_the_integer_grid(mixtral, tmp_path,
     hf = compile_model(mixtral, tmp_path / "hf", CompileOptions(expert_bits=4, max_seq=48, int_dot=int_dot),
                        log=lambda m: None)
     assert hf["quantization"]["int4_grid"] == "half"
+
+
+def test_the_estimated_search_rounds_q4_0_experts_as_the_compile_stores_them(tmp_path):
+    """The bit-plan search's rounding (plan_pass.round_at_levels) of a Q4_0 GGUF's expert: at INT4 on
+    the integer grid and at INT8 the GGUF's own values (the search sees no loss there, as the compile
+    stores none), at INT2 a rounding."""
+    from edgemoe.compiler.plan_pass import LevelTask, round_at_levels
+
+    hf_dir = save_checkpoint("mixtral", tmp_path / "hf")
+    e = load_model(write_gguf(hf_dir, "mixtral", tmp_path / "q4.gguf", Q.Q4_0), lazy=True).layers[0].experts[1]
+    at = round_at_levels(LevelTask(0, 1, (e.w_gate, e.w_up, e.w_down), (2, 4, 8), 32, "integer"))
+    for w, q2, q4, q8 in zip(e.matrices(), at[2].matrices(), at[4].matrices(), at[8].matrices(), strict=True):
+        assert np.array_equal(q4, w.read()) and np.array_equal(q8, w.read()) and not np.array_equal(q2, w.read())
