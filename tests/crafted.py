@@ -114,6 +114,7 @@ def image_cases(records):
         "layers times experts wraps": (dict(header={"layers": 65536, "experts": 65536, "records": 0}),
                                        "inconsistent header"),
         "image from another compile": (dict(header={"compile_id": b"\x01" * 16}), "come from different compiles"),
+        "undefined INT4 grid": (dict(header={"int4_grid": 2}), "unknown INT4 grid"),
     }
 
 

@@ -43,6 +43,7 @@ def crafted(tiny, tmp_path_factory):
 CASES = ["record length near 2^64", "record offset + length wraps", "part beyond what the shape fits",
          "record shorter than its shape", "parts overlapping", "undefined bitwidth", "record out of order", "group zero",
          "alignment zero", "counts far beyond the file", "layers times experts wraps", "image from another compile",
+         "undefined INT4 grid",
          "tensor offset wraps", "tensor bytes beyond its shape", "tensor of undefined type",
          "tensor count beyond the file", "zero hidden size", "heads not a multiple of KV heads", "top-k above the experts",
          "kernels for another architecture", "a CPU feature this CPU lacks"]
