@@ -60,8 +60,8 @@ are Q4_0 (compiler/driver.py ``int4_grid``).
 Streaming: the matrices stay in the file (``GGUFTensor``: a byte range of the memory-mapped file,
 dequantized when used: the routed experts one at a time, the trunk a layer at a time), as an HF
 checkpoint's safetensors do, so a GGUF of a model many times the RAM compiles through the
-streaming path. Vectors, routers and the llama architecture's q/k (whose rows are reordered on
-import) are read at once.
+streaming path (the llama architecture's q/k too: ``RowOrder`` reorders their rows as they are
+read). Vectors and routers are read at once.
 
 Tokenizer: a GGUF carries its vocabulary (``tokenizer.ggml.*``), which ``read_vocabulary`` exposes;
 ``tokenizer_files`` turns a byte-level BPE one split as GPT-2 splits (llama.cpp's pre-tokenizers
@@ -79,7 +79,7 @@ import numpy as np
 
 from .config import Expert, Layer, MoEConfig, MoEModel
 from .hf_import import ModelImportError
-from .stored_tensor import FileTensor
+from .stored_tensor import FileTensor, RowOrder
 
 SUFFIX = ".gguf"
 # Key prefixes that cannot change what the decoder computes: authorship and bookkeeping, the
@@ -413,9 +413,8 @@ def _experts(r: GGUFTensors, p: str, E: int, I: int, H: int) -> list[Expert]:
 def _layer(r: GGUFTensors, cfg: MoEConfig, spec: GGUFArch, i: int) -> Layer:
     H, q, kv, E, I = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.num_experts, cfg.expert_intermediate
     p = f"blk.{i}."
-    qk = r.get if spec.permuted_qk else r.stored  # rows to reorder below: read now
     layer = Layer(attn_norm=r.get(p + "attn_norm.weight", (H,)), ffn_norm=r.get(p + "ffn_norm.weight", (H,)),
-                  wq=qk(p + "attn_q.weight", (q, H)), wk=qk(p + "attn_k.weight", (kv, H)),
+                  wq=r.stored(p + "attn_q.weight", (q, H)), wk=r.stored(p + "attn_k.weight", (kv, H)),
                   wv=r.stored(p + "attn_v.weight", (kv, H)), wo=r.stored(p + "attn_output.weight", (H, q)),
                   router=r.get(p + "ffn_gate_inp.weight", (E, H)), experts=_experts(r, p, E, I, H))
     if cfg.qkv_bias:
@@ -431,9 +430,9 @@ def _layer(r: GGUFTensors, cfg: MoEConfig, spec: GGUFArch, i: int) -> Layer:
         layer.shared = Expert(r.stored(p + "ffn_gate_shexp.weight", (S, H)),
                               r.stored(p + "ffn_up_shexp.weight", (S, H)), r.stored(p + "ffn_down_shexp.weight", (H, S)))
         layer.shared_gate = r.get(p + "ffn_gate_inp_shexp.weight", (1, H), (H,))
-    if spec.permuted_qk:
-        layer.wq = unpermute_rows(layer.wq, cfg.num_heads)
-        layer.wk = unpermute_rows(layer.wk, cfg.num_kv_heads)
+    if spec.permuted_qk:  # rows reordered as they are read (the blocks of a row stay whole)
+        layer.wq = RowOrder(layer.wq, unpermute_rows(np.arange(q), cfg.num_heads))
+        layer.wk = RowOrder(layer.wk, unpermute_rows(np.arange(kv), cfg.num_kv_heads))
         if layer.bq is not None:
             layer.bq, layer.bk = unpermute_rows(layer.bq, cfg.num_heads), unpermute_rows(layer.bk, cfg.num_kv_heads)
     return layer
@@ -447,7 +446,8 @@ def describe_gguf(path: str | Path) -> MoEConfig:
 
 def load_gguf(path: str | Path) -> MoEModel:
     """Import a GGUF file into the project's MoEModel, strictly: its matrices as GGUFTensors (read when
-    used; models.read_stored reads them), its vectors, routers and llama's permuted q/k as float32."""
+    used; models.read_stored reads them; llama's q/k as RowOrders of them), its vectors and routers as
+    float32."""
     f, spec = _open(Path(path))
     cfg = _describe(f, spec)
     r = GGUFTensors(f)

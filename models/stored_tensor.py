@@ -125,6 +125,24 @@ class RowStack(LazyTensor):
         return np.concatenate([np.asarray(p, dtype=np.float32) for p in self.parts], axis=0)
 
 
+class RowOrder(LazyTensor):
+    """A matrix with its rows taken in another order (`order[i]`: the source row that is row i),
+    reordered when read; stored levels reordered alike."""
+
+    def __init__(self, source: LazyTensor, order: np.ndarray):
+        self.source, self.order, self.shape = source, np.asarray(order), source.shape
+
+    def read(self) -> np.ndarray:
+        return self.source.read()[self.order]
+
+    def level_bounds(self, group: int) -> tuple[int, int] | None:
+        return self.source.level_bounds(group)
+
+    def stored_levels(self, group: int) -> tuple[np.ndarray, np.ndarray] | None:
+        stored = self.source.stored_levels(group)
+        return None if stored is None else (stored[0][self.order], stored[1][self.order])
+
+
 class FileTensor(LazyTensor):
     """A tensor lying in bytes start…end of a file, whose first axis steps through that range evenly
     (a safetensors tensor, a GGUF tensor: a fused [experts, …] tensor is one expert after another).

@@ -196,6 +196,7 @@ def test_gguf_experts_stay_in_the_file_until_read(qtype, tmp_path):
     import pickle
 
     from edgemoe.models.gguf_import import GGUFTensor
+    from edgemoe.models.stored_tensor import RowOrder
 
     hf_dir = save_checkpoint("mixtral", tmp_path / "hf")
     path = write_gguf(hf_dir, "mixtral", tmp_path / "m.gguf", Q[qtype])
@@ -205,6 +206,12 @@ def test_gguf_experts_stay_in_the_file_until_read(qtype, tmp_path):
     for name, want in (("embed", eager.embed), ("wv", eager.layers[1].wv), ("wo", eager.layers[1].wo)):
         got = stored.embed if name == "embed" else getattr(stored.layers[1], name)
         assert isinstance(got, GGUFTensor) and np.array_equal(np.asarray(got), want), name
+    for name in ("wq", "wk"):  # llama's: rows reordered as read (RowOrder), the levels too
+        got = getattr(stored.layers[1], name)
+        assert isinstance(got, RowOrder) and np.array_equal(np.asarray(got), getattr(eager.layers[1], name)), name
+        if qtype in ("Q8_0", "Q4_0"):
+            levels, scales = got.stored_levels(32)
+            assert np.array_equal(levels * scales.astype(np.float32).repeat(32, axis=1), np.asarray(got)), name
     for le, ll in zip(eager.layers, lazy.layers):
         for ee, el in zip(le.experts, ll.experts):
             for stored, want in zip(el.matrices(), ee.matrices(), strict=True):
