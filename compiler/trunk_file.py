@@ -20,7 +20,7 @@ from ..models import MoEModel
 from ..models.encoder_decoder import position_bias_table
 from ..models.reference import rope_tables
 from ..models.stored_tensor import RowStack
-from .binfmt import align_up, crc32, pack, size
+from .binfmt import align_up, crc32, pack, size, unpack
 from .program import NONE, PROFILE_TENSORS, count_ops, emit_program
 from .quantize import quantize
 
@@ -140,6 +140,21 @@ def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int, layout
             out += [(name, q.packed, bits), (name + ".scales", q.scales, 0)]
         else:
             out.append((name, np.ascontiguousarray(a, dtype=np.float32), 0))
+    return out
+
+
+def tensor_sizes(path: Path) -> dict[str, int]:
+    """name → bytes of every tensor trunk.bin holds (its table; nothing checked: for measurements of an
+    artifact the runtime accepts)."""
+    data = Path(path).read_bytes()[:HEADER_BYTES]
+    n_tensors, table_offset = unpack(HEADER_FMT[:-1], data)[18:20]
+    with open(path, "rb") as f:
+        f.seek(table_offset)
+        table = f.read(n_tensors * TENSOR_BYTES)
+    out = {}
+    for i in range(n_tensors):
+        v = unpack(TENSOR_FMT, table, i * TENSOR_BYTES)
+        out[v[0].rstrip(b"\0").decode()] = v[8]
     return out
 
 

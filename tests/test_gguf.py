@@ -430,3 +430,28 @@ def test_the_estimated_search_rounds_q4_0_experts_as_the_compile_stores_them(tmp
     at = round_at_levels(LevelTask(0, 1, (e.w_gate, e.w_up, e.w_down), (2, 4, 8), 32, "integer"))
     for w, q2, q4, q8 in zip(e.matrices(), at[2].matrices(), at[4].matrices(), at[8].matrices(), strict=True):
         assert np.array_equal(q4, w.read()) and np.array_equal(q8, w.read()) and not np.array_equal(q2, w.read())
+
+
+def test_bytes_read_per_token_are_top_k_experts_and_the_trunk_but_its_embedding(mixtral, tmp_path, runtime_lib):
+    """What edgemoe-bench llamacpp bounds decode by: a step reads its top-k experts per layer (Q4_0 and
+    INT4 alike: 4-bit codes and a float16 scale per 32 weights; the records' parts 64-byte aligned)
+    and the trunk, the embedding table aside (one row) unless it is also the LM head."""
+    from gguf import GGUFReader
+
+    from edgemoe.bench import artifact_read_per_token, gguf_read_per_token
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.compiler.trunk_file import tensor_sizes
+
+    path = write_gguf(mixtral, "mixtral", tmp_path / "q4_0.gguf", Q.Q4_0)
+    compile_model(path, tmp_path / "a", CompileOptions(expert_bits=4, max_seq=32, int_dot=False), log=lambda m: None)
+    cfg = load_model(path, lazy=True).config
+    routed = cfg.num_moe_layers * cfg.top_k * 3 * cfg.hidden_size * cfg.expert_intermediate * 18 / 32
+    sizes = tensor_sizes(tmp_path / "a" / "trunk.bin")
+    unread = ["program", "rope_cos", "rope_sin"] + (["embed", "embed.scales"] if "lm_head" in sizes else [])
+    trunk = sum(sizes.values()) - sum(sizes[n] for n in unread)
+    ours = artifact_read_per_token(tmp_path / "a")
+    assert routed + trunk <= ours <= routed + trunk + cfg.num_moe_layers * cfg.top_k * 6 * 64
+    tensors = GGUFReader(path).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    theirs = sum(int(t.n_bytes) for t in tensors if "_exps." not in t.name and (tied or t.name != "token_embd.weight"))
+    assert gguf_read_per_token(path, cfg.top_k, cfg.num_experts) == pytest.approx(routed + theirs)

@@ -432,6 +432,51 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
+def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best rate at which `threads` threads read one buffer far beyond the caches, each its own slice
+    (NumPy sums: SIMD loops that release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    parts = np.array_split(np.ones(nbytes // 4, np.float32), threads)
+    with ThreadPoolExecutor(threads) as pool:
+        best = min(_timed(lambda: list(pool.map(np.sum, parts))) for _ in range(repeats))
+    return nbytes / best
+
+
+def artifact_read_per_token(art: Path) -> float:
+    """Bytes a decode step of the artifact reads with every expert resident: the trunk's tensors but
+    the embedding table (one row of it; all of it where it is also the LM head), the RoPE tables and
+    the predictor's, and per layer with experts top-k records of that layer's mean payload."""
+    from .compiler.expert_image import read_table
+    from .compiler.program import PROFILE_TENSORS
+    from .compiler.trunk_file import tensor_sizes
+
+    sizes = tensor_sizes(art / "trunk.bin")
+    skip = {"program", "rope_cos", "rope_sin", *PROFILE_TENSORS.values()}
+    if "lm_head" in sizes:  # else the embedding is the LM head too
+        skip |= {"embed", "embed.scales"}
+    trunk = sum(n for name, n in sizes.items() if name not in skip and "position_bias" not in name)
+    head, records = read_table(art / "experts.bin")
+    top_k = read_manifest(art)["model"]["config"]["top_k"]
+    payload = [[] for _ in range(head.num_layers)]
+    for r in records:
+        payload[r.layer].append(r.payload_bytes)
+    return trunk + sum(top_k * sum(p) / len(p) for p in payload)
+
+
+def gguf_read_per_token(gguf: Path, top_k: int, experts: int) -> float:
+    """The same for llama.cpp on a GGUF: every tensor but token_embd (unless it is also the output
+    matrix), the routed experts' stacked tensors at top_k / experts of their bytes."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(gguf).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    return sum(int(t.n_bytes) * (top_k / experts if "_exps." in t.name else 1) for t in tensors
+               if t.name != "token_embd.weight" or tied)
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -761,9 +806,16 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
     click.echo(f"model {model_dir}; {n_new} decode tokens; EdgeMoE: IO-FREE (every expert resident after a warm-up "
                f"run), best of 5 runs; llama.cpp: llama-bench -p 0 -n {n_new} -r 5, best repetition; both at the "
                f"same thread count")
+    bandwidth = {t: read_bandwidth(t) for t in counts}
+    click.echo("memory read bandwidth (NumPy sums over 1 GiB, best of 5): " +
+               ", ".join(f"{bw / 1e9:.1f} GB/s at {t} thread{'s' if t != 1 else ''}" for t, bw in bandwidth.items()) +
+               "; a step reads at least its weights (EdgeMoE: the trunk but the embedding table, top-k experts per "
+               "layer; llama.cpp: its tensors but token_embd, the routed experts' at top-k / experts), so bandwidth "
+               "÷ bytes read per token bounds tok/s")
     click.echo("| expert bits | trunk | EdgeMoE kernels | llama.cpp format | EdgeMoE / GGUF bytes | threads | "
-               "EdgeMoE tok/s | llama.cpp tok/s | × llama.cpp |")
-    click.echo("|---|---|---|---|---|---|---|---|---|")
+               "EdgeMoE tok/s | llama.cpp tok/s | × llama.cpp | read per token EdgeMoE / llama.cpp | "
+               "memory bound tok/s EdgeMoE / llama.cpp |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     chart = []
     for art in artifacts:
         manifest = read_manifest(art)
@@ -777,6 +829,8 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
         form = "int8 dot" if manifest["quantization"].get("layout") == "tiles" else "float dequant"
         sizes = f"{fmt_bytes(manifest['trunk_bytes'] + manifest['experts']['image_bytes'])} / " \
                 f"{fmt_bytes(gguf.stat().st_size)}"
+        cfg = manifest["model"]["config"]
+        read = (artifact_read_per_token(art), gguf_read_per_token(gguf, cfg["top_k"], cfg["num_experts"]))
         ids = [1] + list(range(10, 18))
         for t in counts:
             # best of 5, as llama-bench's best repetition: the least disturbed run on a shared machine
@@ -784,7 +838,8 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
                                         min(256, 2 * n_new + 16))["ms_per_token"] for _ in range(5))
             theirs = llamacpp.bench_decode(tree, gguf, n_new, t)
             click.echo(f"| INT{bits} | {trunk} | {form} | {gtype} | {sizes} | {t} | {ours:.0f} | {theirs:.0f} | "
-                       f"{ours / theirs:.2f} |")
+                       f"{ours / theirs:.2f} | {fmt_bytes(read[0])} / {fmt_bytes(read[1])} | "
+                       f"{bandwidth[t] / read[0]:.0f} / {bandwidth[t] / read[1]:.0f} |")
             chart.append({"label": f"INT{bits} / {gtype}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
                           "theirs": theirs})
     write_plot(plot_path, no_plot, "llamacpp", chart,
