@@ -47,10 +47,11 @@ rotate-half layout (pairs (i, i + d/2)) to ggml's interleaved one (pairs (2i, 2i
 runtime gives the same numbers. ``qwen2moe``, ``qwen3moe`` and ``olmoe`` use ggml's NEOX
 (rotate-half) RoPE and are stored unpermuted.
 
-Tensor types: F32, F16, BF16, Q8_0, Q4_0 and the k-quants Q2_K…Q6_K are dequantized to float32
-(``gguf.quants.dequantize``); any other type is refused naming the tensor. The k-quants are there
-because llama-quantize mixes them into files of other types: its Q4_0 of an 8-expert llama holds
-Q5_K ``attn_k``, Q8_0 ``attn_v`` and a Q6_K output matrix (the tied ``token_embd`` included). The
+Tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the k-quants Q2_K…Q6_K are
+dequantized to float32 (``gguf.quants.dequantize``); any other type is refused naming the tensor.
+llama-quantize mixes types into its files: its Q4_0 of an 8-expert llama holds Q5_K ``attn_k``,
+Q8_0 ``attn_v`` and a Q6_K output matrix (the tied ``token_embd`` included); its Q4_K_M puts
+experts in Q4_K, Q5_0 and Q8_0. The
 compiler then quantizes as it does an HF checkpoint, but for Q8_0 and Q4_0 matrices at group 32:
 their blocks are integer levels times a float16 scale per 32 weights (``stored_levels``), which
 compiler/quantize.py repacks without rounding them again — Q8_0 into INT8, Q4_0 into INT8 or into
@@ -87,7 +88,8 @@ SUFFIX = ".gguf"
 # of a one-file split (split.count > 1 is refused before).
 INERT_PREFIXES = ("general.", "tokenizer.", "quantize.", "split.")
 # GGML types the import dequantizes (gguf.constants.GGMLQuantizationType names).
-DEQUANTIZED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+DEQUANTIZED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                     "Q6_K")
 
 
 @dataclass(frozen=True)

@@ -220,13 +220,20 @@ def test_gguf_experts_stay_in_the_file_until_read(qtype, tmp_path):
                 assert got.dtype == np.float32 and np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_0"])
+# the largest error of a block type, in units of its block's largest magnitude: half a step (Q4_0: a
+# step for its clipped positive extreme; Q4_1 / Q5_1: steps of the block's range, up to twice that)
+BLOCK_STEP = {"Q4_0": 1 / 8, "Q4_1": 1 / 15, "Q5_0": 1 / 16, "Q5_1": 1 / 31}
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_other_tensor_types_dequantize(qtype, tmp_path):
+    """Q4_1, Q5_0 and Q5_1 among them: llama-quantize's Q4_K_M of an 8-expert llama puts some experts
+    in Q5_0."""
     hf_dir = save_checkpoint("mixtral", tmp_path / "hf")
     want = model_arrays(load_model(hf_dir))
     got = model_arrays(load_model(write_gguf(hf_dir, "mixtral", tmp_path / "m.gguf", Q[qtype])))
-    if qtype == "Q4_0":
-        assert_within_block_rounding(want, got, step=1 / 8)
+    if qtype in BLOCK_STEP:
+        assert_within_block_rounding(want, got, step=BLOCK_STEP[qtype])
     else:
         for name in want:
             tol = 2.0 ** (-8 if qtype == "BF16" else -11) * np.abs(want[name]).max()
@@ -311,8 +318,8 @@ def test_unknown_architectures_dense_models_and_unsupported_types_are_refused(mi
     del r
     with pytest.raises(ModelImportError, match="expert_count is 0: a dense llama"):
         load_model(path)
-    path = write_gguf(mixtral, "mixtral", tmp_path / "q5.gguf", Q.Q5_0)
-    with pytest.raises(ModelImportError, match="tensor 'token_embd.weight' is of GGML type Q5_0; supported"):
+    path = write_gguf(mixtral, "mixtral", tmp_path / "mxfp4.gguf", Q.MXFP4)
+    with pytest.raises(ModelImportError, match="tensor 'token_embd.weight' is of GGML type MXFP4; supported"):
         load_model(path)
 
 
