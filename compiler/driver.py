@@ -28,7 +28,8 @@ from .lower import build_kernels
 from .progress import stage, track
 from .tuning import TuningStore
 from .profile import expert_moments, profile_routing, tokenize_file
-from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_grid, check_trunk_bits, compiled_trunk
+from .quantize import (DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_grid, check_trunk_bits, compiled_trunk,
+                       grid_at)
 from .rounding import level_range
 from .cpu_features import elf_machine, feature_names, required_features
 from .tokenizer_file import write_tokenizer
@@ -279,7 +280,7 @@ def _stored_tasks(model, plan, group: int, layout: str, grid: str, moments, skip
             if (li, ei) not in skip:
                 g = moments.grams(li, ei) if moments is not None else (None,) * 3
                 b = plan[li][ei]
-                yield RoundingTask(li, ei, (e.w_gate, e.w_up, e.w_down), b, group, layout, g, grid if b == 4 else "half")
+                yield RoundingTask(li, ei, (e.w_gate, e.w_up, e.w_down), b, group, layout, g, grid_at(b, grid))
 
 
 def _calibrated_tasks(trunk, tokens, plan, group: int, layout: str, grid: str, skip, progress):
@@ -299,7 +300,7 @@ def _calibrated_tasks(trunk, tokens, plan, group: int, layout: str, grid: str, s
                 gate_up, down, _ = grams(routed, layer.ffn_in, trunk.expert_act_group) if routed else (None, None, 0)
                 b = plan[li][ei]
                 yield RoundingTask(li, ei, (stored.w_gate, stored.w_up, stored.w_down), b, group, layout,
-                                   (gate_up, gate_up, down), grid if b == 4 else "half")
+                                   (gate_up, gate_up, down), grid_at(b, grid))
             layer.add(ei, expert, routed)
 
 

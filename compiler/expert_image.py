@@ -18,7 +18,7 @@ import numpy as np
 
 from .binfmt import ArtifactFormatError, align_up, crc32, crc32c, pack, size, unpack
 from .program import ACT
-from .quantize import QuantizedMatrix
+from .quantize import QuantizedMatrix, grid_at
 
 MAGIC = b"EMOEXPRT"
 VERSION = 7  # 2: sub-8-bit codes interleaved over words; 3: the layout field (quantize.py); 4: CRC-32C records;
@@ -299,7 +299,7 @@ def _matrix(blob: bytes, offsets: tuple[int, int], rows: int, cols: int, bits: i
         shapes = (np.uint32, (rows, cols * bits // 32)), (np.float16, (rows, cols // group))
     codes, scales = (np.frombuffer(blob, dtype, int(np.prod(shape)), at).reshape(shape)
                      for (dtype, shape), at in zip(shapes, offsets))
-    return QuantizedMatrix(bits, group, codes, scales, layout, int4_grid if bits == 4 else "half")
+    return QuantizedMatrix(bits, group, codes, scales, layout, grid_at(bits, int4_grid))
 
 
 def read_experts(path: Path) -> list[list[ExpertWeights]]:

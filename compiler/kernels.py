@@ -12,7 +12,7 @@ from tvm import te
 
 from ..models import MoEConfig
 from .program import EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES, expert_kernel_roles, kernel_role
-from .quantize import DEFAULT_TRUNK_BITS, code_centre, interleave, planes
+from .quantize import DEFAULT_TRUNK_BITS, code_centre, grid_at, interleave, planes
 
 F32 = "float32"
 
@@ -481,7 +481,7 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     routed = {} if relu else dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
     for b in sorted(set(expert_bits)):
         names = dict(gate_up=expert_symbol(gate_up_role, b), down=expert_symbol(down_role, b))
-        grid = int4_grid if b == 4 else "half"
+        grid = grid_at(b, int4_grid)
         if tiles:
             up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
             funcs += [tiled(up, cfg, b, group, name=names["gate_up"], grid=grid, **routed),

@@ -31,7 +31,7 @@ from ..models.reference import final_logits, routed_expert_hidden
 from ..models.stored_tensor import LazyTensor, materialize
 from .layer_pass import LayerPass
 from .progress import track
-from .quantize import quantize
+from .quantize import grid_at, quantize
 
 # Candidate plans scored in one pass, the float model aside: enough that neighbours on the path
 # differ by ~0.5 bits on average over INT8…INT2, few enough that a pass costs a few forward passes.
@@ -58,7 +58,7 @@ def round_at_levels(task: LevelTask) -> dict[int, Expert]:
     weights = [w if isinstance(w, LazyTensor) and w.level_bounds(task.group) is not None else materialize(w)
                for w in task.weights]
     return {bits: Expert(*(None if w is None else
-                           quantize(w, bits, task.group, grid=task.int4_grid if bits == 4 else "half").dequantize()
+                           quantize(w, bits, task.group, grid=grid_at(bits, task.int4_grid)).dequantize()
                            for w in weights))
             for bits in task.levels}
 

@@ -96,6 +96,11 @@ def check_grid(bits: int, grid: str) -> None:
         raise ValueError(f"the {grid} grid is one of INT4's, not of {bits}-bit codes")
 
 
+def grid_at(bits: int, int4_grid: str) -> str:
+    """The grid of `bits`-wide codes where INT4 ones are on `int4_grid` (the other widths have one)."""
+    return int4_grid if bits == 4 else "half"
+
+
 def code_centre(bits: int, layout: str = "rows", grid: str = "half") -> float:
     """The code that stands for zero: 0 for signed int8 codes (rows layout), 128 for unsigned ones
     (tiles layout), (2^b - 1) / 2 for unsigned b-bit codes on the half-integer grid, 2^(b-1) on the
@@ -301,8 +306,7 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
             return e
         b = expert_bits if isinstance(expert_bits, int) else expert_bits[li][ei]
         grams = moments.grams(li, ei) if moments is not None else (None,) * 3
-        grid = int4_grid if b == 4 else "half"
-        return Expert(*(q(w, b, g, grid) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
+        return Expert(*(q(w, b, g, grid_at(b, int4_grid)) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
     def resident(e):  # a shared expert or dense MLP: stored at the trunk's bitwidth
         return None if e is None else Expert(*(q(w, trunk_bits) for w in (e.w_gate, e.w_up, e.w_down)))
