@@ -16,7 +16,7 @@ def artifact_model(model, artifact_dir):
     back from its experts.bin, the trunk quantized as its manifest records. The reference for that
     artifact's runtime."""
     q = json.loads((Path(artifact_dir) / "manifest.json").read_text())["quantization"]
-    ref = compiled_trunk(model, q["trunk_bits"], q["group"], q["layout"])
+    ref = compiled_trunk(model, q["trunk_bits"], q["group"], q["layout"], q["int4_grid"])
     stored = read_experts(Path(artifact_dir) / "experts.bin")
     layers = list(ref.layers)
     for li, row in zip(ref.config.moe_layer_ids, stored):

@@ -58,7 +58,7 @@ class CompileOptions:
     jobs: int | None = None  # worker processes rounding experts; default: one per core
     dask_scheduler: str | None = None  # round experts on this Dask cluster (HOST:PORT) instead; overrides jobs
     android_api: int | None = None  # Android targets: the API level to build for; default: the target's
-    int4_grid: str = "auto"  # INT4 experts' levels (quantize.GRIDS); auto: "integer" for a GGUF's Q4_0 experts
+    int4_grid: str = "auto"  # INT4 matrices' levels (quantize.GRIDS), experts' and trunk's; auto: "integer" for Q4_0 experts
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
@@ -77,7 +77,8 @@ def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
 
 
 def int4_grid(model, opts: CompileOptions) -> str:
-    """The levels of the INT4 experts: the options', or (auto) "integer" where every routed expert
+    """The levels of the artifact's INT4 matrices (experts and trunk: one grid, so one set of kernel
+    centres): the options', or (auto) "integer" where every routed expert
     matrix is stored as Q4_0 blocks of the compile's group (a GGUF's: repacked unrounded), else "half"."""
     if opts.int4_grid != "auto":
         check_grid(4, opts.int4_grid)
@@ -348,7 +349,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
             fit, search_tokens, check_tokens = split_tokens(calib_tokens, text)
         search_layout = weight_layout(cfg, target, opts, list(LEVELS))
         with stage(progress, "rounding the trunk"):
-            rounded_trunk = compiled_trunk(model, opts.trunk_bits, opts.group, search_layout)
+            rounded_trunk = compiled_trunk(model, opts.trunk_bits, opts.group, search_layout, grid)
     if search:
         goals = ([f"within {100 * opts.tolerance:.2f}% perplexity loss"] if opts.tolerance is not None else []) + \
             ([f"at most {opts.max_bits} bits on average"] if opts.max_bits is not None else [])
@@ -432,9 +433,10 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     with stage(progress, "writing experts.bin and trunk.bin"):
         records = writer.finish(identity.compile_id)
         trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
-                                  profile, identity)
+                                  profile, identity, grid)
     average_bits = float(np.mean(plan))
-    grid_note = " (INT4 on the integer grid −8…7, Q4_0's)" if grid == "integer" and 4 in bits_used else ""
+    grid_note = " (INT4 on the integer grid −8…7, Q4_0's)" if grid == "integer" and 4 in bits_used + [opts.trunk_bits] \
+        else ""
     log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}{grid_note}, {average_bits:.2f} bits "
         f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
         f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "

@@ -332,12 +332,13 @@ def knobs_of(func: tvm.tirx.PrimFunc) -> Knobs | None:
 
 
 def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual: bool = False,
-           knobs: Knobs = Knobs()) -> tvm.tirx.PrimFunc:
-    """y = W x (+ res) with W in the tiles layout: (codes, scales, x, [res], y), as kernels.matvec."""
+           knobs: Knobs = Knobs(), grid: str = "half") -> tvm.tirx.PrimFunc:
+    """y = W x (+ res) with W in the tiles layout (INT4 codes on `grid`): (codes, scales, x, [res], y), as
+    kernels.matvec."""
     knobs = knobs.resolved(isa, n, k, bits, group)
     nt, ng, tiles = n // TILE_ROWS, k // group, knobs.tiles
     loop = T.parallel if knobs.parallel else T.serial
-    quantize_input = _quantize_input(k, group, centre(isa, bits))
+    quantize_input = _quantize_input(k, group, centre(isa, bits, grid))
     accumulate = _accumulate(isa, bits, group, k, knobs, both=False)
 
     @T.macro

@@ -46,9 +46,10 @@ def layernorm(h: int, eps: float, name: str = "em_layernorm") -> tvm.tirx.PrimFu
     return _named(y, [x, w, b, y], name)
 
 
-def matvec(n: int, k: int, name: str, residual: bool = False, bits: int = 32, group: int = 32) -> tvm.tirx.PrimFunc:
+def matvec(n: int, k: int, name: str, residual: bool = False, bits: int = 32, group: int = 32,
+           grid: str = "half") -> tvm.tirx.PrimFunc:
     """y = W x (+ r): a trunk projection, optionally with the residual add fused. W is float32
-    [n, k] (bits 32) or packed at `bits` like an expert matrix (codes, scales)."""
+    [n, k] (bits 32) or packed at `bits` like an expert matrix (codes, scales; INT4 on `grid`)."""
     x = te.placeholder((k,), F32, name="x")
     if bits == 32:
         w = te.placeholder((n, k), F32, name="w")
@@ -57,7 +58,7 @@ def matvec(n: int, k: int, name: str, residual: bool = False, bits: int = 32, gr
         weights = [w]
     else:
         codes, scales = _qweight("w", n, k, bits, group)
-        acc = te.compute((n,), _row_dot(codes, scales, bits, group, k, x, "r"), name="acc" if residual else "y")
+        acc = te.compute((n,), _row_dot(codes, scales, bits, group, k, x, "r", grid), name="acc" if residual else "y")
         weights = [codes, scales]
     if not residual:
         return _named(acc, [*weights, x, acc], name)
@@ -394,8 +395,8 @@ def check_signature(func: tvm.tirx.PrimFunc) -> None:
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
                    layout: str = "rows", target: tvm.target.Target | None = None,
                    variants: dict | None = None, int4_grid: str = "half") -> dict[str, tvm.tirx.PrimFunc]:
-    """Every kernel one decode step needs, by the symbol the C runtime looks up (INT4 experts' on
-    `int4_grid`, the expert image's; the trunk's INT4 is on the half-integer grid). Quantized weights
+    """Every kernel one decode step needs, by the symbol the C runtime looks up (INT4 matrices, the
+    experts' and the trunk's, on `int4_grid`: the artifact's). Quantized weights
     in the "rows" layout get the float-dequantizing kernels here; in the "tiles" layout, the
     integer-dot kernels of int_dot.py for `target`'s instruction, with the hand schedule. `variants`,
     when given, receives each integer-dot kernel's builder (int_dot.Knobs → the kernel with them:
@@ -416,15 +417,17 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
             variants[name] = lambda k: build(knobs=k)
         return build()
 
+    trunk_grid = grid_at(trunk_bits, int4_grid)
+
     def trunk_matvec(n, k, name, residual=False):
         if tiles and trunk_bits != 32:
-            return tiled(int_dot.matvec, n, k, trunk_bits, group, name=name, residual=residual)
-        return matvec(n, k, name, residual, bits=trunk_bits, group=group)
+            return tiled(int_dot.matvec, n, k, trunk_bits, group, name=name, residual=residual, grid=trunk_grid)
+        return matvec(n, k, name, residual, bits=trunk_bits, group=group, grid=trunk_grid)
 
     relu = cfg.expert_activation == "relu"  # ReLU MLPs (Switch Transformers) have no gate: up, then down
 
     def resident_mlp(sdim, gate_up_name, down_name, relu=False):  # a shared expert or dense MLP, at the trunk's bitwidth
-        gate_up, down = dict(idim=sdim, name=gate_up_name), dict(idim=sdim, name=down_name)
+        gate_up, down = dict(idim=sdim, name=gate_up_name, grid=trunk_grid), dict(idim=sdim, name=down_name, grid=trunk_grid)
         if tiles and trunk_bits != 32:
             up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
             return [tiled(up, cfg, trunk_bits, group, **gate_up),

@@ -26,7 +26,7 @@ def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layou
     next compile does not tune again). `progress`: a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link. `cc`:
     the target's C compiler, resolved (targets/toolchain.py; default: resolved here). `weight_bytes`: the
     artifact's resident weights, which decide whether tuning times kernels with cold caches
-    (measure.local_measurer). `int4_grid`: the levels of the INT4 experts (the expert image's)."""
+    (measure.local_measurer). `int4_grid`: the levels of INT4 matrices (the artifact's: its experts' and trunk's)."""
     variants: dict = {}
     funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm(), variants=variants,
                            int4_grid=int4_grid)

@@ -286,7 +286,8 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
     NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
     [expert layer][expert]; None leaves them float; INT4 ones on `int4_grid`), rounded against
-    `moments` (profile.ExpertMoments) when given, and the trunk matrices at `trunk_bits`. With the
+    `moments` (profile.ExpertMoments) when given, and the trunk matrices at `trunk_bits` (INT4 on
+    `int4_grid` too). With the
     tiles layout the artifact's kernels also quantize their inputs, and so does the reference."""
     from dataclasses import replace
 
@@ -308,11 +309,13 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
         grams = moments.grams(li, ei) if moments is not None else (None,) * 3
         return Expert(*(q(w, b, g, grid_at(b, int4_grid)) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
+    trunk_grid = grid_at(trunk_bits, int4_grid)
+
     def resident(e):  # a shared expert or dense MLP: stored at the trunk's bitwidth
-        return None if e is None else Expert(*(q(w, trunk_bits) for w in (e.w_gate, e.w_up, e.w_down)))
+        return None if e is None else Expert(*(q(w, trunk_bits, grid=trunk_grid) for w in (e.w_gate, e.w_up, e.w_down)))
 
     def trunk(w):  # a projection (absent ones stay None); MLA's wkv_b stays float32 (trunk_file.QUANTIZED)
-        return None if w is None else q(w, trunk_bits)
+        return None if w is None else q(w, trunk_bits, grid=trunk_grid)
 
     moe_index = {l: m for m, l in enumerate(model.config.moe_layer_ids)}
     layers = [
@@ -322,19 +325,21 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
                 cwv=trunk(l.cwv), cwo=trunk(l.cwo))
         for li, l in enumerate(model.layers)
     ]
-    embed = q(model.embed, trunk_bits)
-    lm_head = embed if model.config.tie_embeddings else q(model.lm_head, trunk_bits)
+    embed = trunk(model.embed)
+    lm_head = embed if model.config.tie_embeddings else trunk(model.lm_head)
     tiles = layout == "tiles"
     return replace(model, embed=embed, layers=layers, lm_head=lm_head,
-                   encoder_embed=q(model.encoder_embed, trunk_bits),
+                   encoder_embed=trunk(model.encoder_embed),
                    trunk_act_group=group if tiles and trunk_bits != 32 else None,
                    expert_act_group=group if tiles and expert_bits is not None else None)
 
 
-def compiled_trunk(model, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP, layout: str = "rows"):
-    """The model as an artifact computes it, experts still float: trunk matrices at `trunk_bits` and,
-    with the tiles layout, every quantized matmul's input rounded as the integer-dot kernels round it."""
+def compiled_trunk(model, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP, layout: str = "rows",
+                   int4_grid: str = "half"):
+    """The model as an artifact computes it, experts still float: trunk matrices at `trunk_bits` (INT4 on
+    `int4_grid`) and, with the tiles layout, every quantized matmul's input rounded as the integer-dot
+    kernels round it."""
     from dataclasses import replace
 
-    return replace(quantized_model(model, None, trunk_bits, group, layout),
+    return replace(quantized_model(model, None, trunk_bits, group, layout, int4_grid=int4_grid),
                    expert_act_group=group if layout == "tiles" else None)

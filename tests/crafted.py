@@ -132,6 +132,7 @@ def trunk_cases():
         "zero hidden size": (dict(header={"hidden": 0}), "model dimension"),
         "heads not a multiple of KV heads": (dict(header={"kv_heads": 1000}), "attention heads"),
         "top-k above the experts": (dict(header={"top_k": 99}), "top-k"),
+        "undefined header flag": (dict(header={"flags": 1 << 30}), "unknown flags"),
         "kernels for another architecture": (dict(header={"machine": other_machine}), "kernels are built for"),
         "a CPU feature this CPU lacks": (dict(header={"cpu_features": 1 << bit}), f"lacks: {name}"),
     }

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgemoe.compiler import trunk_file
+from edgemoe.compiler.binfmt import unpack
 from edgemoe.models import ModelImportError, describe_model, load_model
 
 from families import hf_logits, save_checkpoint
@@ -389,8 +391,9 @@ def test_a_gguf_compiles_with_the_tokenizer_it_carries(tmp_path, runtime_lib):
 @pytest.mark.parametrize("int_dot", [None, False], ids=["auto-kernels", "float-kernels"])
 def test_q4_0_blocks_are_stored_unrounded_on_the_integer_grid(mixtral, tmp_path, rng, runtime_lib, int_dot):
     """A Q4_0 GGUF's experts compile at INT4 on the integer grid: every expert weight is the GGUF's
-    own value (d times a level -8…7), not rounded again; its Q4_0 trunk matrices at INT8 likewise.
-    The runtime's logits match the reference on those weights; an HF directory compiles on the half
+    own value (d times a level -8…7), not rounded again; its Q4_0 trunk matrices at INT8 and at INT4
+    (on the same grid) likewise. The runtime's logits match the reference on those weights (the
+    embedding rows dequantized by the runtime on that grid); an HF directory compiles on the half
     grid unless told."""
     from conftest import assert_matches_reference
     from edgemoe.compiler.artifact_reference import artifact_model
@@ -403,16 +406,21 @@ def test_q4_0_blocks_are_stored_unrounded_on_the_integer_grid(mixtral, tmp_path,
 
     path = write_gguf(mixtral, "mixtral", tmp_path / "mixtral-q4_0.gguf", Q.Q4_0)
     out = tmp_path / "artifact"
-    manifest = compile_model(path, out, CompileOptions(expert_bits=4, max_seq=48, int_dot=int_dot), log=lambda m: None)
+    manifest = compile_model(path, out, CompileOptions(expert_bits=4, trunk_bits=4, max_seq=48, int_dot=int_dot),
+                             log=lambda m: None)
     assert manifest["quantization"]["int4_grid"] == "integer"
     assert read_table(out / "experts.bin")[0].int4_grid == "integer"
+    flags = unpack(trunk_file.HEADER_FMT[:-1], (out / "trunk.bin").read_bytes())[15]
+    assert flags & trunk_file.FLAG_INT4_INTEGER
     model = load_model(path)  # every tensor dequantized to float32: the GGUF's values
     for layer, row in zip(model.layers, read_experts(out / "experts.bin")):
         for e, stored in zip(layer.experts, row):
             for w, m in zip(e.matrices(), stored.matrices(), strict=True):
                 assert m.bits == 4 and m.grid == "integer" and np.array_equal(m.dequantize(), w)
-    trunk = compiled_trunk(load_model(path, lazy=True), 8)  # the trunk as stored at INT8, Q4_0 blocks repacked
-    assert np.array_equal(np.asarray(trunk.layers[0].wo), model.layers[0].wo)
+    for bits, grid in ((8, "half"), (4, "integer")):  # the trunk as stored at INT8 and INT4, Q4_0 blocks repacked
+        trunk = compiled_trunk(load_model(path, lazy=True), bits, int4_grid=grid)
+        assert np.array_equal(np.asarray(trunk.layers[0].wo), model.layers[0].wo)
+        assert np.array_equal(np.asarray(trunk.embed), model.embed)
 
     reference = ReferenceExecutor(read_stored(artifact_model(load_model(path, lazy=True), out)), 48)
     ids = rng.integers(0, model.config.vocab_size, 12).tolist()

@@ -161,7 +161,7 @@ def test_int_dot_expert_kernels(int_dot_mod, rng, bits):
 @pytest.mark.parametrize("target_name,layout", [("host", "rows"), ("host", "tiles"), ("x86-avx2", "tiles")])
 def test_int4_kernels_on_the_integer_grid(rng, target_name, layout):
     """INT4 on the integer grid (GGUF Q4_0's levels -8…7: the code for zero is 8, not 7.5), with
-    codes at both ends of it: the float and integer-dot expert kernels against NumPy."""
+    codes at both ends of it: the float and integer-dot expert and trunk kernels against NumPy."""
     from edgemoe.compiler import int_dot
 
     target = load_target(target_name)
@@ -170,9 +170,11 @@ def test_int4_kernels_on_the_integer_grid(rng, target_name, layout):
     cfg = CFG_TILES
     if layout == "tiles":
         isa = int_dot.isa_for(target.tvm())
-        funcs = [int_dot.expert_gate_up(isa, cfg, 4, 32, grid="integer"), int_dot.expert_down(isa, cfg, 4, 32, grid="integer")]
+        funcs = [int_dot.expert_gate_up(isa, cfg, 4, 32, grid="integer"), int_dot.expert_down(isa, cfg, 4, 32, grid="integer"),
+                 int_dot.matvec(isa, 48, 128, 4, 32, "em_o_proj", residual=True, grid="integer")]
     else:
-        funcs = [kernels.expert_gate_up(cfg, 4, 32, grid="integer"), kernels.expert_down(cfg, 4, 32, grid="integer")]
+        funcs = [kernels.expert_gate_up(cfg, 4, 32, grid="integer"), kernels.expert_down(cfg, 4, 32, grid="integer"),
+                 kernels.matvec(48, 128, "em_o_proj", residual=True, bits=4, grid="integer")]
     mod = tvm.compile(schedule(tvm.IRModule({str(f.attrs["global_symbol"]): f for f in funcs})), target=target.tvm()).mod
     g, u = (quantize(f32(rng, 96, 128) * 0.05, 4, layout=layout, grid="integer") for _ in range(2))
     d = quantize(f32(rng, 128, 96) * 0.05, 4, layout=layout, grid="integer")
@@ -186,6 +188,9 @@ def test_int4_kernels_on_the_integer_grid(rng, target_name, layout):
     (y,) = call(mod, "em_expert_down_w4", h_ref, d.packed, d.scales, res, np.array([0.375], np.float32), outs=[(128,)])
     ha = quantize_activation(h_ref, 32) if layout == "tiles" else h_ref
     assert rel(y, res + 0.375 * (d.dequantize() @ ha)) < 1e-5
+    w, r = quantize(f32(rng, 48, 128) * 0.05, 4, layout=layout, grid="integer"), f32(rng, 48)
+    (y,) = call(mod, "em_o_proj", w.packed, w.scales, x, r, outs=[(48,)])
+    assert rel(y, r + w.dequantize() @ xa) < 1e-5
 
 
 @pytest.mark.parametrize("name,rows,residual", [("em_qkv", 128 + 2 * 32, False), ("em_o_proj", 128, True),

@@ -8,8 +8,8 @@
 #include "edgemoe.h"
 #include "generated/program.h"
 
-#define TRUNK_VERSION 5 /* 3: compile id, kernels' SHA-256, machine and CPU features; 4: MLA and dense sizes;
-                           5: KV and cross layers, decoder start, program ops */
+#define TRUNK_VERSION 6 /* 3: compile id, kernels' SHA-256, machine and CPU features; 4: MLA and dense sizes;
+                           5: KV and cross layers, decoder start, program ops; 6: the INT4 grid flag */
 #define IMAGE_VERSION 7 /* 2: sub-8-bit codes interleaved; 3: layout field; 4: CRC-32C records; 5: compile id;
                            6: the experts' activation; 7: the INT4 grid */
 #define TENSOR_ALIGN 64
@@ -167,6 +167,8 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
       (uint64_t)h->heads * h->head_dim > MAX_ATTN_DIM)
     return bad_header(path, "attention heads", err, n);
   if (!h->top_k || h->top_k > h->experts) return bad_header(path, "top-k", err, n);
+  if (h->flags & ~(uint32_t)(EM_TRUNK_FLAG_TILES | EM_TRUNK_FLAG_INT4_INTEGER))
+    return bad_header(path, "unknown flags", err, n);
   if (h->bos < -1 || h->bos >= (int32_t)h->vocab || h->eos < -1 || h->eos >= (int32_t)h->vocab)
     return bad_header(path, "BOS or EOS id outside the vocabulary", err, n);
   if (!h->n_tensors || h->n_tensors > 16 * MAX_LAYERS + 64 || h->table_offset < EM_TRUNK_HEADER_CRC_AT + 4 ||

@@ -34,13 +34,15 @@ typedef struct {
   uint32_t program_steps;      /* ops in the layer program */
 } em_trunk_header;
 
-enum { EM_TRUNK_FLAG_TILES = 4 };
+/* trunk.bin header flags (compiler/trunk_file.py FLAG_*): the tiles layout; INT4 matrices on the integer grid. */
+enum { EM_TRUNK_FLAG_TILES = 4, EM_TRUNK_FLAG_INT4_INTEGER = 8 };
 
 /* How quantized matrices are laid out (compiler/quantize.py): rows for the float-dequantizing
  * kernels, 16-row tiles for the integer-dot kernels. */
 enum { EM_LAYOUT_ROWS = 0, EM_LAYOUT_TILES = 1 };
-/* The expert image's INT4 levels (expert_image.GRID_CODES): half-integers ±1/2…±15/2, or -8…7 (GGUF Q4_0's).
- * Only the kernels compute with them; the runtime checks the field. */
+/* INT4 levels (expert_image.GRID_CODES): half-integers ±1/2…±15/2, or -8…7 (GGUF Q4_0's). The expert
+ * image's header says which its experts are on (only the kernels compute with them; the runtime checks
+ * the field), trunk.bin's flags which its matrices are on (the embedding lookup dequantizes them). */
 enum { EM_GRID_HALF = 0, EM_GRID_INTEGER = 1 };
 
 typedef struct {

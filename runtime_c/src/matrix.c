@@ -4,8 +4,9 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "edgemoe.h"
+#include "artifact.h"
 #include "clock.h"
+#include "edgemoe.h"
 #include "generated/program.h"
 #include "pacer.h"
 
@@ -34,11 +35,18 @@ static uint32_t interleave(uint32_t bits, uint32_t k, uint32_t group) {
   return lanes;
 }
 
+/* The unsigned code that stands for zero below 8 bits (compiler/quantize.py code_centre): (2^b - 1) / 2 on the
+ * half-integer grid, 8 for INT4 on the integer one. */
+static float code_centre(const em_matrix* m) {
+  if (m->bits == 4 && m->int4_grid == EM_GRID_INTEGER) return 8.0f;
+  return (float)((1u << m->bits) - 1) / 2.0f;
+}
+
 /* Tiles layout: word (t, w, i) holds row 16t + i; its byte m, bit field j, holds column w·p + 4j + m. */
 static void tiled_row(const em_matrix* m, uint32_t r, float* out) {
   uint32_t K = m->cols, b = m->bits, per = 32 / b, words = K / per, groups = K / m->group, mask = (1u << b) - 1;
   uint32_t t = r / EM_TILE_ROWS, i = r % EM_TILE_ROWS;
-  float centre = b == 8 ? 128.0f : (float)mask / 2.0f;
+  float centre = b == 8 ? 128.0f : code_centre(m);
   const uint32_t* w = (const uint32_t*)m->codes + (uint64_t)t * words * EM_TILE_ROWS + i;
   const uint16_t* scale = m->scales + (uint64_t)t * groups * EM_TILE_ROWS + i;
   for (uint32_t c = 0; c < K; c++) {
@@ -71,7 +79,7 @@ void em_matrix_row(const em_matrix* m, uint32_t r, float* out) {
   }
   /* column t·L·p + j·L + i is in word t·L + i at bit j·bits */
   uint32_t b = m->bits, per = 32 / b, L = interleave(b, K, m->group), mask = (1u << b) - 1;
-  float centre = (float)mask / 2.0f;
+  float centre = code_centre(m);
   const uint32_t* w = (const uint32_t*)m->codes + (uint64_t)r * (K / per);
   for (uint32_t c = 0; c < K; c++) {
     uint32_t t = c / (L * per), j = c % (L * per) / L, i = c % L;

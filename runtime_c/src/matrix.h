@@ -13,7 +13,8 @@ typedef struct {
   const void* codes;
   const uint16_t* scales; /* float16 [rows, cols / group], tiles: [rows/16, cols / group, 16]; NULL for float32 */
   uint32_t bits, rows, cols, group;
-  uint32_t tiled; /* tiles layout */
+  uint32_t tiled;     /* tiles layout */
+  uint32_t int4_grid; /* EM_GRID_* of INT4 codes */
 } em_matrix;
 
 #define EM_TILE_ROWS 16

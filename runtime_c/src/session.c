@@ -144,7 +144,7 @@ static const float* profile_tensor(const em_trunk_view* v, const char* name, uin
 static int bind_trunk(em_session* s, const em_tensor_entry* t, void* program_storage) {
   const em_trunk_header* th = &s->th;
   em_trunk_view v = {t, th->n_tensors, s->block, th->data_offset, (th->flags & EM_TRUNK_FLAG_TILES) != 0,
-                     s->err, ERR_LEN};
+                     th->flags & EM_TRUNK_FLAG_INT4_INTEGER ? EM_GRID_INTEGER : EM_GRID_HALF, s->err, ERR_LEN};
   uint32_t EL = s->ih.layers; /* the layers with experts: the profile's */
   int rc = em_program_bind(&v, th, EL, &s->k, program_storage, &s->prog);
   if (rc) return rc;
@@ -525,12 +525,13 @@ static int chosen_expert(em_session* s, const em_step* st, uint32_t expert, em_f
   uint32_t H = s->th.hidden, I = s->th.inter, G = s->ih.group, b = r->bits;
   const uint8_t* part[6];
   for (int i = 0; i < 6; i++) part[i] = rec + r->part_offset[i];
-  uint32_t tiled = s->ih.layout == EM_LAYOUT_TILES, relu = s->ih.act == EM_ACT_RELU, d = relu ? 2 : 4;
+  uint32_t tiled = s->ih.layout == EM_LAYOUT_TILES, grid = s->ih.int4_grid, relu = s->ih.act == EM_ACT_RELU,
+           d = relu ? 2 : 4;
   /* SwiGLU records: gate, up, down; ReLU records: up, down */
   *out = (em_ffn_block){s->k.gate_up[st->expert_act][b], s->k.down[st->expert_act][b], "em_expert_gate_up",
-                        "em_expert_down", {part[0], (const uint16_t*)part[1], b, I, H, G, tiled},
-                        {part[d - 2], (const uint16_t*)part[d - 1], b, I, H, G, tiled},
-                        {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled}, !relu, NULL, NULL, NULL};
+                        "em_expert_down", {part[0], (const uint16_t*)part[1], b, I, H, G, tiled, grid},
+                        {part[d - 2], (const uint16_t*)part[d - 1], b, I, H, G, tiled, grid},
+                        {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled, grid}, !relu, NULL, NULL, NULL};
   if (st->expert_gate_bias) { /* the expert's row of each bias */
     out->gate_bias = st->expert_gate_bias + (size_t)expert * I;
     out->up_bias = st->expert_up_bias + (size_t)expert * I;

@@ -85,6 +85,7 @@ int em_bind_matrix(const em_trunk_view* v, uint32_t index, uint32_t scales_index
   } else {
     const em_tensor_entry* se = scales_index < v->n ? &v->entries[scales_index] : NULL;
     m->tiled = v->tiled;
+    m->int4_grid = v->int4_grid;
     ok = quantized_shapes(e, se, m);
     if (ok) m->scales = (const uint16_t*)data_of(v, se);
   }

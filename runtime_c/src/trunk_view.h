@@ -15,6 +15,7 @@ typedef struct {
   const uint8_t* data;  /* the data region as loaded */
   uint64_t data_offset; /* of the data region in the file */
   int tiled;            /* quantized matrices in the tiles layout */
+  uint32_t int4_grid;   /* EM_GRID_* of its INT4 matrices */
   char* err;
   size_t err_len;
 } em_trunk_view;
