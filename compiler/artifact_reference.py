@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..models import Expert
 from .expert_image import read_experts
+from .llamacpp_rounding import llamacpp_rounded
 from .quantize import compiled_trunk
 
 
@@ -16,6 +17,8 @@ def artifact_model(model, artifact_dir):
     back from its experts.bin, the trunk quantized as its manifest records. The reference for that
     artifact's runtime."""
     q = json.loads((Path(artifact_dir) / "manifest.json").read_text())["quantization"]
+    if q.get("rule") == "llamacpp":
+        model = llamacpp_rounded(model, q["bit_plan"], q["trunk_bits"], q["group"])
     ref = compiled_trunk(model, q["trunk_bits"], q["group"], q["layout"], q["int4_grid"])
     stored = read_experts(Path(artifact_dir) / "experts.bin")
     layers = list(ref.layers)

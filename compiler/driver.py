@@ -23,6 +23,7 @@ from .cache import cache_dir
 from .expert_image import ImageWriter
 from .expert_pool import ExpertPool, RoundingTask, default_jobs, record_code_digest
 from .layer_pass import LayerPass, grams
+from .llamacpp_rounding import llamacpp_rounded
 from .plan_pass import search_plan_estimated
 from .lower import build_kernels
 from .progress import stage, track
@@ -59,6 +60,13 @@ class CompileOptions:
     dask_scheduler: str | None = None  # round experts on this Dask cluster (HOST:PORT) instead; overrides jobs
     android_api: int | None = None  # Android targets: the API level to build for; default: the target's
     int4_grid: str = "auto"  # INT4 matrices' levels (quantize.GRIDS), experts' and trunk's; auto: "integer" for Q4_0 experts
+    rounding: str = "search"  # ROUNDINGS: searched scales (GPTQ with calibration), or llama.cpp's Q8_0 / Q4_0 rule
+
+
+# How weights are rounded: "search", scales searched per group (against calibration inputs where
+# given: rounding.py); "llamacpp", llama-quantize's Q8_0 / Q4_0 blocks (llamacpp_rounding.py), so a
+# checkpoint compiles to the codes its GGUF holds.
+ROUNDINGS = ("search", "llamacpp")
 
 
 def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
@@ -92,6 +100,19 @@ def int4_grid(model, opts: CompileOptions) -> str:
     on_grid = all(q4_0(w) for layer in model.moe_layers for e in layer.experts
                   for w in (e.w_gate, e.w_up, e.w_down) if w is not None)
     return "integer" if on_grid else "half"
+
+
+def check_rounding(opts: CompileOptions, search: bool) -> None:
+    """ValueError naming the fix where `opts.rounding` is unknown or cannot hold with the other options."""
+    if opts.rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {opts.rounding!r}; one of {', '.join(ROUNDINGS)}")
+    if opts.rounding != "llamacpp":
+        return
+    if search:
+        raise ValueError("--rounding llamacpp rounds every expert as llama-quantize would at its one bitwidth; a "
+                         "bit-plan search (--tolerance, --max-bits) chooses and rounds them itself: drop one of the two")
+    if opts.int4_grid == "half" and 4 in {opts.expert_bits, opts.trunk_bits} | {b for row in opts.bit_plan or [] for b in row}:
+        raise ValueError("--rounding llamacpp stores INT4 as Q4_0 does, on the integer grid: drop --int4-grid half")
 
 
 def weight_layout(cfg, target, opts: CompileOptions, bits_used: list[int]) -> str:
@@ -310,6 +331,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     t0 = time.time()
     check_trunk_bits(opts.trunk_bits)
     search = opts.tolerance is not None or opts.max_bits is not None
+    check_rounding(opts, search)
     method = sensitivity_method(describe_model(model_dir), opts.sensitivity) if search else None
     if opts.dask_scheduler:
         from .dask_pool import DaskPool
@@ -324,6 +346,8 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         # from their own working directory: absolute
         model = load_model(model_dir.absolute() if opts.dask_scheduler else model_dir, lazy=method != "measured")
     cfg = model.config
+    if opts.rounding == "llamacpp":
+        model = llamacpp_rounded(model, expert_bit_plan(cfg, opts), opts.trunk_bits, opts.group)
     tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none
     calib_tokens = rounding_tokens = None
     if cfg.encoder_layers and (opts.calibration is not None or opts.search_text is not None or
@@ -435,12 +459,13 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
                                   profile, identity, grid)
     average_bits = float(np.mean(plan))
-    grid_note = " (INT4 on the integer grid −8…7, Q4_0's)" if grid == "integer" and 4 in bits_used + [opts.trunk_bits] \
+    grid_note = "; INT4 on the integer grid −8…7 (Q4_0's)" if grid == "integer" and 4 in bits_used + [opts.trunk_bits] \
         else ""
-    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}{grid_note}, {average_bits:.2f} bits "
+    log(f"wrote experts.bin ({len(records)} records, INT{'/'.join(map(str, bits_used))}, {average_bits:.2f} bits "
         f"on average, group {opts.group}) and trunk.bin ({trunk_bytes / 2**20:.2f} MiB, matrices "
         f"{'float32' if opts.trunk_bits == 32 else f'INT{opts.trunk_bits}'}); {layout} layout, "
-        f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels")
+        f"{'integer-dot' if layout == 'tiles' else 'float-dequantizing'} kernels{grid_note}"
+        f"{'; rounded as llama.cpp rounds (Q8_0 / Q4_0 blocks)' if opts.rounding == 'llamacpp' else ''}")
 
     board = None
     if target.board is not None:  # a microcontroller: flash image, firmware sources, and does it fit
@@ -469,7 +494,9 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         "cpu_features": feature_names(identity.cpu_features),
         "max_seq": max_seq,
         "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,
-                         "rounding": "calibrated (GPTQ)" if calib_tokens is not None else "searched scales",
+                         "rounding": "llama.cpp's Q8_0 / Q4_0 blocks" if opts.rounding == "llamacpp" else
+                         "calibrated (GPTQ)" if calib_tokens is not None else "searched scales",
+                         "rule": opts.rounding,
                          "expert_bits": bits_used[0] if len(bits_used) == 1 else None,
                          "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits,
                          "layout": layout, "int4_grid": grid},

@@ -29,7 +29,7 @@ IN_FLIGHT_PER_JOB = 2
 # The sources whose code decides the bytes of an expert record: a resumed compile keeps records only
 # when these are unchanged (as well as the checkpoint, the texts and the options), and a remote
 # worker rounds only when its copy of them is this one.
-RECORD_SOURCES = ("rounding.py", "quantize.py", "expert_image.py", "expert_pool.py", "layer_pass.py", "profile.py",
+RECORD_SOURCES = ("rounding.py", "llamacpp_rounding.py", "quantize.py", "expert_image.py", "expert_pool.py", "layer_pass.py", "profile.py",
                   "../models/reference.py", "../models/stored_tensor.py", "../models/gguf_import.py")
 
 

@@ -281,14 +281,42 @@ class RoundedTensor(LazyTensor):
         return quantize(self.source, self.bits, self.group, gram=self.gram, grid=self.grid).dequantize()
 
 
+def with_matrices(model, expert, trunk):
+    """`model` with each routed expert replaced by expert(expert layer, index, Expert) and each matrix
+    an artifact stores at the trunk bitwidth (trunk_file.QUANTIZED: attention projections, embeddings,
+    LM head, shared experts and dense MLPs) by trunk(matrix); absent ones stay None, tied embeddings
+    tied. MLA's wkv_b, routers and norms are left as they are."""
+    from dataclasses import replace
+
+    from ..models import Expert
+
+    def t(w):
+        return None if w is None else trunk(w)
+
+    def resident(e):
+        return None if e is None else Expert(*(t(w) for w in (e.w_gate, e.w_up, e.w_down)))
+
+    moe_index = {l: m for m, l in enumerate(model.config.moe_layer_ids)}
+    layers = [
+        replace(l, wq=t(l.wq), wk=t(l.wk), wv=t(l.wv), wo=t(l.wo), wq_a=t(l.wq_a), wkv_a=t(l.wkv_a),
+                experts=[expert(moe_index[li], ei, e) for ei, e in enumerate(l.experts)],
+                shared=resident(l.shared), dense=resident(l.dense), cwq=t(l.cwq), cwk=t(l.cwk), cwv=t(l.cwv),
+                cwo=t(l.cwo))
+        for li, l in enumerate(model.layers)
+    ]
+    embed = t(model.embed)
+    return replace(model, embed=embed, layers=layers, encoder_embed=t(model.encoder_embed),
+                   lm_head=embed if model.config.tie_embeddings else t(model.lm_head))
+
+
 def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, group: int = DEFAULT_GROUP,
                     layout: str = "rows", moments=None, int4_grid: str = "half"):
     """A copy of `model` holding the dequantized values of what a compiled artifact stores, for the
     NumPy reference executor: experts at `expert_bits` (one bitwidth, or a plan of bits per
     [expert layer][expert]; None leaves them float; INT4 ones on `int4_grid`), rounded against
     `moments` (profile.ExpertMoments) when given, and the trunk matrices at `trunk_bits` (INT4 on
-    `int4_grid` too). With the
-    tiles layout the artifact's kernels also quantize their inputs, and so does the reference."""
+    `int4_grid` too). With the tiles layout the artifact's kernels also quantize their inputs, and so
+    does the reference."""
     from dataclasses import replace
 
     from ..models import Expert
@@ -310,26 +338,8 @@ def quantized_model(model, expert_bits, trunk_bits: int = DEFAULT_TRUNK_BITS, gr
         return Expert(*(q(w, b, g, grid_at(b, int4_grid)) for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
 
     trunk_grid = grid_at(trunk_bits, int4_grid)
-
-    def resident(e):  # a shared expert or dense MLP: stored at the trunk's bitwidth
-        return None if e is None else Expert(*(q(w, trunk_bits, grid=trunk_grid) for w in (e.w_gate, e.w_up, e.w_down)))
-
-    def trunk(w):  # a projection (absent ones stay None); MLA's wkv_b stays float32 (trunk_file.QUANTIZED)
-        return None if w is None else q(w, trunk_bits, grid=trunk_grid)
-
-    moe_index = {l: m for m, l in enumerate(model.config.moe_layer_ids)}
-    layers = [
-        replace(l, wq=trunk(l.wq), wk=trunk(l.wk), wv=trunk(l.wv), wo=trunk(l.wo), wq_a=trunk(l.wq_a),
-                wkv_a=trunk(l.wkv_a), experts=[expert(moe_index[li], ei, e) for ei, e in enumerate(l.experts)],
-                shared=resident(l.shared), dense=resident(l.dense), cwq=trunk(l.cwq), cwk=trunk(l.cwk),
-                cwv=trunk(l.cwv), cwo=trunk(l.cwo))
-        for li, l in enumerate(model.layers)
-    ]
-    embed = trunk(model.embed)
-    lm_head = embed if model.config.tie_embeddings else trunk(model.lm_head)
     tiles = layout == "tiles"
-    return replace(model, embed=embed, layers=layers, lm_head=lm_head,
-                   encoder_embed=trunk(model.encoder_embed),
+    return replace(with_matrices(model, expert, lambda w: q(w, trunk_bits, grid=trunk_grid)),
                    trunk_act_group=group if tiles and trunk_bits != 32 else None,
                    expert_act_group=group if tiles and expert_bits is not None else None)
 

@@ -434,6 +434,40 @@ def test_q4_0_blocks_are_stored_unrounded_on_the_integer_grid(mixtral, tmp_path,
     assert hf["quantization"]["int4_grid"] == "half"
 
 
+@pytest.mark.parametrize("qtype,bits", [(Q.Q8_0, 8), (Q.Q4_0, 4)], ids=["Q8_0", "Q4_0"])
+def test_an_hf_directory_rounded_as_llama_cpp_rounds_compiles_to_its_ggufs_artifact(mixtral, tmp_path, qtype, bits):
+    """A GGUF with every matrix in Q8_0 or Q4_0 (as llama.cpp's gguf-py quantizes) and its HF
+    directory compiled with --rounding llamacpp at those bits, experts and trunk alike: the same
+    expert records and trunk tensors byte for byte (only the headers' compile ids and CRCs differ)."""
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+    from edgemoe.compiler.expert_image import ALIGN
+
+    path = write_gguf(mixtral, "mixtral", tmp_path / "mixtral.gguf", qtype)
+    made = []
+    for source, rounding in ((path, "search"), (mixtral, "llamacpp")):
+        out = tmp_path / rounding
+        manifest = compile_model(source, out, CompileOptions(expert_bits=bits, trunk_bits=bits, max_seq=48,
+                                                             rounding=rounding), log=lambda m: None)
+        assert manifest["quantization"]["int4_grid"] == ("integer" if bits == 4 else "half")
+        made.append(out)
+    gg, hf = made
+    assert (gg / "experts.bin").read_bytes()[ALIGN:] == (hf / "experts.bin").read_bytes()[ALIGN:]
+    assert (gg / "trunk.bin").read_bytes()[trunk_file.HEADER_BYTES:] == \
+        (hf / "trunk.bin").read_bytes()[trunk_file.HEADER_BYTES:]
+
+
+def test_llama_cpp_rounding_refuses_options_it_cannot_hold(mixtral, tmp_path):
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+
+    for opts, message in ((dict(expert_bits=3), "not for INT3"), (dict(group=64), "--group 32"),
+                          (dict(int4_grid="half"), "drop --int4-grid half"),
+                          (dict(tolerance=0.01), "drop one of the two"), (dict(rounding="nearest"), "unknown rounding")):
+        opts = {"rounding": "llamacpp", **opts}
+        with pytest.raises(ValueError, match=message):
+            compile_model(mixtral, tmp_path / "out", CompileOptions(max_seq=48, **opts), log=lambda m: None)
+        assert not (tmp_path / "out").exists()
+
+
 def test_the_estimated_search_rounds_q4_0_experts_as_the_compile_stores_them(tmp_path):
     """The bit-plan search's rounding (plan_pass.round_at_levels) of a Q4_0 GGUF's expert: at INT4 on
     the integer grid and at INT8 the GGUF's own values (the search sees no loss there, as the compile

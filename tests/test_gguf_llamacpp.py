@@ -1,6 +1,7 @@
 """GGUFs written by llama.cpp itself: the bundled model converted by its convert_hf_to_gguf.py to
-F16 and Q8_0, and quantized by its llama-quantize to Q4_0, compile (models/gguf_import.py) and
-decode in the C runtime, to the reference's logits and to llama.cpp's own.
+F16 and Q8_0, and quantized by its llama-quantize to Q4_0 (its default mix and --pure) and Q4_K_M,
+compile (models/gguf_import.py) and decode in the C runtime, to the reference's logits, to the HF
+directory's tokens and to llama.cpp's own logits.
 
 What holds, per type (the bundled checkpoint is stored in float16):
 
@@ -11,7 +12,9 @@ What holds, per type (the bundled checkpoint is stored in float16):
   the artifact stores the GGUF's weights without a second rounding, and decodes the reference
   executor's tokens on them. The HF directory compiled at INT8 rounds the float16 weights its own
   way (searched scales), so some weights differ by a step; the greedy tokens are the same up to a
-  near tie of the HF compile's logits.
+  near tie of the HF compile's logits. Rounded as llama.cpp rounds (--rounding llamacpp:
+  compiler/llamacpp_rounding.py), the HF directory compiles to the GGUF's artifact byte for byte,
+  so the two decode the same greedy tokens.
 * Q4_0 → INT4: a Q4_0 block (d in float16, 4-bit q, weights (q − 8)·d) is an INT4 group of 32 on
   the integer grid -8…7, which the compile picks for a GGUF whose experts are all Q4_0: the
   experts are stored unrounded, and so are the Q8_0 / Q4_0 trunk matrices at INT8 (q/k too: the
@@ -24,6 +27,9 @@ What holds, per type (the bundled checkpoint is stored in float16):
   margins up to 28% of the HF compile's mean |logit|): a different model, so not asserted. What is
   asserted is the comparison that holds one model on both sides: llama.cpp's own logits on its
   file, through its C API (tests/llamacpp_greedy.c), for every type.
+* Q4_0 --pure (every matrix Q4_0, routers and norms float) → INT4 experts and trunk: the HF
+  directory compiled with --rounding llamacpp at --bits 4 --trunk-bits 4 is that file's artifact
+  byte for byte (the integer grid for both), and decodes the same greedy tokens.
 
 llama.cpp comes from scripts/fetch-llamacpp.sh (build/llama.cpp; EDGEMOE_LLAMACPP names another
 built tree). Without it these tests fail with that command, unless EDGEMOE_NO_LLAMACPP=1 says the
@@ -43,6 +49,7 @@ from edgemoe import llamacpp
 from edgemoe.compiler.artifact_reference import artifact_model
 from edgemoe.compiler.driver import CompileOptions, compile_model
 from edgemoe.compiler.expert_image import ALIGN, read_experts
+from edgemoe.compiler.trunk_file import HEADER_BYTES
 from edgemoe.models import load_model, read_stored
 from edgemoe.models.reference import ReferenceExecutor
 from edgemoe.runtime import Session
@@ -53,7 +60,7 @@ from test_gguf import assert_within_block_rounding, model_arrays
 TREE = Path(os.environ.get("EDGEMOE_LLAMACPP", REPO / "build" / "llama.cpp"))
 N_NEW = 24
 # GGUF type → the compile that stores the same bits: (expert bits, trunk bits); F16 at 16 / float32
-EQUIVALENT_BITS = {"F16": (16, 32), "Q8_0": (8, 8), "Q4_0": (4, 8), "Q4_K_M": (4, 8)}
+EQUIVALENT_BITS = {"F16": (16, 32), "Q8_0": (8, 8), "Q4_0": (4, 8), "Q4_K_M": (4, 8), "Q4_0-pure": (4, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +84,16 @@ def ggufs(tree, tmp_path_factory) -> dict[str, Path]:
         (root / name).mkdir()
     f16 = llamacpp.convert(tree, TRAINED_MODEL, root / "F16" / "mixtral-mini-f16.gguf")
     q8 = llamacpp.convert(tree, TRAINED_MODEL, root / "Q8_0" / "mixtral-mini-q8_0.gguf", "q8_0")
-    q4 = llamacpp.quantize(tree, f16, "Q4_0")
-    q4_k_m = llamacpp.quantize(tree, f16, "Q4_K_M")  # experts in Q4_K, Q5_0 and Q8_0
-    return {"F16": f16, "Q8_0": q8, "Q4_0": q4.rename(root / "Q4_0" / q4.name),
-            "Q4_K_M": q4_k_m.rename(root / "Q4_K_M" / q4_k_m.name)}
+    quantized = {"Q4_0": llamacpp.quantize(tree, f16, "Q4_0"), "Q4_0-pure": llamacpp.quantize(tree, f16, "Q4_0", pure=True),
+                 "Q4_K_M": llamacpp.quantize(tree, f16, "Q4_K_M")}  # Q4_K_M: experts in Q4_K, Q5_0 and Q8_0
+    return {"F16": f16, "Q8_0": q8, **{name: p.rename(root / name / p.name) for name, p in quantized.items()}}
 
 
 @pytest.fixture(scope="module")
 def artifacts(ggufs, tmp_path_factory, runtime_lib):
     """(source, GGUF type) → the artifact compiled at that type's equivalent bits; source "hf"
-    (the HF directory) or "gguf". Float-dequantizing kernels (rows layout): the runtime then
+    (the HF directory), "hf-llamacpp" (the HF directory rounded as llama.cpp rounds) or "gguf".
+    Float-dequantizing kernels (rows layout): the runtime then
     computes the reference's arithmetic on the stored weights to float rounding, so a token it
     does not share with the reference is an error, not a near tie of int8 activations."""
     made = {}
@@ -95,8 +102,9 @@ def artifacts(ggufs, tmp_path_factory, runtime_lib):
         if (source, qtype) not in made:
             bits, trunk = EQUIVALENT_BITS[qtype]
             out = tmp_path_factory.mktemp(f"{source}-{qtype}")
-            model = TRAINED_MODEL if source == "hf" else ggufs[qtype]
-            opts = CompileOptions(expert_bits=bits, trunk_bits=trunk, max_seq=128, int_dot=False)
+            model = ggufs[qtype] if source == "gguf" else TRAINED_MODEL
+            opts = CompileOptions(expert_bits=bits, trunk_bits=trunk, max_seq=128, int_dot=False,
+                                  rounding="llamacpp" if source == "hf-llamacpp" else "search")
             compile_model(model, out, opts, log=lambda m: None)
             made[source, qtype] = out
         return made[source, qtype]
@@ -155,6 +163,21 @@ def test_f16_gguf_decodes_the_hf_directorys_tokens(artifacts, rng, tokenizer):
     assert (gg / "experts.bin").read_bytes()[ALIGN:] == (hf / "experts.bin").read_bytes()[ALIGN:]
     ids = random_prompt(rng, tokenizer)
     assert greedy(gg, ids)[0] == greedy(hf, ids)[0]
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0-pure"])
+def test_the_hf_directory_rounded_as_llama_cpp_rounds_is_the_ggufs_artifact(artifacts, qtype, tokenizer, rng):
+    """The converter's Q8_0 and llama-quantize --pure's Q4_0 round every matrix by one rule, and
+    --rounding llamacpp rounds the HF directory's float16 weights by it (Q4_0 on the integer grid):
+    the expert image and trunk.bin are the GGUF compile's but for their headers (compile id and
+    CRCs), and the two decode the same greedy tokens — the HF directory's at the equivalent bits."""
+    hf, gg = artifacts("hf-llamacpp", qtype), artifacts("gguf", qtype)
+    manifests = [json.loads((a / "manifest.json").read_text())["quantization"] for a in (hf, gg)]
+    assert manifests[0]["rule"] == "llamacpp" and manifests[0]["int4_grid"] == manifests[1]["int4_grid"]
+    assert (gg / "experts.bin").read_bytes()[ALIGN:] == (hf / "experts.bin").read_bytes()[ALIGN:]
+    assert (gg / "trunk.bin").read_bytes()[HEADER_BYTES:] == (hf / "trunk.bin").read_bytes()[HEADER_BYTES:]
+    for ids in [tokenizer.encode(p).ids for p in PROMPTS] + [random_prompt(rng, tokenizer)]:
+        assert greedy(gg, ids)[0] == greedy(hf, ids)[0], ids
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
@@ -223,7 +246,7 @@ def llamacpp_greedy(tree, tmp_path_factory) -> Path:
     return exe
 
 
-@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_0-pure"])
 def test_the_gguf_computes_llama_cpps_logits_on_its_greedy_path(ggufs, artifacts, llamacpp_greedy, qtype, rng,
                                                                tokenizer, tmp_path):
     """The artifact compiled from llama.cpp's GGUF against llama.cpp decoding that file (its C API,

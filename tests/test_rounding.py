@@ -107,3 +107,39 @@ def test_calibrated_int2_lowers_held_out_perplexity_of_the_trained_model(trained
     plain = perplexity_reference(quantized_model(trained_model, 2, 8, 32, "tiles"), held)["perplexity"]
     fitted = perplexity_reference(quantized_model(trained_model, 2, 8, 32, "tiles", mom), held)["perplexity"]
     assert fitted < plain * 0.985, (fitted, plain)  # measured 0.965
+
+
+@pytest.mark.parametrize("bits,qtype", [(8, "Q8_0"), (4, "Q4_0")])
+def test_llama_cpp_rounding_is_gguf_pys_block_for_block(bits, qtype, rng):
+    """compiler/llamacpp_rounding.py against llama.cpp's own Python quantizer (gguf-py, which its
+    converter writes Q8_0 with), on fresh weights with ties made on purpose: a weight at exactly half
+    a Q8_0 step (rounded away from zero) and blocks whose extreme is positive (Q4_0's d < 0)."""
+    from gguf import GGMLQuantizationType, quantize as gguf_quantize
+
+    from edgemoe.compiler.llamacpp_rounding import round_blocks
+
+    w = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 1, (64, 1))).astype(np.float16).astype(np.float32)
+    w[0, :32] = np.arange(32, dtype=np.float32) / 32 - 0.5  # extreme -0.5: Q4_0's d > 0 here, < 0 in row 1
+    w[1, :32] = -w[0, :32]
+    w[2, :32] = 0.0  # an all-zero block: d = 0, every level 0
+    w[3, :32] = 127.0 / 2 * np.sign(rng.standard_normal(32)).astype(np.float32) / 127  # ±0.5 steps at Q8_0
+    w[3, 0] = 1.0
+    levels, scales = round_blocks(w, bits)
+    blocks = np.asarray(gguf_quantize(w, GGMLQuantizationType[qtype])).reshape(-1, 34 if bits == 8 else 18)
+    d = blocks[:, :2].copy().view(np.float16).reshape(scales.shape)
+    q = blocks[:, 2:]
+    want = q.view(np.int8) if bits == 8 else np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.int8) - 8
+    assert np.array_equal(scales.view(np.uint16), d.view(np.uint16))
+    assert np.array_equal(levels, want.reshape(levels.shape))
+    assert not levels[2, :32].any() and scales[2, 0] == 0
+    if bits == 4:
+        assert scales[0, 0] > 0 > scales[1, 0] and levels[0, 0] == levels[1, 0] == -8
+
+
+def test_llama_cpp_rounding_refuses_what_llama_cpp_has_no_blocks_for():
+    from edgemoe.compiler.llamacpp_rounding import round_blocks
+
+    with pytest.raises(ValueError, match="INT8 \\(Q8_0\\) and INT4 \\(Q4_0\\), not for INT3"):
+        round_blocks(np.zeros((2, 64), np.float32), 3)
+    with pytest.raises(ValueError, match="blocks are 32 weights"):
+        round_blocks(np.zeros((2, 48), np.float32), 8)

@@ -177,12 +177,16 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
 @click.option("--android-api", type=click.IntRange(21, 99), default=None,
               help="Android targets: the API level to build for (names the NDK compiler) [default: the target's].")
 @click.option("--int4-grid", type=click.Choice(["auto", "half", "integer"]), default="auto", show_default=True,
-              help="Levels of INT4 experts: half-integers ±1/2…±15/2 (symmetric), or the integers -8…7 of "
+              help="Levels of INT4 matrices: half-integers ±1/2…±15/2 (symmetric), or the integers -8…7 of "
                    "llama.cpp's Q4_0; auto: integer for a GGUF whose experts are Q4_0 (repacked, not rounded "
-                   "again), else half.")
+                   "again), else half. The trunk's INT4 matrices (--trunk-bits 4) are on the same grid.")
+@click.option("--rounding", type=click.Choice(["search", "llamacpp"]), default="search", show_default=True,
+              help="How weights are rounded: search (a searched scale per group; the output-error-minimising rounding "
+                   "with --calibration), or llamacpp (llama-quantize's Q8_0 / Q4_0 blocks at --bits and --trunk-bits "
+                   "8 or 4, INT4 on the integer grid: the codes a GGUF of this checkpoint holds).")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
                 tolerance, max_bits, sensitivity, search_text, int_dot, tune, jobs, dask_scheduler, android_api,
-                int4_grid):
+                int4_grid, rounding):
     """Compile the MoE checkpoint MODEL_DIR (a Hugging Face directory, a .gguf or a torch.onnx export's
     .onnx with config.json beside it) for a target board. An
     interrupted compile resumes from the experts it finished when run again with the same inputs."""
@@ -206,7 +210,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
         opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, sensitivity=sensitivity,
                               search_text=search_text, int_dot=int_dot, tune=tune, jobs=jobs, dask_scheduler=dask_scheduler,
-                              android_api=android_api, int4_grid=int4_grid)
+                              android_api=android_api, int4_grid=int4_grid, rounding=rounding)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
     except (ModelImportError, UnknownTargetError, TuningError, ToolchainError, ValueError, FileNotFoundError,
             RoundingLost) as e:

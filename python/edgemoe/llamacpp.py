@@ -66,10 +66,12 @@ def convert(tree: Path, model_dir: Path, out: Path, outtype: str = "f16") -> Pat
     return out
 
 
-def quantize(tree: Path, f16: Path, gguf_type: str) -> Path:
-    out = f16.with_name(f16.stem.replace("-f16", "") + f"-{gguf_type.lower()}.gguf")
+def quantize(tree: Path, f16: Path, gguf_type: str, pure: bool = False) -> Path:
+    """The GGUF `f16` quantized by llama-quantize to `gguf_type` beside it; `pure`: every matrix in that
+    type (its --pure: no mixture, e.g. no Q8_0 attention or Q6_K output in a Q4_0 file)."""
+    out = f16.with_name(f16.stem.replace("-f16", "") + f"-{gguf_type.lower()}{'-pure' if pure else ''}.gguf")
     if not out.is_file():
-        _run([str(tool(tree, "llama-quantize")), str(f16), str(out), gguf_type])
+        _run([str(tool(tree, "llama-quantize")), *(["--pure"] if pure else []), str(f16), str(out), gguf_type])
     return out
 
 
