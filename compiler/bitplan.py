@@ -21,7 +21,7 @@ from ..models import Expert, MoEModel
 from ..models.perplexity import WINDOW, perplexity_reference, token_nll, windows
 from ..models.reference import forward_sequence
 from .progress import stage, track
-from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, compiled_trunk, quantize
+from .quantize import DEFAULT_GROUP, DEFAULT_TRUNK_BITS, compiled_trunk, grid_at, quantize
 
 LEVELS = (8, 4, 3, 2)  # from the most to the least precise
 ROUNDING = "searched-scales/gptq-1"  # part of the sensitivity cache key: change it when rounding.py rounds differently
@@ -37,14 +37,15 @@ def mean_nll(model: MoEModel, tokens: np.ndarray) -> float:
 
 class PlanEvaluator:
     """Scores bit plans against the float model: dequantized experts are computed once per (expert,
-    bitwidth) and reused; the trunk is quantized as the artifact will store it (`trunk_bits`), so
-    the loss measured is the artifact's."""
+    bitwidth) and reused; the trunk is quantized as the artifact will store it (`trunk_bits`; INT4
+    matrices on `int4_grid`, the experts' too), so the loss measured is the artifact's."""
 
     def __init__(self, model: MoEModel, tokens: np.ndarray, group: int = DEFAULT_GROUP,
-                 trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None):
+                 trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None, int4_grid: str = "half"):
         self.model, self.tokens, self.group, self.trunk_bits, self.layout = model, tokens, group, trunk_bits, layout
         self.moments = moments  # profile.ExpertMoments: experts rounded against calibration inputs
-        self._trunk = compiled_trunk(model, trunk_bits, group, layout)
+        self.int4_grid = int4_grid
+        self._trunk = compiled_trunk(model, trunk_bits, group, layout, int4_grid)
         self._experts: dict[tuple[int, int, int], Expert] = {}
         self.float_nll = mean_nll(model, tokens)
         self.evaluations = 0
@@ -54,7 +55,8 @@ class PlanEvaluator:
         if key not in self._experts:
             e = self.model.moe_layers[layer].experts[idx]
             grams = self.moments.grams(layer, idx) if self.moments is not None else (None,) * 3
-            self._experts[key] = Expert(*(quantize(w, bits, self.group, gram=g).dequantize()
+            self._experts[key] = Expert(*(quantize(w, bits, self.group, gram=g, grid=grid_at(bits, self.int4_grid))
+                                          .dequantize()
                                           for w, g in zip((e.w_gate, e.w_up, e.w_down), grams)))
         return self._experts[key]
 
@@ -106,7 +108,7 @@ def sensitivity(ev: PlanEvaluator, high: int, low: int, cache_dir: Path | None =
     cfg = ev.model.config
     key = hashlib.sha256(
         ev.tokens.tobytes() + ev.model.embed[:8].tobytes() + ev.model.moe_layers[-1].experts[-1].w_down[:4].tobytes()
-        + f"{high},{low},{ev.group},{ev.trunk_bits},{ev.layout},{ROUNDING}".encode()
+        + f"{high},{low},{ev.group},{ev.trunk_bits},{ev.layout},{ev.int4_grid},{ROUNDING}".encode()
         + (b"" if ev.moments is None else ev.moments.rows.tobytes() + ev.moments.down[-1, -1, :4].tobytes())
     ).hexdigest()[:24]
     path = Path(cache_dir) / f"sensitivity-{key}.json" if cache_dir else None
@@ -227,20 +229,21 @@ class BitPlan:
 def search_plan(model: MoEModel, search: np.ndarray, check: np.ndarray, tolerance: float | None = None,
                 group: int = DEFAULT_GROUP, cache_dir: Path | None = None, log=print,
                 trunk_bits: int = DEFAULT_TRUNK_BITS, layout: str = "rows", moments=None,
-                max_bits: float | None = None, progress=None) -> BitPlan:
+                max_bits: float | None = None, progress=None, int4_grid: str = "half") -> BitPlan:
     """A per-expert plan over LEVELS along plan_path(): with `tolerance`, the most compact plan whose
     loss on the search tokens stays within it (binary search along the path; loss grows along it),
     then measured on the check tokens, stepping back towards precision while that fails; with
     `max_bits` (average bits per expert weight), the first plan on the path that small, and with
     both, the more compact of the two. With `moments` (profile.ExpertMoments, gathered on
     calibration tokens that exclude the check's) experts are rounded as the compiler will round them.
-    `progress`: a progress factory (compiler/progress.py) told of each measurement loop."""
+    `progress`: a progress factory (compiler/progress.py) told of each measurement loop. INT4 on
+    `int4_grid`, as the compile stores it."""
     if tolerance is None and max_bits is None:
         raise ValueError("a bit plan search needs a tolerance, a bits target, or both")
     if max_bits is not None and max_bits < min(LEVELS):
         raise ValueError(f"an average of {max_bits} bits is below the narrowest expert bitwidth INT{min(LEVELS)}")
     with stage(progress, "bit plans: scoring the float model"):
-        ev = PlanEvaluator(model, search, group, trunk_bits, layout, moments)
+        ev = PlanEvaluator(model, search, group, trunk_bits, layout, moments, int4_grid)
     steps = [f"uniform INT{b}: loss {100 * ev.loss(uniform(model, b)):+.2f}% on search tokens"
              for b in track(progress, LEVELS, "bit plans: uniform plans", unit="plan")]
     start, moves = plan_path(sensitivities(ev, cache_dir, progress))

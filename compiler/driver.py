@@ -398,7 +398,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         else:
             searched = search_plan(model, search_tokens, check_tokens, opts.tolerance, opts.group,
                                    cache_dir(), log=log, trunk_bits=opts.trunk_bits, layout=search_layout,
-                                   moments=moments, max_bits=opts.max_bits, progress=progress)
+                                   moments=moments, max_bits=opts.max_bits, progress=progress, int4_grid=grid)
         found.write_text(json.dumps(searched.to_dict()))
         log(f"bit plan: {searched.average_bits:.2f} bits on average, searched in {time.time() - t_search:.0f} s; "
             f"peak RSS {peak_rss() / 2**30:.2f} GiB")

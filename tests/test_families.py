@@ -192,6 +192,8 @@ VARIANTS = {  # compile options, and the name of the variant
     "int4": dict(expert_bits=4),
     "mixed-plan": dict(bit_plan="cycle"),
     "rows-trunk32": dict(expert_bits=4, int_dot=False, trunk_bits=32),
+    # llama.cpp's Q4_0 everywhere: experts and trunk INT4 on the integer grid
+    "llamacpp-trunk4": dict(expert_bits=4, trunk_bits=4, rounding="llamacpp"),
 }
 
 
