@@ -30,7 +30,7 @@ from .progress import stage, track
 from .tuning import TuningStore
 from .profile import expert_moments, profile_routing, tokenize_file
 from .quantize import (DEFAULT_GROUP, DEFAULT_TRUNK_BITS, check_bits, check_grid, check_trunk_bits, compiled_trunk,
-                       grid_at)
+                       grid_at, with_matrices)
 from .rounding import level_range
 from .cpu_features import elf_machine, feature_names, required_features
 from .tokenizer_file import write_tokenizer
@@ -43,7 +43,7 @@ MANIFEST_VERSION = 1
 class CompileOptions:
     target: str = "host"
     expert_bits: int = 4
-    trunk_bits: int = DEFAULT_TRUNK_BITS  # attention projections and embedding / LM head; 32 = float32
+    trunk_bits: int | str = "auto"  # attention projections and embedding / LM head; 32 = float32; auto: trunk_bits()
     group: int = DEFAULT_GROUP
     max_seq: int | None = None  # context the artifact supports; default: min(model maximum, 2048)
     calibration: Path | None = None  # text for profiling expert routing (predictor tables, eviction frequencies)
@@ -82,6 +82,20 @@ def expert_bit_plan(cfg, opts: CompileOptions) -> list[list[int]]:
     for b in {b for row in plan for b in row}:
         check_bits(b)
     return plan
+
+
+def trunk_bits(model, opts: CompileOptions) -> int:
+    """The trunk matrices' bitwidth: the options', or (auto) INT4 where every one of them is stored in
+    at most 4.5 bits per weight (a GGUF whose trunk is Q4_0 blocks or narrower: kept at its own
+    precision, Q4_0 copied), else the default INT8 (a float checkpoint; a GGUF whose mix keeps some
+    trunk matrices at Q8_0 or Q6_K, as llama-quantize's Q4_0 and Q4_K_M do)."""
+    if opts.trunk_bits != "auto":
+        check_trunk_bits(opts.trunk_bits)
+        return opts.trunk_bits
+    stored = []
+    with_matrices(model, lambda li, ei, e: e, lambda w: stored.append(w.stored_bits() if isinstance(w, LazyTensor)
+                                                                      else None))
+    return 4 if stored and None not in stored and max(stored) <= 4 + 16 / DEFAULT_GROUP else DEFAULT_TRUNK_BITS
 
 
 def int4_grid(model, opts: CompileOptions) -> str:
@@ -329,7 +343,8 @@ def _calibrated_tasks(trunk, tokens, plan, group: int, layout: str, grid: str, s
 def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, cc: str | None, log, progress,
                   inputs: bytes) -> dict:
     t0 = time.time()
-    check_trunk_bits(opts.trunk_bits)
+    if opts.trunk_bits != "auto":
+        check_trunk_bits(opts.trunk_bits)
     search = opts.tolerance is not None or opts.max_bits is not None
     check_rounding(opts, search)
     method = sensitivity_method(describe_model(model_dir), opts.sensitivity) if search else None
@@ -346,6 +361,11 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         # from their own working directory: absolute
         model = load_model(model_dir.absolute() if opts.dask_scheduler else model_dir, lazy=method != "measured")
     cfg = model.config
+    if opts.trunk_bits == "auto":
+        opts = replace(opts, trunk_bits=trunk_bits(model, opts))
+        check_rounding(opts, search)
+        if opts.trunk_bits == 4:
+            log("trunk matrices at INT4: the checkpoint stores every one of them in at most 4.5 bits per weight")
     if opts.rounding == "llamacpp":
         model = llamacpp_rounded(model, expert_bit_plan(cfg, opts), opts.trunk_bits, opts.group)
     tokenizer = place_tokenizer(model_dir, out_dir)  # the artifact's tokenizer.json, or why there is none

@@ -72,6 +72,9 @@ class LlamaCppRounded(LazyTensor):
     def level_bounds(self, group: int) -> tuple[int, int] | None:
         return BLOCK_TYPES[self.bits][1:] if group == BLOCK else None
 
+    def stored_bits(self) -> float:
+        return self.bits + 16 / BLOCK  # the levels and a float16 d per block
+
     def stored_levels(self, group: int) -> tuple[np.ndarray, np.ndarray] | None:
         if group != BLOCK:
             return None

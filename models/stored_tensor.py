@@ -91,6 +91,11 @@ class LazyTensor(NDArrayOperatorsMixin):
         is so stored (level_bounds), so it can be repacked unrounded; None otherwise."""
         return None
 
+    def stored_bits(self) -> float | None:
+        """Bits per weight as the tensor is stored (a GGUF's blocks, scales included; a safetensors
+        dtype), told without reading it; None where nothing stores it as such."""
+        return None
+
     def __array__(self, dtype=None, copy=None):
         a = self.read()
         return a if dtype is None else a.astype(dtype)
@@ -124,6 +129,10 @@ class RowStack(LazyTensor):
     def read(self) -> np.ndarray:
         return np.concatenate([np.asarray(p, dtype=np.float32) for p in self.parts], axis=0)
 
+    def stored_bits(self) -> float | None:
+        bits = [p.stored_bits() if isinstance(p, LazyTensor) else None for p in self.parts]
+        return None if None in bits else max(bits)
+
 
 class RowOrder(LazyTensor):
     """A matrix with its rows taken in another order (`order[i]`: the source row that is row i),
@@ -142,6 +151,9 @@ class RowOrder(LazyTensor):
         stored = self.source.stored_levels(group)
         return None if stored is None else (stored[0][self.order], stored[1][self.order])
 
+    def stored_bits(self) -> float | None:
+        return self.source.stored_bits()
+
 
 class FileTensor(LazyTensor):
     """A tensor lying in bytes start…end of a file, whose first axis steps through that range evenly
@@ -154,6 +166,9 @@ class FileTensor(LazyTensor):
     def _slice(self, shape: tuple[int, ...], start: int, end: int) -> "FileTensor":
         """The same kind of tensor, of `shape`, in bytes start…end of the file."""
         raise NotImplementedError
+
+    def stored_bits(self) -> float:
+        return 8 * (self.end - self.start) / self.size
 
     def row(self, i: int) -> "FileTensor":
         """Index i along the first axis, still unread (a fused [experts, …] tensor's one expert)."""

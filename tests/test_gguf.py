@@ -406,9 +406,9 @@ def test_q4_0_blocks_are_stored_unrounded_on_the_integer_grid(mixtral, tmp_path,
 
     path = write_gguf(mixtral, "mixtral", tmp_path / "mixtral-q4_0.gguf", Q.Q4_0)
     out = tmp_path / "artifact"
-    manifest = compile_model(path, out, CompileOptions(expert_bits=4, trunk_bits=4, max_seq=48, int_dot=int_dot),
-                             log=lambda m: None)
+    manifest = compile_model(path, out, CompileOptions(expert_bits=4, max_seq=48, int_dot=int_dot), log=lambda m: None)
     assert manifest["quantization"]["int4_grid"] == "integer"
+    assert manifest["quantization"]["trunk_bits"] == 4  # --trunk-bits auto: every trunk matrix is Q4_0
     assert read_table(out / "experts.bin")[0].int4_grid == "integer"
     flags = unpack(trunk_file.HEADER_FMT[:-1], (out / "trunk.bin").read_bytes())[15]
     assert flags & trunk_file.FLAG_INT4_INTEGER
@@ -431,7 +431,7 @@ def test_q4_0_blocks_are_stored_unrounded_on_the_integer_grid(mixtral, tmp_path,
 
     hf = compile_model(mixtral, tmp_path / "hf", CompileOptions(expert_bits=4, max_seq=48, int_dot=int_dot),
                        log=lambda m: None)
-    assert hf["quantization"]["int4_grid"] == "half"
+    assert hf["quantization"]["int4_grid"] == "half" and hf["quantization"]["trunk_bits"] == 8
 
 
 @pytest.mark.parametrize("qtype,bits", [(Q.Q8_0, 8), (Q.Q4_0, 4)], ids=["Q8_0", "Q4_0"])
@@ -454,6 +454,26 @@ def test_an_hf_directory_rounded_as_llama_cpp_rounds_compiles_to_its_ggufs_artif
     assert (gg / "experts.bin").read_bytes()[ALIGN:] == (hf / "experts.bin").read_bytes()[ALIGN:]
     assert (gg / "trunk.bin").read_bytes()[trunk_file.HEADER_BYTES:] == \
         (hf / "trunk.bin").read_bytes()[trunk_file.HEADER_BYTES:]
+
+
+@pytest.mark.parametrize("qtype,bits", [(Q.Q4_0, 4), (Q.Q8_0, 8), (Q.F16, 8), (Q.F32, 8)],
+                         ids=["Q4_0", "Q8_0", "F16", "F32"])
+def test_the_trunk_bitwidth_follows_what_the_gguf_stores(mixtral, tmp_path, qtype, bits):
+    """--trunk-bits auto: INT4 where every trunk matrix is stored in at most 4.5 bits per weight (Q4_0),
+    else INT8; one wider matrix (the embedding in Q8_0, as llama-quantize's mixes keep the output wider)
+    is enough for INT8. An HF directory's float weights: INT8."""
+    from dataclasses import replace
+
+    from edgemoe.compiler.driver import CompileOptions, trunk_bits
+
+    path = write_gguf(mixtral, "mixtral", tmp_path / "mixtral.gguf", qtype)
+    assert trunk_bits(load_model(path, lazy=True), CompileOptions()) == bits
+    assert trunk_bits(load_model(mixtral, lazy=True), CompileOptions()) == 8
+    assert trunk_bits(load_model(path, lazy=True), CompileOptions(trunk_bits=32)) == 32
+    if qtype == Q.Q4_0:
+        model = load_model(path, lazy=True)
+        wider = load_model(write_gguf(mixtral, "mixtral", tmp_path / "q8.gguf", Q.Q8_0), lazy=True)
+        assert trunk_bits(replace(model, embed=wider.embed), CompileOptions()) == 8
 
 
 def test_llama_cpp_rounding_refuses_options_it_cannot_hold(mixtral, tmp_path):

@@ -650,7 +650,9 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
 
     from .compiler.bitplan import BASE, LEVELS, PlanEvaluator, search_plan, sensitivities, split_tokens, uniform
     from .compiler.cache import cache_dir
-    from .compiler.driver import CompileOptions, weight_layout
+    from dataclasses import replace
+
+    from .compiler.driver import CompileOptions, trunk_bits, weight_layout
     from .compiler.expert_image import image_bytes
     from .compiler.expert_pool import ExpertPool, default_jobs
     from .compiler.plan_pass import estimate_errors, search_plan_estimated
@@ -665,6 +667,7 @@ def bitplans_cmd(model_dir, calibration, search_text, calibration_tokens, text_p
     model = load_model(model_dir)
     cfg = model.config
     opts = CompileOptions(target=target)
+    opts = replace(opts, trunk_bits=trunk_bits(model, opts))
     layout = weight_layout(cfg, load_target(target), opts, list(LEVELS))
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     calib = tokenize_file(model_dir / "tokenizer.json", calibration, calibration_tokens)

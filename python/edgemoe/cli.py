@@ -139,8 +139,10 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
 @click.option("--target", default="host", show_default=True, help="Board description in targets/.")
 @click.option("--bits", "expert_bits", type=click.Choice(["2", "3", "4", "8", "16"]), default="4", show_default=True,
               help="Expert weight bitwidth (uniform; 16 = float16).")
-@click.option("--trunk-bits", type=click.Choice(["4", "8", "32"]), default="8", show_default=True,
-              help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32.")
+@click.option("--trunk-bits", type=click.Choice(["auto", "4", "8", "32"]), default="auto", show_default=True,
+              help="Bitwidth of the trunk's matrices (attention projections, embedding / LM head); 32 = float32; "
+                   "auto: INT4 for a GGUF whose trunk matrices are all stored in ≤ 4.5-bit blocks (Q4_0, Q4_K, …), "
+                   "else INT8.")
 @click.option("--group", type=click.IntRange(1, 2**16), default=32, show_default=True,
               help="Quantization group size along the input dimension (must divide the model's matrix widths).")
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=None,
@@ -207,7 +209,8 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
             raise click.BadParameter(f"{max_seq} is more than the model's maximum context {longest}; give "
                                      f"1..{longest}", param_hint="--max-seq")
     try:
-        opts = CompileOptions(target, int(expert_bits), int(trunk_bits), group, max_seq, calibration,
+        opts = CompileOptions(target, int(expert_bits), trunk_bits if trunk_bits == "auto" else int(trunk_bits), group,
+                              max_seq, calibration,
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, sensitivity=sensitivity,
                               search_text=search_text, int_dot=int_dot, tune=tune, jobs=jobs, dask_scheduler=dask_scheduler,
                               android_api=android_api, int4_grid=int4_grid, rounding=rounding)
