@@ -472,8 +472,8 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
       const em_matrix* router = &moe->m[EM_M_ROUTER];
       em_matrix fit, fit_prev;
       if (fitted) {
-        fit = (em_matrix){s->fitted_router + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
-        fit_prev = (em_matrix){s->fitted_prev + (size_t)layer * E * H, NULL, 32, E, H, 0, 0};
+        fit = (em_matrix){s->fitted_router + (size_t)layer * E * H, NULL, 32, E, H, 0, 0, EM_GRID_HALF};
+        fit_prev = (em_matrix){s->fitted_prev + (size_t)layer * E * H, NULL, 32, E, H, 0, 0, EM_GRID_HALF};
         router = &fit;
       }
       if (!fitted && moe->router_logit_bias) /* the next router as it will run, its logit bias included */

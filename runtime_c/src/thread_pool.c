@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,17 +9,27 @@
 #include "edgemoe.h"
 #include "tvm_backend.h"
 
+/* A launch is cut into TASKS_PER_THREAD tasks per thread, which the threads take off a counter
+ * until none is left, the caller among them: a thread that wakes late, or is descheduled on a
+ * shared machine, leaves its share to the others, and the launch ends when every task has run,
+ * not when every thread has checked in (static halves made two-thread decode wait for the slower
+ * thread each launch). */
+#define TASKS_PER_THREAD 4
+
 struct em_pool {
   pthread_mutex_t mu;
   pthread_cond_t start, done;
   pthread_t* workers;
-  int threads, started;
-  /* The loop being run; `generation` counts launches so a worker runs each one once.
-   * generation, pending and stop are read without the lock while spinning: atomics. */
+  int threads, started, tasks;
+  /* The loop being run. `ticket` holds the launch's generation (high 32 bits) and its next task
+   * (low 32 bits): claiming a task is a compare-and-swap on both, so a thread never takes a task
+   * of a launch that has ended, and reads f and cdata only once it holds a task, which the
+   * launch cannot end without. generation, ticket, finished and stop are read without the lock. */
   em_parallel_lambda f;
   void* cdata;
   unsigned long generation;
-  int pending; /* worker tasks not yet finished */
+  uint64_t ticket;
+  int finished; /* tasks of this launch run to the end */
   int failed;
   char error[512];
   int stop;
@@ -39,16 +50,15 @@ struct em_pool {
 
 typedef struct {
   em_pool* pool;
-  int task_id;
 } worker_arg;
 
 static EM_THREAD_LOCAL em_pool* bound_pool;
 
 void em_pool_bind(em_pool* pool) { bound_pool = pool; }
 
-static void run_task(em_pool* p, em_parallel_lambda f, void* cdata, int task_id) {
-  em_parallel_env env = {NULL, p->threads};
-  if (f(task_id, &env, cdata) == 0) return;
+static void run_task(em_pool* p, int task_id) {
+  em_parallel_env env = {NULL, p->tasks};
+  if (p->f(task_id, &env, p->cdata) == 0) return;
   const char* msg = em_take_kernel_error();
   pthread_mutex_lock(&p->mu);
   if (!p->failed) snprintf(p->error, sizeof p->error, "%s", msg[0] ? msg : "parallel task failed");
@@ -56,10 +66,24 @@ static void run_task(em_pool* p, em_parallel_lambda f, void* cdata, int task_id)
   pthread_mutex_unlock(&p->mu);
 }
 
+/* Runs tasks of launch `generation` until none is left to claim. */
+static void run_tasks(em_pool* p, unsigned long generation) {
+  uint64_t t = LOAD(p->ticket);
+  while ((t >> 32) == (generation & 0xffffffffu) && (uint32_t)t < (uint32_t)p->tasks) {
+    if (!__atomic_compare_exchange_n(&p->ticket, &t, t + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+    run_task(p, (int)(uint32_t)t);
+    if (__atomic_add_fetch(&p->finished, 1, __ATOMIC_ACQ_REL) == p->tasks) {
+      pthread_mutex_lock(&p->mu);
+      pthread_cond_signal(&p->done);
+      pthread_mutex_unlock(&p->mu);
+    }
+    t = LOAD(p->ticket);
+  }
+}
+
 static void* worker_main(void* argp) {
-  worker_arg a = *(worker_arg*)argp;
+  em_pool* p = ((worker_arg*)argp)->pool;
   free(argp);
-  em_pool* p = a.pool;
   unsigned long seen = 0;
   for (;;) {
     for (int i = 0; i < SPIN_PAUSES && LOAD(p->generation) == seen && !LOAD(p->stop); i++) CPU_PAUSE();
@@ -69,13 +93,8 @@ static void* worker_main(void* argp) {
       pthread_mutex_unlock(&p->mu);
     }
     if (LOAD(p->stop)) break;
-    seen = LOAD(p->generation); /* acquire: f and cdata were written before it */
-    run_task(p, p->f, p->cdata, a.task_id);
-    if (__atomic_sub_fetch(&p->pending, 1, __ATOMIC_ACQ_REL) == 0) {
-      pthread_mutex_lock(&p->mu);
-      pthread_cond_signal(&p->done);
-      pthread_mutex_unlock(&p->mu);
-    }
+    seen = LOAD(p->generation);
+    run_tasks(p, seen);
   }
   return NULL;
 }
@@ -91,12 +110,13 @@ int em_pool_create(int threads, em_pool** out, char* err, size_t n) {
     return EM_ERR_NOMEM;
   }
   p->threads = threads;
+  p->tasks = threads * TASKS_PER_THREAD;
   pthread_mutex_init(&p->mu, NULL);
   pthread_cond_init(&p->start, NULL);
   pthread_cond_init(&p->done, NULL);
   for (int i = 1; i < threads; i++) {
     worker_arg* a = (worker_arg*)malloc(sizeof *a);
-    if (a) *a = (worker_arg){p, i};
+    if (a) *a = (worker_arg){p};
     if (!a || pthread_create(&p->workers[i], NULL, worker_main, a) != 0) {
       free(a);
       em_pool_destroy(p);
@@ -131,21 +151,23 @@ int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task) {
     return f(0, &env, cdata);
   }
   pthread_mutex_lock(&p->mu);
+  unsigned long generation = p->generation + 1;
   p->f = f;
   p->cdata = cdata;
   p->failed = 0;
-  STORE(p->pending, p->threads - 1);
-  STORE(p->generation, p->generation + 1);
+  STORE(p->finished, 0);
+  STORE(p->ticket, (uint64_t)(generation & 0xffffffffu) << 32); /* release: f and cdata before it */
+  STORE(p->generation, generation);
   pthread_cond_broadcast(&p->start);
   pthread_mutex_unlock(&p->mu);
 
   bound_pool = NULL; /* a parallel loop inside a task runs on that task's thread */
-  run_task(p, f, cdata, 0);
+  run_tasks(p, generation);
   bound_pool = p;
 
-  for (int i = 0; i < SPIN_PAUSES && LOAD(p->pending) > 0; i++) CPU_PAUSE();
+  for (int i = 0; i < SPIN_PAUSES && LOAD(p->finished) < p->tasks; i++) CPU_PAUSE();
   pthread_mutex_lock(&p->mu);
-  while (LOAD(p->pending) > 0) pthread_cond_wait(&p->done, &p->mu);
+  while (LOAD(p->finished) < p->tasks) pthread_cond_wait(&p->done, &p->mu);
   int failed = p->failed;
   char msg[sizeof p->error];
   memcpy(msg, p->error, sizeof msg);

@@ -20,9 +20,10 @@ void em_pool_bind(em_pool* pool);
 /* The pool's thread count, the calling thread included (1 for NULL). */
 int em_pool_threads(const em_pool* pool);
 
-/* The launch hook: runs task ids 0 .. threads-1 of `f`, task 0 on the calling thread, and
- * returns after all have finished; non-zero if any task failed (its message is re-raised on
- * the calling thread). Parallel loops launched inside a task run serially on its thread. */
+/* The launch hook: runs task ids 0 .. 4·threads-1 of `f` (the env's num_task), each once, on
+ * whichever threads take them first, the calling thread among them, and returns after all have
+ * finished; non-zero if any task failed (its message is re-raised on the calling thread).
+ * Parallel loops launched inside a task run serially on its thread. */
 int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task);
 
 #endif
