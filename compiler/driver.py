@@ -92,10 +92,15 @@ def trunk_bits(model, opts: CompileOptions) -> int:
     if opts.trunk_bits != "auto":
         check_trunk_bits(opts.trunk_bits)
         return opts.trunk_bits
-    stored = []
-    with_matrices(model, lambda li, ei, e: e, lambda w: stored.append(w.stored_bits() if isinstance(w, LazyTensor)
-                                                                      else None))
-    return 4 if stored and None not in stored and max(stored) <= 4 + 16 / DEFAULT_GROUP else DEFAULT_TRUNK_BITS
+    stored = []  # bits per weight of each trunk matrix as the checkpoint stores it (None: not stored as such)
+
+    def note(w):
+        stored.append(w.stored_bits() if isinstance(w, LazyTensor) else None)
+        return w
+
+    with_matrices(model, lambda li, ei, e: e, note)
+    q4_0_bits = 4 + 16 / 32  # a Q4_0 block: 32 four-bit levels and a float16 scale
+    return 4 if stored and None not in stored and max(stored) <= q4_0_bits else DEFAULT_TRUNK_BITS
 
 
 def int4_grid(model, opts: CompileOptions) -> str:
