@@ -21,11 +21,16 @@ DEFAULT_LANES = 16
 PARALLEL_MIN_BYTES = 256 << 10
 
 
-def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
-    red = sch.get_loops(block)[-1]  # the innermost reduction: contiguous in memory (kernels.py)
-    extent = int(sch.get(red).extent)
+def _fitting_lanes(extent: int, lanes: int) -> int:
+    """The most lanes, `lanes` halved as often as needed, that divide `extent`."""
     while lanes > 1 and extent % lanes:
         lanes //= 2
+    return lanes
+
+
+def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
+    red = sch.get_loops(block)[-1]  # the innermost reduction: contiguous in memory (kernels.py)
+    lanes = _fitting_lanes(int(sch.get(red).extent), lanes)
     if lanes == 1:
         return
     _, inner = sch.split(red, [None, lanes])
@@ -39,21 +44,57 @@ def _vectorize_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool)
         sch.parallel(rows)
 
 
-# Attention's weighted sum of the cached values, o[h, i] = Σ_t e[h, t] · v[t, ·, i] / z[h]
-# (kernels.py: "o"; latent attention's "o_lat"). As written its loops run t innermost, walking every
-# cache row once per output element with a stride of a whole row; with t outside i each row is read
-# once, contiguously, and LLVM vectorizes the loop over i. Same sums in the same order: bit-identical.
-# Measured on the bundled model's attention at 200 positions: 65 → 29 µs (Zen 4), 55 → 18 µs (Haswell
-# target); attention was 45% of a decode step's time there.
+# Attention (kernels.py: em_attention's blocks s, mx, e, z, o; latent attention's s ... o_lat) runs
+# head by head: every block moves under the head loop of the weighted value sum o[h, i] = Σ_t e[h, t] ·
+# v[t, ·, i] / z[h], so a head's scores and exponentials are still in L1 when the next block reads them.
+# Within a head the value sum runs t outside i (each cache row read once, contiguously, i vectorized),
+# and the scores s[h, t] = q[h] · k[t] are `lanes` vector partial sums over the head's dims, as the
+# matvecs. Measured at 16 heads × 128 dims over 73 positions (Zen 4): 129 → 28 µs (the scalar score
+# dot products were most of it); the value sums' row order alone took the bundled model's attention
+# at 200 positions from 65 to 29 µs.
 ATTENTION_SUM_BLOCKS = ("o", "o_lat")
+ATTENTION_SCORE_BLOCK = "s"
+# The heads are split over the compute threads where a cache position holds at least this many bytes
+# for them to read (query heads × dims, keys and values, float32): each task's scores then come from
+# the workspace the launch's tasks share (runtime_c thread_pool.c). Below it a launch costs more than
+# the split saves at the contexts decode runs at (the bundled model: 2 KiB).
+ATTENTION_PARALLEL_MIN_ROW_BYTES = 8 << 10
 
 
-def _rows_outside(sch: s_tir.Schedule, block) -> None:
+def _attention_row_bytes(func: tvm.tirx.PrimFunc) -> int:
+    """Bytes the heads read per cache position: the output's [heads, dims], float32, for keys and values."""
+    heads, dims = (int(d) for d in func.params[-1].shape)
+    return heads * dims * 4 * 2
+
+
+def _attention_by_head(sch: s_tir.Schedule, block, func_name: str, parallel: bool) -> None:
     loops = sch.get_loops(block)
     if len(loops) != 3:
         return
     head, element, row = loops
     sch.reorder(head, row, element)
+    score = _block(sch, ATTENTION_SCORE_BLOCK, func_name)
+    partial = None
+    if score is not None:
+        red = sch.get_loops(score)[-1]  # the head's dims, contiguous in the cache row
+        lanes = _fitting_lanes(int(sch.get(red).extent), DEFAULT_LANES)
+        if lanes > 1:
+            _, inner = sch.split(red, [None, lanes])
+            partial = sch.rfactor(inner, factor_axis=1)
+    root = sch.get_sblock("root", func_name=func_name)
+    producers = [b for b in sch.get_child_blocks(root) if not sch.get(b).same_as(sch.get(block))]
+    for producer in reversed(producers):  # consumers first: each joins the head loop its readers are in
+        sch.compute_at(producer, head)
+    if partial is not None:
+        # compute_at laid the partial sums' loops out as (lane, position, rest of the dims): the
+        # lanes go innermost, as one vector, and each position's lanes are summed right after
+        lane, *others = sch.get_loops(partial)[1:]
+        position = next(loop for loop in others if not isinstance(sch.get(loop).extent, tvm.tirx.IntImm))
+        sch.reorder(position, *(loop for loop in others if not loop.same_as(position)), lane)
+        sch.vectorize(lane)
+        sch.reverse_compute_at(score, position)
+    if parallel:
+        sch.parallel(head)
     sch.decompose_reduction(block, row)
 
 
@@ -86,7 +127,7 @@ def _block(sch: s_tir.Schedule, name: str, func_name: str):
 
 def schedule(mod: tvm.IRModule, lanes: dict[str, int] | None = None) -> tvm.IRModule:
     """Vectorize every matrix-vector block, and spread the rows of large ones over threads; run
-    attention's value sums row by row;
+    attention head by head;
     `lanes` gives tuned lane counts by kernel name (kernels not in it get DEFAULT_LANES)."""
     sch = s_tir.Schedule(mod)
     for gv in mod.get_global_vars():
@@ -98,5 +139,6 @@ def schedule(mod: tvm.IRModule, lanes: dict[str, int] | None = None) -> tvm.IRMo
         for name in ATTENTION_SUM_BLOCKS:
             block = _block(sch, name, gv.name_hint)
             if block is not None:
-                _rows_outside(sch, block)
+                _attention_by_head(sch, block, gv.name_hint,
+                                   _attention_row_bytes(mod[gv]) >= ATTENTION_PARALLEL_MIN_ROW_BYTES)
     return sch.mod

@@ -49,11 +49,10 @@ def test_the_kv_cache_holds_the_latent_and_the_rotated_key(v3_dir, tmp_path, run
     def kv(seq):  # memory_plan.c: the latents, then the rotated keys, each 64-byte aligned, in whole pages
         return page(align64(L * seq * R * 4) + align64(L * seq * d * 4))
 
-    def arena(seq):  # the attention's scores and exponentials, [heads, seq] each
-        return page(2 * heads * seq * 4 + 4 * 64)
-
+    scores = 2 * heads * (128 - 32) * 4  # the attention's scores and exponentials, [heads, seq] each, in workspace
     grown = budget_bytes(art, max_seq=128) - budget_bytes(art, max_seq=32)
-    assert grown == kv(128) - kv(32) + arena(128) - arena(32)
+    # the workspace is whole pages, and the expert lanes' share of it can outgrow the scores
+    assert kv(128) - kv(32) <= grown <= kv(128) - kv(32) + page(scores) + page(1)
     assert grown < L * 96 * heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4  # a key and a value for every head
 
 

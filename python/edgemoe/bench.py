@@ -794,11 +794,14 @@ def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, compute_spec, 
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/gguf"),
               show_default=True, help="Where the GGUF files are written (reused when present).")
 @click.option("-n", "n_new", type=click.IntRange(1, 247), default=64, show_default=True,
-              help="Decode tokens after a 9-token prompt (the context is at most 256).")
+              help="Decode tokens after a 9-token prompt (the context is then at most 256) or --depth tokens.")
 @click.option("--threads", type=_NumberList(int, 1, MAX_THREADS), default="1,2", show_default=True,
               help="Thread counts to run (both).")
+@click.option("--depth", type=click.IntRange(0, 1 << 20), default=0, show_default=True,
+              help="Tokens already in the context when the decode starts (llama-bench -d; EdgeMoE prefills a "
+                   "prompt that long): attention's share of a step grows with it.")
 @plot_option("llamacpp")
-def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path, no_plot):
+def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, plot_path, no_plot):
     """Whole-model decode, all experts resident: EdgeMoE artifacts against llama-bench on GGUFs of
     the same model at the nearest bit width, in one run."""
     from . import llamacpp
@@ -806,9 +809,10 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
     work_dir.mkdir(parents=True, exist_ok=True)
     f16 = llamacpp.convert(tree, model_dir, work_dir / f"{model_dir.name}-f16.gguf")
     counts = threads
-    click.echo(f"model {model_dir}; {n_new} decode tokens; EdgeMoE: IO-FREE (every expert resident after a warm-up "
-               f"run), best of 5 runs; llama.cpp: llama-bench -p 0 -n {n_new} -r 5, best repetition; both at the "
-               f"same thread count")
+    after = f"after {depth} context tokens" if depth else "after a 9-token prompt (llama.cpp: an empty context)"
+    click.echo(f"model {model_dir}; {n_new} decode tokens {after}; EdgeMoE: IO-FREE (every expert resident after a "
+               f"warm-up run), best of 5 runs; llama.cpp: llama-bench -p 0 -n {n_new}{f' -d {depth}' if depth else ''} "
+               f"-r 5, best repetition; both at the same thread count")
     bandwidth = {t: read_bandwidth(t) for t in counts}
     click.echo("memory read bandwidth (NumPy sums over 1 GiB, best of 5): " +
                ", ".join(f"{bw / 1e9:.1f} GB/s at {t} thread{'s' if t != 1 else ''}" for t, bw in bandwidth.items()) +
@@ -834,19 +838,22 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, plot_path
                 f"{fmt_bytes(gguf.stat().st_size)}"
         cfg = manifest["model"]["config"]
         read = (artifact_read_per_token(art), gguf_read_per_token(gguf, cfg["top_k"], cfg["num_experts"]))
-        ids = [1] + list(range(10, 18))
+        ids = [1] + [10 + i % (cfg["vocab_size"] - 10) for i in range(max(depth, 9) - 1)]
+        max_seq = depth + n_new + 16 if depth else min(256, 2 * n_new + 16)
+        check_context(ids, n_new, max_seq, manifest, art)
         for t in counts:
             # best of 5, as llama-bench's best repetition: the least disturbed run on a shared machine
             ours = max(1e3 / run_config(art, RunConfig("IO-FREE", None, warm=True, threads=t), ids, n_new, None,
-                                        min(256, 2 * n_new + 16))["ms_per_token"] for _ in range(5))
-            theirs = llamacpp.bench_decode(tree, gguf, n_new, t)
+                                        max_seq)["ms_per_token"] for _ in range(5))
+            theirs = llamacpp.bench_decode(tree, gguf, n_new, t, depth=depth)
             click.echo(f"| INT{bits} | {trunk} | {form} | {gtype} | {sizes} | {t} | {ours:.0f} | {theirs:.0f} | "
                        f"{ours / theirs:.2f} | {fmt_bytes(read[0])} / {fmt_bytes(read[1])} | "
                        f"{bandwidth[t] / read[0]:.0f} / {bandwidth[t] / read[1]:.0f} |")
             chart.append({"label": f"INT{bits} / {gtype}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
                           "theirs": theirs})
     write_plot(plot_path, no_plot, "llamacpp", chart,
-               title=f"{model_dir.name}: decode tok/s, all experts resident, {n_new} tokens")
+               title=f"{model_dir.name}: decode tok/s, all experts resident, {n_new} tokens"
+                     + (f" after {depth} in context" if depth else ""))
 
 
 @bench_cmd.command("largemodel")

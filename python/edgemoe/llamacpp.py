@@ -75,11 +75,11 @@ def quantize(tree: Path, f16: Path, gguf_type: str, pure: bool = False) -> Path:
     return out
 
 
-def bench_decode(tree: Path, gguf: Path, n_tokens: int, threads: int, repetitions: int = 5) -> float:
-    """llama-bench's decode rate (tokens/s) for n_tokens generated from an empty context: the best of
-    its repetitions (this machine is shared; the best is the least disturbed)."""
+def bench_decode(tree: Path, gguf: Path, n_tokens: int, threads: int, repetitions: int = 5, depth: int = 0) -> float:
+    """llama-bench's decode rate (tokens/s) for n_tokens generated after `depth` tokens of context (0: an
+    empty one): the best of its repetitions (this machine is shared; the best is the least disturbed)."""
     out = _run([str(tool(tree, "llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(n_tokens),
-                "-t", str(threads), "-r", str(repetitions), "-o", "json"])
+                "-t", str(threads), "-r", str(repetitions), "-o", "json", *(["-d", str(depth)] if depth else [])])
     return decode_rate(out, n_tokens, gguf)
 
 

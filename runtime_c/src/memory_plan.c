@@ -73,7 +73,8 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)
     p->buffers += em_align_up(floats[i] * sizeof(float), EM_ALIGN_BUF);
   p->buffers = em_align_up(p->buffers, EM_ALIGN_PAGE);
-  /* attention keeps scores and their exponentials, [heads, n] each, in workspace; an integer-dot
+  /* attention keeps scores and their exponentials, [heads, n] each, in workspace (with its heads split
+     over the threads, a few aligned allocations per head: 8 per head is room for them); an integer-dot
      kernel quantizes its input there (int8 values, a float scale and centre per group: under two
      floats per input element), its widest input being one of these. While a layer's experts run,
      their lanes share it out (expert_lanes.h): the scores are not live then */
@@ -83,7 +84,7 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
     if (inputs[i] > widest) widest = inputs[i];
   uint64_t lanes = em_expert_lanes_bytes(th->top_k < EM_PLANNED_LANES ? th->top_k : EM_PLANNED_LANES, th->hidden,
                                          th->inter);
-  p->arena = 2ull * th->heads * max_seq * sizeof(float) + 2 * widest * sizeof(float) + 8 * EM_ALIGN_BUF;
+  p->arena = 2ull * th->heads * max_seq * sizeof(float) + 2 * widest * sizeof(float) + 8ull * (th->heads + 1) * EM_ALIGN_BUF;
   p->arena = em_align_up(p->arena > lanes ? p->arena : lanes, EM_ALIGN_PAGE);
   /* records and their size classes; per record: cache and loader bookkeeping; per layer: weights
      and predictions */

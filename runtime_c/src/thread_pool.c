@@ -30,6 +30,7 @@ struct em_pool {
   unsigned long generation;
   uint64_t ticket;
   int finished; /* tasks of this launch run to the end */
+  em_arena task_arena; /* the launcher's free arena, shared by the launch's tasks (a kernel's per-task workspace) */
   int failed;
   char error[512];
   int stop;
@@ -58,7 +59,10 @@ void em_pool_bind(em_pool* pool) { bound_pool = pool; }
 
 static void run_task(em_pool* p, int task_id) {
   em_parallel_env env = {NULL, p->tasks};
-  if (p->f(task_id, &env, p->cdata) == 0) return;
+  em_arena* previous = em_arena_bind(&p->task_arena);
+  int rc = p->f(task_id, &env, p->cdata);
+  em_arena_bind(previous);
+  if (rc == 0) return;
   const char* msg = em_take_kernel_error();
   pthread_mutex_lock(&p->mu);
   if (!p->failed) snprintf(p->error, sizeof p->error, "%s", msg[0] ? msg : "parallel task failed");
@@ -155,6 +159,8 @@ int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task) {
   p->f = f;
   p->cdata = cdata;
   p->failed = 0;
+  em_arena* arena = em_arena_bound();
+  em_arena_share(arena, &p->task_arena);
   STORE(p->finished, 0);
   STORE(p->ticket, (uint64_t)(generation & 0xffffffffu) << 32); /* release: f and cdata before it */
   STORE(p->generation, generation);
@@ -168,6 +174,7 @@ int em_parallel_launch(em_parallel_lambda f, void* cdata, int num_task) {
   for (int i = 0; i < SPIN_PAUSES && LOAD(p->finished) < p->tasks; i++) CPU_PAUSE();
   pthread_mutex_lock(&p->mu);
   while (LOAD(p->finished) < p->tasks) pthread_cond_wait(&p->done, &p->mu);
+  em_arena_unshare(arena, &p->task_arena);
   int failed = p->failed;
   char msg[sizeof p->error];
   memcpy(msg, p->error, sizeof msg);

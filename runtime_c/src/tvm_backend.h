@@ -23,11 +23,20 @@ typedef struct {
   size_t live_end[EM_ARENA_MAX_LIVE];
   int n_live;
   size_t high_water;
+  /* A parallel launch's tasks share one arena: requests are bump-allocated with an atomic `top`, frees
+     do nothing, and everything is released when the launch ends (em_arena_share). */
+  int shared;
 } em_arena;
 
 /* Kernel workspace requests on this thread are served from `arena` until the next bind; returns the
  * arena bound before. */
 em_arena* em_arena_bind(em_arena* arena);
+/* The arena bound on this thread (NULL if none). */
+em_arena* em_arena_bound(void);
+/* Makes `tasks` the part of `parent` above its live allocations, to be bound by every task of a
+ * parallel launch; em_arena_unshare, once the launch has ended, carries its high water back. */
+void em_arena_share(const em_arena* parent, em_arena* tasks);
+void em_arena_unshare(em_arena* parent, const em_arena* tasks);
 
 void* em_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int dtype_code, int dtype_bits);
 int em_workspace_free(int device_type, int device_id, void* ptr);

@@ -1,9 +1,11 @@
-/* Unit tests of the runtime's pieces that need no artifact: CRC-32, LRU cache, workspace arena. */
+/* Unit tests of the runtime's pieces that need no artifact: CRC-32, LRU cache, workspace arena, the
+ * workspace a parallel launch's tasks share. */
 #include <stdio.h>
 #include <string.h>
 
 #include "crc32.h"
 #include "expert_cache.h"
+#include "thread_pool.h"
 #include "tvm_backend.h"
 
 static int failures = 0;
@@ -150,6 +152,60 @@ static void test_arena(void) {
   em_arena_bind(NULL);
 }
 
+/* Each task takes two blocks of workspace, as a kernel whose parallel loop allocates inside its body. */
+#define TASK_BYTES 100
+typedef struct {
+  uint8_t* block[64][2];
+  uint64_t ask; /* bytes per request */
+} task_blocks;
+
+static int take_workspace(int task_id, em_parallel_env* penv, void* cdata) {
+  task_blocks* t = (task_blocks*)cdata;
+  if (penv->num_task > 64) return -1;
+  for (int i = 0; i < 2; i++) {
+    uint8_t* p = (uint8_t*)em_workspace_alloc(1, 0, t->ask, 2, 32);
+    if (!p) return -1;
+    memset(p, task_id + 1, (size_t)t->ask);
+    t->block[task_id][i] = p;
+  }
+  return em_workspace_free(1, 0, t->block[task_id][1]) || em_workspace_free(1, 0, t->block[task_id][0]);
+}
+
+static void test_parallel_workspace(void) {
+  static uint8_t buf[1 << 16];
+  em_arena a;
+  memset(&a, 0, sizeof a);
+  a.base = buf;
+  a.size = sizeof buf;
+  em_pool* pool;
+  char err[256];
+  CHECK(em_pool_create(3, &pool, err, sizeof err) == 0);
+  em_pool_bind(pool);
+  em_arena_bind(&a);
+  uint8_t* live = (uint8_t*)em_workspace_alloc(1, 0, 1000, 2, 32); /* the launcher's, live across the launch */
+  size_t top = a.top;
+  task_blocks t;
+  memset(&t, 0, sizeof t);
+  t.ask = TASK_BYTES;
+  CHECK(em_parallel_launch(take_workspace, &t, 0) == 0);
+  int tasks = 4 * em_pool_threads(pool);
+  for (int i = 0; i < tasks; i++)
+    for (int j = 0; j < 2; j++) {
+      uint8_t* p = t.block[i][j];
+      CHECK(p && (uintptr_t)p % 64 == 0 && p >= live + 1000 && p + TASK_BYTES <= buf + sizeof buf);
+      /* no other task's block overlaps it: each still holds its own task's bytes */
+      for (int k = 0; p && k < TASK_BYTES; k++) CHECK(p[k] == (uint8_t)(i + 1));
+    }
+  CHECK(a.top == top && a.n_live == 1); /* the launcher's allocations are as they were */
+  CHECK(a.high_water >= top + (size_t)tasks * 2 * TASK_BYTES);
+  t.ask = sizeof buf / 8; /* two such requests per task do not fit for 12 tasks: the launch fails */
+  CHECK(em_parallel_launch(take_workspace, &t, 0) != 0);
+  CHECK(em_workspace_free(1, 0, live) == 0 && a.top == 0);
+  em_arena_bind(NULL);
+  em_pool_bind(NULL);
+  em_pool_destroy(pool);
+}
+
 int main(void) {
   test_crc32();
   test_lru();
@@ -157,7 +213,8 @@ int main(void) {
   test_edgemoe_score();
   test_size_classes();
   test_arena();
+  test_parallel_workspace();
   if (failures) return 1;
-  printf("6 passed, 0 failed\n");
+  printf("7 passed, 0 failed\n");
   return 0;
 }
