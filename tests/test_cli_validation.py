@@ -318,6 +318,17 @@ def test_bench_checks_numbers_and_the_profile(tiny_artifact):
     assert r.exit_code == 2 and "--budget" in r.output, r.output
 
 
+def test_bench_llamacpp_names_a_depth_the_artifact_cannot_hold(tiny_mixtral_dir, tiny_artifact, tmp_path):
+    """Checked before llama.cpp converts anything: the tree is never looked into."""
+    r = CliRunner().invoke(bench_cmd, ["llamacpp", str(tiny_mixtral_dir), str(tiny_artifact), "--llama-cpp",
+                                       str(tmp_path), "--depth", "60", "-n", "8"])
+    assert r.exit_code == 2 and "--depth" in r.output and "at most 64" in r.output and "--max-seq 68" in r.output, \
+        r.output
+    r = CliRunner().invoke(bench_cmd, ["llamacpp", str(tiny_mixtral_dir), str(tiny_artifact), "--llama-cpp",
+                                       str(tmp_path), "--depth", "-1"])
+    assert r.exit_code == 2 and "--depth" in r.output, r.output
+
+
 def test_bench_predictors_without_tokenizer_says_so(tiny_artifact, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("held-out text")

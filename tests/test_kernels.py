@@ -88,12 +88,41 @@ def test_rope_splits_and_rotates(mod, rng):
 def test_attention_any_length(mod, rng, n):
     q, kc, vc = f32(rng, 8, 16), f32(rng, n, 2, 16), f32(rng, n, 2, 16)
     (o,) = call(mod, "em_attention", q, kc, vc, outs=[(8, 16)])
-    ref = np.empty((8, 16), np.float32)
-    for h in range(8):
-        s = kc[:, h // 4] @ q[h] / 4.0
-        p = np.exp(s - s.max())
-        ref[h] = p / p.sum() @ vc[:, h // 4]
-    assert rel(o, ref) < 1e-5
+    assert rel(o, _attention_reference(q, kc, vc, 1 / 4.0)) < 1e-5
+
+
+def _attention_reference(q, kc, vc, scale, bias=None, sink=None):
+    heads, group = q.shape[0], q.shape[0] // kc.shape[1]
+    ref = np.empty_like(q)
+    for h in range(heads):
+        s = kc[:, h // group] @ q[h] * scale + (0 if bias is None else bias[h])
+        m = s.max() if sink is None else max(s.max(), sink[h])
+        p = np.exp(s - m)
+        z = p.sum() + (0 if sink is None else np.exp(sink[h] - m))
+        ref[h] = p / z @ vc[:, h // group]
+    return ref
+
+
+# 8 heads × 128 dims: 8 KiB of keys and values per cache position, where the schedule splits the heads
+# over the threads (TVM's own pool here; the runtime's in test_runtime.py)
+WIDE = MoEConfig("mixtral", vocab_size=300, hidden_size=1024, num_layers=1, num_heads=8, num_kv_heads=2, head_dim=128,
+                 num_experts=4, top_k=2, expert_intermediate=96, max_positions=64, rope_theta=10000.0, norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["plain", "sinks", "position_bias"])
+def test_attention_split_over_heads(rng, variant):
+    from edgemoe.compiler.schedules import ATTENTION_PARALLEL_MIN_ROW_BYTES
+
+    assert WIDE.num_heads * WIDE.head_dim * 8 >= ATTENTION_PARALLEL_MIN_ROW_BYTES  # the split applies
+    func = kernels.attention(WIDE, sinks=variant == "sinks", position_bias=variant == "position_bias")
+    scheduled = schedule(tvm.IRModule({"em_attention": func}))
+    assert "parallel" in scheduled.script()
+    mod = tvm.compile(scheduled, target=load_target("host").tvm()).mod
+    for n in (1, 5, 64):
+        q, kc, vc = f32(rng, 8, 128), f32(rng, n, 2, 128), f32(rng, n, 2, 128)
+        extra = {"position_bias": {"bias": f32(rng, 8, n)}, "sinks": {"sink": f32(rng, 8)}}.get(variant, {})
+        (o,) = call(mod, "em_attention", q, kc, vc, *extra.values(), outs=[(8, 128)])
+        assert rel(o, _attention_reference(q, kc, vc, 128 ** -0.5, **extra)) < 1e-5
 
 
 def weight_args(q):

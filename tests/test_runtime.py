@@ -81,6 +81,34 @@ def test_compute_threads_give_identical_logits(artifact_int4, tokenizer):
     assert np.array_equal(runs[1], runs[2]) and np.array_equal(runs[1], runs[3])
 
 
+def test_attention_split_over_heads_matches_reference(tmp_path, rng, runtime_lib):
+    """A model with 8 KiB of keys and values per cache position (8 heads × 128 dims): its attention's
+    heads run on the compute threads, each head's scores in workspace the launch's tasks share. Any
+    thread count gives the same bits (each head is one task's), and the reference's logits."""
+    import torch
+    import transformers
+
+    from edgemoe.compiler.schedules import ATTENTION_PARALLEL_MIN_ROW_BYTES
+
+    cfg = transformers.MixtralConfig(
+        vocab_size=160, hidden_size=1024, intermediate_size=32, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=128, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128, tie_word_embeddings=False)
+    assert 8 * 128 * 8 >= ATTENTION_PARALLEL_MIN_ROW_BYTES
+    torch.manual_seed(7)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "wide")
+    art = tmp_path / "art"
+    compile_model(tmp_path / "wide", art, CompileOptions(expert_bits=4, max_seq=64), log=lambda m: None)
+    tokens = rng.integers(0, 160, 40).tolist()
+    runs = {}
+    for threads in (1, 3):
+        with Session(art, threads=threads) as s:
+            runs[threads] = np.stack([s.decode_step(t) for t in tokens])
+    assert np.array_equal(runs[1], runs[3])
+    ref = ReferenceExecutor(artifact_model(load_model(tmp_path / "wide"), art), 64)
+    assert_matches_reference(runs[3], np.stack([ref.step(t) for t in tokens]), art, 1e-4)
+
+
 def test_quarter_budget_gives_identical_tokens_and_forces_reads(artifact_int4, tokenizer):
     ids = tokenizer.encode(PROMPTS[0]).ids
     with Session(artifact_int4) as full:
