@@ -79,6 +79,12 @@ static int by_probability(const void* a, const void* b) {
 int32_t em_sample(em_sampler* s, const float* logits, const int32_t* history, size_t n_history) {
   const em_sampling* p = &s->params;
   uint32_t V = s->vocab;
+  if (p->temperature == 0.0f && p->repetition_penalty == 1.0f) { /* greedy on the logits as they are */
+    uint32_t best = 0;
+    for (uint32_t i = 1; i < V; i++)
+      if (logits[i] > logits[best]) best = i;
+    return (int32_t)best;
+  }
   for (uint32_t i = 0; i < V; i++) s->cand[i].p = logits[i], s->cand[i].id = (int32_t)i;
   if (p->repetition_penalty != 1.0f) { /* CTRL's rule, once per distinct token of the context */
     for (size_t i = 0; i < n_history; i++) {
@@ -91,7 +97,7 @@ int32_t em_sample(em_sampler* s, const float* logits, const int32_t* history, si
     for (size_t i = 0; i < n_history; i++)
       if (history[i] >= 0 && (uint32_t)history[i] < V) s->seen[history[i]] = 0;
   }
-  if (p->temperature == 0.0f) { /* greedy: the first of the largest */
+  if (p->temperature == 0.0f) { /* greedy after the penalty: the first of the largest */
     uint32_t best = 0;
     for (uint32_t i = 1; i < V; i++)
       if (s->cand[i].p > s->cand[best].p) best = i;
