@@ -44,6 +44,8 @@ CONFIGS = [
     dict(predictor="next-router", eviction="edgemoe", emulate=(1.7e9, 1e-4)),
     dict(predictor="fitted-router", eviction="edgemoe", emulate=(1.7e9, 1e-4), readers=4),
     dict(predictor="path-table", eviction="lru", storage="mmap", readers=3),
+    dict(predictor="fitted-router", eviction="edgemoe", prefetch_margin=0.5),
+    dict(predictor="path-table", eviction="lru", prefetch_margin=1.0, prefetch_experts=5),
 ]
 
 
@@ -142,6 +144,26 @@ def test_loader_and_compute_threads_are_clean_under_thread_sanitizer(artifact_in
         assert "ThreadSanitizer" not in proc.stderr, proc.stderr
         stats = dict(line.split("=") for line in proc.stdout.splitlines()[1:])
         assert int(stats["prefetch_issued"]) > 0
+
+
+def test_prefetch_margin_names_the_near_ties_of_the_kth_expert(artifact_int4, quarter_budget, prompt_ids):
+    """With a margin a prediction names the top-k and then the experts scoring within the margin of the
+    k-th, at most the cap: between k and the cap per prediction, more the wider the margin, each
+    naming at least what the top-k alone names; a margin of 0 is the fixed count."""
+    runs = {}
+    for margin in (0.0, 0.3, 3.0):
+        with Session(artifact_int4, memory_budget=quarter_budget, predictor="next-router", prefetch_margin=margin,
+                     prefetch_experts=6 if margin else 0) as s:
+            s.generate(prompt_ids, N_NEW)
+            runs[margin] = s.stats()
+    top_k = 2
+    named = {m: st["prefetch_named"] / st["predictions"] for m, st in runs.items()}
+    hit = {m: st["predicted_hits"] / st["predicted"] for m, st in runs.items()}
+    assert named[0.0] == top_k and top_k < named[0.3] < named[3.0] <= 6, named
+    assert hit[0.0] <= hit[0.3] <= hit[3.0], hit
+    for bad in (-1.0, 101.0, float("nan")):
+        with pytest.raises(EdgeMoEError, match="prefetch_margin must be within"):
+            Session(artifact_int4, prefetch_margin=bad)
 
 
 def test_fitted_router_fits_its_calibration_text(artifact_int4, quarter_budget):

@@ -373,8 +373,11 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
               help="Expert cache as a fraction of all experts.")
 @click.option("--prefetch", "prefetch_counts", type=_NumberList(int, 0, UINT32_MAX), default="0", show_default=True,
               help="Comma-separated experts to predict and prefetch per layer (0 = top-k).")
+@click.option("--margins", type=_NumberList(float, 0, 100, lo_open=True, allow_empty=True), default="",
+              help="Comma-separated prefetch margins (logits): rows where each router predictor names its top-k "
+                   "and every expert within the margin of the k-th, at most 2 · top-k (Session prefetch_margin).")
 @plot_option("predictors")
-def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts, plot_path, no_plot):
+def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts, margins, plot_path, no_plot):
     """Next-layer prediction hit rate of each predictor over held-out text."""
     from tokenizers import Tokenizer
 
@@ -398,23 +401,28 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
     # "none" is the baseline: the same cache with demand reads only.
     names = ["next-router", "fitted-router", "path-table", "wrong"] if manifest.get("profile") else \
         ["next-router", "wrong"]
-    runs = [("none", 0)] + [(n, c or top_k) for c in prefetch_counts for n in names]
+    runs = [("none", 0, 0.0)] + [(n, c or top_k, 0.0) for c in prefetch_counts for n in names] + \
+        [(n, 2 * top_k, m) for m in margins for n in names if n != "wrong"]
     click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts; "
                f"each layer uses {top_k} experts")
     click.echo("| predictor | experts named per layer | experts predicted | prefetches used | prefetches wasted | "
                "cache hit |")
     click.echo("|---|---|---|---|---|---|")
     chart = []
-    for name, count in runs:
-        with Session(artifact, memory_budget=budget, max_seq=window, predictor=name, prefetch_experts=count) as s:
+    for name, count, margin in runs:
+        with Session(artifact, memory_budget=budget, max_seq=window, predictor=name, prefetch_experts=count,
+                     prefetch_margin=margin) as s:
             for i in range(0, len(ids), window):
                 s.reset()
                 s.prefill(ids[i : i + window])
             st = s.stats()
         predicted = f"{st['predicted_hits'] / st['predicted']:.1%}" if st["predicted"] else "–"
         hit = st["expert_hits"] / max(st["expert_hits"] + st["expert_misses"], 1)
-        click.echo(f"| {name} | {count if name != 'none' else '–'} | {predicted} | {st['prefetch_used']} | "
-                   f"{st['prefetch_wasted']} | {hit:.1%} |")
+        named = "–" if name == "none" else str(count) if not margin else \
+            f"{st['prefetch_named'] / max(st['predictions'], 1):.2f} (margin {margin:g}, ≤ {count})"
+        click.echo(f"| {name} | {named} | {predicted} | {st['prefetch_used']} | {st['prefetch_wasted']} | {hit:.1%} |")
+        if margin:
+            count = round(st["prefetch_named"] / max(st["predictions"], 1), 2)
         chart.append({"predictor": name, "count": count,
                       "predicted": st["predicted_hits"] / st["predicted"] if st["predicted"] else None,
                       "hit_rate": hit})

@@ -438,6 +438,9 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
               help="auto: edgemoe where the artifact was compiled with calibration text, else lru.")
 @click.option("--prefetch", "prefetch_experts", type=click.IntRange(0, UINT32_MAX), default=0,
               help="Experts to prefetch per layer, at most the experts per layer [0: top-k].")
+@click.option("--prefetch-margin", type=_Finite(0, 100), default=0.0, show_default=True,
+              help="Prefetch a confidence-driven number of experts: the predicted top-k and each further one within "
+                   "this many logits of the k-th, at most --prefetch (0 there: 2 · top-k). 0: exactly --prefetch.")
 @click.option("--no-loader-thread", is_flag=True, help="Read experts on the decode thread (no prefetching).")
 @click.option("--storage", type=click.Choice(["pread", "mmap"]), default="pread", show_default=True)
 @click.option("--direct-io", is_flag=True, help="Open the expert image with O_DIRECT (bypass the page cache).")
@@ -453,8 +456,8 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
               help="Expert reads in flight at once (reader threads): more than 1 pays on storage that overlaps "
                    "requests (UFS, NVMe; a target's storage queue_depth).")
 def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetition_penalty, seed, budget,
-            cache_fraction, max_seq, no_verify, predictor, eviction, prefetch_experts, no_loader_thread, storage,
-            direct_io, emulate_storage, emulate_compute, threads, readers):
+            cache_fraction, max_seq, no_verify, predictor, eviction, prefetch_experts, prefetch_margin,
+            no_loader_thread, storage, direct_io, emulate_storage, emulate_compute, threads, readers):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
     from .api import Session
     from .runtime import EdgeMoEError
@@ -471,8 +474,8 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
     try:
         with Session(artifact, budget=budget, cache_fraction=cache_fraction, max_seq=max_seq, verify=not no_verify,
                      storage=storage, direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread,
-                     predictor=predictor, prefetch_experts=prefetch_experts, eviction=eviction, threads=threads,
-                     readers=readers, emulate_compute=board_compute) as s:
+                     predictor=predictor, prefetch_experts=prefetch_experts, prefetch_margin=prefetch_margin,
+                     eviction=eviction, threads=threads, readers=readers, emulate_compute=board_compute) as s:
             if prompt is not None:
                 ids = s.tokenizer.encode(prompt).ids
             if not ids:

@@ -73,6 +73,11 @@ typedef struct {
      emulate_int8_ops (integer-dot kernels) or / emulate_fp32_flops (the rest), operations/s with a
      multiply-accumulate counting two. 0 = run at this machine's speed. */
   double emulate_memory_bandwidth, emulate_int8_ops, emulate_fp32_flops;
+  /* > 0: a confidence-driven number of experts to prefetch per layer: the predicted top-k, then each
+     further expert whose predicted score is within this many logits of the k-th's (a path-table
+     score: within this factor's natural log), up to prefetch_experts (0 = 2 · top-k). A flat prediction
+     names more experts, a sure one top-k alone. 0 = exactly prefetch_experts. At most 100. */
+  float prefetch_margin;
 } em_params;
 
 typedef struct {
@@ -96,6 +101,8 @@ typedef struct {
   uint64_t read_retries;     /* expert reads that failed once and were read again */
   uint64_t records_read;     /* expert records read from the image (demand and prefetch) */
   uint64_t board_wait_ns;    /* of compute_ns, time added to kernels to last as long as on the emulated board */
+  uint64_t predictions;      /* layer predictions made */
+  uint64_t prefetch_named;   /* experts those predictions named (prefetch_margin: how many it chose) */
 } em_stats;
 
 typedef struct {

@@ -186,6 +186,8 @@ static int check_params(const em_params* p, char* err, size_t n) {
     why = "emulate_latency needs emulate_bandwidth > 0";
   else if (p->compute_threads > 1024) why = "compute_threads is above 1024";
   else if (p->readers > EM_MAX_READERS) why = "readers is above 16";
+  else if (!(p->prefetch_margin >= 0.0f) || !(p->prefetch_margin <= 100.0f))
+    why = "prefetch_margin must be within [0, 100] (0 = a fixed number of experts)";
   else if (em_pacer_init(&(em_pacer){0}, p->emulate_memory_bandwidth, p->emulate_int8_ops, p->emulate_fp32_flops))
     why = "emulate_memory_bandwidth, emulate_int8_ops and emulate_fp32_flops must all be finite and > 0 (or all 0: "
           "no compute emulation)";
@@ -222,7 +224,9 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->kv_dim = th->kv_heads * th->head_dim;
   s->predictor = params->loader_thread ? params->predictor : EM_PREDICT_NONE; /* prefetching needs the thread */
   em_pacer_init(&s->pacer, params->emulate_memory_bandwidth, params->emulate_int8_ops, params->emulate_fp32_flops);
-  s->n_predict = params->prefetch_experts ? params->prefetch_experts : th->top_k;
+  s->n_predict = params->prefetch_experts ? params->prefetch_experts
+                                           : params->prefetch_margin > 0.0f ? 2 * th->top_k : th->top_k;
+  s->prefetch_margin = params->prefetch_margin;
   if (s->n_predict > th->experts) s->n_predict = th->experts;
   em_memory_plan p;
   rc = em_plan_memory(th, &s->ih, s->records, s->max_seq, em_program_bytes(th->program_steps, th->layers), &p, err, err_len);
@@ -262,7 +266,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   uint8_t* meta = NULL;
   /* bookkeeping: cache slots, loader queue, predictions and record classes, the bound program */
   size_t predict_at = em_align_up(cache_meta, EM_ALIGN_BUF) + loader_meta;
-  size_t program_at = em_align_up(predict_at + th->layers * (s->n_predict * 4 + 1) + s->ih.n_records, EM_ALIGN_BUF);
+  size_t program_at = em_align_up(predict_at + th->layers * (s->n_predict * 4 + 2) + s->ih.n_records, EM_ALIGN_BUF);
   size_t blocks_at = em_align_up(program_at + em_program_bytes(th->program_steps, th->layers), EM_ALIGN_BUF);
   if (posix_memalign(&block, EM_ALIGN_PAGE, block_bytes) != 0 ||
       !(meta = (uint8_t*)malloc(blocks_at + th->top_k * sizeof(em_ffn_block)))) {
@@ -320,9 +324,9 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->arena.size = p.arena;
   s->predicted = (uint32_t*)(meta + predict_at);
   s->expert_blocks = (em_ffn_block*)(meta + blocks_at);
-  s->has_prediction = (uint8_t*)(s->predicted + (size_t)th->layers * s->n_predict);
-  memset(s->has_prediction, 0, th->layers);
-  uint8_t* record_class = s->has_prediction + th->layers;
+  s->named = (uint16_t*)(s->predicted + (size_t)th->layers * s->n_predict);
+  memset(s->named, 0, th->layers * sizeof *s->named);
+  uint8_t* record_class = (uint8_t*)(s->named + th->layers);
   em_size_class unused[EM_MAX_SIZE_CLASSES];
   uint32_t n_classes;
   em_size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
@@ -450,6 +454,18 @@ static int uses_hidden_state(em_predictor p) {
   return p == EM_PREDICT_NEXT_ROUTER || p == EM_PREDICT_FITTED_ROUTER || p == EM_PREDICT_WRONG;
 }
 
+/* How many of the ranked guesses to prefetch with a margin: the top k, then those scoring within
+ * `margin` logits of the k-th (path-table scores are probabilities: within a factor e^margin). */
+static uint32_t confident_count(const float* scores, const uint32_t* guess, uint32_t n, uint32_t k, float margin,
+                                int probabilities) {
+  if (n <= k) return n;
+  float edge = scores[guess[k - 1]];
+  float floor = probabilities ? edge * expf(-margin) : edge - margin;
+  uint32_t count = k;
+  while (count < n && scores[guess[count]] >= floor) count++;
+  return count;
+}
+
 /* Predicts the experts of `layer` and starts loading them. `x` is the residual stream now;
  * `selected` the experts the layer before chose (for the path table). */
 static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, const uint32_t* selected,
@@ -492,26 +508,32 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
     default:
       return EM_OK;
   }
+  uint32_t n = s->n_predict;
+  if (s->prefetch_margin > 0.0f && s->predictor != EM_PREDICT_WRONG)
+    n = confident_count(s->pred_scores, guess, s->n_predict, s->th.top_k, s->prefetch_margin,
+                        s->predictor == EM_PREDICT_PATH_TABLE);
   uint32_t records[MAX_TOP_K * 4];
-  uint32_t n = s->n_predict < MAX_TOP_K * 4 ? s->n_predict : MAX_TOP_K * 4;
+  if (n > MAX_TOP_K * 4) n = MAX_TOP_K * 4;
   for (uint32_t i = 0; i < n; i++) records[i] = record_of(s, layer, guess[i]);
   em_loader_prefetch(&s->loader, records, n, prev);
-  s->has_prediction[layer] = 1;
+  s->named[layer] = (uint16_t)n;
+  s->st.predictions++;
+  s->st.prefetch_named += n;
   return EM_OK;
 }
 
 /* Counts how many of the layer's chosen experts its last prediction named. */
 static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx) {
-  if (!s->has_prediction[layer]) return;
+  if (!s->named[layer]) return;
   const uint32_t* guess = s->predicted + (size_t)layer * s->n_predict;
   for (uint32_t k = 0; k < s->th.top_k; k++)
-    for (uint32_t j = 0; j < s->n_predict; j++)
+    for (uint32_t j = 0; j < s->named[layer]; j++)
       if (guess[j] == idx[k]) {
         s->st.predicted_hits++;
         break;
       }
   s->st.predicted += s->th.top_k;
-  s->has_prediction[layer] = 0;
+  s->named[layer] = 0;
 }
 
 /* Waits for one chosen expert's record and describes its feed-forward block (its kernels at the

@@ -37,14 +37,15 @@ struct em_session {
   em_pool* pool; /* compute threads for the kernels' parallel loops */
   em_predictor predictor; /* resolved: never EM_PREDICT_AUTO */
   em_eviction eviction;   /* resolved: never EM_EVICT_AUTO */
-  uint32_t n_predict;     /* experts prefetched per layer */
+  uint32_t n_predict;     /* experts prefetched per layer (with a margin: at most) */
+  float prefetch_margin;  /* em_params.prefetch_margin */
   const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
   const float* frequency;  /* [layers][experts] */
   /* fitted-router predictor: [layers][experts][hidden] on the current state, the same on the layer's
      previous-token MoE input, and [layers][experts] bias */
   const float *fitted_router, *fitted_prev, *fitted_bias;
   uint32_t* predicted;    /* [layers][n_predict]: the last prediction made for each layer */
-  uint8_t* has_prediction; /* [layers] */
+  uint16_t* named;        /* [layers]: experts the layer's last prediction named, 0 once scored */
 
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
   float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;
