@@ -307,7 +307,9 @@ def test_bench_pipeline_without_profile_skips_those_rows_with_a_note(tiny_artifa
 def test_bench_checks_numbers_and_the_profile(tiny_artifact):
     for args, option in [(["--fraction", "nan"], "--fraction"), (["-n", "0"], "-n"),
                          (["--emulate-storage", "0,1"], "--emulate-storage"), (["--tokens", "1,-1"], "--tokens"),
-                         (["--max-seq", "65"], "--max-seq"), (["-n", "40"], "-n")]:
+                         (["--max-seq", "65"], "--max-seq"), (["-n", "40"], "-n"),
+                         (["--prefetch-margin", "0"], "--prefetch-margin"),
+                         (["--prefetch-margin", "nan"], "--prefetch-margin")]:
         r = CliRunner().invoke(bench_cmd, ["pipeline", str(tiny_artifact), "--tokens", "1,2,3", "--max-seq", "32",
                                            *args])
         assert r.exit_code == 2 and option in r.output, (args, r.output)

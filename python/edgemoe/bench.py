@@ -27,15 +27,21 @@ class RunConfig:
     budget: int | None = None  # bytes; overrides budget_fraction
     threads: int = 1  # compute threads for the kernels' parallel loops
     readers: int = 1  # expert reads in flight at once (reader threads)
+    prefetch_margin: float = 0.0  # > 0: a confidence-driven number of experts to prefetch (Session's)
 
 
-def pipeline_configs(fraction: float, queue_depth: int = 1) -> list[RunConfig]:
+def pipeline_configs(fraction: float, queue_depth: int = 1, margin: float = 0.0) -> list[RunConfig]:
     """IO-FREE, IO-EXP and EdgeMoE with each technique switchable (design brief §6); where the
     storage overlaps requests (queue_depth > 1), the last configuration again with several reads in
-    flight."""
+    flight; with a prefetch `margin`, the fitted-router one again naming a confidence-driven number."""
     readers = min(queue_depth, 4)
     extra = [RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, fitted-router prefetch, {readers} reads in flight",
                        fraction, predictor="fitted-router", eviction="edgemoe", readers=readers)] if readers > 1 else []
+    if margin:
+        extra.append(RunConfig(f"cache {fraction:.0%}, EdgeMoE eviction, fitted-router prefetch, margin {margin:g}"
+                               + (f", {readers} reads in flight" if readers > 1 else ""), fraction,
+                               predictor="fitted-router", eviction="edgemoe", readers=readers,
+                               prefetch_margin=margin))
     return [
         RunConfig("IO-FREE (all experts resident)", None, warm=True),
         RunConfig("IO-EXP (on demand, no cache reuse, no prediction)", 0.0, loader_thread=False),
@@ -65,7 +71,8 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
         budget = 0 if cfg.budget_fraction is None else budget_bytes(artifact, max_seq, cfg.budget_fraction)
     with Session(artifact, memory_budget=budget, max_seq=max_seq,
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
-                 eviction=cfg.eviction, threads=cfg.threads, readers=cfg.readers, emulate_compute=compute) as s:
+                 eviction=cfg.eviction, threads=cfg.threads, readers=cfg.readers, emulate_compute=compute,
+                 prefetch_margin=cfg.prefetch_margin) as s:
         if cfg.warm:
             s.generate(prompt, n_new)
             s.reset()
@@ -226,11 +233,14 @@ def bench_cmd():
               help="Expert cache as a fraction of all experts.")
 @click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
+@click.option("--prefetch-margin", type=_Finite(0, 100, min_open=True), default=None,
+              help="Also run the fitted-router configuration prefetching a confidence-driven number of experts "
+                   "(the top-k and those within this many logits of the k-th, at most 2 · top-k).")
 @board_option
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @plot_option("pipeline")
-def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, compute_spec, max_seq, json_out, plot_path,
-                 no_plot):
+def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, prefetch_margin, compute_spec, json_out,
+                 plot_path, no_plot):
     """IO-FREE vs IO-EXP vs EdgeMoE expert management, side by side on emulated storage. On an artifact
     compiled without calibration text the configurations that need its routing profile (path-table and
     fitted-router prediction, EdgeMoE eviction) are skipped, with a note."""
@@ -238,7 +248,7 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, compute_spe
     manifest = read_manifest(artifact)
     ids = prompt_ids(artifact, prompt, tokens)
     check_context(ids, n_new, max_seq, manifest, artifact)
-    configs = pipeline_configs(fraction, _queue_depth(storage))
+    configs = pipeline_configs(fraction, _queue_depth(storage), prefetch_margin or 0.0)
     skipped = [] if manifest.get("profile") else [c for c in configs if needs_profile(c)]
     results = []
     with click.progressbar([c for c in configs if c not in skipped], label="configurations", file=sys.stderr,
