@@ -428,11 +428,12 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
             st = s.stats()
         predicted = f"{st['predicted_hits'] / st['predicted']:.1%}" if st["predicted"] else "–"
         hit = st["expert_hits"] / max(st["expert_hits"] + st["expert_misses"], 1)
-        named = "–" if name == "none" else str(count) if not margin else \
-            f"{st['prefetch_named'] / max(st['predictions'], 1):.2f} (margin {margin:g}, ≤ {count})"
+        if margin:  # the mean number a prediction named
+            named, count = f"{st['prefetch_named'] / max(st['predictions'], 1):.2f} (margin {margin:g}, ≤ {count})", \
+                round(st["prefetch_named"] / max(st["predictions"], 1), 2)
+        else:
+            named = "–" if name == "none" else str(count)
         click.echo(f"| {name} | {named} | {predicted} | {st['prefetch_used']} | {st['prefetch_wasted']} | {hit:.1%} |")
-        if margin:
-            count = round(st["prefetch_named"] / max(st["predictions"], 1), 2)
         chart.append({"predictor": name, "count": count,
                       "predicted": st["predicted_hits"] / st["predicted"] if st["predicted"] else None,
                       "hit_rate": hit})
@@ -834,11 +835,13 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, pl
     the same model at the nearest bit width, in one run."""
     from . import llamacpp
 
+    prompt_len = max(depth, 9)  # the context EdgeMoE prefills
     for art in artifacts:  # before the conversion: a context the artifact cannot hold is named first
-        if depth and depth + n_new > read_manifest(art)["max_seq"]:
-            raise click.BadParameter(f"{depth} context tokens + {n_new} new ones need {depth + n_new} positions but "
-                                     f"{art} holds at most {read_manifest(art)['max_seq']}: lower --depth or -n, or "
-                                     f"compile with --max-seq {depth + n_new} or more", param_hint="--depth")
+        held = read_manifest(art)["max_seq"]
+        if depth and prompt_len + n_new > held:
+            raise click.BadParameter(f"{depth} context tokens + {n_new} new ones need {prompt_len + n_new} positions "
+                                     f"but {art} holds at most {held}: lower --depth or -n, or compile with "
+                                     f"--max-seq {prompt_len + n_new} or more", param_hint="--depth")
     work_dir.mkdir(parents=True, exist_ok=True)
     f16 = llamacpp.convert(tree, model_dir, work_dir / f"{model_dir.name}-f16.gguf")
     counts = threads
@@ -871,7 +874,7 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, pl
         sizes = f"{fmt_bytes(manifest['trunk_bytes'] + manifest['experts']['image_bytes'])} / " \
                 f"{fmt_bytes(gguf.stat().st_size)}"
         cfg = manifest["model"]["config"]
-        ids = [1] + [10 + i % (cfg["vocab_size"] - 10) for i in range(max(depth, 9) - 1)]
+        ids = [1] + [10 + i % (cfg["vocab_size"] - 10) for i in range(prompt_len - 1)]
         positions = len(ids) + n_new / 2  # the mean context over the decode
         read = (artifact_read_per_token(art) + kv_read_per_token(cfg, positions, 4),
                 gguf_read_per_token(gguf, cfg["top_k"], cfg["num_experts"]) + kv_read_per_token(cfg, positions, 2))
