@@ -61,6 +61,9 @@ class CompileOptions:
     android_api: int | None = None  # Android targets: the API level to build for; default: the target's
     int4_grid: str = "auto"  # INT4 matrices' levels (quantize.GRIDS), experts' and trunk's; auto: "integer" for Q4_0 experts
     rounding: str = "search"  # ROUNDINGS: searched scales (GPTQ with calibration), or llama.cpp's Q8_0 / Q4_0 rule
+    # where a layer's records lie in experts.bin: "coactivation" (profile.py; needs calibration) or "index";
+    # None: coactivation with calibration text, else index
+    expert_order: str | None = None
 
 
 # How weights are rounded: "search", scales searched per group (against calibration inputs where
@@ -119,6 +122,20 @@ def int4_grid(model, opts: CompileOptions) -> str:
     on_grid = all(q4_0(w) for layer in model.moe_layers for e in layer.experts
                   for w in (e.w_gate, e.w_up, e.w_down) if w is not None)
     return "integer" if on_grid else "half"
+
+
+EXPERT_ORDERS = ("coactivation", "index")
+
+
+def resolved_expert_order(opts: CompileOptions) -> str:
+    """The order of a layer's records in experts.bin (CompileOptions.expert_order), checked."""
+    order = opts.expert_order or ("coactivation" if opts.calibration is not None else "index")
+    if order not in EXPERT_ORDERS:
+        raise ValueError(f"unknown expert order {order!r}; one of {', '.join(EXPERT_ORDERS)}")
+    if order == "coactivation" and opts.calibration is None:
+        raise ValueError("--expert-order coactivation sets experts by their routing on calibration text: give "
+                         "--calibration, or use --expert-order index")
+    return order
 
 
 def check_rounding(opts: CompileOptions, search: bool) -> None:
@@ -352,6 +369,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         check_trunk_bits(opts.trunk_bits)
     search = opts.tolerance is not None or opts.max_bits is not None
     check_rounding(opts, search)
+    expert_order = resolved_expert_order(opts)
     method = sensitivity_method(describe_model(model_dir), opts.sensitivity) if search else None
     if opts.dask_scheduler:
         from .dask_pool import DaskPool
@@ -440,8 +458,13 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         f"{cfg.num_experts} experts (top-{cfg.top_k}), "
         f"{counts['total'] / 1e6:.2f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts")
 
+    profile = None
+    if calib_tokens is not None:  # before the image: its layout follows the routing
+        profile = profile_routing(model, calib_tokens, progress=progress)
+        log(f"profiled expert routing on {len(calib_tokens)} calibration tokens from {opts.calibration}")
+    order = profile.coactivation_order() if expert_order == "coactivation" else None
     writer = ImageWriter(out_dir / "experts.bin", plan, cfg.hidden_size, cfg.expert_intermediate, opts.group, layout,
-                         out_dir / ".experts.bin.journal", inputs, cfg.expert_activation, grid)
+                         out_dir / ".experts.bin.journal", inputs, cfg.expert_activation, grid, order)
     if writer.done:
         log(f"resuming: {len(writer.done)} of {writer.n} expert records kept from the interrupted compile")
     skip = set(writer.done)
@@ -460,10 +483,6 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     if rounded_trunk is not None:
         log(f"measured expert inputs on {len(rounding_tokens)} calibration tokens (the quantizer rounds against them)")
     rounded_trunk = None
-    profile = None
-    if calib_tokens is not None:
-        profile = profile_routing(model, calib_tokens, progress=progress)
-        log(f"profiled expert routing on {len(calib_tokens)} calibration tokens from {opts.calibration}")
     # kernels before the weights: trunk.bin records their digest, machine and CPU features
     store = TuningStore(target, opts.tuning_dir)
     weight_bytes = sum(counts[part] * bits // 8 for part, bits in (("experts", max(bits_used)), ("trunk", opts.trunk_bits)))
@@ -526,7 +545,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
                          "average_bits": average_bits, "bit_plan": plan, "trunk_bits": opts.trunk_bits,
                          "layout": layout, "int4_grid": grid},
         "experts": {"records": len(records), "record_bytes": max(r.length for r in records),
-                    "image_bytes": files["experts.bin"]["bytes"], "rounded_on": pool.where},
+                    "image_bytes": files["experts.bin"]["bytes"], "rounded_on": pool.where, "order": expert_order},
         "trunk_bytes": trunk_bytes,
         "bit_plan_search": None if searched is None else {
             **searched.to_dict(), "text": str(opts.search_text or opts.calibration), "sensitivity": method},

@@ -3,7 +3,9 @@
 Layout (little-endian; docs/FORMAT.md is the normative description):
   [0, 4096)        header (HEADER_FMT) padded with zeros
   table            num_records × 64-byte records (RECORD_FMT), ordered by (layer, expert)
-  data             each record's bytes at a 4096-aligned offset, length padded to 4096
+  data             each record's bytes at a 4096-aligned offset, length padded to 4096; layer by
+                   layer, a layer's records in the writer's order (by default by expert; a compile
+                   with calibration text sets experts often chosen together side by side)
 Within a record: gate codes, gate scales, up codes, up scales, down codes, down scales, each
 64-byte aligned (the TVM kernels use aligned vector loads); for an image of ReLU experts (the
 header's act, program.ACT) up codes, up scales, down codes, down scales, the last two part
@@ -113,19 +115,27 @@ class ImageWriter:
     Each record written is noted in a journal beside the image (`journal`). Opened again with the
     same `inputs` (a digest of everything the records depend on), the writer keeps every record the
     journal names whose bytes still match their CRC-32C (`done`), so an interrupted compile resumes
-    from them; with other inputs, or none, it starts afresh."""
+    from them; with other inputs, or none, it starts afresh.
+
+    `order`: per layer, its experts in the order their records lie in the data (profile.py's
+    coactivation_order); default by expert. The table is by (layer, expert) whatever the order."""
 
     def __init__(self, path: Path, plan: list[list[int]], hidden: int, inter: int, group: int, layout: str,
-                 journal: Path, inputs: bytes = b"", act: str = "swiglu", int4_grid: str = "half"):
+                 journal: Path, inputs: bytes = b"", act: str = "swiglu", int4_grid: str = "half",
+                 order: list[list[int]] | None = None):
         self.path, self.plan, self.journal_path = Path(path), plan, Path(journal)
         self.hidden, self.inter, self.group, self.layout, self.act = hidden, inter, group, layout, act
         self.int4_grid = int4_grid
         self.n = sum(len(row) for row in plan)
         self.data_offset = align_up(ALIGN + self.n * RECORD_BYTES, ALIGN)
         self.place: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, expert) -> (offset, length)
+        if order is not None and (len(order) != len(plan) or
+                                  any(sorted(o) != list(range(len(row))) for o, row in zip(order, plan))):
+            raise ValueError("an expert order names each layer's experts once")
         pos = self.data_offset
         for li, row in enumerate(plan):
-            for ei, bits in enumerate(row):
+            for ei in (range(len(row)) if order is None else order[li]):
+                bits = row[ei]
                 length = record_length(hidden, inter, bits, group, act)
                 self.place[li, ei] = (pos, length)
                 pos += length

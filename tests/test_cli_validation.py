@@ -338,3 +338,12 @@ def test_bench_predictors_without_tokenizer_says_so(tiny_artifact, tmp_path):
     assert r.exit_code == 1 and "tokenizer.json not found" in r.output, (r.output, r.exception)
     r = CliRunner().invoke(bench_cmd, ["predictors", str(tiny_artifact), "--text", str(text), "--prefetch", "1,-1"])
     assert r.exit_code == 2 and "--prefetch" in r.output, r.output
+
+
+def test_compile_refuses_a_coactivation_layout_without_calibration_text(tiny_mixtral_dir, tmp_path):
+    """The co-activation layout comes from routing on calibration text: without it the compile stops
+    before writing anything, naming both ways out."""
+    r = CliRunner().invoke(compile_cmd, [str(tiny_mixtral_dir), "-o", str(tmp_path / "out"), "--expert-order",
+                                         "coactivation"])
+    assert r.exit_code != 0 and "--calibration" in r.output and "--expert-order index" in r.output, r.output
+    assert not (tmp_path / "out").exists()

@@ -46,6 +46,7 @@ CONFIGS = [
     dict(predictor="path-table", eviction="lru", storage="mmap", readers=3),
     dict(predictor="fitted-router", eviction="edgemoe", prefetch_margin=0.5),
     dict(predictor="path-table", eviction="lru", prefetch_margin=1.0, prefetch_experts=5),
+    dict(predictor="fitted-router", eviction="edgemoe", readers=2, coalesce=False),
 ]
 
 
@@ -164,6 +165,23 @@ def test_prefetch_margin_names_the_near_ties_of_the_kth_expert(artifact_int4, qu
     for bad in (-1.0, 101.0, float("nan")):
         with pytest.raises(EdgeMoEError, match="prefetch_margin must be within"):
             Session(artifact_int4, prefetch_margin=bad)
+
+
+def test_adjacent_records_queued_together_are_read_in_one_request(artifact_int4, prompt_ids, plain_tokens):
+    """A layer's misses and a prediction's experts are queued together; those whose records lie side
+    by side in experts.bin are read in one request (the compiler sets often co-chosen experts
+    together). At the minimum budget most experts a token uses are read: with coalescing some
+    requests carry several records, without it each carries one; the tokens are the plain run's."""
+    budget = budget_bytes(artifact_int4, 0, 0.0)
+    runs = {}
+    for coalesce in (True, False):
+        with Session(artifact_int4, memory_budget=budget, predictor="fitted-router", eviction="edgemoe",
+                     coalesce=coalesce) as s:
+            assert s.generate(prompt_ids, N_NEW) == plain_tokens
+            runs[coalesce] = s.stats()
+    alone, together = runs[False], runs[True]
+    assert alone["read_requests"] == alone["records_read"] + alone["read_retries"]
+    assert together["read_retries"] == 0 and together["read_requests"] < together["records_read"], together
 
 
 def test_fitted_router_fits_its_calibration_text(artifact_int4, quarter_budget):

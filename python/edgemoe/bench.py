@@ -107,6 +107,7 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
         "mean_ms_per_token": 1e3 * statistics.mean(times),
         "decode_reads_per_token": (st["records_read"] - after_prompt["records_read"]) / n_new,
         "decode_bytes_per_token": (st["bytes_read"] - after_prompt["bytes_read"]) / n_new,
+        "decode_requests_per_token": (st["read_requests"] - after_prompt["read_requests"]) / n_new,
         **({"trace": routing} if trace else {}),
     }
 
@@ -317,7 +318,7 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
     """Time and reads per token against the expert budget, each policy beside its bounds: Belady's MIN
     on the routing trace the run recorded (the fewest reads any cache of those slots could do) and the
     time a perfect pipeline would take for that policy's reads: max(compute, bytes ÷ bandwidth +
-    reads × latency ÷ queue depth). IO-FREE (all resident), IO-QEXP (the artifact's experts read on
+    requests × latency ÷ queue depth), a request being a run of adjacent records read at once. IO-FREE (all resident), IO-QEXP (the artifact's experts read on
     demand, no reuse) and, with --float-artifact, IO-EXP are the budget-independent rows."""
     from .cache_bound import belady_misses, time_bound_ms
 
@@ -348,21 +349,22 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
                f"{where}, queue depth {depth} ({readers} reads in flight), "
                f"{len(ids)} prompt + {n_new} new tokens, identical tokens in every run of an artifact: {same}")
     click.echo("| budget | configuration | slots | ms/token (mean) | bound ms | × bound | reads/token | Belady reads/token "
-               "| × Belady | read/token |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+               "| × Belady | requests/token | read/token |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in results:
         cached = r["fraction"] not in (None, 0.0)
         reads, nbytes, ms = r["decode_reads_per_token"], r["decode_bytes_per_token"], r["mean_ms_per_token"]
-        bound = time_bound_ms(compute, reads, nbytes, bandwidth, latency, depth)
+        requests = r["decode_requests_per_token"]
+        bound = time_bound_ms(compute, requests, nbytes, bandwidth, latency, depth)
         belady = belady_misses(r["trace"], r["cache_slots"], first_token=len(ids)) / n_new if cached else None
         budget = "all" if r["fraction"] is None else "on demand" if r["fraction"] == 0.0 else f"{r['fraction']:.0%}"
         ratio = f"{reads / belady:.2f}" if belady else "-"
         click.echo(f"| {budget} | {r['config']} | {r['cache_slots']} | {ms:.2f} | {bound:.2f} | {ms / bound:.2f} | "
-                   f"{reads:.2f} | {f'{belady:.2f}' if belady is not None else '-'} | {ratio} | "
+                   f"{reads:.2f} | {f'{belady:.2f}' if belady is not None else '-'} | {ratio} | {requests:.2f} | "
                    f"{fmt_bytes(nbytes)} |")
         rows.append({"config": r["config"], "fraction": r["fraction"], "ms_per_token": ms, "bound_ms": bound,
-                     "reads_per_token": reads, "belady_reads_per_token": belady, "bytes_read_per_token": nbytes,
+                     "reads_per_token": reads, "requests_per_token": requests, "belady_reads_per_token": belady, "bytes_read_per_token": nbytes,
                      "cache_slots": r["cache_slots"]})
     if json_out:
         json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "compute": compute_figures,

@@ -39,9 +39,10 @@ def belady_misses(trace: np.ndarray, slots: int, first_token: int = 0) -> int:
     return misses
 
 
-def time_bound_ms(compute_ms: float, reads_per_token: float, bytes_per_token: float, bandwidth: float,
+def time_bound_ms(compute_ms: float, requests_per_token: float, bytes_per_token: float, bandwidth: float,
                   latency_s: float, queue_depth: int) -> float:
     """A token's time with perfect overlap: the larger of its compute and its reads' I/O time (bytes ÷
-    bandwidth, plus each read's latency divided among the reads the device overlaps)."""
-    io_s = bytes_per_token / bandwidth + reads_per_token * latency_s / max(queue_depth, 1) if bandwidth else 0.0
+    bandwidth, plus each request's latency divided among the requests the device overlaps; a request
+    reads one record or a run of adjacent ones)."""
+    io_s = bytes_per_token / bandwidth + requests_per_token * latency_s / max(queue_depth, 1) if bandwidth else 0.0
     return max(compute_ms, io_s * 1e3)

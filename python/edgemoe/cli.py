@@ -151,6 +151,10 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
               help="Text to profile expert routing on: enables the path-table predictor and EdgeMoE eviction.")
 @click.option("--calibration-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
               help="Tokens of calibration text to use.")
+@click.option("--expert-order", type=click.Choice(["coactivation", "index"]), default=None,
+              help="Where each layer's expert records lie in experts.bin: experts often chosen together on the "
+                   "calibration text side by side, so the runtime reads a layer's misses in fewer requests "
+                   "(needs --calibration), or by expert index [default: coactivation with --calibration, else index].")
 @click.option("--tolerance", type=_Percent(), default=None, metavar="P%",
               help="Choose each expert's bitwidth (INT8/4/3/2) by its sensitivity so perplexity rises at most "
                    "P% over the float model (needs --calibration); overrides --bits.")
@@ -187,7 +191,7 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
                    "with --calibration), or llamacpp (llama-quantize's Q8_0 / Q4_0 blocks at --bits and --trunk-bits "
                    "8 or 4, INT4 on the integer grid: the codes a GGUF of this checkpoint holds).")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
-                tolerance, max_bits, sensitivity, search_text, int_dot, tune, jobs, dask_scheduler, android_api,
+                expert_order, tolerance, max_bits, sensitivity, search_text, int_dot, tune, jobs, dask_scheduler, android_api,
                 int4_grid, rounding):
     """Compile the MoE checkpoint MODEL_DIR (a Hugging Face directory, a .gguf or a torch.onnx export's
     .onnx with config.json beside it) for a target board. An
@@ -213,7 +217,8 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
                               max_seq, calibration,
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, sensitivity=sensitivity,
                               search_text=search_text, int_dot=int_dot, tune=tune, jobs=jobs, dask_scheduler=dask_scheduler,
-                              android_api=android_api, int4_grid=int4_grid, rounding=rounding)
+                              android_api=android_api, int4_grid=int4_grid, rounding=rounding,
+                              expert_order=expert_order)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
     except (ModelImportError, UnknownTargetError, TuningError, ToolchainError, ValueError, FileNotFoundError,
             RoundingLost) as e:

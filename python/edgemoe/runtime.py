@@ -47,7 +47,8 @@ class _Params(ctypes.Structure):
                 ("prefetch_experts", ctypes.c_uint32), ("eviction", ctypes.c_int), ("compute_threads", ctypes.c_uint32),
                 ("inject_faults", ctypes.c_char_p), ("readers", ctypes.c_uint32),
                 ("emulate_memory_bandwidth", ctypes.c_double), ("emulate_int8_ops", ctypes.c_double),
-                ("emulate_fp32_flops", ctypes.c_double), ("prefetch_margin", ctypes.c_float)]
+                ("emulate_fp32_flops", ctypes.c_double), ("prefetch_margin", ctypes.c_float),
+                ("one_read_per_record", ctypes.c_int)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
@@ -62,7 +63,8 @@ class _Stats(ctypes.Structure):
                                                                ("records_read", ctypes.c_uint64),
                                                                ("board_wait_ns", ctypes.c_uint64),
                                                                ("predictions", ctypes.c_uint64),
-                                                               ("prefetch_named", ctypes.c_uint64)]
+                                                               ("prefetch_named", ctypes.c_uint64),
+                                                               ("read_requests", ctypes.c_uint64)]
 
 
 class _Sampling(ctypes.Structure):
@@ -173,13 +175,16 @@ class Session:
     makes every kernel last as long as on that board (a target's "compute"; runtime_c/src/pacer.h).
     prefetch_margin > 0: a confidence-driven number of experts to prefetch per layer, the predicted
     top-k and those within that many logits of the k-th, at most prefetch_experts (0: 2 · top-k).
+    coalesce: records queued together that lie side by side in experts.bin are read in one request
+    (False: one request per record; stats()["read_requests"] counts them).
     """
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
                  storage: str = "pread", direct_io: bool = False, emulate: tuple[float, float] | None = None,
                  loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
                  eviction: str = "auto", threads: int = 1, inject_faults: str | None = None, readers: int = 1,
-                 emulate_compute: tuple[float, float, float] | None = None, prefetch_margin: float = 0.0):
+                 emulate_compute: tuple[float, float, float] | None = None, prefetch_margin: float = 0.0,
+                 coalesce: bool = True):
         self._h = None
         self._trace = np.zeros((0, 0, 0), np.uint32)
         self._lib = library()
@@ -189,7 +194,7 @@ class Session:
                          _choice(PREDICTORS, predictor, "predictor"), prefetch_experts,
                          _choice(EVICTIONS, eviction, "eviction policy"), threads,
                          inject_faults.encode() if inject_faults else None, readers,
-                         *(emulate_compute or (0.0, 0.0, 0.0)), prefetch_margin)
+                         *(emulate_compute or (0.0, 0.0, 0.0)), prefetch_margin, int(not coalesce))
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

@@ -78,6 +78,10 @@ typedef struct {
      score: within this factor's natural log), up to prefetch_experts (0 = 2 · top-k). A flat prediction
      names more experts, a sure one top-k alone. 0 = exactly prefetch_experts. At most 100. */
   float prefetch_margin;
+  /* 0 (default): records queued together that lie next to each other in experts.bin (a layer's
+     misses, a prediction's experts: the compiler places often co-activated experts side by side)
+     are read in one request, paying the storage's latency once. 1: one request per record. */
+  int one_read_per_record;
 } em_params;
 
 typedef struct {
@@ -103,6 +107,7 @@ typedef struct {
   uint64_t board_wait_ns;    /* of compute_ns, time added to kernels to last as long as on the emulated board */
   uint64_t predictions;      /* layer predictions made */
   uint64_t prefetch_named;   /* experts those predictions named (prefetch_margin: how many it chose) */
+  uint64_t read_requests;    /* storage requests those records took (adjacent records coalesced into one) */
 } em_stats;
 
 typedef struct {

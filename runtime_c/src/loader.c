@@ -30,8 +30,8 @@ size_t em_loader_meta_bytes(uint32_t n_slots, uint32_t n_records) {
 }
 
 int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, const em_record* records,
-                   uint32_t experts_per_layer, int verify, int threaded, em_stats* stats, void* meta, char* err,
-                   size_t n) {
+                   uint32_t experts_per_layer, int verify, int threaded, int coalesce, em_stats* stats, void* meta,
+                   char* err, size_t n) {
   memset(l, 0, sizeof *l);
   l->storage = storage;
   l->cache = cache;
@@ -39,6 +39,7 @@ int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, co
   l->experts_per_layer = experts_per_layer;
   l->verify = verify;
   l->threaded = threaded;
+  l->coalesce = coalesce;
   l->stats = stats;
   l->queue = (em_load_request*)meta;
   l->q_cap = cache->n_slots;
@@ -87,30 +88,34 @@ void em_loader_stop(em_loader* l) {
 #endif
 }
 
+/* Reads and checks one record into its slot, one request. */
+static int read_once(em_loader* l, int32_t record, int32_t slot) {
+  const em_record* r = &l->records[record];
+  uint8_t* dst = em_cache_slot(l->cache, slot);
+  int rc = l->storage->read(l->storage, dst, r->length, r->offset);
+  if (!rc && l->verify && em_crc32c(0, dst, r->length) != r->crc) rc = EM_LOAD_CHECKSUM;
+  return rc;
+}
+
 /* Reads and checks one record into its slot; runs without the lock (the slot is LOADING: only
  * the reader touches its memory). A failed read or checksum is read once more: storage that failed
  * once (an I/O error, an interrupted call, a bit flipped on the way) often reads right the second
  * time; a fault that persists fails both. */
 static int read_record(em_loader* l, int32_t record, int32_t slot, uint64_t* ns, int* retried) {
-  const em_record* r = &l->records[record];
-  uint8_t* dst = em_cache_slot(l->cache, slot);
   uint64_t t0 = em_now_ns();
-  int rc = 0;
-  *retried = 0;
-  for (int attempt = 0; attempt < 2; attempt++) {
-    rc = l->storage->read(l->storage, dst, r->length, r->offset);
-    if (!rc && l->verify && em_crc32c(0, dst, r->length) != r->crc) rc = EM_LOAD_CHECKSUM;
-    if (!rc) break;
-    *retried += attempt == 0;
-  }
+  int rc = read_once(l, record, slot);
+  *retried = rc != 0;
+  if (rc) rc = read_once(l, record, slot);
   *ns = em_now_ns() - t0;
   return rc;
 }
 
-/* Records the outcome of a read, under the lock. */
-static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint64_t ns, int retried) {
+/* Records the outcome of a read, under the lock; `requests`: the storage requests it took. */
+static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint64_t ns, int retried,
+                        uint32_t requests) {
   l->stats->read_ns += ns;
   l->stats->read_retries += (uint64_t)retried;
+  l->stats->read_requests += requests;
   if (rc == 0) {
     l->stats->bytes_read += l->records[record].length;
     l->stats->records_read++;
@@ -151,7 +156,8 @@ static void read_ended(em_loader* l, int rc) {
     return;
   }
   l->in_flight = 0;
-  finish_load(l, l->reading.record, l->reading.slot, rc, em_now_ns() - l->read_started, l->attempt);
+  finish_load(l, l->reading.record, l->reading.slot, rc, em_now_ns() - l->read_started, l->attempt,
+              1u + (uint32_t)l->attempt);
 }
 
 void em_loader_poll(em_loader* l) {
@@ -173,21 +179,66 @@ static int complete_one(em_loader* l) {
 #else
 void em_loader_poll(em_loader* l) { (void)l; /* reader threads read */ }
 
+/* Takes the request at the head of the queue and, coalescing, every queued one whose record lies
+ * right before or after those taken in the image, as one run of records in file order. Lock held. */
+static uint32_t take_run(em_loader* l, em_load_request* run) {
+  run[0] = l->queue[l->q_head];
+  l->q_head = (l->q_head + 1) % l->q_cap;
+  l->q_len--;
+  uint32_t n = 1;
+  uint64_t lo = l->records[run[0].record].offset, hi = lo + l->records[run[0].record].length;
+  for (uint32_t i = 0; l->coalesce && i < l->q_len && n < EM_MAX_SPANS; i++) {
+    em_load_request req = l->queue[(l->q_head + i) % l->q_cap];
+    const em_record* r = &l->records[req.record];
+    int after = r->offset == hi, before = r->offset + r->length == lo;
+    if (!after && !before) continue;
+    for (uint32_t j = i; j + 1 < l->q_len; j++) /* out of the queue, the order of the rest kept */
+      l->queue[(l->q_head + j) % l->q_cap] = l->queue[(l->q_head + j + 1) % l->q_cap];
+    l->q_len--;
+    if (after) {
+      run[n++] = req;
+      hi += r->length;
+    } else {
+      memmove(run + 1, run, n++ * sizeof *run);
+      run[0] = req;
+      lo = r->offset;
+    }
+    i = (uint32_t)-1; /* the run grew: a request passed over may now adjoin it */
+  }
+  return n;
+}
+
+/* Reads a run of adjacent records in one request, then checks each; one that failed (the request,
+ * or its checksum) is read once more on its own, as read_record does. Without the lock. */
+static void read_run(em_loader* l, const em_load_request* run, uint32_t n, int* rc, int* retried, uint64_t* ns) {
+  em_span spans[EM_MAX_SPANS];
+  uint64_t t0 = em_now_ns();
+  for (uint32_t i = 0; i < n; i++) spans[i] = (em_span){em_cache_slot(l->cache, run[i].slot), l->records[run[i].record].length};
+  int all = em_storage_readv(l->storage, spans, n, l->records[run[0].record].offset);
+  for (uint32_t i = 0; i < n; i++) {
+    const em_record* r = &l->records[run[i].record];
+    rc[i] = all ? all : l->verify && em_crc32c(0, (const uint8_t*)spans[i].dst, r->length) != r->crc ? EM_LOAD_CHECKSUM : 0;
+    retried[i] = rc[i] != 0;
+    if (rc[i]) rc[i] = read_once(l, run[i].record, run[i].slot);
+  }
+  *ns = em_now_ns() - t0;
+}
+
 static void* loader_main(void* arg) {
   em_loader* l = (em_loader*)arg;
   LOCK(l);
   for (;;) {
     while (!l->stop && l->q_len == 0) pthread_cond_wait(&l->work, &l->lock);
     if (l->stop) break;
-    em_load_request req = l->queue[l->q_head];
-    l->q_head = (l->q_head + 1) % l->q_cap;
-    l->q_len--;
+    em_load_request run[EM_MAX_SPANS];
+    int rc[EM_MAX_SPANS], retried[EM_MAX_SPANS];
+    uint32_t n = take_run(l, run);
     UNLOCK(l);
     uint64_t ns;
-    int retried;
-    int rc = read_record(l, req.record, req.slot, &ns, &retried);
+    read_run(l, run, n, rc, retried, &ns);
     LOCK(l);
-    finish_load(l, req.record, req.slot, rc, ns, retried);
+    for (uint32_t i = 0; i < n; i++) /* the run's request and time counted once, with its first record */
+      finish_load(l, run[i].record, run[i].slot, rc[i], i ? 0 : ns, retried[i], (i == 0) + (uint32_t)retried[i]);
   }
   UNLOCK(l);
   return NULL;
@@ -271,7 +322,7 @@ static int demand_load(em_loader* l, uint32_t record, uint32_t layer, char* err,
   int rc = read_record(l, (int32_t)record, slot, &ns, &retried);
   LOCK(l);
   l->stats->stall_ns += ns;
-  finish_load(l, (int32_t)record, slot, rc, ns, retried);
+  finish_load(l, (int32_t)record, slot, rc, ns, retried, 1u + (uint32_t)retried);
   if (rc) format_failure(l, record, rc, err, errn);
   return rc ? (rc == EM_LOAD_CHECKSUM ? EM_ERR_FORMAT : EM_ERR_IO) : EM_OK;
 }

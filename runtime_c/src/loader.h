@@ -1,7 +1,8 @@
 /* Getting expert records into cache slots: on demand for the expert the decode loop needs now,
  * and ahead of need for the experts a predictor names, on reader threads that read while the
  * decode thread computes — several reads in flight where the storage overlaps requests (UFS, NVMe
- * command queues). All cache bookkeeping happens under the loader's lock.
+ * command queues), and records queued together that lie side by side in the image read in one
+ * request. All cache bookkeeping happens under the loader's lock.
  * Bare-metal (EM_BAREMETAL) there are no threads: one read is in flight at a time, started on the
  * storage and progressed by em_loader_poll, which the decode loop calls between kernels (a DMA
  * transfer completed in the background); waiting for a record drives the reads to it. */
@@ -33,6 +34,7 @@ typedef struct {
   uint32_t experts_per_layer;
   int verify;
   int threaded; /* reader threads (0: reads happen on the decode thread) */
+  int coalesce; /* a reader takes queued records adjacent to the one it reads into the same request */
   em_stats* stats; /* counters shared with the session, updated under the lock */
 
 #ifdef EM_BAREMETAL
@@ -56,8 +58,8 @@ enum { EM_LOAD_CHECKSUM = -100000 }; /* failure code: the record read back did n
 /* Bytes of bookkeeping em_loader_init places in `meta`. */
 size_t em_loader_meta_bytes(uint32_t n_slots, uint32_t n_records);
 int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, const em_record* records,
-                   uint32_t experts_per_layer, int verify, int threaded, em_stats* stats, void* meta, char* err,
-                   size_t n);
+                   uint32_t experts_per_layer, int verify, int threaded, int coalesce, em_stats* stats, void* meta,
+                   char* err, size_t n);
 void em_loader_stop(em_loader* l);
 
 /* Declares that the decode loop needs these records (one layer's selected experts) now: each is

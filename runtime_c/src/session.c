@@ -375,7 +375,8 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
                                       th->inter);
   if (!rc) {
     rc = em_loader_init(&s->loader, s->experts, &s->cache, s->records, th->experts, params->verify_checksums,
-                        params->loader_thread ? (params->readers ? (int)params->readers : 1) : 0, &s->st,
+                        params->loader_thread ? (params->readers ? (int)params->readers : 1) : 0,
+                        !params->one_read_per_record, &s->st,
                         meta + em_align_up(cache_meta, EM_ALIGN_BUF), s->err, ERR_LEN);
     s->loader_ready = 1;
   }

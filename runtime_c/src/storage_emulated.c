@@ -28,11 +28,8 @@ typedef struct {
   uint64_t oversleep_ns;
 } emulated_storage;
 
-static int emulated_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
-  emulated_storage* s = (emulated_storage*)self;
-  uint64_t start = em_now_ns();
-  int rc = s->inner->read(s->inner, dst, len, offset);
-  if (rc) return rc;
+/* Stretches a request of len bytes that started at `start` (its real read done) to the device's time. */
+static void pace_request(emulated_storage* s, uint64_t len, uint64_t start) {
   uint64_t ready = start + (uint64_t)(s->latency * 1e9), transfer = (uint64_t)((double)len / s->bandwidth * 1e9);
   pthread_mutex_lock(&s->lock);
   uint64_t begin = ready > s->busy_until_ns ? ready : s->busy_until_ns, done = begin + transfer;
@@ -48,7 +45,24 @@ static int emulated_read(em_storage* self, void* dst, uint64_t len, uint64_t off
     s->oversleep_ns = (7 * s->oversleep_ns + late) / 8;
     pthread_mutex_unlock(&s->lock);
   }
-  return 0;
+}
+
+static int emulated_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
+  emulated_storage* s = (emulated_storage*)self;
+  uint64_t start = em_now_ns();
+  int rc = s->inner->read(s->inner, dst, len, offset);
+  if (!rc) pace_request(s, len, start);
+  return rc;
+}
+
+/* Coalesced records are one request: one latency, then their bytes. */
+static int emulated_readv(em_storage* self, const em_span* spans, uint32_t n, uint64_t offset) {
+  emulated_storage* s = (emulated_storage*)self;
+  uint64_t start = em_now_ns(), len = 0;
+  int rc = em_storage_readv(s->inner, spans, n, offset);
+  for (uint32_t i = 0; i < n; i++) len += spans[i].len;
+  if (!rc) pace_request(s, len, start);
+  return rc;
 }
 
 static void emulated_close(em_storage* self) {
@@ -67,6 +81,7 @@ em_storage* em_storage_emulate(em_storage* inner, double bandwidth, double laten
     return NULL;
   }
   s->base.read = emulated_read;
+  s->base.readv = emulated_readv;
   s->base.close = emulated_close;
   s->inner = inner;
   s->bandwidth = bandwidth;

@@ -30,10 +30,11 @@ typedef struct {
   uint64_t reads; /* reads so far; one reader at a time (the loader), atomics for safety */
 } faulty_storage;
 
-static int faulty_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
-  faulty_storage* s = (faulty_storage*)self;
+/* The faults planned for the next request (each read or coalesced read counts one): an error to
+ * return instead of reading, else 0 with *corrupt set where the data must be damaged. */
+static int next_faults(faulty_storage* s, int* corrupt) {
   uint64_t nth = __atomic_add_fetch(&s->reads, 1, __ATOMIC_RELAXED);
-  int corrupt = 0;
+  *corrupt = 0;
   for (int i = 0; i < s->n_faults; i++) {
     const fault* f = &s->faults[i];
     if (nth < f->first || nth - f->first >= f->count) continue;
@@ -41,12 +42,27 @@ static int faulty_read(em_storage* self, void* dst, uint64_t len, uint64_t offse
       case FAULT_EIO: return -EIO;
       case FAULT_SHORT: return EM_READ_SHORT;
       case FAULT_EINTR: return -EINTR;
-      case FAULT_CORRUPT: corrupt = 1; break;
+      case FAULT_CORRUPT: *corrupt = 1; break;
       case FAULT_DELAY: em_sleep_s(f->delay_s); break;
     }
   }
-  int rc = s->inner->read(s->inner, dst, len, offset);
+  return 0;
+}
+
+static int faulty_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
+  faulty_storage* s = (faulty_storage*)self;
+  int corrupt, rc = next_faults(s, &corrupt);
+  if (!rc) rc = s->inner->read(s->inner, dst, len, offset);
   if (!rc && corrupt && len) ((uint8_t*)dst)[len / 2] ^= 0x5a;
+  return rc;
+}
+
+/* A coalesced read: a corruption damages its first buffer. */
+static int faulty_readv(em_storage* self, const em_span* spans, uint32_t n, uint64_t offset) {
+  faulty_storage* s = (faulty_storage*)self;
+  int corrupt, rc = next_faults(s, &corrupt);
+  if (!rc) rc = em_storage_readv(s->inner, spans, n, offset);
+  if (!rc && corrupt && n && spans[0].len) ((uint8_t*)spans[0].dst)[spans[0].len / 2] ^= 0x5a;
   return rc;
 }
 
@@ -96,6 +112,7 @@ em_storage* em_storage_inject_faults(em_storage* inner, const char* plan, char* 
     return NULL;
   }
   s->base.read = faulty_read;
+  s->base.readv = faulty_readv;
   s->base.close = faulty_close;
   s->inner = inner;
   return &s->base;

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "artifact.h"
@@ -19,6 +20,25 @@ typedef struct {
 
 static int pread_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
   return em_pread_all(((pread_storage*)self)->fd, dst, len, offset);
+}
+
+/* One preadv for all the spans, continued after a partial transfer (a signal, a large request). */
+static int pread_readv(em_storage* self, const em_span* spans, uint32_t n, uint64_t offset) {
+  struct iovec iov[EM_MAX_SPANS];
+  if (n > EM_MAX_SPANS) return -EINVAL;
+  for (uint32_t i = 0; i < n; i++) iov[i] = (struct iovec){spans[i].dst, (size_t)spans[i].len};
+  struct iovec* at = iov;
+  int left = (int)n;
+  while (left > 0) {
+    ssize_t got = preadv(((pread_storage*)self)->fd, at, left, (off_t)offset);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return -errno;
+    if (got == 0) return EM_READ_SHORT;
+    offset += (uint64_t)got;
+    for (; left > 0 && (size_t)got >= at->iov_len; left--, at++) got -= (ssize_t)at->iov_len;
+    if (left > 0) at->iov_base = (uint8_t*)at->iov_base + got, at->iov_len -= (size_t)got;
+  }
+  return 0;
 }
 
 static void pread_close(em_storage* self) {
@@ -51,6 +71,7 @@ em_storage* em_storage_open_pread(const char* path, int direct_io, char* err, si
     return NULL;
   }
   s->base.read = pread_read;
+  s->base.readv = pread_readv;
   s->base.close = pread_close;
   s->fd = fd;
   return &s->base;
@@ -67,13 +88,15 @@ typedef struct {
   int fd;
 } mmap_storage;
 
-static int mmap_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
+static int mmap_readv(em_storage* self, const em_span* spans, uint32_t n, uint64_t offset) {
   mmap_storage* s = (mmap_storage*)self;
+  uint64_t len = 0;
+  for (uint32_t i = 0; i < n; i++) len += spans[i].len;
   /* The mapping's length was fixed at open; a file truncated since reads as a short read. */
   struct stat st;
   if (offset > s->size || len > s->size - offset || fstat(s->fd, &st) != 0 || (uint64_t)st.st_size < offset + len)
     return EM_READ_SHORT;
-  memcpy(dst, s->map + offset, len);
+  for (uint64_t i = 0, at = offset; i < n; at += spans[i].len, i++) memcpy(spans[i].dst, s->map + at, spans[i].len);
   /* The copy is what the session keeps: drop the mapped pages from this process (the kernel's page
      cache may keep them), so the process's resident memory stays within the budget. */
   uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), around = FAULT_AROUND_BYTES;
@@ -81,6 +104,11 @@ static int mmap_read(em_storage* self, void* dst, uint64_t len, uint64_t offset)
   uint64_t end = s->size - offset - len > around ? offset + len + around : s->size;
   madvise((void*)(s->map + start), (size_t)(end - start), MADV_DONTNEED);
   return 0;
+}
+
+static int mmap_read(em_storage* self, void* dst, uint64_t len, uint64_t offset) {
+  em_span one = {dst, len};
+  return mmap_readv(self, &one, 1, offset);
 }
 
 static void mmap_close(em_storage* self) {
@@ -108,6 +136,7 @@ em_storage* em_storage_open_mmap(const char* path, char* err, size_t err_len) {
     return NULL;
   }
   s->base.read = mmap_read;
+  s->base.readv = mmap_readv;
   s->base.close = mmap_close;
   s->map = (const uint8_t*)map;
   s->size = (uint64_t)st.st_size;
