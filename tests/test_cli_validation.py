@@ -77,6 +77,8 @@ C_BAD = [
     (["--threads", "0"], "--threads"),
     (["--threads", "1025"], "--threads"),
     (["--threads", "-1"], "--threads"),
+    (["--prefetch-layers", "0"], "--prefetch-layers"),
+    (["--prefetch-layers", "5"], "--prefetch-layers"),
     (["--predictor", "psychic"], "--predictor"),
     (["--eviction", "random"], "--eviction"),
     (["--budget"], "--budget"),  # no value
@@ -190,6 +192,8 @@ PY_RUN_BAD = [
     (["--max-seq", "-1"], "--max-seq"),
     (["--max-seq", "4294967296"], "--max-seq"),
     (["--prefetch", "-1"], "--prefetch"),
+    (["--prefetch-layers", "0"], "--prefetch-layers"),
+    (["--prefetch-layers", "5"], "--prefetch-layers"),
     (["--emulate-storage", "0,0"], "--emulate-storage"),
     (["--emulate-storage", "-45,1"], "--emulate-storage"),
     (["--emulate-storage", "45,-1"], "--emulate-storage"),

@@ -47,6 +47,8 @@ CONFIGS = [
     dict(predictor="fitted-router", eviction="edgemoe", prefetch_margin=0.5),
     dict(predictor="path-table", eviction="lru", prefetch_margin=1.0, prefetch_experts=5),
     dict(predictor="fitted-router", eviction="edgemoe", readers=2, coalesce=False),
+    dict(predictor="fitted-router", eviction="edgemoe", prefetch_layers=2, readers=4),
+    dict(predictor="next-router", eviction="lru", prefetch_layers=4),
 ]
 
 
@@ -182,6 +184,27 @@ def test_adjacent_records_queued_together_are_read_in_one_request(artifact_int4,
     alone, together = runs[False], runs[True]
     assert alone["read_requests"] == alone["records_read"] + alone["read_retries"]
     assert together["read_retries"] == 0 and together["read_requests"] < together["records_read"], together
+
+
+def test_prefetch_layers_guesses_the_layers_after_the_next_within_the_token(artifact_int4, quarter_budget,
+                                                                           prompt_ids):
+    """With prefetch_layers = a, each layer with experts guesses the next one and the a - 1 after it
+    that the same token still reaches: per token L + (L - 1) + … predictions for L layers, the next-layer
+    guesses alone scored in the stats (the same hit rate as with a = 1). Out of range is refused."""
+    runs = {}
+    for ahead in (1, 2, 3):
+        with Session(artifact_int4, memory_budget=quarter_budget, predictor="fitted-router", eviction="edgemoe",
+                     prefetch_layers=ahead) as s:
+            s.generate(prompt_ids, N_NEW)
+            runs[ahead] = s.stats()
+            layers = s.info["num_expert_layers"]
+    tokens = runs[1]["tokens"]
+    for ahead, st in runs.items():
+        assert st["predictions"] == tokens * sum(max(layers - a, 0) for a in range(ahead)), (ahead, st)
+        assert st["predicted"] == runs[1]["predicted"] and st["predicted_hits"] == runs[1]["predicted_hits"]
+    for bad in (5, 100):
+        with pytest.raises(EdgeMoEError, match="prefetch_layers must be within"):
+            Session(artifact_int4, prefetch_layers=bad)
 
 
 def test_fitted_router_fits_its_calibration_text(artifact_int4, quarter_budget):

@@ -126,12 +126,14 @@ def test_bench_sweep_writes_its_chart_and_no_policy_beats_belady(artifact_int4, 
     path, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
     r = CliRunner().invoke(bench_cmd, ["sweep", str(artifact_int4), "--tokens", "1,2,3", "-n", "12", "--fractions",
                                        "0.25,0.5", "--max-seq", "32", "--emulate-storage", "2000,0", "--plot",
-                                       str(path), "--json-out", str(out)])
+                                       str(path), "--json-out", str(out), "--prefetch-layers", "2"])
     assert_wrote(r, path)
     assert "identical tokens in every run of an artifact: True" in r.stdout
     rows = json.loads(out.read_text())["rows"]
     cached = [row for row in rows if row["fraction"] not in (None, 0.0)]
-    assert len(cached) == 6  # LRU, EdgeMoE eviction, EdgeMoE + prediction at two budgets
+    assert len(cached) == 8  # LRU, EdgeMoE eviction, EdgeMoE + prediction (1 and 2 layers ahead) at two budgets
     for row in cached:  # MIN is optimal among all policies, prefetching ones included, at equal slots
         assert row["belady_reads_per_token"] <= row["reads_per_token"] + 1e-9, row
         assert row["ms_per_token"] > 0 and row["bound_ms"] > 0
+        # a request reads one record or a run of adjacent ones
+        assert row["requests_per_token"] <= row["reads_per_token"] + 1e-9, row

@@ -28,6 +28,7 @@ class RunConfig:
     threads: int = 1  # compute threads for the kernels' parallel loops
     readers: int = 1  # expert reads in flight at once (reader threads)
     prefetch_margin: float = 0.0  # > 0: a confidence-driven number of experts to prefetch (Session's)
+    prefetch_layers: int = 1  # layers with experts a hidden-state predictor prefetches ahead (Session's)
 
 
 def pipeline_configs(fraction: float, queue_depth: int = 1, margin: float = 0.0) -> list[RunConfig]:
@@ -72,7 +73,7 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
     with Session(artifact, memory_budget=budget, max_seq=max_seq,
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
                  eviction=cfg.eviction, threads=cfg.threads, readers=cfg.readers, emulate_compute=compute,
-                 prefetch_margin=cfg.prefetch_margin) as s:
+                 prefetch_margin=cfg.prefetch_margin, prefetch_layers=cfg.prefetch_layers) as s:
         if cfg.warm:
             s.generate(prompt, n_new)
             s.reset()
@@ -283,18 +284,21 @@ def pipeline_cmd(artifact, prompt, tokens, n_new, fraction, storage, max_seq, pr
                title=f"{artifact}: ms/token, {where}, {n_new} tokens")
 
 
-def sweep_configs(fraction: float, profile: bool, readers: int = 1) -> list[RunConfig]:
+def sweep_configs(fraction: float, profile: bool, readers: int = 1, ahead: int = 1) -> list[RunConfig]:
     """The cache policies a sweep compares at one budget (without a routing profile: LRU and
     next-router prediction only). Each reads a layer's misses together on `readers` reader threads
-    (the storage's queue depth, at most the runtime's 16)."""
+    (the storage's queue depth, at most the runtime's 16). With `ahead` > 1, the prediction row again
+    prefetching that many layers ahead."""
     common = dict(predictor="none", readers=readers)
     configs = [RunConfig("LRU", fraction, eviction="lru", **common)]
+    name, predicted = ("EdgeMoE + prediction", dict(predictor="fitted-router", eviction="edgemoe")) if profile else \
+        ("LRU + prediction", dict(predictor="next-router", eviction="lru"))
     if profile:
-        configs += [RunConfig("EdgeMoE eviction", fraction, eviction="edgemoe", **common),
-                    RunConfig("EdgeMoE + prediction", fraction, predictor="fitted-router", eviction="edgemoe",
-                              readers=readers)]
-    else:
-        configs.append(RunConfig("LRU + prediction", fraction, predictor="next-router", readers=readers))
+        configs.append(RunConfig("EdgeMoE eviction", fraction, eviction="edgemoe", **common))
+    configs.append(RunConfig(name, fraction, readers=readers, **predicted))
+    if ahead > 1:
+        configs.append(RunConfig(f"{name}, {ahead} layers ahead", fraction, readers=readers, prefetch_layers=ahead,
+                                 **predicted))
     return configs
 
 
@@ -310,11 +314,13 @@ def sweep_configs(fraction: float, profile: bool, readers: int = 1) -> list[RunC
 @click.option("-n", "n_new", type=click.IntRange(1, UINT32_MAX), default=64, show_default=True)
 @click.option("--emulate-storage", "storage", default="rpi4", show_default=True, metavar="TARGET|MBPS,MS")
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
+@click.option("--prefetch-layers", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="With more than 1, the prediction row again, prefetching that many layers with experts ahead.")
 @board_option
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @plot_option("sweep")
-def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storage, compute_spec, max_seq, json_out,
-              plot_path, no_plot):
+def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storage, compute_spec, max_seq,
+              prefetch_layers, json_out, plot_path, no_plot):
     """Time and reads per token against the expert budget, each policy beside its bounds: Belady's MIN
     on the routing trace the run recorded (the fewest reads any cache of those slots could do) and the
     time a perfect pipeline would take for that policy's reads: max(compute, bytes ÷ bandwidth +
@@ -334,7 +340,7 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
         fixed.append((float_artifact, RunConfig("IO-EXP", 0.0, loader_thread=False)))
     readers = min(depth, 16)
     runs = fixed + [(artifact, c) for f in fractions
-                    for c in sweep_configs(f, bool(manifest.get("profile")), readers)]
+                    for c in sweep_configs(f, bool(manifest.get("profile")), readers, prefetch_layers)]
     results = []
     with click.progressbar(runs, label="runs", file=sys.stderr, item_show_func=lambda r: r[1].name if r else "") as bar:
         for path, cfg in bar:

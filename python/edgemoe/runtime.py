@@ -48,7 +48,7 @@ class _Params(ctypes.Structure):
                 ("inject_faults", ctypes.c_char_p), ("readers", ctypes.c_uint32),
                 ("emulate_memory_bandwidth", ctypes.c_double), ("emulate_int8_ops", ctypes.c_double),
                 ("emulate_fp32_flops", ctypes.c_double), ("prefetch_margin", ctypes.c_float),
-                ("one_read_per_record", ctypes.c_int)]
+                ("one_read_per_record", ctypes.c_int), ("prefetch_layers", ctypes.c_uint32)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
@@ -176,7 +176,9 @@ class Session:
     prefetch_margin > 0: a confidence-driven number of experts to prefetch per layer, the predicted
     top-k and those within that many logits of the k-th, at most prefetch_experts (0: 2 · top-k).
     coalesce: records queued together that lie side by side in experts.bin are read in one request
-    (False: one request per record; stats()["read_requests"] counts them).
+    (False: one request per record; stats()["read_requests"] counts them). prefetch_layers (1..4): layers
+    with experts a hidden-state predictor prefetches ahead (2: also the layer after the next, from the
+    same state, so a read has two layers' compute to arrive in).
     """
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
@@ -184,7 +186,7 @@ class Session:
                  loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
                  eviction: str = "auto", threads: int = 1, inject_faults: str | None = None, readers: int = 1,
                  emulate_compute: tuple[float, float, float] | None = None, prefetch_margin: float = 0.0,
-                 coalesce: bool = True):
+                 coalesce: bool = True, prefetch_layers: int = 1):
         self._h = None
         self._trace = np.zeros((0, 0, 0), np.uint32)
         self._lib = library()
@@ -194,7 +196,8 @@ class Session:
                          _choice(PREDICTORS, predictor, "predictor"), prefetch_experts,
                          _choice(EVICTIONS, eviction, "eviction policy"), threads,
                          inject_faults.encode() if inject_faults else None, readers,
-                         *(emulate_compute or (0.0, 0.0, 0.0)), prefetch_margin, int(not coalesce))
+                         *(emulate_compute or (0.0, 0.0, 0.0)), prefetch_margin, int(not coalesce),
+                         prefetch_layers)
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

@@ -82,6 +82,12 @@ typedef struct {
      misses, a prediction's experts: the compiler places often co-activated experts side by side)
      are read in one request, paying the storage's latency once. 1: one request per record. */
   int one_read_per_record;
+  /* Layers with experts a hidden-state predictor (next-router, fitted-router) prefetches ahead, 1..4
+     (0 = 1): at each layer it guesses the next layer's experts and, with 2, also the one after within
+     the token, from the same residual stream, so its reads have two layers' compute to arrive in
+     (storage whose latency is longer than a layer takes to compute: UFS, NVMe on a phone). The
+     guess further ahead is less sure; the next layer's guess, made a layer later, adds what it missed. */
+  uint32_t prefetch_layers;
 } em_params;
 
 typedef struct {

@@ -59,18 +59,26 @@ void em_cache_touch(em_expert_cache* c, int32_t slot) {
  * being decoded drifts from the calibration text's: replayed on WikiText-2 test traces of
  * olmoe-mini (64 experts top-8), f alone did worse than LRU at 25% and 50% of experts (2.11× and
  * 3.32× Belady's misses against 1.93× and 2.41×), the blend better than both (1.58×, 1.87×). */
-static double edgemoe_score(const em_expert_cache* c, uint32_t record, uint32_t current_layer) {
+static double chance_of_use(const em_expert_cache* c, uint32_t record) {
+  double f = c->frequency ? c->frequency[record] : 0.0;
+  return EM_PROFILE_WEIGHT * f + (1.0 - EM_PROFILE_WEIGHT) * c->usage[record];
+}
+
+static double expected_next_use(const em_expert_cache* c, uint32_t record, uint32_t current_layer, double p) {
   uint32_t S = c->layers, i = record / c->experts_per_layer;
   uint32_t d = (i + S - current_layer) % S;
   if (d == 0) d = S;
-  double f = c->frequency ? c->frequency[record] : 0.0;
-  double p = EM_PROFILE_WEIGHT * f + (1.0 - EM_PROFILE_WEIGHT) * c->usage[record];
   if (p < 1e-6) p = 1e-6;
   return (double)d + (double)S * (1.0 - p) / p;
 }
 
-int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_layer, int prefetch,
-                       int* evicted_prefetch) {
+static double edgemoe_score(const em_expert_cache* c, uint32_t record, uint32_t current_layer) {
+  return expected_next_use(c, record, current_layer, chance_of_use(c, record));
+}
+
+/* Claims a slot; a READY victim only if its score is above `admit` (higher = evict sooner). */
+static int32_t claim(em_expert_cache* c, uint32_t record, uint32_t current_layer, int prefetch, double admit,
+                     int* evicted_prefetch) {
   int32_t victim = -1;
   double best = 0.0;
   const em_size_class* k = &c->classes[c->record_class[record]];
@@ -88,7 +96,7 @@ int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_lay
       case EM_EVICT_EDGEMOE: score = edgemoe_score(c, (uint32_t)s->record, current_layer); break;
       default: score = -(double)s->used_at; break;
     }
-    if (victim < 0 || score > best) victim = (int32_t)i, best = score;
+    if (score > admit && (victim < 0 || score > best)) victim = (int32_t)i, best = score;
   }
   if (victim < 0) return -1;
   em_slot* v = &c->slot[victim];
@@ -102,6 +110,21 @@ int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_lay
   v->pins = 0;
   c->record_slot[record] = victim;
   return victim;
+}
+
+int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_layer, int prefetch,
+                       int* evicted_prefetch) {
+  return claim(c, record, current_layer, prefetch, -HUGE_VAL, evicted_prefetch);
+}
+
+int32_t em_cache_claim_prefetch(em_expert_cache* c, uint32_t record, uint32_t current_layer, double chance,
+                                int* evicted_prefetch) {
+  double admit = -HUGE_VAL;
+  if (c->policy == EM_EVICT_EDGEMOE) { /* used if the guess is right, else as often as it is anyway */
+    double p = chance_of_use(c, record);
+    admit = expected_next_use(c, record, current_layer, chance + (1.0 - chance) * p);
+  }
+  return claim(c, record, current_layer, 1, admit, evicted_prefetch);
 }
 
 void em_cache_ready(em_expert_cache* c, int32_t slot) {

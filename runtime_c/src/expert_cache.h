@@ -71,6 +71,12 @@ void em_cache_touch(em_expert_cache* c, int32_t slot);
  * *evicted_prefetch is set when the victim held a prefetched expert nobody used. */
 int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_layer, int prefetch,
                        int* evicted_prefetch);
+/* Claims a slot for a prefetch of `record`, which a predictor names with this chance of use at its
+ * layer's next run (its measured precision). Under EdgeMoE eviction, prefetch admission: a victim is
+ * taken only if its own expected next use lies further ahead than the prefetched expert's, so a
+ * guess never displaces an expert likelier to be needed first. Otherwise as em_cache_claim. */
+int32_t em_cache_claim_prefetch(em_expert_cache* c, uint32_t record, uint32_t current_layer, double chance,
+                                int* evicted_prefetch);
 void em_cache_ready(em_expert_cache* c, int32_t slot);
 /* Frees a slot (after a failed load). */
 void em_cache_release(em_expert_cache* c, int32_t slot);

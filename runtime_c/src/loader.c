@@ -421,13 +421,13 @@ void em_loader_release(em_loader* l, uint32_t record) {
   UNLOCK(l);
 }
 
-void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer) {
+void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance) {
   if (!l->threaded) return;
   LOCK(l);
   for (uint32_t i = 0; i < n; i++) {
     if (em_cache_lookup(l->cache, records[i]) >= 0) continue;
     int wasted;
-    int32_t slot = em_cache_claim(l->cache, records[i], layer, 1, &wasted);
+    int32_t slot = em_cache_claim_prefetch(l->cache, records[i], layer, chance, &wasted);
     if (slot < 0) break;
     l->stats->prefetch_wasted += (uint64_t)wasted;
     l->stats->prefetch_issued++;

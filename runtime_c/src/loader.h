@@ -74,8 +74,9 @@ int em_loader_ready(em_loader* l, uint32_t record);
 /* Unpins a needed record once computed with. */
 void em_loader_release(em_loader* l, uint32_t record);
 /* Starts loading these records (most wanted first) into slots the policy can spare; skips any that
- * are resident or in flight and stops when no slot can be claimed. No-op without a loader thread. */
-void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer);
+ * are resident or in flight and stops when no slot can be claimed (em_cache_claim_prefetch, each
+ * named with this chance of use). No-op without a loader thread. */
+void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance);
 /* Bare-metal: progresses the read in flight (or starts the next queued one); called between
  * kernels. A no-op where reader threads do the reading. */
 void em_loader_poll(em_loader* l);

@@ -188,6 +188,7 @@ static int check_params(const em_params* p, char* err, size_t n) {
   else if (p->readers > EM_MAX_READERS) why = "readers is above 16";
   else if (!(p->prefetch_margin >= 0.0f) || !(p->prefetch_margin <= 100.0f))
     why = "prefetch_margin must be within [0, 100] (0 = a fixed number of experts)";
+  else if (p->prefetch_layers > 4) why = "prefetch_layers must be within [0, 4] (0 = 1: the next layer)";
   else if (em_pacer_init(&(em_pacer){0}, p->emulate_memory_bandwidth, p->emulate_int8_ops, p->emulate_fp32_flops))
     why = "emulate_memory_bandwidth, emulate_int8_ops and emulate_fp32_flops must all be finite and > 0 (or all 0: "
           "no compute emulation)";
@@ -227,6 +228,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->n_predict = params->prefetch_experts ? params->prefetch_experts
                                            : params->prefetch_margin > 0.0f ? 2 * th->top_k : th->top_k;
   s->prefetch_margin = params->prefetch_margin;
+  s->prefetch_layers = params->prefetch_layers ? params->prefetch_layers : 1;
   if (s->n_predict > th->experts) s->n_predict = th->experts;
   em_memory_plan p;
   rc = em_plan_memory(th, &s->ih, s->records, s->max_seq, em_program_bytes(th->program_steps, th->layers), &p, err, err_len);
@@ -266,7 +268,8 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   uint8_t* meta = NULL;
   /* bookkeeping: cache slots, loader queue, predictions and record classes, the bound program */
   size_t predict_at = em_align_up(cache_meta, EM_ALIGN_BUF) + loader_meta;
-  size_t program_at = em_align_up(predict_at + th->layers * (s->n_predict * 4 + 2) + s->ih.n_records, EM_ALIGN_BUF);
+  size_t program_at = em_align_up(predict_at + (size_t)s->prefetch_layers * th->layers * (s->n_predict * 4 + 2) +
+                                      s->ih.n_records, EM_ALIGN_BUF);
   size_t blocks_at = em_align_up(program_at + em_program_bytes(th->program_steps, th->layers), EM_ALIGN_BUF);
   if (posix_memalign(&block, EM_ALIGN_PAGE, block_bytes) != 0 ||
       !(meta = (uint8_t*)malloc(blocks_at + th->top_k * sizeof(em_ffn_block)))) {
@@ -324,9 +327,9 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->arena.size = p.arena;
   s->predicted = (uint32_t*)(meta + predict_at);
   s->expert_blocks = (em_ffn_block*)(meta + blocks_at);
-  s->named = (uint16_t*)(s->predicted + (size_t)th->layers * s->n_predict);
-  memset(s->named, 0, th->layers * sizeof *s->named);
-  uint8_t* record_class = (uint8_t*)(s->named + th->layers);
+  s->named = (uint16_t*)(s->predicted + (size_t)s->prefetch_layers * th->layers * s->n_predict);
+  memset(s->named, 0, (size_t)s->prefetch_layers * th->layers * sizeof *s->named);
+  uint8_t* record_class = (uint8_t*)(s->named + (size_t)s->prefetch_layers * th->layers);
   em_size_class unused[EM_MAX_SIZE_CLASSES];
   uint32_t n_classes;
   em_size_classes(s->records, s->ih.n_records, unused, &n_classes, record_class);
@@ -468,11 +471,13 @@ static uint32_t confident_count(const float* scores, const uint32_t* guess, uint
 }
 
 /* Predicts the experts of `layer` and starts loading them. `x` is the residual stream now;
- * `selected` the experts the layer before chose (for the path table). */
+ * `selected` the experts the layer before chose (for the path table); `current` the last layer with
+ * experts to have routed, for the eviction policy. */
 static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, const uint32_t* selected,
-                                uint32_t n_selected) {
+                                uint32_t n_selected, uint32_t current, uint32_t ahead) {
   uint32_t EL = s->prog.expert_layers, E = s->th.experts, H = s->th.hidden, prev = (layer + EL - 1) % EL;
-  uint32_t* guess = s->predicted + (size_t)layer * s->n_predict;
+  size_t at = (size_t)(ahead - 1) * s->th.layers + layer;
+  uint32_t* guess = s->predicted + at * s->n_predict;
   switch (s->predictor) {
     case EM_PREDICT_PATH_TABLE:
       if (!selected) return EM_OK;
@@ -516,25 +521,37 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
   uint32_t records[MAX_TOP_K * 4];
   if (n > MAX_TOP_K * 4) n = MAX_TOP_K * 4;
   for (uint32_t i = 0; i < n; i++) records[i] = record_of(s, layer, guess[i]);
-  em_loader_prefetch(&s->loader, records, n, prev);
-  s->named[layer] = (uint16_t)n;
+  /* the precision measured at this distance so far, from an even prior */
+  double chance = (double)(s->named_used[ahead - 1] + 1) / (double)(s->named_total[ahead - 1] + 2);
+  em_loader_prefetch(&s->loader, records, n, current, chance);
+  s->named[at] = (uint16_t)n;
   s->st.predictions++;
   s->st.prefetch_named += n;
   return EM_OK;
 }
 
-/* Counts how many of the layer's chosen experts its last prediction named. */
+/* Counts how many of the layer's chosen experts its last predictions named: the next-layer one in
+ * the stats, each distance's in its precision. */
 static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx) {
-  if (!s->named[layer]) return;
-  const uint32_t* guess = s->predicted + (size_t)layer * s->n_predict;
-  for (uint32_t k = 0; k < s->th.top_k; k++)
-    for (uint32_t j = 0; j < s->named[layer]; j++)
-      if (guess[j] == idx[k]) {
-        s->st.predicted_hits++;
-        break;
-      }
-  s->st.predicted += s->th.top_k;
-  s->named[layer] = 0;
+  for (uint32_t a = 0; a < s->prefetch_layers; a++) {
+    size_t at = (size_t)a * s->th.layers + layer;
+    if (!s->named[at]) continue;
+    const uint32_t* guess = s->predicted + at * s->n_predict;
+    uint32_t hits = 0;
+    for (uint32_t k = 0; k < s->th.top_k; k++)
+      for (uint32_t j = 0; j < s->named[at]; j++)
+        if (guess[j] == idx[k]) {
+          hits++;
+          break;
+        }
+    s->named_total[a] += s->named[at];
+    s->named_used[a] += hits;
+    if (a == 0) {
+      s->st.predicted_hits += hits;
+      s->st.predicted += s->th.top_k;
+    }
+    s->named[at] = 0;
+  }
 }
 
 /* Waits for one chosen expert's record and describes its feed-forward block (its kernels at the
@@ -662,7 +679,7 @@ int em_moe_layer(em_session* s, const em_step* st) {
   if (rc) return rc;
   /* The path table needs only this layer's choice: predict now, while the experts compute. */
   if (s->predictor == EM_PREDICT_PATH_TABLE && !s->in_encoder)
-    rc = predict_and_prefetch(s, (l + 1) % EL, s->x, idx, n);
+    rc = predict_and_prefetch(s, (l + 1) % EL, s->x, idx, n, l, 1);
   if (!rc && st->shared) rc = shared_expert(s, st);
   if (!rc) rc = routed_experts(s, st, idx, wts, n);
   if (rc) /* unpin what an error left pinned, so the session stays usable */
@@ -778,8 +795,12 @@ static int forward_token(em_session* s, int32_t token, int want_logits) {
            will read it after the attention: measured on held-out text, 82% of the layer's experts
            named from there against 70% from the state one layer earlier (docs/BENCHMARKS.md §4).
            The reads overlap this attention (and the previous layer's experts finishing). */
-        if (st->next_moe != EM_OPERAND_NONE && uses_hidden_state(s->predictor))
-          rc = predict_and_prefetch(s, st->next_moe, s->x, NULL, 0);
+        /* With prefetch_layers > 1 the layers after it within the token are guessed from the same
+           state, nearest first: their reads queue behind the nearer layer's. */
+        for (uint32_t a = 0; st->next_moe != EM_OPERAND_NONE && uses_hidden_state(s->predictor) && !rc &&
+                             a < s->prefetch_layers && st->next_moe + a < s->prog.expert_layers; a++)
+          rc = predict_and_prefetch(s, st->next_moe + a, s->x, NULL, 0,
+                                    (st->next_moe + s->prog.expert_layers - 1) % s->prog.expert_layers, a + 1);
         if (!rc)
           rc = st->op == EM_OP_ATTENTION       ? attention_layer(s, st)
                : st->op == EM_OP_MLA_ATTENTION ? mla_attention_layer(s, st)

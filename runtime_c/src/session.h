@@ -39,13 +39,19 @@ struct em_session {
   em_eviction eviction;   /* resolved: never EM_EVICT_AUTO */
   uint32_t n_predict;     /* experts prefetched per layer (with a margin: at most) */
   float prefetch_margin;  /* em_params.prefetch_margin */
+  uint32_t prefetch_layers; /* em_params.prefetch_layers, at least 1 */
   const float* path_table; /* [layers][experts][experts], from trunk.bin when compiled with calibration */
   const float* frequency;  /* [layers][experts] */
   /* fitted-router predictor: [layers][experts][hidden] on the current state, the same on the layer's
      previous-token MoE input, and [layers][experts] bias */
   const float *fitted_router, *fitted_prev, *fitted_bias;
-  uint32_t* predicted;    /* [layers][n_predict]: the last prediction made for each layer */
-  uint16_t* named;        /* [layers]: experts the layer's last prediction named, 0 once scored */
+  /* per distance ahead (1..prefetch_layers), the last prediction made for each layer: [distance - 1]
+     [layers][n_predict] experts, and [distance - 1][layers] how many it named (0 once scored) */
+  uint32_t* predicted;
+  uint16_t* named;
+  /* per distance ahead: experts named, and of them used at their layer (the precision that prefetch
+     admission weighs a guess by; expert_cache.h em_cache_claim_prefetch) */
+  uint64_t named_total[4], named_used[4];
 
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
   float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;

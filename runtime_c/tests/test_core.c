@@ -95,20 +95,27 @@ static void test_fifo_and_prefetch_accounting(void) {
 
 /* A cache of 4 slots holding records 1 (layer 0, e1), 3 (1, e1), 6 (3, e0), 7 (3, e1) of a
  * 4-layer x 2-expert model, at current layer 1; layer 3 first routed to e0 `recent` times. */
-static int32_t edgemoe_victim(uint32_t recent) {
+static const uint32_t held[4] = {1, 3, 6, 7};
+
+static void fill_edgemoe(em_expert_cache* c, uint32_t recent) {
   /* f: expert 1 of each layer is three times as frequent as expert 0 */
   static const float freq[8] = {0.25f, 0.75f, 0.25f, 0.75f, 0.25f, 0.75f, 0.25f, 0.75f};
   static uint8_t slots[4 * 16];
   static uint64_t meta[64];
-  static const uint32_t rec[4] = {1, 3, 6, 7}, layer3_e0 = 6;
+  static const uint32_t layer3_e0 = 6;
+  int wasted;
+  init_uniform(c, slots, 4, meta, 4, 2, EM_EVICT_EDGEMOE, freq);
+  for (uint32_t i = 0; i < recent; i++) em_cache_routed(c, 3, &layer3_e0, 1);
+  for (int i = 0; i < 4; i++) em_cache_ready(c, em_cache_claim(c, held[i], 1, 0, &wasted));
+}
+
+static int32_t edgemoe_victim(uint32_t recent) {
   em_expert_cache c;
   int wasted;
-  init_uniform(&c, slots, 4, meta, 4, 2, EM_EVICT_EDGEMOE, freq);
-  for (uint32_t i = 0; i < recent; i++) em_cache_routed(&c, 3, &layer3_e0, 1);
-  for (int i = 0; i < 4; i++) em_cache_ready(&c, em_cache_claim(&c, rec[i], 1, 0, &wasted));
+  fill_edgemoe(&c, recent);
   int32_t slot = em_cache_claim(&c, 0, 1, 0, &wasted);
   for (int i = 0; i < 4; i++)
-    if (em_cache_lookup(&c, rec[i]) < 0) return (int32_t)rec[i];
+    if (em_cache_lookup(&c, held[i]) < 0) return (int32_t)held[i];
   return slot < 0 ? -2 : -1;
 }
 
@@ -120,6 +127,18 @@ static void test_edgemoe_score(void) {
   /* layer 3 chose e0 on its last 20 tokens (recent use 0.64, p = 0.52: 5.6 steps): now the layer-1
      expert, furthest away with the same frequency as the others, goes */
   CHECK(edgemoe_victim(20) == 3);
+}
+
+/* A prefetch takes a slot only from an expert expected to be needed later than the guess. */
+static void test_prefetch_admission(void) {
+  em_expert_cache c;
+  int wasted;
+  fill_edgemoe(&c, 0); /* the furthest resident: record 6, next use 51.3 steps ahead */
+  /* record 0 (layer 0, e0: its layer runs in 3 steps, p = 0.075) named with no better chance than its
+     own: 52.3 steps, further than every resident's, so it is refused */
+  CHECK(em_cache_claim_prefetch(&c, 0, 1, 0.0, &wasted) == -1);
+  /* named at even odds (p = 0.54: 6.4 steps) it displaces record 6 */
+  CHECK(em_cache_claim_prefetch(&c, 0, 1, 0.5, &wasted) >= 0 && em_cache_lookup(&c, 6) < 0);
 }
 
 static void test_size_classes(void) {
@@ -252,11 +271,12 @@ int main(void) {
   test_lru();
   test_fifo_and_prefetch_accounting();
   test_edgemoe_score();
+  test_prefetch_admission();
   test_size_classes();
   test_arena();
   test_parallel_workspace();
   test_coalesced_reads();
   if (failures) return 1;
-  printf("8 passed, 0 failed\n");
+  printf("9 passed, 0 failed\n");
   return 0;
 }

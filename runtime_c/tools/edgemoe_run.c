@@ -49,6 +49,10 @@ static const char USAGE[] =
     "  --threads N      compute threads, 1..1024 (default 1; the loader thread is extra)\n"
     "  --readers N      expert reads in flight at once, 1..16 (default 1): reader threads for storage that\n"
     "                   overlaps requests (UFS, NVMe)\n"
+    "  --prefetch-layers N  layers with experts to prefetch ahead, 1..4 (default 1): 2 gives each read two\n"
+    "                   layers' compute to arrive in, for storage slower to answer than a layer computes\n"
+    "  --one-read-per-record  read each expert record in its own request (default: records queued together\n"
+    "                   that lie side by side in experts.bin are read in one)\n"
     "  --mmap           read experts out of a mapping of the image instead of pread\n"
     "  --direct-io      open the image with O_DIRECT\n"
     "  --no-verify      skip the CRC-32 check of each expert record read\n"
@@ -296,12 +300,13 @@ int main(int argc, char** argv) {
     else if (!strcmp(a, "--ignore-eos")) ignore_eos = 1;
     else if (!strcmp(a, "--prompt") && i + 1 < argc) prompt_text = argv[++i];
     else if (!strcmp(a, "--direct-io")) p.direct_io = 1;
+    else if (!strcmp(a, "--one-read-per-record")) p.one_read_per_record = 1;
     else {
       static const char* const with_value[] = {"--tokens", "-n", "--budget", "--max-seq", "--emulate",
                                                "--predictor", "--eviction", "--threads", "--inject-faults",
                                                "--repeat", "--temperature", "--top-k", "--top-p",
                                                "--repetition-penalty", "--seed", "--prompt", "--readers",
-                                               "--emulate-compute"};
+                                               "--emulate-compute", "--prefetch-layers"};
       int known = 0;
       for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++) known |= !strcmp(a, with_value[k]);
       if (!known) return usage_error("unknown option '%s'", a);
@@ -322,6 +327,8 @@ int main(int argc, char** argv) {
         if (!rc) *(temp ? &sampling.temperature : top_p ? &sampling.top_p : &sampling.repetition_penalty) = (float)d;
       } else if (!strcmp(a, "--readers")) {
         if (!(rc = parse_u64(a, val, 1, 16, &v))) p.readers = (uint32_t)v;
+      } else if (!strcmp(a, "--prefetch-layers")) {
+        if (!(rc = parse_u64(a, val, 1, 4, &v))) p.prefetch_layers = (uint32_t)v;
       } else if (!strcmp(a, "--top-k")) {
         if (!(rc = parse_u64(a, val, 0, UINT32_MAX, &v))) sampling.top_k = (uint32_t)v;
       } else if (!strcmp(a, "--seed")) {
@@ -482,12 +489,12 @@ int main(int argc, char** argv) {
          "stall_ns=%llu\nprefetch_issued=%llu\nprefetch_used=%llu\nprefetch_wasted=%llu\npredicted=%llu\n"
          "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
          "record_bytes=%u\nread_retries=%llu\nrecords_read=%llu\npeak_rss_bytes=%llu\nrss_first_round_bytes=%llu\n"
-         "rss_last_round_bytes=%llu\ndecode_ns=%llu\nboard_wait_ns=%llu\n",
+         "rss_last_round_bytes=%llu\ndecode_ns=%llu\nboard_wait_ns=%llu\nread_requests=%llu\n",
          U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
          U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
          U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
          st.record_bytes, U(st.read_retries), U(st.records_read), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull, decode_ns,
-         U(st.board_wait_ns));
+         U(st.board_wait_ns), U(st.read_requests));
 #undef U
   em_close(s);
   return 0;
