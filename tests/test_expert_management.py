@@ -49,6 +49,7 @@ CONFIGS = [
     dict(predictor="fitted-router", eviction="edgemoe", readers=2, coalesce=False),
     dict(predictor="fitted-router", eviction="edgemoe", prefetch_layers=2, readers=4),
     dict(predictor="next-router", eviction="lru", prefetch_layers=4),
+    dict(predictor="fitted-router", eviction="edgemoe", preload=True, readers=2),
 ]
 
 
@@ -205,6 +206,44 @@ def test_prefetch_layers_guesses_the_layers_after_the_next_within_the_token(arti
     for bad in (5, 100):
         with pytest.raises(EdgeMoEError, match="prefetch_layers must be within"):
             Session(artifact_int4, prefetch_layers=bad)
+
+
+def test_preload_fills_the_cache_at_open_in_runs_of_adjacent_records(artifact_int4, prompt_ids, plain_tokens):
+    """With room for every expert, preloading reads them all at open, 16 adjacent records a request,
+    and decoding then reads nothing; a fault during the preload costs no token (the record it hit is
+    read again alone, or later on demand)."""
+    from edgemoe.compiler.expert_image import read_table
+
+    n = len(read_table(artifact_int4 / "experts.bin")[1])
+    for faults in (None, "corrupt@1", "eio@1*2"):
+        with Session(artifact_int4, preload=True, predictor="none", inject_faults=faults) as s:
+            opened = s.stats()
+            assert s.generate(prompt_ids, N_NEW) == plain_tokens
+            st = s.stats()
+        if faults is None:
+            assert opened["preloaded"] == opened["records_read"] == n, opened
+            assert opened["read_requests"] == -(-n // 16), opened  # every record adjacent to the next
+            assert st["records_read"] == n and st["expert_misses"] == 0, st
+        else:  # the faulty run's records read again one by one; one that failed twice is read on demand
+            assert opened["read_retries"] > 0 and st["records_read"] == n, (opened, st)
+            assert st["expert_misses"] == n - opened["preloaded"], st
+
+
+def test_preload_fills_a_smaller_cache_with_experts_the_prompt_then_finds(artifact_int4, quarter_budget, prompt_ids):
+    """At a quarter of the experts the preload fills every slot, evicting nothing, with the experts
+    the calibration text chose most: reading the prompt then misses less than from a cold cache."""
+    misses = {}
+    for preload in (False, True):
+        with Session(artifact_int4, memory_budget=quarter_budget, preload=preload, predictor="none") as s:
+            opened = s.stats()
+            s.prefill(prompt_ids)
+            misses[preload] = s.stats()["expert_misses"]
+        if preload:
+            assert opened["preloaded"] == opened["cache_slots"] == opened["records_read"], opened
+            assert opened["read_requests"] <= opened["preloaded"] and opened["prefetch_issued"] == 0, opened
+        else:
+            assert opened["records_read"] == 0
+    assert misses[True] < misses[False], misses
 
 
 def test_fitted_router_fits_its_calibration_text(artifact_int4, quarter_budget):

@@ -7,7 +7,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -29,6 +29,7 @@ class RunConfig:
     readers: int = 1  # expert reads in flight at once (reader threads)
     prefetch_margin: float = 0.0  # > 0: a confidence-driven number of experts to prefetch (Session's)
     prefetch_layers: int = 1  # layers with experts a hidden-state predictor prefetches ahead (Session's)
+    preload: bool = False  # fill the expert cache at open with the most often chosen experts (Session's)
 
 
 def pipeline_configs(fraction: float, queue_depth: int = 1, margin: float = 0.0) -> list[RunConfig]:
@@ -73,7 +74,8 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
     with Session(artifact, memory_budget=budget, max_seq=max_seq,
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
                  eviction=cfg.eviction, threads=cfg.threads, readers=cfg.readers, emulate_compute=compute,
-                 prefetch_margin=cfg.prefetch_margin, prefetch_layers=cfg.prefetch_layers) as s:
+                 prefetch_margin=cfg.prefetch_margin, prefetch_layers=cfg.prefetch_layers,
+                 preload=cfg.preload) as s:
         if cfg.warm:
             s.generate(prompt, n_new)
             s.reset()
@@ -316,11 +318,14 @@ def sweep_configs(fraction: float, profile: bool, readers: int = 1, ahead: int =
 @click.option("--max-seq", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True)
 @click.option("--prefetch-layers", type=click.IntRange(1, 4), default=1, show_default=True,
               help="With more than 1, the prediction row again, prefetching that many layers with experts ahead.")
+@click.option("--preload", is_flag=True,
+              help="Every cached configuration fills its cache at open with the most often chosen experts (the "
+                   "reads happen before the prompt; per-token figures count the decode alone).")
 @board_option
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @plot_option("sweep")
 def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storage, compute_spec, max_seq,
-              prefetch_layers, json_out, plot_path, no_plot):
+              prefetch_layers, preload, json_out, plot_path, no_plot):
     """Time and reads per token against the expert budget, each policy beside its bounds: Belady's MIN
     on the routing trace the run recorded (the fewest reads any cache of those slots could do) and the
     time a perfect pipeline would take for that policy's reads: max(compute, bytes ÷ bandwidth +
@@ -341,6 +346,8 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
     readers = min(depth, 16)
     runs = fixed + [(artifact, c) for f in fractions
                     for c in sweep_configs(f, bool(manifest.get("profile")), readers, prefetch_layers)]
+    if preload:
+        runs = [(path, replace(c, preload=c.budget_fraction not in (None, 0.0))) for path, c in runs]
     results = []
     with click.progressbar(runs, label="runs", file=sys.stderr, item_show_func=lambda r: r[1].name if r else "") as bar:
         for path, cfg in bar:
@@ -353,7 +360,8 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
     same = all(first.setdefault(path, r["tokens"]) == r["tokens"] for (path, _), r in zip(runs, results))
     click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), "
                f"{where}, queue depth {depth} ({readers} reads in flight), "
-               f"{len(ids)} prompt + {n_new} new tokens, identical tokens in every run of an artifact: {same}")
+               f"{len(ids)} prompt + {n_new} new tokens{', caches preloaded at open' if preload else ''}, "
+               f"identical tokens in every run of an artifact: {same}")
     click.echo("| budget | configuration | slots | ms/token (mean) | bound ms | × bound | reads/token | Belady reads/token "
                "| × Belady | requests/token | read/token |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -449,6 +449,9 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
 @click.option("--prefetch-layers", type=click.IntRange(1, 4), default=1, show_default=True,
               help="Layers with experts to prefetch ahead: 2 also guesses the layer after the next, so a read has "
                    "two layers' compute to arrive in (storage slower to answer than a layer computes: a phone's UFS).")
+@click.option("--preload", is_flag=True,
+              help="Fill the expert cache when the artifact is opened with the experts the calibration text chose "
+                   "most, in runs of adjacent records, so the first tokens do not miss on each first use.")
 @click.option("--one-read-per-record", is_flag=True,
               help="Read each expert record in its own request (default: records queued together that lie side by "
                    "side in experts.bin are read in one).")
@@ -468,7 +471,7 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
                    "requests (UFS, NVMe; a target's storage queue_depth).")
 def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetition_penalty, seed, budget,
             cache_fraction, max_seq, no_verify, predictor, eviction, prefetch_experts, prefetch_margin,
-            prefetch_layers, one_read_per_record, no_loader_thread, storage, direct_io, emulate_storage, emulate_compute, threads, readers):
+            prefetch_layers, preload, one_read_per_record, no_loader_thread, storage, direct_io, emulate_storage, emulate_compute, threads, readers):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
     from .api import Session
     from .runtime import EdgeMoEError
@@ -486,7 +489,8 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
         with Session(artifact, budget=budget, cache_fraction=cache_fraction, max_seq=max_seq, verify=not no_verify,
                      storage=storage, direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread,
                      predictor=predictor, prefetch_experts=prefetch_experts, prefetch_margin=prefetch_margin,
-                     prefetch_layers=prefetch_layers, coalesce=not one_read_per_record, eviction=eviction,
+                     prefetch_layers=prefetch_layers, preload=preload, coalesce=not one_read_per_record,
+                     eviction=eviction,
                      threads=threads, readers=readers, emulate_compute=board_compute) as s:
             if prompt is not None:
                 ids = s.tokenizer.encode(prompt).ids
@@ -522,7 +526,8 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
                f"process peak RSS {fmt_bytes(peak_rss)}", err=True)
     click.echo(f"expert cache: hit rate {st['expert_hits'] / max(uses, 1):.1%} ({st['expert_hits']} hits, "
                f"{st['expert_misses']} misses); read {fmt_bytes(st['bytes_read'] / max(st['tokens'], 1))}/token "
-               f"({st['records_read']} records in {st['read_requests']} requests), I/O {st['read_ns'] / 1e6:.1f} ms, stalled {st['stall_ns'] / 1e6:.1f} ms, "
+               f"({st['records_read']} records in {st['read_requests']} requests"
+               + (f", {st['preloaded']} of them preloaded" if preload else "") + f"), I/O {st['read_ns'] / 1e6:.1f} ms, stalled {st['stall_ns'] / 1e6:.1f} ms, "
                f"compute {st['compute_ns'] / 1e6:.1f} ms"
                + (f" (of which {st['board_wait_ns'] / 1e6:.1f} ms matching the emulated board)" if board_compute else "")
                + f"; {chosen[1]} eviction", err=True)

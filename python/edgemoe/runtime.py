@@ -48,7 +48,8 @@ class _Params(ctypes.Structure):
                 ("inject_faults", ctypes.c_char_p), ("readers", ctypes.c_uint32),
                 ("emulate_memory_bandwidth", ctypes.c_double), ("emulate_int8_ops", ctypes.c_double),
                 ("emulate_fp32_flops", ctypes.c_double), ("prefetch_margin", ctypes.c_float),
-                ("one_read_per_record", ctypes.c_int), ("prefetch_layers", ctypes.c_uint32)]
+                ("one_read_per_record", ctypes.c_int), ("prefetch_layers", ctypes.c_uint32),
+                ("preload", ctypes.c_int)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
@@ -64,7 +65,8 @@ class _Stats(ctypes.Structure):
                                                                ("board_wait_ns", ctypes.c_uint64),
                                                                ("predictions", ctypes.c_uint64),
                                                                ("prefetch_named", ctypes.c_uint64),
-                                                               ("read_requests", ctypes.c_uint64)]
+                                                               ("read_requests", ctypes.c_uint64),
+                                                               ("preloaded", ctypes.c_uint64)]
 
 
 class _Sampling(ctypes.Structure):
@@ -178,7 +180,9 @@ class Session:
     coalesce: records queued together that lie side by side in experts.bin are read in one request
     (False: one request per record; stats()["read_requests"] counts them). prefetch_layers (1..4): layers
     with experts a hidden-state predictor prefetches ahead (2: also the layer after the next, from the
-    same state, so a read has two layers' compute to arrive in).
+    same state, so a read has two layers' compute to arrive in). preload: fill the expert cache at open
+    with the most often chosen experts (stats()["preloaded"] of them), so the first tokens do not
+    miss on each first use.
     """
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
@@ -186,7 +190,7 @@ class Session:
                  loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
                  eviction: str = "auto", threads: int = 1, inject_faults: str | None = None, readers: int = 1,
                  emulate_compute: tuple[float, float, float] | None = None, prefetch_margin: float = 0.0,
-                 coalesce: bool = True, prefetch_layers: int = 1):
+                 coalesce: bool = True, prefetch_layers: int = 1, preload: bool = False):
         self._h = None
         self._trace = np.zeros((0, 0, 0), np.uint32)
         self._lib = library()
@@ -197,7 +201,7 @@ class Session:
                          _choice(EVICTIONS, eviction, "eviction policy"), threads,
                          inject_faults.encode() if inject_faults else None, readers,
                          *(emulate_compute or (0.0, 0.0, 0.0)), prefetch_margin, int(not coalesce),
-                         prefetch_layers)
+                         prefetch_layers, int(preload))
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

@@ -88,6 +88,10 @@ typedef struct {
      (storage whose latency is longer than a layer takes to compute: UFS, NVMe on a phone). The
      guess further ahead is less sure; the next layer's guess, made a layer later, adds what it missed. */
   uint32_t prefetch_layers;
+  /* Fill the expert cache at open, in runs of adjacent records, with the experts the calibration
+     text chose most (by record order without a routing profile), as many as it holds: the first
+     tokens find them resident instead of each first use being a miss. em_open takes the reads' time. */
+  int preload;
 } em_params;
 
 typedef struct {
@@ -114,6 +118,7 @@ typedef struct {
   uint64_t predictions;      /* layer predictions made */
   uint64_t prefetch_named;   /* experts those predictions named (prefetch_margin: how many it chose) */
   uint64_t read_requests;    /* storage requests those records took (adjacent records coalesced into one) */
+  uint64_t preloaded;        /* of records_read, those em_open read into the cache (em_params.preload) */
 } em_stats;
 
 typedef struct {

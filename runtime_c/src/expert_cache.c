@@ -127,6 +127,13 @@ int32_t em_cache_claim_prefetch(em_expert_cache* c, uint32_t record, uint32_t cu
   return claim(c, record, current_layer, 1, admit, evicted_prefetch);
 }
 
+int em_cache_has_free(const em_expert_cache* c, uint32_t record) {
+  const em_size_class* k = &c->classes[c->record_class[record]];
+  for (uint32_t i = k->first; i < k->first + k->count; i++)
+    if (c->slot[i].state == EM_SLOT_FREE) return 1;
+  return 0;
+}
+
 void em_cache_ready(em_expert_cache* c, int32_t slot) {
   em_slot* s = &c->slot[slot];
   s->state = EM_SLOT_READY;

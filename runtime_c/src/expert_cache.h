@@ -77,6 +77,8 @@ int32_t em_cache_claim(em_expert_cache* c, uint32_t record, uint32_t current_lay
  * guess never displaces an expert likelier to be needed first. Otherwise as em_cache_claim. */
 int32_t em_cache_claim_prefetch(em_expert_cache* c, uint32_t record, uint32_t current_layer, double chance,
                                 int* evicted_prefetch);
+/* Whether `record`'s size class has a FREE slot. */
+int em_cache_has_free(const em_expert_cache* c, uint32_t record);
 void em_cache_ready(em_expert_cache* c, int32_t slot);
 /* Frees a slot (after a failed load). */
 void em_cache_release(em_expert_cache* c, int32_t slot);

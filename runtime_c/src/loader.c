@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "clock.h"
@@ -127,6 +128,22 @@ static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint
   BROADCAST_DONE(l);
 }
 
+/* Reads a run of adjacent records in one request, then checks each; one that failed (the request,
+ * or its checksum) is read once more on its own, as read_record does. Without the lock. */
+static void read_run(em_loader* l, const em_load_request* run, uint32_t n, int* rc, int* retried, uint64_t* ns) {
+  em_span spans[EM_MAX_SPANS];
+  uint64_t t0 = em_now_ns();
+  for (uint32_t i = 0; i < n; i++) spans[i] = (em_span){em_cache_slot(l->cache, run[i].slot), l->records[run[i].record].length};
+  int all = em_storage_readv(l->storage, spans, n, l->records[run[0].record].offset);
+  for (uint32_t i = 0; i < n; i++) {
+    const em_record* r = &l->records[run[i].record];
+    rc[i] = all ? all : l->verify && em_crc32c(0, (const uint8_t*)spans[i].dst, r->length) != r->crc ? EM_LOAD_CHECKSUM : 0;
+    retried[i] = rc[i] != 0;
+    if (rc[i]) rc[i] = read_once(l, run[i].record, run[i].slot);
+  }
+  *ns = em_now_ns() - t0;
+}
+
 #ifdef EM_BAREMETAL
 /* Starts the read of the request at the head of the queue; 0 if there is none. */
 static int start_next(em_loader* l) {
@@ -206,22 +223,6 @@ static uint32_t take_run(em_loader* l, em_load_request* run) {
     i = (uint32_t)-1; /* the run grew: a request passed over may now adjoin it */
   }
   return n;
-}
-
-/* Reads a run of adjacent records in one request, then checks each; one that failed (the request,
- * or its checksum) is read once more on its own, as read_record does. Without the lock. */
-static void read_run(em_loader* l, const em_load_request* run, uint32_t n, int* rc, int* retried, uint64_t* ns) {
-  em_span spans[EM_MAX_SPANS];
-  uint64_t t0 = em_now_ns();
-  for (uint32_t i = 0; i < n; i++) spans[i] = (em_span){em_cache_slot(l->cache, run[i].slot), l->records[run[i].record].length};
-  int all = em_storage_readv(l->storage, spans, n, l->records[run[0].record].offset);
-  for (uint32_t i = 0; i < n; i++) {
-    const em_record* r = &l->records[run[i].record];
-    rc[i] = all ? all : l->verify && em_crc32c(0, (const uint8_t*)spans[i].dst, r->length) != r->crc ? EM_LOAD_CHECKSUM : 0;
-    retried[i] = rc[i] != 0;
-    if (rc[i]) rc[i] = read_once(l, run[i].record, run[i].slot);
-  }
-  *ns = em_now_ns() - t0;
 }
 
 static void* loader_main(void* arg) {
@@ -434,6 +435,53 @@ void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint3
     enqueue(l, (int32_t)records[i], slot, 0);
   }
   UNLOCK(l);
+}
+
+typedef struct {
+  uint64_t offset;
+  em_load_request req;
+} placed_request;
+
+static int by_offset(const void* a, const void* b) {
+  uint64_t x = ((const placed_request*)a)->offset, y = ((const placed_request*)b)->offset;
+  return (x > y) - (x < y);
+}
+
+uint32_t em_loader_preload(em_loader* l, const uint32_t* records, uint32_t n) {
+  placed_request* claimed = (placed_request*)malloc((size_t)n * sizeof *claimed);
+  uint32_t count = 0, loaded = 0;
+  if (!claimed) return 0;
+  LOCK(l);
+  for (uint32_t i = 0; i < n; i++) {
+    int wasted;
+    if (em_cache_lookup(l->cache, records[i]) >= 0 || !em_cache_has_free(l->cache, records[i])) continue;
+    int32_t slot = em_cache_claim(l->cache, records[i], 0, 0, &wasted); /* a free slot: nothing evicted */
+    claimed[count++] = (placed_request){l->records[records[i]].offset, {(int32_t)records[i], slot, 0}};
+  }
+  qsort(claimed, count, sizeof *claimed, by_offset); /* file order, then runs of adjacent records */
+  for (uint32_t at = 0; at < count;) {
+    em_load_request run[EM_MAX_SPANS];
+    uint32_t len = 0;
+    do {
+      run[len] = claimed[at + len].req;
+      len++;
+    } while (at + len < count && len < EM_MAX_SPANS &&
+             claimed[at + len].offset == claimed[at + len - 1].offset + l->records[run[len - 1].record].length);
+    int rc[EM_MAX_SPANS], retried[EM_MAX_SPANS];
+    uint64_t ns;
+    UNLOCK(l);
+    read_run(l, run, len, rc, retried, &ns);
+    LOCK(l);
+    for (uint32_t i = 0; i < len; i++) {
+      finish_load(l, run[i].record, run[i].slot, rc[i], i ? 0 : ns, retried[i], (i == 0) + (uint32_t)retried[i]);
+      if (rc[i]) l->failed[run[i].record] = 0; /* not asked for yet: a demand read will tell */
+      loaded += rc[i] == 0;
+    }
+    at += len;
+  }
+  UNLOCK(l);
+  free(claimed);
+  return loaded;
 }
 
 void em_loader_stats(em_loader* l, em_stats* out) {

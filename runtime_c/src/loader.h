@@ -77,6 +77,10 @@ void em_loader_release(em_loader* l, uint32_t record);
  * are resident or in flight and stops when no slot can be claimed (em_cache_claim_prefetch, each
  * named with this chance of use). No-op without a loader thread. */
 void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance);
+/* Fills free slots with these records, most wanted first, as far as their size classes have free
+ * slots (nothing is evicted), reading them here in runs of adjacent records. A record whose read
+ * fails leaves its slot free: a later demand read reports the fault. Returns the records loaded. */
+uint32_t em_loader_preload(em_loader* l, const uint32_t* records, uint32_t n);
 /* Bare-metal: progresses the read in flight (or starts the next queued one); called between
  * kernels. A no-op where reader threads do the reading. */
 void em_loader_poll(em_loader* l);

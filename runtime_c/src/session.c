@@ -196,6 +196,36 @@ static int check_params(const em_params* p, char* err, size_t n) {
   return why ? EM_ERR_ARGUMENT : EM_OK;
 }
 
+typedef struct {
+  float frequency;
+  uint32_t record;
+} ranked_record;
+
+static int more_frequent(const void* a, const void* b) { /* ties: record order */
+  const ranked_record *x = (const ranked_record*)a, *y = (const ranked_record*)b;
+  if (x->frequency != y->frequency) return x->frequency < y->frequency ? 1 : -1;
+  return (x->record > y->record) - (x->record < y->record);
+}
+
+/* em_params.preload: every record ranked by its profiled frequency (most chosen first; record order
+ * without a profile) and loaded as far as the cache has room. */
+static int preload(em_session* s) {
+  uint32_t n = s->ih.n_records;
+  ranked_record* ranked = (ranked_record*)malloc((size_t)n * sizeof *ranked);
+  uint32_t* order = (uint32_t*)malloc((size_t)n * sizeof *order);
+  if (!ranked || !order) {
+    free(ranked), free(order);
+    snprintf(s->err, ERR_LEN, "out of memory ranking experts to preload");
+    return EM_ERR_NOMEM;
+  }
+  for (uint32_t i = 0; i < n; i++) ranked[i] = (ranked_record){s->frequency ? s->frequency[i] : 0.0f, i};
+  qsort(ranked, n, sizeof *ranked, more_frequent);
+  for (uint32_t i = 0; i < n; i++) order[i] = ranked[i].record;
+  s->st.preloaded = em_loader_preload(&s->loader, order, n);
+  free(ranked), free(order);
+  return EM_OK;
+}
+
 int em_open(const em_params* params, em_session** out, char* err, size_t err_len) {
   *out = NULL;
   em_crc32(0, NULL, 0); /* build the CRC tables before any other thread could */
@@ -383,6 +413,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
                         meta + em_align_up(cache_meta, EM_ALIGN_BUF), s->err, ERR_LEN);
     s->loader_ready = 1;
   }
+  if (!rc && params->preload) rc = preload(s);
   if (rc) {
     snprintf(err, err_len, "%s", s->err);
     em_close(s);

@@ -8,12 +8,3 @@ em_storage* em_storage_open(const em_params* p, const char* path, char* err, siz
   if (s && p->emulate_bandwidth > 0) s = em_storage_emulate(s, p->emulate_bandwidth, p->emulate_latency, err, err_len);
   return s;
 }
-
-int em_storage_readv(em_storage* s, const em_span* spans, uint32_t n, uint64_t offset) {
-  if (s->readv) return s->readv(s, spans, n, offset);
-  for (uint32_t i = 0; i < n; offset += spans[i].len, i++) {
-    int rc = s->read(s, spans[i].dst, spans[i].len, offset);
-    if (rc) return rc;
-  }
-  return 0;
-}

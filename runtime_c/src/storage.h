@@ -47,8 +47,15 @@ em_storage* em_storage_emulate(em_storage* inner, double bandwidth, double laten
  * delay (takes MS milliseconds longer). NULL with the reason in err for a malformed plan. */
 em_storage* em_storage_inject_faults(em_storage* inner, const char* plan, char* err, size_t err_len);
 
-/* The spans read as one request where the back end can, else one read each. */
-int em_storage_readv(em_storage* s, const em_span* spans, uint32_t n, uint64_t offset);
+/* The spans read as one request where the back end can, else one read each (bare-metal builds too). */
+static inline int em_storage_readv(em_storage* s, const em_span* spans, uint32_t n, uint64_t offset) {
+  if (s->readv) return s->readv(s, spans, n, offset);
+  for (uint32_t i = 0; i < n; offset += spans[i].len, i++) {
+    int rc = s->read(s, spans[i].dst, spans[i].len, offset);
+    if (rc) return rc;
+  }
+  return 0;
+}
 
 /* The backend the session parameters ask for. */
 em_storage* em_storage_open(const em_params* p, const char* path, char* err, size_t err_len);

@@ -51,6 +51,8 @@ static const char USAGE[] =
     "                   overlaps requests (UFS, NVMe)\n"
     "  --prefetch-layers N  layers with experts to prefetch ahead, 1..4 (default 1): 2 gives each read two\n"
     "                   layers' compute to arrive in, for storage slower to answer than a layer computes\n"
+    "  --preload        fill the expert cache at open with the experts most often chosen on the calibration\n"
+    "                   text, in runs of adjacent records\n"
     "  --one-read-per-record  read each expert record in its own request (default: records queued together\n"
     "                   that lie side by side in experts.bin are read in one)\n"
     "  --mmap           read experts out of a mapping of the image instead of pread\n"
@@ -301,6 +303,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(a, "--prompt") && i + 1 < argc) prompt_text = argv[++i];
     else if (!strcmp(a, "--direct-io")) p.direct_io = 1;
     else if (!strcmp(a, "--one-read-per-record")) p.one_read_per_record = 1;
+    else if (!strcmp(a, "--preload")) p.preload = 1;
     else {
       static const char* const with_value[] = {"--tokens", "-n", "--budget", "--max-seq", "--emulate",
                                                "--predictor", "--eviction", "--threads", "--inject-faults",
@@ -489,12 +492,12 @@ int main(int argc, char** argv) {
          "stall_ns=%llu\nprefetch_issued=%llu\nprefetch_used=%llu\nprefetch_wasted=%llu\npredicted=%llu\n"
          "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
          "record_bytes=%u\nread_retries=%llu\nrecords_read=%llu\npeak_rss_bytes=%llu\nrss_first_round_bytes=%llu\n"
-         "rss_last_round_bytes=%llu\ndecode_ns=%llu\nboard_wait_ns=%llu\nread_requests=%llu\n",
+         "rss_last_round_bytes=%llu\ndecode_ns=%llu\nboard_wait_ns=%llu\nread_requests=%llu\npreloaded=%llu\n",
          U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
          U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
          U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
          st.record_bytes, U(st.read_retries), U(st.records_read), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull, decode_ns,
-         U(st.board_wait_ns), U(st.read_requests));
+         U(st.board_wait_ns), U(st.read_requests), U(st.preloaded));
 #undef U
   em_close(s);
   return 0;
