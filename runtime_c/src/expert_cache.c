@@ -33,6 +33,7 @@ void em_cache_init(em_expert_cache* c, uint8_t* slots, const em_size_class* clas
   c->policy = policy;
   c->frequency = frequency;
   c->clock = 0;
+  c->n_ready = 0;
   for (uint32_t i = 0; i < c->n_records; i++) c->record_slot[i] = -1, c->usage[i] = 0.0f;
 }
 
@@ -104,6 +105,7 @@ static int32_t claim(em_expert_cache* c, uint32_t record, uint32_t current_layer
     *evicted_prefetch = v->prefetched;
     c->record_slot[v->record] = -1;
   }
+  if (v->state == EM_SLOT_READY) c->n_ready--;
   v->record = (int32_t)record;
   v->state = EM_SLOT_LOADING;
   v->prefetched = (uint8_t)(prefetch != 0);
@@ -136,12 +138,14 @@ int em_cache_has_free(const em_expert_cache* c, uint32_t record) {
 
 void em_cache_ready(em_expert_cache* c, int32_t slot) {
   em_slot* s = &c->slot[slot];
+  c->n_ready += s->state != EM_SLOT_READY;
   s->state = EM_SLOT_READY;
   s->loaded_at = s->used_at = ++c->clock;
 }
 
 void em_cache_release(em_expert_cache* c, int32_t slot) {
   em_slot* s = &c->slot[slot];
+  c->n_ready -= s->state == EM_SLOT_READY;
   if (s->record >= 0) c->record_slot[s->record] = -1;
   s->record = -1;
   s->state = EM_SLOT_FREE;

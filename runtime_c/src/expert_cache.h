@@ -40,6 +40,7 @@ typedef struct {
   em_slot* slot;        /* [n_slots] */
   int32_t* record_slot; /* [n_records]: slot holding or loading each record, -1 = none */
   uint32_t n_records, experts_per_layer, layers;
+  uint32_t n_ready; /* slots READY: every record resident once it reaches n_records */
   em_eviction policy;
   const float* frequency; /* [layers * experts]: activation frequency f(i, j), for EM_EVICT_EDGEMOE */
   float* usage; /* [n_records]: recent use, an average over the layer's last tokens (EM_USAGE_DECAY) */

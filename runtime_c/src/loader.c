@@ -484,6 +484,13 @@ uint32_t em_loader_preload(em_loader* l, const uint32_t* records, uint32_t n) {
   return loaded;
 }
 
+int em_loader_holds_all(em_loader* l) {
+  LOCK(l);
+  int all = l->cache->n_ready == l->cache->n_records;
+  UNLOCK(l);
+  return all;
+}
+
 void em_loader_stats(em_loader* l, em_stats* out) {
   LOCK(l);
   *out = *l->stats;

@@ -84,6 +84,8 @@ uint32_t em_loader_preload(em_loader* l, const uint32_t* records, uint32_t n);
 /* Bare-metal: progresses the read in flight (or starts the next queued one); called between
  * kernels. A no-op where reader threads do the reading. */
 void em_loader_poll(em_loader* l);
+/* 1 once every record is resident and read: nothing can miss or be evicted from then on. */
+int em_loader_holds_all(em_loader* l);
 /* A copy of the shared counters. */
 void em_loader_stats(em_loader* l, em_stats* out);
 

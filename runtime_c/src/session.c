@@ -506,6 +506,7 @@ static uint32_t confident_count(const float* scores, const uint32_t* guess, uint
  * experts to have routed, for the eviction policy. */
 static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, const uint32_t* selected,
                                 uint32_t n_selected, uint32_t current, uint32_t ahead) {
+  if (s->holds_all) return EM_OK; /* every expert is resident: nothing to fetch */
   uint32_t EL = s->prog.expert_layers, E = s->th.experts, H = s->th.hidden, prev = (layer + EL - 1) % EL;
   size_t at = (size_t)(ahead - 1) * s->th.layers + layer;
   uint32_t* guess = s->predicted + at * s->n_predict;
@@ -809,6 +810,7 @@ static int forward_token(em_session* s, int32_t token, int want_logits) {
   em_stats before, after;
   uint64_t t_start = em_now_ns();
   em_loader_stats(&s->loader, &before);
+  if (!s->holds_all && s->predictor != EM_PREDICT_NONE) s->holds_all = em_loader_holds_all(&s->loader);
   em_arena_bind(&s->arena);
   em_pool_bind(s->pool);
   int rc = EM_OK;

@@ -33,6 +33,7 @@ struct em_session {
   em_expert_cache cache;
   em_loader loader;
   int loader_ready;
+  int holds_all; /* every expert resident (em_loader_holds_all): no prediction can help any more */
   em_arena arena;
   em_pool* pool; /* compute threads for the kernels' parallel loops */
   em_predictor predictor; /* resolved: never EM_PREDICT_AUTO */
