@@ -97,12 +97,13 @@ def test_compile_reports_every_long_stage_to_the_progress_factory(tiny_with_toke
     names = [b[0] for b in bars.bars]
     for stage in ("importing", "rounding the trunk", "calibration: expert inputs", "bit plans: scoring the float",
                   "bit plans: uniform plans", "sensitivity INT4→INT8", "sensitivity INT4→INT3", "sensitivity INT4→INT2",
-                  "bit plans: searching the path", "bit plans: checking", "rounding experts", "routing profile",
+                  "bit plans: searching the path", "bit plans: checking", "routing profile", "rounding experts",
                   "lowering", "linking kernels.so", "writing experts.bin"):
         assert any(n.startswith(stage) for n in names), (stage, names)
     assert all(b[1] is not None and b[3] == b[1] for b in bars.bars), bars.bars
     assert [b[1] for b in bars.bars if b[0] == "rounding experts"] == [2 * 4]  # layers × experts
-    assert names.index("rounding experts") < names.index("routing profile")
+    # the routing profile first: the image's layout follows it (experts often chosen together side by side)
+    assert names.index("routing profile") < names.index("rounding experts")
 
     capfd.readouterr()  # (the silent compile reuses the sensitivities measured above)
     compile_model(tiny_with_tokenizer, tmp_path / "b", opts, log=lambda m: None)
