@@ -50,16 +50,6 @@ void em_cache_touch(em_expert_cache* c, int32_t slot) {
   c->slot[slot].prefetched = 0;
 }
 
-/* EdgeMoE's eviction score for expert j of layer i: when it is next expected to be used, in layer
- * steps; the latest is evicted first (Belady's rule on an estimate of the future). Layer i runs
- * again in d steps: (i - I) mod S from the current layer I, and S for layer I itself, since the
- * decode loop claims slots only after layer I has routed and pinned what it uses. Each time it runs
- * the expert is used with chance p, so its expected next use is d + S (1 - p) / p. The brief's
- * score -f(i, j) / d takes p from the calibration profile's frequency f alone; here p blends it
- * with the expert's recent use in this session (EM_PROFILE_WEIGHT), since routing on the text
- * being decoded drifts from the calibration text's: replayed on WikiText-2 test traces of
- * olmoe-mini (64 experts top-8), f alone did worse than LRU at 25% and 50% of experts (2.11× and
- * 3.32× Belady's misses against 1.93× and 2.41×), the blend better than both (1.58×, 1.87×). */
 static double chance_of_use(const em_expert_cache* c, uint32_t record) {
   double f = c->frequency ? c->frequency[record] : 0.0;
   return EM_PROFILE_WEIGHT * f + (1.0 - EM_PROFILE_WEIGHT) * c->usage[record];
@@ -73,6 +63,16 @@ static double expected_next_use(const em_expert_cache* c, uint32_t record, uint3
   return (double)d + (double)S * (1.0 - p) / p;
 }
 
+/* EdgeMoE's eviction score for expert j of layer i: when it is next expected to be used, in layer
+ * steps; the latest is evicted first (Belady's rule on an estimate of the future). Layer i runs
+ * again in d steps: (i - I) mod S from the current layer I, and S for layer I itself, since the
+ * decode loop claims slots only after layer I has routed and pinned what it uses. Each time it runs
+ * the expert is used with chance p, so its expected next use is d + S (1 - p) / p. The brief's
+ * score -f(i, j) / d takes p from the calibration profile's frequency f alone; here p blends it
+ * with the expert's recent use in this session (EM_PROFILE_WEIGHT), since routing on the text
+ * being decoded drifts from the calibration text's: replayed on WikiText-2 test traces of
+ * olmoe-mini (64 experts top-8), f alone did worse than LRU at 25% and 50% of experts (2.11× and
+ * 3.32× Belady's misses against 1.93× and 2.41×), the blend better than both (1.58×, 1.87×). */
 static double edgemoe_score(const em_expert_cache* c, uint32_t record, uint32_t current_layer) {
   return expected_next_use(c, record, current_layer, chance_of_use(c, record));
 }

@@ -98,19 +98,6 @@ static int read_once(em_loader* l, int32_t record, int32_t slot) {
   return rc;
 }
 
-/* Reads and checks one record into its slot; runs without the lock (the slot is LOADING: only
- * the reader touches its memory). A failed read or checksum is read once more: storage that failed
- * once (an I/O error, an interrupted call, a bit flipped on the way) often reads right the second
- * time; a fault that persists fails both. */
-static int read_record(em_loader* l, int32_t record, int32_t slot, uint64_t* ns, int* retried) {
-  uint64_t t0 = em_now_ns();
-  int rc = read_once(l, record, slot);
-  *retried = rc != 0;
-  if (rc) rc = read_once(l, record, slot);
-  *ns = em_now_ns() - t0;
-  return rc;
-}
-
 /* Records the outcome of a read, under the lock; `requests`: the storage requests it took. */
 static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint64_t ns, int retried,
                         uint32_t requests) {
@@ -128,8 +115,11 @@ static void finish_load(em_loader* l, int32_t record, int32_t slot, int rc, uint
   BROADCAST_DONE(l);
 }
 
-/* Reads a run of adjacent records in one request, then checks each; one that failed (the request,
- * or its checksum) is read once more on its own, as read_record does. Without the lock. */
+/* Reads a run of adjacent records (one or more) in one request, then checks each; runs without the
+ * lock (the slots are LOADING: only the reader touches their memory). A record that failed (the
+ * request, or its checksum) is read once more on its own: storage that failed once (an I/O error, an
+ * interrupted call, a bit flipped on the way) often reads right the second time; a fault that
+ * persists fails both. */
 static void read_run(em_loader* l, const em_load_request* run, uint32_t n, int* rc, int* retried, uint64_t* ns) {
   em_span spans[EM_MAX_SPANS];
   uint64_t t0 = em_now_ns();
@@ -161,7 +151,7 @@ static int start_next(em_loader* l) {
 }
 
 /* The read in flight ended with rc (0: the bytes are in the slot): check it, read once more after
- * a failure (as read_record does), else record the outcome. */
+ * a failure (as read_run does), else record the outcome. */
 static void read_ended(em_loader* l, int rc) {
   const em_record* r = &l->records[l->reading.record];
   uint8_t* dst = em_cache_slot(l->cache, l->reading.slot);
@@ -317,10 +307,11 @@ static int demand_load(em_loader* l, uint32_t record, uint32_t layer, char* err,
     enqueue(l, (int32_t)record, slot, 1);
     return EM_OK;
   }
+  em_load_request one = {(int32_t)record, slot, 1};
   uint64_t ns;
-  int retried;
+  int rc, retried;
   UNLOCK(l);
-  int rc = read_record(l, (int32_t)record, slot, &ns, &retried);
+  read_run(l, &one, 1, &rc, &retried, &ns);
   LOCK(l);
   l->stats->stall_ns += ns;
   finish_load(l, (int32_t)record, slot, rc, ns, retried, 1u + (uint32_t)retried);
