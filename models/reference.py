@@ -323,6 +323,7 @@ class ReferenceExecutor:
             self.v_cache = np.zeros(shape, np.float32)
         self.pos = 0
         self.trace: list[list[np.ndarray]] = []  # per token: per expert layer, selected expert ids
+        self.router_trace: list[list[np.ndarray]] = []  # per token: per expert layer, the router's logits
 
     def _attention(self, li: int, layer, xn: np.ndarray) -> np.ndarray:
         """Layer li's attention output [heads · v dims] for the normalised input xn at position self.pos,
@@ -358,7 +359,7 @@ class ReferenceExecutor:
         if self.pos >= self.max_positions:
             raise ValueError(f"context full: {self.max_positions} positions")
         x = embed_rows(m, token)
-        chosen = []
+        chosen, scored = [], []
         for li, layer in enumerate(m.layers):
             xn = quantize_activation(norm(cfg, x, layer.attn_norm, layer.attn_norm_bias), m.trunk_act_group)
             x = x + attention_output(layer, cfg, self._attention(li, layer, xn), m.trunk_act_group)
@@ -366,13 +367,16 @@ class ReferenceExecutor:
             if layer.dense is not None:
                 x = x + expert_ffn(layer.dense, xn, m.trunk_act_group)
                 continue
-            idx, w = route_rows(cfg, router_logits(layer, cfg, xn)[None], layer.router_bias)
+            logits = router_logits(layer, cfg, xn)
+            idx, w = route_rows(cfg, logits[None], layer.router_bias)
             idx, w = idx[0], w[0]
             chosen.append(idx)
+            scored.append(logits)
             x = x + shared_expert(layer, cfg, xn, m.trunk_act_group)  # first, as the runtime: while experts load
             for e, we in zip(idx, w):
                 x = x + we * routed_expert(layer, cfg, e, xn, m.expert_act_group)
         self.trace.append(chosen)
+        self.router_trace.append(scored)
         self.pos += 1
         return final_logits(m, x)
 
