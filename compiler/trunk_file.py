@@ -147,19 +147,33 @@ def _stored(tensors: list[tuple[str, np.ndarray]], bits: int, group: int, layout
     return out
 
 
-def tensor_sizes(path: Path) -> dict[str, int]:
-    """name → bytes of every tensor trunk.bin holds (its table; nothing checked: for measurements of an
-    artifact the runtime accepts)."""
+def _table(path: Path) -> dict[str, tuple]:
+    """name → TENSOR_FMT fields of every tensor trunk.bin holds (nothing checked)."""
     data = Path(path).read_bytes()[:HEADER_BYTES]
     n_tensors, table_offset = unpack(HEADER_FMT[:-1], data)[18:20]
     with open(path, "rb") as f:
         f.seek(table_offset)
         table = f.read(n_tensors * TENSOR_BYTES)
-    out = {}
-    for i in range(n_tensors):
-        v = unpack(TENSOR_FMT, table, i * TENSOR_BYTES)
-        out[v[0].rstrip(b"\0").decode()] = v[8]
-    return out
+    fields = (unpack(TENSOR_FMT, table, i * TENSOR_BYTES) for i in range(n_tensors))
+    return {v[0].rstrip(b"\0").decode(): v for v in fields}
+
+
+def tensor_sizes(path: Path) -> dict[str, int]:
+    """name → bytes of every tensor trunk.bin holds (its table; nothing checked: for measurements of an
+    artifact the runtime accepts)."""
+    return {name: v[8] for name, v in _table(path).items()}
+
+
+def read_float_tensor(path: Path, name: str) -> np.ndarray:
+    """The float32 tensor `name` of trunk.bin as stored (e.g. the routing profile's frequency, which
+    offline replays of the runtime's cache need bit for bit)."""
+    v = _table(path).get(name)
+    if v is None or v[1] != 0:
+        raise ValueError(f"{path} holds no float32 tensor {name!r}")
+    shape = v[3:3 + v[2]]
+    with open(path, "rb") as f:
+        f.seek(v[7])
+        return np.frombuffer(f.read(v[8]), np.float32).reshape(shape).copy()
 
 
 @dataclass(frozen=True)

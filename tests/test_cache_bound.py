@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from edgemoe.cache_bound import belady_misses, time_bound_ms
+from edgemoe.cache_bound import belady_misses, replay_misses, time_bound_ms
 
 
 def brute_force_min(trace, slots):
@@ -72,3 +72,67 @@ def test_time_bound():
     # 2 reads of 1 MB at 100 MB/s with 1 ms latency and a queue of 2: 20 ms + 1 ms
     assert time_bound_ms(5.0, 2, 2e6, 1e8, 1e-3, 2) == pytest.approx(21.0)
     assert time_bound_ms(50.0, 2, 2e6, 1e8, 1e-3, 2) == 50.0
+
+
+@pytest.mark.parametrize("policy", ["lru", "edgemoe"])
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_the_replay_reads_what_the_runtime_reads(artifact_int4, rng, policy, fraction):
+    """Replayed on the routing the runtime recorded, the runtime's eviction policy (demand loads only)
+    misses exactly as often as the runtime did; told the whole future it is MIN."""
+    from edgemoe.compiler.program import PROFILE_TENSORS
+    from edgemoe.compiler.trunk_file import read_float_tensor
+    from edgemoe.runtime import Session, budget_bytes
+
+    frequency = read_float_tensor(artifact_int4 / "trunk.bin", PROFILE_TENSORS["frequency"])
+    with Session(artifact_int4, memory_budget=budget_bytes(artifact_int4, 256, fraction), max_seq=256,
+                 loader_thread=False, predictor="none", eviction=policy) as s:
+        tokens = rng.integers(0, s.info["vocab_size"], 160).tolist()
+        s.trace_routing(len(tokens))
+        s.prefill(tokens)
+        st, trace = s.stats(), s.routing_trace()
+    assert st["expert_misses"] > 0
+    assert replay_misses(trace, st["cache_slots"], policy, frequency) == st["expert_misses"]
+    assert replay_misses(trace, st["cache_slots"], policy, frequency, horizon=trace.size) == \
+        belady_misses(trace, st["cache_slots"]) < st["expert_misses"]
+
+
+def test_knowing_more_of_the_future_never_reads_more_than_min(rng):
+    trace = np.stack([np.stack([rng.choice(16, 4, replace=False) for _ in range(3)]) for _ in range(60)])
+    frequency = np.full((3, 16), 0.25, np.float32)
+    floor = belady_misses(trace, 12)
+    for policy in ("lru", "edgemoe"):
+        for horizon in (0, 1, 3, 12):
+            assert replay_misses(trace, 12, policy, frequency, horizon) >= floor
+    # a free prefill saves at most a load per slot, and at least the first layer's cold misses
+    assert floor - 12 <= belady_misses(trace, 12, prefilled=True) <= floor - 4
+
+
+def test_replay_refuses_what_it_cannot_replay():
+    trace = np.zeros((1, 1, 2), np.uint32)
+    with pytest.raises(ValueError, match="unknown policy 'fifo'"):
+        replay_misses(trace, 4, "fifo")
+    with pytest.raises(ValueError, match="needs the routing profile"):
+        replay_misses(trace, 4, "edgemoe")
+    with pytest.raises(ValueError, match="1 slots cannot hold"):
+        replay_misses(trace, 1, "lru")
+
+
+def test_lookahead_bench_prints_every_policy_beside_min(artifact_int4):
+    """edgemoe-bench lookahead on held-out text: every replayed policy reads at least MIN's reads, and
+    told more of the future than the trace holds reads exactly MIN's."""
+    from click.testing import CliRunner
+
+    from edgemoe.bench import bench_cmd
+    from edgemoe.runtime import REPO_ROOT
+
+    r = CliRunner().invoke(bench_cmd, ["lookahead", str(artifact_int4), "--text",
+                                       str(REPO_ROOT / "data" / "wikitext-2-test.txt"), "--tokens", "96",
+                                       "--window", "48", "--fractions", "0.5", "--horizons", "1,100001"])
+    assert r.exit_code == 0, r.output
+    rows = [line.split(" | ") for line in r.output.splitlines() if line.startswith("| 50%")]
+    assert [(row[2], row[3]) for row in rows] == [
+        ("Belady's MIN", "everything"), ("LRU", "nothing"), ("LRU", "1 layer step"), ("LRU", "100001 layer steps"),
+        ("EdgeMoE eviction", "nothing"), ("EdgeMoE eviction", "1 layer step"),
+        ("EdgeMoE eviction", "100001 layer steps"), ("EdgeMoE eviction, hindsight frequency", "nothing")]
+    ratios = [float(row[5].rstrip(" |")) for row in rows]
+    assert min(ratios) == 1.0 and ratios[3] == ratios[6] == 1.0 and ratios[1] > 1.0, r.output

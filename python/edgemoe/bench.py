@@ -379,7 +379,8 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
         reads, nbytes, ms = r["decode_reads_per_token"], r["decode_bytes_per_token"], r["mean_ms_per_token"]
         requests = r["decode_requests_per_token"]
         bound = time_bound_ms(compute, requests, nbytes, bandwidth, latency, depth)
-        belady = belady_misses(r["trace"], r["cache_slots"], first_token=len(ids)) / n_new if cached else None
+        belady = belady_misses(r["trace"], r["cache_slots"], first_token=len(ids), prefilled=preload) / n_new \
+            if cached else None
         budget = "all" if r["fraction"] is None else "on demand" if r["fraction"] == 0.0 else f"{r['fraction']:.0%}"
         ratio = f"{reads / belady:.2f}" if belady else "-"
         click.echo(f"| {budget} | {r['config']} | {r['cache_slots']} | {ms:.2f} | {bound:.2f} | {ms / bound:.2f} | "
@@ -413,8 +414,6 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
 @plot_option("predictors")
 def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts, margins, plot_path, no_plot):
     """Next-layer prediction hit rate of each predictor over held-out text."""
-    from tokenizers import Tokenizer
-
     from .runtime import Session, budget_bytes
 
     manifest = read_manifest(artifact)
@@ -426,11 +425,7 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
     if max(prefetch_counts) > experts:
         raise click.BadParameter(f"{max(prefetch_counts)} is more than the {experts} experts of a layer",
                                  param_hint="--prefetch")
-    if not (artifact / "tokenizer.json").is_file():
-        raise click.ClickException(f"{artifact / 'tokenizer.json'} not found: the text must be tokenized with the "
-                                   f"model's tokenizer; copy the model's tokenizer.json into {artifact}")
-    tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-    ids = tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens]
+    ids = held_out_ids(artifact, text_path, n_tokens)
     budget = budget_bytes(artifact, window, fraction)
     # "none" is the baseline: the same cache with demand reads only.
     names = ["next-router", "fitted-router", "path-table", "wrong"] if manifest.get("profile") else \
@@ -463,6 +458,90 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
                       "hit_rate": hit})
     write_plot(plot_path, no_plot, "predictors", chart,
                title=f"{artifact.name}: {len(ids)} tokens of {text_path.name}, cache {fraction:.0%} of experts")
+
+
+def held_out_ids(artifact: Path, text_path: Path, n_tokens: int) -> list[int]:
+    """The first n_tokens of a text, tokenized with the artifact's tokenizer."""
+    from tokenizers import Tokenizer
+
+    if not (artifact / "tokenizer.json").is_file():
+        raise click.ClickException(f"{artifact / 'tokenizer.json'} not found: the text must be tokenized with the "
+                                   f"model's tokenizer; copy the model's tokenizer.json into {artifact}")
+    tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    return tok.encode(text_path.read_text(encoding="utf-8", errors="replace")[: n_tokens * 8]).ids[:n_tokens]
+
+
+def _steps_ahead(steps: int, layers: int) -> str:
+    tokens = f" ({steps // layers} token{'s' if steps > layers else ''})" if steps % layers == 0 else ""
+    return f"{steps} layer step{'s' if steps > 1 else ''}{tokens}"
+
+
+@bench_cmd.command("lookahead")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Held-out text (never used for training or calibration), e.g. WikiText-2 test.")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--window", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True,
+              help="Context per pass (the KV cache is reset between; the expert cache is not).")
+@click.option("--fractions", type=_NumberList(float, 0, 1, lo_open=True), default="0.25,0.5", show_default=True,
+              help="Expert cache sizes, as fractions of all experts.")
+@click.option("--horizons", type=_NumberList(int, 1, UINT32_MAX, allow_empty=True), default=None,
+              help="Comma-separated layer steps of the future the replayed policies know exactly "
+                   "[default: 1 (a perfect next-layer predictor), one token, four tokens].")
+def lookahead_cmd(artifact, text_path, n_tokens, window, fractions, horizons):
+    """How far the runtime's cache policies are from Belady's MIN, and how much exact knowledge of
+    the future closes the gap: LRU and EdgeMoE eviction replayed (cache_bound.replay_misses: the
+    runtime's decisions, checked against it) on the routing of held-out text, knowing nothing, then
+    the next `horizon` layer steps; and EdgeMoE given the frequencies this very text routes with
+    (hindsight: the best any frequency score could know)."""
+    import numpy as np
+
+    from .cache_bound import belady_misses, replay_misses
+    from .compiler.program import PROFILE_TENSORS
+    from .compiler.trunk_file import read_float_tensor
+    from .runtime import Session, budget_bytes
+
+    manifest = read_manifest(artifact)
+    if window > manifest["max_seq"]:
+        raise click.BadParameter(f"{window} is more than {artifact}'s maximum context {manifest['max_seq']}",
+                                 param_hint="--window")
+    ids = held_out_ids(artifact, text_path, n_tokens)
+    traces = []
+    with Session(artifact, max_seq=window) as s:  # every expert resident: the routing alone is wanted
+        for i in range(0, len(ids), window):
+            s.reset()
+            s.trace_routing(len(ids[i : i + window]))
+            s.prefill(ids[i : i + window])
+            traces.append(s.routing_trace())
+    trace = np.concatenate(traces)
+    tokens, layers, _ = trace.shape
+    policies = {"LRU": ("lru", None)}
+    if manifest.get("profile"):
+        policies["EdgeMoE eviction"] = ("edgemoe", read_float_tensor(artifact / "trunk.bin", PROFILE_TENSORS["frequency"]))
+    else:
+        click.echo(f"note: {artifact} has no routing profile (compile with --calibration TEXT): LRU only")
+    hindsight = np.stack([np.bincount(trace[:, l].ravel(), minlength=manifest["model"]["config"]["num_experts"])
+                          for l in range(layers)]).astype(np.float32) / tokens
+    horizons = horizons or [1, layers, 4 * layers]
+    click.echo(f"{tokens} tokens of {text_path.name}, windows of {window}; {layers} layers with experts, a "
+               f"layer step being one layer of one token")
+    click.echo("| budget | slots | policy | knows ahead | reads/token | × Belady |")
+    click.echo("|---|---|---|---|---|---|")
+    for fraction in fractions:
+        with Session(artifact, memory_budget=budget_bytes(artifact, window, fraction), max_seq=window) as s:
+            slots = s.stats()["cache_slots"]
+        floor = belady_misses(trace, slots)
+        rows = [("Belady's MIN", "everything", floor)]
+        for name, (policy, frequency) in policies.items():
+            rows.append((name, "nothing", replay_misses(trace, slots, policy, frequency)))
+            rows += [(name, _steps_ahead(h, layers), replay_misses(trace, slots, policy, frequency, horizon=h))
+                     for h in horizons]
+        if "EdgeMoE eviction" in policies:
+            rows.append(("EdgeMoE eviction, hindsight frequency", "nothing", replay_misses(trace, slots, "edgemoe",
+                                                                                           hindsight)))
+        for name, ahead, misses in rows:
+            click.echo(f"| {fraction:.0%} | {slots} | {name} | {ahead} | {misses / tokens:.2f} | "
+                       f"{misses / max(floor, 1):.2f} |")
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:

@@ -1,5 +1,6 @@
 """Bounds an expert-cache policy is measured against (issue #15): Belady's MIN on the routing trace
-the runtime recorded, and the time a perfect pipeline would take for a given number of reads.
+the runtime recorded, the runtime's own eviction policies replayed on it knowing a given stretch of
+the future exactly, and the time a perfect pipeline would take for a given number of reads.
 
 The trace is [tokens, layers, top_k] expert ids (Session.routing_trace). A layer's top_k experts
 must be resident together when it runs (the runtime pins them), so MIN here evicts, on a miss, the
@@ -12,10 +13,87 @@ from collections import deque
 
 import numpy as np
 
+# The runtime's EdgeMoE score (runtime_c/src/expert_cache.h EM_USAGE_DECAY, EM_PROFILE_WEIGHT);
+# tests/test_cache_bound.py checks the replay below reads what the runtime reads.
+USAGE_DECAY = np.float32(0.95)
+PROFILE_WEIGHT = 0.3
+POLICIES = ("lru", "edgemoe")
 
-def belady_misses(trace: np.ndarray, slots: int, first_token: int = 0) -> int:
+
+def replay_misses(trace: np.ndarray, slots: int, policy: str, frequency: np.ndarray | None = None,
+                  horizon: int = 0, first_token: int = 0) -> int:
+    """Reads the runtime's eviction `policy` ("lru", or "edgemoe" with the profile's `frequency`
+    [layers, experts]) does for the trace with `slots` slots, demand loads only, counted from token
+    `first_token` on, as expert_cache.c decides: a layer's experts are looked up in routing order,
+    each pinned once resident; a miss takes a free slot, else the first unpinned slot of the highest
+    score. With `horizon` > 0 the policy also knows the next `horizon` layer steps exactly: a resident
+    expert used within them is kept over every one that is not, and among those the one used last
+    goes first (MIN's rule). horizon 1 is a perfect next-layer predictor's knowledge, `layers` one
+    whole token's, and a horizon past the trace's end is MIN itself."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
+    tokens, layers, top_k = trace.shape
+    if slots < top_k:
+        raise ValueError(f"{slots} slots cannot hold one layer's {top_k} experts")
+    if policy == "edgemoe" and frequency is None:
+        raise ValueError("the edgemoe policy needs the routing profile's expert frequency")
+    steps = [(l, [(l, int(e)) for e in trace[t, l]]) for t in range(tokens) for l in range(layers)]
+    uses: dict[tuple[int, int], deque] = {}
+    for i, (_, step) in enumerate(steps):
+        for item in step:
+            uses.setdefault(item, deque()).append(i)
+    experts = int(trace.max()) + 1 if frequency is None else frequency.shape[1]
+    usage = np.zeros((layers, experts), np.float32)
+    slot: list = [None] * slots
+    used_at: list[int] = [0] * slots
+    where: dict[tuple[int, int], int] = {}
+    clock = misses = 0
+
+    def score(item, i: int, layer: int) -> tuple:
+        """Higher: evicted sooner."""
+        if horizon and uses[item] and uses[item][0] - i <= horizon:
+            return (0, uses[item][0] - i)
+        if policy == "lru":
+            return (1, -used_at[where[item]])
+        l, e = item
+        p = max(PROFILE_WEIGHT * float(frequency[l, e]) + (1 - PROFILE_WEIGHT) * float(usage[l, e]), 1e-6)
+        d = (l - layer) % layers or layers
+        return (1, d + layers * (1 - p) / p)
+
+    for i, (layer, step) in enumerate(steps):
+        pinned = set()
+        for item in step:
+            uses[item].popleft()
+            clock += 1
+            if item in where:
+                used_at[where[item]] = clock
+            else:
+                misses += i >= first_token * layers
+                free = next((j for j, held in enumerate(slot) if held is None), None)
+                if free is None:
+                    best = None
+                    for j, held in enumerate(slot):
+                        if held in pinned:
+                            continue
+                        s = score(held, i, layer)
+                        if best is None or s > best[0]:
+                            best = (s, j)
+                    free = best[1]
+                    del where[slot[free]]
+                slot[free], where[item], used_at[free] = item, free, clock
+            pinned.add(item)
+        usage[layer] *= USAGE_DECAY
+        for _, e in step:
+            usage[layer, e] += np.float32(1) - USAGE_DECAY
+    return misses
+
+
+def belady_misses(trace: np.ndarray, slots: int, first_token: int = 0, prefilled: bool = False) -> int:
     """Reads Belady's MIN does for the trace with `slots` expert slots (all records one size), counted
-    from token `first_token` on (the cache filled optimally before it: e.g. decode after a prompt)."""
+    from token `first_token` on (MIN run over the whole trace, the earlier tokens' reads left out of
+    the count: e.g. decode after a prompt).
+    `prefilled`: the cache starts full, for free, with the experts first used soonest (MIN's own
+    choice): the bound for a runtime that preloads its cache at open."""
     tokens, layers, top_k = trace.shape
     if slots < top_k:
         raise ValueError(f"{slots} slots cannot hold one layer's {top_k} experts")
@@ -25,6 +103,9 @@ def belady_misses(trace: np.ndarray, slots: int, first_token: int = 0) -> int:
         for item in step:
             uses.setdefault(item, deque()).append(i)
     resident: set[tuple[int, int]] = set()
+    if prefilled:
+        first_use = sorted(uses, key=lambda item: uses[item][0])
+        resident = set(first_use[:slots])
     misses = 0
     for i, step in enumerate(steps):
         needed = set(step)
