@@ -148,6 +148,8 @@ KERNEL_SIGNATURES = {
 PROFILE_TENSORS = {
     "path_table": "profile.path_table", "frequency": "profile.frequency", "fitted_router": "profile.fitted_router",
     "fitted_router_prev": "profile.fitted_router_prev", "fitted_router_bias": "profile.fitted_router_bias",
+    "fitted_ahead": "profile.fitted_ahead", "fitted_ahead_prev": "profile.fitted_ahead_prev",
+    "fitted_ahead_bias": "profile.fitted_ahead_bias",
 }
 
 

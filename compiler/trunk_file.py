@@ -118,11 +118,12 @@ def trunk_tensors(model: MoEModel, max_positions: int, profile=None) -> list[tup
         names = PROFILE_TENSORS
         out.append((names["path_table"], profile.path_table().reshape(cfg.num_moe_layers * cfg.num_experts, -1)))
         out.append((names["frequency"], profile.frequency))
-        if profile.fitted_router is not None:
-            H, fit = cfg.hidden_size, profile.fitted_router
-            out.append((names["fitted_router"], fit[:, :, :H].reshape(-1, H)))
-            out.append((names["fitted_router_prev"], fit[:, :, H : 2 * H].reshape(-1, H)))
-            out.append((names["fitted_router_bias"], fit[:, :, -1]))
+        H = cfg.hidden_size
+        for name, fit in (("fitted_router", profile.fitted_router), ("fitted_ahead", profile.fitted_ahead)):
+            if fit is not None:
+                out.append((names[name], fit[:, :, :H].reshape(-1, H)))
+                out.append((names[name + "_prev"], fit[:, :, H : 2 * H].reshape(-1, H)))
+                out.append((names[name + "_bias"], fit[:, :, -1]))
     return out
 
 

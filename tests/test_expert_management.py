@@ -266,6 +266,44 @@ def test_fitted_router_fits_its_calibration_text(artifact_int4, quarter_budget):
     assert rates["fitted-router"] > rates["next-router"], rates
 
 
+def test_guesses_two_layers_ahead_use_their_own_fit(artifact_int4, trained_model, quarter_budget):
+    """A guess two layers ahead starts from the state entering the layer before: the map fitted from
+    there names more of the layer's experts on held-out text than the next-layer map applied that
+    early, and the runtime (prefetch_layers 2) names what NumPy names with it, up to the quantized trunk."""
+    import numpy as np
+    from conftest import CALIBRATION, DATA_DIR
+
+    from edgemoe.compiler.profile import profile_routing, tokenize_file
+    from edgemoe.models.reference import forward_sequence, rms_norm
+
+    cfg = trained_model.config
+    profile = profile_routing(trained_model, tokenize_file(artifact_int4 / "tokenizer.json", CALIBRATION, 4096))
+    held = tokenize_file(artifact_int4 / "tokenizer.json", DATA_DIR / "wikitext-2-test.txt", 512)
+    named = {"ahead": 0, "reused": 0}
+    total = 0
+    for i in range(0, len(held), 256):
+        trace: dict = {}
+        selected = forward_sequence(trained_model, held[i : i + 256], trace)[1]
+        entering = [trace["embed"]] + trace["layer_out"][:-1]
+        for l in range(1, cfg.num_layers):  # guessed while layer l - 1 runs its attention
+            z = rms_norm(entering[l - 1], trained_model.layers[l].ffn_norm, cfg.norm_eps)
+            previous = np.vstack([np.zeros((1, cfg.hidden_size)), trace["ffn_in"][l][:-1]])
+            features = np.hstack([z, previous, np.ones((len(z), 1))])
+            for name, fit in (("ahead", profile.fitted_ahead), ("reused", profile.fitted_router)):
+                guess = np.argsort(-(features @ fit[l].T), axis=1)[:, : cfg.top_k]
+                named[name] += sum(len(set(g) & set(s)) for g, s in zip(guess, selected[:, l]))
+            total += selected[:, l].size
+    assert named["ahead"] > named["reused"], named
+    with Session(artifact_int4, memory_budget=quarter_budget, predictor="fitted-router", prefetch_layers=2,
+                 max_seq=256) as s:
+        for i in range(0, len(held), 256):
+            s.reset()
+            s.prefill(held[i : i + 256].tolist())
+        st = s.stats()
+    assert st["predicted_ahead"] == total
+    assert abs(st["predicted_ahead_hits"] / st["predicted_ahead"] - named["ahead"] / total) < 0.02, (st, named)
+
+
 def test_fitted_router_in_the_runtime_names_what_numpy_names(artifact_int4, trained_model, quarter_budget):
     """The runtime applies the fitted map as the compiler fitted it: to the normalised current state
     and to the layer's MoE input at the previous token (kept per layer, zero after a reset). Its hit

@@ -66,7 +66,9 @@ class _Stats(ctypes.Structure):
                                                                ("predictions", ctypes.c_uint64),
                                                                ("prefetch_named", ctypes.c_uint64),
                                                                ("read_requests", ctypes.c_uint64),
-                                                               ("preloaded", ctypes.c_uint64)]
+                                                               ("preloaded", ctypes.c_uint64),
+                                                               ("predicted_ahead", ctypes.c_uint64),
+                                                               ("predicted_ahead_hits", ctypes.c_uint64)]
 
 
 class _Sampling(ctypes.Structure):

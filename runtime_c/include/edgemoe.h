@@ -119,6 +119,8 @@ typedef struct {
   uint64_t prefetch_named;   /* experts those predictions named (prefetch_margin: how many it chose) */
   uint64_t read_requests;    /* storage requests those records took (adjacent records coalesced into one) */
   uint64_t preloaded;        /* of records_read, those em_open read into the cache (em_params.preload) */
+  uint64_t predicted_ahead;  /* as predicted, for guesses made two or more layers ahead (prefetch_layers > 1) */
+  uint64_t predicted_ahead_hits; /* of which those guesses had named */
 } em_stats;
 
 typedef struct {

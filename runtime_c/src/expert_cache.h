@@ -25,6 +25,7 @@ typedef struct {
   int32_t record;      /* record held or being loaded, -1 = none */
   uint8_t state;       /* em_slot_state */
   uint8_t prefetched;  /* loaded by a prefetch and not used since */
+  float chance;        /* while prefetched: the chance the prediction gave its use (0 otherwise) */
   uint8_t size_class;
   uint16_t pins;       /* users computing with it right now: never evicted while > 0 */
   uint64_t used_at;    /* clock of the last use (LRU) */

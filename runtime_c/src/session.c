@@ -162,6 +162,10 @@ static int bind_trunk(em_session* s, const em_tensor_entry* t, void* program_sto
   s->fitted_router = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER, LE, H, &ok);
   s->fitted_prev = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER_PREV, LE, H, &ok);
   s->fitted_bias = profile_tensor(&v, EM_TENSOR_FITTED_ROUTER_BIAS, EL, th->experts, &ok);
+  s->ahead_router = profile_tensor(&v, EM_TENSOR_FITTED_AHEAD, LE, H, &ok);
+  s->ahead_prev = profile_tensor(&v, EM_TENSOR_FITTED_AHEAD_PREV, LE, H, &ok);
+  s->ahead_bias = profile_tensor(&v, EM_TENSOR_FITTED_AHEAD_BIAS, EL, th->experts, &ok);
+  if (!(s->ahead_router && s->ahead_prev && s->ahead_bias)) s->ahead_router = s->ahead_prev = s->ahead_bias = NULL;
   return ok ? EM_OK : EM_ERR_FORMAT;
 }
 
@@ -523,11 +527,16 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
       int rc = em_apply_norm(s, moe, x, s->pred_xn);
       if (rc) return rc;
       int fitted = s->predictor == EM_PREDICT_FITTED_ROUTER;
+      /* beyond the next layer, the maps fitted from one layer further back where the artifact has them */
+      int far = fitted && ahead > 1 && s->ahead_router;
+      const float* bias = far ? s->ahead_bias : s->fitted_bias;
       const em_matrix* router = &moe->m[EM_M_ROUTER];
       em_matrix fit, fit_prev;
       if (fitted) {
-        fit = (em_matrix){s->fitted_router + (size_t)layer * E * H, NULL, 32, E, H, 0, 0, EM_GRID_HALF};
-        fit_prev = (em_matrix){s->fitted_prev + (size_t)layer * E * H, NULL, 32, E, H, 0, 0, EM_GRID_HALF};
+        fit = (em_matrix){(far ? s->ahead_router : s->fitted_router) + (size_t)layer * E * H, NULL, 32, E, H, 0, 0,
+                          EM_GRID_HALF};
+        fit_prev = (em_matrix){(far ? s->ahead_prev : s->fitted_prev) + (size_t)layer * E * H, NULL, 32, E, H, 0, 0,
+                               EM_GRID_HALF};
         router = &fit;
       }
       if (!fitted && moe->router_logit_bias) /* the next router as it will run, its logit bias included */
@@ -539,7 +548,7 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
         rc = em_session_matvec(s, s->k.router, "em_router", &fit_prev, s->prev_xn + (size_t)layer * H, NULL, s->pred_prev);
       if (rc) return rc;
       for (uint32_t e = 0; fitted && e < E; e++)
-        s->pred_scores[e] += s->pred_prev[e] + s->fitted_bias[(size_t)layer * E + e];
+        s->pred_scores[e] += s->pred_prev[e] + bias[(size_t)layer * E + e];
       em_top_n(s->pred_scores, E, s->n_predict, s->predictor == EM_PREDICT_WRONG, guess);
       break;
     }
@@ -581,6 +590,9 @@ static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx)
     if (a == 0) {
       s->st.predicted_hits += hits;
       s->st.predicted += s->th.top_k;
+    } else {
+      s->st.predicted_ahead_hits += hits;
+      s->st.predicted_ahead += s->th.top_k;
     }
     s->named[at] = 0;
   }

@@ -46,6 +46,9 @@ struct em_session {
   /* fitted-router predictor: [layers][experts][hidden] on the current state, the same on the layer's
      previous-token MoE input, and [layers][experts] bias */
   const float *fitted_router, *fitted_prev, *fitted_bias;
+  /* the same maps fitted for guesses two or more layers ahead (NULL in artifacts compiled before them:
+     the maps above are used there too) */
+  const float *ahead_router, *ahead_prev, *ahead_bias;
   /* per distance ahead (1..prefetch_layers), the last prediction made for each layer: [distance - 1]
      [layers][n_predict] experts, and [distance - 1][layers] how many it named (0 once scored) */
   uint32_t* predicted;

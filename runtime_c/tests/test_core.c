@@ -138,7 +138,16 @@ static void test_prefetch_admission(void) {
      own: 52.3 steps, further than every resident's, so it is refused */
   CHECK(em_cache_claim_prefetch(&c, 0, 1, 0.0, &wasted) == -1);
   /* named at even odds (p = 0.54: 6.4 steps) it displaces record 6 */
-  CHECK(em_cache_claim_prefetch(&c, 0, 1, 0.5, &wasted) >= 0 && em_cache_lookup(&c, 6) < 0);
+  int32_t guess = em_cache_claim_prefetch(&c, 0, 1, 0.5, &wasted);
+  CHECK(guess >= 0 && em_cache_lookup(&c, 6) < 0);
+  em_cache_ready(&c, guess);
+  /* unused yet, the guess keeps its chance: a demand read takes record 3's slot (layer 1, e1: 17.8 steps) */
+  CHECK(em_cache_claim(&c, 6, 1, 0, &wasted) >= 0 && em_cache_lookup(&c, 0) == guess && em_cache_lookup(&c, 3) < 0);
+  em_cache_ready(&c, em_cache_lookup(&c, 6));
+  /* layer 0 routes without it: its chance was for that pass, so it is the furthest again (52.3 steps) */
+  static const uint32_t layer0_e1 = 1;
+  em_cache_routed(&c, 0, &layer0_e1, 1);
+  CHECK(em_cache_claim(&c, 3, 1, 0, &wasted) == guess);
 }
 
 static void test_size_classes(void) {

@@ -293,5 +293,8 @@
 #define EM_TENSOR_FITTED_ROUTER "profile.fitted_router"
 #define EM_TENSOR_FITTED_ROUTER_PREV "profile.fitted_router_prev"
 #define EM_TENSOR_FITTED_ROUTER_BIAS "profile.fitted_router_bias"
+#define EM_TENSOR_FITTED_AHEAD "profile.fitted_ahead"
+#define EM_TENSOR_FITTED_AHEAD_PREV "profile.fitted_ahead_prev"
+#define EM_TENSOR_FITTED_AHEAD_BIAS "profile.fitted_ahead_bias"
 
 #endif
