@@ -532,8 +532,10 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
                + (f" (of which {st['board_wait_ns'] / 1e6:.1f} ms matching the emulated board)" if board_compute else "")
                + f"; {chosen[1]} eviction", err=True)
     if st["predicted"]:
+        ahead = f" ({st['predicted_ahead_hits'] / st['predicted_ahead']:.1%} by guesses two or more layers ahead)" \
+            if st["predicted_ahead"] else ""
         click.echo(f"prediction ({chosen[0]}): {st['predicted_hits'] / st['predicted']:.1%} of chosen experts "
-                   f"predicted; prefetches {st['prefetch_issued']} issued, {st['prefetch_used']} used, "
+                   f"predicted{ahead}; prefetches {st['prefetch_issued']} issued, {st['prefetch_used']} used, "
                    f"{st['prefetch_wasted']} evicted or cancelled unused", err=True)
 
 
