@@ -397,13 +397,19 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
                title=f"{artifact.name}: {where}, {n_new} tokens")
 
 
+def held_out_text_options(f):
+    """--text, --tokens, --window: the held-out text a bench decodes, in passes of --window tokens."""
+    f = click.option("--window", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True,
+                     help="Context per pass (the KV cache is reset between; the expert cache is not).")(f)
+    f = click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=1024, show_default=True)(f)
+    return click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                        required=True,
+                        help="Held-out text (never used for training or calibration), e.g. WikiText-2 test.")(f)
+
+
 @bench_cmd.command("predictors")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Held-out text (never used for training or calibration), e.g. WikiText-2 test.")
-@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--window", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True,
-              help="Context per pass (the KV cache is reset between).")
+@held_out_text_options
 @click.option("--fraction", type=_Finite(0, 1), default=0.25, show_default=True,
               help="Expert cache as a fraction of all experts.")
 @click.option("--prefetch", "prefetch_counts", type=_NumberList(int, 0, UINT32_MAX), default="0", show_default=True,
@@ -478,11 +484,7 @@ def _steps_ahead(steps: int, layers: int) -> str:
 
 @bench_cmd.command("lookahead")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Held-out text (never used for training or calibration), e.g. WikiText-2 test.")
-@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--window", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True,
-              help="Context per pass (the KV cache is reset between; the expert cache is not).")
+@held_out_text_options
 @click.option("--fractions", type=_NumberList(float, 0, 1, lo_open=True), default="0.25,0.5", show_default=True,
               help="Expert cache sizes, as fractions of all experts.")
 @click.option("--horizons", type=_NumberList(int, 1, UINT32_MAX, allow_empty=True), default=None,

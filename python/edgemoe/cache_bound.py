@@ -20,6 +20,20 @@ PROFILE_WEIGHT = 0.3
 POLICIES = ("lru", "edgemoe")
 
 
+def _layer_steps(trace: np.ndarray, slots: int) -> tuple[list[tuple[int, list]], dict]:
+    """The trace as layer steps (layer, its (layer, expert) items in routing order) and each item's
+    step indices, the slot count checked against a layer's experts."""
+    tokens, layers, top_k = trace.shape
+    if slots < top_k:
+        raise ValueError(f"{slots} slots cannot hold one layer's {top_k} experts")
+    steps = [(l, [(l, int(e)) for e in trace[t, l]]) for t in range(tokens) for l in range(layers)]
+    uses: dict[tuple[int, int], deque] = {}
+    for i, (_, step) in enumerate(steps):
+        for item in step:
+            uses.setdefault(item, deque()).append(i)
+    return steps, uses
+
+
 def replay_misses(trace: np.ndarray, slots: int, policy: str, frequency: np.ndarray | None = None,
                   horizon: int = 0, first_token: int = 0) -> int:
     """Reads the runtime's eviction `policy` ("lru", or "edgemoe" with the profile's `frequency`
@@ -32,16 +46,10 @@ def replay_misses(trace: np.ndarray, slots: int, policy: str, frequency: np.ndar
     whole token's, and a horizon past the trace's end is MIN itself."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
-    tokens, layers, top_k = trace.shape
-    if slots < top_k:
-        raise ValueError(f"{slots} slots cannot hold one layer's {top_k} experts")
     if policy == "edgemoe" and frequency is None:
         raise ValueError("the edgemoe policy needs the routing profile's expert frequency")
-    steps = [(l, [(l, int(e)) for e in trace[t, l]]) for t in range(tokens) for l in range(layers)]
-    uses: dict[tuple[int, int], deque] = {}
-    for i, (_, step) in enumerate(steps):
-        for item in step:
-            uses.setdefault(item, deque()).append(i)
+    steps, uses = _layer_steps(trace, slots)
+    layers = trace.shape[1]
     experts = int(trace.max()) + 1 if frequency is None else frequency.shape[1]
     usage = np.zeros((layers, experts), np.float32)
     slot: list = [None] * slots
@@ -94,20 +102,14 @@ def belady_misses(trace: np.ndarray, slots: int, first_token: int = 0, prefilled
     the count: e.g. decode after a prompt).
     `prefilled`: the cache starts full, for free, with the experts first used soonest (MIN's own
     choice): the bound for a runtime that preloads its cache at open."""
-    tokens, layers, top_k = trace.shape
-    if slots < top_k:
-        raise ValueError(f"{slots} slots cannot hold one layer's {top_k} experts")
-    steps = [[(l, int(e)) for e in trace[t, l]] for t in range(tokens) for l in range(layers)]
-    uses: dict[tuple[int, int], deque] = {}
-    for i, step in enumerate(steps):
-        for item in step:
-            uses.setdefault(item, deque()).append(i)
+    steps, uses = _layer_steps(trace, slots)
+    layers = trace.shape[1]
     resident: set[tuple[int, int]] = set()
     if prefilled:
         first_use = sorted(uses, key=lambda item: uses[item][0])
         resident = set(first_use[:slots])
     misses = 0
-    for i, step in enumerate(steps):
+    for i, (_, step) in enumerate(steps):
         needed = set(step)
         for item in step:
             uses[item].popleft()
