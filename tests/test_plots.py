@@ -118,6 +118,14 @@ def test_bench_predictors_writes_its_chart(artifact_int4, tmp_path):
     r = CliRunner().invoke(bench_cmd, ["predictors", str(artifact_int4), "--text", str(CALIBRATION), "--tokens", "64",
                                        "--window", "32", "--plot", str(path)])
     assert_wrote(r, path)
+    # two layers ahead: a column for the farther guesses, filled for the hidden-state predictors only
+    r = CliRunner().invoke(bench_cmd, ["predictors", str(artifact_int4), "--text", str(CALIBRATION), "--tokens", "64",
+                                       "--window", "32", "--prefetch-layers", "2", "--no-plot"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in r.output.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["predictor"][3] == "predicted two or more layers ahead"
+    assert rows["fitted-router"][3].endswith("%") and rows["path-table"][3] == "–" and rows["none"][3] == "–"
 
 
 def test_bench_sweep_writes_its_chart_and_no_policy_beats_belady(artifact_int4, tmp_path):

@@ -417,8 +417,12 @@ def held_out_text_options(f):
 @click.option("--margins", type=_NumberList(float, 0, 100, lo_open=True, allow_empty=True), default="",
               help="Comma-separated prefetch margins (logits): rows where each router predictor names its top-k "
                    "and every expert within the margin of the k-th, at most 2 · top-k (Session prefetch_margin).")
+@click.option("--prefetch-layers", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="Layers ahead the hidden-state predictors guess; above 1, a column for what the guesses "
+                   "two or more layers ahead named.")
 @plot_option("predictors")
-def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts, margins, plot_path, no_plot):
+def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_counts, margins, prefetch_layers,
+                   plot_path, no_plot):
     """Next-layer prediction hit rate of each predictor over held-out text."""
     from .runtime import Session, budget_bytes
 
@@ -440,13 +444,15 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
         [(n, 2 * top_k, m) for m in margins for n in names if n != "wrong"]
     click.echo(f"{len(ids)} tokens of {text_path.name}, windows of {window}, cache {fraction:.0%} of experts; "
                f"each layer uses {top_k} experts")
-    click.echo("| predictor | experts named per layer | experts predicted | prefetches used | prefetches wasted | "
-               "cache hit |")
-    click.echo("|---|---|---|---|---|---|")
+    far = prefetch_layers > 1
+    click.echo("| predictor | experts named per layer | experts predicted | "
+               + ("predicted two or more layers ahead | " if far else "")
+               + "prefetches used | prefetches wasted | cache hit |")
+    click.echo("|---|---|---|---|---|---|" + ("---|" if far else ""))
     chart = []
     for name, count, margin in runs:
         with Session(artifact, memory_budget=budget, max_seq=window, predictor=name, prefetch_experts=count,
-                     prefetch_margin=margin) as s:
+                     prefetch_margin=margin, prefetch_layers=prefetch_layers) as s:
             for i in range(0, len(ids), window):
                 s.reset()
                 s.prefill(ids[i : i + window])
@@ -458,7 +464,10 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
                 round(st["prefetch_named"] / max(st["predictions"], 1), 2)
         else:
             named = "–" if name == "none" else str(count)
-        click.echo(f"| {name} | {named} | {predicted} | {st['prefetch_used']} | {st['prefetch_wasted']} | {hit:.1%} |")
+        ahead = (f"{st['predicted_ahead_hits'] / st['predicted_ahead']:.1%} | " if st["predicted_ahead"] else "– | ") \
+            if far else ""
+        click.echo(f"| {name} | {named} | {predicted} | {ahead}{st['prefetch_used']} | {st['prefetch_wasted']} | "
+                   f"{hit:.1%} |")
         chart.append({"predictor": name, "count": count,
                       "predicted": st["predicted_hits"] / st["predicted"] if st["predicted"] else None,
                       "hit_rate": hit})
