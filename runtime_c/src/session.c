@@ -646,21 +646,31 @@ static int compute_experts(em_session* s, uint32_t first, uint32_t n) {
  * as its record is read; those already resident when one arrives run together with it. */
 static int routed_experts(em_session* s, const em_step* st, const uint32_t* idx, const float* wts, uint32_t n) {
   uint32_t H = s->th.hidden, layer = st->expert_layer;
-  for (uint32_t k = 0; k < n;) {
-    uint32_t end = k;
+  /* The experts resident now run first, those still being read after them (each group in routing
+     order): reads finish while the resident ones compute. Outputs are summed in routing order, so
+     the result does not depend on which read finished first. */
+  uint32_t order[MAX_TOP_K], at[MAX_TOP_K], m = 0;
+  uint8_t ready[MAX_TOP_K];
+  for (uint32_t k = 0; k < n; k++) ready[k] = (uint8_t)(em_loader_ready(&s->loader, record_of(s, layer, idx[k])) != 0);
+  for (int pass = 1; pass >= 0; pass--)
+    for (uint32_t k = 0; k < n; k++)
+      if (ready[k] == pass) at[k] = m, order[m++] = k;
+  for (uint32_t j = 0; j < n;) {
+    uint32_t end = j;
     do {
-      int rc = chosen_expert(s, st, idx[end], &s->expert_blocks[end]);
+      int rc = chosen_expert(s, st, idx[order[end]], &s->expert_blocks[end]);
       if (rc) return rc;
-      s->expert_weights[end] = wts[end];
+      s->expert_weights[end] = wts[order[end]];
       end++;
-    } while (end < n && s->expert_lanes > 1 && em_loader_ready(&s->loader, record_of(s, layer, idx[end])));
-    int rc = compute_experts(s, k, end - k);
+    } while (end < n && s->expert_lanes > 1 && em_loader_ready(&s->loader, record_of(s, layer, idx[order[end]])));
+    int rc = compute_experts(s, j, end - j);
     if (rc) return rc;
-    for (; k < end; k++) {
-      const float* y = s->expert_out + (size_t)k * H;
-      for (uint32_t i = 0; i < H; i++) s->x[i] += y[i];
-      em_loader_release(&s->loader, record_of(s, layer, idx[k]));
-    }
+    j = end;
+  }
+  for (uint32_t k = 0; k < n; k++) {
+    const float* y = s->expert_out + (size_t)at[k] * H;
+    for (uint32_t i = 0; i < H; i++) s->x[i] += y[i];
+    em_loader_release(&s->loader, record_of(s, layer, idx[k]));
   }
   return EM_OK;
 }
