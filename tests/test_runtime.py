@@ -81,6 +81,29 @@ def test_compute_threads_give_identical_logits(artifact_int4, tokenizer):
     assert np.array_equal(runs[1], runs[2]) and np.array_equal(runs[1], runs[3])
 
 
+def test_logits_do_not_depend_on_which_experts_were_resident(artifact_int4, tokenizer):
+    """A layer runs its resident experts first and those still being read after them, but sums their
+    outputs in router order: every budget, loader and thread count gives the same bits."""
+    from edgemoe.runtime import budget_bytes
+
+    ids = tokenizer.encode(PROMPTS[0]).ids
+    runs, stats = {}, {}
+    for budget, threads, kwargs in ((0, 1, {}), (0.25, 1, dict(predictor="fitted-router")),
+                                    (None, 3, dict(predictor="none")), (0.25, 3, dict(loader_thread=False)),
+                                    (0.5, 2, dict(prefetch_layers=2))):
+        size = 0 if budget == 0 else budget_bytes(artifact_int4, 256, budget or 0.0)
+        with Session(artifact_int4, memory_budget=size, max_seq=256, threads=threads, **kwargs) as s:
+            logits = [s.prefill(ids)]
+            for _ in range(12):
+                logits.append(s.decode_step(int(logits[-1].argmax())))
+            stats[budget, threads] = s.stats()
+        runs[budget, threads] = np.stack(logits)
+    first = runs[0, 1]
+    assert all(np.array_equal(first, r) for r in runs.values())
+    # with part of the experts cached, layers ran resident and loading experts together
+    assert all(st["expert_misses"] > 0 and st["expert_hits"] > 0 for (b, _), st in stats.items() if b), stats
+
+
 def test_attention_split_over_heads_matches_reference(tmp_path, rng, runtime_lib):
     """A model with 8 KiB of keys and values per cache position (8 heads × 128 dims): its attention's
     heads run on the compute threads, each head's scores in workspace the launch's tasks share. Any
