@@ -508,6 +508,7 @@ def lookahead_cmd(artifact, text_path, n_tokens, window, fractions, horizons):
     import numpy as np
 
     from .cache_bound import belady_misses, replay_misses
+    from .compiler.profile import RoutingProfile
     from .compiler.program import PROFILE_TENSORS
     from .compiler.trunk_file import read_float_tensor
     from .runtime import Session, budget_bytes
@@ -531,8 +532,7 @@ def lookahead_cmd(artifact, text_path, n_tokens, window, fractions, horizons):
         policies["EdgeMoE eviction"] = ("edgemoe", read_float_tensor(artifact / "trunk.bin", PROFILE_TENSORS["frequency"]))
     else:
         click.echo(f"note: {artifact} has no routing profile (compile with --calibration TEXT): LRU only")
-    hindsight = np.stack([np.bincount(trace[:, l].ravel(), minlength=manifest["model"]["config"]["num_experts"])
-                          for l in range(layers)]).astype(np.float32) / tokens
+    hindsight = RoutingProfile(trace, manifest["model"]["config"]["num_experts"]).frequency
     horizons = horizons or [1, layers, 4 * layers]
     click.echo(f"{tokens} tokens of {text_path.name}, windows of {window}; {layers} layers with experts, a "
                f"layer step being one layer of one token")
