@@ -77,15 +77,44 @@ def test_wrong_predictions_are_counted_as_misses(artifact_int4, quarter_budget, 
     assert rates["wrong"] < chance / 2 and rates["next-router"] > 2 * chance
 
 
+# A board whose compute is slower than this machine's (0.5 GB/s, 5 G int8 op/s, 2 GFLOP/s), so that a
+# layer's compute spans reads from SLOW_STORAGE: the link has time to spare for prefetches.
+SLOW_STORAGE, SLOW_COMPUTE = (250e6, 2e-4), (0.5e9, 5e9, 2e9)
+
+
+def _management_stats(artifact, budget, prompt_ids, n_new=24, **options):
+    with Session(artifact, memory_budget=budget, **options) as s:
+        s.generate(prompt_ids, n_new)
+        return s.stats()
+
+
 def test_prefetching_reduces_stalls_on_slow_storage(artifact_int4, quarter_budget, prompt_ids):
     """Same budget and storage: the share of experts found resident when needed rises with prediction."""
     hit = {}
     for pred in ("none", "next-router"):
-        with Session(artifact_int4, memory_budget=quarter_budget, predictor=pred, emulate=(250e6, 2e-4)) as s:
-            s.generate(prompt_ids, 24)
-            st = s.stats()
+        st = _management_stats(artifact_int4, quarter_budget, prompt_ids, predictor=pred, emulate=SLOW_STORAGE,
+                               emulate_compute=SLOW_COMPUTE)
         hit[pred] = st["expert_hits"] / (st["expert_hits"] + st["expert_misses"])
+        assert st["prefetch_declined"] <= st["prefetch_issued"], st
     assert hit["next-router"] > hit["none"]
+
+
+def test_prefetches_that_go_unused_stop_while_the_link_is_busy(artifact_int4, quarter_budget, prompt_ids):
+    """Prefetching is declined while the link to storage has lately been busier than prefetches were used:
+    the wrong predictor's guesses, never used, soon stop (it then reads what no prediction reads), on
+    storage the decode waits on and on storage with time to spare alike; the next-layer router's, mostly
+    used, go on where the link has time for them."""
+    for compute in (None, SLOW_COMPUTE):
+        plain = _management_stats(artifact_int4, quarter_budget, prompt_ids, predictor="none", emulate=SLOW_STORAGE,
+                                  emulate_compute=compute)
+        wrong = _management_stats(artifact_int4, quarter_budget, prompt_ids, predictor="wrong", emulate=SLOW_STORAGE,
+                                  emulate_compute=compute)
+        assert wrong["prefetch_used"] == 0 and 0 < wrong["prefetch_issued"] <= 16, wrong
+        assert wrong["prefetch_declined"] >= 5 * wrong["prefetch_issued"], wrong
+        assert wrong["records_read"] <= plain["records_read"] + 2 * wrong["prefetch_issued"], (wrong, plain)
+    good = _management_stats(artifact_int4, quarter_budget, prompt_ids, predictor="next-router", emulate=SLOW_STORAGE,
+                             emulate_compute=SLOW_COMPUTE)
+    assert good["prefetch_declined"] < good["prefetch_issued"] < 2 * good["prefetch_used"], good
 
 
 def test_path_table_needs_calibration(tiny_artifact_uncalibrated):

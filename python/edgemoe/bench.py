@@ -104,6 +104,7 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
         "bytes_read_per_token": d["bytes_read"] / n, "stall_ms_per_token": d["stall_ns"] / 1e6 / n,
         "compute_ms_per_token": d["compute_ns"] / 1e6 / n, "prefetch_used": d["prefetch_used"],
         "prefetch_wasted": d["prefetch_wasted"], "prefetch_issued": d["prefetch_issued"],
+        "prefetch_declined": d["prefetch_declined"],
         "memory_bytes": d["memory_bytes"], "cache_slots": d["cache_slots"], "record_bytes": d["record_bytes"],
         "reads_per_token": d["records_read"] / n,
         # the generated tokens only (ms_per_token's steps), with the cache as the prompt left it

@@ -536,7 +536,9 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
             if st["predicted_ahead"] else ""
         click.echo(f"prediction ({chosen[0]}): {st['predicted_hits'] / st['predicted']:.1%} of chosen experts "
                    f"predicted{ahead}; prefetches {st['prefetch_issued']} issued, {st['prefetch_used']} used, "
-                   f"{st['prefetch_wasted']} evicted or cancelled unused", err=True)
+                   f"{st['prefetch_wasted']} evicted or cancelled unused"
+                   + (f", {st['prefetch_declined']} declined while the link was busier than prefetches were used"
+                      if st["prefetch_declined"] else ""), err=True)
 
 
 def _check_against_artifact(info: dict, n_prompt: int, n_new: int, max_seq: int, prefetch: int) -> None:

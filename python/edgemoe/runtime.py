@@ -68,7 +68,8 @@ class _Stats(ctypes.Structure):
                                                                ("read_requests", ctypes.c_uint64),
                                                                ("preloaded", ctypes.c_uint64),
                                                                ("predicted_ahead", ctypes.c_uint64),
-                                                               ("predicted_ahead_hits", ctypes.c_uint64)]
+                                                               ("predicted_ahead_hits", ctypes.c_uint64),
+                                                               ("prefetch_declined", ctypes.c_uint64)]
 
 
 class _Sampling(ctypes.Structure):

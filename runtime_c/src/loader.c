@@ -89,6 +89,28 @@ void em_loader_stop(em_loader* l) {
 #endif
 }
 
+/* A read started or ended on the link (lock held): the link is busy while any read is in flight. */
+static void link_started(em_loader* l) {
+  if (l->link_reads++ == 0) l->busy_since = em_now_ns();
+}
+
+static void link_ended(em_loader* l) {
+  if (--l->link_reads == 0) l->busy_ns += em_now_ns() - l->busy_since;
+}
+
+/* The share of recent time the link was busy (lock held): busy and elapsed time since the last call
+ * added to sums that lose an eighth at each call, so the last few layers' decisions weigh most. */
+static double link_busy_share(em_loader* l) {
+  uint64_t now = em_now_ns(), busy = l->busy_ns + (l->link_reads ? now - l->busy_since : 0);
+  if (l->sampled_at) {
+    l->recent_busy = l->recent_busy * 0.875 + (double)(busy - l->sampled_busy);
+    l->recent_time = l->recent_time * 0.875 + (double)(now - l->sampled_at);
+  }
+  l->sampled_at = now;
+  l->sampled_busy = busy;
+  return l->recent_time > 0.0 ? l->recent_busy / l->recent_time : 0.0;
+}
+
 /* Reads and checks one record into its slot, one request. */
 static int read_once(em_loader* l, int32_t record, int32_t slot) {
   const em_record* r = &l->records[record];
@@ -144,6 +166,7 @@ static int start_next(em_loader* l) {
   l->in_flight = 1;
   l->attempt = 0;
   l->read_started = em_now_ns();
+  link_started(l);
   const em_record* r = &l->records[l->reading.record];
   int rc = l->storage->start(l->storage, em_cache_slot(l->cache, l->reading.slot), r->length, r->offset);
   if (rc < 0) l->in_flight = rc; /* failed at once: the next poll reports it */
@@ -163,6 +186,7 @@ static void read_ended(em_loader* l, int rc) {
     return;
   }
   l->in_flight = 0;
+  link_ended(l);
   finish_load(l, l->reading.record, l->reading.slot, rc, em_now_ns() - l->read_started, l->attempt,
               1u + (uint32_t)l->attempt);
 }
@@ -224,10 +248,12 @@ static void* loader_main(void* arg) {
     em_load_request run[EM_MAX_SPANS];
     int rc[EM_MAX_SPANS], retried[EM_MAX_SPANS];
     uint32_t n = take_run(l, run);
+    link_started(l);
     UNLOCK(l);
     uint64_t ns;
     read_run(l, run, n, rc, retried, &ns);
     LOCK(l);
+    link_ended(l);
     for (uint32_t i = 0; i < n; i++) /* the run's request and time counted once, with its first record */
       finish_load(l, run[i].record, run[i].slot, rc[i], i ? 0 : ns, retried[i], (i == 0) + (uint32_t)retried[i]);
   }
@@ -416,6 +442,17 @@ void em_loader_release(em_loader* l, uint32_t record) {
 void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance) {
   if (!l->threaded) return;
   LOCK(l);
+  /* A wasted prefetch costs the link its read, which the reads a layer waits for may then queue
+     behind; a used one saves a wait only where the link had time to spare. With the link busy a
+     share u of the time, prefetching pays when the share q of prefetches used (so far, from an even
+     prior) has q (1 - u) > (1 - q) u: q > u. */
+  double used = (double)l->stats->prefetch_used, unused = (double)l->stats->prefetch_wasted;
+  double q = (used + 1.0) / (used + unused + 2.0), u = link_busy_share(l);
+  if (q <= u) {
+    l->stats->prefetch_declined += n;
+    UNLOCK(l);
+    return;
+  }
   for (uint32_t i = 0; i < n; i++) {
     if (em_cache_lookup(l->cache, records[i]) >= 0) continue;
     int wasted;

@@ -51,6 +51,11 @@ typedef struct {
   em_load_request* queue; /* ring buffer of n_slots requests: at most one in flight per slot */
   uint32_t q_head, q_len, q_cap;
   int32_t* failed; /* [records]: error of the record's last failed load, 0 = none */
+  /* How busy the link to storage has been: reads in flight now and since when one has been, the
+     busy time so far, and decayed sums of busy and elapsed time up to the last prefetch decision. */
+  uint32_t link_reads;
+  uint64_t busy_since, busy_ns, sampled_at, sampled_busy;
+  double recent_busy, recent_time;
 } em_loader;
 
 enum { EM_LOAD_CHECKSUM = -100000 }; /* failure code: the record read back did not match its CRC-32 */
@@ -75,7 +80,9 @@ int em_loader_ready(em_loader* l, uint32_t record);
 void em_loader_release(em_loader* l, uint32_t record);
 /* Starts loading these records (most wanted first) into slots the policy can spare; skips any that
  * are resident or in flight and stops when no slot can be claimed (em_cache_claim_prefetch, each
- * named with this chance of use). No-op without a loader thread. */
+ * named with this chance of use). Declines all of them while the link to storage has lately been
+ * busy a larger share of the time than the session's prefetches were used (em_stats.prefetch_declined).
+ * No-op without a loader thread. */
 void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance);
 /* Fills free slots with these records, most wanted first, as far as their size classes have free
  * slots (nothing is evicted), reading them here in runs of adjacent records. A record whose read
