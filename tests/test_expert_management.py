@@ -100,10 +100,10 @@ def test_prefetching_reduces_stalls_on_slow_storage(artifact_int4, quarter_budge
 
 
 def test_prefetches_that_go_unused_stop_while_the_link_is_busy(artifact_int4, quarter_budget, prompt_ids):
-    """Prefetching is declined while the link to storage has lately been busier than prefetches were used:
-    the wrong predictor's guesses, never used, soon stop (it then reads what no prediction reads), on
-    storage the decode waits on and on storage with time to spare alike; the next-layer router's, mostly
-    used, go on where the link has time for them."""
+    """Prefetching is declined while the link to storage has lately been busier than the guesses a prefetch
+    would read were right: the wrong predictor's, never right, soon stop (it then reads what no prediction
+    reads), on storage the decode waits on and on storage with time to spare alike; the next-layer
+    router's, mostly right, go on where the link has time for them."""
     for compute in (None, SLOW_COMPUTE):
         plain = _management_stats(artifact_int4, quarter_budget, prompt_ids, predictor="none", emulate=SLOW_STORAGE,
                                   emulate_compute=compute)

@@ -537,7 +537,7 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
         click.echo(f"prediction ({chosen[0]}): {st['predicted_hits'] / st['predicted']:.1%} of chosen experts "
                    f"predicted{ahead}; prefetches {st['prefetch_issued']} issued, {st['prefetch_used']} used, "
                    f"{st['prefetch_wasted']} evicted or cancelled unused"
-                   + (f", {st['prefetch_declined']} declined while the link was busier than prefetches were used"
+                   + (f", {st['prefetch_declined']} declined while the link was busier than such guesses were right"
                       if st["prefetch_declined"] else ""), err=True)
 
 

@@ -121,8 +121,8 @@ typedef struct {
   uint64_t preloaded;        /* of records_read, those em_open read into the cache (em_params.preload) */
   uint64_t predicted_ahead;  /* as predicted, for guesses made two or more layers ahead (prefetch_layers > 1) */
   uint64_t predicted_ahead_hits; /* of which those guesses had named */
-  uint64_t prefetch_declined; /* experts named but not prefetched: the link to storage was lately busier than
-                                 prefetches were used (em_loader_prefetch) */
+  uint64_t prefetch_declined; /* experts named, neither resident nor in flight, but not prefetched: the link to
+                                 storage was lately busier than such guesses were used (em_loader_prefetch) */
 } em_stats;
 
 typedef struct {

@@ -439,22 +439,22 @@ void em_loader_release(em_loader* l, uint32_t record) {
   UNLOCK(l);
 }
 
-void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance) {
-  if (!l->threaded) return;
+void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance,
+                        double worth, uint8_t* absent) {
   LOCK(l);
+  uint32_t missing = 0;
+  for (uint32_t i = 0; i < n; i++) missing += absent[i] = em_cache_lookup(l->cache, records[i]) < 0;
   /* A wasted prefetch costs the link its read, which the reads a layer waits for may then queue
      behind; a used one saves a wait only where the link had time to spare. With the link busy a
-     share u of the time, prefetching pays when the share q of prefetches used (so far, from an even
-     prior) has q (1 - u) > (1 - q) u: q > u. */
-  double used = (double)l->stats->prefetch_used, unused = (double)l->stats->prefetch_wasted;
-  double q = (used + 1.0) / (used + unused + 2.0), u = link_busy_share(l);
-  if (q <= u) {
-    l->stats->prefetch_declined += n;
+     share u of the time, prefetching pays when the share q of such guesses used has
+     q (1 - u) > (1 - q) u: q > u. */
+  if (!l->threaded || !missing || worth <= link_busy_share(l)) {
+    if (l->threaded) l->stats->prefetch_declined += missing;
     UNLOCK(l);
     return;
   }
   for (uint32_t i = 0; i < n; i++) {
-    if (em_cache_lookup(l->cache, records[i]) >= 0) continue;
+    if (!absent[i]) continue;
     int wasted;
     int32_t slot = em_cache_claim_prefetch(l->cache, records[i], layer, chance, &wasted);
     if (slot < 0) break;

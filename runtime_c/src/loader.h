@@ -80,10 +80,12 @@ int em_loader_ready(em_loader* l, uint32_t record);
 void em_loader_release(em_loader* l, uint32_t record);
 /* Starts loading these records (most wanted first) into slots the policy can spare; skips any that
  * are resident or in flight and stops when no slot can be claimed (em_cache_claim_prefetch, each
- * named with this chance of use). Declines all of them while the link to storage has lately been
- * busy a larger share of the time than the session's prefetches were used (em_stats.prefetch_declined).
- * No-op without a loader thread. */
-void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance);
+ * named with this chance of use). absent[i] is set where records[i] was neither resident nor in flight
+ * (what a prefetch would read). `worth`: the share of such records that were used; while the link
+ * to storage has lately been busy a larger share of the time it reads none of them
+ * (em_stats.prefetch_declined counts them). No-op without a loader thread but for `absent`. */
+void em_loader_prefetch(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, double chance,
+                        double worth, uint8_t* absent);
 /* Fills free slots with these records, most wanted first, as far as their size classes have free
  * slots (nothing is evicted), reading them here in runs of adjacent records. A record whose read
  * fails leaves its slot free: a later demand read reports the fault. Returns the records loaded. */

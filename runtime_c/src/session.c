@@ -562,9 +562,13 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
   uint32_t records[MAX_TOP_K * 4];
   if (n > MAX_TOP_K * 4) n = MAX_TOP_K * 4;
   for (uint32_t i = 0; i < n; i++) records[i] = record_of(s, layer, guess[i]);
-  /* the precision measured at this distance so far, from an even prior */
+  /* the precision measured at this distance so far, from an even prior: of all guesses, and of those
+     a prefetch would read (neither resident nor in flight when named), marked until scored */
   double chance = (double)(s->named_used[ahead - 1] + 1) / (double)(s->named_total[ahead - 1] + 2);
-  em_loader_prefetch(&s->loader, records, n, current, chance);
+  double worth = (double)(s->absent_used[ahead - 1] + 1) / (double)(s->absent_total[ahead - 1] + 2);
+  uint8_t absent[MAX_TOP_K * 4];
+  em_loader_prefetch(&s->loader, records, n, current, chance, worth, absent);
+  for (uint32_t i = 0; i < n; i++) guess[i] |= absent[i] ? EM_GUESS_ABSENT : 0u;
   s->named[at] = (uint16_t)n;
   s->st.predictions++;
   s->st.prefetch_named += n;
@@ -578,15 +582,19 @@ static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx)
     size_t at = (size_t)a * s->th.layers + layer;
     if (!s->named[at]) continue;
     const uint32_t* guess = s->predicted + at * s->n_predict;
-    uint32_t hits = 0;
+    uint32_t hits = 0, absent = 0, absent_hits = 0;
+    for (uint32_t j = 0; j < s->named[at]; j++) absent += (guess[j] & EM_GUESS_ABSENT) != 0;
     for (uint32_t k = 0; k < s->th.top_k; k++)
       for (uint32_t j = 0; j < s->named[at]; j++)
-        if (guess[j] == idx[k]) {
+        if ((guess[j] & ~EM_GUESS_ABSENT) == idx[k]) {
           hits++;
+          absent_hits += (guess[j] & EM_GUESS_ABSENT) != 0;
           break;
         }
     s->named_total[a] += s->named[at];
     s->named_used[a] += hits;
+    s->absent_total[a] += absent;
+    s->absent_used[a] += absent_hits;
     if (a == 0) {
       s->st.predicted_hits += hits;
       s->st.predicted += s->th.top_k;

@@ -22,6 +22,7 @@
 
 #define ERR_LEN 1280 /* room for a path (up to 1024) and the message */
 #define MAX_TOP_K 64
+#define EM_GUESS_ABSENT 0x80000000u /* on a predicted expert id: a prefetch would have to read it */
 
 struct em_session {
   em_trunk_header th;
@@ -50,12 +51,14 @@ struct em_session {
      the maps above are used there too) */
   const float *ahead_router, *ahead_prev, *ahead_bias;
   /* per distance ahead (1..prefetch_layers), the last prediction made for each layer: [distance - 1]
-     [layers][n_predict] experts, and [distance - 1][layers] how many it named (0 once scored) */
+     [layers][n_predict] experts, EM_GUESS_ABSENT set on those neither resident nor in flight when
+     named, and [distance - 1][layers] how many it named (0 once scored) */
   uint32_t* predicted;
   uint16_t* named;
   /* per distance ahead: experts named, and of them used at their layer (the precision that prefetch
-     admission weighs a guess by; expert_cache.h em_cache_claim_prefetch) */
-  uint64_t named_total[4], named_used[4];
+     admission weighs a guess by; expert_cache.h em_cache_claim_prefetch); the same for the absent
+     ones, which a prefetch would read (whether prefetching pays: em_loader_prefetch) */
+  uint64_t named_total[4], named_used[4], absent_total[4], absent_used[4];
 
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
   float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;
