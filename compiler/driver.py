@@ -56,7 +56,7 @@ class CompileOptions:
     int_dot: bool | None = None  # integer-dot kernels (tiles layout); None: wherever the target and shapes allow
     tune: bool = False  # tune kernels that have no record in the tuning store (then record them)
     tuning_dir: Path | None = None  # the tuning store's folder; default <cache>/tuning
-    jobs: int | None = None  # worker processes rounding experts; default: one per core
+    jobs: int | None = None  # worker processes rounding experts; default: one per core (expert_pool.default_jobs)
     dask_scheduler: str | None = None  # round experts on this Dask cluster (HOST:PORT) instead; overrides jobs
     android_api: int | None = None  # Android targets: the API level to build for; default: the target's
     int4_grid: str = "auto"  # INT4 matrices' levels (quantize.GRIDS), experts' and trunk's; auto: "integer" for Q4_0 experts
@@ -375,8 +375,6 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         from .dask_pool import DaskPool
 
         pool = DaskPool(opts.dask_scheduler)  # fails here, before the long stages, if Dask is not installed
-    else:
-        pool = ExpertPool(opts.jobs or default_jobs())
     with stage(progress, f"importing {model_dir.name}"):
         # every tensor stays in the checkpoint until used: experts rounded one at a time, the trunk read
         # a layer at a time by the calibration pass and a matrix at a time into trunk.bin; a search by
@@ -384,6 +382,9 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         # from their own working directory: absolute
         model = load_model(model_dir.absolute() if opts.dask_scheduler else model_dir, lazy=method != "measured")
     cfg = model.config
+    jobs = opts.jobs or default_jobs(model.parameter_counts()["experts"], calibrated=opts.calibration is not None)
+    if not opts.dask_scheduler:
+        pool = ExpertPool(jobs)
     if opts.trunk_bits == "auto":
         opts = replace(opts, trunk_bits=trunk_bits(model, opts))
         check_rounding(opts, search)
@@ -434,7 +435,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
             searched = BitPlan.from_dict(json.loads(found.read_text()))
             log(f"resuming: the bit plan searched before ({searched.average_bits:.2f} bits)")
         elif method == "estimated":
-            with ExpertPool(opts.jobs or default_jobs()) as local:
+            with ExpertPool(jobs) as local:
                 searched = search_plan_estimated(model, rounded_trunk, fit, search_tokens, check_tokens,
                                                  opts.tolerance, opts.max_bits, opts.group, local, log, progress,
                                                  grid)

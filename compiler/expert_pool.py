@@ -78,8 +78,21 @@ def round_expert(task: RoundingTask) -> RoundedExpert:
     return RoundedExpert(task.layer, task.expert, task.bits, payload, offsets)
 
 
-def default_jobs() -> int:
-    """Worker processes when not told: one per core this process may run on."""
+# A worker is a fresh interpreter importing NumPy, SciPy and numba: a pool of two took ~6.5 s to
+# start on this project's 2-core machine, so it pays only where rounding in the compile's own process
+# would take longer than POOL_MIN_SECONDS. Rates measured there in this process: the scale search
+# ~13 M expert weights/s, rounding against calibration inputs (GPTQ, BLAS on every core) ~0.6 M/s.
+# (The bundled model's 11.8 M weights: 2.8 s against 9.1 s with the pool; calibrated, 20 s either way;
+# a 100 M-weight model, 9.8 s against 10.0 s.)
+POOL_MIN_SECONDS = 15.0
+ROUNDING_RATE = {False: 13e6, True: 0.6e6}  # expert weights/s in one process, by calibrated
+
+
+def default_jobs(expert_weights: int | None = None, calibrated: bool = False) -> int:
+    """Worker processes when not told: one per core this process may run on; 1 (round in this
+    process) where rounding `expert_weights` here would take under POOL_MIN_SECONDS."""
+    if expert_weights is not None and expert_weights / ROUNDING_RATE[calibrated] < POOL_MIN_SECONDS:
+        return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

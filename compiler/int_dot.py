@@ -33,7 +33,9 @@ input and output).
 """
 from __future__ import annotations
 
+import functools
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 
 import tvm
@@ -51,6 +53,7 @@ from .quantize import TILE_ROWS, code_centre, planes
 # tok/s on 2 threads against 5384 on 1 (its 1 MiB LM head was the only kernel split). That is the hand
 # schedule's rule; a tuning record's `parallel` knob decides for its kernel shape instead.
 PARALLEL_MIN_BYTES = 2 << 20
+MEMOIZED_KERNELS = 512  # kernels a process keeps built (_memoized), a few KiB of TIR each
 KNOBS_ATTR = "edgemoe.int_dot_knobs"  # the PrimFunc attribute holding an integer-dot kernel's knobs (JSON)
 
 
@@ -320,6 +323,30 @@ def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: boo
     return body
 
 
+def _memoized(builder):
+    """The builder, returning the kernel it built before for the same arguments: parsing a kernel's
+    TVMScript takes ~0.5 s, most of a small model's compile, and one process often builds the same
+    kernels again (a compile per target or bitwidth, a bit-plan search, a test session). A PrimFunc
+    is immutable, so one may sit in several modules. Arguments that cannot be hashed are not kept."""
+    built: OrderedDict = OrderedDict()
+
+    @functools.wraps(builder)
+    def build(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        try:
+            func = built.pop(key, None)
+        except TypeError:
+            return builder(*args, **kwargs)
+        if func is None:
+            func = builder(*args, **kwargs)
+        built[key] = func  # most recent last
+        if len(built) > MEMOIZED_KERNELS:
+            built.popitem(last=False)
+        return func
+
+    return build
+
+
 def _tagged(func: tvm.tirx.PrimFunc, knobs: Knobs) -> tvm.tirx.PrimFunc:
     """The kernel with its knobs in its attributes (the tuning records and the manifest read them)."""
     return func.with_attr(KNOBS_ATTR, json.dumps(asdict(knobs), sort_keys=True))
@@ -331,6 +358,7 @@ def knobs_of(func: tvm.tirx.PrimFunc) -> Knobs | None:
     return Knobs(**json.loads(str(attrs[KNOBS_ATTR]))) if attrs is not None and KNOBS_ATTR in attrs else None
 
 
+@_memoized
 def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual: bool = False,
            knobs: Knobs = Knobs(), grid: str = "half") -> tvm.tirx.PrimFunc:
     """y = W x (+ res) with W in the tiles layout (INT4 codes on `grid`): (codes, scales, x, [res], y), as
@@ -374,6 +402,7 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
     return _tagged(f, knobs)
 
 
+@_memoized
 def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
                    name: str | None = None, kind: str = "swiglu", bias: bool = False,
                    grid: str = "half") -> tvm.tirx.PrimFunc:
@@ -435,6 +464,7 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
     return _tagged(f, knobs)
 
 
+@_memoized
 def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
                    name: str | None = None, grid: str = "half") -> tvm.tirx.PrimFunc:
     """h = relu(Wu x), Wu in the tiles layout (a ReLU expert's or dense MLP's first matrix)."""
@@ -466,6 +496,7 @@ def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
     return _tagged(f, knobs)
 
 
+@_memoized
 def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
                 name: str | None = None, bias: bool = False, grid: str = "half") -> tvm.tirx.PrimFunc:
     """y = res + weight · (Wd h (+ bd)), Wd in the tiles layout: the router weight and residual

@@ -370,3 +370,23 @@ def test_every_int_dot_schedule_the_search_can_pick_matches_numpy(rng, target_na
         else:
             (y,) = call(mod, name, h_ref, d.packed, d.scales, res, np.array([0.375], np.float32), outs=[(128,)])
             assert rel(y, y_ref) < 1e-5, name
+
+
+def test_a_kernel_built_again_with_the_same_arguments_is_the_one_built_before():
+    """int_dot's builders keep what they built: the same arguments give the very same PrimFunc (no
+    second TVMScript parse), and any argument that differs gives its own kernel."""
+    from edgemoe.compiler import int_dot
+
+    isa = int_dot.isa_for(load_target("x86-avx2").tvm())
+    first = int_dot.matvec(isa, 64, 128, 4, 32, name="em_memo_probe")
+    assert int_dot.matvec(isa, 64, 128, 4, 32, name="em_memo_probe") is first
+    others = [int_dot.matvec(isa, 64, 128, 4, 32, name="em_memo_probe", residual=True),
+              int_dot.matvec(isa, 64, 128, 8, 32, name="em_memo_probe"),
+              int_dot.matvec(isa, 64, 128, 4, 32, name="em_memo_probe2"),
+              int_dot.matvec(isa, 64, 128, 4, 32, name="em_memo_probe", knobs=int_dot.Knobs(chains=4))]
+    assert all(o is not first for o in others)
+    assert len(others[0].params) == len(first.params) + 1  # the residual
+    assert int_dot.knobs_of(others[3]).chains == 4 and int_dot.knobs_of(first).chains != 4
+    assert str(others[2].attrs["global_symbol"]) == "em_memo_probe2"
+    expert = int_dot.expert_down(isa, CFG_KNOBS, 4, 32, name="em_memo_down")
+    assert int_dot.expert_down(isa, CFG_KNOBS, 4, 32, name="em_memo_down") is expert

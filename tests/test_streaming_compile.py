@@ -137,6 +137,23 @@ def test_streamed_calibrated_rounding_is_the_in_ram_rounding(tiny_with_tokenizer
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_a_small_model_is_rounded_in_the_compile_process_unless_told(tiny_mixtral_dir, tmp_path):
+    """Starting worker processes costs seconds: where rounding in the compile's own process would take
+    less, the compile rounds its experts itself, else on one worker per core; --jobs decides where given."""
+    from edgemoe.compiler.expert_pool import POOL_MIN_SECONDS, ROUNDING_RATE, default_jobs
+
+    cores = len(os.sched_getaffinity(0))
+    for calibrated in (False, True):
+        least = int(POOL_MIN_SECONDS * ROUNDING_RATE[calibrated])
+        assert default_jobs(least - 1, calibrated) == 1
+        assert default_jobs(least, calibrated) == default_jobs() == cores
+    assert default_jobs(int(POOL_MIN_SECONDS * ROUNDING_RATE[True]), calibrated=False) == 1
+    for jobs, where in ((None, "1 process"), (2, "2 processes")):
+        compile_model(tiny_mixtral_dir, tmp_path / str(jobs), CompileOptions(max_seq=64, jobs=jobs), log=lambda m: None)
+        assert json.loads((tmp_path / str(jobs) / "manifest.json").read_text())["experts"]["rounded_on"] == where
+    assert records(tmp_path / "None") == records(tmp_path / "2")
+
+
 def test_a_compile_in_progress_holds_its_output_directory(tiny_mixtral_dir, tmp_path):
     opts = CompileOptions(max_seq=64)
     with working_directory(tmp_path / "a", compile_inputs(tiny_mixtral_dir, opts)):

@@ -175,7 +175,8 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
 @click.option("--tune", is_flag=True, help="Tune kernels that have no record in the tuning store for this target "
                                            "(on this machine) and record them; later compiles reuse the records.")
 @click.option("--jobs", type=click.IntRange(1, 4096), default=None,
-              help="Worker processes rounding experts [default: one per core].")
+              help="Worker processes rounding experts [default: one per core; 1, in the compile's own process, where "
+                   "rounding there takes under 15 s, less than starting workers costs].")
 @click.option("--dask-scheduler", default=None, metavar="HOST:PORT",
               help="Round experts on the workers of this running Dask scheduler instead of local processes (needs "
                    "pip install edgemoe[distributed]; the scheduler and workers need EdgeMoE, and the workers the "
