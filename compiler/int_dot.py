@@ -161,6 +161,10 @@ def centre(isa: Isa, bits: int, grid: str = "half") -> float:
     return 0.0 if bits == 8 and isa.signed_codes else code_centre(bits, "tiles", grid)
 
 
+class _Lanes(list):
+    """An accumulator held as one int32 scalar per lane (the Cortex-M7's SMLAD works on scalars)."""
+
+
 def _group_dot(isa: Isa, W, X4, t, g, sub, bits: int, group: int, k: int, chains: int):
     """int32 × lanes: Σ over the columns of group g of code · q, for rows sub·lanes … of tile t.
     Each step takes 4 consecutive columns: one byte of each lane's word, masked out of its bit
@@ -194,6 +198,7 @@ def _group_dot(isa: Isa, W, X4, t, g, sub, bits: int, group: int, k: int, chains
         # the 4 input codes of these columns, as one int32, to every lane
         acc[quad % chains] = _dot4(isa, acc[quad % chains], codes, tirx.Broadcast(X4[g * (group // 4) + quad], lanes),
                                    bits < 8)
+    acc = [tirx.Shuffle(list(a), list(range(lanes))) if isinstance(a, _Lanes) else a for a in acc]
     while len(acc) > 1:  # summed pairwise
         acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i] for i in range(0, len(acc), 2)]
     return acc[0]
@@ -227,13 +232,17 @@ def _dot4(isa: Isa, acc, codes, act, small: bool):
                     for w in (word, rotated)]
 
         a = halves(tirx.Shuffle([act], [0]))  # the input's 4 bytes, the same in every lane
-        sums = []
+        sums = _Lanes()
         for i in range(lanes):
-            total, c = tirx.Shuffle([acc], [i]), halves(tirx.Shuffle([codes], [i]))
+            # lane i's chain goes on from lane i's own scalar: taking it out of a vector of the lanes
+            # would copy every lane's expression into each lane, step after step (4^steps: these
+            # kernels' TIR was ~100x the other ISAs' and took ~40 s to lower)
+            total = acc[i] if isinstance(acc, _Lanes) else tirx.Shuffle([acc], [i])
+            c = halves(tirx.Shuffle([codes], [i]))
             for h in range(2):
                 total = tirx.call_llvm_pure_intrin("int32", isa.intrinsic, c[h], a[h], total)
             sums.append(total)
-        return tirx.Shuffle(sums, list(range(lanes)))
+        return sums
     if isa.intrinsic is not None:
         return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsic, acc, tirx.reinterpret(f"int8x{4 * lanes}", codes),
                                           tirx.reinterpret(f"int8x{4 * lanes}", act))
