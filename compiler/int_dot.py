@@ -34,13 +34,17 @@ input and output).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import sys
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.tirx.script.parser import entry as _tvmscript_entry
 
 from ..models import MoEConfig
 from .quantize import TILE_ROWS, code_centre, planes
@@ -332,6 +336,35 @@ def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: boo
     return body
 
 
+class _InspectWithoutSource:
+    """`inspect` as TVMScript's prim_func sees it while an integer-dot kernel is built: stack() without
+    each frame's source lines. prim_func reads only the frames' variables (the kernel's closure) and the
+    caller's line, to spot a class body (none here); looking the lines up scans every loaded module per
+    frame, which took about a second per kernel in a test runner's deep stack with torch imported."""
+
+    def __getattr__(self, name):
+        return getattr(inspect, name)
+
+    @staticmethod
+    def stack(context: int = 1) -> list:
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
+                                            None, None))
+            frame = frame.f_back
+        return frames
+
+
+@contextmanager
+def _parsing():
+    """prim_func sees _InspectWithoutSource for the time of the block (one thread builds at a time)."""
+    saved, _tvmscript_entry.inspect = _tvmscript_entry.inspect, _InspectWithoutSource()
+    try:
+        yield
+    finally:
+        _tvmscript_entry.inspect = saved
+
+
 def _memoized(builder):
     """The builder, returning the kernel it built before for the same arguments: parsing a kernel's
     TVMScript takes ~0.5 s, most of a small model's compile, and one process often builds the same
@@ -345,9 +378,11 @@ def _memoized(builder):
         try:
             func = built.pop(key, None)
         except TypeError:
-            return builder(*args, **kwargs)
+            with _parsing():
+                return builder(*args, **kwargs)
         if func is None:
-            func = builder(*args, **kwargs)
+            with _parsing():
+                func = builder(*args, **kwargs)
         built[key] = func  # most recent last
         if len(built) > MEMOIZED_KERNELS:
             built.popitem(last=False)
