@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, replace
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.script.parser.core import parser as _tvmscript_parser
 from tvm.tirx.script.parser import entry as _tvmscript_entry
 
 from ..models import MoEConfig
@@ -337,32 +338,43 @@ def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: boo
 
 
 class _InspectWithoutSource:
-    """`inspect` as TVMScript's prim_func sees it while an integer-dot kernel is built: stack() without
-    each frame's source lines. prim_func reads only the frames' variables (the kernel's closure) and the
-    caller's line, to spot a class body (none here); looking the lines up scans every loaded module per
-    frame, which took about a second per kernel in a test runner's deep stack with torch imported."""
+    """`inspect` as TVMScript's parser sees it while an integer-dot kernel is built: stack() and
+    getouterframes() without each frame's source lines. prim_func and T.macro read only the frames'
+    variables (the kernel's closure, the parser object) and the caller's line, to spot a class body
+    (none here); looking the lines up scans every loaded module per frame, which took about a second
+    per kernel in a test runner's deep stack with torch imported."""
 
     def __getattr__(self, name):
         return getattr(inspect, name)
 
     @staticmethod
-    def stack(context: int = 1) -> list:
-        frames, frame = [], sys._getframe(1)
+    def getouterframes(frame, context: int = 1) -> list:
+        frames = []
         while frame is not None:
             frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
                                             None, None))
             frame = frame.f_back
         return frames
 
+    def stack(self, context: int = 1) -> list:
+        return self.getouterframes(sys._getframe(1))
+
+
+# the TVMScript modules that look at the caller's frames: prim_func (entry) and T.macro (parser)
+_TVMSCRIPT_MODULES = (_tvmscript_entry, _tvmscript_parser)
+
 
 @contextmanager
 def _parsing():
-    """prim_func sees _InspectWithoutSource for the time of the block (one thread builds at a time)."""
-    saved, _tvmscript_entry.inspect = _tvmscript_entry.inspect, _InspectWithoutSource()
+    """TVMScript sees _InspectWithoutSource for the time of the block (one thread builds at a time)."""
+    saved = [m.inspect for m in _TVMSCRIPT_MODULES]
+    for m in _TVMSCRIPT_MODULES:
+        m.inspect = _InspectWithoutSource()
     try:
         yield
     finally:
-        _tvmscript_entry.inspect = saved
+        for m, was in zip(_TVMSCRIPT_MODULES, saved):
+            m.inspect = was
 
 
 def _memoized(builder):
