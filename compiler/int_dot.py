@@ -37,6 +37,7 @@ import functools
 import inspect
 import json
 import sys
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -364,17 +365,21 @@ class _InspectWithoutSource:
 _TVMSCRIPT_MODULES = (_tvmscript_entry, _tvmscript_parser)
 
 
+_PARSING = threading.RLock()  # one thread parses at a time, so each puts back the real `inspect`
+
+
 @contextmanager
 def _parsing():
-    """TVMScript sees _InspectWithoutSource for the time of the block (one thread builds at a time)."""
-    saved = [m.inspect for m in _TVMSCRIPT_MODULES]
-    for m in _TVMSCRIPT_MODULES:
-        m.inspect = _InspectWithoutSource()
-    try:
-        yield
-    finally:
-        for m, was in zip(_TVMSCRIPT_MODULES, saved):
-            m.inspect = was
+    """TVMScript sees _InspectWithoutSource for the time of the block."""
+    with _PARSING:
+        saved = [m.inspect for m in _TVMSCRIPT_MODULES]
+        for m in _TVMSCRIPT_MODULES:
+            m.inspect = _InspectWithoutSource()
+        try:
+            yield
+        finally:
+            for m, was in zip(_TVMSCRIPT_MODULES, saved):
+                m.inspect = was
 
 
 def _memoized(builder):
