@@ -15,6 +15,7 @@ set(EM_CORE_SOURCES
   runtime_c/src/mla.c
   runtime_c/src/pacer.c
   runtime_c/src/predictor.c
+  runtime_c/src/prefill.c
   runtime_c/src/program.c
   runtime_c/src/routing.c
   runtime_c/src/session.c

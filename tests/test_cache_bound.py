@@ -77,15 +77,16 @@ def test_time_bound():
 @pytest.mark.parametrize("policy", ["lru", "edgemoe"])
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
 def test_the_replay_reads_what_the_runtime_reads(artifact_int4, rng, policy, fraction):
-    """Replayed on the routing the runtime recorded, the runtime's eviction policy (demand loads only)
-    misses exactly as often as the runtime did; told the whole future it is MIN."""
+    """Replayed on the routing the runtime recorded, the runtime's eviction policy (demand loads only,
+    the tokens fed one by one) misses exactly as often as the runtime did; told the whole future it is
+    MIN."""
     from edgemoe.compiler.program import PROFILE_TENSORS
     from edgemoe.compiler.trunk_file import read_float_tensor
     from edgemoe.runtime import Session, budget_bytes
 
     frequency = read_float_tensor(artifact_int4 / "trunk.bin", PROFILE_TENSORS["frequency"])
     with Session(artifact_int4, memory_budget=budget_bytes(artifact_int4, 256, fraction), max_seq=256,
-                 loader_thread=False, predictor="none", eviction=policy) as s:
+                 loader_thread=False, predictor="none", eviction=policy, prefill_tokens=1) as s:
         tokens = rng.integers(0, s.info["vocab_size"], 160).tolist()
         s.trace_routing(len(tokens))
         s.prefill(tokens)

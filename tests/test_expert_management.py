@@ -224,7 +224,7 @@ def test_prefetch_layers_guesses_the_layers_after_the_next_within_the_token(arti
     runs = {}
     for ahead in (1, 2, 3):
         with Session(artifact_int4, memory_budget=quarter_budget, predictor="fitted-router", eviction="edgemoe",
-                     prefetch_layers=ahead) as s:
+                     prefetch_layers=ahead, prefill_tokens=1) as s:  # the prompt predicted token by token too
             s.generate(prompt_ids, N_NEW)
             runs[ahead] = s.stats()
             layers = s.info["num_expert_layers"]
@@ -286,7 +286,7 @@ def test_fitted_router_fits_its_calibration_text(artifact_int4, quarter_budget):
     ids = tokenize_file(artifact_int4 / "tokenizer.json", CALIBRATION, 512).tolist()
     rates = {}
     for pred in ("next-router", "fitted-router"):
-        with Session(artifact_int4, memory_budget=quarter_budget, predictor=pred, max_seq=256) as s:
+        with Session(artifact_int4, memory_budget=quarter_budget, predictor=pred, max_seq=256, prefill_tokens=1) as s:
             for i in range(0, len(ids), 256):
                 s.reset()
                 s.prefill(ids[i : i + 256])
@@ -324,7 +324,7 @@ def test_guesses_two_layers_ahead_use_their_own_fit(artifact_int4, trained_model
             total += selected[:, l].size
     assert named["ahead"] > named["reused"], named
     with Session(artifact_int4, memory_budget=quarter_budget, predictor="fitted-router", prefetch_layers=2,
-                 max_seq=256) as s:
+                 max_seq=256, prefill_tokens=1) as s:
         for i in range(0, len(held), 256):
             s.reset()
             s.prefill(held[i : i + 256].tolist())
@@ -358,7 +358,8 @@ def test_fitted_router_in_the_runtime_names_what_numpy_names(artifact_int4, trai
             guess = np.argsort(-scores, axis=1)[:, : cfg.top_k]
             named += sum(len(set(g) & set(s)) for g, s in zip(guess, selected[:, l]))
             total += selected[:, l].size
-    with Session(artifact_int4, memory_budget=quarter_budget, predictor="fitted-router", max_seq=256) as s:
+    with Session(artifact_int4, memory_budget=quarter_budget, predictor="fitted-router", max_seq=256,
+                 prefill_tokens=1) as s:
         for i in range(0, len(held), 256):
             s.reset()
             s.prefill(held[i : i + 256].tolist())

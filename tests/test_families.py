@@ -201,7 +201,8 @@ VARIANTS = {  # compile options, and the name of the variant
 def test_runtime_matches_reference(family_dir, variant, tmp_path, rng, runtime_lib):
     """The C runtime walking the compiled layer program gives the reference executor's logits for
     the same stored weights, with every expert resident and at the minimum budget (experts read);
-    on three compute threads (a layer's experts side by side) the same bits as on one."""
+    on three compute threads (a layer's experts side by side) the same bits as on one; a prompt run
+    a batch of tokens at a time the same bits as token by token."""
     from conftest import assert_matches_reference, assert_routing_matches_reference
 
     from edgemoe.compiler.driver import CompileOptions, compile_model
@@ -229,6 +230,10 @@ def test_runtime_matches_reference(family_dir, variant, tmp_path, rng, runtime_l
         assert_routing_matches_reference(trace, ref, art)
     assert st["expert_misses"] > 0 and st["records_read"] >= st["expert_misses"]
     assert np.array_equal(runs[0, 3], runs[0, 1])
+    # a prompt run five tokens at a time through each layer, reads in flight, two threads: the same bits
+    with Session(art, memory_budget=budget_bytes(art), threads=2, emulate=(200e6, 0.0005), prefill_tokens=5) as s:
+        got = np.stack([s.prefill(tokens[:13]), *(s.decode_step(t) for t in tokens[13:])])
+    assert np.array_equal(got, runs[budget_bytes(art), 1][12:])
 
 
 def test_the_program_scales_are_bound_and_a_non_finite_one_is_refused(tmp_path, runtime_lib):

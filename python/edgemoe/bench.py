@@ -30,6 +30,9 @@ class RunConfig:
     prefetch_margin: float = 0.0  # > 0: a confidence-driven number of experts to prefetch (Session's)
     prefetch_layers: int = 1  # layers with experts a hidden-state predictor prefetches ahead (Session's)
     preload: bool = False  # fill the expert cache at open with the most often chosen experts (Session's)
+    # the prompt token by token, as decoding runs: the bounds on a routing trace (Belady's MIN) replay
+    # it in that order (Session's; `edgemoe-bench prefill` measures prompts run a batch at a time)
+    prefill_tokens: int = 1
 
 
 def pipeline_configs(fraction: float, queue_depth: int = 1, margin: float = 0.0) -> list[RunConfig]:
@@ -75,7 +78,7 @@ def run_config(artifact: Path, cfg: RunConfig, prompt: list[int], n_new: int, em
                  emulate=emulate, loader_thread=cfg.loader_thread, predictor=cfg.predictor,
                  eviction=cfg.eviction, threads=cfg.threads, readers=cfg.readers, emulate_compute=compute,
                  prefetch_margin=cfg.prefetch_margin, prefetch_layers=cfg.prefetch_layers,
-                 preload=cfg.preload) as s:
+                 preload=cfg.preload, prefill_tokens=cfg.prefill_tokens) as s:
         if cfg.warm:
             s.generate(prompt, n_new)
             s.reset()
@@ -398,6 +401,78 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
                title=f"{artifact.name}: {where}, {n_new} tokens")
 
 
+@bench_cmd.command("prefill")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The prompts: its first --prompt-tokens tokens, e.g. WikiText-2 test.")
+@click.option("--prompt-tokens", "lengths", type=_NumberList(int, 1, UINT32_MAX), default="64,256", show_default=True,
+              help="Comma-separated prompt lengths.")
+@click.option("--fractions", type=_NumberList(float, 0, 1, lo_open=True), default="0.1,0.25,0.5,1", show_default=True,
+              help="Comma-separated expert budgets (fractions of all experts; 1 = every expert, read on first use).")
+@click.option("--batches", type=_NumberList(int, 1, 1024), default="1,16,64", show_default=True,
+              help="Comma-separated prompt tokens run through each layer together (Session prefill_tokens); 1 = "
+                   "token by token, the baseline.")
+@click.option("--emulate-storage", "storage", default="phone-ufs31", show_default=True, metavar="TARGET|MBPS,MS")
+@board_option
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Runs of each configuration; the fastest is reported.")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@plot_option("prefill")
+def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compute_spec, threads, repeat, json_out,
+                plot_path, no_plot):
+    """Time to read a prompt, from a cold expert cache, token by token against a batch of tokens at a
+    time through each layer (an expert the batch's tokens chose read once for all of them), at each
+    expert budget: time, expert records read and bytes, and whether the logits after the prompt are the
+    same bits. Predictor and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens."""
+    from .runtime import Session, budget_bytes
+
+    emulate, compute, where = board_emulation(storage, compute_spec)
+    manifest = read_manifest(artifact)
+    max_seq = max(lengths)
+    if max_seq > manifest["max_seq"]:
+        raise click.BadParameter(f"{max_seq} tokens is more than {artifact}'s maximum context {manifest['max_seq']}",
+                                 param_hint="--prompt-tokens")
+    ids = held_out_ids(artifact, text_path, max_seq)
+    if len(ids) < max_seq:
+        raise click.BadParameter(f"{text_path} has {len(ids)} tokens, fewer than {max_seq}", param_hint="--text")
+    batches = sorted(set(batches) | {1})
+    click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), {where}, "
+               f"{threads} thread{'s' if threads > 1 else ''}, prompts from {text_path.name}, cold cache, "
+               f"{f'best of {repeat} runs' if repeat > 1 else 'one run each'}")
+    click.echo("| prompt tokens | budget | tokens per batch | ms | ms/token | × token by token | records read | "
+               "read | same logits |")
+    click.echo("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for n in lengths:
+        for fraction in fractions:
+            budget = 0 if fraction == 1 else budget_bytes(artifact, max_seq, fraction)
+            baseline = None
+            for batch in batches:
+                best = None
+                for _ in range(repeat):
+                    with Session(artifact, memory_budget=budget, max_seq=max_seq, emulate=emulate,
+                                 emulate_compute=compute, threads=threads, prefill_tokens=batch) as s:
+                        t0 = time.perf_counter()
+                        logits = s.prefill(ids[:n])
+                        ms = 1e3 * (time.perf_counter() - t0)
+                        st = s.stats()
+                    if best is None or ms < best[0]:
+                        best = (ms, st, logits)
+                ms, st, logits = best
+                if baseline is None:
+                    baseline = best
+                same = bool((logits == baseline[2]).all())
+                click.echo(f"| {n} | {fraction:.0%} | {batch} | {ms:.1f} | {ms / n:.2f} | {baseline[0] / ms:.2f} | "
+                           f"{st['records_read']} | {fmt_bytes(st['bytes_read'])} | {same} |")
+                rows.append({"prompt_tokens": n, "fraction": fraction, "batch": batch, "ms": ms,
+                             "records_read": st["records_read"], "bytes_read": st["bytes_read"], "same_logits": same})
+    if json_out:
+        json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "compute": compute, "rows": rows},
+                                       indent=1))
+    write_plot(plot_path, no_plot, "prefill", rows, title=f"{artifact.name}: {where}")
+
+
 def held_out_text_options(f):
     """--text, --tokens, --window: the held-out text a bench decodes, in passes of --window tokens."""
     f = click.option("--window", type=click.IntRange(1, UINT32_MAX), default=256, show_default=True,
@@ -453,7 +528,7 @@ def predictors_cmd(artifact, text_path, n_tokens, window, fraction, prefetch_cou
     chart = []
     for name, count, margin in runs:
         with Session(artifact, memory_budget=budget, max_seq=window, predictor=name, prefetch_experts=count,
-                     prefetch_margin=margin, prefetch_layers=prefetch_layers) as s:
+                     prefetch_margin=margin, prefetch_layers=prefetch_layers, prefill_tokens=1) as s:
             for i in range(0, len(ids), window):
                 s.reset()
                 s.prefill(ids[i : i + window])

@@ -456,6 +456,9 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
 @click.option("--one-read-per-record", is_flag=True,
               help="Read each expert record in its own request (default: records queued together that lie side by "
                    "side in experts.bin are read in one).")
+@click.option("--prefill-tokens", type=click.IntRange(1, 1024), default=None,
+              help="Prompt tokens run through each layer together: an expert several of them chose is read once for "
+                   "all of them [default: the runtime's, 16]; 1: token by token, as decoding.")
 @click.option("--no-loader-thread", is_flag=True, help="Read experts on the decode thread (no prefetching).")
 @click.option("--storage", type=click.Choice(["pread", "mmap"]), default="pread", show_default=True)
 @click.option("--direct-io", is_flag=True, help="Open the expert image with O_DIRECT (bypass the page cache).")
@@ -472,7 +475,8 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
                    "requests (UFS, NVMe; a target's storage queue_depth).")
 def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetition_penalty, seed, budget,
             cache_fraction, max_seq, no_verify, predictor, eviction, prefetch_experts, prefetch_margin,
-            prefetch_layers, preload, one_read_per_record, no_loader_thread, storage, direct_io, emulate_storage, emulate_compute, threads, readers):
+            prefetch_layers, preload, one_read_per_record, prefill_tokens, no_loader_thread, storage, direct_io,
+            emulate_storage, emulate_compute, threads, readers):
     """Generate text with a compiled ARTIFACT in the C runtime and report speed, memory and cache behaviour."""
     from .api import Session
     from .runtime import EdgeMoEError
@@ -491,7 +495,7 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
                      storage=storage, direct_io=direct_io, emulate=emulate, loader_thread=not no_loader_thread,
                      predictor=predictor, prefetch_experts=prefetch_experts, prefetch_margin=prefetch_margin,
                      prefetch_layers=prefetch_layers, preload=preload, coalesce=not one_read_per_record,
-                     eviction=eviction,
+                     prefill_tokens=prefill_tokens or 0, eviction=eviction,
                      threads=threads, readers=readers, emulate_compute=board_compute) as s:
             if prompt is not None:
                 ids = s.tokenizer.encode(prompt).ids

@@ -92,11 +92,20 @@ typedef struct {
      text chose most (by record order without a routing profile), as many as it holds: the first
      tokens find them resident instead of each first use being a miss. em_open takes the reads' time. */
   int preload;
+  /* Tokens of a prompt em_prefill runs through each layer together, 1..1024 (0 = 16; 1 on bare-metal
+     builds, where RAM is scarcest): an expert several of them chose is read once for all of them,
+     instead of again for each token that finds it evicted, and computed for them one after another.
+     The logits are the same bits as fed token by token. 1: token by token, as em_decode_step feeds
+     them, predicting and prefetching between layers (a study of decode-time prefetching over a text
+     wants that: within a batch a layer's experts are known before they are needed). The buffers for a
+     batch come out of memory_budget. */
+  uint32_t prefill_tokens;
 } em_params;
 
 typedef struct {
-  uint64_t tokens;           /* decode steps run (prompt and generated) */
-  uint64_t expert_hits;      /* expert uses served from the cache */
+  uint64_t tokens;           /* tokens run (prompt and generated) */
+  uint64_t expert_hits;      /* expert uses served from the cache (within a prompt's batch, an expert
+                                several of its tokens chose is one use) */
   uint64_t expert_misses;    /* expert uses that had to be read from storage */
   uint64_t bytes_read;       /* bytes read from the expert image */
   uint64_t read_ns;          /* time spent reading experts */
@@ -147,7 +156,8 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
 int em_model_info_get(const em_session* s, em_model_info* out);
 /* Forget the context (KV cache); the expert cache and statistics stay. */
 void em_reset(em_session* s);
-/* Feed n tokens; on success the logits after the last one are in em_logits(s). An encoder-decoder
+/* Feed n tokens; on success the logits after the last one are in em_logits(s). On failure the context
+ * is as before the call (the prompt can be fed again whole). An encoder-decoder
  * model (Switch Transformers) runs its encoder over the n tokens instead, as a new input (the
  * decoder starts again), and feeds the decoder its start token: em_logits(s) then holds the
  * first output token's logits, and em_decode_step continues the decoder. */

@@ -30,11 +30,10 @@ uint32_t em_expert_lanes(uint32_t threads, uint32_t top_k, uint64_t arena_bytes,
 }
 
 typedef struct {
-  const em_ffn_block* experts;
+  const em_expert_task* tasks;
   uint32_t n, lanes, hidden, inter;
   const em_arena* arena;
-  const float *x, *zero;
-  float *weights, *out;
+  const float* zero;
   int next;   /* the next expert to take (atomic) */
   int failed; /* set once by the first failing expert (atomic) */
   int rc;
@@ -58,8 +57,8 @@ static int run_lane(int task_id, em_parallel_env* penv, void* cdata) {
   for (;;) {
     int k = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
     if ((uint32_t)k >= w->n || __atomic_load_n(&w->failed, __ATOMIC_ACQUIRE)) break;
-    int rc = em_ffn_call(&w->experts[k], w->x, h, w->zero, &w->weights[k], w->out + (size_t)k * w->hidden, err,
-                         sizeof err);
+    const em_expert_task* t = &w->tasks[k];
+    int rc = em_ffn_call(t->f, t->x, h, w->zero, t->weight, t->out, err, sizeof err);
     if (rc && !__atomic_exchange_n(&w->failed, 1, __ATOMIC_ACQ_REL)) {
       w->rc = rc;
       snprintf(w->err, w->errn, "%s", err);
@@ -69,11 +68,9 @@ static int run_lane(int task_id, em_parallel_env* penv, void* cdata) {
   return 0;
 }
 
-int em_experts_parallel(const em_ffn_block* experts, uint32_t n, uint32_t lanes, const em_arena* arena,
-                        const float* x, float* weights, const float* zero, float* out, uint32_t hidden,
-                        uint32_t inter, char* err, size_t errn) {
-  lane_work w = {experts, n, lanes < n ? lanes : n, hidden, inter, arena, x, zero, weights, out, 0, 0, EM_OK,
-                 err, errn};
+int em_experts_parallel(const em_expert_task* tasks, uint32_t n, uint32_t lanes, const em_arena* arena,
+                        const float* zero, uint32_t hidden, uint32_t inter, char* err, size_t errn) {
+  lane_work w = {tasks, n, lanes < n ? lanes : n, hidden, inter, arena, zero, 0, 0, EM_OK, err, errn};
   em_parallel_launch(run_lane, &w, 0); /* run_lane reports failures in w, never to the pool */
   return w.rc;
 }

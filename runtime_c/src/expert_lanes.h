@@ -3,9 +3,10 @@
  * routed expert's matrices are small (1–3 MiB), and splitting each costs a barrier per kernel and
  * leaves threads idle on the ones below the split threshold.
  *
- * Every expert writes weight · expert(x) into its own row of `out`; the caller adds the rows into
- * the residual stream in the order the router chose them, so the result is the same bits whichever
- * thread computed which expert and however many threads there are. A lane's scratch (the expert's
+ * Every task writes weight · expert(x) into its own row; the caller adds the rows into the residual
+ * stream in the order the router chose them, so the result is the same bits whichever thread
+ * computed which expert and however many threads there are. A prompt's batch (prefill.c) runs one
+ * expert for several tokens as tasks of their own. A lane's scratch (the expert's
  * intermediate activations and its kernels' workspace) is a slice of the session's kernel arena,
  * which holds nothing while experts run (attention's scores live there only during attention). */
 #ifndef EM_EXPERT_LANES_H
@@ -32,11 +33,18 @@ uint64_t em_expert_lanes_bytes(uint32_t lanes, uint32_t hidden, uint32_t inter);
  * arena has room for (1: run them one at a time). */
 uint32_t em_expert_lanes(uint32_t threads, uint32_t top_k, uint64_t arena_bytes, uint32_t hidden, uint32_t inter);
 
-/* Computes experts[0..n) into out[k * hidden ...], weights[k] their gate weights, on up to `lanes`
- * threads of the pool bound to this thread (lanes >= 2; each lane's parallel loops run serially).
- * zero: [hidden] zeros. On failure: the first failing expert's error, as em_ffn_call gives it. */
-int em_experts_parallel(const em_ffn_block* experts, uint32_t n, uint32_t lanes, const em_arena* arena,
-                        const float* x, float* weights, const float* zero, float* out, uint32_t hidden,
-                        uint32_t inter, char* err, size_t errn);
+/* One expert applied to one token's input: out = weight · expert(x). */
+typedef struct {
+  const em_ffn_block* f;
+  const float* x;  /* [hidden] */
+  float* weight;   /* its gate weight, where the down kernel reads it */
+  float* out;      /* [hidden] */
+} em_expert_task;
+
+/* Runs tasks[0..n) on up to `lanes` threads of the pool bound to this thread (lanes >= 2; each
+ * lane's parallel loops run serially). zero: [hidden] zeros. On failure: the first failing task's
+ * error, as em_ffn_call gives it. */
+int em_experts_parallel(const em_expert_task* tasks, uint32_t n, uint32_t lanes, const em_arena* arena,
+                        const float* zero, uint32_t hidden, uint32_t inter, char* err, size_t errn);
 
 #endif

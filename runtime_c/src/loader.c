@@ -384,7 +384,6 @@ int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t l
       rc = demand_load(l, records[i], layer, err, errn);
     }
   }
-  if (rc == EM_OK) em_cache_routed(l->cache, layer, records, n);
   /* a failure leaves nothing pinned (the failed record's slot was freed): the session stays usable */
   for (uint32_t j = 0; rc != EM_OK && j + 1 < i; j++) {
     int32_t slot = em_cache_lookup(l->cache, records[j]);
@@ -392,6 +391,12 @@ int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t l
   }
   UNLOCK(l);
   return rc;
+}
+
+void em_loader_routed(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer) {
+  LOCK(l);
+  em_cache_routed(l->cache, layer, records, n);
+  UNLOCK(l);
 }
 
 int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data, char* err, size_t errn) {

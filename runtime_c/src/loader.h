@@ -67,11 +67,13 @@ int em_loader_init(em_loader* l, em_storage* storage, em_expert_cache* cache, co
                    char* err, size_t n);
 void em_loader_stop(em_loader* l);
 
-/* Declares that the decode loop needs these records (one layer's selected experts) now: each is
+/* Declares that the decode loop needs these records (a layer's selected experts) now: each is
  * pinned so nothing evicts it; one not resident is claimed a slot and read on demand (queued ahead
  * of prefetches on the loader thread, or read right here without one). `layer` is the layer being
  * computed, for the eviction policy. On failure none of them is left pinned. */
 int em_loader_need(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer, char* err, size_t errn);
+/* The experts `layer` routed one token to (em_cache_routed: EdgeMoE eviction's estimate of use). */
+void em_loader_routed(em_loader* l, const uint32_t* records, uint32_t n, uint32_t layer);
 /* Waits until a needed record is resident and gives its data. */
 int em_loader_wait(em_loader* l, uint32_t record, uint32_t layer, uint8_t** data, char* err, size_t errn);
 /* 1 if the record is resident and read (em_loader_wait would not block), else 0. */

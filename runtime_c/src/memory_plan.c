@@ -42,13 +42,21 @@ void em_kv_rows(const em_trunk_header* th, uint64_t* k_row, uint64_t* v_row) {
   *v_row = th->kv_lora ? th->head_dim : (uint64_t)th->kv_heads * th->head_dim;
 }
 
+uint64_t em_batch_meta_bytes(uint32_t tokens, uint32_t top_k) {
+  uint64_t chosen = (uint64_t)tokens * top_k;
+  return chosen * (sizeof(em_ffn_block) + sizeof(em_expert_task) + 3 * sizeof(uint32_t)) + tokens * sizeof(uint32_t) +
+         4 * EM_ALIGN_BUF;
+}
+
 int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records, uint32_t max_seq,
-                   size_t program_bytes, em_memory_plan* p, char* err, size_t n) {
+                   uint32_t prefill_tokens, size_t program_bytes, em_memory_plan* p, char* err, size_t n) {
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
   uint64_t ffn = em_ffn_floats(th), H = th->heads, enc = th->cross_layers ? max_seq : 0;
+  uint64_t batch = prefill_tokens, chosen = batch * th->top_k;
   /* the order session.c carves them in; the latent attention's are empty without it, then the
      experts' take, one query's position bias, the encoder's rows and their q (empty without an encoder),
-     then the chosen experts' outputs and weights and a row of zeros */
+     then the chosen experts' outputs and weights (a batch's tokens' each), a row of zeros, and a
+     batch's residual streams and normalised MoE inputs */
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
                        th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
                        (uint64_t)th->layers * th->hidden, 3ull * th->experts,
@@ -56,7 +64,7 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
                        th->kv_lora ? (uint64_t)th->kv_lora + th->head_dim : 0, H * th->kv_lora,
                        th->kv_lora ? H * th->head_dim : 0, H * th->kv_lora, H * th->v_head,
                        th->experts, H * max_seq, enc * th->hidden, enc * q_dim,
-                       (uint64_t)th->top_k * th->hidden, th->top_k, th->hidden};
+                       chosen * th->hidden, chosen, th->hidden, batch * th->hidden, batch * th->hidden};
   if (em_size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
     return EM_ERR_FORMAT;
@@ -91,7 +99,8 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   p->meta = em_align_up((uint64_t)ih->n_records * (sizeof(em_record) + 1) + em_cache_meta_bytes(0, ih->n_records) +
                          em_loader_meta_bytes(0, ih->n_records) +
                          program_bytes + th->layers * (1 + th->experts * sizeof(uint32_t)) +
-                         th->top_k * sizeof(em_ffn_block) + 4 * EM_ALIGN_BUF, /* alignment between the parts */
+                         em_batch_meta_bytes(prefill_tokens, th->top_k) +
+                         4 * EM_ALIGN_BUF, /* alignment between the parts */
                      EM_ALIGN_BUF);
   p->fixed = p->trunk + p->kv + p->buffers + p->arena + p->meta;
   p->min_cache = p->all_experts = 0;

@@ -22,6 +22,19 @@ typedef struct {
 
 static inline uint64_t em_align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
+/* em_params.prefill_tokens = 0: a prompt's tokens run through each layer together (prefill.c) */
+#ifdef EM_BAREMETAL
+#define EM_DEFAULT_PREFILL_TOKENS 1
+#else
+#define EM_DEFAULT_PREFILL_TOKENS 16
+#endif
+#define EM_MAX_PREFILL_TOKENS 1024
+
+/* Bytes of bookkeeping for a prompt's batch of `tokens` tokens (session.c carves it): per chosen
+ * expert of each token its block, task, id, record and place in the order they run, per token its
+ * count of experts. */
+uint64_t em_batch_meta_bytes(uint32_t tokens, uint32_t top_k);
+
 /* Floats of the buffer between an MLP's two kernels: the widest of the experts', the shared
  * expert's and the dense layers' intermediate sizes. */
 uint64_t em_ffn_floats(const em_trunk_header* th);
@@ -31,9 +44,10 @@ void em_kv_rows(const em_trunk_header* th, uint64_t* k_row, uint64_t* v_row);
 /* Sorts the records' lengths into size classes (at most EM_MAX_SIZE_CLASSES); -1 if too many.
  * record_class[i] (if given) receives record i's class. */
 int em_size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t* n_out, uint8_t* record_class);
-/* The plan for a context of max_seq tokens; EM_ERR_FORMAT (message in err) with too many record sizes. */
+/* The plan for a context of max_seq tokens and prompts run prefill_tokens at a time; EM_ERR_FORMAT
+ * (message in err) with too many record sizes. */
 int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records, uint32_t max_seq,
-                   size_t program_bytes, em_memory_plan* p, char* err, size_t n);
+                   uint32_t prefill_tokens, size_t program_bytes, em_memory_plan* p, char* err, size_t n);
 /* Slots per size class for a budget (0 = every record resident). */
 void em_slots_for_budget(const em_memory_plan* p, uint64_t budget, uint64_t* slots);
 

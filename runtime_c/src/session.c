@@ -88,6 +88,13 @@ static void format_mib(char* out, size_t n, uint64_t bytes) {
   snprintf(out, n, "%llu bytes (%.2f MiB)", (unsigned long long)bytes, bytes / 1048576.0);
 }
 
+/* Tokens a prompt's batch holds (em_params.prefill_tokens): at most the context; an encoder-decoder
+ * model runs its prompt through the encoder instead. */
+static uint32_t prefill_batch(const em_trunk_header* th, uint32_t requested, uint32_t max_seq) {
+  uint32_t n = requested ? requested : EM_DEFAULT_PREFILL_TOKENS;
+  return th->cross_layers ? 1 : n < max_seq ? n : max_seq;
+}
+
 int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fraction, uint64_t* out, char* err,
                     size_t err_len) {
   artifact_paths ap;
@@ -103,7 +110,8 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
   if (rc) return rc;
   if (!max_seq || max_seq > th.max_positions) max_seq = th.max_positions;
   em_memory_plan p;
-  rc = em_plan_memory(&th, &ih, records, max_seq, em_program_bytes(th.program_steps, th.layers), &p, err, err_len);
+  rc = em_plan_memory(&th, &ih, records, max_seq, prefill_batch(&th, 0, max_seq),
+                      em_program_bytes(th.program_steps, th.layers), &p, err, err_len);
   free(records);
   if (rc) return rc;
   uint64_t cache = (uint64_t)(expert_fraction * (double)p.all_experts);
@@ -193,6 +201,8 @@ static int check_params(const em_params* p, char* err, size_t n) {
   else if (!(p->prefetch_margin >= 0.0f) || !(p->prefetch_margin <= 100.0f))
     why = "prefetch_margin must be within [0, 100] (0 = a fixed number of experts)";
   else if (p->prefetch_layers > 4) why = "prefetch_layers must be within [0, 4] (0 = 1: the next layer)";
+  else if (p->prefill_tokens > EM_MAX_PREFILL_TOKENS)
+    why = "prefill_tokens must be within [0, 1024] (0 = the default; 1 = token by token)";
   else if (em_pacer_init(&(em_pacer){0}, p->emulate_memory_bandwidth, p->emulate_int8_ops, p->emulate_fp32_flops))
     why = "emulate_memory_bandwidth, emulate_int8_ops and emulate_fp32_flops must all be finite and > 0 (or all 0: "
           "no compute emulation)";
@@ -264,8 +274,11 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->prefetch_margin = params->prefetch_margin;
   s->prefetch_layers = params->prefetch_layers ? params->prefetch_layers : 1;
   if (s->n_predict > th->experts) s->n_predict = th->experts;
+  s->prefill_tokens = prefill_batch(th, params->prefill_tokens, s->max_seq);
+  uint32_t chosen = s->prefill_tokens * th->top_k; /* a batch's experts, one per token and choice */
   em_memory_plan p;
-  rc = em_plan_memory(th, &s->ih, s->records, s->max_seq, em_program_bytes(th->program_steps, th->layers), &p, err, err_len);
+  rc = em_plan_memory(th, &s->ih, s->records, s->max_seq, s->prefill_tokens,
+                      em_program_bytes(th->program_steps, th->layers), &p, err, err_len);
   if (rc) {
     free(s->records);
     free(s);
@@ -278,9 +291,10 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
       format_mib(have, sizeof have, params->memory_budget);
       format_mib(need, sizeof need, min_budget);
       snprintf(err, err_len,
-               "memory budget %s is below the minimum %s for this artifact at a context of %u tokens "
-               "(trunk + KV cache + buffers + %u experts of one layer); raise the budget or lower max_seq",
-               have, need, s->max_seq, th->top_k);
+               "memory budget %s is below the minimum %s for this artifact at a context of %u tokens and "
+               "prompts run %u tokens at a time (trunk + KV cache + buffers + %u experts of one layer); raise "
+               "the budget, or lower max_seq or prefill_tokens",
+               have, need, s->max_seq, s->prefill_tokens, th->top_k);
       free(s->records);
       free(s);
       return EM_ERR_BUDGET;
@@ -306,7 +320,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
                                       s->ih.n_records, EM_ALIGN_BUF);
   size_t blocks_at = em_align_up(program_at + em_program_bytes(th->program_steps, th->layers), EM_ALIGN_BUF);
   if (posix_memalign(&block, EM_ALIGN_PAGE, block_bytes) != 0 ||
-      !(meta = (uint8_t*)malloc(blocks_at + th->top_k * sizeof(em_ffn_block)))) {
+      !(meta = (uint8_t*)malloc(blocks_at + em_batch_meta_bytes(s->prefill_tokens, th->top_k)))) {
     snprintf(err, err_len, "cannot allocate %llu bytes", (unsigned long long)block_bytes);
     free(block);
     free(meta);
@@ -354,13 +368,20 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->pos_bias = carve(&cur, (uint64_t)th->heads * s->max_seq);
   s->enc_x = carve(&cur, th->cross_layers ? (uint64_t)s->max_seq * th->hidden : 0);
   s->enc_q = carve(&cur, th->cross_layers ? (uint64_t)s->max_seq * s->q_dim : 0);
-  s->expert_out = carve(&cur, (uint64_t)th->top_k * th->hidden);
-  s->expert_weights = carve(&cur, th->top_k);
+  s->expert_out = carve(&cur, (uint64_t)chosen * th->hidden);
+  s->expert_weights = carve(&cur, chosen);
   s->zero = carve(&cur, th->hidden);
+  s->batch_x = carve(&cur, (uint64_t)s->prefill_tokens * th->hidden);
+  s->batch_xn = carve(&cur, (uint64_t)s->prefill_tokens * th->hidden);
   s->arena.base = s->block + p.trunk + p.kv + p.buffers;
   s->arena.size = p.arena;
   s->predicted = (uint32_t*)(meta + predict_at);
   s->expert_blocks = (em_ffn_block*)(meta + blocks_at);
+  s->expert_tasks = (em_expert_task*)em_align_up((uintptr_t)(s->expert_blocks + chosen), EM_ALIGN_BUF);
+  s->batch_experts = (uint32_t*)(s->expert_tasks + chosen);
+  s->batch_records = s->batch_experts + chosen;
+  s->batch_order = s->batch_records + chosen;
+  s->batch_counts = s->batch_order + chosen;
   s->named = (uint16_t*)(s->predicted + (size_t)s->prefetch_layers * th->layers * s->n_predict);
   memset(s->named, 0, (size_t)s->prefetch_layers * th->layers * sizeof *s->named);
   uint8_t* record_class = (uint8_t*)(s->named + (size_t)s->prefetch_layers * th->layers);
@@ -468,10 +489,6 @@ static int ffn_into_residual(em_session* s, const em_ffn_block* f, float weight)
   return rc;
 }
 
-static uint32_t record_of(const em_session* s, uint32_t layer, uint32_t expert) {
-  return layer * s->th.experts + expert;
-}
-
 int em_apply_norm(em_session* s, const em_step* st, const float* x, float* out) {
   int64_t H = s->th.hidden;
   em_kernel_arg a[EM_SIG_NORM_BIAS_ARGS] = {0};
@@ -561,7 +578,7 @@ static int predict_and_prefetch(em_session* s, uint32_t layer, const float* x, c
                         s->predictor == EM_PREDICT_PATH_TABLE);
   uint32_t records[MAX_TOP_K * 4];
   if (n > MAX_TOP_K * 4) n = MAX_TOP_K * 4;
-  for (uint32_t i = 0; i < n; i++) records[i] = record_of(s, layer, guess[i]);
+  for (uint32_t i = 0; i < n; i++) records[i] = em_record_of(s, layer, guess[i]);
   /* the precision measured at this distance so far, from an even prior: of all guesses, and of those
      a prefetch would read (neither resident nor in flight when named), marked until scored */
   double chance = (double)(s->named_used[ahead - 1] + 1) / (double)(s->named_total[ahead - 1] + 2);
@@ -606,10 +623,8 @@ static void score_prediction(em_session* s, uint32_t layer, const uint32_t* idx)
   }
 }
 
-/* Waits for one chosen expert's record and describes its feed-forward block (its kernels at the
- * record's bitwidth, its matrices in the record, its rows of the layer's expert biases). */
-static int chosen_expert(em_session* s, const em_step* st, uint32_t expert, em_ffn_block* out) {
-  uint32_t layer = st->expert_layer, ri = record_of(s, layer, expert);
+int em_chosen_expert(em_session* s, const em_step* st, uint32_t expert, em_ffn_block* out) {
+  uint32_t layer = st->expert_layer, ri = em_record_of(s, layer, expert);
   uint8_t* rec;
   int rc = em_loader_wait(&s->loader, ri, layer, &rec, s->err, ERR_LEN);
   if (rc) return rc;
@@ -633,17 +648,21 @@ static int chosen_expert(em_session* s, const em_step* st, uint32_t expert, em_f
 }
 
 /* Runs chosen experts [first, first + n) of the layer (their records resident), each into its row of
- * expert_out: several at once on the compute threads where there are lanes, else one after another
- * with each kernel's loops split over the threads. */
+ * expert_out. */
 static int compute_experts(em_session* s, uint32_t first, uint32_t n) {
   uint32_t H = s->th.hidden;
-  em_ffn_block* f = s->expert_blocks + first;
-  float *w = s->expert_weights + first, *out = s->expert_out + (size_t)first * H;
+  for (uint32_t k = 0; k < n; k++)
+    s->expert_tasks[k] = (em_expert_task){&s->expert_blocks[first + k], s->xn, &s->expert_weights[first + k],
+                                          s->expert_out + (size_t)(first + k) * H};
+  return em_run_expert_tasks(s, s->expert_tasks, n);
+}
+
+int em_run_expert_tasks(em_session* s, const em_expert_task* tasks, uint32_t n) {
   if (n > 1 && s->expert_lanes > 1)
-    return em_experts_parallel(f, n, s->expert_lanes, &s->arena, s->xn, w, s->zero, out, H, s->th.inter, s->err,
+    return em_experts_parallel(tasks, n, s->expert_lanes, &s->arena, s->zero, s->th.hidden, s->th.inter, s->err,
                                ERR_LEN);
   for (uint32_t k = 0; k < n; k++) {
-    int rc = em_ffn_call(&f[k], s->xn, s->h, s->zero, &w[k], out + (size_t)k * H, s->err, ERR_LEN);
+    int rc = em_ffn_call(tasks[k].f, tasks[k].x, s->h, s->zero, tasks[k].weight, tasks[k].out, s->err, ERR_LEN);
     em_loader_poll(&s->loader);
     if (rc) return rc;
   }
@@ -659,18 +678,18 @@ static int routed_experts(em_session* s, const em_step* st, const uint32_t* idx,
      the result does not depend on which read finished first. */
   uint32_t order[MAX_TOP_K], at[MAX_TOP_K], m = 0;
   uint8_t ready[MAX_TOP_K];
-  for (uint32_t k = 0; k < n; k++) ready[k] = (uint8_t)(em_loader_ready(&s->loader, record_of(s, layer, idx[k])) != 0);
+  for (uint32_t k = 0; k < n; k++) ready[k] = (uint8_t)(em_loader_ready(&s->loader, em_record_of(s, layer, idx[k])) != 0);
   for (int pass = 1; pass >= 0; pass--)
     for (uint32_t k = 0; k < n; k++)
       if (ready[k] == pass) at[k] = m, order[m++] = k;
   for (uint32_t j = 0; j < n;) {
     uint32_t end = j;
     do {
-      int rc = chosen_expert(s, st, idx[order[end]], &s->expert_blocks[end]);
+      int rc = em_chosen_expert(s, st, idx[order[end]], &s->expert_blocks[end]);
       if (rc) return rc;
       s->expert_weights[end] = wts[order[end]];
       end++;
-    } while (end < n && s->expert_lanes > 1 && em_loader_ready(&s->loader, record_of(s, layer, idx[order[end]])));
+    } while (end < n && s->expert_lanes > 1 && em_loader_ready(&s->loader, em_record_of(s, layer, idx[order[end]])));
     int rc = compute_experts(s, j, end - j);
     if (rc) return rc;
     j = end;
@@ -678,14 +697,12 @@ static int routed_experts(em_session* s, const em_step* st, const uint32_t* idx,
   for (uint32_t k = 0; k < n; k++) {
     const float* y = s->expert_out + (size_t)at[k] * H;
     for (uint32_t i = 0; i < H; i++) s->x[i] += y[i];
-    em_loader_release(&s->loader, record_of(s, layer, idx[k]));
+    em_loader_release(&s->loader, em_record_of(s, layer, idx[k]));
   }
   return EM_OK;
 }
 
-/* The shared expert: every token, resident weights, its output added to the residual stream
- * (scaled by sigmoid(gate · xn) where gated). */
-static int shared_expert(em_session* s, const em_step* st) {
+int em_shared_expert(em_session* s, const em_step* st) {
   float weight = 1.0f;
   if (st->shared_gated) {
     int rc = em_session_matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], s->xn, NULL,
@@ -713,7 +730,7 @@ int em_dense_ffn(em_session* s, const em_step* st) {
 /* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
  * next layer's predicted experts, run the shared expert while the reads are in flight, then the
  * chosen ones as they arrive. Layers, records and predictions count the layers with experts. */
-int em_moe_layer(em_session* s, const em_step* st) {
+int em_moe_route(em_session* s, const em_step* st, uint32_t trace_row, uint32_t* idx, float* wts, uint32_t* n_out) {
   const em_trunk_header* th = &s->th;
   uint32_t l = st->expert_layer, EL = s->prog.expert_layers;
   int64_t H = th->hidden;
@@ -726,23 +743,31 @@ int em_moe_layer(em_session* s, const em_step* st) {
                                (float*)st->router_logit_bias, s->router_logits)
            : em_session_matvec(s, s->k.router, EM_KERNEL_ROUTER, &st->m[EM_M_ROUTER], s->xn, NULL, s->router_logits);
   if (rc) return rc;
-  uint32_t idx[MAX_TOP_K], records[MAX_TOP_K];
-  float wts[MAX_TOP_K];
   em_route(st, s->router_logits, th->experts, th->top_k, s->route_scratch, idx, wts);
   score_prediction(s, l, idx);
-  if (s->route_trace && s->trace_tokens < s->trace_max && !s->in_encoder)
-    memcpy(s->route_trace + ((size_t)s->trace_tokens * EL + l) * th->top_k, idx, th->top_k * sizeof(uint32_t));
+  if (s->route_trace && trace_row < s->trace_max && !s->in_encoder)
+    memcpy(s->route_trace + ((size_t)trace_row * EL + l) * th->top_k, idx, th->top_k * sizeof(uint32_t));
   /* expert capacity: a choice beyond the tokens its expert takes in this pass is skipped */
   uint32_t n = 0;
   for (uint32_t k = 0; k < th->top_k; k++)
     if (!st->capacity || ++s->taken[idx[k]] <= st->capacity) idx[n] = idx[k], wts[n++] = wts[k];
-  for (uint32_t k = 0; k < n; k++) records[k] = record_of(s, l, idx[k]);
+  *n_out = n;
+  return EM_OK;
+}
+
+int em_moe_layer(em_session* s, const em_step* st) {
+  uint32_t l = st->expert_layer, n, idx[MAX_TOP_K], records[MAX_TOP_K];
+  float wts[MAX_TOP_K];
+  int rc = em_moe_route(s, st, s->trace_tokens, idx, wts, &n);
+  if (rc) return rc;
+  for (uint32_t k = 0; k < n; k++) records[k] = em_record_of(s, l, idx[k]);
   rc = n ? em_loader_need(&s->loader, records, n, l, s->err, ERR_LEN) : EM_OK;
   if (rc) return rc;
+  if (n) em_loader_routed(&s->loader, records, n, l);
   /* The path table needs only this layer's choice: predict now, while the experts compute. */
   if (s->predictor == EM_PREDICT_PATH_TABLE && !s->in_encoder)
-    rc = predict_and_prefetch(s, (l + 1) % EL, s->x, idx, n, l, 1);
-  if (!rc && st->shared) rc = shared_expert(s, st);
+    rc = predict_and_prefetch(s, (l + 1) % s->prog.expert_layers, s->x, idx, n, l, 1);
+  if (!rc && st->shared) rc = em_shared_expert(s, st);
   if (!rc) rc = routed_experts(s, st, idx, wts, n);
   if (rc) /* unpin what an error left pinned, so the session stays usable */
     for (uint32_t k = 0; k < n; k++) em_loader_release(&s->loader, records[k]);
@@ -821,78 +846,101 @@ static int attention_layer(em_session* s, const em_step* st) {
   return rc;
 }
 
-/* One token through the layer program. */
-static int forward_token(em_session* s, int32_t token, int want_logits) {
+int em_check_tokens(em_session* s, const int32_t* tokens, size_t n) {
   const em_trunk_header* th = &s->th;
-  if (token < 0 || (uint32_t)token >= th->vocab) {
-    snprintf(s->err, ERR_LEN, "token id %d out of range [0, %u)", token, th->vocab);
-    return EM_ERR_ARGUMENT;
-  }
-  if (s->pos >= s->max_seq) {
-    snprintf(s->err, ERR_LEN, "context full: %u tokens (open with a larger max_seq, or reset)", s->max_seq);
+  for (size_t i = 0; i < n; i++)
+    if (tokens[i] < 0 || (uint32_t)tokens[i] >= th->vocab) {
+      if (n == 1) snprintf(s->err, ERR_LEN, "token id %d out of range [0, %u)", tokens[i], th->vocab);
+      else snprintf(s->err, ERR_LEN, "token id %d out of range [0, %u) at prompt position %zu", tokens[i], th->vocab, i);
+      return EM_ERR_ARGUMENT;
+    }
+  if (n > s->max_seq - s->pos) {
+    if (n == 1) snprintf(s->err, ERR_LEN, "context full: %u tokens (open with a larger max_seq, or reset)", s->max_seq);
+    else snprintf(s->err, ERR_LEN, "context full: a prompt of %zu tokens after %u does not fit in %u (open with a larger "
+                  "max_seq, or reset)", n, s->pos, s->max_seq);
     return EM_ERR_ARGUMENT;
   }
   if (th->cross_layers && !s->enc_len) {
     snprintf(s->err, ERR_LEN, "an encoder-decoder model decodes after em_prefill has run its encoder over an input");
     return EM_ERR_ARGUMENT;
   }
-  int64_t H = th->hidden;
-  em_stats before, after;
-  uint64_t t_start = em_now_ns();
-  em_loader_stats(&s->loader, &before);
+  return EM_OK;
+}
+
+void em_pass_begin(em_session* s, em_pass* p) {
+  p->t_start = em_now_ns();
+  em_loader_stats(&s->loader, &p->before);
   if (!s->holds_all && s->predictor != EM_PREDICT_NONE) s->holds_all = em_loader_holds_all(&s->loader);
   em_arena_bind(&s->arena);
   em_pool_bind(s->pool);
-  int rc = EM_OK;
-  for (uint32_t i = s->prog.decoder_first; !rc && i < s->prog.n_steps; i++) {
-    const em_step* st = &s->prog.steps[i];
-    switch (st->op) {
-      case EM_OP_EMBED:
-        em_matrix_row(&st->m[EM_M_EMBED], (uint32_t)token, s->x);
-        if (st->scale != 1.0f) em_scale_vector(s->x, H, st->scale);
-        break;
-      case EM_OP_ATTENTION:
-      case EM_OP_MLA_ATTENTION:
-      case EM_OP_REL_ATTENTION:
-        /* A layer with experts is predicted from the residual stream entering it, as its router
-           will read it after the attention: measured on held-out text, 82% of the layer's experts
-           named from there against 70% from the state one layer earlier (docs/BENCHMARKS.md §4).
-           The reads overlap this attention (and the previous layer's experts finishing). */
-        /* With prefetch_layers > 1 the layers after it within the token are guessed from the same
-           state, nearest first: their reads queue behind the nearer layer's. */
-        for (uint32_t a = 0; st->next_moe != EM_OPERAND_NONE && uses_hidden_state(s->predictor) && !rc &&
-                             a < s->prefetch_layers && st->next_moe + a < s->prog.expert_layers; a++)
-          rc = predict_and_prefetch(s, st->next_moe + a, s->x, NULL, 0,
-                                    (st->next_moe + s->prog.expert_layers - 1) % s->prog.expert_layers, a + 1);
-        if (!rc)
-          rc = st->op == EM_OP_ATTENTION       ? attention_layer(s, st)
-               : st->op == EM_OP_MLA_ATTENTION ? mla_attention_layer(s, st)
-                                               : em_rel_attention(s, st);
-        break;
-      case EM_OP_CROSS_ATTENTION: rc = em_cross_attention(s, st); break;
-      case EM_OP_DENSE_FFN: rc = em_dense_ffn(s, st); break;
-      case EM_OP_MOE: /* one token is this pass of the expert capacity */
-        memset(s->taken, 0, th->experts * sizeof *s->taken);
-        rc = em_moe_layer(s, st);
-        break;
-      case EM_OP_FINAL:
-        if (!want_logits) break;
-        rc = em_apply_norm(s, st, s->x, s->xn);
-        if (!rc)
-          rc = st->bias ? em_session_matvec(s, s->k.lm_head_bias, EM_KERNEL_LM_HEAD_BIAS, &st->m[0], s->xn, (float*)st->bias,
-                                 s->logits)
-                        : em_session_matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
-        if (!rc && st->scale != 1.0f) em_scale_vector(s->logits, th->vocab, st->scale);
-        break;
-    }
-  }
-  if (rc) return rc;
-  s->pos++;
-  if (s->route_trace && s->trace_tokens < s->trace_max) s->trace_tokens++;
+}
+
+void em_pass_end(em_session* s, const em_pass* p, uint32_t tokens) {
+  em_stats after;
+  s->pos += tokens;
+  if (s->route_trace)
+    s->trace_tokens = s->trace_max - s->trace_tokens < tokens ? s->trace_max : s->trace_tokens + tokens;
   em_loader_stats(&s->loader, &after);
-  s->st.tokens++;
-  s->st.compute_ns += (em_now_ns() - t_start) - (after.stall_ns - before.stall_ns);
-  return EM_OK;
+  s->st.tokens += tokens;
+  s->st.compute_ns += (em_now_ns() - p->t_start) - (after.stall_ns - p->before.stall_ns);
+}
+
+int em_token_step(em_session* s, const em_step* st, int32_t token, int want_logits) {
+  const em_trunk_header* th = &s->th;
+  int64_t H = th->hidden;
+  int rc = EM_OK;
+  switch (st->op) {
+    case EM_OP_EMBED:
+      em_matrix_row(&st->m[EM_M_EMBED], (uint32_t)token, s->x);
+      if (st->scale != 1.0f) em_scale_vector(s->x, H, st->scale);
+      break;
+    case EM_OP_ATTENTION:
+    case EM_OP_MLA_ATTENTION:
+    case EM_OP_REL_ATTENTION:
+      /* A layer with experts is predicted from the residual stream entering it, as its router
+         will read it after the attention: measured on held-out text, 82% of the layer's experts
+         named from there against 70% from the state one layer earlier (docs/BENCHMARKS.md §4).
+         The reads overlap this attention (and the previous layer's experts finishing). */
+      /* With prefetch_layers > 1 the layers after it within the token are guessed from the same
+         state, nearest first: their reads queue behind the nearer layer's. */
+      for (uint32_t a = 0; st->next_moe != EM_OPERAND_NONE && uses_hidden_state(s->predictor) && !s->batched && !rc &&
+                           a < s->prefetch_layers && st->next_moe + a < s->prog.expert_layers; a++)
+        rc = predict_and_prefetch(s, st->next_moe + a, s->x, NULL, 0,
+                                  (st->next_moe + s->prog.expert_layers - 1) % s->prog.expert_layers, a + 1);
+      if (!rc)
+        rc = st->op == EM_OP_ATTENTION       ? attention_layer(s, st)
+             : st->op == EM_OP_MLA_ATTENTION ? mla_attention_layer(s, st)
+                                             : em_rel_attention(s, st);
+      break;
+    case EM_OP_CROSS_ATTENTION: rc = em_cross_attention(s, st); break;
+    case EM_OP_DENSE_FFN: rc = em_dense_ffn(s, st); break;
+    case EM_OP_MOE: /* one token is this pass of the expert capacity */
+      memset(s->taken, 0, th->experts * sizeof *s->taken);
+      rc = em_moe_layer(s, st);
+      break;
+    case EM_OP_FINAL:
+      if (!want_logits) break;
+      rc = em_apply_norm(s, st, s->x, s->xn);
+      if (!rc)
+        rc = st->bias ? em_session_matvec(s, s->k.lm_head_bias, EM_KERNEL_LM_HEAD_BIAS, &st->m[0], s->xn, (float*)st->bias,
+                               s->logits)
+                      : em_session_matvec(s, s->k.lm_head, EM_KERNEL_LM_HEAD, &st->m[0], s->xn, NULL, s->logits);
+      if (!rc && st->scale != 1.0f) em_scale_vector(s->logits, th->vocab, st->scale);
+      break;
+  }
+  return rc;
+}
+
+/* One token through the layer program. */
+static int forward_token(em_session* s, int32_t token, int want_logits) {
+  int rc = em_check_tokens(s, &token, 1);
+  if (rc) return rc;
+  em_pass pass;
+  em_pass_begin(s, &pass);
+  for (uint32_t i = s->prog.decoder_first; !rc && i < s->prog.n_steps; i++)
+    rc = em_token_step(s, &s->prog.steps[i], token, want_logits);
+  if (!rc) em_pass_end(s, &pass, 1);
+  return rc;
 }
 
 /* One token through the layer program, its kernels paced to the emulated board (if any). */
@@ -914,17 +962,21 @@ int em_prefill(em_session* s, const int32_t* tokens, size_t n) {
     snprintf(s->err, ERR_LEN, "empty prompt");
     return EM_ERR_ARGUMENT;
   }
+  em_pacer* previous = em_pacer_enter(&s->pacer);
+  int rc;
   if (s->th.cross_layers) { /* the encoder over the input, then the decoder's start token */
-    em_pacer* previous = em_pacer_enter(&s->pacer);
-    int rc = em_run_encoder(s, tokens, n);
-    em_pacer_leave(previous);
-    return rc ? rc : forward(s, s->th.decoder_start, 1);
+    rc = em_run_encoder(s, tokens, n);
+    if (!rc) rc = forward_token(s, s->th.decoder_start, 1);
+  } else if (!(rc = em_check_tokens(s, tokens, n))) { /* checked whole: a bad prompt changes nothing */
+    uint32_t pos = s->pos, traced = s->trace_tokens;
+    for (size_t i = 0; !rc && i < n; i += s->prefill_tokens) {
+      uint32_t batch = n - i < s->prefill_tokens ? (uint32_t)(n - i) : s->prefill_tokens;
+      rc = batch > 1 ? em_prefill_batch(s, tokens + i, batch, i + batch == n) : forward_token(s, tokens[i], i + 1 == n);
+    }
+    if (rc) s->pos = pos, s->trace_tokens = traced; /* a failed read: the prompt can be fed again whole */
   }
-  for (size_t i = 0; i < n; i++) {
-    int rc = forward(s, tokens[i], i + 1 == n);
-    if (rc) return rc;
-  }
-  return EM_OK;
+  em_pacer_leave(previous);
+  return rc;
 }
 
 void em_reset(em_session* s) {

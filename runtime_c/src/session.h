@@ -8,6 +8,7 @@
 #include "artifact.h"
 #include "edgemoe.h"
 #include "expert_cache.h"
+#include "expert_lanes.h"
 #include "ffn.h"
 #include "generated/program.h"
 #include "kernels.h"
@@ -62,10 +63,20 @@ struct em_session {
 
   uint8_t* block; /* the one allocation: trunk, KV cache, buffers, arena, cache slots */
   float *x, *x2, *xn, *qkv, *qkv2, *q, *att, *h, *router_logits, *logits, *expert_weight, *shared_logit;
-  /* a layer's chosen experts: their blocks [top_k], gate weights [top_k] and weighted outputs
-     [top_k][hidden] (expert_lanes.h); zero: [hidden] zeros, the residual their down kernels add to */
+  /* a layer's chosen experts, of one token or each of a prompt's batch (prefill.c): their blocks, gate
+     weights and weighted outputs [hidden] (expert_lanes.h), top_k per token, and the tasks that run
+     them; zero: [hidden] zeros, the residual their down kernels add to */
   em_ffn_block* expert_blocks;
+  em_expert_task* expert_tasks;
   float *expert_weights, *expert_out, *zero;
+  /* a prompt's batch: tokens run through each layer together (em_params.prefill_tokens, at most the
+     context; 1: token by token), their residual streams and MoE inputs [batch][hidden], their chosen
+     experts [batch][top_k] and how many each has, a layer's distinct experts' records [batch * top_k]
+     and the order they run in */
+  uint32_t prefill_tokens;
+  float *batch_x, *batch_xn;
+  uint32_t *batch_experts, *batch_records, *batch_order, *batch_counts;
+  int batched; /* running a batch: no predictions (a layer's experts are known before they run) */
   uint32_t expert_lanes; /* chosen experts computed at once (em_expert_lanes) */
   float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
   float* prev_xn; /* [expert layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
@@ -93,6 +104,12 @@ struct em_session {
   char err[ERR_LEN];
 };
 
+/* The accounting of a pass over tokens: the loader's counters and the clock when it began. */
+typedef struct {
+  em_stats before;
+  uint64_t t_start;
+} em_pass;
+
 /* A kernel call of signature SIG through the session (matrix.h: BIND, T). */
 #define INVOKE(fn, name, args, SIG) em_session_kernel(s, fn, name, args, EM_SIG_##SIG##_ARGS)
 
@@ -107,6 +124,32 @@ int em_dense_ffn(em_session* s, const em_step* st);
 int em_apply_norm(em_session* s, const em_step* st, const float* x, float* out);
 /* The MoE block of step st for the residual stream s->x (the result in s->x). */
 int em_moe_layer(em_session* s, const em_step* st);
+/* Its routing: norm s->x into s->xn, the router, the chosen experts idx[*n] and their weights (those
+ * past an expert's capacity dropped); the choice recorded at route-trace row trace_row. */
+int em_moe_route(em_session* s, const em_step* st, uint32_t trace_row, uint32_t* idx, float* wts, uint32_t* n);
+/* The shared expert: every token, resident weights, its output added to the residual stream s->x
+ * (scaled by sigmoid(gate · xn) where gated). */
+int em_shared_expert(em_session* s, const em_step* st);
+/* Waits for one chosen expert's record and describes its feed-forward block (its kernels at the
+ * record's bitwidth, its matrices in the record, its rows of the layer's expert biases). */
+int em_chosen_expert(em_session* s, const em_step* st, uint32_t expert, em_ffn_block* out);
+/* Runs expert tasks (their records resident): several at once on the compute threads where there are
+ * lanes, else one after another with each kernel's loops split over the threads. */
+int em_run_expert_tasks(em_session* s, const em_expert_task* tasks, uint32_t n);
+/* One step of the layer program for one token on s->x (EM_OP_MOE: this token alone). */
+int em_token_step(em_session* s, const em_step* st, int32_t token, int want_logits);
+/* EM_ERR_ARGUMENT, with the reason in s->err, unless these tokens can be fed from s->pos on. */
+int em_check_tokens(em_session* s, const int32_t* tokens, size_t n);
+/* A pass over `tokens` tokens begins (the compute threads and arena bound to the caller) and ends
+ * (positions, route trace, counters and compute time advanced). */
+void em_pass_begin(em_session* s, em_pass* p);
+void em_pass_end(em_session* s, const em_pass* p, uint32_t tokens);
+/* n (>= 2) checked tokens of a prompt through the layer program together (prefill.c). */
+int em_prefill_batch(em_session* s, const int32_t* tokens, uint32_t n, int want_logits);
+
+static inline uint32_t em_record_of(const em_session* s, uint32_t layer, uint32_t expert) {
+  return layer * s->th.experts + expert;
+}
 
 static inline void em_scale_vector(float* x, int64_t n, float scale) {
   for (int64_t i = 0; i < n; i++) x[i] *= scale;

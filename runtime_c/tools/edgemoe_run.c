@@ -3,7 +3,8 @@
  *               [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]
  *               [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--threads N]
  * Prints the generated text (--prompt) or token ids on one line, then the statistics as key=value lines
- * (decode_ns: the last round's generation loop, prefill excluded: with --repeat 2, a warmed-up one).
+ * (decode_ns: the last round's generation loop, prefill excluded: with --repeat 2, a warmed-up one;
+ * prefill_ns: the last round's prompt).
  *
  * Every number is checked in full (no trailing characters, no sign, no overflow, within its
  * range) before the artifact is opened; a bad one is a usage error (exit 2) naming the option and
@@ -31,7 +32,7 @@ static const char USAGE[] =
     "usage: edgemoe_run ARTIFACT_DIR --prompt TEXT | --tokens ID,ID,... [-n N] [--budget SIZE] [--max-seq N] [--no-verify]\n"
     "       [--predictor auto|none|path-table|next-router|fitted-router|wrong] [--eviction auto|lru|fifo|edgemoe]\n"
     "       [--no-loader-thread] [--mmap] [--direct-io] [--emulate MBPS,MS] [--emulate-compute GBPS,GOPS,GFLOPS]\n"
-    "       [--threads N] [--inject-faults PLAN]\n"
+    "       [--threads N] [--prefill-tokens N] [--inject-faults PLAN]\n"
     "       [--repeat R] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--ignore-eos]\n"
     "\n"
     "  --prompt TEXT    the prompt as text (the artifact's tokenizer.bin); the output is then text too\n"
@@ -51,6 +52,8 @@ static const char USAGE[] =
     "                   overlaps requests (UFS, NVMe)\n"
     "  --prefetch-layers N  layers with experts to prefetch ahead, 1..4 (default 1): 2 gives each read two\n"
     "                   layers' compute to arrive in, for storage slower to answer than a layer computes\n"
+    "  --prefill-tokens N  prompt tokens run through each layer together, 1..1024 (default 16): an expert\n"
+    "                   several of them chose is read once for all; 1 = token by token, as decoding\n"
     "  --preload        fill the expert cache at open with the experts most often chosen on the calibration\n"
     "                   text, in runs of adjacent records\n"
     "  --one-read-per-record  read each expert record in its own request (default: records queued together\n"
@@ -309,7 +312,7 @@ int main(int argc, char** argv) {
                                                "--predictor", "--eviction", "--threads", "--inject-faults",
                                                "--repeat", "--temperature", "--top-k", "--top-p",
                                                "--repetition-penalty", "--seed", "--prompt", "--readers",
-                                               "--emulate-compute", "--prefetch-layers"};
+                                               "--emulate-compute", "--prefetch-layers", "--prefill-tokens"};
       int known = 0;
       for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++) known |= !strcmp(a, with_value[k]);
       if (!known) return usage_error("unknown option '%s'", a);
@@ -332,6 +335,8 @@ int main(int argc, char** argv) {
         if (!(rc = parse_u64(a, val, 1, 16, &v))) p.readers = (uint32_t)v;
       } else if (!strcmp(a, "--prefetch-layers")) {
         if (!(rc = parse_u64(a, val, 1, 4, &v))) p.prefetch_layers = (uint32_t)v;
+      } else if (!strcmp(a, "--prefill-tokens")) {
+        if (!(rc = parse_u64(a, val, 1, 1024, &v))) p.prefill_tokens = (uint32_t)v;
       } else if (!strcmp(a, "--top-k")) {
         if (!(rc = parse_u64(a, val, 0, UINT32_MAX, &v))) sampling.top_k = (uint32_t)v;
       } else if (!strcmp(a, "--seed")) {
@@ -430,7 +435,8 @@ int main(int argc, char** argv) {
   /* --repeat R: the same generation R times, the context reset in between (a soak test: the
      tokens must repeat exactly, and resident memory must not grow from round to round) */
   static int32_t first[MAX_GENERATED];
-  unsigned long long rss_first_round = 0, decode_ns = 0; /* decode_ns: the last round's generation loop */
+  /* the last round's prompt and generation loop */
+  unsigned long long rss_first_round = 0, decode_ns = 0, prefill_ns = 0;
   int32_t* history = (int32_t*)malloc((n_prompt + n_new) * sizeof(int32_t));
   if (!history) {
     fprintf(stderr, "edgemoe_run: out of memory\n");
@@ -447,8 +453,10 @@ int main(int argc, char** argv) {
     memcpy(history, prompt, n_prompt * sizeof(int32_t));
     size_t n_history = n_prompt;
     em_reset(s);
+    uint64_t prefill_start = monotonic_ns();
     rc = em_prefill(s, prompt, n_prompt);
     uint64_t decode_start = monotonic_ns();
+    prefill_ns = decode_start - prefill_start;
     for (uint64_t i = 0; rc == EM_OK && i < n_new; i++) {
       int32_t next = em_sample(sampler, em_logits(s), history, n_history);
       if (!ignore_eos && next == info.eos_token_id) break;
@@ -493,13 +501,13 @@ int main(int argc, char** argv) {
          "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
          "record_bytes=%u\nread_retries=%llu\nrecords_read=%llu\npeak_rss_bytes=%llu\nrss_first_round_bytes=%llu\n"
          "rss_last_round_bytes=%llu\ndecode_ns=%llu\nboard_wait_ns=%llu\nread_requests=%llu\npreloaded=%llu\n"
-         "predicted_ahead=%llu\npredicted_ahead_hits=%llu\nprefetch_declined=%llu\n",
+         "predicted_ahead=%llu\npredicted_ahead_hits=%llu\nprefetch_declined=%llu\nprefill_ns=%llu\n",
          U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
          U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
          U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
          st.record_bytes, U(st.read_retries), U(st.records_read), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull, decode_ns,
          U(st.board_wait_ns), U(st.read_requests), U(st.preloaded), U(st.predicted_ahead), U(st.predicted_ahead_hits),
-         U(st.prefetch_declined));
+         U(st.prefetch_declined), prefill_ns);
 #undef U
   em_close(s);
   return 0;

@@ -1,0 +1,117 @@
+/* A prompt through the layer program a batch of tokens at a time, layer by layer: each layer runs
+ * for every token of the batch before the next layer starts. An expert that several of the batch's
+ * tokens chose is then read from storage once for all of them (fed token by token, a cache smaller
+ * than the experts the prompt uses reads it again for each token that finds it evicted), and it runs
+ * for them one after another while its weights are in the CPU's caches.
+ *
+ * Every token goes through the same kernels with the same inputs as em_decode_step would give it,
+ * and its experts' outputs are added to its residual stream in the order its router chose them: the
+ * logits are the same bits either way. Within a batch nothing is predicted: a layer's experts are
+ * all known once its tokens have routed, and they are read together. */
+#include <string.h>
+
+#include "session.h"
+
+/* The layer's MoE block for every token of the batch: route each (its shared expert added), then read
+ * the distinct experts they chose in groups that fit the cache's slots, each group's reads issued
+ * together, and run each expert for its tokens as its record arrives. */
+static int moe_batch(em_session* s, const em_step* st, uint32_t n) {
+  const em_trunk_header* th = &s->th;
+  uint32_t H = th->hidden, K = th->top_k, l = st->expert_layer;
+  uint32_t *chosen = s->batch_experts, *count = s->batch_counts, *distinct = s->batch_records, n_distinct = 0;
+  float* wts = s->expert_weights;
+  int rc = EM_OK;
+  for (uint32_t t = 0; t < n && !rc; t++) {
+    memcpy(s->x, s->batch_x + (size_t)t * H, H * sizeof(float));
+    memset(s->taken, 0, th->experts * sizeof *s->taken); /* one token is this pass of the expert capacity */
+    rc = em_moe_route(s, st, s->trace_tokens + t, chosen + (size_t)t * K, wts + (size_t)t * K, &count[t]);
+    if (rc) break;
+    memcpy(s->batch_xn + (size_t)t * H, s->xn, H * sizeof(float));
+    uint32_t records[MAX_TOP_K];
+    for (uint32_t k = 0; k < count[t]; k++) {
+      uint32_t e = chosen[t * K + k], seen = 0;
+      records[k] = em_record_of(s, l, e);
+      while (seen < n_distinct && distinct[seen] != records[k]) seen++;
+      if (seen == n_distinct) distinct[n_distinct++] = records[k];
+    }
+    if (count[t]) em_loader_routed(&s->loader, records, count[t], l);
+    if (st->shared) rc = em_shared_expert(s, st);
+    memcpy(s->batch_x + (size_t)t * H, s->x, H * sizeof(float));
+  }
+  for (uint32_t first = 0; first < n_distinct && !rc;) {
+    /* a group: as many of the distinct experts as each size class has slots to pin at once */
+    uint32_t end = first, per_class[EM_MAX_SIZE_CLASSES] = {0};
+    while (end < n_distinct) {
+      uint8_t c = s->cache.record_class[distinct[end]];
+      if (per_class[c] == s->cache.classes[c].count) break;
+      per_class[c]++, end++;
+    }
+    rc = em_loader_need(&s->loader, distinct + first, end - first, l, s->err, ERR_LEN);
+    if (rc) break;
+    /* the experts resident now first, then those being read, in the order the reads were queued */
+    uint32_t *order = s->batch_order, group = end - first, head = 0, tail = group;
+    for (uint32_t g = first; g < end; g++) /* each asked once: a read may finish meanwhile */
+      if (em_loader_ready(&s->loader, distinct[g])) order[head++] = g;
+      else order[--tail] = g;
+    for (uint32_t a = tail, b = group - 1; a < b; a++, b--) { /* those being read: in queue order */
+      uint32_t t = order[a];
+      order[a] = order[b], order[b] = t;
+    }
+    for (uint32_t j = 0; j < group && !rc;) {
+      /* this expert (waiting for it) and those after it already read: their tokens' tasks run together */
+      uint32_t n_tasks = 0, taken = 0;
+      do {
+        uint32_t g = order[j + taken];
+        em_ffn_block* block = &s->expert_blocks[g];
+        rc = em_chosen_expert(s, st, distinct[g] - l * th->experts, block);
+        for (uint32_t t = 0; t < n && !rc; t++)
+          for (uint32_t k = 0; k < count[t]; k++)
+            if (em_record_of(s, l, chosen[t * K + k]) == distinct[g])
+              s->expert_tasks[n_tasks++] = (em_expert_task){block, s->batch_xn + (size_t)t * H, &wts[t * K + k],
+                                                            s->expert_out + ((size_t)t * K + k) * H};
+        taken++;
+      } while (!rc && j + taken < group && s->expert_lanes > 1 &&
+               em_loader_ready(&s->loader, distinct[order[j + taken]]));
+      if (!rc) rc = em_run_expert_tasks(s, s->expert_tasks, n_tasks);
+      j += taken;
+    }
+    for (uint32_t g = first; g < end; g++) em_loader_release(&s->loader, distinct[g]);
+    first = end;
+  }
+  for (uint32_t t = 0; t < n && !rc; t++) { /* each token's experts added in its router's order */
+    float* x = s->batch_x + (size_t)t * H;
+    for (uint32_t k = 0; k < count[t]; k++) {
+      const float* y = s->expert_out + ((size_t)t * K + k) * H;
+      for (uint32_t i = 0; i < H; i++) x[i] += y[i];
+    }
+  }
+  return rc;
+}
+
+int em_prefill_batch(em_session* s, const int32_t* tokens, uint32_t n, int want_logits) {
+  uint32_t H = s->th.hidden, base = s->pos;
+  em_pass pass;
+  em_pass_begin(s, &pass);
+  s->batched = 1;
+  int rc = EM_OK;
+  for (uint32_t i = s->prog.decoder_first; !rc && i < s->prog.n_steps; i++) {
+    const em_step* st = &s->prog.steps[i];
+    if (st->op == EM_OP_MOE) {
+      rc = moe_batch(s, st, n);
+      continue;
+    }
+    /* the other steps token by token, each at its position; the logits for the last token alone */
+    uint32_t t = st->op == EM_OP_FINAL ? n - 1 : 0;
+    if (st->op == EM_OP_FINAL && !want_logits) continue;
+    for (; t < n && !rc; t++) {
+      s->pos = base + t;
+      memcpy(s->x, s->batch_x + (size_t)t * H, H * sizeof(float));
+      rc = em_token_step(s, st, tokens[t], st->op == EM_OP_FINAL);
+      memcpy(s->batch_x + (size_t)t * H, s->x, H * sizeof(float));
+    }
+  }
+  s->batched = 0;
+  s->pos = base;
+  if (!rc) em_pass_end(s, &pass, n);
+  return rc;
+}

@@ -1,0 +1,124 @@
+"""A prompt run a batch of tokens at a time through each layer (em_params.prefill_tokens): the same
+bits as token by token, each expert its tokens chose read once per batch and layer, and a prompt
+that cannot be fed changes nothing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemoe.runtime import EdgeMoEError, Session, budget_bytes
+
+# A slow device, so that reads are still in flight when a batch's experts are run
+SLOW_STORAGE = (200e6, 0.0005)
+
+
+def feed(s: Session, prompt: list[int], then: list[int]) -> np.ndarray:
+    """The logits after the prompt and after each further token."""
+    return np.stack([s.prefill(prompt), *(s.decode_step(t) for t in then)])
+
+
+def distinct_per_batch(trace: np.ndarray, batch: int) -> int:
+    """Σ over batches and layers of the distinct experts the batch's tokens chose."""
+    return sum(len(np.unique(trace[i : i + batch, l])) for i in range(0, len(trace), batch)
+               for l in range(trace.shape[1]))
+
+
+@pytest.fixture(scope="module")
+def prompt(artifact_int4, rng_module):
+    from conftest import DATA_DIR
+
+    from edgemoe.compiler.profile import tokenize_file
+
+    text = tokenize_file(artifact_int4 / "tokenizer.json", DATA_DIR / "wikitext-2-test.txt", 2048)
+    start = int(rng_module.integers(0, len(text) - 100))
+    return text[start : start + 100].tolist()
+
+
+@pytest.fixture(scope="module")
+def rng_module():
+    return np.random.default_rng()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_at_a_time_gives_the_bits_token_by_token_gives(artifact_int4, prompt, threads):
+    """At a quarter of the experts, reads slow enough to be in flight, the default predictor and
+    eviction: every batch size gives the token-by-token logits and routing, after the prompt and for
+    the tokens decoded after it (the KV cache the batch wrote is the one decoding reads)."""
+    budget = budget_bytes(artifact_int4, 256, 0.25)
+    runs, traces = {}, {}
+    for batch in (1, 2, 7, 16, 64):
+        with Session(artifact_int4, memory_budget=budget, max_seq=256, emulate=SLOW_STORAGE, threads=threads,
+                     prefill_tokens=batch) as s:
+            s.trace_routing(len(prompt))
+            runs[batch] = feed(s, prompt[:90], prompt[90:])
+            traces[batch] = s.routing_trace()
+            assert s.stats()["tokens"] == len(prompt)
+    for batch in runs:
+        assert np.array_equal(runs[batch], runs[1]), batch
+        assert np.array_equal(traces[batch], traces[1]), batch
+
+
+def test_a_batch_reads_each_expert_its_tokens_chose_once_per_layer(artifact_int4, prompt):
+    """Nothing predicted or preloaded, a cold cache of a quarter of the experts: a batch reads at most
+    the distinct experts its tokens chose in each layer (fewer where the last batch left some
+    resident); token by token reads more."""
+    budget = budget_bytes(artifact_int4, 256, 0.25)
+    reads = {}
+    for batch in (1, 16, 64):
+        with Session(artifact_int4, memory_budget=budget, max_seq=256, predictor="none", prefill_tokens=batch) as s:
+            s.trace_routing(len(prompt))
+            s.prefill(prompt)
+            st, trace = s.stats(), s.routing_trace()
+        reads[batch] = st["records_read"]
+        if batch > 1:
+            assert 0 < st["records_read"] <= distinct_per_batch(trace, batch), (batch, st)
+            assert st["expert_hits"] + st["expert_misses"] == distinct_per_batch(trace, batch)
+    assert reads[64] <= reads[16] < reads[1], reads
+
+
+def test_a_prompt_that_cannot_be_fed_changes_nothing(artifact_int4, prompt):
+    """A token out of range anywhere in the prompt, or a prompt longer than the context left, is refused
+    before any of it runs: the session then continues as if the call had not been made."""
+    with Session(artifact_int4, max_seq=32) as s:
+        want = feed(s, prompt[:10], prompt[10:12])[1:]
+    with Session(artifact_int4, max_seq=32) as s:
+        s.prefill(prompt[:10])
+        vocab = s.info["vocab_size"]
+        with pytest.raises(EdgeMoEError, match=f"token id {vocab} out of range .* at prompt position 3"):
+            s.prefill(prompt[10:13] + [vocab] + prompt[13:20])
+        with pytest.raises(EdgeMoEError, match="a prompt of 30 tokens after 10 does not fit in 32"):
+            s.prefill(prompt[10:40])
+        got = np.stack([s.decode_step(t) for t in prompt[10:12]])
+    assert np.array_equal(got, want)
+
+
+def test_a_batch_whose_reads_fail_can_be_fed_again(artifact_int4, prompt):
+    """Six reads in a row fail: the prompt fails with the cause named, pins nothing and keeps none of
+    itself; fed again once the storage recovers it gives the fault-free logits."""
+    budget = budget_bytes(artifact_int4, 256, 0.25)
+    with Session(artifact_int4, memory_budget=budget, max_seq=256, predictor="none") as s:
+        want = feed(s, prompt[:40], prompt[40:42])
+    errors = []
+    with Session(artifact_int4, memory_budget=budget, max_seq=256, predictor="none", inject_faults="eio@20*6") as s:
+        for _ in range(8):
+            try:
+                first = s.prefill(prompt[:40])
+                break
+            except EdgeMoEError as e:
+                errors.append(str(e))
+        got = np.stack([first, *(s.decode_step(t) for t in prompt[40:42])])
+    assert errors and all("Input/output error" in e for e in errors), errors
+    assert np.array_equal(got, want)
+
+
+def test_the_batch_comes_out_of_the_budget_and_out_of_range_is_refused(artifact_int4):
+    """The minimum budget pays for the default batch; a larger batch needs more and says so."""
+    minimum = budget_bytes(artifact_int4, 256, 0.0)
+    with Session(artifact_int4, memory_budget=minimum, max_seq=256) as s:
+        assert s.stats()["memory_bytes"] <= minimum
+    with pytest.raises(EdgeMoEError, match="below the minimum") as e:
+        Session(artifact_int4, memory_budget=minimum, max_seq=256, prefill_tokens=256)
+    assert e.value.kind == "budget" and "prefill_tokens" in str(e.value)
+    for bad in (1025, 1 << 20):
+        with pytest.raises(EdgeMoEError, match="prefill_tokens must be within"):
+            Session(artifact_int4, prefill_tokens=bad)
