@@ -424,8 +424,10 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
     """Time to read a prompt, from a cold expert cache, token by token against a batch of tokens at a
     time through each layer (an expert the batch's tokens chose read once for all of them), at each
     expert budget: time, expert records read and bytes, and whether the logits after the prompt are the
-    same bits. Predictor and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens."""
-    from .runtime import Session, budget_bytes
+    same bits. Every batch size gets the same memory budget (the one that holds the fraction of experts
+    at the runtime's default batch), so a larger batch's buffers take from the expert cache. Predictor
+    and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens."""
+    from .runtime import EdgeMoEError, Session, budget_bytes
 
     emulate, compute, where = board_emulation(storage, compute_spec)
     manifest = read_manifest(artifact)
@@ -450,15 +452,22 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
             baseline = None
             for batch in batches:
                 best = None
-                for _ in range(repeat):
-                    with Session(artifact, memory_budget=budget, max_seq=max_seq, emulate=emulate,
-                                 emulate_compute=compute, threads=threads, prefill_tokens=batch) as s:
-                        t0 = time.perf_counter()
-                        logits = s.prefill(ids[:n])
-                        ms = 1e3 * (time.perf_counter() - t0)
-                        st = s.stats()
-                    if best is None or ms < best[0]:
-                        best = (ms, st, logits)
+                try:
+                    for _ in range(repeat):
+                        with Session(artifact, memory_budget=budget, max_seq=max_seq, emulate=emulate,
+                                     emulate_compute=compute, threads=threads, prefill_tokens=batch) as s:
+                            t0 = time.perf_counter()
+                            logits = s.prefill(ids[:n])
+                            ms = 1e3 * (time.perf_counter() - t0)
+                            st = s.stats()
+                        if best is None or ms < best[0]:
+                            best = (ms, st, logits)
+                except EdgeMoEError as e:  # the same budget for every batch size: a larger batch may not fit
+                    if e.kind != "budget":
+                        raise
+                    click.echo(f"| {n} | {fraction:.0%} | {batch} | a batch this large does not fit the budget |"
+                               " | | | | |")
+                    continue
                 ms, st, logits = best
                 if baseline is None:
                     baseline = best

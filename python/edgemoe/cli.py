@@ -458,7 +458,7 @@ def _storage_emulation(spec: str, option: str = "--emulate-storage") -> tuple[fl
                    "side in experts.bin are read in one).")
 @click.option("--prefill-tokens", type=click.IntRange(1, 1024), default=None,
               help="Prompt tokens run through each layer together: an expert several of them chose is read once for "
-                   "all of them [default: the runtime's, 16]; 1: token by token, as decoding.")
+                   "all of them [default: the runtime's, 64]; 1: token by token, as decoding.")
 @click.option("--no-loader-thread", is_flag=True, help="Read experts on the decode thread (no prefetching).")
 @click.option("--storage", type=click.Choice(["pread", "mmap"]), default="pread", show_default=True)
 @click.option("--direct-io", is_flag=True, help="Open the expert image with O_DIRECT (bypass the page cache).")

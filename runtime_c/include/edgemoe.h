@@ -92,7 +92,7 @@ typedef struct {
      text chose most (by record order without a routing profile), as many as it holds: the first
      tokens find them resident instead of each first use being a miss. em_open takes the reads' time. */
   int preload;
-  /* Tokens of a prompt em_prefill runs through each layer together, 1..1024 (0 = 16; 1 on bare-metal
+  /* Tokens of a prompt em_prefill runs through each layer together, 1..1024 (0 = 64; 1 on bare-metal
      builds, where RAM is scarcest): an expert several of them chose is read once for all of them,
      instead of again for each token that finds it evicted, and computed for them one after another.
      The logits are the same bits as fed token by token. 1: token by token, as em_decode_step feeds

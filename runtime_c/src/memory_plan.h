@@ -26,7 +26,7 @@ static inline uint64_t em_align_up(uint64_t n, uint64_t a) { return (n + a - 1) 
 #ifdef EM_BAREMETAL
 #define EM_DEFAULT_PREFILL_TOKENS 1
 #else
-#define EM_DEFAULT_PREFILL_TOKENS 16
+#define EM_DEFAULT_PREFILL_TOKENS 64
 #endif
 #define EM_MAX_PREFILL_TOKENS 1024
 

@@ -52,7 +52,7 @@ static const char USAGE[] =
     "                   overlaps requests (UFS, NVMe)\n"
     "  --prefetch-layers N  layers with experts to prefetch ahead, 1..4 (default 1): 2 gives each read two\n"
     "                   layers' compute to arrive in, for storage slower to answer than a layer computes\n"
-    "  --prefill-tokens N  prompt tokens run through each layer together, 1..1024 (default 16): an expert\n"
+    "  --prefill-tokens N  prompt tokens run through each layer together, 1..1024 (default 64): an expert\n"
     "                   several of them chose is read once for all; 1 = token by token, as decoding\n"
     "  --preload        fill the expert cache at open with the experts most often chosen on the calibration\n"
     "                   text, in runs of adjacent records\n"
