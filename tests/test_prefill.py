@@ -93,14 +93,14 @@ def test_a_prompt_that_cannot_be_fed_changes_nothing(artifact_int4, prompt):
 
 
 def test_a_batch_whose_reads_fail_can_be_fed_again(artifact_int4, prompt):
-    """Six reads in a row fail: the prompt fails with the cause named, pins nothing and keeps none of
-    itself; fed again once the storage recovers it gives the fault-free logits."""
+    """Twelve reads in a row fail: the prompt fails with the cause named, pins nothing and keeps none
+    of itself; fed again once the storage recovers it gives the fault-free logits."""
     budget = budget_bytes(artifact_int4, 256, 0.25)
     with Session(artifact_int4, memory_budget=budget, max_seq=256, predictor="none") as s:
         want = feed(s, prompt[:40], prompt[40:42])
     errors = []
-    with Session(artifact_int4, memory_budget=budget, max_seq=256, predictor="none", inject_faults="eio@20*6") as s:
-        for _ in range(8):
+    with Session(artifact_int4, memory_budget=budget, max_seq=256, predictor="none", inject_faults="eio@2*12") as s:
+        for _ in range(16):
             try:
                 first = s.prefill(prompt[:40])
                 break
@@ -122,3 +122,29 @@ def test_the_batch_comes_out_of_the_budget_and_out_of_range_is_refused(artifact_
     for bad in (1025, 1 << 20):
         with pytest.raises(EdgeMoEError, match="prefill_tokens must be within"):
             Session(artifact_int4, prefill_tokens=bad)
+
+
+def test_prefill_bench_prints_each_batch_beside_token_by_token(artifact_int4, tmp_path):
+    """edgemoe-bench prefill: a row per prompt length, budget and batch size, each with the same logits
+    as token by token and, at a small budget, fewer reads; a batch too large for the budget is said to
+    be, not a traceback; the chart is written."""
+    from click.testing import CliRunner
+
+    from edgemoe.bench import bench_cmd
+    from edgemoe.runtime import REPO_ROOT
+
+    chart = tmp_path / "prefill.png"
+    r = CliRunner().invoke(bench_cmd, ["prefill", str(artifact_int4), "--text",
+                                       str(REPO_ROOT / "data" / "wikitext-2-test.txt"), "--prompt-tokens", "100",
+                                       "--fractions", "0.001,0.25,1", "--batches", "16,100", "--emulate-storage",
+                                       "1000,0", "--plot", str(chart)])
+    assert r.exit_code == 0, r.output
+    rows = [line.strip("| ").split(" | ") for line in r.output.splitlines() if line.startswith("| 100 |")]
+    assert [(row[1], row[2]) for row in rows] == [(f, b) for f in ("0%", "25%", "100%") for b in ("1", "16", "100")]
+    fits = [row for row in rows if "does not fit" not in row[3]]
+    # the minimum budget (0.1% of the experts) pays for the default batch of 64, not for 100
+    assert ["0%", "100"] not in [row[1:3] for row in fits] and len(fits) == 8, r.output
+    assert all(row[-1] == "True" for row in fits), r.output
+    reads = {(row[1], row[2]): int(row[6]) for row in fits}
+    assert reads["25%", "16"] < reads["25%", "1"], reads
+    assert chart.stat().st_size > 0
