@@ -65,10 +65,11 @@ def test_reference_greedy_is_transformers_generate(switch_dir, rng):
 def test_expert_capacity_as_transformers_applies_it(tmp_path, rng, runtime_lib):
     """With expert_capacity 3 and 24 input tokens over 4 experts, the encoder's later tokens of a
     popular expert skip the experts, in transformers as in the reference and the runtime (the
-    decoder prefix is no longer than the capacity: one token per call in the runtime)."""
+    decoder prefix is no longer than the capacity: one token per call in the runtime); the encoder's
+    rows a batch at a time through its experts give the same bits."""
     from edgemoe.compiler.artifact_reference import artifact_model
     from edgemoe.compiler.driver import CompileOptions, compile_model
-    from edgemoe.runtime import Session
+    from edgemoe.runtime import Session, budget_bytes
 
     model_dir = save_switch_checkpoint(tmp_path / "model", expert_capacity=3)
     model = load_model(model_dir)
@@ -87,6 +88,13 @@ def test_expert_capacity_as_transformers_applies_it(tmp_path, rng, runtime_lib):
     with Session(art) as s:
         got = np.stack([s.prefill(encoder_tokens)] + [s.decode_step(t) for t in decoder_tokens[1:]])
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    # the encoder's rows go through its experts a batch at a time (each expert the batch chose read
+    # once): at the minimum budget, 5 or 64 rows at a time, the bits of one row at a time
+    runs = {}
+    for batch in (1, 5, 64):
+        with Session(art, memory_budget=budget_bytes(art), prefill_tokens=batch) as s:
+            runs[batch] = np.stack([s.prefill(encoder_tokens)] + [s.decode_step(t) for t in decoder_tokens[1:]])
+        assert np.array_equal(runs[batch], runs[1]) and np.array_equal(runs[batch], got), batch
 
 
 def test_relative_buckets_are_transformers_buckets():

@@ -71,10 +71,18 @@ int em_cross_attention(em_session* s, const em_step* st) {
   return rc;
 }
 
-/* A per-token op (feed-forward block) over every encoder row t: the row as the residual stream. */
+/* A per-token op (feed-forward block) over every encoder row t: the row as the residual stream; MoE
+ * steps a batch of rows at a time (prefill.c), each expert the batch chose read once. */
 static int each_row(em_session* s, const em_step* st, uint32_t n) {
   size_t H = s->th.hidden;
   if (st->op == EM_OP_MOE) memset(s->taken, 0, s->th.experts * sizeof *s->taken); /* the input is one pass */
+  if (st->op == EM_OP_MOE && s->prefill_tokens > 1) {
+    for (uint32_t t = 0; t < n; t += s->prefill_tokens) {
+      int rc = em_moe_rows(s, st, s->enc_x + t * H, n - t < s->prefill_tokens ? n - t : s->prefill_tokens, 0);
+      if (rc) return rc;
+    }
+    return EM_OK;
+  }
   for (uint32_t t = 0; t < n; t++) {
     float* row = s->enc_x + t * H;
     memcpy(s->x, row, H * sizeof(float));

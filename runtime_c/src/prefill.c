@@ -7,23 +7,21 @@
  * Every token goes through the same kernels with the same inputs as em_decode_step would give it,
  * and its experts' outputs are added to its residual stream in the order its router chose them: the
  * logits are the same bits either way. Within a batch nothing is predicted: a layer's experts are
- * all known once its tokens have routed, and they are read together. */
+ * all known once its tokens have routed, and they are read together. An encoder (encoder_decoder.c)
+ * runs its MoE steps over its input's rows the same way. */
 #include <string.h>
 
 #include "session.h"
 
-/* The layer's MoE block for every token of the batch: route each (its shared expert added), then read
- * the distinct experts they chose in groups that fit the cache's slots, each group's reads issued
- * together, and run each expert for its tokens as its record arrives. */
-static int moe_batch(em_session* s, const em_step* st, uint32_t n) {
+int em_moe_rows(em_session* s, const em_step* st, float* rows, uint32_t n, int pass_per_token) {
   const em_trunk_header* th = &s->th;
   uint32_t H = th->hidden, K = th->top_k, l = st->expert_layer;
   uint32_t *chosen = s->batch_experts, *count = s->batch_counts, *distinct = s->batch_records, n_distinct = 0;
   float* wts = s->expert_weights;
   int rc = EM_OK;
   for (uint32_t t = 0; t < n && !rc; t++) {
-    memcpy(s->x, s->batch_x + (size_t)t * H, H * sizeof(float));
-    memset(s->taken, 0, th->experts * sizeof *s->taken); /* one token is this pass of the expert capacity */
+    memcpy(s->x, rows + (size_t)t * H, H * sizeof(float));
+    if (pass_per_token) memset(s->taken, 0, th->experts * sizeof *s->taken);
     rc = em_moe_route(s, st, s->trace_tokens + t, chosen + (size_t)t * K, wts + (size_t)t * K, &count[t]);
     if (rc) break;
     memcpy(s->batch_xn + (size_t)t * H, s->xn, H * sizeof(float));
@@ -36,7 +34,7 @@ static int moe_batch(em_session* s, const em_step* st, uint32_t n) {
     }
     if (count[t]) em_loader_routed(&s->loader, records, count[t], l);
     if (st->shared) rc = em_shared_expert(s, st);
-    memcpy(s->batch_x + (size_t)t * H, s->x, H * sizeof(float));
+    memcpy(rows + (size_t)t * H, s->x, H * sizeof(float));
   }
   for (uint32_t first = 0; first < n_distinct && !rc;) {
     /* a group: as many of the distinct experts as each size class has slots to pin at once */
@@ -79,7 +77,7 @@ static int moe_batch(em_session* s, const em_step* st, uint32_t n) {
     first = end;
   }
   for (uint32_t t = 0; t < n && !rc; t++) { /* each token's experts added in its router's order */
-    float* x = s->batch_x + (size_t)t * H;
+    float* x = rows + (size_t)t * H;
     for (uint32_t k = 0; k < count[t]; k++) {
       const float* y = s->expert_out + ((size_t)t * K + k) * H;
       for (uint32_t i = 0; i < H; i++) x[i] += y[i];
@@ -97,7 +95,7 @@ int em_prefill_batch(em_session* s, const int32_t* tokens, uint32_t n, int want_
   for (uint32_t i = s->prog.decoder_first; !rc && i < s->prog.n_steps; i++) {
     const em_step* st = &s->prog.steps[i];
     if (st->op == EM_OP_MOE) {
-      rc = moe_batch(s, st, n);
+      rc = em_moe_rows(s, st, s->batch_x, n, 1); /* one token is a pass of the expert capacity */
       continue;
     }
     /* the other steps token by token, each at its position; the logits for the last token alone */

@@ -88,11 +88,10 @@ static void format_mib(char* out, size_t n, uint64_t bytes) {
   snprintf(out, n, "%llu bytes (%.2f MiB)", (unsigned long long)bytes, bytes / 1048576.0);
 }
 
-/* Tokens a prompt's batch holds (em_params.prefill_tokens): at most the context; an encoder-decoder
- * model runs its prompt through the encoder instead. */
-static uint32_t prefill_batch(const em_trunk_header* th, uint32_t requested, uint32_t max_seq) {
+/* Tokens a prompt's batch holds (em_params.prefill_tokens): at most the context. */
+static uint32_t prefill_batch(uint32_t requested, uint32_t max_seq) {
   uint32_t n = requested ? requested : EM_DEFAULT_PREFILL_TOKENS;
-  return th->cross_layers ? 1 : n < max_seq ? n : max_seq;
+  return n < max_seq ? n : max_seq;
 }
 
 int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fraction, uint64_t* out, char* err,
@@ -110,7 +109,7 @@ int em_budget_bytes(const char* artifact_dir, uint32_t max_seq, double expert_fr
   if (rc) return rc;
   if (!max_seq || max_seq > th.max_positions) max_seq = th.max_positions;
   em_memory_plan p;
-  rc = em_plan_memory(&th, &ih, records, max_seq, prefill_batch(&th, 0, max_seq),
+  rc = em_plan_memory(&th, &ih, records, max_seq, prefill_batch(0, max_seq),
                       em_program_bytes(th.program_steps, th.layers), &p, err, err_len);
   free(records);
   if (rc) return rc;
@@ -274,7 +273,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->prefetch_margin = params->prefetch_margin;
   s->prefetch_layers = params->prefetch_layers ? params->prefetch_layers : 1;
   if (s->n_predict > th->experts) s->n_predict = th->experts;
-  s->prefill_tokens = prefill_batch(th, params->prefill_tokens, s->max_seq);
+  s->prefill_tokens = prefill_batch(params->prefill_tokens, s->max_seq);
   uint32_t chosen = s->prefill_tokens * th->top_k; /* a batch's experts, one per token and choice */
   em_memory_plan p;
   rc = em_plan_memory(th, &s->ih, s->records, s->max_seq, s->prefill_tokens,
@@ -727,9 +726,6 @@ int em_dense_ffn(em_session* s, const em_step* st) {
   return ffn_into_residual(s, &f, 1.0f);
 }
 
-/* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
- * next layer's predicted experts, run the shared expert while the reads are in flight, then the
- * chosen ones as they arrive. Layers, records and predictions count the layers with experts. */
 int em_moe_route(em_session* s, const em_step* st, uint32_t trace_row, uint32_t* idx, float* wts, uint32_t* n_out) {
   const em_trunk_header* th = &s->th;
   uint32_t l = st->expert_layer, EL = s->prog.expert_layers;
@@ -755,6 +751,9 @@ int em_moe_route(em_session* s, const em_step* st, uint32_t trace_row, uint32_t*
   return EM_OK;
 }
 
+/* The MoE half of a layer: route, pin the chosen experts (reading missing ones), prefetch the
+ * next layer's predicted experts, run the shared expert while the reads are in flight, then the
+ * chosen ones as they arrive. Layers, records and predictions count the layers with experts. */
 int em_moe_layer(em_session* s, const em_step* st) {
   uint32_t l = st->expert_layer, n, idx[MAX_TOP_K], records[MAX_TOP_K];
   float wts[MAX_TOP_K];

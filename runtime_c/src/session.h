@@ -146,6 +146,12 @@ void em_pass_begin(em_session* s, em_pass* p);
 void em_pass_end(em_session* s, const em_pass* p, uint32_t tokens);
 /* n (>= 2) checked tokens of a prompt through the layer program together (prefill.c). */
 int em_prefill_batch(em_session* s, const int32_t* tokens, uint32_t n, int want_logits);
+/* The MoE step st for n (<= prefill_tokens) residual streams rows[n][hidden] together: each routed
+ * (its shared expert added), the distinct experts they chose read in groups that fit the cache's
+ * slots, a group's reads issued together, and each expert run for its rows as its record arrives,
+ * their outputs added in each row's router order. pass_per_token: the expert capacity's count starts
+ * again for each row (else the caller starts it for the pass). */
+int em_moe_rows(em_session* s, const em_step* st, float* rows, uint32_t n, int pass_per_token);
 
 static inline uint32_t em_record_of(const em_session* s, uint32_t layer, uint32_t expert) {
   return layer * s->th.experts + expert;
