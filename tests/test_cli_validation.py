@@ -79,6 +79,8 @@ C_BAD = [
     (["--threads", "-1"], "--threads"),
     (["--prefetch-layers", "0"], "--prefetch-layers"),
     (["--prefetch-layers", "5"], "--prefetch-layers"),
+    (["--prefill-tokens", "0"], "--prefill-tokens"),
+    (["--prefill-tokens", "1025"], "--prefill-tokens"),
     (["--predictor", "psychic"], "--predictor"),
     (["--eviction", "random"], "--eviction"),
     (["--budget"], "--budget"),  # no value
@@ -194,6 +196,8 @@ PY_RUN_BAD = [
     (["--prefetch", "-1"], "--prefetch"),
     (["--prefetch-layers", "0"], "--prefetch-layers"),
     (["--prefetch-layers", "5"], "--prefetch-layers"),
+    (["--prefill-tokens", "0"], "--prefill-tokens"),
+    (["--prefill-tokens", "1025"], "--prefill-tokens"),
     (["--emulate-storage", "0,0"], "--emulate-storage"),
     (["--emulate-storage", "-45,1"], "--emulate-storage"),
     (["--emulate-storage", "45,-1"], "--emulate-storage"),

@@ -148,3 +148,23 @@ def test_prefill_bench_prints_each_batch_beside_token_by_token(artifact_int4, tm
     reads = {(row[1], row[2]): int(row[6]) for row in fits}
     assert reads["25%", "16"] < reads["25%", "1"], reads
     assert chart.stat().st_size > 0
+
+
+def test_the_c_tool_takes_a_prompt_in_batches_with_the_same_tokens(artifact_int4, prompt):
+    """edgemoe_run --prefill-tokens N: the same generated tokens for any N, and prefill_ns reported."""
+    import subprocess
+
+    from edgemoe.runtime import DEFAULT_BUILD_DIR
+
+    budget = budget_bytes(artifact_int4, 256, 0.25)
+    outs = {}
+    for batch in ("1", "7", "64"):
+        proc = subprocess.run([str(DEFAULT_BUILD_DIR / "edgemoe_run"), str(artifact_int4), "--tokens",
+                               ",".join(map(str, prompt[:60])), "-n", "8", "--max-seq", "256", "--budget", str(budget),
+                               "--prefill-tokens", batch], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        stats = dict(line.split("=", 1) for line in lines[1:] if "=" in line)
+        assert int(stats["prefill_ns"]) > 0 and int(stats["tokens"]) == 60 + 8, stats
+        outs[batch] = lines[0]
+    assert outs["7"] == outs["64"] == outs["1"], outs
