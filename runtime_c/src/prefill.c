@@ -57,21 +57,21 @@ int em_moe_rows(em_session* s, const em_step* st, float* rows, uint32_t n, int p
     }
     for (uint32_t j = 0; j < group && !rc;) {
       /* this expert (waiting for it) and those after it already read: their tokens' tasks run together */
-      uint32_t n_tasks = 0, taken = 0;
+      uint32_t n_tasks = 0, joined = 0;
       do {
-        uint32_t g = order[j + taken];
+        uint32_t g = order[j + joined], expert = distinct[g] - l * th->experts;
         em_ffn_block* block = &s->expert_blocks[g];
-        rc = em_chosen_expert(s, st, distinct[g] - l * th->experts, block);
+        rc = em_chosen_expert(s, st, expert, block);
         for (uint32_t t = 0; t < n && !rc; t++)
           for (uint32_t k = 0; k < count[t]; k++)
-            if (em_record_of(s, l, chosen[t * K + k]) == distinct[g])
+            if (chosen[t * K + k] == expert)
               s->expert_tasks[n_tasks++] = (em_expert_task){block, s->batch_xn + (size_t)t * H, &wts[t * K + k],
                                                             s->expert_out + ((size_t)t * K + k) * H};
-        taken++;
-      } while (!rc && j + taken < group && s->expert_lanes > 1 &&
-               em_loader_ready(&s->loader, distinct[order[j + taken]]));
+        joined++;
+      } while (!rc && j + joined < group && s->expert_lanes > 1 &&
+               em_loader_ready(&s->loader, distinct[order[j + joined]]));
       if (!rc) rc = em_run_expert_tasks(s, s->expert_tasks, n_tasks);
-      j += taken;
+      j += joined;
     }
     for (uint32_t g = first; g < end; g++) em_loader_release(&s->loader, distinct[g]);
     first = end;
