@@ -171,8 +171,9 @@ class _Lanes(list):
     """An accumulator held as one int32 scalar per lane (the Cortex-M7's SMLAD works on scalars)."""
 
 
-def _group_dot(isa: Isa, W, X4, t, g, sub, bits: int, group: int, k: int, chains: int):
-    """int32 × lanes: Σ over the columns of group g of code · q, for rows sub·lanes … of tile t.
+def _group_dot(isa: Isa, W, X4, x0, t, g, sub, bits: int, group: int, k: int, chains: int):
+    """int32 × lanes: Σ over the columns of group g of code · q (q: X4 from word x0 on), for rows
+    sub·lanes … of tile t.
     Each step takes 4 consecutive columns: one byte of each lane's word, masked out of its bit
     field (for INT3, the low plane's field with the high plane's bit above it). `chains`
     independent accumulation chains (steps dealt round-robin) keep the instruction's latency off
@@ -202,7 +203,7 @@ def _group_dot(isa: Isa, W, X4, t, g, sub, bits: int, group: int, k: int, chains
             codes = field if codes is None else codes | field
             first, low = first + k * b // 32, low + b
         # the 4 input codes of these columns, as one int32, to every lane
-        acc[quad % chains] = _dot4(isa, acc[quad % chains], codes, tirx.Broadcast(X4[g * (group // 4) + quad], lanes),
+        acc[quad % chains] = _dot4(isa, acc[quad % chains], codes, tirx.Broadcast(X4[x0 + g * (group // 4) + quad], lanes),
                                    bits < 8)
     acc = [tirx.Shuffle(list(a), list(range(lanes))) if isinstance(a, _Lanes) else a for a in acc]
     while len(acc) > 1:  # summed pairwise
@@ -264,32 +265,38 @@ def _dot4(isa: Isa, acc, codes, act, small: bool):
 
 
 def _quantize_input(k: int, group: int, centre: float):
-    """A macro: x (float32 [k]) → q (int8, also seen 4 per int32), s_x, and c · Σ q per group."""
+    """A macro: row m of x (float32, rows of k) → its q (int8, also seen 4 per int32), s_x, and c · Σ q
+    per group, into row m of xq, xs and xc."""
+    ng = k // group
 
     @T.macro
-    def body(x, xq, xs, xc):
-        for g in range(k // group):
+    def body(x, xq, xs, xc, m):
+        for g in range(ng):
             amax = T.decl_buffer((1,), "float32", scope="local")
             total = T.decl_buffer((1,), "int32", scope="local")
             amax[0] = T.float32(0)
             for i in range(group):
-                amax[0] = T.max(amax[0], T.fabs(x[g * group + i]))
-            xs[g] = amax[0] / T.float32(127)
+                amax[0] = T.max(amax[0], T.fabs(x[m * k + g * group + i]))
+            xs[m * ng + g] = amax[0] / T.float32(127)
             total[0] = 0
             for i in range(group):
                 # one product, rounded half to even: nothing for the compiler to contract into an FMA,
                 # so models/reference.py quantize_activation gets the very same codes
-                xq[g * group + i] = T.Cast("int8", T.round(
-                    x[g * group + i] * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
-                total[0] = total[0] + T.Cast("int32", xq[g * group + i])
-            xc[g] = T.Cast("float32", total[0]) * T.float32(centre)
+                xq[m * k + g * group + i] = T.Cast("int8", T.round(
+                    x[m * k + g * group + i] * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0],
+                                                              T.float32(0))))
+                total[0] = total[0] + T.Cast("int32", xq[m * k + g * group + i])
+            xc[m * ng + g] = T.Cast("float32", total[0]) * T.float32(centre)
 
     return body
 
 
-def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: bool):
+def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: bool, batch: int = 1, n: int = 0):
     """A macro: out[rows of tiles t0 … t0 + knobs.tiles − 1] += Σ_g s_w · s_x · (dot − c · Σ q), a
-    vector of lanes rows at a time; with `both`, the same for (out2, W2, S2) in the same group loop."""
+    vector of lanes rows at a time; with `both`, the same for (out2, W2, S2) in the same group loop.
+    With a `batch` of inputs (rows of X4, xs and xc), out has a row of `n` outputs for each, and each
+    vector of codes, decoded once, goes into the dot products of every input (LLVM merges the batch's
+    identical loads and decodes)."""
     lanes, ng, chains = isa.lanes, k // group, knobs.chains
     f32, f16 = f"float32x{lanes}", f"float16x{lanes}"
     passes, vectors, tiles, unroll, ahead = TILE_ROWS // lanes // knobs.vectors, knobs.vectors, knobs.tiles, \
@@ -299,8 +306,8 @@ def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: boo
     hi_first, hi_words = k * planes(bits)[0] // 32, group * planes(bits)[-1] // 32
     two_planes = len(planes(bits)) > 1
 
-    def dot(W, X4, t, g, sub):
-        return _group_dot(isa, W, X4, t, g, sub, bits, group, k, chains)
+    def dot(W, X4, x0, t, g, sub):
+        return _group_dot(isa, W, X4, x0, t, g, sub, bits, group, k, chains)
 
     def line(W, t, word):  # prefetch (read, keep in every cache level) the cache line of the tile's word
         return tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(W[t, word, 0]), 0, 3, 1)
@@ -314,11 +321,11 @@ def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: boo
                 T.evaluate(line(W, t, hi_first + (g + ahead) * hi_words + i))
 
     @T.macro
-    def update(out, W, S, X4, xs, xc, t, g, sub):
-        out[T.ramp(t * TILE_ROWS + sub * lanes, 1, lanes)] = \
-            out.vload([t * TILE_ROWS + sub * lanes], f32) + \
-            T.Cast(f32, S.vload([t, g, sub * lanes], f16)) * T.Broadcast(xs[g], lanes) * \
-            (T.Cast(f32, dot(W, X4, t, g, sub)) - T.Broadcast(xc[g], lanes))
+    def update(out, W, S, X4, xs, xc, t, g, sub, m):
+        out[T.ramp(m * n + t * TILE_ROWS + sub * lanes, 1, lanes)] = \
+            out.vload([m * n + t * TILE_ROWS + sub * lanes], f32) + \
+            T.Cast(f32, S.vload([t, g, sub * lanes], f16)) * T.Broadcast(xs[m * ng + g], lanes) * \
+            (T.Cast(f32, dot(W, X4, m * (k // 4), t, g, sub)) - T.Broadcast(xc[m * ng + g], lanes))
 
     @T.macro
     def body(out, W, S, out2, W2, S2, X4, xs, xc, t0):
@@ -331,9 +338,10 @@ def _accumulate(isa: Isa, bits: int, group: int, k: int, knobs: Knobs, both: boo
                             if both:
                                 fetch(W2, t0 + j, go * unroll + gi)
                         for v in T.unroll(vectors):
-                            update(out, W, S, X4, xs, xc, t0 + j, go * unroll + gi, p * vectors + v)
-                            if both:
-                                update(out2, W2, S2, X4, xs, xc, t0 + j, go * unroll + gi, p * vectors + v)
+                            for m in T.unroll(batch):
+                                update(out, W, S, X4, xs, xc, t0 + j, go * unroll + gi, p * vectors + v, m)
+                                if both:
+                                    update(out2, W2, S2, X4, xs, xc, t0 + j, go * unroll + gi, p * vectors + v, m)
 
     return body
 
@@ -419,6 +427,11 @@ def knobs_of(func: tvm.tirx.PrimFunc) -> Knobs | None:
     return Knobs(**json.loads(str(attrs[KNOBS_ATTR]))) if attrs is not None and KNOBS_ATTR in attrs else None
 
 
+def _rows_shape(batch: int, n: int) -> tuple:
+    """A parameter of `batch` rows of n floats: a vector for one row (the decode kernels)."""
+    return (n,) if batch == 1 else (batch, n)
+
+
 @_memoized
 def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual: bool = False,
            knobs: Knobs = Knobs(), grid: str = "half") -> tvm.tirx.PrimFunc:
@@ -436,7 +449,7 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
         X4 = T.decl_buffer((k // 4,), "int32", data=xq.data)
         xs = T.decl_buffer((ng,), "float32")
         xc = T.decl_buffer((ng,), "float32")
-        quantize_input(x, xq, xs, xc)
+        quantize_input(x, xq, xs, xc, 0)
         for s in loop(nt // tiles):
             for i in range(tiles * TILE_ROWS):
                 if residual:
@@ -466,11 +479,12 @@ def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual:
 @_memoized
 def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
                    name: str | None = None, kind: str = "swiglu", bias: bool = False,
-                   grid: str = "half") -> tvm.tirx.PrimFunc:
+                   grid: str = "half", batch: int = 1) -> tvm.tirx.PrimFunc:
     """h = act(Wg x (+ bg), Wu x (+ bu)), Wg and Wu in the tiles layout (INT4 codes on `grid`), act
     the activation `kind` (kernels.activation); x is quantized once for both. With `bias`, the biases
     are inputs after the weights. `idim` and `name` default to the routed experts' (a shared expert
-    has its own)."""
+    has its own). With a `batch` > 1, x and h are that many rows, each row's h the same bits as the
+    one-row kernel gives."""
     from .kernels import activation
 
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
@@ -480,45 +494,50 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
     rows = tiles * TILE_ROWS
     loop = T.parallel if knobs.parallel else T.serial
     quantize_input = _quantize_input(hdim, group, centre(isa, bits, grid))
-    accumulate = _accumulate(isa, bits, group, hdim, knobs, both=fuse)
+    accumulate = _accumulate(isa, bits, group, hdim, knobs, both=fuse, batch=batch, n=idim)
+    x_shape, h_shape = _rows_shape(batch, hdim), _rows_shape(batch, idim)
 
     @T.macro
-    def body(x, GW, GS, UW, US, GB, UB, h):
-        xq = T.decl_buffer((hdim,), "int8")
-        X4 = T.decl_buffer((hdim // 4,), "int32", data=xq.data)
-        xs = T.decl_buffer((ng,), "float32")
-        xc = T.decl_buffer((ng,), "float32")
-        gate = T.decl_buffer((idim,), "float32")
-        quantize_input(x, xq, xs, xc)
+    def body(x_rows, GW, GS, UW, US, GB, UB, h_rows):
+        x = T.decl_buffer((batch * hdim,), "float32", data=x_rows.data)
+        h = T.decl_buffer((batch * idim,), "float32", data=h_rows.data)
+        xq = T.decl_buffer((batch * hdim,), "int8")
+        X4 = T.decl_buffer((batch * hdim // 4,), "int32", data=xq.data)
+        xs = T.decl_buffer((batch * ng,), "float32")
+        xc = T.decl_buffer((batch * ng,), "float32")
+        gate = T.decl_buffer((batch * idim,), "float32")
+        for m in range(batch):
+            quantize_input(x, xq, xs, xc, m)
         for s in loop(nt // tiles):
-            for i in range(rows):
+            for m, i in T.grid(batch, rows):
                 if bias:
-                    gate[s * rows + i] = GB[s * rows + i]
-                    h[s * rows + i] = UB[s * rows + i]
+                    gate[m * idim + s * rows + i] = GB[s * rows + i]
+                    h[m * idim + s * rows + i] = UB[s * rows + i]
                 else:
-                    gate[s * rows + i] = T.float32(0)
-                    h[s * rows + i] = T.float32(0)
+                    gate[m * idim + s * rows + i] = T.float32(0)
+                    h[m * idim + s * rows + i] = T.float32(0)
             if fuse:
                 accumulate(gate, GW, GS, h, UW, US, X4, xs, xc, s * tiles)
             else:
                 accumulate(gate, GW, GS, gate, GW, GS, X4, xs, xc, s * tiles)
                 accumulate(h, UW, US, h, UW, US, X4, xs, xc, s * tiles)
-            for i in range(rows):
-                h[s * rows + i] = activation(cfg, kind, gate[s * rows + i], h[s * rows + i])
+            for m, i in T.grid(batch, rows):
+                h[m * idim + s * rows + i] = activation(cfg, kind, gate[m * idim + s * rows + i],
+                                                        h[m * idim + s * rows + i])
 
     if bias:
         @T.prim_func
-        def f(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+        def f(x: T.Buffer(x_shape, "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               US: T.Buffer((nt, ng, TILE_ROWS), "float16"), gate_bias: T.Buffer((idim,), "float32"),
-              up_bias: T.Buffer((idim,), "float32"), h: T.Buffer((idim,), "float32")):
+              up_bias: T.Buffer((idim,), "float32"), h: T.Buffer(h_shape, "float32")):
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             body(x, GW, GS, UW, US, gate_bias, up_bias, h)
     else:
         @T.prim_func
-        def f(x: T.Buffer((hdim,), "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+        def f(x: T.Buffer(x_shape, "float32"), GW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               GS: T.Buffer((nt, ng, TILE_ROWS), "float16"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-              US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer((idim,), "float32")):
+              US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer(h_shape, "float32")):
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             body(x, GW, GS, UW, US, h, h, h)  # no biases: GB and UB are never read
 
@@ -527,8 +546,9 @@ def expert_gate_up(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
 
 @_memoized
 def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
-                   name: str | None = None, grid: str = "half") -> tvm.tirx.PrimFunc:
-    """h = relu(Wu x), Wu in the tiles layout (a ReLU expert's or dense MLP's first matrix)."""
+                   name: str | None = None, grid: str = "half", batch: int = 1) -> tvm.tirx.PrimFunc:
+    """h = relu(Wu x), Wu in the tiles layout (a ReLU expert's or dense MLP's first matrix); `batch`
+    rows of x and h as expert_gate_up's."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_up_relu_w{bits}"
     knobs = knobs.resolved(isa, idim, hdim, bits, group)
@@ -536,32 +556,37 @@ def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
     rows = tiles * TILE_ROWS
     loop = T.parallel if knobs.parallel else T.serial
     quantize_input = _quantize_input(hdim, group, centre(isa, bits, grid))
-    accumulate = _accumulate(isa, bits, group, hdim, knobs, both=False)
+    accumulate = _accumulate(isa, bits, group, hdim, knobs, both=False, batch=batch, n=idim)
+    x_shape, h_shape = _rows_shape(batch, hdim), _rows_shape(batch, idim)
 
     @T.prim_func
-    def f(x: T.Buffer((hdim,), "float32"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-          US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer((idim,), "float32")):
+    def f(x: T.Buffer(x_shape, "float32"), UW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+          US: T.Buffer((nt, ng, TILE_ROWS), "float16"), h: T.Buffer(h_shape, "float32")):
         T.func_attr({"global_symbol": name, "tir.noalias": True})
-        xq = T.decl_buffer((hdim,), "int8")
-        X4 = T.decl_buffer((hdim // 4,), "int32", data=xq.data)
-        xs = T.decl_buffer((ng,), "float32")
-        xc = T.decl_buffer((ng,), "float32")
-        quantize_input(x, xq, xs, xc)
+        xv = T.decl_buffer((batch * hdim,), "float32", data=x.data)
+        hv = T.decl_buffer((batch * idim,), "float32", data=h.data)
+        xq = T.decl_buffer((batch * hdim,), "int8")
+        X4 = T.decl_buffer((batch * hdim // 4,), "int32", data=xq.data)
+        xs = T.decl_buffer((batch * ng,), "float32")
+        xc = T.decl_buffer((batch * ng,), "float32")
+        for m in range(batch):
+            quantize_input(xv, xq, xs, xc, m)
         for s in loop(nt // tiles):
-            for i in range(rows):
-                h[s * rows + i] = T.float32(0)
-            accumulate(h, UW, US, h, UW, US, X4, xs, xc, s * tiles)
-            for i in range(rows):
-                h[s * rows + i] = T.max(h[s * rows + i], T.float32(0))
+            for m, i in T.grid(batch, rows):
+                hv[m * idim + s * rows + i] = T.float32(0)
+            accumulate(hv, UW, US, hv, UW, US, X4, xs, xc, s * tiles)
+            for m, i in T.grid(batch, rows):
+                hv[m * idim + s * rows + i] = T.max(hv[m * idim + s * rows + i], T.float32(0))
 
     return _tagged(f, knobs)
 
 
 @_memoized
 def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
-                name: str | None = None, bias: bool = False, grid: str = "half") -> tvm.tirx.PrimFunc:
+                name: str | None = None, bias: bool = False, grid: str = "half", batch: int = 1) -> tvm.tirx.PrimFunc:
     """y = res + weight · (Wd h (+ bd)), Wd in the tiles layout: the router weight and residual
-    fused; with `bias`, bd is an input after the weights."""
+    fused; with `bias`, bd is an input after the weights. With a `batch` > 1, h, weight and y are
+    that many rows (one residual for all), each row of y the same bits as the one-row kernel gives."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_down_w{bits}"
     knobs = knobs.resolved(isa, hdim, idim, bits, group)
@@ -569,38 +594,42 @@ def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = 
     rows = tiles * TILE_ROWS
     loop = T.parallel if knobs.parallel else T.serial
     quantize_input = _quantize_input(idim, group, centre(isa, bits, grid))
-    accumulate = _accumulate(isa, bits, group, idim, knobs, both=False)
+    accumulate = _accumulate(isa, bits, group, idim, knobs, both=False, batch=batch, n=hdim)
+    h_shape, y_shape = _rows_shape(batch, idim), _rows_shape(batch, hdim)
 
     @T.macro
-    def body(h, DW, DS, DB, res, weight, y):
-        xq = T.decl_buffer((idim,), "int8")
-        X4 = T.decl_buffer((idim // 4,), "int32", data=xq.data)
-        xs = T.decl_buffer((ng,), "float32")
-        xc = T.decl_buffer((ng,), "float32")
-        quantize_input(h, xq, xs, xc)
-        for g in range(ng):
-            xs[g] = xs[g] * weight[0]  # fold the router weight into the input scale
+    def body(h_rows, DW, DS, DB, res, weight, y_rows):
+        h = T.decl_buffer((batch * idim,), "float32", data=h_rows.data)
+        y = T.decl_buffer((batch * hdim,), "float32", data=y_rows.data)
+        xq = T.decl_buffer((batch * idim,), "int8")
+        X4 = T.decl_buffer((batch * idim // 4,), "int32", data=xq.data)
+        xs = T.decl_buffer((batch * ng,), "float32")
+        xc = T.decl_buffer((batch * ng,), "float32")
+        for m in range(batch):
+            quantize_input(h, xq, xs, xc, m)
+        for m, g in T.grid(batch, ng):
+            xs[m * ng + g] = xs[m * ng + g] * weight[m]  # fold the router weight into the input scale
         for s in loop(nt // tiles):
-            for i in range(rows):
+            for m, i in T.grid(batch, rows):
                 if bias:
-                    y[s * rows + i] = res[s * rows + i] + weight[0] * DB[s * rows + i]
+                    y[m * hdim + s * rows + i] = res[s * rows + i] + weight[m] * DB[s * rows + i]
                 else:
-                    y[s * rows + i] = res[s * rows + i]
+                    y[m * hdim + s * rows + i] = res[s * rows + i]
             accumulate(y, DW, DS, y, DW, DS, X4, xs, xc, s * tiles)
 
     if bias:
         @T.prim_func
-        def f(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+        def f(h: T.Buffer(h_shape, "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), down_bias: T.Buffer((hdim,), "float32"),
-              res: T.Buffer((hdim,), "float32"), weight: T.Buffer((1,), "float32"),
-              y: T.Buffer((hdim,), "float32")):
+              res: T.Buffer((hdim,), "float32"), weight: T.Buffer((batch,), "float32"),
+              y: T.Buffer(y_shape, "float32")):
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             body(h, DW, DS, down_bias, res, weight, y)
     else:
         @T.prim_func
-        def f(h: T.Buffer((idim,), "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
+        def f(h: T.Buffer(h_shape, "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), res: T.Buffer((hdim,), "float32"),
-              weight: T.Buffer((1,), "float32"), y: T.Buffer((hdim,), "float32")):
+              weight: T.Buffer((batch,), "float32"), y: T.Buffer(y_shape, "float32")):
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             body(h, DW, DS, res, res, weight, y)  # no bias: DB is never read
 

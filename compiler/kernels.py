@@ -11,7 +11,8 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .program import EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES, expert_kernel_roles, kernel_role
+from .program import (BATCH_SUFFIX, EXPERT_BATCH, EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES,
+                      expert_kernel_roles, kernel_role)
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, grid_at, interleave, planes
 
 F32 = "float32"
@@ -315,8 +316,8 @@ def activation(cfg: MoEConfig, kind: str, g, u):
     return (u + one) * (g / (one + tvm.tirx.exp(-(alpha * g))))
 
 
-def expert_symbol(role: str, bits: int) -> str:
-    return EXPERT_KERNELS[role].format(bits=bits)
+def expert_symbol(role: str, bits: int, batch: int = 1) -> str:
+    return EXPERT_KERNELS[role].format(bits=bits) + (BATCH_SUFFIX.format(batch=batch) if batch > 1 else "")
 
 
 def expert_gate_up(cfg: MoEConfig, bits: int, group: int, idim: int | None = None, name: str | None = None,
@@ -493,6 +494,33 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
             up = expert_up_relu if relu else expert_gate_up
             funcs += [up(cfg, b, group, name=names["gate_up"], grid=grid, **routed),
                       expert_down(cfg, b, group, name=names["down"], bias=cfg.expert_bias, grid=grid)]
+    for f in funcs:
+        check_signature(f)
+    return {str(f.attrs["global_symbol"]): f for f in funcs}
+
+
+def batched_expert_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, target: tvm.target.Target,
+                           int4_grid: str = "half") -> dict[str, tvm.tirx.PrimFunc]:
+    """The routed experts' integer-dot kernels (tiles layout) over EXPERT_BATCH tokens at once, by symbol:
+    prefill.c runs an expert for that many of a prompt's tokens in one call, each vector of weight codes
+    decoded once for all of them, every token's output the same bits as the decode kernels give it.
+    The hand schedule (tuning searches the decode kernels)."""
+    from . import int_dot
+
+    isa = int_dot.isa_for(target)
+    if isa is None:
+        raise ValueError(f"batched expert kernels need a target with an int8 dot-product instruction; got {target}")
+    relu = cfg.expert_activation == "relu"
+    gate_up_role, down_role = expert_kernel_roles(cfg)
+    routed = {} if relu else dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
+    up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
+    funcs = []
+    for b in sorted(set(expert_bits)):
+        grid = grid_at(b, int4_grid)
+        funcs += [up(isa, cfg, b, group, name=expert_symbol(gate_up_role, b, EXPERT_BATCH), grid=grid,
+                     batch=EXPERT_BATCH, **routed),
+                  int_dot.expert_down(isa, cfg, b, group, name=expert_symbol(down_role, b, EXPERT_BATCH),
+                                      bias=cfg.expert_bias, grid=grid, batch=EXPERT_BATCH)]
     for f in funcs:
         check_signature(f)
     return {str(f.attrs["global_symbol"]): f for f in funcs}

@@ -415,18 +415,24 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
 @click.option("--emulate-storage", "storage", default="phone-ufs31", show_default=True, metavar="TARGET|MBPS,MS")
 @board_option
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True)
+@click.option("--compare-kernels", is_flag=True,
+              help="Run each batch of at least EXPERT_BATCH tokens a second time with one token per expert kernel "
+                   "call (Session batched_kernels=False) beside the batched expert kernels.")
 @click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True,
               help="Runs of each configuration; the fastest is reported.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @plot_option("prefill")
-def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compute_spec, threads, repeat, json_out,
-                plot_path, no_plot):
+def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compute_spec, threads, compare_kernels,
+                repeat, json_out, plot_path, no_plot):
     """Time to read a prompt, from a cold expert cache, token by token against a batch of tokens at a
     time through each layer (an expert the batch's tokens chose read once for all of them), at each
     expert budget: time, expert records read and bytes, and whether the logits after the prompt are the
     same bits. Every batch size gets the same memory budget (the one that holds the fraction of experts
     at the runtime's default batch), so a larger batch's buffers take from the expert cache. Predictor
-    and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens."""
+    and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens. An expert runs
+    for EXPERT_BATCH of a batch's tokens per call where the artifact has batched expert kernels
+    ("kernels": batched), else one token per call ("single")."""
+    from .compiler.program import BATCH_SUFFIX, EXPERT_BATCH
     from .runtime import EdgeMoEError, Session, budget_bytes
 
     emulate, compute, where = board_emulation(storage, compute_spec)
@@ -442,20 +448,24 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
     click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), {where}, "
                f"{threads} thread{'s' if threads > 1 else ''}, prompts from {text_path.name}, cold cache, "
                f"{f'best of {repeat} runs' if repeat > 1 else 'one run each'}")
-    click.echo("| prompt tokens | budget | tokens per batch | ms | ms/token | × token by token | records read | "
+    batched = any(s.endswith(BATCH_SUFFIX.format(batch=EXPERT_BATCH)) for s in manifest["kernels"]["symbols"])
+    click.echo("| prompt tokens | budget | tokens per batch | kernels | ms | ms/token | × token by token | records read | "
                "read | same logits |")
-    click.echo("|---|---|---|---|---|---|---|---|---|")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for n in lengths:
         for fraction in fractions:
             budget = 0 if fraction == 1 else budget_bytes(artifact, max_seq, fraction)
             baseline = None
-            for batch in batches:
+            # below EXPERT_BATCH tokens, or without batched kernels in the artifact, one token per call
+            modes = ("batched", "single") if compare_kernels else ("batched",)
+            for batch, kernels in [(b, k) for b in batches for k in (modes if b >= EXPERT_BATCH and batched else ("single",))]:
                 best = None
                 try:
                     for _ in range(repeat):
                         with Session(artifact, memory_budget=budget, max_seq=max_seq, emulate=emulate,
-                                     emulate_compute=compute, threads=threads, prefill_tokens=batch) as s:
+                                     emulate_compute=compute, threads=threads, prefill_tokens=batch,
+                                     batched_kernels=kernels == "batched") as s:
                             t0 = time.perf_counter()
                             logits = s.prefill(ids[:n])
                             ms = 1e3 * (time.perf_counter() - t0)
@@ -465,16 +475,16 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
                 except EdgeMoEError as e:  # the same budget for every batch size: a larger batch may not fit
                     if e.kind != "budget":
                         raise
-                    click.echo(f"| {n} | {fraction:.0%} | {batch} | a batch this large does not fit the budget |"
-                               " | | | | |")
+                    click.echo(f"| {n} | {fraction:.0%} | {batch} | {kernels} | a batch this large does not fit the budget"
+                               " | | | | | |")
                     continue
                 ms, st, logits = best
                 if baseline is None:
                     baseline = best
                 same = bool((logits == baseline[2]).all())
-                click.echo(f"| {n} | {fraction:.0%} | {batch} | {ms:.1f} | {ms / n:.2f} | {baseline[0] / ms:.2f} | "
+                click.echo(f"| {n} | {fraction:.0%} | {batch} | {kernels} | {ms:.1f} | {ms / n:.2f} | {baseline[0] / ms:.2f} | "
                            f"{st['records_read']} | {fmt_bytes(st['bytes_read'])} | {same} |")
-                rows.append({"prompt_tokens": n, "fraction": fraction, "batch": batch, "ms": ms,
+                rows.append({"prompt_tokens": n, "fraction": fraction, "batch": batch, "kernels": kernels, "ms": ms,
                              "records_read": st["records_read"], "bytes_read": st["bytes_read"], "same_logits": same})
     if json_out:
         json_out.write_text(json.dumps({"storage": storage, "emulate": emulate, "compute": compute, "rows": rows},

@@ -49,7 +49,7 @@ class _Params(ctypes.Structure):
                 ("emulate_memory_bandwidth", ctypes.c_double), ("emulate_int8_ops", ctypes.c_double),
                 ("emulate_fp32_flops", ctypes.c_double), ("prefetch_margin", ctypes.c_float),
                 ("one_read_per_record", ctypes.c_int), ("prefetch_layers", ctypes.c_uint32),
-                ("preload", ctypes.c_int), ("prefill_tokens", ctypes.c_uint32)]
+                ("preload", ctypes.c_int), ("prefill_tokens", ctypes.c_uint32), ("single_token_kernels", ctypes.c_int)]
 
 
 _STAT_FIELDS = ["tokens", "expert_hits", "expert_misses", "bytes_read", "read_ns", "compute_ns", "memory_bytes",
@@ -188,6 +188,8 @@ class Session:
     miss on each first use. prefill_tokens: a prompt's tokens prefill runs through each layer together
     (0: the runtime's default; 1: token by token, as decode_step feeds them, predicting between layers,
     which a study of decode-time prefetching over a text wants); the logits are the same either way.
+    batched_kernels=False: within a batch, one token per expert kernel call (a comparison with the
+    batched expert kernels, which take several; same logits).
     """
 
     def __init__(self, artifact_dir: str | Path, memory_budget: int = 0, max_seq: int = 0, verify: bool = True,
@@ -195,7 +197,8 @@ class Session:
                  loader_thread: bool = True, predictor: str = "auto", prefetch_experts: int = 0,
                  eviction: str = "auto", threads: int = 1, inject_faults: str | None = None, readers: int = 1,
                  emulate_compute: tuple[float, float, float] | None = None, prefetch_margin: float = 0.0,
-                 coalesce: bool = True, prefetch_layers: int = 1, preload: bool = False, prefill_tokens: int = 0):
+                 coalesce: bool = True, prefetch_layers: int = 1, preload: bool = False, prefill_tokens: int = 0,
+                 batched_kernels: bool = True):
         self._h = None
         self._trace = np.zeros((0, 0, 0), np.uint32)
         self._lib = library()
@@ -206,7 +209,7 @@ class Session:
                          _choice(EVICTIONS, eviction, "eviction policy"), threads,
                          inject_faults.encode() if inject_faults else None, readers,
                          *(emulate_compute or (0.0, 0.0, 0.0)), prefetch_margin, int(not coalesce),
-                         prefetch_layers, int(preload), prefill_tokens)
+                         prefetch_layers, int(preload), prefill_tokens, int(not batched_kernels))
         handle, err = ctypes.c_void_p(), ctypes.create_string_buffer(1024)
         rc = self._lib.em_open(ctypes.byref(params), ctypes.byref(handle), err, len(err))
         if rc:

@@ -49,11 +49,16 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
   static const char* const fmts[EM_ACT_COUNT][2] = EM_ACT_KERNEL_FMTS;
   for (int act = 0; act < EM_ACT_COUNT; act++)
     for (int b = 1; b <= EM_MAX_BITS; b++) {
-      char name[64];
-      snprintf(name, sizeof name, fmts[act][0], b);
-      resolve(k, name, &k->gate_up[act][b], 0, err, n);
-      snprintf(name, sizeof name, fmts[act][1], b);
-      resolve(k, name, &k->down[act][b], 0, err, n);
+      em_ffi_fn* fns[2][2] = {{&k->gate_up[act][b], &k->gate_up_batch[act][b]}, {&k->down[act][b], &k->down_batch[act][b]}};
+      for (int i = 0; i < 2; i++) {
+        char name[64], batched[80];
+        snprintf(name, sizeof name, fmts[act][i], b);
+        snprintf(batched, sizeof batched, "%s%s", name, EM_EXPERT_BATCH_SUFFIX);
+        resolve(k, name, fns[i][0], 0, err, n);
+        resolve(k, batched, fns[i][1], 0, err, n);
+      }
+      if (!k->gate_up_batch[act][b] || !k->down_batch[act][b]) /* the pair or neither */
+        k->gate_up_batch[act][b] = k->down_batch[act][b] = NULL;
     }
   return EM_OK;
 }

@@ -21,6 +21,8 @@ typedef struct {
   /* by the experts' activation (EM_ACT_*) and bitwidth; NULL if not compiled. A ReLU expert's
      "gate-up" is its up projection alone. */
   em_ffi_fn gate_up[EM_ACT_COUNT][EM_MAX_BITS + 1], down[EM_ACT_COUNT][EM_MAX_BITS + 1];
+  /* the same over EM_EXPERT_BATCH inputs (a prompt's batch, prefill.c); NULL where not compiled */
+  em_ffi_fn gate_up_batch[EM_ACT_COUNT][EM_MAX_BITS + 1], down_batch[EM_ACT_COUNT][EM_MAX_BITS + 1];
 } em_kernels;
 
 /* Loads kernels.so after checking that its SHA-256 is `sha256` (the digest trunk.bin records):

@@ -44,8 +44,8 @@ void em_kv_rows(const em_trunk_header* th, uint64_t* k_row, uint64_t* v_row) {
 
 uint64_t em_batch_meta_bytes(uint32_t tokens, uint32_t top_k) {
   uint64_t chosen = (uint64_t)tokens * top_k;
-  return chosen * (sizeof(em_ffn_block) + sizeof(em_expert_task) + 3 * sizeof(uint32_t)) + tokens * sizeof(uint32_t) +
-         4 * EM_ALIGN_BUF;
+  return chosen * (sizeof(em_ffn_block) + sizeof(em_expert_task) + 3 * sizeof(uint32_t) + sizeof(em_task_run)) +
+         tokens * sizeof(uint32_t) + 4 * EM_ALIGN_BUF;
 }
 
 int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records, uint32_t max_seq,
@@ -91,7 +91,7 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   for (size_t i = 0; i < sizeof inputs / sizeof inputs[0]; i++)
     if (inputs[i] > widest) widest = inputs[i];
   uint64_t lanes = em_expert_lanes_bytes(th->top_k < EM_PLANNED_LANES ? th->top_k : EM_PLANNED_LANES, th->hidden,
-                                         th->inter);
+                                         th->inter, em_expert_rows(prefill_tokens));
   p->arena = 2ull * th->heads * max_seq * sizeof(float) + 2 * widest * sizeof(float) + 8ull * (th->heads + 1) * EM_ALIGN_BUF;
   p->arena = em_align_up(p->arena > lanes ? p->arena : lanes, EM_ALIGN_PAGE);
   /* records and their size classes; per record: cache and loader bookkeeping; per layer: weights

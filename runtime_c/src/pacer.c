@@ -31,16 +31,19 @@ static double elements(const em_arg* a) {
 }
 
 double em_pacer_board_ns(const em_pacer* p, const em_kernel_arg* args, int n) {
-  double bytes = 0, int8_ops = 0, fp32_ops = 0;
+  double bytes = 0, int8_ops = 0, fp32_ops = 0, rows = 1;
+  for (int i = 0; i < n; i++) /* a batched kernel's inputs are rows: each goes through its matrices */
+    if (!args[i].matrix && args[i].tensor.t.ndim == 2 && (double)args[i].tensor.shape[0] > rows)
+      rows = (double)args[i].tensor.shape[0];
   for (int i = 0; i < n; i++) {
     const em_matrix* m = args[i].matrix;
     if (m) {
       double weights = (double)m->rows * m->cols;
       bytes += weights * m->bits / 8.0 + (m->bits < 16 ? weights / m->group * 2.0 : 0);
       if (m->tiled && m->bits <= 8)
-        int8_ops += 2 * weights;
+        int8_ops += 2 * weights * rows;
       else
-        fp32_ops += 2 * weights;
+        fp32_ops += 2 * weights * rows;
     } else {
       double numel = elements(&args[i].tensor);
       bytes += numel * args[i].tensor.t.dtype.bits / 8.0;

@@ -381,6 +381,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->batch_records = s->batch_experts + chosen;
   s->batch_order = s->batch_records + chosen;
   s->batch_counts = s->batch_order + chosen;
+  s->expert_runs = (em_task_run*)em_align_up((uintptr_t)(s->batch_counts + s->prefill_tokens), EM_ALIGN_BUF);
   s->named = (uint16_t*)(s->predicted + (size_t)s->prefetch_layers * th->layers * s->n_predict);
   memset(s->named, 0, (size_t)s->prefetch_layers * th->layers * sizeof *s->named);
   uint8_t* record_class = (uint8_t*)(s->named + (size_t)s->prefetch_layers * th->layers);
@@ -426,10 +427,15 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     }
   }
   if (!rc) rc = em_pool_create((int)(params->compute_threads ? params->compute_threads : 1), &s->pool, s->err, ERR_LEN);
+  /* a batch's tokens go through an expert EM_EXPERT_BATCH at a time where every expert's kernels have
+     a batched form (the memory plan made lanes room for it) */
+  s->expert_rows = params->single_token_kernels ? 1 : em_expert_rows(s->prefill_tokens);
+  for (uint32_t i = 0; i < s->ih.n_records && s->expert_rows > 1; i++)
+    if (rc || !s->k.gate_up_batch[s->prog.moe[i / th->experts]->expert_act][s->records[i].bits]) s->expert_rows = 1;
   /* an emulated board paces the kernels of the decode thread only: one expert at a time there */
   s->expert_lanes = em_pacer_on(&s->pacer) ? 1
                     : em_expert_lanes((uint32_t)em_pool_threads(s->pool), th->top_k, s->arena.size, th->hidden,
-                                      th->inter);
+                                      th->inter, em_expert_rows(s->prefill_tokens));
   if (!rc) {
     rc = em_loader_init(&s->loader, s->experts, &s->cache, s->records, th->experts, params->verify_checksums,
                         params->loader_thread ? (params->readers ? (int)params->readers : 1) : 0,
@@ -637,7 +643,12 @@ int em_chosen_expert(em_session* s, const em_step* st, uint32_t expert, em_ffn_b
   *out = (em_ffn_block){s->k.gate_up[st->expert_act][b], s->k.down[st->expert_act][b], "em_expert_gate_up",
                         "em_expert_down", {part[0], (const uint16_t*)part[1], b, I, H, G, tiled, grid},
                         {part[d - 2], (const uint16_t*)part[d - 1], b, I, H, G, tiled, grid},
-                        {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled, grid}, !relu, NULL, NULL, NULL};
+                        {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled, grid}, !relu, NULL, NULL, NULL,
+                        NULL, NULL};
+  if (s->expert_rows > 1) {
+    out->gate_up_batch = s->k.gate_up_batch[st->expert_act][b];
+    out->down_batch = s->k.down_batch[st->expert_act][b];
+  }
   if (st->expert_gate_bias) { /* the expert's row of each bias */
     out->gate_bias = st->expert_gate_bias + (size_t)expert * I;
     out->up_bias = st->expert_up_bias + (size_t)expert * I;
@@ -657,9 +668,9 @@ static int compute_experts(em_session* s, uint32_t first, uint32_t n) {
 }
 
 int em_run_expert_tasks(em_session* s, const em_expert_task* tasks, uint32_t n) {
-  if (n > 1 && s->expert_lanes > 1)
-    return em_experts_parallel(tasks, n, s->expert_lanes, &s->arena, s->zero, s->th.hidden, s->th.inter, s->err,
-                               ERR_LEN);
+  if ((n > 1 && s->expert_lanes > 1) || (s->expert_rows > 1 && n >= s->expert_rows))
+    return em_experts_run(tasks, n, s->expert_lanes, s->expert_rows, s->expert_runs, &s->arena, s->zero, s->th.hidden,
+                          s->th.inter, s->err, ERR_LEN);
   for (uint32_t k = 0; k < n; k++) {
     int rc = em_ffn_call(tasks[k].f, tasks[k].x, s->h, s->zero, tasks[k].weight, tasks[k].out, s->err, ERR_LEN);
     em_loader_poll(&s->loader);
@@ -711,7 +722,7 @@ int em_shared_expert(em_session* s, const em_step* st) {
   }
   const em_ffn_block f = {s->k.shared_gate_up, s->k.shared_down, EM_KERNEL_SHARED_GATE_UP, EM_KERNEL_SHARED_DOWN,
                           st->m[EM_M_SHARED_GATE_PROJ], st->m[EM_M_SHARED_UP], st->m[EM_M_SHARED_DOWN], 1,
-                          NULL, NULL, NULL};
+                          NULL, NULL, NULL, NULL, NULL};
   return ffn_into_residual(s, &f, weight);
 }
 
@@ -722,7 +733,7 @@ int em_dense_ffn(em_session* s, const em_step* st) {
   const em_ffn_block f = {relu ? s->k.dense_up_relu : s->k.dense_gate_up, s->k.dense_down,
                           relu ? EM_KERNEL_DENSE_UP_RELU : EM_KERNEL_DENSE_GATE_UP, EM_KERNEL_DENSE_DOWN,
                           st->m[EM_M_SHARED_GATE_PROJ], st->m[EM_M_SHARED_UP], st->m[EM_M_SHARED_DOWN], !relu,
-                          NULL, NULL, NULL};
+                          NULL, NULL, NULL, NULL, NULL};
   return ffn_into_residual(s, &f, 1.0f);
 }
 

@@ -68,6 +68,7 @@ struct em_session {
      them; zero: [hidden] zeros, the residual their down kernels add to */
   em_ffn_block* expert_blocks;
   em_expert_task* expert_tasks;
+  em_task_run* expert_runs; /* em_experts_run's scratch, as many as the tasks */
   float *expert_weights, *expert_out, *zero;
   /* a prompt's batch: tokens run through each layer together (em_params.prefill_tokens, at most the
      context; 1: token by token), their residual streams and MoE inputs [batch][hidden], their chosen
@@ -78,6 +79,9 @@ struct em_session {
   uint32_t *batch_experts, *batch_records, *batch_order, *batch_counts;
   int batched; /* running a batch: no predictions (a layer's experts are known before they run) */
   uint32_t expert_lanes; /* chosen experts computed at once (em_expert_lanes) */
+  /* a lane's inputs at once: EM_EXPERT_BATCH where a batch holds that many tokens and the artifact has
+     batched expert kernels, else 1 */
+  uint32_t expert_rows;
   float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
   float* prev_xn; /* [expert layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
   float* route_scratch; /* [3 * experts] */
