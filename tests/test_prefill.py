@@ -125,28 +125,30 @@ def test_the_batch_comes_out_of_the_budget_and_out_of_range_is_refused(artifact_
 
 
 def test_prefill_bench_prints_each_batch_beside_token_by_token(artifact_int4, tmp_path):
-    """edgemoe-bench prefill: a row per prompt length, budget and batch size, each with the same logits
-    as token by token and, at a small budget, fewer reads; a batch too large for the budget is said to
-    be, not a traceback; the chart is written."""
+    """edgemoe-bench prefill: a row per prompt length, budget, batch size and (--compare-kernels) kernel
+    form, each with the same logits as token by token and, at a small budget, fewer reads; a batch too
+    large for the budget is said to be, not a traceback; the chart is written."""
     from click.testing import CliRunner
 
-    from edgemoe.bench import bench_cmd
+    from edgemoe.bench import batched_kernels, bench_cmd
     from edgemoe.runtime import REPO_ROOT
 
     chart = tmp_path / "prefill.png"
     r = CliRunner().invoke(bench_cmd, ["prefill", str(artifact_int4), "--text",
                                        str(REPO_ROOT / "data" / "wikitext-2-test.txt"), "--prompt-tokens", "100",
                                        "--fractions", "0.001,0.25,1", "--batches", "16,100", "--emulate-storage",
-                                       "1000,0", "--plot", str(chart)])
+                                       "1000,0", "--compare-kernels", "--plot", str(chart)])
     assert r.exit_code == 0, r.output
     rows = [line.strip("| ").split(" | ") for line in r.output.splitlines() if line.startswith("| 100 |")]
-    assert [(row[1], row[2]) for row in rows] == [(f, b) for f in ("0%", "25%", "100%") for b in ("1", "16", "100")]
-    fits = [row for row in rows if "does not fit" not in row[3]]
+    forms = ("batched", "single") if batched_kernels(artifact_int4) else ("single",)
+    expected = [(b, k) for b in ("16", "100") for k in forms]
+    assert [tuple(row[1:4]) for row in rows] == [(f, *bk) for f in ("0%", "25%", "100%") for bk in [("1", "single"), *expected]]
+    fits = [row for row in rows if "does not fit" not in row[4]]
     # the minimum budget (0.1% of the experts) pays for the default batch of 64, not for 100
-    assert ["0%", "100"] not in [row[1:3] for row in fits] and len(fits) == 8, r.output
+    assert ["0%", "100"] not in [row[1:3] for row in fits] and len(fits) == 3 * (1 + len(expected)) - len(forms), r.output
     assert all(row[-1] == "True" for row in fits), r.output
-    reads = {(row[1], row[2]): int(row[6]) for row in fits}
-    assert reads["25%", "16"] < reads["25%", "1"], reads
+    reads = {tuple(row[1:4]): int(row[7]) for row in fits}
+    assert reads["25%", "16", forms[0]] < reads["25%", "1", "single"], reads
     assert chart.stat().st_size > 0
 
 

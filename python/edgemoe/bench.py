@@ -136,6 +136,15 @@ def read_manifest(artifact: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def batched_kernels(artifact: Path) -> bool:
+    """Whether the artifact's kernels include the routed experts' batched forms (a prompt's batches run
+    EXPERT_BATCH tokens per expert call)."""
+    from .compiler.program import BATCH_SUFFIX, EXPERT_BATCH
+
+    suffix = BATCH_SUFFIX.format(batch=EXPERT_BATCH)
+    return any(s.endswith(suffix) for s in read_manifest(artifact)["kernels"]["symbols"])
+
+
 def prompt_ids(artifact: Path, prompt: str, tokens: str | None) -> list[int]:
     """--tokens as given, else --prompt through the artifact's tokenizer.json (a clear error where
     the artifact has none)."""
@@ -432,7 +441,7 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
     and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens. An expert runs
     for EXPERT_BATCH of a batch's tokens per call where the artifact has batched expert kernels
     ("kernels": batched), else one token per call ("single")."""
-    from .compiler.program import BATCH_SUFFIX, EXPERT_BATCH
+    from .compiler.program import EXPERT_BATCH
     from .runtime import EdgeMoEError, Session, budget_bytes
 
     emulate, compute, where = board_emulation(storage, compute_spec)
@@ -448,7 +457,7 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
     click.echo(f"artifact {artifact} ({manifest['quantization']['average_bits']:.2f} expert bits on average), {where}, "
                f"{threads} thread{'s' if threads > 1 else ''}, prompts from {text_path.name}, cold cache, "
                f"{f'best of {repeat} runs' if repeat > 1 else 'one run each'}")
-    batched = any(s.endswith(BATCH_SUFFIX.format(batch=EXPERT_BATCH)) for s in manifest["kernels"]["symbols"])
+    batched = batched_kernels(artifact)
     click.echo("| prompt tokens | budget | tokens per batch | kernels | ms | ms/token | × token by token | records read | "
                "read | same logits |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|")

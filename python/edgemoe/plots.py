@@ -240,21 +240,23 @@ def sweep(path, rows: Sequence[dict], title: str = "") -> Path:
 
 
 def prefill(path, rows: Sequence[dict], title: str = "") -> Path:
-    """edgemoe-bench prefill. rows: {"prompt_tokens", "fraction", "batch", "ms", "records_read"}. Left: time
-    to read each prompt against the expert budget, one line per prompt length and batch size; right: the
-    expert records read."""
+    """edgemoe-bench prefill. rows: {"prompt_tokens", "fraction", "batch", "kernels" (optional), "ms",
+    "records_read"}. Left: time to read each prompt against the expert budget, one line per prompt
+    length, batch size and kernel form; right: the expert records read."""
     fig = Figure(figsize=(12, 4.8), dpi=DPI)
     FigureCanvasAgg(fig)
     time_ax, reads_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colors = [REFERENCE, OURS, THEIRS, "#2ca02c", "#9467bd"]
+    colors = [REFERENCE, OURS, THEIRS, "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
     styles = ["o-", "s--", "^:", "d-."]
     lengths = list(dict.fromkeys(r["prompt_tokens"] for r in rows))
-    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    series = list(dict.fromkeys((r["batch"], r.get("kernels", "")) for r in rows))
     for i, n in enumerate(lengths):
-        for j, b in enumerate(batches):
-            pts = sorted((r for r in rows if r["prompt_tokens"] == n and r["batch"] == b), key=lambda r: r["fraction"])
+        for j, (b, kernels) in enumerate(series):
+            pts = sorted((r for r in rows if r["prompt_tokens"] == n and (r["batch"], r.get("kernels", "")) == (b, kernels)),
+                         key=lambda r: r["fraction"])
             x = [100 * r["fraction"] for r in pts]
-            label = f"{n} tokens, " + ("token by token" if b == 1 else f"{b} at a time")
+            label = f"{n} tokens, " + ("token by token" if b == 1 else f"{b} at a time") + \
+                (f", {kernels} kernels" if kernels and b > 1 else "")
             style, color = styles[i % len(styles)], colors[j % len(colors)]
             time_ax.plot(x, [r["ms"] for r in pts], style, color=color, label=label)
             reads_ax.plot(x, [r["records_read"] for r in pts], style, color=color, label=label)
