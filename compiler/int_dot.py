@@ -434,42 +434,49 @@ def _rows_shape(batch: int, n: int) -> tuple:
 
 @_memoized
 def matvec(isa: Isa, n: int, k: int, bits: int, group: int, name: str, residual: bool = False,
-           knobs: Knobs = Knobs(), grid: str = "half") -> tvm.tirx.PrimFunc:
+           knobs: Knobs = Knobs(), grid: str = "half", batch: int = 1) -> tvm.tirx.PrimFunc:
     """y = W x (+ res) with W in the tiles layout (INT4 codes on `grid`): (codes, scales, x, [res], y), as
-    kernels.matvec."""
+    kernels.matvec. With a `batch` > 1, x, res and y are that many rows, each row of y the same bits as
+    the one-row kernel gives."""
     knobs = knobs.resolved(isa, n, k, bits, group)
     nt, ng, tiles = n // TILE_ROWS, k // group, knobs.tiles
+    rows = tiles * TILE_ROWS
     loop = T.parallel if knobs.parallel else T.serial
     quantize_input = _quantize_input(k, group, centre(isa, bits, grid))
-    accumulate = _accumulate(isa, bits, group, k, knobs, both=False)
+    accumulate = _accumulate(isa, bits, group, k, knobs, both=False, batch=batch, n=n)
+    x_shape, y_shape = _rows_shape(batch, k), _rows_shape(batch, n)
 
     @T.macro
-    def body(W, S, x, res, y):
-        xq = T.decl_buffer((k,), "int8")
-        X4 = T.decl_buffer((k // 4,), "int32", data=xq.data)
-        xs = T.decl_buffer((ng,), "float32")
-        xc = T.decl_buffer((ng,), "float32")
-        quantize_input(x, xq, xs, xc, 0)
+    def body(W, S, x_rows, res_rows, y_rows):
+        x = T.decl_buffer((batch * k,), "float32", data=x_rows.data)
+        res = T.decl_buffer((batch * n,), "float32", data=res_rows.data)
+        y = T.decl_buffer((batch * n,), "float32", data=y_rows.data)
+        xq = T.decl_buffer((batch * k,), "int8")
+        X4 = T.decl_buffer((batch * k // 4,), "int32", data=xq.data)
+        xs = T.decl_buffer((batch * ng,), "float32")
+        xc = T.decl_buffer((batch * ng,), "float32")
+        for m in range(batch):
+            quantize_input(x, xq, xs, xc, m)
         for s in loop(nt // tiles):
-            for i in range(tiles * TILE_ROWS):
+            for m, i in T.grid(batch, rows):
                 if residual:
-                    y[s * tiles * TILE_ROWS + i] = res[s * tiles * TILE_ROWS + i]
+                    y[m * n + s * rows + i] = res[m * n + s * rows + i]
                 else:
-                    y[s * tiles * TILE_ROWS + i] = T.float32(0)
+                    y[m * n + s * rows + i] = T.float32(0)
             accumulate(y, W, S, y, W, S, X4, xs, xc, s * tiles)
 
     # only the variant asked for is parsed (TVMScript parsing is most of a kernel's build time)
     if residual:
         @T.prim_func
         def f(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"),
-              S: T.Buffer((nt, ng, TILE_ROWS), "float16"), x: T.Buffer((k,), "float32"),
-              res: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
+              S: T.Buffer((nt, ng, TILE_ROWS), "float16"), x: T.Buffer(x_shape, "float32"),
+              res: T.Buffer(y_shape, "float32"), y: T.Buffer(y_shape, "float32")):
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             body(W, S, x, res, y)
     else:
         @T.prim_func
         def f(W: T.Buffer((nt, k * bits // 32, TILE_ROWS), "uint32"), S: T.Buffer((nt, ng, TILE_ROWS), "float16"),
-              x: T.Buffer((k,), "float32"), y: T.Buffer((n,), "float32")):
+              x: T.Buffer(x_shape, "float32"), y: T.Buffer(y_shape, "float32")):
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             body(W, S, x, y, y)  # no residual: the res argument is never read
 
@@ -585,8 +592,8 @@ def expert_up_relu(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs
 def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = Knobs(), idim: int | None = None,
                 name: str | None = None, bias: bool = False, grid: str = "half", batch: int = 1) -> tvm.tirx.PrimFunc:
     """y = res + weight · (Wd h (+ bd)), Wd in the tiles layout: the router weight and residual
-    fused; with `bias`, bd is an input after the weights. With a `batch` > 1, h, weight and y are
-    that many rows (one residual for all), each row of y the same bits as the one-row kernel gives."""
+    fused; with `bias`, bd is an input after the weights. With a `batch` > 1, h, res, weight and y are
+    that many rows, each row of y the same bits as the one-row kernel gives."""
     hdim, idim = cfg.hidden_size, idim or cfg.expert_intermediate
     name = name or f"em_expert_down_w{bits}"
     knobs = knobs.resolved(isa, hdim, idim, bits, group)
@@ -598,8 +605,9 @@ def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = 
     h_shape, y_shape = _rows_shape(batch, idim), _rows_shape(batch, hdim)
 
     @T.macro
-    def body(h_rows, DW, DS, DB, res, weight, y_rows):
+    def body(h_rows, DW, DS, DB, res_rows, weight, y_rows):
         h = T.decl_buffer((batch * idim,), "float32", data=h_rows.data)
+        res = T.decl_buffer((batch * hdim,), "float32", data=res_rows.data)
         y = T.decl_buffer((batch * hdim,), "float32", data=y_rows.data)
         xq = T.decl_buffer((batch * idim,), "int8")
         X4 = T.decl_buffer((batch * idim // 4,), "int32", data=xq.data)
@@ -612,23 +620,23 @@ def expert_down(isa: Isa, cfg: MoEConfig, bits: int, group: int, knobs: Knobs = 
         for s in loop(nt // tiles):
             for m, i in T.grid(batch, rows):
                 if bias:
-                    y[m * hdim + s * rows + i] = res[s * rows + i] + weight[m] * DB[s * rows + i]
+                    y[m * hdim + s * rows + i] = res[m * hdim + s * rows + i] + weight[m] * DB[s * rows + i]
                 else:
-                    y[m * hdim + s * rows + i] = res[s * rows + i]
+                    y[m * hdim + s * rows + i] = res[m * hdim + s * rows + i]
             accumulate(y, DW, DS, y, DW, DS, X4, xs, xc, s * tiles)
 
     if bias:
         @T.prim_func
         def f(h: T.Buffer(h_shape, "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
               DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), down_bias: T.Buffer((hdim,), "float32"),
-              res: T.Buffer((hdim,), "float32"), weight: T.Buffer((batch,), "float32"),
+              res: T.Buffer(y_shape, "float32"), weight: T.Buffer((batch,), "float32"),
               y: T.Buffer(y_shape, "float32")):
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             body(h, DW, DS, down_bias, res, weight, y)
     else:
         @T.prim_func
         def f(h: T.Buffer(h_shape, "float32"), DW: T.Buffer((nt, kw, TILE_ROWS), "uint32"),
-              DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), res: T.Buffer((hdim,), "float32"),
+              DS: T.Buffer((nt, ng, TILE_ROWS), "float16"), res: T.Buffer(y_shape, "float32"),
               weight: T.Buffer((batch,), "float32"), y: T.Buffer(y_shape, "float32")):
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             body(h, DW, DS, res, res, weight, y)  # no bias: DB is never read

@@ -11,7 +11,7 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .program import (BATCH_SUFFIX, EXPERT_BATCH, EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES,
+from .program import (BATCH_ROWS, BATCH_SUFFIX, EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES,
                       expert_kernel_roles, kernel_role)
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, grid_at, interleave, planes
 
@@ -499,28 +499,46 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
     return {str(f.attrs["global_symbol"]): f for f in funcs}
 
 
-def batched_expert_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, target: tvm.target.Target,
-                           int4_grid: str = "half") -> dict[str, tvm.tirx.PrimFunc]:
-    """The routed experts' integer-dot kernels (tiles layout) over EXPERT_BATCH tokens at once, by symbol:
-    prefill.c runs an expert for that many of a prompt's tokens in one call, each vector of weight codes
-    decoded once for all of them, every token's output the same bits as the decode kernels give it.
-    The hand schedule (tuning searches the decode kernels)."""
+def batched_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, target: tvm.target.Target,
+                    trunk_bits: int = DEFAULT_TRUNK_BITS, int4_grid: str = "half") -> dict[str, tvm.tirx.PrimFunc]:
+    """The integer-dot kernels (tiles layout) that take BATCH_ROWS of a prompt's tokens in one call, by
+    symbol: the routed experts' and, with a quantized trunk, the attention projections' (not latent
+    attention's) and the shared expert's or dense MLP's. Each vector of weight codes is decoded once for
+    every row, and every row's output is the same bits as the decode kernel gives it. The hand
+    schedule (tuning searches the decode kernels)."""
     from . import int_dot
 
     isa = int_dot.isa_for(target)
     if isa is None:
-        raise ValueError(f"batched expert kernels need a target with an int8 dot-product instruction; got {target}")
+        raise ValueError(f"batched kernels need a target with an int8 dot-product instruction; got {target}")
+    hdim, K, B = cfg.hidden_size, KERNELS, BATCH_ROWS
     relu = cfg.expert_activation == "relu"
-    gate_up_role, down_role = expert_kernel_roles(cfg)
-    routed = {} if relu else dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
     up = int_dot.expert_up_relu if relu else int_dot.expert_gate_up
     funcs = []
-    for b in sorted(set(expert_bits)):
+    for b in sorted(set(expert_bits)):  # the routed experts
+        gate_up_role, down_role = expert_kernel_roles(cfg)
+        routed = {} if relu else dict(kind=cfg.expert_activation, bias=cfg.expert_bias)
         grid = grid_at(b, int4_grid)
-        funcs += [up(isa, cfg, b, group, name=expert_symbol(gate_up_role, b, EXPERT_BATCH), grid=grid,
-                     batch=EXPERT_BATCH, **routed),
-                  int_dot.expert_down(isa, cfg, b, group, name=expert_symbol(down_role, b, EXPERT_BATCH),
-                                      bias=cfg.expert_bias, grid=grid, batch=EXPERT_BATCH)]
+        funcs += [up(isa, cfg, b, group, name=expert_symbol(gate_up_role, b, B), grid=grid, batch=B, **routed),
+                  int_dot.expert_down(isa, cfg, b, group, name=expert_symbol(down_role, b, B), bias=cfg.expert_bias,
+                                      grid=grid, batch=B)]
+    if trunk_bits != 32:
+        grid, suffix = grid_at(trunk_bits, int4_grid), BATCH_SUFFIX.format(batch=B)
+        if cfg.attention != "mla" and cfg.position != "relative":
+            qkv = K["qkv_bias"] if cfg.qkv_bias else K["qkv"]
+            funcs += [int_dot.matvec(isa, cfg.q_dim + 2 * cfg.kv_dim, hdim, trunk_bits, group, qkv + suffix,
+                                     residual=cfg.qkv_bias, grid=grid, batch=B),
+                      int_dot.matvec(isa, hdim, cfg.attn_out_dim, trunk_bits, group, K["o_proj"] + suffix,
+                                     residual=True, grid=grid, batch=B)]
+        mlps = [(cfg.shared_expert_intermediate, K["shared_gate_up"], K["shared_down"], False)] if \
+            cfg.shared_expert_intermediate else []
+        if cfg.dense_intermediate and cfg.dense_layers:
+            mlps.append((cfg.dense_intermediate, K["dense_up_relu" if relu else "dense_gate_up"], K["dense_down"], relu))
+        for sdim, gate_up_name, down_name, mlp_relu in mlps:
+            funcs += [(int_dot.expert_up_relu if mlp_relu else int_dot.expert_gate_up)(
+                          isa, cfg, trunk_bits, group, idim=sdim, name=gate_up_name + suffix, grid=grid, batch=B),
+                      int_dot.expert_down(isa, cfg, trunk_bits, group, idim=sdim, name=down_name + suffix, grid=grid,
+                                          batch=B)]
     for f in funcs:
         check_signature(f)
     return {str(f.attrs["global_symbol"]): f for f in funcs}

@@ -9,7 +9,7 @@ import tvm
 from ..models import MoEConfig
 from ..targets import TargetDesc
 from ..targets.toolchain import ToolchainError, compiler
-from .kernels import batched_expert_kernels, decode_kernels
+from .kernels import batched_kernels, decode_kernels
 from .progress import stage, tuning_jobs
 from .int_dot import Knobs
 from .schedules import schedule
@@ -37,7 +37,7 @@ def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layou
     chosen = schedules_for(funcs, store) if store is not None else {}
     funcs = {**funcs, **{n: variants[n](Knobs(**s)) for n, s in chosen.items() if n in variants}}
     if layout == "tiles" and target.kernel_library == "shared":  # a hosted runtime's prompts go in batches
-        funcs.update(batched_expert_kernels(cfg, expert_bits, group, target.tvm(), int4_grid))
+        funcs.update(batched_kernels(cfg, expert_bits, group, target.tvm(), trunk_bits, int4_grid))
     lanes = {n: s["lanes"] for n, s in chosen.items() if n not in variants}
     with stage(progress, f"lowering {len(funcs)} kernels (tvm.compile)"):
         exe = tvm.compile(schedule(tvm.IRModule(funcs), lanes), target=target.tvm())

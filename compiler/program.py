@@ -98,11 +98,14 @@ EXPERT_KERNELS = {"expert_gate_up": "em_expert_gate_up_w{bits}", "expert_down": 
                   "expert_gate_up_clamped_bias": "em_expert_gate_up_clamped_bias_w{bits}",
                   "expert_down_bias": "em_expert_down_bias_w{bits}",
                   "expert_up_relu": "em_expert_up_relu_w{bits}"}
-# A prompt's batch (runtime_c/src/prefill.c) runs an expert for EXPERT_BATCH of its tokens at once where the
-# artifact has the batched expert kernels (kernels.batched_expert_kernels; hosted targets' integer-dot
-# kernels): an EXPERT_KERNELS symbol with BATCH_SUFFIX, its inputs and outputs that many rows.
-EXPERT_BATCH = 4
+# A prompt's batch (runtime_c/src/prefill.c) takes BATCH_ROWS of its tokens through one call of a
+# matrix kernel where the artifact has its batched form (kernels.batched_kernels: the integer-dot
+# kernels of a hosted target's experts, attention projections and resident MLPs): the symbol with
+# BATCH_SUFFIX, its inputs, residuals and outputs that many rows, each row the one-row kernel's bits.
+BATCH_ROWS = 4
 BATCH_SUFFIX = "_b{batch}"
+BATCHED_KERNELS = ("qkv", "qkv_bias", "o_proj", "shared_gate_up", "shared_down", "dense_gate_up", "dense_down",
+                   "dense_up_relu")  # the KERNELS roles with a batched form
 # ACT → the EXPERT_KERNELS roles (gate-up — for ReLU the up projection alone —, down) of routed experts
 # with that activation; the clamped SwiGLU's take the experts' biases (SwiGLU and ReLU experts have none)
 EXPERT_ACT_KERNELS = {"swiglu": ("expert_gate_up", "expert_down"),
@@ -159,11 +162,11 @@ PROFILE_TENSORS = {
 
 
 def kernel_role(symbol: str) -> str:
-    """The role (a KERNELS or EXPERT_KERNELS key) of a kernel symbol."""
-    for role, name in KERNELS.items():
-        if name == symbol:
-            return role
+    """The role (a KERNELS or EXPERT_KERNELS key) of a kernel symbol (or of its batched form)."""
     batched = re.escape(BATCH_SUFFIX).replace(re.escape("{batch}"), "[0-9]+")
+    for role, name in KERNELS.items():
+        if name == symbol or role in BATCHED_KERNELS and re.fullmatch(re.escape(name) + batched, symbol):
+            return role
     for role, pattern in EXPERT_KERNELS.items():
         if re.fullmatch(re.escape(pattern).replace(re.escape("{bits}"), "[0-9]+") + f"({batched})?", symbol):
             return role
@@ -310,8 +313,8 @@ def c_header() -> str:
     fmt = {k: v.replace("{bits}", "%d") for k, v in EXPERT_KERNELS.items()}
     lines += [f'#define EM_KERNEL_{k.upper()}_FMT "{v}"' for k, v in fmt.items()]
     lines.append(f"#define EM_ACT_COUNT {len(ACT)}")
-    lines.append(f"#define EM_EXPERT_BATCH {EXPERT_BATCH} /* rows of a batched expert kernel */")
-    lines.append(f'#define EM_EXPERT_BATCH_SUFFIX "{BATCH_SUFFIX.format(batch=EXPERT_BATCH)}"')
+    lines.append(f"#define EM_BATCH_ROWS {BATCH_ROWS} /* rows of a batched kernel */")
+    lines.append(f'#define EM_BATCH_SUFFIX "{BATCH_SUFFIX.format(batch=BATCH_ROWS)}"')
     rows = ", ".join(f'{{"{fmt[g]}", "{fmt[d]}"}}' for g, d in (EXPERT_ACT_KERNELS[a] for a in ACT))
     lines.append("/* by EM_ACT_*: the printf formats of its gate-up and down kernels' symbols */")
     lines.append(f"#define EM_ACT_KERNEL_FMTS {{{rows}}}")

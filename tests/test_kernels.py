@@ -160,7 +160,7 @@ def int_dot_mod(request):
     if not runs_here(target):
         pytest.skip(f"integer-dot kernels for {request.param} cannot run on this CPU")
     funcs = kernels.decode_kernels(CFG_TILES, [2, 3, 4, 8], 32, trunk_bits=8, layout="tiles", target=target.tvm())
-    funcs.update(kernels.batched_expert_kernels(CFG_TILES, [2, 3, 4, 8], 32, target.tvm()))
+    funcs.update(kernels.batched_kernels(CFG_TILES, [2, 3, 4, 8], 32, target.tvm(), trunk_bits=8))
     return tvm.compile(schedule(tvm.IRModule(funcs)), target=target.tvm()).mod
 
 
@@ -189,24 +189,38 @@ def test_int_dot_expert_kernels(int_dot_mod, rng, bits):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_batched_expert_kernels_give_every_row_the_decode_kernels_bits(int_dot_mod, rng, bits):
-    """EXPERT_BATCH rows through the batched kernels: each row's output is the very bits the one-token
+def test_batched_kernels_give_every_row_the_decode_kernels_bits(int_dot_mod, rng, bits):
+    """BATCH_ROWS rows through the batched kernels: each row's output is the very bits the one-token
     kernel gives it (prefill.c's logits do not depend on how a prompt is batched)."""
-    from edgemoe.compiler.program import EXPERT_BATCH
+    from edgemoe.compiler.program import BATCH_ROWS
 
     g, u = (quantize(f32(rng, 96, 128) * 0.05, bits, layout="tiles") for _ in range(2))
     d = quantize(f32(rng, 128, 96) * 0.05, bits, layout="tiles")
-    x, res, w = f32(rng, EXPERT_BATCH, 128), f32(rng, 128), rng.uniform(0.1, 1, EXPERT_BATCH).astype(np.float32)
+    x, res, w = f32(rng, BATCH_ROWS, 128), f32(rng, BATCH_ROWS, 128), rng.uniform(0.1, 1, BATCH_ROWS).astype(np.float32)
     x[1] *= 40  # rows of different scales: each is quantized on its own
-    (h,) = call(int_dot_mod, f"em_expert_gate_up_w{bits}_b{EXPERT_BATCH}", x, g.packed, g.scales, u.packed, u.scales,
-                outs=[(EXPERT_BATCH, 96)])
-    (y,) = call(int_dot_mod, f"em_expert_down_w{bits}_b{EXPERT_BATCH}", h, d.packed, d.scales, res, w,
-                outs=[(EXPERT_BATCH, 128)])
-    for m in range(EXPERT_BATCH):
+    (h,) = call(int_dot_mod, f"em_expert_gate_up_w{bits}_b{BATCH_ROWS}", x, g.packed, g.scales, u.packed, u.scales,
+                outs=[(BATCH_ROWS, 96)])
+    (y,) = call(int_dot_mod, f"em_expert_down_w{bits}_b{BATCH_ROWS}", h, d.packed, d.scales, res, w,
+                outs=[(BATCH_ROWS, 128)])
+    for m in range(BATCH_ROWS):
         (h1,) = call(int_dot_mod, f"em_expert_gate_up_w{bits}", x[m], g.packed, g.scales, u.packed, u.scales,
                      outs=[(96,)])
-        (y1,) = call(int_dot_mod, f"em_expert_down_w{bits}", h1, d.packed, d.scales, res, w[m:m + 1], outs=[(128,)])
+        (y1,) = call(int_dot_mod, f"em_expert_down_w{bits}", h1, d.packed, d.scales, res[m], w[m:m + 1], outs=[(128,)])
         assert np.array_equal(h[m], h1) and np.array_equal(y[m], y1), f"row {m}"
+
+
+@pytest.mark.parametrize("name,rows,residual", [("em_qkv", 128 + 2 * 32, False), ("em_o_proj", 128, True)])
+def test_batched_trunk_matvec_gives_every_row_the_decode_kernels_bits(int_dot_mod, rng, name, rows, residual):
+    from edgemoe.compiler.program import BATCH_ROWS
+
+    w = quantize(f32(rng, rows, 128) * 0.05, 8, layout="tiles")
+    x, res = f32(rng, BATCH_ROWS, 128), f32(rng, BATCH_ROWS, rows)
+    x[2] *= 1e-3
+    (y,) = call(int_dot_mod, f"{name}_b{BATCH_ROWS}", w.packed, w.scales, x, *([res] if residual else []),
+                outs=[(BATCH_ROWS, rows)])
+    for m in range(BATCH_ROWS):
+        (y1,) = call(int_dot_mod, name, w.packed, w.scales, x[m], *([res[m]] if residual else []), outs=[(rows,)])
+        assert np.array_equal(y[m], y1), f"row {m}"
 
 
 @pytest.mark.parametrize("variant", ["relu", "clamped_swiglu"])
@@ -215,7 +229,7 @@ def test_batched_kernels_of_relu_and_biased_experts(rng, variant):
     every row the one-token kernels' bits."""
     from dataclasses import replace
 
-    from edgemoe.compiler.program import EXPERT_BATCH, expert_kernel_roles
+    from edgemoe.compiler.program import BATCH_ROWS, expert_kernel_roles
 
     target = load_target("host")
     if not runs_here(target):
@@ -223,7 +237,7 @@ def test_batched_kernels_of_relu_and_biased_experts(rng, variant):
     cfg = replace(CFG_TILES, expert_activation="relu") if variant == "relu" else \
         replace(CFG_TILES, expert_activation="clamped_swiglu", expert_bias=True, swiglu_alpha=1.702, swiglu_limit=7.0)
     funcs = {**kernels.decode_kernels(cfg, [4], 32, trunk_bits=8, layout="tiles", target=target.tvm()),
-             **kernels.batched_expert_kernels(cfg, [4], 32, target.tvm())}
+             **kernels.batched_kernels(cfg, [4], 32, target.tvm(), trunk_bits=8)}
     up_name, down_name = (kernels.expert_symbol(role, 4) for role in expert_kernel_roles(cfg))
     funcs = {n: f for n, f in funcs.items() if n.startswith((up_name, down_name))}
     mod = tvm.compile(schedule(tvm.IRModule(funcs)), target=target.tvm()).mod
@@ -232,13 +246,13 @@ def test_batched_kernels_of_relu_and_biased_experts(rng, variant):
     mats = [u.packed, u.scales] if variant == "relu" else [g.packed, g.scales, u.packed, u.scales, f32(rng, 96),
                                                           f32(rng, 96)]
     down_bias = [] if variant == "relu" else [f32(rng, 128)]
-    x, res, w = f32(rng, EXPERT_BATCH, 128), f32(rng, 128), rng.uniform(0.1, 1, EXPERT_BATCH).astype(np.float32)
-    (h,) = call(mod, f"{up_name}_b{EXPERT_BATCH}", x, *mats, outs=[(EXPERT_BATCH, 96)])
-    (y,) = call(mod, f"{down_name}_b{EXPERT_BATCH}", h, d.packed, d.scales, *down_bias, res, w,
-                outs=[(EXPERT_BATCH, 128)])
-    for m in range(EXPERT_BATCH):
+    x, res, w = f32(rng, BATCH_ROWS, 128), f32(rng, BATCH_ROWS, 128), rng.uniform(0.1, 1, BATCH_ROWS).astype(np.float32)
+    (h,) = call(mod, f"{up_name}_b{BATCH_ROWS}", x, *mats, outs=[(BATCH_ROWS, 96)])
+    (y,) = call(mod, f"{down_name}_b{BATCH_ROWS}", h, d.packed, d.scales, *down_bias, res, w,
+                outs=[(BATCH_ROWS, 128)])
+    for m in range(BATCH_ROWS):
         (h1,) = call(mod, up_name, x[m], *mats, outs=[(96,)])
-        (y1,) = call(mod, down_name, h1, d.packed, d.scales, *down_bias, res, w[m:m + 1], outs=[(128,)])
+        (y1,) = call(mod, down_name, h1, d.packed, d.scales, *down_bias, res[m], w[m:m + 1], outs=[(128,)])
         assert np.array_equal(h[m], h1) and np.array_equal(y[m], y1), f"row {m}"
 
 

@@ -138,10 +138,10 @@ def read_manifest(artifact: Path) -> dict:
 
 def batched_kernels(artifact: Path) -> bool:
     """Whether the artifact's kernels include the routed experts' batched forms (a prompt's batches run
-    EXPERT_BATCH tokens per expert call)."""
-    from .compiler.program import BATCH_SUFFIX, EXPERT_BATCH
+    BATCH_ROWS tokens per expert call)."""
+    from .compiler.program import BATCH_SUFFIX, BATCH_ROWS
 
-    suffix = BATCH_SUFFIX.format(batch=EXPERT_BATCH)
+    suffix = BATCH_SUFFIX.format(batch=BATCH_ROWS)
     return any(s.endswith(suffix) for s in read_manifest(artifact)["kernels"]["symbols"])
 
 
@@ -425,7 +425,7 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
 @board_option
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True)
 @click.option("--compare-kernels", is_flag=True,
-              help="Run each batch of at least EXPERT_BATCH tokens a second time with one token per expert kernel "
+              help="Run each batch of at least BATCH_ROWS tokens a second time with one token per expert kernel "
                    "call (Session batched_kernels=False) beside the batched expert kernels.")
 @click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True,
               help="Runs of each configuration; the fastest is reported.")
@@ -439,9 +439,9 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
     same bits. Every batch size gets the same memory budget (the one that holds the fraction of experts
     at the runtime's default batch), so a larger batch's buffers take from the expert cache. Predictor
     and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens. An expert runs
-    for EXPERT_BATCH of a batch's tokens per call where the artifact has batched expert kernels
+    for BATCH_ROWS of a batch's tokens per call where the artifact has batched expert kernels
     ("kernels": batched), else one token per call ("single")."""
-    from .compiler.program import EXPERT_BATCH
+    from .compiler.program import BATCH_ROWS
     from .runtime import EdgeMoEError, Session, budget_bytes
 
     emulate, compute, where = board_emulation(storage, compute_spec)
@@ -466,9 +466,9 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
         for fraction in fractions:
             budget = 0 if fraction == 1 else budget_bytes(artifact, max_seq, fraction)
             baseline = None
-            # below EXPERT_BATCH tokens, or without batched kernels in the artifact, one token per call
+            # below BATCH_ROWS tokens, or without batched kernels in the artifact, one token per call
             modes = ("batched", "single") if compare_kernels else ("batched",)
-            for batch, kernels in [(b, k) for b in batches for k in (modes if b >= EXPERT_BATCH and batched else ("single",))]:
+            for batch, kernels in [(b, k) for b in batches for k in (modes if b >= BATCH_ROWS and batched else ("single",))]:
                 best = None
                 try:
                     for _ in range(repeat):

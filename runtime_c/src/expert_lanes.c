@@ -34,8 +34,6 @@ uint64_t em_expert_lanes_bytes(uint32_t lanes, uint32_t hidden, uint32_t inter, 
   return lanes * layout_of(hidden, inter, rows).size;
 }
 
-uint32_t em_expert_rows(uint32_t prefill_tokens) { return prefill_tokens >= EM_EXPERT_BATCH ? EM_EXPERT_BATCH : 1; }
-
 uint32_t em_expert_lanes(uint32_t threads, uint32_t top_k, uint64_t arena_bytes, uint32_t hidden, uint32_t inter,
                          uint32_t rows) {
   uint64_t fit = arena_bytes / layout_of(hidden, inter, rows).size;

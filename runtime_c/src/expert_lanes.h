@@ -6,7 +6,7 @@
  * Every task writes weight · expert(x) into its own row; the caller adds the rows into the residual
  * stream in the order the router chose them, so the result is the same bits whichever thread
  * computed which expert and however many threads there are. A prompt's batch (prefill.c) runs one
- * expert for several tokens as tasks of their own, EM_EXPERT_BATCH of them at a time through the
+ * expert for several tokens as tasks of their own, EM_BATCH_ROWS of them at a time through the
  * batched kernels where the artifact has them (each token's output the same bits). A lane's scratch (the expert's
  * intermediate activations and its kernels' workspace) is a slice of the session's kernel arena,
  * which holds nothing while experts run (attention's scores live there only during attention). */
@@ -28,11 +28,8 @@
 #endif
 
 /* Arena bytes `lanes` lanes take, each running an expert for up to `rows` inputs at once (1, or
- * EM_EXPERT_BATCH: em_expert_rows). */
+ * EM_BATCH_ROWS: em_batch_rows). */
 uint64_t em_expert_lanes_bytes(uint32_t lanes, uint32_t hidden, uint32_t inter, uint32_t rows);
-
-/* The rows a lane is planned for: EM_EXPERT_BATCH where a prompt's batches hold that many tokens. */
-uint32_t em_expert_rows(uint32_t prefill_tokens);
 
 /* How many experts can run at once: at most `threads` and `top_k`, and as many lanes as the
  * arena has room for (1: run them one at a time). */
@@ -54,8 +51,8 @@ typedef struct {
 
 /* Runs tasks[0..n) on up to `lanes` threads of the pool bound to this thread (each lane's parallel
  * loops run serially), or on this thread where lanes is 1. With `rows` > 1 (lanes sized for it),
- * every EM_EXPERT_BATCH consecutive tasks of one block with batched kernels run as one call. runs:
- * room for n. zero: [hidden] zeros. On failure: the first failing task's error, as em_ffn_call
+ * every EM_BATCH_ROWS consecutive tasks of one block with batched kernels run as one call. runs:
+ * room for n. zero: [rows][hidden] zeros. On failure: the first failing task's error, as em_ffn_call
  * gives it. */
 int em_experts_run(const em_expert_task* tasks, uint32_t n, uint32_t lanes, uint32_t rows, em_task_run* runs,
                    const em_arena* arena, const float* zero, uint32_t hidden, uint32_t inter, char* err, size_t errn);

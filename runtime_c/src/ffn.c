@@ -5,9 +5,6 @@
 
 #define INVOKE(fn, name, args, SIG) em_kernel_invoke(fn, name, args, EM_SIG_##SIG##_ARGS, err, n)
 
-/* `rows` rows of cols floats: a vector for one row, as the decode kernels take them */
-#define ROWS(data, rows, cols) ((rows) == 1 ? T(data, 1, cols, 0, 0) : T(data, 2, rows, cols, 0))
-
 /* The block over `rows` inputs through gate_up and down (the decode kernels, or the batched ones). */
 static int ffn_rows(const em_ffn_block* f, em_ffi_fn gate_up, em_ffi_fn down, uint32_t rows, const float* x, float* h,
                     const float* res, float* weight, float* y, char* err, size_t n) {
@@ -39,14 +36,14 @@ static int ffn_rows(const em_ffn_block* f, em_ffi_fn gate_up, em_ffi_fn down, ui
     BIND(a, FFN_DOWN_BIAS, H, ROWS(h, rows, wd->cols));
     BIND(a, FFN_DOWN_BIAS, DOWN, em_matrix_arg(wd));
     BIND(a, FFN_DOWN_BIAS, DOWN_BIAS, T(f->down_bias, 1, wd->rows, 0, 0));
-    BIND(a, FFN_DOWN_BIAS, RES, T(res, 1, wd->rows, 0, 0));
+    BIND(a, FFN_DOWN_BIAS, RES, ROWS(res, rows, wd->rows));
     BIND(a, FFN_DOWN_BIAS, WEIGHT, T(weight, 1, rows, 0, 0));
     BIND(a, FFN_DOWN_BIAS, Y, ROWS(y, rows, wd->rows));
     return INVOKE(down, f->down_name, a, FFN_DOWN_BIAS);
   }
   BIND(a, FFN_DOWN, H, ROWS(h, rows, wd->cols));
   BIND(a, FFN_DOWN, DOWN, em_matrix_arg(wd));
-  BIND(a, FFN_DOWN, RES, T(res, 1, wd->rows, 0, 0));
+  BIND(a, FFN_DOWN, RES, ROWS(res, rows, wd->rows));
   BIND(a, FFN_DOWN, WEIGHT, T(weight, 1, rows, 0, 0));
   BIND(a, FFN_DOWN, Y, ROWS(y, rows, wd->rows));
   return INVOKE(down, f->down_name, a, FFN_DOWN);
@@ -59,5 +56,5 @@ int em_ffn_call(const em_ffn_block* f, const float* x, float* h, const float* re
 
 int em_ffn_call_batch(const em_ffn_block* f, const float* x, float* h, const float* res, float* weights, float* y,
                       char* err, size_t n) {
-  return ffn_rows(f, f->gate_up_batch, f->down_batch, EM_EXPERT_BATCH, x, h, res, weights, y, err, n);
+  return ffn_rows(f, f->gate_up_batch, f->down_batch, EM_BATCH_ROWS, x, h, res, weights, y, err, n);
 }

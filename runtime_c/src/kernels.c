@@ -46,6 +46,18 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
                {EM_KERNEL_CROSS_KV, &k->cross_kv, 0},     {EM_KERNEL_DENSE_UP_RELU, &k->dense_up_relu, 0}};
   for (size_t i = 0; i < sizeof trunk / sizeof trunk[0]; i++)
     if (resolve(k, trunk[i].name, trunk[i].fn, trunk[i].required, err, n)) return EM_ERR_KERNEL;
+  struct {
+    const char* name;
+    em_ffi_fn* fn;
+  } batched[] = {{EM_KERNEL_QKV, &k->qkv_batch}, {EM_KERNEL_QKV_BIAS, &k->qkv_bias_batch},
+                 {EM_KERNEL_O_PROJ, &k->o_proj_batch}, {EM_KERNEL_SHARED_GATE_UP, &k->shared_gate_up_batch},
+                 {EM_KERNEL_SHARED_DOWN, &k->shared_down_batch}, {EM_KERNEL_DENSE_GATE_UP, &k->dense_gate_up_batch},
+                 {EM_KERNEL_DENSE_DOWN, &k->dense_down_batch}, {EM_KERNEL_DENSE_UP_RELU, &k->dense_up_relu_batch}};
+  for (size_t i = 0; i < sizeof batched / sizeof batched[0]; i++) {
+    char name[96];
+    snprintf(name, sizeof name, "%s%s", batched[i].name, EM_BATCH_SUFFIX);
+    resolve(k, name, batched[i].fn, 0, err, n);
+  }
   static const char* const fmts[EM_ACT_COUNT][2] = EM_ACT_KERNEL_FMTS;
   for (int act = 0; act < EM_ACT_COUNT; act++)
     for (int b = 1; b <= EM_MAX_BITS; b++) {
@@ -53,7 +65,7 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
       for (int i = 0; i < 2; i++) {
         char name[64], batched[80];
         snprintf(name, sizeof name, fmts[act][i], b);
-        snprintf(batched, sizeof batched, "%s%s", name, EM_EXPERT_BATCH_SUFFIX);
+        snprintf(batched, sizeof batched, "%s%s", name, EM_BATCH_SUFFIX);
         resolve(k, name, fns[i][0], 0, err, n);
         resolve(k, batched, fns[i][1], 0, err, n);
       }

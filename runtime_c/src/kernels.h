@@ -21,8 +21,11 @@ typedef struct {
   /* by the experts' activation (EM_ACT_*) and bitwidth; NULL if not compiled. A ReLU expert's
      "gate-up" is its up projection alone. */
   em_ffi_fn gate_up[EM_ACT_COUNT][EM_MAX_BITS + 1], down[EM_ACT_COUNT][EM_MAX_BITS + 1];
-  /* the same over EM_EXPERT_BATCH inputs (a prompt's batch, prefill.c); NULL where not compiled */
+  /* the same over EM_BATCH_ROWS inputs (a prompt's batch, prefill.c); NULL where not compiled */
   em_ffi_fn gate_up_batch[EM_ACT_COUNT][EM_MAX_BITS + 1], down_batch[EM_ACT_COUNT][EM_MAX_BITS + 1];
+  /* the batched forms of trunk kernels (compiler/program.py BATCHED_KERNELS); NULL where not compiled */
+  em_ffi_fn qkv_batch, qkv_bias_batch, o_proj_batch, shared_gate_up_batch, shared_down_batch, dense_gate_up_batch,
+      dense_down_batch, dense_up_relu_batch;
 } em_kernels;
 
 /* Loads kernels.so after checking that its SHA-256 is `sha256` (the digest trunk.bin records):

@@ -147,18 +147,23 @@ int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, 
 }
 
 /* Arguments at the indices compiler/program.py's SIGNATURES give them (generated/program.h). */
-int em_matvec(em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y, char* err,
-              size_t n) {
+int em_matvec_rows(em_ffi_fn fn, const char* name, const em_matrix* w, uint32_t rows, float* x, float* res, float* y,
+                   char* err, size_t n) {
   em_kernel_arg a[EM_SIG_MATVEC_RESIDUAL_ARGS] = {0};
   if (!res) {
     a[EM_SIG_MATVEC_W] = em_matrix_arg(w);
-    a[EM_SIG_MATVEC_X] = em_tensor_arg(em_f32(x, 1, w->cols, 0, 0));
-    a[EM_SIG_MATVEC_Y] = em_tensor_arg(em_f32(y, 1, w->rows, 0, 0));
+    a[EM_SIG_MATVEC_X] = ROWS(x, rows, w->cols);
+    a[EM_SIG_MATVEC_Y] = ROWS(y, rows, w->rows);
     return em_kernel_invoke(fn, name, a, EM_SIG_MATVEC_ARGS, err, n);
   }
   a[EM_SIG_MATVEC_RESIDUAL_W] = em_matrix_arg(w);
-  a[EM_SIG_MATVEC_RESIDUAL_X] = em_tensor_arg(em_f32(x, 1, w->cols, 0, 0));
-  a[EM_SIG_MATVEC_RESIDUAL_RES] = em_tensor_arg(em_f32(res, 1, w->rows, 0, 0));
-  a[EM_SIG_MATVEC_RESIDUAL_Y] = em_tensor_arg(em_f32(y, 1, w->rows, 0, 0));
+  a[EM_SIG_MATVEC_RESIDUAL_X] = ROWS(x, rows, w->cols);
+  a[EM_SIG_MATVEC_RESIDUAL_RES] = ROWS(res, rows, w->rows);
+  a[EM_SIG_MATVEC_RESIDUAL_Y] = ROWS(y, rows, w->rows);
   return em_kernel_invoke(fn, name, a, EM_SIG_MATVEC_RESIDUAL_ARGS, err, n);
+}
+
+int em_matvec(em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y, char* err,
+              size_t n) {
+  return em_matvec_rows(fn, name, w, 1, x, res, y, err, n);
 }

@@ -40,6 +40,8 @@ em_kernel_arg em_matrix_arg(const em_matrix* m);
  * T: a float32 tensor argument. */
 #define BIND(args, SIG, PARAM, value) ((args)[EM_SIG_##SIG##_##PARAM] = (value))
 #define T(data, ndim, d0, d1, d2) em_tensor_arg(em_f32((void*)(data), ndim, d0, d1, d2))
+/* `rows` rows of cols floats: a vector for one row (the decode kernels), else [rows, cols] (batched) */
+#define ROWS(data, rows, cols) ((rows) == 1 ? T(data, 1, cols, 0, 0) : T(data, 2, rows, cols, 0))
 
 /* Calls fn with the signature's n arguments, matrices expanded; an unbound argument is refused. */
 int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n, char* err, size_t len);
@@ -50,5 +52,8 @@ float em_f16_to_f32(uint16_t h);
  * the reason in err. */
 int em_matvec(em_ffi_fn fn, const char* name, const em_matrix* w, float* x, float* res, float* y, char* err,
               size_t n);
+/* The same for `rows` rows of x, res and y at once through a batched matrix-vector kernel. */
+int em_matvec_rows(em_ffi_fn fn, const char* name, const em_matrix* w, uint32_t rows, float* x, float* res, float* y,
+                   char* err, size_t n);
 
 #endif

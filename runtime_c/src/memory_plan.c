@@ -48,15 +48,19 @@ uint64_t em_batch_meta_bytes(uint32_t tokens, uint32_t top_k) {
          tokens * sizeof(uint32_t) + 4 * EM_ALIGN_BUF;
 }
 
+uint32_t em_batch_rows(uint32_t prefill_tokens) { return prefill_tokens >= EM_BATCH_ROWS ? EM_BATCH_ROWS : 1; }
+
 int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const em_record* records, uint32_t max_seq,
                    uint32_t prefill_tokens, size_t program_bytes, em_memory_plan* p, char* err, size_t n) {
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
   uint64_t ffn = em_ffn_floats(th), H = th->heads, enc = th->cross_layers ? max_seq : 0;
-  uint64_t batch = prefill_tokens, chosen = batch * th->top_k;
+  uint64_t batch = prefill_tokens, chosen = batch * th->top_k, rows = em_batch_rows(prefill_tokens);
+  uint64_t R = rows > 1 ? rows : 0, qkv = q_dim + 2 * kv_dim, res = qkv > th->hidden ? qkv : th->hidden;
   /* the order session.c carves them in; the latent attention's are empty without it, then the
      experts' take, one query's position bias, the encoder's rows and their q (empty without an encoder),
-     then the chosen experts' outputs and weights (a batch's tokens' each), a row of zeros, and a
-     batch's residual streams and normalised MoE inputs */
+     then the chosen experts' outputs and weights (a batch's tokens' each), rows of zeros, a batch's
+     residual streams and normalised MoE inputs, and the batched kernel calls' rows (empty without
+     them): inputs, q/k/v, residuals, attention outputs, outputs, MLP activations, weights */
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
                        th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
                        (uint64_t)th->layers * th->hidden, 3ull * th->experts,
@@ -64,7 +68,8 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
                        th->kv_lora ? (uint64_t)th->kv_lora + th->head_dim : 0, H * th->kv_lora,
                        th->kv_lora ? H * th->head_dim : 0, H * th->kv_lora, H * th->v_head,
                        th->experts, H * max_seq, enc * th->hidden, enc * q_dim,
-                       chosen * th->hidden, chosen, th->hidden, batch * th->hidden, batch * th->hidden};
+                       chosen * th->hidden, chosen, rows * th->hidden, batch * th->hidden, batch * th->hidden,
+                       R * th->hidden, R * qkv, R * res, R * q_dim, R * th->hidden, R * ffn, R};
   if (em_size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
     return EM_ERR_FORMAT;
@@ -91,7 +96,7 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   for (size_t i = 0; i < sizeof inputs / sizeof inputs[0]; i++)
     if (inputs[i] > widest) widest = inputs[i];
   uint64_t lanes = em_expert_lanes_bytes(th->top_k < EM_PLANNED_LANES ? th->top_k : EM_PLANNED_LANES, th->hidden,
-                                         th->inter, em_expert_rows(prefill_tokens));
+                                         th->inter, em_batch_rows(prefill_tokens));
   p->arena = 2ull * th->heads * max_seq * sizeof(float) + 2 * widest * sizeof(float) + 8ull * (th->heads + 1) * EM_ALIGN_BUF;
   p->arena = em_align_up(p->arena > lanes ? p->arena : lanes, EM_ALIGN_PAGE);
   /* records and their size classes; per record: cache and loader bookkeeping; per layer: weights

@@ -35,6 +35,10 @@ static inline uint64_t em_align_up(uint64_t n, uint64_t a) { return (n + a - 1) 
  * count of experts. */
 uint64_t em_batch_meta_bytes(uint32_t tokens, uint32_t top_k);
 
+/* Rows a batched kernel call takes (EM_BATCH_ROWS) where a prompt's batch of `prefill_tokens` holds
+ * that many, else 1: the plan gives the batched calls' buffers and expert lanes room for them then. */
+uint32_t em_batch_rows(uint32_t prefill_tokens);
+
 /* Floats of the buffer between an MLP's two kernels: the widest of the experts', the shared
  * expert's and the dense layers' intermediate sizes. */
 uint64_t em_ffn_floats(const em_trunk_header* th);

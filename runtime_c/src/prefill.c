@@ -8,10 +8,93 @@
  * and its experts' outputs are added to its residual stream in the order its router chose them: the
  * logits are the same bits either way. Within a batch nothing is predicted: a layer's experts are
  * all known once its tokens have routed, and they are read together. An encoder (encoder_decoder.c)
- * runs its MoE steps over its input's rows the same way. */
+ * runs its MoE steps over its input's rows the same way.
+ *
+ * Where the artifact has batched kernels (compiler/program.py BATCHED_KERNELS), the matrices go
+ * EM_BATCH_ROWS tokens per call: a weight vector decoded once for all of them, each row the one-row
+ * kernel's bits. The attention projections, the shared expert and dense MLPs here, the routed
+ * experts in expert_lanes.c. */
 #include <string.h>
 
 #include "session.h"
+
+/* Rows t0 … t0 + EM_BATCH_ROWS − 1 of the batch through attention step st at their positions
+ * (from base + t0): norms, q/k/v of all of them in one call, each token's attention in turn (its key
+ * and value into the cache before the next token attends), the output projection in one call. */
+static int attention_rows(em_session* s, const em_step* st, uint32_t base, uint32_t t0) {
+  uint32_t H = s->th.hidden, R = EM_BATCH_ROWS, qkv = s->q_dim + 2 * s->kv_dim;
+  float* x = s->batch_x + (size_t)t0 * H;
+  int rc = EM_OK;
+  for (uint32_t m = 0; m < R && !rc; m++) rc = em_apply_norm(s, st, x + (size_t)m * H, s->rows.xn + (size_t)m * H);
+  for (uint32_t m = 0; m < R && st->bias; m++) /* the bias is each row's residual */
+    memcpy(s->rows.res + (size_t)m * qkv, st->bias, qkv * sizeof(float));
+  if (!rc)
+    rc = em_matvec_rows(st->bias ? s->k.qkv_bias_batch : s->k.qkv_batch, st->bias ? EM_KERNEL_QKV_BIAS : EM_KERNEL_QKV,
+                        &st->m[EM_M_QKV], R, s->rows.xn, st->bias ? s->rows.res : NULL, s->rows.qkv, s->err, ERR_LEN);
+  for (uint32_t m = 0; m < R && !rc; m++) {
+    s->pos = base + t0 + m;
+    rc = em_attention_core(s, st, s->rows.qkv + (size_t)m * qkv, s->rows.att + (size_t)m * s->q_dim);
+  }
+  float* res = st->o_bias ? s->rows.res : x; /* with an output bias: each row plus the bias */
+  for (uint32_t m = 0; m < R && !rc && st->o_bias; m++) {
+    float* row_res;
+    rc = em_output_residual(s, st, x + (size_t)m * H, s->rows.res + (size_t)m * H, &row_res);
+  }
+  if (!rc)
+    rc = em_matvec_rows(s->k.o_proj_batch, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], R, s->rows.att, res, s->rows.y, s->err,
+                        ERR_LEN);
+  if (!rc) memcpy(x, s->rows.y, (size_t)R * H * sizeof(float));
+  return rc;
+}
+
+/* EM_BATCH_ROWS residual streams x plus rows.w · the resident MLP f of their normalised inputs xn, in
+ * one call of its batched kernels. */
+static int resident_rows(em_session* s, const em_ffn_block* f, float* x, const float* xn) {
+  uint32_t H = s->th.hidden;
+  int rc = em_ffn_call_batch(f, xn, s->rows.h, x, s->rows.w, s->rows.y, s->err, ERR_LEN);
+  if (!rc) memcpy(x, s->rows.y, (size_t)EM_BATCH_ROWS * H * sizeof(float));
+  return rc;
+}
+
+/* The shared expert of MOE step st for n rows whose normalised inputs are in batch_xn: EM_BATCH_ROWS at
+ * a time through its batched kernels where it has them, the rest one by one. */
+static int shared_rows(em_session* s, const em_step* st, float* rows, uint32_t n) {
+  uint32_t H = s->th.hidden, t = 0;
+  em_ffn_block f = em_resident_block(s, st);
+  int rc = EM_OK;
+  for (; f.gate_up_batch && t + EM_BATCH_ROWS <= n && !rc; t += EM_BATCH_ROWS) {
+    for (uint32_t m = 0; m < EM_BATCH_ROWS && !rc; m++)
+      rc = em_shared_weight(s, st, s->batch_xn + (size_t)(t + m) * H, &s->rows.w[m]);
+    if (!rc) rc = resident_rows(s, &f, rows + (size_t)t * H, s->batch_xn + (size_t)t * H);
+  }
+  for (; t < n && !rc; t++) {
+    memcpy(s->x, rows + (size_t)t * H, H * sizeof(float));
+    memcpy(s->xn, s->batch_xn + (size_t)t * H, H * sizeof(float));
+    rc = em_shared_expert(s, st);
+    memcpy(rows + (size_t)t * H, s->x, H * sizeof(float));
+  }
+  return rc;
+}
+
+/* Whether step st can take EM_BATCH_ROWS tokens per call of its matrices' batched kernels. */
+static int batched_step(const em_session* s, const em_step* st) {
+  if (s->batch_rows < 2) return 0;
+  if (st->op == EM_OP_ATTENTION) return (st->bias ? s->k.qkv_bias_batch : s->k.qkv_batch) && s->k.o_proj_batch;
+  if (st->op == EM_OP_DENSE_FFN) return em_resident_block(s, st).gate_up_batch != NULL;
+  return 0;
+}
+
+/* Rows t0 … t0 + EM_BATCH_ROWS − 1 through DENSE_FFN step st. */
+static int dense_rows(em_session* s, const em_step* st, uint32_t t0) {
+  uint32_t H = s->th.hidden;
+  em_ffn_block f = em_resident_block(s, st);
+  int rc = EM_OK;
+  for (uint32_t m = 0; m < EM_BATCH_ROWS && !rc; m++) {
+    rc = em_apply_norm(s, st, s->batch_x + (size_t)(t0 + m) * H, s->rows.xn + (size_t)m * H);
+    s->rows.w[m] = 1.0f;
+  }
+  return rc ? rc : resident_rows(s, &f, s->batch_x + (size_t)t0 * H, s->rows.xn);
+}
 
 int em_moe_rows(em_session* s, const em_step* st, float* rows, uint32_t n, int pass_per_token) {
   const em_trunk_header* th = &s->th;
@@ -33,9 +116,8 @@ int em_moe_rows(em_session* s, const em_step* st, float* rows, uint32_t n, int p
       if (seen == n_distinct) distinct[n_distinct++] = records[k];
     }
     if (count[t]) em_loader_routed(&s->loader, records, count[t], l);
-    if (st->shared) rc = em_shared_expert(s, st);
-    memcpy(rows + (size_t)t * H, s->x, H * sizeof(float));
   }
+  if (!rc && st->shared) rc = shared_rows(s, st, rows, n);
   for (uint32_t first = 0; first < n_distinct && !rc;) {
     /* a group: as many of the distinct experts as each size class has slots to pin at once */
     uint32_t end = first, per_class[EM_MAX_SIZE_CLASSES] = {0};
@@ -98,9 +180,12 @@ int em_prefill_batch(em_session* s, const int32_t* tokens, uint32_t n, int want_
       rc = em_moe_rows(s, st, s->batch_x, n, 1); /* one token is a pass of the expert capacity */
       continue;
     }
-    /* the other steps token by token, each at its position; the logits for the last token alone */
+    /* the other steps token by token, each at its position (EM_BATCH_ROWS at a time through batched
+       kernels where the step has them); the logits for the last token alone */
     uint32_t t = st->op == EM_OP_FINAL ? n - 1 : 0;
     if (st->op == EM_OP_FINAL && !want_logits) continue;
+    for (; batched_step(s, st) && t + EM_BATCH_ROWS <= n && !rc; t += EM_BATCH_ROWS)
+      rc = st->op == EM_OP_ATTENTION ? attention_rows(s, st, base, t) : dense_rows(s, st, t);
     for (; t < n && !rc; t++) {
       s->pos = base + t;
       memcpy(s->x, s->batch_x + (size_t)t * H, H * sizeof(float));

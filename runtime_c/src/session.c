@@ -369,9 +369,17 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->enc_q = carve(&cur, th->cross_layers ? (uint64_t)s->max_seq * s->q_dim : 0);
   s->expert_out = carve(&cur, (uint64_t)chosen * th->hidden);
   s->expert_weights = carve(&cur, chosen);
-  s->zero = carve(&cur, th->hidden);
+  uint64_t rows = em_batch_rows(s->prefill_tokens), R = rows > 1 ? rows : 0, qkv = s->q_dim + 2 * s->kv_dim;
+  s->zero = carve(&cur, rows * th->hidden);
   s->batch_x = carve(&cur, (uint64_t)s->prefill_tokens * th->hidden);
   s->batch_xn = carve(&cur, (uint64_t)s->prefill_tokens * th->hidden);
+  s->rows.xn = carve(&cur, R * th->hidden);
+  s->rows.qkv = carve(&cur, R * qkv);
+  s->rows.res = carve(&cur, R * (qkv > th->hidden ? qkv : th->hidden));
+  s->rows.att = carve(&cur, R * s->q_dim);
+  s->rows.y = carve(&cur, R * th->hidden);
+  s->rows.h = carve(&cur, R * em_ffn_floats(th));
+  s->rows.w = carve(&cur, R);
   s->arena.base = s->block + p.trunk + p.kv + p.buffers;
   s->arena.size = p.arena;
   s->predicted = (uint32_t*)(meta + predict_at);
@@ -427,15 +435,13 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
     }
   }
   if (!rc) rc = em_pool_create((int)(params->compute_threads ? params->compute_threads : 1), &s->pool, s->err, ERR_LEN);
-  /* a batch's tokens go through an expert EM_EXPERT_BATCH at a time where every expert's kernels have
+  /* a batch's tokens go through an expert EM_BATCH_ROWS at a time where every expert's kernels have
      a batched form (the memory plan made lanes room for it) */
-  s->expert_rows = params->single_token_kernels ? 1 : em_expert_rows(s->prefill_tokens);
-  for (uint32_t i = 0; i < s->ih.n_records && s->expert_rows > 1; i++)
-    if (rc || !s->k.gate_up_batch[s->prog.moe[i / th->experts]->expert_act][s->records[i].bits]) s->expert_rows = 1;
+  s->batch_rows = params->single_token_kernels ? 1 : em_batch_rows(s->prefill_tokens);
   /* an emulated board paces the kernels of the decode thread only: one expert at a time there */
   s->expert_lanes = em_pacer_on(&s->pacer) ? 1
                     : em_expert_lanes((uint32_t)em_pool_threads(s->pool), th->top_k, s->arena.size, th->hidden,
-                                      th->inter, em_expert_rows(s->prefill_tokens));
+                                      th->inter, em_batch_rows(s->prefill_tokens));
   if (!rc) {
     rc = em_loader_init(&s->loader, s->experts, &s->cache, s->records, th->experts, params->verify_checksums,
                         params->loader_thread ? (params->readers ? (int)params->readers : 1) : 0,
@@ -645,7 +651,7 @@ int em_chosen_expert(em_session* s, const em_step* st, uint32_t expert, em_ffn_b
                         {part[d - 2], (const uint16_t*)part[d - 1], b, I, H, G, tiled, grid},
                         {part[d], (const uint16_t*)part[d + 1], b, H, I, G, tiled, grid}, !relu, NULL, NULL, NULL,
                         NULL, NULL};
-  if (s->expert_rows > 1) {
+  if (s->batch_rows > 1) {
     out->gate_up_batch = s->k.gate_up_batch[st->expert_act][b];
     out->down_batch = s->k.down_batch[st->expert_act][b];
   }
@@ -668,8 +674,8 @@ static int compute_experts(em_session* s, uint32_t first, uint32_t n) {
 }
 
 int em_run_expert_tasks(em_session* s, const em_expert_task* tasks, uint32_t n) {
-  if ((n > 1 && s->expert_lanes > 1) || (s->expert_rows > 1 && n >= s->expert_rows))
-    return em_experts_run(tasks, n, s->expert_lanes, s->expert_rows, s->expert_runs, &s->arena, s->zero, s->th.hidden,
+  if ((n > 1 && s->expert_lanes > 1) || (s->batch_rows > 1 && n >= s->batch_rows))
+    return em_experts_run(tasks, n, s->expert_lanes, s->batch_rows, s->expert_runs, &s->arena, s->zero, s->th.hidden,
                           s->th.inter, s->err, ERR_LEN);
   for (uint32_t k = 0; k < n; k++) {
     int rc = em_ffn_call(tasks[k].f, tasks[k].x, s->h, s->zero, tasks[k].weight, tasks[k].out, s->err, ERR_LEN);
@@ -712,28 +718,43 @@ static int routed_experts(em_session* s, const em_step* st, const uint32_t* idx,
   return EM_OK;
 }
 
-int em_shared_expert(em_session* s, const em_step* st) {
-  float weight = 1.0f;
-  if (st->shared_gated) {
-    int rc = em_session_matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], s->xn, NULL,
-                    s->shared_logit);
-    if (rc) return rc;
-    weight = 1.0f / (1.0f + expf(-s->shared_logit[0]));
+em_ffn_block em_resident_block(const em_session* s, const em_step* st) {
+  const em_kernels* k = &s->k;
+  int dense = st->op == EM_OP_DENSE_FFN, relu = dense && st->act == EM_ACT_RELU;
+  em_ffn_block f = {dense ? (relu ? k->dense_up_relu : k->dense_gate_up) : k->shared_gate_up,
+                    dense ? k->dense_down : k->shared_down,
+                    dense ? (relu ? EM_KERNEL_DENSE_UP_RELU : EM_KERNEL_DENSE_GATE_UP) : EM_KERNEL_SHARED_GATE_UP,
+                    dense ? EM_KERNEL_DENSE_DOWN : EM_KERNEL_SHARED_DOWN, st->m[EM_M_SHARED_GATE_PROJ],
+                    st->m[EM_M_SHARED_UP], st->m[EM_M_SHARED_DOWN], !relu, NULL, NULL, NULL, NULL, NULL};
+  if (s->batch_rows > 1) {
+    f.gate_up_batch = dense ? (relu ? k->dense_up_relu_batch : k->dense_gate_up_batch) : k->shared_gate_up_batch;
+    f.down_batch = dense ? k->dense_down_batch : k->shared_down_batch;
+    if (!f.gate_up_batch || !f.down_batch) f.gate_up_batch = f.down_batch = NULL;
   }
-  const em_ffn_block f = {s->k.shared_gate_up, s->k.shared_down, EM_KERNEL_SHARED_GATE_UP, EM_KERNEL_SHARED_DOWN,
-                          st->m[EM_M_SHARED_GATE_PROJ], st->m[EM_M_SHARED_UP], st->m[EM_M_SHARED_DOWN], 1,
-                          NULL, NULL, NULL, NULL, NULL};
+  return f;
+}
+
+int em_shared_weight(em_session* s, const em_step* st, const float* xn, float* weight) {
+  *weight = 1.0f;
+  if (!st->shared_gated) return EM_OK;
+  int rc = em_session_matvec(s, s->k.shared_gate, EM_KERNEL_SHARED_GATE, &st->m[EM_M_SHARED_GATE], (float*)xn, NULL,
+                             s->shared_logit);
+  if (!rc) *weight = 1.0f / (1.0f + expf(-s->shared_logit[0]));
+  return rc;
+}
+
+int em_shared_expert(em_session* s, const em_step* st) {
+  float weight;
+  int rc = em_shared_weight(s, st, s->xn, &weight);
+  if (rc) return rc;
+  const em_ffn_block f = em_resident_block(s, st);
   return ffn_into_residual(s, &f, weight);
 }
 
 int em_dense_ffn(em_session* s, const em_step* st) {
   int rc = em_apply_norm(s, st, s->x, s->xn);
   if (rc) return rc;
-  int relu = st->act == EM_ACT_RELU;
-  const em_ffn_block f = {relu ? s->k.dense_up_relu : s->k.dense_gate_up, s->k.dense_down,
-                          relu ? EM_KERNEL_DENSE_UP_RELU : EM_KERNEL_DENSE_GATE_UP, EM_KERNEL_DENSE_DOWN,
-                          st->m[EM_M_SHARED_GATE_PROJ], st->m[EM_M_SHARED_UP], st->m[EM_M_SHARED_DOWN], !relu,
-                          NULL, NULL, NULL, NULL, NULL};
+  const em_ffn_block f = em_resident_block(s, st);
   return ffn_into_residual(s, &f, 1.0f);
 }
 
@@ -796,22 +817,16 @@ static int mla_attention_layer(em_session* s, const em_step* st) {
   return rc;
 }
 
-/* The attention half of a layer: norm, qkv (+ bias), q/k norm, RoPE into the KV cache, attention,
- * output projection (+ bias) added to the residual stream. */
-static int attention_layer(em_session* s, const em_step* st) {
+int em_attention_core(em_session* s, const em_step* st, float* qkv_in, float* att) {
   const em_trunk_header* th = &s->th;
-  int64_t H = th->hidden, hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos, qkv = s->q_dim + 2 * s->kv_dim;
+  int64_t hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos, qkv = s->q_dim + 2 * s->kv_dim;
   float* kc = s->k_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
   float* vc = s->v_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
-  int rc = em_apply_norm(s, st, s->x, s->xn);
-  if (rc) return rc;
-  rc = st->bias ? em_session_matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
-                : em_session_matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
-  if (rc) return rc;
-  float* rope_in = s->qkv;
+  int rc;
+  float* rope_in = qkv_in;
   em_kernel_arg a[EM_SIG_ROPE_ARGS] = {0};
   if (st->kind != EM_QK_NORM_NONE) {
-    BIND(a, QK_NORM, QKV, T(s->qkv, 1, qkv, 0, 0));
+    BIND(a, QK_NORM, QKV, T(qkv_in, 1, qkv, 0, 0));
     BIND(a, QK_NORM, QW, T(st->q_norm, 1, st->kind == EM_QK_NORM_HEAD ? d : s->q_dim, 0, 0));
     BIND(a, QK_NORM, KW, T(st->k_norm, 1, st->kind == EM_QK_NORM_HEAD ? d : s->kv_dim, 0, 0));
     BIND(a, QK_NORM, Y, T(s->qkv2, 1, qkv, 0, 0));
@@ -833,25 +848,41 @@ static int attention_layer(em_session* s, const em_step* st) {
     BIND(a, ATTENTION_SINKS, KC, T(kw, 3, rows, hkv, d));
     BIND(a, ATTENTION_SINKS, VC, T(vw, 3, rows, hkv, d));
     BIND(a, ATTENTION_SINKS, SINK, T(st->sinks, 1, hq, 0, 0));
-    BIND(a, ATTENTION_SINKS, O, T(s->att, 2, hq, d, 0));
+    BIND(a, ATTENTION_SINKS, O, T(att, 2, hq, d, 0));
     rc = INVOKE(s->k.attention_sinks, EM_KERNEL_ATTENTION_SINKS, a, ATTENTION_SINKS);
   } else {
     BIND(a, ATTENTION, Q, T(s->q, 2, hq, d, 0));
     BIND(a, ATTENTION, KC, T(kw, 3, rows, hkv, d));
     BIND(a, ATTENTION, VC, T(vw, 3, rows, hkv, d));
-    BIND(a, ATTENTION, O, T(s->att, 2, hq, d, 0));
+    BIND(a, ATTENTION, O, T(att, 2, hq, d, 0));
     rc = INVOKE(s->k.attention, EM_KERNEL_ATTENTION, a, ATTENTION);
   }
+  return rc;
+}
+
+int em_output_residual(em_session* s, const em_step* st, float* x, float* scratch, float** res) {
+  *res = x;
+  if (!st->o_bias) return EM_OK;
+  int64_t H = s->th.hidden;
+  em_kernel_arg a[EM_SIG_ADD_ARGS] = {0};
+  BIND(a, ADD, A, T(x, 1, H, 0, 0));
+  BIND(a, ADD, B, T(st->o_bias, 1, H, 0, 0));
+  BIND(a, ADD, Y, T(scratch, 1, H, 0, 0));
+  *res = scratch;
+  return INVOKE(s->k.add, EM_KERNEL_ADD, a, ADD);
+}
+
+/* The attention half of a layer: norm, qkv (+ bias), em_attention_core, output projection (+ bias)
+ * added to the residual stream. */
+static int attention_layer(em_session* s, const em_step* st) {
+  int rc = em_apply_norm(s, st, s->x, s->xn);
   if (rc) return rc;
-  float* res = s->x;
-  if (st->o_bias) { /* xn is free again: the residual stream plus the bias */
-    BIND(a, ADD, A, T(s->x, 1, H, 0, 0));
-    BIND(a, ADD, B, T(st->o_bias, 1, H, 0, 0));
-    BIND(a, ADD, Y, T(s->xn, 1, H, 0, 0));
-    if ((rc = INVOKE(s->k.add, EM_KERNEL_ADD, a, ADD))) return rc;
-    res = s->xn;
-  }
-  rc = em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, res, s->x2);
+  rc = st->bias ? em_session_matvec(s, s->k.qkv_bias, EM_KERNEL_QKV_BIAS, &st->m[EM_M_QKV], s->xn, (float*)st->bias, s->qkv)
+                : em_session_matvec(s, s->k.qkv, EM_KERNEL_QKV, &st->m[EM_M_QKV], s->xn, NULL, s->qkv);
+  if (!rc) rc = em_attention_core(s, st, s->qkv, s->att);
+  float* res;
+  if (!rc) rc = em_output_residual(s, st, s->x, s->xn, &res); /* xn is free again */
+  if (!rc) rc = em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, res, s->x2);
   if (!rc) em_swap(&s->x, &s->x2);
   return rc;
 }

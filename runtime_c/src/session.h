@@ -79,9 +79,14 @@ struct em_session {
   uint32_t *batch_experts, *batch_records, *batch_order, *batch_counts;
   int batched; /* running a batch: no predictions (a layer's experts are known before they run) */
   uint32_t expert_lanes; /* chosen experts computed at once (em_expert_lanes) */
-  /* a lane's inputs at once: EM_EXPERT_BATCH where a batch holds that many tokens and the artifact has
+  /* a lane's inputs at once: EM_BATCH_ROWS where a batch holds that many tokens and the artifact has
      batched expert kernels, else 1 */
-  uint32_t expert_rows;
+  uint32_t batch_rows;
+  /* the batched kernel calls' rows [batch_rows][...] (prefill.c; empty where batch_rows is 1): inputs,
+     q/k/v, residuals, attention outputs, outputs, MLP activations, weights */
+  struct {
+    float *xn, *qkv, *res, *att, *y, *h, *w;
+  } rows;
   float *pred_xn, *pred_scores, *pred_prev; /* the next-router predictor's own buffers */
   float* prev_xn; /* [expert layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
   float* route_scratch; /* [3 * experts] */
@@ -124,6 +129,16 @@ int em_session_matvec(em_session* s, em_ffi_fn fn, const char* name, const em_ma
                       float* y);
 /* A dense layer's feed-forward block (DENSE_FFN): norm, then its SwiGLU or ReLU MLP added to s->x. */
 int em_dense_ffn(em_session* s, const em_step* st);
+/* The resident MLP of step st: a DENSE_FFN step's, or a MOE step's shared expert (kernels, matrices;
+ * the batched kernels where batch_rows > 1 and the artifact has both). */
+em_ffn_block em_resident_block(const em_session* s, const em_step* st);
+/* The shared expert's weight for the normalised input xn: sigmoid(gate · xn) where gated, else 1. */
+int em_shared_weight(em_session* s, const em_step* st, const float* xn, float* weight);
+/* Attention step st at s->pos from one token's q, k and v (qkv_in [q_dim + 2 kv_dim]): q/k norm, RoPE,
+ * its key and value into the KV cache, each head's attention over the positions it sees, into att. */
+int em_attention_core(em_session* s, const em_step* st, float* qkv_in, float* att);
+/* The residual the output projection adds to: x, or x + the output bias into scratch ([hidden]). */
+int em_output_residual(em_session* s, const em_step* st, float* x, float* scratch, float** res);
 /* out = the step's norm of x: RMSNorm (weight) or LayerNorm (weight and bias), as its norm_kind says. */
 int em_apply_norm(em_session* s, const em_step* st, const float* x, float* out);
 /* The MoE block of step st for the residual stream s->x (the result in s->x). */
