@@ -44,18 +44,23 @@ def test_a_batch_at_a_time_gives_the_bits_token_by_token_gives(artifact_int4, pr
     """At a quarter of the experts, reads slow enough to be in flight, the default predictor and
     eviction: every batch size gives the token-by-token logits and routing, after the prompt and for
     the tokens decoded after it (the KV cache the batch wrote is the one decoding reads)."""
+    from edgemoe.bench import batched_kernels
+
     budget = budget_bytes(artifact_int4, 256, 0.25)
     runs, traces = {}, {}
-    for batch in (1, 2, 7, 16, 64):
+    for batch, kernels in [(1, True), (2, True), (7, True), (16, True), (64, True), (64, False)]:
         with Session(artifact_int4, memory_budget=budget, max_seq=256, emulate=SLOW_STORAGE, threads=threads,
-                     prefill_tokens=batch) as s:
+                     prefill_tokens=batch, batched_kernels=kernels) as s:
             s.trace_routing(len(prompt))
-            runs[batch] = feed(s, prompt[:90], prompt[90:])
-            traces[batch] = s.routing_trace()
-            assert s.stats()["tokens"] == len(prompt)
-    for batch in runs:
-        assert np.array_equal(runs[batch], runs[1]), batch
-        assert np.array_equal(traces[batch], traces[1]), batch
+            runs[batch, kernels] = feed(s, prompt[:90], prompt[90:])
+            traces[batch, kernels] = s.routing_trace()
+            st = s.stats()
+        assert st["tokens"] == len(prompt)
+        # from 4 tokens a batch on, the attention projections and experts take 4 tokens per call
+        assert (st["batched_calls"] > 0) == (batch >= 4 and kernels and batched_kernels(artifact_int4)), (batch, st)
+    for key in runs:
+        assert np.array_equal(runs[key], runs[1, True]), key
+        assert np.array_equal(traces[key], traces[1, True]), key
 
 
 def test_a_batch_reads_each_expert_its_tokens_chose_once_per_layer(artifact_int4, prompt):

@@ -69,7 +69,8 @@ class _Stats(ctypes.Structure):
                                                                ("preloaded", ctypes.c_uint64),
                                                                ("predicted_ahead", ctypes.c_uint64),
                                                                ("predicted_ahead_hits", ctypes.c_uint64),
-                                                               ("prefetch_declined", ctypes.c_uint64)]
+                                                               ("prefetch_declined", ctypes.c_uint64),
+                                                               ("batched_calls", ctypes.c_uint64)]
 
 
 class _Sampling(ctypes.Structure):

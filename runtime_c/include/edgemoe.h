@@ -137,6 +137,8 @@ typedef struct {
   uint64_t predicted_ahead_hits; /* of which those guesses had named */
   uint64_t prefetch_declined; /* experts named, neither resident nor in flight, but not prefetched: the link to
                                  storage was lately busier than such guesses were used (em_loader_prefetch) */
+  uint64_t batched_calls;    /* kernel calls that took EM_BATCH_ROWS of a prompt's tokens at once (batched
+                                kernels; em_params.single_token_kernels) */
 } em_stats;
 
 typedef struct {

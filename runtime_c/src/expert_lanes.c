@@ -103,12 +103,14 @@ static int run_lane(int task_id, em_parallel_env* penv, void* cdata) {
 }
 
 int em_experts_run(const em_expert_task* tasks, uint32_t n, uint32_t lanes, uint32_t rows, em_task_run* runs,
-                   const em_arena* arena, const float* zero, uint32_t hidden, uint32_t inter, char* err, size_t errn) {
+                   const em_arena* arena, const float* zero, uint32_t hidden, uint32_t inter, uint64_t* batched_calls,
+                   char* err, size_t errn) {
   uint32_t n_runs = 0;
   for (uint32_t k = 0; k < n;) { /* a run: up to `rows` consecutive tasks of one block that has batched kernels */
     uint32_t count = 1;
     if (rows > 1 && tasks[k].f->gate_up_batch)
       while (count < rows && k + count < n && tasks[k + count].f == tasks[k].f) count++;
+    if (rows > 1 && count == rows) *batched_calls += 2; /* gate-up and down */
     runs[n_runs++] = (em_task_run){k, count};
     k += count;
   }

@@ -52,9 +52,10 @@ typedef struct {
 /* Runs tasks[0..n) on up to `lanes` threads of the pool bound to this thread (each lane's parallel
  * loops run serially), or on this thread where lanes is 1. With `rows` > 1 (lanes sized for it),
  * every EM_BATCH_ROWS consecutive tasks of one block with batched kernels run as one call. runs:
- * room for n. zero: [rows][hidden] zeros. On failure: the first failing task's error, as em_ffn_call
- * gives it. */
+ * room for n. zero: [rows][hidden] zeros. batched_calls: incremented by the batched kernel calls.
+ * On failure: the first failing task's error, as em_ffn_call gives it. */
 int em_experts_run(const em_expert_task* tasks, uint32_t n, uint32_t lanes, uint32_t rows, em_task_run* runs,
-                   const em_arena* arena, const float* zero, uint32_t hidden, uint32_t inter, char* err, size_t errn);
+                   const em_arena* arena, const float* zero, uint32_t hidden, uint32_t inter, uint64_t* batched_calls,
+                   char* err, size_t errn);
 
 #endif

@@ -54,7 +54,7 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
                  {EM_KERNEL_SHARED_DOWN, &k->shared_down_batch}, {EM_KERNEL_DENSE_GATE_UP, &k->dense_gate_up_batch},
                  {EM_KERNEL_DENSE_DOWN, &k->dense_down_batch}, {EM_KERNEL_DENSE_UP_RELU, &k->dense_up_relu_batch}};
   for (size_t i = 0; i < sizeof batched / sizeof batched[0]; i++) {
-    char name[96];
+    char name[64];
     snprintf(name, sizeof name, "%s%s", batched[i].name, EM_BATCH_SUFFIX);
     resolve(k, name, batched[i].fn, 0, err, n);
   }

@@ -44,6 +44,7 @@ static int attention_rows(em_session* s, const em_step* st, uint32_t base, uint3
     rc = em_matvec_rows(s->k.o_proj_batch, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], R, s->rows.att, res, s->rows.y, s->err,
                         ERR_LEN);
   if (!rc) memcpy(x, s->rows.y, (size_t)R * H * sizeof(float));
+  s->st.batched_calls += 2;
   return rc;
 }
 
@@ -52,6 +53,7 @@ static int attention_rows(em_session* s, const em_step* st, uint32_t base, uint3
 static int resident_rows(em_session* s, const em_ffn_block* f, float* x, const float* xn) {
   uint32_t H = s->th.hidden;
   int rc = em_ffn_call_batch(f, xn, s->rows.h, x, s->rows.w, s->rows.y, s->err, ERR_LEN);
+  s->st.batched_calls += 2;
   if (!rc) memcpy(x, s->rows.y, (size_t)EM_BATCH_ROWS * H * sizeof(float));
   return rc;
 }

@@ -676,7 +676,7 @@ static int compute_experts(em_session* s, uint32_t first, uint32_t n) {
 int em_run_expert_tasks(em_session* s, const em_expert_task* tasks, uint32_t n) {
   if ((n > 1 && s->expert_lanes > 1) || (s->batch_rows > 1 && n >= s->batch_rows))
     return em_experts_run(tasks, n, s->expert_lanes, s->batch_rows, s->expert_runs, &s->arena, s->zero, s->th.hidden,
-                          s->th.inter, s->err, ERR_LEN);
+                          s->th.inter, &s->st.batched_calls, s->err, ERR_LEN);
   for (uint32_t k = 0; k < n; k++) {
     int rc = em_ffn_call(tasks[k].f, tasks[k].x, s->h, s->zero, tasks[k].weight, tasks[k].out, s->err, ERR_LEN);
     em_loader_poll(&s->loader);

@@ -182,7 +182,7 @@
 #define EM_KERNEL_EXPERT_DOWN_BIAS_FMT "em_expert_down_bias_w%d"
 #define EM_KERNEL_EXPERT_UP_RELU_FMT "em_expert_up_relu_w%d"
 #define EM_ACT_COUNT 3
-#define EM_BATCH_ROWS 4 /* rows of a batched expert kernel */
+#define EM_BATCH_ROWS 4 /* rows of a batched kernel */
 #define EM_BATCH_SUFFIX "_b4"
 /* by EM_ACT_*: the printf formats of its gate-up and down kernels' symbols */
 #define EM_ACT_KERNEL_FMTS {{"em_expert_gate_up_w%d", "em_expert_down_w%d"}, {"em_expert_gate_up_clamped_bias_w%d", "em_expert_down_bias_w%d"}, {"em_expert_up_relu_w%d", "em_expert_down_w%d"}}
