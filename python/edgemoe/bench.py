@@ -137,9 +137,9 @@ def read_manifest(artifact: Path) -> dict:
 
 
 def batched_kernels(artifact: Path) -> bool:
-    """Whether the artifact's kernels include the routed experts' batched forms (a prompt's batches run
-    BATCH_ROWS tokens per expert call)."""
-    from .compiler.program import BATCH_SUFFIX, BATCH_ROWS
+    """Whether the artifact's kernels include batched forms (a prompt's batches run BATCH_ROWS tokens per
+    call of the experts' and, with a quantized trunk, the attention projections' and resident MLPs')."""
+    from .compiler.program import BATCH_ROWS, BATCH_SUFFIX
 
     suffix = BATCH_SUFFIX.format(batch=BATCH_ROWS)
     return any(s.endswith(suffix) for s in read_manifest(artifact)["kernels"]["symbols"])
@@ -425,8 +425,8 @@ def sweep_cmd(artifact, float_artifact, fractions, prompt, tokens, n_new, storag
 @board_option
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True)
 @click.option("--compare-kernels", is_flag=True,
-              help="Run each batch of at least BATCH_ROWS tokens a second time with one token per expert kernel "
-                   "call (Session batched_kernels=False) beside the batched expert kernels.")
+              help="Run each batch of at least 4 tokens (BATCH_ROWS) a second time with one token per kernel call "
+                   "(Session batched_kernels=False) beside the batched kernels.")
 @click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True,
               help="Runs of each configuration; the fastest is reported.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -438,9 +438,9 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
     expert budget: time, expert records read and bytes, and whether the logits after the prompt are the
     same bits. Every batch size gets the same memory budget (the one that holds the fraction of experts
     at the runtime's default batch), so a larger batch's buffers take from the expert cache. Predictor
-    and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens. An expert runs
-    for BATCH_ROWS of a batch's tokens per call where the artifact has batched expert kernels
-    ("kernels": batched), else one token per call ("single")."""
+    and eviction are the artifact's defaults; --batches 1 is how decoding feeds tokens. The matrices
+    take BATCH_ROWS of a batch's tokens per call where the artifact has batched kernels ("kernels":
+    batched), else one token per call ("single")."""
     from .compiler.program import BATCH_ROWS
     from .runtime import EdgeMoEError, Session, budget_bytes
 
@@ -468,7 +468,8 @@ def prefill_cmd(artifact, text_path, lengths, fractions, batches, storage, compu
             baseline = None
             # below BATCH_ROWS tokens, or without batched kernels in the artifact, one token per call
             modes = ("batched", "single") if compare_kernels else ("batched",)
-            for batch, kernels in [(b, k) for b in batches for k in (modes if b >= BATCH_ROWS and batched else ("single",))]:
+            runs = [(b, k) for b in batches for k in (modes if b >= BATCH_ROWS and batched else ("single",))]
+            for batch, kernels in runs:
                 best = None
                 try:
                     for _ in range(repeat):
@@ -1047,11 +1048,17 @@ def budget_cmd(artifacts, nbytes, prompt, tokens, n_new, storage, compute_spec, 
 @click.option("--depth", type=click.IntRange(0, 1 << 20), default=0, show_default=True,
               help="Tokens already in the context when the decode starts (llama-bench -d; EdgeMoE prefills a "
                    "prompt that long): attention's share of a step grows with it.")
+@click.option("--prompt-tokens", type=click.IntRange(1, 1 << 20), default=None,
+              help="Time taking in a prompt this long instead of decoding (llama-bench -p N -n 0; EdgeMoE's "
+                   "prefill at its default batch).")
 @plot_option("llamacpp")
-def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, plot_path, no_plot):
-    """Whole-model decode, all experts resident: EdgeMoE artifacts against llama-bench on GGUFs of
-    the same model at the nearest bit width, in one run."""
+def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, prompt_tokens, plot_path, no_plot):
+    """Whole-model decode (or, with --prompt-tokens, prompt processing), all experts resident: EdgeMoE
+    artifacts against llama-bench on GGUFs of the same model at the nearest bit width, in one run."""
     from . import llamacpp
+
+    if prompt_tokens:
+        return _llamacpp_prompt(model_dir, artifacts, tree, work_dir, threads, prompt_tokens, plot_path, no_plot)
 
     prompt_len = max(depth, 9)  # the context EdgeMoE prefills
     for art in artifacts:  # before the conversion: a context the artifact cannot hold is named first
@@ -1110,6 +1117,53 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, pl
     write_plot(plot_path, no_plot, "llamacpp", chart,
                title=f"{model_dir.name}: decode tok/s, all experts resident, {n_new} tokens"
                      + (f" after {depth} in context" if depth else ""))
+
+
+def _llamacpp_prompt(model_dir, artifacts, tree, work_dir, counts, n_prompt, plot_path, no_plot):
+    """edgemoe-bench llamacpp --prompt-tokens: prompt processing, every expert resident, both engines."""
+    from . import llamacpp
+    from .runtime import Session
+
+    for art in artifacts:
+        if n_prompt > read_manifest(art)["max_seq"]:
+            raise click.BadParameter(f"{n_prompt} tokens is more than {art}'s maximum context", param_hint="--prompt-tokens")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    f16 = llamacpp.convert(tree, model_dir, work_dir / f"{model_dir.name}-f16.gguf")
+    click.echo(f"model {model_dir}; a {n_prompt}-token prompt, every expert resident; EdgeMoE: prefill at the "
+               f"runtime's default batch after a warm-up run, best of 5; llama.cpp: llama-bench -p {n_prompt} -n 0 "
+               f"-r 5, best repetition; both at the same thread count")
+    click.echo("| expert bits | trunk | EdgeMoE kernels | llama.cpp format | threads | EdgeMoE prompt tok/s | "
+               "llama.cpp prompt tok/s | × llama.cpp |")
+    click.echo("|---|---|---|---|---|---|---|---|")
+    chart = []
+    for art in artifacts:
+        manifest = read_manifest(art)
+        bits = manifest["quantization"]["expert_bits"]
+        if bits is None:
+            raise click.ClickException(f"{art} mixes expert bitwidths; compare artifacts of one bitwidth")
+        gtype = llamacpp.GGUF_TYPES[bits]
+        gguf = llamacpp.quantize(tree, f16, gtype)
+        trunk_bits = manifest["quantization"].get("trunk_bits", 32)
+        form = ("batched int8 dot" if batched_kernels(art) else "int8 dot") \
+            if manifest["quantization"].get("layout") == "tiles" else "float dequant"
+        vocab = manifest["model"]["config"]["vocab_size"]
+        ids = [1] + [10 + i % (vocab - 10) for i in range(n_prompt - 1)]
+        for t in counts:
+            with Session(art, max_seq=n_prompt, threads=t) as s:
+                s.prefill(ids)  # every expert read once: resident from now on
+                best = float("inf")
+                for _ in range(5):
+                    s.reset()
+                    t0 = time.perf_counter()
+                    s.prefill(ids)
+                    best = min(best, time.perf_counter() - t0)
+            ours, theirs = n_prompt / best, llamacpp.bench_prompt(tree, gguf, n_prompt, t)
+            click.echo(f"| INT{bits} | {'float32' if trunk_bits == 32 else f'INT{trunk_bits}'} | {form} | {gtype} | {t} | "
+                       f"{ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} |")
+            chart.append({"label": f"INT{bits} / {gtype}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
+                          "theirs": theirs})
+    write_plot(plot_path, no_plot, "llamacpp", chart, what="prompt",
+               title=f"{model_dir.name}: prompt tok/s, {n_prompt} tokens, all experts resident")
 
 
 @bench_cmd.command("largemodel")

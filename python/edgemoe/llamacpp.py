@@ -83,6 +83,17 @@ def bench_decode(tree: Path, gguf: Path, n_tokens: int, threads: int, repetition
     return decode_rate(out, n_tokens, gguf)
 
 
+def bench_prompt(tree: Path, gguf: Path, n_tokens: int, threads: int, repetitions: int = 5) -> float:
+    """llama-bench's prompt-processing rate (tokens/s) for a prompt of n_tokens (-p N -n 0), the best of its
+    repetitions."""
+    out = _run([str(tool(tree, "llama-bench")), "-m", str(gguf), "-p", str(n_tokens), "-n", "0", "-t", str(threads),
+                "-r", str(repetitions), "-o", "json"])
+    rows = [r for r in json.loads(out) if r.get("n_prompt") == n_tokens and not r.get("n_gen")]
+    if not rows:
+        raise LlamaCppError(f"llama-bench printed no prompt-processing result for {gguf}")
+    return float(max(rows[0].get("samples_ts") or [rows[0]["avg_ts"]]))
+
+
 def decode_rate(llama_bench_json: str, n_tokens: int, what: object = "the model") -> float:
     """The best decode rate (tokens/s) of the n_tokens-generation rows llama-bench printed as JSON."""
     rows = [r for r in json.loads(llama_bench_json) if r.get("n_gen") == n_tokens]

@@ -163,9 +163,9 @@ def budget(path, rows: Sequence[dict], title: str = "") -> Path:
     return _save(fig, path)
 
 
-def llamacpp(path, rows: Sequence[dict], title: str = "") -> Path:
-    """edgemoe-bench llamacpp. rows: {"label" (e.g. "INT4, 1 thread"), "ours", "theirs"} in tok/s.
-    Side-by-side bars per artifact and thread count."""
+def llamacpp(path, rows: Sequence[dict], title: str = "", what: str = "decode") -> Path:
+    """edgemoe-bench llamacpp. rows: {"label" (e.g. "INT4, 1 thread"), "ours", "theirs"} in tok/s of
+    `what` ("decode", "prompt"). Side-by-side bars per artifact and thread count."""
     fig, ax = _figure(0)
     x = list(range(len(rows)))
     w = 0.38
@@ -174,7 +174,7 @@ def llamacpp(path, rows: Sequence[dict], title: str = "") -> Path:
     for bars in (b1, b2):
         ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
     ax.set_xticks(x, [r["label"] for r in rows], fontsize=8)
-    ax.set_ylabel("decode tok/s (higher is better)")
+    ax.set_ylabel(f"{what} tok/s (higher is better)")
     ax.set_ylim(0, max([r["ours"] for r in rows] + [r["theirs"] for r in rows] + [1]) * 1.15)
     ax.set_title(title or "All experts resident: EdgeMoE against llama.cpp", fontsize=10)
     ax.legend(fontsize=8)

@@ -100,10 +100,10 @@ typedef struct {
      wants that: within a batch a layer's experts are known before they are needed). The buffers for a
      batch come out of memory_budget. */
   uint32_t prefill_tokens;
-  /* Within a batch an expert runs for EM_BATCH_ROWS of its tokens in one call of its batched
-     kernels, where the artifact has them (a hosted target's integer-dot kernels), each weight read
-     and decoded once for them. 1: one token per call, as decoding (a comparison; the memory plan is
-     the same). The logits are the same bits either way. */
+  /* Within a batch the matrices (experts, attention projections, shared expert, dense MLPs) take 4
+     tokens per call of their batched kernels where the artifact has them (a hosted target's
+     integer-dot kernels), each weight read and decoded once for them. 1: one token per call, as
+     decoding (a comparison; the memory plan is the same). The logits are the same bits either way. */
   int single_token_kernels;
 } em_params;
 
