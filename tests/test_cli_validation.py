@@ -337,6 +337,9 @@ def test_bench_llamacpp_names_a_depth_the_artifact_cannot_hold(tiny_mixtral_dir,
     r = CliRunner().invoke(bench_cmd, ["llamacpp", str(tiny_mixtral_dir), str(tiny_artifact), "--llama-cpp",
                                        str(tmp_path), "--depth", "-1"])
     assert r.exit_code == 2 and "--depth" in r.output, r.output
+    r = CliRunner().invoke(bench_cmd, ["llamacpp", str(tiny_mixtral_dir), str(tiny_artifact), "--llama-cpp",
+                                       str(tmp_path), "--prompt-tokens", "65"])
+    assert r.exit_code == 2 and "--prompt-tokens" in r.output and "maximum context" in r.output, r.output
 
 
 def test_bench_predictors_without_tokenizer_says_so(tiny_artifact, tmp_path):

@@ -1124,9 +1124,12 @@ def _llamacpp_prompt(model_dir, artifacts, tree, work_dir, counts, n_prompt, plo
     from . import llamacpp
     from .runtime import Session
 
-    for art in artifacts:
-        if n_prompt > read_manifest(art)["max_seq"]:
-            raise click.BadParameter(f"{n_prompt} tokens is more than {art}'s maximum context", param_hint="--prompt-tokens")
+    for art in artifacts:  # before the conversion: a prompt the artifact cannot hold is named first
+        held = read_manifest(art)["max_seq"]
+        if n_prompt > held:
+            raise click.BadParameter(f"{n_prompt} tokens is more than {art}'s maximum context {held}: lower "
+                                     f"--prompt-tokens or compile with --max-seq {n_prompt} or more",
+                                     param_hint="--prompt-tokens")
     work_dir.mkdir(parents=True, exist_ok=True)
     f16 = llamacpp.convert(tree, model_dir, work_dir / f"{model_dir.name}-f16.gguf")
     click.echo(f"model {model_dir}; a {n_prompt}-token prompt, every expert resident; EdgeMoE: prefill at the "

@@ -43,9 +43,10 @@ static int attention_rows(em_session* s, const em_step* st, uint32_t base, uint3
   if (!rc)
     rc = em_matvec_rows(s->k.o_proj_batch, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], R, s->rows.att, res, s->rows.y, s->err,
                         ERR_LEN);
-  if (!rc) memcpy(x, s->rows.y, (size_t)R * H * sizeof(float));
+  if (rc) return rc;
+  memcpy(x, s->rows.y, (size_t)R * H * sizeof(float));
   s->st.batched_calls += 2;
-  return rc;
+  return EM_OK;
 }
 
 /* EM_BATCH_ROWS residual streams x plus rows.w · the resident MLP f of their normalised inputs xn, in
@@ -53,9 +54,10 @@ static int attention_rows(em_session* s, const em_step* st, uint32_t base, uint3
 static int resident_rows(em_session* s, const em_ffn_block* f, float* x, const float* xn) {
   uint32_t H = s->th.hidden;
   int rc = em_ffn_call_batch(f, xn, s->rows.h, x, s->rows.w, s->rows.y, s->err, ERR_LEN);
+  if (rc) return rc;
+  memcpy(x, s->rows.y, (size_t)EM_BATCH_ROWS * H * sizeof(float));
   s->st.batched_calls += 2;
-  if (!rc) memcpy(x, s->rows.y, (size_t)EM_BATCH_ROWS * H * sizeof(float));
-  return rc;
+  return EM_OK;
 }
 
 /* The shared expert of MOE step st for n rows whose normalised inputs are in batch_xn: EM_BATCH_ROWS at
