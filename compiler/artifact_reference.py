@@ -14,9 +14,10 @@ from .quantize import compiled_trunk
 
 def artifact_model(model, artifact_dir):
     """The float model with what an artifact stores in place of its weights: the experts as read
-    back from its experts.bin, the trunk quantized as its manifest records. The reference for that
-    artifact's runtime."""
-    q = json.loads((Path(artifact_dir) / "manifest.json").read_text())["quantization"]
+    back from its experts.bin, the trunk quantized as its manifest records, its KV cache's element
+    type. The reference for that artifact's runtime."""
+    manifest = json.loads((Path(artifact_dir) / "manifest.json").read_text())
+    q = manifest["quantization"]
     if q.get("rule") == "llamacpp":
         model = llamacpp_rounded(model, q["bit_plan"], q["trunk_bits"], q["group"])
     ref = compiled_trunk(model, q["trunk_bits"], q["group"], q["layout"], q["int4_grid"])
@@ -25,4 +26,4 @@ def artifact_model(model, artifact_dir):
     for li, row in zip(ref.config.moe_layer_ids, stored):
         layers[li] = replace(layers[li], experts=[Expert(*(None if m is None else m.dequantize()
                                                            for m in (w.gate, w.up, w.down))) for w in row])
-    return replace(ref, layers=layers)
+    return replace(ref, layers=layers, kv_cache=manifest.get("kv_cache", "float32"))

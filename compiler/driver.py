@@ -25,6 +25,7 @@ from .expert_pool import ExpertPool, RoundingTask, default_jobs, record_code_dig
 from .layer_pass import LayerPass, grams
 from .llamacpp_rounding import llamacpp_rounded
 from .plan_pass import search_plan_estimated
+from .kernels import check_kv_cache
 from .lower import build_kernels
 from .progress import stage, track
 from .tuning import TuningStore
@@ -64,6 +65,7 @@ class CompileOptions:
     # where a layer's records lie in experts.bin: "coactivation" (profile.py; needs calibration) or "index";
     # None: coactivation with calibration text, else index
     expert_order: str | None = None
+    kv_cache: str = "float32"  # the KV cache's element type (program.KV_CACHE_DTYPES): float16 halves it
 
 
 # How weights are rounded: "search", scales searched per group (against calibration inputs where
@@ -370,7 +372,9 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     search = opts.tolerance is not None or opts.max_bits is not None
     check_rounding(opts, search)
     expert_order = resolved_expert_order(opts)
-    method = sensitivity_method(describe_model(model_dir), opts.sensitivity) if search else None
+    described = describe_model(model_dir)
+    check_kv_cache(described, opts.kv_cache)
+    method = sensitivity_method(described, opts.sensitivity) if search else None
     if opts.dask_scheduler:
         from .dask_pool import DaskPool
 
@@ -488,7 +492,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     store = TuningStore(target, opts.tuning_dir)
     weight_bytes = sum(counts[part] * bits // 8 for part, bits in (("experts", max(bits_used)), ("trunk", opts.trunk_bits)))
     kernels = build_kernels(cfg, bits_used, opts.trunk_bits, layout, opts.group, target, out_dir, store, opts.tune,
-                            progress, cc, weight_bytes, grid)
+                            progress, cc, weight_bytes, grid, opts.kv_cache)
     sources = [v["from"] for v in kernels["schedules"].values()]
     log(f"lowered {len(kernels['symbols'])} kernels through TVM for {target.name} ({kernels['tvm_target']}); "
         f"schedules: {sources.count('tuning record')} from tuning records, {sources.count('tuned now')} tuned now, "
@@ -502,7 +506,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
     with stage(progress, "writing experts.bin and trunk.bin"):
         records = writer.finish(identity.compile_id)
         trunk_bytes = write_trunk(out_dir / "trunk.bin", model, max_seq, opts.trunk_bits, opts.group, layout,
-                                  profile, identity, grid)
+                                  profile, identity, grid, opts.kv_cache)
     average_bits = float(np.mean(plan))
     grid_note = "; INT4 on the integer grid −8…7 (Q4_0's)" if grid == "integer" and 4 in bits_used + [opts.trunk_bits] \
         else ""
@@ -518,7 +522,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
 
         with stage(progress, "writing flash.bin and the firmware's kernel table"):
             image_bytes = write_flash_image(out_dir, out_dir / "flash.bin")
-            board = check_fits(target, out_dir, cfg, max_seq, image_bytes)
+            board = check_fits(target, out_dir, cfg, max_seq, image_bytes, opts.kv_cache)
             write_firmware_files(target, out_dir, kernels["symbols"])
         log(f"wrote flash.bin ({image_bytes / 2**20:.2f} MiB of {board['flash_bytes'] / 2**20:.0f} MiB flash, at "
             f"0x{target.board['flash']['address']:08x}); the minimum session ({board['minimum_budget_bytes'] / 2**20:.2f}"
@@ -538,6 +542,7 @@ def _compile_into(model_dir: Path, out_dir: Path, opts: CompileOptions, target, 
         "tokenizer": {"c_runtime": tokenizer_c is None, "why_not": tokenizer_c},
         "cpu_features": feature_names(identity.cpu_features),
         "max_seq": max_seq,
+        "kv_cache": opts.kv_cache,
         "quantization": {"scheme": "symmetric group-wise, fp16 scales (docs/FORMAT.md)", "group": opts.group,
                          "rounding": "llama.cpp's Q8_0 / Q4_0 blocks" if opts.rounding == "llamacpp" else
                          "calibrated (GPTQ)" if calib_tokens is not None else "searched scales",

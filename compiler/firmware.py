@@ -95,10 +95,10 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def check_fits(target, out_dir: Path, cfg, max_seq: int, image_bytes: int) -> dict:
+def check_fits(target, out_dir: Path, cfg, max_seq: int, image_bytes: int, kv_cache: str = "float32") -> dict:
     """Refuses (BoardFitError) a model the board cannot hold, naming what does not fit: the flash
-    image in the flash, then the trunk, the KV cache at max_seq and one layer's top-k experts (the
-    runtime's minimum) in the session RAM. The minimum is the C runtime's own memory plan
+    image in the flash, then the trunk, the KV cache at max_seq (of `kv_cache` elements) and one
+    layer's top-k experts (the runtime's minimum) in the session RAM. The minimum is the C runtime's own memory plan
     (em_budget_bytes on the written artifact). Returns the figures."""
     from ..runtime import budget_bytes
 
@@ -108,13 +108,15 @@ def check_fits(target, out_dir: Path, cfg, max_seq: int, image_bytes: int) -> di
                             f"{_mib(flash)} flash of {target.name}; lower --bits or --trunk-bits")
     minimum = budget_bytes(out_dir, max_seq, 0.0)
     trunk = (out_dir / "trunk.bin").stat().st_size
-    kv = 2 * cfg.num_layers * max_seq * cfg.kv_dim * 4
+    per_position = cfg.kv_lora_rank + cfg.head_dim if cfg.attention == "mla" else 2 * cfg.kv_dim  # em_kv_rows
+    kv = cfg.num_layers * max_seq * per_position * (2 if kv_cache == "float16" else 4)
     where = f"the {_mib(ram)} of session RAM on {target.name}"
     if trunk > ram:
         raise BoardFitError(f"the trunk ({_mib(trunk)}) does not fit {where}; lower --trunk-bits")
     if trunk + kv > ram:
         raise BoardFitError(f"the KV cache at --max-seq {max_seq} ({_mib(kv)}) does not fit beside the trunk "
-                            f"({_mib(trunk)}) in {where}; lower --max-seq")
+                            f"({_mib(trunk)}) in {where}; lower --max-seq"
+                            + ("" if kv_cache == "float16" else ", or halve the cache with --kv-cache float16"))
     if minimum > ram:
         raise BoardFitError(f"the minimum expert slots (top-{cfg.top_k} experts of one layer) and working buffers "
                             f"({_mib(minimum - trunk - kv)}) do not fit beside the trunk ({_mib(trunk)}) and the KV "

@@ -11,8 +11,8 @@ import tvm
 from tvm import te
 
 from ..models import MoEConfig
-from .program import (BATCH_ROWS, BATCH_SUFFIX, EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, SIGNATURES,
-                      expert_kernel_roles, kernel_role)
+from .program import (BATCH_ROWS, BATCH_SUFFIX, EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, KV_CACHE_DTYPES,
+                      KV_CACHE_PARAMS, SIGNATURES, expert_kernel_roles, kernel_role)
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, grid_at, interleave, planes
 
 F32 = "float32"
@@ -128,6 +128,11 @@ def rope(cfg: MoEConfig, name: str = "em_rope") -> tvm.tirx.PrimFunc:
     return _named(q, [qkv, cos, sin, q, k, v], name)
 
 
+def _f32(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+    """x as float32 (a float16 KV cache's element widened; float32 as it is)."""
+    return x if x.dtype == F32 else x.astype(F32)
+
+
 def softmax_exp(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     """e^x for a softmax's max-shifted scores (x <= 0), in arithmetic LLVM vectorizes: te.exp becomes a
     call to libm's scalar expf per element, which was 8% of a decode step on the bundled model.
@@ -146,20 +151,21 @@ def softmax_exp(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
 
 
 def attention(cfg: MoEConfig, name: str = "em_attention", sinks: bool = False,
-              position_bias: bool = False) -> tvm.tirx.PrimFunc:
-    """Single-query attention over n cache rows ([n, kv_heads, head_dim]; n is symbolic: the runtime
-    passes a sliding window's rows alone). With `sinks`, a logit per head [heads] joins each
-    softmax's denominator (its maximum included), carrying no value. With `position_bias`, a bias
-    [heads, n] is added to the scores (T5's relative positions)."""
+              position_bias: bool = False, kv_cache: str = F32) -> tvm.tirx.PrimFunc:
+    """Single-query attention over n cache rows ([n, kv_heads, head_dim], of the `kv_cache` element
+    type, read as float32; n is symbolic: the runtime passes a sliding window's rows alone). With
+    `sinks`, a logit per head [heads] joins each softmax's denominator (its maximum included),
+    carrying no value. With `position_bias`, a bias [heads, n] is added to the scores (T5's
+    relative positions)."""
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
     n = te.var("n", "int64")
     q = te.placeholder((hq, d), F32, name="q")
-    kc = te.placeholder((n, hkv, d), F32, name="kc")
-    vc = te.placeholder((n, hkv, d), F32, name="vc")
+    kc = te.placeholder((n, hkv, d), kv_cache, name="kc")
+    vc = te.placeholder((n, hkv, d), kv_cache, name="vc")
     scale = tvm.tirx.const(1.0 / d**0.5, F32)
     rd = te.reduce_axis((0, d), name="rd")
-    s = te.compute((hq, n), lambda h, t: te.sum(q[h, rd] * kc[t, h // group, rd] * scale, axis=rd), name="s")
+    s = te.compute((hq, n), lambda h, t: te.sum(q[h, rd] * _f32(kc[t, h // group, rd]) * scale, axis=rd), name="s")
     inputs = [q, kc, vc]
     score = lambda h, t: s[h, t]  # noqa: E731
     if position_bias:  # added where the scores are read: no third [heads, n] buffer
@@ -177,7 +183,7 @@ def attention(cfg: MoEConfig, name: str = "em_attention", sinks: bool = False,
     if sinks:
         z = te.compute((hq,), lambda h: z[h] + softmax_exp(sink[h] - mx[h]), name="z_sink")
     rv = te.reduce_axis((0, n), name="rv")
-    o = te.compute((hq, d), lambda h, i: te.sum(e[h, rv] * vc[rv, h // group, i] / z[h], axis=rv), name="o")
+    o = te.compute((hq, d), lambda h, i: te.sum(e[h, rv] * _f32(vc[rv, h // group, i]) / z[h], axis=rv), name="o")
     return _named(o, [*inputs, *([sink] if sinks else []), o], name)
 
 
@@ -212,22 +218,23 @@ def mla_absorb(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
     return _named(q_lat, [q, w, q_lat], name)
 
 
-def mla_attention(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
-    """Single-query latent attention over the first n cache rows: scores (q_lat · latent + q_rot ·
-    k_rot) × the softmax scale, and per head the softmax-weighted sum of the latents, o_lat [heads,
-    kv_lora_rank]; n is symbolic. One score buffer and one of exponentials, [heads, n] each, as em_attention."""
+def mla_attention(cfg: MoEConfig, name: str, kv_cache: str = F32) -> tvm.tirx.PrimFunc:
+    """Single-query latent attention over the first n cache rows (of the `kv_cache` element type): scores
+    (q_lat · latent + q_rot · k_rot) × the softmax scale, and per head the softmax-weighted sum of the
+    latents, o_lat [heads, kv_lora_rank]; n is symbolic. One score buffer and one of exponentials,
+    [heads, n] each, as em_attention."""
     h, d, r = cfg.num_heads, cfg.head_dim, cfg.kv_lora_rank
     n = te.var("n", "int64")
     q_lat = te.placeholder((h, r), F32, name="q_lat")
     q_rot = te.placeholder((h, d), F32, name="q_rot")
-    lat = te.placeholder((n, r), F32, name="latent")
-    kr = te.placeholder((n, d), F32, name="k_rot")
+    lat = te.placeholder((n, r), kv_cache, name="latent")
+    kr = te.placeholder((n, d), kv_cache, name="k_rot")
     scale = tvm.tirx.const(cfg.softmax_scale, F32)
     rk = te.reduce_axis((0, r + d), name="rk")
 
     def term(hh, t, k):  # the latent's dims, then the rotated ones (indices clamped: Select reads both sides)
         lo, hi = tvm.tirx.min(k, r - 1), tvm.tirx.max(k - r, 0)
-        return tvm.tirx.Select(k < r, q_lat[hh, lo] * lat[t, lo], q_rot[hh, hi] * kr[t, hi])
+        return tvm.tirx.Select(k < r, q_lat[hh, lo] * _f32(lat[t, lo]), q_rot[hh, hi] * _f32(kr[t, hi]))
 
     s = te.compute((h, n), lambda hh, t: te.sum(term(hh, t, rk) * scale, axis=rk), name="s")
     rt = te.reduce_axis((0, n), name="rt")
@@ -236,7 +243,7 @@ def mla_attention(cfg: MoEConfig, name: str) -> tvm.tirx.PrimFunc:
     rz = te.reduce_axis((0, n), name="rz")
     z = te.compute((h,), lambda hh: te.sum(e[hh, rz], axis=rz), name="z")
     rv = te.reduce_axis((0, n), name="rv")
-    o = te.compute((h, r), lambda hh, c: te.sum(e[hh, rv] * lat[rv, c] / z[hh], axis=rv), name="o_lat")
+    o = te.compute((h, r), lambda hh, c: te.sum(e[hh, rv] * _f32(lat[rv, c]) / z[hh], axis=rv), name="o_lat")
     return _named(o, [q_lat, q_rot, lat, kr, o], name)
 
 
@@ -385,19 +392,31 @@ def check_signature(func: tvm.tirx.PrimFunc) -> None:
                 raise ValueError(f"kernel {symbol}: matrix {param[1:]!r} has codes without float16 scales: {got}")
             i += 2 if quantized else 1
         else:
-            if buffers[i].name != param or str(buffers[i].dtype) != F32:
+            allowed = KV_CACHE_DTYPES if param in KV_CACHE_PARAMS else (F32,)
+            if buffers[i].name != param or str(buffers[i].dtype) not in allowed:
                 raise ValueError(f"kernel {symbol}: parameter {i} is {got[i]}, its signature {signature} "
-                                 f"says float32 {param!r}")
+                                 f"says {' or '.join(allowed)} {param!r}")
             i += 1
     if i != len(buffers):
         raise ValueError(f"kernel {symbol}: parameters {got} beyond its signature {signature}")
 
 
+def check_kv_cache(cfg: MoEConfig, kv_cache: str) -> None:
+    """ValueError naming the fix where a model cannot keep its KV cache as `kv_cache` elements."""
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise ValueError(f"KV cache element type {kv_cache!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
+    if kv_cache != F32 and cfg.encoder_layers:
+        raise ValueError(f"{cfg.arch} is an encoder-decoder model: its KV cache is float32 alone (the float16 "
+                         "cache is implemented for decoder-only models); compile it with --kv-cache float32")
+
+
 def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bits: int = DEFAULT_TRUNK_BITS,
                    layout: str = "rows", target: tvm.target.Target | None = None,
-                   variants: dict | None = None, int4_grid: str = "half") -> dict[str, tvm.tirx.PrimFunc]:
+                   variants: dict | None = None, int4_grid: str = "half",
+                   kv_cache: str = F32) -> dict[str, tvm.tirx.PrimFunc]:
     """Every kernel one decode step needs, by the symbol the C runtime looks up (INT4 matrices, the
-    experts' and the trunk's, on `int4_grid`: the artifact's). Quantized weights
+    experts' and the trunk's, on `int4_grid`: the artifact's; self-attention reading a KV cache of
+    `kv_cache` elements, KV_CACHE_DTYPES). Quantized weights
     in the "rows" layout get the float-dequantizing kernels here; in the "tiles" layout, the
     integer-dot kernels of int_dot.py for `target`'s instruction, with the hand schedule. `variants`,
     when given, receives each integer-dot kernel's builder (int_dot.Knobs → the kernel with them:
@@ -406,6 +425,7 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
 
     from . import int_dot
 
+    check_kv_cache(cfg, kv_cache)
     hdim = cfg.hidden_size
     tiles = layout == "tiles"
     isa = int_dot.isa_for(target) if tiles and target is not None else None
@@ -442,7 +462,8 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
         attention_kernels = [
             trunk_matvec(cfg.num_heads * cfg.qk_head_dim, Q or hdim, K["mla_q"]),
             trunk_matvec(R + cfg.head_dim, hdim, K["mla_kv_a"]), rmsnorm(R, cfg.lora_norm_eps, K["mla_kv_norm"]),
-            mla_rope(cfg, K["mla_rope"]), mla_absorb(cfg, K["mla_absorb"]), mla_attention(cfg, K["mla_attention"]),
+            mla_rope(cfg, K["mla_rope"]), mla_absorb(cfg, K["mla_absorb"]),
+            mla_attention(cfg, K["mla_attention"], kv_cache),
             mla_v(cfg, K["mla_v"])]
         if Q:
             attention_kernels += [trunk_matvec(Q, hdim, K["mla_q_a"]), rmsnorm(Q, cfg.lora_norm_eps, K["mla_q_a_norm"])]
@@ -451,11 +472,11 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
             trunk_matvec(cfg.q_dim + 2 * cfg.kv_dim, hdim, K["qkv_bias"] if cfg.qkv_bias else K["qkv"],
                          residual=cfg.qkv_bias),
         ]
-        if cfg.position == "relative":  # T5's bias in place of RoPE
+        if cfg.position == "relative":  # T5's bias in place of RoPE (encoder-decoder: a float32 cache)
             attention_kernels.append(attention(cfg, K["attention_bias"], position_bias=True))
         else:
-            attention_kernels += [rope(cfg, K["rope"]), attention(cfg, K["attention_sinks"], sinks=True)
-                                  if cfg.attention_sinks else attention(cfg, K["attention"])]
+            attention_kernels += [rope(cfg, K["rope"]), attention(cfg, K["attention_sinks"], sinks=True, kv_cache=kv_cache)
+                                  if cfg.attention_sinks else attention(cfg, K["attention"], kv_cache=kv_cache)]
     funcs = [
         layernorm(hdim, cfg.norm_eps, K["layernorm"]) if cfg.norm == "layer" else rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
         *attention_kernels,

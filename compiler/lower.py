@@ -19,17 +19,18 @@ from .tuning import TuningStore, kernel_key, runs_here, schedules_for, spaces, t
 
 def build_kernels(cfg: MoEConfig, expert_bits: list[int], trunk_bits: int, layout: str, group: int, target: TargetDesc,
                   out_dir: Path, store: TuningStore | None = None, tune_missing: bool = False, progress=None,
-                  cc: str | None = None, weight_bytes: int = 0, int4_grid: str = "half") -> dict:
+                  cc: str | None = None, weight_bytes: int = 0, int4_grid: str = "half", kv_cache: str = "float32") -> dict:
     """Compile every kernel for `target` into out_dir/kernels.o and, for the host, link kernels.so.
     Schedules (float kernels' lanes, integer-dot kernels' knobs) come from the tuning store where it
     has a record; with `tune_missing`, kernels without one are tuned first (and recorded, so the
     next compile does not tune again). `progress`: a progress factory (compiler/progress.py) for the tuning runs and the TVM compile and link. `cc`:
     the target's C compiler, resolved (targets/toolchain.py; default: resolved here). `weight_bytes`: the
     artifact's resident weights, which decide whether tuning times kernels with cold caches
-    (measure.local_measurer). `int4_grid`: the levels of INT4 matrices (the artifact's: its experts' and trunk's)."""
+    (measure.local_measurer). `int4_grid`: the levels of INT4 matrices (the artifact's: its experts' and trunk's).
+    `kv_cache`: the KV cache's element type, which attention reads."""
     variants: dict = {}
     funcs = decode_kernels(cfg, expert_bits, group, trunk_bits, layout, target.tvm(), variants=variants,
-                           int4_grid=int4_grid)
+                           int4_grid=int4_grid, kv_cache=kv_cache)
     tuned_now = {}
     if store is not None and tune_missing:
         measurer = local_measurer(weight_bytes) if runs_here(target) else None  # else tune() names the way

@@ -137,6 +137,16 @@ SIGNATURES = {
     "attention_bias": ("q", "kc", "vc", "bias", "o"),
     "ffn_up": ("x", "*up", "h"),
 }
+# attention parameters that read the KV cache: float32, or float16 where the artifact keeps its cache so
+# (KV_CACHE_DTYPES; trunk.bin's TRUNK_FLAGS["kv_float16"])
+KV_CACHE_PARAMS = ("kc", "vc", "latent", "k_rot")
+KV_CACHE_DTYPES = ("float32", "float16")
+# trunk.bin header flags (bit → what the artifact holds)
+TRUNK_FLAGS = {
+    "tiles": 4,  # the quantized matrices are in the tiles layout (quantize.py)
+    "int4_integer": 8,  # INT4 matrices are on the integer grid (quantize.GRIDS), else on the half-integer one
+    "kv_float16": 16,  # the KV cache holds float16 (its kernels read float16 keys and values)
+}
 # kernel role (KERNELS, EXPERT_KERNELS) → its signature
 KERNEL_SIGNATURES = {
     "rmsnorm": "norm", "layernorm": "norm_bias", "qkv": "matvec", "qkv_bias": "matvec_residual",
@@ -327,6 +337,9 @@ def c_header() -> str:
     lines.append(f"#define EM_SIG_MAX_PARAMS {widest} /* kernel parameters of the widest signature, matrices quantized */")
     lines.append("")
     lines += [f'#define EM_TENSOR_{k.upper()} "{v}"' for k, v in PROFILE_TENSORS.items()]
+    lines.append("")
+    lines += [f"#define EM_TRUNK_FLAG_{k.upper()} {v}u" for k, v in TRUNK_FLAGS.items()]
+    lines.append(f"#define EM_TRUNK_FLAGS_KNOWN 0x{sum(TRUNK_FLAGS.values()):X}u")
     lines += ["", "#endif", ""]
     return "\n".join(lines)
 

@@ -21,13 +21,13 @@ from ..models.encoder_decoder import position_bias_table
 from ..models.reference import rope_tables
 from ..models.stored_tensor import RowStack
 from .binfmt import align_up, crc32, pack, size, unpack
-from .program import NONE, PROFILE_TENSORS, count_ops, emit_program
+from .program import NONE, PROFILE_TENSORS, TRUNK_FLAGS, count_ops, emit_program
 from .quantize import grid_at, quantize
 
 MAGIC = b"EMOTRUNK"
 VERSION = 6  # 3: compile id, the kernels' SHA-256, their machine and CPU features; 4: MLA and dense-layer sizes;
 # 5: KV-cache and cross-attention layers, the decoder start token (encoder-decoder models), the program's ops;
-# 6: FLAG_INT4_INTEGER
+# 6: the int4_integer flag (program.TRUNK_FLAGS; kv_float16 came later: earlier runtimes refuse it as unknown)
 HEADER_BYTES = 256
 TENSOR_ALIGN = 64
 # magic, version, header_bytes, vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k,
@@ -40,8 +40,6 @@ HEADER_FMT = "8sIIIIIIIIIIIIffIiiIQQQII16s32sIIIIIIIIIIiII"
 # name, dtype, ndim, shape[4], offset, bytes, crc, bits (of a quantized matrix's codes; 0 otherwise)
 TENSOR_FMT = "48sII4IQQII"
 TENSOR_BYTES = 96
-FLAG_TILES = 4  # the quantized matrices are in the tiles layout (quantize.py)
-FLAG_INT4_INTEGER = 8  # INT4 matrices are on the integer grid (quantize.GRIDS), else on the half-integer one
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, np.dtype(np.uint32): 3}
 # the matrices stored at the trunk bitwidth (name or suffix)
 # (MLA's wkv_b stays float32: its key half is read transposed, folded into the query)
@@ -190,9 +188,10 @@ class ArtifactIdentity:
 
 
 def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, group: int, layout: str = "rows",
-                profile=None, identity: ArtifactIdentity = ArtifactIdentity(), int4_grid: str = "half") -> int:
-    """Write the trunk file with its matrices at `bits` in `layout` (INT4 on `int4_grid`); return its size
-    in bytes."""
+                profile=None, identity: ArtifactIdentity = ArtifactIdentity(), int4_grid: str = "half",
+                kv_cache: str = "float32") -> int:
+    """Write the trunk file with its matrices at `bits` in `layout` (INT4 on `int4_grid`), its header naming
+    the KV cache's element type `kv_cache` (program.KV_CACHE_DTYPES); return its size in bytes."""
     cfg = model.config
     tensors = _stored(trunk_tensors(model, max_positions, profile), bits, group, layout, int4_grid)
     where = {name: i for i, (name, _, _) in enumerate(tensors)}
@@ -212,8 +211,9 @@ def write_trunk(path: Path, model: MoEModel, max_positions: int, bits: int, grou
         data += raw
         pos += len(raw)
     table = b"".join(entries)
-    flags = (FLAG_TILES if layout == "tiles" and bits != 32 else 0) | \
-        (FLAG_INT4_INTEGER if bits == 4 and int4_grid == "integer" else 0)
+    flags = (TRUNK_FLAGS["tiles"] if layout == "tiles" and bits != 32 else 0) | \
+        (TRUNK_FLAGS["int4_integer"] if bits == 4 and int4_grid == "integer" else 0) | \
+        (TRUNK_FLAGS["kv_float16"] if kv_cache == "float16" else 0)
     file_bytes = data_offset + len(data)
     layers, kv_layers, cross_layers = header_layers(cfg)
     head = pack(HEADER_FMT[:-1], MAGIC, VERSION, HEADER_BYTES, cfg.vocab_size, cfg.hidden_size, layers,

@@ -224,6 +224,9 @@ class MoEModel:
     # values (None: inputs stay float32); separately for the trunk projections and the experts.
     trunk_act_group: int | None = None
     expert_act_group: int | None = None
+    # The element type a runtime keeps its KV cache in (an artifact's "kv_cache"): keys and values are
+    # rounded to it as they are stored
+    kv_cache: str = "float32"
     final_norm_bias: np.ndarray | None = None  # with norm "layer": [hidden]
     lm_head_bias: np.ndarray | None = None  # with lm_head_bias: [vocab]
     # With position "relative": each stack's bias per bucket and head [relative_buckets, heads]

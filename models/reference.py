@@ -301,6 +301,17 @@ def decoder_only(cfg: MoEConfig) -> None:
                          "(models.reference_executor picks the executor of a model)")
 
 
+FLOAT16_MAX = 65504.0
+
+
+def kv_stored(row: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A key or value row as a KV cache of `dtype` elements stores it: rounded to nearest even, and in
+    float16 saturated at ±65504 as the runtime's cache is (kv_cache.c) rather than infinite."""
+    if dtype == np.float16:
+        row = np.clip(row, -FLOAT16_MAX, FLOAT16_MAX)
+    return row.astype(dtype)
+
+
 class ReferenceExecutor:
     """Token-by-token decoder over a MoEModel (expert weights as given: float or dequantized)."""
 
@@ -314,13 +325,14 @@ class ReferenceExecutor:
 
     def reset(self) -> None:
         cfg = self.model.config
+        dtype = np.dtype(self.model.kv_cache)
         if cfg.attention == "mla":  # the latent and the rotated key per position
-            self.k_cache = np.zeros((cfg.num_layers, self.max_positions, cfg.kv_lora_rank), np.float32)
-            self.v_cache = np.zeros((cfg.num_layers, self.max_positions, cfg.head_dim), np.float32)
+            self.k_cache = np.zeros((cfg.num_layers, self.max_positions, cfg.kv_lora_rank), dtype)
+            self.v_cache = np.zeros((cfg.num_layers, self.max_positions, cfg.head_dim), dtype)
         else:
             shape = (cfg.num_layers, self.max_positions, cfg.num_kv_heads, cfg.head_dim)
-            self.k_cache = np.zeros(shape, np.float32)
-            self.v_cache = np.zeros(shape, np.float32)
+            self.k_cache = np.zeros(shape, dtype)
+            self.v_cache = np.zeros(shape, dtype)
         self.pos = 0
         self.trace: list[list[np.ndarray]] = []  # per token: per expert layer, selected expert ids
         self.router_trace: list[list[np.ndarray]] = []  # per token: per expert layer, the router's logits
@@ -332,18 +344,19 @@ class ReferenceExecutor:
         cos, sin = self.cos[t], self.sin[t]
         if cfg.attention == "mla":
             q_nope, q_rope, latent, k_rope = mla_project(layer, cfg, xn, m.trunk_act_group)
-            self.k_cache[li, t], self.v_cache[li, t] = latent, apply_rope(k_rope, cos, sin)
-            return mla_attend(layer, cfg, q_nope[None], apply_rope(q_rope, cos, sin)[None], self.k_cache[li, : t + 1],
-                              self.v_cache[li, : t + 1])[0]
+            self.k_cache[li, t], self.v_cache[li, t] = kv_stored(latent, self.k_cache.dtype), \
+                kv_stored(apply_rope(k_rope, cos, sin), self.v_cache.dtype)
+            return mla_attend(layer, cfg, q_nope[None], apply_rope(q_rope, cos, sin)[None],
+                              self.k_cache[li, : t + 1].astype(np.float32), self.v_cache[li, : t + 1].astype(np.float32))[0]
         group = cfg.num_heads // cfg.num_kv_heads
         q, k, v = project_qkv(layer, cfg, xn)
         q = apply_rope(q, cos, sin)
-        self.k_cache[li, t] = apply_rope(k, cos, sin)
-        self.v_cache[li, t] = v
+        self.k_cache[li, t] = kv_stored(apply_rope(k, cos, sin), self.k_cache.dtype)
+        self.v_cache[li, t] = kv_stored(v, self.v_cache.dtype)
         window = window_of(cfg, li)
         first = max(0, t + 1 - window) if window else 0
-        keys = self.k_cache[li, first : t + 1]  # [t+1-first, kv_heads, d]
-        vals = self.v_cache[li, first : t + 1]
+        keys = self.k_cache[li, first : t + 1].astype(np.float32)  # [t+1-first, kv_heads, d]
+        vals = self.v_cache[li, first : t + 1].astype(np.float32)
         out = np.empty((cfg.num_heads, cfg.head_dim), np.float32)
         for h in range(cfg.num_heads):
             s = keys[:, h // group, :] @ q[h] / np.sqrt(cfg.head_dim)

@@ -9,6 +9,7 @@ set(EM_CORE_SOURCES
   runtime_c/src/expert_lanes.c
   runtime_c/src/ffn.c
   runtime_c/src/kernels.c
+  runtime_c/src/kv_cache.c
   runtime_c/src/loader.c
   runtime_c/src/matrix.c
   runtime_c/src/memory_plan.c

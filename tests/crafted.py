@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgemoe.compiler import cpu_features, expert_image, trunk_file
 from edgemoe.compiler.binfmt import crc32, crc32c, pack, size, unpack
+from edgemoe.compiler.program import TRUNK_FLAGS
 
 U64 = 2**64
 IMAGE_HEADER = size(expert_image.HEADER_FMT) - 4
@@ -32,7 +33,8 @@ def copy_artifact(src: Path, dst: Path) -> Path:
 
 def _rewrite_header(data: bytearray, fmt: str, fields: tuple, changes: dict) -> None:
     values = dict(zip(fields, unpack(fmt[:-1], data)))
-    values.update(changes)
+    # a change is a value, or a function of the field's value
+    values.update({k: v(values[k]) if callable(v) else v for k, v in changes.items()})
     head = pack(fmt[:-1], *(values[f] for f in fields))
     data[: len(head) + 4] = head + pack("I", crc32(head))
 
@@ -133,6 +135,9 @@ def trunk_cases():
         "heads not a multiple of KV heads": (dict(header={"kv_heads": 1000}), "attention heads"),
         "top-k above the experts": (dict(header={"top_k": 99}), "top-k"),
         "undefined header flag": (dict(header={"flags": 1 << 30}), "unknown flags"),
+        # the flag set, the kernels still reading float32: the attention kernel's own argument check names it
+        "a float16 KV cache its kernels do not read": (
+            dict(header={"flags": lambda f: f | TRUNK_FLAGS["kv_float16"]}), "(?s)Mismatched kc.dtype.*expected float32"),
         "kernels for another architecture": (dict(header={"machine": other_machine}), "kernels are built for"),
         "a CPU feature this CPU lacks": (dict(header={"cpu_features": 1 << bit}), f"lacks: {name}"),
     }

@@ -191,7 +191,8 @@ def test_sparsemixer_is_transformers_eval_sparsemixer(rng):
 
 VARIANTS = {  # compile options, and the name of the variant
     "int4": dict(expert_bits=4),
-    "mixed-plan": dict(bit_plan="cycle"),
+    # INT2/3/4/8 experts side by side; keys and values kept in float16
+    "mixed-plan-kv16": dict(bit_plan="cycle", kv_cache="float16"),
     "rows-trunk32": dict(expert_bits=4, int_dot=False, trunk_bits=32),
     # llama.cpp's Q4_0 everywhere: experts and trunk INT4 on the integer grid
     "llamacpp-trunk4": dict(expert_bits=4, trunk_bits=4, rounding="llamacpp"),

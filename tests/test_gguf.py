@@ -14,6 +14,7 @@ import pytest
 
 from edgemoe.compiler import trunk_file
 from edgemoe.compiler.binfmt import unpack
+from edgemoe.compiler.program import TRUNK_FLAGS
 from edgemoe.models import ModelImportError, describe_model, load_model
 
 from families import hf_logits, save_checkpoint
@@ -411,7 +412,7 @@ def test_q4_0_blocks_are_stored_unrounded_on_the_integer_grid(mixtral, tmp_path,
     assert manifest["quantization"]["trunk_bits"] == 4  # --trunk-bits auto: every trunk matrix is Q4_0
     assert read_table(out / "experts.bin")[0].int4_grid == "integer"
     flags = unpack(trunk_file.HEADER_FMT[:-1], (out / "trunk.bin").read_bytes())[15]
-    assert flags & trunk_file.FLAG_INT4_INTEGER
+    assert flags & TRUNK_FLAGS["int4_integer"]
     model = load_model(path)  # every tensor dequantized to float32: the GGUF's values
     for layer, row in zip(model.layers, read_experts(out / "experts.bin")):
         for e, stored in zip(layer.experts, row):

@@ -198,6 +198,14 @@ def test_calibration_is_refused_for_an_encoder_decoder(switch_dir, tmp_path):
                       log=lambda m: None)
 
 
+def test_a_float16_kv_cache_is_refused_for_an_encoder_decoder(switch_dir, tmp_path):
+    from edgemoe.compiler.driver import CompileOptions, compile_model
+
+    with pytest.raises(ValueError, match="encoder-decoder model: its KV cache is float32 alone.*--kv-cache float32"):
+        compile_model(switch_dir, tmp_path / "art", CompileOptions(kv_cache="float16"), log=lambda m: None)
+    assert not (tmp_path / "art").exists()
+
+
 def test_unknown_config_key_is_refused_naming_it(switch_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(switch_dir, bad)

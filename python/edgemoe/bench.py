@@ -1101,7 +1101,8 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, pr
         cfg = manifest["model"]["config"]
         ids = [1] + [10 + i % (cfg["vocab_size"] - 10) for i in range(prompt_len - 1)]
         positions = len(ids) + n_new / 2  # the mean context over the decode
-        read = (artifact_read_per_token(art) + kv_read_per_token(cfg, positions, 4),
+        kv_bytes = 2 if manifest.get("kv_cache") == "float16" else 4
+        read = (artifact_read_per_token(art) + kv_read_per_token(cfg, positions, kv_bytes),
                 gguf_read_per_token(gguf, cfg["top_k"], cfg["num_experts"]) + kv_read_per_token(cfg, positions, 2))
         max_seq = len(ids) + n_new if depth else min(256, 2 * n_new + 16)
         for t in counts:

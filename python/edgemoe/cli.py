@@ -191,9 +191,12 @@ def _token_ids(text: str, option: str = "--tokens") -> list[int]:
               help="How weights are rounded: search (a searched scale per group; the output-error-minimising rounding "
                    "with --calibration), or llamacpp (llama-quantize's Q8_0 / Q4_0 blocks at --bits and --trunk-bits "
                    "8 or 4, INT4 on the integer grid: the codes a GGUF of this checkpoint holds).")
+@click.option("--kv-cache", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Element type of the KV cache the runtime keeps: float16 holds half the bytes per token of "
+                   "context, as llama.cpp's default cache (decoder-only models).")
 def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_seq, calibration, calibration_tokens,
                 expert_order, tolerance, max_bits, sensitivity, search_text, int_dot, tune, jobs, dask_scheduler, android_api,
-                int4_grid, rounding):
+                int4_grid, rounding, kv_cache):
     """Compile the MoE checkpoint MODEL_DIR (a Hugging Face directory, a .gguf or a torch.onnx export's
     .onnx with config.json beside it) for a target board. An
     interrupted compile resumes from the experts it finished when run again with the same inputs."""
@@ -219,7 +222,7 @@ def compile_cmd(model_dir, out_dir, target, expert_bits, trunk_bits, group, max_
                               calibration_tokens, tolerance=tolerance, max_bits=max_bits, sensitivity=sensitivity,
                               search_text=search_text, int_dot=int_dot, tune=tune, jobs=jobs, dask_scheduler=dask_scheduler,
                               android_api=android_api, int4_grid=int4_grid, rounding=rounding,
-                              expert_order=expert_order)
+                              expert_order=expert_order, kv_cache=kv_cache)
         compile_model(model_dir, out_dir, opts, log=lambda m: click.echo(m, err=True), progress=terminal_progress)
     except (ModelImportError, UnknownTargetError, TuningError, ToolchainError, ValueError, FileNotFoundError,
             RoundingLost) as e:
@@ -517,7 +520,7 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
                     out.append(token)
                 click.echo(",".join(map(str, out)))
             t2 = time.perf_counter()
-            st, chosen = s.stats(), (s.info["predictor"], s.info["eviction"])
+            st, info, chosen = s.stats(), s.info, (s.info["predictor"], s.info["eviction"])
     except (EdgeMoEError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     n_out = st["tokens"] - len(ids)  # decode steps after the prompt
@@ -527,6 +530,7 @@ def run_cmd(artifact, prompt, tokens, n_new, temperature, top_k, top_p, repetiti
     click.echo(f"prefill: {len(ids)} tokens in {t1 - t0:.3f} s ({len(ids) / max(t1 - t0, 1e-9):.1f} tok/s)", err=True)
     click.echo(f"decode: {n_out} tokens in {t2 - t1:.3f} s ({n_out / max(t2 - t1, 1e-9):.1f} tok/s)", err=True)
     click.echo(f"memory: runtime {fmt_bytes(st['memory_bytes'])} (trunk {fmt_bytes(st['trunk_bytes'])}, "
+               f"KV cache {fmt_bytes(st['kv_cache_bytes'])} float{info['kv_cache_bits']}, "
                f"expert cache {st['cache_slots']} slots = {fmt_bytes(st['expert_cache_bytes'])}); "
                f"process peak RSS {fmt_bytes(peak_rss)}", err=True)
     click.echo(f"expert cache: hit rate {st['expert_hits'] / max(uses, 1):.1%} ({st['expert_hits']} hits, "

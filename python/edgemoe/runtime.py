@@ -70,7 +70,8 @@ class _Stats(ctypes.Structure):
                                                                ("predicted_ahead", ctypes.c_uint64),
                                                                ("predicted_ahead_hits", ctypes.c_uint64),
                                                                ("prefetch_declined", ctypes.c_uint64),
-                                                               ("batched_calls", ctypes.c_uint64)]
+                                                               ("batched_calls", ctypes.c_uint64),
+                                                               ("kv_cache_bytes", ctypes.c_uint64)]
 
 
 class _Sampling(ctypes.Structure):
@@ -84,7 +85,8 @@ class _Info(ctypes.Structure):
                                                               ("eos_token_id", ctypes.c_int32),
                                                               ("predictor", ctypes.c_int), ("eviction", ctypes.c_int),
                                                               ("num_expert_layers", ctypes.c_uint32),
-                                                              ("expert_lanes", ctypes.c_uint32)]
+                                                              ("expert_lanes", ctypes.c_uint32),
+                                                              ("kv_cache_bits", ctypes.c_uint32)]
 
 
 def build_runtime(build_dir: Path = DEFAULT_BUILD_DIR, target=None, sanitize: str | None = None) -> Path:

@@ -139,6 +139,8 @@ typedef struct {
                                  storage was lately busier than such guesses were used (em_loader_prefetch) */
   uint64_t batched_calls;    /* kernel calls that took EM_BATCH_ROWS of a prompt's tokens at once (batched
                                 kernels; em_params.single_token_kernels) */
+  uint64_t kv_cache_bytes;   /* of memory_bytes, the KV cache: keys and values of max_seq positions, float16 where
+                                the artifact was compiled so (edgemoe-compile --kv-cache) */
 } em_stats;
 
 typedef struct {
@@ -148,6 +150,7 @@ typedef struct {
   em_eviction eviction;   /* in use, after resolving EM_EVICT_AUTO */
   uint32_t num_expert_layers; /* the layers with experts (dense layers have none): experts.bin's layers */
   uint32_t expert_lanes; /* a layer's chosen experts computed at once, one per compute thread (1: in turn) */
+  uint32_t kv_cache_bits; /* bits of a KV-cache element: 32, or 16 (the artifact compiled with --kv-cache float16) */
 } em_model_info;
 
 void em_default_params(em_params* p);

@@ -167,8 +167,9 @@ int em_read_trunk_header(int fd, const char* path, em_trunk_header* h, char* err
       (uint64_t)h->heads * h->head_dim > MAX_ATTN_DIM)
     return bad_header(path, "attention heads", err, n);
   if (!h->top_k || h->top_k > h->experts) return bad_header(path, "top-k", err, n);
-  if (h->flags & ~(uint32_t)(EM_TRUNK_FLAG_TILES | EM_TRUNK_FLAG_INT4_INTEGER))
-    return bad_header(path, "unknown flags", err, n);
+  if (h->flags & ~EM_TRUNK_FLAGS_KNOWN) return bad_header(path, "unknown flags", err, n);
+  if ((h->flags & EM_TRUNK_FLAG_KV_FLOAT16) && h->cross_layers) /* the compiler refuses it too */
+    return bad_header(path, "a float16 KV cache in an encoder-decoder model", err, n);
   if (h->bos < -1 || h->bos >= (int32_t)h->vocab || h->eos < -1 || h->eos >= (int32_t)h->vocab)
     return bad_header(path, "BOS or EOS id outside the vocabulary", err, n);
   if (!h->n_tensors || h->n_tensors > 16 * MAX_LAYERS + 64 || h->table_offset < EM_TRUNK_HEADER_CRC_AT + 4 ||

@@ -34,9 +34,6 @@ typedef struct {
   uint32_t program_steps;      /* ops in the layer program */
 } em_trunk_header;
 
-/* trunk.bin header flags (compiler/trunk_file.py FLAG_*): the tiles layout; INT4 matrices on the integer grid. */
-enum { EM_TRUNK_FLAG_TILES = 4, EM_TRUNK_FLAG_INT4_INTEGER = 8 };
-
 /* How quantized matrices are laid out (compiler/quantize.py): rows for the float-dequantizing
  * kernels, 16-row tiles for the integer-dot kernels. */
 enum { EM_LAYOUT_ROWS = 0, EM_LAYOUT_TILES = 1 };

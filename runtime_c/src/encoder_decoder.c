@@ -41,12 +41,13 @@ static int attend(em_session* s, const em_step* st, float* q, float* kc, float* 
   return rc ? rc : em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->att, x, out);
 }
 
-static float* kv_slot(em_session* s, float* cache, uint32_t layer) {
-  return cache + (size_t)layer * s->max_seq * s->kv_dim;
+/* layer's keys or values, self- or cross-attention: float32 (trunk.bin refuses a float16 KV cache with an encoder) */
+static float* kv_slot(em_session* s, void* cache, uint32_t layer) {
+  return (float*)cache + (size_t)layer * s->max_seq * s->kv_dim;
 }
 
 int em_rel_attention(em_session* s, const em_step* st) {
-  float *kc = kv_slot(s, s->k_cache, st->layer), *vc = kv_slot(s, s->v_cache, st->layer);
+  float *kc = kv_slot(s, s->kv.k, st->layer), *vc = kv_slot(s, s->kv.v, st->layer);
   int rc = project(s, st, s->x, s->q, kc + (size_t)s->pos * s->kv_dim, vc + (size_t)s->pos * s->kv_dim);
   if (rc) return rc;
   gather_bias(s, st, s->pos, s->pos + 1);
@@ -97,7 +98,7 @@ static int each_row(em_session* s, const em_step* st, uint32_t n) {
  * the layer's KV slot, free until the decoder runs), then every row's attention. */
 static int encoder_attention(em_session* s, const em_step* st, uint32_t n) {
   size_t H = s->th.hidden, q = s->q_dim, kv = s->kv_dim;
-  float *kc = kv_slot(s, s->k_cache, st->layer), *vc = kv_slot(s, s->v_cache, st->layer);
+  float *kc = kv_slot(s, s->kv.k, st->layer), *vc = kv_slot(s, s->kv.v, st->layer);
   for (uint32_t t = 0; t < n; t++) {
     int rc = project(s, st, s->enc_x + t * H, s->enc_q + t * q, kc + t * kv, vc + t * kv);
     if (rc) return rc;

@@ -28,6 +28,24 @@ float em_f16_to_f32(uint16_t h) {
   return f;
 }
 
+uint16_t em_f32_to_f16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, sizeof x);
+  uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);    /* nan */
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7bffu);   /* would round to inf (or is): ±65504 */
+  if (a <= 0x33000000u) return (uint16_t)sign;               /* at most half the least subnormal: ±0 */
+  uint32_t e = a >> 23, mant, shift;
+  if (e >= 113) { /* normal: rebias the exponent, keep 10 of the 23 mantissa bits */
+    mant = ((e - 112) << 23 | (a & 0x7fffffu)), shift = 13;
+  } else { /* subnormal: the mantissa with its leading one, in units of 2^-24 */
+    mant = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;
+  }
+  uint32_t h = mant >> shift, rest = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (h & 1u))) h++; /* to nearest, ties to even (a carry moves the exponent) */
+  return (uint16_t)(sign | h);
+}
+
 /* Words per interleaved block: must agree with compiler/quantize.py interleave(). */
 static uint32_t interleave(uint32_t bits, uint32_t k, uint32_t group) {
   uint32_t per = bits == 8 ? 1 : 32 / bits, lanes = 16;

@@ -47,6 +47,8 @@ em_kernel_arg em_matrix_arg(const em_matrix* m);
 int em_kernel_invoke(em_ffi_fn fn, const char* name, const em_kernel_arg* args, int n, char* err, size_t len);
 
 float em_f16_to_f32(uint16_t h);
+/* f as float16: to nearest, ties to even, saturated at ±65504 (NumPy's astype after np.clip). */
+uint16_t em_f32_to_f16(float f);
 
 /* y = W x (+ res) through the matrix-vector kernel fn, whatever W's storage; 0 or an em_status with
  * the reason in err. */

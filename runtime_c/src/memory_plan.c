@@ -5,6 +5,7 @@
 #include "edgemoe.h"
 #include "expert_lanes.h"
 #include "ffn.h"    /* em_ffn_block */
+#include "kv_cache.h"
 #include "loader.h" /* em_loader_meta_bytes */
 
 int em_size_classes(const em_record* r, uint32_t n, em_size_class* out, uint32_t* n_out, uint8_t* record_class) {
@@ -55,12 +56,15 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
   uint64_t kv_dim = (uint64_t)th->kv_heads * th->head_dim, q_dim = (uint64_t)th->heads * th->head_dim;
   uint64_t ffn = em_ffn_floats(th), H = th->heads, enc = th->cross_layers ? max_seq : 0;
   uint64_t batch = prefill_tokens, chosen = batch * th->top_k, rows = em_batch_rows(prefill_tokens);
-  uint64_t R = rows > 1 ? rows : 0, qkv = q_dim + 2 * kv_dim, res = qkv > th->hidden ? qkv : th->hidden;
+  uint64_t R = rows > 1 ? rows : 0, qkv = q_dim + 2 * kv_dim, res = qkv > th->hidden ? qkv : th->hidden, k_row, v_row;
+  em_kv_rows(th, &k_row, &v_row);
+  uint64_t kv_stage = em_kv_element_bytes(th->flags) == 2 ? k_row + v_row : 0;
   /* the order session.c carves them in; the latent attention's are empty without it, then the
      experts' take, one query's position bias, the encoder's rows and their q (empty without an encoder),
      then the chosen experts' outputs and weights (a batch's tokens' each), rows of zeros, a batch's
      residual streams and normalised MoE inputs, and the batched kernel calls' rows (empty without
-     them): inputs, q/k/v, residuals, attention outputs, outputs, MLP activations, weights */
+     them): inputs, q/k/v, residuals, attention outputs, outputs, MLP activations, weights; last a
+     float16 KV cache's stage (kv_cache.h) */
   uint64_t floats[] = {th->hidden, th->hidden, th->hidden, q_dim + 2 * kv_dim, q_dim + 2 * kv_dim, q_dim, q_dim, ffn,
                        th->experts, th->vocab, 1, 1, th->hidden, th->experts, th->experts,
                        (uint64_t)th->layers * th->hidden, 3ull * th->experts,
@@ -69,17 +73,16 @@ int em_plan_memory(const em_trunk_header* th, const em_image_header* ih, const e
                        th->kv_lora ? H * th->head_dim : 0, H * th->kv_lora, H * th->v_head,
                        th->experts, H * max_seq, enc * th->hidden, enc * q_dim,
                        chosen * th->hidden, chosen, rows * th->hidden, batch * th->hidden, batch * th->hidden,
-                       R * th->hidden, R * qkv, R * res, R * q_dim, R * th->hidden, R * ffn, R};
+                       R * th->hidden, R * qkv, R * res, R * q_dim, R * th->hidden, R * ffn, R, kv_stage};
   if (em_size_classes(records, ih->n_records, p->classes, &p->n_classes, NULL)) {
     snprintf(err, n, "experts.bin has more than %d distinct record sizes", EM_MAX_SIZE_CLASSES);
     return EM_ERR_FORMAT;
   }
   p->trunk = em_align_up(th->file_bytes - th->data_offset, EM_ALIGN_PAGE);
-  uint64_t k_row, v_row;
-  em_kv_rows(th, &k_row, &v_row);
   /* self-attention K and V (the decoder's layers), then cross-attention K and V: carved one after the other */
-  p->kv = em_align_up(em_align_up((uint64_t)th->kv_layers * max_seq * k_row * sizeof(float), EM_ALIGN_BUF) +
-                          em_align_up((uint64_t)th->kv_layers * max_seq * v_row * sizeof(float), EM_ALIGN_BUF) +
+  uint64_t element = em_kv_element_bytes(th->flags);
+  p->kv = em_align_up(em_align_up((uint64_t)th->kv_layers * max_seq * k_row * element, EM_ALIGN_BUF) +
+                          em_align_up((uint64_t)th->kv_layers * max_seq * v_row * element, EM_ALIGN_BUF) +
                           2 * em_align_up((uint64_t)th->cross_layers * max_seq * kv_dim * sizeof(float), EM_ALIGN_BUF),
                       EM_ALIGN_PAGE);
   p->buffers = 0;

@@ -9,6 +9,7 @@
 
 #include "artifact.h"
 #include "kernels.h"
+#include "kv_cache.h"
 #include "program.h"
 
 /* Working buffers, sized by memory_plan.c: q [heads · (qk_nope + head_dim)], q_a and q_a_norm
@@ -18,10 +19,10 @@ typedef struct {
   float *q, *q_a, *q_a_norm, *ckv, *q_lat, *q_rot, *o_lat, *att;
 } em_mla_buffers;
 
-/* The attention of the normalised input xn at position pos over the layer's cache (latent
- * [max_seq][kv_lora], rope_key [max_seq][head_dim]), whose rows pos it writes; the output
+/* The attention of the normalised input xn at position pos over the layer's cache (keys: the latent
+ * [kv_lora], values: the rotated key [head_dim]), whose rows pos it writes; the output
  * [heads · v_head] is left in b->att. 0 or an em_status with the reason in err. */
 int em_mla_attention(const em_kernels* k, const em_trunk_header* th, const em_step* st, const em_mla_buffers* b,
-                     float* xn, float* latent, float* rope_key, uint32_t pos, char* err, size_t n);
+                     float* xn, const em_kv_cache* kv, uint32_t pos, char* err, size_t n);
 
 #endif

@@ -331,9 +331,12 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   memset(s->block + p.trunk, 0, p.kv + p.buffers + p.arena); /* touch now: the budget is real memory */
 
   uint8_t* cur = s->block + p.trunk;
-  em_kv_rows(th, &s->k_row, &s->v_row);
-  s->k_cache = carve(&cur, (uint64_t)th->kv_layers * s->max_seq * s->k_row);
-  s->v_cache = carve(&cur, (uint64_t)th->kv_layers * s->max_seq * s->v_row);
+  em_kv_cache* kv = &s->kv;
+  em_kv_rows(th, &kv->k_row, &kv->v_row);
+  uint32_t element = em_kv_element_bytes(th->flags); /* carved in floats: as memory_plan.c sizes the cache */
+  kv->max_seq = s->max_seq, kv->dtype = (em_dl_dtype){2, (uint8_t)(8 * element), 1};
+  kv->k = (uint8_t*)carve(&cur, ((uint64_t)th->kv_layers * s->max_seq * kv->k_row * element + 3) / 4);
+  kv->v = (uint8_t*)carve(&cur, ((uint64_t)th->kv_layers * s->max_seq * kv->v_row * element + 3) / 4);
   s->cross_k = carve(&cur, (uint64_t)th->cross_layers * s->max_seq * s->kv_dim);
   s->cross_v = carve(&cur, (uint64_t)th->cross_layers * s->max_seq * s->kv_dim);
   cur = s->block + p.trunk + p.kv;
@@ -380,6 +383,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   s->rows.y = carve(&cur, R * th->hidden);
   s->rows.h = carve(&cur, R * em_ffn_floats(th));
   s->rows.w = carve(&cur, R);
+  kv->stage = carve(&cur, element == 2 ? kv->k_row + kv->v_row : 0);
   s->arena.base = s->block + p.trunk + p.kv + p.buffers;
   s->arena.size = p.arena;
   s->predicted = (uint32_t*)(meta + predict_at);
@@ -457,6 +461,7 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   }
   s->st.memory_bytes = p.fixed + slot_bytes_total + slot_meta_total;
   s->st.trunk_bytes = p.trunk;
+  s->st.kv_cache_bytes = p.kv;
   s->st.expert_cache_bytes = slot_bytes_total;
   s->st.cache_slots = (uint32_t)n_slots;
   s->st.record_bytes = (uint32_t)s->record_bytes;
@@ -808,10 +813,8 @@ int em_moe_layer(em_session* s, const em_step* st) {
 /* The attention half of a layer with latent attention: norm, mla.c's step into the latent cache,
  * output projection added to the residual stream. */
 static int mla_attention_layer(em_session* s, const em_step* st) {
-  float* latent = s->k_cache + (uint64_t)st->layer * s->max_seq * s->k_row;
-  float* rope_key = s->v_cache + (uint64_t)st->layer * s->max_seq * s->v_row;
   int rc = em_apply_norm(s, st, s->x, s->xn);
-  if (!rc) rc = em_mla_attention(&s->k, &s->th, st, &s->mla, s->xn, latent, rope_key, s->pos, s->err, ERR_LEN);
+  if (!rc) rc = em_mla_attention(&s->k, &s->th, st, &s->mla, s->xn, &s->kv, s->pos, s->err, ERR_LEN);
   if (!rc) rc = em_session_matvec(s, s->k.o_proj, EM_KERNEL_O_PROJ, &st->m[EM_M_WO], s->mla.att, s->x, s->x2);
   if (!rc) em_swap(&s->x, &s->x2);
   return rc;
@@ -820,8 +823,7 @@ static int mla_attention_layer(em_session* s, const em_step* st) {
 int em_attention_core(em_session* s, const em_step* st, float* qkv_in, float* att) {
   const em_trunk_header* th = &s->th;
   int64_t hq = th->heads, hkv = th->kv_heads, d = th->head_dim, pos = s->pos, qkv = s->q_dim + 2 * s->kv_dim;
-  float* kc = s->k_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
-  float* vc = s->v_cache + (uint64_t)st->layer * s->max_seq * s->kv_dim;
+  const em_kv_cache* kv = &s->kv;
   int rc;
   float* rope_in = qkv_in;
   em_kernel_arg a[EM_SIG_ROPE_ARGS] = {0};
@@ -837,23 +839,24 @@ int em_attention_core(em_session* s, const em_step* st, float* qkv_in, float* at
   BIND(a, ROPE, COS, T(st->rope_cos + pos * (d / 2), 1, d / 2, 0, 0));
   BIND(a, ROPE, SIN, T(st->rope_sin + pos * (d / 2), 1, d / 2, 0, 0));
   BIND(a, ROPE, Q, T(s->q, 2, hq, d, 0));
-  BIND(a, ROPE, K, T(kc + pos * s->kv_dim, 2, hkv, d, 0));
-  BIND(a, ROPE, V, T(vc + pos * s->kv_dim, 2, hkv, d, 0));
+  BIND(a, ROPE, K, T(em_kv_key_out(kv, st->layer, pos), 2, hkv, d, 0));
+  BIND(a, ROPE, V, T(em_kv_value_out(kv, st->layer, pos), 2, hkv, d, 0));
   if ((rc = INVOKE(s->k.rope, EM_KERNEL_ROPE, a, ROPE))) return rc;
+  em_kv_commit(kv, st->layer, pos);
   /* a sliding window attends to its last `window` positions alone: the rows before it are not passed */
   int64_t first = st->window && pos + 1 > st->window ? pos + 1 - st->window : 0, rows = pos + 1 - first;
-  const float *kw = kc + first * s->kv_dim, *vw = vc + first * s->kv_dim;
+  const void *kw = em_kv_key(kv, st->layer, first), *vw = em_kv_value(kv, st->layer, first);
   if (st->sinks) {
     BIND(a, ATTENTION_SINKS, Q, T(s->q, 2, hq, d, 0));
-    BIND(a, ATTENTION_SINKS, KC, T(kw, 3, rows, hkv, d));
-    BIND(a, ATTENTION_SINKS, VC, T(vw, 3, rows, hkv, d));
+    BIND(a, ATTENTION_SINKS, KC, em_kv_arg(kv, kw, rows, hkv, d));
+    BIND(a, ATTENTION_SINKS, VC, em_kv_arg(kv, vw, rows, hkv, d));
     BIND(a, ATTENTION_SINKS, SINK, T(st->sinks, 1, hq, 0, 0));
     BIND(a, ATTENTION_SINKS, O, T(att, 2, hq, d, 0));
     rc = INVOKE(s->k.attention_sinks, EM_KERNEL_ATTENTION_SINKS, a, ATTENTION_SINKS);
   } else {
     BIND(a, ATTENTION, Q, T(s->q, 2, hq, d, 0));
-    BIND(a, ATTENTION, KC, T(kw, 3, rows, hkv, d));
-    BIND(a, ATTENTION, VC, T(vw, 3, rows, hkv, d));
+    BIND(a, ATTENTION, KC, em_kv_arg(kv, kw, rows, hkv, d));
+    BIND(a, ATTENTION, VC, em_kv_arg(kv, vw, rows, hkv, d));
     BIND(a, ATTENTION, O, T(att, 2, hq, d, 0));
     rc = INVOKE(s->k.attention, EM_KERNEL_ATTENTION, a, ATTENTION);
   }
@@ -1050,6 +1053,7 @@ int em_model_info_get(const em_session* s, em_model_info* out) {
   out->num_layers = s->th.layers;
   out->num_expert_layers = s->prog.expert_layers;
   out->expert_lanes = s->expert_lanes;
+  out->kv_cache_bits = s->kv.dtype.bits;
   out->num_experts = s->th.experts;
   out->top_k = s->th.top_k;
   out->max_seq = s->max_seq;

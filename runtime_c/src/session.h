@@ -12,6 +12,7 @@
 #include "ffn.h"
 #include "generated/program.h"
 #include "kernels.h"
+#include "kv_cache.h"
 #include "loader.h"
 #include "matrix.h"
 #include "mla.h"
@@ -91,10 +92,7 @@ struct em_session {
   float* prev_xn; /* [expert layers][hidden]: each layer's MoE input at the previous token (fitted-router) */
   float* route_scratch; /* [3 * experts] */
   em_mla_buffers mla;   /* latent attention's working buffers (empty without it) */
-  /* [kv_layers][max_seq][k_row], [kv_layers][max_seq][v_row]: keys and values per KV head, or with
-     latent attention the latent and the rotated key (memory_plan.c em_kv_rows) */
-  float *k_cache, *v_cache;
-  uint64_t k_row, v_row;
+  em_kv_cache kv; /* [kv_layers][max_seq] positions (kv_cache.h) */
   /* encoder-decoder models: the cross-attention keys and values [cross_layers][max_seq][kv_dim]; the
      encoder's rows [max_seq][hidden] (its output, normalised, once it has run) and their q
      [max_seq][q_dim]; the position bias of one query [heads][max_seq] */

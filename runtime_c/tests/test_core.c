@@ -1,5 +1,5 @@
 /* Unit tests of the runtime's pieces that need no artifact: CRC-32, LRU cache, workspace arena, the
- * workspace a parallel launch's tasks share, coalesced reads from storage. */
+ * workspace a parallel launch's tasks share, coalesced reads from storage, float16 rounding. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <stdio.h>
@@ -10,6 +10,7 @@
 #include "artifact.h"
 #include "crc32.h"
 #include "expert_cache.h"
+#include "matrix.h"
 #include "storage.h"
 #include "thread_pool.h"
 #include "tvm_backend.h"
@@ -275,6 +276,42 @@ static void test_coalesced_reads(void) {
   unlink(path);
 }
 
+static float float_bits(uint32_t b) {
+  float f;
+  memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+static uint32_t bits_of(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+/* Every finite float16 comes back as itself; between two neighbours (normal or subnormal, either sign)
+ * a float32 goes to the nearer, the midpoint to the even one; beyond ±65504 saturates; NaN stays NaN. */
+static void test_float16_rounding(void) {
+  int bad_round_trip = 0, bad_ties = 0;
+  for (uint32_t h = 0; h < 0x10000u; h++) {
+    if ((h & 0x7c00u) == 0x7c00u) continue; /* inf, nan */
+    if (em_f32_to_f16(em_f16_to_f32((uint16_t)h)) != h) bad_round_trip++;
+    if ((h & 0x7fffu) == 0x7bffu) continue; /* the largest: no finite neighbour above */
+    float lo = em_f16_to_f32((uint16_t)h), hi = em_f16_to_f32((uint16_t)(h + 1)), mid = (lo + hi) / 2;
+    uint32_t even = h & 1u ? h + 1 : h;
+    uint32_t m = bits_of(mid); /* away from zero: bits + 1, towards it: bits - 1 (mid is never 0) */
+    if (em_f32_to_f16(mid) != even || em_f32_to_f16(float_bits(m + 1)) != h + 1 ||
+        em_f32_to_f16(float_bits(m - 1)) != h)
+      bad_ties++;
+  }
+  CHECK(bad_round_trip == 0);
+  CHECK(bad_ties == 0);
+  CHECK(em_f32_to_f16(65519.0f) == 0x7bffu && em_f32_to_f16(65520.0f) == 0x7bffu);
+  CHECK(em_f32_to_f16(-1e30f) == 0xfbffu && em_f32_to_f16(float_bits(0x7f800000u)) == 0x7bffu);
+  uint16_t nan = em_f32_to_f16(float_bits(0x7fc00000u));
+  CHECK((nan & 0x7c00u) == 0x7c00u && (nan & 0x3ffu) != 0);
+  CHECK(em_f32_to_f16(float_bits(0x33000000u)) == 0 && em_f32_to_f16(float_bits(0x33000001u)) == 1);
+}
+
 int main(void) {
   test_crc32();
   test_lru();
@@ -285,7 +322,8 @@ int main(void) {
   test_arena();
   test_parallel_workspace();
   test_coalesced_reads();
+  test_float16_rounding();
   if (failures) return 1;
-  printf("9 passed, 0 failed\n");
+  printf("10 passed, 0 failed\n");
   return 0;
 }

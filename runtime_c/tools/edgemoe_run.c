@@ -501,13 +501,14 @@ int main(int argc, char** argv) {
          "predicted_hits=%llu\nmemory_bytes=%llu\ntrunk_bytes=%llu\nexpert_cache_bytes=%llu\ncache_slots=%u\n"
          "record_bytes=%u\nread_retries=%llu\nrecords_read=%llu\npeak_rss_bytes=%llu\nrss_first_round_bytes=%llu\n"
          "rss_last_round_bytes=%llu\ndecode_ns=%llu\nboard_wait_ns=%llu\nread_requests=%llu\npreloaded=%llu\n"
-         "predicted_ahead=%llu\npredicted_ahead_hits=%llu\nprefetch_declined=%llu\nprefill_ns=%llu\nbatched_calls=%llu\n",
+         "predicted_ahead=%llu\npredicted_ahead_hits=%llu\nprefetch_declined=%llu\nprefill_ns=%llu\nbatched_calls=%llu\n"
+         "kv_cache_bytes=%llu\n",
          U(st.tokens), U(st.expert_hits), U(st.expert_misses), U(st.bytes_read), U(st.read_ns), U(st.compute_ns),
          U(st.stall_ns), U(st.prefetch_issued), U(st.prefetch_used), U(st.prefetch_wasted), U(st.predicted),
          U(st.predicted_hits), U(st.memory_bytes), U(st.trunk_bytes), U(st.expert_cache_bytes), st.cache_slots,
          st.record_bytes, U(st.read_retries), U(st.records_read), peak_rss_bytes(), rss_first_round, status_kib("VmRSS") * 1024ull, decode_ns,
          U(st.board_wait_ns), U(st.read_requests), U(st.preloaded), U(st.predicted_ahead), U(st.predicted_ahead_hits),
-         U(st.prefetch_declined), prefill_ns, U(st.batched_calls));
+         U(st.prefetch_declined), prefill_ns, U(st.batched_calls), U(st.kv_cache_bytes));
 #undef U
   em_close(s);
   return 0;

@@ -299,4 +299,9 @@
 #define EM_TENSOR_FITTED_AHEAD_PREV "profile.fitted_ahead_prev"
 #define EM_TENSOR_FITTED_AHEAD_BIAS "profile.fitted_ahead_bias"
 
+#define EM_TRUNK_FLAG_TILES 4u
+#define EM_TRUNK_FLAG_INT4_INTEGER 8u
+#define EM_TRUNK_FLAG_KV_FLOAT16 16u
+#define EM_TRUNK_FLAGS_KNOWN 0x1Cu
+
 #endif
