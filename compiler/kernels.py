@@ -12,7 +12,7 @@ from tvm import te
 
 from ..models import MoEConfig
 from .program import (BATCH_ROWS, BATCH_SUFFIX, EXPERT_KERNELS, KERNEL_SIGNATURES, KERNELS, KV_CACHE_DTYPES,
-                      KV_CACHE_PARAMS, SIGNATURES, expert_kernel_roles, kernel_role)
+                      KV_CACHE_PARAMS, SIGNATURES, expert_kernel_roles, kernel_role, kernel_symbol)
 from .quantize import DEFAULT_TRUNK_BITS, code_centre, grid_at, interleave, planes
 
 F32 = "float32"
@@ -463,7 +463,7 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
             trunk_matvec(cfg.num_heads * cfg.qk_head_dim, Q or hdim, K["mla_q"]),
             trunk_matvec(R + cfg.head_dim, hdim, K["mla_kv_a"]), rmsnorm(R, cfg.lora_norm_eps, K["mla_kv_norm"]),
             mla_rope(cfg, K["mla_rope"]), mla_absorb(cfg, K["mla_absorb"]),
-            mla_attention(cfg, K["mla_attention"], kv_cache),
+            mla_attention(cfg, kernel_symbol("mla_attention", kv_cache), kv_cache),
             mla_v(cfg, K["mla_v"])]
         if Q:
             attention_kernels += [trunk_matvec(Q, hdim, K["mla_q_a"]), rmsnorm(Q, cfg.lora_norm_eps, K["mla_q_a_norm"])]
@@ -475,8 +475,10 @@ def decode_kernels(cfg: MoEConfig, expert_bits: list[int], group: int, trunk_bit
         if cfg.position == "relative":  # T5's bias in place of RoPE (encoder-decoder: a float32 cache)
             attention_kernels.append(attention(cfg, K["attention_bias"], position_bias=True))
         else:
-            attention_kernels += [rope(cfg, K["rope"]), attention(cfg, K["attention_sinks"], sinks=True, kv_cache=kv_cache)
-                                  if cfg.attention_sinks else attention(cfg, K["attention"], kv_cache=kv_cache)]
+            attention_kernels += [rope(cfg, K["rope"]),
+                                  attention(cfg, kernel_symbol("attention_sinks", kv_cache), sinks=True, kv_cache=kv_cache)
+                                  if cfg.attention_sinks else
+                                  attention(cfg, kernel_symbol("attention", kv_cache), kv_cache=kv_cache)]
     funcs = [
         layernorm(hdim, cfg.norm_eps, K["layernorm"]) if cfg.norm == "layer" else rmsnorm(hdim, cfg.norm_eps, K["rmsnorm"]),
         *attention_kernels,

@@ -141,6 +141,11 @@ SIGNATURES = {
 # (KV_CACHE_DTYPES; trunk.bin's TRUNK_FLAGS["kv_float16"])
 KV_CACHE_PARAMS = ("kc", "vc", "latent", "k_rot")
 KV_CACHE_DTYPES = ("float32", "float16")
+# The KERNELS roles that read the KV cache: their symbols name its element type (the role's name, then
+# KV_CACHE_SUFFIX), so the runtime resolves the kernels that read the cache trunk.bin's flags say it holds
+# and a library built for the other type is refused as lacking them, before any call
+KV_CACHE_ROLES = ("attention", "attention_sinks", "mla_attention")
+KV_CACHE_SUFFIX = {"float32": "", "float16": "_kv16"}
 # trunk.bin header flags (bit → what the artifact holds)
 TRUNK_FLAGS = {
     "tiles": 4,  # the quantized matrices are in the tiles layout (quantize.py)
@@ -171,11 +176,18 @@ PROFILE_TENSORS = {
 }
 
 
+def kernel_symbol(role: str, kv_cache: str = "float32") -> str:
+    """The symbol of a KERNELS role in an artifact whose KV cache holds `kv_cache` elements."""
+    return KERNELS[role] + (KV_CACHE_SUFFIX[kv_cache] if role in KV_CACHE_ROLES else "")
+
+
 def kernel_role(symbol: str) -> str:
-    """The role (a KERNELS or EXPERT_KERNELS key) of a kernel symbol (or of its batched form)."""
+    """The role (a KERNELS or EXPERT_KERNELS key) of a kernel symbol (or of its batched or KV-cache form)."""
     batched = re.escape(BATCH_SUFFIX).replace(re.escape("{batch}"), "[0-9]+")
     for role, name in KERNELS.items():
         if name == symbol or role in BATCHED_KERNELS and re.fullmatch(re.escape(name) + batched, symbol):
+            return role
+        if role in KV_CACHE_ROLES and symbol in (kernel_symbol(role, t) for t in KV_CACHE_DTYPES):
             return role
     for role, pattern in EXPERT_KERNELS.items():
         if re.fullmatch(re.escape(pattern).replace(re.escape("{bits}"), "[0-9]+") + f"({batched})?", symbol):
@@ -325,6 +337,9 @@ def c_header() -> str:
     lines.append(f"#define EM_ACT_COUNT {len(ACT)}")
     lines.append(f"#define EM_BATCH_ROWS {BATCH_ROWS} /* rows of a batched kernel */")
     lines.append(f'#define EM_BATCH_SUFFIX "{BATCH_SUFFIX.format(batch=BATCH_ROWS)}"')
+    lines.append("/* appended to the symbols of the kernels that read a float16 KV cache (attention, attention_sinks,"
+                 " mla_attention) */")
+    lines.append(f'#define EM_KV_FLOAT16_SUFFIX "{KV_CACHE_SUFFIX["float16"]}"')
     rows = ", ".join(f'{{"{fmt[g]}", "{fmt[d]}"}}' for g, d in (EXPERT_ACT_KERNELS[a] for a in ACT))
     lines.append("/* by EM_ACT_*: the printf formats of its gate-up and down kernels' symbols */")
     lines.append(f"#define EM_ACT_KERNEL_FMTS {{{rows}}}")

@@ -21,7 +21,7 @@ def compile(model_dir: str | Path, output: str | Path, *, target: str = "host", 
             tolerance: float | None = None, max_bits: float | None = None, sensitivity: str = "auto",
             search_text: str | Path | None = None, group: int | None = None, max_seq: int | None = None, int_dot: bool | None = None, tune: bool = False,
             jobs: int | None = None, dask_scheduler: str | None = None, int4_grid: str = "auto",
-            rounding: str = "search", log=None) -> dict:
+            rounding: str = "search", kv_cache: str = "float32", log=None) -> dict:
     """Compile the checkpoint in model_dir for `target` into the artifact directory `output`
     (written whole or not at all); returns its manifest. Options as edgemoe-compile's."""
     from .compiler.driver import CompileOptions, compile_model
@@ -29,7 +29,8 @@ def compile(model_dir: str | Path, output: str | Path, *, target: str = "host", 
     opts = CompileOptions(target=target, expert_bits=bits, calibration=Path(calibration) if calibration else None,
                           calibration_tokens=calibration_tokens, tolerance=tolerance, max_bits=max_bits,
                           sensitivity=sensitivity, search_text=Path(search_text) if search_text else None, max_seq=max_seq, int_dot=int_dot,
-                          tune=tune, jobs=jobs, dask_scheduler=dask_scheduler, int4_grid=int4_grid, rounding=rounding)
+                          tune=tune, jobs=jobs, dask_scheduler=dask_scheduler, int4_grid=int4_grid, rounding=rounding,
+                          kv_cache=kv_cache)
     if trunk_bits is not None:
         opts.trunk_bits = trunk_bits
     if group is not None:

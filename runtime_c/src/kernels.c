@@ -20,18 +20,23 @@ static int resolve(const em_kernels* k, const char* name, em_ffi_fn* out, int re
   return EM_OK;
 }
 
-int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], char* err, size_t n) {
+int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], int kv_float16, char* err,
+                    size_t n) {
   memset(k, 0, sizeof *k);
   int rc = em_kernels_open(k, path, sha256, err, n);
   if (rc) return rc;
+  k->kv_suffix = kv_float16 ? EM_KV_FLOAT16_SUFFIX : "";
   struct {
     const char* name;
     em_ffi_fn* fn;
     int required; /* by every layer program */
-  } trunk[] = {{EM_KERNEL_RMSNORM, &k->rmsnorm, 0},       {EM_KERNEL_LAYERNORM, &k->layernorm, 0},
+  } reads_kv[] = {{EM_KERNEL_ATTENTION, &k->attention, 0},
+                  {EM_KERNEL_ATTENTION_SINKS, &k->attention_sinks, 0},
+                  {EM_KERNEL_MLA_ATTENTION, &k->mla_attention, 0}},
+    trunk[] = {{EM_KERNEL_RMSNORM, &k->rmsnorm, 0},       {EM_KERNEL_LAYERNORM, &k->layernorm, 0},
                {EM_KERNEL_QKV, &k->qkv, 0},               {EM_KERNEL_QKV_BIAS, &k->qkv_bias, 0},
                {EM_KERNEL_QK_NORM, &k->qk_norm, 0},       {EM_KERNEL_ROPE, &k->rope, 0},
-               {EM_KERNEL_ATTENTION, &k->attention, 0},   {EM_KERNEL_ADD, &k->add, 0},
+               {EM_KERNEL_ADD, &k->add, 0},
                {EM_KERNEL_O_PROJ, &k->o_proj, 1},         {EM_KERNEL_ROUTER, &k->router, 1},
                {EM_KERNEL_SHARED_GATE, &k->shared_gate, 0}, {EM_KERNEL_SHARED_GATE_UP, &k->shared_gate_up, 0},
                {EM_KERNEL_SHARED_DOWN, &k->shared_down, 0}, {EM_KERNEL_LM_HEAD, &k->lm_head, 0},
@@ -39,13 +44,18 @@ int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], c
                {EM_KERNEL_MLA_Q_A_NORM, &k->mla_q_a_norm, 0}, {EM_KERNEL_MLA_Q, &k->mla_q, 0},
                {EM_KERNEL_MLA_KV_A, &k->mla_kv_a, 0},     {EM_KERNEL_MLA_KV_NORM, &k->mla_kv_norm, 0},
                {EM_KERNEL_MLA_ROPE, &k->mla_rope, 0},     {EM_KERNEL_MLA_ABSORB, &k->mla_absorb, 0},
-               {EM_KERNEL_MLA_ATTENTION, &k->mla_attention, 0}, {EM_KERNEL_MLA_V, &k->mla_v, 0},
+               {EM_KERNEL_MLA_V, &k->mla_v, 0},
                {EM_KERNEL_DENSE_GATE_UP, &k->dense_gate_up, 0}, {EM_KERNEL_DENSE_DOWN, &k->dense_down, 0},
-               {EM_KERNEL_ATTENTION_SINKS, &k->attention_sinks, 0}, {EM_KERNEL_ROUTER_BIAS, &k->router_bias, 0},
+               {EM_KERNEL_ROUTER_BIAS, &k->router_bias, 0},
                {EM_KERNEL_ATTENTION_BIAS, &k->attention_bias, 0}, {EM_KERNEL_CROSS_Q, &k->cross_q, 0},
                {EM_KERNEL_CROSS_KV, &k->cross_kv, 0},     {EM_KERNEL_DENSE_UP_RELU, &k->dense_up_relu, 0}};
   for (size_t i = 0; i < sizeof trunk / sizeof trunk[0]; i++)
     if (resolve(k, trunk[i].name, trunk[i].fn, trunk[i].required, err, n)) return EM_ERR_KERNEL;
+  for (size_t i = 0; i < sizeof reads_kv / sizeof reads_kv[0]; i++) {
+    char name[64];
+    snprintf(name, sizeof name, "%s%s", reads_kv[i].name, k->kv_suffix);
+    resolve(k, name, reads_kv[i].fn, reads_kv[i].required, err, n);
+  }
   struct {
     const char* name;
     em_ffi_fn* fn;

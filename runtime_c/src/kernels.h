@@ -14,6 +14,8 @@
  * kernel: the layer program says which it needs (program.c checks). */
 typedef struct {
   void* lib;
+  /* "" or EM_KV_FLOAT16_SUFFIX: what the symbols of the kernels that read the KV cache end with */
+  const char* kv_suffix;
   em_ffi_fn rmsnorm, layernorm, qkv, qkv_bias, qk_norm, rope, attention, add, o_proj, router, shared_gate,
       shared_gate_up, shared_down, lm_head, lm_head_bias, mla_q_a, mla_q_a_norm, mla_q, mla_kv_a, mla_kv_norm,
       mla_rope, mla_absorb, mla_attention, mla_v, dense_gate_up, dense_down, attention_sinks, router_bias,
@@ -30,8 +32,10 @@ typedef struct {
 
 /* Loads kernels.so after checking that its SHA-256 is `sha256` (the digest trunk.bin records):
  * a modified, truncated or swapped library is refused before any of its code runs. A firmware's
- * kernels are linked in: their table's digest (of kernels.o) must be `sha256`. */
-int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], char* err, size_t n);
+ * kernels are linked in: their table's digest (of kernels.o) must be `sha256`. `kv_float16`: the
+ * KV cache holds float16 (trunk.bin's flag), so attention's kernels are those named for it. */
+int em_kernels_load(em_kernels* k, const char* path, const uint8_t sha256[32], int kv_float16, char* err,
+                    size_t n);
 void em_kernels_unload(em_kernels* k);
 
 /* What em_kernels_load stands on, one pair per build: kernels_dlopen.c (kernels.so) or

@@ -80,6 +80,14 @@ static int bind_norm(binder* b, em_step* s, uint32_t kind_slot, uint32_t norm_sl
   return (s->norm_bias = em_bind_vector(b->v, o[bias_slot], H, 0, label(b, L, what))) ? EM_OK : EM_ERR_FORMAT;
 }
 
+/* need_kernel for a kernel that reads the KV cache: its symbol ends with the cache type's suffix. */
+static int need_kv_kernel(binder* b, const em_kernels* k, em_ffi_fn fn, const char* base, uint32_t layer,
+                          const char* why) {
+  char symbol[64];
+  snprintf(symbol, sizeof symbol, "%s%s", base, k->kv_suffix);
+  return need_kernel(b, fn, symbol, layer, why);
+}
+
 /* The kernel of the step's norm (bound by bind_norm) is in kernels.so. */
 static int need_norm_kernel(binder* b, const em_kernels* k, const em_step* s, const char* part) {
   return s->norm_kind == EM_NORM_LAYER ? need_kernel(b, k->layernorm, EM_KERNEL_LAYERNORM, s->layer, part)
@@ -120,8 +128,8 @@ static int bind_attention(binder* b, const em_kernels* k, em_step* s) {
       !need_kernel(b, s->bias ? k->qkv_bias : k->qkv, s->bias ? EM_KERNEL_QKV_BIAS : EM_KERNEL_QKV, L,
                    "qkv projection") ||
       !need_kernel(b, k->rope, EM_KERNEL_ROPE, L, "RoPE") ||
-      !need_kernel(b, s->sinks ? k->attention_sinks : k->attention,
-                   s->sinks ? EM_KERNEL_ATTENTION_SINKS : EM_KERNEL_ATTENTION, L, "attention") ||
+      !need_kv_kernel(b, k, s->sinks ? k->attention_sinks : k->attention,
+                      s->sinks ? EM_KERNEL_ATTENTION_SINKS : EM_KERNEL_ATTENTION, L, "attention") ||
       (s->o_bias && !need_kernel(b, k->add, EM_KERNEL_ADD, L, "output bias")))
     return EM_ERR_KERNEL;
   return EM_OK;
@@ -299,12 +307,13 @@ static int bind_mla_attention(binder* b, const em_kernels* k, em_step* s) {
     const char *symbol, *why;
   } need[] = {{k->mla_q, EM_KERNEL_MLA_Q, "q projection"},        {k->mla_kv_a, EM_KERNEL_MLA_KV_A, "kv_a projection"},
               {k->mla_kv_norm, EM_KERNEL_MLA_KV_NORM, "latent norm"}, {k->mla_rope, EM_KERNEL_MLA_ROPE, "RoPE"},
-              {k->mla_absorb, EM_KERNEL_MLA_ABSORB, "attention"},  {k->mla_attention, EM_KERNEL_MLA_ATTENTION, "attention"},
+              {k->mla_absorb, EM_KERNEL_MLA_ABSORB, "attention"},
               {k->mla_v, EM_KERNEL_MLA_V, "attention"},            {k->o_proj, EM_KERNEL_O_PROJ, "output projection"},
               {Q ? k->mla_q_a : k->mla_q, Q ? EM_KERNEL_MLA_Q_A : EM_KERNEL_MLA_Q, "q projection"},
               {Q ? k->mla_q_a_norm : k->mla_q, Q ? EM_KERNEL_MLA_Q_A_NORM : EM_KERNEL_MLA_Q, "q norm"}};
   for (size_t i = 0; i < sizeof need / sizeof need[0]; i++)
     if (!need_kernel(b, need[i].fn, need[i].symbol, L, need[i].why)) return EM_ERR_KERNEL;
+  if (!need_kv_kernel(b, k, k->mla_attention, EM_KERNEL_MLA_ATTENTION, L, "attention")) return EM_ERR_KERNEL;
   return need_norm_kernel(b, k, s, "attention norm") ? EM_OK : EM_ERR_KERNEL;
 }
 

@@ -406,7 +406,9 @@ int em_open(const em_params* params, em_session** out, char* err, size_t err_len
   rc = table ? load_trunk(s, ap.trunk, table) : EM_ERR_NOMEM;
   if (!table) snprintf(s->err, ERR_LEN, "out of memory reading %s", ap.trunk);
   if (!rc) rc = em_check_cpu(th->machine, th->cpu_features, s->err, ERR_LEN);
-  if (!rc) rc = em_kernels_load(&s->k, ap.kernels, th->kernels_sha256, s->err, ERR_LEN);
+  if (!rc)
+    rc = em_kernels_load(&s->k, ap.kernels, th->kernels_sha256, (th->flags & EM_TRUNK_FLAG_KV_FLOAT16) != 0, s->err,
+                         ERR_LEN);
   if (!rc) rc = bind_trunk(s, table, meta + program_at);
   free(table);
   /* The defaults: the best predictor and eviction the artifact's routing profile allows
