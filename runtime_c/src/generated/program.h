@@ -184,6 +184,8 @@
 #define EM_ACT_COUNT 3
 #define EM_BATCH_ROWS 4 /* rows of a batched kernel */
 #define EM_BATCH_SUFFIX "_b4"
+/* appended to the symbols of the kernels that read a float16 KV cache (attention, attention_sinks, mla_attention) */
+#define EM_KV_FLOAT16_SUFFIX "_kv16"
 /* by EM_ACT_*: the printf formats of its gate-up and down kernels' symbols */
 #define EM_ACT_KERNEL_FMTS {{"em_expert_gate_up_w%d", "em_expert_down_w%d"}, {"em_expert_gate_up_clamped_bias_w%d", "em_expert_down_bias_w%d"}, {"em_expert_up_relu_w%d", "em_expert_down_w%d"}}
 
