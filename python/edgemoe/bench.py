@@ -1079,12 +1079,12 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, pr
                ", ".join(f"{bw / 1e9:.1f} GB/s at {t} thread{'s' if t != 1 else ''}" for t, bw in bandwidth.items()) +
                "; a step reads at least its weights (EdgeMoE: the trunk but the embedding table, top-k experts per "
                "layer; llama.cpp: its tensors but token_embd, the routed experts' at top-k / experts) and its KV "
-               "cache over the mean context (EdgeMoE float32, llama.cpp float16: its default), so bandwidth ÷ bytes "
-               "read per token bounds tok/s")
-    click.echo("| expert bits | trunk | EdgeMoE kernels | llama.cpp format | EdgeMoE / GGUF bytes | threads | "
+               "cache over the mean context (EdgeMoE: the artifact's, KV column; llama.cpp float16: its default), so "
+               "bandwidth ÷ bytes read per token bounds tok/s")
+    click.echo("| expert bits | trunk | EdgeMoE kernels | KV cache | llama.cpp format | EdgeMoE / GGUF bytes | threads | "
                "EdgeMoE tok/s | llama.cpp tok/s | × llama.cpp | read per token EdgeMoE / llama.cpp | "
                "memory bound tok/s EdgeMoE / llama.cpp |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|")
     chart = []
     for art in artifacts:
         manifest = read_manifest(art)
@@ -1101,7 +1101,8 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, pr
         cfg = manifest["model"]["config"]
         ids = [1] + [10 + i % (cfg["vocab_size"] - 10) for i in range(prompt_len - 1)]
         positions = len(ids) + n_new / 2  # the mean context over the decode
-        kv_bytes = 2 if manifest.get("kv_cache") == "float16" else 4
+        kv_cache = manifest.get("kv_cache", "float32")
+        kv_bytes = 2 if kv_cache == "float16" else 4
         read = (artifact_read_per_token(art) + kv_read_per_token(cfg, positions, kv_bytes),
                 gguf_read_per_token(gguf, cfg["top_k"], cfg["num_experts"]) + kv_read_per_token(cfg, positions, 2))
         max_seq = len(ids) + n_new if depth else min(256, 2 * n_new + 16)
@@ -1110,10 +1111,10 @@ def llamacpp_cmd(model_dir, artifacts, tree, work_dir, n_new, threads, depth, pr
             ours = max(1e3 / run_config(art, RunConfig("IO-FREE", None, warm=True, threads=t), ids, n_new, None,
                                         max_seq)["ms_per_token"] for _ in range(5))
             theirs = llamacpp.bench_decode(tree, gguf, n_new, t, depth=depth)
-            click.echo(f"| INT{bits} | {trunk} | {form} | {gtype} | {sizes} | {t} | {ours:.0f} | {theirs:.0f} | "
+            click.echo(f"| INT{bits} | {trunk} | {form} | {kv_cache} | {gtype} | {sizes} | {t} | {ours:.0f} | {theirs:.0f} | "
                        f"{ours / theirs:.2f} | {fmt_bytes(read[0])} / {fmt_bytes(read[1])} | "
                        f"{bandwidth[t] / read[0]:.0f} / {bandwidth[t] / read[1]:.0f} |")
-            chart.append({"label": f"INT{bits} / {gtype}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
+            chart.append({"label": f"INT{bits} / {gtype}, KV {kv_cache}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
                           "theirs": theirs})
     write_plot(plot_path, no_plot, "llamacpp", chart,
                title=f"{model_dir.name}: decode tok/s, all experts resident, {n_new} tokens"
@@ -1164,7 +1165,7 @@ def _llamacpp_prompt(model_dir, artifacts, tree, work_dir, counts, n_prompt, plo
             ours, theirs = n_prompt / best, llamacpp.bench_prompt(tree, gguf, n_prompt, t)
             click.echo(f"| INT{bits} | {'float32' if trunk_bits == 32 else f'INT{trunk_bits}'} | {form} | {gtype} | {t} | "
                        f"{ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} |")
-            chart.append({"label": f"INT{bits} / {gtype}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
+            chart.append({"label": f"INT{bits} / {gtype}, KV {kv_cache}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
                           "theirs": theirs})
     write_plot(plot_path, no_plot, "llamacpp", chart, what="prompt",
                title=f"{model_dir.name}: prompt tok/s, {n_prompt} tokens, all experts resident")
