@@ -120,7 +120,8 @@ def check_fits(target, out_dir: Path, cfg, max_seq: int, image_bytes: int, kv_ca
     if minimum > ram:
         raise BoardFitError(f"the minimum expert slots (top-{cfg.top_k} experts of one layer) and working buffers "
                             f"({_mib(minimum - trunk - kv)}) do not fit beside the trunk ({_mib(trunk)}) and the KV "
-                            f"cache at --max-seq {max_seq} ({_mib(kv)}) in {where}; lower --bits or --max-seq")
+                            f"cache at --max-seq {max_seq} ({_mib(kv)}) in {where}; lower --bits or --max-seq"
+                            + ("" if kv_cache == "float16" else ", or halve the KV cache with --kv-cache float16"))
     return {"flash_image_bytes": image_bytes, "flash_bytes": flash, "session_ram_bytes": ram,
             "minimum_budget_bytes": minimum}
 

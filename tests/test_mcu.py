@@ -148,3 +148,21 @@ def test_a_model_the_board_cannot_hold_is_refused(tmp_path, options, what):
     with pytest.raises(BoardFitError, match=what):
         compile_model(TRAINED_MODEL, tmp_path / "art", CompileOptions(target=BOARD, **options), log=lambda m: None)
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("board", [BOARD, "mps2-an500"], ids=["m55", "m7"])
+def test_a_float16_kv_cache_holds_a_context_float32_cannot(board, trained_model, tokenizer, tmp_path):
+    """At --max-seq 512 a float32 KV cache (3 MiB) does not fit beside the trunk in the board's 4 MiB of
+    SRAM, and the refusal names --kv-cache float16; with it the firmware runs, its tokens the reference's
+    (the board's kernels reading float16 rows: Helium on the M55, the FPv5 conversions on the M7)."""
+    options = dict(target=board, expert_bits=4, trunk_bits=4, max_seq=512)
+    with pytest.raises(BoardFitError, match="--kv-cache float16"):
+        compile_model(TRAINED_MODEL, tmp_path / "f32", CompileOptions(**options), log=lambda m: None)
+    art = tmp_path / "f16"
+    manifest = compile_model(TRAINED_MODEL, art, CompileOptions(kv_cache="float16", **options), log=lambda m: None)
+    assert manifest["kv_cache"] == "float16"
+    elf = build_firmware(art, REPO_ROOT / "build" / f"firmware-{board}-kv16")
+    ids = tokenizer.encode(PROMPTS[0]).ids
+    report = run_firmware(elf, art, ["--tokens", ",".join(map(str, ids)), "-n", str(N_NEW)])
+    want, _ = ReferenceExecutor(artifact_model(trained_model, art), 512).greedy(ids, N_NEW)
+    assert report["tokens"] == want
