@@ -1165,7 +1165,7 @@ def _llamacpp_prompt(model_dir, artifacts, tree, work_dir, counts, n_prompt, plo
             ours, theirs = n_prompt / best, llamacpp.bench_prompt(tree, gguf, n_prompt, t)
             click.echo(f"| INT{bits} | {'float32' if trunk_bits == 32 else f'INT{trunk_bits}'} | {form} | {gtype} | {t} | "
                        f"{ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} |")
-            chart.append({"label": f"INT{bits} / {gtype}, KV {kv_cache}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
+            chart.append({"label": f"INT{bits} / {gtype}\n{t} thread{'s' if t != 1 else ''}", "ours": ours,
                           "theirs": theirs})
     write_plot(plot_path, no_plot, "llamacpp", chart, what="prompt",
                title=f"{model_dir.name}: prompt tok/s, {n_prompt} tokens, all experts resident")
